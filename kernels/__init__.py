@@ -1,0 +1,1 @@
+"""Triton kernels fused around each network call, each beside its torch reference."""

@@ -1,0 +1,150 @@
+"""The model contract: every score model becomes one denoiser ``D(x, sigma, model_time, **cond) -> x0``.
+
+Notation: ``x`` is the VE-frame state (``x = x0 + sigma * eps``, see :mod:`paratime.schedules`). The network sees
+
+    x_in = a * x,   a = schedule.input_scale(sigma),   so   x_in = a * x0 + b * eps   with   b = a * sigma,
+
+and its output is converted to the clean-sample prediction ``x0`` once, here, by the ``prediction`` type:
+
+    x0     out is x0                                     x0 = out
+    eps    out is eps                                    x0 = x - sigma * out
+    v      out is v = (a eps - b x0) / c, c^2 = a^2+b^2  x0 = (a x_in - b c v) / c^2    (VP: v = alpha eps - sigma_t x0)
+    score  out is grad log p(x_in) = -eps / b           x0 = (x_in + b^2 out) / a
+    edm    out is EDM's raw F_theta                     x0 = c_skip x + c_out out
+
+Solvers and parallel methods only ever see ``D``; they never branch on the parameterisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .schedules import EDMSchedule, NoiseSchedule, VESchedule
+
+__all__ = ["Denoiser", "PREDICTIONS", "append_dims", "to_x0", "from_x0"]
+
+
+def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``(M,) -> (M, 1, ..., 1)`` with ``ndim`` dimensions in all, to broadcast per-row coefficients."""
+    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+def _edm_scalings(sigma, sigma_data):
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / torch.sqrt(sigma**2 + sigma_data**2)
+    return c_skip, c_out
+
+
+def to_x0(prediction: str, out, x, sigma, a, schedule: NoiseSchedule | None = None):
+    """Convert a network output to ``x0``. ``sigma`` and ``a`` are already broadcast to ``x``'s shape."""
+    b = a * sigma
+    if prediction == "x0":
+        return out
+    if prediction == "eps":
+        return x - sigma * out
+    if prediction == "v":
+        c2 = a * a + b * b
+        return (a * (a * x) - b * torch.sqrt(c2) * out) / c2
+    if prediction == "score":
+        return (a * x + b * b * out) / a
+    if prediction == "edm":
+        c_skip, c_out = _edm_scalings(sigma, schedule.sigma_data)
+        return c_skip * x + c_out * out
+    raise ValueError(f"prediction: unknown {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+
+
+def from_x0(prediction: str, x0, x, sigma, a, schedule: NoiseSchedule | None = None):
+    """Inverse of :func:`to_x0`: the output a perfect network of this ``prediction`` type would give."""
+    b = a * sigma
+    eps = (x - x0) / sigma
+    if prediction == "x0":
+        return x0
+    if prediction == "eps":
+        return eps
+    if prediction == "v":
+        return (a * eps - b * x0) / torch.sqrt(a * a + b * b)
+    if prediction == "score":
+        return -eps / b
+    if prediction == "edm":
+        c_skip, c_out = _edm_scalings(sigma, schedule.sigma_data)
+        return (x0 - c_skip * x) / c_out
+    raise ValueError(f"prediction: unknown {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+
+
+PREDICTIONS = ("eps", "x0", "v", "score", "edm")
+
+
+@dataclass(frozen=True, eq=False)
+class Denoiser:
+    """A score network adapted to ``D(x, sigma, model_time, **cond) -> x0`` (VE frame, rows batched).
+
+    Args:
+        network: ``network(x_in, model_time, **cond) -> output``; ``x_in`` is ``(M, *shape)``, ``model_time``
+            is ``(M,)`` float32. A ``torch.nn.Module`` or any callable.
+        schedule: the noise schedule the network was trained with (its grid, input scaling and conditioning).
+        prediction: what the network outputs: ``eps``, ``x0``, ``v``, ``score`` or ``edm``.
+        dtype: dtype the network runs in (inputs are cast to it; outputs come back in the state dtype).
+            ``None`` keeps the state dtype for callables and the parameters' dtype for modules.
+        clip_x0: clamp the x0 prediction to ``[-clip_x0, clip_x0]`` (diffusers' ``clip_sample``); None: off.
+        sample_shape: the per-sample shape the network expects, if known (used for defaults and checks).
+
+    Raises:
+        ValueError: unknown ``prediction``, ``edm`` without an :class:`EDMSchedule`, bad ``clip_x0``.
+        TypeError: ``network`` is not callable or ``schedule`` is not a :class:`NoiseSchedule`.
+    """
+
+    network: Callable[..., torch.Tensor]
+    schedule: NoiseSchedule = field(default_factory=VESchedule)
+    prediction: str = "eps"
+    dtype: torch.dtype | None = None
+    clip_x0: float | None = None
+    sample_shape: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if not callable(self.network):
+            raise TypeError(f"network: expected a callable, got {type(self.network).__name__}")
+        if not isinstance(self.schedule, NoiseSchedule):
+            raise TypeError(f"schedule: expected a NoiseSchedule, got {type(self.schedule).__name__}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction: unknown {self.prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+        if self.prediction == "edm" and not isinstance(self.schedule, EDMSchedule):
+            raise ValueError("prediction: 'edm' needs schedule=EDMSchedule(...)")
+        if self.clip_x0 is not None and not self.clip_x0 > 0:
+            raise ValueError(f"clip_x0: must be > 0 or None, got {self.clip_x0}")
+        if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
+            raise TypeError(f"dtype: expected a torch.dtype, got {self.dtype!r}")
+
+    @classmethod
+    def from_callable(cls, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], **kw) -> "Denoiser":
+        """Wrap a plain ``fn(x, sigma) -> x0`` in the VE frame (k-diffusion's denoiser form)."""
+        kw.setdefault("schedule", VESchedule(1e-3, 80.0))
+        kw.setdefault("prediction", "x0")
+        return cls(fn, **kw)
+
+    @property
+    def network_dtype(self) -> torch.dtype | None:
+        if self.dtype is not None:
+            return self.dtype
+        if isinstance(self.network, torch.nn.Module):
+            p = next(self.network.parameters(), None)
+            return p.dtype if p is not None else None
+        return None
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, model_time: torch.Tensor, **cond: Any) -> torch.Tensor:
+        """Args: ``x`` ``(M, *shape)``, ``sigma`` and ``model_time`` ``(M,)``. Returns ``x0``, ``(M, *shape)``."""
+        a = self.schedule.input_scale(sigma)
+        a_, s_ = append_dims(a, x.ndim), append_dims(sigma, x.ndim)
+        net_dtype = self.network_dtype or x.dtype
+        x_in = (a_ * x).to(net_dtype)
+        out = self.network(x_in, model_time.to(torch.float32), **cond)
+        if not isinstance(out, torch.Tensor):  # diffusers returns an output dataclass
+            out = out.sample if hasattr(out, "sample") else out[0]
+        if out.shape != x.shape:
+            raise ValueError(f"network: output shape {tuple(out.shape)} differs from input shape {tuple(x.shape)}")
+        x0 = to_x0(self.prediction, out.to(x.dtype), x, s_, a_, self.schedule)
+        if self.clip_x0 is not None:
+            x0 = x0.clamp(-self.clip_x0, self.clip_x0)
+        return x0

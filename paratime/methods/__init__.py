@@ -1,0 +1,20 @@
+"""Sampling methods by name. Each is a pure function of the initial state, the :class:`Problem` and the config."""
+
+from __future__ import annotations
+
+from .common import Outcome, Problem, RoundInfo
+from .picard import sample_picard
+from .sequential import sample_sequential
+
+__all__ = ["METHODS", "Problem", "Outcome", "RoundInfo", "sample_sequential", "sample_picard"]
+
+
+def _sequential(x, problem, cfg):
+    return sample_sequential(x, problem)
+
+
+def _picard(x, problem, cfg):
+    return sample_picard(x, problem, cfg.window_size, cfg.tol, cfg.max_rounds)
+
+
+METHODS = {"sequential": _sequential, "picard": _picard}

@@ -1,0 +1,94 @@
+"""What every sampling method shares: the problem it solves and the record it returns.
+
+A :class:`Problem` is an N-step discretised trajectory: the grid, a step map, the pre-drawn noise, and
+``evaluate(x, i, b) -> D(x)`` for rows at steps ``i`` of samples ``b`` (routed through the backend). Methods are
+pure functions ``method(x_T, problem, **options) -> Outcome``; the sampler owns models, backends and statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..solvers import Evaluate, Solver
+
+__all__ = ["Problem", "Outcome", "RoundInfo", "rms"]
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    """What one round (one sequential depth of batched network calls, or one Parareal iteration) did.
+
+    Attributes:
+        round: 1-based round number.
+        begin: ``(B,)`` each sample's first unconverged point after the round (N once a sample is done).
+        rows: time-point evaluations made this round (all samples).
+        residual: worst change this round in units of the tolerance's noise level (compare with ``tol``);
+            ``nan`` when no point with a noise level > 0 moved.
+    """
+
+    round: int
+    begin: torch.Tensor
+    rows: int
+    residual: float
+
+
+@dataclass(frozen=True)
+class Problem:
+    """An N-step trajectory to compute.
+
+    Attributes:
+        sigmas: ``(N + 1,)`` grid sigmas in the state dtype, on the state device.
+        noise_levels: ``(N + 1,)`` tolerance scale per point in the model's frame (DDPM's ancestral std of the
+            step leaving the point; 0 at the end).
+        frame_scales: ``(N + 1,)`` ``x_native = frame_scale * x``: parallel methods iterate in the model's frame.
+        solver: the step map.
+        evaluate: ``evaluate(x, i, b) -> D``; rows at steps ``i`` of samples ``b``.
+        noise: ``(N, B, *shape)`` pre-drawn step noise, or None for deterministic solvers.
+        on_round: called with a :class:`RoundInfo` after every round.
+    """
+
+    sigmas: torch.Tensor
+    noise_levels: torch.Tensor
+    frame_scales: torch.Tensor
+    solver: Solver
+    evaluate: Evaluate
+    noise: torch.Tensor | None = None
+    on_round: Callable[[RoundInfo], None] | None = None
+
+    @property
+    def steps(self) -> int:
+        return self.sigmas.numel() - 1
+
+    def increment(self, x, i, b, denoised, prev_denoised=None):
+        """The step map for rows ``(i, b)``, with their pre-drawn noise."""
+        z = self.noise[i, b] if self.solver.stochastic else None
+        return self.solver.increment(x, i, b, denoised, prev_denoised, z, self.sigmas, self.evaluate)
+
+    def scale(self, x: torch.Tensor, i: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """Rows ``x`` at points ``i`` to the model's frame (``inverse``: back to the VE frame)."""
+        f = self.frame_scales[i]
+        f = f.reshape(f.shape + (1,) * (x.ndim - f.ndim))
+        return x / f if inverse else x * f
+
+    def report(self, info: RoundInfo):
+        if self.on_round is not None:
+            self.on_round(info)
+
+
+@dataclass
+class Outcome:
+    """A method's result: the final states ``(B, *shape)`` (VE frame) and its per-round record."""
+
+    x: torch.Tensor
+    rounds: int
+    residuals: list[float] = field(default_factory=list)
+    sample_rounds: torch.Tensor | None = None   # (B,) round at which each sample finished
+    extra: dict = field(default_factory=dict)
+
+
+def rms(delta: torch.Tensor, start_dim: int) -> torch.Tensor:
+    """Root mean square over the feature dimensions from ``start_dim`` on."""
+    return delta.flatten(start_dim).pow(2).mean(-1).sqrt()

@@ -1,0 +1,387 @@
+"""Noise schedules and time grids.
+
+Notation (k-diffusion / EDM): every schedule is expressed in the *variance-exploding frame*
+
+    x = x0 + sigma * eps,          sigma = noise-to-signal ratio,
+
+in which DDIM is exactly the Euler method of the probability-flow ODE ``dx/dsigma = (x - D(x, sigma)) / sigma``.
+A model's own (native) frame is ``x_native = frame_scale(sigma) * x``:
+
+    VP   (DDPM, alphas_cumprod a_t):  sigma = sqrt((1 - a_t) / a_t),  frame_scale = sqrt(a_t) = 1 / sqrt(1 + sigma^2)
+    VE   (NCSN, score-SDE):           frame_scale = 1
+    EDM  (Karras et al. 2022):        frame_scale = 1, network input scaled by c_in = 1 / sqrt(sigma^2 + sigma_data^2)
+
+The network sees ``input_scale(sigma) * x`` (``= frame_scale`` except for EDM's ``c_in``) and a conditioning value
+``model_time`` (the integer DDPM timestep, a continuous t, sigma itself, or EDM's ``ln(sigma) / 4``).
+
+A :class:`TimeGrid` is the N-step discretisation: N + 1 points ``sigmas[0] > ... > sigmas[N]`` (the last is usually
+0) and the network conditioning ``model_times`` at each point.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = [
+    "TimeGrid",
+    "NoiseSchedule",
+    "DiscreteVPSchedule",
+    "ContinuousVPSchedule",
+    "VESchedule",
+    "EDMSchedule",
+    "karras_sigmas",
+    "betas_for",
+    "SPACINGS",
+]
+
+SPACINGS = ("leading", "trailing", "linspace", "karras")
+
+
+@dataclass(frozen=True)
+class TimeGrid:
+    """An N-step time grid.
+
+    Attributes:
+        sigmas: ``(N + 1,)`` float64, strictly decreasing noise levels; ``sigmas[N]`` may be 0.
+        model_times: ``(N + 1,)`` float64, the network's conditioning value at each point.
+        frame_scales: ``(N + 1,)`` float64, ``x_native = frame_scale * x`` at each point.
+    """
+
+    sigmas: torch.Tensor
+    model_times: torch.Tensor
+    frame_scales: torch.Tensor
+
+    def __post_init__(self):
+        n = self.sigmas.numel()
+        if n < 2:
+            raise ValueError(f"steps: a time grid needs at least 1 step, got {n - 1}")
+        for name in ("model_times", "frame_scales"):
+            if getattr(self, name).shape != (n,):
+                raise ValueError(f"{name}: expected shape ({n},), got {tuple(getattr(self, name).shape)}")
+        if not bool((self.sigmas[:-1] > self.sigmas[1:]).all()):
+            raise ValueError("sigmas: a time grid must be strictly decreasing")
+        if bool((self.sigmas < 0).any()) or not bool(torch.isfinite(self.sigmas).all()):
+            raise ValueError("sigmas: noise levels must be finite and >= 0")
+
+    @property
+    def steps(self) -> int:
+        return self.sigmas.numel() - 1
+
+    def ancestral_std(self) -> torch.Tensor:
+        """``(N + 1,)``: standard deviation, in the model's frame, of the noise DDPM adds on the step *leaving* each
+        point (``sigma_up`` of the step, times the frame scale of its target); 0 at the last point.
+
+        This is the noise level ParaDiGMS scales its tolerance by (``DDPMScheduler._get_variance`` ** 0.5).
+        """
+        s, s_next = self.sigmas[:-1], self.sigmas[1:]
+        up = s_next * torch.sqrt((s**2 - s_next**2).clamp_min(0)) / s
+        return torch.cat([up * self.frame_scales[1:], self.sigmas.new_zeros(1)])
+
+
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """EDM's grid: ``(sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``, then 0."""
+    if steps < 1:
+        raise ValueError(f"steps: must be >= 1, got {steps}")
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sig = (hi + ramp * (lo - hi)) ** rho
+    return torch.cat([sig, sig.new_zeros(1)])
+
+
+def betas_for(name: str, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+    """DDPM beta schedules as diffusers defines them: ``linear``, ``scaled_linear`` (Stable Diffusion) and
+    ``squaredcos_cap_v2`` / ``cosine`` (Nichol & Dhariwal)."""
+    T = num_train_timesteps
+    if name == "linear":
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    if name == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+    if name in ("squaredcos_cap_v2", "cosine"):
+        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        return torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float64)
+    raise ValueError(f"beta_schedule: unknown {name!r}; allowed: linear, scaled_linear, squaredcos_cap_v2, cosine")
+
+
+class NoiseSchedule:
+    """Base class: how a model's noise levels, inputs and conditioning relate to the VE-frame ``sigma``."""
+
+    kind: str = "ve"
+    default_spacing: str = "karras"
+
+    def frame_scale(self, sigma: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(sigma)
+
+    def input_scale(self, sigma: torch.Tensor) -> torch.Tensor:
+        return self.frame_scale(sigma)
+
+    def model_time(self, sigma: torch.Tensor) -> torch.Tensor:
+        return sigma
+
+    def sigma_of_model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`model_time`."""
+        return t
+
+    def prior_std(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Standard deviation of ``x`` (VE frame) at the start of sampling: VP ``sqrt(1 + sigma^2)``, else sigma."""
+        return sigma
+
+    @property
+    def sigma_range(self) -> tuple[float, float]:
+        raise NotImplementedError
+
+    def sigma_grid(self, steps: int, spacing: str) -> torch.Tensor:
+        if spacing != "karras":
+            raise ValueError(f"spacing: {type(self).__name__} supports 'karras', got {spacing!r}")
+        lo, hi = self.sigma_range
+        return karras_sigmas(steps, lo, hi)
+
+    def grid(self, steps: int, spacing: str | None = None) -> TimeGrid:
+        """The N-step grid for this schedule.
+
+        Raises:
+            ValueError: ``steps < 1`` or a ``spacing`` this schedule does not support.
+        """
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps: must be an integer >= 1, got {steps!r}")
+        spacing = spacing or self.default_spacing
+        if spacing not in SPACINGS:
+            raise ValueError(f"spacing: unknown {spacing!r}; allowed: {', '.join(SPACINGS)}")
+        sig = self.sigma_grid(steps, spacing)
+        return self._grid_from_sigmas(sig)
+
+    def _grid_from_sigmas(self, sig: torch.Tensor, times: torch.Tensor | None = None) -> TimeGrid:
+        if times is None:
+            times = self.model_time(sig.clamp_min(self.sigma_range[0]))
+        return TimeGrid(sig, times.to(torch.float64), self.frame_scale(sig))
+
+
+@dataclass(frozen=True)
+class DiscreteVPSchedule(NoiseSchedule):
+    """DDPM-style discrete VP schedule given by ``alphas_cumprod`` over ``T`` training steps.
+
+    Args:
+        alphas_cumprod: ``(T,)`` decreasing values in (0, 1].
+        steps_offset: added to every grid timestep (diffusers' ``steps_offset``; Stable Diffusion uses 1).
+        final_alpha_cumprod: signal level after the last step; 1.0 (diffusers ``set_alpha_to_one=True``) ends at
+            sigma = 0, ``alphas_cumprod[0]`` otherwise.
+    """
+
+    alphas_cumprod: torch.Tensor
+    steps_offset: int = 0
+    final_alpha_cumprod: float = 1.0
+    default_spacing: str = "trailing"
+    kind: str = field(default="vp", init=False)
+
+    def __post_init__(self):
+        ac = torch.as_tensor(self.alphas_cumprod, dtype=torch.float64).flatten()
+        if ac.numel() < 2 or not bool(((ac > 0) & (ac <= 1)).all()) or not bool((ac[1:] <= ac[:-1]).all()):
+            raise ValueError("alphas_cumprod: must be a decreasing 1-D sequence in (0, 1]")
+        if not 0 < self.final_alpha_cumprod <= 1:
+            raise ValueError(f"final_alpha_cumprod: must lie in (0, 1], got {self.final_alpha_cumprod}")
+        object.__setattr__(self, "alphas_cumprod", ac)
+
+    @classmethod
+    def from_betas(cls, beta_schedule: str = "linear", num_train_timesteps: int = 1000, beta_start: float = 1e-4,
+                   beta_end: float = 0.02, **kw) -> "DiscreteVPSchedule":
+        betas = betas_for(beta_schedule, num_train_timesteps, beta_start, beta_end)
+        return cls(torch.cumprod(1 - betas, 0), **kw)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.alphas_cumprod.numel()
+
+    @property
+    def train_sigmas(self) -> torch.Tensor:
+        return ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+
+    @property
+    def sigma_range(self):
+        s = self.train_sigmas
+        return float(s[0]), float(s[-1])
+
+    def frame_scale(self, sigma):
+        return 1 / torch.sqrt(1 + sigma**2)
+
+    def prior_std(self, sigma):
+        return torch.sqrt(1 + sigma**2)
+
+    def model_time(self, sigma):
+        """Fractional timestep whose sigma is ``sigma``: linear interpolation in log sigma (k-diffusion)."""
+        log_s = self.train_sigmas.log()
+        ls = sigma.to(torch.float64).log().clamp(log_s[0], log_s[-1])
+        idx = torch.searchsorted(log_s, ls.contiguous()).clamp(1, log_s.numel() - 1)
+        lo, hi = log_s[idx - 1], log_s[idx]
+        w = (ls - lo) / (hi - lo)
+        return (idx - 1).to(torch.float64) + w
+
+    def sigma_of_model_time(self, t):
+        log_s = self.train_sigmas.log()
+        t = t.to(torch.float64).clamp(0, log_s.numel() - 1)
+        lo = t.floor().long().clamp_max(log_s.numel() - 2)
+        w = t - lo
+        return torch.exp(log_s[lo] + w * (log_s[lo + 1] - log_s[lo]))
+
+    def timesteps(self, steps: int, spacing: str) -> np.ndarray:
+        """Integer timesteps, as diffusers' ``set_timesteps`` computes them for this spacing."""
+        T = self.num_train_timesteps
+        if steps > T:
+            raise ValueError(f"steps: at most num_train_timesteps={T} for a discrete schedule, got {steps}")
+        if spacing == "leading":
+            ts = (np.arange(0, steps) * (T // steps)).round()[::-1].astype(np.int64) + self.steps_offset
+        elif spacing == "trailing":
+            ts = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
+        elif spacing == "linspace":
+            ts = np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
+        else:
+            raise ValueError(f"spacing: {spacing!r} is not a discrete spacing")
+        return np.clip(ts, 0, T - 1)
+
+    def grid(self, steps: int, spacing: str | None = None) -> TimeGrid:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps: must be an integer >= 1, got {steps!r}")
+        spacing = spacing or self.default_spacing
+        if spacing not in SPACINGS:
+            raise ValueError(f"spacing: unknown {spacing!r}; allowed: {', '.join(SPACINGS)}")
+        if spacing == "karras":
+            lo, hi = self.sigma_range
+            return self._grid_from_sigmas(karras_sigmas(steps, lo, hi))
+        ts = torch.from_numpy(self.timesteps(steps, spacing).copy())
+        ac = self.alphas_cumprod[ts]
+        a_final = torch.tensor([self.final_alpha_cumprod], dtype=torch.float64)
+        ac = torch.cat([ac, a_final])
+        sig = ((1 - ac) / ac).sqrt()
+        times = torch.cat([ts.to(torch.float64), torch.zeros(1, dtype=torch.float64)])
+        return TimeGrid(sig, times, ac.sqrt())
+
+
+@dataclass(frozen=True)
+class ContinuousVPSchedule(NoiseSchedule):
+    """Continuous-time VP SDE (score-SDE): ``linear`` betas ``beta(t) = beta_min + t (beta_max - beta_min)`` or the
+    ``cosine`` schedule, t in [eps, 1]. The network is conditioned on ``time_scale * t``."""
+
+    schedule: str = "linear"
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    eps: float = 1e-3
+    time_scale: float = 1.0
+    default_spacing: str = "linspace"
+    kind: str = field(default="vp", init=False)
+
+    def __post_init__(self):
+        if self.schedule not in ("linear", "cosine"):
+            raise ValueError(f"schedule: unknown {self.schedule!r}; allowed: linear, cosine")
+        if not 0 < self.eps < 1:
+            raise ValueError(f"eps: must lie in (0, 1), got {self.eps}")
+
+    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        if self.schedule == "linear":
+            return torch.exp(-0.5 * t**2 * (self.beta_max - self.beta_min) - t * self.beta_min)
+        f = lambda u: torch.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        return (f(t) / f(torch.zeros_like(t))).clamp(1e-8, 1)  # sigma <= 1e4 at t = 1
+
+    def t_of_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        ab = 1 / (1 + sigma.to(torch.float64) ** 2)
+        if self.schedule == "linear":
+            # Solve 0.5 (bmax - bmin) t^2 + bmin t + log(ab) = 0 for t >= 0.
+            a, b, c = 0.5 * (self.beta_max - self.beta_min), self.beta_min, ab.log()
+            return (-b + torch.sqrt(b * b - 4 * a * c)) / (2 * a)
+        u = torch.acos(torch.sqrt(ab * math.cos(0.008 / 1.008 * math.pi / 2) ** 2)) * 2 / math.pi
+        return u * 1.008 - 0.008
+
+    def sigma_of_t(self, t: torch.Tensor) -> torch.Tensor:
+        ab = self.alpha_bar(t.to(torch.float64))
+        return ((1 - ab) / ab).sqrt()
+
+    @property
+    def sigma_range(self):
+        t = torch.tensor([self.eps, 1.0], dtype=torch.float64)
+        s = self.sigma_of_t(t)
+        return float(s[0]), float(s[1])
+
+    def frame_scale(self, sigma):
+        return 1 / torch.sqrt(1 + sigma**2)
+
+    def prior_std(self, sigma):
+        return torch.sqrt(1 + sigma**2)
+
+    def model_time(self, sigma):
+        return self.t_of_sigma(sigma) * self.time_scale
+
+    def sigma_of_model_time(self, t):
+        return self.sigma_of_t(t.to(torch.float64) / self.time_scale)
+
+    def sigma_grid(self, steps, spacing):
+        if spacing == "karras":
+            return super().sigma_grid(steps, spacing)
+        if spacing != "linspace":
+            raise ValueError(f"spacing: continuous VP supports 'linspace' (uniform in t) or 'karras', got {spacing!r}")
+        t = torch.linspace(1.0, self.eps, steps, dtype=torch.float64)
+        return torch.cat([self.sigma_of_t(t), torch.zeros(1, dtype=torch.float64)])
+
+
+@dataclass(frozen=True)
+class VESchedule(NoiseSchedule):
+    """Variance-exploding SDE (NCSN / score-SDE): ``sigma(t) = sigma_min (sigma_max / sigma_min)^t``; the network is
+    conditioned on sigma. ``linspace`` is the geometric grid of score-SDE, ``karras`` EDM's."""
+
+    sigma_min: float = 0.01
+    sigma_max: float = 50.0
+    default_spacing: str = "linspace"
+
+    def __post_init__(self):
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"sigma_min, sigma_max: need 0 < sigma_min < sigma_max, got {self.sigma_min}, "
+                             f"{self.sigma_max}")
+
+    @property
+    def sigma_range(self):
+        return self.sigma_min, self.sigma_max
+
+    def sigma_grid(self, steps, spacing):
+        if spacing == "karras":
+            return super().sigma_grid(steps, spacing)
+        if spacing != "linspace":
+            raise ValueError(f"spacing: VE supports 'linspace' (geometric) or 'karras', got {spacing!r}")
+        t = torch.linspace(1.0, 0.0, steps, dtype=torch.float64)
+        sig = self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+        return torch.cat([sig, torch.zeros(1, dtype=torch.float64)])
+
+
+@dataclass(frozen=True)
+class EDMSchedule(NoiseSchedule):
+    """EDM (Karras et al. 2022) preconditioning: the network sees ``c_in x`` with ``c_in = 1/sqrt(sigma^2 +
+    sigma_data^2)`` and ``c_noise = ln(sigma) / 4``; pair it with ``prediction="edm"`` for the raw ``F_theta``."""
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+    rho: float = 7.0
+
+    def __post_init__(self):
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"sigma_min, sigma_max: need 0 < sigma_min < sigma_max, got {self.sigma_min}, "
+                             f"{self.sigma_max}")
+        if self.sigma_data <= 0:
+            raise ValueError(f"sigma_data: must be > 0, got {self.sigma_data}")
+
+    @property
+    def sigma_range(self):
+        return self.sigma_min, self.sigma_max
+
+    def input_scale(self, sigma):
+        return 1 / torch.sqrt(sigma**2 + self.sigma_data**2)
+
+    def model_time(self, sigma):
+        return sigma.log() / 4
+
+    def sigma_of_model_time(self, t):
+        return torch.exp(4 * t.to(torch.float64))
+
+    def sigma_grid(self, steps, spacing):
+        if spacing != "karras":
+            raise ValueError(f"spacing: EDM supports 'karras', got {spacing!r}")
+        return karras_sigmas(steps, self.sigma_min, self.sigma_max, self.rho)

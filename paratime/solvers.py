@@ -1,0 +1,179 @@
+"""Step maps: one solver step, written as a map over *rows*, each row one (time point, sample) pair.
+
+Every solver maps ``(x_i, D(x_i), i) -> dx_i`` with ``x_{i+1} = x_i + dx_i``, for a batch of rows that may sit at
+different steps ``i``. The same call serves the sequential loop (one row per sample) and a Picard window (many
+points per sample). Notation (VE frame, see :mod:`paratime.schedules`):
+
+    s = sigma_i, s' = sigma_{i+1},  d = (x - D) / s  (the ODE's dx/dsigma),  z_i = pre-drawn N(0, I) noise of step i
+
+    ddim / ddpm (ancestral, DDIM with eta):   up = eta s' sqrt(s^2 - s'^2) / s,  down = sqrt(s'^2 - up^2)
+                                              dx = (down - s) d + up z_i          (eta 0: DDIM = PF-ODE Euler;
+                                                                                   eta 1: DDPM's posterior step)
+    euler_maruyama (reverse SDE family):      dx = -(1 + eta^2)/2 (s^2 - s'^2)/s d + eta sqrt(s^2 - s'^2) z_i,
+                                              and dx = D - x on the last step to sigma = 0 (Tweedie denoising)
+    heun (EDM Alg. 1, 2nd order):             Euler predictor, then the trapezoid with d at (x_pred, s');
+                                              the second evaluation is skipped on a step to sigma = 0
+    dpmpp_2m (DPM-Solver++(2M)):              h = ln(s/s'), r = ln(sigma_{i-1}/s)/h,
+                                              D' = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1},  dx = (s'/s - 1)(x - D')
+                                              (first order on the first step and on a step to sigma = 0)
+
+``dpmpp_2m``'s history ``D_{i-1}`` comes from the neighbouring row of the window (ParaDiGMS's ParaDPMSolver) or
+from the buffer of the last evaluation at point i-1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+
+from .denoiser import append_dims
+
+__all__ = ["Solver", "SOLVERS", "make_solver", "Ancestral", "EulerMaruyama", "Heun", "DPMPP2M"]
+
+Evaluate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Solver:
+    """A step map. Subclasses set the class attributes and implement :meth:`increment`."""
+
+    name: ClassVar[str] = ""
+    stochastic: ClassVar[bool] = False      # uses the pre-drawn per-step noise z_i
+    uses_history: ClassVar[bool] = False    # needs D at the previous point
+    evals_per_step: ClassVar[int] = 1
+
+    def increment(self, x: torch.Tensor, i: torch.Tensor, b: torch.Tensor, denoised: torch.Tensor,
+                  prev_denoised: torch.Tensor | None, noise: torch.Tensor | None, sigmas: torch.Tensor,
+                  evaluate: Evaluate) -> torch.Tensor:
+        """One step for every row.
+
+        Args:
+            x: ``(M, *shape)`` states at the rows' points. i: ``(M,)`` step indices. b: ``(M,)`` sample indices.
+            denoised: ``(M, *shape)`` ``D(x_i)``. prev_denoised: ``D(x_{i-1})`` (only if ``uses_history``).
+            noise: ``(M, *shape)`` ``z_i`` (only if ``stochastic``). sigmas: ``(N + 1,)`` the grid's sigmas.
+            evaluate: ``evaluate(x, i, b) -> D`` for solvers that need another network call.
+        Returns:
+            ``dx``, ``(M, *shape)``.
+        """
+        raise NotImplementedError
+
+    @staticmethod
+    def _sig(sigmas, i, ndim):
+        return append_dims(sigmas[i], ndim), append_dims(sigmas[i + 1], ndim)
+
+
+def _check_eta(eta, hi=1.0):
+    if not isinstance(eta, (int, float)) or not 0 <= eta <= hi:
+        raise ValueError(f"eta: must lie in [0, {hi}], got {eta!r}")
+
+
+@dataclass(frozen=True)
+class Ancestral(Solver):
+    """DDIM with ``eta`` (``ddim``: eta 0, the probability-flow Euler step; ``ddpm``: eta 1, ancestral sampling)."""
+
+    name: ClassVar[str] = "ddim"
+    eta: float = 0.0
+
+    def __post_init__(self):
+        _check_eta(self.eta)
+
+    @property
+    def stochastic(self):  # type: ignore[override]
+        return self.eta > 0
+
+    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate):
+        s, s1 = self._sig(sigmas, i, x.ndim)
+        d = (x - denoised) / s
+        if self.eta == 0:
+            return (s1 - s) * d
+        up = self.eta * s1 * torch.sqrt((s * s - s1 * s1).clamp_min(0)) / s
+        down = torch.sqrt((s1 * s1 - up * up).clamp_min(0))
+        return (down - s) * d + up * noise
+
+
+@dataclass(frozen=True)
+class DDPM(Ancestral):
+    name: ClassVar[str] = "ddpm"
+    eta: float = 1.0
+
+
+@dataclass(frozen=True)
+class EulerMaruyama(Solver):
+    """Euler–Maruyama for the reverse SDE family with the same marginals (eta 1: the reverse SDE)."""
+
+    name: ClassVar[str] = "euler_maruyama"
+    stochastic: ClassVar[bool] = True
+    eta: float = 1.0
+
+    def __post_init__(self):
+        _check_eta(self.eta, hi=10.0)
+
+    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate):
+        s, s1 = self._sig(sigmas, i, x.ndim)
+        var = s * s - s1 * s1
+        d = (x - denoised) / s
+        dx = -(1 + self.eta**2) / 2 * var / s * d + self.eta * torch.sqrt(var) * noise
+        return torch.where(s1 == 0, denoised - x, dx)
+
+
+@dataclass(frozen=True)
+class Heun(Solver):
+    """EDM's deterministic 2nd-order Heun step (two network calls per step)."""
+
+    name: ClassVar[str] = "heun"
+    evals_per_step: ClassVar[int] = 2
+
+    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate):
+        s, s1 = self._sig(sigmas, i, x.ndim)
+        d = (x - denoised) / s
+        dx = (s1 - s) * d
+        second = sigmas[i + 1] > 0  # (M,) rows that take the corrector
+        if bool(second.any()):
+            rows = second.nonzero().squeeze(1)
+            x_pred = x[rows] + dx[rows]
+            d2 = (x_pred - evaluate(x_pred, i[rows] + 1, b[rows])) / s1[rows]
+            dx = dx.index_copy(0, rows, (s1[rows] - s[rows]) * (d[rows] + d2) / 2)
+        return dx
+
+
+@dataclass(frozen=True)
+class DPMPP2M(Solver):
+    """DPM-Solver++(2M) (Lu et al. 2022), multistep in log-sigma; k-diffusion's and diffusers' form."""
+
+    name: ClassVar[str] = "dpmpp_2m"
+    uses_history: ClassVar[bool] = True
+
+    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate):
+        s, s1 = self._sig(sigmas, i, x.ndim)
+        s_prev = append_dims(sigmas[(i - 1).clamp_min(0)], x.ndim)
+        second = (append_dims(i, x.ndim) > 0) & (s1 > 0)
+        h = torch.log(s / torch.where(s1 > 0, s1, s))          # safe where s1 == 0 (first-order rows)
+        r = torch.log(s_prev / s) / torch.where(second, h, torch.ones_like(h))
+        r = torch.where(second, r, torch.ones_like(r))
+        prev = denoised if prev_denoised is None else prev_denoised
+        d_eff = torch.where(second, (1 + 1 / (2 * r)) * denoised - prev / (2 * r), denoised)
+        return (s1 / s - 1) * (x - d_eff)
+
+
+SOLVERS: dict[str, type[Solver]] = {c.name: c for c in (Ancestral, DDPM, EulerMaruyama, Heun, DPMPP2M)}
+SOLVERS["euler"] = Ancestral  # the probability-flow Euler step is DDIM in the VE frame
+
+
+def make_solver(name: str | Solver, **options) -> Solver:
+    """Look a solver up by name. ``options`` (e.g. ``eta``) go to its constructor.
+
+    Raises:
+        ValueError: unknown name, or an option the solver does not take.
+    """
+    if isinstance(name, Solver):
+        if options:
+            raise ValueError(f"solver_options: given with a Solver instance ({sorted(options)})")
+        return name
+    if name not in SOLVERS:
+        raise ValueError(f"solver: unknown {name!r}; allowed: {', '.join(sorted(SOLVERS))}")
+    try:
+        return SOLVERS[name](**options)
+    except TypeError as e:
+        raise ValueError(f"solver_options: {name!r} does not take {sorted(options)}") from e

@@ -1,0 +1,96 @@
+"""An analytic Gaussian-mixture "model" whose denoiser is exact under every noise schedule.
+
+For data ``x0 ~ sum_k w_k N(mu_k, s_k^2 I)`` and ``x = x0 + sigma eps`` (VE frame), ``x ~ sum_k w_k N(mu_k,
+(s_k^2 + sigma^2) I)`` and the ideal denoiser is the posterior mean
+
+    D(x, sigma) = sum_k r_k(x) (mu_k + s_k^2 / (s_k^2 + sigma^2) (x - mu_k)),   r_k = responsibilities of x.
+
+:meth:`GaussianMixture.network` turns it into a network of any prediction type for any schedule, so the adapters
+in :mod:`paratime.denoiser` are tested against exact answers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..denoiser import Denoiser, from_x0
+from ..schedules import DiscreteVPSchedule, NoiseSchedule
+
+__all__ = ["GaussianMixture", "ring_gmm"]
+
+
+class GaussianMixture(torch.nn.Module):
+    """Isotropic Gaussian mixture in ``dim`` dimensions.
+
+    Args:
+        means: ``(K, dim)``. stds: ``(K,)``. weights: ``(K,)``, normalised here.
+    """
+
+    def __init__(self, means, stds, weights=None):
+        super().__init__()
+        means = torch.as_tensor(means, dtype=torch.float64)
+        K = means.shape[0]
+        stds = torch.as_tensor(stds, dtype=torch.float64).expand(K).clone()
+        weights = torch.ones(K, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        if means.ndim != 2 or bool((stds <= 0).any()) or bool((weights < 0).any()) or weights.shape != (K,):
+            raise ValueError("means, stds, weights: need (K, dim) means, positive (K,) stds, non-negative (K,) weights")
+        self.register_buffer("means", means)
+        self.register_buffer("stds", stds)
+        self.register_buffer("weights", weights / weights.sum())
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def responsibilities(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """``(M, K)`` posterior mode probabilities of VE-frame points ``x`` ``(M, dim)`` at noise ``sigma`` ``(M,)``."""
+        var = self.stds[None] ** 2 + sigma[:, None].to(self.stds) ** 2                 # (M, K)
+        d2 = ((x[:, None, :].to(self.means) - self.means[None]) ** 2).sum(-1)          # (M, K)
+        logp = self.weights.log()[None] - 0.5 * d2 / var - 0.5 * self.dim * torch.log(2 * math.pi * var)
+        return torch.softmax(logp, dim=1)
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Exact ``E[x0 | x]`` for VE-frame ``x`` ``(M, dim)`` and ``sigma`` ``(M,)``."""
+        r = self.responsibilities(x, sigma)                                             # (M, K)
+        var0 = self.stds[None] ** 2
+        shrink = var0 / (var0 + sigma[:, None].to(var0) ** 2)                          # (M, K)
+        xm = x[:, None, :].to(self.means)
+        post = self.means[None] + shrink[..., None] * (xm - self.means[None])          # (M, K, dim)
+        return (r[..., None] * post).sum(1).to(x.dtype)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact draws: ``(n, dim)`` points and their ``(n,)`` mode labels."""
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        return self.means[k] + self.stds[k, None] * z, k
+
+    def network(self, schedule: NoiseSchedule, prediction: str = "eps") -> "_MixtureNetwork":
+        """A network of the given ``prediction`` type under ``schedule`` (inputs ``a x``, conditioned on model time)."""
+        return _MixtureNetwork(self, schedule, prediction)
+
+
+class _MixtureNetwork(torch.nn.Module):
+    """The exact network: recovers sigma from the model time through the schedule, then converts."""
+
+    def __init__(self, gmm: GaussianMixture, schedule: NoiseSchedule, prediction: str):
+        super().__init__()
+        self.gmm, self.schedule, self.prediction = gmm, schedule, prediction
+
+    def forward(self, x_in: torch.Tensor, model_time: torch.Tensor) -> torch.Tensor:
+        sigma = self.schedule.sigma_of_model_time(model_time)
+        a = self.schedule.input_scale(sigma)
+        x = x_in.to(torch.float64) / a[:, None]
+        x0 = self.gmm.denoise(x, sigma)
+        out = from_x0(self.prediction, x0, x, sigma[:, None], a[:, None], self.schedule)
+        return out.to(x_in.dtype)
+
+
+def ring_gmm(prediction: str = "eps") -> Denoiser:
+    """The named model ``gmm``: 8 Gaussians on a ring of radius 4, std 0.3, equal weights, under DDPM linear betas
+    1e-4 .. 0.02 over 1000 steps, exposed as a ``prediction``-type network."""
+    angles = 2 * math.pi * torch.arange(8, dtype=torch.float64) / 8
+    gmm = GaussianMixture(4 * torch.stack([angles.cos(), angles.sin()], 1), 0.3)
+    schedule = DiscreteVPSchedule.from_betas("linear", 1000, 1e-4, 0.02)
+    return Denoiser(gmm.network(schedule, prediction), schedule, prediction, dtype=torch.float64, sample_shape=(2,))

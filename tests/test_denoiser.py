@@ -1,0 +1,113 @@
+"""The model contract: every parameterisation and schedule gives the exact denoiser of a Gaussian mixture, and the
+conversions match their closed forms."""
+
+import math
+
+import pytest
+import torch
+
+from paratime import ContinuousVPSchedule, Denoiser, DiscreteVPSchedule, EDMSchedule, VESchedule
+from paratime.denoiser import from_x0, to_x0
+from paratime.zoo import GaussianMixture
+
+SCHEDULES = {
+    "discrete_vp": DiscreteVPSchedule.from_betas("linear"),
+    "scaled_linear": DiscreteVPSchedule.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012),
+    "cosine_discrete": DiscreteVPSchedule.from_betas("squaredcos_cap_v2"),
+    "vp_linear": ContinuousVPSchedule("linear"),
+    "vp_cosine": ContinuousVPSchedule("cosine"),
+    "ve": VESchedule(0.01, 50.0),
+    "edm": EDMSchedule(),
+}
+
+
+def _mixture():
+    return GaussianMixture(torch.tensor([[2.0, 0.0], [-1.0, 1.5], [0.0, -2.0]]), torch.tensor([0.3, 0.5, 0.2]),
+                           torch.tensor([0.2, 0.5, 0.3]))
+
+
+@pytest.mark.parametrize("sched", list(SCHEDULES))
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "score", "edm"])
+def test_every_parameterisation_gives_the_exact_denoiser(sched, prediction):
+    schedule = SCHEDULES[sched]
+    if prediction == "edm" and not isinstance(schedule, EDMSchedule):
+        with pytest.raises(ValueError, match="prediction"):
+            Denoiser(lambda x, t: x, schedule, prediction)
+        return
+    gmm = _mixture()
+    den = Denoiser(gmm.network(schedule, prediction), schedule, prediction)
+    grid = schedule.grid(20)
+    sig = grid.sigmas[:-1].repeat_interleave(8)
+    times = grid.model_times[:-1].repeat_interleave(8)
+    g = torch.Generator().manual_seed(0)
+    x = gmm.sample(sig.numel(), g)[0] + sig[:, None] * torch.randn(sig.numel(), 2, generator=g, dtype=torch.float64)
+    # The network receives its time in float32 (as real networks do), so the sigma it recovers is off by ~1e-7
+    # relative; eps-prediction amplifies that by sigma in x0 = x - sigma * eps. Hence the error is scaled by 1 + sigma.
+    err = (den(x, sig, times) - gmm.denoise(x, sig)).abs() / (1 + sig[:, None])
+    assert float(err.max()) < 1e-5
+
+
+def test_vp_conversions_match_closed_forms():
+    """eps <-> x0 <-> v <-> score in the VP frame, as DDPM / diffusers write them."""
+    g = torch.Generator().manual_seed(1)
+    abar = torch.rand(16, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    x0, eps = torch.randn(2, 16, 3, generator=g, dtype=torch.float64)
+    a, s = abar.sqrt()[:, None], (1 - abar).sqrt()[:, None]
+    x_t = a * x0 + s * eps                              # VP frame
+    sigma = (s / a)                                     # VE sigma
+    x = x_t / a                                         # VE state
+    outs = {"eps": eps, "x0": x0, "v": a * eps - s * x0, "score": -eps / s}
+    for pred, out in outs.items():
+        torch.testing.assert_close(to_x0(pred, out, x, sigma, a), x0)
+        torch.testing.assert_close(from_x0(pred, x0, x, sigma, a), out)
+    # diffusers' own v -> x0: x0 = sqrt(abar) x_t - sqrt(1 - abar) v
+    torch.testing.assert_close(a * x_t - s * outs["v"], x0)
+
+
+def test_edm_scalings_match_the_paper():
+    sched = EDMSchedule(sigma_data=0.5)
+    sigma = torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64)[:, None]
+    x0, F = torch.randn(2, 3, 4, dtype=torch.float64)
+    x = x0 + sigma * torch.randn(3, 4, dtype=torch.float64)
+    c_skip = 0.25 / (sigma**2 + 0.25)
+    c_out = sigma * 0.5 / (sigma**2 + 0.25).sqrt()
+    torch.testing.assert_close(to_x0("edm", F, x, sigma, sched.input_scale(sigma), sched), c_skip * x + c_out * F)
+    torch.testing.assert_close(sched.model_time(sigma), sigma.log() / 4)
+
+
+def test_plain_callable_is_a_ve_x0_denoiser():
+    den = Denoiser.from_callable(lambda x, sigma: x / (1 + sigma[:, None] ** 2))
+    x = torch.randn(4, 2, dtype=torch.float64)
+    sigma = torch.full((4,), 2.0, dtype=torch.float64)
+    torch.testing.assert_close(den(x, sigma, sigma), x / 5)
+
+
+def test_bad_contract_arguments_name_the_argument():
+    with pytest.raises(ValueError, match="prediction"):
+        Denoiser(lambda x, t: x, VESchedule(), "noise")
+    with pytest.raises(TypeError, match="network"):
+        Denoiser(3, VESchedule(), "eps")
+    with pytest.raises(TypeError, match="schedule"):
+        Denoiser(lambda x, t: x, "vp", "eps")
+    with pytest.raises(ValueError, match="clip_x0"):
+        Denoiser(lambda x, t: x, VESchedule(), "eps", clip_x0=-1.0)
+    den = Denoiser(lambda x, t: x[:, :1], VESchedule(), "eps")
+    with pytest.raises(ValueError, match="output shape"):
+        den(torch.ones(2, 3), torch.ones(2), torch.ones(2))
+
+
+def test_gmm_denoiser_is_posterior_mean_by_monte_carlo():
+    """E[x0 | x] from the closed form equals a Monte-Carlo posterior mean (independent check of the mixture)."""
+    gmm = _mixture()
+    g = torch.Generator().manual_seed(3)
+    x0, _ = gmm.sample(400_000, g)
+    sigma = 0.7
+    x = x0 + sigma * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    # Bin a small region around a query point and average x0 there.
+    q = torch.tensor([0.8, 0.4], dtype=torch.float64)
+    near = ((x - q).norm(dim=1) < 0.2)
+    mc = x0[near].mean(0)
+    exact = gmm.denoise(q[None], torch.tensor([sigma], dtype=torch.float64))[0]
+    se = x0[near].std(0) / math.sqrt(int(near.sum()))
+    assert int(near.sum()) > 500
+    assert bool(((mc - exact).abs() < 5 * se + 0.03).all()), (mc, exact, se)

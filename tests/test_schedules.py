@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+import torch
+
+from paratime import ContinuousVPSchedule, DiscreteVPSchedule, EDMSchedule, VESchedule
+from paratime.schedules import karras_sigmas
+
+
+def test_discrete_spacings_match_diffusers_definitions():
+    s = DiscreteVPSchedule.from_betas("linear")
+    assert s.timesteps(10, "trailing").tolist() == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+    assert s.timesteps(10, "leading").tolist() == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+    assert s.timesteps(10, "linspace").tolist() == np.linspace(0, 999, 10).round()[::-1].astype(int).tolist()
+    s1 = DiscreteVPSchedule.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    assert s1.timesteps(4, "leading").tolist() == [751, 501, 251, 1]
+
+
+def test_discrete_grid_uses_alphas_cumprod_and_final_alpha():
+    s = DiscreteVPSchedule.from_betas("linear")
+    g = s.grid(10, "trailing")
+    ac = s.alphas_cumprod
+    torch.testing.assert_close(g.sigmas[0], ((1 - ac[999]) / ac[999]).sqrt())
+    assert float(g.sigmas[-1]) == 0.0
+    torch.testing.assert_close(g.frame_scales[:-1], ac[g.model_times[:-1].long()].sqrt())
+    s2 = DiscreteVPSchedule(ac, final_alpha_cumprod=float(ac[0]))
+    assert float(s2.grid(10).sigmas[-1]) == pytest.approx(float(((1 - ac[0]) / ac[0]).sqrt()))
+
+
+def test_karras_sigmas_endpoints_and_rho():
+    sig = karras_sigmas(5, 0.002, 80.0, 7.0)
+    assert sig.shape == (6,) and float(sig[-1]) == 0.0
+    assert float(sig[0]) == pytest.approx(80.0) and float(sig[-2]) == pytest.approx(0.002)
+    mid = (80.0 ** (1 / 7) + 0.5 * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
+    assert float(sig[2]) == pytest.approx(mid)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_continuous_vp_time_inverts_sigma(kind):
+    s = ContinuousVPSchedule(kind)
+    t = torch.linspace(0.01, 0.99, 50, dtype=torch.float64)
+    torch.testing.assert_close(s.t_of_sigma(s.sigma_of_t(t)), t)
+
+
+def test_discrete_model_time_interpolates_integer_steps():
+    s = DiscreteVPSchedule.from_betas("linear")
+    t = torch.tensor([0, 10, 500, 999])
+    torch.testing.assert_close(s.model_time(s.train_sigmas[t]), t.double())
+
+
+def test_ancestral_std_is_ddpm_posterior_std():
+    s = DiscreteVPSchedule.from_betas("linear")
+    g = s.grid(1000)
+    ac = s.alphas_cumprod
+    t = torch.arange(999, 0, -1)
+    beta_tilde = (1 - ac[t - 1]) / (1 - ac[t]) * (1 - ac[t] / ac[t - 1])
+    torch.testing.assert_close(g.ancestral_std()[:999], beta_tilde.sqrt())
+    assert float(g.ancestral_std()[-1]) == 0.0
+
+
+def test_bad_schedule_arguments():
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        DiscreteVPSchedule(torch.tensor([0.5, 0.9]))
+    with pytest.raises(ValueError, match="spacing"):
+        DiscreteVPSchedule.from_betas("linear").grid(10, "quadratic")
+    with pytest.raises(ValueError, match="steps"):
+        VESchedule().grid(0)
+    with pytest.raises(ValueError, match="steps"):
+        DiscreteVPSchedule.from_betas("linear").grid(2000)
+    with pytest.raises(ValueError, match="beta_schedule"):
+        DiscreteVPSchedule.from_betas("sigmoid")
+    with pytest.raises(ValueError, match="sigma_min"):
+        EDMSchedule(sigma_min=5, sigma_max=1)
+    with pytest.raises(ValueError, match="spacing"):
+        EDMSchedule().grid(10, "trailing")
