@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +28,6 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, default=None)
     p.add_argument("--slices", type=int, default=None, help="Parareal slices (default ~sqrt(steps))")
     p.add_argument("--coarse-steps", type=int, default=1, help="Parareal coarse DDIM steps per slice")
-    p.add_argument("--pipelined", action="store_true", help="pipelined Parareal (SRDS)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", type=int, default=None, help="digits: class label to condition on")
@@ -36,7 +37,10 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address (backend ray)")
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the sequential sampler and report speed-up and difference (default on)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds before a stuck worker is an error")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--out", default="paratime_samples.png", help="PNG of the samples ('' for none)")
+    p.add_argument("--save", default=None, help="write the samples tensor here (torch.save)")
     p.add_argument("--json", default=None, help="write the stats as JSON here")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
@@ -66,19 +70,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _device(args) -> torch.device:
+    if args.device:
+        return torch.device(args.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if args.backend == "torch" else 0)
+    return torch.device("cpu")
+
+
 def _sampler(args, method: str, backend=None):
     from .sampler import ParallelSampler
+    from .zoo import load_model
 
     opts = {}
     if backend is None:
         backend, bopts = args.backend, {}
         if backend == "ray":
-            bopts = {"workers": args.workers, "address": args.address, "model": args.model}
+            bopts = {"workers": args.workers, "address": args.address, "model": args.model,
+                     "timeout_s": args.timeout}
+        elif backend == "torch":
+            bopts = {"timeout_s": args.timeout}
         opts["backend_options"] = bopts
-    return ParallelSampler(args.model, solver=args.solver, steps=args.steps, method=method, window=args.window,
+    model = load_model(args.model)
+    device = _device(args) if args.backend != "ray" else torch.device("cpu")
+    if isinstance(model.network, torch.nn.Module):
+        model.network.to(device)
+    return ParallelSampler(model, solver=args.solver, steps=args.steps, method=method, window=args.window,
                            tol=args.tol, max_rounds=args.max_rounds, spacing=args.spacing, eta=args.eta,
-                           slices=args.slices, coarse_steps=args.coarse_steps, pipelined=args.pipelined,
-                           backend=backend, progress=args.progress, **opts)
+                           slices=args.slices, coarse_steps=args.coarse_steps,
+                           device=device, backend=backend, progress=args.progress, **opts)
 
 
 def _cond(args, batch: int) -> dict:
@@ -118,6 +138,8 @@ def run_sample(args) -> dict:
         widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
             print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
+        if args.save:
+            torch.save(result.samples.cpu(), args.save)
         if args.out:
             from .images import save_samples_png
 
@@ -129,6 +151,22 @@ def run_sample(args) -> dict:
     return rec
 
 
+def _launch_torchrun(workers: int, argv: list[str]) -> int:
+    """``paratime sample --backend torch --workers N`` outside torchrun: start N local ranks under torchrun."""
+    if workers < 1:
+        raise ValueError(f"--workers: must be >= 1, got {workers}")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ)
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={workers}", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "paratime", *argv]
+    return subprocess.call(cmd, env=env)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-"):
@@ -137,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "sample" and args.backend == "torch" and "RANK" not in os.environ:
+            return _launch_torchrun(args.workers, argv)
         if args.command == "sample":
             run_sample(args)
         elif args.command == "train-digits":

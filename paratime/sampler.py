@@ -42,7 +42,6 @@ class SamplerConfig:
     slices: int | None = None
     coarse_steps: int = 1
     coarse: Any = None
-    pipelined: bool = False
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
@@ -59,6 +58,8 @@ class SamplerConfig:
             raise ValueError(f"spacing: unknown {self.spacing!r}; allowed: {', '.join(SPACINGS)}")
         if self.slices is not None and (not isinstance(self.slices, int) or not 1 <= self.slices <= self.steps):
             raise ValueError(f"slices: must be an integer in [1, steps={self.steps}], got {self.slices!r}")
+        if self.coarse is not None and not callable(self.coarse):
+            raise TypeError(f"coarse: expected a callable coarse(x, sigma_from, sigma_to), got {type(self.coarse).__name__}")
         if not isinstance(self.coarse_steps, int) or self.coarse_steps < 1:
             raise ValueError(f"coarse_steps: must be an integer >= 1, got {self.coarse_steps!r}")
         make_solver(self.solver, **self.solver_options)  # raises on a bad name or option
@@ -145,7 +146,9 @@ class ParallelSampler:
         max_rounds: Picard rounds before the rest is finished sequentially; default unlimited (<= N anyway).
         spacing: time grid spacing (``leading``, ``trailing``, ``linspace``, ``karras``); default the schedule's.
         eta: noise scale of ``ddim``/``ddpm``/``euler_maruyama``.
-        slices, coarse_steps, coarse, pipelined: Parareal options (see :mod:`paratime.methods.parareal`).
+        slices, coarse_steps, coarse: Parareal options (see :mod:`paratime.methods.parareal`): S slices (default
+            round(sqrt(N))), DDIM steps of the coarse propagator per slice, or a ``coarse(x, sigma_from, sigma_to)``
+            callable replacing it (VE frame).
         dtype: dtype the network runs in (default: its parameters' dtype).
         state_dtype: dtype of the trajectory; default float64 on CPU, float32 on CUDA.
         device: where the state lives; default the network's device, else CPU.
@@ -162,7 +165,7 @@ class ParallelSampler:
     def __init__(self, model: Denoiser | str | Callable, solver: str | Solver = "ddim", steps: int = 50,
                  method: str = "picard", window: int | None = None, tol: float = 0.1,
                  max_rounds: int | None = None, spacing: str | None = None, eta: float | None = None,
-                 slices: int | None = None, coarse_steps: int = 1, coarse: Any = None, pipelined: bool = False,
+                 slices: int | None = None, coarse_steps: int = 1, coarse: Any = None,
                  dtype: torch.dtype | None = None, state_dtype: torch.dtype | None = None,
                  device: str | torch.device | None = None, backend: str | Backend = "local",
                  backend_options: dict | None = None, decoder: Callable | None = None, progress: bool = True,
@@ -171,7 +174,7 @@ class ParallelSampler:
         self.denoiser = self._wrap(model, schedule, prediction, clip_x0, dtype)
         self.solver = make_solver(solver, **({} if eta is None else {"eta": eta}))
         self.config = SamplerConfig(self.solver.name, steps, method, window, tol, max_rounds, spacing, eta, slices,
-                                    coarse_steps, coarse, pipelined)
+                                    coarse_steps, coarse)
         self.device = self._pick_device(device)
         if state_dtype is None:
             state_dtype = torch.float32 if self.device.type == "cuda" else torch.float64
@@ -277,7 +280,7 @@ class ParallelSampler:
         stats = SampleStats(
             method=cfg.method, solver=self.solver.name, steps=N, backend=self.backend.name,
             workers=self.backend.workers, window=cfg.window_size if cfg.method == "picard" else None, tol=cfg.tol,
-            rounds=counter.calls, iterations=outcome.rounds, nfe=float(counter.rows.float().mean()),
+            rounds=counter.calls + outcome.extra.pop("coarse_calls", 0), iterations=outcome.rounds, nfe=float(counter.rows.float().mean()),
             nfe_total=int(counter.rows.sum()), wall_s=wall, residuals=outcome.residuals,
             sample_rounds=[int(r) for r in outcome.sample_rounds], comm_s=self.backend.timings.get("comm_s", 0.0),
             extra=outcome.extra)

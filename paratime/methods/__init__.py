@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from .common import Outcome, Problem, RoundInfo
+from .parareal import sample_parareal
 from .picard import sample_picard
 from .sequential import sample_sequential
 
-__all__ = ["METHODS", "Problem", "Outcome", "RoundInfo", "sample_sequential", "sample_picard"]
+__all__ = ["METHODS", "Problem", "Outcome", "RoundInfo", "sample_sequential", "sample_picard", "sample_parareal"]
 
 
 def _sequential(x, problem, cfg):
@@ -17,4 +18,8 @@ def _picard(x, problem, cfg):
     return sample_picard(x, problem, cfg.window_size, cfg.tol, cfg.max_rounds)
 
 
-METHODS = {"sequential": _sequential, "picard": _picard}
+def _parareal(x, problem, cfg):
+    return sample_parareal(x, problem, cfg.slices, cfg.coarse_steps, cfg.tol, cfg.coarse)
+
+
+METHODS = {"sequential": _sequential, "picard": _picard, "parareal": _parareal}

@@ -156,7 +156,8 @@ def train_digits(out: str | Path | None = None, steps: int = 8000, batch: int = 
     ema_net.load_state_dict(net.state_dict())
     ema_net.requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                                pct_start=min(0.3, max(0.05, 3.0 / steps)))
     ac = digits_schedule().alphas_cumprod.float()
     losses: list[float] = []
     t0 = time.perf_counter()

@@ -1,0 +1,196 @@
+"""Parareal over time slices (coarse/fine, as in SRDS, Selvam et al. 2024), with per-sample convergence.
+
+Notation: the N-step grid is cut into S slices at points ``n_0 = 0 < n_1 < ... < n_S = N``. ``U[s]`` is the state at
+``n_s``. The fine propagator ``F_s`` runs the chosen solver's steps from ``n_s`` to ``n_{s+1}`` (with the pre-drawn
+noise of those steps, so the fixed point is the sequential sample); the coarse propagator ``G_s`` jumps the slice with
+a few DDIM steps of the same network (or a user callable). One iteration k is:
+
+    1. F_s(U^k[s]) for every unfinished slice, all slices at once: the slices advance in lockstep, one batched
+       network call per fine step (rows = slices x samples, spread over the backend's workers)
+    2. sweep: U^{k+1}[s+1] = G_s(U^{k+1}[s]) + F_s(U^k[s]) - G_s(U^k[s])         (sequential in s)
+    3. slice start s is converged when rms(U^{k+1}[s] - U^k[s]) <= tol * n_{n_s} (Picard's noise-scaled test,
+       in the model's frame); accept the converged prefix plus one (its value came from accepted states).
+
+After k iterations the first k slice starts are exact, so at most S iterations are ever needed and the result is then
+the fine sequential one to float rounding. The coarse solver is deterministic: it ignores the SDE noise, which only
+the fine solver uses; it is a predictor whose errors the correction removes.
+
+Pipelined (SRDS): the fine solve of slice s for iteration k+1 may start as soon as U^{k+1}[s] is known, while the
+sweep goes on with later slices. The iterates, and so the samples, are the same; only the schedule changes. Every
+run reports ``pipelined_rounds``, the critical path of that schedule in network calls (``U^{k+1}[s+1]`` is ready at
+``max(ready^{k+1}[s] + coarse_steps, ready^k[s] + fine steps of slice s)``), beside ``rounds``, the depth of the
+sweep-by-sweep execution used here. The executor itself does not interleave yet.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .common import Outcome, Problem, RoundInfo, rms
+
+__all__ = ["sample_parareal", "slice_bounds"]
+
+Coarse = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def slice_bounds(steps: int, slices: int | None) -> torch.Tensor:
+    """``(S + 1,)`` slice boundaries, near-equal slices; default S = round(sqrt(N))."""
+    S = slices or max(1, round(math.sqrt(steps)))
+    return torch.linspace(0, steps, S + 1, dtype=torch.float64).round().long().unique()
+
+
+class _Propagators:
+    """Fine and coarse propagators over rows (slice s, sample b)."""
+
+    def __init__(self, problem: Problem, bounds: torch.Tensor, coarse_steps: int, coarse: Coarse | None):
+        self.p, self.bounds, self.coarse = problem, bounds, coarse
+        self.coarse_calls = 0
+        # Coarse sub-grid of each slice: coarse_steps + 1 grid points from n_s to n_{s+1}.
+        self.sub = [torch.linspace(float(bounds[s]), float(bounds[s + 1]), coarse_steps + 1).round().long().unique()
+                    for s in range(bounds.numel() - 1)]
+
+    def fine_lockstep(self, U: torch.Tensor, s: torch.Tensor, b: torch.Tensor, hist: torch.Tensor | None):
+        """``F_s(U)`` for rows ``(s, b)``, all slices advancing together; returns ends and each slice's last D."""
+        p, lo, hi = self.p, self.bounds[s], self.bounds[s + 1]
+        x, last_den = U.clone(), torch.zeros_like(U) if hist is not None else None
+        prev = hist.clone() if hist is not None else None
+        for m in range(int((hi - lo).max())):
+            rows = (lo + m < hi).nonzero().squeeze(1)               # slices still running at fine step m
+            i = lo[rows] + m
+            den = p.evaluate(x[rows], i, b[rows])
+            pr = None if prev is None else torch.where(
+                (m == 0) & (i == 0).reshape(-1, *[1] * (x.ndim - 1)), den, prev[rows])
+            x[rows] = x[rows] + p.increment(x[rows], i, b[rows], den, pr)
+            if prev is not None:
+                prev[rows] = den
+                last_den[rows] = den
+        return x, last_den
+
+    def coarse_step(self, U: torch.Tensor, s: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``G_s(U)`` for rows ``(s, b)`` (rows share one slice in a sweep, but need not)."""
+        p = self.p
+        if self.coarse is not None:
+            self.coarse_calls += 1
+            return self.coarse(U.clone(), p.sigmas[self.bounds[s]], p.sigmas[self.bounds[s + 1]])
+        x = U
+        for c in range(max(len(self.sub[int(k)]) for k in s.unique()) - 1):
+            pts = torch.stack([self.sub[int(k)][min(c, len(self.sub[int(k)]) - 1)] for k in s])
+            nxt = torch.stack([self.sub[int(k)][min(c + 1, len(self.sub[int(k)]) - 1)] for k in s])
+            rows = (nxt > pts).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            i, j = pts[rows], nxt[rows]
+            den = p.evaluate(x[rows], i, b[rows])
+            sig_i = p.sigmas[i].reshape(-1, *[1] * (x.ndim - 1))
+            sig_j = p.sigmas[j].reshape(-1, *[1] * (x.ndim - 1))
+            x = x.clone()
+            x[rows] = x[rows] + (sig_j / sig_i - 1) * (x[rows] - den)   # DDIM from point i to point j
+        return x
+
+
+def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None, coarse_steps: int = 1,
+                    tol: float = 0.1, coarse: Coarse | None = None) -> Outcome:
+    """Sample with Parareal.
+
+    Args:
+        x: ``(B, *shape)`` initial state (VE frame).
+        problem: the trajectory to compute.
+        slices: S (default round(sqrt(N))). coarse_steps: DDIM steps of the coarse propagator per slice.
+        tol: tolerance in units of the noise level. coarse: optional ``coarse(x, sigma_from, sigma_to) -> x``
+            (VE frame, per-row sigmas) replacing the DDIM coarse propagator, e.g. a consistency model.
+    Returns:
+        :class:`Outcome`; ``extra`` holds ``slices``, ``nfe_fine``, ``nfe_coarse`` (per sample) and
+        ``pipelined_rounds`` (the depth of the pipelined schedule).
+    """
+    N, B, dev = problem.steps, x.shape[0], x.device
+    bounds = slice_bounds(N, slices).to(dev)
+    S = bounds.numel() - 1
+    ar_b = torch.arange(B, device=dev)
+    shape1 = (1,) * (x.ndim - 1)
+    thresholds = tol * problem.noise_levels[bounds]                     # (S+1,)
+    calls = {"fine": 0, "coarse": 0}
+    evaluate = problem.evaluate
+
+    def counted(kind):
+        def ev(xr, i, b):
+            calls[kind] += int(b.numel())
+            return evaluate(xr, i, b)
+        return ev
+
+    fine_p = Problem(problem.sigmas, problem.noise_levels, problem.frame_scales, problem.solver, counted("fine"),
+                     problem.noise)
+    coarse_p = Problem(problem.sigmas, problem.noise_levels, problem.frame_scales, problem.solver,
+                       counted("coarse"), problem.noise)
+    fine = _Propagators(fine_p, bounds, coarse_steps, coarse)
+    coarse_prop = _Propagators(coarse_p, bounds, coarse_steps, coarse)
+
+    # Initial coarse sweep: U[s+1] = G_s(U[s]).
+    U = x.new_zeros((S + 1, *x.shape))                                  # (S+1, B, *shape), VE frame
+    U[0] = x
+    G_old = torch.zeros_like(U[:S])
+    for s in range(S):
+        G_old[s] = coarse_prop.coarse_step(U[s], torch.full((B,), s, device=dev), ar_b)
+        U[s + 1] = G_old[s]
+    hist = torch.zeros_like(U[:S]) if problem.solver.uses_history else None  # D at n_s - 1, per slice
+    begin = torch.zeros(B, dtype=torch.long, device=dev)                # first slice whose start is not accepted
+    done_round = torch.zeros(B, dtype=torch.long, device=dev)
+    residuals: list[float] = []
+    # Critical path of the pipelined schedule, in network calls: when each U[s] of the current iteration is known.
+    ready = torch.arange(1, S + 1, dtype=torch.float64) * coarse_steps  # when U[s] of this iteration is known
+    ready = torch.cat([torch.zeros(1, dtype=torch.float64), ready])
+    lengths = (bounds[1:] - bounds[:-1]).double().cpu() * problem.solver.evals_per_step
+    it = 0
+    while bool((begin < S).any()):
+        it += 1
+        active = begin < S
+        # 1. Fine solves of every unfinished slice, in lockstep (rows: slice-major, so workers get whole slices).
+        sl = torch.arange(S, device=dev)[:, None].expand(S, B)
+        run = (sl >= begin[None]) & active[None]                        # (S, B)
+        ss, bb = run.nonzero(as_tuple=True)
+        h = None
+        if hist is not None:
+            h = torch.where((bounds[ss] == 0).reshape(-1, *shape1), 0, hist[(ss - 1).clamp_min(0), bb])
+        F_end, last_den = fine.fine_lockstep(U[ss, bb], ss, bb, h)
+        F = torch.zeros_like(U[:S])
+        F[ss, bb] = F_end
+        if hist is not None:
+            hist[ss, bb] = last_den
+        fine_done = ready[:-1] + lengths                                # pipelined: F of slice s done at
+        # 2. Sequential correction sweep from each sample's first unaccepted slice.
+        U_new = U.clone()
+        for s in range(S):
+            rows = (run[s]).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            G_new = coarse_prop.coarse_step(U_new[s, rows], torch.full((rows.numel(),), s, device=dev), rows)
+            U_new[s + 1, rows] = G_new + F[s, rows] - G_old[s, rows]
+            G_old[s, rows] = G_new
+        # Pipelined critical path: U_new[s+1] needs G(U_new[s]) and F(U_old[s]).
+        new_ready = ready.clone()
+        for s in range(S):
+            new_ready[s + 1] = max(float(new_ready[s]) + coarse_steps, float(fine_done[s]))
+        ready = new_ready
+        # 3. Convergence of slice starts (model frame), accept prefix + 1.
+        err = rms(problem.scale(U_new[1:] - U[1:], bounds[1:, None].expand(S, B)), 2)   # (S, B)
+        tgt = sl + 1
+        ok = ((err <= thresholds[tgt]) & run) | (sl < begin[None])      # slices before begin stay accepted
+        fail = torch.cat([~ok, torch.ones_like(ok[:1])])
+        first = fail.int().argmax(0)                                    # first unconverged slice >= begin
+        stride = torch.minimum((first - begin).clamp_min(0) + 1, S - begin)
+        stride = torch.where(active, stride, 0)
+        U = U_new
+        begin = begin + stride
+        done_round = torch.where(active & (begin >= S), it, done_round)
+        level = problem.noise_levels[bounds[1:]][:, None].expand(S, B)[run]
+        e = err[run]
+        moved = e[level > 0] / level[level > 0]
+        residuals.append(float(moved.max()) if moved.numel() else float("nan"))
+        problem.report(RoundInfo(it, (bounds[begin.clamp_max(S)]).clone(), int(ss.numel()), residuals[-1]))
+    depth_pipe = float(ready[-1])
+    extra = {"slices": S, "nfe_fine": calls["fine"] / B, "nfe_coarse": calls["coarse"] / B,
+             "pipelined_rounds": depth_pipe,
+             "coarse_calls": fine.coarse_calls + coarse_prop.coarse_calls}
+    return Outcome(U[S], it, residuals, done_round, extra)

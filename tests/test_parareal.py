@@ -1,0 +1,67 @@
+"""Parareal equals the sequential fine solver, with its own stats."""
+
+import pytest
+import torch
+
+from paratime import ParallelSampler
+
+
+def _run(solver, method, model="gmm", steps=40, batch=16, **kw):
+    return ParallelSampler(model, solver=solver, steps=steps, method=method, progress=False, **kw).sample(batch, seed=1)
+
+
+@pytest.mark.parametrize("solver", ["ddim", "ddpm", "euler_maruyama", "heun", "dpmpp_2m"])
+def test_parareal_at_tol_zero_equals_sequential(solver):
+    seq = _run(solver, "sequential")
+    par = _run(solver, "parareal", tol=0.0)
+    torch.testing.assert_close(par.samples, seq.samples, rtol=0, atol=1e-9)
+    assert par.stats.iterations <= par.stats.extra["slices"]
+
+
+@pytest.mark.parametrize("solver", ["ddim", "heun", "dpmpp_2m"])
+def test_parareal_default_tol_within_bound_and_fewer_iterations(solver):
+    seq = _run(solver, "sequential", steps=100, batch=64)
+    par = _run(solver, "parareal", steps=100, batch=64, tol=0.1)
+    assert float((par.samples - seq.samples).abs().max()) <= 0.1
+    assert par.stats.iterations < par.stats.extra["slices"]
+    assert par.stats.rounds < seq.stats.rounds
+    assert par.stats.extra["pipelined_rounds"] <= par.stats.rounds
+    assert par.stats.extra["nfe_fine"] + par.stats.extra["nfe_coarse"] == pytest.approx(par.stats.nfe)
+
+
+def test_exact_user_coarse_solver_converges_in_two_iterations():
+    """A coarse callable that is the fine propagator itself: Parareal is exact after one iteration and sees it
+    converge at the second (tol 1e-6: the callable rounds differently from the batched fine solver)."""
+    sampler = ParallelSampler("gmm", solver="ddim", steps=30, method="parareal", slices=5, tol=1e-6, progress=False)
+    den, grid = sampler.denoiser, sampler.grid
+
+    def coarse(x, s_from, s_to):
+        sig = grid.sigmas
+        for r in range(x.shape[0]):
+            i = int((sig - s_from[r]).abs().argmin())
+            while sig[i] > s_to[r]:
+                d = den(x[r:r + 1], sig[i:i + 1], grid.model_times[i:i + 1])
+                x[r] = x[r] + (sig[i + 1] / sig[i] - 1) * (x[r] - d[0])
+                i += 1
+        return x
+
+    sampler.config = type(sampler.config)(**{**sampler.config.__dict__, "coarse": coarse})
+    par = sampler.sample(8, seed=2)
+    seq = ParallelSampler("gmm", solver="ddim", steps=30, method="sequential", progress=False).sample(8, seed=2)
+    torch.testing.assert_close(par.samples, seq.samples, rtol=0, atol=1e-9)
+    assert par.stats.iterations <= 2
+
+
+def test_parareal_on_digits_equals_sequential():
+    seq = _run("ddim", "sequential", model="digits", steps=16, batch=3)
+    par = _run("ddim", "parareal", model="digits", steps=16, batch=3, tol=0.0, slices=4)
+    torch.testing.assert_close(par.samples, seq.samples, rtol=0, atol=1e-5)
+
+
+def test_parareal_bad_options():
+    with pytest.raises(ValueError, match="slices"):
+        ParallelSampler("gmm", method="parareal", steps=10, slices=11)
+    with pytest.raises(ValueError, match="coarse_steps"):
+        ParallelSampler("gmm", method="parareal", coarse_steps=0)
+    with pytest.raises(TypeError, match="coarse"):
+        ParallelSampler("gmm", method="parareal", coarse=3)
