@@ -1,1 +1,10 @@
-"""Triton kernels fused around each network call, each beside its torch reference."""
+"""Triton kernels fused around each network call, each beside its torch reference, behind one dispatcher.
+
+Modules: :mod:`.step` (guidance + parameterisation conversion + step increment), :mod:`.picard` (cumulative sum
+from the window start + per-point residuals), :mod:`.dispatch` (which implementation runs), :mod:`.aot`
+(ahead-of-time compilation for sm_80 / sm_90 with register and spill counts).
+"""
+
+from .dispatch import fused_step, kernel_mode, picard_update, set_kernel_mode, triton_usable
+
+__all__ = ["fused_step", "picard_update", "set_kernel_mode", "kernel_mode", "triton_usable"]

@@ -38,40 +38,37 @@ def _edm_scalings(sigma, sigma_data):
     return c_skip, c_out
 
 
+def x0_coefficients(prediction: str, sigma, a, schedule: NoiseSchedule | None = None):
+    """``(c_x, c_o)`` with ``x0 = c_x * x + c_o * out``: every prediction type is linear in ``x`` and the output.
+
+    ``sigma`` and ``a`` may be ``(M,)`` or broadcast to ``x``'s shape.
+    """
+    b = a * sigma
+    one = torch.ones_like(sigma)
+    if prediction == "x0":
+        return 0 * one, one
+    if prediction == "eps":
+        return one, -sigma
+    if prediction == "v":
+        c = torch.sqrt(a * a + b * b)
+        return a * a / (c * c), -b / c
+    if prediction == "score":
+        return one, b * b / a
+    if prediction == "edm":
+        return _edm_scalings(sigma, schedule.sigma_data)
+    raise ValueError(f"prediction: unknown {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+
+
 def to_x0(prediction: str, out, x, sigma, a, schedule: NoiseSchedule | None = None):
     """Convert a network output to ``x0``. ``sigma`` and ``a`` are already broadcast to ``x``'s shape."""
-    b = a * sigma
-    if prediction == "x0":
-        return out
-    if prediction == "eps":
-        return x - sigma * out
-    if prediction == "v":
-        c2 = a * a + b * b
-        return (a * (a * x) - b * torch.sqrt(c2) * out) / c2
-    if prediction == "score":
-        return (a * x + b * b * out) / a
-    if prediction == "edm":
-        c_skip, c_out = _edm_scalings(sigma, schedule.sigma_data)
-        return c_skip * x + c_out * out
-    raise ValueError(f"prediction: unknown {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+    c_x, c_o = x0_coefficients(prediction, sigma, a, schedule)
+    return c_x * x + c_o * out
 
 
 def from_x0(prediction: str, x0, x, sigma, a, schedule: NoiseSchedule | None = None):
     """Inverse of :func:`to_x0`: the output a perfect network of this ``prediction`` type would give."""
-    b = a * sigma
-    eps = (x - x0) / sigma
-    if prediction == "x0":
-        return x0
-    if prediction == "eps":
-        return eps
-    if prediction == "v":
-        return (a * eps - b * x0) / torch.sqrt(a * a + b * b)
-    if prediction == "score":
-        return -eps / b
-    if prediction == "edm":
-        c_skip, c_out = _edm_scalings(sigma, schedule.sigma_data)
-        return (x0 - c_skip * x) / c_out
-    raise ValueError(f"prediction: unknown {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+    c_x, c_o = x0_coefficients(prediction, sigma, a, schedule)
+    return (x0 - c_x * x) / c_o
 
 
 PREDICTIONS = ("eps", "x0", "v", "score", "edm")
@@ -133,18 +130,29 @@ class Denoiser:
             return p.dtype if p is not None else None
         return None
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, model_time: torch.Tensor, **cond: Any) -> torch.Tensor:
-        """Args: ``x`` ``(M, *shape)``, ``sigma`` and ``model_time`` ``(M,)``. Returns ``x0``, ``(M, *shape)``."""
-        a = self.schedule.input_scale(sigma)
-        a_, s_ = append_dims(a, x.ndim), append_dims(sigma, x.ndim)
+    def run_network(self, x: torch.Tensor, sigma: torch.Tensor, model_time: torch.Tensor, **cond: Any) -> torch.Tensor:
+        """The raw network output for VE-frame rows ``x`` (input scaled, cast to the network dtype)."""
+        a = append_dims(self.schedule.input_scale(sigma), x.ndim)
         net_dtype = self.network_dtype or x.dtype
-        x_in = (a_ * x).to(net_dtype)
-        out = self.network(x_in, model_time.to(torch.float32), **cond)
+        out = self.network((a * x).to(net_dtype), model_time.to(torch.float32), **cond)
         if not isinstance(out, torch.Tensor):  # diffusers returns an output dataclass
             out = out.sample if hasattr(out, "sample") else out[0]
         if out.shape != x.shape:
             raise ValueError(f"network: output shape {tuple(out.shape)} differs from input shape {tuple(x.shape)}")
-        x0 = to_x0(self.prediction, out.to(x.dtype), x, s_, a_, self.schedule)
+        return out
+
+    def to_x0(self, x: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor, out_uncond: torch.Tensor | None = None,
+              guidance: float = 1.0) -> torch.Tensor:
+        """``x0`` from network outputs (guided when ``out_uncond`` is given), one fused pass (kernels.fused_step)."""
+        from paratime.kernels import fused_step
+
+        c_x, c_o = x0_coefficients(self.prediction, sigma, self.schedule.input_scale(sigma), self.schedule)
+        unc = None if out_uncond is None else out_uncond.to(x.dtype)
+        x0, _ = fused_step(x, out.to(x.dtype), unc, guidance, c_x, c_o, want_dx=False)
         if self.clip_x0 is not None:
             x0 = x0.clamp(-self.clip_x0, self.clip_x0)
         return x0
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, model_time: torch.Tensor, **cond: Any) -> torch.Tensor:
+        """Args: ``x`` ``(M, *shape)``, ``sigma`` and ``model_time`` ``(M,)``. Returns ``x0``, ``(M, *shape)``."""
+        return self.to_x0(x, sigma, self.run_network(x, sigma, model_time, **cond))

@@ -84,13 +84,16 @@ class Ancestral(Solver):
         return self.eta > 0
 
     def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate):
-        s, s1 = self._sig(sigmas, i, x.ndim)
-        d = (x - denoised) / s
-        if self.eta == 0:
-            return (s1 - s) * d
+        from paratime.kernels import fused_step
+
+        s, s1 = sigmas[i], sigmas[i + 1]                                   # (M,)
         up = self.eta * s1 * torch.sqrt((s * s - s1 * s1).clamp_min(0)) / s
         down = torch.sqrt((s1 * s1 - up * up).clamp_min(0))
-        return (down - s) * d + up * noise
+        # dx = k_d (x - D) + k_z z, through the fused kernel's dispatcher (x0 = D already: c_x = 0, c_o = 1).
+        one = torch.ones_like(s)
+        _, dx = fused_step(x, denoised, None, 1.0, 0 * one, one, (down - s) / s, up,
+                           noise if self.eta > 0 else None, want_x0=False)
+        return dx
 
 
 @dataclass(frozen=True)

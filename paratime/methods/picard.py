@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import torch
 
-from .common import Outcome, Problem, RoundInfo, rms
+from paratime.kernels import picard_update
+
+from .common import Outcome, Problem, RoundInfo
 
 __all__ = ["sample_picard"]
 
@@ -85,9 +87,9 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float, ma
         dx = torch.zeros_like(traj[:W])                               # (W, B, *shape)
         x_next = x_rows + problem.increment(x_rows, jj, bb, den_rows, prev_rows)
         dx[kk, bb] = problem.scale(x_next, jj + 1) - traj[jj, bb]     # the step in the model's frame
-        new = traj[begin, ar_b].unsqueeze(0) + dx.cumsum(0)           # (W, B, *shape): points begin+1+k
         tgt = (pts + 1).clamp_max(N)
-        err = rms(new - traj[tgt, ar_b[None]], 2)                     # (W, B)
+        # new: (W, B, *shape), points begin+1+k; err: (W, B) rms change (fused kernel or torch reference).
+        new, err = picard_update(traj[begin, ar_b], dx, traj[tgt, ar_b[None]])
 
         # 4. Convergence per point. If the old values of the first c points converged, the new values of the first
         #    c + 1 points were all computed from accepted states: accept them (ParaDiGMS's ``1 + ind``).

@@ -1,0 +1,113 @@
+"""Triton kernels equal their torch references (interpreter on CPU), build for sm_80/sm_90, and the samplers give
+the same samples with the kernels on as with the torch path."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from paratime import ParallelSampler  # noqa: E402
+from paratime.kernels import fused_step, picard_update, set_kernel_mode, triton_usable  # noqa: E402
+from paratime.kernels.reference import fused_step_reference, picard_update_reference  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.float16: dict(rtol=2e-3, atol=2e-3),
+       torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}   # one unit in the last place of the storage dtype
+
+
+def test_conftest_enabled_the_interpreter():
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    assert triton_usable(torch.ones(2, dtype=torch.float32))
+    assert not triton_usable(torch.ones(2, dtype=torch.float64))      # float64 storage stays on torch
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("noisy", [False, True])
+@pytest.mark.parametrize("shape", [(7, 1030), (5, 3, 7, 11)])
+def test_fused_step_matches_reference(dtype, guided, noisy, shape):
+    g = torch.Generator().manual_seed(0)
+    x, out, unc, z = (torch.randn(shape, generator=g).to(dtype) for _ in range(4))
+    M = shape[0]
+    c_x, c_o, k_d, k_z = (torch.randn(M, generator=g) for _ in range(4))
+    args = dict(out_uncond=unc if guided else None, guidance=4.5, c_x=c_x, c_o=c_o, k_d=k_d, k_z=k_z,
+                noise=z if noisy else None)
+    x0, dx = fused_step(x, out, **args)
+    r0, rdx = fused_step_reference(x.reshape(M, -1), out.reshape(M, -1),
+                                   None if not guided else unc.reshape(M, -1), 4.5, c_x, c_o, k_d, k_z,
+                                   z.reshape(M, -1) if noisy else None)
+    torch.testing.assert_close(x0.reshape(M, -1).float(), r0.float(), **TOL[dtype])
+    torch.testing.assert_close(dx.reshape(M, -1).float(), rdx.float(), **TOL[dtype])
+    x0_only, none = fused_step(x, out, **args, want_dx=False)
+    assert none is None
+    torch.testing.assert_close(x0_only, x0, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("W, B, feat", [(1, 1, 1), (9, 5, 1030), (13, 3, (2, 5, 7))])
+def test_picard_update_matches_reference(dtype, W, B, feat):
+    feat = (feat,) if isinstance(feat, int) else feat
+    g = torch.Generator().manual_seed(1)
+    start = torch.randn((B, *feat), generator=g).to(dtype)
+    dx = (0.3 * torch.randn((W, B, *feat), generator=g)).to(dtype)
+    old = torch.randn((W, B, *feat), generator=g).to(dtype)
+    new, err = picard_update(start, dx, old)
+    rn, re_ = picard_update_reference(start.reshape(B, -1), dx.reshape(W, B, -1), old.reshape(W, B, -1))
+    assert new.shape == dx.shape and err.shape == (W, B) and err.dtype == torch.float32
+    torch.testing.assert_close(new.reshape(W, B, -1).float(), rn.float(), **TOL[dtype])
+    torch.testing.assert_close(err, re_, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("solver", ["ddim", "ddpm"])
+def test_samplers_give_the_same_samples_with_kernels_on(solver):
+    def run():
+        return ParallelSampler("gmm", solver=solver, steps=20, state_dtype=torch.float32, window=20, tol=0.0,
+                               progress=False).sample(16, seed=0).samples
+    try:
+        set_kernel_mode("torch")
+        ref = run()
+        set_kernel_mode("triton")          # raises if any dispatch could not use the interpreter
+        got = run()
+    finally:
+        set_kernel_mode("auto")
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def _without_interpreter(code: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_no_kernel_runs_where_it_cannot():
+    """CPU tensors without the interpreter take the torch path; forcing Triton there is a clear error."""
+    r = _without_interpreter(
+        "import torch\n"
+        "from paratime import ParallelSampler\n"
+        "from paratime.kernels import triton_usable, set_kernel_mode, fused_step\n"
+        "x = torch.ones(3, 4)\n"
+        "assert not triton_usable(x)\n"
+        "s = ParallelSampler('gmm', steps=5, state_dtype=torch.float32, progress=False).sample(4, seed=0)\n"
+        "assert torch.isfinite(s.samples).all()\n"
+        "set_kernel_mode('triton')\n"
+        "try:\n"
+        "    fused_step(x, x, c_x=torch.ones(3), c_o=torch.ones(3), want_dx=False)\n"
+        "except RuntimeError as e:\n"
+        "    assert 'cannot run' in str(e); print('OK')\n")
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-2000:]
+
+
+def test_every_kernel_compiles_for_sm80_and_sm90():
+    r = _without_interpreter("from paratime.kernels.aot import main; main(['--json'])")
+    assert r.returncode == 0, r.stderr[-2000:]
+    recs = json.loads(r.stdout.strip().splitlines()[-1])
+    from paratime.kernels.aot import SPECS
+
+    assert {(x["kernel"], x["arch"]) for x in recs} == {(k, a) for k in SPECS for a in ("sm_80", "sm_90")}
+    for x in recs:
+        assert x["cubin_bytes"] > 0 and x["registers"] and x["registers"] <= 255
+        assert x["spill_stores"] == 0, x
