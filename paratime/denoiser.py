@@ -87,6 +87,15 @@ class Denoiser:
             ``None`` keeps the state dtype for callables and the parameters' dtype for modules.
         clip_x0: clamp the x0 prediction to ``[-clip_x0, clip_x0]`` (diffusers' ``clip_sample``); None: off.
         sample_shape: the per-sample shape the network expects, if known (used for defaults and checks).
+        guidance: classifier-free guidance scale g: ``o = u + g (c - u)`` on the network outputs, the conditional
+            and unconditional halves evaluated in one doubled batch. None or 1: off.
+        guidance_rescale: phi of Lin et al. (2023): rescale the guided output's std to the conditional one's.
+        uncond_fn: builds the unconditional kwargs from the conditional ones when ``uncond`` is not passed
+            (e.g. the digits model's "no label" class). Negative conditioning: pass ``uncond={...}``.
+        classifier: ``classifier(x_in, model_time) -> logits`` of a noise-conditional classifier; adds
+            ``classifier_scale * grad log p(y | x)`` to the score, i.e. ``x0 += scale * sigma^2 * grad`` (VE frame),
+            for labels given as ``y``.
+        classifier_scale: s, the classifier guidance scale.
 
     Raises:
         ValueError: unknown ``prediction``, ``edm`` without an :class:`EDMSchedule`, bad ``clip_x0``.
@@ -99,6 +108,11 @@ class Denoiser:
     dtype: torch.dtype | None = None
     clip_x0: float | None = None
     sample_shape: tuple[int, ...] | None = None
+    guidance: float | None = None
+    guidance_rescale: float = 0.0
+    uncond_fn: Callable[[dict], dict] | None = None
+    classifier: Callable[..., torch.Tensor] | None = None
+    classifier_scale: float = 0.0
 
     def __post_init__(self):
         if not callable(self.network):
@@ -113,6 +127,12 @@ class Denoiser:
             raise ValueError(f"clip_x0: must be > 0 or None, got {self.clip_x0}")
         if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
             raise TypeError(f"dtype: expected a torch.dtype, got {self.dtype!r}")
+        if self.guidance is not None and (not isinstance(self.guidance, (int, float)) or self.guidance < 0):
+            raise ValueError(f"guidance: must be a number >= 0 or None, got {self.guidance!r}")
+        if not 0 <= self.guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale: must lie in [0, 1], got {self.guidance_rescale!r}")
+        if self.classifier is not None and not callable(self.classifier):
+            raise TypeError(f"classifier: expected a callable, got {type(self.classifier).__name__}")
 
     @classmethod
     def from_callable(cls, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], **kw) -> "Denoiser":
@@ -153,6 +173,52 @@ class Denoiser:
             x0 = x0.clamp(-self.clip_x0, self.clip_x0)
         return x0
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, model_time: torch.Tensor, **cond: Any) -> torch.Tensor:
-        """Args: ``x`` ``(M, *shape)``, ``sigma`` and ``model_time`` ``(M,)``. Returns ``x0``, ``(M, *shape)``."""
-        return self.to_x0(x, sigma, self.run_network(x, sigma, model_time, **cond))
+    @property
+    def guided(self) -> bool:
+        return self.guidance is not None and self.guidance != 1
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, model_time: torch.Tensor,
+                 uncond: dict | None = None, y: torch.Tensor | None = None, **cond: Any) -> torch.Tensor:
+        """Args: ``x`` ``(M, *shape)``, ``sigma`` and ``model_time`` ``(M,)``; ``uncond``: unconditional kwargs
+        for guidance; ``y``: class labels for classifier guidance. Returns ``x0``, ``(M, *shape)``."""
+        if not self.guided:
+            x0 = self.to_x0(x, sigma, self.run_network(x, sigma, model_time, **cond))
+        else:
+            x0 = self._cfg(x, sigma, model_time, uncond, cond)
+        if self.classifier is not None and self.classifier_scale:
+            if y is None:
+                raise ValueError("y: classifier guidance needs the class labels as y=")
+            x0 = x0 + self.classifier_scale * append_dims(sigma, x.ndim) ** 2 * self._log_prob_grad(x, sigma,
+                                                                                                     model_time, y)
+        return x0
+
+    def _cfg(self, x, sigma, model_time, uncond, cond):
+        # Conditional and unconditional halves in one doubled batch (ParaDiGMS doubles the window the same way).
+        if uncond is None:
+            if self.uncond_fn is None:
+                raise ValueError("uncond: classifier-free guidance needs unconditional inputs: pass uncond={...} "
+                                 "or give the model an uncond_fn")
+            uncond = self.uncond_fn(cond)
+        both = {}
+        for k in cond.keys() | uncond.keys():
+            c, u = cond.get(k, uncond.get(k)), uncond.get(k, cond.get(k))
+            both[k] = torch.cat([c, u]) if isinstance(c, torch.Tensor) and c.ndim > 0 else c
+        out = self.run_network(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([model_time, model_time]),
+                               **both)
+        c, u = out.to(x.dtype).chunk(2)
+        if not self.guidance_rescale:
+            return self.to_x0(x, sigma, c, u, self.guidance)
+        guided = u + self.guidance * (c - u)
+        dims = tuple(range(1, x.ndim))
+        rescaled = guided * (c.std(dims, keepdim=True) / guided.std(dims, keepdim=True))
+        return self.to_x0(x, sigma, self.guidance_rescale * rescaled + (1 - self.guidance_rescale) * guided)
+
+    def _log_prob_grad(self, x, sigma, model_time, y):
+        """grad_x log p(y | x) of the classifier, in the VE frame (autograd inside the batched call)."""
+        a = append_dims(self.schedule.input_scale(sigma), x.ndim)
+        with torch.enable_grad(), torch.inference_mode(False):
+            xg = x.detach().clone().requires_grad_(True)
+            logits = self.classifier((a * xg).to(self.network_dtype or x.dtype), model_time.to(torch.float32))
+            logp = torch.log_softmax(logits.float(), dim=-1).gather(1, y.long().reshape(-1, 1)).sum()
+            (grad,) = torch.autograd.grad(logp, xg)
+        return grad.to(x.dtype)

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 
 from .backends import Backend, make_backend
+from .backends.base import map_cond
 from .denoiser import Denoiser
 from .methods import METHODS, Problem, RoundInfo
 from .noise import INITIAL, STEP, draw_noise
@@ -154,7 +155,11 @@ class ParallelSampler:
         device: where the state lives; default the network's device, else CPU.
         backend: ``local`` (default), ``torch``, ``ray``, or a :class:`~paratime.backends.Backend`.
         backend_options: keyword arguments for the backend's constructor.
-        decoder: optional ``decoder(samples) -> images`` (e.g. a VAE decode) applied after sampling.
+        decoder: latent diffusion: ``decoder(latents) -> images``, or a VAE with ``.decode`` (diffusers
+            ``AutoencoderKL``), applied after sampling to ``samples / latent_scale``.
+        latent_scale: the VAE's latent scaling factor (Stable Diffusion: 0.18215); default 1.
+        guidance, guidance_rescale: classifier-free guidance scale and rescale (see :class:`Denoiser`).
+        classifier, classifier_scale: classifier guidance (labels passed to ``sample`` as ``y=``).
         progress: show a tqdm bar over rounds.
         schedule, prediction, clip_x0: adapter options when ``model`` is a raw network.
 
@@ -170,8 +175,18 @@ class ParallelSampler:
                  device: str | torch.device | None = None, backend: str | Backend = "local",
                  backend_options: dict | None = None, decoder: Callable | None = None, progress: bool = True,
                  schedule: NoiseSchedule | None = None, prediction: str | None = None,
-                 clip_x0: float | None = None):
+                 clip_x0: float | None = None, guidance: float | None = None, guidance_rescale: float | None = None,
+                 classifier: Callable | None = None, classifier_scale: float | None = None,
+                 latent_scale: float | None = None):
         self.denoiser = self._wrap(model, schedule, prediction, clip_x0, dtype)
+        extra = {k: v for k, v in (("guidance", guidance), ("guidance_rescale", guidance_rescale),
+                                   ("classifier", classifier), ("classifier_scale", classifier_scale))
+                 if v is not None}
+        if extra:
+            self.denoiser = replace(self.denoiser, **extra)
+        if latent_scale is not None and not latent_scale > 0:
+            raise ValueError(f"latent_scale: must be > 0, got {latent_scale!r}")
+        self.latent_scale = latent_scale
         self.solver = make_solver(solver, **({} if eta is None else {"eta": eta}))
         self.config = SamplerConfig(self.solver.name, steps, method, window, tol, max_rounds, spacing, eta, slices,
                                     coarse_steps, coarse)
@@ -253,7 +268,7 @@ class ParallelSampler:
         times = self.grid.model_times.to(self.device)
 
         def evaluate(x: torch.Tensor, i: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            rows = {k: v[b] if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
+            rows = map_cond(cond, lambda v: v[b])
             den = self.backend.evaluate(x, sig_model[i].to(x.dtype), times[i], rows)
             counter.add(b)
             bad = ~torch.isfinite(den.flatten(1)).all(1)
@@ -271,7 +286,8 @@ class ParallelSampler:
                           evaluate, z, on_round)
         t0 = time.perf_counter()
         try:
-            outcome = METHODS[cfg.method](x_T, problem, cfg)
+            with torch.no_grad():   # the network's autograd graph is never needed (classifier guidance re-enables it)
+                outcome = METHODS[cfg.method](x_T, problem, cfg)
         finally:
             if bar is not None:
                 bar.close()
@@ -287,8 +303,20 @@ class ParallelSampler:
         stats.converged = outcome.extra.pop("converged", [True] * B)
         latents = None
         if self.decoder is not None:
-            latents, samples = samples, self.decoder(samples)
+            latents, samples = samples, self.decode(samples)
         return SampleResult(samples, stats, latents)
+
+    def decode(self, latents: torch.Tensor, batch: int = 8) -> torch.Tensor:
+        """Decode latents with the sampler's decoder, ``batch`` at a time, after dividing by ``latent_scale``."""
+        z = latents / (self.latent_scale or 1.0)
+        dec = self.decoder.decode if hasattr(self.decoder, "decode") else self.decoder
+        dtype = next(self.decoder.parameters()).dtype if isinstance(self.decoder, torch.nn.Module) else z.dtype
+        outs = []
+        with torch.inference_mode():
+            for s in range(0, z.shape[0], batch):
+                out = dec(z[s:s + batch].to(dtype))
+                outs.append(out.sample if hasattr(out, "sample") else out)
+        return torch.cat(outs)
 
     def _initial_state(self, shape, noise, seed, generator, first_sample):
         if noise is None:
@@ -334,12 +362,16 @@ class ParallelSampler:
         prior = self.denoiser.schedule.prior_std(self.grid.sigmas[:1]).to(**kw)
         return noise.to(**kw) * prior, z
 
-    @staticmethod
-    def _check_cond(cond: dict, B: int) -> dict:
+    def _check_cond(self, cond: dict, B: int, prefix: str = "") -> dict:
         for k, v in cond.items():
-            if isinstance(v, torch.Tensor) and (v.ndim == 0 or v.shape[0] != B):
-                raise ValueError(f"{k}: conditioning tensors need a leading batch dimension of {B}, "
-                                 f"got shape {tuple(v.shape)}")
+            if isinstance(v, dict):
+                self._check_cond(v, B, f"{prefix}{k}.")
+            elif isinstance(v, torch.Tensor):
+                if v.ndim == 0 or v.shape[0] != B:
+                    raise ValueError(f"{prefix}{k}: conditioning tensors need a leading batch dimension of {B}, "
+                                     f"got shape {tuple(v.shape)}")
+                if v.device.type != self.device.type:
+                    raise ValueError(f"{prefix}{k}: on {v.device} but the sampler runs on {self.device}")
         return cond
 
     def _progress(self, progress, callback, N):

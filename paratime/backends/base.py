@@ -13,7 +13,20 @@ import torch
 
 from ..denoiser import Denoiser
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "map_cond"]
+
+
+def map_cond(cond: dict, fn) -> dict:
+    """Apply ``fn`` to every per-row tensor of ``cond`` (recursing into nested dicts such as ``uncond``)."""
+    out = {}
+    for k, v in cond.items():
+        if isinstance(v, dict):
+            out[k] = map_cond(v, fn)
+        elif isinstance(v, torch.Tensor) and v.ndim > 0:
+            out[k] = fn(v)
+        else:
+            out[k] = v
+    return out
 
 
 class Backend:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backend
+from .base import Backend, map_cond
 
 __all__ = ["LocalBackend"]
 
 
 def split_cond(cond: dict, start: int, stop: int) -> dict:
     """Rows ``start:stop`` of every per-row tensor in ``cond``; other values pass through."""
-    return {k: v[start:stop] if isinstance(v, torch.Tensor) and v.ndim > 0 else v for k, v in cond.items()}
+    return map_cond(cond, lambda v: v[start:stop])
 
 
 class LocalBackend(Backend):

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from .base import Backend
+from .base import Backend, map_cond
 from .local import split_cond
 
 __all__ = ["RayBackend", "RayWorkerError"]
@@ -46,7 +46,7 @@ class _Replica:
 
     def evaluate(self, x, sigma, model_time, cond):
         d = self.device
-        cond = {k: v.to(d) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
+        cond = map_cond(cond, lambda v: v.to(d))
         with torch.inference_mode():
             out = self.den(x.to(d), sigma.to(d), model_time.to(d), **cond)
         return out.cpu()
@@ -128,7 +128,7 @@ class RayBackend(Backend):
         n = min(self.workers, M)
         bounds = [(M * i // n, M * (i + 1) // n) for i in range(n)]
         xc, sc, tc = x.cpu(), sigma.cpu(), model_time.cpu()
-        cc = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
+        cc = map_cond(cond, lambda v: v.cpu())
         chunks = [(xc[a:b], sc[a:b], tc[a:b], split_cond(cc, a, b)) for a, b in bounds]
         t0 = time.perf_counter()
         refs = [self.actors[i].evaluate.remote(*chunks[i]) for i in range(n)]

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .base import Backend
+from .base import Backend, map_cond
 from .local import split_cond
 
 __all__ = ["TorchDistributedBackend", "DistributedTimeoutError"]
@@ -95,7 +95,7 @@ class TorchDistributedBackend(Backend):
         local = torch.zeros((per, *x.shape[1:]), dtype=x.dtype, device=self.device)
         if hi > lo:
             out = self.denoiser(x[lo:hi].to(self.device), sigma[lo:hi].to(self.device),
-                                model_time[lo:hi].to(self.device), **_to(split_cond(cond, lo, hi), self.device))
+                                model_time[lo:hi].to(self.device), **map_cond(split_cond(cond, lo, hi), lambda v: v.to(self.device)))
             local[: hi - lo] = out
         # gloo wants a flat output tensor; NCCL accepts it too.
         gathered = torch.empty(world * local.numel(), dtype=x.dtype, device=self.device)
@@ -125,6 +125,3 @@ class TorchDistributedBackend(Backend):
             dist.destroy_process_group()
             self.owns_group = False
 
-
-def _to(cond: dict, device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}

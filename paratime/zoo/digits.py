@@ -109,7 +109,15 @@ def load_digits_model(path: str | Path | None = None, device: str | torch.device
     state = {k: v.float() for k, v in load_file(str(path)).items()}
     net.load_state_dict(state)
     net = net.to(device=device, dtype=dtype or torch.float32).eval().requires_grad_(False)
-    return Denoiser(net, digits_schedule(), "eps", sample_shape=(1, 8, 8))
+    return Denoiser(net, digits_schedule(), "eps", sample_shape=(1, 8, 8), uncond_fn=_null_labels)
+
+
+def _null_labels(cond: dict) -> dict:
+    """Unconditional inputs for classifier-free guidance: the "no label" class."""
+    labels = cond.get("labels")
+    if labels is None:
+        raise ValueError("labels: guidance on the digits model needs labels=")
+    return {**cond, "labels": torch.full_like(labels, NULL_LABEL)}
 
 
 def _read_meta(path: Path) -> dict:
