@@ -15,9 +15,9 @@ from .backends import Backend, make_backend
 from .backends.base import map_cond
 from .denoiser import Denoiser
 from .methods import METHODS, Problem, RoundInfo
-from .noise import INITIAL, STEP, draw_noise
+from .noise import CORRECTOR, INITIAL, STEP, draw_noise
 from .schedules import SPACINGS, NoiseSchedule, TimeGrid
-from .solvers import Solver, make_solver
+from .solvers import LangevinCorrected, Solver, make_solver
 
 __all__ = ["ParallelSampler", "SamplerConfig", "SampleResult", "SampleStats", "NonFiniteOutputError"]
 
@@ -160,6 +160,8 @@ class ParallelSampler:
         latent_scale: the VAE's latent scaling factor (Stable Diffusion: 0.18215); default 1.
         guidance, guidance_rescale: classifier-free guidance scale and rescale (see :class:`Denoiser`).
         classifier, classifier_scale: classifier guidance (labels passed to ``sample`` as ``y=``).
+        corrector_snr, corrector_steps: add Langevin corrector steps with this signal-to-noise ratio after every
+            solver step (predictor-corrector); works in every method.
         progress: show a tqdm bar over rounds.
         schedule, prediction, clip_x0: adapter options when ``model`` is a raw network.
 
@@ -177,7 +179,7 @@ class ParallelSampler:
                  schedule: NoiseSchedule | None = None, prediction: str | None = None,
                  clip_x0: float | None = None, guidance: float | None = None, guidance_rescale: float | None = None,
                  classifier: Callable | None = None, classifier_scale: float | None = None,
-                 latent_scale: float | None = None):
+                 latent_scale: float | None = None, corrector_snr: float | None = None, corrector_steps: int = 1):
         self.denoiser = self._wrap(model, schedule, prediction, clip_x0, dtype)
         extra = {k: v for k, v in (("guidance", guidance), ("guidance_rescale", guidance_rescale),
                                    ("classifier", classifier), ("classifier_scale", classifier_scale))
@@ -188,7 +190,10 @@ class ParallelSampler:
             raise ValueError(f"latent_scale: must be > 0, got {latent_scale!r}")
         self.latent_scale = latent_scale
         self.solver = make_solver(solver, **({} if eta is None else {"eta": eta}))
-        self.config = SamplerConfig(self.solver.name, steps, method, window, tol, max_rounds, spacing, eta, slices,
+        base_name = self.solver.name
+        if corrector_snr is not None:
+            self.solver = LangevinCorrected(self.solver, corrector_snr, corrector_steps)
+        self.config = SamplerConfig(base_name, steps, method, window, tol, max_rounds, spacing, eta, slices,
                                     coarse_steps, coarse)
         self.device = self._pick_device(device)
         if state_dtype is None:
@@ -294,7 +299,7 @@ class ParallelSampler:
         wall = time.perf_counter() - t0
         samples = outcome.x * self.grid.frame_scales[-1].to(outcome.x)
         stats = SampleStats(
-            method=cfg.method, solver=self.solver.name, steps=N, backend=self.backend.name,
+            method=cfg.method, solver=cfg.solver + ("+langevin" if isinstance(self.solver, LangevinCorrected) else ""), steps=N, backend=self.backend.name,
             workers=self.backend.workers, window=cfg.window_size if cfg.method == "picard" else None, tol=cfg.tol,
             rounds=counter.calls + outcome.extra.pop("coarse_calls", 0), iterations=outcome.rounds, nfe=float(counter.rows.float().mean()),
             nfe_total=int(counter.rows.sum()), wall_s=wall, residuals=outcome.residuals,
@@ -352,13 +357,20 @@ class ParallelSampler:
                 noise = torch.randn(shape, generator=generator, dtype=torch.float32, device=generator.device)
             else:
                 noise = draw_noise(seed, B, shape[1:], None, INITIAL, first_sample, **kw)
-        z = None
-        if self.solver.stochastic:
+        def step_noise(stream, per_step=()):
             if generator is not None:
-                z = torch.randn((N, *shape), generator=generator, dtype=torch.float32, device=generator.device)
+                n = torch.randn((N, B, *per_step, *shape[1:]), generator=generator, dtype=torch.float32,
+                                device=generator.device)
             else:
-                z = draw_noise(seed, B, shape[1:], N, STEP, first_sample, **kw)
-            z = z.to(**kw)
+                n = draw_noise(seed, B, (*per_step, *shape[1:]), N, stream, first_sample, **kw)
+            return n.to(**kw)
+
+        z = None
+        if isinstance(self.solver, LangevinCorrected):
+            base = step_noise(STEP) if self.solver.base.stochastic else None
+            z = (base, step_noise(CORRECTOR, (self.solver.corrector_steps,)))
+        elif self.solver.stochastic:
+            z = step_noise(STEP)
         prior = self.denoiser.schedule.prior_std(self.grid.sigmas[:1]).to(**kw)
         return noise.to(**kw) * prior, z
 

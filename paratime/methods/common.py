@@ -46,7 +46,8 @@ class Problem:
         frame_scales: ``(N + 1,)`` ``x_native = frame_scale * x``: parallel methods iterate in the model's frame.
         solver: the step map.
         evaluate: ``evaluate(x, i, b) -> D``; rows at steps ``i`` of samples ``b``.
-        noise: ``(N, B, *shape)`` pre-drawn step noise, or None for deterministic solvers.
+        noise: ``(N, B, *shape)`` pre-drawn step noise, or None for deterministic solvers; with a Langevin
+            corrector, a tuple (predictor noise or None, ``(N, B, corrector_steps, *shape)`` corrector noise).
         on_round: called with a :class:`RoundInfo` after every round.
     """
 
@@ -64,7 +65,12 @@ class Problem:
 
     def increment(self, x, i, b, denoised, prev_denoised=None):
         """The step map for rows ``(i, b)``, with their pre-drawn noise."""
-        z = self.noise[i, b] if self.solver.stochastic else None
+        if not self.solver.stochastic:
+            z = None
+        elif isinstance(self.noise, tuple):       # (predictor noise or None, corrector noise)
+            z = tuple(None if n is None else n[i, b] for n in self.noise)
+        else:
+            z = self.noise[i, b]
         return self.solver.increment(x, i, b, denoised, prev_denoised, z, self.sigmas, self.evaluate)
 
     def scale(self, x: torch.Tensor, i: torch.Tensor, inverse: bool = False) -> torch.Tensor:
