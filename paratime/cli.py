@@ -48,6 +48,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paratime", description=__doc__)
     sub = parser.add_subparsers(dest="command")
+    sub.add_parser("bench", help="scaling benchmarks (see paratime bench --help)")
     _add_sampling_args(sub.add_parser("sample", help="sample a model (the default command)"))
 
     t = sub.add_parser("train-digits", help="train the embedded digits model (needs scikit-learn)")
@@ -167,8 +168,48 @@ def _launch_torchrun(workers: int, argv: list[str]) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def _bench(argv: list[str]) -> int:
+    """``paratime bench``: run the scaling suite, write JSON, Markdown and plots, print the table."""
+    from .bench import default_suite, machine, plot, run_suite, to_markdown, worker
+
+    if argv and argv[0] == "--worker":          # one torchrun rank of a torch.distributed case
+        worker(*argv[1:4])
+        return 0
+    ap = argparse.ArgumentParser(prog="paratime bench", description="Scaling benchmark (see paratime/bench.py).")
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and smaller batches")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import time
+
+    t0 = time.perf_counter()
+    records = run_suite(default_suite(args.quick), log=print)
+    (out / "bench.json").write_text(json.dumps({"machine": machine(), "runs": records}, indent=1))
+    md = to_markdown(records)
+    (out / "bench.md").write_text(md)
+    plots = plot(records, out)
+    print(md)
+    from .bench import compare_paradigms, paradigms_markdown
+
+    rows = compare_paradigms(batch=8 if args.quick else 16,
+                             cases=(("ddim", 100),) if args.quick else (("ddim", 100), ("ddpm", 1000)))
+    if rows:
+        pmd = paradigms_markdown(rows)
+        (out / "paradigms.md").write_text(pmd)
+        (out / "paradigms.json").write_text(json.dumps(rows, indent=1))
+        print(pmd)
+    else:
+        print("diffusers is not installed (pip install 'paratime[diffusers]'): ParaDiGMS comparison skipped")
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}" + "".join(f", {p}" for p in plots)
+          + f" in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        return _bench(argv[1:])
     if not argv or argv[0].startswith("-"):
         argv = ["sample", *argv]
     parser = build_parser()
@@ -189,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval-digits":
             from .zoo.digits_eval import run_eval
 
-            rec = run_eval(args)
+            rec = run_eval(args, emit=print)
             if args.json:
                 Path(args.json).write_text(json.dumps(rec, indent=2))
         else:

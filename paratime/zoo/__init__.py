@@ -1,4 +1,5 @@
-"""Named models shipped with paratime: ``gmm`` (analytic 8-Gaussian ring) and ``digits`` (a small trained U-Net)."""
+"""Named models shipped with paratime: ``gmm`` (analytic 8-Gaussian ring), ``digits`` (a small trained U-Net) and
+``policy`` (an untrained policy-sized MLP for latency benchmarks)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ def _digits(**kw) -> Denoiser:
     return load_digits_model(**kw)
 
 
-MODELS: dict[str, Callable[..., Denoiser]] = {"gmm": ring_gmm, "digits": _digits}
+def _policy(**kw) -> Denoiser:
+    from .policy import policy_model
+
+    return policy_model(**kw)
+
+
+MODELS: dict[str, Callable[..., Denoiser]] = {"gmm": ring_gmm, "digits": _digits, "policy": _policy}
 
 
 def load_model(name: str, **options) -> Denoiser:

@@ -77,8 +77,8 @@ class DigitsJudge:
         return out
 
 
-def run_eval(args) -> dict:
-    """``paratime eval-digits``: sample sequentially and with Picard, score both, print a table."""
+def run_eval(args, emit=lambda line: None) -> dict:
+    """``paratime eval-digits``: sample sequentially and with Picard, score both; ``emit`` receives table lines."""
     from ..sampler import ParallelSampler
 
     judge = DigitsJudge(seed=args.seed)
@@ -86,9 +86,9 @@ def run_eval(args) -> dict:
     cond = {}
     if args.label is not None:
         cond["labels"] = torch.full((args.samples,), args.label, dtype=torch.long)
-    print(f"digits: {args.samples} samples, solver={args.solver}, steps={args.steps}, tol={args.tol}; the classifier "
+    emit(f"digits: {args.samples} samples, solver={args.solver}, steps={args.steps}, tol={args.tol}; the classifier "
           f"is confident on {rec['real_heldout_confident_share']:.3f} of real held-out digits")
-    print(f"{'method':>10}  {'rounds':>6}  {'confident':>9}  {'precision':>9}  {'recall':>6}  {'min cls':>7}  "
+    emit(f"{'method':>10}  {'rounds':>6}  {'confident':>9}  {'precision':>9}  {'recall':>6}  {'min cls':>7}  "
           f"{'max cls':>7}" + ("  label acc" if args.label is not None else ""))
     for method in ("sequential", "picard"):
         s = ParallelSampler("digits", solver=args.solver, steps=args.steps, method=method, tol=args.tol,
@@ -103,7 +103,7 @@ def run_eval(args) -> dict:
                 f"{sc['knn_recall']:>6.3f}  {min(sc['class_hist']):>7.3f}  {max(sc['class_hist']):>7.3f}")
         if "label_accuracy" in sc:
             line += f"  {sc['label_accuracy']:>9.3f}"
-        print(line)
+        emit(line)
     rec["max_abs_diff"] = float((res.samples - ref).abs().max())
-    print(f"max |picard - sequential| = {rec['max_abs_diff']:.4g}")
+    emit(f"max |picard - sequential| = {rec['max_abs_diff']:.4g}")
     return rec
