@@ -23,6 +23,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="picard", help="picard, sequential or parareal")
     p.add_argument("--window", type=int, default=None, help="Picard window (default: steps)")
     p.add_argument("--tol", type=float, default=0.1)
+    p.add_argument("--shared-window", action="store_true",
+                   help="one Picard window for the whole batch (diffusers' ParaDiGMS) instead of one per sample")
     p.add_argument("--max-rounds", type=int, default=None)
     p.add_argument("--spacing", default=None, help="leading, trailing, linspace or karras")
     p.add_argument("--eta", type=float, default=None)
@@ -97,7 +99,8 @@ def _sampler(args, method: str, backend=None):
     if isinstance(model.network, torch.nn.Module):
         model.network.to(device)
     return ParallelSampler(model, solver=args.solver, steps=args.steps, method=method, window=args.window,
-                           tol=args.tol, max_rounds=args.max_rounds, spacing=args.spacing, eta=args.eta,
+                           tol=args.tol, shared_window=args.shared_window, max_rounds=args.max_rounds,
+                           spacing=args.spacing, eta=args.eta,
                            slices=args.slices, coarse_steps=args.coarse_steps,
                            device=device, backend=backend, progress=args.progress, **opts)
 

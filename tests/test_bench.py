@@ -48,3 +48,20 @@ def test_diffusers_paradigms_loop_at_tol_zero_is_its_sequential_sampler():
     torch.testing.assert_close(par, seq, rtol=0, atol=1e-9)
     ours = ParallelSampler(model, steps=20, method="sequential", progress=False).sample(noise=x).samples
     torch.testing.assert_close(ours, seq, rtol=1e-5, atol=1e-5)   # same DDIM chain; diffusers keeps alphas in fp32
+
+
+def test_shared_window_reproduces_diffusers_paradigms_rounds_and_nfe():
+    diffusers = pytest.importorskip("diffusers")
+    from paratime.noise import INITIAL, draw_noise
+    from paratime.zoo import load_model
+
+    model = load_model("gmm")
+    sch = diffusers.DDIMParallelScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
+                                          beta_end=0.02, timestep_spacing="trailing", clip_sample=False,
+                                          set_alpha_to_one=True)
+    x = draw_noise(0, 64, (2,), None, INITIAL)
+    theirs, rounds, nfe = paradigms_loop(lambda x, t: model.network(x, t), sch, x, 50, 50, 0.1,
+                                         torch.Generator().manual_seed(0))
+    ours = ParallelSampler(model, steps=50, tol=0.1, shared_window=True, progress=False).sample(64, seed=0)
+    assert ours.stats.rounds == rounds and ours.stats.nfe == nfe
+    torch.testing.assert_close(ours.samples, theirs, rtol=1e-5, atol=1e-5)

@@ -69,6 +69,7 @@ class RayBackend(Backend):
         address: ``None`` starts (or reuses) a local Ray on loopback; ``"auto"`` or ``"ray://..."`` joins a cluster.
         num_gpus: GPUs per actor (default 1 if CUDA is available, else 0); num_cpus: CPUs per actor (default 1).
         timeout_s: limit on each ``ray.get``. max_retries: replacements per call before giving up.
+        threads: torch threads per actor; default: this machine's CPUs shared evenly among the actors.
 
     Raises:
         ValueError: bad options. ImportError: ray is not installed (``pip install paratime[ray]``).
@@ -78,7 +79,7 @@ class RayBackend(Backend):
 
     def __init__(self, workers: int = 2, model: str | Callable | None = None, address: str | None = None,
                  num_gpus: float | None = None, num_cpus: float = 1, timeout_s: float = 120.0,
-                 max_retries: int = 2, threads: int | None = 1):
+                 max_retries: int = 2, threads: int | None = None):
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers: must be an integer >= 1, got {workers!r}")
         if not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
@@ -94,12 +95,13 @@ class RayBackend(Backend):
         self.ray = ray
         self.workers, self.model, self.timeout_s, self.max_retries = workers, model, float(timeout_s), max_retries
         self.num_gpus = (1 if torch.cuda.is_available() else 0) if num_gpus is None else num_gpus
-        self.num_cpus, self.threads = num_cpus, threads
+        import os
+
+        self.num_cpus = num_cpus
+        self.threads = threads or max(1, (os.cpu_count() or 1) // workers)
         self.started_ray = False
         if not ray.is_initialized():
             if address is None:
-                import os
-
                 ray.init(num_cpus=max(os.cpu_count() or 1, int(workers * num_cpus + 0.999)), include_dashboard=False,
                          _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
             else:

@@ -15,7 +15,7 @@ def _sequential(x, problem, cfg):
 
 
 def _picard(x, problem, cfg):
-    return sample_picard(x, problem, cfg.window_size, cfg.tol, cfg.max_rounds)
+    return sample_picard(x, problem, cfg.window_size, cfg.tol, cfg.max_rounds, cfg.shared_window)
 
 
 def _parareal(x, problem, cfg):

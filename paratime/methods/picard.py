@@ -34,8 +34,8 @@ from .common import Outcome, Problem, RoundInfo
 __all__ = ["sample_picard"]
 
 
-def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float, max_rounds: int | None = None
-                  ) -> Outcome:
+def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float, max_rounds: int | None = None,
+                  shared_window: bool = False) -> Outcome:
     """Sample with sliding-window Picard iteration.
 
     Args:
@@ -45,6 +45,9 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float, ma
         tol: tolerance in units of the noise level (ParaDiGMS's ``tolerance``); 0 runs to the exact fixed point.
         max_rounds: Picard rounds before the window shrinks to 1 point (the sequential sampler) for what is left;
             None: no limit (at most N rounds are ever needed).
+        shared_window: slide one window for the whole batch, by the smallest stride of any sample (diffusers'
+            ParaDiGMS pipeline). Converged samples then keep being refined: more NFE, smaller differences from the
+            sequential sample for the same tolerance.
     Returns:
         :class:`Outcome`; ``rounds`` counts rounds, ``residuals`` the worst residual per round.
     """
@@ -96,6 +99,8 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float, ma
         ok = (err <= thresholds[tgt]) & valid
         fail = torch.cat([~ok, torch.ones_like(ok[:1])])
         stride = torch.minimum(fail.int().argmax(0) + 1, valid.sum(0))
+        if shared_window:
+            stride = torch.where(active, stride[active].min(), 0)
         traj[jj + 1, bb] = new[kk, bb]
 
         # 5. Slide; new slots start from the latest value at the old window end.
