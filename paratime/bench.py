@@ -157,6 +157,10 @@ def default_suite(quick: bool = False) -> list[Case]:
         cases.append(Case(method="sequential", **p))
         cases.append(Case(method="picard", **p))
         cases.append(Case(method="parareal", **p))
+    # A diffusers UNet built from a config (cost profile of a real diffusers model), when diffusers is installed.
+    if _available("diffusers"):
+        u = dict(model="unet", solver="ddim", steps=50, batch=4, reps=reps, window=50)
+        cases += [Case(method="sequential", **u), Case(method="picard", **u)]
     # The analytic mixture.
     g = dict(model="gmm", solver="ddim", steps=100, batch=256, reps=reps)
     for m in ("sequential", "picard", "parareal"):
@@ -164,12 +168,12 @@ def default_suite(quick: bool = False) -> list[Case]:
     return cases
 
 
-def _available(backend: str) -> bool:
-    if backend == "ray":
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            return False
+def _available(name: str) -> bool:
+    """Whether an optional package (``ray``, ``diffusers``) is importable; other backends always are."""
+    if name in ("ray", "diffusers"):
+        import importlib.util
+
+        return importlib.util.find_spec(name) is not None
     return True
 
 
