@@ -53,21 +53,22 @@ class _Propagators:
                     for s in range(bounds.numel() - 1)]
 
     def fine_lockstep(self, U: torch.Tensor, s: torch.Tensor, b: torch.Tensor, hist: torch.Tensor | None):
-        """``F_s(U)`` for rows ``(s, b)``, all slices advancing together; returns ends and each slice's last D."""
+        """``F_s(U)`` for rows ``(s, b)``, all slices advancing together.
+
+        ``hist`` is D at the point before each slice start (multistep solvers). Returns the slice ends and, with
+        ``hist``, each slice's last D (the next slice's history).
+        """
         p, lo, hi = self.p, self.bounds[s], self.bounds[s + 1]
-        x, last_den = U.clone(), torch.zeros_like(U) if hist is not None else None
-        prev = hist.clone() if hist is not None else None
+        x = U.clone()
+        prev = None if hist is None else hist.clone()
         for m in range(int((hi - lo).max())):
             rows = (lo + m < hi).nonzero().squeeze(1)               # slices still running at fine step m
             i = lo[rows] + m
             den = p.evaluate(x[rows], i, b[rows])
-            pr = None if prev is None else torch.where(
-                (m == 0) & (i == 0).reshape(-1, *[1] * (x.ndim - 1)), den, prev[rows])
-            x[rows] = x[rows] + p.increment(x[rows], i, b[rows], den, pr)
+            x[rows] = x[rows] + p.increment(x[rows], i, b[rows], den, None if prev is None else prev[rows])
             if prev is not None:
                 prev[rows] = den
-                last_den[rows] = den
-        return x, last_den
+        return x, prev
 
     def coarse_step(self, U: torch.Tensor, s: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``G_s(U)`` for rows ``(s, b)`` (rows share one slice in a sweep, but need not)."""
@@ -139,8 +140,7 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
     done_round = torch.zeros(B, dtype=torch.long, device=dev)
     residuals: list[float] = []
     # Critical path of the pipelined schedule, in network calls: when each U[s] of the current iteration is known.
-    ready = torch.arange(1, S + 1, dtype=torch.float64) * coarse_steps  # when U[s] of this iteration is known
-    ready = torch.cat([torch.zeros(1, dtype=torch.float64), ready])
+    ready = torch.arange(0, S + 1, dtype=torch.float64) * coarse_steps  # after the initial coarse sweep
     lengths = (bounds[1:] - bounds[:-1]).double().cpu() * problem.solver.evals_per_step
     it = 0
     while bool((begin < S).any()):
@@ -153,12 +153,12 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
         h = None
         if hist is not None:
             h = torch.where((bounds[ss] == 0).reshape(-1, *shape1), 0, hist[(ss - 1).clamp_min(0), bb])
-        F_end, last_den = fine.fine_lockstep(U[ss, bb], ss, bb, h)
+        F_end, last_den = fine.fine_lockstep(U[ss, bb], ss, bb, h)   # h at i = 0 is unused (first order)
         F = torch.zeros_like(U[:S])
         F[ss, bb] = F_end
         if hist is not None:
             hist[ss, bb] = last_den
-        fine_done = ready[:-1] + lengths                                # pipelined: F of slice s done at
+        fine_done = ready[:-1] + lengths                                # pipelined: when F_s(U[s]) is done
         # 2. Sequential correction sweep from each sample's first unaccepted slice.
         U_new = U.clone()
         for s in range(S):
@@ -189,8 +189,7 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
         moved = e[level > 0] / level[level > 0]
         residuals.append(float(moved.max()) if moved.numel() else float("nan"))
         problem.report(RoundInfo(it, (bounds[begin.clamp_max(S)]).clone(), int(ss.numel()), residuals[-1]))
-    depth_pipe = float(ready[-1])
     extra = {"slices": S, "nfe_fine": calls["fine"] / B, "nfe_coarse": calls["coarse"] / B,
-             "pipelined_rounds": depth_pipe,
+             "pipelined_rounds": float(ready[-1]),
              "coarse_calls": fine.coarse_calls + coarse_prop.coarse_calls}
     return Outcome(U[S], it, residuals, done_round, extra)
