@@ -20,7 +20,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="digits", help="named model: digits (default) or gmm")
     p.add_argument("--solver", default="ddim", help="ddim, ddpm, euler, euler_maruyama, heun, dpmpp_2m")
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--method", default="picard", help="picard, sequential or parareal")
+    p.add_argument("--method", default="picard", help="picard, sequential, parareal or parareal_pipelined")
     p.add_argument("--window", type=int, default=None, help="Picard window (default: steps)")
     p.add_argument("--tol", type=float, default=0.1)
     p.add_argument("--shared-window", action="store_true",

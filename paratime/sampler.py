@@ -142,7 +142,7 @@ class ParallelSampler:
             ``net(x_in, t, **cond)`` together with ``schedule=`` and ``prediction=``.
         solver: ``ddim`` (default), ``ddpm``, ``euler``, ``euler_maruyama``, ``heun``, ``dpmpp_2m``.
         steps: N, the number of solver steps.
-        method: ``picard`` (default), ``sequential`` or ``parareal``.
+        method: ``picard`` (default), ``sequential``, ``parareal`` or ``parareal_pipelined`` (SRDS).
         window: Picard window W (points per sample per round); default N.
         tol: tolerance in units of the noise level (ParaDiGMS's); 0 iterates to the exact fixed point.
         max_rounds: Picard rounds before the rest is finished sequentially; default unlimited (<= N anyway).

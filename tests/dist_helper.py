@@ -19,6 +19,7 @@ CONFIGS = {
     "ddpm_picard": dict(solver="ddpm", method="picard", tol=0.1),
     "heun_picard": dict(solver="heun", method="picard", tol=0.0, window=7),
     "ddpm_sequential": dict(solver="ddpm", method="sequential"),
+    "ddim_parareal_pipelined": dict(solver="ddim", method="parareal_pipelined", tol=0.1),
 }
 
 

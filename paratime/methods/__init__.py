@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .common import Outcome, Problem, RoundInfo
-from .parareal import sample_parareal
+from .parareal import sample_parareal, sample_parareal_pipelined
 from .picard import sample_picard
 from .sequential import sample_sequential
 
@@ -22,4 +22,9 @@ def _parareal(x, problem, cfg):
     return sample_parareal(x, problem, cfg.slices, cfg.coarse_steps, cfg.tol, cfg.coarse)
 
 
-METHODS = {"sequential": _sequential, "picard": _picard, "parareal": _parareal}
+def _parareal_pipelined(x, problem, cfg):
+    return sample_parareal_pipelined(x, problem, cfg.slices, cfg.coarse_steps, cfg.tol, cfg.coarse)
+
+
+METHODS = {"sequential": _sequential, "picard": _picard, "parareal": _parareal,
+           "parareal_pipelined": _parareal_pipelined}

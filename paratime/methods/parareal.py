@@ -15,11 +15,11 @@ After k iterations the first k slice starts are exact, so at most S iterations a
 the fine sequential one to float rounding. The coarse solver is deterministic: it ignores the SDE noise, which only
 the fine solver uses; it is a predictor whose errors the correction removes.
 
-Pipelined (SRDS): the fine solve of slice s for iteration k+1 may start as soon as U^{k+1}[s] is known, while the
-sweep goes on with later slices. The iterates, and so the samples, are the same; only the schedule changes. Every
-run reports ``pipelined_rounds``, the critical path of that schedule in network calls (``U^{k+1}[s+1]`` is ready at
-``max(ready^{k+1}[s] + coarse_steps, ready^k[s] + fine steps of slice s)``), beside ``rounds``, the depth of the
-sweep-by-sweep execution used here. The executor itself does not interleave yet.
+Pipelined (SRDS, ``method="parareal_pipelined"``, :func:`sample_parareal_pipelined`): the fine solve of slice s for
+iteration k+1 starts as soon as U^{k+1}[s] is known, while the sweep goes on with later slices; each tick is one
+batched call holding one step of every running propagation. The sweep-by-sweep :func:`sample_parareal` also reports
+``pipelined_rounds``, the critical path its own iterates would have under that schedule (``U^{k+1}[s+1]`` is ready
+at ``max(ready^{k+1}[s] + coarse_steps, ready^k[s] + fine steps of slice s)``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 
 from .common import Outcome, Problem, RoundInfo, rms
 
-__all__ = ["sample_parareal", "slice_bounds"]
+__all__ = ["sample_parareal", "sample_parareal_pipelined", "slice_bounds"]
 
 Coarse = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -193,3 +193,120 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
              "pipelined_rounds": float(ready[-1]),
              "coarse_calls": fine.coarse_calls + coarse_prop.coarse_calls}
     return Outcome(U[S], it, residuals, done_round, extra)
+
+
+
+def sample_parareal_pipelined(x: torch.Tensor, problem: Problem, slices: int | None = None, coarse_steps: int = 1,
+                              tol: float = 0.1, coarse: Coarse | None = None) -> Outcome:
+    """Pipelined Parareal (SRDS): every propagation starts as soon as its input is known.
+
+    Iterates ``u[s][k]`` (slice start s, iteration k). When ``u[s][k]`` appears, the fine solve ``F(s, k)`` and the
+    coarse jump ``G(s, k)`` start at once; ``u[s+1][k+1] = G(s, k+1) + F(s, k) - G(s, k)`` appears when its three
+    parts are done (``u[s+1][0] = G(s, 0)``: the initial sweep). Each tick is one batched network call holding one
+    step of every running propagation (fine steps of many slices and iterations, coarse steps), so the sweep of
+    iteration k+1 overlaps the fine solves of iteration k. Acceptance is for the batch as a whole: start A+1 is final
+    when the fine solve from the final start A is done (exact), or when its newest iterate moved less than ``tol``
+    times its noise level. ``rounds`` counts ticks (x the solver's calls per step). Needs a one-step solver.
+    """
+    if problem.solver.uses_history:
+        raise ValueError("solver: pipelined Parareal needs a one-step solver; dpmpp_2m uses the previous D")
+    N, B, dev = problem.steps, x.shape[0], x.device
+    bounds = slice_bounds(N, slices).to(dev)
+    S = bounds.numel() - 1
+    sub = _Propagators(problem, bounds, coarse_steps, coarse).sub
+    lengths = [int(bounds[s + 1] - bounds[s]) for s in range(S)]
+    b_all = torch.arange(B, device=dev)
+    u: dict[tuple[int, int], torch.Tensor] = {}          # (s, k) -> iterate, (B, *shape)
+    F: dict[tuple[int, int], torch.Tensor] = {}
+    G: dict[tuple[int, int], torch.Tensor] = {}
+    final: dict[int, tuple[int, torch.Tensor]] = {}      # accepted starts: s -> (k, value)
+    tasks: list[dict] = []                                # running propagations
+    residuals: list[float] = []
+    count = {"fine": 0, "coarse": 0, "coarse_calls": 0}
+
+    def newest(s):
+        return max((k for (ss, k) in u if ss == s), default=-1)
+
+    def produce(s: int, k: int, value: torch.Tensor):
+        u[(s, k)] = value
+        if s < S and s >= max(final, default=0):
+            tasks.append({"kind": "fine", "s": s, "k": k, "x": value.clone(), "m": 0})
+            if coarse is None:
+                tasks.append({"kind": "coarse", "s": s, "k": k, "x": value.clone(), "m": 0})
+            else:
+                count["coarse_calls"] += 1
+                done("coarse", s, k, coarse(value.clone(), problem.sigmas[bounds[s]].expand(B),
+                                            problem.sigmas[bounds[s + 1]].expand(B)))
+        if k > 0 and s == max(final) + 1:
+            err = rms(problem.scale(value - u[(s, k - 1)], bounds[s].expand(B)), 1)
+            level = problem.noise_levels[bounds[s]]
+            if float(level) > 0:
+                residuals.append(float(err.max() / level))
+            if bool((err <= tol * level).all()):
+                accept(s, k)
+
+    def accept(s: int, k: int):
+        final[s] = (k, u[(s, k)])
+        if s < S and (s, k) in F:                          # the exact next start is already known
+            take_fine(s, k)
+
+    def take_fine(s: int, k: int):
+        if s + 1 not in final:
+            kn = newest(s + 1) + 1
+            produce(s + 1, kn, F[(s, k)])
+            if s + 1 not in final:
+                accept(s + 1, kn)
+
+    def done(kind: str, s: int, k: int, value: torch.Tensor):
+        (F if kind == "fine" else G)[(s, k)] = value
+        if kind == "coarse" and k == 0 and (s + 1, 0) not in u:
+            produce(s + 1, 0, value)                        # the initial coarse sweep
+        if kind == "fine" and final.get(s, (None,))[0] == k:
+            take_fine(s, k)
+            return
+        for kp in (k, k + 1):                               # corrections this result completes
+            parts = ((G, (s, kp)), (F, (s, kp - 1)), (G, (s, kp - 1)))
+            if kp >= 1 and (s + 1, kp) not in u and all(key in d for d, key in parts):
+                produce(s + 1, kp, G[(s, kp)] + F[(s, kp - 1)] - G[(s, kp - 1)])
+
+    final[0] = (0, x)
+    produce(0, 0, x)
+    ticks = 0
+    while S not in final:
+        A = max(final)
+        tasks[:] = [t for t in tasks if t["s"] >= A]        # propagations from superseded starts are not needed
+        owners = tasks[:]
+        # One tick: one step of every running propagation, in one batched call (rows: propagation x sample).
+        idx = [int(bounds[t["s"]] + t["m"]) if t["kind"] == "fine" else int(sub[t["s"]][t["m"]]) for t in owners]
+        X = torch.cat([t["x"] for t in owners])
+        I = torch.tensor(idx, device=dev).repeat_interleave(B)
+        Bi = b_all.repeat(len(owners))
+        den = problem.evaluate(X, I, Bi)
+        is_fine = torch.tensor([t["kind"] == "fine" for t in owners], device=dev).repeat_interleave(B)
+        dx = torch.zeros_like(X)
+        fr, cr = is_fine.nonzero().squeeze(1), (~is_fine).nonzero().squeeze(1)
+        if fr.numel():
+            dx[fr] = problem.increment(X[fr], I[fr], Bi[fr], den[fr], None)
+        if cr.numel():                                      # DDIM from sub-grid point i to the next one
+            nxt = torch.tensor([int(sub[t["s"]][t["m"] + 1]) for t in owners if t["kind"] != "fine"],
+                               device=dev).repeat_interleave(B)
+            shape1 = (-1,) + (1,) * (X.ndim - 1)
+            ratio = problem.sigmas[nxt].reshape(shape1) / problem.sigmas[I[cr]].reshape(shape1)
+            dx[cr] = (ratio - 1) * (X[cr] - den[cr])
+        count["fine"] += int(fr.numel())
+        count["coarse"] += int(cr.numel())
+        ticks += 1
+        finished = []
+        for n, t in enumerate(owners):
+            t["x"] = t["x"] + dx[n * B:(n + 1) * B]
+            t["m"] += 1
+            if t["m"] == (lengths[t["s"]] if t["kind"] == "fine" else len(sub[t["s"]]) - 1):
+                finished.append(t)
+        tasks[:] = [t for t in tasks if all(t is not f for f in finished)]
+        for t in finished:
+            done(t["kind"], t["s"], t["k"], t["x"])
+        problem.report(RoundInfo(ticks, bounds[max(final)].expand(B).clone(), int(X.shape[0]),
+                                 residuals[-1] if residuals else float("nan")))
+    extra = {"slices": S, "nfe_fine": count["fine"] / B, "nfe_coarse": count["coarse"] / B,
+             "pipelined_rounds": float(ticks * problem.solver.evals_per_step), "coarse_calls": count["coarse_calls"]}
+    return Outcome(final[S][1], max(k for (_, k) in u), residuals, torch.full((B,), ticks, device=dev), extra)
