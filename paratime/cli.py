@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--solver", default="ddim")
     e.add_argument("--steps", type=int, default=100)
     e.add_argument("--tol", type=float, default=0.1)
+    e.add_argument("--window", type=int, default=None, help="Picard window (default: steps)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--label", type=int, default=None)
     e.add_argument("--guidance", type=float, default=None)

@@ -92,7 +92,7 @@ def run_eval(args, emit=lambda line: None) -> dict:
           f"{'max cls':>7}" + ("  label acc" if args.label is not None else ""))
     for method in ("sequential", "picard"):
         s = ParallelSampler("digits", solver=args.solver, steps=args.steps, method=method, tol=args.tol,
-                            progress=False)
+                            window=getattr(args, "window", None), progress=False)
         res = s.sample(args.samples, seed=args.seed, **cond)
         if method == "sequential":
             ref = res.samples
