@@ -83,3 +83,31 @@ def test_parareal_bad_options():
         ParallelSampler("gmm", method="parareal", coarse_steps=0)
     with pytest.raises(TypeError, match="coarse"):
         ParallelSampler("gmm", method="parareal", coarse=3)
+
+
+def test_coarse_jump_is_exact_when_the_denoiser_is_constant():
+    """With D independent of x and sigma, the DDPM steps over a stretch compose exactly into one jump that carries
+    their pre-drawn noise."""
+    from paratime.methods.common import Problem
+    from paratime.methods.parareal import coarse_jump
+    from paratime.solvers import make_solver
+
+    g = torch.Generator().manual_seed(0)
+    sig = torch.cat([torch.linspace(20, 0.05, 12, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    noise = torch.randn(12, 4, 3, generator=g, dtype=torch.float64)
+    D = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    prob = Problem(sig, sig, torch.ones_like(sig), make_solver("ddpm"), lambda x, i, b: D[b], noise)
+    x0 = torch.randn(4, 3, generator=g, dtype=torch.float64) * 20
+    b = torch.arange(4)
+    x = x0.clone()
+    for n in range(2, 9):                                     # fine steps from point 2 to point 9
+        i = torch.full((4,), n)
+        x = x + prob.increment(x, i, b, D)
+    jump = coarse_jump(prob, x0, D, torch.full((4,), 2), torch.full((4,), 9), b)
+    torch.testing.assert_close(jump, x, rtol=1e-12, atol=1e-12)
+
+
+def test_parareal_ddpm_converges_in_few_iterations():
+    seq = _run("ddpm", "sequential", steps=100, batch=64)
+    par = _run("ddpm", "parareal", steps=100, batch=64, tol=0.1)
+    assert par.stats.iterations <= 5 and par.stats.rounds < seq.stats.rounds

@@ -3,7 +3,8 @@
 Notation: the N-step grid is cut into S slices at points ``n_0 = 0 < n_1 < ... < n_S = N``. ``U[s]`` is the state at
 ``n_s``. The fine propagator ``F_s`` runs the chosen solver's steps from ``n_s`` to ``n_{s+1}`` (with the pre-drawn
 noise of those steps, so the fixed point is the sequential sample); the coarse propagator ``G_s`` jumps the slice with
-a few DDIM steps of the same network (or a user callable). One iteration k is:
+a few jumps of the same network (:func:`coarse_jump`: DDIM, carrying the fine solver's own pre-drawn noise for
+DDPM-type solvers), or a user callable. One iteration k is:
 
     1. F_s(U^k[s]) for every unfinished slice, all slices at once: the slices advance in lockstep, one batched
        network call per fine step (rows = slices x samples, spread over the backend's workers)
@@ -12,8 +13,10 @@ a few DDIM steps of the same network (or a user callable). One iteration k is:
        in the model's frame); accept the converged prefix plus one (its value came from accepted states).
 
 After k iterations the first k slice starts are exact, so at most S iterations are ever needed and the result is then
-the fine sequential one to float rounding. The coarse solver is deterministic: it ignores the SDE noise, which only
-the fine solver uses; it is a predictor whose errors the correction removes.
+the fine sequential one to float rounding. The coarse jump is only a predictor, whose errors the correction removes;
+for ancestral SDE solvers (``ddpm``, ``ddim`` with eta > 0) it adds the slice's pre-drawn noise exactly as the fine
+steps would if D stayed constant over the slice; for ``euler_maruyama`` and a Langevin corrector it is the
+deterministic DDIM jump.
 
 Pipelined (SRDS, ``method="parareal_pipelined"``, :func:`sample_parareal_pipelined`): the fine solve of slice s for
 iteration k+1 starts as soon as U^{k+1}[s] is known, while the sweep goes on with later slices; each tick is one
@@ -85,11 +88,41 @@ class _Propagators:
                 continue
             i, j = pts[rows], nxt[rows]
             den = p.evaluate(x[rows], i, b[rows])
-            sig_i = p.sigmas[i].reshape(-1, *[1] * (x.ndim - 1))
-            sig_j = p.sigmas[j].reshape(-1, *[1] * (x.ndim - 1))
             x = x.clone()
-            x[rows] = x[rows] + (sig_j / sig_i - 1) * (x[rows] - den)   # DDIM from point i to point j
+            x[rows] = coarse_jump(p, x[rows], den, i, j, b[rows])
         return x
+
+
+def coarse_jump(p: Problem, x: torch.Tensor, den: torch.Tensor, i: torch.Tensor, j: torch.Tensor,
+                b: torch.Tensor) -> torch.Tensor:
+    """One network call's jump of rows from grid point ``i`` to ``j`` with ``D`` held at its value at ``i``.
+
+    For DDIM / DDPM (ancestral, eta) every step is ``x' - D = r_m (x - D) + up_m z_m`` with
+    ``r_m = down_m / sigma_m``; with D constant the whole stretch is exact:
+
+        x_j = D + (prod_m r_m) (x_i - D) + sum_m (prod_{m' > m} r_m') up_m z_m
+
+    so the jump carries the fine solver's own pre-drawn noise (eta 0: the DDIM jump ``D + sigma_j/sigma_i (x - D)``).
+    Other solvers take the deterministic DDIM jump.
+    """
+    from ..solvers import Ancestral
+
+    shape1 = (-1,) + (1,) * (x.ndim - 1)
+    sig = p.sigmas
+    eta = p.solver.eta if isinstance(p.solver, Ancestral) else 0.0
+    if eta == 0 or p.noise is None or isinstance(p.noise, tuple):
+        return den + (sig[j] / sig[i]).reshape(shape1) * (x - den)
+    acc = x - den
+    for m in range(int((j - i).max())):
+        k = i + m
+        live = (k < j).reshape(shape1)
+        kk = k.clamp_max(sig.numel() - 2)
+        s, s1 = sig[kk], sig[kk + 1]
+        up = eta * s1 * torch.sqrt((s * s - s1 * s1).clamp_min(0)) / s
+        r = torch.sqrt((s1 * s1 - up * up).clamp_min(0)) / s
+        step = r.reshape(shape1) * acc + up.reshape(shape1) * p.noise[kk.clamp_max(p.noise.shape[0] - 1), b]
+        acc = torch.where(live, step, acc)
+    return den + acc
 
 
 def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None, coarse_steps: int = 1,
@@ -287,12 +320,10 @@ def sample_parareal_pipelined(x: torch.Tensor, problem: Problem, slices: int | N
         fr, cr = is_fine.nonzero().squeeze(1), (~is_fine).nonzero().squeeze(1)
         if fr.numel():
             dx[fr] = problem.increment(X[fr], I[fr], Bi[fr], den[fr], None)
-        if cr.numel():                                      # DDIM from sub-grid point i to the next one
+        if cr.numel():                                      # coarse jump from sub-grid point i to the next one
             nxt = torch.tensor([int(sub[t["s"]][t["m"] + 1]) for t in owners if t["kind"] != "fine"],
                                device=dev).repeat_interleave(B)
-            shape1 = (-1,) + (1,) * (X.ndim - 1)
-            ratio = problem.sigmas[nxt].reshape(shape1) / problem.sigmas[I[cr]].reshape(shape1)
-            dx[cr] = (ratio - 1) * (X[cr] - den[cr])
+            dx[cr] = coarse_jump(problem, X[cr], den[cr], I[cr], nxt, Bi[cr]) - X[cr]
         count["fine"] += int(fr.numel())
         count["coarse"] += int(cr.numel())
         ticks += 1
