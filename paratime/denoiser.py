@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 import torch
 
+from paratime.kernels import fused_step
+
 from .schedules import EDMSchedule, NoiseSchedule, VESchedule
 
 __all__ = ["Denoiser", "PREDICTIONS", "append_dims", "to_x0", "from_x0"]
@@ -164,8 +166,6 @@ class Denoiser:
     def to_x0(self, x: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor, out_uncond: torch.Tensor | None = None,
               guidance: float = 1.0) -> torch.Tensor:
         """``x0`` from network outputs (guided when ``out_uncond`` is given), one fused pass (kernels.fused_step)."""
-        from paratime.kernels import fused_step
-
         c_x, c_o = x0_coefficients(self.prediction, sigma, self.schedule.input_scale(sigma), self.schedule)
         unc = None if out_uncond is None else out_uncond.to(x.dtype)
         x0, _ = fused_step(x, out.to(x.dtype), unc, guidance, c_x, c_o, want_dx=False)

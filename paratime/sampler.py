@@ -301,10 +301,12 @@ class ParallelSampler:
                 bar.close()
         wall = time.perf_counter() - t0
         samples = outcome.x * self.grid.frame_scales[-1].to(outcome.x)
+        corrected = "+langevin" if isinstance(self.solver, LangevinCorrected) else ""
         stats = SampleStats(
-            method=cfg.method, solver=cfg.solver + ("+langevin" if isinstance(self.solver, LangevinCorrected) else ""), steps=N, backend=self.backend.name,
+            method=cfg.method, solver=cfg.solver + corrected, steps=N, backend=self.backend.name,
             workers=self.backend.workers, window=cfg.window_size if cfg.method == "picard" else None, tol=cfg.tol,
-            rounds=counter.calls + outcome.extra.pop("coarse_calls", 0), iterations=outcome.rounds, nfe=float(counter.rows.float().mean()),
+            rounds=counter.calls + outcome.extra.pop("coarse_calls", 0), iterations=outcome.rounds,
+            nfe=float(counter.rows.float().mean()),
             nfe_total=int(counter.rows.sum()), wall_s=wall, residuals=outcome.residuals,
             sample_rounds=[int(r) for r in outcome.sample_rounds], comm_s=self.backend.timings.get("comm_s", 0.0),
             extra=outcome.extra)

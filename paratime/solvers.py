@@ -28,6 +28,8 @@ from typing import Callable, ClassVar
 
 import torch
 
+from paratime.kernels import fused_step
+
 from .denoiser import append_dims
 
 __all__ = ["Solver", "SOLVERS", "make_solver", "Ancestral", "EulerMaruyama", "Heun", "DPMPP2M"]
@@ -84,8 +86,6 @@ class Ancestral(Solver):
         return self.eta > 0
 
     def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate):
-        from paratime.kernels import fused_step
-
         s, s1 = sigmas[i], sigmas[i + 1]                                   # (M,)
         up = self.eta * s1 * torch.sqrt((s * s - s1 * s1).clamp_min(0)) / s
         down = torch.sqrt((s1 * s1 - up * up).clamp_min(0))

@@ -28,6 +28,7 @@ at ``max(ready^{k+1}[s] + coarse_steps, ready^k[s] + fine steps of slice s)``).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -45,15 +46,19 @@ def slice_bounds(steps: int, slices: int | None) -> torch.Tensor:
     return torch.linspace(0, steps, S + 1, dtype=torch.float64).round().long().unique()
 
 
+def coarse_subgrids(bounds: torch.Tensor, coarse_steps: int) -> list[torch.Tensor]:
+    """Per slice, the coarse propagator's ``coarse_steps + 1`` grid points from ``n_s`` to ``n_{s+1}``."""
+    return [torch.linspace(float(bounds[s]), float(bounds[s + 1]), coarse_steps + 1).round().long().unique()
+            for s in range(bounds.numel() - 1)]
+
+
 class _Propagators:
     """Fine and coarse propagators over rows (slice s, sample b)."""
 
     def __init__(self, problem: Problem, bounds: torch.Tensor, coarse_steps: int, coarse: Coarse | None):
         self.p, self.bounds, self.coarse = problem, bounds, coarse
         self.coarse_calls = 0
-        # Coarse sub-grid of each slice: coarse_steps + 1 grid points from n_s to n_{s+1}.
-        self.sub = [torch.linspace(float(bounds[s]), float(bounds[s + 1]), coarse_steps + 1).round().long().unique()
-                    for s in range(bounds.numel() - 1)]
+        self.sub = coarse_subgrids(bounds, coarse_steps)
 
     def fine_lockstep(self, U: torch.Tensor, s: torch.Tensor, b: torch.Tensor, hist: torch.Tensor | None):
         """``F_s(U)`` for rows ``(s, b)``, all slices advancing together.
@@ -154,12 +159,8 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
             return evaluate(xr, i, b)
         return ev
 
-    fine_p = Problem(problem.sigmas, problem.noise_levels, problem.frame_scales, problem.solver, counted("fine"),
-                     problem.noise)
-    coarse_p = Problem(problem.sigmas, problem.noise_levels, problem.frame_scales, problem.solver,
-                       counted("coarse"), problem.noise)
-    fine = _Propagators(fine_p, bounds, coarse_steps, coarse)
-    coarse_prop = _Propagators(coarse_p, bounds, coarse_steps, coarse)
+    fine = _Propagators(replace(problem, evaluate=counted("fine")), bounds, coarse_steps, coarse)
+    coarse_prop = _Propagators(replace(problem, evaluate=counted("coarse")), bounds, coarse_steps, coarse)
 
     # Initial coarse sweep: U[s+1] = G_s(U[s]).
     U = x.new_zeros((S + 1, *x.shape))                                  # (S+1, B, *shape), VE frame
@@ -224,7 +225,7 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
         problem.report(RoundInfo(it, (bounds[begin.clamp_max(S)]).clone(), int(ss.numel()), residuals[-1]))
     extra = {"slices": S, "nfe_fine": calls["fine"] / B, "nfe_coarse": calls["coarse"] / B,
              "pipelined_rounds": float(ready[-1]),
-             "coarse_calls": fine.coarse_calls + coarse_prop.coarse_calls}
+             "coarse_calls": coarse_prop.coarse_calls}
     return Outcome(U[S], it, residuals, done_round, extra)
 
 
@@ -246,7 +247,7 @@ def sample_parareal_pipelined(x: torch.Tensor, problem: Problem, slices: int | N
     N, B, dev = problem.steps, x.shape[0], x.device
     bounds = slice_bounds(N, slices).to(dev)
     S = bounds.numel() - 1
-    sub = _Propagators(problem, bounds, coarse_steps, coarse).sub
+    sub = coarse_subgrids(bounds, coarse_steps)
     lengths = [int(bounds[s + 1] - bounds[s]) for s in range(S)]
     b_all = torch.arange(B, device=dev)
     u: dict[tuple[int, int], torch.Tensor] = {}          # (s, k) -> iterate, (B, *shape)
