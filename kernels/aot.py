@@ -15,25 +15,33 @@ import subprocess
 import sys
 import tempfile
 
-__all__ = ["compile_all", "SPECS"]
+import torch
 
-# (kernel, signature, constexprs) for the variants the samplers launch.
-SPECS = {
-    "fused_step[guided,noise]": ("step", "fused_step_kernel", {
-        "x_ptr": "*fp32", "out_ptr": "*bf16", "unc_ptr": "*bf16", "z_ptr": "*fp32", "x0_ptr": "*fp32",
-        "dx_ptr": "*fp32", "cx_ptr": "*fp32", "co_ptr": "*fp32", "kd_ptr": "*fp32", "kz_ptr": "*fp32", "g": "fp32",
-        "D": "i32"}, {"HAS_UNCOND": True, "HAS_NOISE": True, "WRITE_X0": True, "WRITE_DX": True, "BLOCK": 1024}),
-    "fused_step[x0 only]": ("step", "fused_step_kernel", {
-        "x_ptr": "*fp32", "out_ptr": "*fp16", "unc_ptr": "*fp16", "z_ptr": "*fp32", "x0_ptr": "*fp32",
-        "dx_ptr": "*fp32", "cx_ptr": "*fp32", "co_ptr": "*fp32", "kd_ptr": "*fp32", "kz_ptr": "*fp32", "g": "fp32",
-        "D": "i32"}, {"HAS_UNCOND": False, "HAS_NOISE": False, "WRITE_X0": True, "WRITE_DX": False, "BLOCK": 1024}),
-    "picard_update[fp32]": ("picard", "picard_update_kernel", {
-        "start_ptr": "*fp32", "dx_ptr": "*fp32", "old_ptr": "*fp32", "new_ptr": "*fp32", "errsq_ptr": "*fp32",
-        "W": "i32", "B": "i32", "D": "i32"}, {"BLOCK": 1024}),
-    "picard_update[bf16]": ("picard", "picard_update_kernel", {
-        "start_ptr": "*bf16", "dx_ptr": "*bf16", "old_ptr": "*bf16", "new_ptr": "*bf16", "errsq_ptr": "*fp32",
-        "W": "i32", "B": "i32", "D": "i32"}, {"BLOCK": 1024}),
-}
+from .dispatch import SAMPLER_LAUNCHES, Launch
+
+__all__ = ["compile_all", "SPECS", "spec"]
+
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+def spec(launch: Launch) -> tuple[str, str, dict, dict]:
+    """``(module, kernel function, signature, constexprs)`` of one :class:`~paratime.kernels.dispatch.Launch`,
+    with the pointer dtypes exactly as the dispatcher passes them (unused pointers alias ``x``)."""
+    st = _PTR[launch.state]
+    if launch.kernel == "picard_update":
+        return "picard", "picard_update_kernel", {
+            "start_ptr": st, "dx_ptr": st, "old_ptr": st, "new_ptr": st, "part_ptr": "*fp32",
+            "W": "i32", "B": "i32", "D": "i32", "NBLK": "i32"}, {"BLOCK": launch.block}
+    out = _PTR[launch.out]
+    return "step", "fused_step_kernel", {
+        "x_ptr": st, "out_ptr": out, "unc_ptr": out if launch.uncond else st, "z_ptr": st, "x0_ptr": st,
+        "dx_ptr": st, "cx_ptr": "*fp32", "co_ptr": "*fp32", "kd_ptr": "*fp32", "kz_ptr": "*fp32", "g": "fp32",
+        "D": "i32"}, {"HAS_UNCOND": launch.uncond, "HAS_NOISE": launch.noise, "WRITE_X0": launch.x0,
+                      "WRITE_DX": launch.dx, "BLOCK": launch.block}
+
+
+#: name -> (module, kernel function, signature, constexprs): exactly the variants the samplers launch.
+SPECS = {launch.name: spec(launch) for launch in SAMPLER_LAUNCHES}
 
 
 def _ptxas_stats(ptx: str, arch: int) -> dict:
@@ -83,9 +91,9 @@ def main(argv=None) -> int:
     if "--json" in argv:
         print(json.dumps(recs))
         return 0
-    print(f"{'kernel':<26} {'arch':<6} {'regs':>5} {'spill st/ld':>11} {'shared B':>8} {'warps':>5} {'cubin B':>8}")
+    print(f"{'kernel':<44} {'arch':<6} {'regs':>5} {'spill st/ld':>11} {'shared B':>8} {'warps':>5} {'cubin B':>8}")
     for r in recs:
-        print(f"{r['kernel']:<26} {r['arch']:<6} {r['registers']!s:>5} {r['spill_stores']!s:>5}/{r['spill_loads']!s:<5} "
+        print(f"{r['kernel']:<44} {r['arch']:<6} {r['registers']!s:>5} {r['spill_stores']!s:>5}/{r['spill_loads']!s:<5} "
               f"{r['shared_bytes']:>8} {r['num_warps']:>5} {r['cubin_bytes']:>8}")
     return 0
 

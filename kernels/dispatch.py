@@ -3,37 +3,118 @@ tensors when ``TRITON_INTERPRET=1``, the torch reference otherwise (and always f
 
 ``set_kernel_mode("torch" | "triton" | "auto")`` overrides the choice ("triton" still never launches where a kernel
 cannot run: a CPU tensor without the interpreter raises instead of failing with "0 active drivers").
+
+Every variant the samplers launch is listed in :data:`SAMPLER_LAUNCHES` (a :class:`Launch` each: kernel, pointer
+dtypes, constexprs); :mod:`.aot` compiles exactly these and ``benchmarks/kernels_bench.py`` times exactly these.
+:func:`record_launches` collects the variants actually launched, so a test can hold the samplers to the list.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from dataclasses import dataclass
 
 import torch
 
 from .reference import fused_step_reference, picard_update_reference
 
-__all__ = ["fused_step", "picard_update", "set_kernel_mode", "kernel_mode", "triton_usable"]
+__all__ = ["fused_step", "picard_update", "kernels", "set_kernel_mode", "kernel_mode", "triton_usable", "Launch",
+           "SAMPLER_LAUNCHES", "record_launches", "picard_block"]
 
-_MODE = "auto"
+_MODE: contextvars.ContextVar[str] = contextvars.ContextVar("paratime_kernel_mode", default="auto")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK = 1024
+#: Picard blocks: large when there are enough (sample, block) programs to fill a GPU, small otherwise
+PICARD_BLOCKS = (128, 1024)
+PICARD_MIN_PROGRAMS = 512
+_RECORD: set | None = None
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One compiled variant: the kernel, the dtypes of its pointers and its constexprs.
+
+    ``state`` is the trajectory's dtype (x, x0, dx, start/dx/old/new); ``out`` the network outputs' dtype.
+    """
+
+    kernel: str
+    state: torch.dtype = torch.float32
+    out: torch.dtype | None = None
+    uncond: bool = False
+    noise: bool = False
+    x0: bool = False
+    dx: bool = False
+    block: int = BLOCK
+
+    @property
+    def name(self) -> str:
+        dt = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+        if self.kernel == "picard_update":
+            return f"picard_update[{dt(self.state)},block={self.block}]"
+        flags = [f for f, on in (("guided", self.uncond), ("noise", self.noise), ("x0", self.x0), ("dx", self.dx)) if on]
+        return f"fused_step[{dt(self.state)}<-{dt(self.out)},{','.join(flags)}]"
+
+
+_F32, _F16, _BF16 = torch.float32, torch.float16, torch.bfloat16
+#: Every variant the samplers launch with a float32 state (the CUDA default; float64 runs the torch reference):
+#: Denoiser.to_x0 (x0 from outputs already in the state dtype, guided or not), the step increments from x0 or in
+#: one pass from the raw outputs in the network's dtype (guided or not, with or without pre-drawn noise), and the
+#: Picard update in both block sizes.
+SAMPLER_LAUNCHES: tuple[Launch, ...] = (
+    *(Launch("fused_step", _F32, _F32, uncond=g, x0=True) for g in (False, True)),
+    *(Launch("fused_step", _F32, o, uncond=g, noise=z, dx=True) for o in (_F32, _F16, _BF16)
+      for g in (False, True) for z in (False, True)),
+    *(Launch("picard_update", _F32, block=k) for k in PICARD_BLOCKS),
+)
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Collect the :class:`Launch` of every Triton launch inside the block (yields the set)."""
+    global _RECORD
+    prev, _RECORD = _RECORD, set()
+    try:
+        yield _RECORD
+    finally:
+        _RECORD = prev
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in ("auto", "torch", "triton"):
+        raise ValueError(f"mode: unknown {mode!r}; allowed: auto, torch, triton")
+    return mode
+
+
+@contextlib.contextmanager
+def kernels(mode: str):
+    """Run the block with kernel mode ``mode`` (``auto``, ``torch`` or ``triton``), restoring the previous mode on
+    exit, also on error. The mode is a context variable: threads and asyncio tasks each see their own.
+
+    Raises:
+        ValueError: an unknown ``mode``.
+    """
+    token = _MODE.set(_check_mode(mode))
+    try:
+        yield
+    finally:
+        _MODE.reset(token)
 
 
 def set_kernel_mode(mode: str) -> None:
-    """``auto`` (default), ``torch`` or ``triton``.
+    """Set the kernel mode (``auto``, the default, ``torch`` or ``triton``) for the current context until changed;
+    prefer the :func:`kernels` context manager, which restores the previous mode.
 
     Raises:
-        ValueError: another value.
+        ValueError: an unknown ``mode``.
     """
-    global _MODE
-    if mode not in ("auto", "torch", "triton"):
-        raise ValueError(f"mode: unknown {mode!r}; allowed: auto, torch, triton")
-    _MODE = mode
+    _MODE.set(_check_mode(mode))
 
 
 def kernel_mode() -> str:
-    return _MODE
+    """The kernel mode in force in the current context."""
+    return _MODE.get()
 
 
 def _triton():
@@ -52,10 +133,11 @@ def triton_usable(t: torch.Tensor) -> bool:
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    if _MODE == "torch":
+    mode = _MODE.get()
+    if mode == "torch":
         return False
     ok = triton_usable(t)
-    if _MODE == "triton" and not ok:
+    if mode == "triton" and not ok:
         raise RuntimeError(f"kernel mode 'triton': cannot run on a {t.dtype} tensor on {t.device} "
                            "(needs CUDA, or TRITON_INTERPRET=1 on CPU, and fp32/fp16/bf16)")
     return ok
@@ -63,6 +145,15 @@ def _use_triton(t: torch.Tensor) -> bool:
 
 def _rows(v, M, device):
     return torch.as_tensor(v, dtype=torch.float32, device=device).expand(M).contiguous()
+
+
+def _flat(t: torch.Tensor, *lead: int) -> torch.Tensor:
+    """``t`` as a contiguous ``(*lead, D)`` tensor (itself when it already is one: the dispatch runs per call)."""
+    return t if t.ndim == len(lead) + 1 and t.is_contiguous() else t.reshape(*lead, -1).contiguous()
+
+
+def _unflat(t: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+    return t if t is None or t.shape == shape else t.view(shape)
 
 
 def fused_step(x, out, out_uncond=None, guidance=1.0, c_x=None, c_o=None, k_d=None, k_z=None, noise=None,
@@ -77,9 +168,11 @@ def fused_step(x, out, out_uncond=None, guidance=1.0, c_x=None, c_o=None, k_d=No
         ``(x0, dx)`` shaped like ``x`` (None where not wanted).
     """
     shape, M = x.shape, x.shape[0]
-    flat = lambda t: None if t is None else t.reshape(M, -1).contiguous()  # noqa: E731
+    flat = lambda t: None if t is None else _flat(t, M)  # noqa: E731
     xs, os_, us, zs = flat(x), flat(out), flat(out_uncond), flat(noise)
-    if not _use_triton(xs):
+    # The kernel has no backward: rows that autograd differentiates (the likelihood's divergence) take the reference.
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xs, os_, us))
+    if grad or not _use_triton(xs):
         x0, dx = fused_step_reference(xs, os_, us, guidance, c_x, c_o, k_d, k_z, zs, want_x0, want_dx)
     else:
         step, _ = _triton()
@@ -87,29 +180,46 @@ def fused_step(x, out, out_uncond=None, guidance=1.0, c_x=None, c_o=None, k_d=No
         x0 = torch.empty_like(xs) if want_x0 else xs.new_empty(1)
         dx = torch.empty_like(xs) if want_dx else xs.new_empty(1)
         coef = [_rows(c, M, xs.device) if c is not None else _rows(0.0, M, xs.device) for c in (c_x, c_o, k_d, k_z)]
+        if _RECORD is not None:
+            _RECORD.add(Launch("fused_step", xs.dtype, os_.dtype, us is not None, zs is not None, want_x0, want_dx))
         grid = (M, triton_cdiv(D, BLOCK))
         step.fused_step_kernel[grid](xs, os_, us if us is not None else xs, zs if zs is not None else xs, x0, dx,
                                      *coef, float(guidance), D, HAS_UNCOND=us is not None, HAS_NOISE=zs is not None,
                                      WRITE_X0=want_x0, WRITE_DX=want_dx, BLOCK=BLOCK)
         x0, dx = (x0 if want_x0 else None), (dx if want_dx else None)
-    return (None if x0 is None else x0.view(shape)), (None if dx is None else dx.view(shape))
+    return _unflat(x0, shape), _unflat(dx, shape)
 
 
-def picard_update(start, dx, old):
+def picard_block(B: int, D: int) -> int:
+    """The Picard kernel's feature block: the large one when ``B * ceil(D / 1024)`` programs fill a GPU
+    (:data:`PICARD_MIN_PROGRAMS`), else the small one (one SD latent: 128 programs instead of 16)."""
+    small, large = PICARD_BLOCKS
+    return large if B * triton_cdiv(D, large) >= PICARD_MIN_PROGRAMS else small
+
+
+def picard_update(start, dx, old, block: int | None = None, want_err: bool = True):
     """``start`` ``(B, *shape)``, ``dx`` and ``old`` ``(W, B, *shape)`` -> ``new`` ``(W, B, *shape)``, ``err``
-    ``(W, B)`` (RMS over features of ``new - old``)."""
+    ``(W, B)`` (RMS over features of ``new - old``), deterministic (no atomics: the same bits on every run).
+
+    ``block`` overrides :func:`picard_block` (tests). ``want_err=False``: ``err`` may be None (the torch reference
+    skips it; the kernel computes it in the same pass anyway).
+    """
     W, B = dx.shape[:2]
-    s, d, o = start.reshape(B, -1).contiguous(), dx.reshape(W, B, -1).contiguous(), old.reshape(W, B, -1).contiguous()
+    s, d, o = _flat(start, B), _flat(dx, W, B), _flat(old, W, B)
     if not _use_triton(s):
-        new, err = picard_update_reference(s, d, o)
+        new, err = picard_update_reference(s, d, o if want_err else None)
     else:
         _, picard = _triton()
         D = s.shape[1]
+        blk = block or picard_block(B, D)
+        nblk = triton_cdiv(D, blk)
         new = torch.empty_like(d)
-        err_sq = torch.zeros((W, B), dtype=torch.float32, device=s.device)
-        picard.picard_update_kernel[(B, triton_cdiv(D, BLOCK))](s, d, o, new, err_sq, W, B, D, BLOCK=BLOCK)
-        err = (err_sq / D).sqrt()
-    return new.view(dx.shape), err
+        part = torch.empty((W, B, nblk), dtype=torch.float32, device=s.device)   # one slot per (point, block)
+        if _RECORD is not None:
+            _RECORD.add(Launch("picard_update", s.dtype, block=blk))
+        picard.picard_update_kernel[(B, nblk)](s, d, o, new, part, W, B, D, nblk, BLOCK=blk)
+        err = (part.sum(-1) / D).sqrt()        # fixed-order reduction over the blocks
+    return _unflat(new, dx.shape), err
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -19,28 +19,34 @@ def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, skipping the call when it would return ``t`` itself (the common case: a tiny op's cost)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def fused_step_reference(x, out, out_uncond=None, guidance=1.0, c_x=None, c_o=None, k_d=None, k_z=None, noise=None,
                          want_x0=True, want_dx=True):
     """Rows ``(M, D)``; per-row coefficients ``(M,)``. Returns ``(x0, dx)`` (None where not wanted)."""
     acc = _acc(x)
-    xf, o = x.to(acc), out.to(acc)
+    xf, o = _as(x, acc), _as(out, acc)
     if out_uncond is not None:
-        u = out_uncond.to(acc)
+        u = _as(out_uncond, acc)
         o = u + guidance * (o - u)
-    col = lambda c: c.to(acc)[:, None]  # noqa: E731
+    col = lambda c: _as(c, acc)[:, None]  # noqa: E731
     x0 = col(c_x) * xf + col(c_o) * o
     dx = None
     if want_dx:
         dx = col(k_d) * (xf - x0)
         if noise is not None:
-            dx = dx + col(k_z) * noise.to(acc)
-        dx = dx.to(x.dtype)
-    return (x0.to(x.dtype) if want_x0 else None), dx
+            dx = dx + col(k_z) * _as(noise, acc)
+        dx = _as(dx, x.dtype)
+    return (_as(x0, x.dtype) if want_x0 else None), dx
 
 
 def picard_update_reference(start, dx, old):
-    """``start`` ``(B, D)``, ``dx`` and ``old`` ``(W, B, D)``. Returns ``new`` ``(W, B, D)`` and ``err`` ``(W, B)``."""
+    """``start`` ``(B, D)``, ``dx`` and ``old`` ``(W, B, D)``. Returns ``new`` ``(W, B, D)`` and ``err`` ``(W, B)``
+    (None when ``old`` is None)."""
     acc = _acc(start)
-    new = start.to(acc)[None] + dx.to(acc).cumsum(0)
-    err = (new - old.to(acc)).pow(2).mean(-1).sqrt()
-    return new.to(start.dtype), err.to(acc)
+    new = _as(start, acc)[None] + _as(dx, acc).cumsum(0)
+    err = None if old is None else (new - _as(old, acc)).pow(2).mean(-1).sqrt()
+    return _as(new, start.dtype), err

@@ -11,6 +11,8 @@ and its output is converted to the clean-sample prediction ``x0`` once, here, by
     v      out is v = (a eps - b x0) / c, c^2 = a^2+b^2  x0 = (a x_in - b c v) / c^2    (VP: v = alpha eps - sigma_t x0)
     score  out is grad log p(x_in) = -eps / b           x0 = (x_in + b^2 out) / a
     edm    out is EDM's raw F_theta                     x0 = c_skip x + c_out out
+    flow   out is the rectified-flow velocity v = eps - x0 (dx_in/dt for x_in = (1-t) x0 + t eps)
+                                                         x0 = (a x - b out) / (a + b)      (flow schedule: a + b = 1)
 
 Solvers and parallel methods only ever see ``D``; they never branch on the parameterisation.
 """
@@ -43,21 +45,24 @@ def _edm_scalings(sigma, sigma_data):
 def x0_coefficients(prediction: str, sigma, a, schedule: NoiseSchedule | None = None):
     """``(c_x, c_o)`` with ``x0 = c_x * x + c_o * out``: every prediction type is linear in ``x`` and the output.
 
-    ``sigma`` and ``a`` may be ``(M,)`` or broadcast to ``x``'s shape.
+    ``sigma`` and ``a`` may be ``(M,)`` or broadcast to ``x``'s shape; ``a`` may be None for the predictions that do
+    not read it (:data:`SCALE_FREE`).
     """
-    b = a * sigma
     one = torch.ones_like(sigma)
     if prediction == "x0":
         return 0 * one, one
     if prediction == "eps":
         return one, -sigma
+    if prediction == "edm":
+        return _edm_scalings(sigma, schedule.sigma_data)
+    b = a * sigma
     if prediction == "v":
         c = torch.sqrt(a * a + b * b)
         return a * a / (c * c), -b / c
     if prediction == "score":
         return one, b * b / a
-    if prediction == "edm":
-        return _edm_scalings(sigma, schedule.sigma_data)
+    if prediction == "flow":
+        return a / (a + b), -b / (a + b)
     raise ValueError(f"prediction: unknown {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
 
 
@@ -73,7 +78,22 @@ def from_x0(prediction: str, x0, x, sigma, a, schedule: NoiseSchedule | None = N
     return (x0 - c_x * x) / c_o
 
 
-PREDICTIONS = ("eps", "x0", "v", "score", "edm")
+PREDICTIONS = ("eps", "x0", "v", "score", "edm", "flow")
+#: predictions whose x0 coefficients do not depend on the input scale ``a``
+SCALE_FREE = ("eps", "x0", "edm")
+
+
+def _stack_halves(cond: dict, uncond: dict) -> dict:
+    """Conditional and unconditional kwargs as one doubled batch, ``cat([cond, uncond])`` per tensor, recursing into
+    nested dicts (SDXL's ``added_cond_kwargs``); a key missing on one side takes the other side's value."""
+    both = {}
+    for k in cond.keys() | uncond.keys():
+        c, u = cond.get(k, uncond.get(k)), uncond.get(k, cond.get(k))
+        if isinstance(c, dict):
+            both[k] = _stack_halves(c, u)
+        else:
+            both[k] = torch.cat([c, u]) if isinstance(c, torch.Tensor) and c.ndim > 0 else c
+    return both
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,7 +104,8 @@ class Denoiser:
         network: ``network(x_in, model_time, **cond) -> output``; ``x_in`` is ``(M, *shape)``, ``model_time``
             is ``(M,)`` float32. A ``torch.nn.Module`` or any callable.
         schedule: the noise schedule the network was trained with (its grid, input scaling and conditioning).
-        prediction: what the network outputs: ``eps``, ``x0``, ``v``, ``score`` or ``edm``.
+        prediction: what the network outputs: ``eps``, ``x0``, ``v``, ``score``, ``edm`` or ``flow`` (the
+            rectified-flow velocity ``eps - x0``, with :class:`~paratime.schedules.FlowSchedule`).
         dtype: dtype the network runs in (inputs are cast to it; outputs come back in the state dtype).
             ``None`` keeps the state dtype for callables and the parameters' dtype for modules.
         clip_x0: clamp the x0 prediction to ``[-clip_x0, clip_x0]`` (diffusers' ``clip_sample``); None: off.
@@ -129,8 +150,9 @@ class Denoiser:
             raise ValueError(f"clip_x0: must be > 0 or None, got {self.clip_x0}")
         if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
             raise TypeError(f"dtype: expected a torch.dtype, got {self.dtype!r}")
-        if self.guidance is not None and (not isinstance(self.guidance, (int, float)) or self.guidance < 0):
-            raise ValueError(f"guidance: must be a number >= 0 or None, got {self.guidance!r}")
+        if self.guidance is not None and (not isinstance(self.guidance, (int, float)) or isinstance(self.guidance, bool)
+                                          or not 0 <= self.guidance < float("inf")):     # NaN fails the range too
+            raise ValueError(f"guidance: must be a finite number >= 0 or None, got {self.guidance!r}")
         if not 0 <= self.guidance_rescale <= 1:
             raise ValueError(f"guidance_rescale: must lie in [0, 1], got {self.guidance_rescale!r}")
         if self.classifier is not None and not callable(self.classifier):
@@ -166,7 +188,8 @@ class Denoiser:
     def to_x0(self, x: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor, out_uncond: torch.Tensor | None = None,
               guidance: float = 1.0) -> torch.Tensor:
         """``x0`` from network outputs (guided when ``out_uncond`` is given), one fused pass (kernels.fused_step)."""
-        c_x, c_o = x0_coefficients(self.prediction, sigma, self.schedule.input_scale(sigma), self.schedule)
+        a = None if self.prediction in SCALE_FREE else self.schedule.input_scale(sigma)
+        c_x, c_o = x0_coefficients(self.prediction, sigma, a, self.schedule)
         unc = None if out_uncond is None else out_uncond.to(x.dtype)
         x0, _ = fused_step(x, out.to(x.dtype), unc, guidance, c_x, c_o, want_dx=False)
         if self.clip_x0 is not None:
@@ -199,10 +222,7 @@ class Denoiser:
                 raise ValueError("uncond: classifier-free guidance needs unconditional inputs: pass uncond={...} "
                                  "or give the model an uncond_fn")
             uncond = self.uncond_fn(cond)
-        both = {}
-        for k in cond.keys() | uncond.keys():
-            c, u = cond.get(k, uncond.get(k)), uncond.get(k, cond.get(k))
-            both[k] = torch.cat([c, u]) if isinstance(c, torch.Tensor) and c.ndim > 0 else c
+        both = _stack_halves(cond, uncond)
         out = self.run_network(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([model_time, model_time]),
                                **both)
         c, u = out.to(x.dtype).chunk(2)

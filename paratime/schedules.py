@@ -10,6 +10,7 @@ A model's own (native) frame is ``x_native = frame_scale(sigma) * x``:
     VP   (DDPM, alphas_cumprod a_t):  sigma = sqrt((1 - a_t) / a_t),  frame_scale = sqrt(a_t) = 1 / sqrt(1 + sigma^2)
     VE   (NCSN, score-SDE):           frame_scale = 1
     EDM  (Karras et al. 2022):        frame_scale = 1, network input scaled by c_in = 1 / sqrt(sigma^2 + sigma_data^2)
+    flow (rectified flow, t in [0,1]): x_native = (1 - t) x0 + t eps:  sigma = t / (1 - t),  frame_scale = 1 - t
 
 The network sees ``input_scale(sigma) * x`` (``= frame_scale`` except for EDM's ``c_in``) and a conditioning value
 ``model_time`` (the integer DDPM timestep, a continuous t, sigma itself, or EDM's ``ln(sigma) / 4``).
@@ -33,6 +34,7 @@ __all__ = [
     "ContinuousVPSchedule",
     "VESchedule",
     "EDMSchedule",
+    "FlowSchedule",
     "karras_sigmas",
     "betas_for",
     "SPACINGS",
@@ -385,3 +387,74 @@ class EDMSchedule(NoiseSchedule):
         if spacing != "karras":
             raise ValueError(f"spacing: EDM supports 'karras', got {spacing!r}")
         return karras_sigmas(steps, self.sigma_min, self.sigma_max, self.rho)
+
+
+@dataclass(frozen=True)
+class FlowSchedule(NoiseSchedule):
+    """Rectified flow / flow matching (Liu et al. 2022; Lipman et al. 2022; SD3, Flux): ``x_t = (1 - t) x0 + t eps``
+    for t in [0, 1], the network conditioned on ``time_scale * t``; pair it with ``prediction="flow"`` (the
+    velocity ``v = eps - x0``), under which the ``euler`` solver is exactly the flow-matching Euler step
+    ``x' = x + (t' - t) v``.
+
+    VE frame: ``sigma = t / (1 - t)``, ``frame_scale = input_scale = 1 - t = 1 / (1 + sigma)``, prior std
+    ``1 + sigma`` (``x_native = eps`` at the start). Pure noise, t = 1, is sigma = inf there, so grids start at
+    ``t_max`` (default 1 - 1e-7, which moves the sample by about 1e-7 of its scale); keep the trajectory in float64
+    (``state_dtype``) when t_max is this close to 1, since the first step cancels a state of size 1 / (1 - t_max).
+    Exponential-in-sigma steps (``euler``, ``ddim``, ``dpmpp``) handle that first step exactly; ``heun``'s trapezoid in
+    sigma over [sigma_1, 1e7] does not (use Heun in t, or more steps).
+
+    Args:
+        shift: SD3's timestep shift ``t -> shift t / (1 + (shift - 1) t)`` (1: none), applied to the grid.
+        time_scale: the network's time conditioning is ``time_scale * t`` (SD3: 1000; Flux: 1).
+        t_min, t_max: the range of t a Karras grid spans, and the first point of any grid (t_max).
+
+    Raises:
+        ValueError: ``shift <= 0`` or not ``0 < t_min < t_max < 1``.
+    """
+
+    shift: float = 1.0
+    time_scale: float = 1.0
+    t_min: float = 1e-3
+    t_max: float = 1 - 1e-7
+    default_spacing: str = "linspace"
+    kind: str = field(default="flow", init=False)
+
+    def __post_init__(self):
+        if not self.shift > 0:
+            raise ValueError(f"shift: must be > 0, got {self.shift!r}")
+        if not 0 < self.t_min < self.t_max < 1:
+            raise ValueError(f"t_min, t_max: need 0 < t_min < t_max < 1, got {self.t_min}, {self.t_max}")
+
+    def sigma_of_t(self, t: torch.Tensor) -> torch.Tensor:
+        """VE sigma of flow times t (t clamped to ``t_max``: the grid's stand-in for pure noise)."""
+        t = torch.as_tensor(t, dtype=torch.float64).clamp(0, self.t_max)
+        return t / (1 - t)
+
+    @property
+    def sigma_range(self):
+        s = self.sigma_of_t(torch.tensor([self.t_min, self.t_max]))
+        return float(s[0]), float(s[1])
+
+    def frame_scale(self, sigma):
+        return 1 / (1 + sigma)
+
+    def prior_std(self, sigma):
+        return 1 + sigma
+
+    def model_time(self, sigma):
+        t = sigma / (1 + sigma)
+        return self.time_scale * torch.where(sigma >= self.sigma_range[1], torch.ones_like(t), t)  # t_max: pure noise
+
+    def sigma_of_model_time(self, t):
+        u = t.to(torch.float64) / self.time_scale
+        return self.sigma_of_t(u)
+
+    def sigma_grid(self, steps, spacing):
+        if spacing == "karras":
+            return super().sigma_grid(steps, spacing)
+        if spacing != "linspace":
+            raise ValueError(f"spacing: flow supports 'linspace' (uniform in t, then shifted) or 'karras', "
+                             f"got {spacing!r}")
+        t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+        t = self.shift * t / (1 + (self.shift - 1) * t)
+        return self.sigma_of_t(t)

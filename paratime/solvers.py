@@ -13,12 +13,19 @@ points per sample). Notation (VE frame, see :mod:`paratime.schedules`):
                                               and dx = D - x on the last step to sigma = 0 (Tweedie denoising)
     heun (EDM Alg. 1, 2nd order):             Euler predictor, then the trapezoid with d at (x_pred, s');
                                               the second evaluation is skipped on a step to sigma = 0
-    dpmpp_2m (DPM-Solver++(2M)):              h = ln(s/s'), r = ln(sigma_{i-1}/s)/h,
-                                              D' = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1},  dx = (s'/s - 1)(x - D')
-                                              (first order on the first step and on a step to sigma = 0)
+    dpmpp (DPM-Solver++(kM), orders 1-3):     h = ln(s/s'), rho = e^-h = s'/s, r_k = ln(sigma_{i-k}/sigma_{i-k+1})/h,
+                                              D1, D2 = divided differences of D_i, D_{i-1}, D_{i-2} (diffusers' form)
+                                              ODE: x' = rho x + (1 - rho) D_i + k1 D1 + k2 D2
+                                              SDE: x' = rho^2 x + (1 - rho^2) D_i + k1 D1 + k2 D2 + s' sqrt(1-rho^2) z_i
+                                              (order min(k, i + 1), lowered on the last steps as diffusers does;
+                                              dpmpp_2m: D' = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}, dx = (s'/s - 1)(x - D'))
+    plms (PNDM with skip_prk_steps):          e_j = (x_j - D_j) / sigma_j;  x' = x + (s' - s) e',  e' = Adams-Bashforth
+                                              of e_i .. e_{i-3} (orders 1 -> 4 as history builds up); step 0 is Heun
+                                              in e (a second call at the Euler predictor)
 
-``dpmpp_2m``'s history ``D_{i-1}`` comes from the neighbouring row of the window (ParaDiGMS's ParaDPMSolver) or
-from the buffer of the last evaluation at point i-1.
+The history ``D_{i-1}, D_{i-2}, ...`` (or the solver's :meth:`Solver.history_value`, e.g. ``e_j`` for ``plms``) comes
+from the neighbouring rows of the window (ParaDiGMS's ParaDPMSolver) or from the buffer of the last evaluation at
+those points (:func:`history_rows`).
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ from paratime.kernels import fused_step
 
 from .denoiser import append_dims
 
-__all__ = ["Solver", "SOLVERS", "make_solver", "Ancestral", "EulerMaruyama", "Heun", "DPMPP2M"]
+__all__ = ["Solver", "SOLVERS", "make_solver", "Ancestral", "EulerMaruyama", "Heun", "DPMSolverPP", "DPMPP2M", "PLMS",
+           "history_rows"]
 
 Evaluate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -43,8 +51,18 @@ class Solver:
 
     name: ClassVar[str] = ""
     stochastic: ClassVar[bool] = False      # uses the pre-drawn per-step noise z_i
-    uses_history: ClassVar[bool] = False    # needs D at the previous point
+    uses_history: ClassVar[bool] = False    # needs D (or history_value) at previous points
     evals_per_step: ClassVar[int] = 1
+
+    @property
+    def history_depth(self) -> int:
+        """How many previous points the step reads (``prev_denoised`` is a tensor for 1, a tuple for more)."""
+        return 1 if self.uses_history else 0
+
+    def history_value(self, x: torch.Tensor, denoised: torch.Tensor, i: torch.Tensor,
+                      sigmas: torch.Tensor) -> torch.Tensor:
+        """What the history keeps of point ``i``'s evaluation: ``D`` itself unless a solver says otherwise."""
+        return denoised
 
     def increment(self, x: torch.Tensor, i: torch.Tensor, b: torch.Tensor, denoised: torch.Tensor,
                   prev_denoised: torch.Tensor | None, noise: torch.Tensor | None, sigmas: torch.Tensor,
@@ -53,7 +71,9 @@ class Solver:
 
         Args:
             x: ``(M, *shape)`` states at the rows' points. i: ``(M,)`` step indices. b: ``(M,)`` sample indices.
-            denoised: ``(M, *shape)`` ``D(x_i)``. prev_denoised: ``D(x_{i-1})`` (only if ``uses_history``).
+            denoised: ``(M, *shape)`` ``D(x_i)``. prev_denoised: the history value at ``i - 1`` (only if
+                ``uses_history``); with ``history_depth > 1`` a tuple, newest first (entries before point 0 are
+                placeholders the step does not read).
             noise: ``(M, *shape)`` ``z_i`` (only if ``stochastic``). sigmas: ``(N + 1,)`` the grid's sigmas.
             evaluate: ``evaluate(x, i, b) -> D`` for solvers that need another network call.
         Returns:
@@ -61,9 +81,34 @@ class Solver:
         """
         raise NotImplementedError
 
+    def jump(self, x: torch.Tensor, denoised: torch.Tensor, i: torch.Tensor, j: torch.Tensor, b: torch.Tensor,
+             noise: torch.Tensor | tuple | None, sigmas: torch.Tensor) -> torch.Tensor:
+        """Parareal's coarse propagator: one network call's jump of rows from grid point ``i`` to ``j`` with ``D``
+        held at its value at ``i``. The default is the deterministic DDIM jump ``D + sigma_j / sigma_i (x - D)``;
+        solvers whose fine steps have a closed form under a constant ``D`` override it.
+
+        Args:
+            x: ``(M, *shape)`` states at ``i``. denoised: ``(M, *shape)`` ``D(x_i)``. i, j: ``(M,)`` grid points.
+            b: ``(M,)`` sample indices. noise: the problem's pre-drawn noise. sigmas: ``(N + 1,)``.
+        Returns:
+            ``(M, *shape)`` the states at ``j``.
+        """
+        ratio = append_dims(sigmas[j] / sigmas[i], x.ndim)
+        return denoised + ratio * (x - denoised)
+
     @staticmethod
     def _sig(sigmas, i, ndim):
         return append_dims(sigmas[i], ndim), append_dims(sigmas[i + 1], ndim)
+
+    def _per_step(self, sigmas: torch.Tensor, table: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        """``table(sigmas[:-1], sigmas[1:])``, a ``(K, N)`` table of per-step coefficients, computed once per grid
+        (cached on the solver, keyed by the sigmas tensor and its version) instead of once per row per call: the
+        same elementwise arithmetic, so the same bits as computing it on the gathered rows."""
+        cached = self.__dict__.get("_table")
+        if cached is None or cached[0] is not sigmas or cached[1] != sigmas._version:
+            cached = (sigmas, sigmas._version, table(sigmas[:-1], sigmas[1:]))
+            object.__setattr__(self, "_table", cached)   # a cache, not state: frozen dataclasses compare fields only
+        return cached[2]
 
 
 def _check_eta(eta, hi=1.0):
@@ -73,27 +118,69 @@ def _check_eta(eta, hi=1.0):
 
 @dataclass(frozen=True)
 class Ancestral(Solver):
-    """DDIM with ``eta`` (``ddim``: eta 0, the probability-flow Euler step; ``ddpm``: eta 1, ancestral sampling)."""
+    """DDIM with ``eta`` (``ddim``: eta 0, the probability-flow Euler step; ``ddpm``: eta 1, ancestral sampling).
+
+    ``clip``: DDIM's ``clip_sample``: the x0 term uses ``clamp(D, -clip, clip)`` while the direction term keeps the
+    unclipped ``d = (x - D) / s`` (diffusers' ``use_clipped_model_output=False``):
+    ``x' = clamp(D) + down d + up z``. (DDPM clips x0 before its posterior mean: that is ``Denoiser(clip_x0=...)``.)
+    """
 
     name: ClassVar[str] = "ddim"
     eta: float = 0.0
+    clip: float | None = None
 
     def __post_init__(self):
         _check_eta(self.eta)
+        if self.clip is not None and not (isinstance(self.clip, (int, float)) and self.clip > 0):
+            raise ValueError(f"clip: must be a number > 0 or None, got {self.clip!r}")
 
     @property
     def stochastic(self):  # type: ignore[override]
         return self.eta > 0
 
-    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate):
-        s, s1 = sigmas[i], sigmas[i + 1]                                   # (M,)
+    def coefficients(self, s: torch.Tensor, s1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(up, down)`` of steps from ``s`` to ``s1``: ``x' = D + down / s (x - D) + up z``."""
         up = self.eta * s1 * torch.sqrt((s * s - s1 * s1).clamp_min(0)) / s
         down = torch.sqrt((s1 * s1 - up * up).clamp_min(0))
-        # dx = k_d (x - D) + k_z z, through the fused kernel's dispatcher (x0 = D already: c_x = 0, c_o = 1).
+        return up, down
+
+    def _step_table(self, s: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
+        """``(4, N)``: the fused step's ``c_x = 0, c_o = 1, k_d = (down - s) / s, k_z = up`` per step."""
+        up, down = self.coefficients(s, s1)
         one = torch.ones_like(s)
-        _, dx = fused_step(x, denoised, None, 1.0, 0 * one, one, (down - s) / s, up,
-                           noise if self.eta > 0 else None, want_x0=False)
+        return torch.stack([0 * one, one, (down - s) / s, up])
+
+    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate):
+        # dx = k_d (x - D) + k_z z, through the fused kernel's dispatcher (x0 = D already: c_x = 0, c_o = 1).
+        c_x, c_o, k_d, k_z = self._per_step(sigmas, self._step_table)[:, i]   # (M,) each
+        _, dx = fused_step(x, denoised, None, 1.0, c_x, c_o, k_d, k_z, noise if self.eta > 0 else None,
+                           want_x0=False)
+        if self.clip is not None:
+            dx = dx + denoised.clamp(-self.clip, self.clip) - denoised
         return dx
+
+    def jump(self, x, denoised, i, j, b, noise, sigmas):
+        """Every step is ``x' - D = r_m (x - D) + up_m z_m`` with ``r_m = down_m / sigma_m``; with ``D`` constant the
+        whole stretch is exact, carrying the fine solver's own pre-drawn noise:
+
+            x_j = D + (prod_m r_m) (x_i - D) + sum_m (prod_{m' > m} r_m') up_m z_m
+
+        (eta 0: the DDIM jump ``D + sigma_j / sigma_i (x - D)``).
+        """
+        if self.eta == 0 or noise is None or isinstance(noise, tuple):
+            return super().jump(x, denoised, i, j, b, noise, sigmas)
+        acc = x - denoised
+        last = sigmas.numel() - 2
+        for m in range(int((j - i).max())):
+            k = i + m
+            live = append_dims(k < j, x.ndim)
+            kk = k.clamp_max(last)
+            s, s1 = sigmas[kk], sigmas[kk + 1]
+            up, down = self.coefficients(s, s1)
+            r = down / s
+            step = append_dims(r, x.ndim) * acc + append_dims(up, x.ndim) * noise[kk.clamp_max(noise.shape[0] - 1), b]
+            acc = torch.where(live, step, acc)
+        return denoised + acc
 
 
 @dataclass(frozen=True)
@@ -141,23 +228,166 @@ class Heun(Solver):
         return dx
 
 
-@dataclass(frozen=True)
-class DPMPP2M(Solver):
-    """DPM-Solver++(2M) (Lu et al. 2022), multistep in log-sigma; k-diffusion's and diffusers' form."""
+def _history(prev_denoised, denoised, depth: int) -> tuple:
+    """``prev_denoised`` as a tuple of ``depth`` tensors, newest first (``denoised`` fills what is missing)."""
+    if prev_denoised is None:
+        prev = ()
+    elif isinstance(prev_denoised, torch.Tensor):
+        prev = (prev_denoised,)
+    else:
+        prev = tuple(prev_denoised)
+    return (prev + (denoised,) * depth)[:depth]
 
-    name: ClassVar[str] = "dpmpp_2m"
+
+@dataclass(frozen=True)
+class DPMSolverPP(Solver):
+    """DPM-Solver++ multistep (Lu et al. 2022), orders 1-3, ODE or SDE, in diffusers' form
+    (``DPMSolverMultistepScheduler`` with ``algorithm_type="dpmsolver++"`` or ``"sde-dpmsolver++"``).
+
+    Args:
+        order: k = 1, 2 or 3 (``solver_order``); step i uses order ``min(k, i + 1)``.
+        sde: the SDE variant (stochastic; its first order is the DDPM / Euler ancestral step).
+        solver_type: the second-order coefficient, ``midpoint`` or ``heun``.
+        lower_order_final: on grids of fewer than 15 steps the last step is first order and the one before it at
+            most second order (diffusers' stabilisation); a last step to sigma = 0 is always first order.
+        euler_at_final: the last step is first order on any grid.
+
+    Raises:
+        ValueError: a bad ``order`` or ``solver_type``.
+    """
+
+    name: ClassVar[str] = "dpmpp"
     uses_history: ClassVar[bool] = True
+    order: int = 2
+    sde: bool = False
+    solver_type: str = "midpoint"
+    lower_order_final: bool = True
+    euler_at_final: bool = False
+
+    def __post_init__(self):
+        if self.order not in (1, 2, 3):
+            raise ValueError(f"order: must be 1, 2 or 3, got {self.order!r}")
+        if self.solver_type not in ("midpoint", "heun"):
+            raise ValueError(f"solver_type: unknown {self.solver_type!r}; allowed: midpoint, heun")
+
+    @property
+    def stochastic(self):  # type: ignore[override]
+        return self.sde
+
+    @property
+    def history_depth(self):  # type: ignore[override]
+        return max(self.order - 1, 1)
+
+    def step_orders(self, i: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        """``(M,)`` the order each row's step takes (diffusers' ``lower_order_nums`` / ``lower_order_final``)."""
+        N = sigmas.numel() - 1
+        o = (i + 1).clamp_max(self.order)
+        short = self.lower_order_final and N < 15
+        last_first = (sigmas[-1] == 0) | (self.euler_at_final or short)
+        o = torch.where((i == N - 1) & last_first, torch.ones_like(o), o)
+        return torch.where((i == N - 2) & short, o.clamp_max(2), o)
 
     def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate):
         s, s1 = self._sig(sigmas, i, x.ndim)
-        s_prev = append_dims(sigmas[(i - 1).clamp_min(0)], x.ndim)
-        second = (append_dims(i, x.ndim) > 0) & (s1 > 0)
-        h = torch.log(s / torch.where(s1 > 0, s1, s))          # safe where s1 == 0 (first-order rows)
-        r = torch.log(s_prev / s) / torch.where(second, h, torch.ones_like(h))
-        r = torch.where(second, r, torch.ones_like(r))
-        prev = denoised if prev_denoised is None else prev_denoised
-        d_eff = torch.where(second, (1 + 1 / (2 * r)) * denoised - prev / (2 * r), denoised)
-        return (s1 / s - 1) * (x - d_eff)
+        o = append_dims(self.step_orders(i, sigmas), x.ndim)
+        D0 = denoised
+        D_1, D_2 = (_history(prev_denoised, denoised, 2))
+        # h = ln(s / s'); higher orders never run on a step to sigma = 0, so h is made safe there.
+        rho = s1 / s
+        h = torch.where(o > 1, torch.log(s / torch.where(s1 > 0, s1, s)), torch.ones_like(s))
+        r0 = torch.log(append_dims(sigmas[(i - 1).clamp_min(0)], x.ndim) / s) / h
+        r1 = torch.log(append_dims(sigmas[(i - 2).clamp_min(0)] / sigmas[(i - 1).clamp_min(0)], x.ndim)) / h
+        r0 = torch.where(o > 1, r0, torch.ones_like(r0))
+        r1 = torch.where(o > 2, r1, torch.ones_like(r1))
+        # Divided differences: second order D1 = (D0 - D_1) / r0; third order as diffusers' third_order_update.
+        d10 = (D0 - D_1) / r0
+        d11 = (D_1 - D_2) / r1
+        D1 = torch.where(o > 2, d10 + r0 / (r0 + r1) * (d10 - d11), d10)
+        D2 = (d10 - d11) / (r0 + r1)
+        if self.sde:
+            q = rho * rho                                           # e^{-2h}
+            k1_heun = (1 - q) / (-2 * h) + 1
+            k1 = (1 - q) / 2 if self.solver_type == "midpoint" else k1_heun
+            k2 = (1 - q - 2 * h) / (2 * h) ** 2 - 0.5
+        else:
+            q = rho
+            k1_heun = (rho - 1) / h + 1
+            k1 = (1 - rho) / 2 if self.solver_type == "midpoint" else k1_heun
+            k2 = -((rho - 1 + h) / h**2 - 0.5)
+        k1 = torch.where(o > 2, k1_heun, k1)
+        x_new = q * x + (1 - q) * D0
+        x_new = x_new + torch.where(o > 1, k1 * D1, torch.zeros_like(D1)) + torch.where(o > 2, k2 * D2,
+                                                                                        torch.zeros_like(D2))
+        if self.sde:
+            x_new = x_new + s1 * torch.sqrt((1 - q).clamp_min(0)) * noise
+        return x_new - x
+
+    def jump(self, x, denoised, i, j, b, noise, sigmas):
+        """With ``D`` constant the divided differences vanish: the ODE is the DDIM jump, the SDE is DDPM's (its first
+        order step), which carries the pre-drawn noise exactly."""
+        if self.sde:
+            return DDPM().jump(x, denoised, i, j, b, noise, sigmas)
+        return super().jump(x, denoised, i, j, b, noise, sigmas)
+
+
+@dataclass(frozen=True)
+class DPMPP2M(DPMSolverPP):
+    """DPM-Solver++(2M), k-diffusion's form: second order except on the first step and on a step to sigma = 0."""
+
+    name: ClassVar[str] = "dpmpp_2m"
+    order: int = 2
+    lower_order_final: bool = False
+
+
+@dataclass(frozen=True)
+class DPMPP3M(DPMSolverPP):
+    name: ClassVar[str] = "dpmpp_3m"
+    order: int = 3
+
+
+@dataclass(frozen=True)
+class DPMPP2MSDE(DPMSolverPP):
+    name: ClassVar[str] = "dpmpp_2m_sde"
+    sde: bool = True
+
+
+@dataclass(frozen=True)
+class PLMS(Solver):
+    """Pseudo linear multistep (PNDM, Liu et al. 2022) as diffusers runs it with ``skip_prk_steps=True``.
+
+    The history holds ``e_j = (x_j - D_j) / sigma_j`` (the eps prediction); step i combines ``e_i .. e_{i-3}`` with
+    the Adams-Bashforth weights of order ``min(i + 1, 4)`` and takes the DDIM step with it (PNDM's transfer function
+    is DDIM's); step 0 is Heun's: a second call at the Euler predictor ``x_0 + (s_1 - s_0) e_0``, then the step with
+    ``(e_0 + e_pred) / 2`` (skipped when point 1 is the last).
+    """
+
+    name: ClassVar[str] = "plms"
+    uses_history: ClassVar[bool] = True
+    AB: ClassVar[tuple] = ((1.0, 0.0, 0.0, 0.0), (3 / 2, -1 / 2, 0.0, 0.0), (23 / 12, -16 / 12, 5 / 12, 0.0),
+                           (55 / 24, -59 / 24, 37 / 24, -9 / 24))
+
+    @property
+    def history_depth(self):  # type: ignore[override]
+        return 3
+
+    def history_value(self, x, denoised, i, sigmas):
+        return (x - denoised) / append_dims(sigmas[i], x.ndim)
+
+    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate):
+        s, s1 = self._sig(sigmas, i, x.ndim)
+        e = (x - denoised) / s
+        hist = torch.stack((e,) + _history(prev_denoised, e, 3), 1)           # (M, 4, *shape), newest first
+        weights = torch.tensor(self.AB, dtype=x.dtype, device=x.device)[(i.clamp_max(3))]   # (M, 4)
+        e_ab = (append_dims(weights, hist.ndim) * hist).sum(1)
+        dx = (s1 - s) * e_ab
+        # Step 0: Heun in e (PNDM's first two calls); never on a one-step grid.
+        first = (i == 0) & (sigmas.numel() > 2)
+        if bool(first.any()):
+            rows = first.nonzero().squeeze(1)
+            x_pred = x[rows] + dx[rows]
+            e_pred = (x_pred - evaluate(x_pred, i[rows] + 1, b[rows])) / s1[rows]
+            dx = dx.index_copy(0, rows, (s1[rows] - s[rows]) * (e[rows] + e_pred) / 2)
+        return dx
 
 
 @dataclass(frozen=True)
@@ -192,6 +422,13 @@ class LangevinCorrected(Solver):
         return self.base.uses_history
 
     @property
+    def history_depth(self):  # type: ignore[override]
+        return self.base.history_depth
+
+    def history_value(self, x, denoised, i, sigmas):
+        return self.base.history_value(x, denoised, i, sigmas)
+
+    @property
     def evals_per_step(self):  # type: ignore[override]
         return self.base.evals_per_step + self.corrector_steps
 
@@ -211,8 +448,20 @@ class LangevinCorrected(Solver):
         return x1.index_copy(0, rows, xc) - x
 
 
-SOLVERS: dict[str, type[Solver]] = {c.name: c for c in (Ancestral, DDPM, EulerMaruyama, Heun, DPMPP2M)}
+SOLVERS: dict[str, type[Solver]] = {c.name: c for c in (Ancestral, DDPM, EulerMaruyama, Heun, DPMSolverPP, DPMPP2M,
+                                                         DPMPP3M, DPMPP2MSDE, PLMS)}
 SOLVERS["euler"] = Ancestral  # the probability-flow Euler step is DDIM in the VE frame
+SOLVERS["euler_ancestral"] = DDPM  # k-diffusion's / diffusers' Euler ancestral step is DDPM's in the VE frame
+
+
+def history_rows(buffer: torch.Tensor, i: torch.Tensor, b: torch.Tensor, depth: int):
+    """The history a multistep solver reads for rows ``(i, b)``: ``buffer[i - 1, b]`` for ``depth`` 1, else the
+    tuple ``(buffer[i - 1, b], ..., buffer[i - depth, b])`` (indices below 0 clamp to 0: placeholders).
+
+    ``buffer`` is ``(N, B, *shape)``: each point's latest history value (:meth:`Solver.history_value`).
+    """
+    prev = tuple(buffer[(i - k).clamp_min(0), b] for k in range(1, depth + 1))
+    return prev[0] if depth == 1 else prev
 
 
 def make_solver(name: str | Solver, **options) -> Solver:

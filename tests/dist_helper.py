@@ -1,13 +1,17 @@
-"""Run by tests/test_backends.py in each rank process (env RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT).
+"""Run by tests/test_backends.py and tests/test_gpu_grade.py in each rank process (env RANK, WORLD_SIZE,
+MASTER_ADDR=127.0.0.1, MASTER_PORT).
 
 Modes:
   samples OUT   sample every configuration of CONFIGS with the torch backend; rank 0 saves them to OUT
   hang          rank 1 joins the group and then hangs; rank 0 must fail with DistributedTimeoutError
+  agree OUT     the kernel path (Triton interpreter) on every rank: Picard residuals placed at the threshold and a
+                Picard sample through a max_batch-capped network; rank 0 saves every rank's results to OUT
 """
 
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -23,11 +27,67 @@ CONFIGS = {
 }
 
 
+class CappedNetwork:
+    """Wraps a network and refuses any call with more than ``cap`` rows: proves ``max_batch`` is honoured."""
+
+    def __init__(self, net, cap: int):
+        self.net, self.cap = net, cap
+
+    def __call__(self, x, t, **cond):
+        if x.shape[0] > self.cap:
+            raise RuntimeError(f"max_batch violated: a network call with {x.shape[0]} rows > {self.cap}")
+        return self.net(x, t, **cond)
+
+
+def capped_gmm(cap: int):
+    """The analytic ring mixture behind a :class:`CappedNetwork`."""
+    from paratime.zoo import ring_gmm
+
+    den = ring_gmm()
+    return replace(den, network=CappedNetwork(den.network, cap))
+
+
+class LabelledNet:
+    """The ring mixture's network, shifted by a label-dependent amount (a conditional model for traffic tests)."""
+
+    def __init__(self):
+        from paratime.zoo import ring_gmm
+
+        self.net = ring_gmm().network
+
+    def __call__(self, x, t, labels):
+        return self.net(x, t) + 0.01 * labels.to(x.dtype)[:, None]
+
+
 def sample_all(backend="local", **kw):
     out = {}
     for name, cfg in CONFIGS.items():
         s = ParallelSampler("gmm", steps=30, progress=False, backend=backend, **cfg, **kw)
         out[name] = s.sample(12, seed=3).samples
+    return out
+
+
+def residuals_at_threshold():
+    """Picard residuals through the fused kernel with old values placed so that each residual sits at its
+    threshold (the float64 value rounded to float32). Returns (err of 3 repeated launches, thresholds)."""
+    from paratime.kernels import picard_update
+
+    g = torch.Generator().manual_seed(0)
+    W, B, D = 9, 3, 1030
+    start = torch.randn(B, D, generator=g)
+    dx = 0.05 * torch.randn(W, B, D, generator=g)
+    old = (start.double()[None] + dx.double().cumsum(0) + 1e-3 * torch.randn(W, B, D, generator=g,
+                                                                              dtype=torch.float64)).float()
+    exact = (start.double()[None] + dx.double().cumsum(0) - old.double()).pow(2).mean(-1).sqrt()
+    errs = [picard_update(start, dx, old)[1] for _ in range(3)]
+    return errs, exact.float()
+
+
+def _gather(be, t):
+    import torch.distributed as dist
+
+    out = [torch.empty_like(t) for _ in range(be.workers)]
+    dist.all_gather(out, t.contiguous())
     return out
 
 
@@ -52,6 +112,26 @@ def main():
             os._exit(0)
         print("NO-ERROR", flush=True)
         os._exit(1)
+    elif mode == "agree":
+        from paratime.kernels import set_kernel_mode
+
+        set_kernel_mode("triton")                      # every dispatch on the interpreted kernels, or an error
+        with TorchDistributedBackend(timeout_s=120, max_batch=3) as be:
+            errs, thr = residuals_at_threshold()
+            decisions = (errs[0] <= thr).to(torch.uint8)
+            res = ParallelSampler(capped_gmm(3), steps=10, state_dtype=torch.float32, tol=0.1, progress=False,
+                                  backend=be).sample(6, seed=0)
+            rounds = torch.tensor([res.stats.rounds])
+            got = {"errs": _gather(be, errs[0]), "repeats": [torch.equal(errs[0], e) for e in errs],
+                   "decisions": _gather(be, decisions), "samples": _gather(be, res.samples),
+                   "rounds": _gather(be, rounds), "comm_bytes": be.timings["comm_bytes"], "calls": be.calls,
+                   "nfe_total": res.stats.nfe_total}
+            # bf16 network outputs travel through gloo as their bytes.
+            set_kernel_mode("auto")
+            got["bf16"] = ParallelSampler("digits", steps=4, method="sequential", dtype=torch.bfloat16,
+                                          progress=False, backend=be).sample(4, seed=0).samples
+            if be.rank == 0:
+                torch.save(got, sys.argv[2])
 
 
 if __name__ == "__main__":

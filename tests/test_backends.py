@@ -90,13 +90,12 @@ def test_torch_backend_without_group_says_how_to_start():
         os.environ.update(env)
 
 
-ray = pytest.importorskip("ray")
-
-
 @pytest.fixture(scope="module")
 def ray_session():
+    """The ``ray`` module with a local session (skips only the Ray tests when Ray is missing)."""
+    ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    yield
+    yield ray
     ray.shutdown()
 
 
@@ -121,7 +120,7 @@ def test_ray_actor_killed_mid_sample_is_replaced(ray_session):
         def kill_one(info):
             if info.round == 2:
                 killed.append(be.actors[0])
-                ray.kill(be.actors[0], no_restart=True)
+                ray_session.kill(be.actors[0], no_restart=True)
 
         res = s.sample(12, seed=3, callback=kill_one)
         assert killed and be.actors[0] is not killed[0]

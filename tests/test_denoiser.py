@@ -26,25 +26,90 @@ def _mixture():
                            torch.tensor([0.2, 0.5, 0.3]))
 
 
+def _input_scale(schedule, sigma):
+    """a(sigma), written from the papers: VP alpha_t = 1 / sqrt(1 + sigma^2); VE 1; EDM c_in = 1 / sqrt(sigma^2 +
+    sigma_data^2)."""
+    if isinstance(schedule, EDMSchedule):
+        return 1 / (sigma**2 + schedule.sigma_data**2).sqrt()
+    if isinstance(schedule, VESchedule):
+        return torch.ones_like(sigma)
+    return 1 / (1 + sigma**2).sqrt()
+
+
+class _ClosedFormNetwork:
+    """The exact network of a mixture at the grid points, written from closed forms (no paratime conversion code):
+    it looks its sigma up from the model time, undoes the input scaling, takes the exact posterior mean x0 and
+    eps = (x - x0) / sigma, and outputs
+
+        eps:   eps
+        x0:    x0
+        v:     (a eps - b x0) / sqrt(a^2 + b^2),  b = a sigma  (VP: alpha_t eps - sigma_t x0, Salimans & Ho)
+        score: grad log p(x_in) = -eps / b                    (VP: -eps / sigma_t; VE: -(x - x0) / sigma^2)
+        edm:   F = (x0 - c_skip x) / c_out,  c_skip = sd^2 / (sigma^2 + sd^2),  c_out = sigma sd / sqrt(sigma^2 + sd^2)
+    """
+
+    def __init__(self, gmm, schedule, prediction, grid):
+        self.gmm, self.schedule, self.prediction = gmm, schedule, prediction
+        self.sigmas, self.times = grid.sigmas, grid.model_times.to(torch.float32)
+
+    def __call__(self, x_in, model_time):
+        k = (model_time[:, None] - self.times[None]).abs().argmin(1)       # the grid point of each row
+        sigma = self.sigmas[k][:, None]
+        a = _input_scale(self.schedule, sigma)
+        x = x_in / a
+        x0 = self.gmm.denoise(x, sigma[:, 0])
+        eps = (x - x0) / sigma
+        b = a * sigma
+        if self.prediction == "eps":
+            return eps
+        if self.prediction == "x0":
+            return x0
+        if self.prediction == "v":
+            return (a * eps - b * x0) / (a**2 + b**2).sqrt()
+        if self.prediction == "score":
+            return -eps / b
+        sd = self.schedule.sigma_data
+        c_skip, c_out = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt()
+        return (x0 - c_skip * x) / c_out
+
+
 @pytest.mark.parametrize("sched", list(SCHEDULES))
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v", "score", "edm"])
 def test_every_parameterisation_gives_the_exact_denoiser(sched, prediction):
+    """Discrete and continuous VP, VE and EDM, every prediction type: the adapter turns the closed-form network
+    back into the mixture's exact posterior mean E[x0 | x] (float64 throughout, so to rounding)."""
     schedule = SCHEDULES[sched]
     if prediction == "edm" and not isinstance(schedule, EDMSchedule):
         with pytest.raises(ValueError, match="prediction"):
             Denoiser(lambda x, t: x, schedule, prediction)
         return
     gmm = _mixture()
-    den = Denoiser(gmm.network(schedule, prediction), schedule, prediction)
     grid = schedule.grid(20)
+    den = Denoiser(_ClosedFormNetwork(gmm, schedule, prediction, grid), schedule, prediction)
     sig = grid.sigmas[:-1].repeat_interleave(8)
     times = grid.model_times[:-1].repeat_interleave(8)
     g = torch.Generator().manual_seed(0)
     x = gmm.sample(sig.numel(), g)[0] + sig[:, None] * torch.randn(sig.numel(), 2, generator=g, dtype=torch.float64)
-    # The network receives its time in float32 (as real networks do), so the sigma it recovers is off by ~1e-7
-    # relative; eps-prediction amplifies that by sigma in x0 = x - sigma * eps. Hence the error is scaled by 1 + sigma.
+    # x0 = x - sigma eps (and the like) cancels digits in proportion to sigma; hence the error is scaled by 1 + sigma.
     err = (den(x, sig, times) - gmm.denoise(x, sig)).abs() / (1 + sig[:, None])
-    assert float(err.max()) < 1e-5
+    assert float(err.max()) < 1e-9
+
+
+def test_shipped_mixture_network_is_the_closed_form_one():
+    """The zoo's mixture networks (used by every sampling test) output what the closed forms above give."""
+    gmm = _mixture()
+    g = torch.Generator().manual_seed(2)
+    for sched in ("discrete_vp", "vp_linear", "ve", "edm"):
+        schedule = SCHEDULES[sched]
+        grid = schedule.grid(10)
+        for prediction in ("eps", "v", "score") + (("edm",) if sched == "edm" else ()):
+            ref = _ClosedFormNetwork(gmm, schedule, prediction, grid)
+            net = gmm.network(schedule, prediction)
+            sig = grid.sigmas[:-1].repeat_interleave(3)
+            t = grid.model_times[:-1].repeat_interleave(3).to(torch.float32)
+            x_in = _input_scale(schedule, sig)[:, None] * torch.randn(sig.numel(), 2, dtype=torch.float64, generator=g)
+            # The shipped network recovers sigma from the float32 time: ~1e-5 off where 1 / sigma amplifies it.
+            torch.testing.assert_close(net(x_in, t), ref(x_in, t), rtol=1e-4, atol=1e-4, msg=f"{sched}/{prediction}")
 
 
 def test_vp_conversions_match_closed_forms():

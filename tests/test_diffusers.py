@@ -1,5 +1,8 @@
-"""paratime reproduces diffusers' own scheduler loops on tiny models built from a config (no download)."""
+"""paratime reproduces diffusers' own scheduler loops (``set_timesteps`` / ``scale_model_input`` / ``step``, same
+latents, same generator) on a tiny UNet built from a config (no download), and Picard at tol 0 equals that sequential
+result."""
 
+import inspect
 import os
 
 import pytest
@@ -9,8 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers")
 
 from paratime import ParallelSampler  # noqa: E402
-from paratime.diffusers_adapter import from_diffusers, solver_for  # noqa: E402
-from paratime.noise import INITIAL, STEP, draw_noise  # noqa: E402
+from paratime.integrations.diffusers import from_diffusers, sample_latents, solver_for  # noqa: E402
+
+BOUND = 1e-4    # max |paratime - diffusers| relative to the sample scale
+SHAPE = (2, 2, 8, 8)
+SD_BETAS = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
 
 def _unet(seed=0):
@@ -28,80 +34,172 @@ def _cond_unet(seed=0):
         cross_attention_dim=8, attention_head_dim=4, norm_num_groups=4).eval()
 
 
-def _scheduler(kind, prediction, spacing):
-    common = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                  prediction_type=prediction, timestep_spacing=spacing)
-    if kind == "ddim":
-        return diffusers.DDIMScheduler(**common, set_alpha_to_one=False, steps_offset=1 if spacing == "leading" else 0,
-                                       clip_sample=False)
-    if kind == "ddpm":
-        return diffusers.DDPMScheduler(**common)
-    return diffusers.DPMSolverMultistepScheduler(**common)
-
-
-def _diffusers_loop(unet, sch, steps, x, step_noise=None, cond=None, guidance=None, uncond=None):
+def diffusers_loop(net, sch, steps, seed, step_kwargs=None, **cond):
+    """The scheduler's own loop, as a pipeline runs it. Returns (initial latents, final sample)."""
     sch.set_timesteps(steps)
-    x = x * sch.init_noise_sigma
-    orig = None
-    if step_noise is not None:   # feed diffusers' DDPM the same pre-drawn noise, step by step
-        import diffusers.schedulers.scheduling_ddpm as mod
-
-        it = iter(step_noise)
-        orig = mod.randn_tensor
-        mod.randn_tensor = lambda *a, **k: next(it).to(torch.float32)
-    try:
-        with torch.no_grad():
-            for t in sch.timesteps:
-                if step_noise is not None and t == 0:
-                    next(it)        # paratime draws noise for every step; diffusers adds none at t = 0
-                if guidance is None:
-                    out = unet(x, t, **(cond or {})).sample
-                else:
-                    both = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([cond, uncond])).sample
-                    c, u = both.chunk(2)
-                    out = u + guidance * (c - u)
-                x = sch.step(out, t, x).prev_sample
-    finally:
-        if orig is not None:
-            mod.randn_tensor = orig
-    return x
+    latents = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed)) * getattr(sch, "init_noise_sigma", 1)
+    x = latents
+    step_kwargs = dict(step_kwargs or {})
+    if "generator" in inspect.signature(sch.step).parameters:
+        step_kwargs["generator"] = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for t in sch.timesteps:
+            inp = sch.scale_model_input(x, t) if hasattr(sch, "scale_model_input") else x
+            out = net(inp, t, **cond).sample
+            x = sch.step(out, t, x, **step_kwargs).prev_sample
+    return latents, x
 
 
-CASES = [(k, p, s) for k in ("ddim", "ddpm", "dpm") for p in ("epsilon", "v_prediction")
-         for s in ("leading", "trailing", "linspace") if not (k == "ddim" and s == "linspace")]
-
-
-@pytest.mark.parametrize("kind, prediction, spacing", CASES)
-def test_sequential_reproduces_the_diffusers_loop(kind, prediction, spacing):
-    unet, sch = _unet(), _scheduler(kind, prediction, spacing)
-    steps, B = 8, 3
+def compare(sch, steps=8, eta=0.0, methods=(("sequential", None), ("picard", 0.0))):
+    """Relative max difference of paratime (each method) from diffusers' loop on the tiny UNet."""
+    unet = _unet()
     den = from_diffusers(unet, sch)
-    x_T = draw_noise(0, B, (2, 8, 8), None, INITIAL)
-    z = draw_noise(0, B, (2, 8, 8), steps, STEP) if kind == "ddpm" else None
-    want = _diffusers_loop(unet, sch, steps, x_T.float(), step_noise=z)
-    s = ParallelSampler(den, solver=solver_for(sch), steps=steps, method="sequential", progress=False)
-    got = s.sample(B, seed=0).samples
-    torch.testing.assert_close(got.float(), want, rtol=1e-4, atol=1e-4)
-    par = ParallelSampler(den, solver=solver_for(sch), steps=steps, tol=0.0, progress=False).sample(B, seed=0)
-    torch.testing.assert_close(par.samples.float(), want, rtol=1e-4, atol=1e-4)
+    solver = solver_for(sch, eta=eta)
+    latents, want = diffusers_loop(unet, sch, steps, seed=3, step_kwargs={"eta": eta} if eta else None)
+    errs = {}
+    for method, tol in methods:
+        opts = {} if tol is None else {"tol": tol}
+        s = ParallelSampler(den, solver=solver, steps=steps, method=method, progress=False, **opts)
+        got = sample_latents(s, latents, generator=torch.Generator().manual_seed(4)).samples
+        errs[method] = float((got - want).abs().max() / want.abs().max().clamp_min(1))
+    return errs
 
 
-def test_cfg_on_a_conditional_unet_reproduces_the_diffusers_loop():
-    unet, sch = _cond_unet(), _scheduler("ddim", "epsilon", "trailing")
-    B, steps = 2, 8
-    g = torch.Generator().manual_seed(5)
-    emb, neg = torch.randn(B, 4, 8, generator=g), torch.randn(B, 4, 8, generator=g)
-    x_T = draw_noise(1, B, (2, 8, 8), None, INITIAL)
-    want = _diffusers_loop(unet, sch, steps, x_T.float(), cond=emb, guidance=5.0, uncond=neg)
-    den = from_diffusers(unet, sch, guidance=5.0)
-    for method, tol in (("sequential", 0.1), ("picard", 0.0)):
-        got = ParallelSampler(den, solver="ddim", steps=steps, method=method, tol=tol, progress=False).sample(
-            B, seed=1, encoder_hidden_states=emb, uncond={"encoder_hidden_states": neg}).samples
-        torch.testing.assert_close(got.float(), want, rtol=1e-4, atol=1e-4)
+def _ddim(**kw):
+    return diffusers.DDIMScheduler(**{**SD_BETAS, "clip_sample": False, **kw})
 
 
-def test_unsupported_schedulers_are_named():
-    with pytest.raises(ValueError, match="scheduler"):
-        from_diffusers(_unet(), diffusers.EulerDiscreteScheduler())
+CASES = {
+    # DDIM / DDIMParallel: clip_sample on (the default) and off, set_alpha_to_one, steps_offset, spacings, zero SNR.
+    "ddim": lambda: _ddim(),
+    "ddim-clip": lambda: _ddim(clip_sample=True, clip_sample_range=0.5),
+    "ddim-leading-offset": lambda: _ddim(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False),
+    "ddim-trailing-v": lambda: _ddim(timestep_spacing="trailing", prediction_type="v_prediction"),
+    "ddim-zero-snr": lambda: _ddim(timestep_spacing="trailing", prediction_type="v_prediction",
+                                   rescale_betas_zero_snr=True),
+    "ddim-x0": lambda: _ddim(prediction_type="sample", clip_sample=True),
+    "ddim-parallel": lambda: diffusers.DDIMParallelScheduler(**SD_BETAS, clip_sample=True),
+    # DDPM / DDPMParallel (stochastic: same generator).
+    "ddpm": lambda: diffusers.DDPMScheduler(**SD_BETAS),
+    "ddpm-small-log-linspace": lambda: diffusers.DDPMScheduler(variance_type="fixed_small_log",
+                                                              timestep_spacing="linspace"),
+    "ddpm-parallel-v": lambda: diffusers.DDPMParallelScheduler(**SD_BETAS, prediction_type="v_prediction"),
+    "ddpm-large": lambda: diffusers.DDPMScheduler(**SD_BETAS, variance_type="fixed_large"),
+    "ddpm-large-trailing": lambda: diffusers.DDPMScheduler(**SD_BETAS, variance_type="fixed_large",
+                                                          timestep_spacing="trailing"),
+    # DPM-Solver++ multistep: orders, SDE, sigma options, final sigma types, lower_order_final.
+    **{f"dpm-o{o}{'-sde' if sde else ''}": (lambda o=o, sde=sde: diffusers.DPMSolverMultistepScheduler(
+        **SD_BETAS, solver_order=o, algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++"))
+       for o in (1, 2, 3) for sde in (False, True)},
+    "dpm-karras": lambda: diffusers.DPMSolverMultistepScheduler(**SD_BETAS, use_karras_sigmas=True),
+    "dpm-exponential": lambda: diffusers.DPMSolverMultistepScheduler(**SD_BETAS, use_exponential_sigmas=True),
+    "dpm-beta": lambda: diffusers.DPMSolverMultistepScheduler(**SD_BETAS, use_beta_sigmas=True),
+    "dpm-lu": lambda: diffusers.DPMSolverMultistepScheduler(**SD_BETAS, use_lu_lambdas=True),
+    "dpm-o3-sigma-min": lambda: diffusers.DPMSolverMultistepScheduler(**SD_BETAS, solver_order=3,
+                                                                      final_sigmas_type="sigma_min"),
+    "dpm-sigma-min-no-lof": lambda: diffusers.DPMSolverMultistepScheduler(
+        **SD_BETAS, final_sigmas_type="sigma_min", lower_order_final=False),
+    "dpm-heun-sde-karras": lambda: diffusers.DPMSolverMultistepScheduler(
+        **SD_BETAS, solver_type="heun", algorithm_type="sde-dpmsolver++", use_karras_sigmas=True),
+    "dpm-v-trailing": lambda: diffusers.DPMSolverMultistepScheduler(**SD_BETAS, prediction_type="v_prediction",
+                                                                    timestep_spacing="trailing"),
+    # Euler, Euler ancestral (with and without Karras sigmas), Heun.
+    "euler": lambda: diffusers.EulerDiscreteScheduler(**SD_BETAS),
+    "euler-karras-v": lambda: diffusers.EulerDiscreteScheduler(**SD_BETAS, use_karras_sigmas=True,
+                                                               prediction_type="v_prediction"),
+    "euler-leading": lambda: diffusers.EulerDiscreteScheduler(**SD_BETAS, timestep_spacing="leading", steps_offset=1),
+    "euler-zero-snr": lambda: diffusers.EulerDiscreteScheduler(**SD_BETAS, timestep_spacing="trailing",
+                                                               prediction_type="v_prediction",
+                                                               rescale_betas_zero_snr=True),
+    "euler-ancestral": lambda: diffusers.EulerAncestralDiscreteScheduler(**SD_BETAS),
+    "euler-ancestral-trailing": lambda: diffusers.EulerAncestralDiscreteScheduler(**SD_BETAS,
+                                                                                  timestep_spacing="trailing"),
+    "heun": lambda: diffusers.HeunDiscreteScheduler(**SD_BETAS),
+    "heun-karras": lambda: diffusers.HeunDiscreteScheduler(**SD_BETAS, use_karras_sigmas=True),
+    # PNDM as Stable Diffusion ships it.
+    "pndm": lambda: diffusers.PNDMScheduler(**SD_BETAS, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False),
+    "pndm-trailing": lambda: diffusers.PNDMScheduler(**SD_BETAS, skip_prk_steps=True, timestep_spacing="trailing"),
+    # Flow matching (the tiny UNet stands in for a velocity network): shift, dynamic shifting is in test_flow.
+    "flow-shift3": lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sequential_and_picard_reproduce_the_diffusers_loop(case):
+    errs = compare(CASES[case]())
+    assert errs["sequential"] <= BOUND, errs
+    assert errs["picard"] <= BOUND, errs
+
+
+def test_ddim_eta_and_long_dpm_grids():
+    assert max(compare(_ddim(), eta=0.6).values()) <= BOUND              # DDIM's eta noise from the generator
+    # 16 steps: diffusers' lower_order_final no longer applies below sigma_min, but does to sigma = 0.
+    for kw in ({"solver_order": 3}, {"solver_order": 3, "final_sigmas_type": "sigma_min"}):
+        assert max(compare(diffusers.DPMSolverMultistepScheduler(**SD_BETAS, **kw), steps=16).values()) <= BOUND
+
+
+def test_cfg_with_nested_conditioning_reproduces_the_guided_loop():
+    """Guidance doubles every conditioning tensor, also inside nested dicts (SDXL's added_cond_kwargs)."""
+    unet, sch = _cond_unet(), _ddim(timestep_spacing="trailing")
+    B, steps, g = 2, 8, 5.0
+    gen = torch.Generator().manual_seed(5)
+    emb, neg = torch.randn(B, 4, 8, generator=gen), torch.randn(B, 4, 8, generator=gen)
+
+    def net(x, t, encoder_hidden_states, extra):           # conditioning nested one level down
+        return unet(x, t, encoder_hidden_states=encoder_hidden_states + extra["shift"][:, None, None])
+
+    shift, neg_shift = torch.randn(B, generator=gen), torch.randn(B, generator=gen)
+    sch.set_timesteps(steps)
+    latents = torch.randn(SHAPE, generator=gen)
+    x = latents
+    with torch.no_grad():
+        for t in sch.timesteps:
+            both = net(torch.cat([x, x]), t, torch.cat([neg, emb]), {"shift": torch.cat([neg_shift, shift])}).sample
+            u, c = both.chunk(2)
+            x = sch.step(u + g * (c - u), t, x).prev_sample
+    den = from_diffusers(net, sch, dtype=torch.float32, guidance=g)
+    for method, tol in (("sequential", None), ("picard", 0.0)):
+        s = ParallelSampler(den, solver=solver_for(sch), steps=steps, method=method, progress=False,
+                            **({} if tol is None else {"tol": tol}))
+        got = sample_latents(s, latents, encoder_hidden_states=emb, extra={"shift": shift},
+                             uncond={"encoder_hidden_states": neg, "extra": {"shift": neg_shift}}).samples
+        assert float((got - x).abs().max()) <= BOUND * max(1.0, float(x.abs().max()))
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: diffusers.UniPCMultistepScheduler(), "UniPCMultistepScheduler.*nearest: DPMSolverMultistep"),
+    (lambda: diffusers.LMSDiscreteScheduler(), "LMSDiscreteScheduler.*nearest: EulerDiscrete"),
+    (lambda: diffusers.PNDMScheduler(), "skip_prk_steps"),
+    (lambda: diffusers.PNDMScheduler(skip_prk_steps=True, prediction_type="v_prediction"), "prediction_type"),
+    (lambda: diffusers.DDPMScheduler(variance_type="learned_range"), "variance_type"),
+    (lambda: diffusers.DDIMScheduler(thresholding=True), "thresholding"),
+    (lambda: diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"),
+     "algorithm_type"),
+    (lambda: diffusers.FlowMatchEulerDiscreteScheduler(stochastic_sampling=True), "stochastic_sampling"),
+])
+def test_unsupported_schedulers_and_options_are_named(make, match):
+    with pytest.raises(ValueError, match=match):
+        solver_for(make())
+    with pytest.raises(ValueError, match=match):
+        from_diffusers(_unet(), make())
+
+
+def test_ddim_steps_that_land_off_the_grid_are_refused():
+    den = from_diffusers(_unet(), _ddim(timestep_spacing="linspace"))
+    with pytest.raises(ValueError, match="timestep_spacing.*'linspace'"):
+        den.schedule.grid(8)
     with pytest.raises(ValueError, match="spacing"):
-        from_diffusers(_unet(), _scheduler("ddim", "epsilon", "leading")).schedule.grid(5, "trailing")
+        den.schedule.grid(5, "trailing")
+    empty_last = from_diffusers(_unet(), _ddim(timestep_spacing="leading", set_alpha_to_one=False))
+    with pytest.raises(ValueError, match="steps_offset=1 or set_alpha_to_one=True"):
+        empty_last.schedule.grid(8)
+
+
+def test_parareal_takes_one_step_history_and_refuses_deeper():
+    """Parareal carries one previous D across slices: DPM-Solver++(2M) SDE reaches the diffusers loop at tol 0 (its
+    coarse jump carries the pre-drawn noise); PNDM's three-point history is refused, naming the fix."""
+    sde = diffusers.DPMSolverMultistepScheduler(**SD_BETAS, algorithm_type="sde-dpmsolver++")
+    assert compare(sde, methods=(("parareal", 0.0),))["parareal"] <= BOUND
+    pndm = diffusers.PNDMScheduler(**SD_BETAS, skip_prk_steps=True, steps_offset=1)
+    with pytest.raises(ValueError, match="Parareal.*picard"):
+        compare(pndm, methods=(("parareal", 0.0),))

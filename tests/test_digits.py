@@ -46,7 +46,7 @@ def test_sample_quality_by_an_independent_classifier():
     confidence >= 0.9 by a logistic regression trained on the real digits, every class 5-15%, k-NN precision and
     recall >= 0.7. Picard (DDIM-100, tol 0.1) scores like the sequential DDIM-100 sampler within sampling noise."""
     pytest.importorskip("sklearn")
-    from paratime.zoo.digits_eval import DigitsJudge
+    from paratime.digits_eval import DigitsJudge
 
     judge = DigitsJudge(seed=0)
     ref = ParallelSampler("digits", solver="ddpm", steps=1000, method="sequential", progress=False).sample(200, seed=0)

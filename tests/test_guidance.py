@@ -88,7 +88,7 @@ def test_guidance_needs_unconditional_inputs():
 @pytest.mark.parametrize("method", ["sequential", "picard"])
 def test_guided_digits_are_classified_as_their_label(method):
     pytest.importorskip("sklearn")
-    from paratime.zoo.digits_eval import DigitsJudge
+    from paratime.digits_eval import DigitsJudge
 
     y = torch.arange(100) % 10
     s = ParallelSampler("digits", steps=50, method=method, guidance=3.0, progress=False)

@@ -20,10 +20,25 @@ TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.float16: dict(rtol=2e-3,
        torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}   # one unit in the last place of the storage dtype
 
 
-def test_conftest_enabled_the_interpreter():
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    assert triton_usable(torch.ones(2, dtype=torch.float32))
-    assert not triton_usable(torch.ones(2, dtype=torch.float64))      # float64 storage stays on torch
+def test_kernel_tests_run_the_triton_kernels_not_the_fallback(monkeypatch):
+    """With the torch references disabled, fp32 CPU calls still work (the interpreted kernels ran) and equal the
+    references; float64 storage goes to the (disabled) reference."""
+    import paratime.kernels.dispatch as dispatch
+
+    def refuse(*a, **k):
+        raise AssertionError("torch reference called")
+
+    monkeypatch.setattr(dispatch, "fused_step_reference", refuse)
+    monkeypatch.setattr(dispatch, "picard_update_reference", refuse)
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(2, 3, 5, generator=g)
+    c = torch.randn(4, 3, generator=g)
+    x0, dx = fused_step(x, out, c_x=c[0], c_o=c[1], k_d=c[2], k_z=c[3])
+    torch.testing.assert_close((x0, dx), fused_step_reference(x, out, None, 1.0, *c, None, True, True))
+    start, d, old = torch.randn(3, 5, generator=g), torch.randn(4, 3, 5, generator=g), torch.randn(4, 3, 5, generator=g)
+    torch.testing.assert_close(picard_update(start, d, old), picard_update_reference(start, d, old))
+    with pytest.raises(AssertionError, match="torch reference"):
+        fused_step(x.double(), out.double(), c_x=c[0], c_o=c[1], k_d=c[2], k_z=c[3])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,5 +1,6 @@
 """Sequential and Picard sampling: exact answers, parallel == sequential, layout independence, bad input."""
 
+import dataclasses
 import math
 
 import pytest
@@ -64,13 +65,19 @@ def test_picard_at_tol_zero_equals_sequential(solver, window):
 
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_picard_default_tol_within_documented_bound(solver):
-    """The bound documented in the README: at tol 0.1, max |picard - sequential| <= 0.1 on gmm for ODE solvers;
-    for SDE solvers the pathwise bound is looser (they are equal in distribution, tested below)."""
+    """The bounds documented in the README as percentiles of the per-sample max |picard - sequential| (gmm, 100 steps,
+    window 100, tol 0.1, 64 samples, seed 0). The max of an SDE solver is set by a rare mode switch (a sample on a
+    mode boundary, about 1 in 1,500), so its bound is on the 90th percentile and the number of samples off by > 0.1.
+    Measured: ODE p90 <= 0.0016, max <= 0.007; SDE p90 <= 0.0055, none > 0.1. At tol 1 each check fails (ODE max
+    0.044..0.064; SDE p90 0.10..0.13 with 7..8 samples > 0.1)."""
     seq = _sample(solver, steps=100, method="sequential", batch=64)
     par = _sample(solver, steps=100, window=100, tol=0.1, batch=64)
-    diff = float((par.samples - seq.samples).abs().max())
-    bound = 0.1 if solver in ("ddim", "heun", "dpmpp_2m") else 3.0
-    assert diff <= bound, diff
+    diff = (par.samples - seq.samples).abs().amax(1)            # (64,) per-sample max over coordinates
+    p90 = float(torch.quantile(diff, 0.9))
+    if solver in ("ddim", "heun", "dpmpp_2m"):
+        assert p90 <= 0.004 and float(diff.max()) <= 0.02, (p90, float(diff.max()))
+    else:
+        assert p90 <= 0.02 and int((diff > 0.1).sum()) <= 1, (p90, int((diff > 0.1).sum()))
     assert par.stats.iterations < 100
 
 
@@ -97,10 +104,28 @@ def test_same_seed_same_samples_whatever_window_or_batch_split():
 
 
 def test_converged_samples_stop_costing_evaluations():
-    res = _sample("ddim", steps=100, window=100, tol=0.1, batch=64)
-    rounds = torch.tensor(res.stats.sample_rounds)
-    assert int(rounds.min()) < int(rounds.max())          # samples finish at different rounds
-    assert res.stats.nfe_total < 64 * 100 * res.stats.iterations
+    """Counted at the network: in round r it sees at least one and at most W rows per sample still running (none
+    for a finished one), and the reported NFE is exactly what it saw."""
+    model = ring_gmm()
+    rows, per_round = [], []
+
+    def net(x_in, t):
+        rows.append(x_in.shape[0])
+        return model.network(x_in, t)
+
+    def on_round(info):
+        per_round.append(sum(rows))
+        rows.clear()
+
+    W = 20
+    res = ParallelSampler(dataclasses.replace(model, network=net), steps=100, window=W, tol=0.1,
+                          progress=False).sample(64, seed=0, callback=on_round)
+    finished = torch.tensor(res.stats.sample_rounds)
+    assert int(finished.min()) < int(finished.max())        # samples finish at different rounds
+    assert sum(per_round) == res.stats.nfe_total and len(per_round) == res.stats.iterations
+    for r, n in enumerate(per_round, start=1):
+        running = int((finished >= r).sum())
+        assert running <= n <= W * running, (r, n, running)
 
 
 def test_max_rounds_finishes_sequentially_and_exactly():

@@ -1,11 +1,14 @@
-"""Backends by name: ``local`` (one device), ``torch`` (torch.distributed SPMD), ``ray`` (Ray actors)."""
+"""Backends by name: ``local`` (one device), ``torch`` (torch.distributed SPMD), ``ray`` (Ray actors); the memory
+bounds every backend honours (:mod:`.memory`)."""
 
 from __future__ import annotations
 
-from .base import Backend
+from .base import Backend, cast_network
 from .local import LocalBackend
+from .memory import DeviceMemoryError, check_memory, noise_draws
 
-__all__ = ["Backend", "LocalBackend", "BACKENDS", "make_backend"]
+__all__ = ["Backend", "LocalBackend", "BACKENDS", "make_backend", "cast_network", "check_memory", "noise_draws",
+           "DeviceMemoryError"]
 
 
 def _torch_backend(**kw):

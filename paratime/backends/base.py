@@ -1,19 +1,37 @@
 """The backend protocol: where the denoiser runs.
 
-Parallel methods hand the backend a batch of rows (states, sigmas, model times, per-row conditioning) and get
-``D`` back; the backend decides which devices or processes evaluate which rows. Backends own resources (process
-groups, actors), so they are context managers; ``close()`` is idempotent.
+Parallel methods hand the backend a batch of rows (states, sigmas, model times, and for each row the index of its
+sample) and get ``D`` back; the backend decides which devices or processes evaluate which rows. Backends own
+resources (process groups, actors), so they are context managers; ``close()`` is idempotent.
+
+Per ``sample()`` call the sampler first calls :meth:`Backend.prepare` with the per-sample conditioning (``B`` rows),
+then ``evaluate(x, sigma, model_time, cond, samples=b)`` per network call, then :meth:`Backend.release`. A backend that
+ships work to other processes places the conditioning there once (Ray: once in the object store) and sends only the
+rows and their sample indices per call.
+
+**Bounded memory.** No network call gets more than ``max_batch`` rows: every backend splits its share of a call into
+chunks of at most ``max_batch`` rows (:meth:`Backend.run_chunked`). ``max_batch=None`` (the default) derives it from
+the model and the device at the first call (:func:`paratime.backends.memory.default_max_batch`: on CUDA from the
+peak memory of a first chunk of :data:`~paratime.backends.memory.PROBE_ROWS` rows and the free memory; on CPU the
+stated constant :data:`~paratime.backends.memory.CPU_MAX_BATCH`), so a Stable-Diffusion-size model never gets one
+8,000-row call.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from ..denoiser import Denoiser
+from .memory import PROBE_ROWS, default_max_batch, measure_rows
 
-__all__ = ["Backend", "map_cond"]
+__all__ = ["Backend", "map_cond", "split_cond", "cast_network", "check_max_batch", "cond_bytes"]
+
+log = logging.getLogger("paratime")
 
 
 def map_cond(cond: dict, fn) -> dict:
@@ -29,22 +47,154 @@ def map_cond(cond: dict, fn) -> dict:
     return out
 
 
+def cond_bytes(cond: dict) -> int:
+    """Bytes held by the tensors of ``cond`` (nested dicts included)."""
+    total = 0
+    for v in cond.values():
+        if isinstance(v, dict):
+            total += cond_bytes(v)
+        elif isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
+    return total
+
+
+def check_max_batch(max_batch) -> int | None:
+    """``max_batch`` validated: an integer >= 1, or None (derived from the model and device).
+
+    Raises:
+        ValueError: anything else.
+    """
+    if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
+        raise ValueError(f"max_batch: must be an integer >= 1 or None (derived from the model and device), "
+                         f"got {max_batch!r}")
+    return max_batch
+
+
+def cast_network(denoiser: Denoiser, inplace: bool = False) -> Denoiser:
+    """The denoiser with its ``torch.nn.Module`` network's floating parameters in ``denoiser.dtype``.
+
+    ``Denoiser(dtype=torch.bfloat16)`` over float32 weights would feed bf16 inputs to fp32 layers (a dtype mismatch
+    inside the network); this converts the weights instead, on a copy unless ``inplace`` (the caller owns the
+    network, e.g. a model loaded by name). Nothing changes when the dtypes already agree or ``dtype`` is None.
+
+    Returns:
+        A :class:`Denoiser` whose network runs in ``denoiser.dtype``.
+    """
+    net, dtype = denoiser.network, denoiser.dtype
+    if dtype is None or not isinstance(net, torch.nn.Module):
+        return denoiser
+    p = next((p for p in net.parameters() if p.is_floating_point()), None)
+    if p is None or p.dtype == dtype:
+        return denoiser
+    log.info("casting the network's weights from %s to %s%s", p.dtype, dtype, "" if inplace else " (a copy)")
+    net = (net if inplace else copy.deepcopy(net)).to(dtype)
+    return replace(denoiser, network=net)
+
+
 class Backend:
-    """Base class. Subclasses implement :meth:`evaluate` and, if they hold resources, :meth:`close`."""
+    """Base class. Subclasses implement :meth:`evaluate` and, if they hold resources, :meth:`close`.
+
+    Args:
+        max_batch: largest number of rows in one network call (per worker); None: derived from the model and the
+            device at the first call (see the module docstring).
+
+    Raises:
+        ValueError: a bad ``max_batch``.
+    """
 
     name: str = ""
     #: workers that evaluate rows in parallel (ranks, actors, devices)
     workers: int = 1
 
+    def __init__(self, max_batch: int | None = None):
+        self.max_batch = check_max_batch(max_batch)
+        self.denoiser: Denoiser | None = None
+        self._cond: dict = {}
+        self._auto_batch: int | None = None
+        self.comm_s = 0.0
+        self.comm_bytes = 0
+        self.calls = 0
+
+    # -- binding and per-sample state -----------------------------------------------------------------------------
     def bind(self, denoiser: Denoiser) -> None:
-        """Attach the denoiser (called once by the sampler before the first evaluation)."""
+        """Attach the denoiser (called by the sampler before the first evaluation). Binding another denoiser later
+        re-binds: the next call evaluates the new one (backends with workers re-ship it)."""
+        if not isinstance(denoiser, Denoiser):
+            raise TypeError(f"denoiser: expected a Denoiser, got {type(denoiser).__name__}")
+        if self.denoiser is not None and denoiser is not self.denoiser:
+            log.info("%s backend: re-bound to another denoiser", self.name or type(self).__name__)
+            self._auto_batch = None
         self.denoiser = denoiser
 
+    def prepare(self, cond: dict[str, Any]) -> None:
+        """Per-sample conditioning for the coming ``sample()`` call (tensors with a leading batch dimension B).
+        ``evaluate(..., samples=b)`` then reads row r's conditioning from sample ``b[r]``."""
+        self._cond = cond
+
+    def release(self) -> None:
+        """Forget what :meth:`prepare` placed (the sampler calls it when ``sample()`` ends, also on error)."""
+        self._cond = {}
+
+    def rows_cond(self, cond: dict | None, samples: torch.Tensor | None) -> dict:
+        """The per-row conditioning: ``cond`` as given when ``samples`` is None, else the prepared (or given)
+        per-sample conditioning gathered at ``samples`` (on the conditioning's device, no host sync)."""
+        if samples is None:
+            return cond or {}
+        per_sample = cond if cond else self._cond
+        return map_cond(per_sample, lambda v: v[samples if samples.device == v.device else samples.to(v.device)])
+
+    # -- evaluation -----------------------------------------------------------------------------------------------
     def evaluate(self, x: torch.Tensor, sigma: torch.Tensor, model_time: torch.Tensor,
-                 cond: dict[str, Any]) -> torch.Tensor:
-        """``D(x, sigma, model_time, **cond)`` for ``(M, *shape)`` rows; the result is on ``x``'s device."""
+                 cond: dict[str, Any] | None = None, samples: torch.Tensor | None = None) -> torch.Tensor:
+        """``D(x, sigma, model_time, **cond)`` for ``(M, *shape)`` rows; the result is on ``x``'s device.
+
+        Args:
+            x: ``(M, *shape)`` VE-frame states. sigma, model_time: ``(M,)``.
+            cond: per-row conditioning (``samples`` None), or per-sample conditioning (``samples`` given; empty:
+                what :meth:`prepare` placed).
+            samples: ``(M,)`` the sample index of each row, or None.
+        """
         raise NotImplementedError
 
+    def batch_limit(self) -> int | None:
+        """Denoiser rows per call in force: ``max_batch`` (or the derived one; None before the first call), halved
+        under classifier-free guidance, whose network call holds each row twice."""
+        limit = self.max_batch or self._auto_batch
+        if limit is None or self.denoiser is None or not self.denoiser.guided:
+            return limit
+        return max(1, limit // 2)
+
+    def run_chunked(self, x: torch.Tensor, sigma: torch.Tensor, model_time: torch.Tensor, cond: dict,
+                    fn=None) -> torch.Tensor:
+        """Evaluate rows on this process, at most ``max_batch`` network rows per call (derived at the first call
+        when None). ``cond`` is per-row; ``fn(x, sigma, model_time, **cond)`` defaults to the bound denoiser (the
+        torch backend passes its ``run_network`` to get raw outputs)."""
+        if self.denoiser is None:
+            raise RuntimeError("backend: not bound to a denoiser; the sampler calls bind() first")
+        den = fn or self.denoiser
+        M = x.shape[0]
+        outs, start = [], 0
+        if self.batch_limit() is None:
+            per_row = None
+            if x.device.type == "cuda":
+                # Evaluate a first small chunk while measuring its peak memory; derive max_batch from it.
+                start = min(M, PROBE_ROWS)
+                out, per_row = measure_rows(lambda: den(x[:start], sigma[:start], model_time[:start],
+                                                        **split_cond(cond, 0, start)), start, x.device)
+                outs.append(out)
+                if self.denoiser.guided:
+                    per_row /= 2                   # the probe's network call held each row twice
+            self._auto_batch = default_max_batch(x.device, per_row)
+            log.info("%s backend: max_batch %d network rows per call (derived for %s)", self.name, self._auto_batch,
+                     x.device)
+        step = self.batch_limit()
+        if start == 0 and M <= step:
+            return den(x, sigma, model_time, **cond)     # one chunk: no slicing
+        for s in range(start, M, step):
+            outs.append(den(x[s:s + step], sigma[s:s + step], model_time[s:s + step], **split_cond(cond, s, s + step)))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    # -- figures --------------------------------------------------------------------------------------------------
     @property
     def is_primary(self) -> bool:
         """Whether this process reports results (rank 0 under SPMD, always true otherwise)."""
@@ -52,8 +202,9 @@ class Backend:
 
     @property
     def timings(self) -> dict[str, float]:
-        """Seconds spent in communication, if the backend measures it."""
-        return {}
+        """Communication figures: ``comm_s`` seconds and ``comm_bytes`` bytes moved between workers (both
+        cumulative), ``calls`` network calls made through this backend."""
+        return {"comm_s": self.comm_s, "comm_bytes": float(self.comm_bytes), "calls": float(self.calls)}
 
     def close(self) -> None:
         pass
@@ -63,3 +214,8 @@ class Backend:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def split_cond(cond: dict, start: int, stop: int) -> dict:
+    """Rows ``start:stop`` of every per-row tensor in ``cond``; other values pass through."""
+    return map_cond(cond, lambda v: v[start:stop])

@@ -1,21 +1,32 @@
 """Ray backend: a pool of actors, one model replica each, created once and reused across ``sample`` calls.
 
-The driver runs the sampling loop and scatters contiguous chunks of each batch of rows to the actors. The model
-reaches the actors once, as a constructor: a model name, a picklable zero-argument factory, or the sampler's own
-:class:`~paratime.denoiser.Denoiser` (put in the object store once). Every ``ray.get`` has a timeout; an actor that
-dies or times out is replaced and its chunk re-run, so the sample is unchanged.
+The driver runs the sampling loop and scatters contiguous chunks of each batch of rows to the actors. What travels:
+
+- once per :meth:`RayBackend.bind` (a new model): the sampler's :class:`~paratime.denoiser.Denoiser`, through the
+  object store; with ``model=`` (a name or factory) the actors build the network themselves and receive only the
+  denoiser's settings (guidance, dtype, clipping), and a denoiser with a different network type is refused;
+- once per ``sample()`` (:meth:`RayBackend.prepare`): the per-sample conditioning, through the object store;
+- per network call: the rows (states, sigmas, model times, sample indices) in, the outputs out. ``timings`` reports
+  the bytes (``comm_bytes``) and the calls, so bytes per round = ``comm_bytes / calls``.
+
+Each actor evaluates its chunk with a :class:`~paratime.backends.local.LocalBackend` (at most ``max_batch`` rows per
+network call). Every ``ray.get`` has a timeout; an actor that dies or times out is replaced and its chunk re-run, so
+the sample is unchanged. Actors that cannot be scheduled (no GPU, too few CPUs) raise :class:`RayWorkerError` saying
+so within ``start_timeout_s``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
 
-from .base import Backend, map_cond
-from .local import split_cond
+from ..denoiser import Denoiser
+from .base import Backend, cast_network, map_cond, split_cond
 
 __all__ = ["RayBackend", "RayWorkerError"]
 
@@ -23,39 +34,83 @@ log = logging.getLogger("paratime")
 
 
 class RayWorkerError(RuntimeError):
-    """An actor failed more times than ``max_retries`` allows."""
+    """An actor failed more times than ``max_retries`` allows, or actors could not be scheduled."""
+
+
+def _kind(network) -> str:
+    return f"{type(network).__module__}.{type(network).__qualname__}"
+
+
+class _ActorNetwork:
+    """Placeholder network of a denoiser whose actors build the real one from ``model=``; ``kind`` names the
+    sampler's network type, which the actors' own network must have."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("this denoiser's network lives on the Ray actors")
+
+
+def _tensor_bytes(*items) -> int:
+    total = 0
+    for v in items:
+        if isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
+        elif isinstance(v, dict):
+            total += _tensor_bytes(*v.values())
+    return total
 
 
 class _Replica:
-    """Actor body: builds the denoiser once, then evaluates chunks of rows."""
+    """Actor body: builds the network once (from ``spec``) or receives the denoiser, then evaluates chunks."""
 
-    def __init__(self, spec: Any, device: str, threads: int | None):
+    def __init__(self, spec: Any, device: str, threads: int | None, max_batch: int | None):
         if threads:
             torch.set_num_threads(threads)
+        from .local import LocalBackend
+
+        self.device = device
+        self.own = None                       # the denoiser built from the spec, if any
         if isinstance(spec, str):
-            from ..zoo import load_model
+            from ..models import load_model
 
-            den = load_model(spec)
-        elif callable(spec) and not hasattr(spec, "schedule"):
-            den = spec()
-        else:
-            den = spec
-        if device != "cpu" and isinstance(den.network, torch.nn.Module):
-            den.network.to(device)
-        self.den, self.device = den, device
+            self.own = load_model(spec)
+        elif spec is not None:
+            self.own = spec()
+        self.local = LocalBackend(max_batch)
 
-    def evaluate(self, x, sigma, model_time, cond):
-        """Returns the rows' D and the seconds spent computing them (for the driver's communication figure)."""
+    def set_denoiser(self, den: Denoiser):
+        """Bind a denoiser; one with the placeholder network takes this actor's own network."""
+        if isinstance(den.network, _ActorNetwork):
+            if self.own is None:
+                raise ValueError("model: this actor has no model of its own")
+            if den.network.kind != _kind(self.own.network):
+                raise ValueError(f"model: the actors were built for a {_kind(self.own.network)} network, not a "
+                                 f"{den.network.kind}; make a new RayBackend (or one with model=None)")
+            den = replace(den, network=self.own.network)
+        den = cast_network(den, inplace=self.own is not None)
+        if self.device != "cpu" and isinstance(den.network, torch.nn.Module):
+            den.network.to(self.device)
+        self.local.bind(den)
+        return True
+
+    def set_cond(self, cond: dict | None):
+        self.local.prepare({} if cond is None else map_cond(cond, lambda v: v.to(self.device)))
+        return True
+
+    def evaluate(self, x, sigma, model_time, samples, cond):
+        """Rows' D (on the CPU) and the seconds spent computing them (for the driver's communication figure).
+        ``samples`` indexes the prepared conditioning; ``cond`` carries per-row conditioning instead (or None)."""
         t0 = time.perf_counter()
         d = self.device
-        cond = map_cond(cond, lambda v: v.to(d))
         with torch.no_grad():
-            out = self.den(x.to(d), sigma.to(d), model_time.to(d), **cond).cpu()
+            out = self.local.evaluate(x.to(d), sigma.to(d), model_time.to(d),
+                                      None if cond is None else map_cond(cond, lambda v: v.to(d)),
+                                      None if samples is None else samples.to(d)).cpu()
         return out, time.perf_counter() - t0
 
     def pid(self):
-        import os
-
         return os.getpid()
 
 
@@ -64,12 +119,14 @@ class RayBackend(Backend):
 
     Args:
         workers: number of actors (model replicas).
-        model: how actors build the model: a model name, a zero-argument factory returning a Denoiser, or None to
-            ship the sampler's Denoiser once through the object store.
+        model: how actors build the network: a model name, a zero-argument factory returning a Denoiser, or None to
+            ship the sampler's Denoiser through the object store (re-shipped when another one is bound).
         address: ``None`` starts (or reuses) a local Ray on loopback; ``"auto"`` or ``"ray://..."`` joins a cluster.
         num_gpus: GPUs per actor (default 1 if CUDA is available, else 0); num_cpus: CPUs per actor (default 1).
         timeout_s: limit on each ``ray.get``. max_retries: replacements per call before giving up.
+        start_timeout_s: how long actors may take to be scheduled and start before :class:`RayWorkerError`.
         threads: torch threads per actor; default: this machine's CPUs shared evenly among the actors.
+        max_batch: rows per network call on each actor (None: derived from the model and device).
 
     Raises:
         ValueError: bad options. ImportError: ray is not installed (``pip install paratime[ray]``).
@@ -79,11 +136,14 @@ class RayBackend(Backend):
 
     def __init__(self, workers: int = 2, model: str | Callable | None = None, address: str | None = None,
                  num_gpus: float | None = None, num_cpus: float = 1, timeout_s: float = 120.0,
-                 max_retries: int = 2, threads: int | None = None):
+                 max_retries: int = 2, threads: int | None = None, max_batch: int | None = None,
+                 start_timeout_s: float = 60.0):
+        super().__init__(max_batch)
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers: must be an integer >= 1, got {workers!r}")
-        if not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
-            raise ValueError(f"timeout_s: must be > 0, got {timeout_s!r}")
+        for arg, v in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s)):
+            if not isinstance(v, (int, float)) or v <= 0:
+                raise ValueError(f"{arg}: must be > 0, got {v!r}")
         if not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries: must be an integer >= 0, got {max_retries!r}")
         if model is not None and not (isinstance(model, str) or callable(model)):
@@ -94,9 +154,8 @@ class RayBackend(Backend):
             raise ImportError("backend 'ray' needs ray: pip install 'paratime[ray]'") from e
         self.ray = ray
         self.workers, self.model, self.timeout_s, self.max_retries = workers, model, float(timeout_s), max_retries
+        self.start_timeout_s = float(start_timeout_s)
         self.num_gpus = (1 if torch.cuda.is_available() else 0) if num_gpus is None else num_gpus
-        import os
-
         self.num_cpus = num_cpus
         self.threads = threads or max(1, (os.cpu_count() or 1) // workers)
         self.started_ray = False
@@ -108,32 +167,75 @@ class RayBackend(Backend):
                 ray.init(address=address, log_to_driver=False)
             self.started_ray = True
         self.actors: list = []
-        self.comm_s = 0.0
-        self._spec = None
+        self._den_ref = None                  # what the actors were last bound to (object store)
+        self._cond_ref = None
+        self.prepare_bytes = 0                # bytes placed once per sample() call (conditioning)
 
-    @property
-    def timings(self):
-        return {"comm_s": self.comm_s}
-
+    # -- binding --------------------------------------------------------------------------------------------------
     def bind(self, denoiser):
+        if denoiser is self.denoiser and self.actors:
+            return
         super().bind(denoiser)
-        if self._spec is None:
-            self._spec = self.model if self.model is not None else self.ray.put(denoiser)
+        payload = denoiser if self.model is None else replace(denoiser, network=_ActorNetwork(_kind(denoiser.network)))
+        self._den_ref = self.ray.put(payload)
+        if not self.actors:
             self.actors = [self._new_actor() for _ in range(self.workers)]
-            self.ray.get([a.pid.remote() for a in self.actors], timeout=self.timeout_s)
+            self._await_start(self.actors)
+        self._call_all("set_denoiser", self._den_ref)
 
     def _new_actor(self):
         cls = self.ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=0)(_Replica)
         device = "cuda" if self.num_gpus else "cpu"
-        return cls.remote(self._spec, device, self.threads)
+        return cls.remote(self.model, device, self.threads, self.max_batch)
 
-    def evaluate(self, x, sigma, model_time, cond):
+    def _await_start(self, actors):
+        ray = self.ray
+        try:
+            ray.get([a.pid.remote() for a in actors], timeout=self.start_timeout_s)
+        except ray.exceptions.GetTimeoutError as e:
+            raise RayWorkerError(
+                f"workers: {len(actors)} actor(s) needing num_cpus={self.num_cpus}, num_gpus={self.num_gpus} each "
+                f"could not be scheduled within start_timeout_s={self.start_timeout_s:g} s; the cluster has "
+                f"{ray.cluster_resources()} in all and {ray.available_resources()} free. Lower workers, num_cpus "
+                f"or num_gpus, or add nodes") from e
+
+    def _call_all(self, method: str, *args):
+        ray = self.ray
+        try:
+            ray.get([getattr(a, method).remote(*args) for a in self.actors], timeout=self.timeout_s)
+        except ray.exceptions.RayTaskError as e:
+            cause = e.as_instanceof_cause() if hasattr(e, "as_instanceof_cause") else e
+            if isinstance(cause, ValueError):
+                raise ValueError(f"model: the actors cannot evaluate this denoiser: {cause}") from e
+            raise
+
+    # -- per sample() ---------------------------------------------------------------------------------------------
+    def prepare(self, cond):
+        super().prepare(cond)
+        cpu = map_cond(cond, lambda v: v.cpu())
+        self._cond_ref = self.ray.put(cpu)
+        self.prepare_bytes += _tensor_bytes(cpu)
+        self._call_all("set_cond", self._cond_ref)
+
+    def release(self):
+        super().release()
+        if self._cond_ref is not None and self.actors:
+            self._call_all("set_cond", None)
+        self._cond_ref = None
+
+    # -- evaluation -----------------------------------------------------------------------------------------------
+    def evaluate(self, x, sigma, model_time, cond=None, samples=None):
+        self.calls += 1
         M = x.shape[0]
         n = min(self.workers, M)
         bounds = [(M * i // n, M * (i + 1) // n) for i in range(n)]
         xc, sc, tc = x.cpu(), sigma.cpu(), model_time.cpu()
-        cc = map_cond(cond, lambda v: v.cpu())
-        chunks = [(xc[a:b], sc[a:b], tc[a:b], split_cond(cc, a, b)) for a, b in bounds]
+        if samples is not None and cond:                  # per-sample conditioning given with the call
+            cond, samples = self.rows_cond(cond, samples), None
+        bc = None if samples is None else samples.cpu()
+        cc = None if samples is not None else map_cond(cond or {}, lambda v: v.cpu())
+        chunks = [(xc[a:b], sc[a:b], tc[a:b], None if bc is None else bc[a:b],
+                   None if cc is None else split_cond(cc, a, b)) for a, b in bounds]
         t0 = time.perf_counter()
         refs = [self.actors[i].evaluate.remote(*chunks[i]) for i in range(n)]
         outs, compute = [], []
@@ -143,6 +245,7 @@ class RayBackend(Backend):
             compute.append(dt)
         # Communication: the call's wall time less the slowest actor's compute (serialisation, transfer, scheduling).
         self.comm_s += max(time.perf_counter() - t0 - max(compute), 0.0)
+        self.comm_bytes += _tensor_bytes(xc, sc, tc, bc, cc) + sum(_tensor_bytes(o) for o in outs)
         return torch.cat(outs).to(x.device)
 
     def _get(self, i, ref, chunk):
@@ -156,13 +259,22 @@ class RayBackend(Backend):
                     raise RayWorkerError(f"actor {i} failed {attempt + 1} times (timeout {self.timeout_s:g} s): "
                                          f"{type(e).__name__}") from e
                 log.warning("ray actor %d failed (%s); replacing it and re-running its chunk", i, type(e).__name__)
-                try:
-                    ray.kill(self.actors[i], no_restart=True)
-                except Exception:  # noqa: BLE001 - the actor may already be gone
-                    pass
-                self.actors[i] = self._new_actor()
+                self._replace(i)
                 ref = self.actors[i].evaluate.remote(*chunk)
         raise AssertionError("unreachable")
+
+    def _replace(self, i):
+        """A fresh actor in slot i, bound to the current denoiser and conditioning."""
+        try:
+            self.ray.kill(self.actors[i], no_restart=True)
+        except Exception:  # noqa: BLE001 - the actor may already be gone
+            pass
+        a = self.actors[i] = self._new_actor()
+        self._await_start([a])
+        pending = [a.set_denoiser.remote(self._den_ref)]
+        if self._cond_ref is not None:
+            pending.append(a.set_cond.remote(self._cond_ref))
+        self.ray.get(pending, timeout=self.timeout_s)
 
     def close(self):
         for a in self.actors:
@@ -171,6 +283,7 @@ class RayBackend(Backend):
             except Exception:  # noqa: BLE001
                 pass
         self.actors = []
+        self._den_ref = self._cond_ref = None
         if self.started_ray and self.ray.is_initialized():
             self.ray.shutdown()
             self.started_ray = False

@@ -1,8 +1,21 @@
 """torch.distributed SPMD backend: every rank runs the same sampling loop on the same data.
 
 Each network call, rank r evaluates its contiguous share of the rows (ceil(M / world) rows, the last shares padded),
-and one ``all_gather_into_tensor`` gives every rank all outputs, so every rank applies the identical update and
-holds the same trajectory without a coordinator. NCCL on CUDA (one GPU per rank, ``LOCAL_RANK``), gloo on CPU.
+in chunks of at most ``max_batch`` rows, and one ``all_gather_into_tensor`` gives every rank all outputs, so every
+rank applies the identical update and holds the same trajectory without a coordinator. NCCL on CUDA (one GPU per
+rank), gloo on CPU.
+
+What is gathered: the network's raw outputs in the network's dtype (bf16/fp16 outputs travel at 2 bytes per
+element), converted to ``x0`` on every rank afterwards (the same elementwise conversion the local backend applies).
+With classifier-free or classifier guidance the per-rank results are already combined, and ``x0`` is gathered in
+the state dtype.
+
+Device of a rank: ``device=`` if given; under NCCL ``cuda:LOCAL_RANK`` (torchrun sets it), else the device of the
+model's parameters, else the current CUDA device; under gloo the model's parameters' device, else the CPU.
+
+Communication time: on CUDA, events recorded on the compute stream just before the collective is issued and just
+after the stream is made to wait for it (read once, when :attr:`timings` is asked for: no host sync per call); on
+CPU, the wall time of the blocking gloo collective (it includes waiting for a slower peer's compute).
 
 A rank that dies or hangs makes the collective fail on every other rank within ``timeout_s``: the error names the
 rank, the collective and the timeout instead of hanging.
@@ -18,8 +31,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .base import Backend, map_cond
-from .local import split_cond
+from .base import Backend, map_cond, split_cond
 
 __all__ = ["TorchDistributedBackend", "DistributedTimeoutError"]
 
@@ -40,6 +52,8 @@ class TorchDistributedBackend(Backend):
         timeout_s: seconds a collective may take before every waiting rank raises.
         dist_backend: ``nccl`` or ``gloo``; default nccl when CUDA is available, else gloo.
         init_method: e.g. ``tcp://127.0.0.1:29500`` with ``rank`` and ``world_size``, instead of the environment.
+        device: this rank's compute device (default: see the module docstring).
+        max_batch: rows per network call on each rank (None: derived from the model and device).
 
     Raises:
         ValueError: a bad option, or no distributed environment to join.
@@ -48,11 +62,17 @@ class TorchDistributedBackend(Backend):
     name = "torch"
 
     def __init__(self, group=None, timeout_s: float = 300.0, dist_backend: str | None = None,
-                 init_method: str | None = None, rank: int | None = None, world_size: int | None = None):
+                 init_method: str | None = None, rank: int | None = None, world_size: int | None = None,
+                 device: str | torch.device | None = None, max_batch: int | None = None):
+        super().__init__(max_batch)
         if not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
             raise ValueError(f"timeout_s: must be > 0, got {timeout_s!r}")
         if dist_backend not in (None, "nccl", "gloo"):
             raise ValueError(f"dist_backend: unknown {dist_backend!r}; allowed: nccl, gloo")
+        try:
+            self._device = None if device is None else torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device: not a device: {device!r}") from e
         self.timeout = datetime.timedelta(seconds=float(timeout_s))
         self.owns_group = False
         if group is None and not dist.is_initialized():
@@ -65,49 +85,94 @@ class TorchDistributedBackend(Backend):
                 os.environ["GLOO_SOCKET_IFNAME"] = "lo"   # keep a single-machine run on loopback
             kw = {} if init_method is None else {"init_method": init_method, "rank": rank, "world_size": world_size}
             if dist_backend == "nccl":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+                torch.cuda.set_device(self._device or int(os.environ.get("LOCAL_RANK", 0)))
             dist.init_process_group(dist_backend, timeout=self.timeout, **kw)
             self.owns_group = True
         self.group = group
         self.rank = dist.get_rank(group)
         self.workers = dist.get_world_size(group)
-        self.comm_s = 0.0
+        self._events: list = []          # (start, end) CUDA events of collectives not yet read
 
     @property
     def is_primary(self) -> bool:
         return self.rank == 0
 
     @property
+    def nccl(self) -> bool:
+        return dist.get_backend(self.group) == "nccl"
+
+    @property
     def device(self) -> torch.device:
-        if dist.get_backend(self.group) == "nccl":
+        """This rank's compute device (see the module docstring)."""
+        if self._device is not None:
+            return self._device
+        net = getattr(self.denoiser, "network", None)
+        p = next(net.parameters(), None) if isinstance(net, torch.nn.Module) else None
+        if self.nccl:
+            if "LOCAL_RANK" in os.environ:
+                return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            if p is not None and p.is_cuda:
+                return p.device
             return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        return p.device if p is not None else torch.device("cpu")
 
     @property
     def timings(self):
-        return {"comm_s": self.comm_s}
+        if self._events:
+            torch.cuda.synchronize()        # once, when the figures are read
+            self.comm_s += sum(a.elapsed_time(b) for a, b in self._events) / 1000
+            self._events.clear()
+        return super().timings
 
-    def evaluate(self, x, sigma, model_time, cond):
-        M, world = x.shape[0], self.workers
+    def evaluate(self, x, sigma, model_time, cond=None, samples=None):
+        self.calls += 1
+        den, dev, M, world = self.denoiser, self.device, x.shape[0], self.workers
         per = -(-M // world)
         lo, hi = min(self.rank * per, M), min((self.rank + 1) * per, M)
-        # This rank's contiguous share, padded to `per` rows so every rank sends the same size.
-        local = torch.zeros((per, *x.shape[1:]), dtype=x.dtype, device=self.device)
+        raw = not (den.guided or (den.classifier is not None and den.classifier_scale))
+        # This rank's contiguous share: raw network outputs (or x0 under guidance), padded to `per` rows.
+        share_cond = split_cond(cond or {}, lo, hi) if samples is None else self.rows_cond(cond, samples[lo:hi])
+        share_cond = map_cond(share_cond, lambda v: v.to(dev))
+        xs, ss, ts = x[lo:hi].to(dev), sigma[lo:hi].to(dev), model_time[lo:hi].to(dev)
+        gather_dtype = (den.network_dtype or x.dtype) if raw else x.dtype   # the same on every rank
         if hi > lo:
-            out = self.denoiser(x[lo:hi].to(self.device), sigma[lo:hi].to(self.device),
-                                model_time[lo:hi].to(self.device), **map_cond(split_cond(cond, lo, hi), lambda v: v.to(self.device)))
-            local[: hi - lo] = out
-        # gloo wants a flat output tensor; NCCL accepts it too.
-        gathered = torch.empty(world * local.numel(), dtype=x.dtype, device=self.device)
-        t0 = time.perf_counter()
-        self._collective("all_gather_into_tensor", gathered, local.reshape(-1))
-        self.comm_s += time.perf_counter() - t0
-        return gathered.view(world * per, *x.shape[1:])[:M].to(x.device)
+            out = self.run_chunked(xs, ss, ts, share_cond, fn=den.run_network if raw else None).to(gather_dtype)
+        else:
+            out = torch.empty((0, *x.shape[1:]), dtype=gather_dtype, device=dev)
+        if hi - lo < per:
+            out = torch.cat([out, out.new_zeros((per - (hi - lo), *x.shape[1:]))])
+        gathered = self._all_gather(out.reshape(-1), world)
+        full = gathered.view(world * per, *x.shape[1:])[:M].to(x.device)
+        self.comm_bytes += (world - 1) * out.numel() * out.element_size()
+        return den.to_x0(x, sigma, full) if raw else full.to(x.dtype)
+
+    def _all_gather(self, local: torch.Tensor, world: int) -> torch.Tensor:
+        # gloo wants a flat output tensor (NCCL accepts it too) on the CPU; half-precision outputs travel as their
+        # bytes (gloo rejects bf16 and int16; a gather only copies bits).
+        dtype = local.dtype
+        if not self.nccl:
+            local = local.cpu()
+            if dtype in (torch.float16, torch.bfloat16):
+                local = local.view(torch.uint8)
+        gathered = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
+        if self.nccl:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            self._collective("all_gather_into_tensor", gathered, local)
+            end.record()
+            self._events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            self._collective("all_gather_into_tensor", gathered, local)
+            self.comm_s += time.perf_counter() - t0
+        return gathered.view(dtype)
 
     def _collective(self, name, *args):
         try:
             work = getattr(dist, name)(*args, group=self.group, async_op=True)
-            if not work.wait(timeout=self.timeout):
+            if self.nccl:
+                work.wait()         # makes the current stream wait for NCCL's; the host does not block
+            elif not work.wait(timeout=self.timeout):
                 raise DistributedTimeoutError(f"rank {self.rank}: {name} did not complete within "
                                               f"{self.timeout.total_seconds():g} s")
         except DistributedTimeoutError:
@@ -118,7 +183,7 @@ class TorchDistributedBackend(Backend):
                 f"rank died, hangs or is unreachable. Cause: {str(e).splitlines()[0][:300]}") from e
 
     def barrier(self):
-        self._collective("all_reduce", torch.zeros(1, device=self.device))
+        self._collective("all_reduce", torch.zeros(1, device=self.device if self.nccl else "cpu"))
 
     def close(self):
         if self.owns_group and dist.is_initialized():

@@ -15,15 +15,24 @@ def _sequential(x, problem, cfg):
 
 
 def _picard(x, problem, cfg):
-    return sample_picard(x, problem, cfg.window_size, cfg.tol, cfg.max_rounds, cfg.shared_window)
+    return sample_picard(x, problem, cfg.window_size, cfg.tol, cfg.max_rounds, cfg.shared_window,
+                         stop=cfg.stop, update=cfg.update, accept_tol=cfg.accept_tol)
+
+
+#: Parareal's default tolerance (noise-level units), used when ``tol`` is None
+PARAREAL_TOL = 0.1
+
+
+def _parareal_tol(cfg):
+    return PARAREAL_TOL if cfg.tol is None else cfg.tol
 
 
 def _parareal(x, problem, cfg):
-    return sample_parareal(x, problem, cfg.slices, cfg.coarse_steps, cfg.tol, cfg.coarse)
+    return sample_parareal(x, problem, cfg.slices, cfg.coarse_steps, _parareal_tol(cfg), cfg.coarse)
 
 
 def _parareal_pipelined(x, problem, cfg):
-    return sample_parareal_pipelined(x, problem, cfg.slices, cfg.coarse_steps, cfg.tol, cfg.coarse)
+    return sample_parareal_pipelined(x, problem, cfg.slices, cfg.coarse_steps, _parareal_tol(cfg), cfg.coarse)
 
 
 METHODS = {"sequential": _sequential, "picard": _picard, "parareal": _parareal,

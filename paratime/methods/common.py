@@ -25,14 +25,17 @@ class RoundInfo:
         round: 1-based round number.
         begin: ``(B,)`` each sample's first unconverged point after the round (N once a sample is done).
         rows: time-point evaluations made this round (all samples).
-        residual: worst change this round in units of the tolerance's noise level (compare with ``tol``);
-            ``nan`` when no point with a noise level > 0 moved.
+        residual: worst change this round in units of the noise level (ParaDiGMS's residual); ``nan`` when no
+            point with a noise level > 0 moved.
+        final_change: Picard: the largest change of a final point this round (max-abs, the returned sample's
+            units; compare with ``tol`` of ``stop="final"``); ``nan`` while no window reaches the end.
     """
 
     round: int
     begin: torch.Tensor
     rows: int
     residual: float
+    final_change: float = float("nan")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,13 @@ iteration k+1 starts as soon as U^{k+1}[s] is known, while the sweep goes on wit
 batched call holding one step of every running propagation. The sweep-by-sweep :func:`sample_parareal` also reports
 ``pipelined_rounds``, the critical path its own iterates would have under that schedule (``U^{k+1}[s+1]`` is ready
 at ``max(ready^{k+1}[s] + coarse_steps, ready^k[s] + fine steps of slice s)``).
+
+Device: everything per tick stays on the state's device. Slice boundaries and coarse sub-grids are host integers
+decided once per call; per iteration one host read (the rows per slice of the next iteration and the residual) fixes
+the layout, so a fine tick slices a prefix of the rows (rows are ordered longest slice first) and a sweep step a
+contiguous block, with no ``nonzero``, boolean masks or host-built index tensors. The pipelined variant reads the
+acceptance test when a new iterate reaches the frontier and moves its per-tick step indices with one asynchronous
+copy.
 """
 
 from __future__ import annotations
@@ -35,99 +42,81 @@ import torch
 
 from .common import Outcome, Problem, RoundInfo, rms
 
-__all__ = ["sample_parareal", "sample_parareal_pipelined", "slice_bounds"]
+__all__ = ["sample_parareal", "sample_parareal_pipelined", "slice_bounds", "coarse_subgrids"]
 
 Coarse = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def slice_bounds(steps: int, slices: int | None) -> torch.Tensor:
-    """``(S + 1,)`` slice boundaries, near-equal slices; default S = round(sqrt(N))."""
+    """``(S + 1,)`` slice boundaries on the CPU (host integers), near-equal slices; default S = round(sqrt(N))."""
     S = slices or max(1, round(math.sqrt(steps)))
     return torch.linspace(0, steps, S + 1, dtype=torch.float64).round().long().unique()
 
 
-def coarse_subgrids(bounds: torch.Tensor, coarse_steps: int) -> list[torch.Tensor]:
-    """Per slice, the coarse propagator's ``coarse_steps + 1`` grid points from ``n_s`` to ``n_{s+1}``."""
-    return [torch.linspace(float(bounds[s]), float(bounds[s + 1]), coarse_steps + 1).round().long().unique()
-            for s in range(bounds.numel() - 1)]
+def coarse_subgrids(bounds: torch.Tensor, coarse_steps: int) -> list[list[int]]:
+    """Per slice, the coarse propagator's distinct grid points from ``n_s`` to ``n_{s+1}`` (host integers)."""
+    b = bounds.tolist()
+    return [torch.linspace(float(b[s]), float(b[s + 1]), coarse_steps + 1).round().long().unique().tolist()
+            for s in range(len(b) - 1)]
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A host list as a long tensor on ``device``, copied asynchronously (pinned memory) on CUDA."""
+    t = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 class _Propagators:
     """Fine and coarse propagators over rows (slice s, sample b)."""
 
     def __init__(self, problem: Problem, bounds: torch.Tensor, coarse_steps: int, coarse: Coarse | None):
-        self.p, self.bounds, self.coarse = problem, bounds, coarse
+        self.p, self.coarse = problem, coarse
+        self.bounds_h = bounds.tolist()                          # host integers
+        self.bounds = bounds.to(problem.sigmas.device)
         self.coarse_calls = 0
         self.sub = coarse_subgrids(bounds, coarse_steps)
 
-    def fine_lockstep(self, U: torch.Tensor, s: torch.Tensor, b: torch.Tensor, hist: torch.Tensor | None):
+    def fine_lockstep(self, U: torch.Tensor, s: torch.Tensor, b: torch.Tensor, hist: torch.Tensor | None,
+                      running: list[int]):
         """``F_s(U)`` for rows ``(s, b)``, all slices advancing together.
 
-        ``hist`` is D at the point before each slice start (multistep solvers). Returns the slice ends and, with
-        ``hist``, each slice's last D (the next slice's history).
+        ``running[m]`` is the number of rows still running at fine step m: rows come longest slice first, so they
+        are a prefix. ``hist`` is D at the point before each slice start (multistep solvers). Returns the slice
+        ends and, with ``hist``, each slice's last D (the next slice's history).
         """
-        p, lo, hi = self.p, self.bounds[s], self.bounds[s + 1]
+        p, lo = self.p, self.bounds[s]
         x = U.clone()
         prev = None if hist is None else hist.clone()
-        for m in range(int((hi - lo).max())):
-            rows = (lo + m < hi).nonzero().squeeze(1)               # slices still running at fine step m
-            i = lo[rows] + m
-            den = p.evaluate(x[rows], i, b[rows])
-            x[rows] = x[rows] + p.increment(x[rows], i, b[rows], den, None if prev is None else prev[rows])
+        for m, r in enumerate(running):
+            i = lo[:r] + m
+            den = p.evaluate(x[:r], i, b[:r])
+            x[:r] = x[:r] + p.increment(x[:r], i, b[:r], den, None if prev is None else prev[:r])
             if prev is not None:
-                prev[rows] = den
+                prev[:r] = den
         return x, prev
 
-    def coarse_step(self, U: torch.Tensor, s: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``G_s(U)`` for rows ``(s, b)`` (rows share one slice in a sweep, but need not)."""
-        p = self.p
+    def coarse_step(self, U: torch.Tensor, s: int, b: torch.Tensor) -> torch.Tensor:
+        """``G_s(U)`` for rows of samples ``b``, all in slice ``s``."""
+        p, R = self.p, U.shape[0]
         if self.coarse is not None:
             self.coarse_calls += 1
-            return self.coarse(U.clone(), p.sigmas[self.bounds[s]], p.sigmas[self.bounds[s + 1]])
-        x = U
-        for c in range(max(len(self.sub[int(k)]) for k in s.unique()) - 1):
-            pts = torch.stack([self.sub[int(k)][min(c, len(self.sub[int(k)]) - 1)] for k in s])
-            nxt = torch.stack([self.sub[int(k)][min(c + 1, len(self.sub[int(k)]) - 1)] for k in s])
-            rows = (nxt > pts).nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
-            i, j = pts[rows], nxt[rows]
-            den = p.evaluate(x[rows], i, b[rows])
-            x = x.clone()
-            x[rows] = coarse_jump(p, x[rows], den, i, j, b[rows])
+            return self.coarse(U.clone(), p.sigmas[self.bounds_h[s]].repeat(R), p.sigmas[self.bounds_h[s + 1]].repeat(R))
+        x, pts = U, self.sub[s]
+        for c in range(len(pts) - 1):
+            i = torch.full((R,), pts[c], dtype=torch.long, device=U.device)
+            j = torch.full((R,), pts[c + 1], dtype=torch.long, device=U.device)
+            x = coarse_jump(p, x, p.evaluate(x, i, b), i, j, b)
         return x
 
 
 def coarse_jump(p: Problem, x: torch.Tensor, den: torch.Tensor, i: torch.Tensor, j: torch.Tensor,
                 b: torch.Tensor) -> torch.Tensor:
-    """One network call's jump of rows from grid point ``i`` to ``j`` with ``D`` held at its value at ``i``.
-
-    For DDIM / DDPM (ancestral, eta) every step is ``x' - D = r_m (x - D) + up_m z_m`` with
-    ``r_m = down_m / sigma_m``; with D constant the whole stretch is exact:
-
-        x_j = D + (prod_m r_m) (x_i - D) + sum_m (prod_{m' > m} r_m') up_m z_m
-
-    so the jump carries the fine solver's own pre-drawn noise (eta 0: the DDIM jump ``D + sigma_j/sigma_i (x - D)``).
-    Other solvers take the deterministic DDIM jump.
-    """
-    from ..solvers import Ancestral
-
-    shape1 = (-1,) + (1,) * (x.ndim - 1)
-    sig = p.sigmas
-    eta = p.solver.eta if isinstance(p.solver, Ancestral) else 0.0
-    if eta == 0 or p.noise is None or isinstance(p.noise, tuple):
-        return den + (sig[j] / sig[i]).reshape(shape1) * (x - den)
-    acc = x - den
-    for m in range(int((j - i).max())):
-        k = i + m
-        live = (k < j).reshape(shape1)
-        kk = k.clamp_max(sig.numel() - 2)
-        s, s1 = sig[kk], sig[kk + 1]
-        up = eta * s1 * torch.sqrt((s * s - s1 * s1).clamp_min(0)) / s
-        r = torch.sqrt((s1 * s1 - up * up).clamp_min(0)) / s
-        step = r.reshape(shape1) * acc + up.reshape(shape1) * p.noise[kk.clamp_max(p.noise.shape[0] - 1), b]
-        acc = torch.where(live, step, acc)
-    return den + acc
+    """One network call's jump of rows from grid point ``i`` to ``j`` with ``D`` held at its value at ``i``: the
+    solver's own :meth:`~paratime.solvers.Solver.jump` (exact for DDIM / DDPM under a constant ``D``, carrying the
+    fine solver's pre-drawn noise; the deterministic DDIM jump for the others)."""
+    return p.solver.jump(x, den, i, j, b, p.noise, p.sigmas)
 
 
 def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None, coarse_steps: int = 1,
@@ -144,9 +133,16 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
         :class:`Outcome`; ``extra`` holds ``slices``, ``nfe_fine``, ``nfe_coarse`` (per sample) and
         ``pipelined_rounds`` (the depth of the pipelined schedule).
     """
+    if problem.solver.history_depth > 1:
+        raise ValueError(f"solver: Parareal carries one previous D across slices; {problem.solver.name!r} reads "
+                         f"{problem.solver.history_depth}: use method='picard' or 'sequential', or solver='dpmpp_2m'")
     N, B, dev = problem.steps, x.shape[0], x.device
-    bounds = slice_bounds(N, slices).to(dev)
+    bounds_h = slice_bounds(N, slices)                                  # (S+1,) host
+    bounds = bounds_h.to(dev)
     S = bounds.numel() - 1
+    lengths = (bounds_h[1:] - bounds_h[:-1]).tolist()                   # fine steps per slice (host)
+    order = sorted(range(S), key=lambda s: -lengths[s])                 # fine rows: longest slices first
+    order_dev = _to_device(order, dev)
     ar_b = torch.arange(B, device=dev)
     shape1 = (1,) * (x.ndim - 1)
     thresholds = tol * problem.noise_levels[bounds]                     # (S+1,)
@@ -155,62 +151,68 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
 
     def counted(kind):
         def ev(xr, i, b):
-            calls[kind] += int(b.numel())
+            calls[kind] += b.numel()
             return evaluate(xr, i, b)
         return ev
 
-    fine = _Propagators(replace(problem, evaluate=counted("fine")), bounds, coarse_steps, coarse)
-    coarse_prop = _Propagators(replace(problem, evaluate=counted("coarse")), bounds, coarse_steps, coarse)
+    fine = _Propagators(replace(problem, evaluate=counted("fine")), bounds_h, coarse_steps, coarse)
+    coarse_prop = _Propagators(replace(problem, evaluate=counted("coarse")), bounds_h, coarse_steps, coarse)
 
     # Initial coarse sweep: U[s+1] = G_s(U[s]).
     U = x.new_zeros((S + 1, *x.shape))                                  # (S+1, B, *shape), VE frame
     U[0] = x
     G_old = torch.zeros_like(U[:S])
     for s in range(S):
-        G_old[s] = coarse_prop.coarse_step(U[s], torch.full((B,), s, device=dev), ar_b)
+        G_old[s] = coarse_prop.coarse_step(U[s], s, ar_b)
         U[s + 1] = G_old[s]
     hist = torch.zeros_like(U[:S]) if problem.solver.uses_history else None  # D at n_s - 1, per slice
     begin = torch.zeros(B, dtype=torch.long, device=dev)                # first slice whose start is not accepted
     done_round = torch.zeros(B, dtype=torch.long, device=dev)
+    sl = torch.arange(S, device=dev)[:, None].expand(S, B)
+    level = problem.noise_levels[bounds[1:]][:, None].expand(S, B)     # (S, B)
     residuals: list[float] = []
     # Critical path of the pipelined schedule, in network calls: when each U[s] of the current iteration is known.
-    ready = torch.arange(0, S + 1, dtype=torch.float64) * coarse_steps  # after the initial coarse sweep
-    lengths = (bounds[1:] - bounds[:-1]).double().cpu() * problem.solver.evals_per_step
+    ready = [float(s * coarse_steps) for s in range(S + 1)]             # after the initial coarse sweep
+    fine_calls = [n * problem.solver.evals_per_step for n in lengths]
+    counts = [B] * S                                                    # rows per slice this iteration (host)
     it = 0
-    while bool((begin < S).any()):
+    while sum(counts):
         it += 1
+        M = sum(counts)
         active = begin < S
-        # 1. Fine solves of every unfinished slice, in lockstep (rows: slice-major, so workers get whole slices).
-        sl = torch.arange(S, device=dev)[:, None].expand(S, B)
         run = (sl >= begin[None]) & active[None]                        # (S, B)
-        ss, bb = run.nonzero(as_tuple=True)
+        # 1. Fine solves of every unfinished slice, in lockstep. Rows: slice by slice in `order`, so the rows still
+        #    running at fine step m are a prefix, and each slice's rows a contiguous block.
+        ro, bb = torch.nonzero_static(run[order_dev], size=M).unbind(1)   # (M,) each, no host sync
+        ss = order_dev[ro]
+        running = [sum(counts[s] for s in range(S) if lengths[s] > m) for m in range(max(lengths))]
         h = None
         if hist is not None:
             h = torch.where((bounds[ss] == 0).reshape(-1, *shape1), 0, hist[(ss - 1).clamp_min(0), bb])
-        F_end, last_den = fine.fine_lockstep(U[ss, bb], ss, bb, h)   # h at i = 0 is unused (first order)
+        F_end, last_den = fine.fine_lockstep(U[ss, bb], ss, bb, h, running)   # h at i = 0 is unused (first order)
         F = torch.zeros_like(U[:S])
         F[ss, bb] = F_end
         if hist is not None:
             hist[ss, bb] = last_den
-        fine_done = ready[:-1] + lengths                                # pipelined: when F_s(U[s]) is done
+        fine_done = [ready[s] + fine_calls[s] for s in range(S)]       # pipelined: when F_s(U[s]) is done
         # 2. Sequential correction sweep from each sample's first unaccepted slice.
+        offset, o = {}, 0
+        for s in order:
+            offset[s], o = o, o + counts[s]
         U_new = U.clone()
         for s in range(S):
-            rows = (run[s]).nonzero().squeeze(1)
-            if rows.numel() == 0:
+            if not counts[s]:
                 continue
-            G_new = coarse_prop.coarse_step(U_new[s, rows], torch.full((rows.numel(),), s, device=dev), rows)
+            rows = bb[offset[s]:offset[s] + counts[s]]
+            G_new = coarse_prop.coarse_step(U_new[s, rows], s, rows)
             U_new[s + 1, rows] = G_new + F[s, rows] - G_old[s, rows]
             G_old[s, rows] = G_new
         # Pipelined critical path: U_new[s+1] needs G(U_new[s]) and F(U_old[s]).
-        new_ready = ready.clone()
         for s in range(S):
-            new_ready[s + 1] = max(float(new_ready[s]) + coarse_steps, float(fine_done[s]))
-        ready = new_ready
+            ready[s + 1] = max(ready[s] + coarse_steps, fine_done[s])
         # 3. Convergence of slice starts (model frame), accept prefix + 1.
         err = rms(problem.scale(U_new[1:] - U[1:], bounds[1:, None].expand(S, B)), 2)   # (S, B)
-        tgt = sl + 1
-        ok = ((err <= thresholds[tgt]) & run) | (sl < begin[None])      # slices before begin stay accepted
+        ok = ((err <= thresholds[sl + 1]) & run) | (sl < begin[None])   # slices before begin stay accepted
         fail = torch.cat([~ok, torch.ones_like(ok[:1])])
         first = fail.int().argmax(0)                                    # first unconverged slice >= begin
         stride = torch.minimum((first - begin).clamp_min(0) + 1, S - begin)
@@ -218,16 +220,16 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
         U = U_new
         begin = begin + stride
         done_round = torch.where(active & (begin >= S), it, done_round)
-        level = problem.noise_levels[bounds[1:]][:, None].expand(S, B)[run]
-        e = err[run]
-        moved = e[level > 0] / level[level > 0]
-        residuals.append(float(moved.max()) if moved.numel() else float("nan"))
-        problem.report(RoundInfo(it, (bounds[begin.clamp_max(S)]).clone(), int(ss.numel()), residuals[-1]))
+        moved = torch.where(run & (level > 0), err / level, -math.inf).max()
+        # The iteration's one host read: the next iteration's rows per slice, and this one's residual.
+        nxt = ((sl >= begin[None]) & (begin < S)[None]).sum(1)
+        host = torch.cat([nxt.double(), moved.double().reshape(1)]).tolist()
+        counts = [int(c) for c in host[:S]]
+        residuals.append(host[S] if host[S] > -math.inf else float("nan"))
+        problem.report(RoundInfo(it, bounds[begin.clamp_max(S)].clone(), M, residuals[-1]))
     extra = {"slices": S, "nfe_fine": calls["fine"] / B, "nfe_coarse": calls["coarse"] / B,
-             "pipelined_rounds": float(ready[-1]),
-             "coarse_calls": coarse_prop.coarse_calls}
+             "pipelined_rounds": ready[-1], "coarse_calls": coarse_prop.coarse_calls}
     return Outcome(U[S], it, residuals, done_round, extra)
-
 
 
 def sample_parareal_pipelined(x: torch.Tensor, problem: Problem, slices: int | None = None, coarse_steps: int = 1,
@@ -245,10 +247,13 @@ def sample_parareal_pipelined(x: torch.Tensor, problem: Problem, slices: int | N
     if problem.solver.uses_history:
         raise ValueError("solver: pipelined Parareal needs a one-step solver; dpmpp_2m uses the previous D")
     N, B, dev = problem.steps, x.shape[0], x.device
-    bounds = slice_bounds(N, slices).to(dev)
-    S = bounds.numel() - 1
-    sub = coarse_subgrids(bounds, coarse_steps)
-    lengths = [int(bounds[s + 1] - bounds[s]) for s in range(S)]
+    bounds_h = slice_bounds(N, slices)                                  # host
+    S = bounds_h.numel() - 1
+    sub = coarse_subgrids(bounds_h, coarse_steps)
+    lengths = (bounds_h[1:] - bounds_h[:-1]).tolist()
+    start = bounds_h.tolist()
+    bounds = bounds_h.to(dev)
+    levels = problem.noise_levels[bounds].tolist()                      # (S+1,) host, read once
     b_all = torch.arange(B, device=dev)
     u: dict[tuple[int, int], torch.Tensor] = {}          # (s, k) -> iterate, (B, *shape)
     F: dict[tuple[int, int], torch.Tensor] = {}
@@ -261,7 +266,7 @@ def sample_parareal_pipelined(x: torch.Tensor, problem: Problem, slices: int | N
     def newest(s):
         return max((k for (ss, k) in u if ss == s), default=-1)
 
-    def produce(s: int, k: int, value: torch.Tensor):
+    def produce(s: int, k: int, value: torch.Tensor, exact: bool = False):
         u[(s, k)] = value
         if s < S and s >= max(final, default=0):
             tasks.append({"kind": "fine", "s": s, "k": k, "x": value.clone(), "m": 0})
@@ -269,14 +274,15 @@ def sample_parareal_pipelined(x: torch.Tensor, problem: Problem, slices: int | N
                 tasks.append({"kind": "coarse", "s": s, "k": k, "x": value.clone(), "m": 0})
             else:
                 count["coarse_calls"] += 1
-                done("coarse", s, k, coarse(value.clone(), problem.sigmas[bounds[s]].expand(B),
-                                            problem.sigmas[bounds[s + 1]].expand(B)))
-        if k > 0 and s == max(final) + 1:
+                done("coarse", s, k, coarse(value.clone(), problem.sigmas[start[s]].repeat(B),
+                                            problem.sigmas[start[s + 1]].repeat(B)))
+        if k > 0 and s == max(final) + 1 and not exact:     # an exact value is accepted without a test
+            # The acceptance test at the frontier: one host read (residual and decision together).
             err = rms(problem.scale(value - u[(s, k - 1)], bounds[s].expand(B)), 1)
-            level = problem.noise_levels[bounds[s]]
-            if float(level) > 0:
-                residuals.append(float(err.max() / level))
-            if bool((err <= tol * level).all()):
+            worst, converged = torch.stack([err.max(), (err <= tol * levels[s]).all().to(err.dtype)]).tolist()
+            if levels[s] > 0:
+                residuals.append(worst / levels[s])
+            if converged:
                 accept(s, k)
 
     def accept(s: int, k: int):
@@ -287,7 +293,7 @@ def sample_parareal_pipelined(x: torch.Tensor, problem: Problem, slices: int | N
     def take_fine(s: int, k: int):
         if s + 1 not in final:
             kn = newest(s + 1) + 1
-            produce(s + 1, kn, F[(s, k)])
+            produce(s + 1, kn, F[(s, k)], exact=True)
             if s + 1 not in final:
                 accept(s + 1, kn)
 
@@ -309,24 +315,28 @@ def sample_parareal_pipelined(x: torch.Tensor, problem: Problem, slices: int | N
     while S not in final:
         A = max(final)
         tasks[:] = [t for t in tasks if t["s"] >= A]        # propagations from superseded starts are not needed
-        owners = tasks[:]
-        # One tick: one step of every running propagation, in one batched call (rows: propagation x sample).
-        idx = [int(bounds[t["s"]] + t["m"]) if t["kind"] == "fine" else int(sub[t["s"]][t["m"]]) for t in owners]
+        # One tick: one step of every running propagation, in one batched call (rows: propagation x sample), fine
+        # propagations first, so fine and coarse rows are two contiguous blocks.
+        owners = [t for t in tasks if t["kind"] == "fine"] + [t for t in tasks if t["kind"] != "fine"]
+        nf = B * sum(t["kind"] == "fine" for t in owners)
+        coarse_owners = owners[nf // B:]
+        # Step indices of every propagation and the coarse jumps' targets: one host-to-device copy per tick.
+        steps_h = [start[t["s"]] + t["m"] if t["kind"] == "fine" else sub[t["s"]][t["m"]] for t in owners]
+        steps_h += [sub[t["s"]][t["m"] + 1] for t in coarse_owners]
+        steps = _to_device(steps_h, dev)
         X = torch.cat([t["x"] for t in owners])
-        I = torch.tensor(idx, device=dev).repeat_interleave(B)
+        I = steps[:len(owners)].repeat_interleave(B)
         Bi = b_all.repeat(len(owners))
         den = problem.evaluate(X, I, Bi)
-        is_fine = torch.tensor([t["kind"] == "fine" for t in owners], device=dev).repeat_interleave(B)
-        dx = torch.zeros_like(X)
-        fr, cr = is_fine.nonzero().squeeze(1), (~is_fine).nonzero().squeeze(1)
-        if fr.numel():
-            dx[fr] = problem.increment(X[fr], I[fr], Bi[fr], den[fr], None)
-        if cr.numel():                                      # coarse jump from sub-grid point i to the next one
-            nxt = torch.tensor([int(sub[t["s"]][t["m"] + 1]) for t in owners if t["kind"] != "fine"],
-                               device=dev).repeat_interleave(B)
-            dx[cr] = coarse_jump(problem, X[cr], den[cr], I[cr], nxt, Bi[cr]) - X[cr]
-        count["fine"] += int(fr.numel())
-        count["coarse"] += int(cr.numel())
+        parts = []
+        if nf:
+            parts.append(problem.increment(X[:nf], I[:nf], Bi[:nf], den[:nf], None))
+        if coarse_owners:                                   # coarse jump from sub-grid point i to the next one
+            nxt = steps[len(owners):].repeat_interleave(B)
+            parts.append(coarse_jump(problem, X[nf:], den[nf:], I[nf:], nxt, Bi[nf:]) - X[nf:])
+        dx = torch.cat(parts) if len(parts) > 1 else parts[0]
+        count["fine"] += nf
+        count["coarse"] += X.shape[0] - nf
         ticks += 1
         finished = []
         for n, t in enumerate(owners):
@@ -334,6 +344,7 @@ def sample_parareal_pipelined(x: torch.Tensor, problem: Problem, slices: int | N
             t["m"] += 1
             if t["m"] == (lengths[t["s"]] if t["kind"] == "fine" else len(sub[t["s"]]) - 1):
                 finished.append(t)
+        finished = [t for t in tasks if any(t is f for f in finished)]   # in the order the tasks were started
         tasks[:] = [t for t in tasks if all(t is not f for f in finished)]
         for t in finished:
             done(t["kind"], t["s"], t["k"], t["x"])

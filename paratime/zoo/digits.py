@@ -21,10 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import check_int, check_number
 from ..denoiser import Denoiser
 from ..schedules import DiscreteVPSchedule
 
-__all__ = ["DigitsUNet", "load_digits_model", "load_digits_data", "train_digits", "WEIGHTS", "NULL_LABEL"]
+__all__ = ["DigitsUNet", "load_digits_model", "load_digits_data", "train_digits", "check_train_options", "WEIGHTS",
+           "NULL_LABEL"]
 
 log = logging.getLogger("paratime")
 WEIGHTS = Path(__file__).with_name("digits.safetensors")
@@ -77,6 +79,34 @@ class DigitsUNet(nn.Module):
         self.up1 = _ResBlock(2 * c, c, emb)
         self.out = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, 1, 3, padding=1))
         self.emb_dim = emb
+
+    def check_cond(self, cond: dict, batch: int) -> None:
+        """The sampler's conditioning hook (see :func:`paratime.config.check_cond`), run once per ``sample`` call:
+        ``labels`` must be a ``(batch,)`` integer tensor of classes 0..9 (omit it for unconditional samples).
+
+        Raises:
+            TypeError: ``labels`` is not an integer tensor. ValueError: wrong shape, a class outside 0..9, or an
+                unknown conditioning key.
+        """
+        unknown = sorted(set(cond) - {"labels", "uncond", "y"})
+        if unknown:
+            raise ValueError(f"{unknown[0]}: the digits model takes only labels= (and uncond=, y= for guidance) "
+                             f"as conditioning")
+        labels = cond.get("labels")
+        if labels is None:
+            return
+        if (not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex()
+                or labels.dtype == torch.bool):
+            got = f"a {labels.dtype} tensor" if isinstance(labels, torch.Tensor) else repr(labels)
+            raise TypeError(f"labels: expected a ({batch},) integer tensor of classes 0..{NULL_LABEL - 1}, "
+                            f"e.g. torch.full(({batch},), 3), got {got}")
+        if labels.shape != (batch,):
+            raise ValueError(f"labels: expected shape ({batch},), got {tuple(labels.shape)}")
+        lo, hi = int(labels.min()), int(labels.max())   # one host sync per sample call, before any work
+        if lo < 0 or hi >= NULL_LABEL:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"labels: classes must lie in 0..{NULL_LABEL - 1}, got {bad} "
+                             f"(omit labels for unconditional samples)")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if labels is None:
@@ -137,6 +167,28 @@ def load_digits_data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor(d.target, dtype=torch.long)
 
 
+def check_train_options(steps: int = 8000, batch: int = 256, lr: float = 2e-3, channels: int = 32, seed: int = 0,
+                        ema: float = 0.999, label_drop: float = 0.1) -> None:
+    """The checks of :func:`train_digits`, before any data is loaded (the CLI runs them before it starts).
+
+    Raises:
+        TypeError: a non-integer ``steps``, ``batch``, ``channels`` or ``seed``, or a non-number ``lr``.
+        ValueError: out of range: ``channels`` must be a multiple of 8 (GroupNorm's groups), ``ema`` and
+            ``label_drop`` in [0, 1), ``lr`` finite and > 0.
+    """
+    check_int("steps", steps, 1)
+    check_int("batch", batch, 1)
+    check_int("channels", channels, 8)
+    if channels % 8:
+        raise ValueError(f"channels: must be a multiple of 8 (GroupNorm with 8 groups), got {channels}")
+    check_int("seed", seed, 0)
+    check_number("lr", lr, 0, low_open=True)
+    for name, value in (("ema", ema), ("label_drop", label_drop)):
+        check_number(name, value, 0, 1)
+        if value == 1:
+            raise ValueError(f"{name}: must lie in [0, 1), got {value!r}")
+
+
 def train_digits(out: str | Path | None = None, steps: int = 8000, batch: int = 256, lr: float = 2e-3,
                  channels: int = 32, seed: int = 0, ema: float = 0.999, label_drop: float = 0.1,
                  progress: bool = True, threads: int | None = None) -> dict:
@@ -148,12 +200,10 @@ def train_digits(out: str | Path | None = None, steps: int = 8000, batch: int = 
     Returns:
         ``{"losses": [...], "seconds": ..., "meta": {...}}``.
     Raises:
-        ValueError: a non-positive ``steps``, ``batch`` or ``lr``, or ``ema``/``label_drop`` outside [0, 1).
+        ValueError, TypeError: see :func:`check_train_options`.
     """
-    if steps < 1 or batch < 1 or lr <= 0:
-        raise ValueError(f"steps, batch, lr: must be positive, got {steps}, {batch}, {lr}")
-    if not 0 <= ema < 1 or not 0 <= label_drop < 1:
-        raise ValueError(f"ema, label_drop: must lie in [0, 1), got {ema}, {label_drop}")
+    check_train_options(steps=steps, batch=batch, lr=lr, channels=channels, seed=seed, ema=ema,
+                        label_drop=label_drop)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)

@@ -79,7 +79,7 @@ class DigitsJudge:
 
 def run_eval(args, emit=lambda line: None) -> dict:
     """``paratime eval-digits``: sample sequentially and with Picard, score both; ``emit`` receives table lines."""
-    from ..sampler import ParallelSampler
+    from .sampler import ParallelSampler
 
     judge = DigitsJudge(seed=args.seed)
     rec = {"real_heldout_confident_share": judge.real_baseline()}
@@ -92,7 +92,8 @@ def run_eval(args, emit=lambda line: None) -> dict:
           f"{'max cls':>7}" + ("  label acc" if args.label is not None else ""))
     for method in ("sequential", "picard"):
         s = ParallelSampler("digits", solver=args.solver, steps=args.steps, method=method, tol=args.tol,
-                            window=getattr(args, "window", None), progress=False)
+                            window=getattr(args, "window", None), guidance=getattr(args, "guidance", None),
+                            progress=False)
         res = s.sample(args.samples, seed=args.seed, **cond)
         if method == "sequential":
             ref = res.samples

@@ -58,7 +58,7 @@ def machine() -> dict:
 
 
 def _sampler(case: Case, method: str, backend=None):
-    from .sampler import ParallelSampler
+    from paratime.sampler import ParallelSampler
 
     opts = dict(solver=case.solver, steps=case.steps, method=method, window=case.window, tol=case.tol,
                 slices=case.slices, progress=False, **case.extra)
@@ -97,7 +97,7 @@ def run_case(case: Case, reference: torch.Tensor | None = None) -> dict:
         return _run_torchrun(case, reference)
     backend = None
     if case.backend == "ray":
-        from .backends.ray_actors import RayBackend
+        from paratime.backends.ray_actors import RayBackend
 
         backend = RayBackend(workers=case.workers, model=case.model, num_cpus=1)
     try:
@@ -129,7 +129,7 @@ def _run_torchrun(case: Case, reference) -> dict:
 
 def worker(spec: str, out: str, ref: str) -> None:
     """One rank of a torch.distributed case (``paratime bench --worker SPEC OUT REF`` under torchrun)."""
-    from .backends.torch_dist import TorchDistributedBackend
+    from paratime.backends.torch_dist import TorchDistributedBackend
 
     case = Case(**json.loads(Path(spec).read_text()))
     reference = torch.load(ref) if Path(ref).exists() else None
@@ -153,7 +153,7 @@ def default_suite(quick: bool = False) -> list[Case]:
             cases.append(Case(method="picard", backend=be, workers=w, **d))
     # Latency-bound: a policy-sized MLP, one sample, DDPM-100 and DDIM-100.
     for solver in ("ddim", "ddpm"):
-        p = dict(model="policy", solver=solver, steps=100, batch=1, reps=3 if quick else 5, warmup=2)
+        p = dict(model="mlp", solver=solver, steps=100, batch=1, reps=3 if quick else 5, warmup=2)
         cases.append(Case(method="sequential", **p))
         cases.append(Case(method="picard", **p))
         cases.append(Case(method="parareal", **p))
@@ -314,9 +314,9 @@ def compare_paradigms(model_name: str = "digits", cases=(("ddim", 100), ("ddpm",
         from diffusers import DDIMParallelScheduler, DDPMParallelScheduler
     except ImportError:
         return []
-    from .noise import INITIAL, draw_noise
-    from .sampler import ParallelSampler
-    from .zoo import load_model
+    from paratime.noise import INITIAL, draw_noise
+    from paratime.sampler import ParallelSampler
+    from paratime.models import load_model
 
     model = load_model(model_name)
     net = lambda x, t: model.network(x.float(), t).to(x.dtype)  # noqa: E731
@@ -356,3 +356,61 @@ def paradigms_markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['case']} | {r['impl']} | {r['rounds']} | {r['seq_rounds']} | {r['nfe']:.0f} | "
                      f"{r['wall_s']:.2f} | {r['seq_wall_s']:.2f} | {r['max_abs_diff']:.3g} | {r['rms_diff']:.3g} |")
     return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``paratime bench``: run the scaling suite, write JSON, Markdown and plots, print the table."""
+    import argparse
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    if argv and argv[0] == "--worker":          # one torchrun rank of a torch.distributed case
+        worker(*argv[1:4])
+        return 0
+    ap = argparse.ArgumentParser(prog="paratime bench", description="The benchmark suite (benchmarks/suite.py): scaling over methods, backends and workers on digits, the mlp and unet fixtures and gmm; diffusers' ParaDiGMS loop and StableDiffusionParadigmsPipeline side by side; the diffusion policy's latency. It prints a line per case; its length depends on the cores, the load and the backends installed.")
+    ap.add_argument("--out", default="bench_out", help="folder for bench.json, bench.md and the plots")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and smaller batches")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import time
+
+    t0 = time.perf_counter()
+    records = run_suite(default_suite(args.quick), log=print)
+    (out / "bench.json").write_text(json.dumps({"machine": machine(), "runs": records}, indent=1))
+    md = to_markdown(records)
+    (out / "bench.md").write_text(md)
+    plots = plot(records, out)
+    print(md)
+    rows = compare_paradigms(batch=8 if args.quick else 16,
+                             cases=(("ddim", 100),) if args.quick else (("ddim", 100), ("ddpm", 1000)))
+    if rows:
+        pmd = paradigms_markdown(rows)
+        (out / "paradigms.md").write_text(pmd)
+        (out / "paradigms.json").write_text(json.dumps(rows, indent=1))
+        print(pmd)
+    else:
+        print("diffusers is not installed (pip install 'paratime[diffusers]'): ParaDiGMS comparison skipped")
+    from .sd_paradigms import compare as compare_sd, markdown as sd_markdown   # the real ParaDiGMS SD pipeline
+
+    try:
+        smd = sd_markdown(compare_sd(repeats=1 if args.quick else 3), repeats=1 if args.quick else 3)
+        (out / "sd_paradigms.md").write_text(smd)
+        print(smd)
+    except ImportError as e:
+        print(f"SD ParaDiGMS comparison skipped: {e} (pip install 'paratime[diffusers]')")
+    # Last, because it sets this process's torch threads to 1: the trained diffusion policy's per-chunk latency.
+    from .policy_latency import main as policy_latency
+
+    print("Trained diffusion policy, DDPM-100, batch 1: paratime sequential / Picard and diffusers' ParaDiGMS loop")
+    try:
+        policy_latency(["--threads", "1", "--chunks", "5" if args.quick else "20", "--reps", "1" if args.quick else "3"])
+    except ImportError as e:
+        print(f"policy latency comparison skipped: {e} (pip install 'paratime[diffusers]')")
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}" + "".join(f", {p}" for p in plots)
+          + f" in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

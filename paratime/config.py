@@ -1,0 +1,230 @@
+"""``SamplerConfig``: every sampling option, validated once (the one entry check; the CLI and the API share it),
+and the sample-time conditioning check (:func:`check_cond`; the memory bound is
+:func:`paratime.backends.check_memory`).
+
+Rules applied to every option: an integer option refuses ``bool`` and floats (``window=True`` is an error, not 1);
+a number option refuses ``bool``, NaN and inf; a name option lists the allowed names. Every message starts with the
+option's name.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from .denoiser import PREDICTIONS, Denoiser
+from .methods import METHODS
+from .methods import PARAREAL_TOL
+from .methods.picard import DEFAULT_TOL, STOPS, UPDATES
+from .schedules import SPACINGS, NoiseSchedule
+from .solvers import Solver, make_solver
+
+__all__ = ["SamplerConfig", "check_int", "check_number", "check_device", "check_cond"]
+
+STATE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_int(name: str, value: Any, low: int | None = None, high: int | None = None, none: bool = False) -> None:
+    """Raise unless ``value`` is an integer (not a bool) in ``[low, high]`` (or None when ``none``).
+
+    Raises:
+        TypeError: not an integer (bool and float included). ValueError: out of range.
+    """
+    if value is None and none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer{' or None' if none else ''}, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name}: must be an integer {rng}, got {value!r}")
+
+
+def check_number(name: str, value: Any, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, none: bool = False) -> None:
+    """Raise unless ``value`` is a finite real number (not a bool) in the range (``low`` excluded when ``low_open``).
+
+    Raises:
+        TypeError: not a real number. ValueError: NaN, inf or out of range.
+    """
+    if value is None and none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number{' or None' if none else ''}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: must be a finite number, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name}: must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name}: must be <= {high}, got {value!r}")
+
+
+def check_device(device: Any) -> torch.device | None:
+    """Parse ``device`` and check that it exists on this machine (None passes through).
+
+    Raises:
+        ValueError: not a device string, or a CUDA/MPS device this machine does not have.
+    """
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device: expected a str or torch.device, got {type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: not a device: {device!r}; allowed: cpu, cuda, cuda:N") from e
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"device: {device!r} requested but no CUDA device is available; allowed: cpu")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device: {device!r} requested but only cuda:0..cuda:{n - 1} exist")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device: {device!r} requested but MPS is not available; allowed: cpu")
+    elif dev.type not in ("cpu", "cuda", "mps", "meta"):
+        raise ValueError(f"device: unsupported device type {dev.type!r}; allowed: cpu, cuda, cuda:N")
+    return dev
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Validated sampling options (see :class:`~paratime.sampler.ParallelSampler` for their meaning).
+
+    Build it with :meth:`from_options` to get a clear error for an unknown option name.
+
+    Raises:
+        TypeError: an option of the wrong type (``window=True``, ``tol="0.1"``, ``dtype=torch.int32``).
+        ValueError: an option out of range or unknown name (``method="magic"``, ``guidance=nan``), naming it.
+    """
+
+    solver: str | Solver = "ddim"
+    steps: int = 50
+    method: str = "picard"
+    window: int | None = None
+    tol: float | None = None
+    max_rounds: int | None = None
+    spacing: str | None = None
+    eta: float | None = None
+    slices: int | None = None
+    coarse_steps: int = 1
+    coarse: Any = None
+    shared_window: bool = False
+    stop: str = "final"
+    update: str = "secant"
+    accept_tol: float | None = None
+    dtype: torch.dtype | None = None
+    state_dtype: torch.dtype | None = None
+    device: str | torch.device | None = None
+    schedule: NoiseSchedule | None = None
+    prediction: str | None = None
+    clip_x0: float | None = None
+    guidance: float | None = None
+    guidance_rescale: float | None = None
+    classifier: Any = None
+    classifier_scale: float | None = None
+    latent_scale: float | None = None
+    corrector_snr: float | None = None
+    corrector_steps: int = 1
+
+    def __post_init__(self):
+        # Method and its options.
+        check_int("steps", self.steps, 1)
+        if not isinstance(self.method, str) or self.method not in METHODS:
+            raise ValueError(f"method: unknown {self.method!r}; allowed: {', '.join(METHODS)}")
+        check_int("window", self.window, 1, none=True)
+        check_number("tol", self.tol, 0, none=True)
+        check_int("max_rounds", self.max_rounds, 1, none=True)
+        if self.spacing is not None and (not isinstance(self.spacing, str) or self.spacing not in SPACINGS):
+            raise ValueError(f"spacing: unknown {self.spacing!r}; allowed: {', '.join(SPACINGS)}")
+        check_int("slices", self.slices, 1, self.steps, none=True)
+        check_int("coarse_steps", self.coarse_steps, 1)
+        if self.coarse is not None and not callable(self.coarse):
+            raise TypeError(f"coarse: expected a callable coarse(x, sigma_from, sigma_to), "
+                            f"got {type(self.coarse).__name__}")
+        if not isinstance(self.shared_window, bool):
+            raise TypeError(f"shared_window: expected True or False, got {self.shared_window!r}")
+        if not isinstance(self.stop, str) or self.stop not in STOPS:
+            raise ValueError(f"stop: unknown {self.stop!r}; allowed: {', '.join(STOPS)}")
+        if not isinstance(self.update, str) or self.update not in UPDATES:
+            raise ValueError(f"update: unknown {self.update!r}; allowed: {', '.join(UPDATES)}")
+        check_number("accept_tol", self.accept_tol, 0, none=True)
+        # Solver (the solver's own constructor checks eta's range).
+        check_number("eta", self.eta, none=True)
+        make_solver(self.solver, **self.solver_options)  # raises on a bad name or option
+        check_number("corrector_snr", self.corrector_snr, 0, low_open=True, none=True)
+        check_int("corrector_steps", self.corrector_steps, 1)
+        # Precision and placement.
+        if self.dtype is not None and (not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating torch.dtype or None, got {self.dtype!r}")
+        if self.state_dtype is not None and self.state_dtype not in STATE_DTYPES:
+            raise TypeError(f"state_dtype: expected one of {', '.join(map(str, STATE_DTYPES))} or None, "
+                            f"got {self.state_dtype!r}")
+        object.__setattr__(self, "device", check_device(self.device))
+        # Model adapter and guidance.
+        if self.schedule is not None and not isinstance(self.schedule, NoiseSchedule):
+            raise TypeError(f"schedule: expected a NoiseSchedule or None, got {type(self.schedule).__name__}")
+        if self.prediction is not None and self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction: unknown {self.prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+        check_number("clip_x0", self.clip_x0, 0, low_open=True, none=True)
+        check_number("guidance", self.guidance, 0, none=True)
+        check_number("guidance_rescale", self.guidance_rescale, 0, 1, none=True)
+        if self.classifier is not None and not callable(self.classifier):
+            raise TypeError(f"classifier: expected a callable, got {type(self.classifier).__name__}")
+        check_number("classifier_scale", self.classifier_scale, 0, none=True)
+        if self.classifier_scale and self.classifier is None:
+            raise ValueError("classifier_scale: given without classifier=")
+        check_number("latent_scale", self.latent_scale, 0, low_open=True, none=True)
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "SamplerConfig":
+        """The config from keyword options, refusing unknown names with the list of known ones.
+
+        Raises:
+            TypeError: an unknown option name (or any error of the constructor).
+            ValueError: see the class.
+        """
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise TypeError(f"{unknown[0]}: unknown sampling option; allowed: {', '.join(known)}")
+        return cls(**options)
+
+    @property
+    def solver_options(self) -> dict:
+        return {} if self.eta is None else {"eta": self.eta}
+
+    @property
+    def window_size(self) -> int:
+        """Picard's window W: ``window``, or by default ``min(N, max(100, N // 2))``. Chosen from measurement
+        (``benchmarks/window_sweep.py``, digits and the ``mlp`` fixture, secant update and final-point rule): up to
+        100 steps the full window is needed (a window of 64 on DDIM-100 / DDPM-100 costs 1.3-1.5x the rounds);
+        on DDPM-1000 a window of 500 keeps the rounds within 9% of the full window (25 against 23) for 0.66x the
+        evaluations, while 250 costs 1.35x the rounds."""
+        return min(self.window or max(100, self.steps // 2), self.steps)
+
+    @property
+    def tol_in_force(self) -> float:
+        """``tol``, or the method's default when it is None: Picard ``DEFAULT_TOL[stop]`` (2e-3 for ``final``,
+        0.1 for ``paradigms``), Parareal 0.1; 0 for ``sequential`` (exact by construction)."""
+        if self.tol is not None:
+            return float(self.tol)
+        if self.method == "picard":
+            return DEFAULT_TOL[self.stop]
+        return PARAREAL_TOL if self.method.startswith("parareal") else 0.0
+
+
+# -- sample-time checks -------------------------------------------------------------------------------------------
+def check_cond(denoiser: Denoiser, cond: dict, batch: int) -> None:
+    """Model-specific conditioning check: a network may define ``check_cond(cond, batch)`` that raises
+    ``ValueError``/``TypeError`` naming the bad key (the digits model checks its labels there). Called once per
+    ``sample`` call, before any work, so the hot loop never validates.
+
+    Raises:
+        ValueError, TypeError: from the network's hook.
+    """
+    hook = getattr(denoiser.network, "check_cond", None)
+    if callable(hook):
+        hook(cond, batch)

@@ -1,0 +1,88 @@
+"""Instrumentation around a backend: the ``evaluate(x, i, b)`` that methods call, with counting and the NaN check.
+
+Nothing here forces a device-to-host copy per network call, and a call adds almost no work: it keeps its rows'
+steps and sample indices and the largest ``|D|`` of each row (NaN and inf propagate through the max).
+:meth:`Evaluator.check` (once per round, from the methods' ``on_round``, and once at the end) tests those maxima with
+one host read and only on a non-finite one looks up the first offending step and sample; rows per sample are counted
+with one ``index_add_`` when :attr:`Evaluator.rows` is read or a round is checked. Timing is the sampler's wall clock;
+communication figures come from the backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import Backend
+from .schedules import TimeGrid
+
+__all__ = ["Evaluator", "NonFiniteOutputError"]
+
+
+class NonFiniteOutputError(FloatingPointError):
+    """The network returned NaN or inf; the message names the step, its time and the sample."""
+
+
+class Evaluator:
+    """``evaluate(x, i, b) -> D`` for rows at steps ``i`` of samples ``b``, through ``backend``.
+
+    Args:
+        backend: a bound, prepared backend. grid: the sampler's time grid. batch: B. device: the state device.
+        first_sample: global index of sample 0 (for error messages).
+
+    Attributes:
+        calls: network calls made (host integer; the sequential depth). rows: ``(B,)`` evaluations per sample
+            (device tensor).
+    """
+
+    def __init__(self, backend: Backend, grid: TimeGrid, batch: int, device: torch.device, first_sample: int = 0):
+        self.backend, self.grid, self.first_sample = backend, grid, first_sample
+        self.sigmas = grid.sigmas.to(device)
+        self.times = grid.model_times.to(device)
+        self._sigmas = {self.sigmas.dtype: self.sigmas}   # the sigmas per state dtype, cast once
+        self.calls = 0
+        self._rows = torch.zeros(batch, dtype=torch.long, device=device)
+        self._counted: list[torch.Tensor] = []          # sample indices of the calls not yet counted
+        self._pending: list[tuple] = []                 # (max |D| per row, i, b) of the calls not yet checked
+
+    def __call__(self, x: torch.Tensor, i: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        sigmas = self._sigmas.get(x.dtype)
+        if sigmas is None:
+            sigmas = self._sigmas[x.dtype] = self.sigmas.to(x.dtype)
+        den = self.backend.evaluate(x, sigmas[i], self.times[i], samples=b)
+        self.calls += 1
+        self._counted.append(b)
+        self._pending.append((den.flatten(1).abs().amax(1), i, b))    # (M,): not finite iff the row is not
+        return den
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """``(B,)`` evaluations per sample so far (device tensor)."""
+        self._count()
+        return self._rows
+
+    def _count(self) -> None:
+        """Add the rows of the calls not yet counted (one ``index_add_``, no host read)."""
+        if self._counted:
+            b = self._counted[0] if len(self._counted) == 1 else torch.cat(self._counted)
+            self._rows.index_add_(0, b, torch.ones_like(b))
+            self._counted = []
+
+    def check(self) -> None:
+        """Raise :class:`NonFiniteOutputError` if any output so far was not finite (one host read).
+
+        Raises:
+            NonFiniteOutputError: naming the first offending step, its sigma and model time, and the sample.
+        """
+        self._count()
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        peaks, i, b = pending[0] if len(pending) == 1 else (torch.cat(t) for t in zip(*pending))
+        finite = torch.isfinite(peaks)
+        if finite.all():                                # the one host read
+            return
+        r = int((~finite).to(torch.uint8).argmax())     # the first offending row, in call order
+        step, sample = int(i[r]), int(b[r])
+        raise NonFiniteOutputError(
+            f"network output is not finite at step {step} (sigma={float(self.grid.sigmas[step]):.6g}, "
+            f"model time={float(self.grid.model_times[step]):.6g}), sample {sample + self.first_sample}")

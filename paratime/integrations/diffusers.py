@@ -1,0 +1,373 @@
+"""diffusers models: a UNet / transformer with its scheduler becomes a :class:`~paratime.Denoiser` whose time grid and
+step map reproduce the scheduler's own ``set_timesteps`` / ``step`` loop.
+
+What maps to what (``solver_for``; every other scheduler or option raises ``ValueError`` naming it):
+
+    scheduler                                  paratime solver                    grid
+    DDIMScheduler, DDIMParallelScheduler       ddim (eta; clip_sample: clip)      timesteps, then final_alpha_cumprod
+    DDPMScheduler, DDPMParallelScheduler       ddpm (fixed_small; clip_x0;        timesteps, then sigma 0
+                                               fixed_large: DDPMFixedLarge)
+    PNDMScheduler (skip_prk_steps=True)        plms                               timesteps, then final_alpha_cumprod
+    EulerDiscreteScheduler                     euler                              scheduler.sigmas / timesteps
+    EulerAncestralDiscreteScheduler            euler_ancestral                    scheduler.sigmas / timesteps
+    HeunDiscreteScheduler                      heun                               every other sigma (Heun doubles them)
+    DPMSolverMultistepScheduler                dpmpp (order 1-3, sde, solver_type, lower_order_final, euler_at_final)
+                                                                                  scheduler.sigmas (Karras, exponential,
+                                                                                  beta, lu; final sigma zero or min)
+    FlowMatchEulerDiscreteScheduler            euler on FlowSchedule, "flow"      scheduler.sigmas (shift, mu)
+
+    prediction_type epsilon | v_prediction | sample | flow_prediction  ->  prediction eps | v | x0 | flow
+
+Sigma-based schedulers are reproduced by reading the grid off the scheduler after ``set_timesteps``, so every sigma
+option (Karras, exponential, beta, lu lambdas, final sigma type, timestep spacing, shift) carries over as is. DDIM and
+PNDM step from t to ``t - T // N`` whatever the spacing; where that is not the next timestep (``linspace``, or
+``trailing`` when N does not divide T) the grid raises. A zero terminal SNR (``rescale_betas_zero_snr``) and flow
+matching's t = 1 are pure noise, sigma = inf in paratime's VE frame: the grid starts at ``alpha_bar = ZERO_SNR``
+(sigma 1e8) and ``t = 1 - 1e-7``, moving the sample by about 1e-8 and 1e-7 of its scale; keep the state in float64.
+
+The scheduler's *sample* lives in the VE frame for Euler, Euler ancestral and Heun (``init_noise_sigma`` ~ sigma_max)
+and in the model's frame for the others: :func:`initial_noise` / :func:`to_latents` convert a pipeline's latents.
+diffusers stays an optional extra (``pip install paratime[diffusers]``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from ..denoiser import Denoiser
+from ..sampler import ParallelSampler, SampleResult
+from ..schedules import DiscreteVPSchedule, FlowSchedule, NoiseSchedule, TimeGrid
+from ..solvers import DDPM, PLMS, Ancestral, DPMSolverPP, Heun, Solver
+
+__all__ = ["from_diffusers", "DiffusersSchedule", "solver_for", "initial_noise", "to_latents", "sample_latents",
+           "with_timestep_kwargs", "Keyword", "SCHEDULERS", "ZERO_SNR"]
+
+_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
+ZERO_SNR = 1e-16   # alpha_bar standing in for 0 (a zero terminal SNR): sigma = 1e8
+
+# Scheduler families: how the grid is read and in which frame the scheduler's sample lives.
+_TIMESTEP = ("DDIMScheduler", "DDIMParallelScheduler", "DDPMScheduler", "DDPMParallelScheduler", "PNDMScheduler")
+_SIGMA_VE = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler")
+_SIGMA_VP = ("DPMSolverMultistepScheduler",)
+_FLOW = ("FlowMatchEulerDiscreteScheduler",)
+SCHEDULERS = _TIMESTEP + _SIGMA_VE + _SIGMA_VP + _FLOW
+
+# Nearest supported scheduler for common unsupported ones (named in the error).
+_NEAREST = {
+    "LMSDiscreteScheduler": "EulerDiscreteScheduler", "KDPM2DiscreteScheduler": "HeunDiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler": "EulerAncestralDiscreteScheduler",
+    "DPMSolverSinglestepScheduler": "DPMSolverMultistepScheduler", "DEISMultistepScheduler":
+    "DPMSolverMultistepScheduler", "UniPCMultistepScheduler": "DPMSolverMultistepScheduler",
+    "DPMSolverSDEScheduler": "DPMSolverMultistepScheduler (algorithm_type='sde-dpmsolver++')",
+    "EDMDPMSolverMultistepScheduler": "DPMSolverMultistepScheduler", "EDMEulerScheduler": "EulerDiscreteScheduler",
+    "LCMScheduler": "DDIMScheduler", "TCDScheduler": "DDIMScheduler",
+    "FlowMatchHeunDiscreteScheduler": "FlowMatchEulerDiscreteScheduler",
+}
+
+
+def _refuse(scheduler, option: str, value, nearest: str) -> ValueError:
+    return ValueError(f"scheduler: {type(scheduler).__name__} with {option}={value!r} is not supported; "
+                      f"use {nearest}")
+
+
+def _check_options(scheduler) -> None:
+    """Raise for an unsupported scheduler, or an option whose effect paratime does not reproduce."""
+    name, cfg = type(scheduler).__name__, scheduler.config
+    if name not in SCHEDULERS:
+        near = _NEAREST.get(name, "DDIMScheduler or DPMSolverMultistepScheduler")
+        raise ValueError(f"scheduler: {name} is not supported (nearest: {near}); supported: {', '.join(SCHEDULERS)}")
+    if cfg.get("prediction_type", "epsilon") not in _PREDICTIONS and name not in _FLOW:
+        raise ValueError(f"prediction_type: {cfg.prediction_type!r} is not supported; allowed: "
+                         f"{', '.join(_PREDICTIONS)}")
+    if cfg.get("thresholding", False):
+        raise _refuse(scheduler, "thresholding", True, "thresholding=False (clip_sample for a fixed range)")
+    if name.startswith("DDPM") and cfg.variance_type not in ("fixed_small", "fixed_small_log", "fixed_large"):
+        raise _refuse(scheduler, "variance_type", cfg.variance_type, "variance_type='fixed_small'")
+    if name == "PNDMScheduler":
+        if not cfg.skip_prk_steps:
+            raise _refuse(scheduler, "skip_prk_steps", False, "skip_prk_steps=True (Stable Diffusion's setting)")
+        if cfg.prediction_type != "epsilon":   # PNDM combines raw v outputs before converting them
+            raise _refuse(scheduler, "prediction_type", cfg.prediction_type,
+                          "prediction_type='epsilon', or DDIMScheduler for v_prediction")
+    if name == "HeunDiscreteScheduler" and cfg.get("clip_sample", False):
+        raise _refuse(scheduler, "clip_sample", True, "clip_sample=False")
+    if name == "DPMSolverMultistepScheduler":
+        if cfg.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
+            raise _refuse(scheduler, "algorithm_type", cfg.algorithm_type, "'dpmsolver++' or 'sde-dpmsolver++'")
+        if cfg.get("variance_type") is not None:
+            raise _refuse(scheduler, "variance_type", cfg.variance_type, "variance_type=None")
+        if cfg.get("use_flow_sigmas", False):
+            raise _refuse(scheduler, "use_flow_sigmas", True, "FlowMatchEulerDiscreteScheduler")
+        if cfg.solver_order not in (1, 2, 3):
+            raise _refuse(scheduler, "solver_order", cfg.solver_order, "solver_order 1, 2 or 3")
+    if name in _FLOW:
+        for option in ("stochastic_sampling", "invert_sigmas"):
+            if cfg.get(option, False):
+                raise _refuse(scheduler, option, True, f"{option}=False")
+
+
+def solver_for(scheduler, eta: float = 0.0) -> Solver:
+    """The paratime step map that reproduces this scheduler's ``step``.
+
+    Args:
+        scheduler: a diffusers scheduler (see the module table).
+        eta: DDIM's ``eta`` (a ``step`` argument in diffusers, passed by pipelines as ``eta=``); 0 elsewhere.
+    Returns:
+        a :class:`~paratime.solvers.Solver` instance.
+    Raises:
+        ValueError: an unsupported scheduler or option, naming it and the nearest supported choice.
+    """
+    _check_options(scheduler)
+    name, cfg = type(scheduler).__name__, scheduler.config
+    if eta and not name.startswith("DDIM"):
+        raise ValueError(f"eta: only DDIM schedulers take eta, got eta={eta!r} with {name}")
+    if name.startswith("DDIM"):
+        return Ancestral(eta=eta, clip=float(cfg.clip_sample_range) if cfg.clip_sample else None)
+    if name.startswith("DDPM") and cfg.variance_type == "fixed_large":
+        ac0 = float(scheduler.alphas_cumprod[0])
+        return DDPMFixedLarge(sigma_t0=((1 - ac0) / ac0) ** 0.5)
+    if name.startswith("DDPM") or name == "EulerAncestralDiscreteScheduler":
+        return DDPM()
+    if name == "PNDMScheduler":
+        return PLMS()
+    if name == "HeunDiscreteScheduler":
+        return Heun()
+    if name == "DPMSolverMultistepScheduler":
+        return DPMSolverPP(order=cfg.solver_order, sde=cfg.algorithm_type == "sde-dpmsolver++",
+                           solver_type=cfg.solver_type, lower_order_final=cfg.lower_order_final,
+                           euler_at_final=cfg.euler_at_final)
+    return Ancestral()    # Euler, flow-matching Euler: the probability-flow Euler step in the VE frame
+
+
+@dataclass(frozen=True)
+class DDPMFixedLarge(DDPM):
+    """DDPM with ``variance_type="fixed_large"`` (VP schedules): ``ddpm``'s posterior mean with noise of std
+    ``sqrt(beta_t)``, ``beta_t = 1 - alpha_bar_t / alpha_bar_prev``, which in the VE frame is
+
+        up = sqrt((s^2 - s'^2) (1 + s'^2) / (1 + s^2)),
+
+    also on the last step (diffusers adds it for every t > 0), but none on a step from training timestep 0
+    (``sigma_t0``, its VE sigma).
+    """
+
+    sigma_t0: float = 0.0
+
+    def coefficients(self, s, s1):
+        _, down = super().coefficients(s, s1)          # the posterior mean's
+        up = torch.sqrt(((s * s - s1 * s1) * (1 + s1 * s1) / (1 + s * s)).clamp_min(0))
+        at_t0 = torch.isclose(s, torch.full_like(s, self.sigma_t0), rtol=1e-9, atol=0)
+        return torch.where(at_t0, torch.zeros_like(up), up), down
+
+
+@dataclass(frozen=True)
+class DiffusersSchedule(NoiseSchedule):
+    """The grid of a diffusers scheduler, read off a copy of it after ``set_timesteps``.
+
+    Args:
+        base: the continuous-in-sigma schedule it discretises (:class:`DiscreteVPSchedule` from
+            ``alphas_cumprod``, or :class:`FlowSchedule`): input scaling, prior and frames come from it.
+        scheduler: the diffusers scheduler (never stepped: the grid uses a deep copy).
+        timestep_kwargs: extra ``set_timesteps`` arguments (flow matching's ``mu``, custom ``sigmas``).
+    """
+
+    base: NoiseSchedule = None  # type: ignore[assignment]
+    scheduler: Any = field(default=None, compare=False)
+    timestep_kwargs: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if not isinstance(self.base, NoiseSchedule):
+            raise TypeError(f"base: expected a NoiseSchedule, got {type(self.base).__name__}")
+        object.__setattr__(self, "kind", self.base.kind)
+
+    # The continuous schedule's maps.
+    def frame_scale(self, sigma):
+        return self.base.frame_scale(sigma)
+
+    def input_scale(self, sigma):
+        return self.base.input_scale(sigma)
+
+    def model_time(self, sigma):
+        return self.base.model_time(sigma)
+
+    def sigma_of_model_time(self, t):
+        return self.base.sigma_of_model_time(t)
+
+    def prior_std(self, sigma):
+        return self.base.prior_std(sigma)
+
+    @property
+    def sigma_range(self):
+        return self.base.sigma_range
+
+    @property
+    def sample_in_ve_frame(self) -> bool:
+        """Euler-type schedulers step the VE-frame state itself (``init_noise_sigma`` ~ sigma_max)."""
+        return type(self.scheduler).__name__ in _SIGMA_VE
+
+    def sample_scale(self, sigma: torch.Tensor) -> torch.Tensor:
+        """``scheduler_sample = sample_scale * x`` (VE-frame ``x``)."""
+        return torch.ones_like(sigma) if self.sample_in_ve_frame else self.frame_scale(sigma)
+
+    def grid(self, steps: int, spacing: str | None = None) -> TimeGrid:
+        """The scheduler's own N-step grid.
+
+        Raises:
+            ValueError: ``spacing`` given (set ``timestep_spacing`` on the scheduler), bad ``steps``, or a DDIM / PNDM
+                spacing whose steps land off the next timestep.
+        """
+        if spacing is not None:
+            raise ValueError("spacing: set timestep_spacing on the diffusers scheduler instead")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps: must be an integer >= 1, got {steps!r}")
+        sch = copy.deepcopy(self.scheduler)
+        sch.set_timesteps(steps, device="cpu", **self.timestep_kwargs)
+        name = type(sch).__name__
+        times = torch.as_tensor(sch.timesteps).detach().cpu().to(torch.float64)
+        if name in _TIMESTEP:
+            return self._timestep_grid(sch, times.long(), steps)
+        sig = torch.as_tensor(sch.sigmas).detach().cpu().to(torch.float64)
+        if name == "HeunDiscreteScheduler":     # [s0, s1, s1, ..., s_{N-1}, s_{N-1}, 0] and [t0, t1, t1, ...]
+            sig, times = torch.cat([sig[:1], sig[1::2]]), torch.cat([times[:1], times[1::2]])
+        if name in _FLOW:
+            sig = self.base.sigma_of_t(sig)     # flow time t -> VE sigma (t = 1 clamped to t_max)
+        times = torch.cat([times, times.new_zeros(1)])  # the last point is never evaluated
+        return TimeGrid(sig, times, self.frame_scale(sig))
+
+    def _timestep_grid(self, sch, ts: torch.Tensor, steps: int) -> TimeGrid:
+        name, T = type(sch).__name__, sch.config.num_train_timesteps
+        if name == "PNDMScheduler":             # skip_prk_steps: [t0, t1, t1, t2, ...]: one grid point each
+            ts = torch.unique_consecutive(ts)
+        ac_all = self.base.alphas_cumprod
+        if name.startswith("DDPM"):             # DDPM steps to the next timestep, the last one to alpha_bar = 1
+            final = torch.ones(1, dtype=torch.float64)
+        else:                                   # DDIM / PNDM step from t to t - T // N
+            target = ts - T // steps
+            off = (target[:-1] != ts[1:]).nonzero()
+            if off.numel():
+                k = int(off[0, 0])
+                raise ValueError(
+                    f"timestep_spacing: {name} with {sch.config.timestep_spacing!r} spacing and {steps} steps moves "
+                    f"from t={int(ts[k])} to t - T//N = {int(target[k])}, not to the next timestep {int(ts[k + 1])}; "
+                    f"paratime steps grid point to grid point: use timestep_spacing='leading', or 'trailing' with "
+                    f"N dividing num_train_timesteps={T}")
+            last = int(target[-1])
+            final = (ac_all[last:last + 1] if last >= 0
+                     else torch.tensor([float(sch.final_alpha_cumprod)], dtype=torch.float64))
+        if float(final) == float(ac_all[ts[-1]]):
+            raise ValueError(f"steps_offset, set_alpha_to_one: {name}'s last step goes from t={int(ts[-1])} to the "
+                             f"same alpha_bar (an empty step paratime's grid cannot hold); use steps_offset=1 or "
+                             f"set_alpha_to_one=True")
+        ac = torch.cat([ac_all[ts], final])
+        sig = ((1 - ac) / ac).sqrt()
+        times = torch.cat([ts.to(torch.float64), torch.zeros(1, dtype=torch.float64)])
+        return TimeGrid(sig, times, ac.sqrt())
+
+
+def _base_schedule(scheduler) -> NoiseSchedule:
+    if type(scheduler).__name__ in _FLOW:
+        return FlowSchedule(time_scale=float(scheduler.config.num_train_timesteps))
+    # A zero terminal SNR (alpha_bar = 0) is sigma = inf in the VE frame: stand in ZERO_SNR for it.
+    ac = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64).clamp_min(ZERO_SNR)
+    return DiscreteVPSchedule(ac, steps_offset=scheduler.config.get("steps_offset", 0))
+
+
+def from_diffusers(network: torch.nn.Module, scheduler, dtype: torch.dtype | None = None,
+                   sample_shape: tuple[int, ...] | str | None = "config", **denoiser_options) -> Denoiser:
+    """Wrap a diffusers network and its scheduler.
+
+    Args:
+        network: ``UNet2DModel`` / ``UNet2DConditionModel``, or any callable ``network(x_in, t, **cond)`` (a
+            transformer under :class:`Keyword`).
+        scheduler: one of :data:`SCHEDULERS` (its config: betas, ``prediction_type``, spacing, offsets, clipping,
+            sigma options).
+        dtype: network dtype.
+        sample_shape: ``"config"``: ``(in_channels, sample_size, sample_size)`` from the network's config when it has
+            one (so ``sample(B)`` works); None: any size; or a shape.
+        denoiser_options: e.g. ``guidance=7.5``.
+    Returns:
+        a :class:`Denoiser` on a :class:`DiffusersSchedule`; sample it with ``solver_for(scheduler)``.
+    Raises:
+        ValueError: an unsupported scheduler, prediction type or option.
+    """
+    _check_options(scheduler)
+    name, cfg = type(scheduler).__name__, scheduler.config
+    prediction = "flow" if name in _FLOW else _PREDICTIONS[cfg.prediction_type]
+    schedule = DiffusersSchedule(base=_base_schedule(scheduler), scheduler=scheduler)
+    # DDPM clips x0 before its posterior mean (the whole D); DDIM clips only its x0 term (solver_for's clip).
+    clip = float(cfg.clip_sample_range) if name.startswith("DDPM") and cfg.clip_sample else None
+    if sample_shape == "config":
+        sample_shape = None
+        ncfg = getattr(network, "config", None)
+        size = getattr(ncfg, "sample_size", None) if ncfg is not None else None
+        if size is not None and getattr(ncfg, "in_channels", None) is not None:
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            sample_shape = (ncfg.in_channels, *size)
+    return Denoiser(network, schedule, prediction, dtype=dtype, clip_x0=clip, sample_shape=sample_shape,
+                    **denoiser_options)
+
+
+def with_timestep_kwargs(denoiser: Denoiser, **timestep_kwargs) -> Denoiser:
+    """The denoiser with ``set_timesteps`` arguments (flow matching's ``mu``) added to its diffusers schedule."""
+    if not isinstance(denoiser.schedule, DiffusersSchedule):
+        raise TypeError("denoiser: expected one built by from_diffusers")
+    return replace(denoiser, schedule=replace(denoiser.schedule, timestep_kwargs=timestep_kwargs))
+
+
+def initial_noise(schedule: DiffusersSchedule, grid: TimeGrid, latents: torch.Tensor) -> torch.Tensor:
+    """The ``noise=`` for :meth:`ParallelSampler.sample` that starts it from a pipeline's prepared ``latents`` (the
+    scheduler's sample at the first grid point, ``init_noise_sigma`` already applied)."""
+    s0 = grid.sigmas[:1].to(torch.float64)
+    factor = (schedule.sample_scale(s0) * schedule.prior_std(s0)).to(latents.device)
+    return latents.to(torch.float64) / factor
+
+
+def to_latents(schedule: DiffusersSchedule, grid: TimeGrid, samples: torch.Tensor) -> torch.Tensor:
+    """The scheduler's sample at the last grid point from :meth:`ParallelSampler.sample`'s ``samples`` (which are
+    in the model's frame)."""
+    sN = grid.sigmas[-1:].to(torch.float64)
+    factor = (schedule.sample_scale(sN) / grid.frame_scales[-1:]).to(samples.device)
+    return samples * factor.to(samples.dtype)
+
+
+def sample_latents(sampler: ParallelSampler, latents: torch.Tensor, generator: torch.Generator | None = None,
+                   **cond: Any) -> SampleResult:
+    """Run the sampler from a pipeline's prepared ``latents`` (the scheduler's initial sample) as the scheduler's loop
+    would; ``samples`` of the result are the scheduler's final sample.
+
+    Args:
+        sampler: a :class:`ParallelSampler` over a :func:`from_diffusers` denoiser.
+        latents: ``(B, *shape)`` initial latents, ``init_noise_sigma`` applied.
+        generator: the step noise of stochastic schedulers is drawn from it, in the order diffusers draws it.
+        **cond: the network's conditioning (and ``uncond=`` for guidance).
+    Returns:
+        :class:`SampleResult` with ``samples`` in ``latents``' dtype.
+    Raises:
+        TypeError: the sampler's model is not a diffusers one.
+    """
+    schedule = sampler.denoiser.schedule
+    if not isinstance(schedule, DiffusersSchedule):
+        raise TypeError("sampler: expected a ParallelSampler over a from_diffusers denoiser")
+    noise = initial_noise(schedule, sampler.grid, latents).to(sampler.state_dtype)
+    res = sampler.sample(noise=noise, generator=generator, **cond)
+    res.samples = to_latents(schedule, sampler.grid, res.samples).to(latents.dtype)
+    return res
+
+
+class Keyword(torch.nn.Module):
+    """``network(x_in, t, **cond)`` for diffusers transformers, whose forward takes ``hidden_states=`` and
+    ``timestep=`` by keyword (SD3's second positional argument is the text embedding)."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    @property
+    def config(self):
+        return self.module.config
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        return self.module(hidden_states=x, timestep=t, return_dict=False, **cond)[0]

@@ -1,0 +1,51 @@
+"""The comparison scripts ``paratime bench`` ends with run end to end on tiny settings (their figures are printed by
+``paratime bench``; here only what must hold whatever the timing)."""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+
+@pytest.fixture
+def keep_threads():
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    yield
+    torch.set_num_threads(threads)
+    if omp is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp
+
+
+def test_stable_diffusion_paradigms_pipeline_side_by_side(keep_threads):
+    from paratime.bench.sd_paradigms import compare, markdown
+
+    rows = {r["sampler"]: r for r in compare(steps=10, window=4, repeats=1)}
+    seq = rows["diffusers StableDiffusionPipeline (sequential)"]
+    assert seq["rounds"] == 10 and seq["max_diff"] == 0
+    # paratime's sequential loop and Picard at tol 0 reproduce diffusers' own pipeline.
+    assert rows["paratime sequential"]["max_diff"] <= 1e-4
+    assert rows["paratime picard, tol 0"]["max_diff"] <= 1e-4
+    # The parallel samplers take fewer rounds than steps, and the real ParaDiGMS pipeline ran.
+    assert rows["diffusers StableDiffusionParadigmsPipeline (tol 0.1)"]["rounds"] < 10
+    default = next(r for name, r in rows.items() if name.startswith("paratime picard, default tol"))
+    assert default["rounds"] < 10 and default["max_diff"] <= 1e-2
+    table = markdown(list(rows.values()), steps=10, window=4, repeats=1)
+    assert all(name in table for name in rows)
+
+
+def test_policy_latency_against_the_paradigms_loop(keep_threads, capsys):
+    from paratime.bench.policy_latency import main
+
+    assert main(["--threads", "1", "--chunks", "1", "--reps", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+
+    def row(name):
+        return next(ln.split() for ln in out if ln.strip().startswith(name))
+
+    # columns: name..., min, median, max, rounds, NFE, vs sequential, vs ParaDiGMS
+    sequential, picard, paradigms = row("paratime sequential"), row("paratime Picard"), row("diffusers ParaDiGMS")
+    assert int(sequential[-4]) == 100 and int(picard[-4]) < 100 and int(paradigms[-4]) < 100

@@ -1,0 +1,104 @@
+"""``paratime.parallelize(pipe)`` against the pipelines' own ``__call__`` on tiny SD / SDXL / SD3 pipelines built from
+configs (same latents, guidance on, a non-square size): sequential equals the pipeline, Picard at tol 0 equals it,
+Picard at its default tolerance stays within that tolerance."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+import paratime  # noqa: E402
+from paratime.bench.tiny_pipelines import prompt_embeddings, tiny_sd, tiny_sd3, tiny_sdxl  # noqa: E402
+from paratime.methods.picard import DEFAULT_TOL  # noqa: E402
+
+BOUND = 1e-4
+PIPES = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3}
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def _call(pipe, seed=1, **kw):
+    """Keyword arguments of one call: embeddings, guidance on, 48 x 64 pixels (6 x 8 latents), fixed latents."""
+    args = dict(num_inference_steps=6, guidance_scale=5.0, height=48, width=64, output_type="latent",
+                latents=torch.randn(2, 4, 6, 8, generator=torch.Generator().manual_seed(seed)),
+                **prompt_embeddings(pipe, batch=2))
+    args.update(kw)
+    return args
+
+
+def _rel(got, want):
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1))
+
+
+@pytest.mark.parametrize("name", sorted(PIPES))
+def test_parallel_pipeline_reproduces_the_pipeline_call(name):
+    pipe = PIPES[name]()
+    args = _call(pipe)
+    ref = pipe(**args)
+    want = ref.images
+    seq = paratime.parallelize(pipe, method="sequential")(**args)
+    assert type(seq) is type(ref)                                 # what the pipeline returns, plus the stats
+    assert seq.paratime_stats.method == "sequential"
+    assert _rel(seq.images, want) <= BOUND
+    exact = paratime.parallelize(pipe, tol=0.0)(**args)
+    assert exact.paratime_stats.method == "picard"
+    assert _rel(exact.images, want) <= BOUND
+    fast = paratime.parallelize(pipe)(**args)                     # the default tolerance (max-abs, latent units)
+    assert float((fast.images - want).abs().max()) <= DEFAULT_TOL["final"]
+
+
+def test_decoded_images_and_tuples_match_the_pipeline():
+    pipe = tiny_sd()
+    args = _call(pipe, output_type="pt")
+    want = pipe(**args).images
+    got = paratime.parallelize(pipe, tol=0.0)(**args, return_dict=False)
+    assert isinstance(got, tuple) and got[0].shape == want.shape == (2, 3, 48, 64)
+    assert float((got[0] - want).abs().max()) <= BOUND
+
+
+@pytest.mark.parametrize("scheduler", [
+    lambda cfg: diffusers.DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="sde-dpmsolver++"),
+    lambda cfg: diffusers.EulerAncestralDiscreteScheduler.from_config(cfg),
+    lambda cfg: diffusers.DDIMScheduler.from_config(cfg, clip_sample=True, clip_sample_range=0.2),
+])
+def test_swapped_schedulers_and_generators_match(scheduler):
+    """Schedulers swapped in with from_config, stochastic ones drawing step noise from the call's generator."""
+    pipe = tiny_sd()
+    pipe.scheduler = scheduler(pipe.scheduler.config)
+    args = _call(pipe)
+    want = pipe(**args, generator=torch.Generator().manual_seed(7)).images
+    got = paratime.parallelize(pipe, tol=0.0)(**args, generator=torch.Generator().manual_seed(7)).images
+    assert _rel(got, want) <= BOUND
+
+
+def test_sd3_dynamic_shifting_uses_the_pipelines_mu():
+    pipe = tiny_sd3(diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5,
+                                                              max_shift=1.15))
+    args = _call(pipe)
+    want = pipe(**args).images
+    assert _rel(paratime.parallelize(pipe, method="sequential")(**args).images, want) <= BOUND
+
+
+def test_unsupported_schedulers_and_arguments_fail_at_wrap_or_call_time():
+    pipe = tiny_sd()
+    pipe.scheduler = diffusers.UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match="UniPCMultistepScheduler"):
+        paratime.parallelize(pipe)
+    pipe.scheduler = diffusers.PNDMScheduler(**SD_BETAS)          # skip_prk_steps=False
+    with pytest.raises(ValueError, match="skip_prk_steps"):
+        paratime.parallelize(pipe)
+    pipe.scheduler = diffusers.DDIMScheduler(**SD_BETAS, timestep_spacing="trailing")
+    with pytest.raises(TypeError, match="callback_on_step_end"):
+        paratime.parallelize(pipe)(**_call(pipe), callback_on_step_end=lambda *a: {})
+    with pytest.raises(ValueError, match="pipe"):
+        paratime.parallelize(object())
+
+
+def test_import_paratime_does_not_import_diffusers():
+    code = "import sys, paratime; assert 'diffusers' not in sys.modules; assert callable(paratime.parallelize)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
