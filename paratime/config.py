@@ -217,14 +217,29 @@ class SamplerConfig:
 
 
 # -- sample-time checks -------------------------------------------------------------------------------------------
-def check_cond(denoiser: Denoiser, cond: dict, batch: int) -> None:
-    """Model-specific conditioning check: a network may define ``check_cond(cond, batch)`` that raises
-    ``ValueError``/``TypeError`` naming the bad key (the digits model checks its labels there). Called once per
-    ``sample`` call, before any work, so the hot loop never validates.
+def check_cond(denoiser: Denoiser, cond: dict, batch: int, device: torch.device | None = None) -> None:
+    """The conditioning of a ``sample`` call, checked once before any work so the hot loop never validates: first
+    the model's own rules (a network may define ``check_cond(cond, batch)`` that raises naming the bad key; the
+    digits model checks its labels there), then the general ones: every tensor has the leading batch dimension
+    ``batch`` and, when ``device`` is given, lives on that device type.
 
     Raises:
-        ValueError, TypeError: from the network's hook.
+        ValueError, TypeError: from the network's hook, or naming the offending key (``uncond.encoder_hidden_states``
+            for nested ones).
     """
     hook = getattr(denoiser.network, "check_cond", None)
     if callable(hook):
         hook(cond, batch)
+    _check_tensors(cond, batch, device)
+
+
+def _check_tensors(cond: dict, batch: int, device: torch.device | None, prefix: str = "") -> None:
+    for k, v in cond.items():
+        if isinstance(v, dict):
+            _check_tensors(v, batch, device, f"{prefix}{k}.")
+        elif isinstance(v, torch.Tensor):
+            if v.ndim == 0 or v.shape[0] != batch:
+                raise ValueError(f"{prefix}{k}: conditioning tensors need a leading batch dimension of {batch}, "
+                                 f"got shape {tuple(v.shape)}")
+            if device is not None and v.device.type != device.type:
+                raise ValueError(f"{prefix}{k}: on {v.device} but the sampler runs on {device}")

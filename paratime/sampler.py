@@ -21,7 +21,7 @@ from .denoiser import Denoiser
 from .kernels import kernels as kernel_context
 from .evaluator import Evaluator, NonFiniteOutputError
 from .methods import METHODS, Problem, RoundInfo
-from .models import as_denoiser, load_model, state_device
+from .models import as_denoiser, model_factory, state_device
 from .noise import initial_noise, step_noise
 from .progress import RoundProgress
 from .results import SampleResult, SampleStats
@@ -90,7 +90,7 @@ class ParallelSampler:
         self.grid: TimeGrid = self.denoiser.schedule.grid(cfg.steps, cfg.spacing)
         if isinstance(backend, str) and backend == "ray" and isinstance(model, str):
             # Actors build a named model themselves instead of receiving the weights through the object store.
-            backend_options = {"model": functools.partial(load_model, model), **(backend_options or {})}
+            backend_options = {"model": model_factory(model), **(backend_options or {})}
         self.backend = make_backend(backend, **(backend_options or {}))
         self.backend.bind(self.denoiser)
 
@@ -125,7 +125,7 @@ class ParallelSampler:
         x_T = initial_noise(shape, noise, seed, generator, first_sample, self.denoiser.sample_shape, **kw,
                             check=fits)          # the memory bound, before the noise and trajectory exist
         B = x_T.shape[0]
-        check_cond(self.denoiser, cond, B)      # the model's own rules (digits: labels are classes 0..9)
+        check_cond(self.denoiser, cond, B, self.device)   # the model's rules (digits: labels 0..9), shapes
         z = step_noise(self.solver, cfg.steps, x_T.shape, seed, generator, first_sample, **kw)
         x_T = x_T * self.denoiser.schedule.prior_std(self.grid.sigmas[:1]).to(**kw)
         t_noise = time.perf_counter() - t_noise
@@ -151,7 +151,6 @@ class ParallelSampler:
         """What every solve shares: ``solve(evaluate, on_round)`` runs with the conditioning placed on the backend,
         the evaluator's counting and NaN check (read once per round), the progress bar, the kernel mode and the wall
         clock. Returns ``(solve's result, evaluator, wall seconds)``."""
-        cond = _check_cond(cond, B, self.device)
         evaluator = Evaluator(self.backend, grid, B, self.device, first_sample)
         show = (self.progress if progress is None else progress) and self.backend.is_primary
         modes = contextlib.nullcontext() if self.kernels is None else kernel_context(self.kernels)
@@ -251,7 +250,7 @@ class ParallelSampler:
             if data_range is None:
                 raise ValueError("dequantize: needs data_range (the bin is (hi - lo) / (levels - 1))")
             x = lk.dequantise(x, draw_noise(seed, B, x.shape[1:], None, lk.DEQUANT_STREAM, first_sample, **kw), bin)
-        check_cond(self.denoiser, cond, B)      # the model's own rules, before the probes join the conditioning
+        check_cond(self.denoiser, cond, B, self.device)   # before the probes join the conditioning
         if divergence == "hutchinson":
             z = draw_noise(seed, B, (probes, n), None, lk.PROBE_STREAM, first_sample, **kw)   # (B, K, n)
             cond = {**cond, lk.PROBE_KEY: lk.make_probes(z, probe)}
@@ -287,20 +286,3 @@ class ParallelSampler:
     def __exit__(self, *exc):
         self.close()
 
-
-def _check_cond(cond: dict, B: int, device: torch.device, prefix: str = "") -> dict:
-    """Conditioning tensors need a leading batch dimension ``B`` and the sampler's device type.
-
-    Raises:
-        ValueError: naming the offending key (``uncond.encoder_hidden_states`` for nested ones).
-    """
-    for k, v in cond.items():
-        if isinstance(v, dict):
-            _check_cond(v, B, device, f"{prefix}{k}.")
-        elif isinstance(v, torch.Tensor):
-            if v.ndim == 0 or v.shape[0] != B:
-                raise ValueError(f"{prefix}{k}: conditioning tensors need a leading batch dimension of {B}, "
-                                 f"got shape {tuple(v.shape)}")
-            if v.device.type != device.type:
-                raise ValueError(f"{prefix}{k}: on {v.device} but the sampler runs on {device}")
-    return cond
