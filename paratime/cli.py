@@ -184,10 +184,8 @@ def _check_workers(args, device: torch.device) -> None:
 
 def _check_sample_args(args) -> dict:
     """Every ``sample`` option checked before a model, process or actor starts; returns the sampler options."""
-    from .backends import check_memory, noise_draws
     from .config import SamplerConfig, check_cond, check_int, check_number
     from .models import load_model
-    from .solvers import make_solver
 
     check_int("batch", args.batch, 1)
     check_int("seed", args.seed, 0)
@@ -211,10 +209,7 @@ def _check_sample_args(args) -> dict:
     model = load_model(args.model)
     check_cond(model, _cond(args, args.batch), args.batch)
     if model.sample_shape is not None:            # the sampler's own bound, before a process or actor starts
-        state = torch.float32 if device.type == "cuda" else torch.float64
-        check_memory((args.batch, *model.sample_shape), cfg.steps, state, device,
-                     noise_draws(make_solver(cfg.solver, **cfg.solver_options)),
-                     cfg.window_size if cfg.method == "picard" else 1)
+        cfg.check_memory((args.batch, *model.sample_shape), device, cfg.state_dtype_on(device))
     if os.environ.get("RANK", "0") == "0":       # rank 0 writes the outputs (and the launcher checked them)
         for flag, path in (("--out", args.out), ("--save", args.save), ("--json", args.json)):
             _check_writable(flag, path)

@@ -9,6 +9,7 @@ option's name.
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from dataclasses import dataclass, fields
@@ -16,14 +17,17 @@ from typing import Any
 
 import torch
 
+from .backends import check_memory, noise_draws
 from .denoiser import PREDICTIONS, Denoiser
 from .methods import METHODS
 from .methods import PARAREAL_TOL
 from .methods.picard import DEFAULT_TOL, STOPS, UPDATES
 from .schedules import SPACINGS, NoiseSchedule
-from .solvers import Solver, make_solver
+from .solvers import LangevinCorrected, Solver, make_solver
 
 __all__ = ["SamplerConfig", "check_int", "check_number", "check_device", "check_cond"]
+
+log = logging.getLogger("paratime")
 
 STATE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -204,6 +208,37 @@ class SamplerConfig:
         on DDPM-1000 a window of 500 keeps the rounds within 9% of the full window (25 against 23) for 0.66x the
         evaluations, while 250 costs 1.35x the rounds."""
         return min(self.window or max(100, self.steps // 2), self.steps)
+
+    def build_solver(self) -> Solver:
+        """The step map these options describe: ``solver`` with its ``eta``, wrapped in the Langevin corrector when
+        ``corrector_snr`` is set."""
+        solver = make_solver(self.solver, **self.solver_options)
+        if self.corrector_snr is not None:
+            solver = LangevinCorrected(solver, self.corrector_snr, self.corrector_steps)
+        return solver
+
+    def state_dtype_on(self, device: torch.device) -> torch.dtype:
+        """The trajectory's dtype on ``device``: ``state_dtype``, by default float32 on CUDA and float64 elsewhere;
+        never below float32 (a float16 / bfloat16 request is raised to float32 with a warning: a half-precision grid
+        of 1000 steps has hundreds of zero-length steps; the network still runs in its own ``dtype``)."""
+        state = self.state_dtype or (torch.float32 if torch.device(device).type == "cuda" else torch.float64)
+        if state in (torch.float16, torch.bfloat16):
+            log.warning("state_dtype: %s would collapse steps of the time grid; the state runs in float32 (the "
+                        "network still runs in its own dtype, dtype=)", state)
+            state = torch.float32
+        return state
+
+    def check_memory(self, shape: tuple[int, ...], device: torch.device, state_dtype: torch.dtype,
+                     solver: Solver | None = None) -> int:
+        """The memory bound of sampling ``shape`` with these options (:func:`paratime.backends.check_memory`), before
+        anything is allocated; ``solver`` defaults to :meth:`build_solver`.
+
+        Raises:
+            DeviceMemoryError: the trajectory, noise and window buffers cannot fit ``device``.
+        """
+        solver = self.build_solver() if solver is None else solver
+        return check_memory(tuple(shape), self.steps, state_dtype, device, noise_draws(solver),
+                            self.window_size if self.method == "picard" else 1)
 
     @property
     def tol_in_force(self) -> float:

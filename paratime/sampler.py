@@ -9,13 +9,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import logging
 import time
 from typing import Any, Callable
 
 import torch
 
-from .backends import Backend, cast_network, check_memory, make_backend, noise_draws
+from .backends import Backend, cast_network, make_backend
 from .config import SamplerConfig, check_cond
 from .denoiser import Denoiser
 from .kernels import kernels as kernel_context
@@ -26,11 +25,9 @@ from .noise import initial_noise, step_noise
 from .progress import RoundProgress
 from .results import SampleResult, SampleStats
 from .schedules import TimeGrid
-from .solvers import LangevinCorrected, Solver, make_solver
+from .solvers import LangevinCorrected, Solver
 
 __all__ = ["ParallelSampler", "SamplerConfig", "SampleResult", "SampleStats", "NonFiniteOutputError"]
-
-log = logging.getLogger("paratime")
 
 _DENOISER_OPTIONS = ("guidance", "guidance_rescale", "classifier", "classifier_scale")
 
@@ -77,16 +74,9 @@ class ParallelSampler:
         # The network runs in its own dtype: weights cast to `dtype` (in place for a model loaded by name).
         self.denoiser = cast_network(as_denoiser(model, cfg.schedule, cfg.prediction, cfg.clip_x0, cfg.dtype,
                                                  **denoiser_options), inplace=isinstance(model, str))
-        self.solver = make_solver(cfg.solver, **cfg.solver_options)
-        if cfg.corrector_snr is not None:
-            self.solver = LangevinCorrected(self.solver, cfg.corrector_snr, cfg.corrector_steps)
+        self.solver = cfg.build_solver()
         self.device = state_device(self.denoiser, cfg.device)
-        state_dtype = cfg.state_dtype or (torch.float32 if self.device.type == "cuda" else torch.float64)
-        if state_dtype in (torch.float16, torch.bfloat16):   # the grid, coefficients and state stay >= fp32
-            log.warning("state_dtype: %s would collapse steps of the time grid; the state runs in float32 (the "
-                        "network still runs in its own dtype, dtype=)", state_dtype)
-            state_dtype = torch.float32
-        self.state_dtype = state_dtype
+        self.state_dtype = cfg.state_dtype_on(self.device)
         self.grid: TimeGrid = self.denoiser.schedule.grid(cfg.steps, cfg.spacing)
         if isinstance(backend, str) and backend == "ray" and isinstance(model, str):
             # Actors build a named model themselves instead of receiving the weights through the object store.
@@ -119,9 +109,8 @@ class ParallelSampler:
         cfg = self.config
         kw = dict(dtype=self.state_dtype, device=self.device)
         t_noise = time.perf_counter()           # drawing the noise is part of the wall time
-        fits = functools.partial(check_memory, steps=cfg.steps, state_dtype=self.state_dtype, device=self.device,
-                                 noise_draws=noise_draws(self.solver),
-                                 window=cfg.window_size if cfg.method == "picard" else 1)
+        fits = functools.partial(cfg.check_memory, device=self.device, state_dtype=self.state_dtype,
+                                 solver=self.solver)
         x_T = initial_noise(shape, noise, seed, generator, first_sample, self.denoiser.sample_shape, **kw,
                             check=fits)          # the memory bound, before the noise and trajectory exist
         B = x_T.shape[0]
