@@ -3,7 +3,8 @@
 Each sample ``i`` (its global index, ``first_sample + b``) owns one CPU generator per stream, seeded by
 ``numpy.random.SeedSequence([seed, i, stream])`` (EDM's ``StackedRandomGenerator`` idea, without seed collisions
 between neighbouring seeds). Streams: 0 is the initial noise ``x_T``, 1 the per-step SDE noise ``z[step]``, 2 the
-Langevin corrector noise. Noise is drawn in float32 on the CPU and then moved, so CPU and GPU runs see equal noise.
+Langevin corrector noise, 3 Hutchinson's divergence probes and 4 the likelihood's dequantisation noise. Noise is
+drawn in float32 on the CPU and then moved, so CPU and GPU runs see equal noise.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["draw_noise", "initial_noise", "step_noise", "INITIAL", "STEP", "CORRECTOR"]
+__all__ = ["draw_noise", "initial_noise", "step_noise", "INITIAL", "STEP", "CORRECTOR", "PROBE", "DEQUANT"]
 
-INITIAL, STEP, CORRECTOR = 0, 1, 2
+INITIAL, STEP, CORRECTOR, PROBE, DEQUANT = 0, 1, 2, 3, 4
 
 
 def _sample_seed(seed: int, sample: int, stream: int) -> int:

@@ -50,6 +50,7 @@ from typing import Any, Callable
 import torch
 
 from ..denoiser import Denoiser
+from ..noise import DEQUANT, PROBE
 from ..schedules import NoiseSchedule, TimeGrid
 from ..solvers import Evaluate, Solver, make_solver
 from .common import Outcome, Problem, RoundInfo
@@ -61,8 +62,8 @@ __all__ = ["FlowDenoiser", "flow_denoiser", "LikelihoodResult", "DIVERGENCES", "
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
 FLOW_SOLVERS = ("euler", "heun")
-#: streams of :func:`paratime.noise.draw_noise` (0-2: initial, step and corrector noise)
-PROBE_STREAM, DEQUANT_STREAM = 3, 4
+#: streams of :func:`paratime.noise.draw_noise`, listed there with the others
+PROBE_STREAM, DEQUANT_STREAM = PROBE, DEQUANT
 PROBE_KEY = "divergence_probes"     # the per-row conditioning entry that carries Hutchinson's probes
 
 
