@@ -59,8 +59,9 @@ class Launch:
 
 _F32, _F16, _BF16 = torch.float32, torch.float16, torch.bfloat16
 #: Every variant the samplers launch with a float32 state (the CUDA default; float64 runs the torch reference):
-#: Denoiser.to_x0 (x0 from outputs already in the state dtype, guided or not), the step increments from x0 or in
-#: one pass from the raw outputs in the network's dtype (guided or not, with or without pre-drawn noise), and the
+#: Denoiser.to_x0 (x0 from outputs already in the state dtype, guided or not: solvers with history, Heun, Parareal's
+#: coarse jumps), the step increments in one pass from the raw outputs in the network's dtype (linear steps: DDIM,
+#: DDPM, Euler, Euler ancestral, Euler-Maruyama; guided or not, with or without pre-drawn noise) or from x0, and the
 #: Picard update in both block sizes.
 SAMPLER_LAUNCHES: tuple[Launch, ...] = (
     *(Launch("fused_step", _F32, _F32, uncond=g, x0=True) for g in (False, True)),
@@ -172,7 +173,8 @@ def fused_step(x, out, out_uncond=None, guidance=1.0, c_x=None, c_o=None, k_d=No
     xs, os_, us, zs = flat(x), flat(out), flat(out_uncond), flat(noise)
     # The kernel has no backward: rows that autograd differentiates (the likelihood's divergence) take the reference.
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xs, os_, us))
-    if grad or not _use_triton(xs):
+    # Outputs of a float64 network (rare: analytic models) take the reference too: no kernel variant reads them.
+    if grad or not _use_triton(xs) or os_.dtype not in _TRITON_DTYPES:
         x0, dx = fused_step_reference(xs, os_, us, guidance, c_x, c_o, k_d, k_z, zs, want_x0, want_dx)
     else:
         step, _ = _triton()

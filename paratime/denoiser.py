@@ -28,7 +28,7 @@ from paratime.kernels import fused_step
 
 from .schedules import EDMSchedule, NoiseSchedule, VESchedule
 
-__all__ = ["Denoiser", "PREDICTIONS", "append_dims", "to_x0", "from_x0"]
+__all__ = ["Denoiser", "NetworkOutputs", "PREDICTIONS", "append_dims", "to_x0", "from_x0"]
 
 
 def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -94,6 +94,23 @@ def _stack_halves(cond: dict, uncond: dict) -> dict:
         else:
             both[k] = torch.cat([c, u]) if isinstance(c, torch.Tensor) and c.ndim > 0 else c
     return both
+
+
+@dataclass(frozen=True)
+class NetworkOutputs:
+    """Raw outputs of rows and the map to their ``D``: ``D = c_x x + c_o o``, ``o = u + g (c - u)`` (``o = c``
+    without guidance). What a fused step reads instead of ``D`` (:meth:`Denoiser.network_outputs`).
+
+    Attributes:
+        out: ``(M, *shape)`` the (conditional) output, network dtype. uncond: the unconditional one, or None.
+        guidance: g. c_x, c_o: ``(M,)`` per-row coefficients in the state dtype.
+    """
+
+    out: torch.Tensor
+    uncond: torch.Tensor | None
+    guidance: float
+    c_x: torch.Tensor
+    c_o: torch.Tensor
 
 
 @dataclass(frozen=True, eq=False)
@@ -185,11 +202,15 @@ class Denoiser:
             raise ValueError(f"network: output shape {tuple(out.shape)} differs from input shape {tuple(x.shape)}")
         return out
 
+    def x0_coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(c_x, c_o)``, shaped like ``sigma``: ``x0 = c_x x + c_o o`` for the (guided) network output ``o``."""
+        a = None if self.prediction in SCALE_FREE else self.schedule.input_scale(sigma)
+        return x0_coefficients(self.prediction, sigma, a, self.schedule)
+
     def to_x0(self, x: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor, out_uncond: torch.Tensor | None = None,
               guidance: float = 1.0) -> torch.Tensor:
         """``x0`` from network outputs (guided when ``out_uncond`` is given), one fused pass (kernels.fused_step)."""
-        a = None if self.prediction in SCALE_FREE else self.schedule.input_scale(sigma)
-        c_x, c_o = x0_coefficients(self.prediction, sigma, a, self.schedule)
+        c_x, c_o = self.x0_coefficients(sigma)
         unc = None if out_uncond is None else out_uncond.to(x.dtype)
         x0, _ = fused_step(x, out.to(x.dtype), unc, guidance, c_x, c_o, want_dx=False)
         if self.clip_x0 is not None:
@@ -199,6 +220,23 @@ class Denoiser:
     @property
     def guided(self) -> bool:
         return self.guidance is not None and self.guidance != 1
+
+    @property
+    def fusable(self) -> bool:
+        """Whether ``D`` is ``c_x x + c_o (u + g (c - u))`` of the raw outputs alone, so a linear step can take
+        guidance, conversion and increment in one pass from :meth:`network_outputs` (not with ``clip_x0``,
+        ``guidance_rescale`` or a classifier, which act between the outputs and ``D``)."""
+        return (self.clip_x0 is None and not self.guidance_rescale
+                and not (self.classifier is not None and self.classifier_scale))
+
+    def network_outputs(self, x: torch.Tensor, sigma: torch.Tensor, model_time: torch.Tensor,
+                        uncond: dict | None = None, **cond: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The raw outputs in the network's dtype: ``(out, None)``, or under classifier-free guidance the
+        conditional and unconditional halves ``(c, u)`` of one doubled batch; ``D`` is their :meth:`to_x0`."""
+        if not self.guided:
+            return self.run_network(x, sigma, model_time, **cond), None
+        c, u = self._doubled(x, sigma, model_time, uncond, cond).chunk(2)
+        return c, u
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, model_time: torch.Tensor,
                  uncond: dict | None = None, y: torch.Tensor | None = None, **cond: Any) -> torch.Tensor:
@@ -215,7 +253,7 @@ class Denoiser:
                                                                                                      model_time, y)
         return x0
 
-    def _cfg(self, x, sigma, model_time, uncond, cond):
+    def _doubled(self, x, sigma, model_time, uncond, cond):
         # Conditional and unconditional halves in one doubled batch (ParaDiGMS doubles the window the same way).
         if uncond is None:
             if self.uncond_fn is None:
@@ -223,9 +261,11 @@ class Denoiser:
                                  "or give the model an uncond_fn")
             uncond = self.uncond_fn(cond)
         both = _stack_halves(cond, uncond)
-        out = self.run_network(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([model_time, model_time]),
-                               **both)
-        c, u = out.to(x.dtype).chunk(2)
+        return self.run_network(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([model_time, model_time]),
+                                **both)
+
+    def _cfg(self, x, sigma, model_time, uncond, cond):
+        c, u = self._doubled(x, sigma, model_time, uncond, cond).to(x.dtype).chunk(2)
         if not self.guidance_rescale:
             return self.to_x0(x, sigma, c, u, self.guidance)
         guided = u + self.guidance * (c - u)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .backends import Backend
+from .denoiser import NetworkOutputs
 from .schedules import TimeGrid
 
 __all__ = ["Evaluator", "NonFiniteOutputError"]
@@ -38,21 +39,48 @@ class Evaluator:
         self.backend, self.grid, self.first_sample = backend, grid, first_sample
         self.sigmas = grid.sigmas.to(device)
         self.times = grid.model_times.to(device)
-        self._sigmas = {self.sigmas.dtype: self.sigmas}   # the sigmas per state dtype, cast once
+        self._sigmas: dict = {}                          # (denoiser, its _grid table) per state dtype
         self.calls = 0
         self._rows = torch.zeros(batch, dtype=torch.long, device=device)
         self._counted: list[torch.Tensor] = []          # sample indices of the calls not yet counted
         self._pending: list[tuple] = []                 # (max |D| per row, i, b) of the calls not yet checked
 
-    def __call__(self, x: torch.Tensor, i: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        sigmas = self._sigmas.get(x.dtype)
-        if sigmas is None:
-            sigmas = self._sigmas[x.dtype] = self.sigmas.to(x.dtype)
-        den = self.backend.evaluate(x, sigmas[i], self.times[i], samples=b)
+    def _grid(self, dtype: torch.dtype) -> torch.Tensor:
+        """``(3, N + 1)`` sigma, c_x, c_o per grid point in ``dtype`` (made once per dtype and bound denoiser)."""
+        den = self.backend.denoiser
+        table = self._sigmas.get(dtype)
+        if table is None or table[0] is not den:
+            sigmas = self.sigmas.to(dtype)
+            c_x, c_o = den.x0_coefficients(sigmas) if den.fusable else (sigmas, sigmas)
+            table = self._sigmas[dtype] = (den, torch.stack([sigmas, c_x.to(dtype), c_o.to(dtype)]))
+        return table[1]
+
+    def _record(self, peak: torch.Tensor, i: torch.Tensor, b: torch.Tensor) -> None:
         self.calls += 1
         self._counted.append(b)
-        self._pending.append((den.flatten(1).abs().amax(1), i, b))    # (M,): not finite iff the row is not
+        self._pending.append((peak, i, b))                  # (M,): not finite iff the row's output is not
+
+    def __call__(self, x: torch.Tensor, i: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        den = self.backend.evaluate(x, self._grid(x.dtype)[0, i], self.times[i], samples=b)
+        self._record(den.flatten(1).abs().amax(1), i, b)
         return den
+
+    @property
+    def fusable(self) -> bool:
+        """Whether :meth:`outputs` may be used: the bound denoiser's ``D`` is a linear map of its raw outputs."""
+        return self.backend.denoiser is not None and self.backend.denoiser.fusable
+
+    def outputs(self, x: torch.Tensor, i: torch.Tensor, b: torch.Tensor) -> NetworkOutputs:
+        """The raw network outputs of rows ``(i, b)`` and their x0 coefficients, counted and checked like
+        :meth:`__call__` (the NaN check reads the outputs' peaks: a non-finite output gives a non-finite ``D``)."""
+        sigma, c_x, c_o = self._grid(x.dtype)[:, i]
+        out, unc = self.backend.evaluate(x, sigma, self.times[i], samples=b, raw=True)
+        peak = out.flatten(1).abs().amax(1)
+        if unc is not None:
+            peak = torch.maximum(peak, unc.flatten(1).abs().amax(1))
+        self._record(peak, i, b)
+        den = self.backend.denoiser
+        return NetworkOutputs(out, unc, den.guidance if den.guided else 1.0, c_x, c_o)
 
     @property
     def rows(self) -> torch.Tensor:

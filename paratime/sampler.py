@@ -122,7 +122,7 @@ class ParallelSampler:
 
         def solve(evaluate, on_round):
             problem = Problem(grid.sigmas.to(**kw), grid.ancestral_std().to(**kw), grid.frame_scales.to(**kw),
-                              self.solver, evaluate, z, on_round)
+                              self.solver, evaluate, z, on_round, evaluate.outputs if evaluate.fusable else None)
             return METHODS[cfg.method](x_T, problem, cfg)
 
         outcome, evaluator, wall = self._run(solve, grid, cond, B, first_sample,

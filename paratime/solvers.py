@@ -26,12 +26,16 @@ points per sample). Notation (VE frame, see :mod:`paratime.schedules`):
 The history ``D_{i-1}, D_{i-2}, ...`` (or the solver's :meth:`Solver.history_value`, e.g. ``e_j`` for ``plms``) comes
 from the neighbouring rows of the window (ParaDiGMS's ParaDPMSolver) or from the buffer of the last evaluation at
 those points (:func:`history_rows`).
+
+No host syncs: a step map reads nothing back from the device. The solvers whose second call takes some rows only
+(``heun``, ``plms``'s step 0, the Langevin corrector) size it from the rows' steps on the host (``host_steps``, which
+every method has: it builds its rows from host integers), and the DDPM coarse jump loops over a host bound (``span``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Sequence
 
 import torch
 
@@ -39,10 +43,13 @@ from paratime.kernels import fused_step
 
 from .denoiser import append_dims
 
-__all__ = ["Solver", "SOLVERS", "make_solver", "Ancestral", "EulerMaruyama", "Heun", "DPMSolverPP", "DPMPP2M", "PLMS",
-           "history_rows"]
+__all__ = ["Solver", "SOLVERS", "make_solver", "HostSteps", "Ancestral", "EulerMaruyama", "Heun", "DPMSolverPP",
+           "DPMPP2M", "PLMS", "history_rows"]
 
 Evaluate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: The rows' step indices on the host, when the caller knows them (every method builds its rows from host integers):
+#: one int for rows all at the same step, or one int per row.
+HostSteps = int | Sequence[int] | None
 
 
 @dataclass(frozen=True)
@@ -66,7 +73,7 @@ class Solver:
 
     def increment(self, x: torch.Tensor, i: torch.Tensor, b: torch.Tensor, denoised: torch.Tensor,
                   prev_denoised: torch.Tensor | None, noise: torch.Tensor | None, sigmas: torch.Tensor,
-                  evaluate: Evaluate) -> torch.Tensor:
+                  evaluate: Evaluate, *, host_steps: HostSteps = None) -> torch.Tensor:
         """One step for every row.
 
         Args:
@@ -76,13 +83,25 @@ class Solver:
                 placeholders the step does not read).
             noise: ``(M, *shape)`` ``z_i`` (only if ``stochastic``). sigmas: ``(N + 1,)`` the grid's sigmas.
             evaluate: ``evaluate(x, i, b) -> D`` for solvers that need another network call.
+            host_steps: ``i`` on the host (:data:`HostSteps`). Solvers that make a second call on some rows only
+                (``heun``, ``plms``, the Langevin corrector) then size it on the host, with no device read; without
+                it they find the rows with one ``nonzero`` (a device-to-host read on CUDA). Others ignore it.
         Returns:
             ``dx``, ``(M, *shape)``.
+        Raises:
+            ValueError: ``host_steps`` does not give one step per row.
         """
         raise NotImplementedError
 
+    def linear_step(self, i: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(k_d, k_z)``, ``(M,)`` each, when the step is linear in ``D`` and the noise,
+        ``dx = k_d (x - D) + k_z z`` (DDIM, DDPM, Euler, Euler ancestral, Euler-Maruyama); None otherwise. A caller
+        holding the raw network outputs then takes guidance, the conversion to ``D`` and the step in one pass
+        (:func:`paratime.kernels.fused_step`) instead of materialising ``D`` first."""
+        return None
+
     def jump(self, x: torch.Tensor, denoised: torch.Tensor, i: torch.Tensor, j: torch.Tensor, b: torch.Tensor,
-             noise: torch.Tensor | tuple | None, sigmas: torch.Tensor) -> torch.Tensor:
+             noise: torch.Tensor | tuple | None, sigmas: torch.Tensor, *, span: int | None = None) -> torch.Tensor:
         """Parareal's coarse propagator: one network call's jump of rows from grid point ``i`` to ``j`` with ``D``
         held at its value at ``i``. The default is the deterministic DDIM jump ``D + sigma_j / sigma_i (x - D)``;
         solvers whose fine steps have a closed form under a constant ``D`` override it.
@@ -90,6 +109,8 @@ class Solver:
         Args:
             x: ``(M, *shape)`` states at ``i``. denoised: ``(M, *shape)`` ``D(x_i)``. i, j: ``(M,)`` grid points.
             b: ``(M,)`` sample indices. noise: the problem's pre-drawn noise. sigmas: ``(N + 1,)``.
+            span: a host integer ``>= max(j - i)`` (the caller's coarse sub-grid gives it) for jumps that take the
+                stretch's steps one by one; None bounds it by the grid's N steps (no device read, more masked steps).
         Returns:
             ``(M, *shape)`` the states at ``j``.
         """
@@ -102,13 +123,75 @@ class Solver:
 
     def _per_step(self, sigmas: torch.Tensor, table: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
         """``table(sigmas[:-1], sigmas[1:])``, a ``(K, N)`` table of per-step coefficients, computed once per grid
-        (cached on the solver, keyed by the sigmas tensor and its version) instead of once per row per call: the
-        same elementwise arithmetic, so the same bits as computing it on the gathered rows."""
-        cached = self.__dict__.get("_table")
+        (cached on the solver, keyed by the table, the sigmas tensor and its version) instead of once per row per
+        call: the same elementwise arithmetic, so the same bits as computing it on the gathered rows."""
+        return self._cached(table.__name__, sigmas, lambda: table(sigmas[:-1], sigmas[1:]))
+
+    def _cached(self, key: str, sigmas: torch.Tensor, make: Callable[[], object]):
+        """``make()``, once per grid: cached under ``key``, keyed by the sigmas tensor and its version."""
+        caches = self.__dict__.get("_caches")
+        if caches is None:
+            caches = {}
+            object.__setattr__(self, "_caches", caches)   # a cache, not state: frozen dataclasses compare fields only
+        cached = caches.get(key)
         if cached is None or cached[0] is not sigmas or cached[1] != sigmas._version:
-            cached = (sigmas, sigmas._version, table(sigmas[:-1], sigmas[1:]))
-            object.__setattr__(self, "_table", cached)   # a cache, not state: frozen dataclasses compare fields only
+            cached = caches[key] = (sigmas, sigmas._version, make())
         return cached[2]
+
+    def _takes_last_step(self, sigmas: torch.Tensor) -> bool:
+        """Whether the step into point N is a step to sigma > 0 (the only step that can reach sigma = 0): one
+        device read per grid, cached, made the first time a row at step N - 1 asks (the grid's end is not known to
+        the host otherwise)."""
+        return self._cached("_takes_last_step", sigmas, lambda: bool(sigmas[-1] > 0))
+
+    def _host_count(self, host_steps: HostSteps, rows: int, sigmas: torch.Tensor, second) -> int | None:
+        """How many rows take a second call by their host steps (``second(n, N) -> bool``), or None without them.
+
+        Raises:
+            ValueError: ``host_steps`` is a sequence of the wrong length.
+        """
+        if host_steps is None:
+            return None
+        N = sigmas.numel() - 1
+        if isinstance(host_steps, int):
+            return rows if second(host_steps, N) else 0
+        if len(host_steps) != rows:
+            raise ValueError(f"host_steps: one step per row, got {len(host_steps)} for {rows} rows")
+        return sum(1 for n in host_steps if second(n, N))
+
+    def _to_positive(self, host_steps: HostSteps, rows: int, sigmas: torch.Tensor) -> int | None:
+        """How many rows step to sigma > 0 by their host steps (every step but the last; the last one by the grid's
+        end), or None without host steps."""
+        return self._host_count(host_steps, rows, sigmas, lambda n, N: n + 1 < N or self._takes_last_step(sigmas))
+
+
+def _linear_increment(x, denoised, k_d, k_z, noise):
+    """``dx = k_d (x - D) + k_z z`` through the fused kernel's dispatcher (``D`` is already x0: c_x = 0, c_o = 1)."""
+    _, dx = fused_step(x, denoised, None, 1.0, torch.zeros_like(k_d), torch.ones_like(k_d), k_d, k_z, noise,
+                       want_x0=False)
+    return dx
+
+
+_ALL = slice(None)   # "every row" for :func:`_rows`: a view, no gather and no scatter
+
+
+def _rows(mask: torch.Tensor, count: int | None) -> torch.Tensor | slice | None:
+    """The rows where ``mask`` (``(M,)``) holds: None for none, :data:`_ALL` for all of them, else their indices
+    ``(K,)`` in ascending order. ``count`` (K, from the host steps) sizes them with ``nonzero_static``, which reads
+    nothing back; None falls back to one ``nonzero``, a device-to-host read on CUDA."""
+    if count is None:
+        rows = mask.nonzero().squeeze(1)            # fallback for callers without host steps: one device read
+        count = rows.numel()
+    elif 0 < count < mask.numel():
+        rows = torch.nonzero_static(mask, size=count).squeeze(1)    # the same indices, sized on the host
+    if count == 0:
+        return None
+    return _ALL if count == mask.numel() else rows
+
+
+def _put(dx: torch.Tensor, rows: torch.Tensor | slice, value: torch.Tensor) -> torch.Tensor:
+    """``dx`` with ``rows`` (from :func:`_rows`) replaced by ``value``."""
+    return value if rows is _ALL else dx.index_copy(0, rows, value)
 
 
 def _check_eta(eta, hi=1.0):
@@ -145,40 +228,51 @@ class Ancestral(Solver):
         return up, down
 
     def _step_table(self, s: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
-        """``(4, N)``: the fused step's ``c_x = 0, c_o = 1, k_d = (down - s) / s, k_z = up`` per step."""
+        """``(2, N)``: ``k_d = (down - s) / s, k_z = up`` per step."""
         up, down = self.coefficients(s, s1)
-        one = torch.ones_like(s)
-        return torch.stack([0 * one, one, (down - s) / s, up])
+        return torch.stack([(down - s) / s, up])
 
-    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate):
-        # dx = k_d (x - D) + k_z z, through the fused kernel's dispatcher (x0 = D already: c_x = 0, c_o = 1).
-        c_x, c_o, k_d, k_z = self._per_step(sigmas, self._step_table)[:, i]   # (M,) each
-        _, dx = fused_step(x, denoised, None, 1.0, c_x, c_o, k_d, k_z, noise if self.eta > 0 else None,
-                           want_x0=False)
+    def linear_step(self, i, sigmas):
+        if self.clip is not None:        # the x0 term is clamped: not linear in D
+            return None
+        k_d, k_z = self._per_step(sigmas, self._step_table)[:, i]
+        return k_d, k_z
+
+    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
+        k_d, k_z = self._per_step(sigmas, self._step_table)[:, i]   # (M,) each
+        dx = _linear_increment(x, denoised, k_d, k_z, noise if self.eta > 0 else None)
         if self.clip is not None:
             dx = dx + denoised.clamp(-self.clip, self.clip) - denoised
         return dx
 
-    def jump(self, x, denoised, i, j, b, noise, sigmas):
+    def _jump_table(self, s: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
+        """``(2, N)``: ``r = down / s, up`` per step (the jump's recurrence ``x' - D = r (x - D) + up z``)."""
+        up, down = self.coefficients(s, s1)
+        return torch.stack([down / s, up])
+
+    def jump(self, x, denoised, i, j, b, noise, sigmas, *, span=None):
         """Every step is ``x' - D = r_m (x - D) + up_m z_m`` with ``r_m = down_m / sigma_m``; with ``D`` constant the
         whole stretch is exact, carrying the fine solver's own pre-drawn noise:
 
             x_j = D + (prod_m r_m) (x_i - D) + sum_m (prod_{m' > m} r_m') up_m z_m
 
-        (eta 0: the DDIM jump ``D + sigma_j / sigma_i (x - D)``).
+        (eta 0: the DDIM jump ``D + sigma_j / sigma_i (x - D)``), taken as the recurrence over ``span`` steps, each
+        row frozen once it reaches its ``j``.
         """
         if self.eta == 0 or noise is None or isinstance(noise, tuple):
             return super().jump(x, denoised, i, j, b, noise, sigmas)
+        # The recurrence, not a closed form: it is the fine steps' own arithmetic (a ratio of cumulative products
+        # would round differently and divide by the zero product of a step to sigma = 0), and its noise sum needs
+        # a loop over the stretch anyway; the loop's length is the caller's host bound, never read off j - i.
+        r, up = self._per_step(sigmas, self._jump_table)                # (N,) each
         acc = x - denoised
         last = sigmas.numel() - 2
-        for m in range(int((j - i).max())):
+        for m in range(sigmas.numel() - 1 if span is None else span):
             k = i + m
             live = append_dims(k < j, x.ndim)
             kk = k.clamp_max(last)
-            s, s1 = sigmas[kk], sigmas[kk + 1]
-            up, down = self.coefficients(s, s1)
-            r = down / s
-            step = append_dims(r, x.ndim) * acc + append_dims(up, x.ndim) * noise[kk.clamp_max(noise.shape[0] - 1), b]
+            z = noise[kk.clamp_max(noise.shape[0] - 1), b]
+            step = append_dims(r[kk], x.ndim) * acc + append_dims(up[kk], x.ndim) * z
             acc = torch.where(live, step, acc)
         return denoised + acc
 
@@ -200,12 +294,21 @@ class EulerMaruyama(Solver):
     def __post_init__(self):
         _check_eta(self.eta, hi=10.0)
 
-    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate):
-        s, s1 = self._sig(sigmas, i, x.ndim)
+    def _step_table(self, s: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
+        """``(2, N)``: ``k_d = -(1 + eta^2) / 2 (s^2 - s'^2) / s^2, k_z = eta sqrt(s^2 - s'^2)``; on a step to
+        sigma = 0, ``k_d = -1, k_z = 0`` (``dx = D - x``)."""
         var = s * s - s1 * s1
-        d = (x - denoised) / s
-        dx = -(1 + self.eta**2) / 2 * var / s * d + self.eta * torch.sqrt(var) * noise
-        return torch.where(s1 == 0, denoised - x, dx)
+        k_d = torch.where(s1 > 0, -(1 + self.eta**2) / 2 * var / (s * s), -torch.ones_like(s))
+        k_z = torch.where(s1 > 0, self.eta * torch.sqrt(var.clamp_min(0)), torch.zeros_like(s))
+        return torch.stack([k_d, k_z])
+
+    def linear_step(self, i, sigmas):
+        k_d, k_z = self._per_step(sigmas, self._step_table)[:, i]
+        return k_d, k_z
+
+    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
+        k_d, k_z = self.linear_step(i, sigmas)
+        return _linear_increment(x, denoised, k_d, k_z, noise)
 
 
 @dataclass(frozen=True)
@@ -215,16 +318,17 @@ class Heun(Solver):
     name: ClassVar[str] = "heun"
     evals_per_step: ClassVar[int] = 2
 
-    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate):
+    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
         s, s1 = self._sig(sigmas, i, x.ndim)
         d = (x - denoised) / s
         dx = (s1 - s) * d
-        second = sigmas[i + 1] > 0  # (M,) rows that take the corrector
-        if bool(second.any()):
-            rows = second.nonzero().squeeze(1)
+        # The corrector only on rows whose next sigma is > 0, counted from the host steps: a second call on every
+        # row (discarding the steps to sigma = 0) would add network rows; finding the rows on the device, a read.
+        rows = _rows(sigmas[i + 1] > 0, self._to_positive(host_steps, x.shape[0], sigmas))
+        if rows is not None:
             x_pred = x[rows] + dx[rows]
             d2 = (x_pred - evaluate(x_pred, i[rows] + 1, b[rows])) / s1[rows]
-            dx = dx.index_copy(0, rows, (s1[rows] - s[rows]) * (d[rows] + d2) / 2)
+            dx = _put(dx, rows, (s1[rows] - s[rows]) * (d[rows] + d2) / 2)
         return dx
 
 
@@ -287,7 +391,7 @@ class DPMSolverPP(Solver):
         o = torch.where((i == N - 1) & last_first, torch.ones_like(o), o)
         return torch.where((i == N - 2) & short, o.clamp_max(2), o)
 
-    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate):
+    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
         s, s1 = self._sig(sigmas, i, x.ndim)
         o = append_dims(self.step_orders(i, sigmas), x.ndim)
         D0 = denoised
@@ -322,11 +426,12 @@ class DPMSolverPP(Solver):
             x_new = x_new + s1 * torch.sqrt((1 - q).clamp_min(0)) * noise
         return x_new - x
 
-    def jump(self, x, denoised, i, j, b, noise, sigmas):
+    def jump(self, x, denoised, i, j, b, noise, sigmas, *, span=None):
         """With ``D`` constant the divided differences vanish: the ODE is the DDIM jump, the SDE is DDPM's (its first
         order step), which carries the pre-drawn noise exactly."""
         if self.sde:
-            return DDPM().jump(x, denoised, i, j, b, noise, sigmas)
+            # One DDPM per grid (cached here), so its jump table is made once, not on every coarse jump.
+            return self._cached("_ddpm", sigmas, DDPM).jump(x, denoised, i, j, b, noise, sigmas, span=span)
         return super().jump(x, denoised, i, j, b, noise, sigmas)
 
 
@@ -373,20 +478,21 @@ class PLMS(Solver):
     def history_value(self, x, denoised, i, sigmas):
         return (x - denoised) / append_dims(sigmas[i], x.ndim)
 
-    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate):
+    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
         s, s1 = self._sig(sigmas, i, x.ndim)
         e = (x - denoised) / s
         hist = torch.stack((e,) + _history(prev_denoised, e, 3), 1)           # (M, 4, *shape), newest first
         weights = torch.tensor(self.AB, dtype=x.dtype, device=x.device)[(i.clamp_max(3))]   # (M, 4)
         e_ab = (append_dims(weights, hist.ndim) * hist).sum(1)
         dx = (s1 - s) * e_ab
-        # Step 0: Heun in e (PNDM's first two calls); never on a one-step grid.
+        # Step 0: Heun in e (PNDM's first two calls); never on a one-step grid. The rows at step 0 are counted on
+        # the host (no device read) and only they are evaluated again (no extra network rows).
         first = (i == 0) & (sigmas.numel() > 2)
-        if bool(first.any()):
-            rows = first.nonzero().squeeze(1)
+        rows = _rows(first, self._host_count(host_steps, x.shape[0], sigmas, lambda n, N: n == 0 and N > 1))
+        if rows is not None:
             x_pred = x[rows] + dx[rows]
             e_pred = (x_pred - evaluate(x_pred, i[rows] + 1, b[rows])) / s1[rows]
-            dx = dx.index_copy(0, rows, (s1[rows] - s[rows]) * (e[rows] + e_pred) / 2)
+            dx = _put(dx, rows, (s1[rows] - s[rows]) * (e[rows] + e_pred) / 2)
         return dx
 
 
@@ -428,16 +534,20 @@ class LangevinCorrected(Solver):
     def history_value(self, x, denoised, i, sigmas):
         return self.base.history_value(x, denoised, i, sigmas)
 
+    def _takes_last_step(self, sigmas):
+        return self.base._takes_last_step(sigmas)      # one read per grid for the corrector and its base together
+
     @property
     def evals_per_step(self):  # type: ignore[override]
         return self.base.evals_per_step + self.corrector_steps
 
-    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate):
+    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
         z_pred, z_corr = noise                                      # z_corr: (M, corrector_steps, *shape)
         x1 = x + self.base.increment(x, i, b, denoised, prev_denoised, z_pred if self.base.stochastic else None,
-                                     sigmas, evaluate)
-        rows = (sigmas[i + 1] > 0).nonzero().squeeze(1)             # no corrector at sigma = 0
-        if rows.numel() == 0:
+                                     sigmas, evaluate, host_steps=host_steps)
+        # No corrector at sigma = 0; its rows are counted on the host like Heun's (no device read, no extra rows).
+        rows = _rows(sigmas[i + 1] > 0, self._to_positive(host_steps, x.shape[0], sigmas))
+        if rows is None:
             return x1 - x
         xc, j, bc = x1[rows], i[rows] + 1, b[rows]
         s1 = append_dims(sigmas[j], x.ndim)
@@ -445,7 +555,7 @@ class LangevinCorrected(Solver):
         for c in range(self.corrector_steps):
             g = (evaluate(xc, j, bc) - xc) / s1**2
             xc = xc + e * g + torch.sqrt(2 * e) * z_corr[rows, c]
-        return x1.index_copy(0, rows, xc) - x
+        return _put(x1, rows, xc) - x
 
 
 SOLVERS: dict[str, type[Solver]] = {c.name: c for c in (Ancestral, DDPM, EulerMaruyama, Heun, DPMSolverPP, DPMPP2M,

@@ -93,6 +93,29 @@ def test_parallel_methods_on_cuda_with_a_diffusers_unet_in_half_precision(dtype,
 
 
 @cuda
+@compiled
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_step_inside_the_samplers_on_cuda(dtype, monkeypatch):
+    """A guided DDPM step reads the raw half-precision outputs in one compiled launch, and gives the two-pass result
+    (x0 first, then the step) to float32 rounding."""
+    from paratime import ParallelSampler
+    from paratime.evaluator import Evaluator
+    from paratime.kernels import Launch, record_launches
+    from paratime.models import load_model
+
+    model = load_model("digits")
+    model.network.cuda()
+    kw = dict(solver="ddpm", steps=20, dtype=dtype, guidance=2.0, method="picard", tol=0.0, progress=False)
+    labels = torch.tensor([1, 4, 7, 9], device="cuda")
+    with record_launches() as seen:
+        fused = ParallelSampler(model, **kw).sample(4, seed=0, labels=labels)
+    assert Launch("fused_step", torch.float32, dtype, uncond=True, noise=True, dx=True) in seen
+    monkeypatch.setattr(Evaluator, "fusable", property(lambda self: False))
+    two = ParallelSampler(model, **kw).sample(4, seed=0, labels=labels)
+    torch.testing.assert_close(fused.samples, two.samples, rtol=1e-4, atol=1e-4)
+
+
+@cuda
 @pytest.mark.parametrize("method", ["picard", "parareal"])
 def test_host_syncs_per_round_on_cuda(method):
     """torch.cuda.set_sync_debug_mode counts every synchronising call; the engine's budget is a few per round

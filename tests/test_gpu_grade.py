@@ -55,14 +55,17 @@ def test_sync_counter_sees_what_it_must():
     assert c.calls == ["__bool__", "__getitem__", "nonzero", "__float__", "tolist"]
 
 
+@pytest.mark.parametrize("solver", ["ddim", "ddpm"])
 @pytest.mark.parametrize("method", ["parareal", "parareal_pipelined"])
-def test_parareal_ticks_make_no_host_syncs(method):
+def test_parareal_ticks_make_no_host_syncs(method, solver):
     """Sweep Parareal reads the host once per iteration (the next layout and the residual), never inside its fine
-    ticks or coarse jumps; pipelined Parareal reads only when a new iterate reaches the frontier."""
+    ticks or coarse jumps (DDPM's carries the pre-drawn noise over a host-bounded stretch); pipelined Parareal reads
+    only when a new iterate reaches the frontier."""
     from paratime.methods import Problem
     from paratime.methods.parareal import sample_parareal, sample_parareal_pipelined
+    from paratime.noise import STEP, draw_noise
 
-    s = ParallelSampler("gmm", solver="ddim", steps=60, method="sequential", progress=False)
+    s = ParallelSampler("gmm", solver=solver, steps=60, method="sequential", progress=False)
     g, den = s.grid, s.denoiser
     ticks = []
 
@@ -70,7 +73,8 @@ def test_parareal_ticks_make_no_host_syncs(method):
         ticks.append(len(counter.calls))
         return den(x, g.sigmas[i], g.model_times[i])
 
-    problem = Problem(g.sigmas, g.ancestral_std(), g.frame_scales, s.solver, evaluate)
+    noise = draw_noise(0, 16, (2,), 60, STEP) if s.solver.stochastic else None
+    problem = Problem(g.sigmas, g.ancestral_std(), g.frame_scales, s.solver, evaluate, noise)
     x = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * float(g.sigmas[0])
     counter = SyncCounter()
     with counter:
@@ -86,7 +90,7 @@ def test_parareal_ticks_make_no_host_syncs(method):
         frontier_reads = len(out.residuals)              # one read per acceptance test at the frontier
         assert syncs - setup <= frontier_reads + 1, counter.calls
     assert len(ticks) > 4 * (syncs - setup + 1)          # far more ticks than host reads
-    seq = ParallelSampler("gmm", solver="ddim", steps=60, method="sequential", progress=False).sample(
+    seq = ParallelSampler("gmm", solver=solver, steps=60, method="sequential", progress=False).sample(
         noise=x / float(g.sigmas[0]) / float(den.schedule.prior_std(g.sigmas[:1]) / g.sigmas[0]))
     assert torch.isfinite(out.x).all() and seq.samples.shape == out.x.shape
 

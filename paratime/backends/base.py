@@ -29,7 +29,7 @@ import torch
 from ..denoiser import Denoiser
 from .memory import PROBE_ROWS, default_max_batch, measure_rows
 
-__all__ = ["Backend", "map_cond", "split_cond", "cast_network", "check_max_batch", "cond_bytes"]
+__all__ = ["Backend", "map_cond", "split_cond", "cat_outputs", "cast_network", "check_max_batch", "cond_bytes"]
 
 log = logging.getLogger("paratime")
 
@@ -145,7 +145,7 @@ class Backend:
 
     # -- evaluation -----------------------------------------------------------------------------------------------
     def evaluate(self, x: torch.Tensor, sigma: torch.Tensor, model_time: torch.Tensor,
-                 cond: dict[str, Any] | None = None, samples: torch.Tensor | None = None) -> torch.Tensor:
+                 cond: dict[str, Any] | None = None, samples: torch.Tensor | None = None, raw: bool = False):
         """``D(x, sigma, model_time, **cond)`` for ``(M, *shape)`` rows; the result is on ``x``'s device.
 
         Args:
@@ -153,6 +153,11 @@ class Backend:
             cond: per-row conditioning (``samples`` None), or per-sample conditioning (``samples`` given; empty:
                 what :meth:`prepare` placed).
             samples: ``(M,)`` the sample index of each row, or None.
+            raw: return the raw network outputs instead, :meth:`Denoiser.network_outputs`'s ``(out, uncond)``
+                in the network's dtype (``uncond`` None without classifier-free guidance), for a caller that takes
+                conversion and step in one fused pass (only for a :attr:`Denoiser.fusable` denoiser).
+        Returns:
+            ``D``, ``(M, *shape)`` in ``x``'s dtype; with ``raw``, the pair of outputs.
         """
         raise NotImplementedError
 
@@ -167,8 +172,8 @@ class Backend:
     def run_chunked(self, x: torch.Tensor, sigma: torch.Tensor, model_time: torch.Tensor, cond: dict,
                     fn=None) -> torch.Tensor:
         """Evaluate rows on this process, at most ``max_batch`` network rows per call (derived at the first call
-        when None). ``cond`` is per-row; ``fn(x, sigma, model_time, **cond)`` defaults to the bound denoiser (the
-        torch backend passes its ``run_network`` to get raw outputs)."""
+        when None). ``cond`` is per-row; ``fn(x, sigma, model_time, **cond)`` defaults to the bound denoiser (raw
+        outputs: its ``network_outputs``; the torch backend passes its ``run_network``) and may return a tuple."""
         if self.denoiser is None:
             raise RuntimeError("backend: not bound to a denoiser; the sampler calls bind() first")
         den = fn or self.denoiser
@@ -192,7 +197,7 @@ class Backend:
             return den(x, sigma, model_time, **cond)     # one chunk: no slicing
         for s in range(start, M, step):
             outs.append(den(x[s:s + step], sigma[s:s + step], model_time[s:s + step], **split_cond(cond, s, s + step)))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return cat_outputs(outs)
 
     # -- figures --------------------------------------------------------------------------------------------------
     @property
@@ -214,6 +219,15 @@ class Backend:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def cat_outputs(outs: list):
+    """Chunks' results joined along the rows: tensors, or tuples of tensors (raw outputs; None stays None)."""
+    if len(outs) == 1:
+        return outs[0]
+    if isinstance(outs[0], tuple):
+        return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs)
 
 
 def split_cond(cond: dict, start: int, stop: int) -> dict:

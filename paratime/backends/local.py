@@ -23,6 +23,7 @@ class LocalBackend(Backend):
     def __init__(self, max_batch: int | None = None):
         super().__init__(max_batch)
 
-    def evaluate(self, x, sigma, model_time, cond=None, samples=None):
+    def evaluate(self, x, sigma, model_time, cond=None, samples=None, raw=False):
         self.calls += 1
-        return self.run_chunked(x, sigma, model_time, self.rows_cond(cond, samples))
+        return self.run_chunked(x, sigma, model_time, self.rows_cond(cond, samples),
+                                fn=self.denoiser.network_outputs if raw and self.denoiser is not None else None)

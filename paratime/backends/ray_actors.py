@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from ..denoiser import Denoiser
-from .base import Backend, cast_network, map_cond, split_cond
+from .base import Backend, cast_network, cat_outputs, map_cond, split_cond
 
 __all__ = ["RayBackend", "RayWorkerError"]
 
@@ -99,15 +99,17 @@ class _Replica:
         self.local.prepare({} if cond is None else map_cond(cond, lambda v: v.to(self.device)))
         return True
 
-    def evaluate(self, x, sigma, model_time, samples, cond):
-        """Rows' D (on the CPU) and the seconds spent computing them (for the driver's communication figure).
-        ``samples`` indexes the prepared conditioning; ``cond`` carries per-row conditioning instead (or None)."""
+    def evaluate(self, x, sigma, model_time, samples, cond, raw=False):
+        """Rows' D (on the CPU; ``raw``: the network's ``(out, uncond)`` in its dtype) and the seconds spent
+        computing them (for the driver's communication figure). ``samples`` indexes the prepared conditioning;
+        ``cond`` carries per-row conditioning instead (or None)."""
         t0 = time.perf_counter()
         d = self.device
         with torch.no_grad():
             out = self.local.evaluate(x.to(d), sigma.to(d), model_time.to(d),
                                       None if cond is None else map_cond(cond, lambda v: v.to(d)),
-                                      None if samples is None else samples.to(d)).cpu()
+                                      None if samples is None else samples.to(d), raw=raw)
+        out = tuple(None if o is None else o.cpu() for o in out) if raw else out.cpu()
         return out, time.perf_counter() - t0
 
     def pid(self):
@@ -224,7 +226,7 @@ class RayBackend(Backend):
         self._cond_ref = None
 
     # -- evaluation -----------------------------------------------------------------------------------------------
-    def evaluate(self, x, sigma, model_time, cond=None, samples=None):
+    def evaluate(self, x, sigma, model_time, cond=None, samples=None, raw=False):
         self.calls += 1
         M = x.shape[0]
         n = min(self.workers, M)
@@ -235,7 +237,7 @@ class RayBackend(Backend):
         bc = None if samples is None else samples.cpu()
         cc = None if samples is not None else map_cond(cond or {}, lambda v: v.cpu())
         chunks = [(xc[a:b], sc[a:b], tc[a:b], None if bc is None else bc[a:b],
-                   None if cc is None else split_cond(cc, a, b)) for a, b in bounds]
+                   None if cc is None else split_cond(cc, a, b), raw) for a, b in bounds]
         t0 = time.perf_counter()
         refs = [self.actors[i].evaluate.remote(*chunks[i]) for i in range(n)]
         outs, compute = [], []
@@ -245,8 +247,10 @@ class RayBackend(Backend):
             compute.append(dt)
         # Communication: the call's wall time less the slowest actor's compute (serialisation, transfer, scheduling).
         self.comm_s += max(time.perf_counter() - t0 - max(compute), 0.0)
-        self.comm_bytes += _tensor_bytes(xc, sc, tc, bc, cc) + sum(_tensor_bytes(o) for o in outs)
-        return torch.cat(outs).to(x.device)
+        self.comm_bytes += _tensor_bytes(xc, sc, tc, bc, cc) + sum(_tensor_bytes(*o) if raw else _tensor_bytes(o)
+                                                                   for o in outs)
+        out = cat_outputs(outs)
+        return tuple(None if o is None else o.to(x.device) for o in out) if raw else out.to(x.device)
 
     def _get(self, i, ref, chunk):
         ray = self.ray

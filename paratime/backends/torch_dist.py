@@ -124,27 +124,39 @@ class TorchDistributedBackend(Backend):
             self._events.clear()
         return super().timings
 
-    def evaluate(self, x, sigma, model_time, cond=None, samples=None):
+    def evaluate(self, x, sigma, model_time, cond=None, samples=None, raw=False):
         self.calls += 1
         den, dev, M, world = self.denoiser, self.device, x.shape[0], self.workers
         per = -(-M // world)
         lo, hi = min(self.rank * per, M), min((self.rank + 1) * per, M)
-        raw = not (den.guided or (den.classifier is not None and den.classifier_scale))
-        # This rank's contiguous share: raw network outputs (or x0 under guidance), padded to `per` rows.
+        # What travels: raw outputs (the caller's fused step converts them: both halves under guidance, as many
+        # bytes as a state-dtype x0 at half the network's precision), or the unguided raw output converted to x0
+        # here, or x0 itself when guidance rescaling or a classifier acts between the outputs and x0.
+        halves = 2 if raw and den.guided else 1
+        net_out = raw or not (den.guided or (den.classifier is not None and den.classifier_scale))
+        fn = den.network_outputs if raw else den.run_network if net_out else None
+        # This rank's contiguous share, padded to `per` rows (`halves` blocks of them).
         share_cond = split_cond(cond or {}, lo, hi) if samples is None else self.rows_cond(cond, samples[lo:hi])
         share_cond = map_cond(share_cond, lambda v: v.to(dev))
         xs, ss, ts = x[lo:hi].to(dev), sigma[lo:hi].to(dev), model_time[lo:hi].to(dev)
-        gather_dtype = (den.network_dtype or x.dtype) if raw else x.dtype   # the same on every rank
+        gather_dtype = (den.network_dtype or x.dtype) if net_out else x.dtype   # the same on every rank
+        shape = x.shape[1:]
         if hi > lo:
-            out = self.run_chunked(xs, ss, ts, share_cond, fn=den.run_network if raw else None).to(gather_dtype)
+            out = self.run_chunked(xs, ss, ts, share_cond, fn=fn)
+            out = [o for o in out if o is not None] if raw else [out]
         else:
-            out = torch.empty((0, *x.shape[1:]), dtype=gather_dtype, device=dev)
+            out = [torch.empty((0, *shape), dtype=gather_dtype, device=dev)] * halves
         if hi - lo < per:
-            out = torch.cat([out, out.new_zeros((per - (hi - lo), *x.shape[1:]))])
+            out = [torch.cat([o.to(gather_dtype), o.new_zeros((per - (hi - lo), *shape), dtype=gather_dtype)])
+                   for o in out]
+        out = out[0].to(gather_dtype)[None] if halves == 1 else torch.stack(out).to(gather_dtype)   # (halves, per, ...)
         gathered = self._all_gather(out.reshape(-1), world)
-        full = gathered.view(world * per, *x.shape[1:])[:M].to(x.device)
         self.comm_bytes += (world - 1) * out.numel() * out.element_size()
-        return den.to_x0(x, sigma, full) if raw else full.to(x.dtype)
+        full = gathered.view(world, halves, per, *shape).transpose(0, 1).reshape(halves, world * per, *shape)
+        full = full[:, :M].to(x.device)                                            # (halves, M, *shape)
+        if raw:
+            return full[0], (full[1] if halves == 2 else None)
+        return den.to_x0(x, sigma, full[0]) if net_out else full[0].to(x.dtype)
 
     def _all_gather(self, local: torch.Tensor, world: int) -> torch.Tensor:
         # gloo wants a flat output tensor (NCCL accepts it too) on the CPU; half-precision outputs travel as their

@@ -12,6 +12,9 @@ from typing import Callable
 
 import torch
 
+from paratime.kernels import fused_step
+
+from ..denoiser import NetworkOutputs
 from ..solvers import Evaluate, Solver
 
 __all__ = ["Problem", "Outcome", "RoundInfo", "rms"]
@@ -52,6 +55,8 @@ class Problem:
         noise: ``(N, B, *shape)`` pre-drawn step noise, or None for deterministic solvers; with a Langevin
             corrector, a tuple (predictor noise or None, ``(N, B, corrector_steps, *shape)`` corrector noise).
         on_round: called with a :class:`RoundInfo` after every round.
+        outputs: ``outputs(x, i, b) -> NetworkOutputs``, the raw network outputs of rows (through the backend), or
+            None; with it, :meth:`step` takes linear steps in one fused pass from the outputs.
     """
 
     sigmas: torch.Tensor
@@ -61,20 +66,42 @@ class Problem:
     evaluate: Evaluate
     noise: torch.Tensor | None = None
     on_round: Callable[[RoundInfo], None] | None = None
+    outputs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], NetworkOutputs] | None = None
 
     @property
     def steps(self) -> int:
         return self.sigmas.numel() - 1
 
-    def increment(self, x, i, b, denoised, prev_denoised=None):
-        """The step map for rows ``(i, b)``, with their pre-drawn noise."""
+    def _noise(self, i, b):
         if not self.solver.stochastic:
-            z = None
-        elif isinstance(self.noise, tuple):       # (predictor noise or None, corrector noise)
-            z = tuple(None if n is None else n[i, b] for n in self.noise)
-        else:
-            z = self.noise[i, b]
-        return self.solver.increment(x, i, b, denoised, prev_denoised, z, self.sigmas, self.evaluate)
+            return None
+        if isinstance(self.noise, tuple):           # (predictor noise or None, corrector noise)
+            return tuple(None if n is None else n[i, b] for n in self.noise)
+        return self.noise[i, b]
+
+    def increment(self, x, i, b, denoised, prev_denoised=None, host_steps=None):
+        """The step map for rows ``(i, b)``, with their pre-drawn noise. ``host_steps``: ``i`` on the host
+        (:data:`paratime.solvers.HostSteps`), so that a solver's second call on some rows reads nothing back."""
+        return self.solver.increment(x, i, b, denoised, prev_denoised, self._noise(i, b), self.sigmas, self.evaluate,
+                                     host_steps=host_steps)
+
+    def step(self, x: torch.Tensor, i: torch.Tensor, b: torch.Tensor, want_denoised: bool = False,
+             host_steps=None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Evaluate and step rows ``(i, b)`` of a solver without history: ``(D or None, dx)``.
+
+        A linear step (:meth:`Solver.linear_step`) with raw outputs available runs guidance, the conversion to ``D``
+        and the increment in one pass over the outputs (:func:`paratime.kernels.fused_step`, the Triton kernel on
+        CUDA); otherwise ``D`` is evaluated and :meth:`increment` applied. ``D`` is returned when asked for or
+        computed anyway.
+        """
+        lin = None if self.outputs is None else self.solver.linear_step(i, self.sigmas)
+        if lin is None:
+            den = self.evaluate(x, i, b)
+            return den, self.increment(x, i, b, den, host_steps=host_steps)
+        o = self.outputs(x, i, b)
+        den, dx = fused_step(x, o.out, o.uncond, o.guidance, o.c_x, o.c_o, *lin, self._noise(i, b),
+                             want_x0=want_denoised)
+        return den, dx
 
     def scale(self, x: torch.Tensor, i: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """Rows ``x`` at points ``i`` to the model's frame (``inverse``: back to the VE frame)."""

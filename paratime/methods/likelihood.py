@@ -109,6 +109,10 @@ class FlowDenoiser(Denoiser):
     def to_x0(self, x, sigma, out, out_uncond=None, guidance=1.0):
         return out
 
+    @property
+    def fusable(self) -> bool:
+        return False                # D~ is no linear map of a network output
+
     def run_network(self, x: torch.Tensor, sigma: torch.Tensor, model_time: torch.Tensor,
                     divergence_probes: torch.Tensor | None = None, **cond: Any) -> torch.Tensor:
         """``D~`` for augmented rows ``(M, n + 1)`` (see :meth:`__call__`)."""

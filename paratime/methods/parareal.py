@@ -79,22 +79,25 @@ class _Propagators:
         self.sub = coarse_subgrids(bounds, coarse_steps)
 
     def fine_lockstep(self, U: torch.Tensor, s: torch.Tensor, b: torch.Tensor, hist: torch.Tensor | None,
-                      running: list[int]):
+                      running: list[int], starts: list[int]):
         """``F_s(U)`` for rows ``(s, b)``, all slices advancing together.
 
         ``running[m]`` is the number of rows still running at fine step m: rows come longest slice first, so they
-        are a prefix. ``hist`` is D at the point before each slice start (multistep solvers). Returns the slice
-        ends and, with ``hist``, each slice's last D (the next slice's history).
+        are a prefix; ``starts`` are the rows' slice starts on the host (their step indices, for the step maps).
+        ``hist`` is D at the point before each slice start (multistep solvers). Returns the slice ends and, with
+        ``hist``, each slice's last D (the next slice's history).
         """
         p, lo = self.p, self.bounds[s]
         x = U.clone()
         prev = None if hist is None else hist.clone()
         for m, r in enumerate(running):
-            i = lo[:r] + m
+            i, steps_h = lo[:r] + m, [n + m for n in starts[:r]]
+            if prev is None:       # one fused pass from the network outputs for linear steps (Problem.step)
+                x[:r] = x[:r] + p.step(x[:r], i, b[:r], host_steps=steps_h)[1]
+                continue
             den = p.evaluate(x[:r], i, b[:r])
-            x[:r] = x[:r] + p.increment(x[:r], i, b[:r], den, None if prev is None else prev[:r])
-            if prev is not None:
-                prev[:r] = den
+            x[:r] = x[:r] + p.increment(x[:r], i, b[:r], den, prev[:r], host_steps=steps_h)
+            prev[:r] = den
         return x, prev
 
     def coarse_step(self, U: torch.Tensor, s: int, b: torch.Tensor) -> torch.Tensor:
@@ -107,16 +110,17 @@ class _Propagators:
         for c in range(len(pts) - 1):
             i = torch.full((R,), pts[c], dtype=torch.long, device=U.device)
             j = torch.full((R,), pts[c + 1], dtype=torch.long, device=U.device)
-            x = coarse_jump(p, x, p.evaluate(x, i, b), i, j, b)
+            x = coarse_jump(p, x, p.evaluate(x, i, b), i, j, b, span=pts[c + 1] - pts[c])
         return x
 
 
 def coarse_jump(p: Problem, x: torch.Tensor, den: torch.Tensor, i: torch.Tensor, j: torch.Tensor,
-                b: torch.Tensor) -> torch.Tensor:
+                b: torch.Tensor, span: int | None = None) -> torch.Tensor:
     """One network call's jump of rows from grid point ``i`` to ``j`` with ``D`` held at its value at ``i``: the
     solver's own :meth:`~paratime.solvers.Solver.jump` (exact for DDIM / DDPM under a constant ``D``, carrying the
-    fine solver's pre-drawn noise; the deterministic DDIM jump for the others)."""
-    return p.solver.jump(x, den, i, j, b, p.noise, p.sigmas)
+    fine solver's pre-drawn noise; the deterministic DDIM jump for the others). ``span``: the longest ``j - i``, a
+    host integer (the coarse sub-grids are host lists), so the jump never reads it off the device."""
+    return p.solver.jump(x, den, i, j, b, p.noise, p.sigmas, span=span)
 
 
 def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None, coarse_steps: int = 1,
@@ -147,16 +151,18 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
     shape1 = (1,) * (x.ndim - 1)
     thresholds = tol * problem.noise_levels[bounds]                     # (S+1,)
     calls = {"fine": 0, "coarse": 0}
-    evaluate = problem.evaluate
 
-    def counted(kind):
+    def counted(kind, fn):
         def ev(xr, i, b):
             calls[kind] += b.numel()
-            return evaluate(xr, i, b)
-        return ev
+            return fn(xr, i, b)
+        return None if fn is None else ev
 
-    fine = _Propagators(replace(problem, evaluate=counted("fine")), bounds_h, coarse_steps, coarse)
-    coarse_prop = _Propagators(replace(problem, evaluate=counted("coarse")), bounds_h, coarse_steps, coarse)
+    def propagators(kind):
+        return _Propagators(replace(problem, evaluate=counted(kind, problem.evaluate),
+                                    outputs=counted(kind, problem.outputs)), bounds_h, coarse_steps, coarse)
+
+    fine, coarse_prop = propagators("fine"), propagators("coarse")
 
     # Initial coarse sweep: U[s+1] = G_s(U[s]).
     U = x.new_zeros((S + 1, *x.shape))                                  # (S+1, B, *shape), VE frame
@@ -189,7 +195,9 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
         h = None
         if hist is not None:
             h = torch.where((bounds[ss] == 0).reshape(-1, *shape1), 0, hist[(ss - 1).clamp_min(0), bb])
-        F_end, last_den = fine.fine_lockstep(U[ss, bb], ss, bb, h, running)   # h at i = 0 is unused (first order)
+        starts = [fine.bounds_h[s] for s in order for _ in range(counts[s])]   # (M,) host ints: the rows' slice starts
+        # h at i = 0 is unused (first order)
+        F_end, last_den = fine.fine_lockstep(U[ss, bb], ss, bb, h, running, starts)
         F = torch.zeros_like(U[:S])
         F[ss, bb] = F_end
         if hist is not None:
@@ -330,10 +338,12 @@ def sample_parareal_pipelined(x: torch.Tensor, problem: Problem, slices: int | N
         den = problem.evaluate(X, I, Bi)
         parts = []
         if nf:
-            parts.append(problem.increment(X[:nf], I[:nf], Bi[:nf], den[:nf], None))
+            parts.append(problem.increment(X[:nf], I[:nf], Bi[:nf], den[:nf], None,
+                                           host_steps=[n for n in steps_h[:nf // B] for _ in range(B)]))
         if coarse_owners:                                   # coarse jump from sub-grid point i to the next one
             nxt = steps[len(owners):].repeat_interleave(B)
-            parts.append(coarse_jump(problem, X[nf:], den[nf:], I[nf:], nxt, Bi[nf:]) - X[nf:])
+            span = max(sub[t["s"]][t["m"] + 1] - sub[t["s"]][t["m"]] for t in coarse_owners)   # host integers
+            parts.append(coarse_jump(problem, X[nf:], den[nf:], I[nf:], nxt, Bi[nf:], span=span) - X[nf:])
         dx = torch.cat(parts) if len(parts) > 1 else parts[0]
         count["fine"] += nf
         count["coarse"] += X.shape[0] - nf
