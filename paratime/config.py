@@ -21,7 +21,7 @@ from .backends import check_memory, noise_draws
 from .denoiser import PREDICTIONS, Denoiser
 from .methods import METHODS
 from .methods import PARAREAL_TOL
-from .methods.picard import DEFAULT_TOL, STOPS, UPDATES
+from .methods.picard import DEFAULT_TOL, FILLS, INITS, STOPS, UPDATES
 from .schedules import SPACINGS, NoiseSchedule
 from .solvers import LangevinCorrected, Solver, make_solver
 
@@ -119,6 +119,8 @@ class SamplerConfig:
     stop: str = "final"
     update: str = "secant"
     accept_tol: float | None = None
+    init: str = "auto"
+    fill: str = "path"
     dtype: torch.dtype | None = None
     state_dtype: torch.dtype | None = None
     device: str | torch.device | None = None
@@ -155,6 +157,10 @@ class SamplerConfig:
         if not isinstance(self.update, str) or self.update not in UPDATES:
             raise ValueError(f"update: unknown {self.update!r}; allowed: {', '.join(UPDATES)}")
         check_number("accept_tol", self.accept_tol, 0, none=True)
+        for name, allowed in (("init", INITS), ("fill", FILLS)):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in allowed:
+                raise ValueError(f"{name}: unknown {value!r}; allowed: {', '.join(allowed)}")
         # Solver (the solver's own constructor checks eta's range).
         check_number("eta", self.eta, none=True)
         make_solver(self.solver, **self.solver_options)  # raises on a bad name or option
@@ -237,8 +243,21 @@ class SamplerConfig:
             DeviceMemoryError: the trajectory, noise and window buffers cannot fit ``device``.
         """
         solver = self.build_solver() if solver is None else solver
-        return check_memory(tuple(shape), self.steps, state_dtype, device, noise_draws(solver),
+        draws = noise_draws(solver)
+        if self.method == "picard" and self.uses_noise_path(solver):
+            draws += 1                   # the constant-D path's discounted noise, one more (N + 1, B, ...) tensor
+        return check_memory(tuple(shape), self.steps, state_dtype, device, draws,
                             self.window_size if self.method == "picard" else 1)
+
+    def uses_noise_path(self, solver: Solver) -> bool:
+        """Whether Picard builds the constant-D path's noise table (``init="x0"``, or ``fill="path"`` on a sliding
+        window, for a stochastic solver that is linear in ``D``): see :mod:`paratime.methods.picard`."""
+        if not solver.stochastic or solver.linear_step(torch.zeros(1, dtype=torch.long),
+                                                       torch.ones(2, dtype=torch.float64)) is None:
+            return False
+        sliding = self.window_size < self.steps or self.max_rounds is not None
+        return (self.init == "x0" or (self.init == "auto" and self.window_size < self.steps)
+                or (self.fill == "path" and sliding))
 
     @property
     def tol_in_force(self) -> float:

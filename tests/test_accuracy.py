@@ -2,8 +2,9 @@
 
 - ``stop="final"``: for every tolerance of a sweep, max |picard - sequential| <= tol on ``gmm`` and on a 3-D mixture
   with unequal weights and anisotropic covariances (built here on :class:`~paratime.zoo.gmm.GaussianMixture`);
-- the secant update equals sequential sampling at tol 0 for every solver;
-- two gloo ranks take the same decisions with a residual placed exactly at the threshold.
+- the secant update equals sequential sampling at tol 0 for every solver (every update, init and fill:
+  ``tests/test_picard_updates.py``);
+- two gloo ranks take the same decisions with a residual placed exactly at the threshold, for every update.
 """
 
 import math
@@ -16,6 +17,7 @@ import torch.multiprocessing as mp
 
 from paratime import ParallelSampler
 from paratime.denoiser import Denoiser
+from paratime.methods.picard import UPDATES
 from paratime.schedules import DiscreteVPSchedule
 from paratime.zoo.gmm import GaussianMixture
 
@@ -169,14 +171,16 @@ def _decisions(options):
     return seen, res
 
 
-@pytest.mark.parametrize("update", ["secant", "picard"])
+@pytest.mark.parametrize("update", UPDATES)
 def test_two_gloo_ranks_decide_alike_at_the_threshold(update):
-    """Residuals placed exactly at the thresholds: round 1's worst residual is the acceptance threshold, and the
-    second final-point change of a sample is the stopping threshold (tol * 0.5; tol does not change the
-    trajectory, only when samples stop). Both ranks must take the same decisions (window starts, finishing rounds)
-    and return the same samples."""
+    """Residuals placed exactly at the thresholds: the first window round's worst residual is the acceptance
+    threshold, and the second final-point change of a sample is the stopping threshold (tol * 0.5; tol does not
+    change the trajectory, only when samples stop). Both ranks must take the same decisions (window starts,
+    finishing rounds) and return the same samples. The window (10 of 30 steps) slides, so the default guesses are
+    in play: the x0 round (its residual is nan) and the constant-D fill of the entering points."""
     first, _ = _decisions(dict(update=update, tol=0.0, accept_tol=1e-4))
-    accept = first[0].residual
+    assert math.isnan(first[0].residual) and first[0].rows == 12         # init="auto": the x0 round
+    accept = first[1].residual
     seen, _ = _decisions(dict(update=update, tol=0.0, accept_tol=accept))
     finals = [i.final_change for i in seen if not math.isnan(i.final_change)]
     options = dict(update=update, tol=2 * finals[1], accept_tol=accept)

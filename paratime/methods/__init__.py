@@ -16,7 +16,7 @@ def _sequential(x, problem, cfg):
 
 def _picard(x, problem, cfg):
     return sample_picard(x, problem, cfg.window_size, cfg.tol, cfg.max_rounds, cfg.shared_window,
-                         stop=cfg.stop, update=cfg.update, accept_tol=cfg.accept_tol)
+                         stop=cfg.stop, update=cfg.update, accept_tol=cfg.accept_tol, init=cfg.init, fill=cfg.fill)
 
 
 #: Parareal's default tolerance (noise-level units), used when ``tol`` is None

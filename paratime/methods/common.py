@@ -85,22 +85,28 @@ class Problem:
         return self.solver.increment(x, i, b, denoised, prev_denoised, self._noise(i, b), self.sigmas, self.evaluate,
                                      host_steps=host_steps)
 
-    def step(self, x: torch.Tensor, i: torch.Tensor, b: torch.Tensor, want_denoised: bool = False,
+    def step(self, x: torch.Tensor, i: torch.Tensor, b: torch.Tensor, denoised_rows: torch.Tensor | None = None,
              host_steps=None) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Evaluate and step rows ``(i, b)`` of a solver without history: ``(D or None, dx)``.
+        """Evaluate and step rows ``(i, b)`` of a solver without history: ``(D at denoised_rows, or None; dx)``.
 
         A linear step (:meth:`Solver.linear_step`) with raw outputs available runs guidance, the conversion to ``D``
         and the increment in one pass over the outputs (:func:`paratime.kernels.fused_step`, the Triton kernel on
-        CUDA); otherwise ``D`` is evaluated and :meth:`increment` applied. ``D`` is returned when asked for or
-        computed anyway.
+        CUDA); otherwise ``D`` is evaluated and :meth:`increment` applied. ``denoised_rows``: indices of the rows
+        whose ``D`` the caller needs as well (on the fused path converted for those rows alone). ``host_steps``:
+        see :meth:`increment`.
         """
         lin = None if self.outputs is None else self.solver.linear_step(i, self.sigmas)
         if lin is None:
             den = self.evaluate(x, i, b)
-            return den, self.increment(x, i, b, den, host_steps=host_steps)
+            dx = self.increment(x, i, b, den, host_steps=host_steps)
+            return (None if denoised_rows is None else den[denoised_rows]), dx
         o = self.outputs(x, i, b)
-        den, dx = fused_step(x, o.out, o.uncond, o.guidance, o.c_x, o.c_o, *lin, self._noise(i, b),
-                             want_x0=want_denoised)
+        _, dx = fused_step(x, o.out, o.uncond, o.guidance, o.c_x, o.c_o, *lin, self._noise(i, b), want_x0=False)
+        den = None
+        if denoised_rows is not None:     # the outputs in the state dtype first: the listed x0 kernel variants
+            r, dt = denoised_rows, x.dtype
+            den, _ = fused_step(x[r], o.out[r].to(dt), None if o.uncond is None else o.uncond[r].to(dt), o.guidance,
+                                o.c_x[r], o.c_o[r], want_dx=False)
         return den, dx
 
     def scale(self, x: torch.Tensor, i: torch.Tensor, inverse: bool = False) -> torch.Tensor:

@@ -1,0 +1,102 @@
+"""Picard's update rules and initial guesses (issue 17): every ``update`` with every ``init`` / ``fill`` reaches the
+sequential sample at tol 0 for every solver, with sliding, shared and max_rounds-capped windows; the round still
+reads the device once; the guesses are exact where they claim to be; bad values name the argument."""
+
+import pytest
+import torch
+
+from paratime.methods import Problem, sample_picard, sample_sequential
+from paratime.methods.picard import UPDATES, _constant_d_path, _path_tables
+
+from test_picard_syncs import SyncCounter, _problem       # tests/ is on sys.path
+
+SOLVERS = ["ddim", "ddpm", "euler_maruyama", "heun", "dpmpp_2m"]
+#: (window, init, fill, shared_window, max_rounds) on a 20-step grid
+LAYOUTS = [(20, "x0", "path", False, None), (6, "noise", "path", True, None), (6, "x0", "copy", False, 4),
+           (5, "x0", "path", False, None), (20, "auto", "path", False, 3), (8, "auto", "path", True, 5)]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("update", UPDATES)
+def test_every_update_and_guess_at_tol_zero_equals_sequential(solver, update):
+    x_T, problem, _ = _problem(solver, 20, batch=8)
+    seq = sample_sequential(x_T, problem).x
+    for window, init, fill, shared, max_rounds in LAYOUTS:
+        out = sample_picard(x_T, problem, window, 0.0, max_rounds, shared, update=update, init=init, fill=fill)
+        torch.testing.assert_close(out.x, seq, rtol=0, atol=1e-9, msg=lambda m: f"{window, init, fill}: {m}")
+        assert all(out.extra["converged"]) or max_rounds is not None
+
+
+@pytest.mark.parametrize("update", UPDATES)
+@pytest.mark.parametrize("solver, init, fill, window, shared", [
+    ("ddpm", "x0", "path", 7, False), ("dpmpp_2m", "x0", "path", 7, True), ("ddim", "noise", "path", 30, False)])
+def test_one_device_read_per_round_for_every_update(update, solver, init, fill, window, shared):
+    x_T, problem, calls = _problem(solver, 30, batch=6)
+    per_round, counter = [], SyncCounter()
+    calls["mode"] = counter
+
+    def on_round(info):
+        per_round.append(counter.count)
+        counter.count = 0
+
+    problem = Problem(problem.sigmas, problem.noise_levels, problem.frame_scales, problem.solver, problem.evaluate,
+                      problem.noise, on_round)
+    with counter:
+        out = sample_picard(x_T, problem, window, 1e-3, shared_window=shared, update=update, init=init, fill=fill)
+    rounds = per_round[1:] if init == "x0" else per_round       # the x0 round reads nothing
+    assert out.rounds >= 3 and len(per_round) == out.rounds
+    assert max(rounds) == 1, (per_round, counter.names)
+    assert max(calls["syncs"]) == 0 and counter.count == 0
+
+
+@pytest.mark.parametrize("solver", ["ddim", "ddpm"])
+def test_constant_d_path_is_the_solver_with_d_held(solver):
+    """For DDIM / DDPM the guess is exact when D is constant: it equals the sequential sampler run with a denoiser
+    that returns a fixed x0, pre-drawn noise included, from any start point to any later point."""
+    x_T, problem, _ = _problem(solver, 20, batch=3)
+    x0 = torch.tensor([[0.3, -0.2], [1.0, 0.5], [-0.7, 0.1]], dtype=torch.float64)
+    const = Problem(problem.sigmas, problem.noise_levels, problem.frame_scales, problem.solver,
+                    lambda x, i, b: x0[b], problem.noise)
+    # Sequential with D = x0 from x_T, every point kept (model frame).
+    xs, x = [x_T], x_T
+    b = torch.arange(3)
+    for j in range(20):
+        i = torch.full((3,), j)
+        x = x + const.increment(x, i, b, x0, None)
+        xs.append(x)
+    ys = torch.stack([const.scale(v, torch.full((3,), j)) for j, v in enumerate(xs)])       # (21, 3, 2)
+    tables = _path_tables(const)
+    e, pts = torch.tensor([4, 4, 9]), torch.tensor([[5, 17, 20], [4, 6, 10]])            # (B,), (K, B)
+    got = _constant_d_path(const, tables, ys[e, b], x0, e, pts, b)
+    torch.testing.assert_close(got, ys[pts, b], rtol=1e-9, atol=1e-9)
+
+
+def test_bad_init_and_fill_name_the_argument():
+    x_T, problem, _ = _problem("ddim", 10, batch=2)
+    with pytest.raises(ValueError, match="init: unknown 'x1'; allowed"):
+        sample_picard(x_T, problem, 5, init="x1")
+    with pytest.raises(ValueError, match="fill: unknown 'zero'; allowed"):
+        sample_picard(x_T, problem, 5, fill="zero")
+    with pytest.raises(ValueError, match="update: unknown 'newton'; allowed: secant, picard"):
+        sample_picard(x_T, problem, 5, update="newton")
+
+
+def test_sampler_passes_init_and_fill_and_counts_the_path_table():
+    """``init`` and ``fill`` reach the Picard loop through ParallelSampler (the x0 guess is one more round, seen by
+    the callback with B rows), and the memory bound counts the constant-D path's noise table."""
+    from paratime import ParallelSampler
+    from paratime.config import SamplerConfig
+
+    seen = []
+    kw = dict(solver="ddpm", steps=40, window=10, tol=0.0, progress=False)
+    a = ParallelSampler("gmm", init="x0", **kw).sample(8, seed=0, callback=seen.append)
+    b = ParallelSampler("gmm", init="noise", fill="copy", **kw).sample(8, seed=0)
+    assert seen[0].rows == 8 and a.stats.rounds != b.stats.rounds
+    torch.testing.assert_close(a.samples, b.samples, rtol=0, atol=1e-9)      # tol 0: both the sequential sample
+    with_path = SamplerConfig(solver="ddpm", steps=40, window=10)
+    without = SamplerConfig(solver="ddpm", steps=40, window=10, init="noise", fill="copy")
+    shape, dev = (8, 2), torch.device("cpu")
+    extra = with_path.check_memory(shape, dev, torch.float64) - without.check_memory(shape, dev, torch.float64)
+    assert extra == 40 * 8 * 2 * 8                                            # one more (N, B, 2) float64 tensor
+    ode = SamplerConfig(solver="ddim", steps=40, window=10)
+    assert with_path.uses_noise_path(with_path.build_solver()) and not ode.uses_noise_path(ode.build_solver())
