@@ -7,6 +7,7 @@ from the window start + per-point residuals), :mod:`.dispatch` (which implementa
 
 from .dispatch import (SAMPLER_LAUNCHES, Launch, fused_step, kernel_mode, kernels, picard_update, record_launches,
                        set_kernel_mode, triton_usable)
+from .reference import cumsum0
 
 __all__ = ["fused_step", "picard_update", "kernels", "set_kernel_mode", "kernel_mode", "triton_usable", "Launch",
-           "SAMPLER_LAUNCHES", "record_launches"]
+           "SAMPLER_LAUNCHES", "record_launches", "cumsum0"]

@@ -126,3 +126,15 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
     for x in recs:
         assert x["cubin_bytes"] > 0 and x["registers"] and x["registers"] <= 255
         assert x["spill_stores"] == 0, x
+
+
+@pytest.mark.parametrize("shape", [(100, 64, 64), (7, 3), (1, 4096), (33, 2048)])
+def test_cumsum0_is_torch_cumsum(shape):
+    """The CPU scan that replaces torch.cumsum(0) on large rows: the same bits in float64, the float32 sum of the
+    same order (torch's CPU cumsum accumulates float32 in float64), and its input untouched."""
+    from paratime.kernels import cumsum0
+
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    before = x.clone()
+    assert torch.equal(cumsum0(x), x.cumsum(0)) and torch.equal(x, before)
+    torch.testing.assert_close(cumsum0(x.float()), x.float().cumsum(0), rtol=1e-5, atol=1e-4)
