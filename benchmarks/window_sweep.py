@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/window_sweep.py [--batch 8] [--threads 1] [--device cuda] [--json out.json]
 
 Cases: digits DDIM-100 and DDPM-1000 (the trained U-Net) and the policy-size ``mlp`` fixture (DDIM-100 and DDPM-100,
-one sample), Picard at the default tolerance 0.1. For each window W it prints rounds (sequential network calls), NFE
+one sample), Picard at the default options (``--tol``: the default 2e-3 unless given). For each window W it prints rounds (sequential network calls), NFE
 per sample, the rounds relative to the full window (W = N) and NFE relative to it, plus wall time and time per round
 (median of ``--reps``; noisy on shared cores, rounds and NFE are exact). The recommended default is the smallest W whose rounds
 stay within 15% of the full window's on every case.
@@ -25,7 +25,7 @@ CASES = {
 }
 
 
-def sweep(name: str, batch: int, reps: int, tol: float = 0.1, device: str = "cpu") -> list[dict]:
+def sweep(name: str, batch: int, reps: int, tol: float | None = None, device: str = "cpu") -> list[dict]:
     """One case's rows: ``{"case", "window", "rounds", "nfe", "wall_s", "rounds_rel", "nfe_rel"}``."""
     import paratime.bench  # noqa: F401 - registers the ``mlp`` fixture
     from paratime import ParallelSampler
@@ -68,14 +68,16 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", nargs="*", default=list(CASES))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--tol", type=float, default=None, help="Picard's tol (default: the sampler's default)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
-    print(f"device={args.device} threads={args.threads} batch={args.batch} tol=0.1 (wall: median of {args.reps})")
+    tol = "default" if args.tol is None else args.tol
+    print(f"device={args.device} threads={args.threads} batch={args.batch} tol={tol} (wall: median of {args.reps})")
     print(f"{'case':<18} {'W':>5} {'rounds':>6} {'NFE/sample':>10} {'rounds/full':>11} {'NFE/full':>8} {'wall s':>8} "
           f"{'ms/round':>8}")
     for name in args.cases:
-        for r in sweep(name, args.batch, args.reps, device=args.device):
+        for r in sweep(name, args.batch, args.reps, args.tol, device=args.device):
             rows.append(r)
             print(f"{r['case']:<18} {r['window']:>5} {r['rounds']:>6} {r['nfe']:>10.0f} {r['rounds_rel']:>11.2f} "
                   f"{r['nfe_rel']:>8.2f} {r['wall_s']:>8.2f} {r['per_round_ms']:>8.1f}", flush=True)

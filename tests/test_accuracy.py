@@ -1,7 +1,7 @@
 """The Picard stopping rule's guarantee and the accelerated update's exactness.
 
 - ``stop="final"``: for every tolerance of a sweep, max |picard - sequential| <= tol on ``gmm`` and on a 3-D mixture
-  with unequal weights and anisotropic covariances (built here on :class:`~paratime.zoo.gmm.GaussianMixture`);
+  with unequal weights and anisotropic covariances (:func:`paratime.zoo.gmm.mixture_3d`);
 - the secant update equals sequential sampling at tol 0 for every solver (every update, init and fill:
   ``tests/test_picard_updates.py``);
 - two gloo ranks take the same decisions with a residual placed exactly at the threshold, for every update.
@@ -16,63 +16,16 @@ import torch
 import torch.multiprocessing as mp
 
 from paratime import ParallelSampler
-from paratime.denoiser import Denoiser
 from paratime.methods.picard import UPDATES
-from paratime.schedules import DiscreteVPSchedule
-from paratime.zoo.gmm import GaussianMixture
+from paratime.zoo.gmm import mixture_3d
 
 SOLVERS = ["ddim", "ddpm", "euler_maruyama", "heun", "dpmpp_2m"]
 SWEEP = [1e-1, 1e-2, 1e-3, 1e-4]
 
 
-class AnisotropicMixture(GaussianMixture):
-    """A Gaussian mixture with full covariances ``C_k = Q_k diag(lam_k) Q_k^T``: in each mode's eigenbasis,
-    ``z = Q_k^T (x - mu_k)``, the noisy density is ``N(0, diag(lam_k + sigma^2))`` and the posterior mean is
-    ``mu_k + Q_k (lam_k / (lam_k + sigma^2) z)``; ``D(x, sigma) = sum_k r_k(x) (that mean)``."""
-
-    def __init__(self, means, covs, weights):
-        super().__init__(means, 1.0, weights)
-        lam, q = torch.linalg.eigh(torch.as_tensor(covs, dtype=torch.float64))
-        self.register_buffer("lam", lam)                  # (K, d)
-        self.register_buffer("q", q)                      # (K, d, d), columns the eigenvectors
-
-    def _modes(self, x, sigma):
-        z = torch.einsum("kde,mkd->mke", self.q, x[:, None, :].to(torch.float64) - self.means[None])   # (M, K, d)
-        var = self.lam[None] + (sigma.to(torch.float64) ** 2)[:, None, None]                            # (M, K, d)
-        return z, var
-
-    def responsibilities(self, x, sigma):
-        z, var = self._modes(x, sigma)
-        logp = self.weights.log()[None] - 0.5 * (z * z / var + torch.log(2 * math.pi * var)).sum(-1)     # (M, K)
-        return torch.softmax(logp, dim=1)
-
-    def denoise(self, x, sigma):
-        z, var = self._modes(x, sigma)
-        r = self.responsibilities(x, sigma)                                                              # (M, K)
-        post = self.means[None] + torch.einsum("kde,mke->mkd", self.q, self.lam[None] / var * z)        # (M, K, d)
-        return (r[..., None] * post).sum(1).to(x.dtype)
-
-    def sample(self, n, generator=None):
-        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64) * self.lam[k].sqrt()
-        return self.means[k] + torch.einsum("nde,ne->nd", self.q[k], z), k
-
-
-def mixture_3d() -> Denoiser:
-    """Three modes with weights 0.6 / 0.3 / 0.1, covariances with axis stds from 0.05 to 0.6, rotated."""
-    rot = torch.linalg.qr(torch.tensor([[1.0, 0.4, -0.3], [0.2, 1.0, 0.5], [-0.6, 0.1, 1.0]],
-                                       dtype=torch.float64))[0]
-    scales = torch.tensor([[0.6, 0.2, 0.05], [0.3, 0.3, 0.1], [0.5, 0.08, 0.2]], dtype=torch.float64)
-    covs = torch.stack([rot @ torch.diag(s**2) @ rot.T for s in scales])
-    means = torch.tensor([[2.0, 0.0, 0.0], [-1.0, 1.5, 0.5], [-1.0, -1.5, -0.5]], dtype=torch.float64)
-    mix = AnisotropicMixture(means, covs, [0.6, 0.3, 0.1])
-    schedule = DiscreteVPSchedule.from_betas("linear", 1000, 1e-4, 0.02)
-    return Denoiser(mix.network(schedule, "eps"), schedule, "eps", dtype=torch.float64, sample_shape=(3,))
-
-
 @pytest.fixture(scope="module")
 def mix3():
-    return mixture_3d()
+    return mixture_3d()      # paratime.zoo.gmm: the same model the accuracy benchmarks use
 
 
 def _sampler(model, **options):
@@ -92,7 +45,7 @@ def test_the_3d_mixture_denoiser_is_the_posterior_mean(mix3):
                                           ("mix3-ddpm", 50)])
 def test_final_point_rule_bounds_the_error_for_every_tolerance(case, window, mix3):
     """max |picard - sequential| <= tol over the sweep, default update and stop rule, full and sliding windows
-    (the benchmark ``rounds_at_accuracy.py`` runs the same check on 4,000 samples)."""
+    (the benchmark ``accuracy_sweep.py`` runs the same check on 4,000 samples)."""
     name, solver = case.split("-")
     model = "gmm" if name == "gmm" else mix3
     steps, batch = 50, 128

@@ -18,7 +18,7 @@ import torch
 from ..denoiser import Denoiser, from_x0
 from ..schedules import DiscreteVPSchedule, NoiseSchedule
 
-__all__ = ["GaussianMixture", "ring_gmm"]
+__all__ = ["GaussianMixture", "AnisotropicMixture", "ring_gmm", "mixture_3d"]
 
 
 class GaussianMixture(torch.nn.Module):
@@ -94,3 +94,48 @@ def ring_gmm(prediction: str = "eps") -> Denoiser:
     gmm = GaussianMixture(4 * torch.stack([angles.cos(), angles.sin()], 1), 0.3)
     schedule = DiscreteVPSchedule.from_betas("linear", 1000, 1e-4, 0.02)
     return Denoiser(gmm.network(schedule, prediction), schedule, prediction, dtype=torch.float64, sample_shape=(2,))
+
+
+class AnisotropicMixture(GaussianMixture):
+    """A Gaussian mixture with full covariances ``C_k = Q_k diag(lam_k) Q_k^T``: in each mode's eigenbasis,
+    ``z = Q_k^T (x - mu_k)``, the noisy density is ``N(0, diag(lam_k + sigma^2))`` and the posterior mean is
+    ``mu_k + Q_k (lam_k / (lam_k + sigma^2) z)``; ``D(x, sigma) = sum_k r_k(x) (that mean)``."""
+
+    def __init__(self, means, covs, weights):
+        super().__init__(means, 1.0, weights)
+        lam, q = torch.linalg.eigh(torch.as_tensor(covs, dtype=torch.float64))
+        self.register_buffer("lam", lam)                  # (K, d)
+        self.register_buffer("q", q)                      # (K, d, d), columns the eigenvectors
+
+    def _modes(self, x, sigma):
+        z = torch.einsum("kde,mkd->mke", self.q, x[:, None, :].to(torch.float64) - self.means[None])   # (M, K, d)
+        var = self.lam[None] + (sigma.to(torch.float64) ** 2)[:, None, None]                            # (M, K, d)
+        return z, var
+
+    def responsibilities(self, x, sigma):
+        z, var = self._modes(x, sigma)
+        logp = self.weights.log()[None] - 0.5 * (z * z / var + torch.log(2 * math.pi * var)).sum(-1)     # (M, K)
+        return torch.softmax(logp, dim=1)
+
+    def denoise(self, x, sigma):
+        z, var = self._modes(x, sigma)
+        r = self.responsibilities(x, sigma)                                                              # (M, K)
+        post = self.means[None] + torch.einsum("kde,mke->mkd", self.q, self.lam[None] / var * z)        # (M, K, d)
+        return (r[..., None] * post).sum(1).to(x.dtype)
+
+    def sample(self, n, generator=None):
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64) * self.lam[k].sqrt()
+        return self.means[k] + torch.einsum("nde,ne->nd", self.q[k], z), k
+
+
+def mixture_3d() -> Denoiser:
+    """Three modes with weights 0.6 / 0.3 / 0.1, covariances with axis stds from 0.05 to 0.6, rotated."""
+    rot = torch.linalg.qr(torch.tensor([[1.0, 0.4, -0.3], [0.2, 1.0, 0.5], [-0.6, 0.1, 1.0]],
+                                       dtype=torch.float64))[0]
+    scales = torch.tensor([[0.6, 0.2, 0.05], [0.3, 0.3, 0.1], [0.5, 0.08, 0.2]], dtype=torch.float64)
+    covs = torch.stack([rot @ torch.diag(s**2) @ rot.T for s in scales])
+    means = torch.tensor([[2.0, 0.0, 0.0], [-1.0, 1.5, 0.5], [-1.0, -1.5, -0.5]], dtype=torch.float64)
+    mix = AnisotropicMixture(means, covs, [0.6, 0.3, 0.1])
+    schedule = DiscreteVPSchedule.from_betas("linear", 1000, 1e-4, 0.02)
+    return Denoiser(mix.network(schedule, "eps"), schedule, "eps", dtype=torch.float64, sample_shape=(3,))

@@ -1,0 +1,201 @@
+"""Does the final-point rule keep its promise? (issue 17): for each tolerance, the default Picard (secant update,
+``stop="final"``) against the sequential sampler on the same noise: max |Δ|, the 99th percentile of the per-sample
+max |Δ|, the samples over tol, rounds and NFE; every row with max |Δ| > tol is flagged.
+
+    python benchmarks/accuracy_sweep.py                                    # every case below, ~25 min on 1 thread
+    python benchmarks/accuracy_sweep.py --cases gmm-ddim100,mix3-ddpm100 --json sweep.json
+    python benchmarks/accuracy_sweep.py --cases digits-ddim100 --tols 1e-2,1e-3
+
+Cases (``SWEEP_CASES``, full window): ``gmm`` DDIM-100 and DDPM-100 with 4,000 samples; ``mix3`` (the 3-D
+anisotropic mixture with weights 0.6 / 0.3 / 0.1 of ``tests/test_accuracy.py``, imported from there) DDIM-100 and
+DDPM-100 with 4,000 samples; ``digits`` DDIM-100 with 64 samples (data in about [-1, 1]). |Δ| is in data units (the
+returned sample's); a sample's error is its max over features.
+
+To explain a flagged row, the table gives three more things. "switched": the samples that end with another label
+than their sequential twin (the mixture's mode, by the responsibilities at sigma 0; the digit's class, by the
+logistic regression of :class:`paratime.digits_eval.DigitsJudge`): a sample near a boundary between modes can cross
+it at a small change of its trajectory, and its error is then the distance between the modes. "worst": the worst
+sample, the round it finished and its sensitivity (how far its sequential sample moves per unit change of its
+initial noise, with its rank in the batch; the header gives the batch's median and p99). "accept 10x stricter": the
+worst samples (up to ``DIAGNOSED``) rerun alone with ``accept_tol`` 10x below the default: if their error then drops
+under tol, it came from points accepted (frozen) with errors the trajectory later amplified; if not, from the
+final-point rule stopping early. Threads: ``--threads`` (default 1); every number printed is deterministic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from paratime.bench.rounds_at_accuracy import Case, sample
+from paratime.denoiser import Denoiser
+from paratime.methods.picard import default_accept_tol
+from paratime.models import load_model
+from paratime.zoo.gmm import mixture_3d
+
+TOLS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
+DIAGNOSED = 8              # worst samples over tol rerun with a stricter window-slide tolerance, per row
+SWEEP_CASES = {"gmm-ddim100": Case("gmm", "ddim", 100, None, 4000),
+               "gmm-ddpm100": Case("gmm", "ddpm", 100, None, 4000),
+               "mix3-ddim100": Case("mix3", "ddim", 100, None, 4000),
+               "mix3-ddpm100": Case("mix3", "ddpm", 100, None, 4000),
+               "digits-ddim100": Case("digits", "ddim", 100, None, 64)}
+
+
+BUILDERS: dict[str, Callable[[], Denoiser]] = {"mix3": mixture_3d}
+
+
+def build(model: str | Denoiser) -> Denoiser:
+    """A case's model as a :class:`Denoiser`: a builder here, else a registered model."""
+    if isinstance(model, Denoiser):
+        return model
+    return BUILDERS[model]() if model in BUILDERS else load_model(model)
+
+
+def labeller(model: Denoiser) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``labels(x (B, *shape)) -> (B,)``: the mixture mode (``network.gmm``), or the digit class for 8x8 digits;
+    None for other models."""
+    gmm = getattr(model.network, "gmm", None)
+    if gmm is not None:
+        return lambda x: gmm.responsibilities(x.reshape(len(x), -1), torch.zeros(len(x))).argmax(1)
+    if tuple(model.sample_shape or ()) == (1, 8, 8):
+        from paratime.digits_eval import DigitsJudge, _to_features
+
+        clf = DigitsJudge().clf
+        return lambda x: torch.as_tensor(clf.predict(_to_features(x)))
+    return None
+
+
+def sensitivity(case: Case, seed: int = 0) -> torch.Tensor:
+    """``(B,)`` how much each sequential sample moves per unit change of its initial noise: ``max |x_0(x_T + eps d)
+    - x_0(x_T)| / eps`` along a seeded random direction ``d`` of max-abs 1, the same step noise (``eps`` 1e-6 in
+    float64, 1e-3 in lower precision). A large value marks a sample whose trajectory amplifies small errors, as one
+    that passes close to a boundary between modes does."""
+    from paratime.noise import INITIAL, draw_noise
+
+    x_T = draw_noise(seed, case.batch, tuple(case.model.sample_shape), None, INITIAL)        # float64
+    d = torch.randn(x_T.shape, generator=torch.Generator().manual_seed(seed), dtype=x_T.dtype)
+    d = d / d.reshape(len(d), -1).abs().amax(1).reshape(-1, *[1] * (d.ndim - 1))
+    base = sample(case, case.batch, seed, noise=x_T, method="sequential").samples
+    eps = 1e-6 if base.dtype == torch.float64 else 1e-3
+    moved = sample(case, case.batch, seed, noise=x_T + eps * d, method="sequential").samples
+    return (moved - base).abs().reshape(case.batch, -1).amax(1).double() / eps
+
+
+def accuracy_sweep(case: Case, tols=TOLS, seed: int = 0, **options) -> list[dict]:
+    """Picard at each tolerance against the sequential samples of ``case``.
+
+    Args:
+        case: the model (a name, a :data:`BUILDERS` key or a :class:`Denoiser`), solver, steps, window, batch.
+        tols: tolerances, each one run. seed: the noise seed. options: more sampler options (``update``, ``stop``,
+            ``accept_tol``, ...; default: the sampler's).
+    Returns:
+        One row per tol: ``tol, max_abs_diff, p99_abs_diff`` (of the per-sample max |Δ|), ``over`` (samples with
+        max |Δ| > tol), ``switched`` (samples whose label differs from the sequential one's; None without a
+        labeller), ``switched_over`` (of those over tol), ``rounds, nfe``, ``flagged`` (max |Δ| > tol), ``worst``
+        (up to :data:`DIAGNOSED` samples over tol, worst first, as ``(index, max |Δ|, round it finished,
+        sensitivity, its rank in the batch)``, see :func:`sensitivity`), ``sensitivity_median, sensitivity_p99``
+        (over the batch) and ``strict_accept_max_abs_diff`` (the largest error of those samples rerun with a 10x
+        stricter window-slide tolerance, :func:`_strict_accept`; None when no sample is over tol).
+    """
+    model = build(case.model)
+    case = replace(case, model=model)
+    label = labeller(model)
+    with torch.no_grad():
+        ref = sample(case, case.batch, seed, method="sequential").samples
+        ref_labels = label(ref) if label else None
+        gain = sensitivity(case, seed)                                                    # (B,)
+        rank = torch.empty(case.batch, dtype=torch.long)
+        rank[gain.argsort(descending=True)] = torch.arange(case.batch)                  # 0: the most sensitive
+        rows = []
+        for tol in tols:
+            res = sample(case, case.batch, seed, tol=tol, **options)
+            err = (res.samples - ref).abs().reshape(case.batch, -1).amax(1).double()     # (B,) per-sample max |Δ|
+            over = err > tol
+            switched = label(res.samples) != ref_labels if label else None              # (B,) bool
+            worst = err.argsort(descending=True)[:int(over.sum())][:DIAGNOSED].tolist()
+            rows.append({"tol": tol, "max_abs_diff": float(err.max()), "p99_abs_diff": float(err.quantile(0.99)),
+                         "over": int(over.sum()), "switched": None if switched is None else int(switched.sum()),
+                         "switched_over": None if switched is None else int((switched & over).sum()),
+                         "rounds": res.stats.rounds, "nfe": res.stats.nfe, "flagged": bool(err.max() > tol),
+                         "worst": [(b, float(err[b]), res.stats.sample_rounds[b], float(gain[b]), int(rank[b]))
+                                   for b in worst],
+                         "sensitivity_median": float(gain.median()), "sensitivity_p99": float(gain.quantile(0.99)),
+                         "strict_accept_max_abs_diff": _strict_accept(case, ref, worst, tol, seed, options)})
+    return rows
+
+
+def _strict_accept(case: Case, ref: torch.Tensor, idx: list[int], tol: float, seed: int, options: dict):
+    """The largest error of samples ``idx`` rerun alone (their noise depends on the sample index only) with the
+    window-slide tolerance 10x stricter than the run's; None without samples (or with ``accept_tol`` given). Below
+    tol: the excess came from points accepted (frozen) too early, not from the final-point stop."""
+    if not idx or "accept_tol" in options:
+        return None
+    accept = default_accept_tol(tol) / 10
+    errs = [float((sample(case, 1, seed, tol=tol, accept_tol=accept, first_sample=b, **options).samples[0]
+                   - ref[b]).abs().max()) for b in idx]
+    return max(errs)
+
+
+def to_markdown(name: str, case: Case, rows: list[dict]) -> str:
+    gains = f"sensitivity median {rows[0]['sensitivity_median']:.3g}, p99 {rows[0]['sensitivity_p99']:.3g}"
+    lines = [f"{name} (batch {case.batch}, window {case.window or case.steps}; {gains})", "",
+             "| tol | max abs Δ | p99 abs Δ | samples over tol | switched (of them over tol) | rounds | NFE | flag | "
+             "worst: sample, its rounds, sensitivity (rank) | over-tol samples, accept 10x stricter: max abs Δ |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        switched = "n/a" if r["switched"] is None else f"{r['switched']} ({r['switched_over']})"
+        flag = f"**max Δ > tol ({r['max_abs_diff'] / r['tol']:.1f}x)**" if r["flagged"] else ""
+        worst = ""
+        if r["worst"]:
+            b, _, rounds, gain, rank = r["worst"][0]
+            worst = f"#{b}, {rounds}, {gain:.3g} (rank {rank + 1} of {case.batch})"
+        strict = "" if r["strict_accept_max_abs_diff"] is None else f"{r['strict_accept_max_abs_diff']:.2e}"
+        lines.append(f"| {r['tol']:g} | {r['max_abs_diff']:.2e} | {r['p99_abs_diff']:.2e} | {r['over']} | "
+                     f"{switched} | {r['rounds']} | {r['nfe']:.1f} | {flag} | {worst} | {strict} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="accuracy_sweep", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--cases", default="all", help=f"comma-separated of {', '.join(SWEEP_CASES)}, or 'all'")
+    ap.add_argument("--tols", default=",".join(f"{t:g}" for t in TOLS), help="comma-separated tolerances")
+    ap.add_argument("--batch", type=int, default=None, help="samples for every case (default: each case's)")
+    ap.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--json", default=None, help="also write every row to this file (after each case)")
+    args = ap.parse_args(argv)
+    names = list(SWEEP_CASES) if args.cases == "all" else args.cases.split(",")
+    for n in names:
+        if n not in SWEEP_CASES:
+            ap.error(f"--cases: unknown {n!r}; allowed: {', '.join(SWEEP_CASES)}, all")
+    try:
+        tols = [float(t) for t in args.tols.split(",")]
+    except ValueError:
+        ap.error(f"--tols: expected comma-separated numbers, got {args.tols!r}")
+    if (args.batch is not None and args.batch < 1) or args.threads < 1 or args.seed < 0:
+        ap.error("--batch, --threads: must be >= 1; --seed: >= 0")
+    torch.set_num_threads(args.threads)
+    out = []
+    for n in names:
+        case = SWEEP_CASES[n] if args.batch is None else replace(SWEEP_CASES[n], batch=args.batch)
+        rows = accuracy_sweep(case, tols, args.seed)
+        print(to_markdown(n, case, rows), flush=True)
+        out.append({"case": n, "model": case.model, "solver": case.solver, "steps": case.steps, "seed": args.seed,
+                    "batch": case.batch, "window": case.window or case.steps, "rows": rows})
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
