@@ -25,7 +25,6 @@ final-point rule stopping early. Threads: ``--threads`` (default 1); every numbe
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from dataclasses import replace
