@@ -4,7 +4,6 @@ and read nothing back; the DDPM coarse jump loops over a host bound (Parareal's 
 tests/test_gpu_grade.py). Each sync-free path gives the same bits and the
 same network rows (NFE) as the device-read fallback, which is the code these paths replace."""
 
-import inspect
 
 import pytest
 import torch
@@ -162,9 +161,7 @@ def test_coarse_jump_passes_the_host_span():
     assert not torch.equal(coarse_jump(problem, x, D, i, j, b, span=2), got)   # the bound is what is looped over
 
 
-# -- whole runs: need Problem.increment to forward the callers' host steps ---------------------------------------------
-WIRED = "host_steps" in inspect.signature(Problem.increment).parameters
-wired = pytest.mark.skipif(not WIRED, reason="Problem.increment does not forward host_steps yet")
+# -- whole runs: the methods pass their host steps through Problem.increment / Problem.step -------------------------
 
 
 def _per_round():
@@ -178,7 +175,6 @@ def _per_round():
     return counter, counts, on_round
 
 
-@wired
 @pytest.mark.parametrize("name", ["heun", "plms", "langevin+heun"])
 def test_sequential_run_reads_at_most_the_grid_once(name):
     """A sequential run passes each step as a host int: no read but the grid's one, and the NFE of before."""
@@ -193,7 +189,6 @@ def test_sequential_run_reads_at_most_the_grid_once(name):
     assert sum(len(i) for i, _ in calls) == B * nfe             # no extra rows: the same NFE as before
 
 
-@wired
 @pytest.mark.parametrize("name", ["heun", "plms"])
 def test_picard_round_reads_once(name):
     """Picard's rows come from its host copy of the window starts: its one read a round, plus the grid's once."""
@@ -209,7 +204,6 @@ def test_picard_round_reads_once(name):
     torch.testing.assert_close(out.x, seq, rtol=0, atol=1e-9)
 
 
-@wired
 @pytest.mark.parametrize("name", ["heun", "langevin+heun"])
 def test_parareal_heun_iteration_reads_once(name):
     """Sweep Parareal with a two-call solver: the fine ticks pass their host steps, so an iteration reads once."""
