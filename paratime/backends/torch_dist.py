@@ -1,7 +1,7 @@
 """torch.distributed SPMD backend: every rank runs the same sampling loop on the same data.
 
 Each network call, rank r evaluates its contiguous share of the rows (ceil(M / world) rows, the last shares padded),
-in chunks of at most ``max_batch`` rows, and one ``all_gather_into_tensor`` gives every rank all outputs, so every
+in chunks of at most ``max_batch`` rows, and one all-gather gives every rank all outputs, so every
 rank applies the identical update and holds the same trajectory without a coordinator. NCCL on CUDA (one GPU per
 rank), gloo on CPU.
 
@@ -36,6 +36,10 @@ from .base import Backend, map_cond, split_cond
 __all__ = ["TorchDistributedBackend", "DistributedTimeoutError"]
 
 log = logging.getLogger("paratime")
+
+
+#: the flat all-gather: ``all_gather_single`` where torch has it (it deprecates ``all_gather_into_tensor``)
+_ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
 
 
 class DistributedTimeoutError(RuntimeError):
@@ -170,12 +174,12 @@ class TorchDistributedBackend(Backend):
         if self.nccl:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            self._collective("all_gather_into_tensor", gathered, local)
+            self._collective(_ALL_GATHER, gathered, local)
             end.record()
             self._events.append((start, end))
         else:
             t0 = time.perf_counter()
-            self._collective("all_gather_into_tensor", gathered, local)
+            self._collective(_ALL_GATHER, gathered, local)
             self.comm_s += time.perf_counter() - t0
         return gathered.view(dtype)
 
