@@ -230,9 +230,11 @@ class Denoiser:
                 and not (self.classifier is not None and self.classifier_scale))
 
     def network_outputs(self, x: torch.Tensor, sigma: torch.Tensor, model_time: torch.Tensor,
-                        uncond: dict | None = None, **cond: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        uncond: dict | None = None, y: torch.Tensor | None = None,
+                        **cond: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The raw outputs in the network's dtype: ``(out, None)``, or under classifier-free guidance the
-        conditional and unconditional halves ``(c, u)`` of one doubled batch; ``D`` is their :meth:`to_x0`."""
+        conditional and unconditional halves ``(c, u)`` of one doubled batch; ``D`` is their :meth:`to_x0`.
+        Takes the arguments of :meth:`__call__` (``y``, the classifier's labels, is not the network's)."""
         if not self.guided:
             return self.run_network(x, sigma, model_time, **cond), None
         c, u = self._doubled(x, sigma, model_time, uncond, cond).chunk(2)

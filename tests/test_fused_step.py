@@ -115,3 +115,10 @@ def test_non_finite_raw_output_is_reported():
     den = Denoiser(net, DiscreteVPSchedule.from_betas("linear", 1000, 1e-4, 0.02), "eps", sample_shape=(2,))
     with pytest.raises(NonFiniteOutputError, match="sample 1"):
         ParallelSampler(den, solver="ddim", steps=10, method="sequential", progress=False).sample(3, seed=0)
+
+
+def test_classifier_labels_without_a_classifier_are_ignored_as_before():
+    """``y=`` is the classifier's argument, never the network's: without a classifier both paths ignore it."""
+    s = ParallelSampler("gmm", solver="ddpm", steps=8, progress=False)
+    plain = s.sample(4, seed=0).samples
+    assert torch.equal(s.sample(4, seed=0, y=torch.zeros(4, dtype=torch.long)).samples, plain)
