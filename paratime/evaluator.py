@@ -39,7 +39,7 @@ class Evaluator:
         self.backend, self.grid, self.first_sample = backend, grid, first_sample
         self.sigmas = grid.sigmas.to(device)
         self.times = grid.model_times.to(device)
-        self._sigmas: dict = {}                          # (denoiser, its _grid table) per state dtype
+        self._tables: dict = {}                          # (denoiser, its _grid table) per state dtype
         self.calls = 0
         self._rows = torch.zeros(batch, dtype=torch.long, device=device)
         self._counted: list[torch.Tensor] = []          # sample indices of the calls not yet counted
@@ -48,11 +48,11 @@ class Evaluator:
     def _grid(self, dtype: torch.dtype) -> torch.Tensor:
         """``(3, N + 1)`` sigma, c_x, c_o per grid point in ``dtype`` (made once per dtype and bound denoiser)."""
         den = self.backend.denoiser
-        table = self._sigmas.get(dtype)
+        table = self._tables.get(dtype)
         if table is None or table[0] is not den:
             sigmas = self.sigmas.to(dtype)
-            c_x, c_o = den.x0_coefficients(sigmas) if den.fusable else (sigmas, sigmas)
-            table = self._sigmas[dtype] = (den, torch.stack([sigmas, c_x.to(dtype), c_o.to(dtype)]))
+            c_x, c_o = den.x0_coefficients(sigmas)
+            table = self._tables[dtype] = (den, torch.stack([sigmas, c_x.to(dtype), c_o.to(dtype)]))
         return table[1]
 
     def _record(self, peak: torch.Tensor, i: torch.Tensor, b: torch.Tensor) -> None:
