@@ -49,3 +49,26 @@ def test_policy_latency_against_the_paradigms_loop(keep_threads, capsys):
     # columns: name..., min, median, max, rounds, NFE, vs sequential, vs ParaDiGMS
     sequential, picard, paradigms = row("paratime sequential"), row("paratime Picard"), row("diffusers ParaDiGMS")
     assert int(sequential[-4]) == 100 and int(picard[-4]) < 100 and int(paradigms[-4]) < 100
+
+
+def test_window_sweep_rows_and_recommendation(keep_threads):
+    """The measurement behind the default window: rounds and NFE against W, relative to the full window."""
+    from paratime.bench.window_sweep import recommend, sweep
+
+    rows = sweep("mlp/ddim-100", batch=1, reps=1)
+    assert [r["window"] for r in rows] == [100, 64, 50, 32, 25, 16, 8]
+    assert rows[0]["rounds_rel"] == 1 and rows[0]["nfe_rel"] == 1
+    assert rows[-1]["nfe"] < rows[0]["nfe"] and rows[-1]["rounds"] > rows[0]["rounds"]   # the trade it measures
+    best = recommend(rows)["mlp/ddim-100"]
+    assert next(r for r in rows if r["window"] == best)["rounds_rel"] <= 1.15
+
+
+def test_backends_round_reports_the_engine_overhead(keep_threads):
+    """The local backend's per-round figures, with the time outside the network's forward calls."""
+    import argparse
+
+    from paratime.bench.backends_round import measure
+
+    rec = measure("local", argparse.Namespace(steps=10, window=10, batch=2, reps=1))
+    assert rec["rounds"] >= 2 and rec["per_round_s"] > 0 and rec["bytes_per_round"] == 0
+    assert 0 < rec["overhead_per_round_s"] < rec["per_round_s"] and 0 < rec["overhead_share"] < 1
