@@ -2,6 +2,8 @@
 
 - ``stop="final"``: for every tolerance of a sweep, max |picard - sequential| <= tol on ``gmm`` and on a 3-D mixture
   with unequal weights and anisotropic covariances (:func:`paratime.zoo.gmm.mixture_3d`);
+- the same on the samples of ``gmm`` DDPM-100 (full window) that broke it under the old rule (issue 17): the most
+  sensitive of 4,000 (its error 49x tol) and one whose final point looked quiet while its change grew;
 - the secant update equals sequential sampling at tol 0 for every solver (every update, init and fill:
   ``tests/test_picard_updates.py``);
 - two gloo ranks take the same decisions with a residual placed exactly at the threshold, for every update.
@@ -57,6 +59,27 @@ def test_final_point_rule_bounds_the_error_for_every_tolerance(case, window, mix
         assert diff <= tol, (tol, diff)
         rounds.append(res.stats.rounds)
     assert max(rounds) < steps                       # and it is still parallel
+
+
+#: (seed, sample) of gmm DDPM-100 samples over tol under the old rule (accept_tol = tol / 30 everywhere, quiet at two
+#: changes <= tol / 2), from ``benchmarks/accuracy_sweep.py --cases gmm-ddpm100`` on 4,000 samples: #239 (seed 0) is
+#: the most sensitive (its sequential sample moves ~650x per unit change of its initial noise) and was up to 79x
+#: over tol, #3427 switched modes at tol 0.1 after a false quiet (final-point changes 0.010, 0.046, then 0.38), the
+#: others were 1.1-7x over.
+HARD_DDPM = [(0, 239), (0, 3427), (0, 3965), (0, 1905), (1, 550)]
+SWEEP_FINE = [1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4]
+
+
+def test_final_point_rule_bounds_the_error_of_the_hardest_ddpm_samples():
+    """The samples of :data:`HARD_DDPM`, each alone (its noise depends on (seed, index) only), full window."""
+    seq_sampler = _sampler("gmm", solver="ddpm", steps=100, method="sequential")
+    for seed, index in HARD_DDPM:
+        seq = seq_sampler.sample(1, seed=seed, first_sample=index).samples
+        for tol in SWEEP_FINE:
+            res = _sampler("gmm", solver="ddpm", steps=100, window=100, tol=tol).sample(1, seed=seed,
+                                                                                         first_sample=index)
+            diff = float((res.samples - seq).abs().max())
+            assert diff <= tol, (seed, index, tol, diff)
 
 
 def test_modes_match_sequential_at_the_default_tolerance(mix3):
