@@ -21,7 +21,7 @@ from .backends import check_memory, noise_draws
 from .denoiser import PREDICTIONS, Denoiser
 from .methods import METHODS
 from .methods import PARAREAL_TOL
-from .methods.picard import DEFAULT_TOL, FILLS, INITS, STOPS, UPDATES
+from .methods.picard import DEFAULT_TOL, FILLS, INITS, STOPS, UPDATES, path_plan
 from .schedules import SPACINGS, NoiseSchedule
 from .solvers import LangevinCorrected, Solver, make_solver
 
@@ -255,9 +255,8 @@ class SamplerConfig:
         if not solver.stochastic or solver.linear_step(torch.zeros(1, dtype=torch.long),
                                                        torch.ones(2, dtype=torch.float64)) is None:
             return False
-        sliding = self.window_size < self.steps or self.max_rounds is not None
-        return (self.init == "x0" or (self.init == "auto" and self.window_size < self.steps)
-                or (self.fill == "path" and sliding))
+        init, fill_reads_d = path_plan(self.init, self.fill, self.window_size, self.steps, self.max_rounds)
+        return init == "x0" or fill_reads_d
 
     @property
     def tol_in_force(self) -> float:

@@ -69,7 +69,7 @@ from ..solvers import history_rows
 
 from .common import Outcome, Problem, RoundInfo
 
-__all__ = ["sample_picard", "STOPS", "UPDATES", "INITS", "FILLS", "DEFAULT_TOL", "default_accept_tol"]
+__all__ = ["sample_picard", "STOPS", "UPDATES", "INITS", "FILLS", "DEFAULT_TOL", "default_accept_tol", "path_plan"]
 
 log = logging.getLogger("paratime")
 
@@ -149,6 +149,16 @@ def _sane(extra, change):
     ``change`` ``(W, B, D)``; where not, the sample takes Picard's values."""
     extra = extra.abs().amax((0, 2))
     return ((extra <= SAFEGUARD * change.abs().amax((0, 2))) & torch.isfinite(extra))[:, None]
+
+
+def path_plan(init: str, fill: str, window: int, steps: int, max_rounds: int | None) -> tuple[str, bool]:
+    """``(init, fill_reads_D)``: the initial guess in force (``auto``: ``x0`` when the window is shorter than the
+    grid, else ``noise``) and whether the path fill runs (it reads D at the window end; only a window shorter than
+    the grid, or ``max_rounds``' window of 1, slides). Either one makes :func:`_path_tables` (shared with the
+    memory bound of :class:`paratime.config.SamplerConfig`)."""
+    if init == "auto":
+        init = "x0" if window < steps else "noise"
+    return init, fill == "path" and (window < steps or max_rounds is not None)
 
 
 def _path_tables(problem):
@@ -299,10 +309,7 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
     begin_h, done_h, done_round = [0] * B, [False] * B, [0] * B
     residuals: list[float] = []
     rounds = 0
-    if init == "auto":
-        init = "x0" if window < N else "noise"
-    # The path fill reads D at the window end; only a window shorter than the grid (or max_rounds' 1) slides.
-    need_den = fill == "path" and (window < N or max_rounds is not None)
+    init, need_den = path_plan(init, fill, window, N, max_rounds)
     tables = _path_tables(problem) if init == "x0" or need_den else None
     if init == "x0":
         # 0. One call at x_T; every point from there with D held at its value (one round, counted).
