@@ -29,14 +29,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
 
 from paratime import ParallelSampler
+from paratime.config import declared_scale
 from paratime.denoiser import Denoiser
 from paratime.methods.picard import FILLS, INITS, STOPS, UPDATES
 
@@ -49,6 +52,12 @@ DEFAULT = ("secant", "final")                           # the sampler's default 
 #: trajectory and into new window slots): its accuracy is the no-regression point
 OLD_DEFAULT, TODAY_TOL = ("picard", "paradigms", (("init", "noise"), ("fill", "copy"))), 0.1
 DIFFUSERS = "diffusers ParaDiGMS loop"
+
+
+SD = "tiny-sd"                  # the model name of the tiny Stable Diffusion cases
+SD_SCHEDULER = (("beta_start", 0.00085), ("beta_end", 0.012), ("beta_schedule", "scaled_linear"),
+                ("clip_sample", False), ("timestep_spacing", "trailing"), ("steps_offset", 1))
+SD_GUIDANCE = 5.0
 
 
 def policy_cond(batch: int) -> dict:
@@ -91,7 +100,11 @@ CASES = {"gmm-ddim100": Case("gmm", "ddim", 100, None, 256),
          # The policy's own schedule and x0 clipping (clip_x0 = 1: diffusers' clip_sample), as in policy_latency.py.
          "policy": Case("policy", "ddpm", 100, 32, 64, policy_cond,
                         (("num_train_timesteps", 100), ("beta_schedule", "squaredcos_cap_v2"), ("clip_sample", True),
-                         ("clip_sample_range", 1.0)))}
+                         ("clip_sample_range", 1.0))),
+         # The tiny SD pipeline of tiny_pipelines.py (untrained UNet, classifier-free guidance 5, SD's betas): latents
+         # with no declared range, so tol and the targets are relative to each sample's own max-abs.
+         "sd-ddim50": Case(SD, "ddim", 50, None, 4, scheduler=SD_SCHEDULER),
+         "sd-ddpm100": Case(SD, "ddpm", 100, None, 4, scheduler=SD_SCHEDULER)}
 
 
 @dataclass(frozen=True)
@@ -127,25 +140,93 @@ def sample(case: Case, batch: int, seed: int = 0, first_sample: int = 0, noise: 
     ``window`` defaults to the case's; ``noise``: the initial noise instead of the seed's (the steps' noise still
     comes from the seed)."""
     options.setdefault("window", case.window)
+    if case.model == SD:
+        if first_sample or noise is not None:
+            raise ValueError("first_sample, noise: the tiny SD cases start from their own seeded latents")
+        return _sd_sample(case, batch, seed, **options)
     s = ParallelSampler(case.model, solver=case.solver, steps=case.steps, progress=False, **options)
     cond = {k: v[first_sample:] for k, v in case.conditioning(first_sample + batch).items()}
     return s.sample(None if noise is not None else batch, noise=noise, seed=seed, first_sample=first_sample, **cond)
 
 
-def sweep(run: Callable[[float], tuple[int, float, float]], tols, floor: float) -> list[dict]:
-    """Run ``run(tol) -> (rounds, nfe, max_diff)`` from loose to strict until max_diff <= floor."""
+# -- the tiny Stable Diffusion cases -------------------------------------------------------------------------------
+_PIPES: dict[str, object] = {}
+
+
+def sd_scheduler(case: Case):
+    """The diffusers ParaDiGMS scheduler of ``case`` (``DDIMParallelScheduler`` / ``DDPMParallelScheduler``): what
+    the real pipeline class needs, and what paratime reads its grid from. DDIM keeps SD's ``set_alpha_to_one=False``
+    on the SD cases, diffusers' default elsewhere."""
+    from diffusers import DDIMParallelScheduler, DDPMParallelScheduler
+
+    options = dict(case.scheduler)
+    if case.solver == "ddim":
+        return DDIMParallelScheduler(**options, set_alpha_to_one=case.model != SD)
+    return DDPMParallelScheduler(**options)
+
+
+def sd_pipe(case: Case):
+    """The tiny SD pipeline (:func:`paratime.bench.tiny_pipelines.tiny_sd`, seed 0) with ``case``'s scheduler, one
+    per solver."""
+    if case.solver not in _PIPES:
+        from paratime.bench.tiny_pipelines import tiny_sd
+
+        _PIPES[case.solver] = tiny_sd(sd_scheduler(case))
+    return _PIPES[case.solver]
+
+
+def sd_arguments(case: Case, batch: int, seed: int = 0) -> dict:
+    """The pipeline call of the SD cases: seeded latents ``(batch, 4, 8, 8)`` and prompt embeddings, guidance 5,
+    latents out (no decoding)."""
+    from paratime.bench.tiny_pipelines import prompt_embeddings
+
+    pipe = sd_pipe(case)
+    return dict(num_inference_steps=case.steps, guidance_scale=SD_GUIDANCE, height=64, width=64, output_type="latent",
+                latents=torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(seed)),
+                **prompt_embeddings(pipe, batch=batch, seed=seed))
+
+
+def _sd_sample(case: Case, batch: int, seed: int, **options):
+    import paratime
+
+    out = paratime.parallelize(sd_pipe(case), **options)(**sd_arguments(case, batch, seed))
+    return SimpleNamespace(samples=out.images, stats=out.paratime_stats)
+
+
+# -- accuracy --------------------------------------------------------------------------------------------------------
+def data_scale(case: Case) -> float | None:
+    """The scale relative errors are in: the model's declared one (:func:`paratime.config.declared_scale`: digits and
+    the policy 1), or None (each sample's own max-abs: the mixtures and the SD latents declare none)."""
+    if case.model == SD:
+        return None
+    from paratime.models import as_denoiser
+
+    return declared_scale(as_denoiser(case.model))
+
+
+def errors(x: torch.Tensor, ref: torch.Tensor, scale: float | None) -> tuple[float, float]:
+    """``(max |x - ref|, max over samples of max |x - ref| / scale)`` (scale None: each reference sample's own
+    max-abs)."""
+    d = (x.double() - ref.double()).flatten(1).abs().amax(1)                    # (B,)
+    s = ref.double().flatten(1).abs().amax(1) if scale is None else torch.full_like(d, scale)
+    return float(d.max()), float((d / s).max())
+
+
+def sweep(run: Callable[[float], tuple], tols, floor: float, key: str = "max_abs_diff") -> list[dict]:
+    """Run ``run(tol) -> (rounds, nfe, max_diff[, max_rel_diff])`` from loose to strict until ``key`` <= floor."""
     out = []
     for tol in tols:
-        rounds, nfe, diff = run(tol)
-        out.append({"tol": tol, "rounds": rounds, "nfe": nfe, "max_abs_diff": diff})
-        if diff <= floor:
+        rounds, nfe, diff, *rel = run(tol)
+        out.append({"tol": tol, "rounds": rounds, "nfe": nfe, "max_abs_diff": diff,
+                    **({"max_rel_diff": rel[0]} if rel else {})})
+        if out[-1][key] <= floor:
             break
     return out
 
 
-def at_accuracy(runs: list[dict], target: float) -> dict | None:
-    """The run with the fewest rounds (then NFE) among those within ``target``; None if none reached it."""
-    ok = [r for r in runs if r["max_abs_diff"] <= target]
+def at_accuracy(runs: list[dict], target: float, key: str = "max_abs_diff") -> dict | None:
+    """The run with the fewest rounds (then NFE) among those with ``key`` within ``target``; None if none did."""
+    ok = [r for r in runs if r[key] <= target]
     return min(ok, key=lambda r: (r["rounds"], r["nfe"])) if ok else None
 
 
@@ -191,6 +272,106 @@ def diffusers_runs(case: Case, batch: int, tols, floor: float) -> list[dict]:
             return rounds, nfe, float((x - ref).abs().max())
 
         return sweep(run, tols, floor)
+
+
+PEER = "diffusers StableDiffusionParadigmsPipeline (real class)"
+
+
+def _zoo_unet(model: Denoiser, cond_shapes: dict):
+    """A zoo network in the call form of ``UNet2DConditionModel`` (``unet(sample, timestep, encoder_hidden_states=,
+    return_dict=False)[0]``), so that the real ``StableDiffusionParadigmsPipeline`` drives it. The case's
+    conditioning travels as the prompt embeddings ``(rows, 1, C)``, its tensors flattened and concatenated
+    (``cond_shapes``: key -> per-sample shape, in order)."""
+    from diffusers import ConfigMixin, ModelMixin
+    from diffusers.configuration_utils import register_to_config
+
+    class ZooUNet(ModelMixin, ConfigMixin):
+        @register_to_config
+        def __init__(self, in_channels: int = 1, sample_size: int = 1):
+            super().__init__()
+            self.dtype_anchor = torch.nn.Parameter(torch.zeros((), dtype=model.dtype or torch.float32),
+                                                   requires_grad=False)   # the pipeline's embeddings take its dtype
+
+        def forward(self, sample, timestep, encoder_hidden_states=None, cross_attention_kwargs=None,
+                    return_dict=False):
+            cond, start, flat = {}, 0, encoder_hidden_states[:, 0]              # (rows, C)
+            for k, shape in cond_shapes.items():
+                n = math.prod(shape)
+                cond[k] = flat[:, start:start + n].reshape(-1, *shape)
+                start += n
+            net_dtype = model.dtype or torch.float32
+            out = model.network(sample.to(net_dtype), timestep.to(torch.float32), **cond)
+            return (out.to(sample.dtype),)
+
+    return ZooUNet()
+
+
+def real_class(case: Case, batch: int):
+    """``(pipeline, unet, call arguments)``: diffusers' own ``StableDiffusionParadigmsPipeline`` on ``case``'s
+    network (the tiny SD pipeline's UNet, or a zoo network through :func:`_zoo_unet`), the same initial noise as
+    paratime's (``(seed 0, sample)`` for the zoo, the SD cases' seeded latents) and the case's scheduler."""
+    from diffusers import StableDiffusionParadigmsPipeline
+
+    if case.model == SD:
+        pipe = sd_pipe(case)
+        unet, args = pipe.unet, sd_arguments(case, batch)
+        parts = dict(vae=pipe.vae, text_encoder=pipe.text_encoder, unet=unet)
+        sched = sd_scheduler(case)
+    else:
+        from paratime.models import as_denoiser
+        from paratime.noise import INITIAL, draw_noise
+
+        model = as_denoiser(case.model)
+        dtype = model.dtype or torch.float32
+        cond = case.conditioning(batch)
+        unet = _zoo_unet(model, {k: tuple(v.shape[1:]) for k, v in cond.items()})
+        emb = torch.cat([v.reshape(batch, -1).to(dtype) for v in cond.values()], 1) if cond else \
+            torch.zeros(batch, 1, dtype=dtype)
+        args = dict(num_inference_steps=case.steps, guidance_scale=1.0, height=8, width=8, output_type="latent",
+                    latents=draw_noise(0, batch, model.sample_shape, None, INITIAL, dtype=dtype),
+                    prompt_embeds=emb[:, None])
+        parts = dict(vae=None, text_encoder=None, unet=unet)
+        sched = sd_scheduler(case)
+    pipe = StableDiffusionParadigmsPipeline(**parts, tokenizer=None, scheduler=sched, safety_checker=None,
+                                            feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, unet, args
+
+
+def real_class_runs(case: Case, batch: int, tols, floor: float) -> list[dict]:
+    """The real ``StableDiffusionParadigmsPipeline`` (:func:`real_class`) over ``tols`` (its ``tolerance``), the
+    window the case's, each run against the class's own sequential run (``parallel=1``: one exact step per call,
+    the same pre-drawn noise); rounds are its network calls, NFE its time points per sample (guided rows counted
+    once). Sweeps until the relative error (:func:`errors`) is <= ``floor``; empty without diffusers."""
+    try:
+        pipe, unet, args = real_class(case, batch)
+    except ImportError:
+        return []
+    per_point = batch * (2 if args["guidance_scale"] > 1 else 1)
+    scale = data_scale(case)
+    count = [0, 0]                                                        # calls, rows
+
+    def counter(module, inputs):
+        count[0], count[1] = count[0] + 1, count[1] + inputs[0].shape[0]
+
+    def call(parallel, tol):
+        count[:] = [0, 0]
+        x = pipe(**args, parallel=parallel, tolerance=tol, generator=torch.Generator().manual_seed(0)).images
+        return x, count[0], count[1] / per_point
+
+    handle = unet.register_forward_pre_hook(counter)
+
+    with torch.no_grad():
+        ref = call(1, 0.0)[0]
+
+        def run(tol):
+            x, rounds, nfe = call(case.window or case.steps, tol)
+            return (rounds, nfe, *errors(x, ref, scale))
+
+        try:
+            return sweep(run, tols, floor, key="max_rel_diff")
+        finally:
+            handle.remove()
 
 
 def _progress(name: str, label: str, runs: list[dict]) -> None:
@@ -259,6 +440,74 @@ def to_markdown(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# -- the headline: paratime's default against the real class --------------------------------------------------------
+#: issue 25's comparison: max |Δ| <= TARGET of the data scale (:func:`data_scale`)
+TARGET = 2e-3
+HEADLINE = ("digits-ddim100", "digits-ddpm1000", "gmm-ddpm1000", "policy", "sd-ddim50", "sd-ddpm100")
+#: the sampler options under which ``stop="paradigms"`` is diffusers' pipeline exactly (one window for the batch,
+#: Picard's update, the guess x_T copied along the trajectory and into new slots): same rounds and evaluations as
+#: the real class on the same network, noise and window (``tests/test_accuracy_bench.py``)
+PARADIGMS_RULE = (("update", "picard"), ("shared_window", True), ("init", "noise"), ("fill", "copy"))
+RATIO = 1.5                     # the issue's target: the real class's rounds / paratime's default rounds
+
+
+def headline(name: str, batch: int | None = None, with_rule: bool = True) -> dict:
+    """Case ``name``: paratime at its DEFAULT options (no tolerance sweep) against the real
+    ``StableDiffusionParadigmsPipeline`` at its best tolerance for max |Δ| <= :data:`TARGET` of the data scale
+    (each against its own sequential run), and paratime's ``stop="paradigms"`` under :data:`PARADIGMS_RULE` at that
+    tolerance (the same rule on paratime's engine).
+
+    Returns:
+        ``{"case", "batch", "window", "default": run, "peer": run or None, "peer_runs", "rule": run or None,
+        "checks": {name: bool}}``; a run is ``{"tol", "rounds", "nfe", "max_abs_diff", "max_rel_diff"}`` and the
+        default's also ``tol_units``, ``tol_abs`` (the tolerance in force in the sample's units) and ``scale``.
+    """
+    case = CASES[name]
+    batch = batch or case.batch
+    scale = data_scale(case)
+    with torch.no_grad():
+        ref = sample(case, batch, method="sequential").samples
+        res = sample(case, batch)
+    st = res.stats
+    units = getattr(st, "tol_units", "absolute")
+    default = {"tol": st.tol, "rounds": st.rounds, "nfe": st.nfe, **dict(zip(("max_abs_diff", "max_rel_diff"),
+                                                                               errors(res.samples, ref, scale))),
+               "tol_units": units, "tol_abs": getattr(st, "tol_abs", st.tol), "scale": scale}
+    peer_runs = real_class_runs(case, batch, SWEEPS["paradigms"], TARGET)
+    peer = at_accuracy(peer_runs, TARGET, "max_rel_diff")
+    rule = None
+    if with_rule and peer is not None:
+        combo = Combo("picard", "paradigms", tuple(o for o in PARADIGMS_RULE if o[0] != "update"))
+        (rule,) = paratime_runs(case, batch, combo, ref, 0.0, tols=(peer["tol"],))
+    # The error relative to the tolerance in force: tol itself in data units, else the absolute one over the scale.
+    rel_tol = st.tol if units == "data" else None
+    checks = {"max rel Δ <= target": default["max_rel_diff"] <= TARGET}
+    if rel_tol is not None and rel_tol > 0:
+        checks["max rel Δ in [tol/4, tol]"] = rel_tol / 4 <= default["max_rel_diff"] <= rel_tol
+    if peer is not None:
+        checks[f"rounds >= {RATIO}x fewer"] = peer["rounds"] >= RATIO * default["rounds"]
+        checks["rounds, NFE <= peer's"] = default["rounds"] <= peer["rounds"] and default["nfe"] <= peer["nfe"]
+    return {"case": name, "batch": batch, "window": case.window or case.steps, "default": default, "peer": peer,
+            "peer_runs": peer_runs, "rule": rule, "checks": checks}
+
+
+def headline_markdown(results: list[dict]) -> str:
+    """The headline results as one table (relative errors: max over samples of max |Δ| / data scale)."""
+    lines = [f"| case | paratime default: rounds / NFE / max rel Δ (tol) | real class at its best tol for "
+             f"{TARGET:g}: tol / rounds / NFE / max rel Δ | rounds ratio | paratime ParaDiGMS rule at that tol: "
+             f"rounds / NFE | checks |", "|---|---|---|---|---|---|"]
+    for r in results:
+        d, p, q = r["default"], r["peer"], r["rule"]
+        tol = f"{d['tol']:g} {d['tol_units']}"
+        peer = f"{p['tol']:g} / {p['rounds']} / {p['nfe']:.0f} / {p['max_rel_diff']:.2g}" if p else "not reached"
+        ratio = f"{p['rounds'] / d['rounds']:.2f}x" if p else "–"
+        rule = f"{q['rounds']} / {q['nfe']:.0f}" if q else "–"
+        checks = ", ".join(f"{k}: {'ok' if v else '**MISSED**'}" for k, v in r["checks"].items())
+        lines.append(f"| {r['case']} b{r['batch']} W{r['window']} | {d['rounds']} / {d['nfe']:.0f} / "
+                     f"{d['max_rel_diff']:.2g} ({tol}) | {peer} | {ratio} | {rule} | {checks} |")
+    return "\n".join(lines) + "\n"
+
+
 def _names(text: str, allowed, what: str, ap: argparse.ArgumentParser) -> list[str]:
     names = list(allowed) if text == "all" else text.split(",")
     for n in names:
@@ -279,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fill", choices=FILLS, default=None, help="how points entering a sliding window start "
                     "(default: the sampler's)")
     ap.add_argument("--no-diffusers", action="store_true", help="skip diffusers' ParaDiGMS loop")
+    ap.add_argument("--headline", action="store_true", help="paratime's default against the real "
+                    "StableDiffusionParadigmsPipeline (default cases: HEADLINE); exits 1 when a check fails")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--json", default=None, help="also write every run to this file")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
@@ -290,6 +541,18 @@ def main(argv: list[str] | None = None) -> int:
         results = merge([r for f in args.merge for r in json.loads(Path(f).read_text())])
     else:
         torch.set_num_threads(args.threads)
+        if args.headline:
+            names = list(HEADLINE) if args.cases == ap.get_default("cases") else _names(args.cases, CASES, "--cases",
+                                                                                        ap)
+            print(f"torch threads={args.threads}; target max|Δ| <= {TARGET:g} of the data scale", flush=True)
+            results = []
+            for n in names:
+                results.append(headline(n, args.batch))
+                print(headline_markdown(results[-1:]), flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(results, indent=1))
+            print(headline_markdown(results))
+            return 0 if all(all(r["checks"].values()) for r in results) else 1
         names = _names(args.cases, CASES, "--cases", ap)
         options = tuple((k, v) for k, v in (("init", args.init), ("fill", args.fill)) if v is not None)
         selected = combos(_names(args.updates, UPDATES, "--updates", ap), _names(args.stops, STOPS, "--stops", ap),

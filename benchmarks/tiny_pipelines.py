@@ -1,6 +1,8 @@
 """Tiny diffusers pipelines built from configs (untrained, seeded; no download): Stable Diffusion, SDXL and SD3 with
-the real ``vae_scale_factor`` of 8, for the pipeline tests and the ParaDiGMS comparison. Prompts go in as embeddings
-(``prompt_embeds=`` ...), made by :func:`prompt_embeddings`; tokenizers are None."""
+the real ``vae_scale_factor`` of 8, for the pipeline tests and the ParaDiGMS comparison. By default prompts go in as
+embeddings (``prompt_embeds=`` ...), made by :func:`prompt_embeddings`, and tokenizers are None; with ``text=True``
+the pipelines get tiny CLIP text encoders and an in-memory CLIP BPE tokenizer (:func:`clip_tokenizer`), so string
+prompts work (SD3's T5 encoder stays None: the pipeline then uses zeros for it, as diffusers documents)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,41 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-__all__ = ["tiny_sd", "tiny_sdxl", "tiny_sd3", "prompt_embeddings"]
+__all__ = ["tiny_sd", "tiny_sdxl", "tiny_sd3", "tiny_sd_controlnet", "tiny_flux", "prompt_embeddings",
+           "clip_tokenizer", "clip_text_encoder"]
+
+# A CLIP BPE vocabulary: the special tokens (bos 0, unk 1, eos 2), single letters, word-final letters, a few merges.
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+_VOCAB = (["<|startoftext|>", "<unk>", "<|endoftext|>"] + list(_LETTERS) + [c + "</w>" for c in _LETTERS]
+          + ["ca", "cat</w>", "do", "dog</w>"])
+_MERGES = ["c a", "ca t</w>", "d o", "do g</w>"]
+
+
+def clip_tokenizer(max_length: int = 16):
+    """A ``CLIPTokenizer`` over a 59-token vocabulary, built from files written to a temporary folder (removed
+    after loading): unknown characters become ``<unk>``; ``max_length`` is its ``model_max_length``."""
+    import json
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "vocab.json"), "w") as f:
+            json.dump({t: i for i, t in enumerate(_VOCAB)}, f)
+        with open(os.path.join(d, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n" + "\n".join(_MERGES) + "\n")
+        return CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"), model_max_length=max_length)
+
+
+def clip_text_encoder(hidden: int = 8, projection: int = 8, with_projection: bool = False):
+    """A one-layer CLIP text encoder for :func:`clip_tokenizer`'s vocabulary (``CLIPTextModelWithProjection`` for
+    SDXL's second encoder and SD3's pooled embeddings)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=2, num_hidden_layers=1,
+                         vocab_size=100, projection_dim=projection, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+                         max_position_embeddings=32)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg).eval()
 
 
 def _vae(**kw):
@@ -29,28 +65,27 @@ def _unet(**kw):
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=2, **kw)
 
 
-def tiny_sd(scheduler=None, seed: int = 0):
+def tiny_sd(scheduler=None, seed: int = 0, text: bool = False):
     """``StableDiffusionPipeline``: UNet2DConditionModel, AutoencoderKL, CLIPTextModel (hidden size 8), and SD's
-    scheduler (PNDM with ``skip_prk_steps``) unless ``scheduler`` is given."""
+    scheduler (PNDM with ``skip_prk_steps``) unless ``scheduler`` is given; ``text``: with :func:`clip_tokenizer`."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     unet = _unet(cross_attention_dim=8, attention_head_dim=2)
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=1,
-                                        vocab_size=100, projection_dim=8, bos_token_id=0, eos_token_id=2,
-                                        pad_token_id=1))
+    encoder = clip_text_encoder()
     scheduler = scheduler or PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                            skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
-    pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=text, tokenizer=None, unet=unet, scheduler=scheduler,
+    pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=encoder, tokenizer=clip_tokenizer() if text else None,
+                                   unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def tiny_sdxl(scheduler=None, seed: int = 0):
+def tiny_sdxl(scheduler=None, seed: int = 0, text: bool = False):
     """``StableDiffusionXLPipeline``: a UNet with SDXL's added text/time conditioning (pooled size 8, time ids 6 x 8),
-    text embeddings of size 16 (two encoders concatenated), and SDXL's Euler scheduler unless given."""
+    text embeddings of size 16 (two encoders of hidden size 8 concatenated), and SDXL's Euler scheduler unless given;
+    ``text``: with the two CLIP encoders and tokenizers."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     torch.manual_seed(seed)
@@ -59,16 +94,19 @@ def tiny_sdxl(scheduler=None, seed: int = 0):
                  projection_class_embeddings_input_dim=6 * 8 + 8)
     scheduler = scheduler or EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                                     timestep_spacing="leading", steps_offset=1)
-    pipe = StableDiffusionXLPipeline(vae=_vae(force_upcast=False), text_encoder=None, text_encoder_2=None,
-                                     tokenizer=None, tokenizer_2=None, unet=unet, scheduler=scheduler,
+    enc = dict(text_encoder=clip_text_encoder(), text_encoder_2=clip_text_encoder(with_projection=True),
+               tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer()) if text else \
+        dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
+    pipe = StableDiffusionXLPipeline(vae=_vae(force_upcast=False), **enc, unet=unet, scheduler=scheduler,
                                      add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def tiny_sd3(scheduler=None, seed: int = 0):
+def tiny_sd3(scheduler=None, seed: int = 0, text: bool = False):
     """``StableDiffusion3Pipeline``: an SD3Transformer2DModel (one joint block, joint dim 16, pooled 8) on flow
-    matching (``FlowMatchEulerDiscreteScheduler(shift=3.0)`` unless given)."""
+    matching (``FlowMatchEulerDiscreteScheduler(shift=3.0)`` unless given); ``text``: two CLIP encoders (hidden 8,
+    projections 4 + 4) and tokenizers, no T5."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     torch.manual_seed(seed)
@@ -76,10 +114,12 @@ def tiny_sd3(scheduler=None, seed: int = 0):
                                         attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
                                         joint_attention_dim=16, pooled_projection_dim=8, out_channels=4)
     scheduler = scheduler or FlowMatchEulerDiscreteScheduler(shift=3.0)
+    enc = dict(text_encoder=clip_text_encoder(projection=4, with_projection=True), tokenizer=clip_tokenizer(),
+               text_encoder_2=clip_text_encoder(projection=4, with_projection=True), tokenizer_2=clip_tokenizer()) \
+        if text else dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler,
-                                    vae=_vae(shift_factor=0.0609, scaling_factor=1.5035), text_encoder=None,
-                                    tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
-                                    tokenizer_3=None)
+                                    vae=_vae(shift_factor=0.0609, scaling_factor=1.5035), **enc,
+                                    text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -100,3 +140,42 @@ def prompt_embeddings(pipe, batch: int = 1, seq: int = 6, seed: int = 0) -> dict
         out["pooled_prompt_embeds"] = torch.randn(batch, pooled, generator=g)
         out["negative_pooled_prompt_embeds"] = torch.randn(batch, pooled, generator=g)
     return out
+
+
+def tiny_sd_controlnet(scheduler=None, seed: int = 0, text: bool = False):
+    """``StableDiffusionControlNetPipeline``: :func:`tiny_sd`'s parts and a ControlNet made from its UNet
+    (``ControlNetModel.from_unet``), whose zero-initialised convolutions (image embedding out, residual outs) are
+    drawn at random (std 1) so that the control image changes the sample."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    base = tiny_sd(scheduler, seed, text)
+    torch.manual_seed(seed + 1)
+    controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(4, 4, 4, 4))
+    with torch.no_grad():
+        for block in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                      controlnet.controlnet_cond_embedding.conv_out]:
+            for p in block.parameters():
+                p.normal_(0, 1.0)
+    pipe = StableDiffusionControlNetPipeline(**base.components, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux(scheduler=None, seed: int = 0):
+    """``FluxPipeline``: a FluxTransformer2DModel (one double and one single block, 2 heads of 16, guidance
+    embedding on, joint dim 32, pooled 32) over 4 latent channels packed 2 x 2 (16 inputs), a 4-level VAE, and
+    Flux's flow-matching scheduler with dynamic shifting unless given. No text encoders: pass ``prompt_embeds`` and
+    ``pooled_prompt_embeds`` (:func:`prompt_embeddings`)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+    scheduler = scheduler or FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                             max_shift=1.15, base_image_seq_len=256,
+                                                             max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=_vae(shift_factor=0.1159, scaling_factor=0.3611), text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

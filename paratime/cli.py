@@ -1,6 +1,7 @@
-"""The ``paratime`` command line. ``paratime sample`` with no arguments is the main job: the embedded digits model
-sampled with Picard and sequentially (a PNG grid and a table of the figures), then the trained diffusion policy's
-per-chunk latency, sequential against Picard, with its closed-loop success rate and a PNG of rollouts."""
+"""The paratime command line. paratime sample is the main job: the embedded digits model sampled with Picard and
+sequentially (a PNG grid and a table of the figures), then (--policy-demo, on by default with the digits model) the
+trained diffusion policy's per-chunk latency, sequential against Picard, with its closed-loop success rate and a PNG
+of rollouts. --model package.module:factory samples your own network; --pipeline DIR a saved diffusers pipeline."""
 
 from __future__ import annotations
 
@@ -33,84 +34,183 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, read from the parser (the value the code runs with); an option
+    whose default is None says in its own help what None means."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.default in (None, argparse.SUPPRESS):
+            return text
+        d = action.default
+        shown = ("on" if d else "off") if isinstance(d, bool) else ("'' (none)" if d == "" else d)
+        return f"{text} (default: {shown})"
+
+
+def _window_arg(text: str):
+    """``--window``: a positive integer or ``auto``."""
+    if text == "auto":
+        return text
+    return int(text)
+
+
+def add_progress_arg(p: argparse.ArgumentParser) -> None:
+    """``--progress / --no-progress`` (every subcommand that reports progress)."""
+    from .progress import LINE_INTERVAL_S
+
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"show progress (rounds, residual, ETA) on stderr: a bar on a terminal, one line every "
+                        f"{LINE_INTERVAL_S:g} s otherwise")
+
+
+def _tol_help() -> str:
+    from .methods import PARAREAL_TOL
+    from .methods.picard import DEFAULT_TOL
+
+    return (f"tolerance; 0 is exactly sequential. Picard (stop rule final): the returned sample's max-abs distance "
+            f"to the sequential one, in the sample's own units (default {DEFAULT_TOL['final']:g}); ParaDiGMS's rule "
+            f"and Parareal: each point's change in units of the noise level (default {DEFAULT_TOL['paradigms']:g} "
+            f"and {PARAREAL_TOL:g})")
+
+
+def _window_help() -> str:
+    from dataclasses import fields
+
+    from .config import SamplerConfig
+
+    default = next(f.default for f in fields(SamplerConfig) if f.name == "window")
+    return (f"Picard window W: an integer >= 1 or auto (default: {default}; auto: the planner's choice, at most "
+            f"min(N, max(100, N // 2)) for N steps)")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    from .denoiser import PREDICTIONS
     from .methods import METHODS
-    from .models import MODELS
+    from .models import MODELS, SCHEDULES
     from .schedules import SPACINGS
     from .solvers import SOLVERS
 
-    p.add_argument("--model", default="digits", choices=sorted(MODELS),
-                   help=f"named model: {', '.join(sorted(MODELS))} (default: digits)")
-    p.add_argument("--solver", default="ddim", help=f"{', '.join(sorted(SOLVERS))} (default: ddim)")
-    p.add_argument("--steps", type=int, default=100, help="solver steps N (default: 100)")
-    p.add_argument("--method", default="picard", help=f"{', '.join(METHODS)} (default: picard)")
-    p.add_argument("--window", type=int, default=None, help="Picard window (default: steps)")
-    p.add_argument("--tol", type=float, default=None,
-                   help="Picard/Parareal tolerance in units of the noise level; 0 is exactly sequential "
-                        "(default: the method's)")
+    p.add_argument("--model", default=None,
+                   help=f"a named model ({', '.join(sorted(MODELS))}) or package.module:factory, a callable "
+                        f"returning a Denoiser or a network net(x_in, t) (give --prediction and --schedule) "
+                        f"(default: digits)")
+    p.add_argument("--sample-shape", default=None, metavar="D[,D...]",
+                   help="per-sample shape for a --model module:factory that does not declare one, e.g. 2 or "
+                        "3,32,32 (default: the model's)")
+    p.add_argument("--prediction", default=None, choices=PREDICTIONS,
+                   help="what a --model module:factory network predicts (default: none; required for a network)")
+    p.add_argument("--schedule", default=None, choices=tuple(SCHEDULES),
+                   help="the noise schedule of a --model module:factory network, with its default parameters "
+                        "(default: none; required for a network)")
+    p.add_argument("--pipeline", default=None, metavar="DIR",
+                   help="a diffusers pipeline saved with save_pretrained (Stable Diffusion, SDXL, SD3) instead of "
+                        "--model; writes one PNG per image (default: none)")
+    p.add_argument("--prompt", default=None, help="--pipeline: the text prompt (default: none; required there)")
+    p.add_argument("--height", type=int, default=None, help="--pipeline: image height in pixels (default: the "
+                                                            "pipeline's)")
+    p.add_argument("--width", type=int, default=None, help="--pipeline: image width in pixels (default: the "
+                                                           "pipeline's)")
+    p.add_argument("--dtype", default=None, choices=tuple(_DTYPES),
+                   help="the network's dtype (the trajectory stays float64 on CPU, float32 on CUDA) (default: the "
+                        "model's own)")
+    p.add_argument("--solver", default=None, help=f"one of {', '.join(sorted(SOLVERS))} (default: ddim; with "
+                                                  f"--pipeline the pipeline's scheduler decides)")
+    p.add_argument("--steps", type=int, default=100, help="solver steps N")
+    p.add_argument("--method", default="picard", help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--window", type=_window_arg, default=None, help=_window_help())
+    p.add_argument("--tol", type=float, default=None, help=_tol_help())
     p.add_argument("--shared-window", action="store_true",
                    help="one Picard window for the whole batch (diffusers' ParaDiGMS) instead of one per sample")
     p.add_argument("--max-rounds", type=int, default=None,
                    help="Picard rounds before the rest is finished sequentially (default: unlimited)")
     p.add_argument("--spacing", default=None, help=f"time grid: {', '.join(SPACINGS)} (default: the schedule's)")
-    p.add_argument("--eta", type=float, default=None, help="noise scale of ddim/ddpm/euler_maruyama, in [0, 1]")
-    p.add_argument("--slices", type=int, default=None, help="Parareal slices (default ~sqrt(steps))")
-    p.add_argument("--coarse-steps", type=int, default=1, help="Parareal coarse DDIM steps per slice (default: 1)")
-    p.add_argument("--batch", type=int, default=16, help="number of samples (default: 16)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed, >= 0 (default: 0)")
-    p.add_argument("--label", type=int, default=None, help="digits: class label 0..9 to condition on")
+    p.add_argument("--eta", type=float, default=None,
+                   help="noise scale of ddim/ddpm/euler_maruyama, in [0, 1] (default: the solver's)")
+    p.add_argument("--slices", type=int, default=None, help="Parareal slices (default: round(sqrt(steps)))")
+    p.add_argument("--coarse-steps", type=int, default=1, help="Parareal coarse DDIM steps per slice")
+    p.add_argument("--batch", type=int, default=16, help="number of samples (images with --pipeline)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed, >= 0")
+    p.add_argument("--label", type=int, default=None, help="digits: class label 0..9 to condition on (default: none)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale >= 0 (needs --label; 1 is plain conditional sampling)")
+                   help="classifier-free guidance scale >= 0: digits with --label (1 is plain conditional "
+                        "sampling), or --pipeline's guidance_scale (default: none; the pipeline's own)")
     p.add_argument("--backend", default="local", choices=("local", "torch", "ray"),
-                   help="local (default), torch (torchrun ranks) or ray (actors)")
+                   help="local, torch (torchrun ranks) or ray (actors)")
     p.add_argument("--workers", type=int, default=None,
-                   help="torch ranks or Ray actors, at most one per CPU (or GPU) here (default: 2)")
-    p.add_argument("--address", default=None, help="Ray cluster address, e.g. auto or ray://HOST:10001 (backend ray)")
+                   help=f"torch ranks or Ray actors, at most one per CPU (or GPU) here (default: {_DEFAULT_WORKERS})")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address, e.g. auto or ray://HOST:10001 (default: none, a local Ray)")
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run the sequential sampler and report speed-up and difference (default on)")
+                   help="also run the sequential sampler and report speed-up and difference")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a stuck worker is an error")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
-    p.add_argument("--out", default="paratime_samples.png", help="PNG of the samples ('' for none)")
-    p.add_argument("--save", default=None, help="write the samples tensor here (torch.save)")
-    p.add_argument("--json", default=None, help="write the stats as JSON here")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="show a progress bar over the rounds (default on)")
+    p.add_argument("--out", default="paratime_samples.png",
+                   help="PNG of the samples ('' for none; --pipeline: OUT-0.png, OUT-1.png, ... one per image)")
+    p.add_argument("--save", default=None, help="write the samples tensor here with torch.save (default: none)")
+    p.add_argument("--json", default=None, help="write the stats as JSON here (default: none)")
+    p.add_argument("--policy-demo", action=argparse.BooleanOptionalAction, default=None,
+                   help="after the samples, the main job's second half: the diffusion policy's per-chunk latency "
+                        "(sequential vs Picard), success rates and a PNG of rollouts (default: on with --model "
+                        "digits, off otherwise)")
+    p.add_argument("--policy-out", default=None,
+                   help="--policy-demo: PNG of the rollouts (default: policy_rollouts.png)")
+    add_progress_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="paratime", description=__doc__,
-                     epilog="`paratime` with no subcommand (or with only options) runs `paratime sample`. "
-                            "`paratime COMMAND --help` shows a subcommand's options.")
+    parser = _Parser(prog="paratime", description=__doc__, formatter_class=_DefaultsFormatter,
+                     epilog="paratime with no subcommand (or with only options) runs paratime sample. "
+                            "paratime COMMAND --help shows a subcommand's options.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("bench", help="scaling benchmarks (see paratime bench --help)", add_help=False)
     _add_sampling_args(sub.add_parser("sample", help="sample a model (the default command)"))
 
+    from .zoo.digits import train_digits
+
+    d = _signature_defaults(train_digits)
     t = sub.add_parser("train-digits", help="train the embedded digits model (needs scikit-learn)")
     t.add_argument("--out", default="digits.safetensors", help="safetensors file to write")
-    t.add_argument("--steps", type=int, default=8000, help="optimiser steps (default: 8000)")
-    t.add_argument("--batch", type=int, default=256, help="training batch (default: 256)")
-    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
-    t.add_argument("--channels", type=int, default=32, help="U-Net width (default: 32)")
-    t.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
+    t.add_argument("--steps", type=int, default=d["steps"], help="optimiser steps")
+    t.add_argument("--batch", type=int, default=d["batch"], help="training batch")
+    t.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate")
+    t.add_argument("--channels", type=int, default=d["channels"], help="U-Net width, a multiple of 8")
+    t.add_argument("--seed", type=int, default=d["seed"], help="training seed")
+    add_progress_arg(t)
 
     e = sub.add_parser("eval-digits", help="score digits samples with a scikit-learn classifier and k-NN P/R")
-    e.add_argument("--samples", type=int, default=200, help=f"samples per sampler, >= {_MIN_EVAL_SAMPLES} "
-                                                           "(default: 200)")
-    e.add_argument("--solver", default="ddim", help="solver (default: ddim)")
-    e.add_argument("--steps", type=int, default=100, help="solver steps (default: 100)")
-    e.add_argument("--tol", type=float, default=None, help="Picard tolerance (default: the method's)")
-    e.add_argument("--window", type=int, default=None, help="Picard window (default: steps)")
-    e.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
-    e.add_argument("--label", type=int, default=None, help="class label 0..9 to condition on")
-    e.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (needs --label)")
-    e.add_argument("--json", default=None, help="write the scores as JSON here")
+    e.add_argument("--samples", type=int, default=200, help=f"samples per sampler, >= {_MIN_EVAL_SAMPLES}")
+    e.add_argument("--solver", default="ddim", help="solver")
+    e.add_argument("--steps", type=int, default=100, help="solver steps")
+    e.add_argument("--tol", type=float, default=None, help=_tol_help())
+    e.add_argument("--window", type=_window_arg, default=None, help=_window_help())
+    e.add_argument("--seed", type=int, default=0, help="noise seed")
+    e.add_argument("--label", type=int, default=None, help="class label 0..9 to condition on (default: none)")
+    e.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (needs --label) (default: none)")
+    e.add_argument("--json", default=None, help="write the scores as JSON here (default: none)")
+    add_progress_arg(e)
     from .policy_eval import add_policy_parsers
 
     add_policy_parsers(sub)     # train-policy, eval-policy
     from .likelihood_cli import add_likelihood_parser
 
     add_likelihood_parser(sub)  # likelihood
+    for name, sp in sub.choices.items():
+        if name != "bench":
+            sp.formatter_class = _DefaultsFormatter
+            if not any(a.dest == "progress" for a in sp._actions):
+                add_progress_arg(sp)
     return parser
+
+
+def _signature_defaults(fn) -> dict:
+    import inspect
+
+    return {k: v.default for k, v in inspect.signature(fn).parameters.items()
+            if v.default is not inspect.Parameter.empty}
 
 
 # -- checks before anything starts ---------------------------------------------------------------------------------
@@ -182,38 +282,219 @@ def _check_workers(args, device: torch.device) -> None:
         raise UsageError(f"--workers: {args.workers} exceeds the {have} {what} here; allowed: 1..{have}")
 
 
+def _model_factory(args):
+    """A picklable zero-argument factory of the sample's model: a registered name, or ``package.module:factory``."""
+    import functools
+
+    from .models import MODELS, load_model, user_model
+
+    if args.model in MODELS:
+        return functools.partial(load_model, args.model)
+    shape = _sample_shape(args)
+    return functools.partial(user_model, args.model, args.prediction, args.schedule, shape)
+
+
+def _sample_shape(args) -> tuple[int, ...] | None:
+    if args.sample_shape is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in args.sample_shape.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise UsageError(f"--sample-shape: expected positive integers separated by commas, e.g. 2 or 3,32,32; "
+                         f"got {args.sample_shape!r}")
+    return shape
+
+
+def _refuse(flags: dict, why: str) -> None:
+    """UsageError for the first of ``flags`` (flag -> value) that was given: it does not apply (``why``)."""
+    for flag, value in flags.items():
+        if value not in (None, False):
+            raise UsageError(f"{flag}: {why}")
+
+
+def _check_rank_env() -> None:
+    """Under torchrun (``RANK`` set) the environment describes the world: integers in range, an address to meet at.
+
+    Raises:
+        UsageError: naming the environment variable and the allowed values.
+    """
+    env = os.environ
+
+    def integer(name: str, low: int, high: int | None = None) -> int:
+        text = env.get(name, "")
+        if not text.strip().isdigit() or int(text) < low or (high is not None and int(text) >= high):
+            rng = f">= {low}" if high is None else f"in [{low}, {high})"
+            raise UsageError(f"{name}: the environment variable must be an integer {rng} (torchrun sets it), "
+                             f"got {text!r}")
+        return int(text)
+
+    world = integer("WORLD_SIZE", 1)
+    integer("RANK", 0, world)
+    if "LOCAL_RANK" in env:
+        integer("LOCAL_RANK", 0, world)
+    if not env.get("MASTER_ADDR"):
+        raise UsageError("MASTER_ADDR: the environment variable must name the rank-0 host (torchrun sets it)")
+    integer("MASTER_PORT", 1, 65536)
+
+
 def _check_sample_args(args) -> dict:
     """Every ``sample`` option checked before a model, process or actor starts; returns the sampler options."""
     from .config import SamplerConfig, check_cond, check_int, check_number
-    from .models import load_model
+    from .models import MODELS
 
+    if args.backend == "torch" and "RANK" in os.environ:
+        _check_rank_env()
     check_int("batch", args.batch, 1)
     check_int("seed", args.seed, 0)
     check_number("timeout", args.timeout, 0, low_open=True)
     if args.address is not None and args.backend != "ray":
         raise UsageError("--address: only used with --backend ray")
     _check_ray_address(args.address)
-    if args.guidance is not None and args.label is None:
+    demo = args.policy_demo
+    if args.pipeline is not None:
+        _refuse({"--model": args.model, "--prediction": args.prediction, "--schedule": args.schedule,
+                 "--sample-shape": args.sample_shape, "--label": args.label, "--solver": args.solver,
+                 "--spacing": args.spacing, "--eta": args.eta, "--policy-demo": demo, "--policy-out": args.policy_out},
+                "does not apply with --pipeline (the pipeline's scheduler and components decide)")
+        if args.backend != "local":
+            raise UsageError("--backend: --pipeline runs with --backend local")
+    else:
+        _refuse({"--prompt": args.prompt, "--height": args.height, "--width": args.width},
+                "applies only with --pipeline DIR")
+    args.model = args.model or "digits"
+    args.solver = args.solver or "ddim"
+    if args.pipeline is None and args.model in MODELS:
+        _refuse({"--prediction": args.prediction, "--schedule": args.schedule, "--sample-shape": args.sample_shape},
+                f"applies only to --model package.module:factory, not the named model {args.model!r}")
+    if args.guidance is not None and args.label is None and args.pipeline is None:
         raise UsageError("--guidance: classifier-free guidance needs --label (the class to guide towards)")
     if args.label is not None and args.model != "digits":
         raise UsageError(f"--label: only the digits model takes labels, not {args.model!r}")
-    opts = dict(solver=args.solver, steps=args.steps, method=args.method, window=args.window, tol=args.tol,
-                shared_window=args.shared_window, max_rounds=args.max_rounds, spacing=args.spacing, eta=args.eta,
-                slices=args.slices, coarse_steps=args.coarse_steps, device=args.device)
+    # The main job's second half: explicit --policy-demo / --no-policy-demo, by default on with the digits model.
+    args.policy_demo = (args.model == "digits" and args.pipeline is None) if demo is None else demo
+    if args.policy_demo and args.backend != "local":
+        if demo:
+            raise UsageError("--policy-demo: runs with --backend local only (it times one robot's chunks)")
+        args.policy_demo = False
+    if args.policy_out is not None and not args.policy_demo:
+        raise UsageError("--policy-out: applies only with --policy-demo")
+    args.policy_out = "policy_rollouts.png" if args.policy_out is None else args.policy_out
+    opts = {k: v for k, v in dict(
+        solver=args.solver, steps=args.steps, method=args.method, window=args.window, tol=args.tol,
+        shared_window=args.shared_window or None, max_rounds=args.max_rounds, spacing=args.spacing, eta=args.eta,
+        slices=args.slices, coarse_steps=args.coarse_steps if args.coarse_steps != 1 else None, device=args.device,
+        dtype=_DTYPES.get(args.dtype)).items() if v is not None}
+    if args.pipeline is not None:
+        return _check_pipeline_args(args, opts)
     if args.guidance is not None:
         opts["guidance"] = args.guidance
     cfg = SamplerConfig.from_options(**opts)
     device = _device(args, cfg.device)
     opts["device"] = device
     _check_workers(args, device)
-    model = load_model(args.model)
+    model = _model_factory(args)()
     check_cond(model, _cond(args, args.batch), args.batch)
-    if model.sample_shape is not None:            # the sampler's own bound, before a process or actor starts
-        cfg.check_memory((args.batch, *model.sample_shape), device, cfg.state_dtype_on(device))
+    if model.sample_shape is None:
+        raise UsageError(f"--sample-shape: {args.model} does not declare its sample shape; give it, e.g. 2 or 3,32,32")
+    shape = (args.batch, *model.sample_shape)
+    cfg.check_memory(shape, device, cfg.state_dtype_on(device))   # the sampler's own bound, before any start
+    if args.out and args.model != "policy" and not (len(shape) == 2 and shape[1] == 2 or len(shape) == 4):
+        raise UsageError(f"--out: a PNG shows (B, 2) points or (B, C, H, W) images, not samples of shape "
+                         f"{shape}; give --out '' (and --save FILE for the tensor)")
     if os.environ.get("RANK", "0") == "0":       # rank 0 writes the outputs (and the launcher checked them)
         for flag, path in (("--out", args.out), ("--save", args.save), ("--json", args.json)):
             _check_writable(flag, path)
+        if args.policy_demo:
+            _check_writable("--policy-out", args.policy_out)
     return opts
+
+
+def _pipeline_pngs(args) -> list[str]:
+    """``--out OUT.png`` with ``--pipeline``: ``OUT-0.png``, ``OUT-1.png``, ... one per image."""
+    if not args.out:
+        return []
+    p = Path(args.out)
+    stem = p.with_suffix("") if p.suffix.lower() == ".png" else p
+    return [f"{stem}-{i}.png" for i in range(args.batch)]
+
+
+def _check_pipeline_args(args, opts: dict) -> dict:
+    """``sample --pipeline DIR``: the folder, the prompt, the size and the outputs, before the pipeline loads."""
+    from .config import check_int, check_number
+
+    folder = Path(args.pipeline)
+    if not (folder / "model_index.json").is_file():
+        raise UsageError(f"--pipeline: {args.pipeline} holds no model_index.json; give a folder written by a "
+                         f"diffusers pipeline's save_pretrained")
+    if not args.prompt:
+        raise UsageError("--prompt: required with --pipeline (a non-empty text prompt)")
+    for flag, v in (("height", args.height), ("width", args.width)):
+        check_int(flag, v, 8, none=True)
+        if v is not None and v % 8:
+            raise UsageError(f"--{flag}: must be a multiple of 8 (the VAE's scale factor), got {v}")
+    check_number("guidance", args.guidance, 0, none=True)
+    for path in _pipeline_pngs(args):
+        _check_writable("--out", path)
+    for flag, path in (("--save", args.save), ("--json", args.json)):
+        _check_writable(flag, path)
+    for k in ("solver", "steps", "dtype", "device"):     # set by the pipeline, the call, or run_pipeline
+        opts.pop(k, None)
+    return opts
+
+
+def run_pipeline(args, opts: dict) -> dict:
+    """``paratime sample --pipeline DIR --prompt ...``: the saved pipeline through :func:`paratime.parallelize`,
+    one PNG per image (the pipeline's own conversion to 8 bits); returns the JSON record."""
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    from .integrations.pipelines import parallelize
+
+    device = _device(args, torch.device(args.device) if args.device else None)
+    if not args.progress:
+        import diffusers.utils.logging
+        import transformers.utils.logging
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+    pipe = DiffusionPipeline.from_pretrained(args.pipeline, dtype=_DTYPES.get(args.dtype, torch.float32),
+                                             local_files_only=True).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    call = {"prompt": args.prompt, "num_inference_steps": args.steps, "num_images_per_prompt": args.batch,
+            "output_type": "np", **{k: v for k, v in (("height", args.height), ("width", args.width),
+                                                       ("guidance_scale", args.guidance)) if v is not None}}
+    runs = [args.method] + (["sequential"] if args.compare and args.method != "sequential" else [])
+    out = {}
+    for method in runs:
+        with parallelize(pipe, **{**opts, "method": method}, progress=args.progress) as ppipe:
+            res = ppipe(**call, generator=torch.Generator(device).manual_seed(args.seed))
+        out[method] = (res.images, res.paratime_stats)
+    images, stats = out[args.method]
+    rec = {"pipeline": args.pipeline, "prompt": args.prompt, **stats.to_dict()}
+    rows = [("method", "rounds", "NFE/sample", "wall s", "speed-up", "max |diff|")]
+    if len(runs) == 2:
+        ref, ref_stats = out["sequential"]
+        diff = float(np.abs(images - ref).max())
+        rec.update(sequential_wall_s=ref_stats.wall_s, speedup=ref_stats.wall_s / stats.wall_s, max_abs_diff=diff)
+        rows.append(("sequential", ref_stats.rounds, f"{ref_stats.nfe:.0f}", f"{ref_stats.wall_s:.3f}", "1.00", "0"))
+        rows.append((args.method, stats.rounds, f"{stats.nfe:.0f}", f"{stats.wall_s:.3f}", f"{rec['speedup']:.2f}",
+                     f"{diff:.3g}"))
+    else:
+        rows.append((args.method, stats.rounds, f"{stats.nfe:.0f}", f"{stats.wall_s:.3f}", "", ""))
+    print(f"pipeline={args.pipeline} ({type(pipe).__name__}, {type(pipe.scheduler).__name__}) steps={args.steps} "
+          f"images={args.batch} prompt={args.prompt!r}")
+    _print_table(rows)
+    for path, img in zip(_pipeline_pngs(args), pipe.numpy_to_pil(images)):
+        img.save(path)
+        print(f"wrote {path}")
+    if args.save:
+        torch.save(torch.from_numpy(images), args.save)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rec, indent=2))
+        print(f"wrote {args.json}")
+    return rec
 
 
 def _device(args, device: torch.device | None) -> torch.device:
@@ -228,27 +509,42 @@ def _device(args, device: torch.device | None) -> torch.device:
     return torch.device("cpu")
 
 
+_PARALLEL_OPTIONS = ("window", "tol", "shared_window", "max_rounds", "slices", "coarse_steps")
+
+
 def _sampler(args, opts: dict, method: str, backend=None):
-    from .models import load_model
     from .sampler import ParallelSampler
 
     kw = {}
     if backend is None:
         backend, bopts = args.backend, {}
         if backend == "ray":
-            bopts = {"workers": args.workers, "address": args.address, "model": args.model,
+            bopts = {"workers": args.workers, "address": args.address, "model": _model_factory(args),
                      "timeout_s": args.timeout}
         elif backend == "torch":
             bopts = {"timeout_s": args.timeout}
         kw["backend_options"] = bopts
-    model = load_model(args.model)
+    model = _model_factory(args)()
     if isinstance(model.network, torch.nn.Module):
         model.network.to(opts["device"])
-    return ParallelSampler(model, **{**opts, "method": method}, backend=backend, progress=args.progress, **kw)
+    opts = {**opts, "method": method}
+    if method == "sequential":    # the parallel methods' options do not apply to the sequential reference
+        opts = {k: v for k, v in opts.items() if k not in _PARALLEL_OPTIONS}
+    return ParallelSampler(model, **opts, backend=backend, progress=args.progress, **kw)
 
 
 def _cond(args, batch: int) -> dict:
+    if getattr(args, "model", None) == "policy":  # the policy acts on observations: the seeded episodes' first ones
+        from .policy_eval import episode_observations
+
+        return {"obs": episode_observations(batch)}
     return {} if args.label is None else {"labels": torch.full((batch,), args.label, dtype=torch.long)}
+
+
+def _print_table(rows: list[tuple]) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
 
 
 def run_sample(args, opts: dict | None = None) -> dict:
@@ -283,15 +579,18 @@ def run_sample(args, opts: dict | None = None) -> dict:
         cond = "" if args.label is None else f" label={args.label} guidance={args.guidance}"
         print(f"model={args.model} solver={args.solver} steps={args.steps} batch={args.batch} tol={tol}{cond} "
               f"backend={sampler.backend.name} workers={sampler.backend.workers}")
-        widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-        for r in rows:
-            print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
+        _print_table(rows)
         if args.save:
             torch.save(result.samples.cpu(), args.save)
         if args.out:
-            from .images import save_samples_png
+            if args.model == "policy":
+                from .policy_eval import chunks_png
 
-            save_samples_png(args.out, result.samples.float())
+                chunks_png(args.out, result.samples.float().cpu())
+            else:
+                from .images import save_samples_png
+
+                save_samples_png(args.out, result.samples.float())
             print(f"wrote {args.out}")
         if args.json:
             Path(args.json).write_text(json.dumps(rec, indent=2))
@@ -299,18 +598,70 @@ def run_sample(args, opts: dict | None = None) -> dict:
     return rec
 
 
-def _launch_torchrun(workers: int, argv: list[str]) -> int:
-    """``paratime sample --backend torch --workers N`` outside torchrun: start N local ranks under torchrun."""
+_STOP_GRACE_S = 5.0                      # a rank gets this long to end after SIGTERM, then SIGKILL
+
+
+class _Terminated(Exception):
+    """SIGTERM reached the launcher (handled like Ctrl-C: every rank is ended)."""
+
+
+def _end_ranks(procs: list) -> None:
+    """SIGTERM every rank still running, wait at most ``_STOP_GRACE_S`` in all, then SIGKILL the rest."""
+    import signal
+    import time
+
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + _STOP_GRACE_S
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+            p.wait(timeout=_STOP_GRACE_S)
+
+
+def _launch_ranks(workers: int, argv: list[str]) -> int:
+    """``paratime sample --backend torch --workers N`` outside torchrun: start the N local ranks (torchrun's
+    environment: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT) in this process group and wait for them. A rank that
+    fails ends the others. The ranks ignore SIGINT (a terminal's Ctrl-C reaches the whole group): on Ctrl-C or SIGTERM
+    the launcher ends every rank itself (SIGTERM, then SIGKILL after a grace period) and reports once."""
+    import signal
     import socket
+    import time
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ)
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={workers}", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "paratime", *argv]
-    return subprocess.call(cmd, env=env)
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(workers),
+            "LOCAL_WORLD_SIZE": str(workers)}
+    base.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+    def on_term(signum, frame):
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    procs = []
+    try:
+        for r in range(workers):
+            env = {**base, "RANK": str(r), "LOCAL_RANK": str(r)}
+            procs.append(subprocess.Popen([sys.executable, "-m", "paratime", *argv], env=env,
+                                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)))
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed:                      # one rank's error ends the others (they would wait for it forever)
+                _end_ranks(procs)
+                return failed[0]
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(0.1)
+    except (KeyboardInterrupt, _Terminated):
+        _end_ranks(procs)
+        raise KeyboardInterrupt from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _bench(argv: list[str]) -> int:
@@ -343,7 +694,8 @@ def _check_train_args(args) -> None:
 
 
 # Messages name the API argument ("window: ..."); on the command line they name the flag ("--window: ...").
-_FLAG_OF = {"labels": "--label", "shape": "--batch", "shape, steps": "--batch, --steps", "timeout_s": "--timeout", "solver_options": "--eta"}
+_FLAG_OF = {"labels": "--label", "shape": "--batch", "shape, steps": "--batch, --steps", "timeout_s": "--timeout",
+            "solver_options": "--eta"}
 
 
 def _as_flag(message: str, args) -> str:
@@ -355,22 +707,61 @@ def _as_flag(message: str, args) -> str:
     return message
 
 
+# Each subcommand's output files: checked writable after its options and before any work.
+_OUTPUTS = {"train-digits": ("out",), "eval-digits": ("json",), "train-policy": ("out",),
+            "eval-policy": ("out", "json"), "likelihood": ("json",)}
+
+
+def _check_outputs(args) -> None:
+    for dest in _OUTPUTS.get(args.command, ()):
+        _check_writable(f"--{dest}", getattr(args, dest))
+
+
+def _write_json(path: str | None, rec: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(rec, indent=2))
+        print(f"wrote {path}")
+
+
 def _run(args, argv: list[str]) -> int:
     if args.command == "sample":
         opts = _check_sample_args(args)
         if args.backend == "torch" and "RANK" not in os.environ:
-            return _launch_torchrun(args.workers, argv)
-        run_sample(args, opts)
-        if argv == ["sample"]:      # the main job: the diffusion policy's latency after the digits
+            return _launch_ranks(args.workers, argv)
+        if args.pipeline is not None:
+            run_pipeline(args, opts)
+        else:
+            run_sample(args, opts)
+        if args.policy_demo:        # the main job's second half, chosen by --policy-demo (on with digits)
             from .policy_eval import policy_demo
 
-            policy_demo()
-    elif args.command == "train-digits":
+            policy_demo(args.policy_out, progress=args.progress)
+        return 0
+    if args.command == "train-digits":
+        _check_train_args(args)
+    elif args.command == "eval-digits":
+        _check_eval_args(args)
+    elif args.command == "train-policy":
+        from .policy_eval import check_train_args
+
+        check_train_args(args)
+    elif args.command == "eval-policy":
+        from .policy_eval import check_eval_args
+
+        check_eval_args(args)
+    elif args.command == "likelihood":
+        from .likelihood_cli import check_likelihood_args
+
+        check_likelihood_args(args)
+    else:
+        build_parser().print_help()
+        return 2
+    _check_outputs(args)
+    if args.command == "train-digits":
         from .zoo.digits import train_digits
 
-        _check_train_args(args)
         r = train_digits(args.out, steps=args.steps, batch=args.batch, lr=args.lr, channels=args.channels,
-                         seed=args.seed)
+                         seed=args.seed, progress=args.progress)
         print(f"trained {args.steps} steps in {r['seconds']:.0f} s, final loss {r['meta']['final_loss']:.4f}; "
               f"wrote {args.out}")
     elif args.command in ("train-policy", "eval-policy"):
@@ -380,24 +771,17 @@ def _run(args, argv: list[str]) -> int:
     elif args.command == "likelihood":
         from .likelihood_cli import run_likelihood
 
-        rec = run_likelihood(args, emit=print)
-        if args.json:
-            Path(args.json).write_text(json.dumps(rec, indent=2))
+        _write_json(args.json, run_likelihood(args, emit=print))
     elif args.command == "eval-digits":
         from .digits_eval import run_eval
 
-        _check_eval_args(args)
-        rec = run_eval(args, emit=print)
-        if args.json:
-            Path(args.json).write_text(json.dumps(rec, indent=2))
-    else:
-        build_parser().print_help()
-        return 2
+        _write_json(args.json, run_eval(args, emit=print))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``paratime`` command. Returns the exit code: 0, or 2 for a user error (one line on stderr, no traceback).
+    """The ``paratime`` command. Returns the exit code: 0; 2 for a user error (one line on stderr, no traceback);
+    130 after Ctrl-C (one line; the ranks and actors it started are ended).
 
     Args:
         argv: the arguments (default ``sys.argv[1:]``); no subcommand means ``sample``.
@@ -412,6 +796,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return _run(args, argv)
+    except KeyboardInterrupt:
+        # The sampler's and backend's context managers (and the rank launcher) have ended actors and ranks.
+        print("paratime: interrupted", file=sys.stderr)
+        return 130
     except UsageError as e:
         message = str(e)
     except (ValueError, TypeError, FileNotFoundError) as e:

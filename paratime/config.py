@@ -9,6 +9,7 @@ option's name.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import numbers
@@ -17,17 +18,23 @@ from typing import Any
 
 import torch
 
-from .backends import check_memory, noise_draws
+from .backends import check_memory, noise_draws, window_buffers
 from .denoiser import PREDICTIONS, Denoiser
 from .methods import METHODS
 from .methods import PARAREAL_TOL
+from .cost import check_cost
 from .methods.picard import DEFAULT_TOL, FILLS, INITS, STOPS, UPDATES, path_plan
+from .planner import rounds_cap
 from .schedules import SPACINGS, NoiseSchedule
 from .solvers import LangevinCorrected, Solver, make_solver
 
-__all__ = ["SamplerConfig", "check_int", "check_number", "check_device", "check_cond"]
+__all__ = ["SamplerConfig", "check_int", "check_number", "check_device", "check_cond", "declared_scale"]
 
 log = logging.getLogger("paratime")
+
+#: units of the final-point rule's ``tol``: ``data`` (relative to the data's scale, :func:`declared_scale`, or the
+#: sample's own) or ``absolute`` (the returned sample's units)
+TOL_UNITS = ("data", "absolute")
 
 STATE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -107,8 +114,11 @@ class SamplerConfig:
     solver: str | Solver = "ddim"
     steps: int = 50
     method: str = "picard"
-    window: int | None = None
+    window: int | str | None = "auto"
+    cost: Any = "auto"
     tol: float | None = None
+    tol_units: str | None = None
+    data_scale: float | None = None
     max_rounds: int | None = None
     spacing: str | None = None
     eta: float | None = None
@@ -138,9 +148,13 @@ class SamplerConfig:
     def __post_init__(self):
         # Method and its options.
         check_int("steps", self.steps, 1)
-        if not isinstance(self.method, str) or self.method not in METHODS:
-            raise ValueError(f"method: unknown {self.method!r}; allowed: {', '.join(METHODS)}")
-        check_int("window", self.window, 1, none=True)
+        if not isinstance(self.method, str) or self.method not in (*METHODS, "auto"):
+            raise ValueError(f"method: unknown {self.method!r}; allowed: auto, {', '.join(METHODS)}")
+        if self.window is None or self.window == "auto":       # None: the planner's choice, as "auto"
+            object.__setattr__(self, "window", "auto")
+        else:
+            check_int("window", self.window, 1)
+        check_cost(self.cost)
         check_number("tol", self.tol, 0, none=True)
         check_int("max_rounds", self.max_rounds, 1, none=True)
         if self.spacing is not None and (not isinstance(self.spacing, str) or self.spacing not in SPACINGS):
@@ -157,6 +171,7 @@ class SamplerConfig:
         if not isinstance(self.update, str) or self.update not in UPDATES:
             raise ValueError(f"update: unknown {self.update!r}; allowed: {', '.join(UPDATES)}")
         check_number("accept_tol", self.accept_tol, 0, none=True)
+        self._check_tol_units()
         for name, allowed in (("init", INITS), ("fill", FILLS)):
             value = getattr(self, name)
             if not isinstance(value, str) or value not in allowed:
@@ -187,6 +202,51 @@ class SamplerConfig:
         if self.classifier_scale and self.classifier is None:
             raise ValueError("classifier_scale: given without classifier=")
         check_number("latent_scale", self.latent_scale, 0, low_open=True, none=True)
+        self._refuse_options_that_do_not_apply()
+
+    def _refuse_options_that_do_not_apply(self) -> None:
+        """An option the chosen method or model part never reads is an error, not silently ignored."""
+        if self.guidance_rescale is not None and self.guidance is None:
+            raise ValueError("guidance_rescale: applies only with classifier-free guidance; give guidance= too")
+        if self.corrector_steps != 1 and self.corrector_snr is None:
+            raise ValueError("corrector_steps: applies only with the Langevin corrector; give corrector_snr= too")
+        if self.max_rounds is not None and self.method != "picard":
+            raise ValueError(f"max_rounds: applies only to method='picard', not {self.method!r}")
+        parareal = self.method in ("parareal", "parareal_pipelined")
+        for name, value, unset in (("slices", self.slices, None), ("coarse_steps", self.coarse_steps, 1),
+                                   ("coarse", self.coarse, None)):
+            if value != unset and not parareal:
+                raise ValueError(f"{name}: applies only to method='parareal' or 'parareal_pipelined', "
+                                 f"not {self.method!r}")
+
+    def _check_tol_units(self) -> None:
+        """``tol_units`` names a unit; it and ``data_scale`` apply only where ``tol`` is in the sample's units (the
+        ``final`` rule), not to ParaDiGMS's rule or Parareal (noise-level units)."""
+        if self.tol_units is not None and (not isinstance(self.tol_units, str) or self.tol_units not in TOL_UNITS):
+            raise ValueError(f"tol_units: unknown {self.tol_units!r}; allowed: {', '.join(TOL_UNITS)}")
+        check_number("data_scale", self.data_scale, 0, low_open=True, none=True)
+        if self.data_scale is not None and self.tol_units == "absolute":
+            raise ValueError("data_scale: applies only with tol_units='data' (absolute tolerances are not scaled)")
+        noise_units = self.stop == "paradigms" or self.method.startswith("parareal")
+        for name in ("tol_units", "data_scale"):
+            if getattr(self, name) is not None and noise_units:
+                raise ValueError(f"{name}: applies only to the final-point rule (stop='final'); "
+                                 f"method={self.method!r}, stop={self.stop!r} take tol in noise-level units")
+
+    def for_model(self, declared_scale: float | None) -> "SamplerConfig":
+        """The config a ``sample`` call runs with: ``tol_units`` resolved (None: ``data``) and ``data_scale`` filled
+        with the model's declared scale (:func:`declared_scale`) when not given. A config that was never resolved
+        (``tol_units`` None, e.g. the likelihood's flow) keeps ``tol`` absolute."""
+        units = self.tol_units or "data"
+        scale = self.data_scale if self.data_scale is not None or units == "absolute" else declared_scale
+        return dataclasses.replace(self, tol_units=units, data_scale=scale)
+
+    @property
+    def tol_scale(self) -> float | None:
+        """What ``tol`` (``final`` rule) is multiplied by to give max-abs data units: 1 for absolute (or unresolved)
+        units, ``data_scale`` for ``data`` units, None for ``data`` units with no scale (the sample's own:
+        the max-abs of its final point, per sample, see :mod:`paratime.methods.picard`)."""
+        return self.data_scale if self.tol_units == "data" else 1.0
 
     @classmethod
     def from_options(cls, **options: Any) -> "SamplerConfig":
@@ -208,12 +268,13 @@ class SamplerConfig:
 
     @property
     def window_size(self) -> int:
-        """Picard's window W: ``window``, or by default ``min(N, max(100, N // 2))``. Chosen from measurement
+        """Picard's window W: ``window``; for ``"auto"`` (before the sampler's planner chose) the widest window the
+        planner considers, ``min(N, max(100, N // 2))`` (:func:`paratime.planner.rounds_cap`). Chosen from measurement
         (``benchmarks/window_sweep.py``, digits and the ``mlp`` fixture, secant update and final-point rule): up to
         100 steps the full window is needed (a window of 64 on DDIM-100 / DDPM-100 costs 1.3-1.5x the rounds);
         on DDPM-1000 a window of 500 keeps the rounds within 9% of the full window (25 against 23) for 0.66x the
         evaluations, while 250 costs 1.35x the rounds."""
-        return min(self.window or max(100, self.steps // 2), self.steps)
+        return min(rounds_cap(self.steps) if self.window == "auto" else self.window, self.steps)
 
     def build_solver(self) -> Solver:
         """The step map these options describe: ``solver`` with its ``eta``, wrapped in the Langevin corrector when
@@ -243,11 +304,13 @@ class SamplerConfig:
             DeviceMemoryError: the trajectory, noise and window buffers cannot fit ``device``.
         """
         solver = self.build_solver() if solver is None else solver
-        draws = noise_draws(solver)
-        if self.method == "picard" and self.uses_noise_path(solver):
-            draws += 1                   # the constant-D path's discounted noise, one more (N + 1, B, ...) tensor
-        return check_memory(tuple(shape), self.steps, state_dtype, device, draws,
-                            self.window_size if self.method == "picard" else 1)
+        if self.method != "picard":
+            return check_memory(tuple(shape), self.steps, state_dtype, device, noise_draws(solver), 1)
+        # Picard: the constant-D path's discounted noise and a history solver's D buffer are (N + 1, B, ...) each;
+        # the window buffers a round holds at its peak depend on the update and the solver's kind.
+        points = int(self.uses_noise_path(solver)) + int(solver.uses_history)
+        return check_memory(tuple(shape), self.steps, state_dtype, device, noise_draws(solver), self.window_size,
+                            buffers=window_buffers(self.update, solver), point_buffers=points)
 
     def uses_noise_path(self, solver: Solver) -> bool:
         """Whether Picard builds the constant-D path's noise table (``init="x0"``, or ``fill="path"`` on a sliding
@@ -264,9 +327,28 @@ class SamplerConfig:
         0.1 for ``paradigms``), Parareal 0.1; 0 for ``sequential`` (exact by construction)."""
         if self.tol is not None:
             return float(self.tol)
-        if self.method == "picard":
+        if self.method in ("picard", "auto"):      # auto: the tolerance the planner plans Picard for
             return DEFAULT_TOL[self.stop]
         return PARAREAL_TOL if self.method.startswith("parareal") else 0.0
+
+
+# -- the data's scale ----------------------------------------------------------------------------------------------
+def declared_scale(denoiser: Denoiser) -> float | None:
+    """The data scale a model declares, what ``tol_units="data"`` multiplies ``tol`` by: ``max(|lo|, |hi|)`` of the
+    network's ``data_range`` attribute ``(lo, hi)`` (the zoo's digits: ``(-1, 1)``), else ``clip_x0`` (the range the
+    x0 prediction is clamped to: the policy's 1, a scheduler's ``clip_sample_range``), else None (latents: the
+    sampler then takes each sample's own max-abs).
+
+    Raises:
+        ValueError: a ``data_range`` that is not two finite numbers ``lo < hi``.
+    """
+    rng = getattr(denoiser.network, "data_range", None)
+    if rng is not None:
+        if (not isinstance(rng, (tuple, list)) or len(rng) != 2
+                or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in rng) or not rng[0] < rng[1]):
+            raise ValueError(f"data_range: the network's must be (lo, hi) with finite lo < hi, got {rng!r}")
+        return float(max(abs(rng[0]), abs(rng[1])))
+    return None if denoiser.clip_x0 is None else float(denoiser.clip_x0)
 
 
 # -- sample-time checks -------------------------------------------------------------------------------------------

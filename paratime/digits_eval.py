@@ -91,9 +91,12 @@ def run_eval(args, emit=lambda line: None) -> dict:
     emit(f"{'method':>10}  {'rounds':>6}  {'confident':>9}  {'precision':>9}  {'recall':>6}  {'min cls':>7}  "
           f"{'max cls':>7}" + ("  label acc" if args.label is not None else ""))
     for method in ("sequential", "picard"):
-        s = ParallelSampler("digits", solver=args.solver, steps=args.steps, method=method, tol=args.tol,
-                            window=getattr(args, "window", None), guidance=getattr(args, "guidance", None),
-                            progress=False)
+        opts = {k: v for k, v in (("tol", args.tol), ("window", getattr(args, "window", None)),
+                                  ("guidance", getattr(args, "guidance", None))) if v is not None}
+        if method == "sequential":          # the parallel method's options do not apply to the reference
+            opts.pop("tol", None), opts.pop("window", None)
+        s = ParallelSampler("digits", solver=args.solver, steps=args.steps, method=method,
+                            progress=getattr(args, "progress", False), **opts)
         res = s.sample(args.samples, seed=args.seed, **cond)
         if method == "sequential":
             ref = res.samples

@@ -1,15 +1,19 @@
 """Instrumentation around a backend: the ``evaluate(x, i, b)`` that methods call, with counting and the NaN check.
 
-Nothing here forces a device-to-host copy per network call, and a call adds almost no work: it keeps its rows'
-steps and sample indices and the largest ``|D|`` of each row (NaN and inf propagate through the max).
-:meth:`Evaluator.check` (once per round, from the methods' ``on_round``, and once at the end) tests those maxima with
-one host read and only on a non-finite one looks up the first offending step and sample; rows per sample are counted
-with one ``index_add_`` when :attr:`Evaluator.rows` is read or a round is checked. Timing is the sampler's wall clock;
-communication figures come from the backend.
+Nothing here forces a device-to-host copy per network call or per round, and a call adds almost no work: it keeps
+its rows' steps and sample indices and the largest ``|D|`` of each row (NaN and inf propagate through the max).
+:meth:`Evaluator.check` (once per round, from the methods' ``on_round``) reduces those maxima to one "any non-finite"
+flag on the device and copies it to host memory without waiting (pinned memory on CUDA, with an event); the flag is
+read from host memory once the copy has landed (on CUDA at the latest after the method's own read of the next
+round; on the CPU at once), so a non-finite output stops the run one round late at most and costs no sync.
+``check(wait=True)`` (once, at the end) waits. Only on a non-finite flag are the first offending step and sample
+looked up (reads on the error path). Rows per sample are counted with one ``index_add_`` when :attr:`Evaluator.rows`
+is read or a round is checked. Timing is the sampler's wall clock; communication figures come from the backend.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .backends import Backend
@@ -41,9 +45,19 @@ class Evaluator:
         self.times = grid.model_times.to(device)
         self._tables: dict = {}                          # (denoiser, its _grid table) per state dtype
         self.calls = 0
+        self.call_rows: list[int] = []                  # rows of each network call (host ints, from shapes)
         self._rows = torch.zeros(batch, dtype=torch.long, device=device)
         self._counted: list[torch.Tensor] = []          # sample indices of the calls not yet counted
         self._pending: list[tuple] = []                 # (max |D| per row, i, b) of the calls not yet checked
+        self._inflight: list[tuple] = []                # the calls whose flag is on its way to the host
+        self._event = None                              # CUDA event after the flag's copy (None: landed)
+        # The flag's host copy, read through numpy (a host-memory read, never a device sync): pinned on CUDA.
+        if torch.device(device).type == "cuda":
+            self._flag = torch.zeros(1, dtype=torch.bool, pin_memory=True)
+            self._flag_np = self._flag.numpy()
+        else:
+            self._flag_np = np.zeros(1, dtype=bool)
+            self._flag = torch.from_numpy(self._flag_np)
 
     def _grid(self, dtype: torch.dtype) -> torch.Tensor:
         """``(3, N + 1)`` sigma, c_x, c_o per grid point in ``dtype`` (made once per dtype and bound denoiser)."""
@@ -57,6 +71,7 @@ class Evaluator:
 
     def _record(self, peak: torch.Tensor, i: torch.Tensor, b: torch.Tensor) -> None:
         self.calls += 1
+        self.call_rows.append(b.shape[0])
         self._counted.append(b)
         self._pending.append((peak, i, b))                  # (M,): not finite iff the row's output is not
 
@@ -95,20 +110,52 @@ class Evaluator:
             self._rows.index_add_(0, b, torch.ones_like(b))
             self._counted = []
 
-    def check(self) -> None:
-        """Raise :class:`NonFiniteOutputError` if any output so far was not finite (one host read).
+    def check(self, wait: bool = False) -> None:
+        """Raise :class:`NonFiniteOutputError` if an output checked so far was not finite. Without ``wait`` no host
+        sync: the flag of the calls since the last check goes to the host asynchronously and is read once landed
+        (see the module docstring); ``wait=True`` (the end of a run) checks every call, with one read.
 
         Raises:
             NonFiniteOutputError: naming the first offending step, its sigma and model time, and the sample.
         """
         self._count()
-        pending, self._pending = self._pending, []
-        if not pending:
+        if wait:
+            self._settle(block=True)
+            calls, self._pending = self._pending, []
+            if calls and not bool(torch.isfinite(self._cat(calls)[0]).all()):   # the one read, at the end
+                self._raise(calls)
             return
-        peaks, i, b = pending[0] if len(pending) == 1 else (torch.cat(t) for t in zip(*pending))
+        if not self._settle(block=False) or not self._pending:
+            return                                      # the last flag is still on its way: check these next time
+        self._inflight, self._pending = self._pending, []
+        peaks = self._cat(self._inflight)[0]
+        self._flag.copy_(~torch.isfinite(peaks).all().view(1), non_blocking=True)
+        if peaks.is_cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._settle(block=False)                   # on the CPU the copy has landed: read it now
+
+    @staticmethod
+    def _cat(calls: list[tuple]) -> tuple:
+        return calls[0] if len(calls) == 1 else tuple(torch.cat(t) for t in zip(*calls))
+
+    def _settle(self, block: bool) -> bool:
+        """Read the landed flag of the in-flight calls (raise if set); False while it has not landed."""
+        if self._event is not None:
+            if not block and not self._event.query():
+                return False
+            self._event.synchronize()
+            self._event = None
+        if self._inflight:
+            calls, self._inflight = self._inflight, []
+            if self._flag_np[0]:
+                self._raise(calls)
+        return True
+
+    def _raise(self, calls: list[tuple]) -> None:
+        peaks, i, b = self._cat(calls)
         finite = torch.isfinite(peaks)
-        if finite.all():                                # the one host read
-            return
         r = int((~finite).to(torch.uint8).argmax())     # the first offending row, in call order
         step, sample = int(i[r]), int(b[r])
         raise NonFiniteOutputError(

@@ -20,8 +20,8 @@ import torch
 from .methods.likelihood import DIVERGENCES, FLOW_SOLVERS
 from .sampler import ParallelSampler
 
-__all__ = ["add_likelihood_parser", "run_likelihood", "digits_sets", "mixture_log_density", "DIGITS_SETS",
-           "DIGITS_LEVELS"]
+__all__ = ["add_likelihood_parser", "check_likelihood_args", "run_likelihood", "digits_sets", "mixture_log_density",
+           "DIGITS_SETS", "DIGITS_LEVELS"]
 
 DIGITS_SETS = ("real", "shuffled", "uniform")
 DIGITS_LEVELS = 17          # scikit-learn's digits take the values 0..16
@@ -52,27 +52,81 @@ def digits_sets(count: int, seed: int = 0) -> dict[str, torch.Tensor]:
 def add_likelihood_parser(sub) -> argparse.ArgumentParser:
     """Add the ``likelihood`` subcommand to the subparsers ``sub`` (``paratime``'s); returns its parser."""
     p = sub.add_parser("likelihood", help="log-likelihood / bits per dimension through the probability-flow ODE")
-    p.add_argument("--model", default="digits", help="digits (default) or gmm")
+    from .methods import METHODS
+    from .schedules import SPACINGS
+
+    p.add_argument("--model", default="digits", help=f"one of {', '.join(LIKELIHOOD_MODELS)}")
     p.add_argument("--sets", default=None, help=f"digits: comma-separated sets of {', '.join(DIGITS_SETS)} "
                                                 "(default: all)")
-    p.add_argument("--samples", type=int, default=64, help="images (or gmm draws) per set (default: 64)")
-    p.add_argument("--solver", default="euler", help="euler (default) or heun")
-    p.add_argument("--steps", type=int, default=100, help="ODE steps (default: 100)")
-    p.add_argument("--spacing", default="karras", help="grid spacing (default: karras, which reaches t = 0)")
-    p.add_argument("--method", default="picard", help="picard (default), parareal, parareal_pipelined, sequential")
-    p.add_argument("--tol", type=float, default=0.1, help="tolerance in units of the noise level (default: 0.1)")
+    p.add_argument("--samples", type=int, default=64, help="images (or gmm draws) per set")
+    p.add_argument("--solver", default=FLOW_SOLVERS[0], help=f"one of {', '.join(FLOW_SOLVERS)}")
+    p.add_argument("--steps", type=int, default=100, help="ODE steps")
+    p.add_argument("--spacing", default="karras", help=f"grid spacing, one of {', '.join(SPACINGS)} (karras "
+                                                       f"reaches t = 0)")
+    p.add_argument("--method", default="picard", help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--tol", type=float, default=0.1, help="tolerance in units of the noise level")
     p.add_argument("--window", type=int, default=None, help="Picard window (default: steps)")
-    p.add_argument("--divergence", default="hutchinson", help="hutchinson (default) or exact")
-    p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per sample (default: 1)")
-    p.add_argument("--dequantize", action=argparse.BooleanOptionalAction, default=True,
-                   help="digits: uniform dequantisation, so bits/dim bound the discrete NLL (default: on)")
+    p.add_argument("--divergence", default=DIVERGENCES[0], help=f"one of {', '.join(DIVERGENCES)}")
+    p.add_argument("--probes", type=int, default=None, help="Hutchinson probes per sample (default: 1; "
+                                                            "hutchinson only)")
+    p.add_argument("--dequantize", action=argparse.BooleanOptionalAction, default=None,
+                   help="digits: uniform dequantisation, so bits/dim bound the discrete NLL (default: on; digits "
+                        "only)")
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run the sequential solve and report rounds and the bits/dim difference (default: on)")
-    p.add_argument("--repeats", type=int, default=1, help="runs per method, for wall-clock min / median (default: 1)")
+                   help="also run the sequential solve and report rounds and the bits/dim difference")
+    p.add_argument("--repeats", type=int, default=1, help="runs per method, for wall-clock min / median")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0, help="split, probe and dequantisation seed (default: 0)")
-    p.add_argument("--json", default=None, help="write the record as JSON here")
+    p.add_argument("--seed", type=int, default=0, help="split, probe and dequantisation seed")
+    p.add_argument("--json", default=None, help="write the record as JSON here (default: none)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="show each solve's progress (rounds, residual, ETA) on stderr")
     return p
+
+
+def check_likelihood_args(args) -> ParallelSampler:
+    """Every ``likelihood`` option checked (and the defaults that depend on others filled in) before any data is
+    loaded or solved; returns the sampler. An option that does not apply (``--sets`` with gmm, ``--probes`` with the
+    exact divergence, ``--window`` without Picard) is an error.
+
+    Raises:
+        ValueError, TypeError: naming the flag.
+    """
+    from .config import check_int
+
+    if args.model not in LIKELIHOOD_MODELS:
+        raise ValueError(f"--model: the likelihood command knows {', '.join(LIKELIHOOD_MODELS)}, got {args.model!r}")
+    check_int("--samples", args.samples, 1, DIGITS_HELD_OUT if args.model == "digits" else None)
+    check_int("--repeats", args.repeats, 1)
+    check_int("--threads", args.threads, 1, none=True)
+    check_int("--seed", args.seed, 0)
+    if args.solver not in FLOW_SOLVERS:
+        raise ValueError(f"--solver: the likelihood ODE takes {', '.join(FLOW_SOLVERS)}, got {args.solver!r}")
+    if args.divergence not in DIVERGENCES:
+        raise ValueError(f"--divergence: unknown {args.divergence!r}; allowed: {', '.join(DIVERGENCES)}")
+    if args.probes is not None and args.divergence != "hutchinson":
+        raise ValueError(f"--probes: applies only to --divergence hutchinson, not {args.divergence!r}")
+    args.probes = 1 if args.probes is None else args.probes
+    check_int("--probes", args.probes, 1)
+    if args.model != "digits":
+        for flag, value in (("--sets", args.sets), ("--dequantize", args.dequantize)):
+            if value is not None:
+                raise ValueError(f"{flag}: applies only to --model digits, not {args.model!r}")
+    else:
+        args.dequantize = True if args.dequantize is None else args.dequantize
+        if args.sets is not None:
+            wanted = args.sets.split(",")
+            bad = [s for s in wanted if s not in DIGITS_SETS]
+            if bad or not wanted:
+                raise ValueError(f"--sets: unknown {bad[0]!r}; allowed: {', '.join(DIGITS_SETS)}")
+            if len(set(wanted)) != len(wanted):
+                raise ValueError(f"--sets: each set once, got {args.sets!r}")
+    if args.window is not None and args.method != "picard":
+        raise ValueError(f"--window: applies only to --method picard, not {args.method!r}")
+    if args.tol is not None and args.method == "sequential":
+        args.tol = None                  # the parser's default: sequential has no tolerance
+    opts = {k: v for k, v in (("tol", args.tol), ("window", args.window)) if v is not None}
+    return ParallelSampler(args.model, steps=args.steps, method=args.method, spacing=args.spacing, progress=False,
+                           **opts)
 
 
 def mixture_log_density(mix, x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -84,14 +138,15 @@ def mixture_log_density(mix, x: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.logsumexp(logp, 1)
 
 
+LIKELIHOOD_MODELS = ("digits", "gmm")
+DIGITS_HELD_OUT = 540           # images in the held-out split (30% of 1,797)
+
+
 def _data(args) -> tuple[dict[str, torch.Tensor], dict]:
     """The data sets and the options that declare their range."""
     if args.model == "digits":
         sets = digits_sets(args.samples, args.seed)
         wanted = args.sets.split(",") if args.sets else list(DIGITS_SETS)
-        bad = [s for s in wanted if s not in DIGITS_SETS]
-        if bad:
-            raise ValueError(f"--sets: unknown {bad[0]!r}; allowed: {', '.join(DIGITS_SETS)}")
         return {s: sets[s] for s in wanted}, {"data_range": (-1.0, 1.0), "levels": DIGITS_LEVELS,
                                               "dequantize": args.dequantize}
     if args.model == "gmm":
@@ -107,7 +162,8 @@ def _run(sampler: ParallelSampler, x: torch.Tensor, method: str, repeats: int, a
     walls = []
     for _ in range(repeats):
         r = sampler.log_likelihood(x, solver=args.solver, steps=args.steps, method=method,
-                                   divergence=args.divergence, probes=args.probes, seed=args.seed, **opts)
+                                   divergence=args.divergence, probes=args.probes, seed=args.seed,
+                                   progress=args.progress, **opts)
         walls.append(r.stats.wall_s)
     bpd = r.bits_per_dim
     return {"method": method, "rounds": r.stats.rounds, "iterations": r.stats.iterations, "nfe": r.stats.nfe,
@@ -122,20 +178,11 @@ def run_likelihood(args, emit: Callable[[str], None] = lambda line: None) -> dic
     Raises:
         ValueError, TypeError: a bad option, naming it.
     """
-    if not isinstance(args.repeats, int) or args.repeats < 1:
-        raise ValueError(f"--repeats: must be an integer >= 1, got {args.repeats!r}")
+    sampler = check_likelihood_args(args)
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads: must be an integer >= 1, got {args.threads!r}")
         torch.set_num_threads(args.threads)
-    if args.solver not in FLOW_SOLVERS:
-        raise ValueError(f"--solver: the likelihood ODE takes {', '.join(FLOW_SOLVERS)}, got {args.solver!r}")
-    if args.divergence not in DIVERGENCES:
-        raise ValueError(f"--divergence: unknown {args.divergence!r}; allowed: {', '.join(DIVERGENCES)}")
     sets, opts = _data(args)
     methods = ["sequential", args.method] if args.compare and args.method != "sequential" else [args.method]
-    sampler = ParallelSampler(args.model, steps=args.steps, method=args.method, tol=args.tol, window=args.window,
-                              spacing=args.spacing, progress=False)   # checks the sampling options first
     rec = {"model": args.model, "solver": args.solver, "steps": args.steps, "tol": args.tol,
            "divergence": args.divergence, "probes": args.probes if args.divergence == "hutchinson" else None,
            "samples": args.samples, "spacing": args.spacing, "threads": torch.get_num_threads(),

@@ -1,46 +1,183 @@
 """Noise that depends on (seed, sample, stream, step) only, never on the batch split, window, backend or device.
 
-Each sample ``i`` (its global index, ``first_sample + b``) owns one CPU generator per stream, seeded by
-``numpy.random.SeedSequence([seed, i, stream])`` (EDM's ``StackedRandomGenerator`` idea, without seed collisions
-between neighbouring seeds). Streams: 0 is the initial noise ``x_T``, 1 the per-step SDE noise ``z[step]``, 2 the
-Langevin corrector noise, 3 Hutchinson's divergence probes and 4 the likelihood's dequantisation noise. Noise is
-drawn in float32 on the CPU and then moved, so CPU and GPU runs see equal noise.
+A counter-based generator: every number is a pure function of its coordinates, so any row of the noise can be drawn
+on its own, on the device where it is used, in one vectorised pass (no generator state, no per-sample loop, no copy
+from the host). Notation (all words 64-bit, arithmetic wrapping mod 2^64):
+
+    mix64(z)        splitmix64's finaliser (Steele, Lea & Flood 2014), a bijection of 64-bit words
+    key(s, q, i, n) = mix64(mix64(mix64(mix64(s) + q) + i) + n)   seed s, stream q, sample i (global index), step n
+    z_p             = mix64(key + (p + 1) * GOLDEN)              the p-th output of splitmix64 seeded with the key
+    u1, u2          = (hi32(z_p) + 1/2) 2^-32, (lo32(z_p) + 1/2) 2^-32                    uniforms in (0, 1)
+    element 2p, 2p + 1 of the row = r cos(2 pi u2), r sin(2 pi u2),  r = sqrt(-2 ln u1)   (Box-Muller, float64)
+
+A row is one (sample, step) pair's ``prod(shape)`` elements, flattened; the values are rounded once to float32 and
+then cast to the state dtype, so CPU and GPU runs see equal noise (the float64 transcendental functions differ by
+an ulp between libms at most, which the rounding to float32 removes). The Triton kernel
+(:mod:`paratime.kernels.noise`) computes the same numbers on CUDA and, under ``TRITON_INTERPRET=1``, on CPU;
+:func:`normals_reference` is the torch reference it must equal, and what runs elsewhere.
+
+Streams: 0 is the initial noise ``x_T`` (step 0), 1 the per-step SDE noise ``z[step]``, 2 the Langevin corrector
+noise (a row holds all corrector steps of a step), 3 Hutchinson's divergence probes and 4 the likelihood's
+dequantisation noise.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import math
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
-__all__ = ["draw_noise", "initial_noise", "step_noise", "INITIAL", "STEP", "CORRECTOR", "PROBE", "DEQUANT"]
+from paratime.kernels import kernel_mode, triton_usable
+
+__all__ = ["draw_noise", "noise_rows", "normals_reference", "row_keys", "mix64", "initial_noise", "step_noise",
+           "INITIAL", "STEP", "CORRECTOR", "PROBE", "DEQUANT", "PipelineNoise", "check_generator", "generator_noise"]
 
 INITIAL, STEP, CORRECTOR, PROBE, DEQUANT = 0, 1, 2, 3, 4
 
+_GOLDEN, _M1, _M2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_LO32 = 0xFFFFFFFF
+#: pairs of elements per chunk of the torch reference (its int64 temporaries stay cache-sized on the CPU)
+_CHUNK_PAIRS = 1 << 16
+#: elements per program of the Triton kernel
+_KERNEL_BLOCK = 1024
 
-def _sample_seed(seed: int, sample: int, stream: int) -> int:
-    return int(np.random.SeedSequence([seed, sample, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+def _i64(word: int) -> int:
+    """A 64-bit word as the int64 with the same bits (torch has no uint64 shifts on the CPU)."""
+    word &= (1 << 64) - 1
+    return word - (1 << 64) if word >> 63 else word
+
+
+def _srl(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical shift right of int64 words (``>>`` on int64 is arithmetic: mask the sign bits it copies in)."""
+    return (z >> k).bitwise_and_((1 << (64 - k)) - 1)
+
+
+def mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (bits as uint64, multiplication wrapping mod 2^64); ``z`` is not
+    modified (in-place steps on a fresh copy: the reference's hot loop)."""
+    z = z ^ _srl(z, 30)
+    z.mul_(_i64(_M1))
+    z.bitwise_xor_(_srl(z, 27))
+    z.mul_(_i64(_M2))
+    return z.bitwise_xor_(_srl(z, 31))
+
+
+def _check_index(name: str, value, bound: int = 1 << 64) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < bound:
+        raise ValueError(f"{name}: must be an integer in [0, {bound}), got {value!r}")
+    return value
+
+
+def row_keys(seed: int, stream: int, samples: torch.Tensor, steps: torch.Tensor | int) -> torch.Tensor:
+    """The rows' generator keys, ``key(seed, stream, sample, step)`` (see the module notation).
+
+    Args:
+        seed: an integer in ``[0, 2^64)``. stream: one of the streams (:data:`INITIAL` ... :data:`DEQUANT`).
+        samples: ``(M,)`` int64 global sample indices. steps: ``(M,)`` int64 step indices (or one int for all).
+    Returns:
+        ``(M,)`` int64 keys on ``samples``' device (the seed and stream are mixed on the host, no transfer).
+    Raises:
+        ValueError: ``seed`` or ``stream`` out of range.
+    """
+    _check_index("seed", seed)
+    _check_index("stream", stream, 1 << 32)
+    base = int(mix64(mix64(torch.tensor(_i64(seed))) + stream))       # host scalar: a CPU tensor, no device read
+    return mix64(mix64(samples.to(torch.int64) + base) + steps)
+
+
+def normals_reference(keys: torch.Tensor, D: int) -> torch.Tensor:
+    """The torch reference of the counter-based normals: ``(M,)`` int64 keys -> ``(M, D)`` float32.
+
+    Runs on any device; :mod:`paratime.kernels.noise` must give the same numbers.
+    """
+    M, P = keys.shape[0], (D + 1) // 2
+    out = torch.empty((M, P, 2), dtype=torch.float32, device=keys.device)    # pair p -> elements 2p, 2p + 1
+    p = torch.arange(1, P + 1, dtype=torch.int64, device=keys.device) * _i64(_GOLDEN)
+    rows = max(1, _CHUNK_PAIRS // max(P, 1))
+    for r0 in range(0, M, rows):                                   # chunks of rows: cache-sized temporaries
+        z = mix64(keys[r0:r0 + rows, None] + p)                    # (m, P): splitmix64's outputs 1..P of each key
+        # u1 = (hi32 + 1/2) 2^-32; r = sqrt(-2 ln u1); theta = 2 pi u2 (2 pi 2^-32 is 2 pi scaled exactly).
+        r = _srl(z, 32).to(torch.float64).add_(0.5).mul_(2.0**-32).log_().mul_(-2.0).sqrt_()
+        theta = z.bitwise_and_(_LO32).to(torch.float64).add_(0.5).mul_(2 * math.pi * 2.0**-32)
+        out[r0:r0 + rows, :, 0] = r * torch.cos(theta)
+        out[r0:r0 + rows, :, 1] = r.mul_(theta.sin_())
+    return out.reshape(M, 2 * P)[:, :D]
+
+
+def _use_kernel(device: torch.device) -> bool:
+    """Kernel mode ``auto`` runs the kernel on CUDA (on the CPU the torch reference is the fast path: the
+    interpreter would run one Python program per row); ``triton`` runs it wherever Triton can, the interpreter
+    included, and raises elsewhere; ``torch`` runs the reference. The output is float32 whatever the state dtype.
+
+    Raises:
+        RuntimeError: kernel mode ``triton`` on a device without Triton.
+    """
+    mode = kernel_mode()
+    if mode == "torch":
+        return False
+    ok = triton_usable(torch.empty(0, device=device))
+    if mode == "triton" and not ok:
+        raise RuntimeError(f"kernel mode 'triton': the noise kernel cannot run on {device} "
+                           "(needs CUDA, or TRITON_INTERPRET=1 on CPU)")
+    return ok and (mode == "triton" or torch.device(device).type == "cuda")
+
+
+def _normals(keys: torch.Tensor, D: int) -> torch.Tensor:
+    """``(M, D)`` float32 normals for the rows' keys: the Triton kernel where it runs, else the torch reference."""
+    if not _use_kernel(keys.device):
+        return normals_reference(keys, D)
+    from paratime.kernels import noise as kernel                   # defines the kernel (interpreted on CPU)
+
+    out = torch.empty((keys.shape[0], D), dtype=torch.float32, device=keys.device)
+    if out.numel():
+        grid = (keys.shape[0], -(-D // _KERNEL_BLOCK))
+        kernel.counter_normal_kernel[grid](keys.contiguous(), out, D, BLOCK=_KERNEL_BLOCK)
+    return out
+
+
+def noise_rows(seed: int, stream: int, samples: torch.Tensor, steps: torch.Tensor | int, shape: tuple[int, ...],
+               dtype=torch.float32) -> torch.Tensor:
+    """Standard-normal noise for rows ``(samples[m], steps[m])``, drawn on their device: the lazy form of
+    :func:`draw_noise` (row ``m`` equals ``draw_noise(seed, 1, shape, n + 1, stream, first_sample=i)[n, 0]``).
+
+    Args:
+        seed, stream: as :func:`row_keys`. samples, steps: ``(M,)`` integer tensors (steps may be one int).
+        shape: the per-row shape. dtype: of the result (the numbers are float32 first).
+    Returns:
+        ``(M, *shape)`` on ``samples``' device.
+    Raises:
+        ValueError: ``seed`` or ``stream`` out of range.
+    """
+    keys = row_keys(seed, stream, samples, steps)
+    return _normals(keys, math.prod(shape)).reshape(keys.shape[0], *shape).to(dtype)
 
 
 def draw_noise(seed: int, batch: int, shape: tuple[int, ...], count: int | None, stream: int,
                first_sample: int = 0, dtype=torch.float64, device="cpu") -> torch.Tensor:
-    """Standard-normal noise for samples ``first_sample .. first_sample + batch - 1``.
+    """Standard-normal noise for samples ``first_sample .. first_sample + batch - 1``, drawn on ``device``.
 
+    Args:
+        seed: the noise seed, an integer in ``[0, 2^64)``. batch: how many samples. shape: the per-draw shape.
+        count: None for one draw per sample (step 0), else the number of steps ``0 .. count - 1``.
+        stream: which stream (:data:`INITIAL`, :data:`STEP`, :data:`CORRECTOR`, :data:`PROBE`, :data:`DEQUANT`).
+        first_sample: the global index of the first sample. dtype, device: of the result.
     Returns:
-        ``(batch, *shape)`` when ``count`` is None (one draw per sample), else ``(count, batch, *shape)``.
-
+        ``(batch, *shape)`` when ``count`` is None, else ``(count, batch, *shape)``.
     Raises:
-        ValueError: a negative ``seed`` or ``first_sample``.
+        ValueError: a ``seed``, ``first_sample`` or ``stream`` out of range.
     """
-    for name, value in (("seed", seed), ("first_sample", first_sample)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{name}: must be an integer >= 0, got {value!r}")
-    per = (1 if count is None else count, *shape)
-    out = torch.empty((batch, *per), dtype=torch.float32)
-    for b in range(batch):
-        g = torch.Generator().manual_seed(_sample_seed(seed, first_sample + b, stream))
-        out[b] = torch.randn(per, generator=g, dtype=torch.float32)
-    out = out[:, 0] if count is None else out.transpose(0, 1)
-    return out.to(device=device, dtype=dtype).contiguous()
+    _check_index("seed", seed)
+    _check_index("first_sample", first_sample)
+    n = 1 if count is None else count
+    dev = torch.device(device)
+    # Rows (step, sample) in the output's order: (n, batch) flattened.
+    steps = torch.arange(n, dtype=torch.int64, device=dev).repeat_interleave(batch)
+    samples = (torch.arange(batch, dtype=torch.int64, device=dev) + first_sample).repeat(n)
+    out = noise_rows(seed, stream, samples, steps, tuple(shape), dtype).reshape(n, batch, *shape)
+    return out[0] if count is None else out
 
 
 def initial_noise(shape, noise, seed: int, generator, first_sample: int, sample_shape, dtype, device,
@@ -83,13 +220,13 @@ def initial_noise(shape, noise, seed: int, generator, first_sample: int, sample_
         shape = tuple(noise.shape)
     if sample_shape is not None and tuple(shape[1:]) != tuple(sample_shape):
         raise ValueError(f"shape: the model expects samples of shape {tuple(sample_shape)}, got {shape[1:]}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+    if generator is not None:
+        check_generator(generator, shape[0])
     if check is not None:
         check(shape)
     if noise is None:
         if generator is not None:
-            noise = torch.randn(shape, generator=generator, dtype=torch.float32, device=generator.device)
+            noise = generator_noise(generator, shape)
         else:
             noise = draw_noise(seed, shape[0], shape[1:], None, INITIAL, first_sample, dtype=dtype, device=device)
     return noise.to(dtype=dtype, device=device)
@@ -106,8 +243,7 @@ def step_noise(solver, steps: int, shape: tuple[int, ...], seed: int, generator,
 
     def draw(stream, per_step=()):
         if generator is not None:
-            n = torch.randn((steps, B, *per_step, *sample), generator=generator, dtype=torch.float32,
-                            device=generator.device)
+            n = generator_noise(generator, (B, *per_step, *sample), count=steps)
         else:
             n = draw_noise(seed, B, (*per_step, *sample), steps, stream, first_sample, dtype=dtype, device=device)
         return n.to(dtype=dtype, device=device)
@@ -116,3 +252,64 @@ def step_noise(solver, steps: int, shape: tuple[int, ...], seed: int, generator,
     if corrector_steps is not None:          # LangevinCorrected: (predictor noise, corrector noise)
         return (draw(STEP) if solver.base.stochastic else None, draw(CORRECTOR, (corrector_steps,)))
     return draw(STEP) if solver.stochastic else None
+
+
+# -- noise from a caller's torch.Generator(s), drawn the way diffusers draws it --------------------------------------
+
+
+@dataclass(frozen=True)
+class PipelineNoise:
+    """A diffusers pipeline's ``generator`` and the dtype its scheduler draws step noise in (the network's: a float16
+    pipeline draws float16 noise, which is not float32 noise rounded).
+
+    Args:
+        generator: one ``torch.Generator``, or a list of them, one per sample.
+        dtype: the dtype of each draw.
+    """
+
+    generator: Any
+    dtype: torch.dtype = torch.float32
+
+
+def check_generator(generator, batch: int) -> None:
+    """Raise unless ``generator`` is a ``torch.Generator``, a list of ``batch`` of them, or a :class:`PipelineNoise`.
+
+    Raises:
+        TypeError: another type. ValueError: a list whose length is not 1 or ``batch``.
+    """
+    gens = generator.generator if isinstance(generator, PipelineNoise) else generator
+    if isinstance(gens, (list, tuple)) and gens and all(isinstance(g, torch.Generator) for g in gens):
+        if len(gens) not in (1, batch):
+            raise ValueError(f"generator: a list of {len(gens)} generators for {batch} samples; give one per sample")
+    elif not isinstance(gens, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or a list of them, got {type(gens).__name__}")
+
+
+def generator_noise(generator, shape: tuple[int, ...], count: int | None = None) -> torch.Tensor:
+    """Standard-normal noise from a caller's generator(s), drawn as diffusers' ``randn_tensor`` draws it: one
+    ``(B, *rest)`` draw per step, in step order (a single draw of ``(count, B, ...)`` is a different CPU stream
+    unless ``B * prod(rest)`` is a multiple of 16); a list draws ``(1, *rest)`` from each sample's own generator.
+    Drawn on the generator's device (a CPU generator draws on the CPU), in ``PipelineNoise.dtype`` (float32 for a
+    plain generator).
+
+    Args:
+        generator: a ``torch.Generator``, a list of ``B`` (or 1) of them, or a :class:`PipelineNoise`.
+        shape: ``(B, *rest)``, one draw.
+        count: None for one draw, else the number of steps.
+    Returns:
+        ``(B, *rest)``, or ``(count, B, *rest)``, on the generator's device.
+    Raises:
+        TypeError, ValueError: see :func:`check_generator`.
+    """
+    check_generator(generator, shape[0])
+    dtype = generator.dtype if isinstance(generator, PipelineNoise) else torch.float32
+    gens = generator.generator if isinstance(generator, PipelineNoise) else generator
+    if isinstance(gens, (list, tuple)) and len(gens) == 1:
+        gens = gens[0]                                    # diffusers treats a list of one as the generator itself
+
+    def one() -> torch.Tensor:                            # (B, *rest)
+        if isinstance(gens, torch.Generator):
+            return torch.randn(shape, generator=gens, dtype=dtype, device=gens.device)
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=dtype, device=g.device) for g in gens])
+
+    return one() if count is None else torch.stack([one() for _ in range(count)])   # (count, B, *rest)

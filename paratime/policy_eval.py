@@ -21,12 +21,15 @@ from typing import Callable
 
 import torch
 
+from .progress import progress_bar
+from .methods import PARAREAL_TOL
 from .sampler import ParallelSampler
 from .tasks.reach import Episodes, ReachConfig, make_episodes, observe, step
 
 __all__ = ["POLICY_METHODS", "EVAL_SEED", "EvalResult", "rollout", "policy_sampler", "sampler_act", "evaluate_policy",
            "evaluate_baseline", "chunk_latency", "latency_observations", "compare_methods", "format_records",
-           "rollouts_png", "policy_demo", "run_eval", "add_policy_parsers", "run_policy_command"]
+           "rollouts_png", "policy_demo", "run_eval", "add_policy_parsers", "run_policy_command",
+           "check_eval_args", "check_train_args", "episode_observations", "chunks_png"]
 
 log = logging.getLogger("paratime")
 
@@ -78,13 +81,14 @@ class EvalResult:
 
 
 def rollout(act: Callable[[torch.Tensor, int], torch.Tensor], episodes: int = 100, seed: int = EVAL_SEED,
-            config: ReachConfig | None = None, name: str = "policy") -> EvalResult:
+            config: ReachConfig | None = None, name: str = "policy", progress: bool = False) -> EvalResult:
     """Roll a chunked policy out closed loop on episodes ``0 .. episodes - 1`` of the seeded set ``seed``.
 
     Args:
         act: ``act(obs (B, obs_dim), chunk_index) -> (B, >= n_exec, 2)`` normalised actions for *every* episode
             (finished ones included, so that each episode keeps its row and its noise).
         episodes, seed: the episode set. config: the task constants. name: a label for the result.
+        progress: show the chunks done out of the most an episode can take (:func:`paratime.progress.progress_bar`).
     Returns:
         :class:`EvalResult`.
     Raises:
@@ -94,6 +98,7 @@ def rollout(act: Callable[[torch.Tensor, int], torch.Tensor], episodes: int = 10
     ep = make_episodes(episodes, seed=seed, config=config)
     paths = [ep.pos.clone()]
     t0, chunks = time.perf_counter(), 0
+    bar = progress_bar(-(-config.max_steps // config.n_exec), f"rollout {name}", unit="chunk") if progress else None
     while bool((~ep.done & (ep.steps < config.max_steps)).any()):
         chunk = act(observe(ep), chunks)
         if chunk.ndim != 3 or chunk.shape[0] != len(ep) or chunk.shape[1] < config.n_exec or chunk.shape[2] != 2:
@@ -102,6 +107,11 @@ def rollout(act: Callable[[torch.Tensor, int], torch.Tensor], episodes: int = 10
         for k in range(config.n_exec):
             step(ep, chunk[:, k], config)
             paths.append(ep.pos.clone())
+        if bar is not None:
+            bar.set_postfix(running=int((~ep.done).sum()))
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     return EvalResult(name, ep.success, ep.collided, ep.steps, torch.stack(paths, 1), chunks,
                       time.perf_counter() - t0)
 
@@ -115,9 +125,8 @@ def policy_sampler(method: str = "picard", model=None, **options) -> ParallelSam
     """
     if method not in POLICY_METHODS:
         raise ValueError(f"method: unknown {method!r}; allowed: {', '.join(POLICY_METHODS)}")
-    opts = {**POLICY_METHODS[method], **{k: v for k, v in options.items() if v is not None}}
-    return ParallelSampler(model if model is not None else "policy", solver="ddpm", steps=100, progress=False,
-                           **opts)
+    opts = {"progress": False, **POLICY_METHODS[method], **{k: v for k, v in options.items() if v is not None}}
+    return ParallelSampler(model if model is not None else "policy", solver="ddpm", steps=100, **opts)
 
 
 def sampler_act(sampler: ParallelSampler, seed: int = EVAL_SEED) -> Callable[[torch.Tensor, int], torch.Tensor]:
@@ -236,6 +245,36 @@ def rollouts_png(path: str | Path, results: list[EvalResult], episodes: int = 4,
     return Path(path)
 
 
+def episode_observations(n: int, seed: int = EVAL_SEED) -> torch.Tensor:
+    """``(n, obs_dim)``: the first observation of episodes ``0 .. n - 1`` of the seeded set ``seed`` (what
+    ``paratime sample --model policy`` conditions its chunks on)."""
+    return observe(make_episodes(n, seed=seed))
+
+
+def chunks_png(path: str | Path, chunks: torch.Tensor, seed: int = EVAL_SEED, episodes: int = 8) -> Path:
+    """A PNG of sampled action chunks ``(B, H, 2)``, one panel per episode (at most ``episodes``): each chunk of
+    :func:`episode_observations` executed open loop from its episode's start (the path the chunk plans).
+
+    Raises:
+        ValueError: ``chunks`` is not ``(B >= 1, H, 2)``.
+    """
+    import numpy as np
+
+    from .images import write_png
+
+    if chunks.ndim != 3 or chunks.shape[0] < 1 or chunks.shape[2] != 2:
+        raise ValueError(f"chunks: expected (B >= 1, H, 2) action chunks, got {tuple(chunks.shape)}")
+    n = min(episodes, chunks.shape[0])
+    ep = make_episodes(n, seed=seed)
+    layout = make_episodes(n, seed=seed)           # the untouched layouts to draw on
+    paths = [ep.pos.clone()]
+    for k in range(chunks.shape[1]):
+        step(ep, chunks[:n, k].double().cpu())
+        paths.append(ep.pos.clone())
+    paths = torch.stack(paths, 1)                                        # (n, H + 1, 2)
+    write_png(path, np.concatenate([_panel(layout, e, [("picard", paths[e])]) for e in range(n)], 1))
+    return Path(path)
+
 
 # -- reports -------------------------------------------------------------------------------------------------------
 def _table(rows: list[tuple]) -> list[str]:
@@ -245,13 +284,14 @@ def _table(rows: list[tuple]) -> list[str]:
 
 def compare_methods(methods: tuple[str, ...] = ("sequential", "picard", "parareal"), episodes: int = 100,
                     seed: int = EVAL_SEED, latency_chunks: int = 20, baseline: bool = True,
-                    options: dict | None = None) -> dict:
+                    options: dict | None = None, progress: bool = False) -> dict:
     """Success, collisions and batch-1 latency per chunk of the shipped policy under each sampling method.
 
     Args:
         methods: names in :data:`POLICY_METHODS`. episodes, seed: the evaluation set. latency_chunks: batch-1
             chunks timed per method. baseline: also roll out the mean-regression baseline.
-        options: per-method sampler overrides, e.g. ``{"picard": {"tol": 0.2}}``.
+        options: per-method sampler overrides, e.g. ``{"picard": {"tol": 0.2}}``. progress: show each rollout's
+            progress.
     Returns:
         ``{"results": {name: EvalResult}, "records": {name: summary + latency}}``; ``speedup`` (median
         sequential latency / median latency) when ``sequential`` is among the methods.
@@ -260,7 +300,8 @@ def compare_methods(methods: tuple[str, ...] = ("sequential", "picard", "pararea
     """
     options = options or {}
     samplers = {m: policy_sampler(m, **options.get(m, {})) for m in methods}
-    results = {m: rollout(sampler_act(s, seed), episodes, seed, name=m) for m, s in samplers.items()}
+    results = {m: rollout(sampler_act(s, seed), episodes, seed, name=m, progress=progress)
+               for m, s in samplers.items()}
     latency = chunk_latency(samplers, latency_observations(latency_chunks, seed), seed)
     records = {m: {**results[m].summary(), "window": s.config.window_size if m == "picard" else None,
                    "tol": s.config.tol, **{f"latency_{k}": v for k, v in latency[m].items()}}
@@ -289,21 +330,63 @@ def format_records(records: dict) -> list[str]:
     return _table(rows)
 
 
-def run_eval(args, emit: Callable[[str], None] = print) -> dict:
-    """``paratime eval-policy``: every method and the baseline on ``--episodes`` seeded episodes; prints a table and
-    writes the rollout PNG. Returns the JSON record."""
-    if args.episodes < 1 or args.latency_chunks < 1:
-        raise ValueError(f"--episodes, --latency-chunks: must be >= 1, got {args.episodes}, {args.latency_chunks}")
-    methods = tuple(m for m in args.methods.split(",") if m)
+def check_eval_args(args) -> tuple[tuple[str, ...], dict]:
+    """``eval-policy``'s options checked before anything is sampled; returns the methods and per-method overrides.
+
+    Raises:
+        ValueError, TypeError: naming the flag (``--methods ''``, ``--threads 0``, ``--window`` without picard, ...).
+    """
+    from .config import SamplerConfig, check_int
+
+    for flag, value, low in (("--episodes", args.episodes, 1), ("--latency-chunks", args.latency_chunks, 1),
+                             ("--threads", args.threads, 1), ("--seed", args.seed, 0)):
+        try:
+            check_int(flag, value, low)
+        except (TypeError, ValueError) as e:
+            raise ValueError(str(e)) from None
+    names = args.methods.split(",")
+    if not args.methods.strip() or any(not m.strip() for m in names):
+        raise ValueError(f"--methods: expected comma-separated names of {', '.join(POLICY_METHODS)}, "
+                         f"got {args.methods!r}")
+    methods = tuple(m.strip() for m in names)
     unknown = [m for m in methods if m not in POLICY_METHODS]
     if unknown:
         raise ValueError(f"--methods: unknown {', '.join(unknown)}; allowed: {', '.join(POLICY_METHODS)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"--methods: each method once, got {args.methods!r}")
+    # --window is Picard's; --tol is Picard's and Parareal's: refused when no method given reads it.
+    if args.window is not None and "picard" not in methods:
+        raise ValueError("--window: applies only to picard, which --methods does not include")
+    if args.tol is not None and not {"picard", "parareal"} & set(methods):
+        raise ValueError("--tol: applies only to picard and parareal, which --methods does not include")
     over = {k: v for k, v in (("window", args.window), ("tol", args.tol)) if v is not None}
     options = {"picard": over, "parareal": {k: v for k, v in over.items() if k == "tol"}}
+    for m in methods:                     # the samplers' own checks (window, tol ranges), before any work
+        opts = {**POLICY_METHODS[m], **options.get(m, {})}
+        SamplerConfig.from_options(solver="ddpm", steps=100, **opts)
+    return methods, options
+
+
+def check_train_args(args) -> None:
+    """``train-policy``'s options checked before any data is made (``--lr inf``, ``--width 0``, ``--blocks -1``).
+
+    Raises:
+        ValueError, TypeError: naming the option.
+    """
+    from .zoo.policy import check_train_options
+
+    check_train_options(steps=args.steps, batch=args.batch, lr=args.lr, width=args.width, blocks=args.blocks,
+                        episodes=args.episodes, seed=args.seed, threads=args.threads)
+
+
+def run_eval(args, emit: Callable[[str], None] = print) -> dict:
+    """``paratime eval-policy``: every method and the baseline on ``--episodes`` seeded episodes; prints a table and
+    writes the rollout PNG. Returns the JSON record."""
+    methods, options = check_eval_args(args)
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    out = compare_methods(methods, args.episodes, args.seed, args.latency_chunks, options=options)
+    out = compare_methods(methods, args.episodes, args.seed, args.latency_chunks, options=options,
+                          progress=args.progress)
     emit(f"policy: DDPM-100, {args.episodes} episodes (seed {args.seed}), latency per chunk at batch 1 over "
          f"{args.latency_chunks} chunks, torch threads {torch.get_num_threads()}")
     for line in format_records(out["records"]):
@@ -317,14 +400,14 @@ def run_eval(args, emit: Callable[[str], None] = print) -> dict:
 
 
 def policy_demo(out: str | Path | None = "policy_rollouts.png", episodes: int = 30, latency_chunks: int = 8,
-                threads: int | None = 1, emit: Callable[[str], None] = print) -> dict:
+                threads: int | None = 1, emit: Callable[[str], None] = print, progress: bool = False) -> dict:
     """The policy half of the main job: per-chunk latency sequential vs Picard measured now, success rates on the
     seeded episodes, the baseline's, and a PNG of a few rollouts. About 10 s on an idle core, 30 s on a busy one.
 
     Args:
         out: PNG path (None or '': none). episodes: closed-loop episodes per method. latency_chunks: batch-1 chunks
             timed per method. threads: torch threads while it runs (restored after; None: leave as is).
-        emit: where the labelled lines go.
+        emit: where the labelled lines go. progress: show each rollout's progress.
     Returns:
         The records per policy (see :func:`compare_methods`).
     """
@@ -332,7 +415,7 @@ def policy_demo(out: str | Path | None = "policy_rollouts.png", episodes: int = 
     if threads:
         torch.set_num_threads(threads)
     try:
-        res = compare_methods(("sequential", "picard"), episodes, EVAL_SEED, latency_chunks)
+        res = compare_methods(("sequential", "picard"), episodes, EVAL_SEED, latency_chunks, progress=progress)
     finally:
         torch.set_num_threads(before)
     rec = res["records"]
@@ -368,14 +451,17 @@ def add_policy_parsers(sub) -> None:
     e = sub.add_parser("eval-policy", help="closed-loop success, collisions and per-chunk latency of the policy")
     e.add_argument("--episodes", type=int, default=100, help="seeded closed-loop episodes")
     e.add_argument("--seed", type=int, default=EVAL_SEED, help="seed of the episode set")
-    e.add_argument("--methods", default="sequential,picard,parareal",
-                   help="comma-separated methods to roll out")
-    e.add_argument("--window", type=int, default=None, help="Picard window (default: POLICY_METHODS)")
-    e.add_argument("--tol", type=float, default=None, help="Picard/Parareal tolerance (default: POLICY_METHODS)")
+    e.add_argument("--methods", default=",".join(POLICY_METHODS),
+                   help=f"comma-separated methods to roll out, of {', '.join(POLICY_METHODS)}")
+    pic, par = POLICY_METHODS["picard"], POLICY_METHODS["parareal"]
+    e.add_argument("--window", type=int, default=None, help=f"Picard window (default: {pic['window']})")
+    e.add_argument("--tol", type=float, default=None,
+                   help=f"Picard tolerance, noise-level units of ParaDiGMS's rule (default: {pic['tol']:g}); "
+                        f"Parareal's (default: {par.get('tol', PARAREAL_TOL):g})")
     e.add_argument("--latency-chunks", type=int, default=20, help="batch-1 chunks timed per method")
     e.add_argument("--threads", type=int, default=1, help="torch threads (set explicitly: timings swing)")
     e.add_argument("--out", default="policy_rollouts.png", help="PNG of a few rollouts ('' for none)")
-    e.add_argument("--json", default=None, help="write the records as JSON here")
+    e.add_argument("--json", default=None, help="write the records as JSON here (default: none)")
 
 
 def run_policy_command(args, emit: Callable[[str], None] = print) -> int:
@@ -383,8 +469,10 @@ def run_policy_command(args, emit: Callable[[str], None] = print) -> int:
     if args.command == "train-policy":
         from .zoo.policy import train_policy
 
+        check_train_args(args)
         r = train_policy(args.out, steps=args.steps, batch=args.batch, lr=args.lr, width=args.width,
-                         blocks=args.blocks, episodes=args.episodes, seed=args.seed, threads=args.threads)
+                         blocks=args.blocks, episodes=args.episodes, seed=args.seed, threads=args.threads,
+                         progress=args.progress)
         emit(f"trained {args.steps} steps in {r['seconds']:.0f} s, final loss {r['meta']['final_loss']:.4f} "
              f"(baseline {r['meta']['baseline_final_loss']:.4f}); wrote {args.out}")
         return 0

@@ -7,11 +7,75 @@ sync-count tests (``progress=False``).
 from __future__ import annotations
 
 import math
-from typing import Callable
+import sys
+import time
+from typing import Callable, TextIO
 
 from .methods import RoundInfo
 
-__all__ = ["RoundProgress"]
+__all__ = ["RoundProgress", "LineProgress", "progress_bar", "LINE_INTERVAL_S"]
+
+LINE_INTERVAL_S = 5.0     # off a terminal (a log, a pipe): one progress line this often, not a frame per step
+
+
+def progress_bar(total: int, desc: str, unit: str = "it", stream: TextIO | None = None, leave: bool = False):
+    """A progress display with tqdm's ``update`` / ``set_postfix`` / ``close`` / ``n``: a tqdm bar when ``stream``
+    (default stderr) is a terminal, else a :class:`LineProgress` that writes a line every few seconds.
+
+    Args:
+        total: units of work. desc: the label. unit: the units' name. stream: where it writes. leave: keep the
+            terminal bar after ``close``.
+    """
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    if isatty is not None and isatty():
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, leave=leave, file=stream)
+    return LineProgress(total, desc, unit, stream)
+
+
+class LineProgress:
+    """A progress display for logs: ``desc: n/total unit (p%), key=value..., elapsed Ns, ETA Ns`` written as one
+    line at most every ``interval`` seconds, and once more at :meth:`close`.
+
+    Args:
+        total: units of work. desc: the label. unit: the units' name. stream: where lines go (default stderr).
+        interval: seconds between lines. clock: the time source (seconds).
+    """
+
+    def __init__(self, total: int, desc: str, unit: str = "it", stream: TextIO | None = None,
+                 interval: float = LINE_INTERVAL_S, clock: Callable[[], float] = time.monotonic):
+        self.total, self.desc, self.unit, self.interval, self.clock = total, desc, unit, interval, clock
+        self.stream = sys.stderr if stream is None else stream
+        self.n, self.postfix, self.closed = 0, {}, False
+        self._t0 = self._last = clock()
+        self._written = None                  # n at the last line (close does not repeat it)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = self.clock()
+        if now - self._last >= self.interval:
+            self._write(now)
+
+    def set_postfix(self, ordered_dict: dict | None = None, **kwargs) -> None:
+        self.postfix = {**(ordered_dict or {}), **kwargs}
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self._written != self.n:
+                self._write(self.clock())
+
+    def _write(self, now: float) -> None:
+        self._last, self._written = now, self.n
+        elapsed = now - self._t0
+        # ETA from the mean rate so far: (total - n) / (n / elapsed).
+        eta = f", ETA {(self.total - self.n) * elapsed / self.n:.0f}s" if 0 < self.n < self.total else ""
+        pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        post = "".join(f", {k}={v}" for k, v in self.postfix.items())
+        self.stream.write(f"{self.desc}: {self.n}/{self.total} {self.unit}{pct}{post}, elapsed {elapsed:.0f}s{eta}\n")
+        self.stream.flush()
 
 
 class RoundProgress:
@@ -23,12 +87,12 @@ class RoundProgress:
     """
 
     def __init__(self, total: int, desc: str, show: bool, callback: Callable[[RoundInfo], None] | None = None):
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback: expected a callable callback(info) or None, got {type(callback).__name__}")
         self.callback = callback
         self.bar = None
         if show:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="pt", leave=False)
+            self.bar = progress_bar(total, desc, unit="pt")
 
     def __call__(self, info: RoundInfo) -> None:
         if self.bar is not None:

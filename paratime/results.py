@@ -6,7 +6,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-__all__ = ["SampleStats", "SampleResult"]
+from .cost import CostCurve
+from .planner import Plan
+
+__all__ = ["SampleStats", "SampleResult", "record_rounds"]
 
 
 @dataclass
@@ -23,6 +26,21 @@ class SampleStats:
         sample_rounds: per sample, the iteration at which it finished.
         converged: per sample, whether it finished inside Picard's tolerance test (False: it reached
             ``max_rounds`` and was finished sequentially, which is exact).
+        tol_units: the units of ``tol`` under the final-point rule: ``data`` (relative to the data scale) or
+            ``absolute``; None where ``tol`` is in noise-level units (``stop="paradigms"``, Parareal) or unused.
+        data_scale: per sample, the scale ``tol`` was relative to (the model's declared one, or the sample's own
+            max-abs at its last round; 1 for absolute units); None without the final-point rule.
+        tol_abs: per sample, the tolerance in force in the returned sample's units (``tol * data_scale``).
+        plan: what the planner chose and why (:meth:`paratime.planner.Plan.to_dict`), or None when the method and
+            window were given.
+        cost: the cost curve the figures below use (:meth:`paratime.cost.CostCurve.describe`).
+        sce: sequential call equivalents of the whole call, ``sum over calls of c(ceil(rows / K)) / c(1)``
+            (``K = workers``); sequential sampling of one batch that fits one call costs ``N`` at any K.
+        round_device_rows: per round, the rows each device evaluated (``ceil(rows / K)`` summed over the round's
+            network calls). round_sce: per round, its SCE. round_wall_s: per round, the measured seconds (the
+            host clock between round reports). round_predicted_s: per round, the cost model's seconds (empty when
+            the curve is not in seconds: the named ``compute`` / ``latency`` curves).
+        predicted_wall_s: the cost model's seconds for the whole call (None when the curve is not in seconds).
     """
 
     method: str
@@ -41,12 +59,54 @@ class SampleStats:
     sample_rounds: list[int] = field(default_factory=list)
     converged: list[bool] = field(default_factory=list)
     comm_s: float = 0.0
+    tol_units: str | None = None
+    data_scale: list[float] | None = None
+    tol_abs: list[float] | None = None
+    plan: dict | None = None
+    cost: str = ""
+    sce: float = 0.0
+    round_device_rows: list[int] = field(default_factory=list)
+    round_sce: list[float] = field(default_factory=list)
+    round_wall_s: list[float] = field(default_factory=list)
+    round_predicted_s: list[float] = field(default_factory=list)
+    predicted_wall_s: float | None = None
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(d.pop("extra"))
         return d
+
+
+def record_rounds(stats: SampleStats, call_rows: list[int], marks: list[tuple[int, float]], wall: float,
+                  curve: CostCurve, devices: int, plan: Plan | None = None) -> None:
+    """Fill ``stats``' per-round cost figures from the rows of each network call, the round marks and the curve.
+
+    Args:
+        stats: filled in place. call_rows: rows of each network call, in order. marks: per round, ``(calls made
+            so far, seconds since the start)``; calls after the last mark form one more round. wall: the solve's
+            seconds. curve: ``c(r)``. devices: K. plan: the planner's choice, or None.
+    """
+    marks = list(marks)
+    if not marks or marks[-1][0] < len(call_rows):
+        marks.append((len(call_rows), wall))
+    unit, seconds = curve(1), curve.name in ("measured", "table")
+    start, t_prev = 0, 0.0
+    for end, t in marks:
+        if end == start:                    # a report without a call (a method's bookkeeping round)
+            continue
+        per_device = [-(-m // devices) for m in call_rows[start:end]]
+        cost = sum(curve(r) for r in per_device)
+        stats.round_device_rows.append(sum(per_device))
+        stats.round_sce.append(cost / unit)
+        stats.round_wall_s.append(t - t_prev)
+        if seconds:
+            stats.round_predicted_s.append(cost)
+        start, t_prev = end, t
+    stats.sce = float(sum(stats.round_sce))
+    stats.predicted_wall_s = float(sum(stats.round_predicted_s)) if seconds else None
+    stats.cost = curve.describe()
+    stats.plan = None if plan is None else plan.to_dict()
 
 
 @dataclass

@@ -8,26 +8,31 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
+import logging
 import time
 from typing import Any, Callable
 
 import torch
 
 from .backends import Backend, cast_network, make_backend
-from .config import SamplerConfig, check_cond
+from .backends.base import map_cond
+from .config import SamplerConfig, check_cond, declared_scale
+from .cost import CostCurve, make_cost, measure_cost
 from .denoiser import Denoiser
 from .kernels import kernels as kernel_context
 from .evaluator import Evaluator, NonFiniteOutputError
 from .methods import METHODS, Problem, RoundInfo
 from .models import as_denoiser, model_factory, state_device
 from .noise import initial_noise, step_noise
+from .planner import Plan, plan_sampling
 from .progress import RoundProgress
-from .results import SampleResult, SampleStats
+from .results import SampleResult, SampleStats, record_rounds
 from .schedules import TimeGrid
 from .solvers import LangevinCorrected, Solver
 
 __all__ = ["ParallelSampler", "SamplerConfig", "SampleResult", "SampleStats", "NonFiniteOutputError"]
+
+log = logging.getLogger("paratime")
 
 _DENOISER_OPTIONS = ("guidance", "guidance_rescale", "classifier", "classifier_scale")
 
@@ -67,6 +72,8 @@ class ParallelSampler:
         self.config = cfg = SamplerConfig.from_options(solver=solver, **options)   # the one entry check
         if decoder is not None and not callable(decoder):
             raise TypeError(f"decoder: expected a callable, got {type(decoder).__name__}")
+        if cfg.latent_scale is not None and decoder is None:
+            raise ValueError("latent_scale: applies only with a decoder (latents are divided by it before decoding)")
         if kernels not in (None, "auto", "torch", "triton"):
             raise ValueError(f"kernels: unknown {kernels!r}; allowed: auto, torch, triton (or None)")
         self.decoder, self.progress, self.kernels, self.latent_scale = decoder, progress, kernels, cfg.latent_scale
@@ -106,15 +113,22 @@ class ParallelSampler:
             ValueError, TypeError: bad ``shape``, ``noise``, ``seed`` or conditioning, naming the argument.
             NonFiniteOutputError: the network produced NaN or inf.
         """
-        cfg = self.config
         kw = dict(dtype=self.state_dtype, device=self.device)
         t_noise = time.perf_counter()           # drawing the noise is part of the wall time
-        fits = functools.partial(cfg.check_memory, device=self.device, state_dtype=self.state_dtype,
-                                 solver=self.solver)
+        planned = {}
+
+        def fits(full_shape):
+            # Before the noise and trajectory exist: the conditioning, the plan (method and window from the cost
+            # model), and the memory bound of the planned method.
+            check_cond(self.denoiser, cond, full_shape[0], self.device)   # the model's rules, shapes
+            planned["cfg"], planned["plan"], planned["curve"] = self._plan(full_shape, cond)
+            planned["cfg"].check_memory(full_shape, self.device, self.state_dtype, self.solver)
+
         x_T = initial_noise(shape, noise, seed, generator, first_sample, self.denoiser.sample_shape, **kw,
-                            check=fits)          # the memory bound, before the noise and trajectory exist
+                            check=fits)
+        cfg, plan, curve = planned["cfg"], planned["plan"], planned["curve"]
+        cfg = cfg.for_model(declared_scale(self.denoiser))   # tol_units resolved, the model's data scale
         B = x_T.shape[0]
-        check_cond(self.denoiser, cond, B, self.device)   # the model's rules (digits: labels 0..9), shapes
         z = step_noise(self.solver, cfg.steps, x_T.shape, seed, generator, first_sample, **kw)
         x_T = x_T * self.denoiser.schedule.prior_std(self.grid.sigmas[:1]).to(**kw)
         t_noise = time.perf_counter() - t_noise
@@ -125,27 +139,84 @@ class ParallelSampler:
                               self.solver, evaluate, z, on_round, evaluate.outputs if evaluate.fusable else None)
             return METHODS[cfg.method](x_T, problem, cfg)
 
-        outcome, evaluator, wall = self._run(solve, grid, cond, B, first_sample,
-                                             f"{cfg.method}/{self.solver.name}", callback, progress)
+        desc = f"{cfg.method}/{self.solver.name}"
+        if plan is not None:
+            desc = f"{plan.method}{'' if plan.window is None else f' W={plan.window}'}/{self.solver.name} " \
+                   f"(plan: {plan.speedup:.2f}x predicted on {plan.devices} device(s))"
+        marks: list[tuple[int, float]] = []
+        outcome, evaluator, wall = self._run(solve, grid, cond, B, first_sample, desc, callback, progress, marks)
         samples = outcome.x * grid.frame_scales[-1].to(outcome.x)
-        stats = self._stats(outcome, evaluator, wall + t_noise, B)
+        stats = self._stats(outcome, evaluator, wall + t_noise, B, cfg)
         stats.extra["noise_s"] = t_noise
+        record_rounds(stats, evaluator.call_rows, marks, wall, curve, self.backend.workers, plan)
         latents = None
         if self.decoder is not None:
             latents, samples = samples, self.decode(samples)
         return SampleResult(samples, stats, latents)
 
+    def _plan(self, shape: tuple[int, ...], cond: dict) -> tuple[SamplerConfig, Plan | None, CostCurve]:
+        """The config this call runs: for ``method="auto"`` or Picard with ``window="auto"``, the planner's method
+        and window (:mod:`paratime.planner`) for ``K = backend.workers`` devices and the batch of ``shape``; else
+        the sampler's config as is. Returns ``(config, plan or None, cost curve)``."""
+        cfg = self.config
+        curve = self._cost_curve(shape, cond)
+        if cfg.method not in ("auto", "picard") or cfg.window != "auto":
+            return cfg, None, curve
+        # Parareal takes tol in noise-level units: not a candidate when the tolerance was given in data units.
+        methods = tuple(m for m in METHODS if not (m.startswith("parareal") and
+                                                   (cfg.tol_units is not None or cfg.data_scale is not None)))
+        plan = plan_sampling(curve, cfg.steps, shape[0], self.backend.workers, cfg.tol_in_force, method=cfg.method,
+                             evals=self.solver.evals_per_step, methods=methods)
+        log.info("plan: %s", plan.reason)
+        return dataclasses.replace(cfg, method=plan.method, window=plan.window or "auto"), plan, curve
+
+    def _cost_curve(self, shape: tuple[int, ...], cond: dict) -> CostCurve:
+        """The cost curve of ``cost=``: ``auto`` measures on CUDA and takes the ``latency`` curve elsewhere (the
+        assumption today's wide default window was sized for; deterministic, so tests and ranks plan alike);
+        ``measure`` times calls of 1, 2, 4, ... rows of sample 0's conditioning on the state device (cached per
+        model, device, dtype and shape; under torch.distributed the ranks agree on the slowest rank's curve)."""
+        spec = self.config.cost
+        if spec == "auto":
+            spec = "measure" if self.device.type == "cuda" else "latency"
+        if spec != "measure":
+            return make_cost(spec)
+        den, mid = self.denoiser, self.grid.steps // 2
+        first = torch.zeros(1, dtype=torch.long)
+
+        def call(r: int):
+            x = torch.randn((r, *shape[1:]), generator=torch.Generator().manual_seed(0)).to(self.device,
+                                                                                          self.state_dtype)
+            rows = map_cond(cond, lambda v: v[first.to(v.device)].expand(r, *v.shape[1:]))
+            with torch.no_grad():
+                den(x, self.grid.sigmas[mid].to(x).expand(r), self.grid.model_times[mid].to(x).expand(r), **rows)
+
+        curve = measure_cost(den.network, call, self.device, den.network_dtype, tuple(shape[1:]))
+        group = getattr(self.backend, "group", None)
+        if self.backend.workers > 1 and self.backend.name == "torch":
+            import torch.distributed as dist
+
+            # Every rank plans from the same curve: the slowest rank's time at each row count.
+            secs = torch.tensor(curve.seconds, dtype=torch.float64,
+                                device=self.device if dist.get_backend(group) == "nccl" else "cpu")
+            dist.all_reduce(secs, op=dist.ReduceOp.MAX, group=group)
+            curve = CostCurve(curve.rows, tuple(secs.tolist()), curve.name)
+        return curve
+
     def _run(self, solve: Callable, grid: TimeGrid, cond: dict, B: int, first_sample: int, desc: str,
-             callback: Callable[[RoundInfo], None] | None, progress: bool | None):
+             callback: Callable[[RoundInfo], None] | None, progress: bool | None,
+             marks: list[tuple[int, float]] | None = None):
         """What every solve shares: ``solve(evaluate, on_round)`` runs with the conditioning placed on the backend,
         the evaluator's counting and NaN check (read once per round), the progress bar, the kernel mode and the wall
-        clock. Returns ``(solve's result, evaluator, wall seconds)``."""
+        clock; ``marks`` (when given) gets ``(network calls so far, seconds since the start)`` at every round.
+        Returns ``(solve's result, evaluator, wall seconds)``."""
         evaluator = Evaluator(self.backend, grid, B, self.device, first_sample)
         show = (self.progress if progress is None else progress) and self.backend.is_primary
         modes = contextlib.nullcontext() if self.kernels is None else kernel_context(self.kernels)
 
         def on_round(info: RoundInfo):
             evaluator.check()
+            if marks is not None:
+                marks.append((evaluator.calls, time.perf_counter() - t0))
             bar(info)
 
         self.backend.prepare(cond)
@@ -154,13 +225,14 @@ class ParallelSampler:
             with RoundProgress(grid.steps, desc, show, callback) as bar, modes, \
                     torch.no_grad():   # the network's autograd graph is never needed (classifier guidance re-enables it)
                 result = solve(evaluator, on_round)
-            evaluator.check()
+            evaluator.check(wait=True)       # the run's one waiting NaN check
         finally:
             self.backend.release()
         return result, evaluator, time.perf_counter() - t0
 
-    def _stats(self, outcome, evaluator: Evaluator, wall: float, B: int) -> SampleStats:
-        cfg = self.config
+    def _stats(self, outcome, evaluator: Evaluator, wall: float, B: int,
+                cfg: SamplerConfig | None = None) -> SampleStats:
+        cfg = self.config if cfg is None else cfg
         corrected = "+langevin" if isinstance(self.solver, LangevinCorrected) else ""
         rows = evaluator.rows.float()
         timings = self.backend.timings
@@ -173,6 +245,9 @@ class ParallelSampler:
             nfe=float(rows.mean()), nfe_total=int(rows.sum()), wall_s=wall, residuals=outcome.residuals,
             sample_rounds=[int(r) for r in outcome.sample_rounds], comm_s=timings.get("comm_s", 0.0), extra=extra)
         stats.converged = extra.pop("converged", [True] * B)
+        # The final-point rule's tolerance: its units, and per sample the scale and the tolerance in data units.
+        stats.tol_units = cfg.tol_units if cfg.method == "picard" and cfg.stop == "final" else None
+        stats.data_scale, stats.tol_abs = extra.pop("data_scale", None), extra.pop("tol_abs", None)
         if "comm_bytes" in timings:
             stats.extra["comm_bytes"] = timings["comm_bytes"]
         return stats
@@ -190,61 +265,71 @@ class ParallelSampler:
         return torch.cat(outs)
 
     # -- likelihood -----------------------------------------------------------------------------------------------
-    def log_likelihood(self, x: torch.Tensor, *, solver: str = "euler", steps: int | None = None,
+    def log_likelihood(self, x: torch.Tensor, *, solver: str | None = None, steps: int | None = None,
                        method: str | None = None, divergence: str = "exact", probes: int = 1,
-                       probe: str = "rademacher", seed: int = 0, first_sample: int = 0,
-                       data_range: tuple[float, float] | None = None, levels: int = 256, dequantize: bool = False,
-                       callback: Callable[[RoundInfo], None] | None = None, progress: bool | None = None,
-                       **cond: Any):
+                       probe: str | None = None, seed: int = 0, first_sample: int = 0,
+                       data_range: tuple[float, float] | None = None, levels: int | None = None,
+                       dequantize: bool = False, callback: Callable[[RoundInfo], None] | None = None,
+                       progress: bool | None = None, **cond: Any):
         """Exact log-likelihood of data through the probability-flow ODE, solved with this sampler's method (the
         maths, the augmented state and the bits/dim convention: :mod:`paratime.methods.likelihood`).
 
         Args:
             x: ``(B, *sample_shape)`` clean data in the model's data space.
-            solver: ``euler`` or ``heun``.
+            solver: ``euler`` or ``heun``; default the sampler's own solver (deterministic ``ddim`` is ``euler``).
             steps: ODE steps (default the sampler's); the grid is the positive part of the ``(steps + 1)``-step
-                sampling grid with the sampler's ``spacing``, traversed from ``sigma_min`` to ``sigma_max``.
+                sampling grid with the sampler's ``spacing``, traversed from ``sigma_min`` to ``sigma_max`` (on a
+                discrete schedule of T timesteps, at most T - 1).
             method: ``sequential``, ``picard``, ``parareal`` or ``parareal_pipelined`` (default the sampler's), with
                 the sampler's ``window``, ``tol``, ``max_rounds``, ``slices`` and ``coarse_steps``.
             divergence: ``exact`` (n vector-Jacobian products per evaluation) or ``hutchinson``.
-            probes, probe: Hutchinson's probes per sample and their kind (``rademacher`` or ``gaussian``); they
-                depend on ``(seed, first_sample + i)`` only and are shared by every time point.
+            probes, probe: Hutchinson's probes per sample and their kind (``rademacher``, the default, or
+                ``gaussian``); they depend on ``(seed, first_sample + i)`` only and are shared by every time point.
+                Refused with ``divergence="exact"``.
             seed, first_sample: as for :meth:`sample`.
-            data_range: ``(lo, hi)`` the data lie in (values outside raise); with ``levels`` it sets the
+            data_range: finite ``(lo, hi)`` the data lie in (values outside raise); with ``levels`` it sets the
                 quantisation bin of bits/dim. Default ``(-clip_x0, clip_x0)`` when the model clips, else none.
-            levels: quantisation levels spanning ``data_range`` (256 for 8-bit images).
+            levels: quantisation levels spanning ``data_range`` (default 256, 8-bit images); needs a data range.
             dequantize: add uniform noise of one bin to ``x`` (per sample and seed) before the solve.
             callback, progress: as for :meth:`sample`.
             **cond: conditioning for the network, as for :meth:`sample`.
         Returns:
             :class:`~paratime.methods.likelihood.LikelihoodResult` (``nats``, ``bits_per_dim``, ``stats``, ...).
         Raises:
-            ValueError, TypeError: bad data or option, naming it. NonFiniteOutputError: the network produced NaN.
+            ValueError, TypeError: bad data or option, naming it (the sampler's solver when it is no ODE solver and
+                ``solver`` is not given). DeviceMemoryError: the batch of ``x`` cannot fit the device (checked
+                before anything is allocated). NonFiniteOutputError: the network produced NaN.
         """
         from .methods import likelihood as lk
         from .noise import draw_noise
 
         if data_range is None and self.denoiser.clip_x0 is not None:
             data_range = (-self.denoiser.clip_x0, self.denoiser.clip_x0)
-        cfg = dataclasses.replace(self.config, solver=solver, eta=None,
+        solver = lk.flow_solver_for(self.solver) if solver is None else solver
+        # The flow's config: the sampler's method options with the ODE solver (an unknown `solver` is named by
+        # check_request with the flow's choices, so the config holds a placeholder until then).
+        cfg = dataclasses.replace(self.config, solver=solver if solver in lk.FLOW_SOLVERS else "ddim", eta=None,
+                                  corrector_snr=None, corrector_steps=1,
                                   steps=self.config.steps if steps is None else steps,
                                   method=self.config.method if method is None else method)
+        if cfg.method == "auto":           # the flow has no planner: "auto" runs Picard with its widest window
+            cfg = dataclasses.replace(cfg, method="picard")
         lk.check_request(x, self.denoiser.sample_shape, self.device, data_range, levels, solver, divergence, probe,
-                         probes, cond, cfg)
+                         probes, dequantize, cond, cfg)
         kw = dict(dtype=self.state_dtype, device=self.device)
-        B, n, N = x.shape[0], x[0].numel(), cfg.steps
+        B, n = x.shape[0], x[0].numel()
+        grid = lk.likelihood_grid(self.denoiser.schedule, cfg.steps, cfg.spacing)
+        N = grid.steps                                   # ODE steps: the problem's points are the grid's
+        self._check_likelihood_memory(cfg, B, n)         # before the data, probes and trajectory are allocated
         x = x.to(**kw)
-        bin = lk.bin_width(data_range, levels)
+        bin = lk.bin_width(data_range, 256 if levels is None else levels)
         if dequantize:
-            if data_range is None:
-                raise ValueError("dequantize: needs data_range (the bin is (hi - lo) / (levels - 1))")
             x = lk.dequantise(x, draw_noise(seed, B, x.shape[1:], None, lk.DEQUANT_STREAM, first_sample, **kw), bin)
         check_cond(self.denoiser, cond, B, self.device)   # before the probes join the conditioning
         if divergence == "hutchinson":
             z = draw_noise(seed, B, (probes, n), None, lk.PROBE_STREAM, first_sample, **kw)   # (B, K, n)
-            cond = {**cond, lk.PROBE_KEY: lk.make_probes(z, probe)}
+            cond = {**cond, lk.PROBE_KEY: lk.make_probes(z, probe or lk.PROBES[0])}
         bound = self.backend.denoiser
-        grid = lk.likelihood_grid(self.denoiser.schedule, N, cfg.spacing)
 
         def solve(evaluate, on_round):
             # Problem point j is grid point N - j: the grid is traversed from sigma_min up to sigma_max.
@@ -264,6 +349,21 @@ class ParallelSampler:
                                     steps=N, window=cfg.window_size if cfg.method == "picard" else None)
         return lk.LikelihoodResult(nats, lk.bits_per_dim(nats, n, bin), prior, delta, x_T,
                                    float(grid.sigmas[-1]), float(grid.sigmas[0]), stats)
+
+    def _check_likelihood_memory(self, cfg: SamplerConfig, B: int, n: int) -> None:
+        """The memory bound of :meth:`sample` for the likelihood's ``(B, n + 1)`` augmented rows (no pre-drawn noise:
+        the ODE is deterministic), raised naming the batch of ``x``.
+
+        Raises:
+            DeviceMemoryError: it cannot fit the device.
+        """
+        from .backends.memory import DeviceMemoryError
+
+        try:
+            cfg.check_memory((B, n + 1), self.device, self.state_dtype)
+        except DeviceMemoryError as e:
+            raise DeviceMemoryError(f"x: a batch of {B} samples does not fit for the likelihood ({e}); split x "
+                                    f"across log_likelihood() calls with first_sample=") from e
 
     # -- resources ------------------------------------------------------------------------------------------------
     def close(self):

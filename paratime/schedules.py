@@ -235,7 +235,7 @@ class DiscreteVPSchedule(NoiseSchedule):
         if spacing == "leading":
             ts = (np.arange(0, steps) * (T // steps)).round()[::-1].astype(np.int64) + self.steps_offset
         elif spacing == "trailing":
-            ts = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
+            ts = np.round(T - np.arange(steps) * (T / steps)).astype(np.int64) - 1  # arange: steps + 1 at 61, 201
         elif spacing == "linspace":
             ts = np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
         else:

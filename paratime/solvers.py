@@ -29,7 +29,8 @@ those points (:func:`history_rows`).
 
 No host syncs: a step map reads nothing back from the device. The solvers whose second call takes some rows only
 (``heun``, ``plms``'s step 0, the Langevin corrector) size it from the rows' steps on the host (``host_steps``, which
-every method has: it builds its rows from host integers), and the DDPM coarse jump loops over a host bound (``span``).
+every method has: it builds its rows from host integers); the DDPM coarse jump is the closed-form constant-D path
+(:func:`constant_d_path`, shared with Picard's guesses).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from paratime.kernels import fused_step
 from .denoiser import append_dims
 
 __all__ = ["Solver", "SOLVERS", "make_solver", "HostSteps", "Ancestral", "EulerMaruyama", "Heun", "DPMSolverPP",
-           "DPMPP2M", "PLMS", "history_rows"]
+           "DPMPP2M", "PLMS", "history_rows", "linear_next_state", "constant_d_tables", "constant_d_path"]
 
 Evaluate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 #: The rows' step indices on the host, when the caller knows them (every method builds its rows from host integers):
@@ -92,6 +93,28 @@ class Solver:
             ValueError: ``host_steps`` does not give one step per row.
         """
         raise NotImplementedError
+
+    def next_state(self, x: torch.Tensor, i: torch.Tensor, b: torch.Tensor, denoised: torch.Tensor,
+                   prev_denoised: torch.Tensor | None, noise: torch.Tensor | None, sigmas: torch.Tensor,
+                   evaluate: Evaluate, *, host_steps: HostSteps = None) -> torch.Tensor:
+        """``x_{i+1}`` for every row (arguments as :meth:`increment`), in a form whose operands stay at the scale of
+        the result: the state frame in which float32 is enough on every grid.
+
+        ``x + dx`` is not such a form. On flow-matching and zero-SNR grids the first point sits at sigma ~1e4-1e7
+        and its step lands at sigma ~10-100, so ``dx ~ -x``: in float32 the increment carries an absolute error of
+        ``ulp(x)`` ~ 1 into a state of size ~100 (2e-2 in the model's frame after Euler-28 on FlowSchedule(shift=3)).
+        Written as ``D + a (x - D) + k_z z`` (``a = 1 + k_d`` from float64 tables) the big ``x`` only enters scaled
+        down by ``a``, so every operand is O(result) and the float32 result is within a few ulps of float64's.
+        Callers convert the result to the model's frame (``frame_scale * x_{i+1}``, O(1)) before differencing.
+        The default (solvers without a cancellation-free form) is ``x + increment``.
+        """
+        return x + self.increment(x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, host_steps=host_steps)
+
+    def linear_next(self, i: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(a, k_z)``, ``(M,)`` each, of a linear step in its next-state form ``x' = D + a (x - D) + k_z z``
+        (``a = 1 + k_d`` of :meth:`linear_step`, computed without the cancellation), or None for other steps.
+        :func:`linear_next_state` takes it from the raw network outputs in one fused pass."""
+        return None
 
     def linear_step(self, i: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(k_d, k_z)``, ``(M,)`` each, when the step is linear in ``D`` and the noise,
@@ -172,6 +195,20 @@ def _linear_increment(x, denoised, k_d, k_z, noise):
     return dx
 
 
+def linear_next_state(x, out, out_uncond, guidance, c_x, c_o, a, k_z, noise):
+    """``x' = D + a (x - D) + k_z z`` of a linear step (:meth:`Solver.linear_next`) from the network outputs, in one
+    pass of the fused kernel (guidance and the conversion ``D = c_x x + c_o o`` inside it): the kernel's ``x0`` is
+    ``D`` and its ``dx`` with ``k_d = a`` is ``a (x - D) + k_z z``, so ``x' = x0 + dx`` adds two terms of the result's
+    scale (the cancellation-free form of :meth:`Solver.next_state`). With ``out`` already ``D`` pass ``c_x = 0``,
+    ``c_o = 1``.
+
+    Returns:
+        ``(x', D)``, shaped like ``x``.
+    """
+    den, r = fused_step(x, out, out_uncond, guidance, c_x, c_o, a, k_z, noise)
+    return den + r, den
+
+
 _ALL = slice(None)   # "every row" for :func:`_rows`: a view, no gather and no scatter
 
 
@@ -238,6 +275,25 @@ class Ancestral(Solver):
         k_d, k_z = self._per_step(sigmas, self._step_table)[:, i]
         return k_d, k_z
 
+    def _next_table(self, s: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
+        """``(2, N)``: ``a = down / s, k_z = up`` per step (``x' = D + a (x - D) + up z``)."""
+        up, down = self.coefficients(s, s1)
+        return torch.stack([down / s, up])
+
+    def linear_next(self, i, sigmas):
+        if self.clip is not None:
+            return None
+        a, k_z = self._per_step(sigmas, self._next_table)[:, i]
+        return a, k_z
+
+    def next_state(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
+        a, k_z = self._per_step(sigmas, self._next_table)[:, i]    # (M,) each
+        ones = torch.ones_like(a)
+        x1, _ = linear_next_state(x, denoised, None, 1.0, 0 * ones, ones, a, k_z, noise if self.eta > 0 else None)
+        if self.clip is not None:       # x' = clamp(D) + a (x - D) + up z
+            x1 = x1 + (denoised.clamp(-self.clip, self.clip) - denoised)
+        return x1
+
     def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
         k_d, k_z = self._per_step(sigmas, self._step_table)[:, i]   # (M,) each
         dx = _linear_increment(x, denoised, k_d, k_z, noise if self.eta > 0 else None)
@@ -245,36 +301,13 @@ class Ancestral(Solver):
             dx = dx + denoised.clamp(-self.clip, self.clip) - denoised
         return dx
 
-    def _jump_table(self, s: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
-        """``(2, N)``: ``r = down / s, up`` per step (the jump's recurrence ``x' - D = r (x - D) + up z``)."""
-        up, down = self.coefficients(s, s1)
-        return torch.stack([down / s, up])
-
     def jump(self, x, denoised, i, j, b, noise, sigmas, *, span=None):
-        """Every step is ``x' - D = r_m (x - D) + up_m z_m`` with ``r_m = down_m / sigma_m``; with ``D`` constant the
-        whole stretch is exact, carrying the fine solver's own pre-drawn noise:
-
-            x_j = D + (prod_m r_m) (x_i - D) + sum_m (prod_{m' > m} r_m') up_m z_m
-
-        (eta 0: the DDIM jump ``D + sigma_j / sigma_i (x - D)``), taken as the recurrence over ``span`` steps, each
-        row frozen once it reaches its ``j``.
-        """
+        """Every step is ``x' - D = a_m (x - D) + up_m z_m``; with ``D`` constant the whole stretch is exact, carrying
+        the fine solver's own pre-drawn noise: :func:`constant_d_path` (the trajectory Picard's guesses follow too).
+        eta 0 (or no noise tensor): the DDIM jump ``D + sigma_j / sigma_i (x - D)``. ``span`` is not needed."""
         if self.eta == 0 or noise is None or isinstance(noise, tuple):
             return super().jump(x, denoised, i, j, b, noise, sigmas)
-        # The recurrence, not a closed form: it is the fine steps' own arithmetic (a ratio of cumulative products
-        # would round differently and divide by the zero product of a step to sigma = 0), and its noise sum needs
-        # a loop over the stretch anyway; the loop's length is the caller's host bound, never read off j - i.
-        r, up = self._per_step(sigmas, self._jump_table)                # (N,) each
-        acc = x - denoised
-        last = sigmas.numel() - 2
-        for m in range(sigmas.numel() - 1 if span is None else span):
-            k = i + m
-            live = append_dims(k < j, x.ndim)
-            kk = k.clamp_max(last)
-            z = noise[kk.clamp_max(noise.shape[0] - 1), b]
-            step = append_dims(r[kk], x.ndim) * acc + append_dims(up[kk], x.ndim) * z
-            acc = torch.where(live, step, acc)
-        return denoised + acc
+        return constant_d_path(constant_d_tables(self, sigmas, noise), x, denoised, i, j[None], b)[0]
 
 
 @dataclass(frozen=True)
@@ -306,9 +339,25 @@ class EulerMaruyama(Solver):
         k_d, k_z = self._per_step(sigmas, self._step_table)[:, i]
         return k_d, k_z
 
+    def _next_table(self, s: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
+        """``(2, N)``: ``a = 1 + k_d = (1 - c) + c s'^2 / s^2`` with ``c = (1 + eta^2) / 2`` (no ``1 - (1 - r^2)``
+        cancellation for s' << s), 0 on a step to sigma = 0; ``k_z`` as :meth:`_step_table`."""
+        c = (1 + self.eta**2) / 2
+        a = torch.where(s1 > 0, (1 - c) + c * (s1 / s) ** 2, torch.zeros_like(s))
+        return torch.stack([a, self._step_table(s, s1)[1]])
+
+    def linear_next(self, i, sigmas):
+        a, k_z = self._per_step(sigmas, self._next_table)[:, i]
+        return a, k_z
+
     def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
         k_d, k_z = self.linear_step(i, sigmas)
         return _linear_increment(x, denoised, k_d, k_z, noise)
+
+    def next_state(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
+        a, k_z = self.linear_next(i, sigmas)
+        ones = torch.ones_like(a)
+        return linear_next_state(x, denoised, None, 1.0, 0 * ones, ones, a, k_z, noise)[0]
 
 
 @dataclass(frozen=True)
@@ -330,6 +379,19 @@ class Heun(Solver):
             d2 = (x_pred - evaluate(x_pred, i[rows] + 1, b[rows])) / s1[rows]
             dx = _put(dx, rows, (s1[rows] - s[rows]) * (d[rows] + d2) / 2)
         return dx
+
+    def next_state(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
+        """Heun in the cancellation-free form: the Euler predictor ``x_p = D + (s'/s) (x - D)``, then
+        ``x' = x_p + (s' - s) / (2 s') (D - D(x_p))`` (the trapezoid: ``(s' - s) (d_p - d) / 2`` with
+        ``d_p - d = (D - D(x_p)) / s'``); a step to sigma = 0 is the predictor alone (``x' = D``)."""
+        s, s1 = self._sig(sigmas, i, x.ndim)
+        x1 = denoised + (s1 / s) * (x - denoised)
+        rows = _rows(sigmas[i + 1] > 0, self._to_positive(host_steps, x.shape[0], sigmas))
+        if rows is not None:
+            x_pred, den = x1[rows], denoised[rows]
+            corr = (s1[rows] - s[rows]) / (2 * s1[rows]) * (den - evaluate(x_pred, i[rows] + 1, b[rows]))
+            x1 = _put(x1, rows, x_pred + corr)
+        return x1
 
 
 def _history(prev_denoised, denoised, depth: int) -> tuple:
@@ -391,7 +453,7 @@ class DPMSolverPP(Solver):
         o = torch.where((i == N - 1) & last_first, torch.ones_like(o), o)
         return torch.where((i == N - 2) & short, o.clamp_max(2), o)
 
-    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
+    def next_state(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
         s, s1 = self._sig(sigmas, i, x.ndim)
         o = append_dims(self.step_orders(i, sigmas), x.ndim)
         D0 = denoised
@@ -424,7 +486,10 @@ class DPMSolverPP(Solver):
                                                                                         torch.zeros_like(D2))
         if self.sde:
             x_new = x_new + s1 * torch.sqrt((1 - q).clamp_min(0)) * noise
-        return x_new - x
+        return x_new
+
+    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
+        return self.next_state(x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, host_steps=host_steps) - x
 
     def jump(self, x, denoised, i, j, b, noise, sigmas, *, span=None):
         """With ``D`` constant the divided differences vanish: the ODE is the DDIM jump, the SDE is DDPM's (its first
@@ -475,6 +540,14 @@ class PLMS(Solver):
     def history_depth(self):  # type: ignore[override]
         return 3
 
+    def _weights(self, sigmas, x):
+        """``AB`` as a ``(4, 4)`` tensor in ``x``'s dtype on its device, made once per grid from device fills (a
+        ``torch.tensor(AB, device=...)`` per call would be a blocking host-to-device copy on CUDA)."""
+        def make():
+            return torch.stack([torch.full((), v, dtype=x.dtype, device=x.device) for row in self.AB
+                                for v in row]).view(4, 4)
+        return self._cached(f"_plms_weights_{x.dtype}_{x.device}", sigmas, make)
+
     def history_value(self, x, denoised, i, sigmas):
         return (x - denoised) / append_dims(sigmas[i], x.ndim)
 
@@ -482,7 +555,7 @@ class PLMS(Solver):
         s, s1 = self._sig(sigmas, i, x.ndim)
         e = (x - denoised) / s
         hist = torch.stack((e,) + _history(prev_denoised, e, 3), 1)           # (M, 4, *shape), newest first
-        weights = torch.tensor(self.AB, dtype=x.dtype, device=x.device)[(i.clamp_max(3))]   # (M, 4)
+        weights = self._weights(sigmas, x)[i.clamp_max(3)]                      # (M, 4)
         e_ab = (append_dims(weights, hist.ndim) * hist).sum(1)
         dx = (s1 - s) * e_ab
         # Step 0: Heun in e (PNDM's first two calls); never on a one-step grid. The rows at step 0 are counted on
@@ -542,20 +615,23 @@ class LangevinCorrected(Solver):
         return self.base.evals_per_step + self.corrector_steps
 
     def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
+        return self.next_state(x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, host_steps=host_steps) - x
+
+    def next_state(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
         z_pred, z_corr = noise                                      # z_corr: (M, corrector_steps, *shape)
-        x1 = x + self.base.increment(x, i, b, denoised, prev_denoised, z_pred if self.base.stochastic else None,
-                                     sigmas, evaluate, host_steps=host_steps)
+        x1 = self.base.next_state(x, i, b, denoised, prev_denoised, z_pred if self.base.stochastic else None,
+                                  sigmas, evaluate, host_steps=host_steps)
         # No corrector at sigma = 0; its rows are counted on the host like Heun's (no device read, no extra rows).
         rows = _rows(sigmas[i + 1] > 0, self._to_positive(host_steps, x.shape[0], sigmas))
         if rows is None:
-            return x1 - x
+            return x1
         xc, j, bc = x1[rows], i[rows] + 1, b[rows]
         s1 = append_dims(sigmas[j], x.ndim)
         e = 2 * (self.snr * s1) ** 2
         for c in range(self.corrector_steps):
             g = (evaluate(xc, j, bc) - xc) / s1**2
             xc = xc + e * g + torch.sqrt(2 * e) * z_corr[rows, c]
-        return _put(x1, rows, xc) - x
+        return _put(x1, rows, xc)
 
 
 SOLVERS: dict[str, type[Solver]] = {c.name: c for c in (Ancestral, DDPM, EulerMaruyama, Heun, DPMSolverPP, DPMPP2M,
@@ -574,6 +650,54 @@ def history_rows(buffer: torch.Tensor, i: torch.Tensor, b: torch.Tensor, depth: 
     return prev[0] if depth == 1 else prev
 
 
+def constant_d_tables(solver: Solver, sigmas: torch.Tensor,
+                      noise: torch.Tensor | tuple | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Tables for :func:`constant_d_path`: ``(C, Z)`` with ``C`` ``(N + 1,)`` the cumulative log step factors
+    ``C_j = sum_{l<j} log a_l`` and ``Z`` ``(N + 1, B, *shape)`` (or None without step noise) the discounted noise
+    ``Z_j = sum_{m<j} exp(-C_{m+1}) k_z,m z_m``.
+
+    A step with ``D`` held is ``x_{j+1} - D = a_j (x_j - D) + k_z,j z_j`` (VE frame): ``a_j = 1 + k_d,j`` for solvers
+    linear in ``D`` and the noise (:meth:`Solver.linear_step`: DDIM, DDPM, Euler-Maruyama), the DDIM factor
+    ``sigma_{j+1} / sigma_j`` and no noise for the others.
+
+    Args:
+        solver: the step map. sigmas: ``(N + 1,)`` the grid. noise: ``(N, B, *shape)`` pre-drawn step noise, or None
+            / a corrector's tuple (then no noise term).
+    Returns:
+        ``(C, Z)``.
+    """
+    N = sigmas.numel() - 1
+    coef = solver.linear_step(torch.arange(N, device=sigmas.device), sigmas)
+    a = sigmas[1:] / sigmas[:-1] if coef is None else 1 + coef[0]
+    # log 0 (the step to sigma = 0) is clamped: exp(-30) is 0 to the path, and keeps exp(-C) finite.
+    C = torch.cat([a.new_zeros(1), a.log().clamp_min(-30).cumsum(0)])
+    if coef is None or not torch.is_tensor(noise):
+        return C, None
+    view = (N,) + (1,) * (noise.ndim - 1)
+    Z = (torch.exp(-C[1:]) * coef[1]).reshape(view) * noise
+    return C, torch.cat([torch.zeros_like(Z[:1]), Z.cumsum(0)])
+
+
+def constant_d_path(tables: tuple[torch.Tensor, torch.Tensor | None], x_e: torch.Tensor, den_e: torch.Tensor,
+                    e: torch.Tensor, pts: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The constant-D trajectory: the states at points ``pts`` of the steps from point ``e`` with ``D`` held, exact
+    for the steps of :func:`constant_d_tables` and carrying the pre-drawn noise (VE frame):
+
+        x_P = D + exp(C_P - C_e) (x_e - D) + exp(C_P) (Z_P - Z_e)
+
+    Args:
+        tables: :func:`constant_d_tables`. x_e, den_e: ``(B, *shape)`` each row's state at ``e`` and its held ``D``.
+        e: ``(B,)`` start points. pts: ``(K, B)`` (or ``(K, 1)``) target points. b: ``(B,)`` the rows' samples.
+    Returns:
+        ``(K, B, *shape)`` the states at ``pts``.
+    """
+    C, Z = tables
+    x = den_e + append_dims(torch.exp(C[pts] - C[e]), x_e.ndim + 1) * (x_e - den_e)
+    if Z is not None:
+        x = x + append_dims(torch.exp(C[pts]), x_e.ndim + 1) * (Z[pts, b] - Z[e, b])
+    return x
+
+
 def make_solver(name: str | Solver, **options) -> Solver:
     """Look a solver up by name. ``options`` (e.g. ``eta``) go to its constructor.
 
@@ -590,3 +714,107 @@ def make_solver(name: str | Solver, **options) -> Solver:
         return SOLVERS[name](**options)
     except TypeError as e:
         raise ValueError(f"solver_options: {name!r} does not take {sorted(options)}") from e
+
+
+@dataclass(frozen=True)
+class FlowHeun(Heun):
+    """Heun's 2nd-order step taken in flow-matching time (diffusers' ``FlowMatchHeunDiscreteScheduler``), not in
+    the VE sigma: Heun is not invariant to the change of variables, so it differs from :class:`Heun` at O(h^3).
+
+    Notation: VE state ``x`` at ``sigma = s``; flow time ``t = s / (1 + s)`` and flow state ``x_f = x / (1 + s)``
+    (``x_f = (1 - t) x0 + t eps``). In flow variables, with ``d = (x_f - D) / t``:
+
+        x_f' = x_f + (t1 - t) d                           (Euler predictor, one call at the next point: D')
+        x_f1 = x_f + (t1 - t) (d + (x_f' - D') / t1) / 2  (trapezoid; only where t1 > 0, as for Heun)
+    """
+
+    name: ClassVar[str] = "flow_heun"
+
+    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
+        return self.next_state(x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, host_steps=host_steps) - x
+
+    def next_state(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
+        s, s1 = self._sig(sigmas, i, x.ndim)
+        t, t1 = s / (1 + s), s1 / (1 + s1)
+        x_f = x / (1 + s)
+        d = (x_f - denoised) / t
+        x_f1 = x_f + (t1 - t) * d
+        rows = _rows(sigmas[i + 1] > 0, self._to_positive(host_steps, x.shape[0], sigmas))
+        if rows is not None:
+            x_pred = x_f1[rows]
+            d2 = (x_pred - evaluate(x_pred * (1 + s1[rows]), i[rows] + 1, b[rows])) / t1[rows]
+            x_f1 = _put(x_f1, rows, x_f[rows] + (t1[rows] - t[rows]) * (d[rows] + d2) / 2)
+        return x_f1 * (1 + s1)
+
+
+SOLVERS[FlowHeun.name] = FlowHeun
+
+
+@dataclass(frozen=True)
+class LMS(Solver):
+    """Linear multistep in sigma (k-diffusion's ``sample_lms``, diffusers' ``LMSDiscreteScheduler``), VE frame.
+
+    The history holds ``d_j = (x_j - D_j) / sigma_j``; step i of order ``k = min(i + 1, order)`` is
+
+        x_{i+1} = x_i + sum_{j<k} c_{i,j} d_{i-j},   c_{i,j} = int_{s_i}^{s_{i+1}} prod_{m<k, m!=j}
+                                                                  (tau - s_{i-m}) / (s_{i-j} - s_{i-m}) dtau,
+
+    the Lagrange basis through the last k sigmas integrated over the step (exactly, by 4-point Gauss-Legendre: the
+    integrand has degree <= 3; diffusers integrates it with ``scipy.integrate.quad``).
+
+    Args:
+        order: 1-4 (diffusers' ``step(order=4)`` default).
+    Raises:
+        ValueError: a bad ``order``.
+    """
+
+    name: ClassVar[str] = "lms"
+    uses_history: ClassVar[bool] = True
+    order: int = 4
+
+    def __post_init__(self):
+        if not isinstance(self.order, int) or isinstance(self.order, bool) or self.order not in (1, 2, 3, 4):
+            raise ValueError(f"order: must be 1, 2, 3 or 4, got {self.order!r}")
+
+    @property
+    def history_depth(self):  # type: ignore[override]
+        return max(1, self.order - 1)
+
+    def history_value(self, x, denoised, i, sigmas):
+        return (x - denoised) / append_dims(sigmas[i], x.ndim)
+
+    def _coefficients(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """``(N, order)`` ``c_{i,j}``, made once per grid on the sigmas' device (no host read)."""
+        def make():
+            N, K = sigmas.numel() - 1, self.order
+            steps, lags = torch.arange(N, device=sigmas.device), torch.arange(K, device=sigmas.device)
+            pts = sigmas[(steps[:, None] - lags).clamp_min(0)]                        # (N, K): s_{i-m}
+            used = lags[None, :] < (steps[:, None] + 1).clamp_max(K)                  # (N, K): m < k_i
+            # 4-point Gauss-Legendre on [s_i, s_{i+1}]: nodes (N, 4), weights (4,) times half the step.
+            u = torch.tensor([-0.8611363115940526, -0.3399810435848563, 0.3399810435848563, 0.8611363115940526],
+                             dtype=sigmas.dtype).to(sigmas.device)
+            w = torch.tensor([0.3478548451374538, 0.6521451548625461, 0.6521451548625461, 0.3478548451374538],
+                             dtype=sigmas.dtype).to(sigmas.device)
+            half = (sigmas[1:] - sigmas[:-1]) / 2                                     # (N,)
+            tau = (sigmas[:-1] + sigmas[1:])[:, None] / 2 + half[:, None] * u         # (N, 4)
+            coef = []
+            for j in range(K):
+                basis = torch.ones_like(tau)
+                for m in range(K):
+                    if m == j:
+                        continue
+                    on = used[:, m:m + 1]                                             # (N, 1)
+                    den = torch.where(on, pts[:, j:j + 1] - pts[:, m:m + 1], torch.ones_like(half[:, None]))
+                    basis = basis * torch.where(on, (tau - pts[:, m:m + 1]) / den, torch.ones_like(tau))
+                coef.append(torch.where(used[:, j], half * (basis * w).sum(1), torch.zeros_like(half)))
+            return torch.stack(coef, 1)                                               # (N, K)
+        return self._cached(f"_lms_{self.order}", sigmas, make)
+
+    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
+        d = (x - denoised) / append_dims(sigmas[i], x.ndim)
+        hist = torch.stack((d,) + _history(prev_denoised, d, self.order - 1), 1)     # (M, order, *shape), newest first
+        coef = self._coefficients(sigmas)[i].to(x.dtype)                              # (M, order)
+        return (append_dims(coef, hist.ndim) * hist).sum(1)
+
+
+SOLVERS[LMS.name] = LMS

@@ -1,6 +1,34 @@
-import json
+"""The command line: sampling, the main job's halves chosen by options, the user's own model (module:factory),
+--dtype, --model policy, help text generated from the defaults, and progress off a terminal."""
 
-from paratime.cli import main
+import io
+import json
+import re
+
+import pytest
+import torch
+
+import paratime.policy_eval as policy_eval
+from paratime import ParallelSampler
+from paratime.cli import build_parser, main
+
+FAST = ["--steps", "4", "--batch", "4", "--no-progress", "--no-compare", "--out", ""]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_demo(monkeypatch):
+    """Record policy_demo calls instead of running them (~10-30 s each); the demo itself is tested in test_policy."""
+    calls = []
+    monkeypatch.setattr(policy_eval, "policy_demo", lambda out, **kw: calls.append((out, kw)))
+    return calls
 
 
 def test_cli_sample_gmm_writes_json_and_png(tmp_path, capsys):
@@ -16,7 +44,7 @@ def test_cli_sample_gmm_writes_json_and_png(tmp_path, capsys):
     assert "speed-up" in capsys.readouterr().out
 
 
-def test_cli_main_job_on_digits(tmp_path, capsys):
+def test_cli_main_job_on_digits(tmp_path, capsys, no_demo):
     png = tmp_path / "d.png"
     assert main(["--steps", "10", "--batch", "4", "--out", str(png), "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -24,6 +52,157 @@ def test_cli_main_job_on_digits(tmp_path, capsys):
     assert png.stat().st_size > 100
 
 
-def test_cli_bad_argument_is_a_clear_error(capsys):
-    assert main(["sample", "--model", "gmm", "--solver", "rk4", "--no-progress"]) == 2
-    assert "solver" in capsys.readouterr().err
+@pytest.mark.parametrize("argv, runs", [
+    (["sample"], True),                                   # the main job
+    (["sample", "--no-progress"], True),                  # a flag no longer drops the policy half
+    (["sample", "--no-policy-demo"], False),
+    (["sample", "--model", "gmm"], False),                # the default: on with the digits model only
+    (["sample", "--model", "gmm", "--policy-demo"], True),
+])
+def test_policy_half_is_chosen_by_options_not_argv(argv, runs, tmp_path, no_demo, capsys):
+    assert main([*argv, *FAST, "--policy-out", str(tmp_path / "p.png")] if runs else [*argv, *FAST]) == 0
+    assert len(no_demo) == int(runs)
+    if runs:
+        assert no_demo[0][0] == str(tmp_path / "p.png")
+
+
+def test_policy_out_without_the_demo_is_an_error(capsys, no_demo):
+    assert main(["sample", "--model", "gmm", *FAST, "--policy-out", "x.png"]) == 2
+    assert "--policy-out" in capsys.readouterr().err and not no_demo
+
+
+def test_model_policy_samples_chunks_for_the_episodes_observations(tmp_path, capsys):
+    """--model policy conditions on the seeded episodes' first observations: equal to the API's samples."""
+    pt, png = tmp_path / "p.pt", tmp_path / "p.png"
+    assert main(["sample", "--model", "policy", "--solver", "ddpm", "--steps", "5", "--batch", "3",
+                 "--method", "sequential", "--no-progress", "--save", str(pt), "--out", str(png)]) == 0
+    obs = policy_eval.episode_observations(3)
+    api = ParallelSampler("policy", solver="ddpm", steps=5, method="sequential", progress=False).sample(3, obs=obs)
+    torch.testing.assert_close(torch.load(pt), api.samples, rtol=0, atol=0)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+FACTORIES = '''
+import paratime
+from paratime.zoo.gmm import ring_gmm
+
+def denoiser():
+    return ring_gmm()
+
+def network():
+    return ring_gmm().network
+
+def broken():
+    raise RuntimeError("no weights here")
+
+not_callable = 3
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "h5_user_models.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "h5_user_models"
+
+
+@pytest.mark.parametrize("extra", [[":denoiser"], [":network", "--prediction", "eps", "--schedule", "ddpm-linear",
+                                                   "--sample-shape", "2"]])
+def test_model_module_factory_equals_the_named_model(user_module, extra, tmp_path):
+    """A factory returning a Denoiser, or a raw network with --prediction / --schedule: the same samples as the
+    registered gmm (its network under DDPM linear betas), bit for bit."""
+    pt = tmp_path / "u.pt"
+    argv = ["sample", "--model", user_module + extra[0], *extra[1:], "--steps", "6", "--batch", "5",
+            "--tol", "0", "--no-progress", "--no-compare", "--out", "", "--save", str(pt)]
+    assert main(argv) == 0
+    ref = ParallelSampler("gmm", steps=6, tol=0.0, progress=False).sample(5).samples
+    torch.testing.assert_close(torch.load(pt), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("spec, extra, flag", [
+    (":network", [], "prediction"),                                      # a network needs both
+    (":network", ["--prediction", "eps"], "schedule"),
+    (":denoiser", ["--prediction", "eps"], "--prediction"),              # a Denoiser sets its own
+    (":broken", [], "--model"),
+    (":not_callable", [], "--model"),
+    (":missing", [], "--model"),
+    ("", [], "--model"),                                                 # no ':' and not a registered name
+])
+def test_model_module_factory_errors_are_one_line(user_module, spec, extra, flag, capsys):
+    assert main(["sample", "--model", user_module + spec, *extra, *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("paratime: error: ") and flag in err, err
+
+
+def test_named_model_refuses_factory_options(capsys):
+    assert main(["sample", "--model", "gmm", "--prediction", "eps", *FAST]) == 2
+    assert "--prediction" in capsys.readouterr().err
+
+
+def test_dtype_runs_the_network_in_that_dtype(tmp_path):
+    """--dtype bfloat16 changes the digits samples (the network runs in bf16), float32 is the model's own."""
+    paths = {d: tmp_path / f"{d}.pt" for d in ("float32", "bfloat16")}
+    for d, p in paths.items():
+        assert main(["sample", "--model", "digits", "--dtype", d, "--method", "sequential", "--no-policy-demo",
+                     *FAST, "--save", str(p)]) == 0
+    ref = ParallelSampler("digits", steps=4, method="sequential", progress=False).sample(4).samples
+    torch.testing.assert_close(torch.load(paths["float32"]), ref, rtol=0, atol=0)
+    assert float((torch.load(paths["bfloat16"]) - ref).abs().max()) > 0
+
+
+# -- help ----------------------------------------------------------------------------------------------------------
+def _subcommands():
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    return {k: v for k, v in sub.choices.items() if k != "bench"}
+
+
+def test_help_shows_every_default_from_the_parser_and_no_backticks(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "`" not in capsys.readouterr().out
+    for name, parser in _subcommands().items():
+        text = " ".join(parser.format_help().split())
+        assert "`" not in text, name
+        assert "--no-progress" in text, name
+        for action in parser._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            h = " ".join(parser._get_formatter()._expand_help(action).split())
+            assert "default" in h, f"{name} {action.option_strings[0]}: {h}"
+            d = action.default
+            if d not in (None, "") and not isinstance(d, bool):
+                assert f"default: {d}" in h, f"{name} {action.option_strings[0]}: {h}"
+
+
+def test_help_states_tol_units_and_window_default():
+    from paratime.methods.picard import DEFAULT_TOL
+    from paratime.planner import rounds_cap
+
+    sample = " ".join(_subcommands()["sample"].format_help().split())
+    assert "in the sample's own units" in sample and f"default {DEFAULT_TOL['final']:g}" in sample
+    assert "min(N, max(100, N // 2))" in sample and rounds_cap(1000) == min(1000, max(100, 1000 // 2))
+
+
+# -- progress off a terminal ---------------------------------------------------------------------------------------
+def test_progress_off_a_terminal_is_a_line_every_interval():
+    from paratime.progress import LineProgress, progress_bar
+
+    assert isinstance(progress_bar(10, "x", stream=io.StringIO()), LineProgress)   # StringIO is no terminal
+    now, out = [0.0], io.StringIO()
+    bar = LineProgress(100, "train", "step", out, interval=5.0, clock=lambda: now[0])
+    for _ in range(100):
+        now[0] += 0.5
+        bar.update(1)
+        bar.set_postfix(round=3, residual="0.01")
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 10 and "\r" not in out.getvalue()          # one line per 5 s of 50 s, not 100 frames
+    assert re.fullmatch(r"train: 10/100 step \(10%\), round=3, residual=0.01, elapsed 5s, ETA 45s", lines[0])
+    assert lines[-1].startswith("train: 100/100 step (100%)") and "ETA" not in lines[-1]
+
+
+def test_sampler_progress_in_a_log_writes_lines_not_frames(capsys):
+    ParallelSampler("gmm", steps=5, progress=True).sample(4)
+    err = capsys.readouterr().err
+    assert "\r" not in err, repr(err)
+    assert err.count("\n") >= 1 and "round=" in err and "5/5 pt" in err

@@ -103,6 +103,11 @@ CASES = {
         **SD_BETAS, solver_type="heun", algorithm_type="sde-dpmsolver++", use_karras_sigmas=True),
     "dpm-v-trailing": lambda: diffusers.DPMSolverMultistepScheduler(**SD_BETAS, prediction_type="v_prediction",
                                                                     timestep_spacing="trailing"),
+    # Karras / exponential / beta sigmas ending at sigma_min: a zero-length last step (the identity in diffusers).
+    **{f"dpm-{kind}-sigma-min{'-sde' if sde else ''}": (lambda kind=kind, sde=sde: diffusers.DPMSolverMultistepScheduler(
+        **SD_BETAS, final_sigmas_type="sigma_min", **{f"use_{kind}_sigmas": True},
+        algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++"))
+       for kind in ("karras", "exponential", "beta") for sde in (False, True) if kind == "karras" or not sde},
     # Euler, Euler ancestral (with and without Karras sigmas), Heun.
     "euler": lambda: diffusers.EulerDiscreteScheduler(**SD_BETAS),
     "euler-karras-v": lambda: diffusers.EulerDiscreteScheduler(**SD_BETAS, use_karras_sigmas=True,
@@ -111,16 +116,22 @@ CASES = {
     "euler-zero-snr": lambda: diffusers.EulerDiscreteScheduler(**SD_BETAS, timestep_spacing="trailing",
                                                                prediction_type="v_prediction",
                                                                rescale_betas_zero_snr=True),
+    "euler-log-linear": lambda: diffusers.EulerDiscreteScheduler(**SD_BETAS, interpolation_type="log_linear"),
     "euler-ancestral": lambda: diffusers.EulerAncestralDiscreteScheduler(**SD_BETAS),
     "euler-ancestral-trailing": lambda: diffusers.EulerAncestralDiscreteScheduler(**SD_BETAS,
                                                                                   timestep_spacing="trailing"),
     "heun": lambda: diffusers.HeunDiscreteScheduler(**SD_BETAS),
     "heun-karras": lambda: diffusers.HeunDiscreteScheduler(**SD_BETAS, use_karras_sigmas=True),
+    # LMS (order 4, Lagrange weights integrated over each step), with Karras sigmas and v prediction.
+    "lms": lambda: diffusers.LMSDiscreteScheduler(**SD_BETAS),
+    "lms-karras-v": lambda: diffusers.LMSDiscreteScheduler(**SD_BETAS, use_karras_sigmas=True,
+                                                           prediction_type="v_prediction", timestep_spacing="trailing"),
     # PNDM as Stable Diffusion ships it.
     "pndm": lambda: diffusers.PNDMScheduler(**SD_BETAS, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False),
     "pndm-trailing": lambda: diffusers.PNDMScheduler(**SD_BETAS, skip_prk_steps=True, timestep_spacing="trailing"),
     # Flow matching (the tiny UNet stands in for a velocity network): shift, dynamic shifting is in test_flow.
     "flow-shift3": lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+    "flow-heun-shift3": lambda: diffusers.FlowMatchHeunDiscreteScheduler(shift=3.0),   # Heun in flow time t
 }
 
 
@@ -168,7 +179,7 @@ def test_cfg_with_nested_conditioning_reproduces_the_guided_loop():
 
 @pytest.mark.parametrize("make, match", [
     (lambda: diffusers.UniPCMultistepScheduler(), "UniPCMultistepScheduler.*nearest: DPMSolverMultistep"),
-    (lambda: diffusers.LMSDiscreteScheduler(), "LMSDiscreteScheduler.*nearest: EulerDiscrete"),
+    (lambda: diffusers.KDPM2DiscreteScheduler(), "KDPM2DiscreteScheduler.*nearest: HeunDiscrete"),
     (lambda: diffusers.PNDMScheduler(), "skip_prk_steps"),
     (lambda: diffusers.PNDMScheduler(skip_prk_steps=True, prediction_type="v_prediction"), "prediction_type"),
     (lambda: diffusers.DDPMScheduler(variance_type="learned_range"), "variance_type"),

@@ -78,6 +78,26 @@ def test_picard_update_matches_reference(dtype, W, B, feat):
     torch.testing.assert_close(err, re_, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block", [128, 1024])
+@pytest.mark.parametrize("W", [1, 5, 37])
+def test_picard_scan_across_tiles_matches_reference(block, W):
+    """The tiled scan: windows shorter than one tile, a tile boundary inside the window (128: 32 points a tile;
+    1024: 4), a partial last tile; features that end inside a block. The carry keeps the start and every earlier
+    tile's sum: the new points equal the float64 cumulative sum to float32 rounding, the residuals the reference's."""
+    from paratime.kernels.dispatch import picard_tile
+
+    assert W <= picard_tile(block) or W % picard_tile(block)        # some cases cross a partial last tile
+    g = torch.Generator().manual_seed(2)
+    B, D = 2, block + 37
+    start, dx, old = torch.randn(B, D, generator=g), torch.randn(W, B, D, generator=g), torch.randn(W, B, D, generator=g)
+    new, err = picard_update(start, dx, old, block=block)
+    exact = start.double()[None] + dx.double().cumsum(0)
+    torch.testing.assert_close(new.double(), exact, rtol=0, atol=1e-5 * W ** 0.5)
+    rn, re_ = picard_update_reference(start, dx, old)
+    torch.testing.assert_close(err, re_, rtol=1e-5, atol=1e-6)
+    assert torch.equal(picard_update(start, dx, old, block=block)[1], err)     # deterministic: the same bits
+
+
 @pytest.mark.parametrize("solver", ["ddim", "ddpm"])
 def test_samplers_give_the_same_samples_with_kernels_on(solver):
     def run():

@@ -111,3 +111,18 @@ def test_parareal_ddpm_converges_in_few_iterations():
     seq = _run("ddpm", "sequential", steps=100, batch=64)
     par = _run("ddpm", "parareal", steps=100, batch=64, tol=0.1)
     assert par.stats.iterations <= 5 and par.stats.rounds < seq.stats.rounds
+
+
+@pytest.mark.parametrize("solver,steps,kw", [
+    ("ddim", 10, dict(slices=3, tol=0.0)),    # lengths 3, 4, 3: the 4-step slice is accepted before the last runs
+    ("ddim", 50, {}), ("ddpm", 50, {}), ("ddim", 200, {}),   # the sizes of issue 23 (slice lengths 7/8, 14/15)
+])
+def test_parareal_after_a_longer_slice_is_accepted(solver, steps, kw):
+    """Slices of unequal length: once a longer slice is accepted, the shorter ones left must not leave a fine step
+    with zero rows (it crashed the fused step on image-shaped samples: "cannot reshape tensor of 0 elements")."""
+    seq = _run(solver, "sequential", model="digits", steps=steps, batch=4)
+    par = _run(solver, "parareal", model="digits", steps=steps, batch=4, **kw)
+    tol = kw.get("tol", 0.1)
+    # tol 0: the fine sequential sample to float rounding; else within the tolerance (noise-level units, <= 1)
+    assert float((par.samples - seq.samples).abs().max()) <= max(tol, 1e-12)
+    assert par.stats.iterations <= par.stats.extra["slices"]

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from paratime.methods import Problem, sample_picard, sample_sequential
-from paratime.methods.picard import UPDATES, _constant_d_path, _path_tables
+from paratime.methods.picard import UPDATES
+from paratime.methods.window import model_frame_path
+from paratime.solvers import constant_d_tables
 
 from test_picard_syncs import _problem       # tests/ is on sys.path
 
@@ -43,9 +45,9 @@ def test_constant_d_path_is_the_solver_with_d_held(solver):
         x = x + const.increment(x, i, b, x0, None)
         xs.append(x)
     ys = torch.stack([const.scale(v, torch.full((3,), j)) for j, v in enumerate(xs)])       # (21, 3, 2)
-    tables = _path_tables(const)
+    tables = constant_d_tables(const.solver, const.sigmas, const.noise)
     e, pts = torch.tensor([4, 4, 9]), torch.tensor([[5, 17, 20], [4, 6, 10]])            # (B,), (K, B)
-    got = _constant_d_path(const, tables, ys[e, b], x0, e, pts, b)
+    got = model_frame_path(const, tables, ys[e, b], x0, e, pts, b)
     torch.testing.assert_close(got, ys[pts, b], rtol=1e-9, atol=1e-9)
 
 
@@ -65,11 +67,13 @@ def test_sampler_passes_init_and_fill_and_counts_the_path_table():
     from paratime import ParallelSampler
     from paratime.config import SamplerConfig
 
-    seen = []
+    seen, seen_b = [], []
     kw = dict(solver="ddpm", steps=40, window=10, tol=0.0, progress=False)
     a = ParallelSampler("gmm", init="x0", **kw).sample(8, seed=0, callback=seen.append)
-    b = ParallelSampler("gmm", init="noise", fill="copy", **kw).sample(8, seed=0)
-    assert seen[0].rows == 8 and a.stats.rounds != b.stats.rounds
+    b = ParallelSampler("gmm", init="noise", fill="copy", **kw).sample(8, seed=0, callback=seen_b.append)
+    # x0: a first round of one call per sample at x_T; noise: the first round is already the window (10 points each)
+    assert seen[0].rows == 8 and seen[1].rows == 80 and seen_b[0].rows == 80
+    assert len(seen) == a.stats.rounds and len(seen_b) == b.stats.rounds
     torch.testing.assert_close(a.samples, b.samples, rtol=0, atol=1e-9)      # tol 0: both the sequential sample
     with_path = SamplerConfig(solver="ddpm", steps=40, window=10)
     without = SamplerConfig(solver="ddpm", steps=40, window=10, init="noise", fill="copy")

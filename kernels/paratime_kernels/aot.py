@@ -17,7 +17,7 @@ import tempfile
 
 import torch
 
-from .dispatch import SAMPLER_LAUNCHES, Launch
+from .dispatch import SAMPLER_LAUNCHES, Launch, picard_tile
 
 __all__ = ["compile_all", "SPECS", "spec"]
 
@@ -31,7 +31,8 @@ def spec(launch: Launch) -> tuple[str, str, dict, dict]:
     if launch.kernel == "picard_update":
         return "picard", "picard_update_kernel", {
             "start_ptr": st, "dx_ptr": st, "old_ptr": st, "new_ptr": st, "part_ptr": "*fp32",
-            "W": "i32", "B": "i32", "D": "i32", "NBLK": "i32"}, {"BLOCK": launch.block}
+            "W": "i32", "B": "i32", "D": "i32", "NBLK": "i32"}, {"BLOCK": launch.block,
+                                                                "WT": picard_tile(launch.block)}
     out = _PTR[launch.out]
     return "step", "fused_step_kernel", {
         "x_ptr": st, "out_ptr": out, "unc_ptr": out if launch.uncond else st, "z_ptr": st, "x0_ptr": st,

@@ -21,7 +21,7 @@ import torch
 from .reference import fused_step_reference, picard_update_reference
 
 __all__ = ["fused_step", "picard_update", "kernels", "set_kernel_mode", "kernel_mode", "triton_usable", "Launch",
-           "SAMPLER_LAUNCHES", "record_launches", "picard_block"]
+           "SAMPLER_LAUNCHES", "record_launches", "picard_block", "picard_tile"]
 
 _MODE: contextvars.ContextVar[str] = contextvars.ContextVar("paratime_kernel_mode", default="auto")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -29,6 +29,8 @@ BLOCK = 1024
 #: Picard blocks: large when there are enough (sample, block) programs to fill a GPU, small otherwise
 PICARD_BLOCKS = (128, 1024)
 PICARD_MIN_PROGRAMS = 512
+#: elements of one Picard tile, (window points WT) x (features BLOCK): WT = PICARD_TILE // BLOCK points in flight
+PICARD_TILE = 4096
 _RECORD: set | None = None
 
 
@@ -144,8 +146,14 @@ def _use_triton(t: torch.Tensor) -> bool:
     return ok
 
 
-def _rows(v, M, device):
-    return torch.as_tensor(v, dtype=torch.float32, device=device).expand(M).contiguous()
+def _rows(v, M, like: torch.Tensor) -> torch.Tensor:
+    """Per-row float32 coefficients ``(M,)`` on ``like``'s device from a tensor, a number or None (0): device
+    fills for numbers and None (``torch.as_tensor(0.0, device="cuda")`` would be a blocking host-to-device copy)."""
+    if v is None:
+        return like.new_zeros(M, dtype=torch.float32)
+    if isinstance(v, torch.Tensor):
+        return v.to(device=like.device, dtype=torch.float32).expand(M).contiguous()
+    return like.new_full((M,), float(v), dtype=torch.float32)
 
 
 def _flat(t: torch.Tensor, *lead: int) -> torch.Tensor:
@@ -181,7 +189,7 @@ def fused_step(x, out, out_uncond=None, guidance=1.0, c_x=None, c_o=None, k_d=No
         D = xs.shape[1]
         x0 = torch.empty_like(xs) if want_x0 else xs.new_empty(1)
         dx = torch.empty_like(xs) if want_dx else xs.new_empty(1)
-        coef = [_rows(c, M, xs.device) if c is not None else _rows(0.0, M, xs.device) for c in (c_x, c_o, k_d, k_z)]
+        coef = [_rows(c, M, xs) for c in (c_x, c_o, k_d, k_z)]
         if _RECORD is not None:
             _RECORD.add(Launch("fused_step", xs.dtype, os_.dtype, us is not None, zs is not None, want_x0, want_dx))
         grid = (M, triton_cdiv(D, BLOCK))
@@ -197,6 +205,11 @@ def picard_block(B: int, D: int) -> int:
     (:data:`PICARD_MIN_PROGRAMS`), else the small one (one SD latent: 128 programs instead of 16)."""
     small, large = PICARD_BLOCKS
     return large if B * triton_cdiv(D, large) >= PICARD_MIN_PROGRAMS else small
+
+
+def picard_tile(block: int) -> int:
+    """Window points per tile of the Picard scan for a feature block of ``block`` (a power of two)."""
+    return max(1, PICARD_TILE // block)
 
 
 def picard_update(start, dx, old, block: int | None = None, want_err: bool = True):
@@ -219,7 +232,7 @@ def picard_update(start, dx, old, block: int | None = None, want_err: bool = Tru
         part = torch.empty((W, B, nblk), dtype=torch.float32, device=s.device)   # one slot per (point, block)
         if _RECORD is not None:
             _RECORD.add(Launch("picard_update", s.dtype, block=blk))
-        picard.picard_update_kernel[(B, nblk)](s, d, o, new, part, W, B, D, nblk, BLOCK=blk)
+        picard.picard_update_kernel[(B, nblk)](s, d, o, new, part, W, B, D, nblk, BLOCK=blk, WT=picard_tile(blk))
         err = (part.sum(-1) / D).sqrt()        # fixed-order reduction over the blocks
     return _unflat(new, dx.shape), err
 

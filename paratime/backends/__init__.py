@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from .base import Backend, cast_network
 from .local import LocalBackend
-from .memory import DeviceMemoryError, check_memory, noise_draws
+from .memory import DeviceMemoryError, check_memory, noise_draws, window_buffers
 
 __all__ = ["Backend", "LocalBackend", "BACKENDS", "make_backend", "cast_network", "check_memory", "noise_draws",
-           "DeviceMemoryError"]
+           "DeviceMemoryError", "window_buffers"]
 
 
 def _torch_backend(**kw):

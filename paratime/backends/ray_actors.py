@@ -222,7 +222,11 @@ class RayBackend(Backend):
     def release(self):
         super().release()
         if self._cond_ref is not None and self.actors:
-            self._call_all("set_cond", None)
+            try:
+                self._call_all("set_cond", None)
+            except (self.ray.exceptions.GetTimeoutError, self.ray.exceptions.RayActorError) as e:
+                # Clean-up after a failure must not hide it (the RayWorkerError naming the actor): close() kills them.
+                log.warning("ray: actors did not release their conditioning (%s); close() ends them", type(e).__name__)
         self._cond_ref = None
 
     # -- evaluation -----------------------------------------------------------------------------------------------

@@ -11,10 +11,13 @@ What maps to what (``solver_for``; every other scheduler or option raises ``Valu
     EulerDiscreteScheduler                     euler                              scheduler.sigmas / timesteps
     EulerAncestralDiscreteScheduler            euler_ancestral                    scheduler.sigmas / timesteps
     HeunDiscreteScheduler                      heun                               every other sigma (Heun doubles them)
+    LMSDiscreteScheduler                       lms (order 4, Lagrange weights)    scheduler.sigmas / timesteps
     DPMSolverMultistepScheduler                dpmpp (order 1-3, sde, solver_type, lower_order_final, euler_at_final)
                                                                                   scheduler.sigmas (Karras, exponential,
                                                                                   beta, lu; final sigma zero or min)
     FlowMatchEulerDiscreteScheduler            euler on FlowSchedule, "flow"      scheduler.sigmas (shift, mu)
+    FlowMatchHeunDiscreteScheduler             flow_heun (Heun in flow time t)    every other sigma (shift)
+    (refused, with the reason and the nearest supported scheduler: :data:`REFUSED`)
 
     prediction_type epsilon | v_prediction | sample | flow_prediction  ->  prediction eps | v | x0 | flow
 
@@ -25,8 +28,9 @@ PNDM step from t to ``t - T // N`` whatever the spacing; where that is not the n
 matching's t = 1 are pure noise, sigma = inf in paratime's VE frame: the grid starts at ``alpha_bar = ZERO_SNR``
 (sigma 1e8) and ``t = 1 - 1e-7``, moving the sample by about 1e-8 and 1e-7 of its scale; keep the state in float64.
 
-The scheduler's *sample* lives in the VE frame for Euler, Euler ancestral and Heun (``init_noise_sigma`` ~ sigma_max)
-and in the model's frame for the others: :func:`initial_noise` / :func:`to_latents` convert a pipeline's latents.
+The scheduler's *sample* lives in the VE frame for Euler, Euler ancestral, Heun and LMS (``init_noise_sigma`` ~
+sigma_max) and in the model's frame for the others: :func:`initial_noise` / :func:`to_latents` convert a pipeline's
+latents.
 diffusers stays an optional extra (``pip install paratime[diffusers]``).
 """
 
@@ -41,32 +45,53 @@ import torch
 from ..denoiser import Denoiser
 from ..sampler import ParallelSampler, SampleResult
 from ..schedules import DiscreteVPSchedule, FlowSchedule, NoiseSchedule, TimeGrid
-from ..solvers import DDPM, PLMS, Ancestral, DPMSolverPP, Heun, Solver
+from ..solvers import DDPM, LMS, PLMS, Ancestral, DPMSolverPP, FlowHeun, Heun, Solver
 
 __all__ = ["from_diffusers", "DiffusersSchedule", "solver_for", "initial_noise", "to_latents", "sample_latents",
-           "with_timestep_kwargs", "Keyword", "SCHEDULERS", "ZERO_SNR"]
+           "with_timestep_kwargs", "Keyword", "SCHEDULERS", "REFUSED", "ZERO_SNR"]
 
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
 ZERO_SNR = 1e-16   # alpha_bar standing in for 0 (a zero terminal SNR): sigma = 1e8
 
 # Scheduler families: how the grid is read and in which frame the scheduler's sample lives.
 _TIMESTEP = ("DDIMScheduler", "DDIMParallelScheduler", "DDPMScheduler", "DDPMParallelScheduler", "PNDMScheduler")
-_SIGMA_VE = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler")
+_SIGMA_VE = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+             "LMSDiscreteScheduler")
 _SIGMA_VP = ("DPMSolverMultistepScheduler",)
-_FLOW = ("FlowMatchEulerDiscreteScheduler",)
+_FLOW = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+_HEUN = ("HeunDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")   # two calls per step: doubled timesteps
 SCHEDULERS = _TIMESTEP + _SIGMA_VE + _SIGMA_VP + _FLOW
 
-# Nearest supported scheduler for common unsupported ones (named in the error).
-_NEAREST = {
-    "LMSDiscreteScheduler": "EulerDiscreteScheduler", "KDPM2DiscreteScheduler": "HeunDiscreteScheduler",
-    "KDPM2AncestralDiscreteScheduler": "EulerAncestralDiscreteScheduler",
-    "DPMSolverSinglestepScheduler": "DPMSolverMultistepScheduler", "DEISMultistepScheduler":
-    "DPMSolverMultistepScheduler", "UniPCMultistepScheduler": "DPMSolverMultistepScheduler",
-    "DPMSolverSDEScheduler": "DPMSolverMultistepScheduler (algorithm_type='sde-dpmsolver++')",
-    "EDMDPMSolverMultistepScheduler": "DPMSolverMultistepScheduler", "EDMEulerScheduler": "EulerDiscreteScheduler",
-    "LCMScheduler": "DDIMScheduler", "TCDScheduler": "DDIMScheduler",
-    "FlowMatchHeunDiscreteScheduler": "FlowMatchEulerDiscreteScheduler",
+# Unsupported schedulers: (nearest supported scheduler, why paratime does not reproduce it), named in the error.
+REFUSED = {
+    "UniPCMultistepScheduler": ("DPMSolverMultistepScheduler", "its corrector (UniC) revises each state with the model "
+                                "output at that state; paratime's step maps do not carry that revision yet"),
+    "KDPM2DiscreteScheduler": ("HeunDiscreteScheduler", "its second call sits at a log-midpoint sigma off the grid"),
+    "KDPM2AncestralDiscreteScheduler": ("EulerAncestralDiscreteScheduler", "its second call sits at a log-midpoint "
+                                        "sigma off the grid, and its noise is drawn between the two calls"),
+    "DPMSolverSinglestepScheduler": ("DPMSolverMultistepScheduler", "its single-step orders restart every k steps "
+                                     "(a history that depends on the step's place in its group)"),
+    "DEISMultistepScheduler": ("DPMSolverMultistepScheduler", "its exponential-integrator weights are not ported"),
+    "DPMSolverSDEScheduler": ("DPMSolverMultistepScheduler (algorithm_type='sde-dpmsolver++')",
+                              "its Brownian-tree noise depends on the whole interval, not on (seed, step, sample)"),
+    "EDMEulerScheduler": ("EulerDiscreteScheduler", "EDM preconditioning through a diffusers scheduler is not wired "
+                          "to paratime's EDM denoiser"),
+    "EDMDPMSolverMultistepScheduler": ("DPMSolverMultistepScheduler", "EDM preconditioning through a diffusers "
+                                       "scheduler is not wired to paratime's EDM denoiser"),
+    "LCMScheduler": ("DDIMScheduler", "a consistency model's step re-noises its x0 with fresh noise and adds the "
+                     "boundary condition c_skip / c_out, which paratime's denoiser does not carry"),
+    "TCDScheduler": ("DDIMScheduler", "a consistency model's step (gamma) re-noises its x0 with fresh noise and adds "
+                     "the boundary condition c_skip / c_out, which paratime's denoiser does not carry"),
+    "SASolverScheduler": ("DPMSolverMultistepScheduler", "its stochastic Adams predictor-corrector is not ported"),
+    "IPNDMScheduler": ("PNDMScheduler (skip_prk_steps=True)", "its improved PNDM weights are not ported"),
+    "CMStochasticIterativeScheduler": ("DDPMScheduler", "consistency-model sampling is not ported"),
 }
+
+
+# Multistep schedulers whose restart part-way (img2img's set_begin_index) paratime's grid does not reproduce.
+_NO_RESTART = {"PNDMScheduler": "repeats a timestep paratime's grid cannot hold",
+               "LMSDiscreteScheduler": "takes its order from the full grid's step index, weighting its first "
+                                       "derivative with a 4-point Lagrange coefficient whose other points it lacks"}
 
 
 def _refuse(scheduler, option: str, value, nearest: str) -> ValueError:
@@ -78,8 +103,9 @@ def _check_options(scheduler) -> None:
     """Raise for an unsupported scheduler, or an option whose effect paratime does not reproduce."""
     name, cfg = type(scheduler).__name__, scheduler.config
     if name not in SCHEDULERS:
-        near = _NEAREST.get(name, "DDIMScheduler or DPMSolverMultistepScheduler")
-        raise ValueError(f"scheduler: {name} is not supported (nearest: {near}); supported: {', '.join(SCHEDULERS)}")
+        near, why = REFUSED.get(name, ("DDIMScheduler or DPMSolverMultistepScheduler", "not ported"))
+        raise ValueError(f"scheduler: {name} is not supported ({why}; nearest: {near}); supported: "
+                         f"{', '.join(SCHEDULERS)}")
     if cfg.get("prediction_type", "epsilon") not in _PREDICTIONS and name not in _FLOW:
         raise ValueError(f"prediction_type: {cfg.prediction_type!r} is not supported; allowed: "
                          f"{', '.join(_PREDICTIONS)}")
@@ -136,6 +162,10 @@ def solver_for(scheduler, eta: float = 0.0) -> Solver:
         return PLMS()
     if name == "HeunDiscreteScheduler":
         return Heun()
+    if name == "FlowMatchHeunDiscreteScheduler":
+        return FlowHeun()
+    if name == "LMSDiscreteScheduler":
+        return LMS()            # the pipelines' step(order=4) default
     if name == "DPMSolverMultistepScheduler":
         return DPMSolverPP(order=cfg.solver_order, sde=cfg.algorithm_type == "sde-dpmsolver++",
                            solver_type=cfg.solver_type, lower_order_final=cfg.lower_order_final,
@@ -172,15 +202,24 @@ class DiffusersSchedule(NoiseSchedule):
             ``alphas_cumprod``, or :class:`FlowSchedule`): input scaling, prior and frames come from it.
         scheduler: the diffusers scheduler (never stepped: the grid uses a deep copy).
         timestep_kwargs: extra ``set_timesteps`` arguments (flow matching's ``mu``, custom ``sigmas``).
+        begin: the grid point the loop starts at (img2img's ``t_start``: ``strength`` < 1 skips the first ``begin``
+            of ``steps + begin`` scheduler steps, as the pipeline's ``get_timesteps`` / ``set_begin_index`` do).
     """
 
     base: NoiseSchedule = None  # type: ignore[assignment]
     scheduler: Any = field(default=None, compare=False)
     timestep_kwargs: dict = field(default_factory=dict, compare=False)
+    begin: int = 0
 
     def __post_init__(self):
         if not isinstance(self.base, NoiseSchedule):
             raise TypeError(f"base: expected a NoiseSchedule, got {type(self.base).__name__}")
+        if not isinstance(self.begin, int) or isinstance(self.begin, bool) or self.begin < 0:
+            raise ValueError(f"begin: must be an integer >= 0, got {self.begin!r}")
+        if self.begin and type(self.scheduler).__name__ in _NO_RESTART:
+            raise ValueError(f"strength: {type(self.scheduler).__name__} restarted part-way (img2img with strength "
+                             f"< 1) {_NO_RESTART[type(self.scheduler).__name__]}; use DDIMScheduler or "
+                             f"EulerDiscreteScheduler")
         object.__setattr__(self, "kind", self.base.kind)
 
     # The continuous schedule's maps.
@@ -223,6 +262,9 @@ class DiffusersSchedule(NoiseSchedule):
             raise ValueError("spacing: set timestep_spacing on the diffusers scheduler instead")
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps: must be an integer >= 1, got {steps!r}")
+        if self.begin:                          # the last `steps` of a (steps + begin)-step grid
+            full = replace(self, begin=0).grid(steps + self.begin)
+            return TimeGrid(*(v[self.begin:] for v in (full.sigmas, full.model_times, full.frame_scales)))
         sch = copy.deepcopy(self.scheduler)
         sch.set_timesteps(steps, device="cpu", **self.timestep_kwargs)
         name = type(sch).__name__
@@ -230,10 +272,15 @@ class DiffusersSchedule(NoiseSchedule):
         if name in _TIMESTEP:
             return self._timestep_grid(sch, times.long(), steps)
         sig = torch.as_tensor(sch.sigmas).detach().cpu().to(torch.float64)
-        if name == "HeunDiscreteScheduler":     # [s0, s1, s1, ..., s_{N-1}, s_{N-1}, 0] and [t0, t1, t1, ...]
+        if name in _HEUN:                       # [s0, s1, s1, ..., s_{N-1}, s_{N-1}, 0] and [t0, t1, t1, ...]
             sig, times = torch.cat([sig[:1], sig[1::2]]), torch.cat([times[:1], times[1::2]])
+        else:
+            # The loop steps sigmas[i] -> sigmas[i + 1] for i < len(timesteps): a longer sigma list (Euler's
+            # log_linear interpolation appends a zero after sigma_min) ends, as the pipeline does, at sigmas[N].
+            sig = sig[:times.numel() + 1]
         if name in _FLOW:
             sig = self.base.sigma_of_t(sig)     # flow time t -> VE sigma (t = 1 clamped to t_max)
+        sig = _open_final_step(sig)
         times = torch.cat([times, times.new_zeros(1)])  # the last point is never evaluated
         return TimeGrid(sig, times, self.frame_scale(sig))
 
@@ -265,6 +312,20 @@ class DiffusersSchedule(NoiseSchedule):
         sig = ((1 - ac) / ac).sqrt()
         times = torch.cat([ts.to(torch.float64), torch.zeros(1, dtype=torch.float64)])
         return TimeGrid(sig, times, ac.sqrt())
+
+
+FINAL_STEP_NUDGE = 1e-6   # relative: a last step sigma_min -> sigma_min becomes sigma_min -> (1 - 1e-6) sigma_min
+
+
+def _open_final_step(sig: torch.Tensor) -> torch.Tensor:
+    """Karras / exponential / beta sigmas with ``final_sigmas_type="sigma_min"`` end on a zero-length step (the last
+    timestep's sigma is sigma_min already). diffusers evaluates the model there and its DPM-Solver++ update is the
+    identity (h = 0); paratime's grid must decrease strictly, so that last point moves down by ``FINAL_STEP_NUDGE``
+    of sigma_min (still distinct in float32). The step then moves the sample by about 1e-6 of sigma_min times the
+    model's error (ODE), or adds noise of std ``sigma_min * sqrt(2e-6)`` (SDE variants): ~1e-5 of a latent's scale."""
+    if sig.numel() > 1 and float(sig[-1]) > 0 and float(sig[-1]) == float(sig[-2]):
+        sig = torch.cat([sig[:-1], sig[-1:] * (1 - FINAL_STEP_NUDGE)])
+    return sig
 
 
 def _base_schedule(scheduler) -> NoiseSchedule:
@@ -310,11 +371,16 @@ def from_diffusers(network: torch.nn.Module, scheduler, dtype: torch.dtype | Non
                     **denoiser_options)
 
 
-def with_timestep_kwargs(denoiser: Denoiser, **timestep_kwargs) -> Denoiser:
-    """The denoiser with ``set_timesteps`` arguments (flow matching's ``mu``) added to its diffusers schedule."""
+def with_timestep_kwargs(denoiser: Denoiser, *, begin: int = 0, **timestep_kwargs) -> Denoiser:
+    """The denoiser with ``set_timesteps`` arguments (flow matching's ``mu``) added to its diffusers schedule, and
+    the grid point its loop begins at (:class:`DiffusersSchedule`'s ``begin``: img2img's ``strength``).
+
+    Raises:
+        TypeError: a denoiser not built by :func:`from_diffusers`. ValueError: a bad ``begin``.
+    """
     if not isinstance(denoiser.schedule, DiffusersSchedule):
         raise TypeError("denoiser: expected one built by from_diffusers")
-    return replace(denoiser, schedule=replace(denoiser.schedule, timestep_kwargs=timestep_kwargs))
+    return replace(denoiser, schedule=replace(denoiser.schedule, timestep_kwargs=timestep_kwargs, begin=begin))
 
 
 def initial_noise(schedule: DiffusersSchedule, grid: TimeGrid, latents: torch.Tensor) -> torch.Tensor:

@@ -12,13 +12,16 @@ naming them.
 
 from __future__ import annotations
 
+import inspect
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
 from ..backends import Backend, make_backend
+from ..config import SamplerConfig
+from ..noise import PipelineNoise
 from ..sampler import ParallelSampler, SampleStats
 from .diffusers import Keyword, from_diffusers, sample_latents, solver_for, with_timestep_kwargs
 
@@ -37,6 +40,10 @@ class _Prepared:
     guidance: float
     guidance_rescale: float = 0.0
     timestep_kwargs: dict = field(default_factory=dict)
+    begin: int = 0                       # img2img: the grid point the loop starts at (strength < 1)
+    steps: int | None = None             # the steps the loop runs (img2img: fewer than num_inference_steps)
+    network: Any = None                  # the network of this call when not the pipeline's own (ControlNet + UNet)
+    size: tuple | None = None            # (height, width) in pixels, where decoding needs it (Flux's unpacking)
 
 
 _COMMON = {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width", "generator",
@@ -79,6 +86,91 @@ def _prepare_sd(pipe, kw: dict) -> _Prepared:
                      kw.get("guidance_rescale", 0.0))
 
 
+def _prepare_sd_img2img(pipe, kw: dict) -> _Prepared:
+    strength, prompt, n = kw.get("strength", 0.8), kw.get("prompt"), kw.get("num_images_per_prompt", 1)
+    pipe.check_inputs(prompt, strength, None, kw.get("negative_prompt"), kw.get("prompt_embeds"),
+                      kw.get("negative_prompt_embeds"))
+    g = kw.get("guidance_scale", 7.5)
+    cfg = g > 1
+    device = pipe._execution_device
+    emb, neg = pipe.encode_prompt(prompt, device, n, cfg, kw.get("negative_prompt"),
+                                  prompt_embeds=kw.get("prompt_embeds"),
+                                  negative_prompt_embeds=kw.get("negative_prompt_embeds"),
+                                  clip_skip=kw.get("clip_skip"))
+    image = pipe.image_processor.preprocess(kw.get("image"))
+    # The pipeline's own grid truncation: the last int(N * strength) of N steps, from grid point t_start.
+    steps = kw.get("num_inference_steps", 50)
+    pipe.scheduler.set_timesteps(steps, device=device)
+    timesteps, run = pipe.get_timesteps(steps, strength, device)
+    batch = _batch(prompt, kw.get("prompt_embeds")) * n
+    latents = pipe.prepare_latents(image, timesteps[:1].repeat(batch), _batch(prompt, kw.get("prompt_embeds")), n,
+                                   emb.dtype, device, kw.get("generator"))
+    return _Prepared(latents, {"encoder_hidden_states": emb}, {"encoder_hidden_states": neg} if cfg else None, g,
+                     begin=steps - run, steps=run)
+
+
+class ControlledUNet(torch.nn.Module):
+    """A UNet with its ControlNet as one ``network(x_in, t, **cond)``: the ControlNet sees the same input, timestep
+    and text embedding, its residuals feed the UNet (``StableDiffusionControlNetPipeline``'s loop body without
+    guess mode). ``controlnet_cond`` (the prepared control image, ``(B, 3, H, W)``) follows its sample like any
+    conditioning tensor, in the conditional and the unconditional half alike.
+
+    Args:
+        unet: ``UNet2DConditionModel``. controlnet: ``ControlNetModel``. conditioning_scale: the call's
+            ``controlnet_conditioning_scale``.
+    """
+
+    def __init__(self, unet: torch.nn.Module, controlnet: torch.nn.Module, conditioning_scale: float):
+        super().__init__()
+        self.unet, self.controlnet, self.conditioning_scale = unet, controlnet, conditioning_scale
+        self.cache_key = conditioning_scale           # calls with the same scale share a sampler
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                controlnet_cond: torch.Tensor, **cond: Any) -> torch.Tensor:
+        down, mid = self.controlnet(x, t, encoder_hidden_states=encoder_hidden_states, controlnet_cond=controlnet_cond,
+                                    conditioning_scale=self.conditioning_scale, guess_mode=False, return_dict=False)
+        return self.unet(x, t, encoder_hidden_states=encoder_hidden_states, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid, return_dict=False, **cond)[0]
+
+
+def _prepare_sd_controlnet(pipe, kw: dict) -> _Prepared:
+    from diffusers import ControlNetModel
+
+    if not isinstance(pipe.controlnet, ControlNetModel):
+        raise TypeError("pipe: a MultiControlNetModel is not supported by the parallel pipeline; use one ControlNet")
+    scale = kw.get("controlnet_conditioning_scale", 1.0)
+    scale = scale[0] if isinstance(scale, (list, tuple)) else scale
+    start, end = kw.get("control_guidance_start", 0.0), kw.get("control_guidance_end", 1.0)
+    if (start, end) not in ((0.0, 1.0), ([0.0], [1.0])):
+        raise ValueError(f"control_guidance_start, control_guidance_end: only 0 and 1 (the ControlNet on every step) "
+                         f"are supported, got {start!r}, {end!r}")
+    prompt, n = kw.get("prompt"), kw.get("num_images_per_prompt", 1)
+    pipe.check_inputs(prompt, kw.get("image"), None, kw.get("negative_prompt"), kw.get("prompt_embeds"),
+                      kw.get("negative_prompt_embeds"), controlnet_conditioning_scale=scale)
+    g = kw.get("guidance_scale", 7.5)
+    cfg = g > 1
+    device = pipe._execution_device
+    emb, neg = pipe.encode_prompt(prompt, device, n, cfg, kw.get("negative_prompt"),
+                                  prompt_embeds=kw.get("prompt_embeds"),
+                                  negative_prompt_embeds=kw.get("negative_prompt_embeds"),
+                                  clip_skip=kw.get("clip_skip"))
+    batch = _batch(prompt, kw.get("prompt_embeds")) * n
+    # The control image once per sample (the pipeline doubles it for guidance: the same image in both halves).
+    image = pipe.prepare_image(image=kw.get("image"), width=kw.get("width"), height=kw.get("height"),
+                               batch_size=batch, num_images_per_prompt=n, device=device, dtype=pipe.controlnet.dtype,
+                               do_classifier_free_guidance=False, guess_mode=False)
+    height, width = image.shape[-2:]
+    latents = _latents(pipe, kw.get("num_inference_steps", 50), batch, pipe.unet.config.in_channels, height, width,
+                       emb.dtype, device, kw.get("generator"), kw.get("latents"))
+    return _Prepared(latents, {"encoder_hidden_states": emb, "controlnet_cond": image},
+                     {"encoder_hidden_states": neg, "controlnet_cond": image} if cfg else None, g,
+                     network=ControlledUNet(pipe.unet, pipe.controlnet, float(scale)))
+
+
 def _prepare_sdxl(pipe, kw: dict) -> _Prepared:
     height = kw.get("height") or pipe.default_sample_size * pipe.vae_scale_factor
     width = kw.get("width") or pipe.default_sample_size * pipe.vae_scale_factor
@@ -115,6 +207,43 @@ def _prepare_sdxl(pipe, kw: dict) -> _Prepared:
     cond = {"encoder_hidden_states": emb, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
     uncond = {"encoder_hidden_states": neg, "added_cond_kwargs": {"text_embeds": neg_pooled, "time_ids": neg_ids}}
     return _Prepared(latents, cond, uncond if cfg else None, g, kw.get("guidance_rescale", 0.0))
+
+
+def _prepare_sdxl_img2img(pipe, kw: dict) -> _Prepared:
+    strength, prompt, n = kw.get("strength", 0.3), kw.get("prompt"), kw.get("num_images_per_prompt", 1)
+    steps = kw.get("num_inference_steps", 50)
+    pipe.check_inputs(prompt, kw.get("prompt_2"), strength, steps, None, kw.get("negative_prompt"),
+                      kw.get("negative_prompt_2"), kw.get("prompt_embeds"), kw.get("negative_prompt_embeds"))
+    g = kw.get("guidance_scale", 5.0)
+    cfg = g > 1
+    device = pipe._execution_device
+    emb, neg, pooled, neg_pooled = pipe.encode_prompt(
+        prompt=prompt, prompt_2=kw.get("prompt_2"), device=device, num_images_per_prompt=n,
+        do_classifier_free_guidance=cfg, negative_prompt=kw.get("negative_prompt"),
+        negative_prompt_2=kw.get("negative_prompt_2"), prompt_embeds=kw.get("prompt_embeds"),
+        negative_prompt_embeds=kw.get("negative_prompt_embeds"), pooled_prompt_embeds=kw.get("pooled_prompt_embeds"),
+        negative_pooled_prompt_embeds=kw.get("negative_pooled_prompt_embeds"), clip_skip=kw.get("clip_skip"))
+    image = pipe.image_processor.preprocess(kw.get("image"))
+    pipe.scheduler.set_timesteps(steps, device=device)          # the pipeline's truncation, as for SD img2img
+    timesteps, run = pipe.get_timesteps(steps, strength, device)
+    batch = _batch(prompt, kw.get("prompt_embeds"))
+    latents = kw.get("latents")
+    if latents is None:
+        latents = pipe.prepare_latents(image, timesteps[:1].repeat(batch * n), batch, n, emb.dtype, device,
+                                       kw.get("generator"), True)
+    height, width = (s * pipe.vae_scale_factor for s in latents.shape[-2:])
+    original, target = kw.get("original_size") or (height, width), kw.get("target_size") or (height, width)
+    proj = int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
+    ids, neg_ids = pipe._get_add_time_ids(
+        original, kw.get("crops_coords_top_left", (0, 0)), target, kw.get("aesthetic_score", 6.0),
+        kw.get("negative_aesthetic_score", 2.5), kw.get("negative_original_size") or original,
+        kw.get("negative_crops_coords_top_left", (0, 0)), kw.get("negative_target_size") or target,
+        dtype=emb.dtype, text_encoder_projection_dim=proj)
+    ids, neg_ids = ids.repeat(batch * n, 1).to(device), neg_ids.repeat(batch * n, 1).to(device)
+    cond = {"encoder_hidden_states": emb, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
+    uncond = {"encoder_hidden_states": neg, "added_cond_kwargs": {"text_embeds": neg_pooled, "time_ids": neg_ids}}
+    return _Prepared(latents, cond, uncond if cfg else None, g, kw.get("guidance_rescale", 0.0), begin=steps - run,
+                     steps=run)
 
 
 def _prepare_sd3(pipe, kw: dict) -> _Prepared:
@@ -156,7 +285,82 @@ def _prepare_sd3(pipe, kw: dict) -> _Prepared:
     return _Prepared(latents, cond, uncond if cfg else None, g, 0.0, timestep_kwargs)
 
 
-def _decode_sd(pipe, latents, output_type, generator, dtype):
+class FluxNet(torch.nn.Module):
+    """Flux's transformer as ``network(x_in, t, **cond)``: packed latents ``(B, seq, 4 C)``, the timestep divided by
+    1000 in the latents' dtype (as ``FluxPipeline`` passes it), and the position ids of this call's image and text
+    (``(seq, 3)``, no batch dimension: held here, not in the per-sample conditioning).
+
+    Args:
+        transformer: ``FluxTransformer2DModel``. txt_ids, img_ids: from ``encode_prompt`` / ``prepare_latents``.
+        cache_key: what the ids depend on (height, width, text length): calls that share it share a sampler.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, txt_ids: torch.Tensor, img_ids: torch.Tensor, cache_key):
+        super().__init__()
+        self.transformer, self.cache_key = transformer, cache_key
+        self.register_buffer("txt_ids", txt_ids, persistent=False)
+        self.register_buffer("img_ids", img_ids, persistent=False)
+
+    @property
+    def config(self):
+        return self.transformer.config
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        return self.transformer(hidden_states=x, timestep=t.to(x.dtype) / 1000, txt_ids=self.txt_ids,
+                                img_ids=self.img_ids, return_dict=False, **cond)[0]
+
+
+def _prepare_flux(pipe, kw: dict) -> _Prepared:
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    if kw.get("true_cfg_scale", 1.0) > 1 and (kw.get("negative_prompt") is not None
+                                              or kw.get("negative_prompt_embeds") is not None):
+        raise ValueError("true_cfg_scale: Flux's true classifier-free guidance (a second transformer call with the "
+                         "negative prompt) is not supported by the parallel pipeline; use true_cfg_scale=1")
+    height = kw.get("height") or pipe.default_sample_size * pipe.vae_scale_factor
+    width = kw.get("width") or pipe.default_sample_size * pipe.vae_scale_factor
+    prompt, n, seq = kw.get("prompt"), kw.get("num_images_per_prompt", 1), kw.get("max_sequence_length", 512)
+    pipe.check_inputs(prompt, kw.get("prompt_2"), height, width, prompt_embeds=kw.get("prompt_embeds"),
+                      pooled_prompt_embeds=kw.get("pooled_prompt_embeds"), max_sequence_length=seq)
+    device = pipe._execution_device
+    emb, pooled, txt_ids = pipe.encode_prompt(prompt=prompt, prompt_2=kw.get("prompt_2"),
+                                              prompt_embeds=kw.get("prompt_embeds"),
+                                              pooled_prompt_embeds=kw.get("pooled_prompt_embeds"), device=device,
+                                              num_images_per_prompt=n, max_sequence_length=seq)
+    tr = pipe.transformer
+    latents, img_ids = pipe.prepare_latents(_batch(prompt, kw.get("prompt_embeds")) * n, tr.config.in_channels // 4,
+                                            height, width, emb.dtype, device, kw.get("generator"), kw.get("latents"))
+    # The pipeline's own grid: sigmas linspace(1, 1/N, N) shifted by mu from the packed sequence length.
+    steps, sc = kw.get("num_inference_steps", 28), pipe.scheduler.config
+    sigmas = kw.get("sigmas")
+    if sigmas is None and not sc.get("use_flow_sigmas", False):
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+    mu = calculate_shift(latents.shape[1], sc.get("base_image_seq_len", 256), sc.get("max_image_seq_len", 4096),
+                         sc.get("base_shift", 0.5), sc.get("max_shift", 1.15))
+    timestep_kwargs = {"mu": mu} if sigmas is None else {"mu": mu, "sigmas": tuple(float(v) for v in sigmas)}
+    cond = {"encoder_hidden_states": emb, "pooled_projections": pooled}
+    if tr.config.guidance_embeds:                  # guidance distilled into the model: one value per sample
+        cond["guidance"] = torch.full((latents.shape[0],), float(kw.get("guidance_scale", 3.5)), device=device,
+                                      dtype=torch.float32)
+    key = (tuple(img_ids.shape), int(height), int(width), tuple(txt_ids.shape))
+    return _Prepared(latents, cond, None, 1.0, timestep_kwargs=timestep_kwargs,
+                     network=FluxNet(tr, txt_ids, img_ids, key), size=(int(height), int(width)))
+
+
+def _decode_flux(pipe, latents, output_type, generator, dtype, prep):
+    from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
+
+    if output_type == "latent":
+        return FluxPipelineOutput(images=latents)
+    height, width = prep.size
+    latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    image = pipe.vae.decode(latents, return_dict=False)[0]
+    return FluxPipelineOutput(images=pipe.image_processor.postprocess(image, output_type=output_type))
+
+
+def _decode_sd(pipe, latents, output_type, generator, dtype, prep):
     from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
     nsfw = None
@@ -170,7 +374,7 @@ def _decode_sd(pipe, latents, output_type, generator, dtype):
     return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
 
 
-def _decode_sdxl(pipe, latents, output_type, generator, dtype):
+def _decode_sdxl(pipe, latents, output_type, generator, dtype, prep):
     from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
 
     if output_type == "latent":
@@ -194,7 +398,7 @@ def _decode_sdxl(pipe, latents, output_type, generator, dtype):
     return StableDiffusionXLPipelineOutput(images=pipe.image_processor.postprocess(image, output_type=output_type))
 
 
-def _decode_sd3(pipe, latents, output_type, generator, dtype):
+def _decode_sd3(pipe, latents, output_type, generator, dtype, prep):
     from diffusers.pipelines.stable_diffusion_3 import StableDiffusion3PipelineOutput
 
     if output_type == "latent":
@@ -214,10 +418,22 @@ class _Family:
 
 _FAMILIES = {
     "StableDiffusionPipeline": _Family(_prepare_sd, _decode_sd, "unet", frozenset({"guidance_rescale"})),
+    "StableDiffusionImg2ImgPipeline": _Family(_prepare_sd_img2img, _decode_sd, "unet", frozenset({"image",
+                                                                                                  "strength"})),
+    "StableDiffusionControlNetPipeline": _Family(_prepare_sd_controlnet, _decode_sd, "unet", frozenset({
+        "image", "guidance_rescale", "controlnet_conditioning_scale", "control_guidance_start",
+        "control_guidance_end"})),
     "StableDiffusionXLPipeline": _Family(_prepare_sdxl, _decode_sdxl, "unet", frozenset({
         "prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds", "guidance_rescale",
         "original_size", "target_size", "crops_coords_top_left", "negative_original_size", "negative_target_size",
         "negative_crops_coords_top_left"})),
+    "StableDiffusionXLImg2ImgPipeline": _Family(_prepare_sdxl_img2img, _decode_sdxl, "unet", frozenset({
+        "image", "strength", "prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
+        "guidance_rescale", "original_size", "target_size", "crops_coords_top_left", "negative_original_size",
+        "negative_target_size", "negative_crops_coords_top_left", "aesthetic_score", "negative_aesthetic_score"})),
+    "FluxPipeline": _Family(_prepare_flux, _decode_flux, "transformer", frozenset({
+        "prompt_2", "negative_prompt_2", "true_cfg_scale", "sigmas", "pooled_prompt_embeds",
+        "negative_pooled_prompt_embeds", "max_sequence_length"})),
     "StableDiffusion3Pipeline": _Family(_prepare_sd3, _decode_sd3, "transformer", frozenset({
         "prompt_2", "prompt_3", "negative_prompt_2", "negative_prompt_3", "pooled_prompt_embeds",
         "negative_pooled_prompt_embeds", "max_sequence_length", "mu"})),
@@ -231,6 +447,44 @@ def _family_of(pipe) -> _Family:
     raise ValueError(f"pipe: {type(pipe).__name__} is not supported; supported: {', '.join(_FAMILIES)}")
 
 
+# Options parallelize() passes on to ParallelSampler; the rest are set by the pipeline itself (the scheduler decides
+# the solver, schedule, prediction and clipping; the call decides steps, guidance and eta; the VAE decodes).
+_SET_BY_PIPELINE = {"solver": "the pipeline's scheduler", "steps": "num_inference_steps= of the call",
+                    "schedule": "the pipeline's scheduler", "prediction": "the scheduler's prediction_type",
+                    "clip_x0": "the scheduler's clip_sample", "guidance": "guidance_scale= of the call",
+                    "guidance_rescale": "guidance_rescale= of the call", "eta": "eta= of the call",
+                    "latent_scale": "the pipeline's VAE", "decoder": "the pipeline's VAE", "dtype": "the network",
+                    "device": "the pipeline's device", "classifier": "not supported by pipelines",
+                    "classifier_scale": "not supported by pipelines"}
+
+
+def _check_options(solver, options: dict) -> SamplerConfig:
+    """Every parallelize() option checked at wrap time, as ParallelSampler will check it at the first call.
+
+    Raises:
+        TypeError: an unknown option, or one the pipeline sets itself (named, with what sets it).
+        ValueError: a bad value (named, with the allowed values), or Parareal with a multi-step scheduler.
+    """
+    options = dict(options)
+    progress, kernels = options.pop("progress"), options.pop("kernels", None)
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress: expected True or False, got {progress!r}")
+    if kernels not in (None, "auto", "torch", "triton"):
+        raise ValueError(f"kernels: unknown {kernels!r}; allowed: auto, torch, triton (or None)")
+    allowed = sorted({f.name for f in fields(SamplerConfig)} - set(_SET_BY_PIPELINE) | {"kernels", "progress"})
+    for name in options:
+        if name in _SET_BY_PIPELINE:
+            raise TypeError(f"{name}: set by {_SET_BY_PIPELINE[name]}, not a parallelize() option")
+        if name not in allowed:
+            raise TypeError(f"{name}: unknown parallelize() option; allowed: {', '.join(allowed)}")
+    # steps: the smallest the options allow (Parareal's slices); the call's num_inference_steps is checked again.
+    cfg = SamplerConfig.from_options(solver=solver, steps=max(1, options.get("slices") or 1), **options)
+    if cfg.method.startswith("parareal") and solver.history_depth > 1:
+        raise ValueError(f"method: {cfg.method!r} carries one previous model output across slices, but "
+                         f"{solver.name} uses {solver.history_depth}; use method='picard' or 'sequential'")
+    return cfg
+
+
 class ParallelPipeline:
     """A diffusers pipeline whose denoising loop runs through paratime; call it exactly like the pipeline.
 
@@ -239,62 +493,87 @@ class ParallelPipeline:
     :func:`parallelize`; ``close()`` (or ``with``) releases the backend.
     """
 
-    def __init__(self, pipe, backend: Backend, sampler_options: dict):
+    def __init__(self, pipe, backend: str | Backend, backend_options: dict, sampler_options: dict):
         self.pipe = pipe
         self.family = _family_of(pipe)
         network = getattr(pipe, self.family.network)
         if network.config.get("time_cond_proj_dim") is not None:
             raise ValueError("pipe: a UNet with time_cond_proj_dim (LCM's guidance embedding) is not supported")
         self.network = network if self.family.network == "unet" else Keyword(network)
-        solver_for(pipe.scheduler)                       # an unsupported scheduler fails here, at wrap time
-        self.backend = backend
+        # An unsupported scheduler or a bad option fails here, at wrap time, before the backend starts.
+        _check_options(solver_for(pipe.scheduler), sampler_options)
         self.sampler_options = sampler_options
+        self.backend = make_backend(backend, **backend_options)
         self.last_stats: SampleStats | None = None
         self._samplers: dict = {}
 
     def _sampler(self, steps: int, eta: float, prep: _Prepared) -> ParallelSampler:
+        network = self.network if prep.network is None else prep.network
         key = (steps, eta, prep.uncond is not None and prep.guidance, prep.guidance_rescale,
-               tuple(sorted(prep.timestep_kwargs.items())), id(self.pipe.scheduler))
+               tuple(sorted(prep.timestep_kwargs.items())), prep.begin, id(self.pipe.scheduler),
+               getattr(network, "cache_key", None))
         if key not in self._samplers:
             guided = prep.uncond is not None
-            den = from_diffusers(self.network, self.pipe.scheduler, sample_shape=None,
+            den = from_diffusers(network, self.pipe.scheduler, sample_shape=None,
                                  guidance=prep.guidance if guided else None, guidance_rescale=prep.guidance_rescale)
-            den = with_timestep_kwargs(den, **prep.timestep_kwargs)
+            den = with_timestep_kwargs(den, begin=prep.begin, **prep.timestep_kwargs)
             # One sampler is kept (the last call's): a new steps / guidance / mu rebuilds it on the same backend.
             log.debug("parallelize: sampler for %d steps of %s", steps, type(self.pipe.scheduler).__name__)
             self._samplers = {key: ParallelSampler(den, solver=solver_for(self.pipe.scheduler, eta=eta), steps=steps,
                                                    backend=self.backend, **self.sampler_options)}
         return self._samplers[key]
 
-    def __call__(self, **kwargs: Any):
-        """Call the pipeline (keyword arguments as for the pipeline's ``__call__``).
+    def _arguments(self, args: tuple, kwargs: dict) -> dict:
+        """The call's arguments by name, bound as ``pipe(*args, **kwargs)`` binds them.
 
         Raises:
-            TypeError: an argument the parallel loop does not support (named).
-            ValueError: as the pipeline's own checks, and a list of generators with a stochastic scheduler.
+            TypeError: what the pipeline's ``__call__`` would refuse, or an argument the parallel loop does not
+                support (named).
         """
-        unknown = sorted(set(kwargs) - _COMMON - self.family.extra)
+        sig = inspect.signature(self.pipe.__call__)
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{type(self.pipe).__name__}.__call__: {e}") from None
+        arguments = dict(bound.arguments)
+        for name, param in sig.parameters.items():       # the pipeline's **kwargs (deprecated callbacks)
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                arguments.update(arguments.pop(name, {}))
+        unknown = sorted(set(arguments) - _COMMON - self.family.extra)
         if unknown:
             raise TypeError(f"{unknown[0]}: not supported by the parallel pipeline; supported arguments: "
                             f"{', '.join(sorted(_COMMON | self.family.extra))}")
+        return arguments
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        """Call the pipeline: the same positional and keyword arguments as its ``__call__``, run (like it) under
+        ``torch.no_grad()``.
+
+        Raises:
+            TypeError: an argument the parallel loop does not support (named), or one the pipeline refuses.
+            ValueError: as the pipeline's own checks.
+        """
+        kwargs = self._arguments(args, kwargs)
+        with torch.no_grad():
+            return self._call(kwargs)
+
+    def _call(self, kwargs: dict):
         steps = kwargs.setdefault("num_inference_steps", 50 if self.family.network == "unet" else 28)
         eta = kwargs.get("eta") or 0.0
         generator = kwargs.get("generator")
         prep = self.family.prepare(self.pipe, kwargs)
-        sampler = self._sampler(steps, eta, prep)
-        if isinstance(generator, list):
-            if sampler.solver.stochastic:
-                raise ValueError("generator: a stochastic scheduler draws its step noise from one torch.Generator, "
-                                 "not a list")
-            generator = None
+        sampler = self._sampler(steps if prep.steps is None else prep.steps, eta, prep)
+        # Step noise drawn from the call's generator(s) as the scheduler draws it: per step, in the network's dtype.
+        noise = None
+        if sampler.solver.stochastic and generator is not None:
+            noise = PipelineNoise(generator, prep.latents.dtype)
         cond = dict(prep.cond)
         if prep.uncond is not None:
             cond["uncond"] = prep.uncond
-        res = sample_latents(sampler, prep.latents, generator=generator if sampler.solver.stochastic else None,
-                             **cond)
+        res = sample_latents(sampler, prep.latents, generator=noise, **cond)
         self.last_stats = res.stats
         out = self.family.decode(self.pipe, res.samples, kwargs.get("output_type", "pil"), generator,
-                                 prep.cond["encoder_hidden_states"].dtype)
+                                 prep.cond["encoder_hidden_states"].dtype, prep)
         self.pipe.maybe_free_model_hooks()
         if not kwargs.get("return_dict", True):
             return out.to_tuple()
@@ -316,6 +595,8 @@ def parallelize(pipe, method: str = "picard", tol: float | None = None, backend:
                 progress: bool = False, **sampler_options: Any) -> ParallelPipeline:
     """Wrap a loaded diffusers pipeline so that its denoising loop runs in parallel in time.
 
+    Every option is checked here, before the backend starts and before the first call.
+
     Args:
         pipe: ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or ``StableDiffusion3Pipeline`` (its
             scheduler one of :data:`~paratime.integrations.diffusers.SCHEDULERS`).
@@ -327,13 +608,17 @@ def parallelize(pipe, method: str = "picard", tol: float | None = None, backend:
         state_dtype: the trajectory's dtype (float64 by default: zero-SNR and flow-matching grids start at a
             VE-frame state of size ~1e7-1e8, see :mod:`paratime.integrations.diffusers`).
         progress: show paratime's progress bar.
-        sampler_options: more :class:`~paratime.ParallelSampler` options (``window``, ``max_rounds``, ...).
+        sampler_options: more :class:`~paratime.ParallelSampler` options (``window``, ``max_rounds``, ``kernels``,
+            ...); options the pipeline sets itself (``solver``, ``steps``, ``guidance``, ``eta``, ...) are refused.
     Returns:
         a :class:`ParallelPipeline`, called like ``pipe``.
     Raises:
-        ValueError: an unsupported pipeline, scheduler or scheduler option (named).
+        ValueError: an unsupported pipeline, scheduler or scheduler option, or a bad option value (named).
+        TypeError: an unknown option, one the pipeline sets itself, or an option of the wrong type (named).
     """
+    if backend_options is not None and not isinstance(backend_options, dict):
+        raise TypeError(f"backend_options: expected a dict or None, got {type(backend_options).__name__}")
     if tol is not None:
         sampler_options["tol"] = tol
     options = dict(method=method, state_dtype=state_dtype, progress=progress, **sampler_options)
-    return ParallelPipeline(pipe, make_backend(backend, **(backend_options or {})), options)
+    return ParallelPipeline(pipe, backend, backend_options or {}, options)

@@ -6,8 +6,10 @@ from .common import Outcome, Problem, RoundInfo
 from .parareal import sample_parareal, sample_parareal_pipelined
 from .picard import sample_picard
 from .sequential import sample_sequential
+from .staggered import sample_staggered
 
-__all__ = ["METHODS", "Problem", "Outcome", "RoundInfo", "sample_sequential", "sample_picard", "sample_parareal"]
+__all__ = ["METHODS", "Problem", "Outcome", "RoundInfo", "sample_sequential", "sample_picard", "sample_parareal",
+           "sample_staggered"]
 
 
 def _sequential(x, problem, cfg):
@@ -16,7 +18,8 @@ def _sequential(x, problem, cfg):
 
 def _picard(x, problem, cfg):
     return sample_picard(x, problem, cfg.window_size, cfg.tol, cfg.max_rounds, cfg.shared_window,
-                         stop=cfg.stop, update=cfg.update, accept_tol=cfg.accept_tol, init=cfg.init, fill=cfg.fill)
+                         stop=cfg.stop, update=cfg.update, accept_tol=cfg.accept_tol, init=cfg.init, fill=cfg.fill,
+                         tol_scale=cfg.tol_scale if cfg.stop == "final" else 1.0)
 
 
 #: Parareal's default tolerance (noise-level units), used when ``tol`` is None
@@ -35,5 +38,13 @@ def _parareal_pipelined(x, problem, cfg):
     return sample_parareal_pipelined(x, problem, cfg.slices, cfg.coarse_steps, _parareal_tol(cfg), cfg.coarse)
 
 
+def _staggered(x, problem, cfg):
+    # K cores: the points evaluated per sample per tick, i.e. the window (size it to the devices).
+    if cfg.window == "auto":
+        raise ValueError("window: method='staggered' takes its number of cores K as window=K (size it to the "
+                         "devices: K rows per tick); 'auto' is not planned for it")
+    return sample_staggered(x, problem, cfg.window_size, cfg.tol, tol_scale=cfg.tol_scale)
+
+
 METHODS = {"sequential": _sequential, "picard": _picard, "parareal": _parareal,
-           "parareal_pipelined": _parareal_pipelined}
+           "parareal_pipelined": _parareal_pipelined, "staggered": _staggered}

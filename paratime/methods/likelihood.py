@@ -57,7 +57,8 @@ from .common import Outcome, Problem, RoundInfo
 
 __all__ = ["FlowDenoiser", "flow_denoiser", "LikelihoodResult", "DIVERGENCES", "PROBES", "FLOW_SOLVERS",
            "PROBE_KEY", "PROBE_STREAM", "DEQUANT_STREAM", "likelihood_grid", "flow_problem", "solve_flow", "gaussian_log_density",
-           "bits_per_dim", "bin_width", "make_probes", "dequantise", "check_data"]
+           "bits_per_dim", "bin_width", "make_probes", "dequantise", "check_data", "check_request",
+           "flow_solver_for"]
 
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
@@ -194,17 +195,39 @@ class LikelihoodResult:
 def likelihood_grid(schedule: NoiseSchedule, steps: int, spacing: str | None = None) -> TimeGrid:
     """The ``steps``-step grid of positive noise levels, ``sigma_max`` first as for sampling: the
     ``(steps + 1)``-step sampling grid less its final ``sigma = 0`` (where the drift is singular), or the
-    ``steps``-step grid when it ends above 0.
+    ``steps``-step grid when the schedule's grids end above 0.
+
+    ``steps`` intervals need ``steps + 1`` positive levels: on a discrete schedule of ``T`` trained timesteps whose
+    grids end at 0, at most ``T - 1`` steps (the ``T`` trained levels; the sampler's ``T``-th step is the one to 0).
 
     Raises:
-        ValueError: bad ``steps`` or ``spacing``.
+        ValueError: bad ``steps`` (naming the most this schedule takes) or ``spacing``.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps: must be an integer >= 1, got {steps!r}")
-    grid = schedule.grid(steps + 1, spacing)
-    if float(grid.sigmas[-1]) > 0:
+    if float(schedule.grid(1, spacing).sigmas[-1]) > 0:        # the grids end above 0: their own points
         return schedule.grid(steps, spacing)
+    T = getattr(schedule, "num_train_timesteps", None)
+    if T is not None and steps + 1 > T:
+        raise ValueError(f"steps: the likelihood ODE takes steps intervals between steps + 1 positive noise levels; "
+                         f"this discrete schedule has {T}, so at most {T - 1} steps, got {steps}")
+    grid = schedule.grid(steps + 1, spacing)
     return TimeGrid(grid.sigmas[:-1], grid.model_times[:-1], grid.frame_scales[:-1])
+
+
+def flow_solver_for(solver: Solver) -> str:
+    """The likelihood ODE's solver for a sampler's ``solver``: ``euler`` for deterministic DDIM (the same step in the
+    VE frame), ``heun`` for Heun.
+
+    Raises:
+        ValueError: any other solver (stochastic, multistep, corrected), naming it and the choices.
+    """
+    if solver.name == "heun":
+        return "heun"
+    if solver.name == "ddim" and not solver.stochastic:
+        return "euler"
+    raise ValueError(f"solver: the sampler's solver {solver.name!r} is not one the likelihood ODE takes; pass "
+                     f"solver= one of {', '.join(FLOW_SOLVERS)}")
 
 
 def flow_problem(grid: TimeGrid, solver: str | Solver, evaluate: Evaluate, dtype: torch.dtype,
@@ -300,8 +323,10 @@ def check_data(x: Any, sample_shape: tuple[int, ...] | None, data_range: tuple[f
         raise ValueError(f"levels: must be an integer >= 2, got {levels!r}")
     if data_range is not None:
         if (not isinstance(data_range, (tuple, list)) or len(data_range) != 2
-                or not all(isinstance(v, (int, float)) for v in data_range) or not data_range[0] < data_range[1]):
-            raise ValueError(f"data_range: expected (lo, hi) with lo < hi, got {data_range!r}")
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data_range)
+                or not all(math.isfinite(v) for v in data_range) or not data_range[0] < data_range[1]):
+            raise ValueError(f"data_range: expected finite (lo, hi) with lo < hi (the quantisation bin is "
+                             f"(hi - lo) / (levels - 1)), got {data_range!r}")
         lo, hi = data_range
         out = ((x < lo) | (x > hi)).reshape(x.shape[0], -1).any(1)
         if bool(out.any()):
@@ -310,24 +335,35 @@ def check_data(x: Any, sample_shape: tuple[int, ...] | None, data_range: tuple[f
                              f"outside the data range [{lo}, {hi}]")
 
 def check_request(x: Any, sample_shape: tuple[int, ...] | None, device: torch.device,
-                  data_range: tuple[float, float] | None, levels: int, solver: str, divergence: str, probe: str,
-                  probes: int, cond: dict, cfg: Any) -> None:
-    """Every check of a ``log_likelihood`` request, before anything is computed.
+                  data_range: tuple[float, float] | None, levels: int | None, solver: str, divergence: str,
+                  probe: str | None, probes: int, dequantize: bool, cond: dict, cfg: Any) -> None:
+    """Every check of a ``log_likelihood`` request, before anything is computed. ``levels`` and ``probe`` are as the
+    caller gave them (None: not given), so an option that does not apply is refused rather than ignored.
 
     Raises:
         ValueError, TypeError: naming the offending argument.
     """
-    check_data(x, sample_shape, data_range, levels)
+    if levels is not None and data_range is None:
+        raise ValueError("levels: applies only with data_range= (the bin is (hi - lo) / (levels - 1))")
+    check_data(x, sample_shape, data_range, 256 if levels is None else levels)
     if x.device.type != torch.device(device).type:
         raise ValueError(f"x: on {x.device} but the sampler runs on {device}")
     if solver not in FLOW_SOLVERS:
         raise ValueError(f"solver: the likelihood ODE takes {', '.join(FLOW_SOLVERS)}, got {solver!r}")
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence: unknown {divergence!r}; allowed: {', '.join(DIVERGENCES)}")
-    if probe not in PROBES:
+    if probe is not None and probe not in PROBES:
         raise ValueError(f"probe: unknown {probe!r}; allowed: {', '.join(PROBES)}")
     if not isinstance(probes, int) or isinstance(probes, bool) or probes < 1:
         raise ValueError(f"probes: must be an integer >= 1, got {probes!r}")
+    if divergence != "hutchinson":
+        for name, value, unset in (("probes", probes, 1), ("probe", probe, None)):
+            if value != unset:
+                raise ValueError(f"{name}: applies only to divergence='hutchinson', not {divergence!r}")
+    if not isinstance(dequantize, bool):
+        raise TypeError(f"dequantize: expected True or False, got {dequantize!r}")
+    if dequantize and data_range is None:
+        raise ValueError("dequantize: needs data_range (the bin is (hi - lo) / (levels - 1))")
     if PROBE_KEY in cond:
         raise ValueError(f"{PROBE_KEY}: reserved for Hutchinson's probes")
     if cfg.coarse is not None and cfg.method.startswith("parareal"):

@@ -191,7 +191,10 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
         #    running at fine step m are a prefix, and each slice's rows a contiguous block.
         ro, bb = torch.nonzero_static(run[order_dev], size=M).unbind(1)   # (M,) each, no host sync
         ss = order_dev[ro]
-        running = [sum(counts[s] for s in range(S) if lengths[s] > m) for m in range(max(lengths))]
+        # Rows still running at fine step m, up to the longest slice that still has rows: an accepted longer
+        # slice must not leave a zero-row step (its rows are gone, the shorter slices' solves are done).
+        horizon = max(lengths[s] for s in range(S) if counts[s])
+        running = [sum(counts[s] for s in range(S) if lengths[s] > m) for m in range(horizon)]
         h = None
         if hist is not None:
             h = torch.where((bounds[ss] == 0).reshape(-1, *shape1), 0, hist[(ss - 1).clamp_min(0), bb])
@@ -201,6 +204,7 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
         F = torch.zeros_like(U[:S])
         F[ss, bb] = F_end
         if hist is not None:
+            hist_used = hist.clone()                                    # the histories this iteration's solves read
             hist[ss, bb] = last_den
         fine_done = [ready[s] + fine_calls[s] for s in range(S)]       # pipelined: when F_s(U[s]) is done
         # 2. Sequential correction sweep from each sample's first unaccepted slice.
@@ -220,6 +224,11 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
             ready[s + 1] = max(ready[s] + coarse_steps, fine_done[s])
         # 3. Convergence of slice starts (model frame), accept prefix + 1.
         err = rms(problem.scale(U_new[1:] - U[1:], bounds[1:, None].expand(S, B)), 2)   # (S, B)
+        if hist is not None:
+            # A multistep solver's slice start s + 1 is the pair (U[s+1], D at n_{s+1} - 1 = hist[s]): the fine
+            # solve from it is exact only when the history it read has settled too (else a start that did not move
+            # is accepted with a stale history; at tol 0 Parareal then ends off the sequential sample).
+            err = torch.maximum(err, rms(hist - hist_used, 2))          # (S, B); D in data units
         ok = ((err <= thresholds[sl + 1]) & run) | (sl < begin[None])   # slices before begin stay accepted
         fail = torch.cat([~ok, torch.ones_like(ok[:1])])
         first = fail.int().argmax(0)                                    # first unconverged slice >= begin

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 from ..config import check_int, check_number
 from ..denoiser import Denoiser
+from ..models import load_weights, read_weights
+from ..progress import progress_bar
 from ..schedules import DiscreteVPSchedule
 
 __all__ = ["DigitsUNet", "load_digits_model", "load_digits_data", "train_digits", "check_train_options", "WEIGHTS",
@@ -63,6 +65,8 @@ class DigitsUNet(nn.Module):
         channels: width at 8x8 (twice that at 4x4).
         emb: time/label embedding width.
     """
+
+    data_range = (-1.0, 1.0)        # the training data's (load_digits_data); tol_units="data" is relative to it
 
     def __init__(self, channels: int = 32, emb: int = 128):
         super().__init__()
@@ -128,16 +132,13 @@ def load_digits_model(path: str | Path | None = None, device: str | torch.device
 
     Raises:
         FileNotFoundError: the weights file is missing.
+        ValueError: an empty, truncated or foreign weights file (see :func:`paratime.models.read_weights`).
     """
-    from safetensors.torch import load_file
-
     path = Path(path) if path is not None else WEIGHTS
     if not path.exists():
-        raise FileNotFoundError(f"path: no digits weights at {path}; run `paratime train-digits` to make them")
-    meta = _read_meta(path)
-    net = DigitsUNet(**meta.get("config", {}))
-    state = {k: v.float() for k, v in load_file(str(path)).items()}
-    net.load_state_dict(state)
+        raise FileNotFoundError(f"path: no digits weights at {path}; run paratime train-digits to make them")
+    state, meta = read_weights(path)
+    net = load_weights(DigitsUNet, state, meta.get("config", {}), path, what="digits")
     net = net.to(device=device, dtype=dtype or torch.float32).eval().requires_grad_(False)
     return Denoiser(net, digits_schedule(), "eps", sample_shape=(1, 8, 8), uncond_fn=_null_labels)
 
@@ -151,11 +152,8 @@ def _null_labels(cond: dict) -> dict:
 
 
 def _read_meta(path: Path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta.get("paratime", "{}"))
+    """The training record stored beside the weights (``paratime`` metadata)."""
+    return read_weights(path)[1]
 
 
 def load_digits_data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,10 +217,8 @@ def train_digits(out: str | Path | None = None, steps: int = 8000, batch: int = 
     ac = digits_schedule().alphas_cumprod.float()
     losses: list[float] = []
     t0 = time.perf_counter()
-    from tqdm.auto import tqdm
-
-    bar = tqdm(range(steps), desc="train-digits", disable=not progress)
-    for it in bar:
+    bar = progress_bar(steps, "train-digits", unit="step") if progress else None
+    for it in range(steps):
         # Sample a batch, a timestep per sample, noise; the eps-prediction loss.
         idx = torch.randint(0, x_all.shape[0], (batch,), generator=g)
         x0, y = x_all[idx], y_all[idx]
@@ -242,8 +238,12 @@ def train_digits(out: str | Path | None = None, steps: int = 8000, batch: int = 
             for pe, p in zip(ema_net.parameters(), net.parameters()):
                 pe.lerp_(p, 1 - decay)
         losses.append(float(loss.detach()))
-        if it % 50 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        if bar is not None:
+            if it % 50 == 0:
+                bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     seconds = time.perf_counter() - t0
     meta = {"config": ema_net.config, "steps": steps, "batch": batch, "lr": lr, "seed": seed, "ema": ema,
             "label_drop": label_drop, "final_loss": sum(losses[-200:]) / len(losses[-200:]),

@@ -28,13 +28,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import check_int, check_number
 from ..denoiser import Denoiser
+from ..models import load_weights, read_weights
+from ..progress import progress_bar
 from ..schedules import DiscreteVPSchedule
 from ..tasks.reach import ReachConfig, make_dataset
-from .digits import _read_meta, _timestep_embedding
+from .digits import _read_meta, _timestep_embedding  # noqa: F401 - _read_meta: the record's reader
 
 __all__ = ["PolicyNet", "MeanPolicy", "policy_schedule", "load_policy_model", "load_baseline", "train_policy",
-           "WEIGHTS"]
+           "check_train_options", "WEIGHTS"]
 
 log = logging.getLogger("paratime")
 WEIGHTS = Path(__file__).with_name("policy.safetensors")
@@ -123,14 +126,12 @@ class MeanPolicy(nn.Module):
         return self.mlp(obs).reshape(-1, *self.shape)
 
 
-def _load_state(path: str | Path | None, prefix: str) -> tuple[dict, dict]:
-    from safetensors.torch import load_file
-
+def _load_state(path: str | Path | None, prefix: str) -> tuple[Path, dict, dict]:
     path = Path(path) if path is not None else WEIGHTS
     if not path.exists():
-        raise FileNotFoundError(f"path: no policy weights at {path}; run `paratime train-policy` to make them")
-    state = {k[len(prefix):]: v.float() for k, v in load_file(str(path)).items() if k.startswith(prefix)}
-    return _read_meta(path), state
+        raise FileNotFoundError(f"path: no policy weights at {path}; run paratime train-policy to make them")
+    state, meta = read_weights(path, prefix=prefix)
+    return path, meta, state
 
 
 def load_policy_model(path: str | Path | None = None, device: str | torch.device = "cpu",
@@ -140,10 +141,10 @@ def load_policy_model(path: str | Path | None = None, device: str | torch.device
 
     Raises:
         FileNotFoundError: the weights file is missing.
+        ValueError: an empty, truncated or foreign weights file (see :func:`paratime.models.read_weights`).
     """
-    meta, state = _load_state(path, "net.")
-    net = PolicyNet(**meta.get("config", {}))
-    net.load_state_dict(state)
+    path, meta, state = _load_state(path, "net.")
+    net = load_weights(PolicyNet, state, meta.get("config", {}), path, what="policy")
     net = net.to(device=device, dtype=dtype or torch.float32).eval().requires_grad_(False)
     cfg = net.config
     # x0 clipped to the action range [-1, 1] (Diffusion Policy's clip_sample): at the first DDPM-100 steps
@@ -157,9 +158,8 @@ def load_baseline(path: str | Path | None = None) -> MeanPolicy:
     Raises:
         FileNotFoundError: the weights file is missing.
     """
-    meta, state = _load_state(path, "baseline.")
-    base = MeanPolicy(**meta.get("baseline_config", {}))
-    base.load_state_dict(state)
+    path, meta, state = _load_state(path, "baseline.")
+    base = load_weights(MeanPolicy, state, meta.get("baseline_config", {}), path, what="baseline policy")
     return base.eval().requires_grad_(False)
 
 
@@ -167,6 +167,29 @@ def _ema_update(ema_net: nn.Module, net: nn.Module, decay: float) -> None:
     with torch.no_grad():
         for pe, p in zip(ema_net.parameters(), net.parameters()):
             pe.lerp_(p, 1 - decay)
+
+
+def check_train_options(steps: int = 12000, batch: int = 256, lr: float = 1e-3, width: int = 128, blocks: int = 4,
+                        episodes: int = 2000, seed: int = 0, ema: float = 0.999, baseline_steps: int | None = None,
+                        threads: int | None = None) -> None:
+    """The checks of :func:`train_policy`, before any data is made (the CLI runs them before it starts).
+
+    Raises:
+        TypeError: a non-integer ``steps``, ``batch``, ``width``, ``blocks``, ``episodes``, ``seed``,
+            ``baseline_steps`` or ``threads``, or a non-number ``lr`` / ``ema``.
+        ValueError: out of range: ``lr`` finite and > 0 (inf trains NaN weights), ``width``, ``blocks``, ``steps``,
+            ``batch``, ``episodes`` >= 1, ``ema`` in [0, 1), ``threads`` >= 1 or None.
+    """
+    for name, value in (("steps", steps), ("batch", batch), ("width", width), ("blocks", blocks),
+                        ("episodes", episodes)):
+        check_int(name, value, 1)
+    check_int("seed", seed, 0)
+    check_int("baseline_steps", baseline_steps, 1, none=True)
+    check_int("threads", threads, 1, none=True)
+    check_number("lr", lr, 0, low_open=True)
+    check_number("ema", ema, 0, 1)
+    if ema == 1:
+        raise ValueError(f"ema: must lie in [0, 1), got {ema!r}")
 
 
 def train_policy(out: str | Path | None = None, steps: int = 12000, batch: int = 256, lr: float = 1e-3,
@@ -186,13 +209,10 @@ def train_policy(out: str | Path | None = None, steps: int = 12000, batch: int =
         ``{"losses": [...], "baseline_losses": [...], "seconds": ..., "meta": {...}, "net": PolicyNet,
         "baseline": MeanPolicy}``.
     Raises:
-        ValueError: a non-positive ``steps``, ``batch``, ``lr``, ``episodes``, or ``ema`` outside [0, 1).
+        ValueError, TypeError: see :func:`check_train_options`.
     """
-    for name, v in (("steps", steps), ("batch", batch), ("lr", lr), ("episodes", episodes)):
-        if not v > 0:
-            raise ValueError(f"{name}: must be positive, got {v!r}")
-    if not 0 <= ema < 1:
-        raise ValueError(f"ema: must lie in [0, 1), got {ema!r}")
+    check_train_options(steps=steps, batch=batch, lr=lr, width=width, blocks=blocks, episodes=episodes, seed=seed,
+                        ema=ema, baseline_steps=baseline_steps, threads=threads)
     baseline_steps = max(1, steps // 4) if baseline_steps is None else baseline_steps
     before = torch.get_num_threads()
     if threads:
@@ -215,15 +235,13 @@ def _train(out, steps, batch, lr, width, blocks, episodes, seed, ema, baseline_s
     ema_net.requires_grad_(False)
     base = MeanPolicy(task.obs_dim, task.horizon, 2)
     ac = policy_schedule().alphas_cumprod.float()
-    from tqdm.auto import tqdm
-
     def fit(model, n_steps, loss_fn, desc, on_step=None):
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=n_steps,
                                                     pct_start=min(0.3, max(0.05, 3.0 / n_steps)))
         losses: list[float] = []
-        bar = tqdm(range(n_steps), desc=desc, disable=not progress)
-        for it in bar:
+        bar = progress_bar(n_steps, desc, unit="step") if progress else None
+        for it in range(n_steps):
             idx = torch.randint(0, obs_all.shape[0], (batch,), generator=g)
             loss = loss_fn(obs_all[idx], act_all[idx])
             opt.zero_grad(set_to_none=True)
@@ -234,8 +252,12 @@ def _train(out, steps, batch, lr, width, blocks, episodes, seed, ema, baseline_s
             if on_step is not None:
                 on_step(it)
             losses.append(float(loss.detach()))
-            if it % 100 == 0:
-                bar.set_postfix(loss=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}")
+            if bar is not None:
+                if it % 100 == 0:
+                    bar.set_postfix(loss=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}")
+                bar.update(1)
+        if bar is not None:
+            bar.close()
         return losses
 
     def eps_loss(obs, x0):

@@ -1,0 +1,376 @@
+"""Speed-up on K devices in sequential call equivalents: paratime's planner, fixed Picard windows, pipelined
+Parareal and the CHORDS port against sequential sampling, on a compute-bound and a latency-bound cost.
+
+What is measured: each sample (batch 1, one seed per sample) is drawn with every method; a method's wall time on K
+devices is its SCE, the sum over its network calls of ``c(ceil(rows / K)) / c(1)`` (:mod:`paratime.cost`; rows are
+counted by the sampler, K is what the backend reports: the rows are evaluated on this machine), and its speed-up is
+``N / mean SCE``. Accuracy is max |Δ| against the sequential sample of the same seed over all seeds, as a fraction
+of the data range (the largest |x| of the sequential samples). Two levels, 2e-3 and 5e-2: per method the fastest
+setting whose max |Δ| stays within the level ("best found": fixed windows over ``W in {K, 2K, 4K, N}`` and
+tolerances; CHORDS: the earliest hit index meeting the level on every seed, a fixed index as a stop rule must be;
+pipelined Parareal over tolerances); the planner runs its defaults only.
+
+Costs: ``digits`` U-Net with the ``compute`` curve ``c(r) = r`` (a large model on a GPU), ``policy`` with the
+``latency`` curve ``c(r) = 1`` (a small model). CHORDS (:mod:`benchmarks.chords_ref`) uses the staggered schedule of
+:func:`~benchmarks.chords_ref.stagger`; each tick is one call of at most K rows: one SCE on K devices.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python -m benchmarks.devices [--quick] [--out DIR]    # table, devices.json, devices.png
+    OMP_NUM_THREADS=1 python -m benchmarks.devices --calibrate               # the planner's rounds model
+    python -m benchmarks.devices --real                                      # 2 gloo ranks, measured wall clock
+
+Exits 1 when a check fails: sequential at 1.0x, the planner never below 1.0x and within 2e-3 of the data range,
+CHORDS's core 0 equal to paratime's sequential sample, the plot's axes holding every plotted point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.chords_ref import run_chords, stagger
+from paratime import ParallelSampler
+from paratime.backends import LocalBackend
+from paratime.cost import make_cost
+from paratime.noise import INITIAL, draw_noise
+from paratime.planner import picard_rows
+
+LEVELS = (2e-3, 5e-2)
+PICARD_TOLS = (3e-2, 1e-2, 2e-3)
+PARAREAL_TOLS = (0.1, 0.03, 0.01)
+MODELS = {"digits": "compute", "policy": "latency"}
+#: CHORDS's core 0 against paratime's sequential sample (data-range units): float32 batch-size rounding only
+CORE0_TOL = 1e-5
+
+
+class Spread(LocalBackend):
+    """Evaluates every row on this machine but reports ``workers`` devices: the sampler's SCE counts each call's
+    rows as if spread over them (the planner plans for them too)."""
+
+    def __init__(self, workers: int):
+        super().__init__()
+        self.workers = workers
+
+
+def _cond(model: str, i: int) -> dict:
+    if model == "digits":
+        return {"labels": torch.tensor([i % 10])}
+    return {"obs": torch.randn(1, 12, generator=torch.Generator().manual_seed(1000 + i))}
+
+
+def _sampler(model, steps, cost, workers=1, **kw):
+    return ParallelSampler(model, steps=steps, cost=cost, backend=Spread(workers), progress=False, **kw)
+
+
+def _runs(model, steps, cost, workers, seeds, seq, **kw) -> dict:
+    """One configuration over the seeds: mean SCE, speed-up, max |Δ| (data-range units), the plan; a method that
+    raises is recorded with its error (and fails the run's checks), not dropped."""
+    try:
+        return _measured(model, steps, cost, workers, seeds, seq, **kw)
+    except (ValueError, TypeError, RuntimeError) as e:
+        return {"sce": math.nan, "speedup": math.nan, "err": math.inf, "plan": None, "error": f"{kw}: {e}"}
+
+
+def _measured(model, steps, cost, workers, seeds, seq, **kw) -> dict:
+    s = _sampler(model, steps, cost, workers, **kw)
+    sce, err, plan = [], 0.0, None
+    for i in range(seeds):
+        r = s.sample(1, seed=0, first_sample=i, **_cond(model, i))
+        sce.append(r.stats.sce)
+        err = max(err, float((r.samples - seq["x"][i]).abs().max()) / seq["range"])
+        plan = r.stats.plan
+    return {"sce": statistics.mean(sce), "speedup": steps / statistics.mean(sce), "err": err, "plan": plan}
+
+
+def _chords(model, steps, workers, seeds, seq) -> list[dict]:
+    """The CHORDS port on paratime's DDIM step map: per hit index, the mean tick and the max |Δ| over seeds."""
+    s = _sampler(model, steps, "compute", 1, method="sequential")
+    den, grid = s.denoiser, s.grid
+    sig, times = grid.sigmas.to(s.state_dtype), grid.model_times
+
+    def ddim(x, d, t, u):                 # the VE-frame DDIM jump from point t to u with D held: exact for DDIM
+        return d + (sig[u] / sig[t]) * (x - d)
+
+    per_hit: dict[int, list] = {}
+    for i in range(seeds):
+        cond = _cond(model, i)
+
+        def score(points):
+            ts = torch.tensor([t for t, _ in points])
+            x = torch.stack([x for _, x in points])
+            rows = {k: v.expand(len(points), *v.shape[1:]) for k, v in cond.items()}
+            with torch.no_grad():
+                d = den(x, sig[ts], times[ts].to(x), **rows)
+            return list(d)
+
+        x0 = draw_noise(0, 1, den.sample_shape, None, INITIAL, i)[0] * den.schedule.prior_std(grid.sigmas[:1])
+        run = run_chords(steps, x0.to(s.state_dtype), score, stagger(steps, workers), solver=ddim, index=10 ** 6)
+        for j, hit in enumerate(run.hits):
+            x = hit.x * grid.frame_scales[-1]
+            per_hit.setdefault(j, []).append((hit.tick, float((x - seq["x"][i][0]).abs().max()) / seq["range"]))
+    return [{"hit": j, "sce": statistics.mean(t for t, _ in v), "err": max(e for _, e in v)}
+            for j, v in sorted(per_hit.items())]
+
+
+def _best(rows: list[dict], level: float) -> dict | None:
+    ok = [r for r in rows if r["err"] <= level]
+    return max(ok, key=lambda r: r["speedup"]) if ok else None
+
+
+def measure(model: str, steps: int, devices: list[int], seeds: int, quick: bool = False) -> dict:
+    """Every method at every K for one model (``quick``: windows K and N, one tolerance each); returns the
+    records."""
+    cost = MODELS[model]
+    ref = _sampler(model, steps, cost, 1, method="sequential")
+    xs = [ref.sample(1, seed=0, first_sample=i, **_cond(model, i)).samples for i in range(seeds)]
+    seq = {"x": xs, "range": max(float(x.abs().max()) for x in xs)}
+    out = {"model": model, "cost": cost, "steps": steps, "seeds": seeds, "range": seq["range"], "K": {}}
+    for K in devices:
+        rec = {"sequential": {"sce": float(steps), "speedup": 1.0, "err": 0.0},
+               "planner": _runs(model, steps, cost, K, seeds, seq, method="auto")}
+        windows = sorted({w for w in ((K, steps) if quick else (K, 2 * K, 4 * K, steps)) if 2 <= w <= steps})
+        rec["windows"] = [dict(_runs(model, steps, cost, K, seeds, seq, window=w, tol=tol), window=w, tol=tol)
+                          for w in windows for tol in (PICARD_TOLS[1:2] if quick else PICARD_TOLS)]
+        rec["parareal_pipelined"] = [dict(_runs(model, steps, cost, K, seeds, seq, method="parareal_pipelined",
+                                                tol=tol), tol=tol) for tol in PARAREAL_TOLS[:1 if quick else None]]
+        hits = _chords(model, steps, K, seeds, seq)
+        for h in hits:
+            h["speedup"] = steps / h["sce"]
+        rec["chords"] = hits
+        rec["chords_core0_err"] = hits[-1]["err"]          # core 0 is the sequential solution
+        out["K"][K] = rec
+        print(f"  {model} K={K}: planner {rec['planner']['speedup']:.2f}x", file=sys.stderr, flush=True)
+    return out
+
+
+def table(res: dict, level: float) -> tuple[list[str], dict]:
+    """Markdown rows at one accuracy level and the speed-ups plotted (method -> [speed-up per K or None])."""
+    Ks = sorted(res["K"])
+    series = {m: [] for m in ("sequential", "planner", "best fixed window", "pipelined Parareal", "CHORDS port",
+                              "CHORDS recommended stop")}
+    for K in Ks:
+        rec = res["K"][K]
+        planner = rec["planner"] if rec["planner"]["err"] <= level else None
+        chords = next((h for h in rec["chords"] if h["err"] <= level), None)
+        rec_stop = rec["chords"][1] if len(rec["chords"]) > 1 else rec["chords"][-1]
+        picks = {"sequential": rec["sequential"], "planner": planner, "best fixed window": _best(rec["windows"], level),
+                 "pipelined Parareal": _best(rec["parareal_pipelined"], level), "CHORDS port": chords,
+                 "CHORDS recommended stop": rec_stop if rec_stop["err"] <= level else None}
+        for m, r in picks.items():
+            series[m].append(None if r is None else r["speedup"])
+    lines = [f"| method | " + " | ".join(f"K={K}" for K in Ks) + " |", "|---|" + "---|" * len(Ks)]
+    for m, v in series.items():
+        lines.append(f"| {m} | " + " | ".join("–" if s is None else f"{s:.2f}x" for s in v) + " |")
+    return lines, series
+
+
+def describe(res: dict) -> list[str]:
+    out = []
+    for K, rec in sorted(res["K"].items()):
+        p = rec["planner"]["plan"]
+        if p is None:
+            out.append(f"- K={K}: planner failed: {rec['planner'].get('error')}")
+            continue
+        fixed = ", ".join(f"W={r['window']}/tol {r['tol']:g}: {r['speedup']:.2f}x ({r['err']:.1e})"
+                          for r in rec["windows"])
+        rec_stop = rec["chords"][1] if len(rec["chords"]) > 1 else rec["chords"][-1]
+        out.append(f"- K={K}: planner chose {p['method']}{'' if p['window'] is None else ' W=%d' % p['window']} "
+                   f"(predicted {p['sequential_sce'] / p['predicted_sce']:.2f}x, got {rec['planner']['speedup']:.2f}x"
+                   f" at max|Δ| {rec['planner']['err']:.1e}); fixed: {fixed}; CHORDS recommended stop (hit 1): "
+                   f"{rec_stop['speedup']:.2f}x at {rec_stop['err']:.1e}")
+    return out
+
+
+def plot(results: list[dict], level: float, path: Path) -> list[str]:
+    """Speed-up against K at ``level``, one panel per cost, one colour per method. Returns failed checks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    fails = []
+    for ax, res in zip(axes[0], results):
+        Ks = sorted(res["K"])
+        _, series = table(res, level)
+        ymax = 1.0
+        for (m, v), colour in zip(series.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+            pts = [(K, s) for K, s in zip(Ks, v) if s is not None]
+            if pts:
+                ax.plot(*zip(*pts), "o-", color=colour, label=m)
+                ymax = max(ymax, max(s for _, s in pts))
+        if res["cost"] == "compute":
+            ax.plot(Ks, Ks, ":", color="grey", label="K (the compute-bound limit N / (N / K))")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(Ks, [str(K) for K in Ks])
+        ax.set_ylim(0, max(ymax, max(Ks)) * 1.08)
+        ax.set_xlabel("devices K")
+        ax.set_ylabel("speed-up N / SCE")
+        ax.set_title(f"{res['model']} DDIM-{res['steps']}, {res['cost']}-bound, max|Δ| ≤ {level:g} of range")
+        ax.legend(fontsize=7)
+        lo, hi = ax.get_ylim()
+        if not all(lo <= s <= hi for v in series.values() for s in v if s is not None):
+            fails.append(f"plot {res['model']}: a point outside the y axis")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fails
+
+
+def checks(res: dict) -> list[str]:
+    fails = []
+    for K, rec in res["K"].items():
+        for r in [rec["planner"], *rec["windows"], *rec["parareal_pipelined"]]:
+            if "error" in r:
+                fails.append(f"{res['model']} K={K}: {r['error']}")
+        p = rec["planner"]
+        if p["speedup"] < 1.0 - 1e-9:
+            fails.append(f"{res['model']} K={K}: planner below sequential ({p['speedup']:.2f}x)")
+        if p["err"] > LEVELS[0]:
+            fails.append(f"{res['model']} K={K}: planner's max|Δ| {p['err']:.1e} above {LEVELS[0]:g} of range")
+        # Core 0 takes paratime's DDIM steps; its network calls hold up to K rows, and a float32 network's
+        # results depend on the batch size in the last bits (1e-6 here), hence not 0.
+        if rec["chords_core0_err"] > CORE0_TOL:
+            fails.append(f"{res['model']} K={K}: CHORDS core 0 differs from sequential by {rec['chords_core0_err']:.1e}"
+                         f" of the data range")
+    return fails
+
+
+def calibrate(steps_list=(50, 100), windows=(2, 4, 8, 16, 32)) -> None:
+    """Measured Picard rounds (digits, default tolerance, 4 seeds) against the planner's rounds model."""
+    print("| N | W | measured rounds (min-max over 4 seeds) | predicted |\n|---|---|---|---|")
+    for N in steps_list:
+        for W in (*windows, N):
+            s = _sampler("digits", N, "latency", 1, window=W)
+            r = [s.sample(1, seed=0, first_sample=i, **_cond("digits", i)).stats.rounds for i in range(4)]
+            print(f"| {N} | {W} | {min(r)}-{max(r)} | {len(picard_rows(N, W, 2e-3))} |", flush=True)
+
+
+# -- the real two-rank figure ---------------------------------------------------------------------------------------
+def _rank(rank: int, port: int, steps: int, repeats: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        s = ParallelSampler("digits", steps=steps, method="auto", cost="measure", backend="torch", progress=False)
+        s.sample(1, seed=0, labels=torch.tensor([3]))                     # warm-up (and the cost measurement)
+        walls, comm, res = [], [], None
+        for _ in range(repeats):
+            dist.barrier()
+            c0, t0 = s.backend.timings["comm_s"], time.perf_counter()
+            res = s.sample(1, seed=0, labels=torch.tensor([3]))
+            walls.append(time.perf_counter() - t0)
+            comm.append(s.backend.timings["comm_s"] - c0)
+        if rank == 0:
+            torch.save({"walls": walls, "comm": comm, "samples": res.samples, "plan": res.stats.plan,
+                        "predicted_wall_s": res.stats.predicted_wall_s, "cost": res.stats.cost,
+                        "rounds": res.stats.rounds, "round_wall_s": res.stats.round_wall_s}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def real(steps: int = 50, repeats: int = 7) -> list[str]:
+    """2 gloo ranks x 1 thread, digits DDIM-``steps`` batch 1 under the planner, against sequential on one rank
+    with one thread. Prints measured wall times (min / median / max) beside the planner's prediction."""
+    import torch.multiprocessing as mp
+
+    torch.set_num_threads(1)
+    seq = ParallelSampler("digits", steps=steps, method="sequential", progress=False)
+    seq.sample(1, seed=0, labels=torch.tensor([3]))
+    walls = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        ref = seq.sample(1, seed=0, labels=torch.tensor([3]))
+        walls.append(time.perf_counter() - t0)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rank0.pt")
+        port = 29500 + os.getpid() % 1000
+        mp.spawn(_rank, args=(port, steps, repeats, out), nprocs=2, join=True)
+        r = torch.load(out)
+    plan, par = r["plan"], r["walls"]
+    err = float((r["samples"] - ref.samples).abs().max())
+    fmt = lambda w: f"{min(w):.3f} / {statistics.median(w):.3f} / {max(w):.3f} s"
+    print(f"digits DDIM-{steps}, batch 1; 1 thread per process; {repeats} repeats (min / median / max); "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"sequential, 1 rank:            {fmt(walls)}  ({statistics.median(walls) / steps * 1e3:.1f} ms per step)")
+    print(f"planner, 2 gloo ranks:         {fmt(par)}  ({plan['method']}"
+          f"{'' if plan['window'] is None else ' W=%d' % plan['window']}, {r['rounds']} rounds, "
+          f"{statistics.median(par) / r['rounds'] * 1e3:.1f} ms per round, all-gather waits "
+          f"{fmt(r['comm'])}, max|Δ| {err:.1e})")
+    print(f"measured speed-up (medians):   {statistics.median(walls) / statistics.median(par):.2f}x")
+    print(f"planner's prediction:          {plan['sequential_sce'] / plan['predicted_sce']:.2f}x "
+          f"({plan['predicted_s']:.3f} s of network time, {plan['predicted_s'] / r['rounds'] * 1e3:.1f} ms per "
+          f"round; cost {r['cost']})")
+    print(f"plan: {plan['reason']}")
+    return [] if err <= 2e-3 else [f"real: max|Δ| {err:.1e} above 2e-3"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="10 steps, K = 1, 2, 4, 1 seed, windows K and N at one tolerance (the tests' run)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--models", default="digits,policy", help="comma-separated: digits (compute-bound), policy "
+                   "(latency-bound)")
+    p.add_argument("--out", default="bench_out", help="folder for devices.json and devices.png")
+    p.add_argument("--calibrate", action="store_true", help="print the planner's rounds model against measurement")
+    p.add_argument("--real", action="store_true", help="the 2-rank wall-clock figure (gloo, 1 thread per rank)")
+    a = p.parse_args(argv)
+    if a.steps < 4 or a.seeds < 1:
+        p.error("--steps: at least 4; --seeds: at least 1")
+    models = a.models.split(",")
+    if not models or any(m not in MODELS for m in models):
+        p.error(f"--models: unknown in {a.models!r}; allowed: {', '.join(MODELS)}")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if a.calibrate:
+        calibrate()
+        return 0
+    if a.real:
+        fails = real(a.steps)
+        for f in fails:
+            print("FAILED:", f)
+        return 1 if fails else 0
+    out = Path(a.out)                                    # the outputs are checked before the work
+    if out.exists() and not out.is_dir():
+        p.error(f"--out: {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in ("devices.json", "devices.png"):
+        if (out / f).exists() and not os.access(out / f, os.W_OK):
+            p.error(f"--out: {out / f} is not writable")
+    if not os.access(out, os.W_OK):
+        p.error(f"--out: {out} is not writable")
+    steps, seeds, Ks = (10, 1, [1, 2, 4]) if a.quick else (a.steps, a.seeds, [1, 2, 4, 8])
+    t0 = time.perf_counter()
+    results = [measure(m, steps, Ks, seeds, a.quick) for m in models]
+    fails = [f for r in results for f in checks(r)]
+    for level in LEVELS:
+        for r in results:
+            print(f"\n{r['model']} DDIM-{steps}, {r['cost']}-bound, batch 1, {seeds} seeds: speed-up N / SCE at "
+                  f"max|Δ| ≤ {level:g} of the data range ({r['range']:.3g})\n")
+            print("\n".join(table(r, level)[0]))
+    for r in results:
+        print(f"\n{r['model']}:\n" + "\n".join(describe(r)))
+    fails += plot(results, LEVELS[0], out / "devices.png")
+    (out / "devices.json").write_text(json.dumps({"results": results, "levels": LEVELS}, default=float, indent=1))
+    print(f"\nwrote {out / 'devices.json'}, {out / 'devices.png'} ({time.perf_counter() - t0:.0f} s, "
+          f"{torch.get_num_threads()} thread(s))")
+    for f in fails:
+        print("FAILED:", f)
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

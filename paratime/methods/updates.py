@@ -1,0 +1,162 @@
+"""Window update rules for Picard-type methods: ``picard``, ``secant`` and ``anderson`` (see
+:mod:`paratime.methods.picard` for the maths and the notation: window start ``p``, slot ``k`` holds point ``p + k`` and
+produces the new value of point ``p + k + 1``).
+
+An :class:`UpdateRule` takes one round's step increments at the window points and returns Picard's new values, their
+rms change (which decides acceptance under every rule) and the rule's own values; it keeps, per window slot, the
+history it needs (secant: the point's last evaluation; anderson: its last values and residuals), shifted with the
+window by :meth:`UpdateRule.shift`.
+
+Shapes: window tensors are ``(W, B, *shape)``; flattened features ``D``; history stacks ``(m, W, B, ...)``, newest
+first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from paratime.kernels import cumsum0, picard_update
+
+__all__ = ["UPDATES", "HISTORY", "UpdateRule", "SAFEGUARD", "ANDERSON_REG"]
+
+UPDATES = ("secant", "picard", "anderson")
+#: past rounds each update keeps per window point: secant its last evaluation, anderson its last m values and
+#: residuals (ParaTAA's memory, less the current round)
+HISTORY = {"picard": 0, "secant": 1, "anderson": 3}
+SAFEGUARD = 10.0   # largest accepted ratio of a secant correction to the Picard one
+#: Tikhonov weight of the Anderson least squares, relative to the mean diagonal of its normal matrix (scale-free:
+#: ParaTAA's absolute 1e-3, sized for 4x32x32 latents, is ~all of the normal matrix on a 2-D model)
+ANDERSON_REG = 1e-3
+
+
+class UpdateRule:
+    """One of :data:`UPDATES` with its per-slot history (explicit state, made once per sample call).
+
+    Args:
+        name: ``picard``, ``secant`` or ``anderson``.
+    Raises:
+        ValueError: an unknown ``name``.
+    """
+
+    def __init__(self, name: str):
+        if name not in UPDATES:
+            raise ValueError(f"update: unknown {name!r}; allowed: {', '.join(UPDATES)}")
+        self.name, self.depth = name, HISTORY[name]
+        self.hist: tuple[torch.Tensor, ...] | None = None   # (m, W, B, ...) stacks: (y, dy, ok) or (x, R, ok)
+
+    def __call__(self, start: torch.Tensor, dy: torch.Tensor, old: torch.Tensor, y_win: torch.Tensor,
+                 valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One round's update of the window's points ``p+1 .. p+W``.
+
+        Args:
+            start: ``(B, *shape)`` the window starts ``y_p``. dy: ``(W, B, *shape)`` step increments at the window
+                points (0 at invalid slots). old: ``(W, B, *shape)`` the current values of points ``p+1 .. p+W``.
+            y_win: ``(W, B, *shape)`` the states the increments were taken at. valid: ``(W, B)`` slots in use.
+        Returns:
+            ``(new, err, new_rule)``: Picard's values ``(W, B, *shape)``, their rms change ``(W, B)`` (the cumulative
+            one-step defect from the window start: it decides acceptance under every rule, as a small accelerated
+            change does not imply a small defect), and the rule's values (``new`` itself for ``picard`` and in the
+            first round).
+        """
+        new, err = picard_update(start, dy, old)                      # fused kernel or reference
+        new_rule = new
+        if not self.depth:
+            return new, err, new_rule
+        W = dy.shape[0]
+        hist = self.hist
+        if hist is not None:              # no previous evaluation anywhere in the first round: Picard's values
+            h_a, h_b, h_ok = hist[0][:, :W], hist[1][:, :W], hist[2][:, :W] & valid
+            if self.name == "anderson":
+                new_rule = _anderson_values(new, old, h_a, h_b, h_ok)
+            else:
+                dy_sec = _secant_increment(dy, new, old, y_win, h_a[0], h_b[0], h_ok[0])
+                new_rule, _ = picard_update(start, dy_sec, old, want_err=False)
+        entry = (old, new - old, valid) if self.name == "anderson" else (y_win, dy, valid)
+        self.hist = (tuple(e[None] for e in entry) if hist is None else
+                     tuple(torch.cat([e[None], h[:self.depth - 1, :W]]) for e, h in zip(entry, hist)))
+        return new, err, new_rule
+
+    def shift(self, k: torch.Tensor, stride: torch.Tensor) -> None:
+        """Move each slot's history with its point when the window slides by ``stride`` ``(B,)``; ``k`` is the
+        ``(W, 1)`` slot index. Slots whose point entered the window start without history."""
+        if self.hist is None:
+            return
+        src = k + stride                                              # (W, B) slot the point came from
+        keep = src < k.shape[0]
+        src = src.clamp_max(k.shape[0] - 1)
+        b = torch.arange(stride.shape[0], device=stride.device)[None]   # (1, B)
+        self.hist = (self.hist[0][:, src, b], self.hist[1][:, src, b], self.hist[2][:, src, b] & keep)
+
+
+def _secant_increment(dy, new_pic, old, y_win, hist_y, hist_dy, hist_ok):
+    """The secant update's increments ``dy_j + u_j c_j`` for one round.
+
+    Args:
+        dy: ``(W, B, *shape)`` Picard increments at the window points (0 at invalid slots).
+        new_pic, old: ``(W, B, *shape)`` Picard's new and the old values of the points they update.
+        y_win: ``(W, B, *shape)`` the states they were evaluated at.
+        hist_y, hist_dy: ``(W, B, *shape)`` each point's previous evaluation state and increment.
+        hist_ok: ``(W, B)`` whether that previous evaluation exists (and the slot is valid).
+    Returns:
+        ``(W, B, *shape)`` increments to accumulate from the window start.
+    """
+    W, B = dy.shape[:2]
+    d, yw, hy, hd = (t.reshape(W, B, -1) for t in (dy, y_win, hist_y, hist_dy))
+    change = (new_pic - old).reshape(W, B, -1)                            # Picard's change of points p+1 .. p+W
+    s, u = yw - hy, d - hd                                                # (W, B, D)
+    ss, uu = (s * s).sum(-1), (u * u).sum(-1)                             # (W, B); x * x: pow(2)'s bits, faster
+    use = (hist_ok & (ss > 0) & (uu <= SAFEGUARD**2 * ss))[..., None]     # (W, B, 1)
+    zero = d.new_zeros(())
+    s_hat = torch.where(use, s / ss[..., None], zero)
+    u = torch.where(use, u, zero)
+    # (I - L) c = r per sample, L strictly lower triangular; r_j = s_hat_j . delta_j with delta_0 = 0 and
+    # delta_j = change_{j-1} (the same change at points p .. p+W-1).
+    r = torch.cat([zero.expand(1, B), (s_hat[1:] * change[:-1]).sum(-1)]).T[..., None]   # (B, W, 1)
+    # L[b, j, l] = s_hat_j . u_l; the unit lower-triangular solve reads only the strictly lower part of -L.
+    neg_L = torch.bmm(s_hat.transpose(0, 1), u.permute(1, 2, 0)).neg_()  # (B, W, W)
+    c = torch.linalg.solve_triangular(neg_L, r, upper=False, unitriangular=True)[..., 0].T   # (W, B)
+    corr = u * c[..., None]                                               # (W, B, D)
+    # Per-sample fallback to Picard when the secant change of any point exceeds SAFEGUARD x the largest Picard one.
+    return (d + torch.where(_sane(cumsum0(corr), change), corr, zero)).reshape(dy.shape)
+
+
+def _sane(extra, change):
+    """``(B, 1)`` whether a sample's accelerated change is usable this round: its largest correction ``extra`` (the
+    accelerated values less Picard's, ``(W, B, D)``) is finite and <= SAFEGUARD x its largest Picard change
+    ``change`` ``(W, B, D)``; where not, the sample takes Picard's values."""
+    extra = extra.abs().amax((0, 2))
+    return ((extra <= SAFEGUARD * change.abs().amax((0, 2))) & torch.isfinite(extra))[:, None]
+
+
+def _anderson_values(new_pic, old, hist_x, hist_r, hist_ok):
+    """ParaTAA's triangular Anderson step (Tang et al. 2024) on the window's points ``p+1 .. p+W``.
+
+    The residual of point j is Picard's change ``R_j = new_j - old_j`` (the cumulative one-step defect from the
+    window start: ParaTAA's residual of order W). With the point's m previous values and residuals,
+    ``dX_j = [x_j - x_j^(1) ..]``, ``dR_j = [R_j - R_j^(1) ..]`` (``D x m``), Anderson (type II) sets
+    ``x_j^new = x_j + R_j - (dX_j + dR_j) g_j``; triangular: ``g_j`` fits the residuals of the points up to j only
+    (those point j depends on), ``g_j = argmin sum_{l<=j} |R_l - dR_l g|^2 + lam_j |g|^2`` with
+    ``lam_j = ANDERSON_REG * mean diag(sum_{l<=j} dR_l^T dR_l)`` (relative, where ParaTAA's is absolute). Columns
+    without history are 0; the per-sample fallback to Picard is the secant one.
+
+    Args:
+        new_pic, old: ``(W, B, *shape)`` Picard's new values and the old values of points p+1 .. p+W.
+        hist_x, hist_r: ``(m, W, B, *shape)`` those points' values and residuals in earlier rounds, newest first.
+        hist_ok: ``(m, W, B)`` whether each exists.
+    Returns:
+        ``(W, B, *shape)`` the accelerated values.
+    """
+    W, B = old.shape[:2]
+    m = hist_ok.shape[0]
+    x, R = old.reshape(W, B, -1), (new_pic - old).reshape(W, B, -1)
+    ok, zero = hist_ok[..., None], x.new_zeros(())
+    dX = torch.where(ok, x - hist_x.reshape(m, W, B, -1), zero)          # (m, W, B, D)
+    dR = torch.where(ok, R - hist_r.reshape(m, W, B, -1), zero)
+    # Normal equations summed over the points up to j: (W, B, m, m) and (W, B, m, 1).
+    G = torch.einsum("iwbd,jwbd->wbij", dR, dR).cumsum(0)
+    g = torch.einsum("iwbd,wbd->wbi", dR, R).cumsum(0)[..., None]
+    lam = ANDERSON_REG * G.diagonal(dim1=-2, dim2=-1).mean(-1)           # (W, B); 1 where G = 0 (no history)
+    G = G + torch.where(lam > 0, lam, 1.0)[..., None, None] * torch.eye(m, dtype=G.dtype, device=G.device)
+    gamma = torch.linalg.solve_ex(G, g)[0][..., 0]                        # (W, B, m)
+    corr = torch.einsum("wbi,iwbd->wbd", gamma, dX + dR)
+    return (new_pic.reshape(W, B, -1) - torch.where(_sane(corr, R), corr, zero)).reshape(old.shape)

@@ -1,0 +1,228 @@
+"""Window management of Picard-type methods: the trajectory, each sample's sliding window over it, the rows of one
+batched network call, acceptance, the slide and the guesses of the points that enter (notation of
+:mod:`paratime.methods.picard`: points ``y_0 .. y_N`` in the model's frame, window start ``p``, slot ``k`` holds point
+``p + k`` and produces the new value of point ``p + k + 1``).
+
+:class:`SlidingWindow` owns the state (device tensors and their host copies, refreshed by one small read per round);
+:func:`window_increments` is one round's batched call and step map; :func:`model_frame_path` the constant-D guess
+(:func:`paratime.solvers.constant_d_path`) in the model's frame.
+
+Shapes: ``traj`` is ``(N + 2, B, *shape)`` (row N + 1 is a sink for masked writes); window tensors ``(W, B, ...)``;
+evaluation rows are the valid ``(k, b)`` pairs, flattened, sample-major (``(M, ...)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..solvers import constant_d_path, history_rows
+
+from .common import Problem
+
+__all__ = ["Rows", "SlidingWindow", "window_increments", "model_frame_path", "acceptance_levels"]
+
+
+@dataclass(frozen=True)
+class Rows:
+    """One round's window points and evaluation rows.
+
+    Attributes:
+        k: ``(W, 1)`` slot index. counts: ``(B,)`` window points per sample (0 once done). valid: ``(W, B)``.
+        bb, kk, jj: ``(M,)`` each row's sample, slot and step. host_steps: the rows' steps on the host.
+        start: ``(B, *shape)`` ``y_p``. y_win: ``(W, B, *shape)`` points ``p .. p+W-1``. old: ``(W, B, *shape)``
+            points ``p+1 .. p+W`` (clamped to N). tgt: ``(W, B)`` the point each slot updates.
+        last: ``(B,)`` each sample's last row (for the fill's ``D``), or None.
+    """
+
+    k: torch.Tensor
+    counts: torch.Tensor
+    valid: torch.Tensor
+    bb: torch.Tensor
+    kk: torch.Tensor
+    jj: torch.Tensor
+    host_steps: list[int]
+    start: torch.Tensor
+    y_win: torch.Tensor
+    old: torch.Tensor
+    tgt: torch.Tensor
+    last: torch.Tensor | None
+
+    @property
+    def W(self) -> int:
+        return self.k.shape[0]
+
+
+def acceptance_levels(noise_levels: torch.Tensor, accept: float) -> torch.Tensor:
+    """``(3, N + 1)`` per point: the acceptance threshold ``accept * n``, the noise level ``n`` and the level to
+    divide the residual by (1 where ``n`` is 0)."""
+    lvl = noise_levels
+    return torch.stack([accept * lvl, lvl, torch.where(lvl > 0, lvl, torch.ones_like(lvl))])
+
+
+def model_frame_path(problem: Problem, tables, y_e: torch.Tensor, den_e: torch.Tensor, e: torch.Tensor,
+                     pts: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Guesses ``(K, B, *shape)`` (model frame) of points ``pts`` ``(K, B)`` from each sample's point ``e`` ``(B,)``
+    (state ``y_e``, model frame) with ``D`` held at ``den_e`` (both ``(B, *shape)``; ``b`` the samples): the
+    constant-D path of :func:`paratime.solvers.constant_d_path` (``tables``: its
+    :func:`~paratime.solvers.constant_d_tables`), between the frames."""
+    x_e = problem.scale(y_e, e, inverse=True)                        # (B, *shape), VE frame
+    return problem.scale(constant_d_path(tables, x_e, den_e, e, pts, b), pts)
+
+
+class SlidingWindow:
+    """Each sample's window over the trajectory, for a batch of ``B`` samples.
+
+    Args:
+        problem: the trajectory. y: ``(B, *shape)`` the initial state, model frame.
+    State: ``traj`` ``(N + 2, B, *shape)``; ``begin`` ``(B,)`` each window start (the last accepted point); ``done``
+    ``(B,)``; ``den_buf`` ``(N, B, *shape)`` the history values of a multistep solver (else None); host copies
+    ``begin_h``, ``done_h`` and ``done_round`` (the round each sample finished).
+    """
+
+    def __init__(self, problem: Problem, y: torch.Tensor):
+        N, B, dev = problem.steps, y.shape[0], y.device
+        self.problem, self.N, self.B = problem, N, B
+        self.traj = y.unsqueeze(0).repeat(N + 2, *([1] * y.ndim))     # (N+2, B, *shape), initial guess y_T
+        self.den_buf = torch.zeros_like(self.traj[:N]) if problem.solver.uses_history else None
+        self.begin = torch.zeros(B, dtype=torch.long, device=dev)
+        self.done = torch.zeros(B, dtype=torch.bool, device=dev)
+        self._active = ~self.done
+        self.ar_b = torch.arange(B, device=dev)
+        self._inf = torch.tensor(float("inf"), dtype=y.dtype, device=dev)
+        self._sink = torch.tensor(N + 1, device=dev)                  # row that masked writes go to
+        self._aranges: dict[int, torch.Tensor] = {}                   # arange(n) per window shape, made once
+        self.begin_h, self.done_h, self.done_round = [0] * B, [False] * B, [0] * B
+
+    @property
+    def all_done(self) -> bool:
+        return all(self.done_h)
+
+    def _arange(self, n: int) -> torch.Tensor:
+        if n not in self._aranges:
+            self._aranges[n] = torch.arange(n, device=self.ar_b.device)
+        return self._aranges[n]
+
+    def pack(self, W: int, want_last: bool) -> Rows:
+        """The rows of this round's call: points ``p .. p+W-1`` of every active sample (clamped to the grid).
+
+        The rows' steps are known on the host, so no device read builds them (and solvers with a second call on some
+        rows size it from them: Heun, PLMS, Langevin). ``want_last``: give each sample's last row (the fill's D).
+        """
+        N, begin = self.N, self.begin
+        k = self._arange(W)[:, None]                                  # (W, 1)
+        host_steps = [p + j for p, d in zip(self.begin_h, self.done_h) if not d for j in range(min(W, N - p))]
+        M = len(host_steps)
+        self._active = ~self.done                                     # (B,) the samples this round works on
+        counts = (N - begin).clamp_max(W) * self._active              # (B,) window points of each sample
+        valid = k < counts                                            # (W, B)
+        bb = torch.repeat_interleave(self.ar_b, counts, output_size=M)    # (M,)
+        kk = torch.arange(M, device=begin.device) - (counts.cumsum(0) - counts)[bb]
+        jj = begin[bb] + kk
+        # The window's points p .. p+W (clamped to N) in one gather: y_win = points p+k, old = the points they update.
+        idx = (begin + self._arange(W + 1)[:, None]).clamp_max(N)     # (W+1, B)
+        win = self.traj[idx, self.ar_b[None]]                         # (W+1, B, *shape)
+        last = (counts.cumsum(0) - 1).clamp_min(0) if want_last else None    # (B,) each sample's last row
+        return Rows(k, counts, valid, bb, kk, jj, host_steps, win[0], win[:W], win[1:], idx[1:], last)
+
+    def accept(self, rows: Rows, err: torch.Tensor, levels: torch.Tensor, shared: bool,
+               scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(stride, residual)``: how far each window slides, ``(B,)``, and the round's worst ParaDiGMS residual
+        (0-d, ``-inf`` when no point with a noise level > 0 moved).
+
+        If the old values of the first c points converged (``err <= levels[0]``), the new values of the first c + 1
+        points were all computed from accepted states (ParaDiGMS's ``1 + ind``). ``shared``: one stride for the whole
+        batch, the smallest of any active sample (diffusers' ParaDiGMS pipeline). ``scale``: ``(B,)`` factor on each
+        sample's thresholds (the stop rule's :meth:`accept_scale`), or None.
+        """
+        thr, lvl, lvl_div = levels[:, rows.tgt]                       # (W, B) each
+        thr = thr if scale is None else thr * scale
+        ok = (err <= thr) & rows.valid
+        stride = torch.minimum(ok.int().cumprod(0).sum(0) + 1, rows.counts)   # 1 + the leading converged points
+        if shared:
+            smallest = torch.where(self._active, stride, self.N + 1).min()
+            stride = torch.where(self._active, smallest, 0)
+        residual = torch.where(rows.valid & (lvl > 0), err / lvl_div, -self._inf).amax()
+        return stride, residual
+
+    def write(self, rows: Rows, new: torch.Tensor, new_rule: torch.Tensor, stride: torch.Tensor) -> torch.Tensor:
+        """Store the round's values and return the change of each sample's final point ``(B,)`` (max-abs: exact in
+        any reduction order; inf while the final point is outside the window). Accepted points (slots below
+        ``stride``) take Picard's values ``new`` (exact steps from converged points), the rest the rule's."""
+        N, W, ar_b = self.N, rows.W, self.ar_b
+        if new_rule is not new:
+            new = torch.where((rows.k < stride).reshape(W, self.B, *([1] * (new.ndim - 2))), new, new_rule)
+        self.traj[torch.where(rows.valid, rows.tgt, self._sink), ar_b[None]] = new
+        to_end = N - 1 - self.begin                                   # (B,) slot that updates point N, if < W
+        k_end = to_end.clamp(0, W - 1)
+        moved = (new[k_end, ar_b] - rows.old[k_end, ar_b]).abs().amax(tuple(range(1, new.ndim - 1)))
+        return torch.where(self._active & (to_end < W), moved, self._inf)
+
+    def slide(self, rows: Rows, stride: torch.Tensor, fill: str, tables, den_last: torch.Tensor | None) -> None:
+        """Move each window start by ``stride``; the points entering the window get their guess (masked writes go
+        to the sink row): ``copy`` the latest value at the old window end (ParaDiGMS), ``path`` the constant-D path
+        from there with D at this round's value at the last window point. A window of the whole grid always ends at
+        N: nothing enters."""
+        N, W, ar_b = self.N, rows.W, self.ar_b
+        old_end = self.begin + rows.counts
+        self.begin = self.begin + stride
+        if W >= N:
+            return
+        p = old_end + 1 + rows.k                                      # (W, B)
+        entering = (p <= (self.begin + W).clamp_max(N)) & self._active
+        if fill == "copy":
+            guess = self.traj[old_end, ar_b][None].expand(W, *self.traj.shape[1:])
+        else:
+            guess = model_frame_path(self.problem, tables, self.traj[old_end, ar_b], den_last, old_end,
+                                     torch.where(entering, p, old_end), ar_b)           # (W, B, *shape)
+        self.traj[torch.where(entering, p, self._sink), ar_b[None]] = guess
+
+    def sync(self, rounds: int, residual: torch.Tensor, moved: torch.Tensor) -> tuple[float, float]:
+        """The round's one device read: window starts (N once done), the worst residual and the largest final-point
+        change of an active sample; refreshes the host copies. Returns ``(residual, final_change)`` (nan for none).
+        Call after :attr:`done` is updated; ``moved`` is this round's (inf where outside the window)."""
+        dt, B = self.traj.dtype, self.B
+        state = torch.cat([torch.where(self.done, self.N, self.begin).to(dt), residual.view(1).to(dt),
+                           torch.where(self._active, moved, -self._inf).amax().view(1)]).tolist()
+        self.begin_h = [int(v) for v in state[:B]]
+        for b in range(B):
+            if self.begin_h[b] >= self.N and not self.done_h[b]:
+                self.done_h[b], self.done_round[b] = True, rounds
+        return (state[B] if state[B] > float("-inf") else float("nan"),
+                state[B + 1] if state[B + 1] < float("inf") else float("nan"))
+
+    def final_state(self) -> torch.Tensor:
+        """``(B, *shape)`` the final points, VE frame."""
+        return self.problem.scale(self.traj[self.N], torch.full((self.B,), self.N, device=self.ar_b.device),
+                                  inverse=True)
+
+
+def window_increments(problem: Problem, rows: Rows, den_buf: torch.Tensor | None,
+                      want_den: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Evaluate the denoiser at every row (one batched call) and take the step increments in the model's frame.
+
+    Args:
+        problem: the trajectory. rows: :meth:`SlidingWindow.pack`. den_buf: a multistep solver's history buffer
+            ``(N, B, *shape)`` (updated in place), else None. want_den: return ``D`` at each sample's last row.
+    Returns:
+        ``(dy, den_last)``: ``(W, B, *shape)`` increments (0 at invalid slots) and ``(B, *shape)`` or None.
+    """
+    kk, bb, jj = rows.kk, rows.bb, rows.jj
+    y_rows = rows.y_win[kk, bb]                                       # (M, *shape), model frame
+    x_rows = problem.scale(y_rows, jj, inverse=True)                  # VE frame
+    if den_buf is not None:
+        solver = problem.solver
+        den_rows = problem.evaluate(x_rows, jj, bb)
+        # History at the previous points: this round's neighbouring window slots, or the buffer before the window
+        # start (solver.history_value: D itself for dpmpp, the eps prediction for plms).
+        den_buf[jj, bb] = solver.history_value(x_rows, den_rows, jj, problem.sigmas)
+        dx_rows = problem.increment(x_rows, jj, bb, den_rows, history_rows(den_buf, jj, bb, solver.history_depth),
+                                    host_steps=rows.host_steps)
+        den_last = den_rows[rows.last] if want_den else None
+    else:
+        # Linear steps in one pass from the network outputs (Problem.step); D only where the fill needs it.
+        den_last, dx_rows = problem.step(x_rows, jj, bb, rows.last, host_steps=rows.host_steps)
+    dy = torch.zeros_like(rows.y_win)                                 # (W, B, *shape)
+    dy[kk, bb] = problem.scale(x_rows + dx_rows, jj + 1) - y_rows
+    return dy, den_last

@@ -1,0 +1,74 @@
+"""paratime sample --pipeline DIR: a diffusers pipeline saved with save_pretrained (a tiny Stable Diffusion built from
+configs, with an in-memory CLIP tokenizer so that a string prompt works), sampled through paratime.parallelize; the
+PNGs equal the pipeline's own output."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from paratime.cli import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def saved_pipeline(tmp_path_factory):
+    from paratime.bench.tiny_pipelines import tiny_sd
+
+    folder = tmp_path_factory.mktemp("pipe") / "tiny-sd"
+    tiny_sd(text=True).save_pretrained(folder)
+    return folder
+
+
+def _own_images(folder, **call):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return [np.asarray(im).astype(int) for im in pipe(**call, generator=torch.Generator().manual_seed(3)).images]
+
+
+def test_pipeline_pngs_equal_the_pipelines_own(saved_pipeline, tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "cat.png"
+    assert main(["sample", "--pipeline", str(saved_pipeline), "--prompt", "a cat", "--steps", "5", "--batch", "2",
+                 "--height", "64", "--width", "64", "--guidance", "5", "--seed", "3", "--tol", "0",
+                 "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "StableDiffusionPipeline" in printed and "sequential" in printed
+    own = _own_images(saved_pipeline, prompt="a cat", num_inference_steps=5, num_images_per_prompt=2, height=64,
+                      width=64, guidance_scale=5.0)
+    for i, ref in enumerate(own):
+        png = np.asarray(Image.open(tmp_path / f"cat-{i}.png")).astype(int)
+        assert png.shape == ref.shape == (64, 64, 3)
+        diff = np.abs(png - ref)
+        # Equal up to float rounding: at most one 8-bit level, on a handful of the 12,288 values.
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+    other = np.asarray(Image.open(tmp_path / "cat-1.png")).astype(int)
+    assert np.abs(other - own[0]).max() > 1                   # the two images differ: not one image twice
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--prompt", "a cat"], "--pipeline"),                                    # no model_index.json there
+    ([], "--prompt"),
+    (["--prompt", "a cat", "--label", "3"], "--label"),
+    (["--prompt", "a cat", "--model", "gmm"], "--model"),
+    (["--prompt", "a cat", "--solver", "ddpm"], "--solver"),
+    (["--prompt", "a cat", "--height", "60"], "--height"),
+    (["--prompt", "a cat", "--backend", "ray"], "--backend"),
+    (["--prompt", "a cat", "--out", "/nonexistent-paratime-dir/x.png"], "--out"),
+])
+def test_pipeline_bad_inputs_are_one_line_errors(saved_pipeline, tmp_path, argv, flag, capsys):
+    folder = str(tmp_path) if flag == "--pipeline" else str(saved_pipeline)
+    assert main(["sample", "--pipeline", folder, *argv, "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and flag in err, err
+
+
+def test_prompt_without_pipeline_is_an_error(capsys):
+    assert main(["sample", "--model", "gmm", "--prompt", "a cat"]) == 2
+    assert "--prompt: applies only with --pipeline" in capsys.readouterr().err

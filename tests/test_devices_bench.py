@@ -1,0 +1,48 @@
+"""benchmarks/devices.py end to end in its --quick mode: what must hold whatever the figures (sequential at 1.0x,
+the planner never below it and within 2e-3 of the data range, CHORDS's core 0 on paratime's sequential sample,
+every method measured at every K, the outputs written)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from benchmarks import devices
+
+
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_run(tmp_path, keep_threads, capsys):
+    assert devices.main(["--quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "devices.json").read_text())
+    assert (tmp_path / "devices.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    for res in data["results"]:
+        assert sorted(map(int, res["K"])) == [1, 2, 4]
+        for K, rec in res["K"].items():
+            assert rec["sequential"]["speedup"] == 1.0
+            assert rec["planner"]["speedup"] >= 1.0 and rec["planner"]["err"] <= devices.LEVELS[0]
+            assert rec["planner"]["plan"]["devices"] == int(K)
+            assert rec["windows"] and rec["parareal_pipelined"] and rec["chords"]
+            # The port's hits: the last is core 0 (sequential), at tick N.
+            assert rec["chords"][-1]["sce"] == res["steps"] and rec["chords_core0_err"] <= devices.CORE0_TOL
+        assert f"{res['model']} DDIM-{res['steps']}" in out
+
+
+def test_bad_output_folder_is_refused_before_the_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit):
+        devices.main(["--quick", "--out", str(blocker)])
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_bad_steps_are_refused():
+    with pytest.raises(SystemExit):
+        devices.main(["--steps", "2"])

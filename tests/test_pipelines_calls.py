@@ -1,0 +1,157 @@
+"""``paratime.parallelize(pipe)`` called as a user calls the pipeline: string prompts (positional or keyword) through
+tiny CLIP tokenizers, the default ``output_type``, the pipeline's own generator(s) for stochastic schedulers at a size
+whose per-step noise count is not a multiple of 16, and every option checked when ``parallelize`` is called."""
+
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+import paratime  # noqa: E402
+from paratime.bench.tiny_pipelines import prompt_embeddings, tiny_sd, tiny_sd3, tiny_sdxl  # noqa: E402
+from paratime.integrations.diffusers import REFUSED  # noqa: E402
+
+BOUND = 1e-4
+PIPES = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3}
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _pixels(images) -> np.ndarray:
+    """PIL images (the default output) as one float array."""
+    return np.stack([np.asarray(im, dtype=np.float64) for im in images])
+
+
+@pytest.mark.parametrize("name", sorted(PIPES))
+def test_default_call_with_a_string_prompt_matches_the_pipeline(name):
+    """``pipe("a cat", ...)`` with its default output_type (PIL): positional and keyword prompts, sequential, Picard at
+    tol 0 and at its default tolerance; ``"pt"`` output carries no autograd graph."""
+    pipe = PIPES[name](text=True)
+    args = dict(num_inference_steps=4, height=48, width=64, guidance_scale=4.0)
+    want = pipe("a cat", generator=_gen(), **args)
+    assert type(want.images[0]).__name__ == "Image"
+    runs = {"sequential (positional prompt)": paratime.parallelize(pipe, method="sequential")("a cat", generator=_gen(),
+                                                                                              **args),
+            "picard tol 0 (keyword prompt)": paratime.parallelize(pipe, tol=0.0)(prompt="a cat", generator=_gen(),
+                                                                                  **args),
+            "picard default tol": paratime.parallelize(pipe)(prompt="a cat", generator=_gen(), **args)}
+    for label, got in runs.items():
+        assert type(got) is type(want), label
+        # One 8-bit level: the sample differs from the pipeline's by ~1e-6, which may round a pixel the other way.
+        assert np.abs(_pixels(got.images) - _pixels(want.images)).max() <= 1.0, label
+    pt = paratime.parallelize(pipe, tol=0.0)("a cat", output_type="pt", generator=_gen(), **args).images
+    assert not pt.requires_grad
+    want_pt = pipe("a cat", output_type="pt", generator=_gen(), **args).images
+    assert float((pt - want_pt).abs().max()) <= BOUND
+
+
+def test_positional_arguments_bind_as_the_pipeline_binds_them():
+    """``ppipe(prompt, height, width, num_inference_steps)`` positionally, as ``pipe(...)`` accepts them; one too many
+    is refused like the pipeline refuses it."""
+    pipe = tiny_sd(text=True)
+    want = pipe("a dog", 48, 48, 3, output_type="np", generator=_gen(1)).images
+    ppipe = paratime.parallelize(pipe, tol=0.0)
+    got = ppipe("a dog", 48, 48, 3, output_type="np", generator=_gen(1)).images
+    assert isinstance(got, np.ndarray) and got.shape == want.shape == (1, 48, 48, 3)
+    assert np.abs(got - want).max() <= BOUND
+    with pytest.raises(TypeError, match="StableDiffusionPipeline.__call__"):
+        ppipe(*(["a dog"] + [None] * 40))
+    with pytest.raises(TypeError, match="callback_on_step_end: not supported"):
+        ppipe("a dog", callback_on_step_end=lambda *a: {})
+
+
+STOCHASTIC = {
+    "euler_ancestral": (lambda cfg: diffusers.EulerAncestralDiscreteScheduler.from_config(cfg), {}),
+    "ddpm": (lambda cfg: diffusers.DDPMScheduler.from_config(cfg), {}),
+    "dpmpp_2m_sde": (lambda cfg: diffusers.DPMSolverMultistepScheduler.from_config(
+        cfg, algorithm_type="sde-dpmsolver++"), {}),
+    "ddim_eta1": (lambda cfg: diffusers.DDIMScheduler.from_config(cfg), {"eta": 1.0}),
+}
+
+
+@pytest.mark.parametrize("generators", ["one", "list"])
+@pytest.mark.parametrize("scheduler", sorted(STOCHASTIC))
+def test_stochastic_schedulers_draw_the_pipelines_own_noise_at_72x72(scheduler, generators):
+    """72 x 72 pixels: 9 x 9 x 4 latents, 648 numbers per step for 2 images (not a multiple of 16, where one big draw
+    and per-step draws give different CPU streams). One generator, or a list with one per image."""
+    pipe = tiny_sd()
+    make, step_kwargs = STOCHASTIC[scheduler]
+    pipe.scheduler = make(pipe.scheduler.config)
+
+    def gen():
+        return _gen(3) if generators == "one" else [_gen(3 + i) for i in range(2)]
+
+    args = dict(num_inference_steps=5, height=72, width=72, output_type="latent", **prompt_embeddings(pipe, batch=2),
+                **step_kwargs)
+    want = pipe(generator=gen(), **args).images
+    scale = float(want.abs().max())
+    for method, tol in (("sequential", None), ("picard", 0.0)):
+        got = paratime.parallelize(pipe, method=method, tol=tol)(generator=gen(), **args).images
+        assert float((got - want).abs().max()) <= BOUND * scale, method
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_generators_draw_the_pipelines_own_noise():
+    pipe = tiny_sd().to("cuda")
+    pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    args = dict(num_inference_steps=5, height=72, width=72, output_type="latent",
+                **{k: v.cuda() for k, v in prompt_embeddings(pipe, batch=2).items()})
+    for gen in (lambda: torch.Generator("cuda").manual_seed(3),
+                lambda: [torch.Generator("cuda").manual_seed(3 + i) for i in range(2)]):
+        want = pipe(generator=gen(), **args).images
+        got = paratime.parallelize(pipe, tol=0.0)(generator=gen(), **args).images
+        assert float((got - want).abs().max()) <= BOUND * float(want.abs().max())
+
+
+@pytest.mark.parametrize("options, error, match", [
+    ({"method": "nonsense"}, ValueError, "method: unknown 'nonsense'"),
+    ({"tol": -1}, ValueError, "tol: must be >= 0"),
+    ({"tol": math.nan}, ValueError, "tol: must be a finite number"),
+    ({"window": 0}, ValueError, "window: must be an integer >= 1"),
+    ({"windw": 4}, TypeError, "windw: unknown parallelize.. option; allowed: .*window"),
+    ({"state_dtype": torch.int32}, TypeError, "state_dtype: expected one of"),
+    ({"method": "parareal"}, ValueError, "method: 'parareal' .* plms uses 3; use method='picard'"),
+    ({"solver": "ddim"}, TypeError, "solver: set by the pipeline's scheduler"),
+    ({"guidance": 3.0}, TypeError, "guidance: set by guidance_scale= of the call"),
+    ({"kernels": "cuda"}, ValueError, "kernels: unknown 'cuda'"),
+    ({"progress": "yes"}, TypeError, "progress: expected True or False"),
+    ({"backend_options": ["x"]}, TypeError, "backend_options: expected a dict"),
+])
+def test_every_option_is_checked_when_parallelize_is_called(options, error, match):
+    pipe = tiny_sd()                                 # PNDM: a three-point history
+    with pytest.raises(error, match=match):
+        paratime.parallelize(pipe, **options)
+
+
+@pytest.mark.parametrize("scheduler", sorted(REFUSED))
+def test_unported_schedulers_are_refused_at_wrap_time_with_reason_and_nearest(scheduler):
+    pipe = tiny_sd()
+    try:
+        pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    except ImportError as e:                          # DPMSolverSDEScheduler needs torchsde
+        pytest.skip(f"{scheduler}: {e}")
+    near, why = REFUSED[scheduler]
+    with pytest.raises(ValueError, match=re.escape(f"scheduler: {scheduler} is not supported ({why}; nearest: {near})")):
+        paratime.parallelize(pipe)
+
+
+@pytest.mark.parametrize("name, scheduler", [("sd", "LMSDiscreteScheduler"), ("sd3", "FlowMatchHeunDiscreteScheduler")])
+def test_new_schedulers_through_the_pipeline(name, scheduler):
+    """LMS (SD) and FlowMatchHeun (SD3) swapped in with from_config: sequential and Picard at tol 0 match."""
+    pipe = PIPES[name]()
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    args = dict(num_inference_steps=5, height=48, width=64, output_type="latent", guidance_scale=4.0,
+                **prompt_embeddings(pipe, batch=2))
+    want = pipe(generator=_gen(), **args).images
+    for method, tol in (("sequential", None), ("picard", 0.0)):
+        got = paratime.parallelize(pipe, method=method, tol=tol)(generator=_gen(), **args).images
+        assert float((got - want).abs().max()) <= BOUND * float(want.abs().max()), method

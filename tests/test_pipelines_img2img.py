@@ -1,0 +1,95 @@
+"""Image-conditioned pipelines through ``paratime.parallelize(pipe)``, against the pipeline's own call (same
+generator), with the default ``output_type`` and ``"latent"``, sequential and Picard: img2img (the pipeline's own
+``strength`` truncation of the grid, image encoding and noising) and ControlNet (its residuals in every call)."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+import paratime  # noqa: E402
+from paratime.bench.tiny_pipelines import tiny_sd, tiny_sd_controlnet, tiny_sdxl  # noqa: E402
+
+BOUND = 1e-4
+
+
+def _sd_img2img():
+    return diffusers.StableDiffusionImg2ImgPipeline(**tiny_sd(text=True).components)
+
+
+def _sdxl_img2img():
+    return diffusers.StableDiffusionXLImg2ImgPipeline(**tiny_sdxl(text=True).components,
+                                                      requires_aesthetics_score=False)
+
+
+PIPES = {"sd_img2img": _sd_img2img, "sdxl_img2img": _sdxl_img2img}
+SCHEDULERS = {"ddim": diffusers.DDIMScheduler, "euler_ancestral": diffusers.EulerAncestralDiscreteScheduler,
+              "dpmpp_2m": diffusers.DPMSolverMultistepScheduler}
+
+
+def _array(images) -> np.ndarray:
+    return np.stack([np.asarray(im, dtype=np.float64) for im in images])
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+@pytest.mark.parametrize("name", sorted(PIPES))
+def test_img2img_matches_the_pipeline(name, scheduler):
+    pipe = PIPES[name]()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
+    image = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(0))
+
+    def call(target, output_type=None, method="picard", tol=0.0):
+        kw = dict(image=image, strength=0.6, num_inference_steps=6, guidance_scale=4.0,
+                  generator=torch.Generator().manual_seed(1))
+        if output_type is not None:
+            kw["output_type"] = output_type
+        if target is pipe:
+            return pipe(["a cat", "a dog"], **kw).images
+        return paratime.parallelize(pipe, method=method, tol=tol)(["a cat", "a dog"], **kw)
+
+    want = call(pipe, "latent")
+    scale = float(want.abs().max())
+    for method, tol in (("sequential", None), ("picard", 0.0)):
+        got = call(None, "latent", method, tol)
+        assert got.paratime_stats.steps == 3                    # int(6 * 0.6) of the 6 steps: the pipeline's cut
+        assert float((got.images - want).abs().max()) <= BOUND * scale, method
+    # The default output_type (PIL): within one 8-bit level of the pipeline's images.
+    assert np.abs(_array(call(None).images) - _array(call(pipe))).max() <= 1.0
+
+
+@pytest.mark.parametrize("scheduler", ["PNDMScheduler", "LMSDiscreteScheduler"])
+def test_img2img_with_multistep_schedulers_restarted_part_way_is_refused_with_the_fix(scheduler):
+    pipe = _sd_img2img()
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    image = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=f"strength: {scheduler} restarted part-way.*use DDIMScheduler"):
+        paratime.parallelize(pipe)("a cat", image=image, strength=0.5, num_inference_steps=4)
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "euler_ancestral"])
+def test_controlnet_matches_the_pipeline(scheduler):
+    pipe = tiny_sd_controlnet(text=True)
+    if scheduler == "euler_ancestral":
+        pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    control = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(0))
+
+    def call(target, conditioning_scale=0.7, **kw):
+        return target(["a cat", "a dog"], image=control, num_inference_steps=5,
+                      controlnet_conditioning_scale=conditioning_scale, generator=torch.Generator().manual_seed(1), **kw)
+
+    want = call(pipe, output_type="latent").images
+    scale = float(want.abs().max())
+    # The ControlNet's residuals matter here: without them (scale 0) the sample moves by far more than the bound.
+    assert float((call(pipe, 0.0, output_type="latent").images - want).abs().max()) > 100 * BOUND * scale
+    for method, tol in (("sequential", None), ("picard", 0.0)):
+        got = call(paratime.parallelize(pipe, method=method, tol=tol), output_type="latent").images
+        assert float((got - want).abs().max()) <= BOUND * scale, method
+    assert np.abs(_array(call(paratime.parallelize(pipe, tol=0.0)).images) - _array(call(pipe).images)).max() <= 1.0
+    with pytest.raises(ValueError, match="control_guidance_start, control_guidance_end"):
+        call(paratime.parallelize(pipe), control_guidance_end=0.5)

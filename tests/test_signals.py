@@ -1,0 +1,131 @@
+"""Ctrl-C and SIGTERM: one line, exit 130, every rank the CLI started ended (no orphans); and the error that reaches
+the user is the first cause (Ray's clean-up wait must not hide the RayWorkerError naming the actor). Every wait is
+bounded; processes are found through /proc."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LONG = ["sample", "--model", "digits", "--steps", "1000", "--batch", "64", "--method", "sequential", "--no-compare",
+        "--no-progress", "--no-policy-demo", "--out", ""]
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "RAY_ADDRESS")}
+    return {**env, "OMP_NUM_THREADS": "1"}
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc/*/stat: the field after the command is the state, then the ppid)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def _interrupt(argv, *, group: bool, delay: float, sig=signal.SIGINT):
+    """Start ``paratime argv`` in its own session (a terminal's foreground job), wait until its two ranks exist
+    (+ ``delay`` s), send ``sig`` to the group (a terminal's Ctrl-C) or to the launcher only; returns
+    (exit code, stderr, rank pids)."""
+    proc = subprocess.Popen([sys.executable, "-m", "paratime", *argv], cwd=ROOT, env=_env(), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ranks = _wait_for(lambda: len(_children(proc.pid)) >= 2 and _children(proc.pid), 60, "two ranks")
+        time.sleep(delay)
+        assert proc.poll() is None, proc.communicate()
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+        return proc.returncode, err, ranks
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("group, delay, sig", [(True, 0.0, signal.SIGINT),     # Ctrl-C while the ranks start
+                                               (True, 4.0, signal.SIGINT),     # Ctrl-C while they sample
+                                               (False, 1.0, signal.SIGTERM)],  # kill PID of the launcher alone
+                         ids=["ctrl-c-starting", "ctrl-c-sampling", "sigterm-launcher"])
+def test_interrupt_ends_every_rank_with_one_line(group, delay, sig):
+    rc, err, ranks = _interrupt([*LONG, "--backend", "torch", "--workers", "2"], group=group, delay=delay, sig=sig)
+    assert rc == 130, err
+    assert err.strip().splitlines()[-1] == "paratime: interrupted" and "Traceback" not in err, err
+    _wait_for(lambda: not any(_alive(p) for p in ranks), 15, f"ranks {ranks} to end")
+
+
+def test_ctrl_c_on_a_local_run_is_one_line():
+    proc = subprocess.Popen([sys.executable, "-m", "paratime", *LONG], cwd=ROOT, env=_env(), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(5)                                       # past the imports: sampling
+        assert proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    assert proc.returncode == 130 and err.strip() == "paratime: interrupted", err
+
+
+def test_ray_clean_up_does_not_hide_the_first_error():
+    """Actors hang: the evaluation raises RayWorkerError (naming the actor); the release that follows times out in
+    Ray's wait. The user must see the RayWorkerError."""
+    ray = pytest.importorskip("ray")
+    from paratime.backends.ray_actors import RayBackend, RayWorkerError
+
+    class Hung:
+        def remote(self, *a, **k):
+            return "ref"
+
+    class Actor:
+        set_cond = Hung()
+
+    class FakeRay:
+        exceptions = ray.exceptions
+
+        @staticmethod
+        def get(refs, timeout=None):
+            raise ray.exceptions.GetTimeoutError("Get timed out: some object(s) not ready.")
+
+    backend = object.__new__(RayBackend)                   # no cluster: only release() is exercised
+    backend.ray, backend.actors, backend._cond_ref, backend.timeout_s, backend._cond = FakeRay, [Actor()], "c", 1.0, {}
+    with pytest.raises(RayWorkerError, match="actor 0"):
+        try:
+            raise RayWorkerError("actor 0 failed 3 times (timeout 1 s): GetTimeoutError")
+        finally:
+            backend.release()                              # what sample() does on the way out
+    assert backend._cond_ref is None

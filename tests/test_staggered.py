@@ -1,0 +1,124 @@
+"""The staggered-cores method (CHORDS's hierarchy, issue 21): at tol 0 it is the sequential sample for every solver
+(core 0 is the sequential solver, the others only change when a sample is returned); with a tolerance it returns a
+sample before core 0 does, within the tolerance; one batched call per tick of at most K rows per sample and at most
+one host read per tick; bad options name the argument."""
+
+import pytest
+import torch
+
+from paratime import ParallelSampler
+from paratime.methods import RoundInfo, sample_sequential, sample_staggered
+from paratime.methods.staggered import default_starts
+from paratime.solvers import SOLVERS
+
+from test_picard_syncs import SyncCounter, _problem       # tests/ is on sys.path
+
+#: (cores, starts) on a 20-step grid: one core (sequential), CHORDS's default schedule at 3 and 8 cores, a
+#: hand-made one, and a core on every point
+LAYOUTS = [(1, None), (3, None), (8, None), (4, (0, 5, 6, 15)), (20, None)]
+
+
+@pytest.mark.parametrize("solver", sorted(SOLVERS))
+def test_every_solver_at_tol_zero_equals_sequential(solver):
+    x_T, problem, _ = _problem(solver, 20, batch=4)
+    seq = sample_sequential(x_T, problem).x
+    for cores, starts in LAYOUTS:
+        out = sample_staggered(x_T, problem, cores, 0.0, starts)
+        torch.testing.assert_close(out.x, seq, rtol=0, atol=1e-12, msg=lambda m: f"{cores, starts}: {m}")
+        assert out.rounds == 20 and out.extra["sample_core"] == [0] * 4
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "heun"])
+def test_tolerance_returns_before_core_zero_within_tol(solver):
+    """At tol 1e-2 (absolute) every sample is returned by a later core, before tick N, within tol of the
+    sequential sample."""
+    x_T, problem, _ = _problem(solver, 20, batch=6)
+    seq = sample_sequential(x_T, problem).x
+    out = sample_staggered(x_T, problem, 8, 1e-2)
+    assert all(c > 0 for c in out.extra["sample_core"]) and int(out.sample_rounds.max()) < 20
+    assert float((out.x - seq).abs().max()) <= 1e-2
+
+
+def test_one_call_per_tick_of_the_live_cores_and_one_read():
+    """Each tick evaluates every live core's point of every open sample in one call (<= K rows per sample), and
+    reads the device at most once (after a tick that returned a sample)."""
+    x_T, problem, calls = _problem("ddim", 20, batch=3)
+    counter, per_tick, rows = SyncCounter(), [], []
+
+    def on_round(info: RoundInfo):
+        per_tick.append(counter.count)
+        rows.append(info.rows)
+        counter.count = 0
+
+    calls["mode"] = counter
+    problem = type(problem)(**{**problem.__dict__, "on_round": on_round})
+    with counter:
+        out = sample_staggered(x_T, problem, 4, 1e-3)
+    assert len(calls["syncs"]) == out.rounds                         # one network call per tick
+    assert max(per_tick) <= 1 and rows == out.extra["tick_rows"]
+    assert max(rows) <= 4 * 3 and rows[0] == 3                         # core 0 alone on the first tick
+
+
+def test_default_starts_are_chords_schedule():
+    assert default_starts(8, 50) == (0, 2, 4, 8, 16, 24, 32, 40)       # CHORDS's published schedule
+    for cores, steps in [(1, 5), (4, 50), (8, 10), (10, 10), (12, 100)]:
+        s = default_starts(cores, steps)
+        assert len(s) == cores and s[0] == 0 and all(a < b for a, b in zip(s, s[1:])) and s[-1] < steps
+
+
+def test_sampler_runs_staggered_with_guidance_and_equals_sequential():
+    y = torch.tensor([3, 7])
+    kw = dict(steps=12, guidance=2.0, progress=False)
+    seq = ParallelSampler("digits", method="sequential", **kw).sample(2, labels=y)
+    par = ParallelSampler("digits", method="staggered", window=4, tol=0.0, **kw).sample(2, labels=y)
+    torch.testing.assert_close(par.samples, seq.samples, rtol=0, atol=1e-5)
+    assert par.stats.iterations == 12 and par.stats.extra["cores"] == 4
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(cores=0), "cores: must be an integer in"), (dict(cores=21), "cores: must be an integer in"),
+    (dict(cores=2.0), "cores: must be an integer in"),
+    (dict(cores=3, starts=(1, 2, 3)), "starts: must be 3 strictly increasing"),
+    (dict(cores=3, starts=(0, 2, 2)), "starts: must be 3 strictly increasing"),
+    (dict(cores=3, starts=(0, 2)), "starts: must be 3 strictly increasing"),
+    (dict(cores=2, starts=(0, 20)), "starts: must be 2 strictly increasing"),
+    (dict(cores=2, tol=-1.0), "tol: must be a number >= 0"),
+    (dict(cores=2, tol_scale=0.0), "tol_scale: must be a number > 0 or None"),
+])
+def test_bad_options_name_the_argument(kw, match):
+    x_T, problem, _ = _problem("ddim", 20, batch=2)
+    with pytest.raises(ValueError, match=match):
+        sample_staggered(x_T, problem, **kw)
+
+
+def test_sampler_needs_the_cores_as_window():
+    with pytest.raises(ValueError, match="window: method='staggered' takes its number of cores"):
+        ParallelSampler("gmm", steps=10, method="staggered", progress=False).sample(2, seed=0)
+
+
+def test_same_hits_as_the_chords_port():
+    """Against CHORDS's port (benchmarks/chords_ref.py, itself checked against the original) with the solver's
+    jump as its F and G (a one-step DDIM jump is the DDIM step): every core finishes at the same tick, and the core
+    returned at a loose tolerance (the first hit after the shoot) is the port's, through its Parareal corrections."""
+    from benchmarks.chords_ref import run_chords
+
+    x_T, problem, _ = _problem("ddim", 20, batch=3)
+    b = torch.arange(3)
+
+    def jump(x, d, t, s):
+        return problem.solver.jump(x, d, torch.full((3,), t), torch.full((3,), s), b, None, problem.sigmas)
+
+    def score(points):
+        return [problem.evaluate(x, torch.full((3,), t), b) for t, x in points]
+
+    for cores, starts in [(8, None), (2, (0, 5)), (4, (0, 5, 6, 15))]:
+        ours = sample_staggered(x_T, problem, cores, 0.0, starts)
+        starts = ours.extra["starts"]
+        ref = run_chords(20, x_T, score, starts, jump, criterion="core_index", index=cores)
+        # the port lists same-tick hits in core order, this method newest core first
+        assert sorted(ours.extra["hit_ticks"]) == sorted((-1 if h.k == 0 and h is ref.hits[0] else
+                                                          starts.index(20 - h.k), h.tick) for h in ref.hits)
+    loose = sample_staggered(x_T, problem, 2, 1e9, (0, 5))
+    ref = run_chords(20, x_T, score, (0, 5), jump, criterion="core_index", index=1)
+    assert loose.extra["sample_core"] == [1] * 3 and ref.hits[1].k == 15
+    torch.testing.assert_close(loose.x, ref.hits[1].x, rtol=0, atol=1e-12)
