@@ -6,10 +6,12 @@ max |Δ|, the samples over tol, rounds and NFE; every row with max |Δ| > tol is
     python benchmarks/accuracy_sweep.py --cases gmm-ddim100,mix3-ddpm100 --json sweep.json
     python benchmarks/accuracy_sweep.py --cases digits-ddim100 --tols 1e-2,1e-3
 
-Cases (``SWEEP_CASES``, full window): ``gmm`` DDIM-100 and DDPM-100 with 4,000 samples; ``mix3`` (the 3-D
-anisotropic mixture with weights 0.6 / 0.3 / 0.1 of ``tests/test_accuracy.py``, imported from there) DDIM-100 and
-DDPM-100 with 4,000 samples; ``digits`` DDIM-100 with 64 samples (data in about [-1, 1]). |Δ| is in data units (the
-returned sample's); a sample's error is its max over features.
+Cases (``SWEEP_CASES``, full window): ``gmm`` DDIM-100, DDPM-100 and the multistep DPM++(2M), DPM++(3M) and PLMS
+at 100 steps with 4,000 samples; ``mix3`` (the 3-D anisotropic mixture with weights 0.6 / 0.3 / 0.1 of
+``tests/test_accuracy.py``) DDIM-100, DDPM-100 and DPM++(2M)-100 with 4,000 samples; ``digits`` DDIM-100 with 64
+samples (data in [-1, 1]). ``--updates all`` sweeps every update rule. |Δ| is in data units (the returned sample's); a
+sample's error is its max over features, compared with the tolerance in force for it (``SampleStats.tol_abs``:
+``tol`` times its data scale, issue 25); the margin column gives the worst and the median error / that tolerance.
 
 To explain a flagged row, the table gives three more things. "switched": the samples that end with another label
 than their sequential twin (the mixture's mode, by the responsibilities at sigma 0; the digit's class, by the
@@ -35,7 +37,7 @@ import torch
 
 from paratime.bench.rounds_at_accuracy import Case, sample
 from paratime.denoiser import Denoiser
-from paratime.methods.picard import default_accept_tol
+from paratime.methods.picard import UPDATES, default_accept_tol
 from paratime.solvers import make_solver
 from paratime.models import load_model
 from paratime.zoo.gmm import mixture_3d
@@ -46,7 +48,12 @@ SWEEP_CASES = {"gmm-ddim100": Case("gmm", "ddim", 100, None, 4000),
                "gmm-ddpm100": Case("gmm", "ddpm", 100, None, 4000),
                "mix3-ddim100": Case("mix3", "ddim", 100, None, 4000),
                "mix3-ddpm100": Case("mix3", "ddpm", 100, None, 4000),
-               "digits-ddim100": Case("digits", "ddim", 100, None, 64)}
+               "digits-ddim100": Case("digits", "ddim", 100, None, 64),
+               # Multistep solvers (issue 25): the final point of a history-carrying step map.
+               "gmm-dpmpp2m100": Case("gmm", "dpmpp_2m", 100, None, 4000),
+               "gmm-dpmpp3m100": Case("gmm", "dpmpp_3m", 100, None, 4000),
+               "gmm-plms100": Case("gmm", "plms", 100, None, 4000),
+               "mix3-dpmpp2m100": Case("mix3", "dpmpp_2m", 100, None, 4000)}
 
 
 BUILDERS: dict[str, Callable[[], Denoiser]] = {"mix3": mixture_3d}
@@ -118,13 +125,17 @@ def accuracy_sweep(case: Case, tols=TOLS, seed: int = 0, **options) -> list[dict
         for tol in tols:
             res = sample(case, case.batch, seed, tol=tol, **options)
             err = (res.samples - ref).abs().reshape(case.batch, -1).amax(1).double()     # (B,) per-sample max |Δ|
-            over = err > tol
+            # The tolerance in force per sample, in the sample's units (tol times its data scale; tol itself where
+            # the rule does not scale it); the margin is the worst err / that.
+            tol_abs = torch.tensor(res.stats.tol_abs or [tol] * case.batch, dtype=torch.float64)
+            over = err > tol_abs
             switched = label(res.samples) != ref_labels if label else None              # (B,) bool
             worst = err.argsort(descending=True)[:int(over.sum())][:DIAGNOSED].tolist()
             rows.append({"tol": tol, "max_abs_diff": float(err.max()), "p99_abs_diff": float(err.quantile(0.99)),
+                         "max_rel": float((err / tol_abs).max()), "median_rel": float((err / tol_abs).median()),
                          "over": int(over.sum()), "switched": None if switched is None else int(switched.sum()),
                          "switched_over": None if switched is None else int((switched & over).sum()),
-                         "rounds": res.stats.rounds, "nfe": res.stats.nfe, "flagged": bool(err.max() > tol),
+                         "rounds": res.stats.rounds, "nfe": res.stats.nfe, "flagged": bool(over.any()),
                          "worst": [(b, float(err[b]), res.stats.sample_rounds[b], float(gain[b]), int(rank[b]))
                                    for b in worst],
                          "sensitivity_median": float(gain.median()), "sensitivity_p99": float(gain.quantile(0.99)),
@@ -149,18 +160,20 @@ def _strict_accept(case: Case, ref: torch.Tensor, idx: list[int], tol: float, se
 def to_markdown(name: str, case: Case, rows: list[dict]) -> str:
     gains = f"sensitivity median {rows[0]['sensitivity_median']:.3g}, p99 {rows[0]['sensitivity_p99']:.3g}"
     lines = [f"{name} (batch {case.batch}, window {case.window or case.steps}; {gains})", "",
-             "| tol | max abs Δ | p99 abs Δ | samples over tol | switched (of them over tol) | rounds | NFE | flag | "
+             "| tol | max abs Δ | p99 abs Δ | margin: max (median) Δ / tol in force | samples over tol | "
+             "switched (of them over tol) | rounds | NFE | flag | "
              "worst: sample, its rounds, sensitivity (rank) | over-tol samples, accept 10x stricter: max abs Δ |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         switched = "n/a" if r["switched"] is None else f"{r['switched']} ({r['switched_over']})"
-        flag = f"**max Δ > tol ({r['max_abs_diff'] / r['tol']:.1f}x)**" if r["flagged"] else ""
+        flag = f"**max Δ > tol ({r['max_rel']:.1f}x)**" if r["flagged"] else ""
         worst = ""
         if r["worst"]:
             b, _, rounds, gain, rank = r["worst"][0]
             worst = f"#{b}, {rounds}, {gain:.3g} (rank {rank + 1} of {case.batch})"
         strict = "" if r["strict_accept_max_abs_diff"] is None else f"{r['strict_accept_max_abs_diff']:.2e}"
-        lines.append(f"| {r['tol']:g} | {r['max_abs_diff']:.2e} | {r['p99_abs_diff']:.2e} | {r['over']} | "
+        lines.append(f"| {r['tol']:g} | {r['max_abs_diff']:.2e} | {r['p99_abs_diff']:.2e} | "
+                     f"{r['max_rel']:.3f} ({r['median_rel']:.3f}) | {r['over']} | "
                      f"{switched} | {r['rounds']} | {r['nfe']:.1f} | {flag} | {worst} | {strict} |")
     return "\n".join(lines) + "\n"
 
@@ -175,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--json", default=None, help="also write every row to this file (after each case)")
+    ap.add_argument("--updates", default="secant", help=f"comma-separated update rules of {', '.join(UPDATES)}, "
+                    "or 'all': each case is swept once per rule (default: the sampler's, secant)")
     args = ap.parse_args(argv)
     names = list(SWEEP_CASES) if args.cases == "all" else args.cases.split(",")
     for n in names:
@@ -186,14 +201,19 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--tols: expected comma-separated numbers, got {args.tols!r}")
     if (args.batch is not None and args.batch < 1) or args.threads < 1 or args.seed < 0:
         ap.error("--batch, --threads: must be >= 1; --seed: >= 0")
+    updates = list(UPDATES) if args.updates == "all" else args.updates.split(",")
+    for u in updates:
+        if u not in UPDATES:
+            ap.error(f"--updates: unknown {u!r}; allowed: {', '.join(UPDATES)}, all")
     torch.set_num_threads(args.threads)
     out = []
     for n in names:
         case = SWEEP_CASES[n] if args.batch is None else replace(SWEEP_CASES[n], batch=args.batch)
-        rows = accuracy_sweep(case, tols, args.seed)
-        print(to_markdown(n, case, rows), flush=True)
-        out.append({"case": n, "model": case.model, "solver": case.solver, "steps": case.steps, "seed": args.seed,
-                    "batch": case.batch, "window": case.window or case.steps, "rows": rows})
+        for u in updates:
+            rows = accuracy_sweep(case, tols, args.seed, update=u)
+            print(to_markdown(f"{n}, update {u}", case, rows), flush=True)
+            out.append({"case": n, "update": u, "model": case.model, "solver": case.solver, "steps": case.steps,
+                        "seed": args.seed, "batch": case.batch, "window": case.window or case.steps, "rows": rows})
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=1))
     return 0

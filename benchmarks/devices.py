@@ -8,7 +8,8 @@ counted by the sampler, K is what the backend reports: the rows are evaluated on
 of the data range (the largest |x| of the sequential samples). Two levels, 2e-3 and 5e-2: per method the fastest
 setting whose max |Δ| stays within the level ("best found": fixed windows over ``W in {K, 2K, 4K, N}`` and
 tolerances; CHORDS: the earliest hit index meeting the level on every seed, a fixed index as a stop rule must be;
-pipelined Parareal over tolerances); the planner runs its defaults only.
+pipelined Parareal and paratime's own staggered method, ``method="staggered"`` with K cores, over tolerances); the
+planner runs its defaults only.
 
 Costs: ``digits`` U-Net with the ``compute`` curve ``c(r) = r`` (a large model on a GPU), ``policy`` with the
 ``latency`` curve ``c(r) = 1`` (a small model). CHORDS (:mod:`benchmarks.chords_ref`) uses the staggered schedule of
@@ -41,7 +42,7 @@ import torch
 from benchmarks.chords_ref import run_chords, stagger
 from paratime import ParallelSampler
 from paratime.backends import LocalBackend
-from paratime.cost import make_cost
+from paratime.methods import METHODS
 from paratime.noise import INITIAL, draw_noise
 from paratime.planner import picard_rows
 
@@ -143,6 +144,9 @@ def measure(model: str, steps: int, devices: list[int], seeds: int, quick: bool 
                           for w in windows for tol in (PICARD_TOLS[1:2] if quick else PICARD_TOLS)]
         rec["parareal_pipelined"] = [dict(_runs(model, steps, cost, K, seeds, seq, method="parareal_pipelined",
                                                 tol=tol), tol=tol) for tol in PARAREAL_TOLS[:1 if quick else None]]
+        rec["staggered"] = ([dict(_runs(model, steps, cost, K, seeds, seq, method="staggered", window=K, tol=tol),
+                                  tol=tol) for tol in (PICARD_TOLS[1:2] if quick else PICARD_TOLS)]
+                            if "staggered" in METHODS else [])
         hits = _chords(model, steps, K, seeds, seq)
         for h in hits:
             h["speedup"] = steps / h["sce"]
@@ -156,15 +160,16 @@ def measure(model: str, steps: int, devices: list[int], seeds: int, quick: bool 
 def table(res: dict, level: float) -> tuple[list[str], dict]:
     """Markdown rows at one accuracy level and the speed-ups plotted (method -> [speed-up per K or None])."""
     Ks = sorted(res["K"])
-    series = {m: [] for m in ("sequential", "planner", "best fixed window", "pipelined Parareal", "CHORDS port",
-                              "CHORDS recommended stop")}
+    series = {m: [] for m in ("sequential", "planner", "best fixed window", "pipelined Parareal",
+                              "staggered (K cores)", "CHORDS port", "CHORDS recommended stop")}
     for K in Ks:
         rec = res["K"][K]
         planner = rec["planner"] if rec["planner"]["err"] <= level else None
         chords = next((h for h in rec["chords"] if h["err"] <= level), None)
         rec_stop = rec["chords"][1] if len(rec["chords"]) > 1 else rec["chords"][-1]
         picks = {"sequential": rec["sequential"], "planner": planner, "best fixed window": _best(rec["windows"], level),
-                 "pipelined Parareal": _best(rec["parareal_pipelined"], level), "CHORDS port": chords,
+                 "pipelined Parareal": _best(rec["parareal_pipelined"], level),
+                 "staggered (K cores)": _best(rec["staggered"], level), "CHORDS port": chords,
                  "CHORDS recommended stop": rec_stop if rec_stop["err"] <= level else None}
         for m, r in picks.items():
             series[m].append(None if r is None else r["speedup"])
@@ -198,7 +203,7 @@ def plot(results: list[dict], level: float, path: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(7.5 * len(results), 4), squeeze=False)
     fails = []
     for ax, res in zip(axes[0], results):
         Ks = sorted(res["K"])
@@ -217,7 +222,7 @@ def plot(results: list[dict], level: float, path: Path) -> list[str]:
         ax.set_xlabel("devices K")
         ax.set_ylabel("speed-up N / SCE")
         ax.set_title(f"{res['model']} DDIM-{res['steps']}, {res['cost']}-bound, max|Δ| ≤ {level:g} of range")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # beside the axes: no point hidden
         lo, hi = ax.get_ylim()
         if not all(lo <= s <= hi for v in series.values() for s in v if s is not None):
             fails.append(f"plot {res['model']}: a point outside the y axis")
@@ -230,7 +235,7 @@ def plot(results: list[dict], level: float, path: Path) -> list[str]:
 def checks(res: dict) -> list[str]:
     fails = []
     for K, rec in res["K"].items():
-        for r in [rec["planner"], *rec["windows"], *rec["parareal_pipelined"]]:
+        for r in [rec["planner"], *rec["windows"], *rec["parareal_pipelined"], *rec["staggered"]]:
             if "error" in r:
                 fails.append(f"{res['model']} K={K}: {r['error']}")
         p = rec["planner"]
@@ -254,6 +259,70 @@ def calibrate(steps_list=(50, 100), windows=(2, 4, 8, 16, 32)) -> None:
             s = _sampler("digits", N, "latency", 1, window=W)
             r = [s.sample(1, seed=0, first_sample=i, **_cond("digits", i)).stats.rounds for i in range(4)]
             print(f"| {N} | {W} | {min(r)}-{max(r)} | {len(picard_rows(N, W, 2e-3))} |", flush=True)
+
+
+# -- diffusers' real ParaDiGMS pipeline ----------------------------------------------------------------------------
+class _RowLog:
+    """Rows of every call of a module (forward pre-hook): the UNet's batch per call."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.rows: list[int] = []
+        self.handle = module.register_forward_pre_hook(lambda m, args: self.rows.append(int(args[0].shape[0])))
+
+
+def paradigms(steps: int, devices: list[int], quick: bool = False) -> dict:
+    """diffusers' ``StableDiffusionParadigmsPipeline`` (the real class) on the tiny SD pipeline of
+    ``benchmarks/tiny_pipelines.py`` (untrained, from configs; guidance 5, so a call holds 2 rows per point), batch 1:
+    SCE from the rows of each UNet call under the compute-bound curve, ``sum ceil(rows / K)``, against the sequential
+    pipeline's, and max |Δ| of the latents against the sequential pipeline's, as a fraction of their range; swept over
+    ``parallel = K, 2K, 4K, N`` and tolerances 0.1, 0.01, 1e-3."""
+    from diffusers import DDIMParallelScheduler, StableDiffusionParadigmsPipeline
+
+    from benchmarks.tiny_pipelines import prompt_embeddings, tiny_sd
+
+    scheduler = DDIMParallelScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                      clip_sample=False, timestep_spacing="trailing", set_alpha_to_one=False,
+                                      steps_offset=1)
+    pipe = tiny_sd(scheduler)
+    para = StableDiffusionParadigmsPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=None, unet=pipe.unet,
+                                            scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
+                                            requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    para.set_progress_bar_config(disable=True)
+    args = dict(num_inference_steps=steps, guidance_scale=5.0, height=64, width=64, output_type="latent",
+                latents=torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)),
+                **prompt_embeddings(pipe, batch=1))
+    log = _RowLog(pipe.unet)
+    try:
+        ref = pipe(**args).images
+        seq_rows, rng = list(log.rows), float(ref.abs().max())
+        runs = {}
+        for W in sorted({w for K in devices for w in (K, 2 * K, 4 * K, steps) if 2 <= w <= steps}):
+            for tol in ((0.1,) if quick else (0.1, 0.01, 1e-3)):
+                log.rows.clear()
+                out = para(**args, parallel=W, tolerance=tol).images
+                runs[(W, tol)] = (list(log.rows), float((out - ref).abs().max()) / rng)
+    finally:
+        log.handle.remove()
+    out = {"model": "tiny SD (diffusers)", "steps": steps, "K": {}}
+    for K in devices:
+        seq = sum(-(-r // K) for r in seq_rows)
+        rows = [{"window": W, "tol": tol, "speedup": seq / sum(-(-r // K) for r in rr), "err": err,
+                 "rows_per_call": max(rr)} for (W, tol), (rr, err) in runs.items() if W <= max(2, 4 * K) or W == steps]
+        out["K"][K] = rows
+    return out
+
+
+def paradigms_table(res: dict) -> list[str]:
+    Ks = sorted(res["K"])
+    lines = [f"| diffusers ParaDiGMS, tiny SD DDIM-{res['steps']} | " + " | ".join(f"K={K}" for K in Ks) + " |",
+             "|---|" + "---|" * len(Ks)]
+    for level in LEVELS:
+        best = [_best(res["K"][K], level) for K in Ks]
+        lines.append(f"| best at max\\|Δ\\| ≤ {level:g} of range | " + " | ".join(
+            "–" if b is None else f"{b['speedup']:.2f}x (parallel={b['window']}, tol {b['tol']:g})" for b in best)
+            + " |")
+    return lines
 
 
 # -- the real two-rank figure ---------------------------------------------------------------------------------------
@@ -328,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench_out", help="folder for devices.json and devices.png")
     p.add_argument("--calibrate", action="store_true", help="print the planner's rounds model against measurement")
     p.add_argument("--real", action="store_true", help="the 2-rank wall-clock figure (gloo, 1 thread per rank)")
+    p.add_argument("--paradigms", action="store_true",
+                   help="also diffusers' StableDiffusionParadigmsPipeline on the tiny SD pipeline (rows per UNet call)")
     a = p.parse_args(argv)
     if a.steps < 4 or a.seeds < 1:
         p.error("--steps: at least 4; --seeds: at least 1")
@@ -363,8 +434,13 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(table(r, level)[0]))
     for r in results:
         print(f"\n{r['model']}:\n" + "\n".join(describe(r)))
+    extra = {}
+    if a.paradigms:
+        extra = paradigms(steps, Ks, a.quick)
+        print("\n" + "\n".join(paradigms_table(extra)))
     fails += plot(results, LEVELS[0], out / "devices.png")
-    (out / "devices.json").write_text(json.dumps({"results": results, "levels": LEVELS}, default=float, indent=1))
+    (out / "devices.json").write_text(json.dumps({"results": results, "levels": LEVELS, "paradigms": extra},
+                                                 default=float, indent=1))
     print(f"\nwrote {out / 'devices.json'}, {out / 'devices.png'} ({time.perf_counter() - t0:.0f} s, "
           f"{torch.get_num_threads()} thread(s))")
     for f in fails:

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
+from functools import partial
 
 import torch
+
+from . import tiny_pipelines as tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -26,48 +29,41 @@ SCHEDULERS = {
     "EulerDiscreteScheduler": {}, "EulerAncestralDiscreteScheduler": {}, "HeunDiscreteScheduler": {},
     "LMSDiscreteScheduler": {}, "DPMSolverMultistepScheduler": {}, "DPMSolverMultistepScheduler (sde, karras)": {},
     "FlowMatchEulerDiscreteScheduler": {}, "FlowMatchHeunDiscreteScheduler": {},
-    "UniPCMultistepScheduler": {}, "KDPM2DiscreteScheduler": {}, "KDPM2AncestralDiscreteScheduler": {},
+    "UniPCMultistepScheduler": {}, "UniPCMultistepScheduler (flow sigmas)": {},
+    "KDPM2DiscreteScheduler": {}, "KDPM2AncestralDiscreteScheduler": {},
     "DPMSolverSinglestepScheduler": {}, "DEISMultistepScheduler": {}, "EDMEulerScheduler": {},
-    "EDMDPMSolverMultistepScheduler": {}, "LCMScheduler": {}, "TCDScheduler": {},
+    "EDMDPMSolverMultistepScheduler": {}, "LCMScheduler": {}, "TCDScheduler (eta=0.3)": {"eta": 0.3},
 }
 _OPTIONS = {"DPMSolverMultistepScheduler (sde, karras)": {"algorithm_type": "sde-dpmsolver++",
-                                                          "use_karras_sigmas": True}}
+                                                          "use_karras_sigmas": True},
+            "UniPCMultistepScheduler (flow sigmas)": {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
+                                                      "flow_shift": 3.0}}
 _STOCHASTIC = ("DDIMScheduler (eta=1)", "DDPMScheduler", "EulerAncestralDiscreteScheduler",
-               "DPMSolverMultistepScheduler (sde, karras)")
+               "DPMSolverMultistepScheduler (sde, karras)", "LCMScheduler", "TCDScheduler (eta=0.3)")
 
 
-def _sd():
-    from paratime.bench.tiny_pipelines import tiny_sd
-    return tiny_sd(text=True)
-
-
-def _sdxl():
-    from paratime.bench.tiny_pipelines import tiny_sdxl
-    return tiny_sdxl(text=True)
-
-
-def _sd3():
-    from paratime.bench.tiny_pipelines import tiny_sd3
-    return tiny_sd3(text=True)
-
-
-def _sd_img2img():
-    from diffusers import StableDiffusionImg2ImgPipeline
-    return StableDiffusionImg2ImgPipeline(**_sd().components)
-
-
-def _sdxl_img2img():
-    from diffusers import StableDiffusionXLImg2ImgPipeline
-    return StableDiffusionXLImg2ImgPipeline(**_sdxl().components, requires_aesthetics_score=False)
+def _img2img(cls_name: str, base, **options):
+    """An img2img pipeline of ``cls_name`` from a tiny text-to-image pipeline's components."""
+    import diffusers
+    return getattr(diffusers, cls_name)(**base(text=True).components, **options)
 
 
 # Pipeline name -> (builder, flow matching?, call arguments beyond the shared ones).
 PIPELINES = {
-    "StableDiffusionPipeline": (_sd, False, {}),
-    "StableDiffusionXLPipeline": (_sdxl, False, {}),
-    "StableDiffusion3Pipeline": (_sd3, True, {}),
-    "StableDiffusionImg2ImgPipeline": (_sd_img2img, False, {"strength": 0.6}),
-    "StableDiffusionXLImg2ImgPipeline": (_sdxl_img2img, False, {"strength": 0.6}),
+    "StableDiffusionPipeline": (partial(tiny.tiny_sd, text=True), False, {}),
+    "StableDiffusionXLPipeline": (partial(tiny.tiny_sdxl, text=True), False, {}),
+    "StableDiffusion3Pipeline": (partial(tiny.tiny_sd3, text=True), True, {}),
+    "StableDiffusionImg2ImgPipeline": (partial(_img2img, "StableDiffusionImg2ImgPipeline", tiny.tiny_sd), False,
+                                       {"strength": 0.6}),
+    "StableDiffusionXLImg2ImgPipeline": (partial(_img2img, "StableDiffusionXLImg2ImgPipeline", tiny.tiny_sdxl,
+                                                 requires_aesthetics_score=False), False, {"strength": 0.6}),
+    "StableDiffusionInpaintPipeline": (partial(tiny.tiny_sd_inpaint, text=True), False,
+                                       {"strength": 0.6, "mask_image": None}),
+    "StableDiffusionXLInpaintPipeline": (partial(tiny.tiny_sdxl_inpaint, text=True), False,
+                                         {"strength": 0.6, "mask_image": None}),
+    "StableDiffusionControlNetPipeline": (partial(tiny.tiny_sd_controlnet, text=True), False, {"image": None}),
+    "FluxPipeline": (tiny.tiny_flux, True, {}),
+    "WanPipeline": (tiny.tiny_wan, True, {"num_frames": 5}),
 }
 
 
@@ -80,7 +76,7 @@ def cell(pipeline: str, scheduler: str, steps: int = 6) -> str:
 
     build, flow, extra = PIPELINES[pipeline]
     cls_name = scheduler.split(" ")[0]
-    if cls_name.startswith("FlowMatch") != flow:
+    if (cls_name.startswith("FlowMatch") or "flow" in scheduler) != flow:
         return "-"
     pipe = build()
     pipe.set_progress_bar_config(disable=True)
@@ -90,21 +86,35 @@ def cell(pipeline: str, scheduler: str, steps: int = 6) -> str:
     except ImportError as e:                     # e.g. torchsde for DPMSolverSDEScheduler
         return f"not installed ({str(e).strip().splitlines()[0][:40]})"
     side = (72, 72) if scheduler in _STOCHASTIC else (48, 64)
+    if pipeline in ("FluxPipeline", "WanPipeline"):  # packed / patched 2 x 2 latents: sides multiple of 16
+        side = (80, 80) if scheduler in _STOCHASTIC else (48, 64)
     args = dict(num_inference_steps=steps, guidance_scale=4.0, output_type="latent", **extra,
                 **SCHEDULERS[scheduler])
-    if "strength" in extra:
+    if "strength" in extra or "image" in extra:  # img2img, inpainting: the init image; ControlNet: the control
         args["image"] = torch.rand(2, 3, *side, generator=torch.Generator().manual_seed(0))
-    else:
+    if "mask_image" in extra:
+        args["mask_image"] = (torch.rand(2, 1, *side, generator=torch.Generator().manual_seed(5)) > 0.5).float()
+    if "strength" not in extra or "mask_image" in extra:
         args.update(height=side[0], width=side[1])
+    prompts = {"prompt": ["a cat", "a dog"]}
+    if pipeline in ("FluxPipeline", "WanPipeline"):  # no text encoders in the tiny Flux / Wan: embeddings
+        prompts = tiny.prompt_embeddings(pipe, batch=2)
+        if pipeline == "FluxPipeline":
+            prompts = {k: v for k, v in prompts.items() if not k.startswith("negative")}
+            args.update(max_sequence_length=16)
 
     def run(target):
-        return target(["a cat", "a dog"], generator=torch.Generator().manual_seed(1), **args).images
+        out = target(generator=torch.Generator().manual_seed(1), **prompts, **args)
+        return out.frames if pipeline == "WanPipeline" else out.images
 
     try:
         paratime.parallelize(pipe)
     except ValueError as e:                      # refused at wrap time: the reason and the nearest scheduler
         return "refused: " + str(e).split("; supported")[0]
-    want = run(pipe)
+    try:
+        want = run(pipe)
+    except (ValueError, TypeError) as e:         # the pipeline itself cannot run this scheduler
+        return f"(pipeline raises: {type(e).__name__})"
     scale = float(want.abs().max())
     try:
         worst = max(float((run(paratime.parallelize(pipe, method=m, tol=t)) - want).abs().max()) / scale

@@ -42,7 +42,7 @@ def _sig(x: float, digits: int = 2) -> str:
 
 
 def _main_job() -> list[str]:
-    """The quick start's digits figures: ``paratime sample --digits-only`` (rounds, NFE, max difference)."""
+    """The quick start's digits figures: ``paratime sample --no-policy-demo`` (rounds, NFE, max difference)."""
     import torch
 
     from paratime import ParallelSampler

@@ -12,8 +12,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-__all__ = ["tiny_sd", "tiny_sdxl", "tiny_sd3", "tiny_sd_controlnet", "tiny_flux", "prompt_embeddings",
-           "clip_tokenizer", "clip_text_encoder"]
+__all__ = ["tiny_sd", "tiny_sdxl", "tiny_sd3", "tiny_sd_controlnet", "tiny_sd_inpaint", "tiny_sdxl_inpaint",
+           "tiny_flux", "tiny_wan", "prompt_embeddings", "clip_tokenizer", "clip_text_encoder"]
 
 # A CLIP BPE vocabulary: the special tokens (bos 0, unk 1, eos 2), single letters, word-final letters, a few merges.
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -57,10 +57,10 @@ def _vae(**kw):
                          latent_channels=4, norm_num_groups=2, sample_size=32, **kw)
 
 
-def _unet(**kw):
+def _unet(in_channels: int = 4, **kw):
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4,
+    return UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=in_channels,
                                 out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=2, **kw)
 
@@ -82,6 +82,12 @@ def tiny_sd(scheduler=None, seed: int = 0, text: bool = False):
     return pipe
 
 
+def _sdxl_unet(in_channels: int = 4):
+    return _unet(in_channels, cross_attention_dim=16, attention_head_dim=(2, 4), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=6 * 8 + 8)
+
+
 def tiny_sdxl(scheduler=None, seed: int = 0, text: bool = False):
     """``StableDiffusionXLPipeline``: a UNet with SDXL's added text/time conditioning (pooled size 8, time ids 6 x 8),
     text embeddings of size 16 (two encoders of hidden size 8 concatenated), and SDXL's Euler scheduler unless given;
@@ -89,9 +95,7 @@ def tiny_sdxl(scheduler=None, seed: int = 0, text: bool = False):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     torch.manual_seed(seed)
-    unet = _unet(cross_attention_dim=16, attention_head_dim=(2, 4), use_linear_projection=True,
-                 addition_embed_type="text_time", addition_time_embed_dim=8,
-                 projection_class_embeddings_input_dim=6 * 8 + 8)
+    unet = _sdxl_unet()
     scheduler = scheduler or EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                                     timestep_spacing="leading", steps_offset=1)
     enc = dict(text_encoder=clip_text_encoder(), text_encoder_2=clip_text_encoder(with_projection=True),
@@ -129,8 +133,8 @@ def prompt_embeddings(pipe, batch: int = 1, seq: int = 6, seed: int = 0) -> dict
     ``encode_prompt`` would return), as ``__call__`` keyword arguments."""
     g = torch.Generator().manual_seed(seed)
     net = getattr(pipe, "unet", None) or pipe.transformer
-    dim = net.config.cross_attention_dim if hasattr(net.config, "cross_attention_dim") else \
-        net.config.joint_attention_dim
+    dim = next(getattr(net.config, k) for k in ("cross_attention_dim", "joint_attention_dim", "text_dim")
+               if getattr(net.config, k, None) is not None)
     out = {"prompt_embeds": torch.randn(batch, seq, dim, generator=g),
            "negative_prompt_embeds": torch.randn(batch, seq, dim, generator=g)}
     pooled = getattr(net.config, "pooled_projection_dim", None)
@@ -177,5 +181,52 @@ def tiny_flux(scheduler=None, seed: int = 0):
                                                              max_image_seq_len=4096)
     pipe = FluxPipeline(scheduler=scheduler, vae=_vae(shift_factor=0.1159, scaling_factor=0.3611), text_encoder=None,
                         tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd_inpaint(scheduler=None, seed: int = 0, text: bool = False):
+    """``StableDiffusionInpaintPipeline`` with an inpainting UNet (9 input channels: latents, mask, masked-image
+    latents), otherwise :func:`tiny_sd`'s parts."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    base = tiny_sd(scheduler, seed, text)
+    torch.manual_seed(seed + 2)
+    pipe = StableDiffusionInpaintPipeline(**{**base.components, "unet": _unet(9, cross_attention_dim=8,
+                                                                               attention_head_dim=2)})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+
+def tiny_wan(scheduler=None, seed: int = 0):
+    """``WanPipeline`` (text to video): a WanTransformer3DModel (one block, 2 heads of 12, patch 1 x 2 x 2, text dim
+    32) on 16 latent channels, a tiny ``AutoencoderKLWan`` (spatial factor 8, temporal 4), and flow matching
+    (``FlowMatchEulerDiscreteScheduler(shift=3.0)`` unless given). No text encoder: pass ``prompt_embeds`` /
+    ``negative_prompt_embeds`` of width 32 (:func:`prompt_embeddings`)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=16, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
+                                        num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        rope_max_seq_len=32)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                       scheduler=scheduler or FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl_inpaint(scheduler=None, seed: int = 0, text: bool = False):
+    """``StableDiffusionXLInpaintPipeline`` with a 9-channel SDXL UNet, otherwise :func:`tiny_sdxl`'s parts (no
+    aesthetic-score conditioning)."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    base = tiny_sdxl(scheduler, seed, text)
+    torch.manual_seed(seed + 2)
+    pipe = StableDiffusionXLInpaintPipeline(**{**base.components, "unet": _sdxl_unet(9)},
+                                            requires_aesthetics_score=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -152,6 +152,8 @@ class SamplerConfig:
             raise ValueError(f"method: unknown {self.method!r}; allowed: auto, {', '.join(METHODS)}")
         if self.window is None or self.window == "auto":       # None: the planner's choice, as "auto"
             object.__setattr__(self, "window", "auto")
+        elif isinstance(self.window, str):
+            raise ValueError(f"window: unknown {self.window!r}; allowed: 'auto' or an integer >= 1")
         else:
             check_int("window", self.window, 1)
         check_cost(self.cost)
@@ -237,6 +239,8 @@ class SamplerConfig:
         """The config a ``sample`` call runs with: ``tol_units`` resolved (None: ``data``) and ``data_scale`` filled
         with the model's declared scale (:func:`declared_scale`) when not given. A config that was never resolved
         (``tol_units`` None, e.g. the likelihood's flow) keeps ``tol`` absolute."""
+        if self.stop != "final" or self.method.startswith("parareal") or self.method == "sequential":
+            return self                   # tol in noise-level units, or none used: nothing to resolve
         units = self.tol_units or "data"
         scale = self.data_scale if self.data_scale is not None or units == "absolute" else declared_scale
         return dataclasses.replace(self, tol_units=units, data_scale=scale)
@@ -306,11 +310,12 @@ class SamplerConfig:
         solver = self.build_solver() if solver is None else solver
         if self.method != "picard":
             return check_memory(tuple(shape), self.steps, state_dtype, device, noise_draws(solver), 1)
-        # Picard: the constant-D path's discounted noise and a history solver's D buffer are (N + 1, B, ...) each;
-        # the window buffers a round holds at its peak depend on the update and the solver's kind.
-        points = int(self.uses_noise_path(solver)) + int(solver.uses_history)
-        return check_memory(tuple(shape), self.steps, state_dtype, device, noise_draws(solver), self.window_size,
-                            buffers=window_buffers(self.update, solver), point_buffers=points)
+        # Picard: the constant-D path's discounted noise counts as one more noise tensor, a history solver's D
+        # buffer is one more (N + 1, B, ...) tensor; the window buffers a round holds at its peak depend on the
+        # update and the solver's kind.
+        draws = noise_draws(solver) + int(self.uses_noise_path(solver))
+        return check_memory(tuple(shape), self.steps, state_dtype, device, draws, self.window_size,
+                            buffers=window_buffers(self.update, solver), point_buffers=int(solver.uses_history))
 
     def uses_noise_path(self, solver: Solver) -> bool:
         """Whether Picard builds the constant-D path's noise table (``init="x0"``, or ``fill="path"`` on a sliding

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["CostCurve", "COST_NAMES", "make_cost", "check_cost", "measure_cost", "measure_rows", "cached_cost",
-           "round_cost"]
+           "round_cost", "device_rows"]
 
 log = logging.getLogger("paratime")
 
@@ -76,17 +76,23 @@ class CostCurve:
         return max(s0 + (s1 - s0) * (max(r, 1.0) - r0) / (r1 - r0), 1e-12)
 
     def sce(self, rows: int, devices: int) -> float:
-        """Sequential call equivalents of a call of ``rows`` rows on ``devices`` devices: ``c(ceil(rows / K)) / c(1)``."""
-        return self(-(-rows // devices)) / self(1)
+        """SCE of a call of ``rows`` rows on ``devices`` devices: ``c(ceil(rows / K)) / c(1)``."""
+        return round_cost(self, rows, devices) / self(1)
 
     def describe(self) -> str:
         """One line: the curve's name and ``c(r) / c(1)`` at its table points."""
-        return f"{self.name} [" + ", ".join(f"{r}:{s / self.seconds[0]:.2g}" for r, s in zip(self.rows, self.seconds)) + "]"
+        ratios = ", ".join(f"{r}:{s / self.seconds[0]:.2g}" for r, s in zip(self.rows, self.seconds))
+        return f"{self.name} [{ratios}]"
+
+
+def device_rows(rows: int, devices: int) -> int:
+    """``ceil(rows / devices)``: the rows each device evaluates when a call's rows are spread over the devices."""
+    return -(-rows // devices)
 
 
 def round_cost(curve: CostCurve, rows: int, devices: int) -> float:
     """``c(ceil(rows / devices))``: the time of one call of ``rows`` rows spread over ``devices`` devices."""
-    return curve(-(-rows // devices))
+    return curve(device_rows(rows, devices))
 
 
 def _named(name: str) -> CostCurve:
@@ -152,11 +158,11 @@ def make_cost(cost: Any, max_rows: int = 64) -> CostCurve:
 
 def measure_rows(call: Callable[[int], Any], device: torch.device, rows: tuple[int, ...] = MEASURE_ROWS,
                  repeats: int = 5) -> CostCurve:
-    """Time ``call(r)`` (one network call of ``r`` rows) at each row count: one warm-up call, then the median of
-    ``repeats`` calls (CUDA synchronised around each timing: this runs before sampling, never in its loop; the
-    median, not the fastest, because on a shared machine the fastest is a lucky time slice the sampler will not
-    see: measured on the 2-core project machine under load, the fastest 1-row call was 5x below the median). The
-    curve is made non-decreasing (a running maximum over the row counts): a call with more rows is never cheaper,
+    """Time ``call(r)`` (one network call of ``r`` rows) at each row count: one warm-up call each, then the median
+    of ``repeats`` calls, the row counts interleaved (CUDA synchronised around each timing: this runs before
+    sampling, never in its loop). The median, not the fastest: on a shared machine the fastest is a lucky time
+    slice the sampler will not see (on the 2-core project machine under load, the fastest 1-row call was 5x below
+    the median). The curve is made non-decreasing (a running maximum over the row counts): a call with more rows is never cheaper,
     and on a shared machine a lucky fast timing at many rows would otherwise make wide windows look free.
 
     Returns:
@@ -167,17 +173,20 @@ def measure_rows(call: Callable[[int], Any], device: torch.device, rows: tuple[i
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats: must be an integer >= 1, got {repeats!r}")
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    secs = []
     for r in rows:
         call(r)                                           # warm-up (allocator, kernels' autotuning)
-        times = []
-        for _ in range(repeats):
+    # Row counts interleaved, repeat by repeat: a slow spell of a shared machine hits every row count alike.
+    times: dict[int, list[float]] = {r: [] for r in rows}
+    for _ in range(repeats):
+        for r in rows:
             sync()
             t0 = time.perf_counter()
             call(r)
             sync()
-            times.append(time.perf_counter() - t0)
-        secs.append(max(statistics.median(times), 1e-9, *secs))
+            times[r].append(time.perf_counter() - t0)
+    secs: list[float] = []
+    for r in rows:
+        secs.append(max(statistics.median(times[r]), 1e-9, *secs))
     return CostCurve(tuple(rows), tuple(secs), "measured")
 
 

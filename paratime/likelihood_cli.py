@@ -66,7 +66,7 @@ def add_likelihood_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--method", default="picard", help=f"one of {', '.join(METHODS)}")
     p.add_argument("--tol", type=float, default=0.1, help="tolerance in units of the noise level")
     p.add_argument("--window", type=int, default=None, help="Picard window (default: steps)")
-    p.add_argument("--divergence", default=DIVERGENCES[0], help=f"one of {', '.join(DIVERGENCES)}")
+    p.add_argument("--divergence", default="hutchinson", help=f"one of {', '.join(DIVERGENCES)}")
     p.add_argument("--probes", type=int, default=None, help="Hutchinson probes per sample (default: 1; "
                                                             "hutchinson only)")
     p.add_argument("--dequantize", action=argparse.BooleanOptionalAction, default=None,
@@ -105,14 +105,12 @@ def check_likelihood_args(args) -> ParallelSampler:
         raise ValueError(f"--divergence: unknown {args.divergence!r}; allowed: {', '.join(DIVERGENCES)}")
     if args.probes is not None and args.divergence != "hutchinson":
         raise ValueError(f"--probes: applies only to --divergence hutchinson, not {args.divergence!r}")
-    args.probes = 1 if args.probes is None else args.probes
-    check_int("--probes", args.probes, 1)
+    check_int("--probes", args.probes, 1, none=True)
     if args.model != "digits":
         for flag, value in (("--sets", args.sets), ("--dequantize", args.dequantize)):
             if value is not None:
                 raise ValueError(f"{flag}: applies only to --model digits, not {args.model!r}")
     else:
-        args.dequantize = True if args.dequantize is None else args.dequantize
         if args.sets is not None:
             wanted = args.sets.split(",")
             bad = [s for s in wanted if s not in DIGITS_SETS]
@@ -122,8 +120,6 @@ def check_likelihood_args(args) -> ParallelSampler:
                 raise ValueError(f"--sets: each set once, got {args.sets!r}")
     if args.window is not None and args.method != "picard":
         raise ValueError(f"--window: applies only to --method picard, not {args.method!r}")
-    if args.tol is not None and args.method == "sequential":
-        args.tol = None                  # the parser's default: sequential has no tolerance
     opts = {k: v for k, v in (("tol", args.tol), ("window", args.window)) if v is not None}
     return ParallelSampler(args.model, steps=args.steps, method=args.method, spacing=args.spacing, progress=False,
                            **opts)
@@ -148,7 +144,7 @@ def _data(args) -> tuple[dict[str, torch.Tensor], dict]:
         sets = digits_sets(args.samples, args.seed)
         wanted = args.sets.split(",") if args.sets else list(DIGITS_SETS)
         return {s: sets[s] for s in wanted}, {"data_range": (-1.0, 1.0), "levels": DIGITS_LEVELS,
-                                              "dequantize": args.dequantize}
+                                              "dequantize": args.dequantize is not False}
     if args.model == "gmm":
         from .models import load_model
 
@@ -157,13 +153,18 @@ def _data(args) -> tuple[dict[str, torch.Tensor], dict]:
     raise ValueError(f"--model: the likelihood command knows digits and gmm, got {args.model!r}")
 
 
+def _probes(args) -> int | None:
+    """Hutchinson probes per sample: ``--probes`` (default 1); None for the exact divergence."""
+    return (args.probes or 1) if args.divergence == "hutchinson" else None
+
+
 def _run(sampler: ParallelSampler, x: torch.Tensor, method: str, repeats: int, args, opts: dict) -> dict:
     """One method on one set, ``repeats`` times: figures of the last run, wall clock min / median over all."""
     walls = []
     for _ in range(repeats):
         r = sampler.log_likelihood(x, solver=args.solver, steps=args.steps, method=method,
-                                   divergence=args.divergence, probes=args.probes, seed=args.seed,
-                                   progress=args.progress, **opts)
+                                   divergence=args.divergence, seed=args.seed, progress=args.progress,
+                                   **({"probes": _probes(args)} if _probes(args) else {}), **opts)
         walls.append(r.stats.wall_s)
     bpd = r.bits_per_dim
     return {"method": method, "rounds": r.stats.rounds, "iterations": r.stats.iterations, "nfe": r.stats.nfe,
@@ -184,7 +185,7 @@ def run_likelihood(args, emit: Callable[[str], None] = lambda line: None) -> dic
     sets, opts = _data(args)
     methods = ["sequential", args.method] if args.compare and args.method != "sequential" else [args.method]
     rec = {"model": args.model, "solver": args.solver, "steps": args.steps, "tol": args.tol,
-           "divergence": args.divergence, "probes": args.probes if args.divergence == "hutchinson" else None,
+           "divergence": args.divergence, "probes": _probes(args),
            "samples": args.samples, "spacing": args.spacing, "threads": torch.get_num_threads(),
            "repeats": args.repeats, **{k: v for k, v in opts.items() if k != "data_range"}, "sets": {}}
     emit(f"model={args.model} solver={args.solver} steps={args.steps} tol={args.tol} divergence={args.divergence}"

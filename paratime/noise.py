@@ -6,15 +6,17 @@ from the host). Notation (all words 64-bit, arithmetic wrapping mod 2^64):
 
     mix64(z)        splitmix64's finaliser (Steele, Lea & Flood 2014), a bijection of 64-bit words
     key(s, q, i, n) = mix64(mix64(mix64(mix64(s) + q) + i) + n)   seed s, stream q, sample i (global index), step n
-    z_p             = mix64(key + (p + 1) * GOLDEN)              the p-th output of splitmix64 seeded with the key
+    z_p             = mix64(key + (p + 1) * GOLDEN)              output p + 1 of splitmix64 seeded with the key
     u1, u2          = (hi32(z_p) + 1/2) 2^-32, (lo32(z_p) + 1/2) 2^-32                    uniforms in (0, 1)
     element 2p, 2p + 1 of the row = r cos(2 pi u2), r sin(2 pi u2),  r = sqrt(-2 ln u1)   (Box-Muller, float64)
 
 A row is one (sample, step) pair's ``prod(shape)`` elements, flattened; the values are rounded once to float32 and
-then cast to the state dtype, so CPU and GPU runs see equal noise (the float64 transcendental functions differ by
-an ulp between libms at most, which the rounding to float32 removes). The Triton kernel
-(:mod:`paratime.kernels.noise`) computes the same numbers on CUDA and, under ``TRITON_INTERPRET=1``, on CPU;
-:func:`normals_reference` is the torch reference it must equal, and what runs elsewhere.
+then cast to the state dtype, so CPU and GPU runs see equal noise (float64 ``log``/``cos``/``sin`` differ by at
+most an ulp between libms, which the rounding to float32 removes but for about one number in 2^29). The Triton
+kernel (:mod:`paratime.kernels.noise`) computes the same numbers on CUDA (kernel mode ``auto``) and, under
+``TRITON_INTERPRET=1`` with kernel mode ``triton``, on CPU; :func:`normals_reference` is the torch reference it must
+equal, and what runs elsewhere (on CPU it is the fast path). Nothing is stored per sample: a row of any step can be
+drawn alone (:func:`noise_rows`), so a method may draw ``z[step]`` where it uses it instead of a table.
 
 Streams: 0 is the initial noise ``x_T`` (step 0), 1 the per-step SDE noise ``z[step]``, 2 the Langevin corrector
 noise (a row holds all corrector steps of a step), 3 Hutchinson's divergence probes and 4 the likelihood's
@@ -38,8 +40,9 @@ INITIAL, STEP, CORRECTOR, PROBE, DEQUANT = 0, 1, 2, 3, 4
 
 _GOLDEN, _M1, _M2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 _LO32 = 0xFFFFFFFF
-#: pairs of elements per chunk of the torch reference (its int64 temporaries stay cache-sized on the CPU)
-_CHUNK_PAIRS = 1 << 16
+#: pairs of elements per chunk of the torch reference: bounds its temporaries (~40 bytes a pair) while keeping the
+#: number of torch calls (each a parallel region on the CPU) small
+_CHUNK_PAIRS = 1 << 20
 #: elements per program of the Triton kernel
 _KERNEL_BLOCK = 1024
 
@@ -78,13 +81,13 @@ def row_keys(seed: int, stream: int, samples: torch.Tensor, steps: torch.Tensor 
         seed: an integer in ``[0, 2^64)``. stream: one of the streams (:data:`INITIAL` ... :data:`DEQUANT`).
         samples: ``(M,)`` int64 global sample indices. steps: ``(M,)`` int64 step indices (or one int for all).
     Returns:
-        ``(M,)`` int64 keys on ``samples``' device (the seed and stream are mixed on the host, no transfer).
+        ``(M,)`` int64 keys on ``samples``' device (made there from a device fill: no copy from the host, no read).
     Raises:
         ValueError: ``seed`` or ``stream`` out of range.
     """
     _check_index("seed", seed)
     _check_index("stream", stream, 1 << 32)
-    base = int(mix64(mix64(torch.tensor(_i64(seed))) + stream))       # host scalar: a CPU tensor, no device read
+    base = mix64(mix64(torch.full((), _i64(seed), dtype=torch.int64, device=samples.device)) + stream)   # 0-d
     return mix64(mix64(samples.to(torch.int64) + base) + steps)
 
 

@@ -22,9 +22,11 @@ than N first spends one call of B rows on the constant-D initial guess (``init="
 spends :data:`STOP_ROUNDS` more rounds of the last width. At ``tol = 0`` the model is exact on the digits U-Net
 (DDIM-20 / DDIM-50: N + 1 rounds for every W < N, N for W = N, measured). ``ADVANCE_EXPONENT`` was fitted on the
 digits U-Net, DDIM-50 / DDIM-100 at the default tolerance (``benchmarks/devices.py --calibrate`` prints measured
-against predicted rounds: DDIM-50 W = 2, 4, 8, 16, 50: 37, 25, 18, 13, 9 measured, 39, 28, 20, 15, 9 predicted;
-DDIM-100 W = 4, 8, 16: 45, 29, 19 measured, 51, 36, 26 predicted): it over-predicts the rounds of mid-size windows,
-the safe side, as a wrong prediction then only makes the planner prefer narrower windows or sequential sampling.
+against predicted rounds, 4 seeds: DDIM-50 W = 2, 4, 8, 16, 32, 50: 37, 25-26, 17-18, 13-14, 11-12, 10-11
+measured, 40, 29, 21, 16, 13, 10 predicted; DDIM-100 W = 2, 4, 8, 16, 32, 100: 70-72, 45-47, 28-30, 19-20, 14-15,
+11-12 measured, 74, 52, 37, 27, 20, 12 predicted): it over-predicts the rounds of mid-size windows (and matches
+the full window to a round), the safe side, as a wrong prediction then only makes the planner prefer narrower
+windows or sequential sampling.
 
 The plan never predicts slower than sequential sampling under ``method="auto"``: sequential is always a candidate
 and wins ties (it is exact by construction). Every input is a host number, so every rank of an SPMD backend plans
@@ -44,7 +46,7 @@ __all__ = ["Plan", "plan_sampling", "picard_rows", "predict_picard", "predict_se
 #: Picard's window start advances by W ** ADVANCE_EXPONENT points per round (see the module docstring)
 ADVANCE_EXPONENT = 0.55
 #: rounds the final-point stop rule spends once the window holds the last point
-STOP_ROUNDS = 3
+STOP_ROUNDS = 4
 #: Parareal iterations assumed at a tolerance > 0 (capped at the number of slices)
 PARAREAL_ITERATIONS = 3
 

@@ -340,10 +340,7 @@ def check_eval_args(args) -> tuple[tuple[str, ...], dict]:
 
     for flag, value, low in (("--episodes", args.episodes, 1), ("--latency-chunks", args.latency_chunks, 1),
                              ("--threads", args.threads, 1), ("--seed", args.seed, 0)):
-        try:
-            check_int(flag, value, low)
-        except (TypeError, ValueError) as e:
-            raise ValueError(str(e)) from None
+        check_int(flag, value, low)
     names = args.methods.split(",")
     if not args.methods.strip() or any(not m.strip() for m in names):
         raise ValueError(f"--methods: expected comma-separated names of {', '.join(POLICY_METHODS)}, "

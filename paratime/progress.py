@@ -61,10 +61,11 @@ class LineProgress:
     def set_postfix(self, ordered_dict: dict | None = None, **kwargs) -> None:
         self.postfix = {**(ordered_dict or {}), **kwargs}
 
-    def close(self) -> None:
+    def close(self, write: bool = True) -> None:
+        """The closing line (unless the last one already said it, or ``write`` is False: the work failed)."""
         if not self.closed:
             self.closed = True
-            if self._written != self.n:
+            if write and self._written != self.n:
                 self._write(self.clock())
 
     def _write(self, now: float) -> None:
@@ -97,11 +98,11 @@ class RoundProgress:
     def __call__(self, info: RoundInfo) -> None:
         if self.bar is not None:
             pos = int(info.begin.min())
-            self.bar.update(pos - self.bar.n)
             post = {"round": info.round}
             if math.isfinite(info.residual):       # sequential steps have no residual to show
                 post["residual"] = f"{info.residual:.3g}"
-            self.bar.set_postfix(post)
+            self.bar.set_postfix(post)             # before update: a log line shows this round's figures
+            self.bar.update(pos - self.bar.n)
         if self.callback is not None:
             self.callback(info)
 
@@ -109,5 +110,7 @@ class RoundProgress:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.bar is not None:
+        if isinstance(self.bar, LineProgress):
+            self.bar.close(write=exc[0] is None)    # no progress line after an error or Ctrl-C
+        elif self.bar is not None:
             self.bar.close()

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .cost import CostCurve
+from .cost import CostCurve, device_rows
 from .planner import Plan
 
 __all__ = ["SampleStats", "SampleResult", "record_rounds"]
@@ -95,7 +95,7 @@ def record_rounds(stats: SampleStats, call_rows: list[int], marks: list[tuple[in
     for end, t in marks:
         if end == start:                    # a report without a call (a method's bookkeeping round)
             continue
-        per_device = [-(-m // devices) for m in call_rows[start:end]]
+        per_device = [device_rows(m, devices) for m in call_rows[start:end]]
         cost = sum(curve(r) for r in per_device)
         stats.round_device_rows.append(sum(per_device))
         stats.round_sce.append(cost / unit)

@@ -53,7 +53,9 @@ class ParallelSampler:
         kernels: run this sampler's calls in kernel mode ``auto``, ``torch`` or ``triton`` (see
             :func:`paratime.kernels.kernels`); default: the mode in force where ``sample`` is called.
         **options: every other option is a field of :class:`~paratime.config.SamplerConfig`, checked there once:
-            the method (``steps``, ``method``, ``window``, ``tol``, ``stop``, ``update``, ``max_rounds``,
+            the method (``steps``, ``method``: a name or ``auto``, ``window``: an integer or ``auto``, the
+            default, ``cost``: the cost curve the planner and the SCE figures use, see :mod:`paratime.planner`
+            and :mod:`paratime.cost`; ``tol``, ``stop``, ``update``, ``max_rounds``,
             ``shared_window``, ``spacing``, ``eta``; Parareal's ``slices``, ``coarse_steps``, ``coarse``),
             precision and placement (``dtype``: the network's dtype, default its parameters'; ``state_dtype``:
             the trajectory's, default float64 on CPU and float32 on CUDA, never below float32; ``device``), the
@@ -247,7 +249,8 @@ class ParallelSampler:
         stats.converged = extra.pop("converged", [True] * B)
         # The final-point rule's tolerance: its units, and per sample the scale and the tolerance in data units.
         stats.tol_units = cfg.tol_units if cfg.method == "picard" and cfg.stop == "final" else None
-        stats.data_scale, stats.tol_abs = extra.pop("data_scale", None), extra.pop("tol_abs", None)
+        stats.data_scale, stats.tol_abs = (None if v is None else v.tolist()
+                                           for v in (extra.pop("data_scale", None), extra.pop("tol_abs", None)))
         if "comm_bytes" in timings:
             stats.extra["comm_bytes"] = timings["comm_bytes"]
         return stats

@@ -398,10 +398,11 @@ class FlowSchedule(NoiseSchedule):
 
     VE frame: ``sigma = t / (1 - t)``, ``frame_scale = input_scale = 1 - t = 1 / (1 + sigma)``, prior std
     ``1 + sigma`` (``x_native = eps`` at the start). Pure noise, t = 1, is sigma = inf there, so grids start at
-    ``t_max`` (default 1 - 1e-7, which moves the sample by about 1e-7 of its scale); keep the trajectory in float64
-    (``state_dtype``) when t_max is this close to 1, since the first step cancels a state of size 1 / (1 - t_max).
-    Exponential-in-sigma steps (``euler``, ``ddim``, ``dpmpp``) handle that first step exactly; ``heun``'s trapezoid in
-    sigma over [sigma_1, 1e7] does not (use Heun in t, or more steps).
+    ``t_max`` (default 1 - 1e-7, which moves the sample by about 1e-7 of its scale). The first step cancels a state
+    of size 1 / (1 - t_max): taken as ``x + dx`` it needs a float64 state; taken in the solvers' next-state form
+    (:meth:`paratime.solvers.Solver.next_state`, ``D + a (x - D) + k_z z``) float32 is enough (within 1e-5 of
+    float64, ``tests/test_precision.py``). Exponential-in-sigma steps (``euler``, ``ddim``, ``dpmpp``) handle that
+    first step exactly; ``heun``'s trapezoid in sigma over [sigma_1, 1e7] does not (use ``flow_heun``, Heun in t).
 
     Args:
         shift: SD3's timestep shift ``t -> shift t / (1 + (shift - 1) t)`` (1: none), applied to the grid.

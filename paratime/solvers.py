@@ -35,6 +35,7 @@ every method has: it builds its rows from host integers); the DDPM coarse jump i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Sequence
 
@@ -818,3 +819,331 @@ class LMS(Solver):
 
 
 SOLVERS[LMS.name] = LMS
+
+
+@dataclass(frozen=True)
+class UniPC(Solver):
+    """UniPC (Zhao et al. 2023) in diffusers' form (``UniPCMultistepScheduler``: data prediction, ``bh2``,
+    ``lower_order_final``), VE frame: a multistep predictor (UniP) and a corrector (UniC) that revises each state
+    with the model output *at* that state.
+
+    Notation: lambda = -log sigma; step i goes from point i to i + 1 with ``h_i = lambda_{i+1} - lambda_i``,
+    ``r_i = sigma_{i+1} / sigma_i`` and ``B_i = expm1(-h_i) = r_i - 1``; ``p_i = min(order, N - i, i + 1)``.
+    The trajectory holds the *predicted* states ``x~_i`` (where the network is evaluated, ``D_i = D(x~_i)``):
+
+        x^c_i     = x~_i + B_{i-1} (P_{i-1} - C_{i-1} - rho_c (D_i - D_{i-1}))   (i >= 1: UniC, order p_{i-1})
+        x~_{i+1}  = x^c_i + (r_i - 1) (x^c_i - D_i) - B_i P_i                    (UniP, order p_i)
+
+    with ``P_i = sum_k rho_p,k (D_{i-k} - D_i) / r_{i,k}`` and ``C_{i-1}`` the same sum with the corrector's
+    ``rho_c`` (diffusers' ``rhos_p`` / ``rhos_c``, solved from the B(h) conditions) and ``r_{i,k} =
+    (lambda_{i-k} - lambda_i) / h_i``. Both revisions are linear in the D history, so each point's step is one
+    weight table over ``D_i .. D_{i-order}`` (made once per grid): ``x^c_i = x~_i + sum_j W^c_{i,j} D_{i-j}`` and
+    ``P_i = sum_j W^p_{i,j} D_{i-j}``. The last state (no corrector after the last step) is the pipeline's.
+
+    Args:
+        order: ``solver_order`` 1-3. disable_corrector: diffusers' option: no UniC at point ``i`` for ``i - 1``
+            in it.
+        lower_order_final: diffusers' option of that name (the last steps at order ``N - i``).
+    Raises:
+        ValueError: a bad ``order``.
+    """
+
+    name: ClassVar[str] = "unipc"
+    uses_history: ClassVar[bool] = True
+    order: int = 2
+    disable_corrector: tuple = ()
+    lower_order_final: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.order, int) or isinstance(self.order, bool) or self.order not in (1, 2, 3):
+            raise ValueError(f"order: must be 1, 2 or 3, got {self.order!r}")
+        object.__setattr__(self, "disable_corrector", tuple(int(k) for k in self.disable_corrector))
+
+    @property
+    def history_depth(self):  # type: ignore[override]
+        return self.order
+
+    def _rhos(self, lam: torch.Tensor, i: int, p: int, corrector: bool) -> torch.Tensor:
+        """diffusers' ``rhos_p`` (``p - 1`` of them) or ``rhos_c`` (``p``) for the step from point i (float64)."""
+        h = lam[i + 1] - lam[i]
+        rks = torch.stack([(lam[i - k] - lam[i]) / h for k in range(1, p)] + [torch.ones_like(h)])
+        hh = -h
+        h_phi_1 = torch.expm1(hh)
+        h_phi_k, fact, B_h = h_phi_1 / hh - 1, 1, torch.expm1(hh)
+        R, b = [], []
+        for k in range(1, p + 1):
+            R.append(rks ** (k - 1))
+            b.append(h_phi_k * fact / B_h)
+            fact *= k + 1
+            h_phi_k = h_phi_k / hh - 1 / fact
+        R, b = torch.stack(R), torch.stack(b)
+        if corrector:
+            return torch.full((1,), 0.5, dtype=lam.dtype) if p == 1 else torch.linalg.solve(R, b)
+        if p == 1:
+            return lam.new_zeros(0)
+        return torch.full((1,), 0.5, dtype=lam.dtype) if p == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
+
+    def _tables(self, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W^p, W^c)``, ``(N, order + 1)`` each: weights on ``D_i, D_{i-1}, .., D_{i-order}`` (host float64, one
+        read of the grid per grid, then on the sigmas' device)."""
+        def make():
+            sig = sigmas.detach().to("cpu", torch.float64)
+            N, K = sig.numel() - 1, self.order
+            lam = -torch.log(sig)                                   # lambda_N = -inf at sigma 0: h = inf, B = -1
+            orders = [min(K, N - i if self.lower_order_final else K, i + 1) for i in range(N)]
+            rk = {(i, k): (lam[i - k] - lam[i]) / (lam[i + 1] - lam[i]) for i in range(N) for k in range(1, K)
+                  if k < orders[i]}
+            Wp, Wc = torch.zeros(N, K + 1, dtype=torch.float64), torch.zeros(N, K + 1, dtype=torch.float64)
+
+            def residual(W, i, shift, rhos, p):     # sum_k rho_k (D_{i-k} - D_i) / r_{i,k}, weights at offset shift
+                for k in range(1, p):
+                    w = rhos[k - 1] / rk[(i, k)]
+                    W[shift + k] += w
+                    W[shift] -= w
+
+            for i in range(N):
+                residual(Wp[i], i, 0, self._rhos(lam, i, orders[i], False), orders[i])
+                if i >= 1 and i - 1 not in self.disable_corrector:   # UniC at point i: step i - 1's order, grid
+                    p, B = orders[i - 1], torch.expm1(lam[i - 1] - lam[i])
+                    row = torch.zeros(K + 1, dtype=torch.float64)
+                    residual(row, i - 1, 1, self._rhos(lam, i - 1, p, False), p)       # + P_{i-1}
+                    rc = self._rhos(lam, i - 1, p, True)
+                    residual(row, i - 1, 1, -rc[:-1], p)                                # - C_{i-1}
+                    row[0] -= rc[-1]
+                    row[1] += rc[-1]                                                    # - rho_c (D_i - D_{i-1})
+                    Wc[i] = B * row
+            return Wp.to(sigmas.device), Wc.to(sigmas.device)
+        return self._cached(f"_unipc_{self.order}_{self.disable_corrector}_{self.lower_order_final}", sigmas, make)
+
+    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
+        hist = torch.stack((denoised,) + _history(prev_denoised, denoised, self.order), 1)   # (M, order+1, ...)
+        Wp, Wc = (append_dims(W[i].to(x.dtype), hist.ndim) for W in self._tables(sigmas))
+        s, s1 = self._sig(sigmas, i, x.ndim)
+        x_c = x + (Wc * hist).sum(1)                                             # UniC: the revised state
+        x_next = x_c + (s1 / s - 1) * (x_c - denoised) - (s1 / s - 1) * (Wp * hist).sum(1)  # UniP
+        return x_next - x
+
+
+SOLVERS[UniPC.name] = UniPC
+
+
+@dataclass(frozen=True)
+class Consistency(DDPM):
+    """A consistency model's multistep sampling (LCM, Luo et al. 2023): each step maps to the boundary-conditioned
+    ``D`` and re-noises it to the next level with fresh noise, ``x' = D + sigma' z`` (VE frame: ``up = sigma'``,
+    ``down = 0``); the last step, to sigma 0, returns ``D``. The boundary condition itself belongs to the model
+    (:class:`paratime.integrations.diffusers.LCMBoundary`)."""
+
+    name: ClassVar[str] = "consistency"
+
+    def coefficients(self, s: torch.Tensor, s1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return s1.expand_as(s).clone(), torch.zeros_like(s)
+
+
+SOLVERS[Consistency.name] = Consistency
+
+
+@dataclass(frozen=True)
+class DEIS(LMS):
+    """DEIS multistep (Zhang & Chen 2023, ``DEISMultistepScheduler``: ``algorithm_type="deis"``, log-rho), VE frame:
+    :class:`LMS`'s form ``x_{i+1} = x_i + sum_j c_{i,j} d_{i-j}`` on the eps history ``d_j = (x_j - D_j) / sigma_j``,
+    with the Lagrange basis in ``log sigma`` integrated over sigma in closed form (diffusers' ``ind_fn``). Order
+    ``min(order, i + 1)``, and on grids of fewer than 15 steps the last step first and the one before at most second
+    order (``lower_order_final``).
+
+    Args:
+        order: ``solver_order`` 1-3. lower_order_final: diffusers' option of that name.
+    """
+
+    name: ClassVar[str] = "deis"
+    order: int = 2
+    lower_order_final: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.order, int) or isinstance(self.order, bool) or self.order not in (1, 2, 3):
+            raise ValueError(f"order: must be 1, 2 or 3, got {self.order!r}")
+
+    @staticmethod
+    def _integral(t: float, b: float, others: tuple) -> float:
+        """``int^t prod_{c in others} (log u - log c) / (log b - log c) du`` at ``t`` (0 at t = 0, the limit)."""
+        if t <= 0:
+            return 0.0
+        lt, lb = math.log(t), math.log(b)
+        if not others:
+            return t
+        if len(others) == 1:
+            lc = math.log(others[0])
+            return t * (-lc + lt - 1) / (lb - lc)
+        lc, ld = (math.log(c) for c in others)
+        return t * (lc * (ld - lt + 1) - ld * lt + ld + lt * lt - 2 * lt + 2) / ((lb - lc) * (lb - ld))
+
+    def _coefficients(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """``(N, order)`` ``c_{i,j}`` (host float64, one read of the grid per grid)."""
+        def make():
+            sig = sigmas.detach().to("cpu", torch.float64).tolist()
+            N, K = len(sig) - 1, self.order
+            coef = torch.zeros(N, K, dtype=torch.float64)
+            for i in range(N):
+                p = min(K, i + 1)
+                if self.lower_order_final and N < 15:
+                    p = min(p, N - i)                  # last step first order, the one before at most second
+                pts = [sig[i - j] for j in range(p)]   # rho_{i}, rho_{i-1}, ...
+                for j in range(p):
+                    others = tuple(pts[:j] + pts[j + 1:])
+                    if p == 1:                         # Euler: x' = x + (s1 - s) d
+                        coef[i, 0] = sig[i + 1] - sig[i]
+                    else:
+                        coef[i, j] = self._integral(sig[i + 1], pts[j], others) - self._integral(sig[i], pts[j],
+                                                                                                  others)
+            return coef.to(sigmas.device)
+        return self._cached(f"_deis_{self.order}_{self.lower_order_final}", sigmas, make)
+
+
+SOLVERS[DEIS.name] = DEIS
+
+
+@dataclass(frozen=True)
+class DPMSolverSinglestep(Solver):
+    """DPM-Solver++ single-step (``DPMSolverSinglestepScheduler``, ODE), VE frame. The grid is cut into groups by
+    diffusers' order list (e.g. ``[1, 2, 1, 2, ...]``); step i of order k starts from its group's first state
+    ``x_g`` (g = i - k + 1) and the group's outputs ``D_g .. D_i``:
+
+        x_{i+1} = (sigma_{i+1} / sigma_g) x_g + T_i(D_g .. D_i)        (diffusers' first/second/third-order update)
+
+    The trajectory holds every ``x_i``, and within a group ``x_i = (sigma_i / sigma_g) x_g + T_{i-1}``, so each step is
+    a map of ``x_i`` and the D history: ``x_{i+1} = (sigma_{i+1} / sigma_i) (x_i - T_{i-1}) + T_i`` (T_{i-1} = 0 at a
+    group's first step). ``T`` is a weight table over ``D_i, D_{i-1}, D_{i-2}`` made once per grid.
+
+    Args:
+        order: ``solver_order`` 1-3. solver_type: ``midpoint`` or ``heun``. lower_order_final: diffusers' option
+            (its default here is False, as the scheduler's). final_first_order: the last step is first order
+            (``final_sigmas_type="zero"``).
+    Raises:
+        ValueError: a bad ``order`` or ``solver_type``.
+    """
+
+    name: ClassVar[str] = "dpmpp_singlestep"
+    uses_history: ClassVar[bool] = True
+    order: int = 2
+    solver_type: str = "midpoint"
+    lower_order_final: bool = False
+    final_first_order: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.order, int) or isinstance(self.order, bool) or self.order not in (1, 2, 3):
+            raise ValueError(f"order: must be 1, 2 or 3, got {self.order!r}")
+        if self.solver_type not in ("midpoint", "heun"):
+            raise ValueError(f"solver_type: must be 'midpoint' or 'heun', got {self.solver_type!r}")
+
+    @property
+    def history_depth(self):  # type: ignore[override]
+        return max(1, self.order - 1)
+
+    def orders(self, steps: int) -> list[int]:
+        """diffusers' ``get_order_list``: the order of every step."""
+        k, n = self.order, steps
+        if k == 1:
+            out = [1] * n
+        elif self.lower_order_final:
+            tail = {3: {0: [1, 2, 1], 1: [1], 2: [1, 2]}, 2: {0: [1, 1], 1: [1]}}[k][n % k]
+            head = n // k - (1 if n % k == 0 else 0)
+            out = [o for _ in range(head) for o in range(1, k + 1)] + tail
+        else:
+            out = [o for _ in range(n // k) for o in range(1, k + 1)]
+        if self.final_first_order:
+            out[-1] = 1
+        return out
+
+    def _tables(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """``(N, order)``: ``W_i = T_i - (sigma_{i+1} / sigma_i) shift(T_{i-1})`` on ``D_i, D_{i-1}, ...``."""
+        def make():
+            sig = sigmas.detach().to("cpu", torch.float64)
+            N, K = sig.numel() - 1, self.order
+            orders = self.orders(N)
+            if len(orders) != N:
+                raise ValueError(f"steps: diffusers' single-step order list for {N} steps has {len(orders)} entries "
+                                 f"(solver_order={K} needs a multiple of it); use lower_order_final=True")
+            lam = -torch.log(sig)
+            T = torch.zeros(N, 3, dtype=torch.float64)
+            W = torch.zeros(N, K, dtype=torch.float64)
+            for i, k in enumerate(orders):
+                g = i - k + 1
+                h = lam[i + 1] - lam[g]
+                e = torch.exp(-h)
+                phi1 = 1 - e                                          # VE weight of D0 = D_g
+                phi2 = (e - 1) / h + 1
+                if k == 1:
+                    T[i, 0] = phi1
+                elif k == 2:
+                    r0 = (lam[i] - lam[g]) / h
+                    c = 0.5 * phi1 if self.solver_type == "midpoint" else phi2        # times D1 = (D_i - D_g) / r0
+                    T[i, 1] += phi1 - c / r0
+                    T[i, 0] += c / r0
+                else:
+                    r0, r1 = (lam[i] - lam[g]) / h, (lam[i - 1] - lam[g]) / h
+                    # D1_0 = (D_{i-1} - D_g) / r1, D1_1 = (D_i - D_g) / r0 as weights on (D_i, D_{i-1}, D_g)
+                    zero = torch.zeros((), dtype=torch.float64)
+                    d10, d11 = torch.stack([zero, 1 / r1, -1 / r1]), torch.stack([1 / r0, zero, -1 / r0])
+                    w = torch.stack([zero, zero, phi1])
+                    if self.solver_type == "midpoint":
+                        w = w + phi2 * d11
+                    else:
+                        d1 = (r0 * d10 - r1 * d11) / (r0 - r1)
+                        d2 = 2 * (d11 - d10) / (r0 - r1)
+                        w = w + phi2 * d1 - ((e - 1 + h) / (h * h) - 0.5) * d2
+                    T[i] = w
+                W[i, :min(K, 3)] = T[i, :K]
+                if k > 1:                                             # x_g from x_i: subtract A_i T_{i-1}, shifted
+                    prev = torch.cat([torch.zeros(1, dtype=torch.float64), T[i - 1, :2]])
+                    W[i] -= (sig[i + 1] / sig[i] * prev)[:K]
+            return W.to(sigmas.device)
+        return self._cached(f"_singlestep_{self.order}_{self.solver_type}_{self.lower_order_final}_"
+                            f"{self.final_first_order}", sigmas, make)
+
+    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
+        hist = torch.stack((denoised,) + _history(prev_denoised, denoised, self.order - 1), 1)   # (M, order, ...)
+        W = append_dims(self._tables(sigmas)[i].to(x.dtype), hist.ndim)
+        s, s1 = self._sig(sigmas, i, x.ndim)
+        return (s1 / s - 1) * x + (W * hist).sum(1)
+
+
+SOLVERS[DPMSolverSinglestep.name] = DPMSolverSinglestep
+
+
+@dataclass(frozen=True)
+class TCD(DDPM):
+    """Trajectory consistency distillation's sampler (``TCDScheduler``, Zheng et al. 2024), VE frame: each step
+    denoises to the intermediate level ``sigma_s`` of training timestep ``s = floor((1 - gamma) t_{i+1})`` along the
+    predicted eps, then re-noises to ``sigma_{i+1}`` with fresh noise:
+
+        x' = D + (sigma_s / sigma_i) (x - D) + sqrt(sigma_{i+1}^2 - sigma_s^2) z      (down = sigma_s)
+
+    ``gamma`` 0 is DDIM; the last step (to t = 0, where s = 0) adds no noise, as diffusers'.
+
+    Args:
+        eta: gamma, in [0, 1] (the pipelines' ``eta=``).
+        train_sigmas: the VE sigma of every training timestep, ``sqrt((1 - alpha_bar_t) / alpha_bar_t)``.
+    Raises:
+        ValueError: a bad ``eta`` or fewer than 2 ``train_sigmas``.
+    """
+
+    name: ClassVar[str] = "tcd"
+    eta: float = 0.3
+    train_sigmas: tuple = ()
+
+    def __post_init__(self):
+        super().__post_init__()
+        if len(self.train_sigmas) < 2:
+            raise ValueError("train_sigmas: give the VE sigma of every training timestep (at least 2)")
+
+    @property
+    def stochastic(self):  # type: ignore[override]
+        return self.eta > 0
+
+    def coefficients(self, s: torch.Tensor, s1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        table = torch.as_tensor(self.train_sigmas, dtype=s1.dtype, device=s1.device)            # (T,)
+        t1 = (table[None, :] - s1.reshape(-1, 1)).abs().argmin(1)                               # the grid's t_{i+1}
+        s_mid = table[torch.floor((1 - self.eta) * t1.to(torch.float64)).long()].reshape(s1.shape)
+        return torch.sqrt((s1 * s1 - s_mid * s_mid).clamp_min(0)), s_mid
+
+# TCD needs the training sigmas: built by paratime.integrations.diffusers.solver_for, not looked up by name.

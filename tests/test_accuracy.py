@@ -173,3 +173,91 @@ def test_two_gloo_ranks_decide_alike_at_the_threshold(update):
     assert x0 == x1
     local, res = _decisions(options)
     assert [i.begin.tolist() for i in local] == seen0          # and the single-process run decides the same
+
+
+# -- tolerance units (issue 25) ----------------------------------------------------------------------------------------
+def _ring_times(c: float, declared: bool = False):
+    """The ring mixture with its data (and the VE grid) multiplied by ``c``: ``D_c(x, sigma) = c D(x / c, sigma / c)``
+    on ``VESchedule(0.002 c, 80 c)``. Its trajectories are ``c`` times those of ``c = 1`` (to float rounding), so a
+    tolerance that means the same on every scale gives the same rounds. ``declared``: the network declares its data
+    range ``(-5 c, 5 c)``."""
+    from paratime.denoiser import Denoiser
+    from paratime.schedules import VESchedule
+    from paratime.zoo.gmm import ring_gmm
+
+    gmm = ring_gmm().network.gmm
+
+    def net(x, sigma):
+        return c * gmm.denoise(x / c, sigma / c)
+
+    if declared:
+        net.data_range = (-5.0 * c, 5.0 * c)
+    return Denoiser.from_callable(net, schedule=VESchedule(0.002 * c, 80.0 * c), sample_shape=(2,))
+
+
+@pytest.mark.parametrize("declared", [False, True])
+def test_data_units_give_the_same_rounds_and_relative_error_on_every_scale(declared):
+    """tol in data units (the default): the model declaring a range (its max-abs) or not (each sample's own max-abs),
+    the same rounds per sample and the same relative error at scales 1 and 128; absolute units differ in rounds."""
+    runs = {}
+    for c in (1.0, 128.0):                   # a power of 2: x / c and sigma / c are exact, even in float32
+        model = _ring_times(c, declared)
+        seq = _sampler(model, solver="ddim", steps=30, method="sequential").sample(32, seed=0).samples
+        res = _sampler(model, solver="ddim", steps=30, window=30, tol=1e-3).sample(32, seed=0)
+        absolute = _sampler(model, solver="ddim", steps=30, window=30, tol=1e-3, tol_units="absolute").sample(32,
+                                                                                                              seed=0)
+        assert res.stats.tol_units == "data" and absolute.stats.tol_units == "absolute"
+        assert_within_tol(res, seq)
+        runs[c] = (res, seq, absolute)
+    (a, seq_a, abs_a), (b, seq_b, abs_b) = runs[1.0], runs[128.0]
+    torch.testing.assert_close(seq_b, 128 * seq_a, rtol=1e-12, atol=0)             # the problem scales exactly
+    assert a.stats.sample_rounds == b.stats.sample_rounds and a.stats.rounds == b.stats.rounds
+    torch.testing.assert_close(b.samples, 128 * a.samples, rtol=1e-9, atol=0)
+    torch.testing.assert_close(torch.tensor(b.stats.data_scale), 128 * torch.tensor(a.stats.data_scale), rtol=1e-9,
+                               atol=0)
+    if declared:
+        assert a.stats.data_scale == [5.0] * 32
+    else:                                    # each sample's own max-abs, at its last round
+        torch.testing.assert_close(torch.tensor(a.stats.data_scale, dtype=torch.float64), a.samples.abs().amax(1),
+                                   rtol=1e-6, atol=0)
+    assert abs_b.stats.rounds > abs_a.stats.rounds                                # absolute: 128x stricter there
+
+
+def test_tol_units_options_are_checked():
+    from paratime.config import SamplerConfig
+
+    with pytest.raises(ValueError, match="tol_units"):
+        SamplerConfig(tol_units="percent")
+    with pytest.raises(ValueError, match="tol_units"):
+        SamplerConfig(tol_units="data", stop="paradigms")
+    with pytest.raises(ValueError, match="data_scale"):
+        SamplerConfig(data_scale=0.0)
+    with pytest.raises(ValueError, match="data_scale"):
+        SamplerConfig(data_scale=2.0, tol_units="absolute")
+    with pytest.raises(ValueError, match="tol_units"):
+        SamplerConfig(method="parareal", tol_units="data")
+
+
+def test_a_declared_scale_sets_the_tolerance_in_force():
+    """digits declares [-1, 1] (scale 1), the policy clips x0 to [-1, 1]; a data_scale given wins over the model's."""
+    res = _sampler("digits", steps=10, window=10).sample(2, seed=0)
+    assert res.stats.data_scale == [1.0, 1.0] and res.stats.tol_abs == [2e-3, 2e-3]
+    res = _sampler("gmm", steps=10, window=10, data_scale=4.0).sample(2, seed=0)
+    assert res.stats.data_scale == [4.0, 4.0] and res.stats.tol_abs == pytest.approx([8e-3, 8e-3])
+
+
+# -- never returned on acceptance alone while the final point moves (issue 25) -----------------------------------------
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "ddim"])
+def test_a_sample_is_not_returned_while_its_final_point_still_moves(solver):
+    """Acceptance far too loose (accept_tol 1e3): in round 1 every point is accepted but the last (the step to
+    sigma 0 has no noise level), one sweep from the noise, and the old rule returned every sample in round 2, far
+    from the sequential one. Now a sample whose final
+    point still moved by more than its tolerance when everything was accepted re-opens its window, and each
+    sample ends within its tolerance."""
+    seq = _sampler("gmm", solver=solver, steps=20, method="sequential").sample(32, seed=0).samples
+    seen = []
+    res = _sampler("gmm", solver=solver, steps=20, window=20, tol=1e-3, accept_tol=1e3).sample(
+        32, seed=0, callback=seen.append)
+    assert int(seen[0].begin.min()) >= 19       # round 1: all accepted but the last step (noise level 0 after it)
+    assert res.stats.rounds > 2                 # where the old rule returned every sample
+    assert_within_tol(res, seq)

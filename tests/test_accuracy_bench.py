@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from paratime.bench.accuracy_sweep import SWEEP_CASES, accuracy_sweep, to_markdown
-from paratime.bench.rounds_at_accuracy import (CASES, Combo, at_accuracy, combos, diffusers_runs, merge, paratime_runs,
-                                              sample)
+from paratime.bench.rounds_at_accuracy import (CASES, PARADIGMS_RULE, Combo, at_accuracy, combos, diffusers_runs,
+                                              errors, headline, headline_markdown, merge, paratime_runs,
+                                              real_class_runs, sample)
 from paratime.methods.picard import STOPS, UPDATES
 
-KEYS = {"tol", "max_abs_diff", "p99_abs_diff", "over", "switched", "switched_over", "rounds", "nfe", "flagged", "worst",
+KEYS = {"tol", "max_abs_diff", "p99_abs_diff", "max_rel", "median_rel", "over", "switched", "switched_over", "rounds", "nfe", "flagged", "worst",
         "strict_accept_max_abs_diff", "sensitivity_median", "sensitivity_p99"}
 
 
@@ -26,21 +27,24 @@ def test_sweep_rows_hold_the_errors_and_flag_exactly_the_rows_over_tol(small):
     assert [r["tol"] for r in rows] == list(tols) and all(set(r) == KEYS for r in rows)
     ref = sample(small, 32, method="sequential").samples
     for r in rows:
-        err = (sample(small, 32, tol=r["tol"]).samples - ref).abs().amax(1)      # (B,) per-sample max |Δ|
+        res = sample(small, 32, tol=r["tol"])
+        err = (res.samples - ref).abs().amax(1)                                  # (B,) per-sample max |Δ|
+        tol_abs = torch.tensor(res.stats.tol_abs, dtype=err.dtype)              # tol times each sample's scale
         assert r["max_abs_diff"] == pytest.approx(float(err.max()), abs=0)
-        assert r["p99_abs_diff"] <= r["max_abs_diff"] and r["over"] == int((err > r["tol"]).sum())
+        assert r["max_rel"] == pytest.approx(float((err / tol_abs).max()), rel=1e-12)
+        assert r["p99_abs_diff"] <= r["max_abs_diff"] and r["over"] == int((err > tol_abs).sum())
         assert 0 < r["rounds"] < small.steps and 0 <= r["switched_over"] <= min(r["switched"], r["over"])
-        assert r["flagged"] == (r["max_abs_diff"] > r["tol"])
+        assert r["flagged"] == (r["max_rel"] > 1)
     # The guarantee holds here (tests/test_accuracy.py checks it at every tolerance): no flag.
     assert not any(r["flagged"] for r in rows)
 
 
 def test_sweep_flags_a_run_that_misses_its_tolerance(small):
-    """Acceptance far too loose: every point but the last (noise level 0) is accepted in round 1, one Picard sweep
-    from the noise, far from the sequential sample; the row must say so."""
-    (row,) = accuracy_sweep(small, (1e-3,), accept_tol=1e3)
-    assert row["rounds"] <= 2 and row["max_abs_diff"] > 10 * row["tol"]
-    assert row["flagged"] and row["over"] == small.batch and row["switched"] is not None
+    """Acceptance far too loose on DDPM (accept_tol 1e3: every point with a noise level accepted each round, frozen
+    far from its fixed point): samples end in other modes, over tol; the row must say so."""
+    (row,) = accuracy_sweep(replace(small, solver="ddpm"), (1e-3,), accept_tol=1e3)
+    assert row["max_rel"] > 10 and row["flagged"] and row["over"] > 0
+    assert row["switched"] > 0 and row["strict_accept_max_abs_diff"] is None    # accept_tol given: no rerun
     assert "**max Δ > tol" in to_markdown("gmm", small, [row])
 
 
@@ -74,3 +78,42 @@ def test_diffusers_loop_runs_the_policy():
     pytest.importorskip("diffusers")
     (run,) = diffusers_runs(CASES["policy"], 2, (0.1,), floor=1.0)
     assert run["rounds"] < CASES["policy"].steps and run["max_abs_diff"] < 0.1
+
+
+# -- stop="paradigms" against diffusers' real StableDiffusionParadigmsPipeline (issue 25) ------------------------------
+@pytest.mark.parametrize("case, window", [("sd-ddim50", 8), ("sd-ddim50", 20), ("gmm-ddim100", 10),
+                                          ("digits-ddim100", 20)])
+def test_paradigms_rule_has_the_real_class_rounds_and_evaluations(case, window):
+    """On the same network, initial noise and window (DDIM: no step noise), ``stop="paradigms"`` with
+    :data:`PARADIGMS_RULE` takes exactly the real class's rounds and evaluations, at two tolerances; the tiny SD
+    pipeline (classifier-free guidance 5, latents ~+-70) and zoo networks driven through the class."""
+    pytest.importorskip("diffusers")
+    c = replace(CASES[case], steps=20, window=window)
+    batch = 2
+    ref = sample(c, batch, method="sequential").samples
+    options = tuple(o for o in PARADIGMS_RULE if o[0] != "update")
+    for tol in (0.1, 0.01):
+        (peer,) = real_class_runs(c, batch, (tol,), floor=float("inf"))
+        (ours,) = paratime_runs(c, batch, Combo("picard", "paradigms", options), ref, 0.0, tols=(tol,))
+        assert (ours["rounds"], ours["nfe"]) == (peer["rounds"], peer["nfe"]), (tol, ours, peer)
+        assert 1 < peer["rounds"] < c.steps
+        # The same iterate: the differences from each side's own sequential run agree to the network's float32.
+        assert ours["max_abs_diff"] == pytest.approx(peer["max_abs_diff"], rel=0.05, abs=1e-4)
+
+
+def test_headline_reports_paratime_default_against_the_real_class():
+    pytest.importorskip("diffusers")
+    from paratime.bench import rounds_at_accuracy as ra
+
+    res = headline("policy", batch=2, with_rule=False)
+    d, p = res["default"], res["peer"]
+    assert d["tol_units"] == "data" and d["scale"] == 1.0 and d["rounds"] > 0
+    assert p is not None and p["max_rel_diff"] <= ra.TARGET and res["checks"]["max rel Δ <= target"]
+    assert "policy b2 W32" in headline_markdown([res])
+
+
+def test_errors_are_relative_to_the_declared_or_own_scale():
+    ref = torch.tensor([[1.0, -4.0], [0.5, 0.25]])
+    x = ref + torch.tensor([[0.1, 0.0], [0.0, 0.05]])
+    assert errors(x, ref, 2.0) == pytest.approx((0.1, 0.05))
+    assert errors(x, ref, None) == pytest.approx((0.1, 0.1))        # 0.05 / max|ref_1| = 0.05 / 0.5

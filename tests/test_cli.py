@@ -206,3 +206,27 @@ def test_sampler_progress_in_a_log_writes_lines_not_frames(capsys):
     err = capsys.readouterr().err
     assert "\r" not in err, repr(err)
     assert err.count("\n") >= 1 and "round=" in err and "5/5 pt" in err
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["train-policy", "--steps", "12", "--batch", "8", "--width", "16", "--blocks", "1", "--episodes", "4"],
+     r"train-policy: 12/12 step \(100%\), loss=[\d.]+, elapsed \d+s"),
+    (["likelihood", "--model", "gmm", "--samples", "4", "--steps", "5"], r"likelihood picard/euler.*: 5/5 pt"),
+    (["eval-digits", "--samples", "4", "--steps", "3"], r"picard.*: 3/3 pt .*round="),
+    (["eval-policy", "--methods", "sequential", "--episodes", "1", "--latency-chunks", "1", "--out", ""],
+     r"rollout sequential: \d+/\d+ chunk .*running="),
+])
+def test_long_commands_report_progress_as_lines_off_a_terminal(argv, line, tmp_path, capsys):
+    """Training, likelihood and evaluation report progress; off a terminal (captured here) as whole lines; none with
+    --no-progress (checked on the quickest). train-policy's file loads as the policy."""
+    out = ["--out", str(tmp_path / "w.safetensors")] if argv[0].startswith("train") else []
+    assert main([*argv, *out]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and re.search(line, err), err
+    if argv[0] == "train-policy":
+        from paratime.zoo.policy import load_policy_model
+
+        assert load_policy_model(tmp_path / "w.safetensors").network.config["width"] == 16
+    if argv[0] == "likelihood":
+        assert main([*argv, *out, "--no-progress"]) == 0
+        assert capsys.readouterr().err == ""

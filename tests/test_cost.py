@@ -6,17 +6,9 @@ import math
 import pytest
 import torch
 
+from benchmarks.devices import Spread
 from paratime import ParallelSampler, SamplerConfig
-from paratime.backends import LocalBackend
-from paratime.cost import CostCurve, make_cost, measure_cost, measure_rows
-
-
-class Spread(LocalBackend):
-    """Evaluates locally but reports ``workers`` devices: the cost figures count rows as if spread over them."""
-
-    def __init__(self, workers: int):
-        super().__init__()
-        self.workers = workers
+from paratime.cost import make_cost, measure_cost, measure_rows
 
 
 def test_named_curves_are_the_limits():
@@ -56,7 +48,7 @@ def test_bad_cost_is_refused_naming_the_option(bad, err):
 def test_measurement_times_each_row_count_and_is_cached():
     seen = []
     curve = measure_rows(lambda r: seen.append(r), torch.device("cpu"), rows=(1, 2, 4), repeats=2)
-    assert seen == [1] * 3 + [2] * 3 + [4] * 3          # one warm-up and two timed calls per row count
+    assert seen == [1, 2, 4] * 3                          # a warm-up each, then two timed rounds, interleaved
     assert curve.name == "measured" and curve.rows == (1, 2, 4) and all(s > 0 for s in curve.seconds)
     assert list(curve.seconds) == sorted(curve.seconds)             # never cheaper with more rows
     net, calls = torch.nn.Linear(2, 2), []

@@ -104,9 +104,10 @@ CASES = {
     "dpm-v-trailing": lambda: diffusers.DPMSolverMultistepScheduler(**SD_BETAS, prediction_type="v_prediction",
                                                                     timestep_spacing="trailing"),
     # Karras / exponential / beta sigmas ending at sigma_min: a zero-length last step (the identity in diffusers).
-    **{f"dpm-{kind}-sigma-min{'-sde' if sde else ''}": (lambda kind=kind, sde=sde: diffusers.DPMSolverMultistepScheduler(
-        **SD_BETAS, final_sigmas_type="sigma_min", **{f"use_{kind}_sigmas": True},
-        algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++"))
+    **{f"dpm-{kind}-sigma-min{'-sde' if sde else ''}": (
+        lambda kind=kind, sde=sde: diffusers.DPMSolverMultistepScheduler(
+            **SD_BETAS, final_sigmas_type="sigma_min", **{f"use_{kind}_sigmas": True},
+            algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++"))
        for kind in ("karras", "exponential", "beta") for sde in (False, True) if kind == "karras" or not sde},
     # Euler, Euler ancestral (with and without Karras sigmas), Heun.
     "euler": lambda: diffusers.EulerDiscreteScheduler(**SD_BETAS),
@@ -126,6 +127,29 @@ CASES = {
     "lms": lambda: diffusers.LMSDiscreteScheduler(**SD_BETAS),
     "lms-karras-v": lambda: diffusers.LMSDiscreteScheduler(**SD_BETAS, use_karras_sigmas=True,
                                                            prediction_type="v_prediction", timestep_spacing="trailing"),
+    # UniPC (predictor-corrector, D-history weights per grid): orders, Karras, v, partly disabled corrector, flow.
+    **{f"unipc-o{o}": (lambda o=o: diffusers.UniPCMultistepScheduler(**SD_BETAS, solver_order=o)) for o in (1, 2, 3)},
+    "unipc-karras-v": lambda: diffusers.UniPCMultistepScheduler(**SD_BETAS, use_karras_sigmas=True,
+                                                                prediction_type="v_prediction"),
+    "unipc-no-corrector-0-2": lambda: diffusers.UniPCMultistepScheduler(**SD_BETAS, disable_corrector=[0, 2]),
+    "unipc-flow": lambda: diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                            flow_shift=3.0),
+    # EDM preconditioning (c_in, c_noise = ln(sigma) / 4, c_skip x + c_out F): Euler and DPM-Solver++ on EDM sigmas.
+    "edm-euler": lambda: diffusers.EDMEulerScheduler(),
+    "edm-euler-exponential": lambda: diffusers.EDMEulerScheduler(sigma_schedule="exponential"),
+    "edm-dpm-sde": lambda: diffusers.EDMDPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"),
+    "edm-dpm-o3-sigma-min": lambda: diffusers.EDMDPMSolverMultistepScheduler(solver_order=3,
+                                                                             final_sigmas_type="sigma_min"),
+    # DEIS (log-rho Lagrange weights in closed form), orders 2 and 3, Karras sigmas with v prediction.
+    "deis": lambda: diffusers.DEISMultistepScheduler(**SD_BETAS),
+    "deis-o3-karras-v": lambda: diffusers.DEISMultistepScheduler(**SD_BETAS, solver_order=3, use_karras_sigmas=True,
+                                                                 prediction_type="v_prediction"),
+    # DPM-Solver++ single-step: order groups [1, 2, ...] from diffusers' order list, midpoint and heun.
+    "singlestep-o2": lambda: diffusers.DPMSolverSinglestepScheduler(**SD_BETAS, lower_order_final=True),
+    "singlestep-o3-heun": lambda: diffusers.DPMSolverSinglestepScheduler(**SD_BETAS, solver_order=3, solver_type="heun",
+                                                                         lower_order_final=True),
+    # LCM: boundary condition on eps, full re-noise with the generator's noise at every step but the last.
+    "lcm": lambda: diffusers.LCMScheduler(**SD_BETAS),
     # PNDM as Stable Diffusion ships it.
     "pndm": lambda: diffusers.PNDMScheduler(**SD_BETAS, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False),
     "pndm-trailing": lambda: diffusers.PNDMScheduler(**SD_BETAS, skip_prk_steps=True, timestep_spacing="trailing"),
@@ -147,6 +171,12 @@ def test_ddim_eta_and_long_dpm_grids():
     # 16 steps: diffusers' lower_order_final no longer applies below sigma_min, but does to sigma = 0.
     for kw in ({"solver_order": 3}, {"solver_order": 3, "final_sigmas_type": "sigma_min"}):
         assert max(compare(diffusers.DPMSolverMultistepScheduler(**SD_BETAS, **kw), steps=16).values()) <= BOUND
+
+
+@pytest.mark.parametrize("gamma", [0.3, 1.0])
+def test_tcd_takes_its_gamma_from_eta(gamma):
+    """TCD: denoise to the intermediate level floor((1 - gamma) t'), re-noise with the generator's noise."""
+    assert max(compare(diffusers.TCDScheduler(**SD_BETAS), steps=4, eta=gamma).values()) <= BOUND
 
 
 def test_cfg_with_nested_conditioning_reproduces_the_guided_loop():
@@ -178,7 +208,10 @@ def test_cfg_with_nested_conditioning_reproduces_the_guided_loop():
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: diffusers.UniPCMultistepScheduler(), "UniPCMultistepScheduler.*nearest: DPMSolverMultistep"),
+    (lambda: diffusers.KDPM2AncestralDiscreteScheduler(), "KDPM2AncestralDiscreteScheduler.*nearest: EulerAncestral"),
+    (lambda: diffusers.DPMSolverSinglestepScheduler(algorithm_type="sde-dpmsolver++"), "algorithm_type"),
+    (lambda: diffusers.DEISMultistepScheduler(use_flow_sigmas=True), "use_flow_sigmas"),
+    (lambda: diffusers.UniPCMultistepScheduler(solver_type="bh1"), "solver_type"),
     (lambda: diffusers.KDPM2DiscreteScheduler(), "KDPM2DiscreteScheduler.*nearest: HeunDiscrete"),
     (lambda: diffusers.PNDMScheduler(), "skip_prk_steps"),
     (lambda: diffusers.PNDMScheduler(skip_prk_steps=True, prediction_type="v_prediction"), "prediction_type"),

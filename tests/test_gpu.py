@@ -116,10 +116,11 @@ def test_fused_step_inside_the_samplers_on_cuda(dtype, monkeypatch):
 
 
 @cuda
-@pytest.mark.parametrize("method", ["picard", "parareal"])
+@pytest.mark.parametrize("method", ["sequential", "picard", "parareal"])
 def test_host_syncs_per_round_on_cuda(method):
-    """torch.cuda.set_sync_debug_mode counts every synchronising call; the engine's budget is a few per round
-    (Picard: the convergence read; Parareal: one per iteration; the sampler: one NaN-flag read per round)."""
+    """torch.cuda.set_sync_debug_mode counts every synchronising call; the engine's budget is one per round
+    (Picard: the convergence read; Parareal: one per iteration; sequential steps: none; the NaN flag travels
+    asynchronously), plus a fixed set-up and end (grid, noise, the one waiting NaN check, the records)."""
     from paratime import ParallelSampler
     from paratime.models import load_model
 
@@ -137,7 +138,7 @@ def test_host_syncs_per_round_on_cuda(method):
             torch.cuda.set_sync_debug_mode("default")
     syncs = sum("synchroniz" in str(w.message) for w in caught)
     print(f"{method}: {syncs} host syncs over {res.stats.iterations} rounds/iterations, {res.stats.rounds} calls")
-    assert syncs <= 4 * res.stats.iterations + 16
+    assert syncs <= (0 if method == "sequential" else res.stats.iterations) + 16
 
 
 @cuda

@@ -14,6 +14,11 @@ from paratime.denoiser import Denoiser
 from paratime.schedules import DiscreteVPSchedule
 
 
+class _Enough(Exception):
+    """Raised from the round callback: the rounds measured are done."""
+
+
+# kernels="torch": the interpreted Triton kernels (tests/conftest.py) allocate the same outputs, 100x slower.
 def _trivial(x, t, **cond):
     return 0.1 * x                         # a network that costs nothing: the figure is the sampler's own memory
 
@@ -21,10 +26,15 @@ def _trivial(x, t, **cond):
 def _peak_and_bound(solver, update, steps, window, side, batch, rounds, **options):
     den = Denoiser(_trivial, DiscreteVPSchedule.from_betas("linear", 1000, 1e-4, 0.02), "eps",
                    sample_shape=(4, side, side))
-    sampler = ParallelSampler(den, solver=solver, steps=steps, window=window, update=update, max_rounds=rounds,
-                              state_dtype=torch.float32, progress=False, **options)
-    with LiveBytes() as live:
-        sampler.sample(batch, seed=0)
+    sampler = ParallelSampler(den, solver=solver, steps=steps, window=window, update=update, init="noise",
+                              state_dtype=torch.float32, progress=False, kernels="torch", **options)
+
+    def stop_after(info):
+        if info.round >= rounds:
+            raise _Enough
+
+    with LiveBytes() as live, pytest.raises(_Enough):
+        sampler.sample(batch, seed=0, callback=stop_after)
     shape = (batch, 4, side, side)
     return live.peak, sampler.config.check_memory(shape, torch.device("cpu"), torch.float32, sampler.solver)
 
@@ -41,9 +51,9 @@ def test_live_bytes_counts_storages_once_and_frees_them():
 
 
 def test_bound_holds_a_stable_diffusion_size_round():
-    """SD-1.5 latent, N = 1000, W = 500, B = 1, float32, DDIM with the default secant update, two rounds (the
-    second holds the secant history)."""
-    peak, bound = _peak_and_bound("ddim", "secant", 1000, 500, 64, 1, 2)
+    """SD-1.5 latent, N = 1000, W = 500, B = 1, float32, DDIM with the default secant update, three rounds (the
+    second and third hold the secant history)."""
+    peak, bound = _peak_and_bound("ddim", "secant", 1000, 500, 64, 1, 3)
     old = request_bytes((1, 4, 64, 64), 1000, torch.float32, 0, 500, WORK_BUFFERS)
     assert peak > 2 * old, (peak, old)                         # what the old bound missed
     assert 0.6 * bound < peak <= bound, (peak / 2**20, bound / 2**20)
@@ -54,5 +64,5 @@ def test_bound_holds_a_stable_diffusion_size_round():
     ("dpmpp_3m", "secant", {}), ("ddpm", "secant", dict(corrector_snr=0.2))])
 def test_bound_holds_every_kind_and_update(solver, update, options):
     """Small latents, enough rounds for Anderson's three-round history; N = 100, W = 50, B = 2."""
-    peak, bound = _peak_and_bound(solver, update, 100, 50, 16, 2, 5, **options)
+    peak, bound = _peak_and_bound(solver, update, 100, 50, 16, 2, 4, **options)
     assert 0.75 * bound < peak <= bound, (peak / bound)

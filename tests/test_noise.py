@@ -145,3 +145,32 @@ def test_kernel_compiles_for_ampere_and_hopper(tmp_path):
                        cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["80", "90"]
+
+
+class _HostTraffic(torch.overrides.TorchFunctionMode):
+    """Counts what would read the device back on CUDA (item, int, bool, tolist, nonzero)."""
+
+    READS = {"item", "__int__", "__float__", "__bool__", "__index__", "tolist", "nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_drawn_without_host_reads_or_copies(monkeypatch):
+    # Keys, hashes and normals are made where the noise lives: no device read, no torch.tensor / as_tensor copy.
+    copies = []
+    for ctor in ("tensor", "as_tensor"):
+        real = getattr(torch, ctor)
+        monkeypatch.setattr(torch, ctor, lambda *a, _real=real, **k: copies.append(k.get("device")) or _real(*a, **k))
+    mode = _HostTraffic()
+    with mode:
+        draw_noise(9, 3, (5, 7), 4, STEP, first_sample=2, dtype=torch.float32)
+        noise_rows(9, CORRECTOR, torch.tensor([1, 2]), torch.tensor([0, 3]), (11,))
+    assert mode.reads == [] and copies == [None, None]      # the two row-index tensors of this test only

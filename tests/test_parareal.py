@@ -36,9 +36,10 @@ def test_pipelined_parareal_equals_sequential_and_saves_rounds(solver):
     torch.testing.assert_close(exact.samples, seq.samples, rtol=0, atol=1e-9)
     assert exact.stats.rounds <= seq.stats.rounds          # never deeper than sequential
     if solver != "ddpm":                                    # the ODE coarse jump is a good predictor for ODEs
+        # (Not compared with the sweep-by-sweep variant's rounds: its acceptance is per sample, the pipelined one's
+        # for the batch, so neither is always shallower; measured on this seed 89 swept, 91 pipelined.)
         fast = _run(solver, "parareal_pipelined", steps=100, batch=32, tol=0.1)
-        swept = _run(solver, "parareal", steps=100, batch=32, tol=0.1)
-        assert fast.stats.rounds < seq.stats.rounds and fast.stats.rounds <= swept.stats.rounds
+        assert fast.stats.rounds < seq.stats.rounds
         assert float((fast.samples - seq.samples).abs().max()) <= 0.1
 
 
@@ -125,4 +126,17 @@ def test_parareal_after_a_longer_slice_is_accepted(solver, steps, kw):
     tol = kw.get("tol", 0.1)
     # tol 0: the fine sequential sample to float rounding; else within the tolerance (noise-level units, <= 1)
     assert float((par.samples - seq.samples).abs().max()) <= max(tol, 1e-12)
+    assert par.stats.iterations <= par.stats.extra["slices"]
+
+
+@pytest.mark.parametrize("solver,steps,slices", [("dpmpp_2m", 8, 6), ("dpmpp_2m", 8, 8), ("dpmpp_2m", 30, 12),
+                                                  ("deis", 20, 5)])
+def test_parareal_multistep_history_must_settle_before_a_start_is_accepted(solver, steps, slices):
+    """A multistep solver carries its history across a slice start: a start whose state did not move is not
+    converged while the history it carries still moved (accepting it ended 2e-4 off the sequential sample at 8
+    steps, 6 slices), and the history is the solver's own value (DEIS keeps eps, not D: 1.5 off at 20 steps, 5
+    slices). Both found by tests/test_equivalence.py."""
+    seq = _run(solver, "sequential", steps=steps, batch=3)
+    par = _run(solver, "parareal", steps=steps, batch=3, tol=0.0, slices=slices)
+    torch.testing.assert_close(par.samples, seq.samples, rtol=0, atol=1e-12)
     assert par.stats.iterations <= par.stats.extra["slices"]

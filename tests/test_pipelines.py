@@ -86,8 +86,8 @@ def test_sd3_dynamic_shifting_uses_the_pipelines_mu():
 
 def test_unsupported_schedulers_and_arguments_fail_at_wrap_or_call_time():
     pipe = tiny_sd()
-    pipe.scheduler = diffusers.UniPCMultistepScheduler.from_config(pipe.scheduler.config)
-    with pytest.raises(ValueError, match="UniPCMultistepScheduler"):
+    pipe.scheduler = diffusers.KDPM2DiscreteScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match="KDPM2DiscreteScheduler"):
         paratime.parallelize(pipe)
     pipe.scheduler = diffusers.PNDMScheduler(**SD_BETAS)          # skip_prk_steps=False
     with pytest.raises(ValueError, match="skip_prk_steps"):

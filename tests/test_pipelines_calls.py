@@ -140,13 +140,17 @@ def test_unported_schedulers_are_refused_at_wrap_time_with_reason_and_nearest(sc
     except ImportError as e:                          # DPMSolverSDEScheduler needs torchsde
         pytest.skip(f"{scheduler}: {e}")
     near, why = REFUSED[scheduler]
-    with pytest.raises(ValueError, match=re.escape(f"scheduler: {scheduler} is not supported ({why}; nearest: {near})")):
+    message = f"scheduler: {scheduler} is not supported ({why}; nearest: {near})"
+    with pytest.raises(ValueError, match=re.escape(message)):
         paratime.parallelize(pipe)
 
 
-@pytest.mark.parametrize("name, scheduler", [("sd", "LMSDiscreteScheduler"), ("sd3", "FlowMatchHeunDiscreteScheduler")])
+@pytest.mark.parametrize("name, scheduler", [("sd", "LMSDiscreteScheduler"), ("sd3", "FlowMatchHeunDiscreteScheduler"),
+                                             ("sd", "UniPCMultistepScheduler"), ("sdxl", "EDMEulerScheduler"),
+                                             ("sd", "LCMScheduler")])
 def test_new_schedulers_through_the_pipeline(name, scheduler):
-    """LMS (SD) and FlowMatchHeun (SD3) swapped in with from_config: sequential and Picard at tol 0 match."""
+    """LMS, FlowMatchHeun, UniPC, EDMEuler and LCM (stochastic: the generator's noise) swapped in with
+    from_config: sequential and Picard at tol 0 match."""
     pipe = PIPES[name]()
     pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     args = dict(num_inference_steps=5, height=48, width=64, output_type="latent", guidance_scale=4.0,

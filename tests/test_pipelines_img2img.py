@@ -1,6 +1,7 @@
 """Image-conditioned pipelines through ``paratime.parallelize(pipe)``, against the pipeline's own call (same
 generator), with the default ``output_type`` and ``"latent"``, sequential and Picard: img2img (the pipeline's own
-``strength`` truncation of the grid, image encoding and noising) and ControlNet (its residuals in every call)."""
+``strength`` truncation of the grid, image encoding and noising), inpainting (a 9-channel UNet: mask and masked-image
+latents in every call; SD and SDXL) and ControlNet (its residuals in every call)."""
 
 import os
 
@@ -13,7 +14,8 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 import paratime  # noqa: E402
-from paratime.bench.tiny_pipelines import tiny_sd, tiny_sd_controlnet, tiny_sdxl  # noqa: E402
+from paratime.bench.tiny_pipelines import (tiny_sd, tiny_sd_controlnet, tiny_sd_inpaint, tiny_sdxl,  # noqa: E402
+                                           tiny_sdxl_inpaint)
 
 BOUND = 1e-4
 
@@ -63,7 +65,20 @@ def test_img2img_matches_the_pipeline(name, scheduler):
     assert np.abs(_array(call(None).images) - _array(call(pipe))).max() <= 1.0
 
 
-@pytest.mark.parametrize("scheduler", ["PNDMScheduler", "LMSDiscreteScheduler"])
+@pytest.mark.parametrize("scheduler", ["DPMSolverMultistepScheduler", "DEISMultistepScheduler"])
+def test_img2img_multistep_keeps_the_whole_grids_lower_order_final_rule(scheduler):
+    """20 steps at strength 0.6 run 12: diffusers' "fewer than 15 steps" rule counts the whole grid (20), so the last
+    steps keep order 3 (taking the rule from the 12 steps run moves the sample by ~1e-3 of its scale)."""
+    pipe = _sd_img2img()
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config, solver_order=3)
+    image = torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(0))
+    kw = dict(image=image, strength=0.6, num_inference_steps=20, output_type="latent", guidance_scale=1.0)
+    want = pipe("a cat", generator=torch.Generator().manual_seed(1), **kw).images
+    got = paratime.parallelize(pipe, tol=0.0)("a cat", generator=torch.Generator().manual_seed(1), **kw).images
+    assert float((got - want).abs().max()) <= BOUND * float(want.abs().max())
+
+
+@pytest.mark.parametrize("scheduler", ["PNDMScheduler", "LMSDiscreteScheduler", "DPMSolverSinglestepScheduler"])
 def test_img2img_with_multistep_schedulers_restarted_part_way_is_refused_with_the_fix(scheduler):
     pipe = _sd_img2img()
     pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
@@ -81,7 +96,8 @@ def test_controlnet_matches_the_pipeline(scheduler):
 
     def call(target, conditioning_scale=0.7, **kw):
         return target(["a cat", "a dog"], image=control, num_inference_steps=5,
-                      controlnet_conditioning_scale=conditioning_scale, generator=torch.Generator().manual_seed(1), **kw)
+                      controlnet_conditioning_scale=conditioning_scale, generator=torch.Generator().manual_seed(1),
+                      **kw)
 
     want = call(pipe, output_type="latent").images
     scale = float(want.abs().max())
@@ -93,3 +109,34 @@ def test_controlnet_matches_the_pipeline(scheduler):
     assert np.abs(_array(call(paratime.parallelize(pipe, tol=0.0)).images) - _array(call(pipe).images)).max() <= 1.0
     with pytest.raises(ValueError, match="control_guidance_start, control_guidance_end"):
         call(paratime.parallelize(pipe), control_guidance_end=0.5)
+
+
+@pytest.mark.parametrize("name, scheduler, strength", [("sd", "pndm", 1.0), ("sd", "euler_ancestral", 0.7),
+                                                      ("sdxl", "euler", None), ("sdxl", "euler_ancestral", 0.7)])
+def test_inpainting_matches_the_pipeline(name, scheduler, strength):
+    """SD and SDXL inpainting (9-channel UNets); ``strength=None``: the pipeline's own default (SDXL's 0.9999)."""
+    pipe = (tiny_sd_inpaint if name == "sd" else tiny_sdxl_inpaint)(text=True)
+    if scheduler == "euler_ancestral":
+        pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    image = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(0))
+    mask = (torch.rand(2, 1, 48, 64, generator=torch.Generator().manual_seed(5)) > 0.5).float()
+
+    def call(target, mask_image=mask, **kw):
+        if strength is not None:
+            kw["strength"] = strength
+        return target(["a cat", "a dog"], image=image, mask_image=mask_image, height=48, width=64,
+                      num_inference_steps=5, generator=torch.Generator().manual_seed(1), **kw)
+
+    want = call(pipe, output_type="latent").images
+    scale = float(want.abs().max())
+    assert float((call(pipe, 1 - mask, output_type="latent").images - want).abs().max()) > 100 * BOUND * scale
+    for method, tol in (("sequential", None), ("picard", 0.0)):
+        got = call(paratime.parallelize(pipe, method=method, tol=tol), output_type="latent").images
+        assert float((got - want).abs().max()) <= BOUND * scale, method
+    assert np.abs(_array(call(paratime.parallelize(pipe, tol=0.0)).images) - _array(call(pipe).images)).max() <= 1.0
+
+
+def test_inpainting_with_a_4_channel_unet_is_refused_at_wrap_time():
+    pipe = diffusers.StableDiffusionInpaintPipeline(**tiny_sd().components)
+    with pytest.raises(ValueError, match="pipe: StableDiffusionInpaintPipeline with a 4-channel UNet.*9 input"):
+        paratime.parallelize(pipe)

@@ -11,21 +11,13 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from benchmarks.devices import Spread
 from paratime import ParallelSampler, SamplerConfig
-from paratime.backends import LocalBackend
 from paratime.cost import CostCurve, make_cost
 from paratime.planner import (picard_rows, plan_sampling, predict_picard, predict_sequential, rounds_cap,
                               window_candidates)
 
 TOL = 2e-3
-
-
-class Spread(LocalBackend):
-    """Evaluates locally but reports ``workers`` devices to the planner and the cost figures."""
-
-    def __init__(self, workers: int):
-        super().__init__()
-        self.workers = workers
 
 
 @pytest.mark.parametrize("devices", [2, 4, 8])
@@ -66,7 +58,8 @@ curves = st.lists(st.floats(0.05, 10.0), min_size=2, max_size=7).map(
 def test_never_slower_than_sequential_by_its_own_prediction(curve, steps, batch, devices, tol):
     plan = plan_sampling(curve, steps, batch, devices, tol)
     assert plan.predicted_sce <= plan.sequential_sce
-    assert plan.predicted_sce == min(plan.candidates.values())
+    # The cheapest candidate, up to float rounding (predictions within 1e-9 tie, and a tie goes to sequential).
+    assert plan.predicted_sce == pytest.approx(min(plan.candidates.values()), rel=1e-9)
     assert plan.sequential_sce == pytest.approx(predict_sequential(curve, steps, batch, devices) / curve(1))
     if plan.method == "picard":
         assert plan.predicted_sce == pytest.approx(
@@ -91,7 +84,7 @@ def test_planner_refuses_bad_input(kw, err):
         plan_sampling(**args)
 
 
-@pytest.mark.parametrize("window,err", [("wide", TypeError), (0, ValueError), (True, TypeError), (2.0, TypeError)])
+@pytest.mark.parametrize("window,err", [("wide", ValueError), (0, ValueError), (True, TypeError), (2.0, TypeError)])
 def test_bad_window_is_refused(window, err):
     with pytest.raises(err, match="window"):
         SamplerConfig(window=window)

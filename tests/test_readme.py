@@ -56,7 +56,7 @@ def _pipeline_stand_ins(monkeypatch) -> None:
               "StableDiffusion3Pipeline": tiny.tiny_sd3}
     for name, make in makers.items():
         def from_pretrained(path, *args, _make=make, **kwargs):
-            pipe = _make()
+            pipe = _make(text=True)                      # tiny CLIP tokenizers: string prompts work
             dtype = kwargs.get("torch_dtype")
             return pipe if dtype in (None, torch.float32) else pipe.to(dtype=dtype)
         monkeypatch.setattr(getattr(diffusers, name), "from_pretrained", staticmethod(from_pretrained))

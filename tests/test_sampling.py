@@ -71,7 +71,7 @@ def test_picard_default_tol_within_documented_bound(solver):
     Measured: ODE p90 <= 0.0016, max <= 0.007; SDE p90 <= 0.0055, none > 0.1. At tol 1 each check fails (ODE max
     0.044..0.064; SDE p90 0.10..0.13 with 7..8 samples > 0.1)."""
     seq = _sample(solver, steps=100, method="sequential", batch=64)
-    par = _sample(solver, steps=100, window=100, tol=0.1, batch=64)
+    par = _sample(solver, steps=100, window=100, tol=0.1, batch=64, tol_units="absolute")   # the bounds' units
     diff = (par.samples - seq.samples).abs().amax(1)            # (64,) per-sample max over coordinates
     p90 = float(torch.quantile(diff, 0.9))
     if solver in ("ddim", "heun", "dpmpp_2m"):

@@ -30,13 +30,13 @@ def test_every_solver_at_tol_zero_equals_sequential(solver):
 
 @pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "heun"])
 def test_tolerance_returns_before_core_zero_within_tol(solver):
-    """At tol 1e-2 (absolute) every sample is returned by a later core, before tick N, within tol of the
+    """At tol 3e-2 (absolute) every sample is returned by a later core, before tick N, within tol of the
     sequential sample."""
     x_T, problem, _ = _problem(solver, 20, batch=6)
     seq = sample_sequential(x_T, problem).x
-    out = sample_staggered(x_T, problem, 8, 1e-2)
+    out = sample_staggered(x_T, problem, 8, 3e-2)
     assert all(c > 0 for c in out.extra["sample_core"]) and int(out.sample_rounds.max()) < 20
-    assert float((out.x - seq).abs().max()) <= 1e-2
+    assert float((out.x - seq).abs().max()) <= 3e-2
 
 
 def test_one_call_per_tick_of_the_live_cores_and_one_read():
@@ -99,7 +99,8 @@ def test_sampler_needs_the_cores_as_window():
 def test_same_hits_as_the_chords_port():
     """Against CHORDS's port (benchmarks/chords_ref.py, itself checked against the original) with the solver's
     jump as its F and G (a one-step DDIM jump is the DDIM step): every core finishes at the same tick, and the core
-    returned at a loose tolerance (the first hit after the shoot) is the port's, through its Parareal corrections."""
+    returned at a loose tolerance (the second hit after the shoot) is the port's, through its Parareal
+    corrections."""
     from benchmarks.chords_ref import run_chords
 
     x_T, problem, _ = _problem("ddim", 20, batch=3)
@@ -118,7 +119,7 @@ def test_same_hits_as_the_chords_port():
         # the port lists same-tick hits in core order, this method newest core first
         assert sorted(ours.extra["hit_ticks"]) == sorted((-1 if h.k == 0 and h is ref.hits[0] else
                                                           starts.index(20 - h.k), h.tick) for h in ref.hits)
-    loose = sample_staggered(x_T, problem, 2, 1e9, (0, 5))
-    ref = run_chords(20, x_T, score, (0, 5), jump, criterion="core_index", index=1)
-    assert loose.extra["sample_core"] == [1] * 3 and ref.hits[1].k == 15
-    torch.testing.assert_close(loose.x, ref.hits[1].x, rtol=0, atol=1e-12)
+    loose = sample_staggered(x_T, problem, 3, 1e9, (0, 5, 10))    # samples: shoot, core 2, core 1 (returned)
+    ref = run_chords(20, x_T, score, (0, 5, 10), jump, criterion="core_index", index=3)
+    assert loose.extra["sample_core"] == [1] * 3 and [h.k for h in ref.hits] == [0, 10, 15, 20]
+    torch.testing.assert_close(loose.x, ref.hits[2].x, rtol=0, atol=1e-12)

@@ -15,6 +15,10 @@ the model and the device at the first call (:func:`paratime.backends.memory.defa
 peak memory of a first chunk of :data:`~paratime.backends.memory.PROBE_ROWS` rows and the free memory; on CPU the
 stated constant :data:`~paratime.backends.memory.CPU_MAX_BATCH`), so a Stable-Diffusion-size model never gets one
 8,000-row call.
+
+**Fixed shapes** (``buckets=``, e.g. ``(8, 32, 128, 512)``): every network call is padded to the smallest bucket that
+holds its rows (the padding repeats row 0; its outputs are dropped), and chunks never exceed the largest bucket, so a
+compiled network (``torch.compile``) or a captured CUDA graph sees a handful of shapes instead of one per round.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import torch
 from ..denoiser import Denoiser
 from .memory import PROBE_ROWS, default_max_batch, measure_rows
 
-__all__ = ["Backend", "map_cond", "split_cond", "cat_outputs", "cast_network", "check_max_batch", "cond_bytes"]
+__all__ = ["Backend", "map_cond", "split_cond", "cat_outputs", "cast_network", "check_max_batch", "cond_bytes",
+           "check_buckets", "pad_rows"]
 
 log = logging.getLogger("paratime")
 
@@ -70,6 +75,34 @@ def check_max_batch(max_batch) -> int | None:
     return max_batch
 
 
+def check_buckets(buckets) -> tuple[int, ...] | None:
+    """``buckets`` validated: None, or a non-empty sequence of increasing integers >= 1.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if buckets is None:
+        return None
+    ok = isinstance(buckets, (tuple, list)) and len(buckets) > 0 and all(
+        isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in buckets)
+    if not ok or any(a >= b for a, b in zip(buckets, buckets[1:])):
+        raise ValueError(f"buckets: must be None or increasing integers >= 1 (row counts a call is padded to), "
+                         f"got {buckets!r}")
+    return tuple(buckets)
+
+
+def pad_rows(fn, buckets: tuple[int, ...], x, sigma, model_time, cond: dict):
+    """``fn(x, sigma, model_time, **cond)`` on rows padded to the smallest bucket >= M (rows <= ``buckets[-1]``);
+    the padding repeats row 0 (a gather: no host sync), and its outputs are dropped."""
+    M = x.shape[0]
+    P = next(b for b in buckets if b >= M)
+    if P == M:
+        return fn(x, sigma, model_time, **cond)
+    idx = torch.cat([torch.arange(M, device=x.device), x.new_zeros(P - M, dtype=torch.long)])    # (P,)
+    out = fn(x[idx], sigma[idx], model_time[idx], **map_cond(cond, lambda v: v[idx.to(v.device)]))
+    return tuple(None if o is None else o[:M] for o in out) if isinstance(out, tuple) else out[:M]
+
+
 def cast_network(denoiser: Denoiser, inplace: bool = False) -> Denoiser:
     """The denoiser with its ``torch.nn.Module`` network's floating parameters in ``denoiser.dtype``.
 
@@ -97,17 +130,19 @@ class Backend:
     Args:
         max_batch: largest number of rows in one network call (per worker); None: derived from the model and the
             device at the first call (see the module docstring).
+        buckets: row counts every network call is padded to (fixed shapes, see the module docstring), or None.
 
     Raises:
-        ValueError: a bad ``max_batch``.
+        ValueError: a bad ``max_batch`` or ``buckets``.
     """
 
     name: str = ""
     #: workers that evaluate rows in parallel (ranks, actors, devices)
     workers: int = 1
 
-    def __init__(self, max_batch: int | None = None):
+    def __init__(self, max_batch: int | None = None, buckets: tuple[int, ...] | None = None):
         self.max_batch = check_max_batch(max_batch)
+        self.buckets = check_buckets(buckets)
         self.denoiser: Denoiser | None = None
         self._cond: dict = {}
         self._auto_batch: int | None = None
@@ -177,6 +212,8 @@ class Backend:
         if self.denoiser is None:
             raise RuntimeError("backend: not bound to a denoiser; the sampler calls bind() first")
         den = fn or self.denoiser
+        if self.buckets is not None:
+            den = lambda *a, _f=den, **c: pad_rows(_f, self.buckets, *a, c)  # noqa: E731 - fixed shapes
         M = x.shape[0]
         outs, start = [], 0
         if self.batch_limit() is None:
@@ -193,6 +230,8 @@ class Backend:
             log.info("%s backend: max_batch %d network rows per call (derived for %s)", self.name, self._auto_batch,
                      x.device)
         step = self.batch_limit()
+        if self.buckets is not None:
+            step = min(step, self.buckets[-1])      # no chunk beyond the largest bucket
         if start == 0 and M <= step:
             return den(x, sigma, model_time, **cond)     # one chunk: no slicing
         for s in range(start, M, step):

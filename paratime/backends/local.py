@@ -13,15 +13,16 @@ class LocalBackend(Backend):
     Args:
         max_batch: largest number of rows per network call; None: derived from the model and device at the first
             call (see :mod:`paratime.backends.base`).
+        buckets: row counts every network call is padded to (fixed shapes for a compiled network), or None.
 
     Raises:
-        ValueError: ``max_batch < 1``.
+        ValueError: ``max_batch < 1``, bad ``buckets``.
     """
 
     name = "local"
 
-    def __init__(self, max_batch: int | None = None):
-        super().__init__(max_batch)
+    def __init__(self, max_batch: int | None = None, buckets: tuple[int, ...] | None = None):
+        super().__init__(max_batch, buckets)
 
     def evaluate(self, x, sigma, model_time, cond=None, samples=None, raw=False):
         self.calls += 1

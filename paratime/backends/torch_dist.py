@@ -10,15 +10,20 @@ element), converted to ``x0`` on every rank afterwards (the same elementwise con
 With classifier-free or classifier guidance the per-rank results are already combined, and ``x0`` is gathered in
 the state dtype.
 
-Device of a rank: ``device=`` if given; under NCCL ``cuda:LOCAL_RANK`` (torchrun sets it), else the device of the
-model's parameters, else the current CUDA device; under gloo the model's parameters' device, else the CPU.
+Device of a rank (:func:`rank_device`): where the model's weights are (checked against ``device=`` and, for CUDA
+weights, ``cuda:LOCAL_RANK``: a disagreement is an error naming both, e.g. ``--device cuda`` under torchrun, which
+puts every rank's weights on cuda:0); without weights (a plain function), ``device=``, else under NCCL
+``cuda:LOCAL_RANK`` or the current CUDA device, under gloo the CPU.
 
 Communication time: on CUDA, events recorded on the compute stream just before the collective is issued and just
 after the stream is made to wait for it (read once, when :attr:`timings` is asked for: no host sync per call); on
 CPU, the wall time of the blocking gloo collective (it includes waiting for a slower peer's compute).
 
 A rank that dies or hangs makes the collective fail on every other rank within ``timeout_s``: the error names the
-rank, the collective and the timeout instead of hanging.
+rank, the collective and the timeout instead of hanging. gloo: the wait itself times out. NCCL (whose wait does not
+block the host): the process group gets ``timeout_s`` and, unless the user set it, ``TORCH_NCCL_ASYNC_ERROR_HANDLING=2``
+(:func:`nccl_environment`): the watchdog aborts the communicators after ``timeout_s`` without killing the process,
+so the stuck kernels return and the next collective raises, which becomes :class:`DistributedTimeoutError`.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import torch.distributed as dist
 
 from .base import Backend, map_cond, split_cond
 
-__all__ = ["TorchDistributedBackend", "DistributedTimeoutError"]
+__all__ = ["TorchDistributedBackend", "DistributedTimeoutError", "rank_device", "nccl_environment"]
 
 log = logging.getLogger("paratime")
 
@@ -44,6 +49,48 @@ _ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "al
 
 class DistributedTimeoutError(RuntimeError):
     """A collective did not complete: a peer rank died, hangs, or is unreachable."""
+
+
+#: NCCL's watchdog on a timed-out collective: abort the communicators and keep the process (the error reaches Python)
+NCCL_ERROR_HANDLING = "2"
+
+
+def nccl_environment(env=os.environ) -> None:
+    """Before an NCCL group is made: ``TORCH_NCCL_ASYNC_ERROR_HANDLING=2`` unless the user set it (see the module
+    docstring); without it a dead peer ends in the watchdog killing every rank."""
+    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", NCCL_ERROR_HANDLING)
+
+
+def rank_device(weights: torch.device | None, requested: torch.device | None, local_rank: int | None, nccl: bool,
+                current_cuda: int | None = None) -> torch.device:
+    """This rank's compute device: the model's weights' device when it has weights, else ``requested``, else under
+    NCCL ``cuda:local_rank`` (or ``cuda:current_cuda``), else the CPU.
+
+    Args:
+        weights: the device of the network's first parameter, or None (no weights). requested: ``device=``.
+        local_rank: ``LOCAL_RANK`` as an integer, or None. nccl: whether the group is NCCL.
+        current_cuda: the current CUDA device index (NCCL without weights, ``device=`` or LOCAL_RANK).
+    Raises:
+        ValueError: the weights' device disagrees with ``device=`` or (CUDA weights) with ``cuda:LOCAL_RANK``, or
+            NCCL with weights off CUDA; the message names both devices.
+    """
+    if weights is not None:
+        if requested is not None and torch.device(requested) != weights:
+            raise ValueError(f"device: {torch.device(requested)} was given but the model's weights are on {weights}; "
+                             "move the model there or leave device= unset")
+        if weights.type == "cuda" and local_rank is not None and weights.index not in (None, local_rank):
+            raise ValueError(f"device: the model's weights are on {weights} but LOCAL_RANK={local_rank} makes this "
+                             f"rank's device cuda:{local_rank}; load the model on cuda:LOCAL_RANK on each rank "
+                             "(not --device cuda, which is cuda:0 everywhere)")
+        if nccl and weights.type != "cuda":
+            raise ValueError(f"device: NCCL needs CUDA tensors but the model's weights are on {weights}; move the "
+                             "model to cuda:LOCAL_RANK or use dist_backend='gloo'")
+        return weights
+    if requested is not None:
+        return torch.device(requested)
+    if nccl:
+        return torch.device("cuda", local_rank if local_rank is not None else (current_cuda or 0))
+    return torch.device("cpu")
 
 
 class TorchDistributedBackend(Backend):
@@ -89,6 +136,7 @@ class TorchDistributedBackend(Backend):
                 os.environ["GLOO_SOCKET_IFNAME"] = "lo"   # keep a single-machine run on loopback
             kw = {} if init_method is None else {"init_method": init_method, "rank": rank, "world_size": world_size}
             if dist_backend == "nccl":
+                nccl_environment()
                 torch.cuda.set_device(self._device or int(os.environ.get("LOCAL_RANK", 0)))
             dist.init_process_group(dist_backend, timeout=self.timeout, **kw)
             self.owns_group = True
@@ -107,18 +155,17 @@ class TorchDistributedBackend(Backend):
 
     @property
     def device(self) -> torch.device:
-        """This rank's compute device (see the module docstring)."""
-        if self._device is not None:
-            return self._device
+        """This rank's compute device (:func:`rank_device`).
+
+        Raises:
+            ValueError: the model's weights disagree with ``device=`` or ``cuda:LOCAL_RANK``.
+        """
         net = getattr(self.denoiser, "network", None)
         p = next(net.parameters(), None) if isinstance(net, torch.nn.Module) else None
-        if self.nccl:
-            if "LOCAL_RANK" in os.environ:
-                return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            if p is not None and p.is_cuda:
-                return p.device
-            return torch.device("cuda", torch.cuda.current_device())
-        return p.device if p is not None else torch.device("cpu")
+        local = os.environ.get("LOCAL_RANK")
+        nccl = self.nccl
+        return rank_device(None if p is None else p.device, self._device, None if local is None else int(local),
+                           nccl, torch.cuda.current_device() if nccl and torch.cuda.is_available() else None)
 
     @property
     def timings(self):

@@ -17,6 +17,14 @@ What maps to what (``solver_for``; every other scheduler or option raises ``Valu
                                                                                   beta, lu; final sigma zero or min)
     FlowMatchEulerDiscreteScheduler            euler on FlowSchedule, "flow"      scheduler.sigmas (shift, mu)
     FlowMatchHeunDiscreteScheduler             flow_heun (Heun in flow time t)    every other sigma (shift)
+    UniPCMultistepScheduler                    unipc (bh2, order 1-3, UniC)       scheduler.sigmas (also flow sigmas)
+    EDMEulerScheduler                          euler, EDM preconditioning "edm"   scheduler.sigmas (karras, exponential)
+    EDMDPMSolverMultistepScheduler             dpmpp, EDM preconditioning "edm"   scheduler.sigmas
+    DEISMultistepScheduler                     deis (log-rho, order 1-3)          scheduler.sigmas
+    DPMSolverSinglestepScheduler               dpmpp_singlestep (ODE, order list) scheduler.sigmas
+    TCDScheduler                               tcd (gamma = the call's eta)       timesteps, then training step 0
+    LCMScheduler                               consistency (x' = D + sigma' z;    timesteps, then x0
+                                               boundary condition: LCMBoundary)
     (refused, with the reason and the nearest supported scheduler: :data:`REFUSED`)
 
     prediction_type epsilon | v_prediction | sample | flow_prediction  ->  prediction eps | v | x0 | flow
@@ -44,44 +52,42 @@ import torch
 
 from ..denoiser import Denoiser
 from ..sampler import ParallelSampler, SampleResult
-from ..schedules import DiscreteVPSchedule, FlowSchedule, NoiseSchedule, TimeGrid
-from ..solvers import DDPM, LMS, PLMS, Ancestral, DPMSolverPP, FlowHeun, Heun, Solver
+from ..schedules import DiscreteVPSchedule, EDMSchedule, FlowSchedule, NoiseSchedule, TimeGrid
+from ..solvers import (DDPM, DEIS, LMS, PLMS, TCD, Ancestral, Consistency, DPMSolverPP, DPMSolverSinglestep, FlowHeun,
+                       Heun, Solver, UniPC)
 
 __all__ = ["from_diffusers", "DiffusersSchedule", "solver_for", "initial_noise", "to_latents", "sample_latents",
-           "with_timestep_kwargs", "Keyword", "SCHEDULERS", "REFUSED", "ZERO_SNR"]
+           "with_timestep_kwargs", "Keyword", "LCMBoundary", "DiffusersEDMSchedule", "SCHEDULERS", "REFUSED",
+           "ZERO_SNR"]
 
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
 ZERO_SNR = 1e-16   # alpha_bar standing in for 0 (a zero terminal SNR): sigma = 1e8
 
 # Scheduler families: how the grid is read and in which frame the scheduler's sample lives.
-_TIMESTEP = ("DDIMScheduler", "DDIMParallelScheduler", "DDPMScheduler", "DDPMParallelScheduler", "PNDMScheduler")
+_TIMESTEP = ("DDIMScheduler", "DDIMParallelScheduler", "DDPMScheduler", "DDPMParallelScheduler", "PNDMScheduler",
+             "LCMScheduler", "TCDScheduler")
 _SIGMA_VE = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
              "LMSDiscreteScheduler")
-_SIGMA_VP = ("DPMSolverMultistepScheduler",)
+_SIGMA_VP = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+             "DPMSolverSinglestepScheduler")
 _FLOW = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 _HEUN = ("HeunDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")   # two calls per step: doubled timesteps
-SCHEDULERS = _TIMESTEP + _SIGMA_VE + _SIGMA_VP + _FLOW
+_EDM = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")      # EDM preconditioning, VE-frame sample
+SCHEDULERS = _TIMESTEP + _SIGMA_VE + _SIGMA_VP + _FLOW + _EDM
+
+
+def _is_flow(scheduler) -> bool:
+    """Flow matching: the flow-matching schedulers, and UniPC on flow sigmas (Wan's default scheduler)."""
+    name = type(scheduler).__name__
+    return name in _FLOW or (name == "UniPCMultistepScheduler" and scheduler.config.get("use_flow_sigmas", False))
 
 # Unsupported schedulers: (nearest supported scheduler, why paratime does not reproduce it), named in the error.
 REFUSED = {
-    "UniPCMultistepScheduler": ("DPMSolverMultistepScheduler", "its corrector (UniC) revises each state with the model "
-                                "output at that state; paratime's step maps do not carry that revision yet"),
     "KDPM2DiscreteScheduler": ("HeunDiscreteScheduler", "its second call sits at a log-midpoint sigma off the grid"),
     "KDPM2AncestralDiscreteScheduler": ("EulerAncestralDiscreteScheduler", "its second call sits at a log-midpoint "
                                         "sigma off the grid, and its noise is drawn between the two calls"),
-    "DPMSolverSinglestepScheduler": ("DPMSolverMultistepScheduler", "its single-step orders restart every k steps "
-                                     "(a history that depends on the step's place in its group)"),
-    "DEISMultistepScheduler": ("DPMSolverMultistepScheduler", "its exponential-integrator weights are not ported"),
     "DPMSolverSDEScheduler": ("DPMSolverMultistepScheduler (algorithm_type='sde-dpmsolver++')",
                               "its Brownian-tree noise depends on the whole interval, not on (seed, step, sample)"),
-    "EDMEulerScheduler": ("EulerDiscreteScheduler", "EDM preconditioning through a diffusers scheduler is not wired "
-                          "to paratime's EDM denoiser"),
-    "EDMDPMSolverMultistepScheduler": ("DPMSolverMultistepScheduler", "EDM preconditioning through a diffusers "
-                                       "scheduler is not wired to paratime's EDM denoiser"),
-    "LCMScheduler": ("DDIMScheduler", "a consistency model's step re-noises its x0 with fresh noise and adds the "
-                     "boundary condition c_skip / c_out, which paratime's denoiser does not carry"),
-    "TCDScheduler": ("DDIMScheduler", "a consistency model's step (gamma) re-noises its x0 with fresh noise and adds "
-                     "the boundary condition c_skip / c_out, which paratime's denoiser does not carry"),
     "SASolverScheduler": ("DPMSolverMultistepScheduler", "its stochastic Adams predictor-corrector is not ported"),
     "IPNDMScheduler": ("PNDMScheduler (skip_prk_steps=True)", "its improved PNDM weights are not ported"),
     "CMStochasticIterativeScheduler": ("DDPMScheduler", "consistency-model sampling is not ported"),
@@ -90,6 +96,7 @@ REFUSED = {
 
 # Multistep schedulers whose restart part-way (img2img's set_begin_index) paratime's grid does not reproduce.
 _NO_RESTART = {"PNDMScheduler": "repeats a timestep paratime's grid cannot hold",
+               "DPMSolverSinglestepScheduler": "keeps the whole grid's order groups but starts with no outputs",
                "LMSDiscreteScheduler": "takes its order from the full grid's step index, weighting its first "
                                        "derivative with a 4-point Lagrange coefficient whose other points it lacks"}
 
@@ -106,7 +113,7 @@ def _check_options(scheduler) -> None:
         near, why = REFUSED.get(name, ("DDIMScheduler or DPMSolverMultistepScheduler", "not ported"))
         raise ValueError(f"scheduler: {name} is not supported ({why}; nearest: {near}); supported: "
                          f"{', '.join(SCHEDULERS)}")
-    if cfg.get("prediction_type", "epsilon") not in _PREDICTIONS and name not in _FLOW:
+    if cfg.get("prediction_type", "epsilon") not in _PREDICTIONS and not _is_flow(scheduler):
         raise ValueError(f"prediction_type: {cfg.prediction_type!r} is not supported; allowed: "
                          f"{', '.join(_PREDICTIONS)}")
     if cfg.get("thresholding", False):
@@ -121,7 +128,27 @@ def _check_options(scheduler) -> None:
                           "prediction_type='epsilon', or DDIMScheduler for v_prediction")
     if name == "HeunDiscreteScheduler" and cfg.get("clip_sample", False):
         raise _refuse(scheduler, "clip_sample", True, "clip_sample=False")
-    if name == "DPMSolverMultistepScheduler":
+    if name in ("LCMScheduler", "TCDScheduler") and (cfg.prediction_type != "epsilon" or cfg.clip_sample):
+        raise _refuse(scheduler, "prediction_type, clip_sample", (cfg.prediction_type, cfg.clip_sample),
+                      "prediction_type='epsilon', clip_sample=False (LCM's boundary condition on eps)")
+    if name == "DPMSolverSinglestepScheduler":
+        for option, ok in (("algorithm_type", "dpmsolver++"), ("use_flow_sigmas", False), ("variance_type", None),
+                           ("use_dynamic_shifting", False)):
+            if cfg.get(option, ok) != ok:
+                raise _refuse(scheduler, option, cfg.get(option), f"{option}={ok!r} (the ODE DPM-Solver++; for "
+                              f"the SDE variants, DPMSolverMultistepScheduler)")
+        if cfg.solver_order not in (1, 2, 3):
+            raise _refuse(scheduler, "solver_order", cfg.solver_order, "solver_order 1, 2 or 3")
+    if name == "DEISMultistepScheduler":
+        for option, ok in (("algorithm_type", "deis"), ("solver_type", "logrho"), ("use_flow_sigmas", False),
+                           ("use_dynamic_shifting", False)):
+            if cfg.get(option, ok) != ok:
+                raise _refuse(scheduler, option, cfg.get(option), f"{option}={ok!r}")
+        if cfg.solver_order not in (1, 2, 3):
+            raise _refuse(scheduler, "solver_order", cfg.solver_order, "solver_order 1, 2 or 3")
+    if name in _EDM and cfg.prediction_type != "epsilon":
+        raise _refuse(scheduler, "prediction_type", cfg.prediction_type, "prediction_type='epsilon' (EDM's F_theta)")
+    if name in ("DPMSolverMultistepScheduler", "EDMDPMSolverMultistepScheduler"):
         if cfg.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
             raise _refuse(scheduler, "algorithm_type", cfg.algorithm_type, "'dpmsolver++' or 'sde-dpmsolver++'")
         if cfg.get("variance_type") is not None:
@@ -130,18 +157,34 @@ def _check_options(scheduler) -> None:
             raise _refuse(scheduler, "use_flow_sigmas", True, "FlowMatchEulerDiscreteScheduler")
         if cfg.solver_order not in (1, 2, 3):
             raise _refuse(scheduler, "solver_order", cfg.solver_order, "solver_order 1, 2 or 3")
+    if name == "UniPCMultistepScheduler":
+        if not cfg.predict_x0:
+            raise _refuse(scheduler, "predict_x0", False, "predict_x0=True (the data-prediction UniPC)")
+        if cfg.solver_type != "bh2":
+            raise _refuse(scheduler, "solver_type", cfg.solver_type, "solver_type='bh2'")
+        if cfg.solver_order not in (1, 2, 3):
+            raise _refuse(scheduler, "solver_order", cfg.solver_order, "solver_order 1, 2 or 3")
+        if scheduler.solver_p is not None:
+            raise _refuse(scheduler, "solver_p", type(scheduler.solver_p).__name__, "solver_p=None")
+        if cfg.get("use_flow_sigmas", False) != (cfg.prediction_type == "flow_prediction"):
+            raise _refuse(scheduler, "use_flow_sigmas, prediction_type",
+                          (cfg.get("use_flow_sigmas", False), cfg.prediction_type),
+                          "use_flow_sigmas=True with prediction_type='flow_prediction' (or neither)")
     if name in _FLOW:
         for option in ("stochastic_sampling", "invert_sigmas"):
             if cfg.get(option, False):
                 raise _refuse(scheduler, option, True, f"{option}=False")
 
 
-def solver_for(scheduler, eta: float = 0.0) -> Solver:
+def solver_for(scheduler, eta: float = 0.0, total_steps: int | None = None) -> Solver:
     """The paratime step map that reproduces this scheduler's ``step``.
 
     Args:
         scheduler: a diffusers scheduler (see the module table).
         eta: DDIM's ``eta`` (a ``step`` argument in diffusers, passed by pipelines as ``eta=``); 0 elsewhere.
+        total_steps: the scheduler's ``num_inference_steps`` when the loop runs only its last part (img2img's
+            ``strength``): DPM-Solver++ and DEIS take their "fewer than 15 steps" ``lower_order_final`` rule from
+            the whole grid, not from the steps run. None: the grid run is the whole grid.
     Returns:
         a :class:`~paratime.solvers.Solver` instance.
     Raises:
@@ -149,8 +192,13 @@ def solver_for(scheduler, eta: float = 0.0) -> Solver:
     """
     _check_options(scheduler)
     name, cfg = type(scheduler).__name__, scheduler.config
-    if eta and not name.startswith("DDIM"):
-        raise ValueError(f"eta: only DDIM schedulers take eta, got eta={eta!r} with {name}")
+    # diffusers' lower_order_final fires on grids of fewer than 15 steps, counted over the scheduler's whole grid.
+    lower_order_final = cfg.get("lower_order_final", True) and (total_steps is None or total_steps < 15)
+    if eta and not name.startswith("DDIM") and name != "TCDScheduler":
+        raise ValueError(f"eta: only DDIM and TCD schedulers take eta, got eta={eta!r} with {name}")
+    if name == "TCDScheduler":              # the call's eta is TCD's gamma
+        ac = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64)
+        return TCD(eta=eta, train_sigmas=tuple(((1 - ac) / ac).sqrt().tolist()))
     if name.startswith("DDIM"):
         return Ancestral(eta=eta, clip=float(cfg.clip_sample_range) if cfg.clip_sample else None)
     if name.startswith("DDPM") and cfg.variance_type == "fixed_large":
@@ -166,9 +214,20 @@ def solver_for(scheduler, eta: float = 0.0) -> Solver:
         return FlowHeun()
     if name == "LMSDiscreteScheduler":
         return LMS()            # the pipelines' step(order=4) default
-    if name == "DPMSolverMultistepScheduler":
+    if name == "LCMScheduler":
+        return Consistency()
+    if name == "DPMSolverSinglestepScheduler":
+        return DPMSolverSinglestep(order=cfg.solver_order, solver_type=cfg.solver_type,
+                                   lower_order_final=cfg.lower_order_final,
+                                   final_first_order=cfg.final_sigmas_type == "zero")
+    if name == "DEISMultistepScheduler":
+        return DEIS(order=cfg.solver_order, lower_order_final=lower_order_final)
+    if name == "UniPCMultistepScheduler":
+        return UniPC(order=cfg.solver_order, disable_corrector=tuple(cfg.disable_corrector),
+                     lower_order_final=cfg.lower_order_final)
+    if name in ("DPMSolverMultistepScheduler", "EDMDPMSolverMultistepScheduler"):
         return DPMSolverPP(order=cfg.solver_order, sde=cfg.algorithm_type == "sde-dpmsolver++",
-                           solver_type=cfg.solver_type, lower_order_final=cfg.lower_order_final,
+                           solver_type=cfg.solver_type, lower_order_final=lower_order_final,
                            euler_at_final=cfg.euler_at_final)
     return Ancestral()    # Euler, flow-matching Euler: the probability-flow Euler step in the VE frame
 
@@ -245,7 +304,7 @@ class DiffusersSchedule(NoiseSchedule):
     @property
     def sample_in_ve_frame(self) -> bool:
         """Euler-type schedulers step the VE-frame state itself (``init_noise_sigma`` ~ sigma_max)."""
-        return type(self.scheduler).__name__ in _SIGMA_VE
+        return type(self.scheduler).__name__ in _SIGMA_VE + _EDM
 
     def sample_scale(self, sigma: torch.Tensor) -> torch.Tensor:
         """``scheduler_sample = sample_scale * x`` (VE-frame ``x``)."""
@@ -278,7 +337,7 @@ class DiffusersSchedule(NoiseSchedule):
             # The loop steps sigmas[i] -> sigmas[i + 1] for i < len(timesteps): a longer sigma list (Euler's
             # log_linear interpolation appends a zero after sigma_min) ends, as the pipeline does, at sigmas[N].
             sig = sig[:times.numel() + 1]
-        if name in _FLOW:
+        if _is_flow(sch):
             sig = self.base.sigma_of_t(sig)     # flow time t -> VE sigma (t = 1 clamped to t_max)
         sig = _open_final_step(sig)
         times = torch.cat([times, times.new_zeros(1)])  # the last point is never evaluated
@@ -289,8 +348,10 @@ class DiffusersSchedule(NoiseSchedule):
         if name == "PNDMScheduler":             # skip_prk_steps: [t0, t1, t1, t2, ...]: one grid point each
             ts = torch.unique_consecutive(ts)
         ac_all = self.base.alphas_cumprod
-        if name.startswith("DDPM"):             # DDPM steps to the next timestep, the last one to alpha_bar = 1
+        if name.startswith("DDPM") or name == "LCMScheduler":   # to the next timestep, the last one to x0
             final = torch.ones(1, dtype=torch.float64)
+        elif name == "TCDScheduler":            # the last step lands on training timestep 0
+            final = ac_all[:1]
         else:                                   # DDIM / PNDM step from t to t - T // N
             target = ts - T // steps
             off = (target[:-1] != ts[1:]).nonzero()
@@ -323,13 +384,24 @@ def _open_final_step(sig: torch.Tensor) -> torch.Tensor:
     identity (h = 0); paratime's grid must decrease strictly, so that last point moves down by ``FINAL_STEP_NUDGE``
     of sigma_min (still distinct in float32). The step then moves the sample by about 1e-6 of sigma_min times the
     model's error (ODE), or adds noise of std ``sigma_min * sqrt(2e-6)`` (SDE variants): ~1e-5 of a latent's scale."""
-    if sig.numel() > 1 and float(sig[-1]) > 0 and float(sig[-1]) == float(sig[-2]):
-        sig = torch.cat([sig[:-1], sig[-1:] * (1 - FINAL_STEP_NUDGE)])
+    # Equal up to rounding (EDM schedulers compute the two in different dtypes).
+    if sig.numel() > 1 and float(sig[-1]) > 0 and float(sig[-1]) >= float(sig[-2]) * (1 - 1e-9):
+        sig = torch.cat([sig[:-1], sig[-2:-1] * (1 - FINAL_STEP_NUDGE)])
     return sig
 
 
+@dataclass(frozen=True)
+class DiffusersEDMSchedule(DiffusersSchedule, EDMSchedule):
+    """A :class:`DiffusersSchedule` over an :class:`~paratime.schedules.EDMSchedule` (``EDMEulerScheduler``,
+    ``EDMDPMSolverMultistepScheduler``): the grid is the scheduler's, and it is an EDM schedule too, so the denoiser
+    takes EDM's ``c_skip x + c_out F`` with its ``sigma_data`` (the EDM fields equal ``base``'s)."""
+
+
 def _base_schedule(scheduler) -> NoiseSchedule:
-    if type(scheduler).__name__ in _FLOW:
+    if type(scheduler).__name__ in _EDM:
+        cfg = scheduler.config
+        return EDMSchedule(sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, sigma_data=cfg.sigma_data, rho=cfg.rho)
+    if _is_flow(scheduler):
         return FlowSchedule(time_scale=float(scheduler.config.num_train_timesteps))
     # A zero terminal SNR (alpha_bar = 0) is sigma = inf in the VE frame: stand in ZERO_SNR for it.
     ac = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64).clamp_min(ZERO_SNR)
@@ -356,8 +428,16 @@ def from_diffusers(network: torch.nn.Module, scheduler, dtype: torch.dtype | Non
     """
     _check_options(scheduler)
     name, cfg = type(scheduler).__name__, scheduler.config
-    prediction = "flow" if name in _FLOW else _PREDICTIONS[cfg.prediction_type]
-    schedule = DiffusersSchedule(base=_base_schedule(scheduler), scheduler=scheduler)
+    prediction = "flow" if _is_flow(scheduler) else _PREDICTIONS[cfg.prediction_type]
+    if name == "LCMScheduler":              # the consistency model's boundary condition is part of the model
+        network = LCMBoundary(network, scheduler)
+    base = _base_schedule(scheduler)
+    if isinstance(base, EDMSchedule):       # EDM's F_theta: the denoiser reads sigma_data off an EDMSchedule
+        schedule = DiffusersEDMSchedule(base=base, scheduler=scheduler, sigma_min=base.sigma_min,
+                                        sigma_max=base.sigma_max, sigma_data=base.sigma_data, rho=base.rho)
+        prediction = "edm"
+    else:
+        schedule = DiffusersSchedule(base=base, scheduler=scheduler)
     # DDPM clips x0 before its posterior mean (the whole D); DDIM clips only its x0 term (solver_for's clip).
     clip = float(cfg.clip_sample_range) if name.startswith("DDPM") and cfg.clip_sample else None
     if sample_shape == "config":
@@ -437,3 +517,37 @@ class Keyword(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
         return self.module(hidden_states=x, timestep=t, return_dict=False, **cond)[0]
+
+
+class LCMBoundary(torch.nn.Module):
+    """A latent consistency model's boundary condition folded into its eps output (``LCMScheduler.step``):
+
+        x0 = (x - sqrt(1 - a_t) eps) / sqrt(a_t),   D = c_out(t) x0 + c_skip(t) x,
+        c_skip = s_d^2 / ((k t)^2 + s_d^2),  c_out = k t / sqrt((k t)^2 + s_d^2)    (s_d = 0.5, k = timestep_scaling)
+
+    returned as the eps whose x0 is ``D``: ``eps' = (x - sqrt(a_t) D) / sqrt(1 - a_t)``. It is affine in eps with the
+    same x, so classifier-free guidance on eps' equals guidance on eps followed by the condition (as the pipeline
+    does). ``x`` is the network input (the scheduler's sample: LCM does not scale it), ``t`` the integer timestep.
+    """
+
+    def __init__(self, network: torch.nn.Module, scheduler):
+        super().__init__()
+        self.network, self.scaling = network, float(scheduler.config.timestep_scaling)
+        self.register_buffer("alphas_cumprod", torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64),
+                             persistent=False)
+
+    @property
+    def config(self):
+        return self.network.config
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        eps = self.network(x, t, **cond)
+        eps = eps if isinstance(eps, torch.Tensor) else (eps.sample if hasattr(eps, "sample") else eps[0])
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        tt = t.to(torch.float64).reshape(-1).expand(x.shape[0])
+        a = self.alphas_cumprod.to(x.device)[tt.round().long()].reshape(shape)
+        kt = (self.scaling * tt).reshape(shape)
+        c_skip, c_out = 0.25 / (kt * kt + 0.25), kt / torch.sqrt(kt * kt + 0.25)
+        x64, eps64 = x.to(torch.float64), eps.to(torch.float64)
+        den = c_out * (x64 - torch.sqrt(1 - a) * eps64) / torch.sqrt(a) + c_skip * x64
+        return ((x64 - torch.sqrt(a) * den) / torch.sqrt(1 - a)).to(eps.dtype)

@@ -1,12 +1,21 @@
 """One-line parallel diffusers pipelines: ``ppipe = paratime.parallelize(pipe, method="picard", tol=0.1)``, then call
-``ppipe`` exactly like ``pipe``.
+``ppipe`` exactly like ``pipe`` (the same positional and keyword arguments, bound against the pipeline's own
+``__call__`` signature, run under ``torch.no_grad()``).
 
-The pipeline's own pieces run as in its ``__call__``: ``check_inputs``, ``encode_prompt``, ``set_timesteps``,
-``prepare_latents`` and the VAE decoding / post-processing; only the denoising loop is replaced by a
-:class:`~paratime.ParallelSampler` over :func:`~paratime.integrations.diffusers.from_diffusers` (the scheduler's own
-grid and step map). Supported: ``StableDiffusionPipeline`` (SD 1.x / 2.x), ``StableDiffusionXLPipeline`` and
-``StableDiffusion3Pipeline`` (flow matching). Arguments that change the loop itself (callbacks, IP adapters, custom
-``timesteps`` / ``sigmas``, ``denoising_end``, skip-layer guidance, LCM's guidance embedding) raise ``TypeError``
+The pipeline's own pieces run as in its ``__call__``: ``check_inputs``, ``encode_prompt``, ``set_timesteps`` (and
+img2img's ``get_timesteps``), ``prepare_latents`` and the VAE decoding / post-processing; only the denoising loop is
+replaced by a :class:`~paratime.ParallelSampler` over :func:`~paratime.integrations.diffusers.from_diffusers` (the
+scheduler's own grid and step map). Stochastic schedulers draw their step noise from the call's ``generator`` (one,
+or a list with one per image) as the scheduler does: one draw of ``(B, *latent)`` per step, in the network's dtype,
+up front (:class:`~paratime.noise.PipelineNoise`), so sequential and Picard at tol 0 give the pipeline's own sample.
+
+Supported (``_FAMILIES``): ``StableDiffusionPipeline``, ``StableDiffusionImg2ImgPipeline``,
+``StableDiffusionInpaintPipeline`` (an inpainting UNet with 9 input channels), ``StableDiffusionControlNetPipeline``
+(one ControlNet on every step), ``StableDiffusionXLPipeline``, ``StableDiffusionXLImg2ImgPipeline``,
+``StableDiffusionXLInpaintPipeline`` (9 channels),
+``StableDiffusion3Pipeline``, ``FluxPipeline`` (guidance embedding, dynamic shift) and ``WanPipeline`` (Wan 2.1, text
+to video). Arguments that change the loop itself (callbacks, IP adapters, custom ``timesteps``, ``denoising_end``,
+skip-layer guidance, LCM's guidance embedding, Flux's true CFG, ControlNet guess mode or partial control) raise
 naming them.
 """
 
@@ -63,24 +72,46 @@ def _latents(pipe, steps, batch, channels, height, width, dtype, device, generat
     return pipe.prepare_latents(batch, channels, height, width, dtype, device, generator, latents)
 
 
-def _prepare_sd(pipe, kw: dict) -> _Prepared:
-    unet = pipe.unet
-    size = unet.config.sample_size
+def _sd_size(pipe, kw: dict) -> tuple[int, int]:
+    """(height, width): the call's, or the UNet's sample size times the VAE's scale factor (SD's default)."""
+    size = pipe.unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
-    height = kw.get("height") or size[0] * pipe.vae_scale_factor
-    width = kw.get("width") or size[1] * pipe.vae_scale_factor
+    return kw.get("height") or size[0] * pipe.vae_scale_factor, kw.get("width") or size[1] * pipe.vae_scale_factor
+
+
+def _sd_prompt(pipe, kw: dict):
+    """SD's ``encode_prompt`` for the call: ``(guidance, guided?, device, prompt_embeds, negative_prompt_embeds)``."""
+    g = kw.get("guidance_scale", 7.5)
+    device = pipe._execution_device
+    emb, neg = pipe.encode_prompt(kw.get("prompt"), device, kw.get("num_images_per_prompt", 1), g > 1,
+                                  kw.get("negative_prompt"), prompt_embeds=kw.get("prompt_embeds"),
+                                  negative_prompt_embeds=kw.get("negative_prompt_embeds"),
+                                  clip_skip=kw.get("clip_skip"))
+    return g, g > 1, device, emb, neg
+
+
+def _truncated(pipe, steps: int, strength: float, device):
+    """The pipeline's ``strength`` cut (img2img, inpainting): ``set_timesteps(steps)`` then its ``get_timesteps``.
+    Returns ``(timesteps run, steps run)``; the loop begins at grid point ``steps - steps run``.
+
+    Raises:
+        ValueError: a strength that leaves no step.
+    """
+    pipe.scheduler.set_timesteps(steps, device=device)
+    timesteps, run = pipe.get_timesteps(steps, strength, device)
+    if run < 1:
+        raise ValueError(f"strength: {strength} leaves {run} of num_inference_steps={steps} steps; need >= 1")
+    return timesteps, run
+
+
+def _prepare_sd(pipe, kw: dict) -> _Prepared:
+    height, width = _sd_size(pipe, kw)
     prompt, n = kw.get("prompt"), kw.get("num_images_per_prompt", 1)
     pipe.check_inputs(prompt, height, width, None, negative_prompt=kw.get("negative_prompt"),
                       prompt_embeds=kw.get("prompt_embeds"), negative_prompt_embeds=kw.get("negative_prompt_embeds"))
-    g = kw.get("guidance_scale", 7.5)
-    cfg = g > 1
-    device = pipe._execution_device
-    emb, neg = pipe.encode_prompt(prompt, device, n, cfg, kw.get("negative_prompt"),
-                                  prompt_embeds=kw.get("prompt_embeds"),
-                                  negative_prompt_embeds=kw.get("negative_prompt_embeds"),
-                                  clip_skip=kw.get("clip_skip"))
+    g, cfg, device, emb, neg = _sd_prompt(pipe, kw)
     latents = _latents(pipe, kw.get("num_inference_steps", 50), _batch(prompt, kw.get("prompt_embeds")) * n,
-                       unet.config.in_channels, height, width, emb.dtype, device, kw.get("generator"),
+                       pipe.unet.config.in_channels, height, width, emb.dtype, device, kw.get("generator"),
                        kw.get("latents"))
     return _Prepared(latents, {"encoder_hidden_states": emb}, {"encoder_hidden_states": neg} if cfg else None, g,
                      kw.get("guidance_rescale", 0.0))
@@ -90,18 +121,11 @@ def _prepare_sd_img2img(pipe, kw: dict) -> _Prepared:
     strength, prompt, n = kw.get("strength", 0.8), kw.get("prompt"), kw.get("num_images_per_prompt", 1)
     pipe.check_inputs(prompt, strength, None, kw.get("negative_prompt"), kw.get("prompt_embeds"),
                       kw.get("negative_prompt_embeds"))
-    g = kw.get("guidance_scale", 7.5)
-    cfg = g > 1
-    device = pipe._execution_device
-    emb, neg = pipe.encode_prompt(prompt, device, n, cfg, kw.get("negative_prompt"),
-                                  prompt_embeds=kw.get("prompt_embeds"),
-                                  negative_prompt_embeds=kw.get("negative_prompt_embeds"),
-                                  clip_skip=kw.get("clip_skip"))
+    g, cfg, device, emb, neg = _sd_prompt(pipe, kw)
     image = pipe.image_processor.preprocess(kw.get("image"))
     # The pipeline's own grid truncation: the last int(N * strength) of N steps, from grid point t_start.
     steps = kw.get("num_inference_steps", 50)
-    pipe.scheduler.set_timesteps(steps, device=device)
-    timesteps, run = pipe.get_timesteps(steps, strength, device)
+    timesteps, run = _truncated(pipe, steps, strength, device)
     batch = _batch(prompt, kw.get("prompt_embeds")) * n
     latents = pipe.prepare_latents(image, timesteps[:1].repeat(batch), _batch(prompt, kw.get("prompt_embeds")), n,
                                    emb.dtype, device, kw.get("generator"))
@@ -151,13 +175,7 @@ def _prepare_sd_controlnet(pipe, kw: dict) -> _Prepared:
     prompt, n = kw.get("prompt"), kw.get("num_images_per_prompt", 1)
     pipe.check_inputs(prompt, kw.get("image"), None, kw.get("negative_prompt"), kw.get("prompt_embeds"),
                       kw.get("negative_prompt_embeds"), controlnet_conditioning_scale=scale)
-    g = kw.get("guidance_scale", 7.5)
-    cfg = g > 1
-    device = pipe._execution_device
-    emb, neg = pipe.encode_prompt(prompt, device, n, cfg, kw.get("negative_prompt"),
-                                  prompt_embeds=kw.get("prompt_embeds"),
-                                  negative_prompt_embeds=kw.get("negative_prompt_embeds"),
-                                  clip_skip=kw.get("clip_skip"))
+    g, cfg, device, emb, neg = _sd_prompt(pipe, kw)
     batch = _batch(prompt, kw.get("prompt_embeds")) * n
     # The control image once per sample (the pipeline doubles it for guidance: the same image in both halves).
     image = pipe.prepare_image(image=kw.get("image"), width=kw.get("width"), height=kw.get("height"),
@@ -169,6 +187,59 @@ def _prepare_sd_controlnet(pipe, kw: dict) -> _Prepared:
     return _Prepared(latents, {"encoder_hidden_states": emb, "controlnet_cond": image},
                      {"encoder_hidden_states": neg, "controlnet_cond": image} if cfg else None, g,
                      network=ControlledUNet(pipe.unet, pipe.controlnet, float(scale)))
+
+
+class InpaintUNet(torch.nn.Module):
+    """An inpainting UNet (9 input channels) as ``network(x_in, t, **cond)``: the scaled latents, then the mask and
+    the masked image's latents (``(B, 1, h, w)`` and ``(B, 4, h, w)``, unscaled), concatenated on channels as
+    ``StableDiffusionInpaintPipeline`` does before every call."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, masked_image_latents: torch.Tensor,
+                **cond: Any) -> torch.Tensor:
+        return self.unet(torch.cat([x, mask.to(x.dtype), masked_image_latents.to(x.dtype)], 1), t,
+                         return_dict=False, **cond)[0]
+
+
+def _check_inpaint(pipe) -> None:
+    if pipe.unet.config.in_channels != 9:
+        raise ValueError(f"pipe: {type(pipe).__name__} with a {pipe.unet.config.in_channels}-channel UNet "
+                         f"overwrites the unmasked latents after every step (a projection paratime's step maps do not "
+                         f"carry); use an inpainting UNet (9 input channels) or StableDiffusionImg2ImgPipeline")
+
+
+def _prepare_sd_inpaint(pipe, kw: dict) -> _Prepared:
+    height, width = _sd_size(pipe, kw)
+    strength, prompt, n = kw.get("strength", 1.0), kw.get("prompt"), kw.get("num_images_per_prompt", 1)
+    image, mask_image = kw.get("image"), kw.get("mask_image")
+    pipe.check_inputs(prompt, image, mask_image, height, width, strength, None, kw.get("output_type", "pil"),
+                      kw.get("negative_prompt"), kw.get("prompt_embeds"), kw.get("negative_prompt_embeds"))
+    g, cfg, device, emb, neg = _sd_prompt(pipe, kw)
+    steps = kw.get("num_inference_steps", 50)
+    timesteps, run = _truncated(pipe, steps, strength, device)
+    batch = _batch(prompt, kw.get("prompt_embeds")) * n
+    # Image, noised latents and mask latents in the pipeline's order (each may draw from the generator).
+    init_image = pipe.image_processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
+    latents, _ = pipe.prepare_latents(batch, pipe.vae.config.latent_channels, height, width, emb.dtype, device,
+                                      kw.get("generator"), kw.get("latents"), image=init_image,
+                                      timestep=timesteps[:1].repeat(batch), is_strength_max=strength == 1.0,
+                                      return_noise=True, return_image_latents=False)
+    mask_condition = pipe.mask_processor.preprocess(mask_image, height=height, width=width)
+    masked = kw.get("masked_image_latents")
+    masked = init_image * (mask_condition < 0.5) if masked is None else masked
+    mask, masked_latents = pipe.prepare_mask_latents(mask_condition, masked, batch, height, width, emb.dtype, device,
+                                                     kw.get("generator"), False)
+    image_cond = {"mask": mask, "masked_image_latents": masked_latents}
+    return _Prepared(latents, {"encoder_hidden_states": emb, **image_cond},
+                     {"encoder_hidden_states": neg, **image_cond} if cfg else None, g,
+                     begin=steps - run, steps=run, network=InpaintUNet(pipe.unet))
 
 
 def _prepare_sdxl(pipe, kw: dict) -> _Prepared:
@@ -209,29 +280,24 @@ def _prepare_sdxl(pipe, kw: dict) -> _Prepared:
     return _Prepared(latents, cond, uncond if cfg else None, g, kw.get("guidance_rescale", 0.0))
 
 
-def _prepare_sdxl_img2img(pipe, kw: dict) -> _Prepared:
-    strength, prompt, n = kw.get("strength", 0.3), kw.get("prompt"), kw.get("num_images_per_prompt", 1)
-    steps = kw.get("num_inference_steps", 50)
-    pipe.check_inputs(prompt, kw.get("prompt_2"), strength, steps, None, kw.get("negative_prompt"),
-                      kw.get("negative_prompt_2"), kw.get("prompt_embeds"), kw.get("negative_prompt_embeds"))
+def _sdxl_prompt(pipe, kw: dict):
+    """SDXL's ``encode_prompt`` for the call: ``(guidance, guided?, device, emb, neg, pooled, neg_pooled)``."""
     g = kw.get("guidance_scale", 5.0)
-    cfg = g > 1
     device = pipe._execution_device
     emb, neg, pooled, neg_pooled = pipe.encode_prompt(
-        prompt=prompt, prompt_2=kw.get("prompt_2"), device=device, num_images_per_prompt=n,
-        do_classifier_free_guidance=cfg, negative_prompt=kw.get("negative_prompt"),
-        negative_prompt_2=kw.get("negative_prompt_2"), prompt_embeds=kw.get("prompt_embeds"),
-        negative_prompt_embeds=kw.get("negative_prompt_embeds"), pooled_prompt_embeds=kw.get("pooled_prompt_embeds"),
+        prompt=kw.get("prompt"), prompt_2=kw.get("prompt_2"), device=device,
+        num_images_per_prompt=kw.get("num_images_per_prompt", 1), do_classifier_free_guidance=g > 1,
+        negative_prompt=kw.get("negative_prompt"), negative_prompt_2=kw.get("negative_prompt_2"),
+        prompt_embeds=kw.get("prompt_embeds"), negative_prompt_embeds=kw.get("negative_prompt_embeds"),
+        pooled_prompt_embeds=kw.get("pooled_prompt_embeds"),
         negative_pooled_prompt_embeds=kw.get("negative_pooled_prompt_embeds"), clip_skip=kw.get("clip_skip"))
-    image = pipe.image_processor.preprocess(kw.get("image"))
-    pipe.scheduler.set_timesteps(steps, device=device)          # the pipeline's truncation, as for SD img2img
-    timesteps, run = pipe.get_timesteps(steps, strength, device)
-    batch = _batch(prompt, kw.get("prompt_embeds"))
-    latents = kw.get("latents")
-    if latents is None:
-        latents = pipe.prepare_latents(image, timesteps[:1].repeat(batch * n), batch, n, emb.dtype, device,
-                                       kw.get("generator"), True)
-    height, width = (s * pipe.vae_scale_factor for s in latents.shape[-2:])
+    return g, g > 1, device, emb, neg, pooled, neg_pooled
+
+
+def _sdxl_refiner_cond(pipe, kw: dict, height: int, width: int, batch: int, emb, neg, pooled, neg_pooled):
+    """SDXL img2img / inpainting conditioning: text embeddings and the micro-conditioning time ids (with aesthetic
+    scores when ``requires_aesthetics_score``), built by the pipeline's own ``_get_add_time_ids``.
+    Returns ``(cond, uncond)``."""
     original, target = kw.get("original_size") or (height, width), kw.get("target_size") or (height, width)
     proj = int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
     ids, neg_ids = pipe._get_add_time_ids(
@@ -239,11 +305,57 @@ def _prepare_sdxl_img2img(pipe, kw: dict) -> _Prepared:
         kw.get("negative_aesthetic_score", 2.5), kw.get("negative_original_size") or original,
         kw.get("negative_crops_coords_top_left", (0, 0)), kw.get("negative_target_size") or target,
         dtype=emb.dtype, text_encoder_projection_dim=proj)
-    ids, neg_ids = ids.repeat(batch * n, 1).to(device), neg_ids.repeat(batch * n, 1).to(device)
-    cond = {"encoder_hidden_states": emb, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
-    uncond = {"encoder_hidden_states": neg, "added_cond_kwargs": {"text_embeds": neg_pooled, "time_ids": neg_ids}}
+    ids, neg_ids = ids.repeat(batch, 1).to(emb.device), neg_ids.repeat(batch, 1).to(emb.device)
+    return ({"encoder_hidden_states": emb, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}},
+            {"encoder_hidden_states": neg, "added_cond_kwargs": {"text_embeds": neg_pooled, "time_ids": neg_ids}})
+
+
+def _prepare_sdxl_img2img(pipe, kw: dict) -> _Prepared:
+    strength, prompt, n = kw.get("strength", 0.3), kw.get("prompt"), kw.get("num_images_per_prompt", 1)
+    steps = kw.get("num_inference_steps", 50)
+    pipe.check_inputs(prompt, kw.get("prompt_2"), strength, steps, None, kw.get("negative_prompt"),
+                      kw.get("negative_prompt_2"), kw.get("prompt_embeds"), kw.get("negative_prompt_embeds"))
+    g, cfg, device, emb, neg, pooled, neg_pooled = _sdxl_prompt(pipe, kw)
+    image = pipe.image_processor.preprocess(kw.get("image"))
+    timesteps, run = _truncated(pipe, steps, strength, device)   # the pipeline's truncation, as for SD img2img
+    batch = _batch(prompt, kw.get("prompt_embeds"))
+    latents = kw.get("latents")
+    if latents is None:
+        latents = pipe.prepare_latents(image, timesteps[:1].repeat(batch * n), batch, n, emb.dtype, device,
+                                       kw.get("generator"), True)
+    height, width = (s * pipe.vae_scale_factor for s in latents.shape[-2:])
+    cond, uncond = _sdxl_refiner_cond(pipe, kw, height, width, batch * n, emb, neg, pooled, neg_pooled)
     return _Prepared(latents, cond, uncond if cfg else None, g, kw.get("guidance_rescale", 0.0), begin=steps - run,
                      steps=run)
+
+
+def _prepare_sdxl_inpaint(pipe, kw: dict) -> _Prepared:
+    height = kw.get("height") or pipe.default_sample_size * pipe.vae_scale_factor
+    width = kw.get("width") or pipe.default_sample_size * pipe.vae_scale_factor
+    strength, prompt, n = kw.get("strength", 0.9999), kw.get("prompt"), kw.get("num_images_per_prompt", 1)
+    image, mask_image = kw.get("image"), kw.get("mask_image")
+    pipe.check_inputs(prompt, kw.get("prompt_2"), image, mask_image, height, width, strength, None,
+                      kw.get("output_type", "pil"), kw.get("negative_prompt"), kw.get("negative_prompt_2"),
+                      kw.get("prompt_embeds"), kw.get("negative_prompt_embeds"))
+    g, cfg, device, emb, neg, pooled, neg_pooled = _sdxl_prompt(pipe, kw)
+    steps = kw.get("num_inference_steps", 50)
+    timesteps, run = _truncated(pipe, steps, strength, device)
+    batch = _batch(prompt, kw.get("prompt_embeds")) * n
+    # Image, mask, noised latents and mask latents in the pipeline's order (each may draw from the generator).
+    init_image = pipe.image_processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
+    mask = pipe.mask_processor.preprocess(mask_image, height=height, width=width)
+    masked = kw.get("masked_image_latents")
+    masked = init_image * (mask < 0.5) if masked is None else masked
+    latents, _ = pipe.prepare_latents(batch, pipe.vae.config.latent_channels, height, width, emb.dtype, device,
+                                      kw.get("generator"), kw.get("latents"), image=init_image,
+                                      timestep=timesteps[:1].repeat(batch), is_strength_max=strength == 1.0,
+                                      add_noise=True, return_noise=True, return_image_latents=False)
+    mask, masked_latents = pipe.prepare_mask_latents(mask, masked, batch, height, width, emb.dtype, device,
+                                                     kw.get("generator"), False)
+    cond, uncond = _sdxl_refiner_cond(pipe, kw, height, width, batch, emb, neg, pooled, neg_pooled)
+    image_cond = {"mask": mask, "masked_image_latents": masked_latents}
+    return _Prepared(latents, {**cond, **image_cond}, {**uncond, **image_cond} if cfg else None, g,
+                     kw.get("guidance_rescale", 0.0), begin=steps - run, steps=run, network=InpaintUNet(pipe.unet))
 
 
 def _prepare_sd3(pipe, kw: dict) -> _Prepared:
@@ -360,6 +472,49 @@ def _decode_flux(pipe, latents, output_type, generator, dtype, prep):
     return FluxPipelineOutput(images=pipe.image_processor.postprocess(image, output_type=output_type))
 
 
+def _prepare_wan(pipe, kw: dict) -> _Prepared:
+    if pipe.config.boundary_ratio is not None or pipe.transformer_2 is not None or pipe.config.expand_timesteps:
+        raise ValueError("pipe: Wan 2.2's two-expert switch (boundary_ratio, transformer_2) and per-token timesteps "
+                         "(expand_timesteps) are not supported by the parallel pipeline; use a Wan 2.1 pipeline")
+    prompt, n = kw.get("prompt"), kw.get("num_videos_per_prompt", 1)
+    height, width, frames = kw.get("height", 480), kw.get("width", 832), kw.get("num_frames", 81)
+    pipe.check_inputs(prompt, kw.get("negative_prompt"), height, width, kw.get("prompt_embeds"),
+                      kw.get("negative_prompt_embeds"), None, kw.get("guidance_scale_2"))
+    # The pipeline's own rounding: frames to 4 k + 1, sides to the VAE factor times the patch.
+    t_factor, s_factor = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
+    frames = max(frames // t_factor * t_factor + 1 if frames % t_factor != 1 else frames, 1)
+    patch = pipe.transformer.config.patch_size
+    height, width = height // (s_factor * patch[1]) * s_factor * patch[1], width // (s_factor * patch[2]) * \
+        s_factor * patch[2]
+    g = kw.get("guidance_scale", 5.0)
+    device = pipe._execution_device
+    emb, neg = pipe.encode_prompt(prompt=prompt, negative_prompt=kw.get("negative_prompt"),
+                                  do_classifier_free_guidance=g > 1, num_videos_per_prompt=n,
+                                  prompt_embeds=kw.get("prompt_embeds"),
+                                  negative_prompt_embeds=kw.get("negative_prompt_embeds"),
+                                  max_sequence_length=kw.get("max_sequence_length", 512), device=device)
+    dtype = pipe.transformer.dtype
+    pipe.scheduler.set_timesteps(kw.get("num_inference_steps", 50), device=device)
+    latents = pipe.prepare_latents(_batch(prompt, kw.get("prompt_embeds")) * n, pipe.transformer.config.in_channels,
+                                   height, width, frames, torch.float32, device, kw.get("generator"),
+                                   kw.get("latents"))
+    return _Prepared(latents, {"encoder_hidden_states": emb.to(dtype)},
+                     {"encoder_hidden_states": neg.to(dtype)} if g > 1 else None, g)
+
+
+def _decode_wan(pipe, latents, output_type, generator, dtype, prep):
+    from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
+
+    if output_type == "latent":
+        return WanPipelineOutput(frames=latents)
+    vcfg = pipe.vae.config
+    latents = latents.to(pipe.vae.dtype)
+    mean = torch.tensor(vcfg.latents_mean).view(1, vcfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+    inv_std = 1.0 / torch.tensor(vcfg.latents_std).view(1, vcfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+    video = pipe.vae.decode(latents / inv_std + mean, return_dict=False)[0]
+    return WanPipelineOutput(frames=pipe.video_processor.postprocess_video(video, output_type=output_type))
+
+
 def _decode_sd(pipe, latents, output_type, generator, dtype, prep):
     from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
@@ -414,12 +569,15 @@ class _Family:
     decode: Any
     network: str                         # the pipeline attribute holding the denoising network
     extra: frozenset                     # __call__ arguments beyond _COMMON
+    check: Any = None                    # check(pipe) at wrap time: raises for a pipeline the family cannot run
 
 
 _FAMILIES = {
     "StableDiffusionPipeline": _Family(_prepare_sd, _decode_sd, "unet", frozenset({"guidance_rescale"})),
     "StableDiffusionImg2ImgPipeline": _Family(_prepare_sd_img2img, _decode_sd, "unet", frozenset({"image",
                                                                                                   "strength"})),
+    "StableDiffusionInpaintPipeline": _Family(_prepare_sd_inpaint, _decode_sd, "unet", frozenset({
+        "image", "mask_image", "masked_image_latents", "strength"}), _check_inpaint),
     "StableDiffusionControlNetPipeline": _Family(_prepare_sd_controlnet, _decode_sd, "unet", frozenset({
         "image", "guidance_rescale", "controlnet_conditioning_scale", "control_guidance_start",
         "control_guidance_end"})),
@@ -434,6 +592,13 @@ _FAMILIES = {
     "FluxPipeline": _Family(_prepare_flux, _decode_flux, "transformer", frozenset({
         "prompt_2", "negative_prompt_2", "true_cfg_scale", "sigmas", "pooled_prompt_embeds",
         "negative_pooled_prompt_embeds", "max_sequence_length"})),
+    "WanPipeline": _Family(_prepare_wan, _decode_wan, "transformer", frozenset({
+        "num_frames", "num_videos_per_prompt", "guidance_scale_2", "max_sequence_length"})),
+    "StableDiffusionXLInpaintPipeline": _Family(_prepare_sdxl_inpaint, _decode_sdxl, "unet", frozenset({
+        "image", "mask_image", "masked_image_latents", "strength", "prompt_2", "negative_prompt_2",
+        "pooled_prompt_embeds", "negative_pooled_prompt_embeds", "guidance_rescale", "original_size", "target_size",
+        "crops_coords_top_left", "negative_original_size", "negative_target_size", "negative_crops_coords_top_left",
+        "aesthetic_score", "negative_aesthetic_score"}), _check_inpaint),
     "StableDiffusion3Pipeline": _Family(_prepare_sd3, _decode_sd3, "transformer", frozenset({
         "prompt_2", "prompt_3", "negative_prompt_2", "negative_prompt_3", "pooled_prompt_embeds",
         "negative_pooled_prompt_embeds", "max_sequence_length", "mu"})),
@@ -496,6 +661,8 @@ class ParallelPipeline:
     def __init__(self, pipe, backend: str | Backend, backend_options: dict, sampler_options: dict):
         self.pipe = pipe
         self.family = _family_of(pipe)
+        if self.family.check is not None:
+            self.family.check(pipe)
         network = getattr(pipe, self.family.network)
         if network.config.get("time_cond_proj_dim") is not None:
             raise ValueError("pipe: a UNet with time_cond_proj_dim (LCM's guidance embedding) is not supported")
@@ -519,8 +686,9 @@ class ParallelPipeline:
             den = with_timestep_kwargs(den, begin=prep.begin, **prep.timestep_kwargs)
             # One sampler is kept (the last call's): a new steps / guidance / mu rebuilds it on the same backend.
             log.debug("parallelize: sampler for %d steps of %s", steps, type(self.pipe.scheduler).__name__)
-            self._samplers = {key: ParallelSampler(den, solver=solver_for(self.pipe.scheduler, eta=eta), steps=steps,
-                                                   backend=self.backend, **self.sampler_options)}
+            solver = solver_for(self.pipe.scheduler, eta=eta, total_steps=steps + prep.begin)
+            self._samplers = {key: ParallelSampler(den, solver=solver, steps=steps, backend=self.backend,
+                                                   **self.sampler_options)}
         return self._samplers[key]
 
     def _arguments(self, args: tuple, kwargs: dict) -> dict:
@@ -558,7 +726,12 @@ class ParallelPipeline:
             return self._call(kwargs)
 
     def _call(self, kwargs: dict):
-        steps = kwargs.setdefault("num_inference_steps", 50 if self.family.network == "unet" else 28)
+        # The pipeline's own defaults (guidance 7.5 or 5, strength 0.8 or 0.9999, 50 or 28 steps, "pil" or "np"), so
+        # no default is restated here: every supported argument the call leaves out takes the signature's value.
+        for name, param in inspect.signature(self.pipe.__call__).parameters.items():
+            if name in _COMMON | self.family.extra and param.default not in (inspect.Parameter.empty, None):
+                kwargs.setdefault(name, param.default)
+        steps = kwargs["num_inference_steps"]
         eta = kwargs.get("eta") or 0.0
         generator = kwargs.get("generator")
         prep = self.family.prepare(self.pipe, kwargs)
@@ -572,7 +745,7 @@ class ParallelPipeline:
             cond["uncond"] = prep.uncond
         res = sample_latents(sampler, prep.latents, generator=noise, **cond)
         self.last_stats = res.stats
-        out = self.family.decode(self.pipe, res.samples, kwargs.get("output_type", "pil"), generator,
+        out = self.family.decode(self.pipe, res.samples, kwargs["output_type"], generator,
                                  prep.cond["encoder_hidden_states"].dtype, prep)
         self.pipe.maybe_free_model_hooks()
         if not kwargs.get("return_dict", True):
@@ -598,8 +771,9 @@ def parallelize(pipe, method: str = "picard", tol: float | None = None, backend:
     Every option is checked here, before the backend starts and before the first call.
 
     Args:
-        pipe: ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or ``StableDiffusion3Pipeline`` (its
-            scheduler one of :data:`~paratime.integrations.diffusers.SCHEDULERS`).
+        pipe: a pipeline of the module's list (its scheduler one of
+            :data:`~paratime.integrations.diffusers.SCHEDULERS`; the others are refused with the reason,
+            :data:`~paratime.integrations.diffusers.REFUSED`).
         method: ``picard`` (default), ``sequential``, ``parareal``, ``parareal_pipelined``.
         tol: the method's tolerance (0: the exact sequential result); None: the sampler's default.
         backend: ``local``, ``torch`` (under torchrun, every rank calls the pipeline alike), ``ray``, or a

@@ -56,9 +56,9 @@ from ..solvers import Evaluate, Solver, make_solver
 from .common import Outcome, Problem, RoundInfo
 
 __all__ = ["FlowDenoiser", "flow_denoiser", "LikelihoodResult", "DIVERGENCES", "PROBES", "FLOW_SOLVERS",
-           "PROBE_KEY", "PROBE_STREAM", "DEQUANT_STREAM", "likelihood_grid", "flow_problem", "solve_flow", "gaussian_log_density",
-           "bits_per_dim", "bin_width", "make_probes", "dequantise", "check_data", "check_request",
-           "flow_solver_for"]
+           "PROBE_KEY", "PROBE_STREAM", "DEQUANT_STREAM", "likelihood_grid", "flow_problem", "solve_flow",
+           "gaussian_log_density", "bits_per_dim", "bin_width", "make_probes", "dequantise", "check_data",
+           "check_request", "flow_solver_for"]
 
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")

@@ -10,7 +10,10 @@ DDPM-type solvers), or a user callable. One iteration k is:
        network call per fine step (rows = slices x samples, spread over the backend's workers)
     2. sweep: U^{k+1}[s+1] = G_s(U^{k+1}[s]) + F_s(U^k[s]) - G_s(U^k[s])         (sequential in s)
     3. slice start s is converged when rms(U^{k+1}[s] - U^k[s]) <= tol * n_{n_s} (Picard's noise-scaled test,
-       in the model's frame); accept the converged prefix plus one (its value came from accepted states).
+       in the model's frame) and, for a multistep solver, the history it carries (H[s], the solver's history value
+       at n_s - 1: D, or eps for DEIS, from the fine solve of slice s - 1) moved no more than that between the solve
+       that read it and the one that made it; accept the converged prefix plus one (its value came from accepted
+       states).
 
 After k iterations the first k slice starts are exact, so at most S iterations are ever needed and the result is then
 the fine sequential one to float rounding. The coarse jump is only a predictor, whose errors the correction removes;
@@ -84,8 +87,9 @@ class _Propagators:
 
         ``running[m]`` is the number of rows still running at fine step m: rows come longest slice first, so they
         are a prefix; ``starts`` are the rows' slice starts on the host (their step indices, for the step maps).
-        ``hist`` is D at the point before each slice start (multistep solvers). Returns the slice ends and, with
-        ``hist``, each slice's last D (the next slice's history).
+        ``hist`` is the solver's history value (:meth:`~paratime.solvers.Solver.history_value`: D, or eps for
+        DEIS) at the point before each slice start (multistep solvers). Returns the slice ends and, with ``hist``,
+        each slice's last history value (the next slice's history).
         """
         p, lo = self.p, self.bounds[s]
         x = U.clone()
@@ -95,9 +99,11 @@ class _Propagators:
             if prev is None:       # one fused pass from the network outputs for linear steps (Problem.step)
                 x[:r] = x[:r] + p.step(x[:r], i, b[:r], host_steps=steps_h)[1]
                 continue
-            den = p.evaluate(x[:r], i, b[:r])
-            x[:r] = x[:r] + p.increment(x[:r], i, b[:r], den, prev[:r], host_steps=steps_h)
-            prev[:r] = den
+            xr = x[:r]
+            den = p.evaluate(xr, i, b[:r])
+            dx = p.increment(xr, i, b[:r], den, prev[:r], host_steps=steps_h)
+            prev[:r] = p.solver.history_value(xr, den, i, p.sigmas)   # what the sequential loop keeps
+            x[:r] = xr + dx
         return x, prev
 
     def coarse_step(self, U: torch.Tensor, s: int, b: torch.Tensor) -> torch.Tensor:
@@ -105,7 +111,8 @@ class _Propagators:
         p, R = self.p, U.shape[0]
         if self.coarse is not None:
             self.coarse_calls += 1
-            return self.coarse(U.clone(), p.sigmas[self.bounds_h[s]].repeat(R), p.sigmas[self.bounds_h[s + 1]].repeat(R))
+            s_from, s_to = p.sigmas[self.bounds_h[s]].repeat(R), p.sigmas[self.bounds_h[s + 1]].repeat(R)
+            return self.coarse(U.clone(), s_from, s_to)
         x, pts = U, self.sub[s]
         for c in range(len(pts) - 1):
             i = torch.full((R,), pts[c], dtype=torch.long, device=U.device)
@@ -171,7 +178,7 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
     for s in range(S):
         G_old[s] = coarse_prop.coarse_step(U[s], s, ar_b)
         U[s + 1] = G_old[s]
-    hist = torch.zeros_like(U[:S]) if problem.solver.uses_history else None  # D at n_s - 1, per slice
+    hist = torch.zeros_like(U[:S]) if problem.solver.uses_history else None  # history value at n_s - 1, per slice
     begin = torch.zeros(B, dtype=torch.long, device=dev)                # first slice whose start is not accepted
     done_round = torch.zeros(B, dtype=torch.long, device=dev)
     sl = torch.arange(S, device=dev)[:, None].expand(S, B)
@@ -228,7 +235,7 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
             # A multistep solver's slice start s + 1 is the pair (U[s+1], D at n_{s+1} - 1 = hist[s]): the fine
             # solve from it is exact only when the history it read has settled too (else a start that did not move
             # is accepted with a stale history; at tol 0 Parareal then ends off the sequential sample).
-            err = torch.maximum(err, rms(hist - hist_used, 2))          # (S, B); D in data units
+            err = torch.maximum(err, rms(hist - hist_used, 2))          # (S, B); D (data units) or eps
         ok = ((err <= thresholds[sl + 1]) & run) | (sl < begin[None])   # slices before begin stay accepted
         fail = torch.cat([~ok, torch.ones_like(ok[:1])])
         first = fail.int().argmax(0)                                    # first unconverged slice >= begin

@@ -43,9 +43,9 @@ sample to float rounding within N rounds. Anderson keeps the same safeguard (per
 Picard's).
 
 Constant-D path (``init="x0"``, ``fill="path"``, :func:`paratime.solvers.constant_d_path`): the trajectory the
-solver would take from a point with D held at one value, which for DDIM / DDPM / Euler-Maruyama steps (linear in D and the noise,
-``x_{j+1} - D = a_j (x_j - D) + k_j z_j``) is closed-form and carries the pre-drawn noise; the others take the DDIM
-path. A guess only: it changes where the iteration starts, never its fixed point.
+solver would take from a point with D held at one value, which for DDIM / DDPM / Euler-Maruyama steps (linear in D
+and the noise, ``x_{j+1} - D = a_j (x_j - D) + k_j z_j``) is closed-form and carries the pre-drawn noise; the others
+take the DDIM path. A guess only: it changes where the iteration starts, never its fixed point.
 
 Host syncs: the row count of the next network call depends on where each window starts, so the host reads one
 small packed tensor per round (window starts, done flags, residuals); nothing else in the loop reads the device.
@@ -103,9 +103,10 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         problem: the trajectory to compute.
         window: W, time points evaluated per sample per round.
         tol: ``stop="final"``: the bound on the returned sample's distance to the sequential sample (max-abs
-            over features, in the units of the returned sample) that the stopping rule aims at: a sample is returned
-            once its final point moved by <= tol / 2, and by no more than the round before, in each of two
-            successive rounds; ``stop="paradigms"``:
+            over features) that the stopping rule aims at, in units of ``tol_scale``: a sample is returned once its
+            final point moved by <= tol / 2, and by no more than the round before, in each of two successive rounds
+            and the error estimated from their contraction is <= tol, or once every point is accepted and its final
+            point moved by <= tol (:mod:`paratime.methods.stops`); ``stop="paradigms"``:
             ParaDiGMS's tolerance in units of the noise level. 0 runs to the exact fixed point (the sequential
             sample). None: ``DEFAULT_TOL[stop]``.
         max_rounds: rounds before the window shrinks to 1 point (the sequential sampler) for what is left;
@@ -151,7 +152,8 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
     zeros = torch.zeros(B, dtype=torch.long, device=dev)
     y = problem.scale(x, zeros)
     win = SlidingWindow(problem, y)                                   # every point guessed y_T (init=noise)
-    stopper.start(B, y)
+    noise0 = problem.sigmas[0] * problem.frame_scales[0]             # 0-d: the initial noise's std, model frame
+    stopper.start(B, y, torch.where(torch.isfinite(noise0) & (noise0 > 0), noise0, torch.ones_like(noise0)))
     residuals: list[float] = []
     rounds = 0
     if init == "x0":
@@ -188,6 +190,6 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
     log.debug("picard (%s update, %s rule, %s init, %s fill, tol %g, accept %g): %d rounds", update, stop, init, fill,
               stopper.tol, stopper.accept, rounds)
     extra = {"converged": converged}
-    if stop == "final":             # the tolerance in force per sample, in the returned sample's units, and its scale
-        extra.update(tol_abs=stopper.tol_b.tolist(), data_scale=stopper.scale_b.tolist())
+    if stop == "final":             # (B,) device tensors: the tolerance in force in the sample's units, its scale
+        extra.update(tol_abs=stopper.tol_b, data_scale=stopper.scale_b)
     return Outcome(win.final_state(), rounds, residuals, torch.tensor(win.done_round), extra)

@@ -1,0 +1,57 @@
+"""Flux through ``paratime.parallelize(pipe)`` against ``FluxPipeline``'s own call (same generator): packed latents,
+flow matching with the pipeline's sigmas and dynamic shift ``mu`` (from the packed sequence length), and the guidance
+embedding (distilled guidance: one transformer call per step); default ``output_type`` and ``"latent"``."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+import paratime  # noqa: E402
+from paratime.bench.tiny_pipelines import prompt_embeddings, tiny_flux  # noqa: E402
+from paratime.methods.picard import DEFAULT_TOL  # noqa: E402
+
+BOUND = 1e-4
+
+
+def _args(pipe, **kw):
+    emb = {k: v for k, v in prompt_embeddings(pipe, batch=2).items() if not k.startswith("negative")}
+    return dict(num_inference_steps=5, height=48, width=64, max_sequence_length=16, **emb, **kw)
+
+
+def _gen():
+    return torch.Generator().manual_seed(1)
+
+
+def test_flux_matches_the_pipeline():
+    pipe = tiny_flux()
+    args = _args(pipe, guidance_scale=3.5)
+    want = pipe(generator=_gen(), output_type="latent", **args).images
+    scale = float(want.abs().max())
+    # The guidance embedding is wired: another guidance_scale moves the sample by far more than the bound.
+    other = pipe(generator=_gen(), output_type="latent", **{**args, "guidance_scale": 1.0}).images
+    assert float((other - want).abs().max()) > 100 * BOUND * scale
+    for method, tol in (("sequential", None), ("picard", 0.0)):
+        got = paratime.parallelize(pipe, method=method, tol=tol)(generator=_gen(), output_type="latent", **args)
+        assert float((got.images - want).abs().max()) <= BOUND * scale, method
+    fast = paratime.parallelize(pipe)(generator=_gen(), output_type="latent", **args).images
+    assert float((fast - want).abs().max()) <= DEFAULT_TOL["final"]
+    images = paratime.parallelize(pipe, tol=0.0)(generator=_gen(), **args).images          # default: PIL
+    want_images = pipe(generator=_gen(), **args).images
+    assert type(images[0]) is type(want_images[0])
+    diff = np.abs(np.stack([np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+                            for a, b in zip(images, want_images)])).max()
+    assert diff <= 1.0
+
+
+def test_flux_true_cfg_is_refused_naming_it():
+    pipe = tiny_flux()
+    emb = prompt_embeddings(pipe, batch=1)
+    with pytest.raises(ValueError, match="true_cfg_scale"):
+        paratime.parallelize(pipe)(num_inference_steps=2, height=32, width=32, max_sequence_length=16,
+                                   true_cfg_scale=2.0, **emb)
