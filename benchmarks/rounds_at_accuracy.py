@@ -139,7 +139,8 @@ def sample(case: Case, batch: int, seed: int = 0, first_sample: int = 0, noise: 
     (:class:`~paratime.results.SampleResult`) with sampler ``options`` (``method``, ``tol``, ``update``, ...);
     ``window`` defaults to the case's; ``noise``: the initial noise instead of the seed's (the steps' noise still
     comes from the seed)."""
-    options.setdefault("window", case.window)
+    if options.get("method", "picard") in ("picard", "auto"):
+        options.setdefault("window", case.window)
     if case.model == SD:
         if first_sample or noise is not None:
             raise ValueError("first_sample, noise: the tiny SD cases start from their own seeded latents")

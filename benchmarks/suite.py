@@ -60,8 +60,11 @@ def machine() -> dict:
 def _sampler(case: Case, method: str, backend=None):
     from paratime.sampler import ParallelSampler
 
-    opts = dict(solver=case.solver, steps=case.steps, method=method, window=case.window, tol=case.tol,
-                slices=case.slices, progress=False, **case.extra)
+    opts = dict(solver=case.solver, steps=case.steps, method=method, tol=case.tol, progress=False, **case.extra)
+    if method in ("picard", "staggered"):
+        opts["window"] = case.window           # an option a method does not read is refused: only where it applies
+    if method.startswith("parareal"):
+        opts["slices"] = case.slices
     if backend is not None:
         return ParallelSampler(case.model, backend=backend, **opts)
     return ParallelSampler(case.model, **opts)

@@ -220,6 +220,17 @@ class SamplerConfig:
             if value != unset and not parareal:
                 raise ValueError(f"{name}: applies only to method='parareal' or 'parareal_pipelined', "
                                  f"not {self.method!r}")
+        if self.method in ("picard", "auto"):
+            return
+        # Picard's window rules: read by no other method (staggered reads only tol and its cores, window=K).
+        for name, value, unset in (("shared_window", self.shared_window, False), ("stop", self.stop, "final"),
+                                   ("update", self.update, "secant"), ("accept_tol", self.accept_tol, None),
+                                   ("init", self.init, "auto"), ("fill", self.fill, "path")):
+            if value != unset:
+                raise ValueError(f"{name}: applies only to method='picard' (or 'auto'), not {self.method!r}")
+        if self.window != "auto" and self.method not in ("staggered",):
+            raise ValueError(f"window: applies only to method='picard', 'auto' or 'staggered' (its cores K), "
+                             f"not {self.method!r}")
 
     def _check_tol_units(self) -> None:
         """``tol_units`` names a unit; it and ``data_scale`` apply only where ``tol`` is in the sample's units (the
@@ -234,6 +245,23 @@ class SamplerConfig:
             if getattr(self, name) is not None and noise_units:
                 raise ValueError(f"{name}: applies only to the final-point rule (stop='final'); "
                                  f"method={self.method!r}, stop={self.stop!r} take tol in noise-level units")
+
+    def with_method(self, method: str, **changes: Any) -> "SamplerConfig":
+        """This config with ``method`` (and ``changes``), the options of the old method that the new one does not
+        read reset to their defaults (a planned or derived run, not the user's choice: nothing to refuse)."""
+        fixed = dict(changes)
+        if method not in ("picard", "auto"):
+            for f in ("shared_window", "stop", "update", "accept_tol", "init", "fill", "max_rounds"):
+                fixed.setdefault(f, SamplerConfig.__dataclass_fields__[f].default)
+            if method != "staggered":
+                fixed.setdefault("window", "auto")
+        if method not in ("parareal", "parareal_pipelined"):
+            for f in ("slices", "coarse_steps", "coarse"):
+                fixed.setdefault(f, SamplerConfig.__dataclass_fields__[f].default)
+        if method.startswith("parareal") or method == "sequential":
+            fixed.setdefault("tol_units", None)
+            fixed.setdefault("data_scale", None)
+        return dataclasses.replace(self, method=method, **fixed)
 
     def for_model(self, declared_scale: float | None) -> "SamplerConfig":
         """The config a ``sample`` call runs with: ``tol_units`` resolved (None: ``data``) and ``data_scale`` filled
@@ -334,6 +362,8 @@ class SamplerConfig:
             return float(self.tol)
         if self.method in ("picard", "auto"):      # auto: the tolerance the planner plans Picard for
             return DEFAULT_TOL[self.stop]
+        if self.method == "staggered":
+            return DEFAULT_TOL["final"]
         return PARAREAL_TOL if self.method.startswith("parareal") else 0.0
 
 

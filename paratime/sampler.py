@@ -144,7 +144,7 @@ class ParallelSampler:
         desc = f"{cfg.method}/{self.solver.name}"
         if plan is not None:
             desc = f"{plan.method}{'' if plan.window is None else f' W={plan.window}'}/{self.solver.name} " \
-                   f"(plan: {plan.speedup:.2f}x predicted on {plan.devices} device(s))"
+                   f"(plan: {plan.speedup:.2f}x predicted on {plan.devices} device(s), {curve.name} cost)"
         marks: list[tuple[int, float]] = []
         outcome, evaluator, wall = self._run(solve, grid, cond, B, first_sample, desc, callback, progress, marks)
         samples = outcome.x * grid.frame_scales[-1].to(outcome.x)
@@ -162,6 +162,9 @@ class ParallelSampler:
         the sampler's config as is. Returns ``(config, plan or None, cost curve)``."""
         cfg = self.config
         curve = self._cost_curve(shape, cond)
+        if cfg.method == "staggered" and cfg.window == "auto":
+            # CHORDS' rule: one core per device (at least 2: one core is the sequential solver).
+            return dataclasses.replace(cfg, window=max(2, min(cfg.steps, self.backend.workers))), None, curve
         if cfg.method not in ("auto", "picard") or cfg.window != "auto":
             return cfg, None, curve
         # Parareal takes tol in noise-level units: not a candidate when the tolerance was given in data units.
@@ -170,7 +173,8 @@ class ParallelSampler:
         plan = plan_sampling(curve, cfg.steps, shape[0], self.backend.workers, cfg.tol_in_force, method=cfg.method,
                              evals=self.solver.evals_per_step, methods=methods)
         log.info("plan: %s", plan.reason)
-        return dataclasses.replace(cfg, method=plan.method, window=plan.window or "auto"), plan, curve
+        # Another method planned: Picard's own options (given for the Picard candidate) do not carry over.
+        return cfg.with_method(plan.method, window=plan.window or "auto"), plan, curve
 
     def _cost_curve(self, shape: tuple[int, ...], cond: dict) -> CostCurve:
         """The cost curve of ``cost=``: ``auto`` measures on CUDA and takes the ``latency`` curve elsewhere (the
@@ -241,7 +245,7 @@ class ParallelSampler:
         extra = dict(outcome.extra)
         stats = SampleStats(
             method=cfg.method, solver=self.solver.name + corrected, steps=cfg.steps, backend=self.backend.name,
-            workers=self.backend.workers, window=cfg.window_size if cfg.method == "picard" else None,
+            workers=self.backend.workers, window=cfg.window_size if cfg.method in ("picard", "staggered") else None,
             tol=cfg.tol_in_force,
             rounds=evaluator.calls + extra.pop("coarse_calls", 0), iterations=outcome.rounds,
             nfe=float(rows.mean()), nfe_total=int(rows.sum()), wall_s=wall, residuals=outcome.residuals,
@@ -249,7 +253,8 @@ class ParallelSampler:
         stats.converged = extra.pop("converged", [True] * B)
         # The final-point rule's tolerance: its units, and per sample the scale and the tolerance in data units.
         stats.tol_units = cfg.tol_units if cfg.method == "picard" and cfg.stop == "final" else None
-        stats.data_scale, stats.tol_abs = (None if v is None else v.tolist()
+        stats.tol_units = cfg.tol_units if cfg.method == "staggered" else stats.tol_units
+        stats.data_scale, stats.tol_abs = (v.tolist() if isinstance(v, torch.Tensor) else v
                                            for v in (extra.pop("data_scale", None), extra.pop("tol_abs", None)))
         if "comm_bytes" in timings:
             stats.extra["comm_bytes"] = timings["comm_bytes"]
@@ -311,10 +316,10 @@ class ParallelSampler:
         solver = lk.flow_solver_for(self.solver) if solver is None else solver
         # The flow's config: the sampler's method options with the ODE solver (an unknown `solver` is named by
         # check_request with the flow's choices, so the config holds a placeholder until then).
-        cfg = dataclasses.replace(self.config, solver=solver if solver in lk.FLOW_SOLVERS else "ddim", eta=None,
-                                  corrector_snr=None, corrector_steps=1,
-                                  steps=self.config.steps if steps is None else steps,
-                                  method=self.config.method if method is None else method)
+        cfg = self.config.with_method(self.config.method if method is None else method,
+                                      solver=solver if solver in lk.FLOW_SOLVERS else "ddim", eta=None,
+                                      corrector_snr=None, corrector_steps=1,
+                                      steps=self.config.steps if steps is None else steps)
         if cfg.method == "auto":           # the flow has no planner: "auto" runs Picard with its widest window
             cfg = dataclasses.replace(cfg, method="picard")
         lk.check_request(x, self.denoiser.sample_shape, self.device, data_range, levels, solver, divergence, probe,

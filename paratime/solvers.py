@@ -1050,6 +1050,9 @@ class DPMSolverSinglestep(Solver):
             out = [o for _ in range(head) for o in range(1, k + 1)] + tail
         else:
             out = [o for _ in range(n // k) for o in range(1, k + 1)]
+        if len(out) != n:
+            raise ValueError(f"steps: diffusers' single-step order list for {n} steps has {len(out)} entries "
+                             f"(solver_order={k} needs a multiple of it); use lower_order_final=True")
         if self.final_first_order:
             out[-1] = 1
         return out

@@ -103,7 +103,8 @@ def test_secant_update_at_tol_zero_equals_sequential(solver, window, stop):
     res = _sampler("gmm", solver=solver, steps=20, window=window, tol=0.0, update="secant", stop=stop).sample(
         16, seed=0)
     torch.testing.assert_close(res.samples, seq, rtol=0, atol=1e-9)
-    assert all(res.stats.converged) and res.stats.iterations <= 20
+    # At most one round per step, plus the x0 guess's own call when the window slides (init="auto").
+    assert all(res.stats.converged) and res.stats.iterations <= 20 + (window < 20)
 
 
 def test_bad_stop_and_update_name_the_argument():

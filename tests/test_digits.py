@@ -59,7 +59,10 @@ def test_sample_quality_by_an_independent_classifier():
         res = ParallelSampler("digits", steps=100, method=method, progress=False).sample(200, seed=0)
         scores[method] = sc = judge.score(res.samples)
         assert sc["knn_precision"] >= 0.7 and sc["knn_recall"] >= 0.7, sc
-        assert 0.05 <= min(sc["class_hist"]) and max(sc["class_hist"]) <= 0.15, sc
+        # A class share near 0.1 on 200 samples has a standard error of ~0.021: 3-18% is 3.5 of them either side.
+        assert 0.03 <= min(sc["class_hist"]) and max(sc["class_hist"]) <= 0.18, sc
+    # Same seed on both sides: Picard's samples are the sequential ones within tol, so are their classes.
+    assert max(abs(p - q) for p, q in zip(scores["picard"]["class_hist"], scores["sequential"]["class_hist"])) <= 0.02
     # 200 samples: the standard error of a share near 0.85 is ~0.025.
     assert abs(scores["picard"]["confident_share"] - scores["sequential"]["confident_share"]) <= 0.05
     assert scores["sequential"]["confident_share"] >= 0.8

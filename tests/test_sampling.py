@@ -65,17 +65,17 @@ def test_picard_at_tol_zero_equals_sequential(solver, window):
 
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_picard_default_tol_within_documented_bound(solver):
-    """The bounds documented in the README as percentiles of the per-sample max |picard - sequential| (gmm, 100 steps,
-    window 100, tol 0.1, 64 samples, seed 0). The max of an SDE solver is set by a rare mode switch (a sample on a
-    mode boundary, about 1 in 1,500), so its bound is on the 90th percentile and the number of samples off by > 0.1.
-    Measured: ODE p90 <= 0.0016, max <= 0.007; SDE p90 <= 0.0055, none > 0.1. At tol 1 each check fails (ODE max
-    0.044..0.064; SDE p90 0.10..0.13 with 7..8 samples > 0.1)."""
+    """Percentiles of the per-sample max |picard - sequential| (gmm, 100 steps, window 100, tol 0.1 in absolute
+    units, 64 samples, seed 0). The guarantee is max <= tol; the typical sample sits far below it. Measured (seeds
+    0-3): ODE p90 <= 0.0008, max <= 0.029 (seed 0's hardest sample, on every ODE solver); SDE p90 <= 0.0045, none
+    > 0.1. A max of an SDE solver is set by a rare mode switch, so its check is on the p90 and the count off by
+    > 0.1. At tol 1 every solver fails its check (ODE p90 0.0056..0.0068; SDE p90 0.049..0.076, 3-4 samples > 0.1)."""
     seq = _sample(solver, steps=100, method="sequential", batch=64)
     par = _sample(solver, steps=100, window=100, tol=0.1, batch=64, tol_units="absolute")   # the bounds' units
     diff = (par.samples - seq.samples).abs().amax(1)            # (64,) per-sample max over coordinates
     p90 = float(torch.quantile(diff, 0.9))
     if solver in ("ddim", "heun", "dpmpp_2m"):
-        assert p90 <= 0.004 and float(diff.max()) <= 0.02, (p90, float(diff.max()))
+        assert p90 <= 0.004 and float(diff.max()) <= 0.05, (p90, float(diff.max()))
     else:
         assert p90 <= 0.02 and int((diff > 0.1).sum()) <= 1, (p90, int((diff > 0.1).sum()))
     assert par.stats.iterations < 100
@@ -175,16 +175,20 @@ def test_gmm_samples_have_the_mixture_statistics(solver, steps, method):
 
 
 def test_picard_ddpm_has_the_statistics_of_sequential_ddpm():
-    """DDPM-100 itself under-disperses the modes (std ~0.275 instead of 0.3: discretisation); Picard at tol 0.1
-    must reproduce the sequential sampler's distribution, mode weights and spread alike."""
+    """DDPM-100 itself under-disperses the modes (std ~0.275 instead of 0.3: discretisation); Picard at its default
+    tolerance must reproduce the sequential sampler's distribution, mode weights and spread alike. Same seed on both
+    sides (the step noise is drawn up front, so the fixed point is the sequential sample): measured, the per-mode
+    std differs by 8.6e-6 and no sample changes mode; at tol 1 (absolute) 5.6e-3 and 67 of 4,000 change mode, at
+    tol 3 6.9e-2 and 305, so each check below fails when the stop rule is loosened."""
     model = ring_gmm()
     seq = ParallelSampler(model, solver="ddpm", steps=100, method="sequential", progress=False).sample(4000, seed=2)
-    par = ParallelSampler(model, solver="ddpm", steps=100, progress=False).sample(4000, seed=12)
+    par = ParallelSampler(model, solver="ddpm", steps=100, progress=False).sample(4000, seed=2)
     k_s = torch.cdist(seq.samples, model.network.gmm.means).argmin(1)
     k_p = torch.cdist(par.samples, model.network.gmm.means).argmin(1)
+    assert int((k_s != k_p).sum()) <= 4                 # at most 0.1% of the samples switch modes
     for j in range(8):
         s_s, s_p = seq.samples[k_s == j].std(0).mean(), par.samples[k_p == j].std(0).mean()
-        assert abs(float(s_s - s_p)) < 0.02          # ~5 standard errors of a std from ~500 points
+        assert abs(float(s_s - s_p)) < 2e-3
     _check_mixture(par.samples, model.network.gmm, std_tol=0.05)
 
 
@@ -205,6 +209,9 @@ def test_non_finite_network_output_names_the_step():
     (dict(window=0), "window"), (dict(steps=0), "steps"), (dict(backend="mpi"), "backend"),
     (dict(eta=2.0), "eta"), (dict(spacing="odd"), "spacing"), (dict(max_rounds=0), "max_rounds"),
     (dict(solver="heun", eta=0.5), "solver_options"), (dict(tol=float("nan")), "tol"),
+    (dict(method="parareal", window=8), "^window: applies only"), (dict(method="sequential", window=8), "^window"),
+    (dict(method="parareal", stop="paradigms"), "^stop: applies only"),
+    (dict(method="sequential", update="anderson"), "^update: applies only"),
 ])
 def test_bad_options_name_the_argument(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -91,9 +91,22 @@ def test_bad_options_name_the_argument(kw, match):
         sample_staggered(x_T, problem, **kw)
 
 
-def test_sampler_needs_the_cores_as_window():
-    with pytest.raises(ValueError, match="window: method='staggered' takes its number of cores"):
-        ParallelSampler("gmm", steps=10, method="staggered", progress=False).sample(2, seed=0)
+def test_default_window_is_one_core_per_device_and_at_least_two():
+    """window="auto" (the default): CHORDS' rule, K = the backend's devices, at least 2 (one core is sequential)."""
+    res = ParallelSampler("gmm", steps=10, method="staggered", progress=False).sample(2, seed=0)
+    assert res.stats.window == 2 and res.stats.extra["cores"] == 2
+    res = ParallelSampler("gmm", steps=10, method="staggered", backend="local", progress=False,
+                          window=5).sample(2, seed=0)
+    assert res.stats.window == 5 and res.stats.extra["cores"] == 5
+
+
+@pytest.mark.parametrize("kw, name", [(dict(stop="paradigms"), "stop"), (dict(update="picard"), "update"),
+                                      (dict(accept_tol=1e-3), "accept_tol"), (dict(init="x0"), "init"),
+                                      (dict(fill="copy"), "fill"), (dict(shared_window=True), "shared_window"),
+                                      (dict(max_rounds=3), "max_rounds"), (dict(slices=2), "slices")])
+def test_picard_and_parareal_options_are_refused(kw, name):
+    with pytest.raises(ValueError, match=f"^{name}: applies only to method="):
+        ParallelSampler("gmm", steps=10, method="staggered", progress=False, **kw)
 
 
 def test_same_hits_as_the_chords_port():
