@@ -54,9 +54,82 @@ def _main_job() -> list[str]:
     return [f"Picard {pic.stats.rounds} rounds / {nfe} NFE per sample", f"max difference {_sig(diff)}"]
 
 
+def _printed(module: str, *args: str) -> list[str]:
+    """What ``python -m module args`` prints (one torch thread, offline), as lines; exits non-zero: an error."""
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
+                         cwd=README.parent, timeout=3600)
+    if out.returncode not in (0, 1):          # 1: a benchmark whose own checks missed (the README says so)
+        raise RuntimeError(f"{module} {' '.join(args)} exited {out.returncode}:\n{out.stderr[-2000:]}")
+    return out.stdout.splitlines()
+
+
+def _rows(lines: list[str]) -> list[str]:
+    """The body rows of the markdown tables in ``lines`` (headers and separators excluded)."""
+    rows = [ln.strip() for ln in lines if ln.strip().startswith("| ")]
+    return [r for r in rows if not set(r) <= set("|-: ") and r not in {x for x in rows if x.startswith("| case")}]
+
+
+def _cells(row: str, keep: list[int]) -> list[str]:
+    """Row fragments made of the cells ``keep`` (runs of adjacent kept cells stay one fragment), so a row's
+    deterministic cells are checked and its wall times are not."""
+    cells = [c.strip() for c in row.strip().strip("|").split("|")]
+    frags, run = [], []
+    for i, c in enumerate(cells):
+        if i in keep:
+            run.append(c)
+        elif run:
+            frags.append(run)
+            run = []
+    if run:
+        frags.append(run)
+    n = len(cells)
+    out = []
+    for f in frags:
+        first = cells.index(f[0])
+        text = " | ".join(f)
+        out.append(("| " if first == 0 else "| ") + text + (" |" if first + len(f) <= n else ""))
+    return out
+
+
+def _sd_paradigms() -> list[str]:
+    """The side-by-side with ``StableDiffusionParadigmsPipeline``: rounds, NFE and max diff (not the wall times)."""
+    lines = []
+    for row in _rows(_printed("paratime.bench.sd_paradigms", "--repeats", "1")):
+        lines += _cells(row, [0, 1, 2]) + _cells(row, [5])
+    return lines
+
+
+def _policy() -> list[str]:
+    """``paratime eval-policy``'s success, collisions and timeouts per method (not the latencies)."""
+    lines = _printed("paratime", "eval-policy", "--episodes", "100", "--latency-chunks", "2", "--threads", "1")
+    return [" ".join(ln.split()[:4]) for ln in lines
+            if ln.split() and ln.split()[0] in ("sequential", "picard", "parareal", "baseline")]
+
+
 CHECKS: list[Check] = [
     Check("main-job", "paratime sample", True, _main_job),
+    Check("policy", "paratime eval-policy --episodes 100", True, _policy),
+    Check("sd-paradigms", "python -m paratime.bench.sd_paradigms", True, _sd_paradigms),
+    Check("pipelines", "python -m paratime.bench.pipeline_table (2 min)", False,
+          lambda: _rows(_printed("paratime.bench.pipeline_table"))),
+    Check("staggered", "python benchmarks/staggered_vs_picard.py (2 min)", False,
+          lambda: _rows(_printed("paratime.bench.staggered_vs_picard"))),
+    Check("devices", "python -m paratime.bench.devices --seeds 16 (10 min)", False,
+          lambda: _rows(_printed("paratime.bench.devices", "--seeds", "16", "--out", _tmpdir()))),
+    Check("headline", "python -m paratime.bench.rounds_at_accuracy --headline --cases "
+          "digits-ddim100,sd-ddim50,policy,sd-ddpm100 (10 min)", False,
+          lambda: _rows(_printed("paratime.bench.rounds_at_accuracy", "--headline", "--cases",
+                                 "digits-ddim100,sd-ddim50,policy,sd-ddpm100"))),
 ]
+
+
+def _tmpdir() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="readme-figures-")
 
 
 def missing(lines: list[str], text: str) -> list[str]:
