@@ -80,7 +80,8 @@ def test_the_conversion_to_x0_is_skipped(monkeypatch):
 
 def test_kernel_path_reads_bf16_outputs_in_one_launch():
     """On the kernel path (the interpreter here), a guided DDPM step of the bf16 digits network is one
-    ``fused_step`` launch over the raw bf16 halves; no x0-only launch happens."""
+    ``fused_step`` launch over the raw bf16 halves, writing x0 and the step whose sum is the next state (the
+    next-state form); no x0-only launch happens."""
     from paratime.kernels import Launch, SAMPLER_LAUNCHES, kernels, record_launches
 
     with kernels("triton"), record_launches() as seen:
@@ -88,7 +89,7 @@ def test_kernel_path_reads_bf16_outputs_in_one_launch():
                         guidance=2.0, method="sequential", progress=False).sample(2, seed=0,
                                                                                  labels=torch.tensor([4, 9]))
     steps = {x for x in seen if x.kernel == "fused_step"}
-    assert steps == {Launch("fused_step", torch.float32, torch.bfloat16, uncond=True, noise=True, dx=True)}
+    assert steps == {Launch("fused_step", torch.float32, torch.bfloat16, uncond=True, noise=True, x0=True, dx=True)}
     assert steps <= set(SAMPLER_LAUNCHES)
 
 

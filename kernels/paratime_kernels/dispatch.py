@@ -62,12 +62,13 @@ class Launch:
 _F32, _F16, _BF16 = torch.float32, torch.float16, torch.bfloat16
 #: Every variant the samplers launch with a float32 state (the CUDA default; float64 runs the torch reference):
 #: Denoiser.to_x0 (x0 from outputs already in the state dtype, guided or not: solvers with history, Heun, Parareal's
-#: coarse jumps), the step increments in one pass from the raw outputs in the network's dtype (linear steps: DDIM,
-#: DDPM, Euler, Euler ancestral, Euler-Maruyama; guided or not, with or without pre-drawn noise) or from x0, and the
-#: Picard update in both block sizes.
+#: coarse jumps), the next state ``x' = D + a (x - D) + k_z z`` in one pass from the raw outputs in the network's
+#: dtype (linear steps: DDIM, DDPM, Euler, Euler ancestral, Euler-Maruyama; guided or not, with or without pre-drawn
+#: noise; the kernel's x0 and dx both written, their sum is the next state) or from x0, and the Picard update in both
+#: block sizes.
 SAMPLER_LAUNCHES: tuple[Launch, ...] = (
     *(Launch("fused_step", _F32, _F32, uncond=g, x0=True) for g in (False, True)),
-    *(Launch("fused_step", _F32, o, uncond=g, noise=z, dx=True) for o in (_F32, _F16, _BF16)
+    *(Launch("fused_step", _F32, o, uncond=g, noise=z, x0=True, dx=True) for o in (_F32, _F16, _BF16)
       for g in (False, True) for z in (False, True)),
     *(Launch("picard_update", _F32, block=k) for k in PICARD_BLOCKS),
 )

@@ -97,13 +97,13 @@ class _Propagators:
         for m, r in enumerate(running):
             i, steps_h = lo[:r] + m, [n + m for n in starts[:r]]
             if prev is None:       # one fused pass from the network outputs for linear steps (Problem.step)
-                x[:r] = x[:r] + p.step(x[:r], i, b[:r], host_steps=steps_h)[1]
+                x[:r] = p.step_to(x[:r], i, b[:r], host_steps=steps_h)[1]
                 continue
             xr = x[:r]
             den = p.evaluate(xr, i, b[:r])
-            dx = p.increment(xr, i, b[:r], den, prev[:r], host_steps=steps_h)
+            x1 = p.advance(xr, i, b[:r], den, prev[:r], host_steps=steps_h)
             prev[:r] = p.solver.history_value(xr, den, i, p.sigmas)   # what the sequential loop keeps
-            x[:r] = xr + dx
+            x[:r] = x1
         return x, prev
 
     def coarse_step(self, U: torch.Tensor, s: int, b: torch.Tensor) -> torch.Tensor:
@@ -354,19 +354,19 @@ def sample_parareal_pipelined(x: torch.Tensor, problem: Problem, slices: int | N
         den = problem.evaluate(X, I, Bi)
         parts = []
         if nf:
-            parts.append(problem.increment(X[:nf], I[:nf], Bi[:nf], den[:nf], None,
-                                           host_steps=[n for n in steps_h[:nf // B] for _ in range(B)]))
+            parts.append(problem.advance(X[:nf], I[:nf], Bi[:nf], den[:nf], None,
+                                         host_steps=[n for n in steps_h[:nf // B] for _ in range(B)]))
         if coarse_owners:                                   # coarse jump from sub-grid point i to the next one
             nxt = steps[len(owners):].repeat_interleave(B)
             span = max(sub[t["s"]][t["m"] + 1] - sub[t["s"]][t["m"]] for t in coarse_owners)   # host integers
-            parts.append(coarse_jump(problem, X[nf:], den[nf:], I[nf:], nxt, Bi[nf:], span=span) - X[nf:])
-        dx = torch.cat(parts) if len(parts) > 1 else parts[0]
+            parts.append(coarse_jump(problem, X[nf:], den[nf:], I[nf:], nxt, Bi[nf:], span=span))
+        x_next = torch.cat(parts) if len(parts) > 1 else parts[0]      # next states (next-state form)
         count["fine"] += nf
         count["coarse"] += X.shape[0] - nf
         ticks += 1
         finished = []
         for n, t in enumerate(owners):
-            t["x"] = t["x"] + dx[n * B:(n + 1) * B]
+            t["x"] = x_next[n * B:(n + 1) * B]
             t["m"] += 1
             if t["m"] == (lengths[t["s"]] if t["kind"] == "fine" else len(sub[t["s"]]) - 1):
                 finished.append(t)

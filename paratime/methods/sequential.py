@@ -24,14 +24,15 @@ def sample_sequential(x: torch.Tensor, problem: Problem) -> Outcome:
     hist: list[torch.Tensor] = []        # multistep solvers: history values at the previous points, newest first
     for n in range(N):
         i = torch.full((B,), n, dtype=torch.long, device=x.device)
-        # Denoise, then step: x_{n+1} = x_n + dx_n (one fused pass from the network outputs for linear steps).
+        # Denoise, then step to x_{n+1} in the solver's next-state form (Problem.advance: float32 is enough on every
+        # grid; one fused pass from the network outputs for linear steps).
         if solver.uses_history:
             denoised = problem.evaluate(x, i, b)
             prev = (hist[0] if solver.history_depth == 1 else tuple(hist)) if hist else None
-            x_next = x + problem.increment(x, i, b, denoised, prev, host_steps=n)
+            x_next = problem.advance(x, i, b, denoised, prev, host_steps=n)
             hist = [solver.history_value(x, denoised, i, problem.sigmas)] + hist[:solver.history_depth - 1]
         else:
-            x_next = x + problem.step(x, i, b, host_steps=n)[1]
+            x_next = problem.step_to(x, i, b, host_steps=n)[1]
         x = x_next
         problem.report(RoundInfo(n + 1, torch.full((B,), n + 1), B, float("nan")))
     return Outcome(x, N, sample_rounds=torch.full((B,), N))

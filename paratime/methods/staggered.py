@@ -194,11 +194,11 @@ class _Hierarchy:
         problem, live, N, B = self.problem, self.live, self.N, self.ar_b.shape[0]
         solver = problem.solver
         # 1. One batched call at every live core's point, rows core-major (C * A, *shape); fine steps F(x_c).
-        den, dx = _evaluate_and_step(problem, live, b_act, A)
+        den, x_next = _evaluate_and_step(problem, live, b_act, A)
         self.last_rows = len(live) * A
         hits: list[tuple[int, torch.Tensor]] = []
         for c, core in enumerate(live):
-            d_c, dx_c = _scatter(den[c], core.x, b_act, A), _scatter(dx[c], core.x, b_act, A, keep=False)
+            d_c, x1_c = _scatter(den[c], core.x, b_act, A), _scatter(x_next[c], core.x, b_act, A)
             core.fin_x, core.fin_d = core.x, d_c
             if core.begin_t == core.t:
                 core.begin_d = d_c
@@ -206,7 +206,7 @@ class _Hierarchy:
                 core.hist = [solver.history_value(core.x, d_c, _full(B, core.t, core.x.device), problem.sigmas)] \
                     + core.hist[:solver.history_depth - 1]
             core.evaluated += 1
-            core.new_x = core.x + dx_c                # F(x_c)
+            core.new_x = x1_c                         # F(x_c), in the next-state form (Problem.advance)
         # 2. Spawn the next core from the newest one's first point, or, after the last start, shoot to N.
         newest, spawn = live[-1], None
         if newest.evaluated == 1:
@@ -300,7 +300,8 @@ def _scatter(rows: torch.Tensor, base: torch.Tensor, b_act: torch.Tensor, A: int
 
 def _evaluate_and_step(problem: Problem, live: list[_Core], b_act: torch.Tensor,
                        A: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batched call at every live core's point for the active samples: ``(D, dx)``, each ``(C, A, *shape)``.
+    """One batched call at every live core's point for the active samples: ``(D, x_next)``, each
+    ``(C, A, *shape)`` (the next states in the next-state form, :meth:`Problem.advance`).
 
     The rows' steps are host integers (each core stands at one point), passed as ``host_steps`` so that solvers
     with a second call on some rows (Heun, PLMS, Langevin) read nothing back. Multistep solvers read each core's
@@ -312,7 +313,7 @@ def _evaluate_and_step(problem: Problem, live: list[_Core], b_act: torch.Tensor,
     b_rows = b_act.repeat(C)
     host_steps = [core.t for core in live for _ in range(A)]
     if not solver.uses_history:
-        den, dx = problem.step(x_rows, i_rows, b_rows, torch.arange(C * A, device=dev), host_steps=host_steps)
+        den, x1 = problem.step_to(x_rows, i_rows, b_rows, torch.arange(C * A, device=dev), host_steps=host_steps)
     else:
         den = problem.evaluate(x_rows, i_rows, b_rows)
         own = solver.history_value(x_rows, den, i_rows, problem.sigmas)              # (C * A, *shape)
@@ -323,6 +324,6 @@ def _evaluate_and_step(problem: Problem, live: list[_Core], b_act: torch.Tensor,
                                    for c, core in enumerate(live)]))
         has_any = any(core.hist for core in live)
         hist = (prev[0] if depth == 1 else tuple(prev)) if has_any else None
-        dx = problem.increment(x_rows, i_rows, b_rows, den, hist, host_steps=host_steps)
+        x1 = problem.advance(x_rows, i_rows, b_rows, den, hist, host_steps=host_steps)
     shape = x_rows.shape[1:]
-    return den.reshape(C, A, *shape), dx.reshape(C, A, *shape)
+    return den.reshape(C, A, *shape), x1.reshape(C, A, *shape)

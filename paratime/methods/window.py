@@ -217,12 +217,13 @@ def window_increments(problem: Problem, rows: Rows, den_buf: torch.Tensor | None
         # History at the previous points: this round's neighbouring window slots, or the buffer before the window
         # start (solver.history_value: D itself for dpmpp, the eps prediction for plms).
         den_buf[jj, bb] = solver.history_value(x_rows, den_rows, jj, problem.sigmas)
-        dx_rows = problem.increment(x_rows, jj, bb, den_rows, history_rows(den_buf, jj, bb, solver.history_depth),
-                                    host_steps=rows.host_steps)
+        x_next = problem.advance(x_rows, jj, bb, den_rows, history_rows(den_buf, jj, bb, solver.history_depth),
+                                 host_steps=rows.host_steps)
         den_last = den_rows[rows.last] if want_den else None
     else:
         # Linear steps in one pass from the network outputs (Problem.step); D only where the fill needs it.
-        den_last, dx_rows = problem.step(x_rows, jj, bb, rows.last, host_steps=rows.host_steps)
+        den_last, x_next = problem.step_to(x_rows, jj, bb, rows.last, host_steps=rows.host_steps)
     dy = torch.zeros_like(rows.y_win)                                 # (W, B, *shape)
-    dy[kk, bb] = problem.scale(x_rows + dx_rows, jj + 1) - y_rows
+    # The next states in the next-state form (Problem.advance), differenced in the model's frame (O(1) operands).
+    dy[kk, bb] = problem.scale(x_next, jj + 1) - y_rows
     return dy, den_last
