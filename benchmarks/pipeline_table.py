@@ -62,6 +62,7 @@ PIPELINES = {
     "StableDiffusionXLInpaintPipeline": (partial(tiny.tiny_sdxl_inpaint, text=True), False,
                                          {"strength": 0.6, "mask_image": None}),
     "StableDiffusionControlNetPipeline": (partial(tiny.tiny_sd_controlnet, text=True), False, {"image": None}),
+    "StableDiffusionXLControlNetPipeline": (partial(tiny.tiny_sdxl_controlnet, text=True), False, {"image": None}),
     "FluxPipeline": (tiny.tiny_flux, True, {}),
     "WanPipeline": (tiny.tiny_wan, True, {"num_frames": 5}),
 }

@@ -165,6 +165,26 @@ def tiny_sd_controlnet(scheduler=None, seed: int = 0, text: bool = False):
     return pipe
 
 
+def tiny_sdxl_controlnet(scheduler=None, seed: int = 0, text: bool = False):
+    """``StableDiffusionXLControlNetPipeline``: :func:`tiny_sdxl`'s parts and a ControlNet made from its UNet (SDXL's
+    added text/time conditioning included), its zero-initialised convolutions drawn at random as in
+    :func:`tiny_sd_controlnet`."""
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+    base = tiny_sdxl(scheduler, seed, text)
+    torch.manual_seed(seed + 1)
+    controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(4, 4, 4, 4))
+    with torch.no_grad():
+        for block in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                      controlnet.controlnet_cond_embedding.conv_out]:
+            for p in block.parameters():
+                p.normal_(0, 1.0)
+    parts = {k: v for k, v in base.components.items() if k not in ("image_encoder", "feature_extractor")}
+    pipe = StableDiffusionXLControlNetPipeline(**parts, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_flux(scheduler=None, seed: int = 0):
     """``FluxPipeline``: a FluxTransformer2DModel (one double and one single block, 2 heads of 16, guidance
     embedding on, joint dim 32, pooled 32) over 4 latent channels packed 2 x 2 (16 inputs), a 4-level VAE, and

@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 
 import paratime  # noqa: E402
 from paratime.bench.tiny_pipelines import (tiny_sd, tiny_sd_controlnet, tiny_sd_inpaint, tiny_sdxl,  # noqa: E402
-                                           tiny_sdxl_inpaint)
+                                            tiny_sdxl_controlnet, tiny_sdxl_inpaint)
 
 BOUND = 1e-4
 
@@ -87,9 +87,11 @@ def test_img2img_with_multistep_schedulers_restarted_part_way_is_refused_with_th
         paratime.parallelize(pipe)("a cat", image=image, strength=0.5, num_inference_steps=4)
 
 
-@pytest.mark.parametrize("scheduler", ["pndm", "euler_ancestral"])
-def test_controlnet_matches_the_pipeline(scheduler):
-    pipe = tiny_sd_controlnet(text=True)
+@pytest.mark.parametrize("name, scheduler", [("sd", "pndm"), ("sd", "euler_ancestral"), ("sdxl", "euler"),
+                                             ("sdxl", "euler_ancestral")])
+def test_controlnet_matches_the_pipeline(name, scheduler):
+    """SD and SDXL ControlNet (SDXL's ControlNet takes the added text/time conditioning too)."""
+    pipe = (tiny_sd_controlnet if name == "sd" else tiny_sdxl_controlnet)(text=True)
     if scheduler == "euler_ancestral":
         pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     control = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(0))

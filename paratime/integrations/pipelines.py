@@ -11,7 +11,8 @@ up front (:class:`~paratime.noise.PipelineNoise`), so sequential and Picard at t
 
 Supported (``_FAMILIES``): ``StableDiffusionPipeline``, ``StableDiffusionImg2ImgPipeline``,
 ``StableDiffusionInpaintPipeline`` (an inpainting UNet with 9 input channels), ``StableDiffusionControlNetPipeline``
-(one ControlNet on every step), ``StableDiffusionXLPipeline``, ``StableDiffusionXLImg2ImgPipeline``,
+(one ControlNet on every step), ``StableDiffusionXLPipeline``, ``StableDiffusionXLControlNetPipeline`` (likewise),
+``StableDiffusionXLImg2ImgPipeline``,
 ``StableDiffusionXLInpaintPipeline`` (9 channels),
 ``StableDiffusion3Pipeline``, ``FluxPipeline`` (guidance embedding, dynamic shift) and ``WanPipeline`` (Wan 2.1, text
 to video). Arguments that change the loop itself (callbacks, IP adapters, custom ``timesteps``, ``denoising_end``,
@@ -155,13 +156,18 @@ class ControlledUNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 controlnet_cond: torch.Tensor, **cond: Any) -> torch.Tensor:
+        # SDXL: the ControlNet takes the UNet's added text/time conditioning too (without guess mode).
+        added = {"added_cond_kwargs": cond["added_cond_kwargs"]} if "added_cond_kwargs" in cond else {}
         down, mid = self.controlnet(x, t, encoder_hidden_states=encoder_hidden_states, controlnet_cond=controlnet_cond,
-                                    conditioning_scale=self.conditioning_scale, guess_mode=False, return_dict=False)
+                                    conditioning_scale=self.conditioning_scale, guess_mode=False, return_dict=False,
+                                    **added)
         return self.unet(x, t, encoder_hidden_states=encoder_hidden_states, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid, return_dict=False, **cond)[0]
 
 
-def _prepare_sd_controlnet(pipe, kw: dict) -> _Prepared:
+def _control_scale(pipe, kw: dict) -> float:
+    """The call's ControlNet scale, refusing what the parallel pipeline does not run (several ControlNets, the
+    ControlNet on part of the steps)."""
     from diffusers import ControlNetModel
 
     if not isinstance(pipe.controlnet, ControlNetModel):
@@ -172,6 +178,11 @@ def _prepare_sd_controlnet(pipe, kw: dict) -> _Prepared:
     if (start, end) not in ((0.0, 1.0), ([0.0], [1.0])):
         raise ValueError(f"control_guidance_start, control_guidance_end: only 0 and 1 (the ControlNet on every step) "
                          f"are supported, got {start!r}, {end!r}")
+    return scale
+
+
+def _prepare_sd_controlnet(pipe, kw: dict) -> _Prepared:
+    scale = _control_scale(pipe, kw)
     prompt, n = kw.get("prompt"), kw.get("num_images_per_prompt", 1)
     pipe.check_inputs(prompt, kw.get("image"), None, kw.get("negative_prompt"), kw.get("prompt_embeds"),
                       kw.get("negative_prompt_embeds"), controlnet_conditioning_scale=scale)
@@ -186,6 +197,43 @@ def _prepare_sd_controlnet(pipe, kw: dict) -> _Prepared:
                        emb.dtype, device, kw.get("generator"), kw.get("latents"))
     return _Prepared(latents, {"encoder_hidden_states": emb, "controlnet_cond": image},
                      {"encoder_hidden_states": neg, "controlnet_cond": image} if cfg else None, g,
+                     network=ControlledUNet(pipe.unet, pipe.controlnet, float(scale)))
+
+
+def _prepare_sdxl_controlnet(pipe, kw: dict) -> _Prepared:
+    """``StableDiffusionXLControlNetPipeline``: SDXL's text and micro-conditioning (the time ids from the control
+    image's size, as the pipeline builds them), the control image once per sample, the ControlNet on every step."""
+    scale = _control_scale(pipe, kw)
+    prompt, n = kw.get("prompt"), kw.get("num_images_per_prompt", 1)
+    pipe.check_inputs(prompt, kw.get("prompt_2"), kw.get("image"), None, kw.get("negative_prompt"),
+                      kw.get("negative_prompt_2"), kw.get("prompt_embeds"), kw.get("negative_prompt_embeds"),
+                      kw.get("pooled_prompt_embeds"), None, None, kw.get("negative_pooled_prompt_embeds"),
+                      controlnet_conditioning_scale=scale)
+    g, cfg, device, emb, neg, pooled, neg_pooled = _sdxl_prompt(pipe, kw)
+    batch = _batch(prompt, kw.get("prompt_embeds")) * n
+    image = pipe.prepare_image(image=kw.get("image"), width=kw.get("width"), height=kw.get("height"),
+                               batch_size=batch, num_images_per_prompt=n, device=device, dtype=pipe.controlnet.dtype,
+                               do_classifier_free_guidance=False, guess_mode=False)
+    height, width = image.shape[-2:]
+    latents = _latents(pipe, kw.get("num_inference_steps", 50), batch, pipe.unet.config.in_channels, height, width,
+                       emb.dtype, device, kw.get("generator"), kw.get("latents"))
+    proj = int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
+
+    def time_ids(original, crops, target):
+        ids = pipe._get_add_time_ids(original, crops, target, dtype=emb.dtype, text_encoder_projection_dim=proj)
+        return ids.to(device).repeat(emb.shape[0], 1)
+
+    ids = time_ids(kw.get("original_size") or (height, width), kw.get("crops_coords_top_left") or (0, 0),
+                   kw.get("target_size") or (height, width))
+    neg_ids = ids
+    if kw.get("negative_original_size") is not None and kw.get("negative_target_size") is not None:
+        neg_ids = time_ids(kw["negative_original_size"], kw.get("negative_crops_coords_top_left") or (0, 0),
+                           kw["negative_target_size"])
+    cond = {"encoder_hidden_states": emb, "controlnet_cond": image,
+            "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
+    uncond = {"encoder_hidden_states": neg, "controlnet_cond": image,
+              "added_cond_kwargs": {"text_embeds": neg_pooled, "time_ids": neg_ids}}
+    return _Prepared(latents, cond, uncond if cfg else None, g,
                      network=ControlledUNet(pipe.unet, pipe.controlnet, float(scale)))
 
 
@@ -581,6 +629,11 @@ _FAMILIES = {
     "StableDiffusionControlNetPipeline": _Family(_prepare_sd_controlnet, _decode_sd, "unet", frozenset({
         "image", "guidance_rescale", "controlnet_conditioning_scale", "control_guidance_start",
         "control_guidance_end"})),
+    "StableDiffusionXLControlNetPipeline": _Family(_prepare_sdxl_controlnet, _decode_sdxl, "unet", frozenset({
+        "image", "prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
+        "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end",
+        "original_size", "target_size", "crops_coords_top_left", "negative_original_size", "negative_target_size",
+        "negative_crops_coords_top_left"})),
     "StableDiffusionXLPipeline": _Family(_prepare_sdxl, _decode_sdxl, "unet", frozenset({
         "prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds", "guidance_rescale",
         "original_size", "target_size", "crops_coords_top_left", "negative_original_size", "negative_target_size",
