@@ -146,21 +146,29 @@ def prompt_embeddings(pipe, batch: int = 1, seq: int = 6, seed: int = 0) -> dict
     return out
 
 
-def tiny_sd_controlnet(scheduler=None, seed: int = 0, text: bool = False):
-    """``StableDiffusionControlNetPipeline``: :func:`tiny_sd`'s parts and a ControlNet made from its UNet
-    (``ControlNetModel.from_unet``), whose zero-initialised convolutions (image embedding out, residual outs) are
-    drawn at random (std 1) so that the control image changes the sample."""
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+def _random_controlnet(unet, seed: int):
+    """A ControlNet made from ``unet`` (``ControlNetModel.from_unet``) whose zero-initialised convolutions (image
+    embedding out, residual outs) are drawn at random (std 1), so that the control image changes the sample."""
+    from diffusers import ControlNetModel
 
-    base = tiny_sd(scheduler, seed, text)
     torch.manual_seed(seed + 1)
-    controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(4, 4, 4, 4))
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 4, 4, 4))
     with torch.no_grad():
         for block in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
                       controlnet.controlnet_cond_embedding.conv_out]:
             for p in block.parameters():
                 p.normal_(0, 1.0)
-    pipe = StableDiffusionControlNetPipeline(**base.components, controlnet=controlnet)
+    return controlnet
+
+
+def tiny_sd_controlnet(scheduler=None, seed: int = 0, text: bool = False):
+    """``StableDiffusionControlNetPipeline``: :func:`tiny_sd`'s parts and a ControlNet made from its UNet
+    (``ControlNetModel.from_unet``), whose zero-initialised convolutions (image embedding out, residual outs) are
+    drawn at random (std 1) so that the control image changes the sample."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    base = tiny_sd(scheduler, seed, text)
+    pipe = StableDiffusionControlNetPipeline(**base.components, controlnet=_random_controlnet(base.unet, seed))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -169,18 +177,11 @@ def tiny_sdxl_controlnet(scheduler=None, seed: int = 0, text: bool = False):
     """``StableDiffusionXLControlNetPipeline``: :func:`tiny_sdxl`'s parts and a ControlNet made from its UNet (SDXL's
     added text/time conditioning included), its zero-initialised convolutions drawn at random as in
     :func:`tiny_sd_controlnet`."""
-    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+    from diffusers import StableDiffusionXLControlNetPipeline
 
     base = tiny_sdxl(scheduler, seed, text)
-    torch.manual_seed(seed + 1)
-    controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(4, 4, 4, 4))
-    with torch.no_grad():
-        for block in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
-                      controlnet.controlnet_cond_embedding.conv_out]:
-            for p in block.parameters():
-                p.normal_(0, 1.0)
     parts = {k: v for k, v in base.components.items() if k not in ("image_encoder", "feature_extractor")}
-    pipe = StableDiffusionXLControlNetPipeline(**parts, controlnet=controlnet)
+    pipe = StableDiffusionXLControlNetPipeline(**parts, controlnet=_random_controlnet(base.unet, seed))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -70,10 +70,11 @@ def _tol_help() -> str:
     from .methods import PARAREAL_TOL
     from .methods.picard import DEFAULT_TOL
 
-    return (f"tolerance; 0 is exactly sequential. Picard (stop rule final): the returned sample's max-abs distance "
-            f"to the sequential one, in the sample's own units (default {DEFAULT_TOL['final']:g}); ParaDiGMS's rule "
-            f"and Parareal: each point's change in units of the noise level (default {DEFAULT_TOL['paradigms']:g} "
-            f"and {PARAREAL_TOL:g})")
+    return (f"tolerance; 0 is exactly sequential. Picard (stop rule final) and staggered: the returned sample's "
+            f"max-abs distance to the sequential one, relative to the data's scale (the model's declared range, "
+            f"else each sample's own max-abs) (default {DEFAULT_TOL['final']:g}); ParaDiGMS's rule and Parareal: "
+            f"each point's change in units of the noise level (default {DEFAULT_TOL['paradigms']:g} and "
+            f"{PARAREAL_TOL:g})")
 
 
 def _window_help() -> str:
@@ -83,7 +84,7 @@ def _window_help() -> str:
 
     default = next(f.default for f in fields(SamplerConfig) if f.name == "window")
     return (f"Picard window W: an integer >= 1 or auto (default: {default}; auto: the planner's choice, at most "
-            f"min(N, max(100, N // 2)) for N steps)")
+            f"min(N, max(100, N // 2)) for N steps); staggered: its cores K (auto: one per device, at least 2)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -119,7 +120,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", default=None, help=f"one of {', '.join(sorted(SOLVERS))} (default: ddim; with "
                                                   f"--pipeline the pipeline's scheduler decides)")
     p.add_argument("--steps", type=int, default=100, help="solver steps N")
-    p.add_argument("--method", default="picard", help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--method", default="picard", help=f"one of {', '.join(METHODS)}, or auto (the planner "
+                   f"chooses by predicted wall time on the backend's devices)")
     p.add_argument("--window", type=_window_arg, default=None, help=_window_help())
     p.add_argument("--tol", type=float, default=None, help=_tol_help())
     p.add_argument("--shared-window", action="store_true",

@@ -13,7 +13,7 @@ from typing import Callable, TextIO
 
 from .methods import RoundInfo
 
-__all__ = ["RoundProgress", "LineProgress", "progress_bar", "LINE_INTERVAL_S"]
+__all__ = ["RoundProgress", "LineProgress", "progress_bar", "training_step", "LINE_INTERVAL_S"]
 
 LINE_INTERVAL_S = 5.0     # off a terminal (a log, a pipe): one progress line this often, not a frame per step
 
@@ -33,6 +33,16 @@ def progress_bar(total: int, desc: str, unit: str = "it", stream: TextIO | None 
 
         return tqdm(total=total, desc=desc, unit=unit, leave=leave, file=stream)
     return LineProgress(total, desc, unit, stream)
+
+
+def training_step(bar, losses: list[float], step: int, every: int) -> None:
+    """Advance a training run's ``bar`` (or None: no display) by one step, showing the mean of the last ``every``
+    losses every ``every`` steps."""
+    if bar is None:
+        return
+    if step % every == 0:
+        bar.set_postfix(loss=f"{sum(losses[-every:]) / len(losses[-every:]):.4f}")
+    bar.update(1)
 
 
 class LineProgress:

@@ -16,3 +16,14 @@ def gmm():
     from paratime.zoo import ring_gmm
 
     return ring_gmm()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models (two threads on a loaded 2-core machine spin for seconds
+    per call); the previous count is restored after the module. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,12 +15,7 @@ from paratime.cli import build_parser, main
 FAST = ["--steps", "4", "--batch", "4", "--no-progress", "--no-compare", "--out", ""]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one intra-op thread (conftest)
 
 
 @pytest.fixture
@@ -179,7 +174,8 @@ def test_help_states_tol_units_and_window_default():
     from paratime.planner import rounds_cap
 
     sample = " ".join(_subcommands()["sample"].format_help().split())
-    assert "in the sample's own units" in sample and f"default {DEFAULT_TOL['final']:g}" in sample
+    assert "relative to the data's scale" in sample and f"default {DEFAULT_TOL['final']:g}" in sample
+    assert "or auto (the planner" in sample and "staggered: its cores K" in sample
     assert "min(N, max(100, N // 2))" in sample and rounds_cap(1000) == min(1000, max(100, 1000 // 2))
 
 

@@ -181,20 +181,27 @@ def _control_scale(pipe, kw: dict) -> float:
     return scale
 
 
+def _control_image_and_latents(pipe, kw: dict, batch: int, n: int, device, dtype) -> tuple[torch.Tensor,
+                                                                                           torch.Tensor]:
+    """The control image once per sample (the pipeline doubles it for guidance: the same image in both halves),
+    and the initial latents at its size."""
+    image = pipe.prepare_image(image=kw.get("image"), width=kw.get("width"), height=kw.get("height"),
+                               batch_size=batch, num_images_per_prompt=n, device=device, dtype=pipe.controlnet.dtype,
+                               do_classifier_free_guidance=False, guess_mode=False)
+    height, width = image.shape[-2:]
+    latents = _latents(pipe, kw.get("num_inference_steps", 50), batch, pipe.unet.config.in_channels, height, width,
+                       dtype, device, kw.get("generator"), kw.get("latents"))
+    return image, latents
+
+
 def _prepare_sd_controlnet(pipe, kw: dict) -> _Prepared:
     scale = _control_scale(pipe, kw)
     prompt, n = kw.get("prompt"), kw.get("num_images_per_prompt", 1)
     pipe.check_inputs(prompt, kw.get("image"), None, kw.get("negative_prompt"), kw.get("prompt_embeds"),
                       kw.get("negative_prompt_embeds"), controlnet_conditioning_scale=scale)
     g, cfg, device, emb, neg = _sd_prompt(pipe, kw)
-    batch = _batch(prompt, kw.get("prompt_embeds")) * n
-    # The control image once per sample (the pipeline doubles it for guidance: the same image in both halves).
-    image = pipe.prepare_image(image=kw.get("image"), width=kw.get("width"), height=kw.get("height"),
-                               batch_size=batch, num_images_per_prompt=n, device=device, dtype=pipe.controlnet.dtype,
-                               do_classifier_free_guidance=False, guess_mode=False)
-    height, width = image.shape[-2:]
-    latents = _latents(pipe, kw.get("num_inference_steps", 50), batch, pipe.unet.config.in_channels, height, width,
-                       emb.dtype, device, kw.get("generator"), kw.get("latents"))
+    image, latents = _control_image_and_latents(pipe, kw, _batch(prompt, kw.get("prompt_embeds")) * n, n, device,
+                                                emb.dtype)
     return _Prepared(latents, {"encoder_hidden_states": emb, "controlnet_cond": image},
                      {"encoder_hidden_states": neg, "controlnet_cond": image} if cfg else None, g,
                      network=ControlledUNet(pipe.unet, pipe.controlnet, float(scale)))
@@ -210,13 +217,9 @@ def _prepare_sdxl_controlnet(pipe, kw: dict) -> _Prepared:
                       kw.get("pooled_prompt_embeds"), None, None, kw.get("negative_pooled_prompt_embeds"),
                       controlnet_conditioning_scale=scale)
     g, cfg, device, emb, neg, pooled, neg_pooled = _sdxl_prompt(pipe, kw)
-    batch = _batch(prompt, kw.get("prompt_embeds")) * n
-    image = pipe.prepare_image(image=kw.get("image"), width=kw.get("width"), height=kw.get("height"),
-                               batch_size=batch, num_images_per_prompt=n, device=device, dtype=pipe.controlnet.dtype,
-                               do_classifier_free_guidance=False, guess_mode=False)
+    image, latents = _control_image_and_latents(pipe, kw, _batch(prompt, kw.get("prompt_embeds")) * n, n, device,
+                                                emb.dtype)
     height, width = image.shape[-2:]
-    latents = _latents(pipe, kw.get("num_inference_steps", 50), batch, pipe.unet.config.in_channels, height, width,
-                       emb.dtype, device, kw.get("generator"), kw.get("latents"))
     proj = int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
 
     def time_ids(original, crops, target):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..config import check_int, check_number
 from ..denoiser import Denoiser
 from ..models import load_weights, read_weights
-from ..progress import progress_bar
+from ..progress import progress_bar, training_step
 from ..schedules import DiscreteVPSchedule
 
 __all__ = ["DigitsUNet", "load_digits_model", "load_digits_data", "train_digits", "check_train_options", "WEIGHTS",
@@ -238,10 +238,7 @@ def train_digits(out: str | Path | None = None, steps: int = 8000, batch: int = 
             for pe, p in zip(ema_net.parameters(), net.parameters()):
                 pe.lerp_(p, 1 - decay)
         losses.append(float(loss.detach()))
-        if bar is not None:
-            if it % 50 == 0:
-                bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-            bar.update(1)
+        training_step(bar, losses, it, 50)
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..config import check_int, check_number
 from ..denoiser import Denoiser
 from ..models import load_weights, read_weights
-from ..progress import progress_bar
+from ..progress import progress_bar, training_step
 from ..schedules import DiscreteVPSchedule
 from ..tasks.reach import ReachConfig, make_dataset
 from .digits import _read_meta, _timestep_embedding  # noqa: F401 - _read_meta: the record's reader
@@ -252,10 +252,7 @@ def _train(out, steps, batch, lr, width, blocks, episodes, seed, ema, baseline_s
             if on_step is not None:
                 on_step(it)
             losses.append(float(loss.detach()))
-            if bar is not None:
-                if it % 100 == 0:
-                    bar.set_postfix(loss=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}")
-                bar.update(1)
+            training_step(bar, losses, it, 100)
         if bar is not None:
             bar.close()
         return losses
