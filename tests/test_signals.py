@@ -16,6 +16,12 @@ LONG = ["sample", "--model", "digits", "--steps", "1000", "--batch", "64", "--me
         "--no-progress", "--no-policy-demo", "--out", ""]
 
 
+def _foreground():
+    """In the child: SIGINT at its default, as for a terminal's foreground job (a shell's background job, e.g. a CI
+    runner's, starts its children with SIGINT ignored, and Python then never turns Ctrl-C into KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _env():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "RAY_ADDRESS")}
     return {**env, "OMP_NUM_THREADS": "1"}
@@ -58,7 +64,7 @@ def _interrupt(argv, *, group: bool, delay: float, sig=signal.SIGINT):
     (+ ``delay`` s), send ``sig`` to the group (a terminal's Ctrl-C) or to the launcher only; returns
     (exit code, stderr, rank pids)."""
     proc = subprocess.Popen([sys.executable, "-m", "paratime", *argv], cwd=ROOT, env=_env(), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            preexec_fn=_foreground, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ranks = _wait_for(lambda: len(_children(proc.pid)) >= 2 and _children(proc.pid), 60, "two ranks")
         time.sleep(delay)
@@ -91,7 +97,7 @@ def test_ctrl_c_on_a_local_run_is_one_line():
 
     code = f"import sys; from paratime.cli import main; print('ready', flush=True); sys.exit(main({LONG!r}))"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=_env(), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            preexec_fn=_foreground, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 120)
         assert ready and proc.stdout.readline() == "ready\n"
