@@ -100,6 +100,22 @@ def check_device(device: Any) -> torch.device | None:
     return dev
 
 
+_PICARD = ("picard", "auto")               # auto: the options are given for the planner's Picard candidate
+_PARAREAL = ("parareal", "parareal_pipelined")
+#: the options read by some methods only (``window``: Picard's window, staggered's cores); any other method
+#: refuses them away from their defaults
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "window": (*_PICARD, "staggered"), "max_rounds": ("picard",),
+    **{name: _PICARD for name in ("shared_window", "stop", "update", "accept_tol", "init", "fill")},
+    **{name: _PARAREAL for name in ("slices", "coarse_steps", "coarse")},
+}
+
+
+def _default(name: str) -> Any:
+    """A :class:`SamplerConfig` field's default."""
+    return SamplerConfig.__dataclass_fields__[name].default
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
     """Validated sampling options (see :class:`~paratime.sampler.ParallelSampler` for their meaning).
@@ -212,25 +228,12 @@ class SamplerConfig:
             raise ValueError("guidance_rescale: applies only with classifier-free guidance; give guidance= too")
         if self.corrector_steps != 1 and self.corrector_snr is None:
             raise ValueError("corrector_steps: applies only with the Langevin corrector; give corrector_snr= too")
-        if self.max_rounds is not None and self.method != "picard":
-            raise ValueError(f"max_rounds: applies only to method='picard', not {self.method!r}")
-        parareal = self.method in ("parareal", "parareal_pipelined")
-        for name, value, unset in (("slices", self.slices, None), ("coarse_steps", self.coarse_steps, 1),
-                                   ("coarse", self.coarse, None)):
-            if value != unset and not parareal:
-                raise ValueError(f"{name}: applies only to method='parareal' or 'parareal_pipelined', "
-                                 f"not {self.method!r}")
-        if self.method in ("picard", "auto"):
-            return
-        # Picard's window rules: read by no other method (staggered reads only tol and its cores, window=K).
-        for name, value, unset in (("shared_window", self.shared_window, False), ("stop", self.stop, "final"),
-                                   ("update", self.update, "secant"), ("accept_tol", self.accept_tol, None),
-                                   ("init", self.init, "auto"), ("fill", self.fill, "path")):
-            if value != unset:
-                raise ValueError(f"{name}: applies only to method='picard' (or 'auto'), not {self.method!r}")
-        if self.window != "auto" and self.method not in ("staggered",):
-            raise ValueError(f"window: applies only to method='picard', 'auto' or 'staggered' (its cores K), "
-                             f"not {self.method!r}")
+        # Each method's own options, at their defaults unless the method reads them (METHOD_OPTIONS).
+        for name, readers in METHOD_OPTIONS.items():
+            if self.method not in readers and getattr(self, name) != _default(name):
+                names = [repr(m) for m in readers]
+                allowed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+                raise ValueError(f"{name}: applies only to method={allowed}, not {self.method!r}")
 
     def _check_tol_units(self) -> None:
         """``tol_units`` names a unit; it and ``data_scale`` apply only where ``tol`` is in the sample's units (the
@@ -250,14 +253,9 @@ class SamplerConfig:
         """This config with ``method`` (and ``changes``), the options of the old method that the new one does not
         read reset to their defaults (a planned or derived run, not the user's choice: nothing to refuse)."""
         fixed = dict(changes)
-        if method not in ("picard", "auto"):
-            for f in ("shared_window", "stop", "update", "accept_tol", "init", "fill", "max_rounds"):
-                fixed.setdefault(f, SamplerConfig.__dataclass_fields__[f].default)
-            if method != "staggered":
-                fixed.setdefault("window", "auto")
-        if method not in ("parareal", "parareal_pipelined"):
-            for f in ("slices", "coarse_steps", "coarse"):
-                fixed.setdefault(f, SamplerConfig.__dataclass_fields__[f].default)
+        for name, readers in METHOD_OPTIONS.items():
+            if method not in readers:
+                fixed.setdefault(name, _default(name))
         if method.startswith("parareal") or method == "sequential":
             fixed.setdefault("tol_units", None)
             fixed.setdefault("data_scale", None)

@@ -252,8 +252,7 @@ class ParallelSampler:
             sample_rounds=[int(r) for r in outcome.sample_rounds], comm_s=timings.get("comm_s", 0.0), extra=extra)
         stats.converged = extra.pop("converged", [True] * B)
         # The final-point rule's tolerance: its units, and per sample the scale and the tolerance in data units.
-        stats.tol_units = cfg.tol_units if cfg.method == "picard" and cfg.stop == "final" else None
-        stats.tol_units = cfg.tol_units if cfg.method == "staggered" else stats.tol_units
+        stats.tol_units = cfg.tol_units if cfg.method in ("picard", "staggered") and cfg.stop == "final" else None
         stats.data_scale, stats.tol_abs = (v.tolist() if isinstance(v, torch.Tensor) else v
                                            for v in (extra.pop("data_scale", None), extra.pop("tol_abs", None)))
         if "comm_bytes" in timings:

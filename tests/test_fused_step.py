@@ -1,5 +1,5 @@
 """Linear steps (DDIM, DDPM, Euler ancestral, Euler-Maruyama) take guidance, the conversion to x0 and the increment
-in one pass from the raw network outputs inside the samplers (``Problem.step``), on every backend:
+in one pass from the raw network outputs inside the samplers (``Problem.step_to``), on every backend:
 
 - the one-pass path gives the same bits as the two-pass path it replaces (x0 first, then the step), sequential and
   Picard, guided and not;

@@ -42,7 +42,7 @@ def test_constant_d_path_is_the_solver_with_d_held(solver):
     b = torch.arange(3)
     for j in range(20):
         i = torch.full((3,), j)
-        x = x + const.increment(x, i, b, x0, None)
+        x = const.advance(x, i, b, x0, None)                  # the sequential sampler's step
         xs.append(x)
     ys = torch.stack([const.scale(v, torch.full((3,), j)) for j, v in enumerate(xs)])       # (21, 3, 2)
     tables = constant_d_tables(const.solver, const.sigmas, const.noise)

@@ -162,7 +162,7 @@ def test_coarse_jump_passes_the_host_span():
     assert torch.equal(coarse_jump(problem, x, D, i, j, b, span=2), got)
 
 
-# -- whole runs: the methods pass their host steps through Problem.increment / Problem.step -------------------------
+# -- whole runs: the methods pass their host steps through Problem.advance / Problem.step_to -----------------------
 
 
 def _per_round():

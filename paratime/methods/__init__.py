@@ -39,10 +39,11 @@ def _parareal_pipelined(x, problem, cfg):
 
 
 def _staggered(x, problem, cfg):
-    # K cores: the points evaluated per sample per tick, i.e. the window (size it to the devices).
+    # K cores: the points evaluated per sample per tick, i.e. the window (ParallelSampler resolves "auto" to one
+    # core per device before it gets here).
     if cfg.window == "auto":
-        raise ValueError("window: method='staggered' takes its number of cores K as window=K (size it to the "
-                         "devices: K rows per tick); 'auto' is not planned for it")
+        raise ValueError("window: method='staggered' takes its number of cores K as window=K (K rows per tick); "
+                         "'auto' is resolved by ParallelSampler, from the backend's devices")
     return sample_staggered(x, problem, cfg.window_size, cfg.tol, tol_scale=cfg.tol_scale)
 
 

@@ -12,8 +12,6 @@ from typing import Callable
 
 import torch
 
-from paratime.kernels import fused_step
-
 from ..denoiser import NetworkOutputs
 from ..solvers import Evaluate, Solver, linear_next_state
 
@@ -56,7 +54,7 @@ class Problem:
             corrector, a tuple (predictor noise or None, ``(N, B, corrector_steps, *shape)`` corrector noise).
         on_round: called with a :class:`RoundInfo` after every round.
         outputs: ``outputs(x, i, b) -> NetworkOutputs``, the raw network outputs of rows (through the backend), or
-            None; with it, :meth:`step` takes linear steps in one fused pass from the outputs.
+            None; with it, :meth:`step_to` takes linear steps in one fused pass from the outputs.
     """
 
     sigmas: torch.Tensor
@@ -79,48 +77,19 @@ class Problem:
             return tuple(None if n is None else n[i, b] for n in self.noise)
         return self.noise[i, b]
 
-    def increment(self, x, i, b, denoised, prev_denoised=None, host_steps=None):
-        """The step map for rows ``(i, b)``, with their pre-drawn noise. ``host_steps``: ``i`` on the host
-        (:data:`paratime.solvers.HostSteps`), so that a solver's second call on some rows reads nothing back."""
-        return self.solver.increment(x, i, b, denoised, prev_denoised, self._noise(i, b), self.sigmas, self.evaluate,
-                                     host_steps=host_steps)
-
-    def step(self, x: torch.Tensor, i: torch.Tensor, b: torch.Tensor, denoised_rows: torch.Tensor | None = None,
-             host_steps=None) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Evaluate and step rows ``(i, b)`` of a solver without history: ``(D at denoised_rows, or None; dx)``.
-
-        A linear step (:meth:`Solver.linear_step`) with raw outputs available runs guidance, the conversion to ``D``
-        and the increment in one pass over the outputs (:func:`paratime.kernels.fused_step`, the Triton kernel on
-        CUDA); otherwise ``D`` is evaluated and :meth:`increment` applied. ``denoised_rows``: indices of the rows
-        whose ``D`` the caller needs as well (on the fused path converted for those rows alone). ``host_steps``:
-        see :meth:`increment`.
-        """
-        lin = None if self.outputs is None else self.solver.linear_step(i, self.sigmas)
-        if lin is None:
-            den = self.evaluate(x, i, b)
-            dx = self.increment(x, i, b, den, host_steps=host_steps)
-            return (None if denoised_rows is None else den[denoised_rows]), dx
-        o = self.outputs(x, i, b)
-        _, dx = fused_step(x, o.out, o.uncond, o.guidance, o.c_x, o.c_o, *lin, self._noise(i, b), want_x0=False)
-        den = None
-        if denoised_rows is not None:     # the outputs in the state dtype first: the listed x0 kernel variants
-            r, dt = denoised_rows, x.dtype
-            den, _ = fused_step(x[r], o.out[r].to(dt), None if o.uncond is None else o.uncond[r].to(dt), o.guidance,
-                                o.c_x[r], o.c_o[r], want_dx=False)
-        return den, dx
-
     def advance(self, x, i, b, denoised, prev_denoised=None, host_steps=None) -> torch.Tensor:
         """``x_{i+1}`` of rows ``(i, b)`` with their pre-drawn noise, in the solver's next-state form
         (:meth:`~paratime.solvers.Solver.next_state`): every operand at the scale of the result, so a float32 state
         stays within ~1e-6 of float64 on flow-matching and zero-SNR grids, where ``x + increment`` cancels a state of
-        size ~1e7 (``tests/test_precision.py``). Arguments as :meth:`increment`."""
+        size ~1e7 (``tests/test_precision.py``). ``host_steps``: ``i`` on the host (:data:`paratime.solvers.HostSteps`),
+        so that a solver's second call on some rows reads nothing back."""
         return self.solver.next_state(x, i, b, denoised, prev_denoised, self._noise(i, b), self.sigmas,
                                       self.evaluate, host_steps=host_steps)
 
     def step_to(self, x: torch.Tensor, i: torch.Tensor, b: torch.Tensor, denoised_rows: torch.Tensor | None = None,
                 host_steps=None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Evaluate and step rows ``(i, b)`` of a solver without history: ``(D at denoised_rows, or None;
-        x_{i+1})``, as :meth:`step` but the next state in the next-state form (:meth:`advance`). A linear step with
+        x_{i+1})``, the next state in the next-state form (:meth:`advance`). A linear step with
         raw outputs takes guidance, the conversion to ``D`` and ``x' = D + a (x - D) + k_z z`` in one pass
         (:func:`~paratime.solvers.linear_next_state`)."""
         lin = None if self.outputs is None else self.solver.linear_next(i, self.sigmas)

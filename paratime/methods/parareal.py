@@ -96,7 +96,7 @@ class _Propagators:
         prev = None if hist is None else hist.clone()
         for m, r in enumerate(running):
             i, steps_h = lo[:r] + m, [n + m for n in starts[:r]]
-            if prev is None:       # one fused pass from the network outputs for linear steps (Problem.step)
+            if prev is None:       # one fused pass from the network outputs for linear steps (Problem.step_to)
                 x[:r] = p.step_to(x[:r], i, b[:r], host_steps=steps_h)[1]
                 continue
             xr = x[:r]

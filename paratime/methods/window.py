@@ -221,7 +221,7 @@ def window_increments(problem: Problem, rows: Rows, den_buf: torch.Tensor | None
                                  host_steps=rows.host_steps)
         den_last = den_rows[rows.last] if want_den else None
     else:
-        # Linear steps in one pass from the network outputs (Problem.step); D only where the fill needs it.
+        # Linear steps in one pass from the network outputs (Problem.step_to); D only where the fill needs it.
         den_last, x_next = problem.step_to(x_rows, jj, bb, rows.last, host_steps=rows.host_steps)
     dy = torch.zeros_like(rows.y_win)                                 # (W, B, *shape)
     # The next states in the next-state form (Problem.advance), differenced in the model's frame (O(1) operands).
