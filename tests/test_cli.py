@@ -207,6 +207,8 @@ def test_sampler_progress_in_a_log_writes_lines_not_frames(capsys):
 @pytest.mark.parametrize("argv, line", [
     (["train-policy", "--steps", "12", "--batch", "8", "--width", "16", "--blocks", "1", "--episodes", "4"],
      r"train-policy: 12/12 step \(100%\), loss=[\d.]+, elapsed \d+s"),
+    (["train-digits", "--steps", "6", "--batch", "8", "--channels", "8"],
+     r"train-digits: 6/6 step \(100%\), loss=[\d.]+, elapsed \d+s"),
     (["likelihood", "--model", "gmm", "--samples", "4", "--steps", "5"], r"likelihood picard/euler.*: 5/5 pt"),
     (["eval-digits", "--samples", "4", "--steps", "3"], r"picard.*: 3/3 pt .*round="),
     (["eval-policy", "--methods", "sequential", "--episodes", "1", "--latency-chunks", "1", "--out", ""],
