@@ -643,13 +643,26 @@ def _launch_ranks(workers: int, argv: list[str]) -> int:
     def on_term(signum, frame):
         raise _Terminated
 
+    # Ctrl-C or SIGTERM while Popen starts a rank would raise inside Popen, after the fork: that rank would never
+    # reach ``procs`` and would outlive the launcher. Both stay blocked (pending) until the rank is recorded; the
+    # rank itself unblocks them and ignores SIGINT.
+    spawning = {signal.SIGINT, signal.SIGTERM}
+
+    def rank_setup():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, spawning)
+
     previous = signal.signal(signal.SIGTERM, on_term)
     procs = []
     try:
         for r in range(workers):
             env = {**base, "RANK": str(r), "LOCAL_RANK": str(r)}
-            procs.append(subprocess.Popen([sys.executable, "-m", "paratime", *argv], env=env,
-                                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)))
+            signal.pthread_sigmask(signal.SIG_BLOCK, spawning)
+            try:
+                procs.append(subprocess.Popen([sys.executable, "-m", "paratime", *argv], env=env,
+                                              preexec_fn=rank_setup))
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, spawning)    # a pending signal is raised here
         while True:
             codes = [p.poll() for p in procs]
             failed = [c for c in codes if c not in (None, 0)]
