@@ -174,11 +174,11 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         new, err, new_rule = rule(rows.start, dy, rows.old, rows.y_win, rows.valid)
         # 4. Accept the leading converged points, store, slide and guess the points that enter.
         stride, residual = win.accept(rows, err, levels, shared_window, stopper.accept_scale(win.traj[N]))
-        moved = win.write(rows, new, new_rule, stride)                # (B,) the final point's change
+        moved, window_moved = win.write(rows, new, new_rule, stride)  # (B,) the final point's, the window's change
         win.slide(rows, stride, fill, tables, den_last)
         rule.shift(rows.k, stride)
         # 5. Stop: every point accepted, or the stop rule.
-        win.done = stopper(win.done | (win.begin >= N), moved, win.traj[N])
+        win.done = stopper(win.done | (win.begin >= N), moved, win.traj[N], window_moved)
         if stopper.reopen is not None:    # accepted to the end while the final point moved: the last window again
             win.begin = torch.where(stopper.reopen, max(N - W, 0), win.begin)
             rule.shift(rows.k, torch.where(stopper.reopen, W, 0))     # their slots' history no longer applies

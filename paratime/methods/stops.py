@@ -9,9 +9,11 @@ A stop rule is one small object made per sample call by :func:`make_stop`:
                                 initial noise's std in the model frame, 0-d)
     rule.accept_scale(final)    ``(B,)`` factor on each sample's acceptance threshold this round, or None (1); ``final``
                                 ``(B, *shape)`` the final points' current values (model frame)
-    rule(done, moved, final)    -> done, after each round: ``done`` ``(B,)`` the samples whose every point is accepted,
+    rule(done, moved, final, window_moved)
+                                -> done, after each round: ``done`` ``(B,)`` the samples whose every point is accepted,
                                 ``moved`` ``(B,)`` the max-abs change of each sample's final point this round (inf
-                                while the final point is outside its window); returns the samples to stop
+                                while the final point is outside its window), ``window_moved`` ``(B,)`` the largest
+                                max-abs change of any point of its window this round; returns the samples to stop
     rule.reopen                 after a call: ``(B,)`` the samples whose every point was accepted but whose final
                                 point still moved by more than the tolerance (their window re-opens), or None
 
@@ -20,7 +22,8 @@ Rules are elementwise on device tensors (no host read), so every rank of an SPMD
     paradigms   stop when every point is accepted, accept = tol (ParaDiGMS's tolerance and rule)
     final       stop when the final point moved by <= tol / 2 (max-abs, data units: tol times the data scale) in
                 each of the last two rounds, by no more than in the round before each (a change that grows is not
-                quiet), and the remaining error estimated from their contraction is <= tol; or when every point is
+                quiet), the remaining error estimated from their contraction is <= tol, and no point of the window
+                moved by more than tol / 10 in the last round (the whole window is quiet); or when every point is
                 accepted and the final point moved by <= tol (else the last window re-opens). Acceptance: accept =
                 accept_tol (default :func:`default_accept_tol`: an accepted point is frozen, so its error must stay
                 well below the target) times the data scale, tightened by tol / (final point's last change) while
@@ -37,8 +40,9 @@ STOPS = ("final", "paradigms")
 #: tolerance used when none is given: max |sample - sequential sample| for ``final``; ParaDiGMS's for ``paradigms``
 DEFAULT_TOL = {"final": 2e-3, "paradigms": 0.1}
 #: ``final`` rule: a sample stops after QUIET_ROUNDS rounds whose final-point change is <= QUIET_SCALE x tol, when
-#: ESTIMATE_SAFETY x its estimated remaining error is <= tol too (see :class:`FinalPointStop`)
-QUIET_ROUNDS, QUIET_SCALE, ESTIMATE_SAFETY = 2, 0.5, 1.0
+#: ESTIMATE_SAFETY x its estimated remaining error is <= tol too and no point of its window moved by more than
+#: WINDOW_QUIET_SCALE x tol in the last round (see :class:`FinalPointStop`)
+QUIET_ROUNDS, QUIET_SCALE, ESTIMATE_SAFETY, WINDOW_QUIET_SCALE = 2, 0.5, 1.0, 0.1
 ROUNDING = 1e-9                 # final-point changes below ROUNDING x tol count as none
 #: ``final`` rule: acceptance relative to the target, and how much stricter it is for a stochastic solver in a window
 #: of the whole grid (see :func:`default_accept_tol`)
@@ -80,7 +84,8 @@ class AllAcceptedStop:
     def accept_scale(self, final: torch.Tensor) -> None:
         return None
 
-    def __call__(self, done: torch.Tensor, moved: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+    def __call__(self, done: torch.Tensor, moved: torch.Tensor, final: torch.Tensor,
+                 window_moved: torch.Tensor | None = None) -> torch.Tensor:
         return done
 
 
@@ -133,7 +138,8 @@ class FinalPointStop:
                            self.tol_b / self.last_moved, torch.ones_like(self.tol_b))
         return gate * self.scale_b / self.noise_scale
 
-    def __call__(self, done: torch.Tensor, moved: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+    def __call__(self, done: torch.Tensor, moved: torch.Tensor, final: torch.Tensor,
+                 window_moved: torch.Tensor | None = None) -> torch.Tensor:
         self._refresh(final)
         if self.tol > 0:
             # Every point accepted is not enough while the final point still moves by more than tol_b: its error then
@@ -154,6 +160,13 @@ class FinalPointStop:
             estimate = moved * r / (1 - r).clamp_min(1e-12)
             calm = ((self.quiet >= QUIET_ROUNDS) & (ratio < 1) & (self.last_ratio < 1)
                     & (ESTIMATE_SAFETY * estimate <= self.tol_b))
+            # And the whole window quiet: the final point can sit still while earlier points still move, their change
+            # reaching it rounds later, amplified (a trajectory on a boundary between modes: gmm DDPM-100, sample
+            # 2625 at tol 0.1, final point quiet at round 4 with its error 6x tol; it moved again from round 5).
+            # No point may have moved by more than WINDOW_QUIET_SCALE * tol_b this round (data units: the
+            # trajectory lives in the model's frame, where VP points have the data's scale).
+            if window_moved is not None:
+                calm = calm & (window_moved <= WINDOW_QUIET_SCALE * self.tol_b)
             self.last_moved, self.last_ratio = moved, torch.nan_to_num(ratio, nan=float("inf"))
             done = done | calm
         self.finished = done

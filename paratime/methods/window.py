@@ -93,6 +93,10 @@ class SlidingWindow:
         self._inf = torch.tensor(float("inf"), dtype=y.dtype, device=dev)
         self._sink = torch.tensor(N + 1, device=dev)                  # row that masked writes go to
         self._aranges: dict[int, torch.Tensor] = {}                   # arange(n) per window shape, made once
+        # (N + 1,) the factor from the model's frame to the VP frame, 1 / (frame_scale sqrt(1 + sigma^2)): 1 for VP
+        # latents, 1 / sqrt(1 + sigma^2) in VE; its limit 1 where sigma is inf (0 * inf)
+        to_vp = 1 / (problem.frame_scales * torch.hypot(torch.ones_like(problem.sigmas), problem.sigmas))
+        self._to_vp = torch.where(torch.isfinite(problem.sigmas), to_vp, torch.ones_like(to_vp)).to(y.dtype)
         self.begin_h, self.done_h, self.done_round = [0] * B, [False] * B, [0] * B
 
     @property
@@ -146,18 +150,24 @@ class SlidingWindow:
         residual = torch.where(rows.valid & (lvl > 0), err / lvl_div, -self._inf).amax()
         return stride, residual
 
-    def write(self, rows: Rows, new: torch.Tensor, new_rule: torch.Tensor, stride: torch.Tensor) -> torch.Tensor:
-        """Store the round's values and return the change of each sample's final point ``(B,)`` (max-abs: exact in
-        any reduction order; inf while the final point is outside the window). Accepted points (slots below
-        ``stride``) take Picard's values ``new`` (exact steps from converged points), the rest the rule's."""
+    def write(self, rows: Rows, new: torch.Tensor, new_rule: torch.Tensor,
+              stride: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the round's values; return ``(moved, window_moved)``, each ``(B,)``: the change of each sample's
+        final point (inf while the final point is outside the window) and the largest change of any point of its
+        window (0 for a sample without one; in the VP frame, where a point has the data's scale), both max-abs over
+        features (exact in any reduction order). Accepted
+        points (slots below ``stride``) take Picard's values ``new`` (exact steps from converged points), the rest
+        the rule's."""
         N, W, ar_b = self.N, rows.W, self.ar_b
         if new_rule is not new:
             new = torch.where((rows.k < stride).reshape(W, self.B, *([1] * (new.ndim - 2))), new, new_rule)
         self.traj[torch.where(rows.valid, rows.tgt, self._sink), ar_b[None]] = new
+        change = (new - rows.old).abs_().amax(tuple(range(2, new.ndim)))    # (W, B)
+        window_moved = torch.where(rows.valid, change * self._to_vp[rows.tgt], 0).amax(0)    # (B,), VP frame
         to_end = N - 1 - self.begin                                   # (B,) slot that updates point N, if < W
         k_end = to_end.clamp(0, W - 1)
-        moved = (new[k_end, ar_b] - rows.old[k_end, ar_b]).abs().amax(tuple(range(1, new.ndim - 1)))
-        return torch.where(self._active & (to_end < W), moved, self._inf)
+        moved = change[k_end, ar_b]
+        return torch.where(self._active & (to_end < W), moved, self._inf), window_moved
 
     def slide(self, rows: Rows, stride: torch.Tensor, fill: str, tables, den_last: torch.Tensor | None) -> None:
         """Move each window start by ``stride``; the points entering the window get their guess (masked writes go
