@@ -19,11 +19,13 @@ from typing import Any
 import torch
 
 from .backends import check_memory, noise_draws, window_buffers
+from .backends.memory import WORK_BUFFERS
 from .denoiser import PREDICTIONS, Denoiser
 from .methods import METHODS
 from .methods import PARAREAL_TOL
 from .cost import check_cost
 from .methods.picard import DEFAULT_TOL, FILLS, INITS, STOPS, UPDATES, path_plan
+from .noise import tabulates
 from .planner import rounds_cap
 from .schedules import SPACINGS, NoiseSchedule
 from .solvers import LangevinCorrected, Solver, make_solver
@@ -326,26 +328,34 @@ class SamplerConfig:
         return state
 
     def check_memory(self, shape: tuple[int, ...], device: torch.device, state_dtype: torch.dtype,
-                     solver: Solver | None = None) -> int:
+                     solver: Solver | None = None, generator=None) -> int:
         """The memory bound of sampling ``shape`` with these options (:func:`paratime.backends.check_memory`), before
         anything is allocated; ``solver`` defaults to :meth:`build_solver`.
+
+        Step noise: a round draws the rows it uses (a :class:`~paratime.noise.LazyNoise`) or gathers them from a
+        table, one window-sized buffer per noise stream (``noise_draws``); the ``(N, B, *shape)`` tables of a
+        caller's ``generator``, or of a small seeded run, count besides (:func:`paratime.noise.tabulates`, the
+        rule :func:`~paratime.noise.step_noise` follows). Picard's constant-D path (``init="x0"``,
+        ``fill="path"``) draws at most W rows per sample at once: one more window buffer.
 
         Raises:
             DeviceMemoryError: the trajectory, noise and window buffers cannot fit ``device``.
         """
         solver = self.build_solver() if solver is None else solver
+        draws = noise_draws(solver)                             # noise streams: rows drawn per round
+        tables = draws if tabulates(self.steps, tuple(shape), generator) else 0   # (N, B, *shape), whole run
         if self.method != "picard":
-            return check_memory(tuple(shape), self.steps, state_dtype, device, noise_draws(solver), 1)
-        # Picard: the constant-D path's discounted noise counts as one more noise tensor, a history solver's D
-        # buffer is one more (N + 1, B, ...) tensor; the window buffers a round holds at its peak depend on the
-        # update and the solver's kind.
-        draws = noise_draws(solver) + int(self.uses_noise_path(solver))
-        return check_memory(tuple(shape), self.steps, state_dtype, device, draws, self.window_size,
-                            buffers=window_buffers(self.update, solver), point_buffers=int(solver.uses_history))
+            return check_memory(tuple(shape), self.steps, state_dtype, device, tables, 1,
+                                buffers=WORK_BUFFERS + draws)
+        # Picard: the window buffers a round holds at its peak depend on the update and the solver's kind; a history
+        # solver's D buffer is one more (N + 1, B, ...) tensor.
+        buffers = window_buffers(self.update, solver) + draws + int(self.uses_noise_path(solver))
+        return check_memory(tuple(shape), self.steps, state_dtype, device, tables, self.window_size,
+                            buffers=buffers, point_buffers=int(solver.uses_history))
 
     def uses_noise_path(self, solver: Solver) -> bool:
-        """Whether Picard builds the constant-D path's noise table (``init="x0"``, or ``fill="path"`` on a sliding
-        window, for a stochastic solver that is linear in ``D``): see :mod:`paratime.methods.picard`."""
+        """Whether Picard draws the constant-D path's noise (``init="x0"``, or ``fill="path"`` on a sliding window,
+        for a stochastic solver that is linear in ``D``): see :mod:`paratime.methods.picard`."""
         if not solver.stochastic or solver.linear_step(torch.zeros(1, dtype=torch.long),
                                                        torch.ones(2, dtype=torch.float64)) is None:
             return False

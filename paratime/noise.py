@@ -18,6 +18,10 @@ kernel (:mod:`paratime.kernels.noise`) computes the same numbers on CUDA (kernel
 equal, and what runs elsewhere (on CPU it is the fast path). Nothing is stored per sample: a row of any step can be
 drawn alone (:func:`noise_rows`), so a method may draw ``z[step]`` where it uses it instead of a table.
 
+A seeded run does not store its per-step noise: :func:`step_noise` gives a :class:`LazyNoise`, which reads like the
+``(N, B, *shape)`` table (``noise[i, b]``) but draws the rows it is asked for, where they are asked for (tables of
+at most :data:`SMALL_TABLE_ELEMENTS` numbers are drawn whole: :func:`tabulates`).
+
 Streams: 0 is the initial noise ``x_T`` (step 0), 1 the per-step SDE noise ``z[step]``, 2 the Langevin corrector
 noise (a row holds all corrector steps of a step), 3 Hutchinson's divergence probes and 4 the likelihood's
 dequantisation noise.
@@ -26,15 +30,16 @@ dequantisation noise.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from paratime.kernels import kernel_mode, triton_usable
 
-__all__ = ["draw_noise", "noise_rows", "normals_reference", "row_keys", "mix64", "initial_noise", "step_noise",
-           "INITIAL", "STEP", "CORRECTOR", "PROBE", "DEQUANT", "PipelineNoise", "check_generator", "generator_noise"]
+__all__ = ["draw_noise", "noise_rows", "LazyNoise", "normals_reference", "row_keys", "sample_keys", "mix64",
+           "initial_noise", "step_noise", "INITIAL", "STEP", "CORRECTOR", "PROBE", "DEQUANT", "PipelineNoise",
+           "check_generator", "generator_noise", "tabulates", "SMALL_TABLE_ELEMENTS"]
 
 INITIAL, STEP, CORRECTOR, PROBE, DEQUANT = 0, 1, 2, 3, 4
 
@@ -74,12 +79,14 @@ def _check_index(name: str, value, bound: int = 1 << 64) -> int:
     return value
 
 
-def row_keys(seed: int, stream: int, samples: torch.Tensor, steps: torch.Tensor | int) -> torch.Tensor:
-    """The rows' generator keys, ``key(seed, stream, sample, step)`` (see the module notation).
+def sample_keys(seed: int, stream: int, samples: torch.Tensor) -> torch.Tensor:
+    """The samples' keys within a stream, ``mix64(mix64(mix64(s) + q) + i)`` (see the module notation): a row's
+    key is then ``mix64(sample key + n)`` (:func:`row_keys`), so a caller drawing many steps of the same samples
+    (:class:`LazyNoise`) makes these once.
 
     Args:
         seed: an integer in ``[0, 2^64)``. stream: one of the streams (:data:`INITIAL` ... :data:`DEQUANT`).
-        samples: ``(M,)`` int64 global sample indices. steps: ``(M,)`` int64 step indices (or one int for all).
+        samples: ``(M,)`` int64 global sample indices.
     Returns:
         ``(M,)`` int64 keys on ``samples``' device (made there from a device fill: no copy from the host, no read).
     Raises:
@@ -88,7 +95,20 @@ def row_keys(seed: int, stream: int, samples: torch.Tensor, steps: torch.Tensor 
     _check_index("seed", seed)
     _check_index("stream", stream, 1 << 32)
     base = mix64(mix64(torch.full((), _i64(seed), dtype=torch.int64, device=samples.device)) + stream)   # 0-d
-    return mix64(mix64(samples.to(torch.int64) + base) + steps)
+    return mix64(samples.to(torch.int64) + base)
+
+
+def row_keys(seed: int, stream: int, samples: torch.Tensor, steps: torch.Tensor | int) -> torch.Tensor:
+    """The rows' generator keys, ``key(seed, stream, sample, step)`` (see the module notation).
+
+    Args:
+        seed, stream, samples: as :func:`sample_keys`. steps: ``(M,)`` int64 step indices (or one int for all).
+    Returns:
+        ``(M,)`` int64 keys on ``samples``' device.
+    Raises:
+        ValueError: ``seed`` or ``stream`` out of range.
+    """
+    return mix64(sample_keys(seed, stream, samples) + steps)
 
 
 def normals_reference(keys: torch.Tensor, D: int) -> torch.Tensor:
@@ -154,7 +174,11 @@ def noise_rows(seed: int, stream: int, samples: torch.Tensor, steps: torch.Tenso
     Raises:
         ValueError: ``seed`` or ``stream`` out of range.
     """
-    keys = row_keys(seed, stream, samples, steps)
+    return _rows_of(row_keys(seed, stream, samples, steps), shape, dtype)
+
+
+def _rows_of(keys: torch.Tensor, shape: tuple[int, ...], dtype) -> torch.Tensor:
+    """``(M, *shape)`` normals in ``dtype`` for ``(M,)`` row keys."""
     return _normals(keys, math.prod(shape)).reshape(keys.shape[0], *shape).to(dtype)
 
 
@@ -235,21 +259,102 @@ def initial_noise(shape, noise, seed: int, generator, first_sample: int, sample_
     return noise.to(dtype=dtype, device=device)
 
 
+@dataclass(frozen=True)
+class LazyNoise:
+    """One stream's per-step noise of a seeded run, ``(N, B, *row_shape)``, never stored: ``noise[i, b]`` draws
+    rows ``(i, b)`` with :func:`noise_rows` on the indices' device, the same numbers as that row of
+    :func:`draw_noise`'s table (bitwise: both are :func:`noise_rows` of the same keys).
+
+    Attributes:
+        seed, stream: as :func:`row_keys`. first_sample: the global index of sample ``b = 0``.
+        steps, batch: N and B, the table's first two dimensions (for :attr:`shape`; indices are not checked
+            against them: that would read the device). row_shape: one row's shape (``(corrector_steps, *sample)``
+            for the corrector's stream). dtype: of the rows. device: where rows of host-integer indices are drawn.
+    """
+
+    seed: int
+    stream: int
+    first_sample: int
+    steps: int
+    batch: int
+    row_shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    #: per device, the ``(B,)`` :func:`sample_keys` of samples ``first_sample ..``, made on first use
+    _keys: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(N, B, *row_shape)``: the shape of the table this stands for."""
+        return (self.steps, self.batch, *self.row_shape)
+
+    @property
+    def ndim(self) -> int:
+        return 2 + len(self.row_shape)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        """Rows ``(i, b)`` as a table's ``noise[i, b]`` gives them: ``i`` (steps) and ``b`` (batch positions) are
+        integer tensors or ints, broadcast together to ``S``; returns ``(*S, *row_shape)`` in :attr:`dtype`.
+
+        Raises:
+            TypeError: an index that is not a pair of integer tensors or ints.
+        """
+        if not (isinstance(index, tuple) and len(index) == 2):
+            raise TypeError("LazyNoise: index with a pair noise[i, b] of integer tensors or ints")
+        i, b = (torch.full((), v, dtype=torch.long, device=self.device) if isinstance(v, int) else v
+                for v in index)
+        if not all(isinstance(v, torch.Tensor) and not v.is_floating_point() and not v.is_complex()
+                   for v in (i, b)):
+            raise TypeError("LazyNoise: index with a pair noise[i, b] of integer tensors or ints")
+        i, b = torch.broadcast_tensors(i, b)                               # S
+        if b.device not in self._keys:
+            samples = torch.arange(self.batch, dtype=torch.int64, device=b.device) + self.first_sample
+            self._keys[b.device] = sample_keys(self.seed, self.stream, samples)                  # (B,)
+        keys = mix64(self._keys[b.device][b.reshape(-1)] + i.reshape(-1))                       # (prod(S),)
+        return _rows_of(keys, self.row_shape, self.dtype).reshape(*i.shape, *self.row_shape)
+
+
+#: the most elements (N x B x prod(sample shape)) of a seeded step-noise table that :func:`step_noise` draws whole: one
+#: draw then costs less than N row draws (each a few dozen small torch calls), and the table holds at most 512 KiB
+#: per stream in float64, less than one window buffer of the models lazy rows are for
+SMALL_TABLE_ELEMENTS = 1 << 16
+
+
+def tabulates(steps: int, shape: tuple[int, ...], generator) -> bool:
+    """Whether :func:`step_noise` draws whole ``(N, B, *sample_shape)`` tables (else a :class:`LazyNoise`): for a
+    caller's ``generator`` (a layout-dependent stream, also a pipeline's :class:`PipelineNoise`), and for a seeded
+    table of at most :data:`SMALL_TABLE_ELEMENTS` elements. The memory bound counts the tables by the same rule.
+
+    Args:
+        steps: N. shape: ``(B, *sample_shape)``. generator: the caller's, or None.
+    """
+    return generator is not None or steps * math.prod(shape) <= SMALL_TABLE_ELEMENTS
+
+
 def step_noise(solver, steps: int, shape: tuple[int, ...], seed: int, generator, first_sample: int, dtype, device):
-    """The per-step noise a solver consumes, drawn once up front (so Picard's fixed point is the sequential sample).
+    """The per-step noise a solver consumes, a function of (seed, step, sample) fixed before sampling starts (so
+    Picard's fixed point is the sequential sample). A seeded run's is a :class:`LazyNoise` (rows drawn where a method
+    uses them, nothing stored) unless the table is small; a caller's ``generator`` is drawn here, in full, in its
+    own order (:func:`tabulates`). Lazy rows and a seeded table hold the same bits.
 
     Returns:
-        None for a deterministic solver; ``(N, B, *sample_shape)``; or, for a Langevin-corrected solver, the tuple
-        (predictor noise or None, ``(N, B, corrector_steps, *sample_shape)``).
+        None for a deterministic solver; ``(N, B, *sample_shape)`` (a :class:`LazyNoise` or a tensor); or, for a
+        Langevin-corrected solver, the tuple (predictor noise or None, ``(N, B, corrector_steps, *sample_shape)``).
+    Raises:
+        ValueError: ``seed`` or ``first_sample`` out of range.
     """
     B, sample = shape[0], tuple(shape[1:])
+    if generator is None:
+        _check_index("seed", seed)
+        _check_index("first_sample", first_sample)
+    whole = tabulates(steps, shape, generator)
 
     def draw(stream, per_step=()):
         if generator is not None:
-            n = generator_noise(generator, (B, *per_step, *sample), count=steps)
-        else:
-            n = draw_noise(seed, B, (*per_step, *sample), steps, stream, first_sample, dtype=dtype, device=device)
-        return n.to(dtype=dtype, device=device)
+            return generator_noise(generator, (B, *per_step, *sample), count=steps).to(dtype=dtype, device=device)
+        if whole:
+            return draw_noise(seed, B, (*per_step, *sample), steps, stream, first_sample, dtype=dtype, device=device)
+        return LazyNoise(seed, stream, first_sample, steps, B, (*per_step, *sample), dtype, torch.device(device))
 
     corrector_steps = getattr(solver, "corrector_steps", None)
     if corrector_steps is not None:          # LangevinCorrected: (predictor noise, corrector noise)

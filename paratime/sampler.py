@@ -124,13 +124,16 @@ class ParallelSampler:
             # model), and the memory bound of the planned method.
             check_cond(self.denoiser, cond, full_shape[0], self.device)   # the model's rules, shapes
             planned["cfg"], planned["plan"], planned["curve"] = self._plan(full_shape, cond)
-            planned["cfg"].check_memory(full_shape, self.device, self.state_dtype, self.solver)
+            planned["cfg"].check_memory(full_shape, self.device, self.state_dtype, self.solver,
+                                        generator=generator)
 
         x_T = initial_noise(shape, noise, seed, generator, first_sample, self.denoiser.sample_shape, **kw,
                             check=fits)
         cfg, plan, curve = planned["cfg"], planned["plan"], planned["curve"]
         cfg = cfg.for_model(declared_scale(self.denoiser))   # tol_units resolved, the model's data scale
         B = x_T.shape[0]
+        # The step noise: drawn row by row where the method uses it (seeded), or whole tables (a generator's, or
+        # small ones: noise.tabulates).
         z = step_noise(self.solver, cfg.steps, x_T.shape, seed, generator, first_sample, **kw)
         x_T = x_T * self.denoiser.schedule.prior_std(self.grid.sigmas[:1]).to(**kw)
         t_noise = time.perf_counter() - t_noise

@@ -30,7 +30,7 @@ those points (:func:`history_rows`).
 No host syncs: a step map reads nothing back from the device. The solvers whose second call takes some rows only
 (``heun``, ``plms``'s step 0, the Langevin corrector) size it from the rows' steps on the host (``host_steps``, which
 every method has: it builds its rows from host integers); the DDPM coarse jump is the closed-form constant-D path
-(:func:`constant_d_path`, shared with Picard's guesses).
+(:func:`constant_d_jump`; :func:`constant_d_path` gives Picard's guesses), which draws the noise rows it needs.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ from paratime.kernels import fused_step
 from .denoiser import append_dims
 
 __all__ = ["Solver", "SOLVERS", "make_solver", "HostSteps", "Ancestral", "EulerMaruyama", "Heun", "DPMSolverPP",
-           "DPMPP2M", "PLMS", "history_rows", "linear_next_state", "constant_d_tables", "constant_d_path"]
+           "DPMPP2M", "PLMS", "history_rows", "linear_next_state", "constant_d_factors", "constant_d_jump",
+           "constant_d_path", "PATH_CHUNK_ELEMENTS"]
 
 Evaluate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 #: The rows' step indices on the host, when the caller knows them (every method builds its rows from host integers):
@@ -304,11 +305,12 @@ class Ancestral(Solver):
 
     def jump(self, x, denoised, i, j, b, noise, sigmas, *, span=None):
         """Every step is ``x' - D = a_m (x - D) + up_m z_m``; with ``D`` constant the whole stretch is exact, carrying
-        the fine solver's own pre-drawn noise: :func:`constant_d_path` (the trajectory Picard's guesses follow too).
-        eta 0 (or no noise tensor): the DDIM jump ``D + sigma_j / sigma_i (x - D)``. ``span`` is not needed."""
+        the fine solver's own pre-drawn noise: :func:`constant_d_jump` (the trajectory Picard's guesses follow too),
+        which draws the ``span`` (default N) steps' rows it needs. eta 0 (or no step noise): the DDIM jump
+        ``D + sigma_j / sigma_i (x - D)``."""
         if self.eta == 0 or noise is None or isinstance(noise, tuple):
             return super().jump(x, denoised, i, j, b, noise, sigmas)
-        return constant_d_path(constant_d_tables(self, sigmas, noise), x, denoised, i, j[None], b)[0]
+        return constant_d_jump(self, sigmas, noise, x, denoised, i, j, b, sigmas.numel() - 1 if span is None else span)
 
 
 @dataclass(frozen=True)
@@ -496,7 +498,7 @@ class DPMSolverPP(Solver):
         """With ``D`` constant the divided differences vanish: the ODE is the DDIM jump, the SDE is DDPM's (its first
         order step), which carries the pre-drawn noise exactly."""
         if self.sde:
-            # One DDPM per grid (cached here), so its jump table is made once, not on every coarse jump.
+            # One DDPM per grid (cached here), so its per-step coefficients are made once, not on every coarse jump.
             return self._cached("_ddpm", sigmas, DDPM).jump(x, denoised, i, j, b, noise, sigmas, span=span)
         return super().jump(x, denoised, i, j, b, noise, sigmas)
 
@@ -651,52 +653,114 @@ def history_rows(buffer: torch.Tensor, i: torch.Tensor, b: torch.Tensor, depth: 
     return prev[0] if depth == 1 else prev
 
 
-def constant_d_tables(solver: Solver, sigmas: torch.Tensor,
-                      noise: torch.Tensor | tuple | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Tables for :func:`constant_d_path`: ``(C, Z)`` with ``C`` ``(N + 1,)`` the cumulative log step factors
-    ``C_j = sum_{l<j} log a_l`` and ``Z`` ``(N + 1, B, *shape)`` (or None without step noise) the discounted noise
-    ``Z_j = sum_{m<j} exp(-C_{m+1}) k_z,m z_m``.
+#: steps x rows x elements per chunk of the constant-D path's noise when the caller gives no chunk: bounds what the
+#: path holds (the drawn rows and their sums) whatever its span
+PATH_CHUNK_ELEMENTS = 1 << 18
 
-    A step with ``D`` held is ``x_{j+1} - D = a_j (x_j - D) + k_z,j z_j`` (VE frame): ``a_j = 1 + k_d,j`` for solvers
-    linear in ``D`` and the noise (:meth:`Solver.linear_step`: DDIM, DDPM, Euler-Maruyama), the DDIM factor
-    ``sigma_{j+1} / sigma_j`` and no noise for the others.
 
-    Args:
-        solver: the step map. sigmas: ``(N + 1,)`` the grid. noise: ``(N, B, *shape)`` pre-drawn step noise, or None
-            / a corrector's tuple (then no noise term).
-    Returns:
-        ``(C, Z)``.
+def constant_d_factors(solver: Solver, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The steps of the constant-D path: ``(a, k_z)``, ``(N,)`` each (``k_z`` None: no noise term).
+
+    A step with ``D`` held is ``x_{m+1} - D = a_m (x_m - D) + k_z,m z_m`` (VE frame): ``a_m = 1 + k_d,m`` for solvers
+    linear in ``D`` and the noise (:meth:`Solver.linear_step`: DDIM, DDPM, Euler-Maruyama, consistency), the DDIM
+    factor ``sigma_{m+1} / sigma_m`` and no noise for the others.
     """
     N = sigmas.numel() - 1
     coef = solver.linear_step(torch.arange(N, device=sigmas.device), sigmas)
-    a = sigmas[1:] / sigmas[:-1] if coef is None else 1 + coef[0]
-    # log 0 (the step to sigma = 0) is clamped: exp(-30) is 0 to the path, and keeps exp(-C) finite.
-    C = torch.cat([a.new_zeros(1), a.log().clamp_min(-30).cumsum(0)])
-    if coef is None or not torch.is_tensor(noise):
-        return C, None
-    view = (N,) + (1,) * (noise.ndim - 1)
-    Z = (torch.exp(-C[1:]) * coef[1]).reshape(view) * noise
-    return C, torch.cat([torch.zeros_like(Z[:1]), Z.cumsum(0)])
+    return (sigmas[1:] / sigmas[:-1], None) if coef is None else (1 + coef[0], coef[1])
 
 
-def constant_d_path(tables: tuple[torch.Tensor, torch.Tensor | None], x_e: torch.Tensor, den_e: torch.Tensor,
-                    e: torch.Tensor, pts: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The constant-D trajectory: the states at points ``pts`` of the steps from point ``e`` with ``D`` held, exact
-    for the steps of :func:`constant_d_tables` and carrying the pre-drawn noise (VE frame):
+def _has_noise_term(k_z: torch.Tensor | None, noise) -> bool:
+    """Whether the path carries step noise: a linear solver's, and a table or lazy rows (a corrector's tuple: no)."""
+    return k_z is not None and noise is not None and not isinstance(noise, tuple)
 
-        x_P = D + exp(C_P - C_e) (x_e - D) + exp(C_P) (Z_P - Z_e)
+
+def _chunk(chunk: int | None, like: torch.Tensor) -> int:
+    """Steps per chunk: ``chunk``, or :data:`PATH_CHUNK_ELEMENTS` elements of rows like ``like`` ``(M, *shape)``."""
+    return chunk or max(1, PATH_CHUNK_ELEMENTS // max(like.numel(), 1))
+
+
+def _affine_scan_(A: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """In place, all prefixes of the recurrence ``y_k = A_k y_{k-1} + Y_k`` (``y_{-1} = 0``) along dim 0:
+    Hillis-Steele's scan of the affine maps ``y -> A_k y + Y_k`` (composed ``(A, Y) o (A', Y') = (A A', A Y' + Y)``),
+    ``ceil(log2 c)`` passes. ``A``: ``(c, B)`` (|A| <= 1 keeps every product bounded), ``Y``: ``(c, B, *shape)``."""
+    s, c = 1, A.shape[0]
+    while s < c:
+        Y[s:] = torch.addcmul(Y[s:], append_dims(A[s:], Y.ndim), Y[:-s])    # with the old A[s:]
+        A = torch.cat([A[:s], A[s:] * A[:-s]])
+        s *= 2
+    return Y
+
+
+def constant_d_path(solver: Solver, sigmas: torch.Tensor, noise, x_e: torch.Tensor, den_e: torch.Tensor,
+                    e: torch.Tensor, b: torch.Tensor, span: int, chunk: int | None = None):
+    """The constant-D trajectory from each row's point ``e`` with ``D`` held (VE frame), a chunk of points at a time:
+    ``y_{m+1} = a_m y_m + k_z,m z_m`` with ``y = x - D`` (:func:`constant_d_factors`), for ``m = e .. e + span - 1``,
+    every prefix at once (:func:`_affine_scan_`); the chunk's last state starts the next chunk. Exact for the steps
+    of :func:`constant_d_factors`, carrying the step noise: only the rows ``z[e .. e + span - 1, b]`` are read (a
+    :class:`~paratime.noise.LazyNoise` draws just those), never a table. Points past N repeat the state at N.
 
     Args:
-        tables: :func:`constant_d_tables`. x_e, den_e: ``(B, *shape)`` each row's state at ``e`` and its held ``D``.
-        e: ``(B,)`` start points. pts: ``(K, B)`` (or ``(K, 1)``) target points. b: ``(B,)`` the rows' samples.
-    Returns:
-        ``(K, B, *shape)`` the states at ``pts``.
+        solver: the step map. sigmas: ``(N + 1,)``. noise: the problem's step noise (table or lazy), or None / a
+            corrector's tuple (no noise term). x_e, den_e: ``(B, *shape)`` the states at ``e`` and their held ``D``.
+        e, b: ``(B,)`` start points and samples. span: points per row, a host integer. chunk: points per chunk
+            (default: :data:`PATH_CHUNK_ELEMENTS` elements).
+    Yields:
+        ``(k0, x)``: ``x`` ``(c, B, *shape)`` the states at points ``e + k0 + 1 .. e + k0 + c`` (a fresh tensor).
     """
-    C, Z = tables
-    x = den_e + append_dims(torch.exp(C[pts] - C[e]), x_e.ndim + 1) * (x_e - den_e)
-    if Z is not None:
-        x = x + append_dims(torch.exp(C[pts]), x_e.ndim + 1) * (Z[pts, b] - Z[e, b])
-    return x
+    a, k_z = constant_d_factors(solver, sigmas)
+    N, noisy, chunk = a.numel(), _has_noise_term(k_z, noise), _chunk(chunk, x_e)
+    y = x_e - den_e                                                         # (B, *shape) y at the chunk's start
+    for k0 in range(0, span, chunk):
+        c = min(chunk, span - k0)
+        m = e + k0 + torch.arange(c, device=e.device)[:, None]               # (c, B) the steps taken
+        inside, mc = m < N, m.clamp_max(N - 1)
+        A = torch.where(inside, a[mc], 1)                                    # (c, B); past N the state stays
+        if noisy:
+            Y = noise[mc, b].to(x_e.dtype).mul_(append_dims(torch.where(inside, k_z[mc], 0), x_e.ndim + 1))
+        else:
+            Y = torch.zeros((c, *x_e.shape), dtype=x_e.dtype, device=x_e.device)
+        Y[0] += append_dims(A[0], x_e.ndim) * y                              # the carry: a_m y_m of the first step
+        y = _affine_scan_(A, Y)[-1].clone()
+        yield k0, Y.add_(den_e)
+
+
+def constant_d_jump(solver: Solver, sigmas: torch.Tensor, noise, x_e: torch.Tensor, den_e: torch.Tensor,
+                    e: torch.Tensor, j: torch.Tensor, b: torch.Tensor, span: int) -> torch.Tensor:
+    """The constant-D path's state at one point ``j`` per row (the coarse jump), VE frame, in closed form:
+
+        x_j = D + exp(C_j - C_e) (x_e - D) + sum_{m=e}^{j-1} exp(C_j - C_{m+1}) k_z,m z_m,   C_j = sum_{l<j} log a_l
+
+    (:func:`constant_d_factors`; every weight <= 1). The sum draws the noise rows of steps ``e .. e + span - 1`` a
+    bounded chunk at a time and runs sequentially in ``m`` (a ``cumsum`` whose carry joins the chunk's first row;
+    steps from ``j`` on add exact zeros), so a row's jump depends on its own steps only: not on ``span``, the chunks
+    or the other rows (Parareal's correction ``G(new) - G(old)`` cancels exactly at its fixed point). Not
+    :func:`constant_d_path`'s scan: its rounding depends on where the chunks fall, which depends on the batch.
+
+    Args:
+        solver, sigmas, noise: as :func:`constant_d_path`. x_e, den_e: ``(M, *shape)`` the rows' states at ``e`` and
+            their held ``D``. e, j: ``(M,)`` start and target points. b: ``(M,)`` samples.
+        span: a host integer ``>= max(j - e)`` (steps past it are left out).
+    Returns:
+        ``(M, *shape)`` the states at ``j``.
+    """
+    a, k_z = constant_d_factors(solver, sigmas)
+    N = a.numel()
+    # log 0 (a step to sigma = 0, or a consistency step) is clamped: exp(-30) is 0 to the path.
+    C = torch.cat([a.new_zeros(1), a.log().clamp_min(-30).cumsum(0)])      # (N + 1,)
+    x = den_e + append_dims(torch.exp(C[j] - C[e]), x_e.ndim) * (x_e - den_e)
+    if not _has_noise_term(k_z, noise):
+        return x
+    chunk, total = _chunk(None, x_e), None
+    for k0 in range(0, span, chunk):
+        m = e + k0 + torch.arange(min(chunk, span - k0), device=e.device)[:, None]   # (c, M) the steps
+        mc = m.clamp_max(N - 1)
+        w = torch.where(m < j, torch.exp(C[j] - C[mc + 1]) * k_z[mc], 0)              # (c, M); 0 from j on
+        terms = noise[mc, b].to(x_e.dtype).mul_(append_dims(w, x_e.ndim + 1))         # (c, M, *shape)
+        if total is not None:
+            terms[0] += total
+        total = terms.cumsum_(0)[-1].clone()                                       # S at the chunk's end
+    return x if total is None else x + total
 
 
 def make_solver(name: str | Solver, **options) -> Solver:

@@ -1,12 +1,12 @@
 """The pre-flight memory bound counts what a Picard round really holds: the peak of live tensor bytes during a run
-(tests/live_bytes.py, every tensor the run allocates) stays under ``SamplerConfig.check_memory``'s figure, and near
+(benchmarks/live_bytes.py, every tensor the run allocates) stays under ``SamplerConfig.check_memory``'s figure, and near
 it, for every solver kind and update, at Stable Diffusion's latent size too (4x64x64, N = 1000, W = 500, B = 1,
 float32), where the old bound (the trajectory, the noise and 4 window buffers) was 2.5x short."""
 
 import pytest
 import torch
 
-from live_bytes import LiveBytes          # tests/ is on sys.path (rootdir-relative test modules)
+from paratime.bench.live_bytes import LiveBytes
 
 from paratime import ParallelSampler
 from paratime.backends.memory import WORK_BUFFERS, request_bytes

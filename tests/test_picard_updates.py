@@ -8,7 +8,6 @@ import torch
 from paratime.methods import Problem, sample_picard, sample_sequential
 from paratime.methods.picard import UPDATES
 from paratime.methods.window import model_frame_path
-from paratime.solvers import constant_d_tables
 
 from test_picard_syncs import _problem       # tests/ is on sys.path
 
@@ -45,10 +44,11 @@ def test_constant_d_path_is_the_solver_with_d_held(solver):
         x = const.advance(x, i, b, x0, None)                  # the sequential sampler's step
         xs.append(x)
     ys = torch.stack([const.scale(v, torch.full((3,), j)) for j, v in enumerate(xs)])       # (21, 3, 2)
-    tables = constant_d_tables(const.solver, const.sigmas, const.noise)
-    e, pts = torch.tensor([4, 4, 9]), torch.tensor([[5, 17, 20], [4, 6, 10]])            # (B,), (K, B)
-    got = model_frame_path(const, tables, ys[e, b], x0, e, pts, b)
-    torch.testing.assert_close(got, ys[pts, b], rtol=1e-9, atol=1e-9)
+    e = torch.tensor([4, 0, 9])                                                          # (B,)
+    pts = (e + 1 + torch.arange(13)[:, None]).clamp_max(20)      # (13, B): points e+1 .. e+13, past N repeat N
+    for chunk in (None, 1, 5):                                   # chunks of the drawn noise rows change nothing
+        got = model_frame_path(const, ys[e, b], x0, e, b, 13, chunk=chunk)
+        torch.testing.assert_close(got, ys[pts, b], rtol=1e-9, atol=1e-9)
 
 
 def test_bad_init_and_fill_name_the_argument():
@@ -61,9 +61,9 @@ def test_bad_init_and_fill_name_the_argument():
         sample_picard(x_T, problem, 5, update="newton")
 
 
-def test_sampler_passes_init_and_fill_and_counts_the_path_table():
+def test_sampler_passes_init_and_fill_and_counts_the_path_rows():
     """``init`` and ``fill`` reach the Picard loop through ParallelSampler (the x0 guess is one more round, seen by
-    the callback with B rows), and the memory bound counts the constant-D path's noise table."""
+    the callback with B rows), and the memory bound counts the constant-D path's noise rows (a window's worth)."""
     from paratime import ParallelSampler
     from paratime.config import SamplerConfig
 
@@ -79,6 +79,6 @@ def test_sampler_passes_init_and_fill_and_counts_the_path_table():
     without = SamplerConfig(solver="ddpm", steps=40, window=10, init="noise", fill="copy")
     shape, dev = (8, 2), torch.device("cpu")
     extra = with_path.check_memory(shape, dev, torch.float64) - without.check_memory(shape, dev, torch.float64)
-    assert extra == 40 * 8 * 2 * 8                                            # one more (N, B, 2) float64 tensor
+    assert extra == 10 * 8 * 2 * 8                    # the path's noise rows: one more (W, B, 2) float64 buffer
     ode = SamplerConfig(solver="ddim", steps=40, window=10)
     assert with_path.uses_noise_path(with_path.build_solver()) and not ode.uses_noise_path(ode.build_solver())

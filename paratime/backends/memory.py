@@ -9,7 +9,7 @@
 
 What a Picard round holds at its worst moment, in ``(W, B, *shape)`` window buffers besides the trajectory, the
 pre-drawn noise, the constant-D path's noise table and a history solver's ``(N + 1, B, *shape)`` buffer of D
-(:func:`window_buffers`): measured with ``tests/live_bytes.py`` (every live tensor's bytes, peak over the run) on a
+(:func:`window_buffers`): measured with ``benchmarks/live_bytes.py`` (every live tensor's bytes, peak over the run) on a
 trivial network at 4x16x16 and 4x64x64 latents, N = 1000, W = 500, B = 1, float32, over enough rounds to fill each
 update's history, then rounded up by one buffer:
 
@@ -142,9 +142,10 @@ def available_bytes(device: torch.device | str) -> int:
 def request_bytes(shape: tuple[int, ...], steps: int, state_dtype: torch.dtype, noise_draws: int = 0,
                   window: int | None = None, buffers: int = WORK_BUFFERS, point_buffers: int = 0) -> int:
     """Bytes a sampling request holds on the state device: the trajectory ``(N + 1, B, *shape)``, ``noise_draws``
-    pre-drawn noise tensors of ``(N, B, *shape)``, ``point_buffers`` more ``(N + 1, B, *shape)`` tensors (a
-    history solver's D buffer, the constant-D path's noise table) and ``buffers`` window buffers of
-    ``(W, B, *shape)`` (W = ``window``, default N; ``buffers``: :func:`window_buffers` for Picard)."""
+    tabulated noise tensors of ``(N, B, *shape)`` (a caller's generator; seeded noise is drawn per round, a window
+    buffer per stream), ``point_buffers`` more ``(N + 1, B, *shape)`` tensors (a history solver's D buffer) and
+    ``buffers`` window buffers of ``(W, B, *shape)`` (W = ``window``, default N; ``buffers``: :func:`window_buffers`
+    for Picard)."""
     per_point = math.prod(shape) * torch.empty((), dtype=state_dtype).element_size()   # B * prod(sample shape)
     W = steps if window is None else min(window, steps)
     return per_point * ((1 + point_buffers) * (steps + 1) + noise_draws * steps + buffers * W)

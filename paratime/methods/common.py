@@ -1,6 +1,7 @@
 """What every sampling method shares: the problem it solves and the record it returns.
 
-A :class:`Problem` is an N-step discretised trajectory: the grid, a step map, the pre-drawn noise, and
+A :class:`Problem` is an N-step discretised trajectory: the grid, a step map, its step noise (fixed per (seed, step,
+sample) before sampling starts, drawn row by row where it is used, or a caller's generator's table), and
 ``evaluate(x, i, b) -> D(x)`` for rows at steps ``i`` of samples ``b`` (routed through the backend). Methods are
 pure functions ``method(x_T, problem, **options) -> Outcome``; the sampler owns models, backends and statistics.
 """
@@ -13,6 +14,7 @@ from typing import Callable
 import torch
 
 from ..denoiser import NetworkOutputs
+from ..noise import LazyNoise
 from ..solvers import Evaluate, Solver, linear_next_state
 
 __all__ = ["Problem", "Outcome", "RoundInfo", "rms"]
@@ -50,8 +52,10 @@ class Problem:
         frame_scales: ``(N + 1,)`` ``x_native = frame_scale * x``: parallel methods iterate in the model's frame.
         solver: the step map.
         evaluate: ``evaluate(x, i, b) -> D``; rows at steps ``i`` of samples ``b``.
-        noise: ``(N, B, *shape)`` pre-drawn step noise, or None for deterministic solvers; with a Langevin
-            corrector, a tuple (predictor noise or None, ``(N, B, corrector_steps, *shape)`` corrector noise).
+        noise: the ``(N, B, *shape)`` step noise, read as ``noise[i, b]``: a :class:`~paratime.noise.LazyNoise`
+            (a seeded run: the rows are drawn when read, nothing is stored) or a tensor (a caller's generator, or
+            a test's table); None for deterministic solvers; with a Langevin corrector, a tuple (predictor noise or
+            None, ``(N, B, corrector_steps, *shape)`` corrector noise).
         on_round: called with a :class:`RoundInfo` after every round.
         outputs: ``outputs(x, i, b) -> NetworkOutputs``, the raw network outputs of rows (through the backend), or
             None; with it, :meth:`step_to` takes linear steps in one fused pass from the outputs.
@@ -62,7 +66,7 @@ class Problem:
     frame_scales: torch.Tensor
     solver: Solver
     evaluate: Evaluate
-    noise: torch.Tensor | None = None
+    noise: torch.Tensor | LazyNoise | tuple | None = None
     on_round: Callable[[RoundInfo], None] | None = None
     outputs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], NetworkOutputs] | None = None
 
@@ -71,6 +75,8 @@ class Problem:
         return self.sigmas.numel() - 1
 
     def _noise(self, i, b):
+        """The step noise of rows ``(i, b)``: ``(M, *shape)`` (drawn now for a :class:`LazyNoise`), a tuple for a
+        corrector, or None."""
         if not self.solver.stochastic:
             return None
         if isinstance(self.noise, tuple):           # (predictor noise or None, corrector noise)

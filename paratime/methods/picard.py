@@ -26,9 +26,11 @@ window holds point ``p + k`` and produces the new value of point ``p + k + 1``. 
     5. stop the sample:
          paradigms   when every point is accepted (``a = tol``: ParaDiGMS's tolerance and rule)
          final       when its final point y_N moved by <= tol / 2 (max-abs, data units) in each of the last two rounds,
-                     by no more than in the round before each (a change that grows is not quiet), or every point is
-                     accepted (``a = accept_tol``, default :func:`default_accept_tol`: an accepted point is frozen,
-                     so its error must stay well below the target)
+                     by no more than in the round before each (a change that grows is not quiet), with the error
+                     estimated from their contraction <= tol and no point of its window moved by more than tol / 10
+                     in the last round (the whole window quiet), or every point is accepted (``a = accept_tol``,
+                     default :func:`default_accept_tol`: an accepted point is frozen, so its error must stay well
+                     below the target)
 
 Secant update (a Broyden rank-1 model of each step's Jacobian from that point's last two evaluations): with the
 previous evaluation of point j at ``h_j`` with increment ``dh_j``, ``s_j = y_j - h_j`` and ``u_j = dy_j - dh_j``,
@@ -66,8 +68,6 @@ import logging
 
 import torch
 
-from ..solvers import constant_d_tables
-
 from .common import Outcome, Problem, RoundInfo
 from .stops import DEFAULT_TOL, STOPS, default_accept_tol, make_stop
 from .updates import UPDATES, UpdateRule
@@ -84,8 +84,8 @@ FILLS = ("path", "copy")
 def path_plan(init: str, fill: str, window: int, steps: int, max_rounds: int | None) -> tuple[str, bool]:
     """``(init, fill_reads_D)``: the initial guess in force (``auto``: ``x0`` when the window is shorter than the
     grid, else ``noise``) and whether the path fill runs (it reads D at the window end; only a window shorter than
-    the grid, or ``max_rounds``' window of 1, slides). Either one makes the constant-D tables
-    (:func:`paratime.solvers.constant_d_tables`; shared with the memory bound of
+    the grid, or ``max_rounds``' window of 1, slides). Either one draws the constant-D path's noise rows
+    (:func:`paratime.solvers.constant_d_path`; shared with the memory bound of
     :class:`paratime.config.SamplerConfig`)."""
     if init == "auto":
         init = "x0" if window < steps else "noise"
@@ -105,7 +105,8 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         tol: ``stop="final"``: the bound on the returned sample's distance to the sequential sample (max-abs
             over features) that the stopping rule aims at, in units of ``tol_scale``: a sample is returned once its
             final point moved by <= tol / 2, and by no more than the round before, in each of two successive rounds
-            and the error estimated from their contraction is <= tol, or once every point is accepted and its final
+            and the error estimated from their contraction is <= tol while no point of its window moved by more
+            than tol / 10 in the last round, or once every point is accepted and its final
             point moved by <= tol (:mod:`paratime.methods.stops`); ``stop="paradigms"``:
             ParaDiGMS's tolerance in units of the noise level. 0 runs to the exact fixed point (the sequential
             sample). None: ``DEFAULT_TOL[stop]``.
@@ -145,7 +146,6 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
     stopper = make_stop(stop, tol, accept_tol, problem.solver.stochastic and window >= N, tol_scale)
     levels = acceptance_levels(problem.noise_levels, stopper.accept)   # (3, N+1)
     init, need_den = path_plan(init, fill, window, N, max_rounds)
-    tables = constant_d_tables(problem.solver, problem.sigmas, problem.noise) if init == "x0" or need_den else None
     # The trajectory lives in the model's frame (ParaDiGMS iterates on VP latents): there the state barely moves at
     # high noise, while the VE-frame state shrinks by sigma_{i+1}/sigma_i per step, which Picard would have to undo
     # one window point per round.
@@ -159,8 +159,8 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
     if init == "x0":
         # 0. One call at x_T; every point from there with D held at its value (one round, counted).
         den_T = problem.evaluate(problem.scale(y, zeros, inverse=True), zeros, win.ar_b)
-        win.traj[1:N + 1] = model_frame_path(problem, tables, y, den_T, zeros,
-                                             torch.arange(1, N + 1, device=dev)[:, None], win.ar_b)
+        # Written into the trajectory a bounded chunk of points at a time: no (N, B, *shape) temporary.
+        model_frame_path(problem, y, den_T, zeros, win.ar_b, N, out=win.traj[1:N + 1])
         rounds = 1
         residuals.append(float("nan"))
         problem.report(RoundInfo(rounds, torch.tensor(win.begin_h), B, float("nan")))
@@ -175,7 +175,7 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         # 4. Accept the leading converged points, store, slide and guess the points that enter.
         stride, residual = win.accept(rows, err, levels, shared_window, stopper.accept_scale(win.traj[N]))
         moved, window_moved = win.write(rows, new, new_rule, stride)  # (B,) the final point's, the window's change
-        win.slide(rows, stride, fill, tables, den_last)
+        win.slide(rows, stride, fill, den_last)
         rule.shift(rows.k, stride)
         # 5. Stop: every point accepted, or the stop rule.
         win.done = stopper(win.done | (win.begin >= N), moved, win.traj[N], window_moved)

@@ -61,14 +61,28 @@ def acceptance_levels(noise_levels: torch.Tensor, accept: float) -> torch.Tensor
     return torch.stack([accept * lvl, lvl, torch.where(lvl > 0, lvl, torch.ones_like(lvl))])
 
 
-def model_frame_path(problem: Problem, tables, y_e: torch.Tensor, den_e: torch.Tensor, e: torch.Tensor,
-                     pts: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Guesses ``(K, B, *shape)`` (model frame) of points ``pts`` ``(K, B)`` from each sample's point ``e`` ``(B,)``
-    (state ``y_e``, model frame) with ``D`` held at ``den_e`` (both ``(B, *shape)``; ``b`` the samples): the
-    constant-D path of :func:`paratime.solvers.constant_d_path` (``tables``: its
-    :func:`~paratime.solvers.constant_d_tables`), between the frames."""
+def model_frame_path(problem: Problem, y_e: torch.Tensor, den_e: torch.Tensor, e: torch.Tensor, b: torch.Tensor,
+                     span: int, out: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
+    """Guesses (model frame) of the points ``e + 1 .. e + span`` after each sample's point ``e`` ``(B,)`` (state
+    ``y_e``, model frame) with ``D`` held at ``den_e`` (both ``(B, *shape)``; ``b`` the samples): the constant-D path
+    of :func:`paratime.solvers.constant_d_path`, between the frames, drawing only the noise rows of those steps.
+    Points past N repeat the state at N.
+
+    Args:
+        span: points per sample, a host integer. out: ``(span, B, *shape)`` to write the guesses into (a view of
+            the trajectory: then no ``(span, B, *shape)`` temporary), or None for a new tensor. chunk: points per
+            chunk (default: bounded elements, :data:`paratime.solvers.PATH_CHUNK_ELEMENTS`).
+    Returns:
+        ``(span, B, *shape)``: ``out``, or the new tensor.
+    """
+    if out is None:
+        out = torch.empty((span, *y_e.shape), dtype=y_e.dtype, device=y_e.device)
     x_e = problem.scale(y_e, e, inverse=True)                        # (B, *shape), VE frame
-    return problem.scale(constant_d_path(tables, x_e, den_e, e, pts, b), pts)
+    N = problem.steps
+    for k0, x in constant_d_path(problem.solver, problem.sigmas, problem.noise, x_e, den_e, e, b, span, chunk):
+        pts = (e + k0 + 1 + torch.arange(x.shape[0], device=e.device)[:, None]).clamp_max(N)   # (c, B)
+        out[k0:k0 + x.shape[0]] = problem.scale(x, pts)
+    return out
 
 
 class SlidingWindow:
@@ -169,7 +183,7 @@ class SlidingWindow:
         moved = change[k_end, ar_b]
         return torch.where(self._active & (to_end < W), moved, self._inf), window_moved
 
-    def slide(self, rows: Rows, stride: torch.Tensor, fill: str, tables, den_last: torch.Tensor | None) -> None:
+    def slide(self, rows: Rows, stride: torch.Tensor, fill: str, den_last: torch.Tensor | None) -> None:
         """Move each window start by ``stride``; the points entering the window get their guess (masked writes go
         to the sink row): ``copy`` the latest value at the old window end (ParaDiGMS), ``path`` the constant-D path
         from there with D at this round's value at the last window point. A window of the whole grid always ends at
@@ -184,8 +198,7 @@ class SlidingWindow:
         if fill == "copy":
             guess = self.traj[old_end, ar_b][None].expand(W, *self.traj.shape[1:])
         else:
-            guess = model_frame_path(self.problem, tables, self.traj[old_end, ar_b], den_last, old_end,
-                                     torch.where(entering, p, old_end), ar_b)           # (W, B, *shape)
+            guess = model_frame_path(self.problem, self.traj[old_end, ar_b], den_last, old_end, ar_b, W)  # at p
         self.traj[torch.where(entering, p, self._sink), ar_b[None]] = guess
 
     def sync(self, rounds: int, residual: torch.Tensor, moved: torch.Tensor) -> tuple[float, float]:
