@@ -30,13 +30,13 @@ def test_every_solver_at_tol_zero_equals_sequential(solver):
 
 @pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "heun"])
 def test_tolerance_returns_before_core_zero_within_tol(solver):
-    """At tol 3e-2 (absolute) every sample is returned by a later core, before tick N, within tol of the
-    sequential sample."""
+    """At tol 6e-2 (absolute; each quiet sample must move by <= tol / 4) every sample is returned by a later core,
+    before tick N, within tol of the sequential sample."""
     x_T, problem, _ = _problem(solver, 20, batch=6)
     seq = sample_sequential(x_T, problem).x
-    out = sample_staggered(x_T, problem, 8, 3e-2)
+    out = sample_staggered(x_T, problem, 8, 6e-2)
     assert all(c > 0 for c in out.extra["sample_core"]) and int(out.sample_rounds.max()) < 20
-    assert float((out.x - seq).abs().max()) <= 3e-2
+    assert float((out.x - seq).abs().max()) <= 6e-2
 
 
 def test_one_call_per_tick_of_the_live_cores_and_one_read():

@@ -19,7 +19,7 @@ active sample:
        (Parareal: the fine step plus the change of the coarse prediction), and core c begins again at t_c + 1
     4. advance every core by one point; a core that reaches N gives the next sample (core 0 is the sequential
        solver: its sample is exact and comes last, at tick N)
-    5. stop: a sample is returned when each of its last QUIET_HITS = 2 samples moved by <= tol (max-abs, the
+    5. stop: a sample is returned when each of its last QUIET_HITS = 2 samples moved by <= tol / 4 (max-abs, the
        returned sample's units) from the one before (CHORDS's residual rule takes one; two, because successive
        samples can share an uncorrected error); ``tol = 0``: only core 0's, the sequential sample. Its rows leave
        later ticks
@@ -54,7 +54,10 @@ LAST_START = 0.8
 #: successive samples that must each move by <= tol before one is returned: two samples can share an error (the
 #: coarse shoot and the last core's sample both carry the last core's start, uncorrected when it starts at N - 1), so
 #: one small change is not evidence (measured: starts 0-7-..-49 on digits DDIM-50 stopped at max |Δ| 0.49 with 1)
-QUIET_HITS = 2
+QUIET_HITS, QUIET_SCALE = 2, 0.25
+#: ... each by at most QUIET_SCALE x tol: two successive cores started close together (many cores on few steps) can
+#: agree within tol while both are off by more (guided ring, PLMS-97, 69 cores: 2.7x tol at a scale of 1; with 0.25,
+#: 0.30x; ``tests/test_equivalence.py``)
 
 
 def default_starts(cores: int, steps: int) -> tuple[int, ...]:
@@ -119,7 +122,7 @@ def sample_staggered(x: torch.Tensor, problem: Problem, cores: int, tol: float |
         x: ``(B, *shape)`` initial state (VE frame).
         problem: the trajectory to compute.
         cores: K, the cores (points evaluated per sample per tick; size it to the devices).
-        tol: a sample is returned when its last :data:`QUIET_HITS` samples each moved by <= tol from the one
+        tol: a sample is returned when its last :data:`QUIET_HITS` samples each moved by <= tol / 4 from the one
             before (max-abs, the returned sample's units); 0: core 0's sample, the sequential one. None:
             ``DEFAULT_TOL["final"]``.
         starts: the K start points (strictly increasing from 0, below N); None: :func:`default_starts`.
@@ -234,7 +237,7 @@ class _Hierarchy:
 
 class _SampleStop:
     """Step 5 per sample: the open samples take each new sample as their candidate; one is done when its last
-    :data:`QUIET_HITS` samples each moved by <= ``tol_b`` (``tol`` times the data scale: ``tol_scale``, or the
+    :data:`QUIET_HITS` samples each moved by <= ``QUIET_SCALE * tol_b`` (``tol`` times the data scale: ``tol_scale``, or the
     candidate's own max-abs) from the one before, or when core 0's (exact) sample arrives; ``tol = 0`` waits for
     core 0. Device state only."""
 
@@ -262,7 +265,7 @@ class _SampleStop:
                 moved = (h - self.last).abs().flatten(1).amax(1)      # (B,) max-abs: exact in any order
                 scale = h.abs().flatten(1).amax(1) if self.tol_scale is None else self.tol_scale
                 self.tol_b = torch.where(take, self.tol * scale, self.tol_b)   # kept once a sample is done
-                self.quiet = torch.where(moved <= self.tol_b, self.quiet + 1, 0)
+                self.quiet = torch.where(moved <= QUIET_SCALE * self.tol_b, self.quiet + 1, 0)
                 self.done = self.done | (take & (self.quiet >= QUIET_HITS))
                 self.moved_max = torch.where(take, moved, -torch.inf).amax()
             self.last = h
