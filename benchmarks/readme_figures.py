@@ -120,9 +120,9 @@ CHECKS: list[Check] = [
     Check("devices", "python -m paratime.bench.devices --seeds 16 (10 min)", False,
           lambda: _rows(_printed("paratime.bench.devices", "--seeds", "16", "--out", _tmpdir()))),
     Check("headline", "python -m paratime.bench.rounds_at_accuracy --headline --cases "
-          "digits-ddim100,sd-ddim50,policy,sd-ddpm100 (10 min)", False,
+          "digits-ddim100,sd-ddim50,policy,sd-ddpm100,gmm-ddpm1000 (20 min)", False,
           lambda: _rows(_printed("paratime.bench.rounds_at_accuracy", "--headline", "--cases",
-                                 "digits-ddim100,sd-ddim50,policy,sd-ddpm100"))),
+                                 "digits-ddim100,sd-ddim50,policy,sd-ddpm100,gmm-ddpm1000"))),
 ]
 
 
