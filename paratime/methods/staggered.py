@@ -51,13 +51,12 @@ log = logging.getLogger("paratime")
 _PATTERN = (0, 1, 2, 4, 8, 12, 16, 20)
 #: the last core starts at this fraction of the grid (CHORDS: 40 of 50)
 LAST_START = 0.8
-#: successive samples that must each move by <= tol before one is returned: two samples can share an error (the
-#: coarse shoot and the last core's sample both carry the last core's start, uncorrected when it starts at N - 1), so
-#: one small change is not evidence (measured: starts 0-7-..-49 on digits DDIM-50 stopped at max |Δ| 0.49 with 1)
+#: QUIET_HITS successive samples must each move by <= QUIET_SCALE x tol before one is returned: two samples can share
+#: an error (the coarse shoot and the last core's sample both carry the last core's start, uncorrected when it starts
+#: at N - 1), so one small change is not evidence (measured: starts 0-7-..-49 on digits DDIM-50 stopped at max |Δ|
+#: 0.49 with 1); and two cores started close together (many cores on few steps) can agree within tol while both are
+#: off by more (guided ring, PLMS-97, 69 cores: 2.7x tol with a scale of 1, 0.30x with 0.25; tests/test_equivalence.py)
 QUIET_HITS, QUIET_SCALE = 2, 0.25
-#: ... each by at most QUIET_SCALE x tol: two successive cores started close together (many cores on few steps) can
-#: agree within tol while both are off by more (guided ring, PLMS-97, 69 cores: 2.7x tol at a scale of 1; with 0.25,
-#: 0.30x; ``tests/test_equivalence.py``)
 
 
 def default_starts(cores: int, steps: int) -> tuple[int, ...]:
@@ -237,9 +236,9 @@ class _Hierarchy:
 
 class _SampleStop:
     """Step 5 per sample: the open samples take each new sample as their candidate; one is done when its last
-    :data:`QUIET_HITS` samples each moved by <= ``QUIET_SCALE * tol_b`` (``tol`` times the data scale: ``tol_scale``, or the
-    candidate's own max-abs) from the one before, or when core 0's (exact) sample arrives; ``tol = 0`` waits for
-    core 0. Device state only."""
+    :data:`QUIET_HITS` samples each moved by <= ``QUIET_SCALE * tol_b`` (``tol_b``: ``tol`` times the data scale,
+    ``tol_scale`` or the candidate's own max-abs) from the one before, or when core 0's (exact) sample arrives;
+    ``tol = 0`` waits for core 0. Device state only."""
 
     def __init__(self, x: torch.Tensor, tol: float, tol_scale: float | None):
         B, dev = x.shape[0], x.device
@@ -291,12 +290,12 @@ def _jump(problem: Problem, x: torch.Tensor, den: torch.Tensor, t: int, s: int) 
                                problem.sigmas, span=max(s - t, 1))
 
 
-def _scatter(rows: torch.Tensor, base: torch.Tensor, b_act: torch.Tensor, A: int, keep: bool = True) -> torch.Tensor:
+def _scatter(rows: torch.Tensor, base: torch.Tensor, b_act: torch.Tensor, A: int) -> torch.Tensor:
     """``(B, *shape)`` from the ``(A, *shape)`` rows of the open samples ``b_act``; the others keep ``base``'s
-    values (``keep``) or 0."""
+    values."""
     if A == base.shape[0]:
         return rows
-    full = base.clone() if keep else torch.zeros_like(base)
+    full = base.clone()
     full[b_act] = rows
     return full
 

@@ -85,7 +85,7 @@ class AllAcceptedStop:
         return None
 
     def __call__(self, done: torch.Tensor, moved: torch.Tensor, final: torch.Tensor,
-                 window_moved: torch.Tensor | None = None) -> torch.Tensor:
+                 window_moved: torch.Tensor) -> torch.Tensor:
         return done
 
 
@@ -139,7 +139,7 @@ class FinalPointStop:
         return gate * self.scale_b / self.noise_scale
 
     def __call__(self, done: torch.Tensor, moved: torch.Tensor, final: torch.Tensor,
-                 window_moved: torch.Tensor | None = None) -> torch.Tensor:
+                 window_moved: torch.Tensor) -> torch.Tensor:
         self._refresh(final)
         if self.tol > 0:
             # Every point accepted is not enough while the final point still moves by more than tol_b: its error then
@@ -158,15 +158,13 @@ class FinalPointStop:
             ratio = torch.where(tiny, 0.0, moved / self.last_moved)         # inf / inf = nan: not contracting
             r = torch.maximum(ratio, self.last_ratio)
             estimate = moved * r / (1 - r).clamp_min(1e-12)
-            calm = ((self.quiet >= QUIET_ROUNDS) & (ratio < 1) & (self.last_ratio < 1)
-                    & (ESTIMATE_SAFETY * estimate <= self.tol_b))
             # And the whole window quiet: the final point can sit still while earlier points still move, their change
             # reaching it rounds later, amplified (a trajectory on a boundary between modes: gmm DDPM-100, sample
             # 2625 at tol 0.1, final point quiet at round 4 with its error 6x tol; it moved again from round 5).
             # No point may have moved by more than WINDOW_QUIET_SCALE * tol_b this round (data units: the
             # trajectory lives in the model's frame, where VP points have the data's scale).
-            if window_moved is not None:
-                calm = calm & (window_moved <= WINDOW_QUIET_SCALE * self.tol_b)
+            calm = ((self.quiet >= QUIET_ROUNDS) & (ratio < 1) & (self.last_ratio < 1)
+                    & (ESTIMATE_SAFETY * estimate <= self.tol_b) & (window_moved <= WINDOW_QUIET_SCALE * self.tol_b))
             self.last_moved, self.last_ratio = moved, torch.nan_to_num(ratio, nan=float("inf"))
             done = done | calm
         self.finished = done

@@ -169,9 +169,8 @@ class SlidingWindow:
         """Store the round's values; return ``(moved, window_moved)``, each ``(B,)``: the change of each sample's
         final point (inf while the final point is outside the window) and the largest change of any point of its
         window (0 for a sample without one; in the VP frame, where a point has the data's scale), both max-abs over
-        features (exact in any reduction order). Accepted
-        points (slots below ``stride``) take Picard's values ``new`` (exact steps from converged points), the rest
-        the rule's."""
+        features (exact in any reduction order). Accepted points (slots below ``stride``) take Picard's values
+        ``new`` (exact steps from converged points), the rest the rule's."""
         N, W, ar_b = self.N, rows.W, self.ar_b
         if new_rule is not new:
             new = torch.where((rows.k < stride).reshape(W, self.B, *([1] * (new.ndim - 2))), new, new_rule)
