@@ -192,3 +192,23 @@ def test_constant_d_path_and_jump_stay_exact_through_consistency_steps(dtype):
     alone = torch.cat([constant_d_jump(solver, sig, noise, ref[e[r:r + 1], b[r:r + 1]], x0[r:r + 1], e[r:r + 1],
                                        j[r:r + 1], b[r:r + 1], int(j[r] - e[r])) for r in range(B)])
     assert torch.equal(alone, jump)                                        # per row: span and batch change no bit
+
+
+def test_noise_memory_benchmark_runs_with_its_defaults_but_a_small_latent(capsys):
+    """``python -m paratime.bench.noise_memory`` end to end (its default DDPM-1000, batch 1; an 8x8 latent, above
+    the small-table size): every method's row printed, and the rows-drawn runs hold less than the whole-table ones."""
+    from paratime.bench import noise_memory
+
+    threads = torch.get_num_threads()
+    try:
+        assert noise_memory.main(["--side", "8"]) == 0                 # sets one thread, as its command line says
+    finally:
+        torch.set_num_threads(threads)
+    lines = [ln for ln in capsys.readouterr().out.splitlines()
+             if ln.startswith("| ") and not ln.startswith(("| method", "|---"))]
+    assert [ln.split()[1] for ln in lines] == [m for m, _, _ in noise_memory.RUNS]
+    for ln in lines:
+        rows_mib, tables_mib = (float(v) for v in ln.split("|")[2:4])
+        assert rows_mib < tables_mib, ln
+    with pytest.raises(SystemExit):
+        noise_memory.main(["--side", "0"])
