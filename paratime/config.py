@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .backends import check_memory, noise_draws, window_buffers
-from .backends.memory import WORK_BUFFERS
+from .backends.memory import jump_bytes, method_footprint
 from .denoiser import PREDICTIONS, Denoiser
 from .methods import METHODS
 from .methods import PARAREAL_TOL
@@ -344,11 +344,18 @@ class SamplerConfig:
         solver = self.build_solver() if solver is None else solver
         draws = noise_draws(solver)                             # noise streams: rows drawn per round
         tables = draws if tabulates(self.steps, tuple(shape), generator) else 0   # (N, B, *shape), whole run
-        if self.method != "picard":
-            return check_memory(tuple(shape), self.steps, state_dtype, device, tables, 1,
-                                buffers=WORK_BUFFERS + draws)
-        # Picard: the window buffers a round holds at its peak depend on the update and the solver's kind; a history
-        # solver's D buffer is one more (N + 1, B, ...) tensor.
+        if self.method not in _PICARD:
+            # No trajectory: the states the method keeps, and its largest call's rows with a Picard point's working
+            # buffers each (and its noise rows); a stochastic coarse jump's noise chunk besides.
+            foot = method_footprint(self.method, self.steps, solver, self.window_size, self.slices)
+            extra = 0
+            if foot.jump_rows and _noisy_jump(solver):
+                extra = jump_bytes(foot.jump_rows * math.prod(shape), foot.jump_span)
+            return check_memory(tuple(shape), self.steps, state_dtype, device, tables, foot.rows,
+                                buffers=window_buffers("picard", solver) + draws, held=foot.held, extra_bytes=extra)
+        # Picard (and "auto" before the planner chose: its widest Picard window): the window buffers a round holds
+        # at its peak depend on the update and the solver's kind; a history solver's D buffer is one more
+        # (N + 1, B, ...) tensor.
         buffers = window_buffers(self.update, solver) + draws + int(self.uses_noise_path(solver))
         return check_memory(tuple(shape), self.steps, state_dtype, device, tables, self.window_size,
                             buffers=buffers, point_buffers=int(solver.uses_history))
@@ -356,8 +363,7 @@ class SamplerConfig:
     def uses_noise_path(self, solver: Solver) -> bool:
         """Whether Picard draws the constant-D path's noise (``init="x0"``, or ``fill="path"`` on a sliding window,
         for a stochastic solver that is linear in ``D``): see :mod:`paratime.methods.picard`."""
-        if not solver.stochastic or solver.linear_step(torch.zeros(1, dtype=torch.long),
-                                                       torch.ones(2, dtype=torch.float64)) is None:
+        if not _noisy_jump(solver):
             return False
         init, fill_reads_d = path_plan(self.init, self.fill, self.window_size, self.steps, self.max_rounds)
         return init == "x0" or fill_reads_d
@@ -373,6 +379,13 @@ class SamplerConfig:
         if self.method == "staggered":
             return DEFAULT_TOL["final"]
         return PARAREAL_TOL if self.method.startswith("parareal") else 0.0
+
+
+def _noisy_jump(solver: Solver) -> bool:
+    """Whether the solver's constant-D path (Picard's path, the coarse jumps) carries its step noise: a stochastic
+    solver linear in ``D`` and the noise (:func:`paratime.solvers.constant_d_factors`)."""
+    return bool(solver.stochastic) and solver.linear_step(torch.zeros(1, dtype=torch.long),
+                                                          torch.ones(2, dtype=torch.float64)) is not None
 
 
 # -- the data's scale ----------------------------------------------------------------------------------------------

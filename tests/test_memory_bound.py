@@ -9,7 +9,7 @@ import torch
 from paratime.bench.live_bytes import LiveBytes
 
 from paratime import ParallelSampler
-from paratime.backends.memory import WORK_BUFFERS, request_bytes
+from paratime.backends.memory import WORK_BUFFERS, DeviceMemoryError, check_memory, request_bytes
 from paratime.denoiser import Denoiser
 from paratime.schedules import DiscreteVPSchedule
 
@@ -66,3 +66,62 @@ def test_bound_holds_every_kind_and_update(solver, update, options):
     """Small latents, enough rounds for Anderson's three-round history; N = 100, W = 50, B = 2."""
     peak, bound = _peak_and_bound(solver, update, 100, 50, 16, 2, 4, **options)
     assert 0.75 * bound < peak <= bound, (peak / bound)
+
+
+def _method_peak_and_bound(method, solver, steps, side, batch, **options):
+    """A whole run of a method without a trajectory, float64; the bound of the options the run used."""
+    den = Denoiser(_trivial, DiscreteVPSchedule.from_betas("linear", 1000, 1e-4, 0.02), "eps",
+                   sample_shape=(4, side, side))
+    sampler = ParallelSampler(den, solver=solver, steps=steps, method=method, state_dtype=torch.float64,
+                              progress=False, kernels="torch", **options)
+    with LiveBytes() as live:
+        sampler.sample(batch, seed=0)
+    return live.peak, sampler.config.check_memory((batch, 4, side, side), torch.device("cpu"), torch.float64,
+                                                  sampler.solver)
+
+
+@pytest.mark.parametrize("method, solver, steps, options", [
+    ("sequential", "ddim", 100, {}), ("sequential", "dpmpp_2m", 100, {}),
+    ("parareal", "ddpm", 100, dict(slices=50)), ("parareal", "dpmpp_2m", 100, {}), ("parareal", "heun", 400, {}),
+    ("parareal_pipelined", "ddim", 400, {}), ("parareal_pipelined", "ddpm", 100, dict(corrector_snr=0.2)),
+    ("staggered", "ddim", 400, dict(window=16)), ("staggered", "heun", 400, dict(window=16)),
+    ("staggered", "ddpm", 400, dict(window=4)), ("staggered", "dpmpp_2m", 100, dict(window=16))])
+def test_bound_holds_every_method(method, solver, steps, options):
+    """The methods without a trajectory (``method_footprint``): the bound holds, and is not the trajectory's
+    (sequential held 0.02-0.08 of that one). Before: pipelined Parareal kept every iterate of the run (2.8-4.3x
+    over the bound at N = 400); staggered cores kept views of old ticks' whole outputs (K = 16, N = 400: 1.22x)."""
+    peak, bound = _method_peak_and_bound(method, solver, steps, 16, 2, **options)
+    assert 0.15 * bound < peak <= bound, (peak / bound)
+
+
+def test_bound_holds_a_stochastic_jump_at_stable_diffusion_size():
+    """Staggered DDPM at an SD-1.5 latent, float32: the coarse jumps' noise chunks (2^18 elements, the counter-based
+    generator's temporaries: about 24 bytes an element, more than the float32 rows themselves) are counted
+    (``JUMP_BYTES_PER_ELEMENT``; 3 state-sized temporaries an element were 1.09x short)."""
+    den = Denoiser(_trivial, DiscreteVPSchedule.from_betas("linear", 1000, 1e-4, 0.02), "eps",
+                   sample_shape=(4, 64, 64))
+    sampler = ParallelSampler(den, solver="ddpm", steps=200, method="staggered", window=4,
+                              state_dtype=torch.float32, progress=False, kernels="torch")
+    with LiveBytes() as live:
+        sampler.sample(1, seed=0)
+    bound = sampler.config.check_memory((1, 4, 64, 64), torch.device("cpu"), torch.float32, sampler.solver)
+    assert 0.4 * bound < live.peak <= bound, (live.peak / bound)
+
+
+def test_a_method_without_a_trajectory_is_refused_by_what_it_keeps():
+    """The refusal names what a trajectory-free method keeps, and the bound counts no trajectory."""
+    shape, N = (4, 3, 64, 64), 1000
+    need = request_bytes(shape, N, torch.float32, 0, 8, buffers=12, held=51)
+    assert need == 4 * 3 * 64 * 64 * 4 * (51 + 12 * 8)
+    assert check_memory(shape, N, torch.float32, "cpu", 0, 8, available=need, buffers=12, held=51) == need
+    with pytest.raises(DeviceMemoryError, match=r"51 states of B samples kept, 0 noise tensor\(s\) NxB, 12 buffers"):
+        check_memory(shape, N, torch.float32, "cpu", 0, 8, available=need - 1, buffers=12, held=51)
+
+
+def test_pipelined_parareal_keeps_what_a_tick_reads():
+    """Pipelined Parareal drops the iterates and results no later step reads, so its peak grows with the slices S,
+    not with S x the iterations: at tol 0 (every iteration runs) 20 slices hold at most 5x what 5 slices hold
+    (measured 3.8x; it was 12.5x, 1,462 states at S = 20 on N = 100: every iterate of the run kept)."""
+    few, _ = _method_peak_and_bound("parareal_pipelined", "ddim", 100, 8, 1, slices=5, tol=0.0)
+    many, _ = _method_peak_and_bound("parareal_pipelined", "ddim", 100, 8, 1, slices=20, tol=0.0)
+    assert many <= 5 * few, (many / few)

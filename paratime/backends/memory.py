@@ -5,7 +5,9 @@
   ``max_batch = MEMORY_FRACTION * free memory / (peak bytes per row)``, capped at :data:`CUDA_MAX_BATCH`. On CPU (and
   other devices) it is the stated constant :data:`CPU_MAX_BATCH`.
 - :func:`check_memory`: refuses, before anything is allocated, a request whose trajectory, pre-drawn noise and
-  window buffers cannot fit the device's free memory (:class:`DeviceMemoryError`, a ``ValueError``).
+  window buffers cannot fit the device's free memory (:class:`DeviceMemoryError`, a ``ValueError``). Methods that
+  keep no trajectory (sequential, Parareal, staggered) are counted by what they keep and their largest call's rows
+  instead (:func:`method_footprint`), plus a stochastic coarse jump's noise chunk (:func:`jump_bytes`).
 
 What a Picard round holds at its worst moment, in ``(W, B, *shape)`` window buffers besides the trajectory, the
 pre-drawn noise, the constant-D path's noise table and a history solver's ``(N + 1, B, *shape)`` buffer of D
@@ -31,11 +33,12 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
 __all__ = ["DeviceMemoryError", "check_memory", "default_max_batch", "max_batch_for", "measure_rows",
-           "request_bytes", "available_bytes", "noise_draws", "window_buffers", "solver_kind", "PICARD_BUFFERS",
+           "request_bytes", "Footprint", "method_footprint", "jump_bytes", "available_bytes", "noise_draws", "window_buffers", "solver_kind", "PICARD_BUFFERS",
            "PROBE_ROWS", "CPU_MAX_BATCH", "CUDA_MAX_BATCH", "MEMORY_FRACTION"]
 
 #: rows of the first (measured) chunk when max_batch is derived
@@ -46,7 +49,7 @@ CPU_MAX_BATCH = 4096
 CUDA_MAX_BATCH = 16384
 #: share of the free device memory the activations of one network call may take
 MEMORY_FRACTION = 0.5
-#: window-sized working buffers of a method without a window of its own (sequential, Parareal: W = 1)
+#: window buffers :func:`request_bytes` counts when the caller states none (the methods state theirs: config.py)
 WORK_BUFFERS = 4
 #: Picard's window buffers at a round's peak, by solver kind and update (see the module docstring)
 PICARD_BUFFERS = {"one_call": {"picard": 12, "secant": 15, "anderson": 23},
@@ -140,20 +143,88 @@ def available_bytes(device: torch.device | str) -> int:
 
 
 def request_bytes(shape: tuple[int, ...], steps: int, state_dtype: torch.dtype, noise_draws: int = 0,
-                  window: int | None = None, buffers: int = WORK_BUFFERS, point_buffers: int = 0) -> int:
+                  window: int | None = None, buffers: int = WORK_BUFFERS, point_buffers: int = 0,
+                  held: int | None = None, extra_bytes: int = 0) -> int:
     """Bytes a sampling request holds on the state device: the trajectory ``(N + 1, B, *shape)``, ``noise_draws``
     tabulated noise tensors of ``(N, B, *shape)`` (a caller's generator; seeded noise is drawn per round, a window
     buffer per stream), ``point_buffers`` more ``(N + 1, B, *shape)`` tensors (a history solver's D buffer) and
     ``buffers`` window buffers of ``(W, B, *shape)`` (W = ``window``, default N; ``buffers``: :func:`window_buffers`
-    for Picard)."""
+    for Picard).
+
+    A method without a trajectory gives ``held``, the ``(B, *shape)`` tensors it keeps for the run, in place of the
+    trajectory and ``point_buffers`` (:func:`method_footprint`), its largest call's rows as ``window`` (not capped
+    at N), and ``extra_bytes`` (its coarse jumps' noise chunks: :func:`jump_bytes`)."""
     per_point = math.prod(shape) * torch.empty((), dtype=state_dtype).element_size()   # B * prod(sample shape)
-    W = steps if window is None else min(window, steps)
-    return per_point * ((1 + point_buffers) * (steps + 1) + noise_draws * steps + buffers * W)
+    if held is None:
+        held = (1 + point_buffers) * (steps + 1)
+        W = steps if window is None else min(window, steps)
+    else:
+        W = steps if window is None else window
+    return per_point * (held + noise_draws * steps + buffers * W) + int(extra_bytes)
+
+
+class Footprint(NamedTuple):
+    """What a method without a trajectory holds, in ``(B, *shape)`` tensors (:func:`method_footprint`)."""
+
+    held: int          # kept for the whole run
+    rows: int          # rows of its largest network call (each with a Picard point's working buffers)
+    jump_rows: int     # rows of its largest coarse jump (0: none), and the most steps one jump spans
+    jump_span: int
+
+
+def method_footprint(method: str, steps: int, solver, cores: int, slices: int | None) -> Footprint:
+    """The :class:`Footprint` of a method without a trajectory, measured with ``benchmarks/live_bytes.py``
+    (``tests/test_memory_bound.py``):
+
+    - ``sequential``: the state and its next value; one row; no jumps.
+    - ``parareal``: per slice start (S of them, :func:`~paratime.methods.parareal.slice_bounds`) the iterate, its
+      coarse jump, the fine result and the new iterate (+ a multistep solver's history and the history read); the
+      fine solves of all S slices in one call; the sweep jumps one slice (B rows) at a time.
+    - ``parareal_pipelined``: per slice the newest iterate and the coarse results still to be read, and one state
+      per running propagation; a tick runs at most a fine and a coarse propagation per slice (2S + 1 rows: measured
+      at most 1.75 S over N = 20 .. 400, S = 2 .. 50, coarse_steps 1 and 3, tol 0 .. 1), its coarse rows jumped
+      together.
+    - ``staggered`` with K ``cores``: per core its state, begin, finish, their D and the next state (+ the history
+      values of a multistep solver); K rows; a core's jump (B rows) reaches up to N steps.
+
+    Raises:
+        ValueError: a method with a trajectory (``picard``: :func:`window_buffers`) or an unknown one.
+    """
+    from ..methods.parareal import slice_bounds     # host integers: where the slices fall
+    depth = solver.history_depth if solver.uses_history else 0
+    if method == "sequential":
+        return Footprint(2 + depth, 1, 0, 0)
+    if method in ("parareal", "parareal_pipelined"):
+        bounds = slice_bounds(steps, slices)
+        S, span = bounds.numel() - 1, int((bounds[1:] - bounds[:-1]).max())
+        if method == "parareal":
+            return Footprint(4 * (S + 1) + 2 * S * int(depth > 0), S, 1, span)
+        return Footprint(3 * S + 2, 2 * S + 1, S, span)
+    if method == "staggered":
+        return Footprint((6 + depth) * cores + 3, cores, 1, steps)
+    raise ValueError(f"method: no footprint for {method!r}; allowed: sequential, parareal, parareal_pipelined, "
+                     "staggered (picard: window_buffers)")
+
+
+#: bytes a stochastic coarse jump holds per element of its noise chunk: the drawn rows, their weighted copy, the
+#: running sum and the counter-based generator's temporaries (measured 22-24 at 4x16x16 float64 and 4x64x64 float32:
+#: the generator's integer temporaries dominate, whatever the state's dtype)
+JUMP_BYTES_PER_ELEMENT = 32
+
+
+def jump_bytes(rows_elements: int, span: int) -> int:
+    """Bytes a stochastic coarse jump (:func:`paratime.solvers.constant_d_jump`) of rows with ``rows_elements``
+    elements in all, over at most ``span`` steps, holds at once: its noise is drawn and summed a chunk of at most
+    ``PATH_CHUNK_ELEMENTS`` elements (or one step of the rows, if larger) at a time."""
+    from ..solvers import PATH_CHUNK_ELEMENTS
+    chunk = min(span * rows_elements, max(PATH_CHUNK_ELEMENTS, rows_elements))
+    return JUMP_BYTES_PER_ELEMENT * int(chunk)
 
 
 def check_memory(shape: tuple[int, ...], steps: int, state_dtype: torch.dtype, device: torch.device | str,
                  noise_draws: int = 0, window: int | None = None, available: int | None = None,
-                 buffers: int = WORK_BUFFERS, point_buffers: int = 0) -> int:
+                 buffers: int = WORK_BUFFERS, point_buffers: int = 0, held: int | None = None,
+                 extra_bytes: int = 0) -> int:
     """Refuse a request whose trajectory + noise + window buffers cannot fit ``device`` (before allocating them).
 
     Args:
@@ -163,17 +234,20 @@ def check_memory(shape: tuple[int, ...], steps: int, state_dtype: torch.dtype, d
         available: free bytes to compare with (default: measured on ``device``).
         buffers: window buffers held at a round's peak (:func:`window_buffers` for Picard).
         point_buffers: ``(N + 1, B, *shape)`` tensors besides the trajectory.
+        held, extra_bytes: a method without a trajectory (:func:`request_bytes`).
     Returns:
         The bytes the request needs.
     Raises:
         DeviceMemoryError: it needs more than is available (the message names the sizes and what to reduce).
     """
-    need = request_bytes(shape, steps, state_dtype, noise_draws, window, buffers, point_buffers)
+    need = request_bytes(shape, steps, state_dtype, noise_draws, window, buffers, point_buffers, held, extra_bytes)
     free = available_bytes(device) if available is None else int(available)
     if need > free:
+        kept = (f"trajectory (N+1)xB and {point_buffers} more" if held is None else
+                f"{held} states of B samples kept")
         raise DeviceMemoryError(
             f"shape, steps: {tuple(shape)} over {steps} steps needs {need / 2**30:.2f} GiB on {torch.device(device)} "
-            f"(trajectory (N+1)xB and {point_buffers} more, {noise_draws} noise tensor(s) NxB, {buffers} window "
-            f"buffers WxB, in {state_dtype}) but only {free / 2**30:.2f} GiB is free; reduce the batch (shape[0]), "
-            "steps or window, or split the batch across sample() calls with first_sample=")
+            f"({kept}, {noise_draws} noise tensor(s) NxB, {buffers} buffers per row of a call, in {state_dtype}) "
+            f"but only {free / 2**30:.2f} GiB is free; reduce the batch (shape[0]), steps or window, or split the "
+            "batch across sample() calls with first_sample=")
     return need

@@ -279,19 +279,23 @@ def sample_parareal_pipelined(x: torch.Tensor, problem: Problem, slices: int | N
     bounds = bounds_h.to(dev)
     levels = problem.noise_levels[bounds].tolist()                      # (S+1,) host, read once
     b_all = torch.arange(B, device=dev)
-    u: dict[tuple[int, int], torch.Tensor] = {}          # (s, k) -> iterate, (B, *shape)
-    F: dict[tuple[int, int], torch.Tensor] = {}
+    u: dict[tuple[int, int], torch.Tensor] = {}          # (s, k) -> iterate, (B, *shape): the newest two per s
+    F: dict[tuple[int, int], torch.Tensor] = {}          # results still to be read (see _prune)
     G: dict[tuple[int, int], torch.Tensor] = {}
+    made: set[tuple[int, int]] = set()                    # every (s, k) ever produced (host integers)
+    newest_k: dict[int, int] = {}                         # s -> its newest iteration
     final: dict[int, tuple[int, torch.Tensor]] = {}      # accepted starts: s -> (k, value)
     tasks: list[dict] = []                                # running propagations
     residuals: list[float] = []
     count = {"fine": 0, "coarse": 0, "coarse_calls": 0}
 
     def newest(s):
-        return max((k for (ss, k) in u if ss == s), default=-1)
+        return newest_k.get(s, -1)
 
     def produce(s: int, k: int, value: torch.Tensor, exact: bool = False):
         u[(s, k)] = value
+        made.add((s, k))
+        newest_k[s] = max(k, newest(s))
         if s < S and s >= max(final, default=0):
             tasks.append({"kind": "fine", "s": s, "k": k, "x": value.clone(), "m": 0})
             if coarse is None:
@@ -308,6 +312,7 @@ def sample_parareal_pipelined(x: torch.Tensor, problem: Problem, slices: int | N
                 residuals.append(worst / levels[s])
             if converged:
                 accept(s, k)
+        u.pop((s, k - 1), None)                             # read only by the test above
 
     def accept(s: int, k: int):
         final[s] = (k, u[(s, k)])
@@ -323,14 +328,14 @@ def sample_parareal_pipelined(x: torch.Tensor, problem: Problem, slices: int | N
 
     def done(kind: str, s: int, k: int, value: torch.Tensor):
         (F if kind == "fine" else G)[(s, k)] = value
-        if kind == "coarse" and k == 0 and (s + 1, 0) not in u:
+        if kind == "coarse" and k == 0 and (s + 1, 0) not in made:
             produce(s + 1, 0, value)                        # the initial coarse sweep
         if kind == "fine" and final.get(s, (None,))[0] == k:
             take_fine(s, k)
             return
         for kp in (k, k + 1):                               # corrections this result completes
             parts = ((G, (s, kp)), (F, (s, kp - 1)), (G, (s, kp - 1)))
-            if kp >= 1 and (s + 1, kp) not in u and all(key in d for d, key in parts):
+            if kp >= 1 and (s + 1, kp) not in made and all(key in d for d, key in parts):
                 produce(s + 1, kp, G[(s, kp)] + F[(s, kp - 1)] - G[(s, kp - 1)])
 
     final[0] = (0, x)
@@ -339,6 +344,7 @@ def sample_parareal_pipelined(x: torch.Tensor, problem: Problem, slices: int | N
     while S not in final:
         A = max(final)
         tasks[:] = [t for t in tasks if t["s"] >= A]        # propagations from superseded starts are not needed
+        _prune(u, F, G, made, final, A)
         # One tick: one step of every running propagation, in one batched call (rows: propagation x sample), fine
         # propagations first, so fine and coarse rows are two contiguous blocks.
         owners = [t for t in tasks if t["kind"] == "fine"] + [t for t in tasks if t["kind"] != "fine"]
@@ -372,10 +378,35 @@ def sample_parareal_pipelined(x: torch.Tensor, problem: Problem, slices: int | N
                 finished.append(t)
         finished = [t for t in tasks if any(t is f for f in finished)]   # in the order the tasks were started
         tasks[:] = [t for t in tasks if all(t is not f for f in finished)]
-        for t in finished:
-            done(t["kind"], t["s"], t["k"], t["x"])
+        for t in finished:     # a copy: a view would keep this tick's whole x_next alive while the result is kept
+            done(t["kind"], t["s"], t["k"], t["x"].clone())
         problem.report(RoundInfo(ticks, bounds[max(final)].expand(B).clone(), int(X.shape[0]),
                                  residuals[-1] if residuals else float("nan")))
     extra = {"slices": S, "nfe_fine": count["fine"] / B, "nfe_coarse": count["coarse"] / B,
              "pipelined_rounds": float(ticks * problem.solver.evals_per_step), "coarse_calls": count["coarse_calls"]}
-    return Outcome(final[S][1], max(k for (_, k) in u), residuals, torch.full((B,), ticks, device=dev), extra)
+    return Outcome(final[S][1], max(newest_k.values()), residuals, torch.full((B,), ticks, device=dev), extra)
+
+
+def _prune(u: dict, F: dict, G: dict, made: set, final: dict, A: int) -> None:
+    """Drop the pipelined schedule's values no later step reads, so that memory is what the running propagations
+    hold (not every iterate of the run). Called before a tick, when every running propagation starts at or after
+    the accepted frontier ``A``:
+
+    - every ``u``, ``F``, ``G`` of a start before ``A`` (no propagation or correction reads them again), and the
+      accepted values before ``A`` (only ``final[S]`` is returned);
+    - ``F(s, k)``: read only by the correction that makes ``u(s+1, k+1)`` (or, once ``s`` is accepted at ``k``, to
+      give ``s+1`` its exact value): dead once ``u(s+1, k+1)`` was made or ``s+1`` is accepted;
+    - ``G(s, k)``: read by the corrections making ``u(s+1, k)`` and ``u(s+1, k+1)``: dead once both were made or
+      ``s+1`` is accepted.
+    """
+    for s in [s for s in final if s < A and final[s][1] is not None]:
+        final[s] = (final[s][0], None)
+    for d in (u, F, G):
+        for key in [key for key in d if key[0] < A]:
+            del d[key]
+    for s, k in list(F):
+        if s + 1 in final or (s + 1, k + 1) in made:
+            del F[(s, k)]
+    for s, k in list(G):
+        if s + 1 in final or ((s + 1, k) in made and (s + 1, k + 1) in made):
+            del G[(s, k)]

@@ -203,7 +203,8 @@ class _Hierarchy:
             d_c, x1_c = _scatter(den[c], core.x, b_act, A), _scatter(x_next[c], core.x, b_act, A)
             core.fin_x, core.fin_d = core.x, d_c
             if core.begin_t == core.t:
-                core.begin_d = d_c
+                core.begin_d = d_c.clone()            # kept until the core's next correction: not a view that would
+                #                                       hold this tick's whole (C * A) output alive that long
             if solver.uses_history:
                 core.hist = [solver.history_value(core.x, d_c, _full(B, core.t, core.x.device), problem.sigmas)] \
                     + core.hist[:solver.history_depth - 1]
