@@ -9,7 +9,8 @@ max |Δ|, the samples over tol, rounds and NFE; every row with max |Δ| > tol is
 Cases (``SWEEP_CASES``, full window): ``gmm`` DDIM-100, DDPM-100 and the multistep DPM++(2M), DPM++(3M) and PLMS
 at 100 steps with 4,000 samples; ``mix3`` (the 3-D anisotropic mixture with weights 0.6 / 0.3 / 0.1 of
 ``tests/test_accuracy.py``) DDIM-100, DDPM-100 and DPM++(2M)-100 with 4,000 samples; ``digits`` DDIM-100 with 64
-samples (data in [-1, 1]). ``--updates all`` sweeps every update rule. |Δ| is in data units (the returned sample's); a
+samples (data in [-1, 1]). Sliding windows (the ``-w`` cases: the planner's window on K compute-bound devices is
+K): gmm DDPM-100, mix3 DDIM-100 and DPM++(2M)-100 with window 8, digits DDIM-50 with window 4. ``--updates all`` sweeps every update rule. |Δ| is in data units (the returned sample's); a
 sample's error is its max over features, compared with the tolerance in force for it (``SampleStats.tol_abs``:
 ``tol`` times its data scale, issue 25); the margin column gives the worst and the median error / that tolerance.
 
@@ -53,7 +54,13 @@ SWEEP_CASES = {"gmm-ddim100": Case("gmm", "ddim", 100, None, 4000),
                "gmm-dpmpp2m100": Case("gmm", "dpmpp_2m", 100, None, 4000),
                "gmm-dpmpp3m100": Case("gmm", "dpmpp_3m", 100, None, 4000),
                "gmm-plms100": Case("gmm", "plms", 100, None, 4000),
-               "mix3-dpmpp2m100": Case("mix3", "dpmpp_2m", 100, None, 4000)}
+               "mix3-dpmpp2m100": Case("mix3", "dpmpp_2m", 100, None, 4000),
+               # Sliding windows of a few points, the planner's choice on K compute-bound devices (window = K):
+               # there acceptance drives the slide, and its frozen errors reach the final point.
+               "gmm-ddpm100-w8": Case("gmm", "ddpm", 100, 8, 4000),
+               "mix3-ddim100-w8": Case("mix3", "ddim", 100, 8, 4000),
+               "mix3-dpmpp2m100-w8": Case("mix3", "dpmpp_2m", 100, 8, 4000),
+               "digits-ddim50-w4": Case("digits", "ddim", 50, 4, 64)}
 
 
 BUILDERS: dict[str, Callable[[], Denoiser]] = {"mix3": mixture_3d}

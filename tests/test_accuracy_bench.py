@@ -39,6 +39,17 @@ def test_sweep_rows_hold_the_errors_and_flag_exactly_the_rows_over_tol(small):
     assert not any(r["flagged"] for r in rows)
 
 
+def test_sweep_runs_a_sliding_window_case():
+    """The sliding-window cases (the planner's window on K compute-bound devices) run the sampler with their window
+    (more rounds than the full window's, fewer rows per round) and hold their tolerance on a small batch; the
+    diagnostic rerun uses the sliding window's acceptance."""
+    case = replace(SWEEP_CASES["mix3-ddim100-w8"], steps=30, batch=64)
+    full = replace(case, window=None)
+    (slide,), (whole,) = accuracy_sweep(case, (1e-2,)), accuracy_sweep(full, (1e-2,))
+    assert case.window == 8 and slide["rounds"] > whole["rounds"] and slide["nfe"] < whole["nfe"]
+    assert not slide["flagged"] and slide["max_rel"] <= 1
+
+
 def test_sweep_flags_a_run_that_misses_its_tolerance(small):
     """Acceptance far too loose on DDPM (accept_tol 1e3: every point with a noise level accepted each round, frozen
     far from its fixed point): samples end in other modes, over tol; the row must say so."""
