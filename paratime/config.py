@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .backends import check_memory, noise_draws, window_buffers
-from .backends.memory import jump_bytes, method_footprint
+from .backends.memory import jump_bytes, method_footprint, table_draw_bytes
 from .denoiser import PREDICTIONS, Denoiser
 from .methods import METHODS
 from .methods import PARAREAL_TOL
@@ -344,13 +344,16 @@ class SamplerConfig:
         solver = self.build_solver() if solver is None else solver
         draws = noise_draws(solver)                             # noise streams: rows drawn per round
         tables = draws if tabulates(self.steps, tuple(shape), generator) else 0   # (N, B, *shape), whole run
+        # A seeded table is drawn whole, its largest stream at once (the corrector's has corrector_steps per step).
+        drawing = (table_draw_bytes(self.steps * math.prod(shape) * max(1, getattr(solver, "corrector_steps", 1)))
+                   if tables and generator is None else 0)
         if self.method not in _PICARD:
             # No trajectory: the states the method keeps, and its largest call's rows with a Picard point's working
             # buffers each (and its noise rows); a stochastic coarse jump's noise chunk besides.
             foot = method_footprint(self.method, self.steps, solver, self.window_size, self.slices)
-            extra = 0
+            extra = drawing
             if foot.jump_rows and _noisy_jump(solver):
-                extra = jump_bytes(foot.jump_rows * math.prod(shape), foot.jump_span)
+                extra += jump_bytes(foot.jump_rows * math.prod(shape), foot.jump_span)
             return check_memory(tuple(shape), self.steps, state_dtype, device, tables, foot.rows,
                                 buffers=window_buffers("picard", solver) + draws, held=foot.held, extra_bytes=extra)
         # Picard (and "auto" before the planner chose: its widest Picard window): the window buffers a round holds
@@ -358,7 +361,7 @@ class SamplerConfig:
         # (N + 1, B, ...) tensor.
         buffers = window_buffers(self.update, solver) + draws + int(self.uses_noise_path(solver))
         return check_memory(tuple(shape), self.steps, state_dtype, device, tables, self.window_size,
-                            buffers=buffers, point_buffers=int(solver.uses_history))
+                            buffers=buffers, point_buffers=int(solver.uses_history), extra_bytes=drawing)
 
     def uses_noise_path(self, solver: Solver) -> bool:
         """Whether Picard draws the constant-D path's noise (``init="x0"``, or ``fill="path"`` on a sliding window,

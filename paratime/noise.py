@@ -351,7 +351,7 @@ def step_noise(solver, steps: int, shape: tuple[int, ...], seed: int, generator,
 
     def draw(stream, per_step=()):
         if generator is not None:
-            return generator_noise(generator, (B, *per_step, *sample), count=steps).to(dtype=dtype, device=device)
+            return generator_noise(generator, (B, *per_step, *sample), count=steps, dtype=dtype, device=device)
         if whole:
             return draw_noise(seed, B, (*per_step, *sample), steps, stream, first_sample, dtype=dtype, device=device)
         return LazyNoise(seed, stream, first_sample, steps, B, (*per_step, *sample), dtype, torch.device(device))
@@ -393,7 +393,8 @@ def check_generator(generator, batch: int) -> None:
         raise TypeError(f"generator: expected a torch.Generator or a list of them, got {type(gens).__name__}")
 
 
-def generator_noise(generator, shape: tuple[int, ...], count: int | None = None) -> torch.Tensor:
+def generator_noise(generator, shape: tuple[int, ...], count: int | None = None, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> torch.Tensor:
     """Standard-normal noise from a caller's generator(s), drawn as diffusers' ``randn_tensor`` draws it: one
     ``(B, *rest)`` draw per step, in step order (a single draw of ``(count, B, ...)`` is a different CPU stream
     unless ``B * prod(rest)`` is a multiple of 16); a list draws ``(1, *rest)`` from each sample's own generator.
@@ -404,20 +405,29 @@ def generator_noise(generator, shape: tuple[int, ...], count: int | None = None)
         generator: a ``torch.Generator``, a list of ``B`` (or 1) of them, or a :class:`PipelineNoise`.
         shape: ``(B, *rest)``, one draw.
         count: None for one draw, else the number of steps.
+        dtype, device: of the returned ``(count, B, *rest)`` table (default: the draws'): each step's draw is
+            copied into it as it is made, so no second table exists at any time.
     Returns:
-        ``(B, *rest)``, or ``(count, B, *rest)``, on the generator's device.
+        ``(B, *rest)``, or ``(count, B, *rest)``, on the generator's device (or ``device``).
     Raises:
         TypeError, ValueError: see :func:`check_generator`.
     """
     check_generator(generator, shape[0])
-    dtype = generator.dtype if isinstance(generator, PipelineNoise) else torch.float32
+    drawn = generator.dtype if isinstance(generator, PipelineNoise) else torch.float32
     gens = generator.generator if isinstance(generator, PipelineNoise) else generator
     if isinstance(gens, (list, tuple)) and len(gens) == 1:
         gens = gens[0]                                    # diffusers treats a list of one as the generator itself
 
     def one() -> torch.Tensor:                            # (B, *rest)
         if isinstance(gens, torch.Generator):
-            return torch.randn(shape, generator=gens, dtype=dtype, device=gens.device)
-        return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=dtype, device=g.device) for g in gens])
+            return torch.randn(shape, generator=gens, dtype=drawn, device=gens.device)
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=drawn, device=g.device) for g in gens])
 
-    return one() if count is None else torch.stack([one() for _ in range(count)])   # (count, B, *rest)
+    if count is None:
+        return one()
+    first = one()
+    table = torch.empty((count, *shape), dtype=dtype or drawn, device=first.device if device is None else device)
+    table[0] = first
+    for i in range(1, count):                             # step order: the generator's stream
+        table[i] = one()
+    return table                                          # (count, B, *rest)

@@ -174,3 +174,21 @@ def test_drawn_without_host_reads_or_copies(monkeypatch):
         draw_noise(9, 3, (5, 7), 4, STEP, first_sample=2, dtype=torch.float32)
         noise_rows(9, CORRECTOR, torch.tensor([1, 2]), torch.tensor([0, 3]), (11,))
     assert mode.reads == [] and copies == [None, None]      # the two row-index tensors of this test only
+
+
+def test_a_generator_table_is_filled_in_place_with_the_same_bits():
+    """A caller's generator: one (B, *rest) draw per step in step order (diffusers' randn_tensor), written into a
+    table of the state's dtype as drawn (no stacked second table), bit for bit the draws converted; a list of
+    generators draws one row from each."""
+    from paratime.noise import generator_noise
+
+    shape, count = (3, 2, 5), 7
+    got = generator_noise(torch.Generator().manual_seed(5), shape, count, dtype=torch.float64)
+    ref = torch.Generator().manual_seed(5)
+    want = torch.stack([torch.randn(shape, generator=ref) for _ in range(count)]).double()
+    assert got.dtype == torch.float64 and got.shape == (count, *shape) and torch.equal(got, want)
+    gens = [torch.Generator().manual_seed(s) for s in range(3)]
+    refs = [torch.Generator().manual_seed(s) for s in range(3)]
+    got = generator_noise(gens, shape, count)
+    want = torch.stack([torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in refs]) for _ in range(count)])
+    assert got.dtype == torch.float32 and torch.equal(got, want)

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 
 __all__ = ["DeviceMemoryError", "check_memory", "default_max_batch", "max_batch_for", "measure_rows",
-           "request_bytes", "Footprint", "method_footprint", "jump_bytes", "available_bytes", "noise_draws", "window_buffers", "solver_kind", "PICARD_BUFFERS",
+           "request_bytes", "Footprint", "method_footprint", "jump_bytes", "table_draw_bytes", "available_bytes", "noise_draws", "window_buffers", "solver_kind", "PICARD_BUFFERS",
            "PROBE_ROWS", "CPU_MAX_BATCH", "CUDA_MAX_BATCH", "MEMORY_FRACTION"]
 
 #: rows of the first (measured) chunk when max_batch is derived
@@ -206,10 +206,18 @@ def method_footprint(method: str, steps: int, solver, cores: int, slices: int | 
                      "staggered (picard: window_buffers)")
 
 
-#: bytes a stochastic coarse jump holds per element of its noise chunk: the drawn rows, their weighted copy, the
-#: running sum and the counter-based generator's temporaries (measured 22-24 at 4x16x16 float64 and 4x64x64 float32:
-#: the generator's integer temporaries dominate, whatever the state's dtype)
-JUMP_BYTES_PER_ELEMENT = 32
+#: bytes held per element of noise while it is drawn: the counter-based generator's temporaries (measured 24 for a
+#: seeded table drawn whole) and, in a stochastic coarse jump, the drawn rows, their weighted copy and the running sum
+#: (measured 22-24 at 4x16x16 float64 and 4x64x64 float32: the generator's integer temporaries dominate, whatever
+#: the state's dtype)
+NOISE_BYTES_PER_ELEMENT = 32
+
+
+def table_draw_bytes(elements: int) -> int:
+    """Bytes held while a seeded noise table of ``elements`` elements is drawn (one stream at a time, in chunks of
+    at most ``2 * paratime.noise._CHUNK_PAIRS`` elements)."""
+    from ..noise import _CHUNK_PAIRS
+    return NOISE_BYTES_PER_ELEMENT * min(int(elements), 2 * _CHUNK_PAIRS)
 
 
 def jump_bytes(rows_elements: int, span: int) -> int:
@@ -218,7 +226,7 @@ def jump_bytes(rows_elements: int, span: int) -> int:
     ``PATH_CHUNK_ELEMENTS`` elements (or one step of the rows, if larger) at a time."""
     from ..solvers import PATH_CHUNK_ELEMENTS
     chunk = min(span * rows_elements, max(PATH_CHUNK_ELEMENTS, rows_elements))
-    return JUMP_BYTES_PER_ELEMENT * int(chunk)
+    return NOISE_BYTES_PER_ELEMENT * int(chunk)
 
 
 def check_memory(shape: tuple[int, ...], steps: int, state_dtype: torch.dtype, device: torch.device | str,
