@@ -113,7 +113,8 @@ def accuracy_sweep(case: Case, tols=TOLS, seed: int = 0, **options) -> list[dict
     Returns:
         One row per tol: ``tol, max_abs_diff, p99_abs_diff`` (of the per-sample max |Δ|), ``over`` (samples with
         max |Δ| > tol), ``switched`` (samples whose label differs from the sequential one's; None without a
-        labeller), ``switched_over`` (of those over tol), ``rounds, nfe``, ``flagged`` (max |Δ| > tol), ``worst``
+        labeller), ``switched_over`` (of those over tol), ``rounds, nfe``, ``mean_rounds`` (the rounds a sample took,
+        averaged), ``rolled_back`` (samples the amplification guard rolled back), ``flagged`` (max |Δ| > tol), ``worst``
         (up to :data:`DIAGNOSED` samples over tol, worst first, as ``(index, max |Δ|, round it finished,
         sensitivity, its rank in the batch)``, see :func:`sensitivity`), ``sensitivity_median, sensitivity_p99``
         (over the batch) and ``strict_accept_max_abs_diff`` (the largest error of those samples rerun with a 10x
@@ -143,6 +144,8 @@ def accuracy_sweep(case: Case, tols=TOLS, seed: int = 0, **options) -> list[dict
                          "over": int(over.sum()), "switched": None if switched is None else int(switched.sum()),
                          "switched_over": None if switched is None else int((switched & over).sum()),
                          "rounds": res.stats.rounds, "nfe": res.stats.nfe, "flagged": bool(over.any()),
+                         "mean_rounds": sum(res.stats.sample_rounds) / case.batch,
+                         "rolled_back": sum(res.stats.extra.get("rolled_back", [])),
                          "worst": [(b, float(err[b]), res.stats.sample_rounds[b], float(gain[b]), int(rank[b]))
                                    for b in worst],
                          "sensitivity_median": float(gain.median()), "sensitivity_p99": float(gain.quantile(0.99)),
@@ -168,9 +171,9 @@ def to_markdown(name: str, case: Case, rows: list[dict]) -> str:
     gains = f"sensitivity median {rows[0]['sensitivity_median']:.3g}, p99 {rows[0]['sensitivity_p99']:.3g}"
     lines = [f"{name} (batch {case.batch}, window {case.window or case.steps}; {gains})", "",
              "| tol | max abs Δ | p99 abs Δ | margin: max (median) Δ / tol in force | samples over tol | "
-             "switched (of them over tol) | rounds | NFE | flag | "
+             "switched (of them over tol) | rounds (per sample) | NFE | rolled back | flag | "
              "worst: sample, its rounds, sensitivity (rank) | over-tol samples, accept 10x stricter: max abs Δ |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         switched = "n/a" if r["switched"] is None else f"{r['switched']} ({r['switched_over']})"
         flag = f"**max Δ > tol ({r['max_rel']:.1f}x)**" if r["flagged"] else ""
@@ -181,7 +184,8 @@ def to_markdown(name: str, case: Case, rows: list[dict]) -> str:
         strict = "" if r["strict_accept_max_abs_diff"] is None else f"{r['strict_accept_max_abs_diff']:.2e}"
         lines.append(f"| {r['tol']:g} | {r['max_abs_diff']:.2e} | {r['p99_abs_diff']:.2e} | "
                      f"{r['max_rel']:.3f} ({r['median_rel']:.3f}) | {r['over']} | "
-                     f"{switched} | {r['rounds']} | {r['nfe']:.1f} | {flag} | {worst} | {strict} |")
+                     f"{switched} | {r['rounds']} ({r['mean_rounds']:.1f}) | {r['nfe']:.1f} | {r['rolled_back']} | "
+                     f"{flag} | {worst} | {strict} |")
     return "\n".join(lines) + "\n"
 
 

@@ -624,6 +624,17 @@ def _end_ranks(procs: list) -> None:
             p.wait(timeout=_STOP_GRACE_S)
 
 
+def _deliver(signum: int, handler) -> None:
+    """Act on a signal that arrived while a rank was starting, as ``handler`` (the one in force) would have: call
+    it, ignore it, or (the default action) send it again."""
+    import signal
+
+    if callable(handler):
+        handler(signum, None)
+    elif handler == signal.SIG_DFL:
+        os.kill(os.getpid(), signum)
+
+
 def _launch_ranks(workers: int, argv: list[str]) -> int:
     """``paratime sample --backend torch --workers N`` outside torchrun: start the N local ranks (torchrun's
     environment: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT) in this process group and wait for them. A rank that
@@ -644,25 +655,37 @@ def _launch_ranks(workers: int, argv: list[str]) -> int:
         raise _Terminated
 
     # Ctrl-C or SIGTERM while Popen starts a rank would raise inside Popen, after the fork: that rank would never
-    # reach ``procs`` and would outlive the launcher. Both stay blocked (pending) until the rank is recorded; the
-    # rank itself unblocks them and ignores SIGINT.
+    # reach ``procs`` and would outlive the launcher. While a rank starts, both are blocked in this thread (and so in
+    # the child until it unblocks them, ignoring SIGINT) and, since a signal sent to the process can still arrive
+    # through another thread (torch's, a library's) whose Python handler then runs here, both handlers only note
+    # the signal; it is acted on once the rank is recorded.
     spawning = {signal.SIGINT, signal.SIGTERM}
+    noted: list[int] = []
 
     def rank_setup():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, spawning)
+
+    def note(signum, frame):
+        noted.append(signum)
 
     previous = signal.signal(signal.SIGTERM, on_term)
     procs = []
     try:
         for r in range(workers):
             env = {**base, "RANK": str(r), "LOCAL_RANK": str(r)}
+            handlers = {s: signal.signal(s, note) for s in spawning}
             signal.pthread_sigmask(signal.SIG_BLOCK, spawning)
             try:
                 procs.append(subprocess.Popen([sys.executable, "-m", "paratime", *argv], env=env,
                                               preexec_fn=rank_setup))
             finally:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, spawning)    # a pending signal is raised here
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, spawning)    # a pending signal is noted here
+                for s, handler in handlers.items():
+                    signal.signal(s, handler)
+            arrived, noted[:] = list(noted), []
+            for s in arrived:               # the rank is recorded: act on what arrived meanwhile, as it would have
+                _deliver(s, handlers[s])
         while True:
             codes = [p.poll() for p in procs]
             failed = [c for c in codes if c not in (None, 0)]

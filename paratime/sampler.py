@@ -258,6 +258,8 @@ class ParallelSampler:
         stats.tol_units = cfg.tol_units if cfg.method in ("picard", "staggered") and cfg.stop == "final" else None
         stats.data_scale, stats.tol_abs = (v.tolist() if isinstance(v, torch.Tensor) else v
                                            for v in (extra.pop("data_scale", None), extra.pop("tol_abs", None)))
+        if isinstance(extra.get("rolled_back"), torch.Tensor):     # Picard's final rule: per sample, whether rolled back
+            stats.extra["rolled_back"] = extra["rolled_back"].tolist()
         if "comm_bytes" in timings:
             stats.extra["comm_bytes"] = timings["comm_bytes"]
         return stats

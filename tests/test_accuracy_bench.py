@@ -12,7 +12,8 @@ from paratime.bench.rounds_at_accuracy import (CASES, PARADIGMS_RULE, Combo, at_
                                               real_class_runs, sample)
 from paratime.methods.picard import STOPS, UPDATES
 
-KEYS = {"tol", "max_abs_diff", "p99_abs_diff", "max_rel", "median_rel", "over", "switched", "switched_over", "rounds", "nfe", "flagged", "worst",
+KEYS = {"tol", "max_abs_diff", "p99_abs_diff", "max_rel", "median_rel", "over", "switched", "switched_over", "rounds", "nfe",
+        "mean_rounds", "rolled_back", "flagged", "worst",
         "strict_accept_max_abs_diff", "sensitivity_median", "sensitivity_p99"}
 
 
@@ -35,6 +36,8 @@ def test_sweep_rows_hold_the_errors_and_flag_exactly_the_rows_over_tol(small):
         assert r["p99_abs_diff"] <= r["max_abs_diff"] and r["over"] == int((err > tol_abs).sum())
         assert 0 < r["rounds"] < small.steps and 0 <= r["switched_over"] <= min(r["switched"], r["over"])
         assert r["flagged"] == (r["max_rel"] > 1)
+        assert r["mean_rounds"] == sum(res.stats.sample_rounds) / 32 <= r["rounds"]
+        assert r["rolled_back"] == sum(res.stats.extra["rolled_back"])
     # The guarantee holds here (tests/test_accuracy.py checks it at every tolerance): no flag.
     assert not any(r["flagged"] for r in rows)
 

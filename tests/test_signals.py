@@ -141,21 +141,33 @@ def test_ray_clean_up_does_not_hide_the_first_error():
     assert backend._cond_ref is None
 
 
-def test_ctrl_c_inside_the_start_of_a_rank_leaves_no_rank(monkeypatch):
+@pytest.mark.parametrize("via", ["process", "thread"])
+def test_ctrl_c_inside_the_start_of_a_rank_leaves_no_rank(monkeypatch, via):
     """Ctrl-C arriving while ``Popen`` starts a rank (after the fork, before ``Popen`` returns): that rank was never
     recorded, so the launcher's clean-up missed it and it outlived the launcher (holding its terminal: the
     ``ctrl-c-starting`` case above hung about one run in eight). Made deterministic: SIGINT to this process from
-    inside the second rank's start."""
+    inside the second rank's start; ``thread``: received by another thread, which the main thread's blocked mask
+    does not stop (its Python handler still runs in the main thread: in the full suite, with torch's threads
+    alive, the old launcher left a rank behind)."""
+    import threading
+
     from paratime import cli
 
     started = []
+    parked = threading.Event()
+    helper = threading.Thread(target=parked.wait, args=(30,), daemon=True)    # a thread with signals unblocked
+    helper.start()
 
     class Popen(subprocess.Popen):
         def _execute_child(self, *args, **kwargs):
             super()._execute_child(*args, **kwargs)
             started.append(self.pid)
             if len(started) == 2:
-                os.kill(os.getpid(), signal.SIGINT)        # Ctrl-C, raised at the next bytecode of Popen
+                if via == "process":
+                    os.kill(os.getpid(), signal.SIGINT)    # Ctrl-C, raised at the next bytecode of Popen
+                else:
+                    signal.pthread_kill(helper.ident, signal.SIGINT)
+                    time.sleep(0.05)                       # the main thread's handler runs inside Popen
 
     monkeypatch.setattr(subprocess, "Popen", Popen)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)   # a background job ignores SIGINT
@@ -164,6 +176,7 @@ def test_ctrl_c_inside_the_start_of_a_rank_leaves_no_rank(monkeypatch):
             cli._launch_ranks(2, [*LONG, "--backend", "torch", "--workers", "2"])
     finally:
         signal.signal(signal.SIGINT, previous)
+        parked.set()
         leftover = [p for p in started if _alive(p)]
         for p in leftover:
             os.kill(p, signal.SIGKILL)

@@ -30,7 +30,13 @@ window holds point ``p + k`` and produces the new value of point ``p + k + 1``. 
                      estimated from their contraction <= tol and no point of its window moved by more than tol / 10
                      in the last round (the whole window quiet), or every point is accepted (``a = accept_tol``,
                      default :func:`default_accept_tol`: an accepted point is frozen, so its error must stay well
-                     below the target)
+                     below the target). With the secant update on per-sample sliding windows (W < N), a sample
+                     whose window stretches its iterates' changes by more than GAIN_LIMIT = 10 in a round (the
+                     product over the window's points of ``|F(y) - F(y')| / |y - y'|`` from their last two
+                     evaluations: a trajectory crossing between modes, where points accepted earlier carry errors
+                     the end amplifies hundreds of times) moves its window start back to half its position and
+                     accepts 100x more strictly from then on, once
+                     (:meth:`~paratime.methods.stops.FinalPointStop.amplified`)
 
 Secant update (a Broyden rank-1 model of each step's Jacobian from that point's last two evaluations): with the
 previous evaluation of point j at ``h_j`` with increment ``dh_j``, ``s_j = y_j - h_j`` and ``u_j = dy_j - dh_j``,
@@ -69,7 +75,7 @@ import logging
 import torch
 
 from .common import Outcome, Problem, RoundInfo
-from .stops import DEFAULT_TOL, STOPS, default_accept_tol, make_stop
+from .stops import DEFAULT_TOL, ROLLBACK, STOPS, FinalPointStop, default_accept_tol, make_stop
 from .updates import UPDATES, UpdateRule
 from .window import SlidingWindow, acceptance_levels, model_frame_path, window_increments
 
@@ -156,6 +162,10 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
     stopper.start(B, y, torch.where(torch.isfinite(noise0) & (noise0 > 0), noise0, torch.ones_like(noise0)))
     residuals: list[float] = []
     rounds = 0
+    # The amplification guard (step 5): per-sample sliding windows under the final rule, where acceptance drives the
+    # slide. A window of the whole grid keeps its frozen points' errors in check through the final point (and its
+    # gain multiplies over the whole grid: above GAIN_LIMIT on every tiny-SD sample, which needs no rollback).
+    guard = isinstance(stopper, FinalPointStop) and not shared_window and window < N
     if init == "x0":
         # 0. One call at x_T; every point from there with D held at its value (one round, counted).
         den_T = problem.evaluate(problem.scale(y, zeros, inverse=True), zeros, win.ar_b)
@@ -177,6 +187,13 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         moved, window_moved = win.write(rows, new, new_rule, stride)  # (B,) the final point's, the window's change
         win.slide(rows, stride, fill, den_last)
         rule.shift(rows.k, stride)
+        if guard and rule.gain is not None:
+            # A window that stretches the iterates' errors (a crossing between modes): the points accepted before
+            # it carry errors sized for an ordinary trajectory. Move the window back and accept more strictly.
+            back = stopper.amplified(rule.gain, ~win.done)
+            win.begin = torch.where(back, (win.begin.to(torch.float64) * ROLLBACK).long(), win.begin)
+            rule.shift(rows.k, torch.where(back, W, 0))                # their slots' history no longer applies
+            moved = torch.where(back, torch.inf, moved)
         # 5. Stop: every point accepted, or the stop rule.
         win.done = stopper(win.done | (win.begin >= N), moved, win.traj[N], window_moved)
         if stopper.reopen is not None:    # accepted to the end while the final point moved: the last window again
@@ -192,4 +209,5 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
     extra = {"converged": converged}
     if stop == "final":             # (B,) device tensors: the tolerance in force in the sample's units, its scale
         extra.update(tol_abs=stopper.tol_b, data_scale=stopper.scale_b)
+        extra["rolled_back"] = stopper.tight < 1                      # (B,) bool: the amplification guard's
     return Outcome(win.final_state(), rounds, residuals, torch.tensor(win.done_round), extra)

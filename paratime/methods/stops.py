@@ -44,6 +44,10 @@ DEFAULT_TOL = {"final": 2e-3, "paradigms": 0.1}
 #: WINDOW_QUIET_SCALE x tol in the last round (see :class:`FinalPointStop`)
 QUIET_ROUNDS, QUIET_SCALE, ESTIMATE_SAFETY, WINDOW_QUIET_SCALE = 2, 0.5, 1.0, 0.1
 ROUNDING = 1e-9                 # final-point changes below ROUNDING x tol count as none
+#: ``final`` rule with the secant update: a sample whose window stretches its iterates' changes by more than GAIN_LIMIT
+#: in one round (a trajectory crossing between modes) is rolled back to ROLLBACK x its window start, with acceptance
+#: TIGHTEN x stricter from then on (see :meth:`FinalPointStop.amplified`)
+GAIN_LIMIT, ROLLBACK, TIGHTEN = 10.0, 0.5, 0.01
 #: ``final`` rule: acceptance relative to the target, and how much stricter it is for a stochastic solver in a window
 #: of the whole grid (see :func:`default_accept_tol`)
 ACCEPT_SCALE, STOCHASTIC_FULL_SCALE = 1 / 30, 1 / 100
@@ -121,6 +125,7 @@ class FinalPointStop:
         self.reopen = self.finished                                           # samples to re-open this round
         self.scale_b = torch.full((B,), self.scale or 1.0, dtype=like.dtype, device=like.device)
         self.tol_b = self.tol * self.scale_b
+        self.tight = torch.ones(B, dtype=like.dtype, device=like.device)    # acceptance factor of amplified samples
 
     def _refresh(self, final: torch.Tensor) -> None:
         """``scale_b``, ``tol_b`` ``(B,)`` from the final points ``(B, *shape)`` (model frame: the returned sample's
@@ -136,7 +141,23 @@ class FinalPointStop:
         self._refresh(final)
         gate = torch.where(torch.isfinite(self.last_moved) & (self.last_moved > self.tol_b),
                            self.tol_b / self.last_moved, torch.ones_like(self.tol_b))
-        return gate * self.scale_b / self.noise_scale
+        return gate * self.tight * self.scale_b / self.noise_scale
+
+    def amplified(self, gain: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` the samples to roll back this round: active, not yet tightened, and whose window stretched the
+        iterates' changes by more than :data:`GAIN_LIMIT` (:func:`paratime.methods.updates._window_gain`). A
+        point accepted before such a stretch carries its error (up to ``accept * n_j``, which is sized for
+        ordinary trajectories) into it: mixture samples crossing between modes end 10-35x over tol from points
+        accepted in the low-noise half. Each such sample's acceptance tightens by :data:`TIGHTEN` for the rest of
+        the run and its quiet count restarts; the caller moves its window back (:data:`ROLLBACK`)."""
+        if not self.tol > 0:
+            return torch.zeros_like(active)
+        back = active & (self.tight == 1) & (gain > GAIN_LIMIT)
+        self.tight = torch.where(back, TIGHTEN, self.tight)
+        self.quiet = torch.where(back, 0, self.quiet)
+        self.last_moved = torch.where(back, float("inf"), self.last_moved)
+        self.last_ratio = torch.where(back, float("inf"), self.last_ratio)
+        return back
 
     def __call__(self, done: torch.Tensor, moved: torch.Tensor, final: torch.Tensor,
                  window_moved: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,10 @@ UPDATES = ("secant", "picard", "anderson")
 #: residuals (ParaTAA's memory, less the current round)
 HISTORY = {"picard": 0, "secant": 1, "anderson": 3}
 SAFEGUARD = 10.0   # largest accepted ratio of a secant correction to the Picard one
+#: the window gain counts a point only when its change exceeds GAIN_FLOOR x its step (smaller: converged)
+GAIN_FLOOR = 1e-3
+#: ... and over at most GAIN_SPAN consecutive points (the windows it was measured on: 4 and 8)
+GAIN_SPAN = 8
 #: Tikhonov weight of the Anderson least squares, relative to the mean diagonal of its normal matrix (scale-free:
 #: ParaTAA's absolute 1e-3, sized for 4x32x32 latents, is ~all of the normal matrix on a 2-D model)
 ANDERSON_REG = 1e-3
@@ -43,6 +47,8 @@ class UpdateRule:
             raise ValueError(f"update: unknown {name!r}; allowed: {', '.join(UPDATES)}")
         self.name, self.depth = name, HISTORY[name]
         self.hist: tuple[torch.Tensor, ...] | None = None   # (m, W, B, ...) stacks: (y, dy, ok) or (x, R, ok)
+        #: secant: ``(B,)`` this round's window gain (:func:`_window_gain`), None before a round with history
+        self.gain: torch.Tensor | None = None
 
     def __call__(self, start: torch.Tensor, dy: torch.Tensor, old: torch.Tensor, y_win: torch.Tensor,
                  valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,7 +65,7 @@ class UpdateRule:
             first round).
         """
         new, err = picard_update(start, dy, old)                      # fused kernel or reference
-        new_rule = new
+        new_rule, self.gain = new, None
         if not self.depth:
             return new, err, new_rule
         W = dy.shape[0]
@@ -71,6 +77,7 @@ class UpdateRule:
             else:
                 dy_sec = _secant_increment(dy, new, old, y_win, h_a[0], h_b[0], h_ok[0])
                 new_rule, _ = picard_update(start, dy_sec, old, want_err=False)
+                self.gain = _window_gain(dy, y_win, h_a[0], h_b[0], h_ok[0])
         entry = (old, new - old, valid) if self.name == "anderson" else (y_win, dy, valid)
         self.hist = (tuple(e[None] for e in entry) if hist is None else
                      tuple(torch.cat([e[None], h[:self.depth - 1, :W]]) for e, h in zip(entry, hist)))
@@ -118,6 +125,31 @@ def _secant_increment(dy, new_pic, old, y_win, hist_y, hist_dy, hist_ok):
     corr = u * c[..., None]                                               # (W, B, D)
     # Per-sample fallback to Picard when the secant change of any point exceeds SAFEGUARD x the largest Picard one.
     return (d + torch.where(_sane(cumsum0(corr), change), corr, zero)).reshape(dy.shape)
+
+
+def _window_gain(dy, y_win, hist_y, hist_dy, hist_ok):
+    """``(B,)`` how much the window's steps stretch a change of the trajectory, measured on the points' own two last
+    evaluations: per point the one-step map ``F(y) = y + dy(y)`` stretches ``s = y - y'`` (this round's state less
+    the previous round's) into ``F(y) - F(y') = s + u`` (``u = dy - dy'``), a gain ``|s + u| / |s|`` (2-norm over
+    the features); the window's gain is the largest product over :data:`GAIN_SPAN` consecutive points (all of a
+    shorter window), a point without both evaluations counting 1. The changes are the iterates' errors, so this is
+    the growth of exactly the errors a frozen point carries, along the window's steps: about 1 on an ordinary
+    trajectory, far above it where the trajectory crosses between modes (the samples whose frozen errors the end
+    amplifies hundreds of times). Same arguments as :func:`_secant_increment`."""
+    W, B = dy.shape[:2]
+    d = dy.reshape(W, B, -1)
+    s = (y_win - hist_y).reshape(W, B, -1)
+    t = s + d - hist_dy.reshape(W, B, -1)                                 # F(y) - F(y')
+    ss, tt, dd = (s * s).sum(-1), (t * t).sum(-1), (d * d).sum(-1)       # (W, B)
+    # A change below GAIN_FLOOR x the step itself is converged: its ratio would be the network's rounding.
+    use = hist_ok & (ss > GAIN_FLOOR**2 * dd) & (ss > 0) & torch.isfinite(tt)
+    tiny = torch.finfo(ss.dtype).tiny
+    log_gain = torch.where(use, 0.5 * (tt.clamp_min(tiny).log() - ss.clamp_min(tiny).log()), 0.0)
+    # The largest stretch over GAIN_SPAN consecutive points (the whole window when shorter): a long window's
+    # product would grow with its length on any trajectory.
+    span = min(GAIN_SPAN, W)
+    total = torch.cat([log_gain.new_zeros(1, B), log_gain.cumsum(0)])   # (W + 1, B)
+    return (total[span:] - total[:W + 1 - span]).amax(0).exp()
 
 
 def _sane(extra, change):
