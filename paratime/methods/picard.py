@@ -30,9 +30,9 @@ window holds point ``p + k`` and produces the new value of point ``p + k + 1``. 
                      estimated from their contraction <= tol and no point of its window moved by more than tol / 10
                      in the last round (the whole window quiet), or every point is accepted (``a = accept_tol``,
                      default :func:`default_accept_tol`: an accepted point is frozen, so its error must stay well
-                     below the target). With the secant update on per-sample sliding windows (W < N), a sample
-                     whose window stretches its iterates' changes by more than GAIN_LIMIT = 10 in a round (the
-                     product over the window's points of ``|F(y) - F(y')| / |y - y'|`` from their last two
+                     below the target). With the secant update on per-sample windows, a sample whose window
+                     stretches its iterates' changes by more than GAIN_LIMIT = 10 in a round (the largest product
+                     over 8 consecutive window points of ``|F(y) - F(y')| / |y - y'|`` from their last two
                      evaluations: a trajectory crossing between modes, where points accepted earlier carry errors
                      the end amplifies hundreds of times) moves its window start back to half its position and
                      accepts 100x more strictly from then on, once
@@ -162,10 +162,9 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
     stopper.start(B, y, torch.where(torch.isfinite(noise0) & (noise0 > 0), noise0, torch.ones_like(noise0)))
     residuals: list[float] = []
     rounds = 0
-    # The amplification guard (step 5): per-sample sliding windows under the final rule, where acceptance drives the
-    # slide. A window of the whole grid keeps its frozen points' errors in check through the final point (and its
-    # gain multiplies over the whole grid: above GAIN_LIMIT on every tiny-SD sample, which needs no rollback).
-    guard = isinstance(stopper, FinalPointStop) and not shared_window and window < N
+    # The amplification guard (step 5): per-sample windows under the final rule (a shared window slides for the
+    # whole batch: one sample cannot move it back).
+    guard = isinstance(stopper, FinalPointStop) and not shared_window
     if init == "x0":
         # 0. One call at x_T; every point from there with D held at its value (one round, counted).
         den_T = problem.evaluate(problem.scale(y, zeros, inverse=True), zeros, win.ar_b)
