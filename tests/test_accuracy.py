@@ -356,16 +356,15 @@ def test_the_window_gain_is_the_product_of_the_points_stretch():
     dy, hist_dy = (a - 1) * y, (a - 1) * hist_y
     ok = torch.ones(W, B, dtype=torch.bool)
     ok[0, 1] = False                                                  # sample 1: one point without history
-    gain = _window_gain(dy, y, hist_y, hist_dy, ok)
+    gain = _window_gain(y - hist_y, dy - hist_dy, dy, ok)
     assert torch.allclose(gain, torch.tensor([a ** W, a ** (W - 1), a ** W], dtype=torch.float64))
     # A window longer than GAIN_SPAN: the largest product over GAIN_SPAN consecutive points, not the whole product
     # (which a contracting stretch after it would hide, and which grows with the length on any trajectory).
     stretch = torch.tensor([1.0] * 2 + [3.0] * GAIN_SPAN + [0.1] * 4, dtype=torch.float64)[:, None, None]
     y2 = torch.randn(len(stretch), 1, 4, dtype=torch.float64, generator=g)
     s2 = torch.randn(len(stretch), 1, 4, dtype=torch.float64, generator=g)
-    long = _window_gain((stretch - 1) * y2, y2, y2 - s2, (stretch - 1) * (y2 - s2),
-                        torch.ones(len(stretch), 1, dtype=torch.bool))
+    long = _window_gain(s2, (stretch - 1) * s2, (stretch - 1) * y2, torch.ones(len(stretch), 1, dtype=torch.bool))
     assert torch.allclose(long, torch.tensor([3.0 ** GAIN_SPAN], dtype=torch.float64))
     tiny = y - 0.5 * GAIN_FLOOR * (a - 1) * s / s.norm(dim=-1, keepdim=True) * y.norm(dim=-1, keepdim=True)
-    gain = _window_gain(dy, y, tiny, (a - 1) * tiny, ok)              # changes below the floor: converged
+    gain = _window_gain(y - tiny, dy - (a - 1) * tiny, dy, ok)        # changes below the floor: converged
     assert torch.equal(gain, torch.ones(B, dtype=torch.float64))

@@ -75,9 +75,8 @@ class UpdateRule:
             if self.name == "anderson":
                 new_rule = _anderson_values(new, old, h_a, h_b, h_ok)
             else:
-                dy_sec = _secant_increment(dy, new, old, y_win, h_a[0], h_b[0], h_ok[0])
+                dy_sec, self.gain = _secant_increment(dy, new, old, y_win, h_a[0], h_b[0], h_ok[0])
                 new_rule, _ = picard_update(start, dy_sec, old, want_err=False)
-                self.gain = _window_gain(dy, y_win, h_a[0], h_b[0], h_ok[0])
         entry = (old, new - old, valid) if self.name == "anderson" else (y_win, dy, valid)
         self.hist = (tuple(e[None] for e in entry) if hist is None else
                      tuple(torch.cat([e[None], h[:self.depth - 1, :W]]) for e, h in zip(entry, hist)))
@@ -105,12 +104,14 @@ def _secant_increment(dy, new_pic, old, y_win, hist_y, hist_dy, hist_ok):
         hist_y, hist_dy: ``(W, B, *shape)`` each point's previous evaluation state and increment.
         hist_ok: ``(W, B)`` whether that previous evaluation exists (and the slot is valid).
     Returns:
-        ``(W, B, *shape)`` increments to accumulate from the window start.
+        ``(increments, gain)``: ``(W, B, *shape)`` increments to accumulate from the window start, and the
+        window's ``(B,)`` gain from the same pairs (:func:`_window_gain`).
     """
     W, B = dy.shape[:2]
     d, yw, hy, hd = (t.reshape(W, B, -1) for t in (dy, y_win, hist_y, hist_dy))
     change = (new_pic - old).reshape(W, B, -1)                            # Picard's change of points p+1 .. p+W
     s, u = yw - hy, d - hd                                                # (W, B, D)
+    gain = _window_gain(s, u, d, hist_ok)
     ss, uu = (s * s).sum(-1), (u * u).sum(-1)                             # (W, B); x * x: pow(2)'s bits, faster
     use = (hist_ok & (ss > 0) & (uu <= SAFEGUARD**2 * ss))[..., None]     # (W, B, 1)
     zero = d.new_zeros(())
@@ -124,10 +125,10 @@ def _secant_increment(dy, new_pic, old, y_win, hist_y, hist_dy, hist_ok):
     c = torch.linalg.solve_triangular(neg_L, r, upper=False, unitriangular=True)[..., 0].T   # (W, B)
     corr = u * c[..., None]                                               # (W, B, D)
     # Per-sample fallback to Picard when the secant change of any point exceeds SAFEGUARD x the largest Picard one.
-    return (d + torch.where(_sane(cumsum0(corr), change), corr, zero)).reshape(dy.shape)
+    return (d + torch.where(_sane(cumsum0(corr), change), corr, zero)).reshape(dy.shape), gain
 
 
-def _window_gain(dy, y_win, hist_y, hist_dy, hist_ok):
+def _window_gain(s, u, d, hist_ok):
     """``(B,)`` how much the window's steps stretch a change of the trajectory, measured on the points' own two last
     evaluations: per point the one-step map ``F(y) = y + dy(y)`` stretches ``s = y - y'`` (this round's state less
     the previous round's) into ``F(y) - F(y') = s + u`` (``u = dy - dy'``), a gain ``|s + u| / |s|`` (2-norm over
@@ -135,11 +136,15 @@ def _window_gain(dy, y_win, hist_y, hist_dy, hist_ok):
     shorter window), a point without both evaluations counting 1. The changes are the iterates' errors, so this is
     the growth of exactly the errors a frozen point carries, along the window's steps: about 1 on an ordinary
     trajectory, far above it where the trajectory crosses between modes (the samples whose frozen errors the end
-    amplifies hundreds of times). Same arguments as :func:`_secant_increment`."""
-    W, B = dy.shape[:2]
-    d = dy.reshape(W, B, -1)
-    s = (y_win - hist_y).reshape(W, B, -1)
-    t = s + d - hist_dy.reshape(W, B, -1)                                 # F(y) - F(y')
+    amplifies hundreds of times).
+
+    Args:
+        s, u: ``(W, B, D)`` each point's change of state ``y - y'`` and of increment ``dy - dy'`` (the secant pairs
+            of :func:`_secant_increment`). d: ``(W, B, D)`` this round's increments. hist_ok: ``(W, B)`` whether
+            the previous evaluation exists.
+    """
+    W, B = s.shape[:2]
+    t = s + u                                                             # F(y) - F(y')
     ss, tt, dd = (s * s).sum(-1), (t * t).sum(-1), (d * d).sum(-1)       # (W, B)
     # A change below GAIN_FLOOR x the step itself is converged: its ratio would be the network's rounding.
     use = hist_ok & (ss > GAIN_FLOOR**2 * dd) & (ss > 0) & torch.isfinite(tt)
