@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .backends import check_memory, noise_draws, window_buffers
+from .checks import check_int, check_number
 from .backends.memory import jump_bytes, method_footprint, table_draw_bytes
 from .denoiser import PREDICTIONS, Denoiser
 from .methods import METHODS
@@ -39,40 +40,6 @@ log = logging.getLogger("paratime")
 TOL_UNITS = ("data", "absolute")
 
 STATE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-
-def check_int(name: str, value: Any, low: int | None = None, high: int | None = None, none: bool = False) -> None:
-    """Raise unless ``value`` is an integer (not a bool) in ``[low, high]`` (or None when ``none``).
-
-    Raises:
-        TypeError: not an integer (bool and float included). ValueError: out of range.
-    """
-    if value is None and none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an integer{' or None' if none else ''}, got {value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name}: must be an integer {rng}, got {value!r}")
-
-
-def check_number(name: str, value: Any, low: float | None = None, high: float | None = None, *,
-                 low_open: bool = False, none: bool = False) -> None:
-    """Raise unless ``value`` is a finite real number (not a bool) in the range (``low`` excluded when ``low_open``).
-
-    Raises:
-        TypeError: not a real number. ValueError: NaN, inf or out of range.
-    """
-    if value is None and none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a number{' or None' if none else ''}, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: must be a finite number, got {value!r}")
-    if low is not None and (value <= low if low_open else value < low):
-        raise ValueError(f"{name}: must be {'>' if low_open else '>='} {low}, got {value!r}")
-    if high is not None and value > high:
-        raise ValueError(f"{name}: must be <= {high}, got {value!r}")
 
 
 def check_device(device: Any) -> torch.device | None:

@@ -253,6 +253,11 @@ class DiscreteVPSchedule(NoiseSchedule):
             return self._grid_from_sigmas(karras_sigmas(steps, lo, hi))
         ts = torch.from_numpy(self.timesteps(steps, spacing).copy())
         ac = self.alphas_cumprod[ts]
+        if not self.final_alpha_cumprod > float(ac[-1]):
+            # The grid's last step goes to final_alpha_cumprod: it must be less noisy than the last timestep.
+            raise ValueError(f"final_alpha_cumprod: must exceed alpha_bar at the grid's last timestep "
+                             f"{int(ts[-1])} ({float(ac[-1]):.6g}) for a {steps}-step {spacing} grid, got "
+                             f"{self.final_alpha_cumprod!r}")
         a_final = torch.tensor([self.final_alpha_cumprod], dtype=torch.float64)
         ac = torch.cat([ac, a_final])
         sig = ((1 - ac) / ac).sqrt()

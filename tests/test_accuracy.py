@@ -321,7 +321,7 @@ def test_a_sample_whose_window_stretches_its_errors_is_rolled_back(index, solver
     shared = _sampler(mix3, solver=solver, steps=100, window=8, tol=0.1, shared_window=True).sample(
         1, seed=1, first_sample=index)
     assert shared.stats.extra["rolled_back"] == [False]               # a shared window: no guard
-    monkeypatch.setattr(stops, "GAIN_LIMIT", math.inf)                 # the guard off: the old result
+    monkeypatch.setattr(stops, "GAIN_BUDGET", math.inf)                # the guard off: the old result
     off = run()
     assert off.stats.extra["rolled_back"] == [False]
     assert float((off.samples - seq).abs().max()) > off.stats.tol_abs[0]
@@ -335,7 +335,7 @@ def test_an_ordinary_sample_is_not_rolled_back(mix3, monkeypatch):
         return _sampler(mix3, solver="ddim", steps=100, window=8, tol=0.1).sample(16, seed=1)
 
     res = run()
-    monkeypatch.setattr(stops, "GAIN_LIMIT", math.inf)
+    monkeypatch.setattr(stops, "GAIN_BUDGET", math.inf)
     off = run()
     assert res.stats.extra["rolled_back"] == [False] * 16
     assert res.stats.rounds == off.stats.rounds and torch.equal(res.samples, off.samples)
@@ -368,3 +368,53 @@ def test_the_window_gain_is_the_product_of_the_points_stretch():
     tiny = y - 0.5 * GAIN_FLOOR * (a - 1) * s / s.norm(dim=-1, keepdim=True) * y.norm(dim=-1, keepdim=True)
     gain = _window_gain(y - tiny, dy - (a - 1) * tiny, dy, ok)        # changes below the floor: converged
     assert torch.equal(gain, torch.ones(B, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("solver, window, scale", [("ddim", 8, 1 / 10), ("ddim", 100, 1 / 30), ("ddpm", 8, 1 / 10),
+                                                  ("ddpm", 100, 1 / 3000)])
+def test_the_default_acceptance_follows_what_acceptance_buys(solver, window, scale, mix3):
+    """A sliding window accepts at tol / 10 (acceptance drives its slide), a window of the whole grid at tol / 30 (there
+    it only saves evaluations), tol / 3000 for a stochastic solver there: the default runs bit for bit as the explicit
+    value, and not as the other window kind's."""
+    from paratime.methods.stops import default_accept_tol
+
+    tol = 0.01
+    assert default_accept_tol(tol, stochastic_full=solver == "ddpm" and window >= 100, sliding=window < 100) == \
+        pytest.approx(tol * scale)
+
+    def run(**accept):
+        return _sampler(mix3, solver=solver, steps=100, window=window, tol=tol, **accept).sample(32, seed=0)
+
+    res = run()
+    same = run(accept_tol=tol * scale)
+    other = run(accept_tol=tol / 30 if scale != 1 / 30 else tol / 10)
+    assert torch.equal(res.samples, same.samples) and res.stats.nfe == same.stats.nfe
+    assert res.stats.nfe != other.stats.nfe
+
+
+def test_the_guard_limit_follows_the_acceptance_margin():
+    """The rollback limit is a third of the margin tol / accept (at least GAIN_MIN; inf without early freezing)."""
+    from paratime.methods.stops import GAIN_MIN, gain_limit
+
+    assert gain_limit(0.1, 0.01) == pytest.approx(10 / 3)
+    assert gain_limit(0.1, 0.1 / 30) == pytest.approx(10.0)
+    assert gain_limit(0.1, 0.1 / 3000) == pytest.approx(1000.0)
+    assert gain_limit(0.1, 0.1) == GAIN_MIN
+    assert gain_limit(0.1, 0.0) == math.inf
+
+
+def test_a_stochastic_whole_grid_leaves_the_guard_idle(monkeypatch):
+    """gmm DDPM-100, window of the whole grid: tol / 3000 acceptance already covers the SDE's amplification, so its
+    guard limit (1000) rolls no sample back; at the sliding limit of 10 4 of these 32 would have been moved back for
+    nothing. Every sample stays within tol."""
+    import paratime.methods.stops as stops
+
+    def run():
+        return _sampler("gmm", solver="ddpm", steps=100, window=100, tol=0.01).sample(32, seed=0)
+
+    seq = _sampler("gmm", solver="ddpm", steps=100, method="sequential").sample(32, seed=0).samples
+    res = run()
+    assert res.stats.extra["rolled_back"] == [False] * 32
+    assert_within_tol(res, seq)
+    monkeypatch.setattr(stops, "gain_limit", lambda tol, accept: 10.0)
+    assert any(run().stats.extra["rolled_back"])

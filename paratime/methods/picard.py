@@ -30,13 +30,15 @@ window holds point ``p + k`` and produces the new value of point ``p + k + 1``. 
                      estimated from their contraction <= tol and no point of its window moved by more than tol / 10
                      in the last round (the whole window quiet), or every point is accepted (``a = accept_tol``,
                      default :func:`default_accept_tol`: an accepted point is frozen, so its error must stay well
-                     below the target). With the secant update on per-sample windows, a sample whose window
-                     stretches its iterates' changes by more than GAIN_LIMIT = 10 in a round (the largest product
-                     over 8 consecutive window points of ``|F(y) - F(y')| / |y - y'|`` from their last two
-                     evaluations: a trajectory crossing between modes, where points accepted earlier carry errors
-                     the end amplifies hundreds of times) moves its window start back to half its position and
-                     accepts 100x more strictly from then on, once
-                     (:meth:`~paratime.methods.stops.FinalPointStop.amplified`)
+                     below the target: tol / 10 in a sliding window, tol / 30 in one of the whole grid). With the
+                     secant update on per-sample windows, a sample whose window stretches its iterates' changes by
+                     more than the acceptance's margin allows in a round (the largest product over 8 consecutive
+                     window points of ``|F(y) - F(y')| / |y - y'|`` from their last two evaluations, above
+                     tol / (3 a): 3.3 sliding, 10 on the whole grid; a trajectory crossing between modes, where
+                     points accepted earlier carry errors the end amplifies hundreds of times) moves its window
+                     start back to half its position and accepts 100x more strictly from then on, once
+                     (:meth:`~paratime.methods.stops.FinalPointStop.amplified`,
+                     :func:`~paratime.methods.stops.gain_limit`)
 
 Secant update (a Broyden rank-1 model of each step's Jacobian from that point's last two evaluations): with the
 previous evaluation of point j at ``h_j`` with increment ``dh_j``, ``s_j = y_j - h_j`` and ``u_j = dy_j - dh_j``,
@@ -149,7 +151,8 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
     if fill not in FILLS:
         raise ValueError(f"fill: unknown {fill!r}; allowed: {', '.join(FILLS)}")
     N, B, dev = problem.steps, x.shape[0], x.device
-    stopper = make_stop(stop, tol, accept_tol, problem.solver.stochastic and window >= N, tol_scale)
+    stopper = make_stop(stop, tol, accept_tol, problem.solver.stochastic and window >= N, tol_scale,
+                        sliding=window < N)
     levels = acceptance_levels(problem.noise_levels, stopper.accept)   # (3, N+1)
     init, need_den = path_plan(init, fill, window, N, max_rounds)
     # The trajectory lives in the model's frame (ParaDiGMS iterates on VP latents): there the state barely moves at

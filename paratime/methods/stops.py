@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["STOPS", "DEFAULT_TOL", "default_accept_tol", "make_stop", "FinalPointStop", "AllAcceptedStop"]
+__all__ = ["STOPS", "DEFAULT_TOL", "default_accept_tol", "gain_limit", "make_stop", "FinalPointStop", "AllAcceptedStop"]
 
 STOPS = ("final", "paradigms")
 #: tolerance used when none is given: max |sample - sequential sample| for ``final``; ParaDiGMS's for ``paradigms``
@@ -44,32 +44,49 @@ DEFAULT_TOL = {"final": 2e-3, "paradigms": 0.1}
 #: WINDOW_QUIET_SCALE x tol in the last round (see :class:`FinalPointStop`)
 QUIET_ROUNDS, QUIET_SCALE, ESTIMATE_SAFETY, WINDOW_QUIET_SCALE = 2, 0.5, 1.0, 0.1
 ROUNDING = 1e-9                 # final-point changes below ROUNDING x tol count as none
-#: ``final`` rule with the secant update: a sample whose window stretches its iterates' changes by more than GAIN_LIMIT
-#: in one round (a trajectory crossing between modes) is rolled back to ROLLBACK x its window start, with acceptance
-#: TIGHTEN x stricter from then on (see :meth:`FinalPointStop.amplified`)
-GAIN_LIMIT, ROLLBACK, TIGHTEN = 10.0, 0.5, 0.01
-#: ``final`` rule: acceptance relative to the target, and how much stricter it is for a stochastic solver in a window
-#: of the whole grid (see :func:`default_accept_tol`)
-ACCEPT_SCALE, STOCHASTIC_FULL_SCALE = 1 / 30, 1 / 100
+#: ``final`` rule with the secant update: a sample whose window stretches its iterates' changes by more than its gain
+#: limit in one round (a trajectory crossing between modes) is rolled back to ROLLBACK x its window start, with
+#: acceptance TIGHTEN x stricter from then on (see :meth:`FinalPointStop.amplified`). The limit is the acceptance's
+#: margin under the target times GAIN_BUDGET (``GAIN_BUDGET * tol / accept``, at least GAIN_MIN; see :func:`gain_limit`)
+GAIN_BUDGET, GAIN_MIN, ROLLBACK, TIGHTEN = 1 / 3, 2.0, 0.5, 0.01
+#: ``final`` rule: acceptance relative to the target in a sliding window (shorter than the grid) and in a window of
+#: the whole grid, and how much stricter the latter is for a stochastic solver (see :func:`default_accept_tol`)
+SLIDING_SCALE, ACCEPT_SCALE, STOCHASTIC_FULL_SCALE = 1 / 10, 1 / 30, 1 / 100
 
 
-def default_accept_tol(tol: float, stochastic_full: bool = False) -> float:
-    """The window-slide tolerance (noise-level units) of the ``final`` rule: ``tol / 30``, or ``tol / 3000`` with
-    ``stochastic_full`` (a stochastic solver with a window of the whole grid, ``W >= N``).
+def default_accept_tol(tol: float, stochastic_full: bool = False, sliding: bool = False) -> float:
+    """The window-slide tolerance (noise-level units) of the ``final`` rule: ``tol / 10`` in a ``sliding`` window
+    (shorter than the grid), ``tol / 30`` in a window of the whole grid, ``tol / 3000`` with ``stochastic_full`` (a
+    stochastic solver with a window of the whole grid, ``W >= N``).
 
-    An accepted point is frozen, and its error reaches the final point amplified: up to ~5x on ``gmm`` DDIM-100 for a
-    sample near a mode boundary (and the secant iterates' cumulative defect underestimates their error up to ~3x
-    more), so acceptance must be stricter than the target. A stochastic solver's trajectory amplifies far more (the
-    reverse SDE's drift pulls apart twice as hard as the ODE's): on ``gmm`` DDPM-100, 1 sample in 4,000 moves
-    ~650x per unit change of its initial noise and up to ~3e4x per unit change of a mid-trajectory point, and
-    ``tol / 30`` left it 49x over tol (issue 17). No cheap per-sample measure of that amplification was found (the
-    secant pairs' expansion along the last change underestimated it ~1e3x), so the stricter tolerance applies to
-    every sample, where it costs NFE only: in a window of the whole grid the final point decides when a sample stops,
-    and acceptance only saves evaluations (+12-17% NFE on ``gmm`` DDPM-100, rounds -1 to +1). A sliding window keeps
-    ``tol / 30``: there acceptance drives the slide, so the rounds, and with more, smaller steps the frozen errors
-    shrink (``gmm`` DDPM-1000, W 100: max |Δ| <= 0.14 tol on 4,000 samples at tol 1e-2 and 1e-3). Measured on
-    ``gmm`` and the 3-D mixture of ``tests/test_accuracy.py``."""
-    return tol * ACCEPT_SCALE * (STOCHASTIC_FULL_SCALE if stochastic_full else 1.0)
+    An accepted point is frozen, and its error reaches the final point amplified, so acceptance must be stricter than
+    the target. How much stricter depends on what acceptance buys:
+
+    - In a window of the whole grid the final point decides when a sample stops, and acceptance only saves
+      evaluations; there the margin is wide. An ordinary ODE trajectory amplifies a frozen error up to ~5x (``gmm``
+      DDIM-100, a sample near a mode boundary; the secant iterates' cumulative defect underestimates their error up
+      to ~3x more); a stochastic solver's far more (the reverse SDE's drift pulls apart twice as hard as the ODE's:
+      on ``gmm`` DDPM-100, 1 sample in 4,000 moves ~3e4x per unit change of a mid-trajectory point, and ``tol / 30``
+      left it 49x over tol, issue 17), so ``tol / 3000`` there (+12-17% NFE on ``gmm`` DDPM-100, rounds -1 to +1).
+      ``tol / 10`` here fails the 3-D mixture's DPM++(2M) at tol 0.1 (8.6x) and ``tol / 300`` costs the digits
+      U-Net 31% more evaluations (DDIM-100, batch 16), so the whole grid keeps ``tol / 30``.
+    - In a sliding window acceptance drives the slide, so the rounds: ``tol / 10`` takes 4-11% fewer rounds than
+      ``tol / 30`` (digits DDIM-50, window 4: 19.5 -> 17.3 mean rounds at tol 0.1), and the rare trajectory that
+      amplifies more is caught by the amplification guard, whose limit follows this margin (:func:`gain_limit`:
+      3.3 here): max |Δ| <= 0.6 tol on 4,000 samples of ``gmm`` and the 3-D mixture and 64 digits, seeds 0, 1 and 3
+      (``benchmarks/accuracy_sweep.py``'s ``-w8`` / ``-w4`` cases). ``tol / 3`` fails digits (1.14x at 1e-3)."""
+    return tol * (SLIDING_SCALE if sliding else ACCEPT_SCALE * (STOCHASTIC_FULL_SCALE if stochastic_full else 1.0))
+
+
+def gain_limit(tol: float, accept: float) -> float:
+    """The amplification guard's limit for acceptance ``accept`` under target ``tol`` (both per unit data scale):
+    ``GAIN_BUDGET * tol / accept``, at least :data:`GAIN_MIN`, inf when ``accept`` is 0 (nothing is frozen early).
+
+    A point is accepted with an error up to ``accept`` per unit noise level; a window that stretches such errors by
+    more than a third of the margin ``tol / accept`` could carry them past a third of the target. So the limit is 3.3
+    with the sliding ``tol / 10``, 10 with the whole-grid ``tol / 30`` and 1000 (the guard idle) with the stochastic
+    whole grid's ``tol / 3000``, whose margin already covers the SDE's amplification."""
+    return max(GAIN_MIN, GAIN_BUDGET * tol / accept) if accept > 0 else float("inf")
 
 
 class AllAcceptedStop:
@@ -126,6 +143,7 @@ class FinalPointStop:
         self.scale_b = torch.full((B,), self.scale or 1.0, dtype=like.dtype, device=like.device)
         self.tol_b = self.tol * self.scale_b
         self.tight = torch.ones(B, dtype=like.dtype, device=like.device)    # acceptance factor of amplified samples
+        self.gain_limit = gain_limit(self.tol, self.accept)
 
     def _refresh(self, final: torch.Tensor) -> None:
         """``scale_b``, ``tol_b`` ``(B,)`` from the final points ``(B, *shape)`` (model frame: the returned sample's
@@ -145,14 +163,14 @@ class FinalPointStop:
 
     def amplified(self, gain: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """``(B,)`` the samples to roll back this round: active, not yet tightened, and whose window stretched the
-        iterates' changes by more than :data:`GAIN_LIMIT` (:func:`paratime.methods.updates._window_gain`). A
+        iterates' changes by more than the limit :func:`gain_limit` (:func:`paratime.methods.updates._window_gain`). A
         point accepted before such a stretch carries its error (up to ``accept * n_j``, which is sized for
         ordinary trajectories) into it: mixture samples crossing between modes end 10-35x over tol from points
         accepted in the low-noise half. Each such sample's acceptance tightens by :data:`TIGHTEN` for the rest of
         the run and its quiet count restarts; the caller moves its window back (:data:`ROLLBACK`)."""
         if not self.tol > 0:
             return torch.zeros_like(active)
-        back = active & (self.tight == 1) & (gain > GAIN_LIMIT)
+        back = active & (self.tight == 1) & (gain > self.gain_limit)
         self.tight = torch.where(back, TIGHTEN, self.tight)
         self.quiet = torch.where(back, 0, self.quiet)
         self.last_moved = torch.where(back, float("inf"), self.last_moved)
@@ -193,7 +211,8 @@ class FinalPointStop:
 
 
 def make_stop(stop: str, tol: float | None, accept_tol: float | None = None,
-              stochastic_full: bool = False, scale: float | None = 1.0) -> AllAcceptedStop | FinalPointStop:
+              stochastic_full: bool = False, scale: float | None = 1.0,
+              sliding: bool = False) -> AllAcceptedStop | FinalPointStop:
     """The stop rule ``stop`` at ``tol`` (None: :data:`DEFAULT_TOL`).
 
     Args:
@@ -202,6 +221,7 @@ def make_stop(stop: str, tol: float | None, accept_tol: float | None = None,
             tolerance (noise-level units). 0 runs to the exact fixed point.
         accept_tol: ``final`` only: the acceptance tolerance (noise-level units); None: :func:`default_accept_tol`.
         stochastic_full: a stochastic solver with a window of the whole grid (stricter default acceptance).
+        sliding: a window shorter than the grid (looser default acceptance: it drives the slide).
         scale: ``final`` only: the data scale ``tol`` and ``accept_tol`` are relative to (1: absolute units; None:
             each sample's own max-abs, see :class:`FinalPointStop`).
     Returns:
@@ -221,5 +241,5 @@ def make_stop(stop: str, tol: float | None, accept_tol: float | None = None,
         if scale != 1.0:
             raise ValueError("scale: applies only to stop='final'; 'paradigms' takes tol in noise-level units")
         return AllAcceptedStop(tol)
-    return FinalPointStop(tol, default_accept_tol(tol, stochastic_full) if accept_tol is None else float(accept_tol),
-                          scale)
+    accept = default_accept_tol(tol, stochastic_full, sliding) if accept_tol is None else float(accept_tol)
+    return FinalPointStop(tol, accept, scale)

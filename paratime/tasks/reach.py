@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_int, check_number
+
 __all__ = ["ReachConfig", "Episodes", "make_episodes", "observe", "step", "expert_actions", "expert_chunk",
            "rollout_expert", "make_dataset", "collides", "clearance", "chunk_path", "mean_path_fails"]
 
@@ -55,15 +57,11 @@ class ReachConfig:
 
     def __post_init__(self):
         for name in ("obstacles", "horizon", "n_exec", "max_steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: must be an integer >= 1, got {v!r}")
+            check_int(name, getattr(self, name), 1)
         if self.n_exec > self.horizon:
             raise ValueError(f"n_exec: must be <= horizon={self.horizon}, got {self.n_exec}")
         for name in ("max_speed", "goal_tol", "margin"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"{name}: must be a number > 0, got {v!r}")
+            check_number(name, getattr(self, name), 0, low_open=True)
 
     @property
     def obs_dim(self) -> int:
@@ -120,15 +118,13 @@ def make_episodes(n: int, seed: int = 0, first: int = 0, config: ReachConfig | N
     Returns:
         :class:`Episodes` at their start positions.
     Raises:
-        ValueError: ``n`` < 1, a negative ``first`` or a non-integer ``seed``.
+        TypeError: a non-integer ``n``, ``first`` or ``seed`` (bool included). ValueError: ``n`` < 1, a negative
+            ``first``.
     """
     config = _check_config(config)
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: must be an integer >= 1, got {n!r}")
-    if not isinstance(first, int) or first < 0:
-        raise ValueError(f"first: must be an integer >= 0, got {first!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed: must be an integer, got {seed!r}")
+    check_int("n", n, 1)
+    check_int("first", first, 0)
+    check_int("seed", seed)
     K = config.obstacles
     # One generator per episode, keyed by (seed, index): the same episode whatever the batch it is made in.
     # Columns of u01: start y, goal y, then K each of along-path jitter, lateral jitter, radius, expert side.
@@ -280,11 +276,10 @@ def make_dataset(episodes: int, seed: int = 0, config: ReachConfig | None = None
         ``obs`` ``(M, obs_dim)`` and ``chunks`` ``(M, H, 2)``, float32; states whose expert chunk would hit a disc
         (rare pushes into an obstacle) are dropped.
     Raises:
-        ValueError: ``episodes`` < 1 or a negative ``noise``.
+        TypeError, ValueError: ``episodes`` not an integer >= 1, ``noise`` not a finite number >= 0.
     """
     config = _check_config(config)
-    if not noise >= 0:
-        raise ValueError(f"noise: must be >= 0, got {noise!r}")
+    check_number("noise", noise, 0)
     ep = make_episodes(episodes, seed=seed, config=config)
     gen = torch.Generator().manual_seed(seed)
     obs, chunks = rollout_expert(ep, config, noise, gen)

@@ -166,11 +166,12 @@ def load_digits_data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def check_train_options(steps: int = 8000, batch: int = 256, lr: float = 2e-3, channels: int = 32, seed: int = 0,
-                        ema: float = 0.999, label_drop: float = 0.1) -> None:
+                        ema: float = 0.999, label_drop: float = 0.1, threads: int | None = None) -> None:
     """The checks of :func:`train_digits`, before any data is loaded (the CLI runs them before it starts).
 
     Raises:
-        TypeError: a non-integer ``steps``, ``batch``, ``channels`` or ``seed``, or a non-number ``lr``.
+        TypeError: a non-integer ``steps``, ``batch``, ``channels``, ``seed`` or ``threads`` (None allowed), or a
+            non-number ``lr``.
         ValueError: out of range: ``channels`` must be a multiple of 8 (GroupNorm's groups), ``ema`` and
             ``label_drop`` in [0, 1), ``lr`` finite and > 0.
     """
@@ -180,6 +181,7 @@ def check_train_options(steps: int = 8000, batch: int = 256, lr: float = 2e-3, c
     if channels % 8:
         raise ValueError(f"channels: must be a multiple of 8 (GroupNorm with 8 groups), got {channels}")
     check_int("seed", seed, 0)
+    check_int("threads", threads, 1, none=True)
     check_number("lr", lr, 0, low_open=True)
     for name, value in (("ema", ema), ("label_drop", label_drop)):
         check_number(name, value, 0, 1)
@@ -195,15 +197,24 @@ def train_digits(out: str | Path | None = None, steps: int = 8000, batch: int = 
     Args:
         out: safetensors path to write (None: don't write). steps, batch, lr, seed, ema: the usual.
         channels: network width. label_drop: probability of training a sample with the "no label" class.
+        threads: torch's thread count while training (None: as it is); restored afterwards.
     Returns:
         ``{"losses": [...], "seconds": ..., "meta": {...}}``.
     Raises:
         ValueError, TypeError: see :func:`check_train_options`.
     """
     check_train_options(steps=steps, batch=batch, lr=lr, channels=channels, seed=seed, ema=ema,
-                        label_drop=label_drop)
+                        label_drop=label_drop, threads=threads)
+    before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    try:
+        return _train(out, steps, batch, lr, channels, seed, ema, label_drop, progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(out, steps, batch, lr, channels, seed, ema, label_drop, progress) -> dict:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     x_all, y_all = load_digits_data()
