@@ -70,11 +70,12 @@ def check_device(device: Any) -> torch.device | None:
 
 
 _PICARD = ("picard", "auto")               # auto: the options are given for the planner's Picard candidate
+#                                            (not its window: the planner sizes it, so method="auto" takes window="auto")
 _PARAREAL = ("parareal", "parareal_pipelined")
 #: the options read by some methods only (``window``: Picard's window, staggered's cores); any other method
 #: refuses them away from their defaults
 METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
-    "window": (*_PICARD, "staggered"), "max_rounds": ("picard",),
+    "window": ("picard", "staggered"), "max_rounds": ("picard",),
     **{name: _PICARD for name in ("shared_window", "stop", "update", "accept_tol", "init", "fill")},
     **{name: _PARAREAL for name in ("slices", "coarse_steps", "coarse")},
 }
@@ -186,8 +187,10 @@ class SamplerConfig:
         if self.classifier is not None and not callable(self.classifier):
             raise TypeError(f"classifier: expected a callable, got {type(self.classifier).__name__}")
         check_number("classifier_scale", self.classifier_scale, 0, none=True)
-        if self.classifier_scale and self.classifier is None:
+        if self.classifier_scale is not None and self.classifier is None:
             raise ValueError("classifier_scale: given without classifier=")
+        if self.classifier is not None and not self.classifier_scale:
+            raise ValueError("classifier: applies only with classifier_scale > 0; give classifier_scale= too")
         check_number("latent_scale", self.latent_scale, 0, low_open=True, none=True)
         self._refuse_options_that_do_not_apply()
 
@@ -203,6 +206,8 @@ class SamplerConfig:
                 names = [repr(m) for m in readers]
                 allowed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
                 raise ValueError(f"{name}: applies only to method={allowed}, not {self.method!r}")
+        if self.coarse is not None and self.coarse_steps != _default("coarse_steps"):
+            raise ValueError("coarse_steps: applies only to the built-in coarse propagator; coarse= replaces it")
 
     def _check_tol_units(self) -> None:
         """``tol_units`` names a unit; it and ``data_scale`` apply only where ``tol`` is in the sample's units (the
@@ -212,11 +217,15 @@ class SamplerConfig:
         check_number("data_scale", self.data_scale, 0, low_open=True, none=True)
         if self.data_scale is not None and self.tol_units == "absolute":
             raise ValueError("data_scale: applies only with tol_units='data' (absolute tolerances are not scaled)")
-        noise_units = self.stop == "paradigms" or self.method.startswith("parareal")
+        noise_units = self.stop == "paradigms" or self.method.startswith("parareal") or self.method == "sequential"
         for name in ("tol_units", "data_scale"):
             if getattr(self, name) is not None and noise_units:
-                raise ValueError(f"{name}: applies only to the final-point rule (stop='final'); "
-                                 f"method={self.method!r}, stop={self.stop!r} take tol in noise-level units")
+                why = ("method='sequential' takes no tol" if self.method == "sequential" else
+                       f"method={self.method!r}, stop={self.stop!r} take tol in noise-level units")
+                raise ValueError(f"{name}: applies only to the final-point rule (stop='final'); {why}")
+        if self.accept_tol is not None and self.stop == "paradigms":
+            raise ValueError("accept_tol: applies only to the final-point rule (stop='final'); stop='paradigms' "
+                             "accepts a point at tol (ParaDiGMS's rule)")
 
     def with_method(self, method: str, **changes: Any) -> "SamplerConfig":
         """This config with ``method`` (and ``changes``), the options of the old method that the new one does not

@@ -240,6 +240,8 @@ def initial_noise(shape, noise, seed: int, generator, first_sample: int, sample_
             raise ValueError(f"noise: expected (B, *sample_shape), got shape {tuple(noise.shape)}")
         if shape is not None and not isinstance(shape, int) and tuple(shape) != tuple(noise.shape):
             raise ValueError(f"shape: {tuple(shape)} differs from noise.shape {tuple(noise.shape)}")
+        if isinstance(shape, int) and not isinstance(shape, bool) and shape != noise.shape[0]:
+            raise ValueError(f"shape: {shape} samples but noise has a batch of {noise.shape[0]}; give one of them")
         if noise.device.type != torch.device(device).type:
             raise ValueError(f"noise: on {noise.device} but the sampler runs on {device}")
         if not bool(torch.isfinite(noise).all()):

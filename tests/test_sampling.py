@@ -212,6 +212,13 @@ def test_non_finite_network_output_names_the_step():
     (dict(method="parareal", window=8), "^window: applies only"), (dict(method="sequential", window=8), "^window"),
     (dict(method="parareal", stop="paradigms"), "^stop: applies only"),
     (dict(method="sequential", update="anderson"), "^update: applies only"),
+    # options that would be ignored where they are given (each ran before, changing nothing)
+    (dict(method="sequential", tol_units="absolute"), "^tol_units: applies only"),
+    (dict(method="sequential", data_scale=2.0), "^data_scale: applies only"),
+    (dict(method="auto", window=3), "^window: applies only"),
+    (dict(method="parareal", coarse=lambda x, a, b: x, coarse_steps=3), "^coarse_steps: applies only"),
+    (dict(classifier=lambda x, t: x.sum()), "^classifier: applies only"),
+    (dict(classifier_scale=0.0), "^classifier_scale: given without"),
 ])
 def test_bad_options_name_the_argument(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -232,6 +239,8 @@ def test_bad_sample_inputs_name_the_argument():
         s.sample(noise=torch.ones(4, 2, device="meta"))
     with pytest.raises(ValueError, match="seed"):
         s.sample(4, seed=-1)
+    with pytest.raises(ValueError, match="^shape: 5 samples but noise has a batch of 2"):
+        s.sample(5, noise=torch.ones(2, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="labels"):
         s.sample(4, labels=torch.zeros(3))
     with pytest.raises(TypeError, match="state_dtype"):

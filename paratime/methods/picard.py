@@ -30,7 +30,8 @@ window holds point ``p + k`` and produces the new value of point ``p + k + 1``. 
                      estimated from their contraction <= tol and no point of its window moved by more than tol / 10
                      in the last round (the whole window quiet), or every point is accepted (``a = accept_tol``,
                      default :func:`default_accept_tol`: an accepted point is frozen, so its error must stay well
-                     below the target: tol / 10 in a sliding window, tol / 30 in one of the whole grid). With the
+                     below the target: tol / 10 in a sliding window, tol / 30 in one of the whole grid, tol / 300
+                     on the last quarter of a deterministic solver's whole grid). With the
                      secant update on per-sample windows, a sample whose window stretches its iterates' changes by
                      more than the acceptance's margin allows in a round (the largest product over 8 consecutive
                      window points of ``|F(y) - F(y')| / |y - y'|`` from their last two evaluations, above
@@ -77,7 +78,7 @@ import logging
 import torch
 
 from .common import Outcome, Problem, RoundInfo
-from .stops import DEFAULT_TOL, ROLLBACK, STOPS, FinalPointStop, default_accept_tol, make_stop
+from .stops import DEFAULT_TOL, ROLLBACK, STOPS, TAIL_FRACTION, FinalPointStop, default_accept_tol, make_stop
 from .updates import UPDATES, UpdateRule
 from .window import SlidingWindow, acceptance_levels, model_frame_path, window_increments
 
@@ -125,8 +126,8 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         stop: ``final`` (default) or ``paradigms`` (see the module docstring).
         update: ``secant`` (default), ``picard`` or ``anderson`` (see the module docstring).
         accept_tol: ``stop="final"``: the window-slide tolerance in noise-level units; None:
-            :func:`default_accept_tol` (stricter for a stochastic solver with a window of the whole grid). Ignored
-            by ``paradigms`` (which slides at ``tol``).
+            :func:`default_accept_tol` (looser in a sliding window, stricter for a stochastic solver with a window
+            of the whole grid). An error with ``paradigms`` (which slides at ``tol``).
         init: the initial guess of every point: ``noise`` (x_T, ParaDiGMS), ``x0`` (one network call at x_T, then
             the constant-D path from there, carrying the pre-drawn noise; the call is a round of its own, counted),
             or ``auto`` (default): ``x0`` when the window is shorter than the grid, else ``noise`` (a full window's
@@ -141,7 +142,8 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         ``sample_rounds`` the round each sample finished (CPU), ``extra["converged"]`` per sample whether it
         finished before ``max_rounds``.
     Raises:
-        ValueError: an unknown ``stop``, ``update``, ``init`` or ``fill``, or a negative ``tol`` / ``accept_tol``.
+        ValueError: an unknown ``stop``, ``update``, ``init`` or ``fill``, a negative ``tol`` / ``accept_tol``, or
+            an ``accept_tol`` with ``stop="paradigms"``.
     """
     if stop not in STOPS:
         raise ValueError(f"stop: unknown {stop!r}; allowed: {', '.join(STOPS)}")
@@ -153,7 +155,7 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
     N, B, dev = problem.steps, x.shape[0], x.device
     stopper = make_stop(stop, tol, accept_tol, problem.solver.stochastic and window >= N, tol_scale,
                         sliding=window < N)
-    levels = acceptance_levels(problem.noise_levels, stopper.accept)   # (3, N+1)
+    levels = acceptance_levels(problem.noise_levels, stopper.accept, stopper.tail, TAIL_FRACTION)   # (3, N+1)
     init, need_den = path_plan(init, fill, window, N, max_rounds)
     # The trajectory lives in the model's frame (ParaDiGMS iterates on VP latents): there the state barely moves at
     # high noise, while the VE-frame state shrinks by sigma_{i+1}/sigma_i per step, which Picard would have to undo

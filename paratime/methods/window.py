@@ -54,11 +54,14 @@ class Rows:
         return self.k.shape[0]
 
 
-def acceptance_levels(noise_levels: torch.Tensor, accept: float) -> torch.Tensor:
-    """``(3, N + 1)`` per point: the acceptance threshold ``accept * n``, the noise level ``n`` and the level to
-    divide the residual by (1 where ``n`` is 0)."""
+def acceptance_levels(noise_levels: torch.Tensor, accept: float, tail: float = 1.0,
+                      tail_fraction: float = 0.0) -> torch.Tensor:
+    """``(3, N + 1)`` per point: the acceptance threshold ``accept * n`` (times ``tail`` on the points ``j >= (1 -
+    tail_fraction) N``), the noise level ``n`` and the level to divide the residual by (1 where ``n`` is 0)."""
     lvl = noise_levels
-    return torch.stack([accept * lvl, lvl, torch.where(lvl > 0, lvl, torch.ones_like(lvl))])
+    u = torch.arange(lvl.numel(), device=lvl.device, dtype=lvl.dtype) / max(lvl.numel() - 1, 1)     # j / N
+    threshold = accept * lvl * torch.where(u >= 1 - tail_fraction, tail, 1.0) if tail != 1.0 else accept * lvl
+    return torch.stack([threshold, lvl, torch.where(lvl > 0, lvl, torch.ones_like(lvl))])
 
 
 def model_frame_path(problem: Problem, y_e: torch.Tensor, den_e: torch.Tensor, e: torch.Tensor, b: torch.Tensor,
