@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from .backends import check_memory, noise_draws, window_buffers
-from .checks import check_int, check_number
 from .backends.memory import jump_bytes, method_footprint, table_draw_bytes
+from .checks import check_int, check_number
 from .denoiser import PREDICTIONS, Denoiser
 from .methods import METHODS
 from .methods import PARAREAL_TOL

@@ -60,7 +60,7 @@ def acceptance_levels(noise_levels: torch.Tensor, accept: float, tail: float = 1
     tail_fraction) N``), the noise level ``n`` and the level to divide the residual by (1 where ``n`` is 0)."""
     lvl = noise_levels
     u = torch.arange(lvl.numel(), device=lvl.device, dtype=lvl.dtype) / max(lvl.numel() - 1, 1)     # j / N
-    threshold = accept * lvl * torch.where(u >= 1 - tail_fraction, tail, 1.0) if tail != 1.0 else accept * lvl
+    threshold = accept * lvl * torch.where(u >= 1 - tail_fraction, tail, 1.0)     # x 1.0 elsewhere: exact
     return torch.stack([threshold, lvl, torch.where(lvl > 0, lvl, torch.ones_like(lvl))])
 
 
