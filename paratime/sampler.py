@@ -95,7 +95,7 @@ class ParallelSampler:
 
     # -- sampling -------------------------------------------------------------------------------------------------
     def sample(self, shape: tuple[int, ...] | int | None = None, *, noise: torch.Tensor | None = None,
-               seed: int = 0, generator: torch.Generator | None = None, first_sample: int = 0,
+               seed: int | None = None, generator: torch.Generator | None = None, first_sample: int = 0,
                callback: Callable[[RoundInfo], None] | None = None, progress: bool | None = None,
                **cond: Any) -> SampleResult:
         """Draw samples.
@@ -103,8 +103,10 @@ class ParallelSampler:
         Args:
             shape: ``(B, *sample_shape)``, or ``B`` when the model knows its sample shape; or give ``noise``.
             noise: ``(B, *sample_shape)`` standard-normal initial noise (scaled here by the schedule's prior std).
-            seed: noise seed; sample ``i`` (global index ``first_sample + i``) gets noise from ``(seed, i)`` only.
-            generator: draw all noise from this generator instead (layout-dependent: no longer per sample).
+            seed: noise seed (None: 0); sample ``i`` (global index ``first_sample + i``) gets noise from
+                ``(seed, i)`` only.
+            generator: draw all noise from this generator instead (layout-dependent: no longer per sample); an
+                error together with ``seed`` or ``first_sample``, which it would leave unused.
             first_sample: global index of the first sample, to split one seed's batch across calls.
             callback: called with a :class:`~paratime.methods.RoundInfo` after every round.
             progress: override the sampler's ``progress`` for this call.
@@ -115,6 +117,12 @@ class ParallelSampler:
             ValueError, TypeError: bad ``shape``, ``noise``, ``seed`` or conditioning, naming the argument.
             NonFiniteOutputError: the network produced NaN or inf.
         """
+        if generator is not None and seed is not None:
+            raise ValueError("seed: applies only without generator= (the generator draws all the noise)")
+        if generator is not None and first_sample != 0:
+            raise ValueError("first_sample: applies only without generator= (a generator's noise is not indexed "
+                             "per sample)")
+        seed = 0 if seed is None else seed
         kw = dict(dtype=self.state_dtype, device=self.device)
         t_noise = time.perf_counter()           # drawing the noise is part of the wall time
         planned = {}

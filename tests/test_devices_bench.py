@@ -47,3 +47,29 @@ def test_bad_output_folder_is_refused_before_the_work(tmp_path):
 def test_bad_steps_are_refused():
     with pytest.raises(SystemExit):
         devices.main(["--steps", "2"])
+
+
+def test_the_window_trace_reads_the_rounds_it_reports():
+    # benchmarks/window_trace.py backs the README's "what limits a window of K points": its strides follow the
+    # acceptance it prints (leading slots within their threshold, the next one over it), its starts chain, and the
+    # instrumentation leaves the sampler as it was.
+    from benchmarks.window_trace import main, trace
+    from paratime.methods.window import SlidingWindow
+
+    accept = SlidingWindow.accept
+    rounds, total, err = trace(window=2, steps=12, sample=0)
+    assert SlidingWindow.accept is accept
+    assert total == len(rounds) + 1                    # the x0 guess's call, then one acceptance a round
+    assert err <= 2e-3 * 1.05                          # the default tol in the data's units (digits' range ~1.05)
+    starts = [r["start"] for r in rounds]
+    # Each start is the last one plus its stride, or the last window again (N - W) where every point was accepted
+    # while the final point still moved (the stop rule's reopen).
+    assert starts[0] == 0 and all(b == a + r["stride"] or (a + r["stride"] == 12 and b == 10)
+                                  for a, b, r in zip(starts, starts[1:], rounds))
+    assert starts[-1] + rounds[-1]["stride"] == 12
+    for r in rounds:
+        ok = [v <= 1 for v in r["ratios"]]
+        lead = next((i for i, v in enumerate(ok) if not v), len(ok))
+        assert r["stride"] == min(lead + 1, len(r["ratios"])), r
+    assert any(r["stride"] == 2 for r in rounds) and any(r["stride"] == 1 for r in rounds)
+    assert main(["--window", "2", "--steps", "12"]) == 0

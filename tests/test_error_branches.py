@@ -242,6 +242,12 @@ def test_noise_and_generator_errors():
     _raises(lambda: _gmm().sample((3, 2), noise=torch.randn(4, 2)), ValueError, "shape")
     gens = [torch.Generator().manual_seed(s) for s in range(2)]
     _raises(lambda: _gmm().sample(4, generator=gens), ValueError, "generator")
+    # A generator draws all the noise: a seed or a first_sample beside it would change nothing, so they are refused.
+    gen = torch.Generator().manual_seed(5)
+    _raises(lambda: _gmm().sample(4, seed=0, generator=gen), ValueError, "seed")
+    _raises(lambda: _gmm().sample(4, first_sample=8, generator=gen), ValueError, "first_sample")
+    # Without one, seed=None is seed 0.
+    torch.testing.assert_close(_gmm().sample(4).samples, _gmm().sample(4, seed=0).samples, rtol=0, atol=0)
     lazy = LazyNoise(0, 0, 0, 3, 2, (2,), torch.float32, torch.device("cpu"))
     with pytest.raises(TypeError, match="noise\\[i, b\\]"):
         lazy[0]
