@@ -45,14 +45,15 @@ def traced(rows_out: list[dict]):
         window_module.SlidingWindow.accept = accept
 
 
-def trace(window: int, steps: int, sample: int, model: str = "digits") -> tuple[list[dict], int, float]:
-    """``(rounds, total rounds, max |Δ|)`` of one sample (batch 1) against its sequential twin."""
+def trace(window: int, steps: int, sample: int) -> tuple[list[dict], int, float]:
+    """``(rounds, total rounds, max |Δ|)`` of one digits sample (batch 1, the devices benchmark's label) against its
+    sequential twin."""
     kw = dict(steps=steps, progress=False)
-    cond = {"labels": torch.tensor([sample % 10])} if model == "digits" else {}
-    seq = ParallelSampler(model, method="sequential", **kw).sample(1, seed=0, first_sample=sample, **cond).samples
+    cond = {"labels": torch.tensor([sample % 10])}
+    seq = ParallelSampler("digits", method="sequential", **kw).sample(1, seed=0, first_sample=sample, **cond).samples
     rounds: list[dict] = []
     with traced(rounds):
-        res = ParallelSampler(model, method="picard", window=window, **kw).sample(1, seed=0, first_sample=sample,
+        res = ParallelSampler("digits", method="picard", window=window, **kw).sample(1, seed=0, first_sample=sample,
                                                                                    **cond)
     return rounds, res.stats.rounds, float((res.samples - seq).abs().max())
 
@@ -77,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     for lo, hi in zip(cuts, cuts[1:]):
         n = sum(1 for r in rounds if lo <= r["start"] < hi)
         print(f"| {lo}–{hi} | {n} | {(hi - lo) / max(n, 1):.2f} | {W} |")
-    print(f"\nceiling: {math.ceil(N / W) + 1} rounds (N / W and the x0 call) = {N / (math.ceil(N / W) + 1):.2f}x; "
-          f"this run {N / total:.2f}x")
+    ceiling = math.ceil(N / W) + 1
+    print(f"\nceiling: {ceiling} rounds (N / W and the x0 call) = {N / ceiling:.2f}x; this run {N / total:.2f}x")
     return 0
 
 
