@@ -9,17 +9,20 @@ of the data range (the largest |x| of the sequential samples). Two levels, 2e-3 
 setting whose max |Δ| stays within the level ("best found": fixed windows over ``W in {K, 2K, 4K, N}`` and
 tolerances; CHORDS: the earliest hit index meeting the level on every seed, a fixed index as a stop rule must be;
 pipelined Parareal and paratime's own staggered method, ``method="staggered"`` with K cores, over tolerances); the
-planner runs its defaults only.
+planner runs its defaults only. ``--solver`` runs every method with another of paratime's solvers; the CHORDS port
+(one-step solvers, :data:`CHORDS_SOLVERS`) and pipelined Parareal (one-step solvers) are left out of a multistep
+solver's tables, and the run says so.
 
 Costs: ``digits`` U-Net with the ``compute`` curve ``c(r) = r`` (a large model on a GPU), ``policy`` with the
-``latency`` curve ``c(r) = 1`` (a small model). CHORDS (:mod:`benchmarks.chords_ref`) uses the staggered schedule of
-:func:`~benchmarks.chords_ref.stagger`; each tick is one call of at most K rows: one SCE on K devices.
+``latency`` curve ``c(r) = 1`` (a small model). CHORDS (:mod:`paratime.bench.chords_ref`) uses the staggered schedule of
+:func:`~paratime.bench.chords_ref.stagger`; each tick is one call of at most K rows: one SCE on K devices.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python -m benchmarks.devices [--quick] [--out DIR]    # table, devices.json, devices.png
-    OMP_NUM_THREADS=1 python -m benchmarks.devices --calibrate               # the planner's rounds model
-    python -m benchmarks.devices --real                                      # 2 gloo ranks, measured wall clock
+    OMP_NUM_THREADS=1 python -m paratime.bench.devices [--quick] [--out DIR]    # table, devices.json, devices.png
+    OMP_NUM_THREADS=1 python -m paratime.bench.devices --models digits --solver dpmpp_2m --steps 20   # another solver
+    OMP_NUM_THREADS=1 python -m paratime.bench.devices --calibrate               # the planner's rounds model
+    python -m paratime.bench.devices --real                                      # 2 gloo ranks, measured wall clock
 
 Exits 1 when a check fails: sequential at 1.0x, the planner never below 1.0x and within 2e-3 of the data range,
 CHORDS's core 0 equal to paratime's sequential sample, the plot's axes holding every plotted point.
@@ -39,17 +42,22 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.chords_ref import run_chords, stagger
+from paratime.bench.chords_ref import run_chords, stagger
 from paratime import ParallelSampler
 from paratime.backends import LocalBackend
 from paratime.methods import METHODS
 from paratime.noise import INITIAL, draw_noise
 from paratime.planner import picard_rows
+from paratime.solvers import SOLVERS, make_solver
 
 LEVELS = (2e-3, 5e-2)
 PICARD_TOLS = (3e-2, 1e-2, 2e-3)
 PARAREAL_TOLS = (0.1, 0.03, 0.01)
 MODELS = {"digits": "compute", "policy": "latency"}
+SOLVER_NAMES = {"ddim": "DDIM", "dpmpp_2m": "DPM++(2M)"}
+#: the CHORDS port takes one-step solvers (``solver(x_t, score_t, t, s)``, as the reference does); paratime's DDIM
+#: jump is exact with the score held, a multistep solver's is not, so the port runs for DDIM only
+CHORDS_SOLVERS = ("ddim",)
 #: CHORDS's core 0 against paratime's sequential sample (data-range units): float32 batch-size rounding only
 CORE0_TOL = 1e-5
 
@@ -71,6 +79,11 @@ def _cond(model: str, i: int) -> dict:
 
 def _sampler(model, steps, cost, workers=1, **kw):
     return ParallelSampler(model, steps=steps, cost=cost, backend=Spread(workers), progress=False, **kw)
+
+
+def solver_name(solver: str) -> str:
+    """The solver as the tables write it: ``DDIM``, ``DPM++(2M)``, else its paratime name."""
+    return SOLVER_NAMES.get(solver, solver)
 
 
 def _runs(model, steps, cost, workers, seeds, seq, **kw) -> dict:
@@ -128,30 +141,38 @@ def _best(rows: list[dict], level: float) -> dict | None:
     return max(ok, key=lambda r: r["speedup"]) if ok else None
 
 
-def measure(model: str, steps: int, devices: list[int], seeds: int, quick: bool = False) -> dict:
-    """Every method at every K for one model (``quick``: windows K and N, one tolerance each); returns the
-    records."""
+def measure(model: str, steps: int, devices: list[int], seeds: int, quick: bool = False,
+            solver: str = "ddim") -> dict:
+    """Every method at every K for one model and solver (``quick``: windows K and N, one tolerance each); returns
+    the records (the CHORDS port only for :data:`CHORDS_SOLVERS`)."""
     cost = MODELS[model]
-    ref = _sampler(model, steps, cost, 1, method="sequential")
+    ref = _sampler(model, steps, cost, 1, method="sequential", solver=solver)
     xs = [ref.sample(1, seed=0, first_sample=i, **_cond(model, i)).samples for i in range(seeds)]
     seq = {"x": xs, "range": max(float(x.abs().max()) for x in xs)}
-    out = {"model": model, "cost": cost, "steps": steps, "seeds": seeds, "range": seq["range"], "K": {}}
+    out = {"model": model, "cost": cost, "solver": solver, "steps": steps, "seeds": seeds, "range": seq["range"],
+           "K": {}}
     for K in devices:
         rec = {"sequential": {"sce": float(steps), "speedup": 1.0, "err": 0.0},
-               "planner": _runs(model, steps, cost, K, seeds, seq, method="auto")}
+               "planner": _runs(model, steps, cost, K, seeds, seq, method="auto", solver=solver)}
         windows = sorted({w for w in ((K, steps) if quick else (K, 2 * K, 4 * K, steps)) if 2 <= w <= steps})
-        rec["windows"] = [dict(_runs(model, steps, cost, K, seeds, seq, window=w, tol=tol), window=w, tol=tol)
+        rec["windows"] = [dict(_runs(model, steps, cost, K, seeds, seq, window=w, tol=tol, solver=solver),
+                               window=w, tol=tol)
                           for w in windows for tol in (PICARD_TOLS[1:2] if quick else PICARD_TOLS)]
-        rec["parareal_pipelined"] = [dict(_runs(model, steps, cost, K, seeds, seq, method="parareal_pipelined",
-                                                tol=tol), tol=tol) for tol in PARAREAL_TOLS[:1 if quick else None]]
-        rec["staggered"] = ([dict(_runs(model, steps, cost, K, seeds, seq, method="staggered", window=K, tol=tol),
-                                  tol=tol) for tol in (PICARD_TOLS[1:2] if quick else PICARD_TOLS)]
+        rec["parareal_pipelined"] = ([dict(_runs(model, steps, cost, K, seeds, seq, method="parareal_pipelined",
+                                                 tol=tol, solver=solver), tol=tol)
+                                      for tol in PARAREAL_TOLS[:1 if quick else None]]
+                                     if not make_solver(solver).uses_history else [])   # refused: needs one step
+        rec["staggered"] = ([dict(_runs(model, steps, cost, K, seeds, seq, method="staggered", window=K, tol=tol,
+                                        solver=solver), tol=tol)
+                             for tol in (PICARD_TOLS[1:2] if quick else PICARD_TOLS)]
                             if "staggered" in METHODS else [])
-        hits = _chords(model, steps, K, seeds, seq)
-        for h in hits:
-            h["speedup"] = steps / h["sce"]
-        rec["chords"] = hits
-        rec["chords_core0_err"] = hits[-1]["err"]          # core 0 is the sequential solution
+        rec["chords"] = []
+        if solver in CHORDS_SOLVERS:
+            hits = _chords(model, steps, K, seeds, seq)
+            for h in hits:
+                h["speedup"] = steps / h["sce"]
+            rec["chords"] = hits
+            rec["chords_core0_err"] = hits[-1]["err"]      # core 0 is the sequential solution
         out["K"][K] = rec
         print(f"  {model} K={K}: planner {rec['planner']['speedup']:.2f}x", file=sys.stderr, flush=True)
     return out
@@ -166,17 +187,33 @@ def table(res: dict, level: float) -> tuple[list[str], dict]:
         rec = res["K"][K]
         planner = rec["planner"] if rec["planner"]["err"] <= level else None
         chords = next((h for h in rec["chords"] if h["err"] <= level), None)
-        rec_stop = rec["chords"][1] if len(rec["chords"]) > 1 else rec["chords"][-1]
+        rec_stop = _recommended(rec)
         picks = {"sequential": rec["sequential"], "planner": planner, "best fixed window": _best(rec["windows"], level),
                  "pipelined Parareal": _best(rec["parareal_pipelined"], level),
                  "staggered (K cores)": _best(rec["staggered"], level), "CHORDS port": chords,
-                 "CHORDS recommended stop": rec_stop if rec_stop["err"] <= level else None}
+                 "CHORDS recommended stop": rec_stop if rec_stop and rec_stop["err"] <= level else None}
         for m, r in picks.items():
             series[m].append(None if r is None else r["speedup"])
+    solver = res.get("solver", "ddim")          # methods not run for it: a row of dashes would read as "missed"
+    if solver not in CHORDS_SOLVERS:
+        del series["CHORDS port"], series["CHORDS recommended stop"]
+    if make_solver(solver).uses_history:
+        del series["pipelined Parareal"]
     lines = [f"| method | " + " | ".join(f"K={K}" for K in Ks) + " |", "|---|" + "---|" * len(Ks)]
     for m, v in series.items():
         lines.append(f"| {m} | " + " | ".join("–" if s is None else f"{s:.2f}x" for s in v) + " |")
     return lines, series
+
+
+def _recommended(rec: dict) -> dict | None:
+    """The CHORDS port's recommended stop (the first core to finish after core 0's start: hit 1), None when the
+    port did not run."""
+    hits = rec["chords"]
+    return hits[1] if len(hits) > 1 else (hits[-1] if hits else None)
+
+
+def title(res: dict) -> str:
+    return f"{res['model']} {solver_name(res.get('solver', 'ddim'))}-{res['steps']}"
 
 
 def describe(res: dict) -> list[str]:
@@ -188,11 +225,12 @@ def describe(res: dict) -> list[str]:
             continue
         fixed = ", ".join(f"W={r['window']}/tol {r['tol']:g}: {r['speedup']:.2f}x ({r['err']:.1e})"
                           for r in rec["windows"])
-        rec_stop = rec["chords"][1] if len(rec["chords"]) > 1 else rec["chords"][-1]
+        rec_stop = _recommended(rec)
+        chords = ("" if rec_stop is None else
+                  f"; CHORDS recommended stop (hit 1): {rec_stop['speedup']:.2f}x at {rec_stop['err']:.1e}")
         out.append(f"- K={K}: planner chose {p['method']}{'' if p['window'] is None else ' W=%d' % p['window']} "
                    f"(predicted {p['sequential_sce'] / p['predicted_sce']:.2f}x, got {rec['planner']['speedup']:.2f}x"
-                   f" at max|Δ| {rec['planner']['err']:.1e}); fixed: {fixed}; CHORDS recommended stop (hit 1): "
-                   f"{rec_stop['speedup']:.2f}x at {rec_stop['err']:.1e}")
+                   f" at max|Δ| {rec['planner']['err']:.1e}); fixed: {fixed}{chords}")
     return out
 
 
@@ -221,7 +259,7 @@ def plot(results: list[dict], level: float, path: Path) -> list[str]:
         ax.set_ylim(0, max(ymax, max(Ks)) * 1.08)
         ax.set_xlabel("devices K")
         ax.set_ylabel("speed-up N / SCE")
-        ax.set_title(f"{res['model']} DDIM-{res['steps']}, {res['cost']}-bound, max|Δ| ≤ {level:g} of range")
+        ax.set_title(f"{title(res)}, {res['cost']}-bound, max|Δ| ≤ {level:g} of range")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # beside the axes: no point hidden
         lo, hi = ax.get_ylim()
         if not all(lo <= s <= hi for v in series.values() for s in v if s is not None):
@@ -245,7 +283,7 @@ def checks(res: dict) -> list[str]:
             fails.append(f"{res['model']} K={K}: planner's max|Δ| {p['err']:.1e} above {LEVELS[0]:g} of range")
         # Core 0 takes paratime's DDIM steps; its network calls hold up to K rows, and a float32 network's
         # results depend on the batch size in the last bits (1e-6 here), hence not 0.
-        if rec["chords_core0_err"] > CORE0_TOL:
+        if rec["chords"] and rec["chords_core0_err"] > CORE0_TOL:
             fails.append(f"{res['model']} K={K}: CHORDS core 0 differs from sequential by {rec['chords_core0_err']:.1e}"
                          f" of the data range")
     return fails
@@ -278,7 +316,7 @@ def paradigms(steps: int, devices: list[int], quick: bool = False) -> dict:
     ``parallel = K, 2K, 4K, N`` and tolerances 0.1, 0.01, 1e-3."""
     from diffusers import DDIMParallelScheduler, StableDiffusionParadigmsPipeline
 
-    from benchmarks.tiny_pipelines import prompt_embeddings, tiny_sd
+    from paratime.bench.tiny_pipelines import prompt_embeddings, tiny_sd
 
     scheduler = DDIMParallelScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                       clip_sample=False, timestep_spacing="trailing", set_alpha_to_one=False,
@@ -391,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="10 steps, K = 1, 2, 4, 1 seed, windows K and N at one tolerance (the tests' run)")
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--solver", default="ddim", help="paratime's solver for every method (e.g. ddim, dpmpp_2m); the "
+                   "CHORDS port runs for ddim only (one-step solvers), --calibrate, --real and --paradigms are DDIM's")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--models", default="digits,policy", help="comma-separated: digits (compute-bound), policy "
                    "(latency-bound)")
@@ -405,6 +445,12 @@ def main(argv: list[str] | None = None) -> int:
     models = a.models.split(",")
     if not models or any(m not in MODELS for m in models):
         p.error(f"--models: unknown in {a.models!r}; allowed: {', '.join(MODELS)}")
+    if a.solver not in SOLVERS:
+        p.error(f"--solver: unknown {a.solver!r}; allowed: {', '.join(SOLVERS)}")
+    if a.solver != "ddim":
+        for flag in ("calibrate", "real", "paradigms"):
+            if getattr(a, flag):
+                p.error(f"--solver {a.solver}: --{flag} measures DDIM only")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if a.calibrate:
         calibrate()
@@ -425,13 +471,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--out: {out} is not writable")
     steps, seeds, Ks = (10, 1, [1, 2, 4]) if a.quick else (a.steps, a.seeds, [1, 2, 4, 8])
     t0 = time.perf_counter()
-    results = [measure(m, steps, Ks, seeds, a.quick) for m in models]
+    results = [measure(m, steps, Ks, seeds, a.quick, a.solver) for m in models]
     fails = [f for r in results for f in checks(r)]
     for level in LEVELS:
         for r in results:
-            print(f"\n{r['model']} DDIM-{steps}, {r['cost']}-bound, batch 1, {seeds} seeds: speed-up N / SCE at "
+            print(f"\n{title(r)}, {r['cost']}-bound, batch 1, {seeds} seeds: speed-up N / SCE at "
                   f"max|Δ| ≤ {level:g} of the data range ({r['range']:.3g})\n")
             print("\n".join(table(r, level)[0]))
+    skipped = [what for what, skip in (("the CHORDS port (one-step solvers, exact with the score held: DDIM here)",
+                                        a.solver not in CHORDS_SOLVERS),
+                                       ("pipelined Parareal (one-step solvers)", make_solver(a.solver).uses_history))
+               if skip]
+    if skipped:
+        print(f"\nnot run for {a.solver}: " + "; ".join(skipped))
     for r in results:
         print(f"\n{r['model']}:\n" + "\n".join(describe(r)))
     extra = {}

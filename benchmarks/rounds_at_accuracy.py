@@ -147,7 +147,10 @@ def sample(case: Case, batch: int, seed: int = 0, first_sample: int = 0, noise: 
         return _sd_sample(case, batch, seed, **options)
     s = ParallelSampler(case.model, solver=case.solver, steps=case.steps, progress=False, **options)
     cond = {k: v[first_sample:] for k, v in case.conditioning(first_sample + batch).items()}
-    return s.sample(None if noise is not None else batch, noise=noise, seed=seed, first_sample=first_sample, **cond)
+    if noise is None or s.draws_step_noise:         # else the seed draws nothing: an error to pass
+        return s.sample(None if noise is not None else batch, noise=noise, seed=seed, first_sample=first_sample,
+                        **cond)
+    return s.sample(noise=noise, **cond)
 
 
 # -- the tiny Stable Diffusion cases -------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ import torch
 
 from paratime import ParallelSampler
 from paratime.methods import window as window_module
+from paratime.bench.devices import solver_name
+from paratime.solvers import SOLVERS
 
 
 @contextmanager
@@ -45,10 +47,10 @@ def traced(rows_out: list[dict]):
         window_module.SlidingWindow.accept = accept
 
 
-def trace(window: int, steps: int, sample: int) -> tuple[list[dict], int, float]:
+def trace(window: int, steps: int, sample: int, solver: str = "ddim") -> tuple[list[dict], int, float]:
     """``(rounds, total rounds, max |Δ|)`` of one digits sample (batch 1, the devices benchmark's label) against its
     sequential twin."""
-    kw = dict(steps=steps, progress=False)
+    kw = dict(steps=steps, solver=solver, progress=False)
     cond = {"labels": torch.tensor([sample % 10])}
     seq = ParallelSampler("digits", method="sequential", **kw).sample(1, seed=0, first_sample=sample, **cond).samples
     rounds: list[dict] = []
@@ -63,11 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=2)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--sample", type=int, default=0, help="the sample's global index (seed 0)")
+    ap.add_argument("--solver", default="ddim", help="paratime's solver (ddim, dpmpp_2m, ...)")
     args = ap.parse_args(argv)
     if args.window < 2 or args.window >= args.steps:
         ap.error("--window: a sliding window, 2 <= W < --steps")
-    rounds, total, err = trace(args.window, args.steps, args.sample)
-    print(f"digits DDIM-{args.steps}, window {args.window}, sample {args.sample}: {total} rounds (the x0 call "
+    if args.solver not in SOLVERS:
+        ap.error(f"--solver: unknown {args.solver!r}; allowed: {', '.join(SOLVERS)}")
+    rounds, total, err = trace(args.window, args.steps, args.sample, args.solver)
+    print(f"digits {solver_name(args.solver)}-{args.steps}, window {args.window}, sample {args.sample}: {total} rounds (the x0 call "
           f"included), max |Δ| {err:.2e}\n")
     print("| start | stride | change / threshold per slot |\n|---|---|---|")
     for r in rounds:

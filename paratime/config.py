@@ -169,6 +169,9 @@ class SamplerConfig:
         make_solver(self.solver, **self.solver_options)  # raises on a bad name or option
         check_number("corrector_snr", self.corrector_snr, 0, low_open=True, none=True)
         check_int("corrector_steps", self.corrector_steps, 1)
+        if self.method == "parareal_pipelined" and self.build_solver().uses_history:
+            raise ValueError(f"solver: method='parareal_pipelined' needs a one-step solver; {self.solver!r} reads the "
+                             f"previous points' D (use method='parareal' or 'picard')")
         # Precision and placement.
         if self.dtype is not None and (not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point):
             raise TypeError(f"dtype: expected a floating torch.dtype or None, got {self.dtype!r}")
@@ -238,6 +241,14 @@ class SamplerConfig:
             fixed.setdefault("tol_units", None)
             fixed.setdefault("data_scale", None)
         return dataclasses.replace(self, method=method, **fixed)
+
+    def for_devices(self, workers: int) -> "SamplerConfig":
+        """This config on ``workers`` devices: ``method="staggered"`` with ``window="auto"`` gets one core per device,
+        at least 2 (one core is the sequential solver) and at most ``steps`` (CHORDS' rule); others as they are (the
+        planner sizes Picard's ``auto`` window)."""
+        if self.method != "staggered" or self.window != "auto":
+            return self
+        return dataclasses.replace(self, window=max(2, min(self.steps, workers)))
 
     def for_model(self, declared_scale: float | None) -> "SamplerConfig":
         """The config a ``sample`` call runs with: ``tol_units`` resolved (None: ``data``) and ``data_scale`` filled

@@ -39,7 +39,7 @@ from paratime.kernels import kernel_mode, triton_usable
 
 __all__ = ["draw_noise", "noise_rows", "LazyNoise", "normals_reference", "row_keys", "sample_keys", "mix64",
            "initial_noise", "step_noise", "INITIAL", "STEP", "CORRECTOR", "PROBE", "DEQUANT", "PipelineNoise",
-           "check_generator", "generator_noise", "tabulates", "SMALL_TABLE_ELEMENTS"]
+           "check_generator", "generator_noise", "tabulates", "SMALL_TABLE_ELEMENTS", "draws_step_noise"]
 
 INITIAL, STEP, CORRECTOR, PROBE, DEQUANT = 0, 1, 2, 3, 4
 
@@ -333,6 +333,12 @@ def tabulates(steps: int, shape: tuple[int, ...], generator) -> bool:
     return generator is not None or steps * math.prod(shape) <= SMALL_TABLE_ELEMENTS
 
 
+def draws_step_noise(solver) -> bool:
+    """Whether ``solver`` consumes per-step noise (a stochastic step or a Langevin corrector): the noise
+    :func:`step_noise` draws from ``(seed, step, sample)``, or from a generator."""
+    return bool(solver.stochastic) or getattr(solver, "corrector_steps", None) is not None
+
+
 def step_noise(solver, steps: int, shape: tuple[int, ...], seed: int, generator, first_sample: int, dtype, device):
     """The per-step noise a solver consumes, a function of (seed, step, sample) fixed before sampling starts (so
     Picard's fixed point is the sequential sample). A seeded run's is a :class:`LazyNoise` (rows drawn where a method
@@ -358,10 +364,12 @@ def step_noise(solver, steps: int, shape: tuple[int, ...], seed: int, generator,
             return draw_noise(seed, B, (*per_step, *sample), steps, stream, first_sample, dtype=dtype, device=device)
         return LazyNoise(seed, stream, first_sample, steps, B, (*per_step, *sample), dtype, torch.device(device))
 
+    if not draws_step_noise(solver):
+        return None
     corrector_steps = getattr(solver, "corrector_steps", None)
     if corrector_steps is not None:          # LangevinCorrected: (predictor noise, corrector noise)
         return (draw(STEP) if solver.base.stochastic else None, draw(CORRECTOR, (corrector_steps,)))
-    return draw(STEP) if solver.stochastic else None
+    return draw(STEP)
 
 
 # -- noise from a caller's torch.Generator(s), drawn the way diffusers draws it --------------------------------------

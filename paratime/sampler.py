@@ -23,7 +23,7 @@ from .kernels import kernels as kernel_context
 from .evaluator import Evaluator, NonFiniteOutputError
 from .methods import METHODS, Problem, RoundInfo
 from .models import as_denoiser, model_factory, state_device
-from .noise import initial_noise, step_noise
+from .noise import draws_step_noise, initial_noise, step_noise
 from .planner import Plan, plan_sampling
 from .progress import RoundProgress
 from .results import SampleResult, SampleStats, record_rounds
@@ -103,6 +103,8 @@ class ParallelSampler:
         Args:
             shape: ``(B, *sample_shape)``, or ``B`` when the model knows its sample shape; or give ``noise``.
             noise: ``(B, *sample_shape)`` standard-normal initial noise (scaled here by the schedule's prior std).
+                With a deterministic solver nothing else is drawn: ``seed``, ``first_sample`` and ``generator``
+                are then errors (they would be unused); with a stochastic one they draw the step noise.
             seed: noise seed (None: 0); sample ``i`` (global index ``first_sample + i``) gets noise from
                 ``(seed, i)`` only.
             generator: draw all noise from this generator instead (layout-dependent: no longer per sample); an
@@ -122,6 +124,13 @@ class ParallelSampler:
         if generator is not None and first_sample != 0:
             raise ValueError("first_sample: applies only without generator= (a generator's noise is not indexed "
                              "per sample)")
+        if noise is not None and not self.draws_step_noise:
+            for name, unused in (("seed", seed is not None), ("first_sample", first_sample != 0),
+                                 ("generator", generator is not None)):
+                if unused:
+                    raise ValueError(f"{name}: applies only when noise is drawn here; with noise= and the "
+                                     f"deterministic solver {self.solver.name or type(self.solver).__name__} "
+                                     f"nothing is")
         seed = 0 if seed is None else seed
         kw = dict(dtype=self.state_dtype, device=self.device)
         t_noise = time.perf_counter()           # drawing the noise is part of the wall time
@@ -167,15 +176,18 @@ class ParallelSampler:
             latents, samples = samples, self.decode(samples)
         return SampleResult(samples, stats, latents)
 
+    @property
+    def draws_step_noise(self) -> bool:
+        """Whether the solver consumes per-step noise (drawn from ``seed`` / ``first_sample`` or a generator; with
+        ``noise=`` given and no step noise, those are errors)."""
+        return draws_step_noise(self.solver)
+
     def _plan(self, shape: tuple[int, ...], cond: dict) -> tuple[SamplerConfig, Plan | None, CostCurve]:
         """The config this call runs: for ``method="auto"`` or Picard with ``window="auto"``, the planner's method
         and window (:mod:`paratime.planner`) for ``K = backend.workers`` devices and the batch of ``shape``; else
         the sampler's config as is. Returns ``(config, plan or None, cost curve)``."""
-        cfg = self.config
+        cfg = self.config.for_devices(self.backend.workers)        # staggered's cores
         curve = self._cost_curve(shape, cond)
-        if cfg.method == "staggered" and cfg.window == "auto":
-            # CHORDS' rule: one core per device (at least 2: one core is the sequential solver).
-            return dataclasses.replace(cfg, window=max(2, min(cfg.steps, self.backend.workers))), None, curve
         if cfg.method not in ("auto", "picard") or cfg.window != "auto":
             return cfg, None, curve
         # Parareal takes tol in noise-level units: not a candidate when the tolerance was given in data units.

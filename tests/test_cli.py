@@ -228,3 +228,24 @@ def test_long_commands_report_progress_as_lines_off_a_terminal(argv, line, tmp_p
     if argv[0] == "likelihood":
         assert main([*argv, *out, "--no-progress"]) == 0
         assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("argv, cores", [([], 2), (["--window", "3"], 3)])
+def test_staggered_memory_check_counts_the_cores_the_sampler_runs(argv, cores, monkeypatch):
+    # window="auto" gives staggered one core per device (at least 2): the CLI's pre-check bounds those cores, not
+    # the planner's widest Picard window (which could refuse a run that fits).
+    from paratime.config import SamplerConfig
+
+    seen = []
+    check = SamplerConfig.check_memory
+
+    def record(self, *a, **kw):
+        seen.append((self.method, self.window))
+        return check(self, *a, **kw)
+
+    monkeypatch.setattr(SamplerConfig, "check_memory", record)
+    assert main(["sample", "--model", "gmm", "--method", "staggered", *argv, *FAST]) == 0
+    assert seen[0] == ("staggered", cores)
+    assert SamplerConfig(method="staggered", steps=50).for_devices(8).window == 8
+    assert SamplerConfig(method="staggered", steps=4).for_devices(8).window == 4
+    assert SamplerConfig(method="picard").for_devices(8).window == "auto"

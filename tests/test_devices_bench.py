@@ -36,6 +36,28 @@ def test_quick_run(tmp_path, keep_threads, capsys):
         assert f"{res['model']} DDIM-{res['steps']}" in out
 
 
+def test_quick_run_with_a_multistep_solver(tmp_path, keep_threads, capsys):
+    # Every method with DPM++(2M); the CHORDS port and pipelined Parareal take one-step solvers: left out of the
+    # tables (a row of dashes would read as "missed") and the run says so, not recorded as failures.
+    assert devices.main(["--quick", "--models", "digits", "--solver", "dpmpp_2m", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "devices.json").read_text())["results"][0]
+    out = capsys.readouterr().out
+    assert res["solver"] == "dpmpp_2m" and "digits DPM++(2M)-10, compute-bound" in out
+    for K, rec in res["K"].items():
+        assert rec["chords"] == [] and rec["parareal_pipelined"] == [] and rec["windows"]
+        assert rec["planner"]["speedup"] >= 1.0 and rec["planner"]["err"] <= devices.LEVELS[0]
+    assert "| CHORDS port |" not in out and "| pipelined Parareal |" not in out and "| best fixed window |" in out
+    assert "not run for dpmpp_2m: the CHORDS port" in out
+
+
+@pytest.mark.parametrize("argv", [["--solver", "magic"], ["--solver", "dpmpp_2m", "--real"],
+                                  ["--solver", "dpmpp_2m", "--calibrate"], ["--solver", "dpmpp_2m", "--paradigms"]])
+def test_solver_option_is_checked(argv, capsys):
+    with pytest.raises(SystemExit):
+        devices.main(argv)
+    assert "--solver" in capsys.readouterr().err
+
+
 def test_bad_output_folder_is_refused_before_the_work(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -73,6 +73,13 @@ def test_sampler_option_is_a_clear_error(call, error, name):
     _raises(call, error, name)
 
 
+@pytest.mark.parametrize("solver", ["plms", "dpmpp_2m", "dpmpp_3m"])
+def test_pipelined_parareal_refuses_a_multistep_solver_when_built(solver):
+    # When the sampler is built, not at its first sample, naming the solver given (it once said dpmpp_2m for all).
+    with pytest.raises(ValueError, match=f"^solver: .*'{solver}' reads the previous points' D"):
+        _gmm(method="parareal_pipelined", solver=solver)
+
+
 @pytest.mark.parametrize("rng", [(1.0, -1.0), (0.0, math.inf), (0.0,), "01"])
 def test_declared_scale_refuses_a_bad_data_range(rng):
     from paratime.config import declared_scale
@@ -248,6 +255,19 @@ def test_noise_and_generator_errors():
     _raises(lambda: _gmm().sample(4, first_sample=8, generator=gen), ValueError, "first_sample")
     # Without one, seed=None is seed 0.
     torch.testing.assert_close(_gmm().sample(4).samples, _gmm().sample(4, seed=0).samples, rtol=0, atol=0)
+    # Noise given and a deterministic solver: nothing is drawn, so seed, first_sample and generator are refused ...
+    z = torch.randn(4, 2, generator=torch.Generator().manual_seed(1))
+    assert not _gmm().draws_step_noise
+    _raises(lambda: _gmm().sample(noise=z, seed=3), ValueError, "seed")
+    _raises(lambda: _gmm().sample(noise=z, first_sample=4), ValueError, "first_sample")
+    _raises(lambda: _gmm().sample(noise=z, generator=gen), ValueError, "generator")
+    # ... while with step noise (a stochastic solver, or the Langevin corrector) they draw it: other seeds, other bits.
+    for kw in (dict(solver="ddpm"), dict(corrector_snr=0.1)):
+        s = _gmm(**kw)
+        assert s.draws_step_noise
+        a, b = s.sample(noise=z, seed=3).samples, s.sample(noise=z, seed=4).samples
+        assert not torch.equal(a, b), kw
+        torch.testing.assert_close(s.sample(noise=z, seed=3).samples, a, rtol=0, atol=0)
     lazy = LazyNoise(0, 0, 0, 3, 2, (2,), torch.float32, torch.device("cpu"))
     with pytest.raises(TypeError, match="noise\\[i, b\\]"):
         lazy[0]

@@ -487,7 +487,8 @@ def sample_latents(sampler: ParallelSampler, latents: torch.Tensor, generator: t
     Args:
         sampler: a :class:`ParallelSampler` over a :func:`from_diffusers` denoiser.
         latents: ``(B, *shape)`` initial latents, ``init_noise_sigma`` applied.
-        generator: the step noise of stochastic schedulers is drawn from it, in the order diffusers draws it.
+        generator: the step noise of stochastic schedulers is drawn from it, in the order diffusers draws it
+            (unused by a deterministic one, as in diffusers' loop, where it drew the latents).
         **cond: the network's conditioning (and ``uncond=`` for guidance).
     Returns:
         :class:`SampleResult` with ``samples`` in ``latents``' dtype.
@@ -498,7 +499,7 @@ def sample_latents(sampler: ParallelSampler, latents: torch.Tensor, generator: t
     if not isinstance(schedule, DiffusersSchedule):
         raise TypeError("sampler: expected a ParallelSampler over a from_diffusers denoiser")
     noise = initial_noise(schedule, sampler.grid, latents).to(sampler.state_dtype)
-    res = sampler.sample(noise=noise, generator=generator, **cond)
+    res = sampler.sample(noise=noise, generator=generator if sampler.draws_step_noise else None, **cond)
     res.samples = to_latents(schedule, sampler.grid, res.samples).to(latents.dtype)
     return res
 

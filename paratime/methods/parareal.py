@@ -269,7 +269,8 @@ def sample_parareal_pipelined(x: torch.Tensor, problem: Problem, slices: int | N
     times its noise level. ``rounds`` counts ticks (x the solver's calls per step). Needs a one-step solver.
     """
     if problem.solver.uses_history:
-        raise ValueError("solver: pipelined Parareal needs a one-step solver; dpmpp_2m uses the previous D")
+        raise ValueError(f"solver: pipelined Parareal needs a one-step solver; {problem.solver.name or 'this solver'} "
+                         f"reads the previous points' D")
     N, B, dev = problem.steps, x.shape[0], x.device
     bounds_h = slice_bounds(N, slices)                                  # host
     S = bounds_h.numel() - 1
