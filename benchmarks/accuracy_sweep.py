@@ -163,7 +163,7 @@ def _strict_accept(case: Case, ref: torch.Tensor, idx: list[int], tol: float, se
     full = case.window is None or case.window >= case.steps
     # The run's default acceptance, 10x stricter (flat: a deterministic whole grid's tail, already tol / 300 in the
     # run, stays at that level here):
-    accept = default_accept_tol(tol, stochastic_full=solver.stochastic and full, sliding=not full) / 10
+    accept = default_accept_tol(tol, stochastic=solver.stochastic, sliding=not full) / 10
     errs = [float((sample(case, 1, seed, tol=tol, accept_tol=accept, first_sample=b, **options).samples[0]
                    - ref[b]).abs().max()) for b in idx]
     return max(errs)

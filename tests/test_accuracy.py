@@ -393,7 +393,7 @@ def test_the_default_acceptance_follows_what_acceptance_buys(solver, window, sca
     from paratime.methods.stops import default_accept_tol
 
     tol = 0.01
-    assert default_accept_tol(tol, stochastic_full=solver == "ddpm" and window >= 100, sliding=window < 100) == \
+    assert default_accept_tol(tol, stochastic=solver == "ddpm", sliding=window < 100) == \
         pytest.approx(tol * scale)
 
     def run(**accept):
@@ -417,7 +417,7 @@ def test_a_deterministic_whole_grid_accepts_its_last_quarter_more_strictly(mix3)
     rule = make_stop("final", 0.1)
     assert rule.accept == pytest.approx(default_accept_tol(0.1)) == pytest.approx(0.1 / 30) and rule.tail == 0.1
     assert make_stop("final", 0.1, accept_tol=1e-3).tail == make_stop("final", 0.1, sliding=True).tail == 1.0
-    assert make_stop("final", 0.1, stochastic_full=True).tail == 1.0
+    assert make_stop("final", 0.1, stochastic=True).tail == 1.0
     levels = torch.linspace(1.0, 0.0, 101, dtype=torch.float64)
     thresholds = acceptance_levels(levels, 2.0, rule.tail, TAIL_FRACTION)[0]
     torch.testing.assert_close(thresholds[:75], 2.0 * levels[:75])

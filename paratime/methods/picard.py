@@ -153,8 +153,7 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
     if fill not in FILLS:
         raise ValueError(f"fill: unknown {fill!r}; allowed: {', '.join(FILLS)}")
     N, B, dev = problem.steps, x.shape[0], x.device
-    stopper = make_stop(stop, tol, accept_tol, problem.solver.stochastic and window >= N, tol_scale,
-                        sliding=window < N)
+    stopper = make_stop(stop, tol, accept_tol, tol_scale, stochastic=problem.solver.stochastic, sliding=window < N)
     levels = acceptance_levels(problem.noise_levels, stopper.accept, stopper.tail, TAIL_FRACTION)   # (3, N+1)
     init, need_den = path_plan(init, fill, window, N, max_rounds)
     # The trajectory lives in the model's frame (ParaDiGMS iterates on VP latents): there the state barely moves at

@@ -58,10 +58,10 @@ SLIDING_SCALE, ACCEPT_SCALE, STOCHASTIC_FULL_SCALE = 1 / 10, 1 / 30, 1 / 100
 TAIL_FRACTION, TAIL_SCALE = 1 / 4, 1 / 10
 
 
-def default_accept_tol(tol: float, stochastic_full: bool = False, sliding: bool = False) -> float:
+def default_accept_tol(tol: float, stochastic: bool = False, sliding: bool = False) -> float:
     """The window-slide tolerance (noise-level units) of the ``final`` rule: ``tol / 10`` in a ``sliding`` window
-    (shorter than the grid), ``tol / 30`` in a window of the whole grid, ``tol / 3000`` with ``stochastic_full`` (a
-    stochastic solver with a window of the whole grid, ``W >= N``).
+    (shorter than the grid), ``tol / 30`` in a window of the whole grid, ``tol / 3000`` there for a ``stochastic``
+    solver.
 
     An accepted point is frozen, and its error reaches the final point amplified, so acceptance must be stricter than
     the target. How much stricter depends on what acceptance buys:
@@ -84,7 +84,7 @@ def default_accept_tol(tol: float, stochastic_full: bool = False, sliding: bool 
       amplifies more is caught by the amplification guard, whose limit follows this margin (:func:`gain_limit`:
       3.3 here): max |Δ| <= 0.6 tol on 4,000 samples of ``gmm`` and the 3-D mixture and 64 digits, seeds 0, 1 and 3
       (``benchmarks/accuracy_sweep.py``'s ``-w8`` / ``-w4`` cases). ``tol / 3`` fails digits (1.14x at 1e-3)."""
-    return tol * (SLIDING_SCALE if sliding else ACCEPT_SCALE * (STOCHASTIC_FULL_SCALE if stochastic_full else 1.0))
+    return tol * (SLIDING_SCALE if sliding else ACCEPT_SCALE * (STOCHASTIC_FULL_SCALE if stochastic else 1.0))
 
 
 def gain_limit(tol: float, accept: float) -> float:
@@ -220,9 +220,8 @@ class FinalPointStop:
         return done
 
 
-def make_stop(stop: str, tol: float | None, accept_tol: float | None = None,
-              stochastic_full: bool = False, scale: float | None = 1.0,
-              sliding: bool = False) -> AllAcceptedStop | FinalPointStop:
+def make_stop(stop: str, tol: float | None, accept_tol: float | None = None, scale: float | None = 1.0,
+              stochastic: bool = False, sliding: bool = False) -> AllAcceptedStop | FinalPointStop:
     """The stop rule ``stop`` at ``tol`` (None: :data:`DEFAULT_TOL`).
 
     Args:
@@ -230,10 +229,10 @@ def make_stop(stop: str, tol: float | None, accept_tol: float | None = None,
         tol: ``final``: the bound on max |returned - sequential sample| aimed at; ``paradigms``: ParaDiGMS's
             tolerance (noise-level units). 0 runs to the exact fixed point.
         accept_tol: ``final`` only: the acceptance tolerance (noise-level units); None: :func:`default_accept_tol`.
-        stochastic_full: a stochastic solver with a window of the whole grid (stricter default acceptance).
-        sliding: a window shorter than the grid (looser default acceptance: it drives the slide).
         scale: ``final`` only: the data scale ``tol`` and ``accept_tol`` are relative to (1: absolute units; None:
             each sample's own max-abs, see :class:`FinalPointStop`).
+        stochastic: the solver draws step noise (in a window of the whole grid: stricter default acceptance).
+        sliding: a window shorter than the grid (looser default acceptance: it drives the slide).
     Returns:
         the rule (see the module docstring).
     Raises:
@@ -254,7 +253,7 @@ def make_stop(stop: str, tol: float | None, accept_tol: float | None = None,
         if accept_tol is not None:
             raise ValueError("accept_tol: applies only to stop='final'; 'paradigms' accepts a point at tol")
         return AllAcceptedStop(tol)
-    accept = default_accept_tol(tol, stochastic_full, sliding) if accept_tol is None else float(accept_tol)
+    accept = default_accept_tol(tol, stochastic, sliding) if accept_tol is None else float(accept_tol)
     # The default's stricter tail (a deterministic solver, window of the whole grid); a given accept_tol is flat.
-    tail = TAIL_SCALE if accept_tol is None and not (sliding or stochastic_full) else 1.0
+    tail = TAIL_SCALE if accept_tol is None and not (sliding or stochastic) else 1.0
     return FinalPointStop(tol, accept, scale, tail)
