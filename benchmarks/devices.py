@@ -165,7 +165,7 @@ def measure(model: str, steps: int, devices: list[int], seeds: int, quick: bool 
         rec["staggered"] = ([dict(_runs(model, steps, cost, K, seeds, seq, method="staggered", window=K, tol=tol,
                                         solver=solver), tol=tol)
                              for tol in (PICARD_TOLS[1:2] if quick else PICARD_TOLS)]
-                            if "staggered" in METHODS else [])
+                            if "staggered" in METHODS and K >= 2 else [])         # K cores, at least 2
         rec["chords"] = []
         if solver in CHORDS_SOLVERS:
             hits = _chords(model, steps, K, seeds, seq)

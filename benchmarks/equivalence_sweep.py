@@ -148,7 +148,8 @@ def cases(draw, methods: tuple[str, ...] | None = None, max_parallel: int | None
     if model == "guided":
         opts["guidance"] = draw(st.sampled_from([1.0, 2.0, 4.5]))
     if method in WINDOWED:
-        opts["window"] = draw(st.integers(1, steps if method == "picard" else cap(steps)))
+        opts["window"] = (draw(st.integers(1, steps)) if method == "picard" else
+                          draw(st.integers(2, max(2, cap(steps)))))         # staggered: K >= 2 cores
     if method == "picard":
         opts.update(update=draw(st.sampled_from(UPDATES)), stop=draw(st.sampled_from(STOPS)),
                     init=draw(st.sampled_from(INITS)), fill=draw(st.sampled_from(FILLS)),

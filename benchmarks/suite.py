@@ -60,7 +60,9 @@ def machine() -> dict:
 def _sampler(case: Case, method: str, backend=None):
     from paratime.sampler import ParallelSampler
 
-    opts = dict(solver=case.solver, steps=case.steps, method=method, tol=case.tol, progress=False, **case.extra)
+    opts = dict(solver=case.solver, steps=case.steps, method=method, progress=False, **case.extra)
+    if method != "sequential":
+        opts["tol"] = case.tol                 # an option a method does not read is refused: only where it applies
     if method in ("picard", "staggered"):
         opts["window"] = case.window           # an option a method does not read is refused: only where it applies
     if method.startswith("parareal"):
@@ -402,8 +404,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench_out", help="folder for bench.json, bench.md and the plots")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and smaller batches")
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)                                 # the outputs are checked before the work
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        ap.error(f"--out: cannot make the folder {out}: {e.strerror or e}")
+    if not os.access(out, os.W_OK):
+        ap.error(f"--out: {out} is not writable")
     import time
 
     t0 = time.perf_counter()

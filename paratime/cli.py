@@ -19,6 +19,7 @@ __all__ = ["main", "build_parser"]
 
 
 _DEFAULT_WORKERS = 2       # torch ranks / Ray actors when --workers is not given
+_DEFAULT_TIMEOUT_S = 300.0  # --timeout: seconds before a stuck torch rank or Ray actor is an error
 _ADDRESS_TIMEOUT_S = 5.0   # --address HOST:PORT must accept a connection within this
 _MIN_EVAL_SAMPLES = 4      # eval-digits: k-NN precision/recall with k = 3 needs k + 1 samples
 
@@ -147,7 +148,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="Ray cluster address, e.g. auto or ray://HOST:10001 (default: none, a local Ray)")
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the sequential sampler and report speed-up and difference")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds before a stuck worker is an error")
+    p.add_argument("--timeout", type=float, default=None, help=f"seconds before a stuck worker is an error (--backend "
+                   f"torch or ray; default {_DEFAULT_TIMEOUT_S:g})")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--out", default="paratime_samples.png",
                    help="PNG of the samples ('' for none; --pipeline: OUT-0.png, OUT-1.png, ... one per image)")
@@ -350,6 +352,9 @@ def _check_sample_args(args) -> dict:
         _check_rank_env()
     check_int("batch", args.batch, 1)
     check_int("seed", args.seed, 0)
+    if args.timeout is not None and args.backend == "local":
+        raise UsageError("--timeout: only used with --backend torch or ray (local has no workers to wait for)")
+    args.timeout = _DEFAULT_TIMEOUT_S if args.timeout is None else args.timeout
     check_number("timeout", args.timeout, 0, low_open=True)
     if args.address is not None and args.backend != "ray":
         raise UsageError("--address: only used with --backend ray")
@@ -473,7 +478,10 @@ def run_pipeline(args, opts: dict) -> dict:
     runs = [args.method] + (["sequential"] if args.compare and args.method != "sequential" else [])
     out = {}
     for method in runs:
-        with parallelize(pipe, **{**opts, "method": method}, progress=args.progress) as ppipe:
+        run_opts = {**opts, "method": method}
+        if method == "sequential":    # the reference: the parallel methods' options do not apply
+            run_opts = {k: v for k, v in run_opts.items() if k not in _PARALLEL_OPTIONS}
+        with parallelize(pipe, **run_opts, progress=args.progress) as ppipe:
             res = ppipe(**call, generator=torch.Generator(device).manual_seed(args.seed))
         out[method] = (res.images, res.paratime_stats)
     images, stats = out[args.method]

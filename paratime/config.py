@@ -75,7 +75,7 @@ _PARAREAL = ("parareal", "parareal_pipelined")
 #: the options read by some methods only (``window``: Picard's window, staggered's cores); any other method
 #: refuses them away from their defaults
 METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
-    "window": ("picard", "staggered"), "max_rounds": ("picard",),
+    "window": ("picard", "staggered"), "max_rounds": ("picard",), "tol": (*_PICARD, "staggered", *_PARAREAL),
     **{name: _PICARD for name in ("shared_window", "stop", "update", "accept_tol", "init", "fill")},
     **{name: _PARAREAL for name in ("slices", "coarse_steps", "coarse")},
 }
@@ -141,7 +141,7 @@ class SamplerConfig:
         elif isinstance(self.window, str):
             raise ValueError(f"window: unknown {self.window!r}; allowed: 'auto' or an integer >= 1")
         else:
-            check_int("window", self.window, 1)
+            check_int("window", self.window, 2 if self.method == "staggered" else 1)   # staggered: K >= 2 cores
         check_cost(self.cost)
         check_number("tol", self.tol, 0, none=True)
         check_int("max_rounds", self.max_rounds, 1, none=True)
@@ -411,6 +411,9 @@ def check_cond(denoiser: Denoiser, cond: dict, batch: int, device: torch.device 
     hook = getattr(denoiser.network, "check_cond", None)
     if callable(hook):
         hook(cond, batch)
+    if denoiser.guided and denoiser.uncond_fn is None and "uncond" not in cond:
+        raise ValueError(f"guidance: classifier-free guidance (guidance={denoiser.guidance:g}) needs unconditional "
+                         f"inputs, and this model has no uncond_fn: pass uncond={{...}} or leave guidance unset")
     _check_tensors(cond, batch, device)
 
 

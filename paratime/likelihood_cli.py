@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .methods.likelihood import DIVERGENCES, FLOW_SOLVERS
+from .methods.likelihood import DIVERGENCES, FLOW_METHODS, FLOW_SOLVERS
 from .sampler import ParallelSampler
 
 __all__ = ["add_likelihood_parser", "check_likelihood_args", "run_likelihood", "digits_sets", "mixture_log_density",
@@ -52,7 +52,6 @@ def digits_sets(count: int, seed: int = 0) -> dict[str, torch.Tensor]:
 def add_likelihood_parser(sub) -> argparse.ArgumentParser:
     """Add the ``likelihood`` subcommand to the subparsers ``sub`` (``paratime``'s); returns its parser."""
     p = sub.add_parser("likelihood", help="log-likelihood / bits per dimension through the probability-flow ODE")
-    from .methods import METHODS
     from .schedules import SPACINGS
 
     p.add_argument("--model", default="digits", help=f"one of {', '.join(LIKELIHOOD_MODELS)}")
@@ -63,8 +62,9 @@ def add_likelihood_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=100, help="ODE steps")
     p.add_argument("--spacing", default="karras", help=f"grid spacing, one of {', '.join(SPACINGS)} (karras "
                                                        f"reaches t = 0)")
-    p.add_argument("--method", default="picard", help=f"one of {', '.join(METHODS)}")
-    p.add_argument("--tol", type=float, default=0.1, help="tolerance in units of the noise level")
+    p.add_argument("--method", default="picard", help=f"one of {', '.join(FLOW_METHODS)}")
+    p.add_argument("--tol", type=float, default=None, help=f"tolerance in units of the noise level (default "
+                                                           f"{DEFAULT_FLOW_TOL}; not with --method sequential)")
     p.add_argument("--window", type=int, default=None, help="Picard window (default: steps)")
     p.add_argument("--divergence", default="hutchinson", help=f"one of {', '.join(DIVERGENCES)}")
     p.add_argument("--probes", type=int, default=None, help="Hutchinson probes per sample (default: 1; "
@@ -118,8 +118,14 @@ def check_likelihood_args(args) -> ParallelSampler:
                 raise ValueError(f"--sets: unknown {bad[0]!r}; allowed: {', '.join(DIGITS_SETS)}")
             if len(set(wanted)) != len(wanted):
                 raise ValueError(f"--sets: each set once, got {args.sets!r}")
+    if args.method not in FLOW_METHODS:
+        raise ValueError(f"--method: the likelihood ODE takes {', '.join(FLOW_METHODS)}, got {args.method!r}")
     if args.window is not None and args.method != "picard":
         raise ValueError(f"--window: applies only to --method picard, not {args.method!r}")
+    if args.tol is not None and args.method == "sequential":
+        raise ValueError("--tol: applies only to the parallel methods, not --method sequential")
+    if args.tol is None and args.method != "sequential":
+        args.tol = DEFAULT_FLOW_TOL
     opts = {k: v for k, v in (("tol", args.tol), ("window", args.window)) if v is not None}
     return ParallelSampler(args.model, steps=args.steps, method=args.method, spacing=args.spacing, progress=False,
                            **opts)
@@ -135,6 +141,7 @@ def mixture_log_density(mix, x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 LIKELIHOOD_MODELS = ("digits", "gmm")
+DEFAULT_FLOW_TOL = 0.1          # --tol of the parallel methods, noise-level units
 DIGITS_HELD_OUT = 540           # images in the held-out split (30% of 1,797)
 
 

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from .checks import check_int
 from .progress import progress_bar
 from .methods import PARAREAL_TOL
 from .sampler import ParallelSampler
@@ -92,8 +93,10 @@ def rollout(act: Callable[[torch.Tensor, int], torch.Tensor], episodes: int = 10
     Returns:
         :class:`EvalResult`.
     Raises:
-        ValueError: ``act`` returned a wrongly shaped chunk.
+        ValueError: ``episodes`` or ``seed`` not a valid count / index; ``act`` returned a wrongly shaped chunk.
     """
+    check_int("episodes", episodes, 1)
+    check_int("seed", seed, 0)
     config = config or ReachConfig()
     ep = make_episodes(episodes, seed=seed, config=config)
     paths = [ep.pos.clone()]
@@ -118,7 +121,7 @@ def rollout(act: Callable[[torch.Tensor, int], torch.Tensor], episodes: int = 10
 
 def policy_sampler(method: str = "picard", model=None, **options) -> ParallelSampler:
     """A DDPM-100 sampler of the shipped policy with :data:`POLICY_METHODS`'s options for ``method``, overridden by
-    ``options`` (``window``, ``tol``, ...).
+    ``options`` (``window``, ``tol``, ..., and ``solver`` / ``steps`` for another grid than the evaluation's).
 
     Raises:
         ValueError: unknown ``method``.
@@ -126,7 +129,7 @@ def policy_sampler(method: str = "picard", model=None, **options) -> ParallelSam
     if method not in POLICY_METHODS:
         raise ValueError(f"method: unknown {method!r}; allowed: {', '.join(POLICY_METHODS)}")
     opts = {"progress": False, **POLICY_METHODS[method], **{k: v for k, v in options.items() if v is not None}}
-    return ParallelSampler(model if model is not None else "policy", solver="ddpm", steps=100, **opts)
+    return ParallelSampler(model if model is not None else "policy", **{"solver": "ddpm", "steps": 100, **opts})
 
 
 def sampler_act(sampler: ParallelSampler, seed: int = EVAL_SEED) -> Callable[[torch.Tensor, int], torch.Tensor]:

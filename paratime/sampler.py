@@ -19,7 +19,7 @@ from .backends.base import map_cond
 from .config import SamplerConfig, check_cond, declared_scale
 from .cost import CostCurve, make_cost, measure_cost
 from .denoiser import Denoiser
-from .kernels import kernels as kernel_context
+from .kernels import kernels as kernel_context, triton_usable
 from .evaluator import Evaluator, NonFiniteOutputError
 from .methods import METHODS, Problem, RoundInfo
 from .models import as_denoiser, model_factory, state_device
@@ -86,6 +86,10 @@ class ParallelSampler:
         self.solver = cfg.build_solver()
         self.device = state_device(self.denoiser, cfg.device)
         self.state_dtype = cfg.state_dtype_on(self.device)
+        if kernels == "triton" and not triton_usable(torch.empty(0, dtype=self.state_dtype, device=self.device)):
+            raise ValueError(f"kernels: 'triton' cannot run on this sampler's {self.state_dtype} state on "
+                             f"{self.device}: it needs CUDA, or TRITON_INTERPRET=1 on CPU, and a float32/16 state "
+                             f"(state_dtype=torch.float32); kernels='auto' falls back to torch")
         self.grid: TimeGrid = self.denoiser.schedule.grid(cfg.steps, cfg.spacing)
         if isinstance(backend, str) and backend == "ray" and isinstance(model, str):
             # Actors build a named model themselves instead of receiving the weights through the object store.
@@ -285,7 +289,13 @@ class ParallelSampler:
         return stats
 
     def decode(self, latents: torch.Tensor, batch: int = 8) -> torch.Tensor:
-        """Decode latents with the sampler's decoder, ``batch`` at a time, after dividing by ``latent_scale``."""
+        """Decode latents with the sampler's decoder, ``batch`` at a time, after dividing by ``latent_scale``.
+
+        Raises:
+            ValueError: the sampler has no decoder.
+        """
+        if self.decoder is None:
+            raise ValueError("decoder: this sampler has none; pass decoder= to ParallelSampler")
         z = latents / (self.latent_scale or 1.0)
         dec = self.decoder.decode if hasattr(self.decoder, "decode") else self.decoder
         dtype = next(self.decoder.parameters()).dtype if isinstance(self.decoder, torch.nn.Module) else z.dtype
@@ -338,9 +348,14 @@ class ParallelSampler:
         if data_range is None and self.denoiser.clip_x0 is not None:
             data_range = (-self.denoiser.clip_x0, self.denoiser.clip_x0)
         solver = lk.flow_solver_for(self.solver) if solver is None else solver
+        flow_method = self.config.method if method is None else method
+        if flow_method in METHODS and flow_method not in lk.FLOW_METHODS:     # (an unknown name: the config's error)
+            given = "" if method is not None else " (this sampler's; give method=)"
+            raise ValueError(f"method: the likelihood ODE takes {', '.join(lk.FLOW_METHODS)} or auto, not "
+                             f"{flow_method!r}{given}")
         # The flow's config: the sampler's method options with the ODE solver (an unknown `solver` is named by
         # check_request with the flow's choices, so the config holds a placeholder until then).
-        cfg = self.config.with_method(self.config.method if method is None else method,
+        cfg = self.config.with_method(flow_method,
                                       solver=solver if solver in lk.FLOW_SOLVERS else "ddim", eta=None,
                                       corrector_snr=None, corrector_steps=1,
                                       steps=self.config.steps if steps is None else steps)

@@ -83,3 +83,14 @@ def test_shared_window_reproduces_diffusers_paradigms_rounds_and_nfe():
                            progress=False).sample(64, seed=0)      # ParaDiGMS's plain update and stopping rule
     assert ours.stats.rounds == rounds and ours.stats.nfe == nfe
     torch.testing.assert_close(ours.samples, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_output_folder_that_cannot_be_made_is_refused_before_the_work(tmp_path, capsys):
+    from paratime.bench.suite import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as info:
+        main(["--quick", "--out", str(blocker / "b")])            # a folder inside a file: no traceback, exit 2
+    assert info.value.code == 2 and "--out: cannot make the folder" in capsys.readouterr().err
+    assert blocker.read_text() == ""

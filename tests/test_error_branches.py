@@ -26,6 +26,10 @@ def _raw(x, t, **cond):                                # a raw eps-network: pred
     return torch.zeros_like(x)
 
 
+def _raw_sampler(**kw):
+    return ParallelSampler(_raw, schedule=VESchedule(), prediction="eps", steps=2, progress=False, **kw)
+
+
 def _raises(call, error, name):
     """``call()`` raises ``error`` whose message starts with ``name:`` (the project's "argument: problem" form)."""
     with pytest.raises(error) as info:
@@ -62,8 +66,22 @@ SAMPLER_CASES = [
     ("Denoiser guidance_rescale=2", lambda: Denoiser(_raw, VESchedule(), "eps", guidance_rescale=2.0), ValueError,
      "guidance_rescale"),
     ("Denoiser classifier=3", lambda: Denoiser(_raw, VESchedule(), "eps", classifier=3), TypeError, "classifier"),
-    ("cond on another device", lambda: _gmm().sample(2, labels=torch.zeros(2, device="meta")), ValueError, "labels"),
-    ("nested cond on another device", lambda: _gmm().sample(2, uncond={"e": torch.zeros(2, device="meta")}),
+    # A raw network takes any conditioning (the mixtures take none: named by their own rule, below).
+    ("cond on another device", lambda: _raw_sampler().sample((2, 2), labels=torch.zeros(2, device="meta")),
+     ValueError, "labels"),
+    ("tol with sequential", lambda: _gmm(method="sequential", tol=0.5), ValueError, "tol"),
+    ("staggered with one core", lambda: _gmm(method="staggered", window=1), ValueError, "window"),
+    ("triton kernels on a float64 state", lambda: _gmm(kernels="triton"), ValueError, "kernels"),
+    ("gmm with labels", lambda: _gmm().sample(4, labels=torch.zeros(4, dtype=torch.long)), ValueError, "labels"),
+    ("guidance on gmm", lambda: _gmm(guidance=2.0).sample(4), ValueError, "guidance"),
+    ("guidance on the policy", lambda: ParallelSampler("policy", steps=2, guidance=2.0, progress=False).sample(
+        1, obs=torch.zeros(1, 12)), ValueError, "guidance"),
+    ("decode without a decoder", lambda: _gmm().decode(torch.zeros(2, 2)), ValueError, "decoder"),
+    ("likelihood with staggered", lambda: _gmm().log_likelihood(torch.zeros(2, 2), method="staggered"), ValueError,
+     "method"),
+    ("likelihood on a staggered sampler", lambda: _gmm(method="staggered", window=2).log_likelihood(torch.zeros(2, 2)),
+     ValueError, "method"),
+    ("nested cond on another device", lambda: _raw_sampler().sample((2, 2), uncond={"e": torch.zeros(2, device="meta")}),
      ValueError, "uncond.e"),
 ]
 
@@ -655,6 +673,8 @@ def test_parallel_pipeline_refuses_what_it_does_not_run():
     pipe.unet.register_to_config(time_cond_proj_dim=8)
     _raises(lambda: paratime.parallelize(pipe), ValueError, "pipe")
     pipe.unet.register_to_config(time_cond_proj_dim=None)
+    # A grid option the scheduler sets: refused at wrap time, not at every call.
+    _raises(lambda: paratime.parallelize(pipe, spacing="karras"), TypeError, "spacing")
     # img2img: a strength that leaves no step of num_inference_steps (int(4 * 0.1) = 0).
     img2img = diffusers.StableDiffusionImg2ImgPipeline(**pipe.components)
     image = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(0))

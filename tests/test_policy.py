@@ -78,6 +78,11 @@ def test_bad_inputs_raise():
         step(ep, torch.zeros(2, 2))
     with pytest.raises(ValueError, match="method"):
         policy_sampler("euler")
+    with pytest.raises(ValueError, match="^episodes:"):
+        evaluate_policy("sequential", episodes=0)
+    # The evaluation's DDPM-100 is a default, not a clash: steps= and solver= choose another grid.
+    s = policy_sampler("picard", steps=10, solver="ddim")
+    assert s.config.steps == 10 and s.solver.name == "ddim"
     with pytest.raises(ValueError, match="steps"):
         train_policy(None, steps=0)
     with pytest.raises(ValueError, match="ema"):

@@ -675,6 +675,7 @@ _SET_BY_PIPELINE = {"solver": "the pipeline's scheduler", "steps": "num_inferenc
                     "clip_x0": "the scheduler's clip_sample", "guidance": "guidance_scale= of the call",
                     "guidance_rescale": "guidance_rescale= of the call", "eta": "eta= of the call",
                     "latent_scale": "the pipeline's VAE", "decoder": "the pipeline's VAE", "dtype": "the network",
+                    "spacing": "the scheduler's timestep_spacing",
                     "device": "the pipeline's device", "classifier": "not supported by pipelines",
                     "classifier_scale": "not supported by pipelines"}
 

@@ -55,7 +55,7 @@ from ..schedules import NoiseSchedule, TimeGrid
 from ..solvers import Evaluate, Solver, make_solver
 from .common import Outcome, Problem, RoundInfo
 
-__all__ = ["FlowDenoiser", "flow_denoiser", "LikelihoodResult", "DIVERGENCES", "PROBES", "FLOW_SOLVERS",
+__all__ = ["FlowDenoiser", "flow_denoiser", "LikelihoodResult", "DIVERGENCES", "PROBES", "FLOW_SOLVERS", "FLOW_METHODS",
            "PROBE_KEY", "PROBE_STREAM", "DEQUANT_STREAM", "likelihood_grid", "flow_problem", "solve_flow",
            "gaussian_log_density", "bits_per_dim", "bin_width", "make_probes", "dequantise", "check_data",
            "check_request", "flow_solver_for"]
@@ -63,6 +63,8 @@ __all__ = ["FlowDenoiser", "flow_denoiser", "LikelihoodResult", "DIVERGENCES", "
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
 FLOW_SOLVERS = ("euler", "heun")
+#: the methods that solve the flow (``auto``: Picard with its widest window); staggered cores are for sampling only
+FLOW_METHODS = ("sequential", "picard", "parareal", "parareal_pipelined")
 #: streams of :func:`paratime.noise.draw_noise`, listed there with the others
 PROBE_STREAM, DEQUANT_STREAM = PROBE, DEQUANT
 PROBE_KEY = "divergence_probes"     # the per-row conditioning entry that carries Hutchinson's probes

@@ -78,6 +78,15 @@ class _MixtureNetwork(torch.nn.Module):
         super().__init__()
         self.gmm, self.schedule, self.prediction = gmm, schedule, prediction
 
+    def check_cond(self, cond: dict, batch: int) -> None:
+        """The sampler's conditioning hook (see :func:`paratime.config.check_cond`): a mixture takes none.
+
+        Raises:
+            ValueError: any conditioning key, named.
+        """
+        if cond:
+            raise ValueError(f"{sorted(cond)[0]}: the mixture model takes no conditioning")
+
     def forward(self, x_in: torch.Tensor, model_time: torch.Tensor) -> torch.Tensor:
         sigma = self.schedule.sigma_of_model_time(model_time)
         a = self.schedule.input_scale(sigma)
