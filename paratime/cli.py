@@ -469,8 +469,11 @@ def run_pipeline(args, opts: dict) -> dict:
 
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
-    pipe = DiffusionPipeline.from_pretrained(args.pipeline, dtype=_DTYPES.get(args.dtype, torch.float32),
-                                             local_files_only=True).to(device)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(args.pipeline, dtype=_DTYPES.get(args.dtype, torch.float32),
+                                                 local_files_only=True).to(device)
+    except (OSError, ValueError, TypeError, AttributeError) as e:     # an incomplete or foreign folder
+        raise UsageError(f"--pipeline: cannot load a diffusers pipeline from {args.pipeline}: {e}") from e
     pipe.set_progress_bar_config(disable=True)
     call = {"prompt": args.prompt, "num_inference_steps": args.steps, "num_images_per_prompt": args.batch,
             "output_type": "np", **{k: v for k, v in (("height", args.height), ("width", args.width),

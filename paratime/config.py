@@ -29,7 +29,7 @@ from .methods.picard import DEFAULT_TOL, FILLS, INITS, STOPS, UPDATES, path_plan
 from .noise import tabulates
 from .planner import rounds_cap
 from .schedules import SPACINGS, NoiseSchedule
-from .solvers import LangevinCorrected, Solver, make_solver
+from .solvers import SOLVERS, LangevinCorrected, Solver, make_solver
 
 __all__ = ["SamplerConfig", "check_int", "check_number", "check_device", "check_cond", "declared_scale"]
 
@@ -166,7 +166,15 @@ class SamplerConfig:
                 raise ValueError(f"{name}: unknown {value!r}; allowed: {', '.join(allowed)}")
         # Solver (the solver's own constructor checks eta's range).
         check_number("eta", self.eta, none=True)
-        make_solver(self.solver, **self.solver_options)  # raises on a bad name or option
+        try:
+            make_solver(self.solver, **self.solver_options)  # raises on a bad name or option
+        except ValueError as e:
+            if self.eta is None or not str(e).startswith("solver_options:"):
+                raise
+            what = "a Solver instance carries its own" if isinstance(self.solver, Solver) else \
+                f"the {self.solver!r} solver takes none"
+            with_eta = [n for n, c in SOLVERS.items() if "eta" in {f.name for f in fields(c)}]
+            raise ValueError(f"eta: applies only to solvers with an eta ({', '.join(with_eta)}); {what}") from e
         check_number("corrector_snr", self.corrector_snr, 0, low_open=True, none=True)
         check_int("corrector_steps", self.corrector_steps, 1)
         if self.method == "parareal_pipelined" and self.build_solver().uses_history:

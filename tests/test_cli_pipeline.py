@@ -72,3 +72,14 @@ def test_pipeline_bad_inputs_are_one_line_errors(saved_pipeline, tmp_path, argv,
 def test_prompt_without_pipeline_is_an_error(capsys):
     assert main(["sample", "--model", "gmm", "--prompt", "a cat"]) == 2
     assert "--prompt: applies only with --pipeline" in capsys.readouterr().err
+
+
+def test_an_incomplete_pipeline_folder_is_a_one_line_error(saved_pipeline, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "no-unet"
+    shutil.copytree(saved_pipeline, folder)
+    shutil.rmtree(folder / "unet")                            # model_index.json names a unet the folder lacks
+    assert main(["sample", "--pipeline", str(folder), "--prompt", "a cat", "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip().splitlines()[-1].startswith("paratime: error: --pipeline: cannot load"), err

@@ -66,7 +66,7 @@ API_CASES = [
     ("eta=2", lambda: _gmm(eta=2.0), ValueError, "eta"),
     ("eta=nan", lambda: _gmm(eta=NAN), ValueError, "eta"),
     ("eta=-0.1", lambda: _gmm(eta=-0.1), ValueError, "eta"),
-    ("heun+eta", lambda: ParallelSampler("gmm", solver="heun", eta=0.5), ValueError, "solver_options"),
+    ("heun+eta", lambda: ParallelSampler("gmm", solver="heun", eta=0.5), ValueError, "eta"),
     ("spacing=odd", lambda: _gmm(spacing="odd"), ValueError, "spacing"),
     ("max_rounds=0", lambda: _gmm(max_rounds=0), ValueError, "max_rounds"),
     ("max_rounds=True", lambda: _gmm(max_rounds=True), TypeError, "max_rounds"),

@@ -208,7 +208,7 @@ def test_non_finite_network_output_names_the_step():
     (dict(solver="rk45"), "solver"), (dict(method="magic"), "method"), (dict(tol=-1.0), "tol"),
     (dict(window=0), "window"), (dict(steps=0), "steps"), (dict(backend="mpi"), "backend"),
     (dict(eta=2.0), "eta"), (dict(spacing="odd"), "spacing"), (dict(max_rounds=0), "max_rounds"),
-    (dict(solver="heun", eta=0.5), "solver_options"), (dict(tol=float("nan")), "tol"),
+    (dict(solver="heun", eta=0.5), "eta"), (dict(tol=float("nan")), "tol"),
     (dict(method="parareal", window=8), "^window: applies only"), (dict(method="sequential", window=8), "^window"),
     (dict(method="parareal", stop="paradigms"), "^stop: applies only"),
     (dict(method="sequential", update="anderson"), "^update: applies only"),
