@@ -76,6 +76,8 @@ class ParallelSampler:
             raise TypeError(f"decoder: expected a callable, got {type(decoder).__name__}")
         if cfg.latent_scale is not None and decoder is None:
             raise ValueError("latent_scale: applies only with a decoder (latents are divided by it before decoding)")
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress: expected True or False, got {progress!r}")
         if kernels not in (None, "auto", "torch", "triton"):
             raise ValueError(f"kernels: unknown {kernels!r}; allowed: auto, torch, triton (or None)")
         self.decoder, self.progress, self.kernels, self.latent_scale = decoder, progress, kernels, cfg.latent_scale
@@ -243,6 +245,8 @@ class ParallelSampler:
         clock; ``marks`` (when given) gets ``(network calls so far, seconds since the start)`` at every round.
         Returns ``(solve's result, evaluator, wall seconds)``."""
         evaluator = Evaluator(self.backend, grid, B, self.device, first_sample)
+        if progress is not None and not isinstance(progress, bool):
+            raise TypeError(f"progress: expected True, False or None (the sampler's), got {progress!r}")
         show = (self.progress if progress is None else progress) and self.backend.is_primary
         modes = contextlib.nullcontext() if self.kernels is None else kernel_context(self.kernels)
 

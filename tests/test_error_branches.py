@@ -72,6 +72,8 @@ SAMPLER_CASES = [
     ("tol with sequential", lambda: _gmm(method="sequential", tol=0.5), ValueError, "tol"),
     ("staggered with one core", lambda: _gmm(method="staggered", window=1), ValueError, "window"),
     ("triton kernels on a float64 state", lambda: _gmm(kernels="triton"), ValueError, "kernels"),
+    ("progress=3", lambda: ParallelSampler("gmm", steps=4, progress=3), TypeError, "progress"),
+    ("sample(progress='yes')", lambda: _gmm().sample(2, progress="yes"), TypeError, "progress"),
     ("gmm with labels", lambda: _gmm().sample(4, labels=torch.zeros(4, dtype=torch.long)), ValueError, "labels"),
     ("guidance on gmm", lambda: _gmm(guidance=2.0).sample(4), ValueError, "guidance"),
     ("guidance on the policy", lambda: ParallelSampler("policy", steps=2, guidance=2.0, progress=False).sample(
