@@ -81,6 +81,18 @@ def _sampler(model, steps, cost, workers=1, **kw):
     return ParallelSampler(model, steps=steps, cost=cost, backend=Spread(workers), progress=False, **kw)
 
 
+def not_run(solver: str) -> dict[str, str]:
+    """The methods (as the tables name them) left out for ``solver``, with why: the CHORDS port takes one-step
+    solvers exact with the score held (:data:`CHORDS_SOLVERS`), pipelined Parareal one-step solvers."""
+    out = {}
+    if solver not in CHORDS_SOLVERS:
+        why = "one-step solvers, exact with the score held: DDIM here"
+        out.update({"CHORDS port": why, "CHORDS recommended stop": why})
+    if make_solver(solver).uses_history:
+        out["pipelined Parareal"] = "one-step solvers"
+    return out
+
+
 def solver_name(solver: str) -> str:
     """The solver as the tables write it: ``DDIM``, ``DPM++(2M)``, else its paratime name."""
     return SOLVER_NAMES.get(solver, solver)
@@ -145,7 +157,7 @@ def measure(model: str, steps: int, devices: list[int], seeds: int, quick: bool 
             solver: str = "ddim") -> dict:
     """Every method at every K for one model and solver (``quick``: windows K and N, one tolerance each); returns
     the records (the CHORDS port only for :data:`CHORDS_SOLVERS`)."""
-    cost = MODELS[model]
+    cost, skip = MODELS[model], not_run(solver)
     ref = _sampler(model, steps, cost, 1, method="sequential", solver=solver)
     xs = [ref.sample(1, seed=0, first_sample=i, **_cond(model, i)).samples for i in range(seeds)]
     seq = {"x": xs, "range": max(float(x.abs().max()) for x in xs)}
@@ -161,13 +173,13 @@ def measure(model: str, steps: int, devices: list[int], seeds: int, quick: bool 
         rec["parareal_pipelined"] = ([dict(_runs(model, steps, cost, K, seeds, seq, method="parareal_pipelined",
                                                  tol=tol, solver=solver), tol=tol)
                                       for tol in PARAREAL_TOLS[:1 if quick else None]]
-                                     if not make_solver(solver).uses_history else [])   # refused: needs one step
+                                     if "pipelined Parareal" not in skip else [])
         rec["staggered"] = ([dict(_runs(model, steps, cost, K, seeds, seq, method="staggered", window=K, tol=tol,
                                         solver=solver), tol=tol)
                              for tol in (PICARD_TOLS[1:2] if quick else PICARD_TOLS)]
                             if "staggered" in METHODS and K >= 2 else [])         # K cores, at least 2
         rec["chords"] = []
-        if solver in CHORDS_SOLVERS:
+        if "CHORDS port" not in skip:
             hits = _chords(model, steps, K, seeds, seq)
             for h in hits:
                 h["speedup"] = steps / h["sce"]
@@ -194,11 +206,8 @@ def table(res: dict, level: float) -> tuple[list[str], dict]:
                  "CHORDS recommended stop": rec_stop if rec_stop and rec_stop["err"] <= level else None}
         for m, r in picks.items():
             series[m].append(None if r is None else r["speedup"])
-    solver = res.get("solver", "ddim")          # methods not run for it: a row of dashes would read as "missed"
-    if solver not in CHORDS_SOLVERS:
-        del series["CHORDS port"], series["CHORDS recommended stop"]
-    if make_solver(solver).uses_history:
-        del series["pipelined Parareal"]
+    for m in not_run(res.get("solver", "ddim")):    # not run for the solver: a row of dashes would read as "missed"
+        del series[m]
     lines = [f"| method | " + " | ".join(f"K={K}" for K in Ks) + " |", "|---|" + "---|" * len(Ks)]
     for m, v in series.items():
         lines.append(f"| {m} | " + " | ".join("–" if s is None else f"{s:.2f}x" for s in v) + " |")
@@ -478,12 +487,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{title(r)}, {r['cost']}-bound, batch 1, {seeds} seeds: speed-up N / SCE at "
                   f"max|Δ| ≤ {level:g} of the data range ({r['range']:.3g})\n")
             print("\n".join(table(r, level)[0]))
-    skipped = [what for what, skip in (("the CHORDS port (one-step solvers, exact with the score held: DDIM here)",
-                                        a.solver not in CHORDS_SOLVERS),
-                                       ("pipelined Parareal (one-step solvers)", make_solver(a.solver).uses_history))
-               if skip]
+    skipped = not_run(a.solver)
     if skipped:
-        print(f"\nnot run for {a.solver}: " + "; ".join(skipped))
+        print(f"\nnot run for {a.solver}: " + "; ".join(f"the {m} ({why})" for m, why in skipped.items()
+                                                        if m != "CHORDS recommended stop"))
     for r in results:
         print(f"\n{r['model']}:\n" + "\n".join(describe(r)))
     extra = {}

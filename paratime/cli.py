@@ -481,10 +481,7 @@ def run_pipeline(args, opts: dict) -> dict:
     runs = [args.method] + (["sequential"] if args.compare and args.method != "sequential" else [])
     out = {}
     for method in runs:
-        run_opts = {**opts, "method": method}
-        if method == "sequential":    # the reference: the parallel methods' options do not apply
-            run_opts = {k: v for k, v in run_opts.items() if k not in _PARALLEL_OPTIONS}
-        with parallelize(pipe, **run_opts, progress=args.progress) as ppipe:
+        with parallelize(pipe, **_method_options(opts, method), progress=args.progress) as ppipe:
             res = ppipe(**call, generator=torch.Generator(device).manual_seed(args.seed))
         out[method] = (res.images, res.paratime_stats)
     images, stats = out[args.method]
@@ -528,6 +525,12 @@ def _device(args, device: torch.device | None) -> torch.device:
 _PARALLEL_OPTIONS = ("window", "tol", "shared_window", "max_rounds", "slices", "coarse_steps")
 
 
+def _method_options(opts: dict, method: str) -> dict:
+    """``opts`` for ``method``: the sequential reference drops the parallel methods' options (they do not apply)."""
+    opts = {**opts, "method": method}
+    return {k: v for k, v in opts.items() if k not in _PARALLEL_OPTIONS} if method == "sequential" else opts
+
+
 def _sampler(args, opts: dict, method: str, backend=None):
     from .sampler import ParallelSampler
 
@@ -543,10 +546,7 @@ def _sampler(args, opts: dict, method: str, backend=None):
     model = _model_factory(args)()
     if isinstance(model.network, torch.nn.Module):
         model.network.to(opts["device"])
-    opts = {**opts, "method": method}
-    if method == "sequential":    # the parallel methods' options do not apply to the sequential reference
-        opts = {k: v for k, v in opts.items() if k not in _PARALLEL_OPTIONS}
-    return ParallelSampler(model, **opts, backend=backend, progress=args.progress, **kw)
+    return ParallelSampler(model, **_method_options(opts, method), backend=backend, progress=args.progress, **kw)
 
 
 def _cond(args, batch: int) -> dict:

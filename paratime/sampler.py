@@ -37,6 +37,12 @@ log = logging.getLogger("paratime")
 _DENOISER_OPTIONS = ("guidance", "guidance_rescale", "classifier", "classifier_scale")
 
 
+def _check_progress(progress: Any) -> None:
+    """A call's ``progress``: True, False, or None for the sampler's own."""
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress: expected True, False or None (the sampler's), got {progress!r}")
+
+
 class ParallelSampler:
     """Sample a diffusion model sequentially or in parallel in time.
 
@@ -125,6 +131,7 @@ class ParallelSampler:
             ValueError, TypeError: bad ``shape``, ``noise``, ``seed`` or conditioning, naming the argument.
             NonFiniteOutputError: the network produced NaN or inf.
         """
+        _check_progress(progress)
         if generator is not None and seed is not None:
             raise ValueError("seed: applies only without generator= (the generator draws all the noise)")
         if generator is not None and first_sample != 0:
@@ -245,8 +252,6 @@ class ParallelSampler:
         clock; ``marks`` (when given) gets ``(network calls so far, seconds since the start)`` at every round.
         Returns ``(solve's result, evaluator, wall seconds)``."""
         evaluator = Evaluator(self.backend, grid, B, self.device, first_sample)
-        if progress is not None and not isinstance(progress, bool):
-            raise TypeError(f"progress: expected True, False or None (the sampler's), got {progress!r}")
         show = (self.progress if progress is None else progress) and self.backend.is_primary
         modes = contextlib.nullcontext() if self.kernels is None else kernel_context(self.kernels)
 
@@ -349,6 +354,7 @@ class ParallelSampler:
         from .methods import likelihood as lk
         from .noise import draw_noise
 
+        _check_progress(progress)
         if data_range is None and self.denoiser.clip_x0 is not None:
             data_range = (-self.denoiser.clip_x0, self.denoiser.clip_x0)
         solver = lk.flow_solver_for(self.solver) if solver is None else solver

@@ -74,6 +74,7 @@ SAMPLER_CASES = [
     ("triton kernels on a float64 state", lambda: _gmm(kernels="triton"), ValueError, "kernels"),
     ("progress=3", lambda: ParallelSampler("gmm", steps=4, progress=3), TypeError, "progress"),
     ("sample(progress='yes')", lambda: _gmm().sample(2, progress="yes"), TypeError, "progress"),
+    ("log_likelihood(progress=1)", lambda: _gmm().log_likelihood(torch.zeros(2, 2), progress=1), TypeError, "progress"),
     ("gmm with labels", lambda: _gmm().sample(4, labels=torch.zeros(4, dtype=torch.long)), ValueError, "labels"),
     ("guidance on gmm", lambda: _gmm(guidance=2.0).sample(4), ValueError, "guidance"),
     ("guidance on the policy", lambda: ParallelSampler("policy", steps=2, guidance=2.0, progress=False).sample(
