@@ -14,22 +14,38 @@ units of ``c(1)``, i.e. in sequential call equivalents (SCE):
   rows, then per iteration ``ceil(N / S)`` fine calls of ``B S`` rows and a sweep of ``S`` calls of ``B`` rows, for
   :data:`PARAREAL_ITERATIONS` iterations (``S`` at ``tol = 0``: exactness needs every slice).
 
-**Rounds model of Picard** (per sample, stated once here and used by the planner and the benchmarks): every round
-evaluates the window's ``min(W, N - p)`` points from the window start ``p``, and the start advances by
-``a(W) = max(1, W ** ADVANCE_EXPONENT)`` points per round (the first window point is always exact, so at least 1;
-at ``tol = 0`` exactly 1: a fixed point needs every point once after its predecessor is exact); a window narrower
-than N first spends one call of B rows on the constant-D initial guess (``init="x0"``), and the final-point stop rule
-spends :data:`STOP_ROUNDS` more rounds of the last width. At ``tol = 0`` the model is exact on the digits U-Net
-(DDIM-20 / DDIM-50: N + 1 rounds for every W < N, N for W = N, measured). ``ADVANCE_EXPONENT`` was fitted on the
-digits U-Net, DDIM-50 / DDIM-100 at the default tolerance (``benchmarks/devices.py --calibrate`` prints measured
-against predicted rounds, 4 seeds: DDIM-50 W = 2, 4, 8, 16, 32, 50: 37, 25-26, 17-18, 13-14, 11-12, 10-11
-measured, 40, 29, 21, 16, 13, 10 predicted; DDIM-100 W = 2, 4, 8, 16, 32, 100: 70-72, 45-47, 28-30, 19-20, 14-15,
-11-12 measured, 74, 52, 37, 27, 20, 12 predicted): it over-predicts the rounds of mid-size windows (and matches
-the full window to a round), the safe side, as a wrong prediction then only makes the planner prefer narrower
-windows or sequential sampling.
+**Rounds model of Picard** (per sample, stated once here and used by the planner and the benchmarks): a window
+narrower than N first spends one call of B rows on the constant-D initial guess (``init="x0"``); while the window
+does not hold the last point it evaluates ``W`` points a round, and its start advances one point a round for the
+first :data:`SLIDE_STALL` rounds (the converged front forms) and ``a(W) = (W + 1) / 2`` points a round after; once
+it holds the last point its width shrinks by :data:`TAIL_SHRINK` a round (acceptance at the front, the final-point
+stop rule at the end) until under one point. A window of the whole grid spends :data:`STALL_ROUNDS` rounds on nearly
+all of it (N, N - 1, ... rows), then shrinks from :data:`FULL_TAIL` ``[0]`` of the points left and stops under
+``FULL_TAIL[1] N`` points (the quiet final point ends the whole window). At ``tol = 0`` each round advances exactly
+one point (a fixed point needs every point once after its predecessor is exact; exact on the digits U-Net, DDIM-20 /
+DDIM-50: N + 1 rounds for every W < N, N for W = N). The constants were fitted to measured rounds and rows (digits
+U-Net, batch 1, 4 seeds, default tolerance; ``benchmarks/devices.py --calibrate``): DDIM-50 W = 2, 4, 8, 16, 32, 50:
+36, 24.5, 17, 13.5, 11.5, 10 rounds of 70, 89, 112, 148, 205, 292 rows measured, 36, 24, 18, 14, 13, 9 of 70, 88,
+115, 147, 216, 297 modelled; DDIM-100 W = 2, 4, 8, 16, 32, 100: 69, 44, 28, 19, 14.5, 11 of 136, 168, 202, 240, 316,
+617 measured, 69, 44, 29, 20, 16, 10 of 136, 168, 203, 240, 312, 622 modelled; DPM++(2M)-20 W = 2, 4, 8, 16, 20:
+16.5, 12.5, 12, 10.5, 8.5 of 31, 41, 66, 90, 107 measured, 16, 12, 11, 11, 9 of 30, 40, 60, 89, 110 modelled. The
+model before this one (an advance of ``W ** 0.55`` from the first round and four stop rounds at the last width) put
+the whole grid's rows 30-35% low (206 of 292, 499 of 617, 70 of 107) and mid-size windows' rounds 20-40% high
+(DDIM-100 W = 16: 27 of 19), which made the widest window look cheapest wherever rows cost anything.
 
 The plan never predicts slower than sequential sampling under ``method="auto"``: sequential is always a candidate
-and wins ties (it is exact by construction). Every input is a host number, so every rank of an SPMD backend plans
+and wins unless a parallel plan is predicted :data:`SEQUENTIAL_MARGIN` times faster (it is exact by construction,
+and a prediction's error is about that size).
+
+**Work outside the network.** A cost curve holds network time only. With a measured curve the sampler also measures,
+per candidate, each call's work outside the network (``overhead``, :meth:`ParallelSampler.overheads`, a few calls
+of the candidate on the real network and backend, less the curve): the method's own work on its window between two
+calls (on a null network, about 1.2-3 ms a round for Picard on the project's CPU, 0.05 ms a step for sequential),
+the backend's dispatch and gather and the wait for the slowest rank (1-4 ms a call for 2 gloo ranks there). On a GPU with a large
+model both are small beside ``c(1)``; on a CPU or with a small model (a policy) they decide: unpriced, the planner
+predicted 2.25-3x for a window of 50 on 2 gloo ranks that measured 0.6x. Under an SPMD backend sequential sampling
+also runs on every rank by itself (:data:`ALONE`, no communication) when that is predicted faster than spreading
+the batch. Every input is a host number, so every rank of an SPMD backend plans
 the same from the same curve (the sampler makes the curve agree across ranks before planning).
 """
 
@@ -40,15 +56,26 @@ from dataclasses import dataclass, field
 
 from .cost import CostCurve, round_cost
 
-__all__ = ["Plan", "plan_sampling", "picard_rows", "predict_picard", "predict_sequential", "predict_parareal",
-           "window_candidates", "rounds_cap", "ADVANCE_EXPONENT", "STOP_ROUNDS", "PARAREAL_ITERATIONS"]
+__all__ = ["Plan", "plan_sampling", "candidates", "picard_rows", "predict_picard", "predict_sequential",
+           "predict_parareal", "window_candidates", "rounds_cap", "ALONE", "SEQUENTIAL_MARGIN", "SLIDE_STALL",
+           "STALL_ROUNDS", "TAIL_SHRINK", "FULL_TAIL", "PARAREAL_ITERATIONS"]
 
-#: Picard's window start advances by W ** ADVANCE_EXPONENT points per round (see the module docstring)
-ADVANCE_EXPONENT = 0.55
-#: rounds the final-point stop rule spends once the window holds the last point
-STOP_ROUNDS = 4
+#: rounds a sliding window's start advances one point each before it advances (W + 1) / 2 a round
+SLIDE_STALL = 3
+#: rounds a window of the whole grid spends on nearly all of it before its start moves
+STALL_ROUNDS = 4
+#: once the window holds the last point, its width shrinks by this factor per round
+TAIL_SHRINK = 0.65
+#: a window of the whole grid after its stall: the tail's first width (of the points left) and its last (of N)
+FULL_TAIL = (0.9, 0.1)
 #: Parareal iterations assumed at a tolerance > 0 (capped at the number of slices)
 PARAREAL_ITERATIONS = 3
+#: a parallel plan is chosen over sequential sampling only when predicted this many times faster: the rounds model
+#: and a measured curve are good to about 25% (the window of 50 on 2 gloo ranks, digits DDIM-50: 0.062 s predicted,
+#: 0.076-0.095 s measured), so a predicted gain below 10% is not one to give up exactness for
+SEQUENTIAL_MARGIN = 1.1
+#: the label of sequential sampling on each device by itself (see :func:`candidates`)
+ALONE = "sequential, 1 device"
 
 
 @dataclass(frozen=True)
@@ -58,10 +85,15 @@ class Plan:
     Attributes:
         method: the method to run. window: Picard's window (None for other methods).
         predicted_sce: the chosen plan's predicted wall time in sequential call equivalents (units of ``c(1)``).
-        sequential_sce: sequential sampling's prediction on the same devices. devices: K. batch: B.
+        sequential_sce: sequential sampling's prediction on the same devices (the batch spread over them).
+        devices: K. batch: B.
         reason: one sentence: what was chosen, its prediction against sequential and the runner-up.
         candidates: predicted SCE of every candidate considered, by label (``picard W=8``, ``sequential``, ...).
         cost: the cost curve's description. predicted_s: the prediction in the curve's units (seconds when measured).
+        overhead_s: the chosen plan's work per network call outside the network, in the curve's units (0 when not
+            measured), counted in ``predicted_sce``. alone: the plan is :data:`ALONE` (method ``sequential``, run
+            on every device by itself). baseline_sce: one device sampling the batch sequentially by itself, the
+            speed-up's baseline (its measured overhead, else the network's time alone).
     """
 
     method: str
@@ -74,17 +106,22 @@ class Plan:
     candidates: dict = field(default_factory=dict)
     cost: str = ""
     predicted_s: float = 0.0
+    overhead_s: float = 0.0
+    alone: bool = False
+    baseline_sce: float | None = None
 
     @property
     def speedup(self) -> float:
-        """Predicted speed-up over one device's sequential sampling of the batch: ``N e c(B) / predicted``."""
-        return self.sequential_sce / self.predicted_sce if self.predicted_sce > 0 else float("nan")
+        """Predicted speed-up over one device's sequential sampling of the batch: ``baseline_sce / predicted``."""
+        base = self.sequential_sce if self.baseline_sce is None else self.baseline_sce
+        return base / self.predicted_sce if self.predicted_sce > 0 else float("nan")
 
     def to_dict(self) -> dict:
         return {"method": self.method, "window": self.window, "predicted_sce": self.predicted_sce,
                 "sequential_sce": self.sequential_sce, "devices": self.devices, "batch": self.batch,
                 "reason": self.reason, "candidates": dict(self.candidates), "cost": self.cost,
-                "predicted_s": self.predicted_s}
+                "predicted_s": self.predicted_s, "overhead_s": self.overhead_s, "alone": self.alone,
+                "baseline_sce": self.baseline_sce, "speedup": self.speedup}
 
 
 def rounds_cap(steps: int) -> int:
@@ -108,46 +145,85 @@ def picard_rows(steps: int, window: int, tol: float) -> list[int]:
     Returns:
         One row count per round, the initial-guess call (1 row) first when ``window < steps``.
     """
-    a = 1.0 if tol == 0 else max(1.0, window ** ADVANCE_EXPONENT)
-    rows, p = ([1] if window < steps else []), 0.0
-    while p < steps:
-        rows.append(min(window, steps - math.floor(p)))
-        p += a
-    return rows + [rows[-1]] * (STOP_ROUNDS if tol > 0 else 0)
+    rows = [1] if window < steps else []
+    if tol == 0:                                  # one point a round
+        return rows + [min(window, steps - k) for k in range(steps)]
+    start = 0.0
+    while start + window < steps:                 # sliding: the window does not hold the last point yet
+        start += 1.0 if len(rows) <= SLIDE_STALL else (window + 1) / 2
+        rows.append(window)
+    width, end = float(steps - math.floor(start)), 1.0
+    if window >= steps:                           # the whole grid: the front forms first
+        rows += [steps - k for k in range(min(STALL_ROUNDS, steps))]
+        width, end = (steps - STALL_ROUNDS) * FULL_TAIL[0], max(1.0, steps * FULL_TAIL[1])
+    while width >= end:
+        rows.append(max(1, round(width)))
+        width *= TAIL_SHRINK
+    return rows
 
 
-def _sum_cost(curve: CostCurve, rows_per_sample: list[int], batch: int, devices: int, evals: int) -> float:
-    return evals * sum(round_cost(curve, r * batch, devices) for r in rows_per_sample)
+def _sum_cost(curve: CostCurve, rows_per_sample: list[int], batch: int, devices: int, evals: int,
+              overhead: float) -> float:
+    return evals * sum(max(0.0, round_cost(curve, r * batch, devices) + overhead) for r in rows_per_sample)
 
 
-def predict_sequential(curve: CostCurve, steps: int, batch: int, devices: int, evals: int = 1) -> float:
-    """Sequential sampling's predicted time (curve units): ``N e c(ceil(B / K))``."""
-    return _sum_cost(curve, [1] * steps, batch, devices, evals)
+def predict_sequential(curve: CostCurve, steps: int, batch: int, devices: int, evals: int = 1,
+                       overhead: float = 0.0) -> float:
+    """Sequential sampling's predicted time (curve units): ``N e (c(ceil(B / K)) + o)``, ``o`` the work of a call
+    outside the network (:func:`plan_sampling`'s ``overhead``)."""
+    return _sum_cost(curve, [1] * steps, batch, devices, evals, overhead)
 
 
 def predict_picard(curve: CostCurve, steps: int, window: int, batch: int, devices: int, tol: float,
-                   evals: int = 1) -> float:
-    """Picard's predicted time (curve units) with window ``window`` (:func:`picard_rows`)."""
-    return _sum_cost(curve, picard_rows(steps, window, tol), batch, devices, evals)
+                   evals: int = 1, overhead: float = 0.0) -> float:
+    """Picard's predicted time (curve units) with window ``window`` (:func:`picard_rows`), ``overhead`` per call."""
+    return _sum_cost(curve, picard_rows(steps, window, tol), batch, devices, evals, overhead)
 
 
-def predict_parareal(curve: CostCurve, steps: int, batch: int, devices: int, tol: float, evals: int = 1) -> float:
-    """Parareal's predicted time (curve units) with the default slices (module docstring)."""
+def predict_parareal(curve: CostCurve, steps: int, batch: int, devices: int, tol: float, evals: int = 1,
+                     overhead: float = 0.0) -> float:
+    """Parareal's predicted time (curve units) with the default slices (module docstring), ``overhead`` per call."""
     S = max(1, round(math.sqrt(steps)))
     iters = S if tol == 0 else min(S, PARAREAL_ITERATIONS)
-    sweep = S * round_cost(curve, batch, devices)
-    fine = math.ceil(steps / S) * evals * round_cost(curve, batch * S, devices)
+    sweep = S * max(0.0, round_cost(curve, batch, devices) + overhead)
+    fine = math.ceil(steps / S) * evals * max(0.0, round_cost(curve, batch * S, devices) + overhead)
     return sweep + iters * (fine + sweep)
 
 
+def candidates(steps: int, devices: int, method: str = "auto",
+               methods: tuple[str, ...] = ("sequential", "picard", "parareal"),
+               alone: bool = False) -> list[tuple[str, str, int | None]]:
+    """The plans :func:`plan_sampling` compares, as ``(label, method, window)``: sequential (data-parallel over the
+    devices, and with ``alone`` and ``K > 1`` also :data:`ALONE`: every device sampling the whole batch by itself,
+    no communication), Picard at each of :func:`window_candidates` and Parareal (``method="auto"``), or Picard's
+    windows only (``method="picard"``)."""
+    out = [("sequential", "sequential", None)] if method == "auto" and "sequential" in methods else []
+    if out and alone and devices > 1:
+        out.append((ALONE, "sequential", None))
+    out += [(f"picard W={w}", "picard", w) for w in window_candidates(steps, devices)]
+    if method == "auto" and "parareal" in methods and steps >= 4:
+        out.append(("parareal", "parareal", None))
+    return out
+
+
 def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: float, *, method: str = "auto",
-                  evals: int = 1, methods: tuple[str, ...] = ("sequential", "picard", "parareal")) -> Plan:
+                  evals: int = 1, methods: tuple[str, ...] = ("sequential", "picard", "parareal"),
+                  overhead: dict[str, float] | None = None, alone: bool = False) -> Plan:
     """Choose the method (``method="auto"``) and Picard's window by predicted wall time.
 
     Args:
         curve: the cost curve. steps: N. batch: B. devices: K. tol: the tolerance in force (0: exact).
         method: ``auto`` (compare every candidate), or ``picard`` (choose its window only).
         evals: the solver's network calls per step. methods: the registered methods that may be candidates.
+        overhead: per candidate label (:func:`candidates`), the time of each network call's work outside the
+            network in the curve's units: the method's own work on its window between two calls and the backend's
+            dispatch and gather (the sampler measures it with a measured curve, :meth:`ParallelSampler.overheads`,
+            as each call's time beyond the curve's: negative where the curve, timed on its own, ran slower than the
+            candidate's calls do; a call never predicts below 0); None or a missing label: 0, the pure cost-curve
+            prediction.
+        alone: whether every device can sample the whole batch by itself (an SPMD backend, where each rank holds
+            the model): then :data:`ALONE` is a candidate, which pays ``c(B)`` a step and no communication; it
+            wins where the backend's per-call gather costs more than spreading the batch saves.
     Returns:
         :class:`Plan`.
     Raises:
@@ -158,23 +234,35 @@ def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: f
             raise ValueError(f"{name}: must be an integer >= 1, got {v!r}")
     if method not in ("auto", "picard"):
         raise ValueError(f"method: the planner chooses for 'auto' or 'picard' (its window), got {method!r}")
-    unit = curve(1)
-    seq = predict_sequential(curve, steps, batch, devices, evals) / unit
+    unit, over = curve(1), dict(overhead or {})
+    if any(not math.isfinite(v) for v in over.values()):
+        raise ValueError(f"overhead: every value must be a finite number, got {over}")
+    seq = predict_sequential(curve, steps, batch, devices, evals, over.get("sequential", 0.0)) / unit
     cands: dict[str, tuple[float, str, int | None]] = {}
-    if method == "auto" and "sequential" in methods:
-        cands["sequential"] = (seq, "sequential", None)
-    for w in window_candidates(steps, devices):
-        cands[f"picard W={w}"] = (predict_picard(curve, steps, w, batch, devices, tol, evals) / unit, "picard", w)
-    if method == "auto" and "parareal" in methods and steps >= 4:
-        cands["parareal"] = (predict_parareal(curve, steps, batch, devices, tol, evals) / unit, "parareal", None)
-    # Fewest SCE; ties go to sequential (exact by construction), then to the narrower window (fewer evaluations).
-    order = sorted(cands, key=lambda k: (round(cands[k][0], 9), list(cands).index(k)))
+    for label, name, w in candidates(steps, devices, method, methods, alone):
+        o = over.get(label, 0.0)
+        if label == ALONE:
+            sce = predict_sequential(curve, steps, batch, 1, evals, o) / unit
+        elif name == "sequential":
+            sce = seq
+        elif name == "picard":
+            sce = predict_picard(curve, steps, w, batch, devices, tol, evals, o) / unit
+        else:
+            sce = predict_parareal(curve, steps, batch, devices, tol, evals, o) / unit
+        cands[label] = (sce, name, w)
+    # Fewest SCE, a parallel plan's counted SEQUENTIAL_MARGIN times; ties go to sequential (exact by construction),
+    # then to the narrower window (fewer evaluations).
+    order = sorted(cands, key=lambda k: (round(cands[k][0] * (1 if cands[k][1] == "sequential" else SEQUENTIAL_MARGIN),
+                                               9), list(cands).index(k)))
     best, runner = order[0], (order[1] if len(order) > 1 else None)
     sce, chosen, window = cands[best]
-    why = (f"{best}: predicted {sce:.1f} SCE against sequential's {seq:.1f} on {devices} device(s), batch {batch} "
-           f"({seq / sce:.2f}x)")
+    base = predict_sequential(curve, steps, batch, 1, evals, over.get(ALONE, 0.0)) / unit
+    why = (f"{best}: predicted {sce:.1f} SCE against {base:.1f} for sequential sampling on one device, batch {batch} "
+           f"({base / sce:.2f}x on {devices} device(s))")
     if runner is not None:
         why += f"; next {runner} at {cands[runner][0]:.1f}"
     why += f"; cost {curve.name}"
+    if over:
+        why += f", {over.get(best, 0.0) / unit:.2f} c(1) a call outside the network"
     return Plan(chosen, window, sce, seq, devices, batch, why, {k: v[0] for k, v in cands.items()},
-                curve.describe(), sce * unit)
+                curve.describe(), sce * unit, over.get(best, 0.0), best == ALONE, base)

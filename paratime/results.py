@@ -38,8 +38,10 @@ class SampleStats:
             (``K = workers``); sequential sampling of one batch that fits one call costs ``N`` at any K.
         round_device_rows: per round, the rows each device evaluated (``ceil(rows / K)`` summed over the round's
             network calls). round_sce: per round, its SCE. round_wall_s: per round, the measured seconds (the
-            host clock between round reports). round_predicted_s: per round, the cost model's seconds (empty when
-            the curve is not in seconds: the named ``compute`` / ``latency`` curves).
+            host clock between round reports). round_predicted_s: per round, the cost model's seconds: the curve's
+            for each call's rows plus, with a measured curve, each call's measured work outside the network
+            (:meth:`paratime.ParallelSampler.overheads`); empty when the curve is not in seconds (the named
+            ``compute`` / ``latency`` curves).
         predicted_wall_s: the cost model's seconds for the whole call (None when the curve is not in seconds).
     """
 
@@ -79,13 +81,16 @@ class SampleStats:
 
 
 def record_rounds(stats: SampleStats, call_rows: list[int], marks: list[tuple[int, float]], wall: float,
-                  curve: CostCurve, devices: int, plan: Plan | None = None) -> None:
+                  curve: CostCurve, devices: int, plan: Plan | None = None, overhead: float = 0.0) -> None:
     """Fill ``stats``' per-round cost figures from the rows of each network call, the round marks and the curve.
 
     Args:
         stats: filled in place. call_rows: rows of each network call, in order. marks: per round, ``(calls made
             so far, seconds since the start)``; calls after the last mark form one more round. wall: the solve's
-            seconds. curve: ``c(r)``. devices: K. plan: the planner's choice, or None.
+            seconds. curve: ``c(r)``. devices: K. plan: the planner's choice, or None. overhead: the seconds of
+            each call's work outside the network (measured with a measured curve, else 0; negative where the
+            curve overstates the calls), added to each call's predicted seconds (a call never below 0; not to the
+            SCE, which counts network time only).
     """
     marks = list(marks)
     if not marks or marks[-1][0] < len(call_rows):
@@ -101,7 +106,7 @@ def record_rounds(stats: SampleStats, call_rows: list[int], marks: list[tuple[in
         stats.round_sce.append(cost / unit)
         stats.round_wall_s.append(t - t_prev)
         if seconds:
-            stats.round_predicted_s.append(cost)
+            stats.round_predicted_s.append(sum(max(0.0, curve(r) + overhead) for r in per_device))
         start, t_prev = end, t
     stats.sce = float(sum(stats.round_sce))
     stats.predicted_wall_s = float(sum(stats.round_predicted_s)) if seconds else None

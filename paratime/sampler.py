@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import statistics
 import time
 from typing import Any, Callable
 
@@ -17,14 +18,14 @@ import torch
 from .backends import Backend, cast_network, make_backend
 from .backends.base import map_cond
 from .config import SamplerConfig, check_cond, declared_scale
-from .cost import CostCurve, make_cost, measure_cost
+from .cost import CostCurve, call_gaps, make_cost, measure_cost, round_cost
 from .denoiser import Denoiser
 from .kernels import kernels as kernel_context, triton_usable
 from .evaluator import Evaluator, NonFiniteOutputError
 from .methods import METHODS, Problem, RoundInfo
 from .models import as_denoiser, model_factory, state_device
 from .noise import draws_step_noise, initial_noise, step_noise
-from .planner import Plan, plan_sampling
+from .planner import ALONE, Plan, candidates, plan_sampling
 from .progress import RoundProgress
 from .results import SampleResult, SampleStats, record_rounds
 from .schedules import TimeGrid
@@ -153,13 +154,13 @@ class ParallelSampler:
             # Before the noise and trajectory exist: the conditioning, the plan (method and window from the cost
             # model), and the memory bound of the planned method.
             check_cond(self.denoiser, cond, full_shape[0], self.device)   # the model's rules, shapes
-            planned["cfg"], planned["plan"], planned["curve"] = self._plan(full_shape, cond)
+            planned["cfg"], planned["plan"], planned["curve"], planned["overhead"] = self._plan(full_shape, cond)
             planned["cfg"].check_memory(full_shape, self.device, self.state_dtype, self.solver,
                                         generator=generator)
 
         x_T = initial_noise(shape, noise, seed, generator, first_sample, self.denoiser.sample_shape, **kw,
                             check=fits)
-        cfg, plan, curve = planned["cfg"], planned["plan"], planned["curve"]
+        cfg, plan, curve, overhead = planned["cfg"], planned["plan"], planned["curve"], planned["overhead"]
         cfg = cfg.for_model(declared_scale(self.denoiser))   # tol_units resolved, the model's data scale
         B = x_T.shape[0]
         # The step noise: drawn row by row where the method uses it (seeded), or whole tables (a generator's, or
@@ -179,11 +180,14 @@ class ParallelSampler:
             desc = f"{plan.method}{'' if plan.window is None else f' W={plan.window}'}/{self.solver.name} " \
                    f"(plan: {plan.speedup:.2f}x predicted on {plan.devices} device(s), {curve.name} cost)"
         marks: list[tuple[int, float]] = []
-        outcome, evaluator, wall = self._run(solve, grid, cond, B, first_sample, desc, callback, progress, marks)
+        alone = plan is not None and plan.alone           # every rank samples the whole batch by itself
+        outcome, evaluator, wall = self._run(solve, grid, cond, B, first_sample, desc, callback, progress, marks,
+                                             self._backend_for(alone))
         samples = outcome.x * grid.frame_scales[-1].to(outcome.x)
         stats = self._stats(outcome, evaluator, wall + t_noise, B, cfg)
         stats.extra["noise_s"] = t_noise
-        record_rounds(stats, evaluator.call_rows, marks, wall, curve, self.backend.workers, plan)
+        record_rounds(stats, evaluator.call_rows, marks, wall, curve, 1 if alone else self.backend.workers, plan,
+                      overhead)
         latents = None
         if self.decoder is not None:
             latents, samples = samples, self.decode(samples)
@@ -195,22 +199,105 @@ class ParallelSampler:
         ``noise=`` given and no step noise, those are errors)."""
         return draws_step_noise(self.solver)
 
-    def _plan(self, shape: tuple[int, ...], cond: dict) -> tuple[SamplerConfig, Plan | None, CostCurve]:
+    def _plan(self, shape: tuple[int, ...], cond: dict) -> tuple[SamplerConfig, Plan | None, CostCurve, float]:
         """The config this call runs: for ``method="auto"`` or Picard with ``window="auto"``, the planner's method
         and window (:mod:`paratime.planner`) for ``K = backend.workers`` devices and the batch of ``shape``; else
-        the sampler's config as is. Returns ``(config, plan or None, cost curve)``."""
+        the sampler's config as is. With a measured cost curve the planner also prices each candidate's work per
+        call outside the network (:meth:`overheads`). Returns ``(config, plan or None, cost curve, the run's
+        overhead per call in seconds or 0)``."""
         cfg = self.config.for_devices(self.backend.workers)        # staggered's cores
         curve = self._cost_curve(shape, cond)
+        measured = curve.name == "measured"
         if cfg.method not in ("auto", "picard") or cfg.window != "auto":
-            return cfg, None, curve
+            own = [("run", cfg.method, cfg.window_size if cfg.method == "picard" else None)]
+            return cfg, None, curve, (self.overheads(shape, cond, curve, own)["run"] if measured else 0.0)
         # Parareal takes tol in noise-level units: not a candidate when the tolerance was given in data units.
         methods = tuple(m for m in METHODS if not (m.startswith("parareal") and
                                                    (cfg.tol_units is not None or cfg.data_scale is not None)))
+        # Each rank sampling by itself needs the model on every rank: an SPMD backend's.
+        alone = self.backend.name == "torch" and self.backend.workers > 1
+        plans = candidates(cfg.steps, self.backend.workers, cfg.method, methods, alone)
         plan = plan_sampling(curve, cfg.steps, shape[0], self.backend.workers, cfg.tol_in_force, method=cfg.method,
-                             evals=self.solver.evals_per_step, methods=methods)
+                             evals=self.solver.evals_per_step, methods=methods, alone=alone,
+                             overhead=self.overheads(shape, cond, curve, plans) if measured else None)
         log.info("plan: %s", plan.reason)
         # Another method planned: Picard's own options (given for the Picard candidate) do not carry over.
-        return cfg.with_method(plan.method, window=plan.window or "auto"), plan, curve
+        return cfg.with_method(plan.method, window=plan.window or "auto"), plan, curve, plan.overhead_s
+
+    def overheads(self, shape: tuple[int, ...], cond: dict, curve: CostCurve,
+                  plans: list[tuple[str, str, int | None]]) -> dict[str, float]:
+        """Per plan ``(label, method, window)``, the seconds of each network call's work outside the network, which
+        a cost curve does not hold: the method's own work between two calls, the backend's dispatch, transfers and
+        gather, and the wait for the slowest worker. Measured by running the plan for a few calls on the real
+        network and backend, with this sampler's options, batch and shape (:meth:`_outside_seconds`); once per
+        plan, shape and options (cached on the sampler); under torch.distributed the ranks agree on the slowest
+        rank's. On a GPU with a large model these are small beside ``c(1)``; on a CPU, or with a small model (a
+        policy), they decide between a window and sequential sampling."""
+        cache = self.__dict__.setdefault("_overhead_cache", {})
+        keys = [(label, method, window, tuple(shape), repr(self.config)) for label, method, window in plans]
+        todo = [k for k in keys if k not in cache]
+        if todo:
+            values = [self._outside_seconds(shape, cond, curve, method, window, label == ALONE)
+                      for label, method, window, *_ in todo]
+            cache.update(zip(todo, self._agree(values)))
+        return {k[0]: cache[k] for k in keys}
+
+    def _outside_seconds(self, shape: tuple[int, ...], cond: dict, curve: CostCurve, method: str,
+                         window: int | None, alone: bool) -> float:
+        """One plan's work per call outside the network: the plan run from seeded noise on the real network through
+        its backend for :data:`~paratime.cost.OVERHEAD_CALLS` calls (:func:`~paratime.cost.call_gaps`), each call's
+        time to the next less the curve's time for its rows on one device's share; the median over the calls after
+        the first (which warms up). Negative where the curve, timed call by call on its own, ran slower than the
+        plan's calls do (on a busy CPU, 2 gloo ranks measured c(1) at 2 ms where their steps took 1.2 ms): the
+        prediction then follows the plan's own calls."""
+        kw = dict(dtype=self.state_dtype, device=self.device)
+        cfg = self.config.for_devices(self.backend.workers)
+        if method != cfg.method or window not in (None, cfg.window_size):
+            cfg = cfg.with_method(method, **({"window": window} if window is not None else {}))
+        cfg = cfg.for_model(declared_scale(self.denoiser))
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(**kw)
+        z = step_noise(self.solver, cfg.steps, shape, 0, None, 0, **kw)
+        g, backend = self.grid, self._backend_for(alone)
+        evaluator = Evaluator(backend, g, shape[0], self.device)
+
+        def run(evaluate):
+            problem = Problem(g.sigmas.to(**kw), g.ancestral_std().to(**kw), g.frame_scales.to(**kw), self.solver,
+                              evaluate, z)
+            METHODS[cfg.method](x * self.denoiser.schedule.prior_std(g.sigmas[:1]).to(**kw), problem, cfg)
+
+        backend.prepare(cond)
+        try:
+            with torch.no_grad():
+                gaps = call_gaps(run, evaluator, self.device)
+        finally:
+            backend.release()
+        outside = [t - round_cost(curve, rows, backend.workers) for t, rows in gaps[1:]] or [0.0]
+        return statistics.median(outside)
+
+    def _backend_for(self, alone: bool) -> Backend:
+        """The backend a run evaluates through: the sampler's, or for a plan that samples on each rank by itself
+        (:data:`~paratime.planner.ALONE`), a local backend bound to this rank's copy of the model (made once)."""
+        if not alone:
+            return self.backend
+        local = self.__dict__.get("_alone")
+        if local is None or local.denoiser is not self.backend.denoiser:
+            local = self.__dict__["_alone"] = make_backend("local", max_batch=self.backend.max_batch,
+                                                           buckets=self.backend.buckets)
+            local.bind(self.backend.denoiser)
+        return local
+
+    def _agree(self, values: list[float]) -> list[float]:
+        """Under torch.distributed, every rank's maximum of each value (so that every rank plans alike); else the
+        values as they are."""
+        if self.backend.workers <= 1 or self.backend.name != "torch":
+            return values
+        import torch.distributed as dist
+
+        group = getattr(self.backend, "group", None)
+        t = torch.tensor(values, dtype=torch.float64,
+                         device=self.device if dist.get_backend(group) == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return t.tolist()
 
     def _cost_curve(self, shape: tuple[int, ...], cond: dict) -> CostCurve:
         """The cost curve of ``cost=``: ``auto`` measures on CUDA and takes the ``latency`` curve elsewhere (the
@@ -233,25 +320,18 @@ class ParallelSampler:
                 den(x, self.grid.sigmas[mid].to(x).expand(r), self.grid.model_times[mid].to(x).expand(r), **rows)
 
         curve = measure_cost(den.network, call, self.device, den.network_dtype, tuple(shape[1:]))
-        group = getattr(self.backend, "group", None)
-        if self.backend.workers > 1 and self.backend.name == "torch":
-            import torch.distributed as dist
-
-            # Every rank plans from the same curve: the slowest rank's time at each row count.
-            secs = torch.tensor(curve.seconds, dtype=torch.float64,
-                                device=self.device if dist.get_backend(group) == "nccl" else "cpu")
-            dist.all_reduce(secs, op=dist.ReduceOp.MAX, group=group)
-            curve = CostCurve(curve.rows, tuple(secs.tolist()), curve.name)
-        return curve
+        # Every rank plans from the same curve: the slowest rank's time at each row count.
+        return CostCurve(curve.rows, tuple(self._agree(list(curve.seconds))), curve.name)
 
     def _run(self, solve: Callable, grid: TimeGrid, cond: dict, B: int, first_sample: int, desc: str,
              callback: Callable[[RoundInfo], None] | None, progress: bool | None,
-             marks: list[tuple[int, float]] | None = None):
-        """What every solve shares: ``solve(evaluate, on_round)`` runs with the conditioning placed on the backend,
-        the evaluator's counting and NaN check (read once per round), the progress bar, the kernel mode and the wall
-        clock; ``marks`` (when given) gets ``(network calls so far, seconds since the start)`` at every round.
+             marks: list[tuple[int, float]] | None = None, backend: Backend | None = None):
+        """What every solve shares: ``solve(evaluate, on_round)`` runs with the conditioning placed on ``backend``
+        (default the sampler's), the evaluator's counting and NaN check (read once per round), the progress bar, the
+        kernel mode and the wall clock; ``marks`` (when given) gets ``(network calls so far, seconds since the start)`` at every round.
         Returns ``(solve's result, evaluator, wall seconds)``."""
-        evaluator = Evaluator(self.backend, grid, B, self.device, first_sample)
+        backend = self.backend if backend is None else backend
+        evaluator = Evaluator(backend, grid, B, self.device, first_sample)
         show = (self.progress if progress is None else progress) and self.backend.is_primary
         modes = contextlib.nullcontext() if self.kernels is None else kernel_context(self.kernels)
 
@@ -261,7 +341,7 @@ class ParallelSampler:
                 marks.append((evaluator.calls, time.perf_counter() - t0))
             bar(info)
 
-        self.backend.prepare(cond)
+        backend.prepare(cond)
         t0 = time.perf_counter()
         try:
             with RoundProgress(grid.steps, desc, show, callback) as bar, modes, \
@@ -269,7 +349,7 @@ class ParallelSampler:
                 result = solve(evaluator, on_round)
             evaluator.check(wait=True)       # the run's one waiting NaN check
         finally:
-            self.backend.release()
+            backend.release()
         return result, evaluator, time.perf_counter() - t0
 
     def _stats(self, outcome, evaluator: Evaluator, wall: float, B: int,

@@ -2,13 +2,17 @@
 the sampler records (rows per device, SCE, predicted beside measured wall)."""
 
 import math
+import time
 
 import pytest
 import torch
 
+import paratime.sampler as sampler_module
 from benchmarks.devices import Spread
 from paratime import ParallelSampler, SamplerConfig
-from paratime.cost import make_cost, measure_cost, measure_rows
+from paratime.cost import call_gaps, make_cost, measure_cost, measure_rows
+from paratime.planner import candidates
+from paratime.results import SampleStats, record_rounds
 
 
 def test_named_curves_are_the_limits():
@@ -48,7 +52,8 @@ def test_bad_cost_is_refused_naming_the_option(bad, err):
 def test_measurement_times_each_row_count_and_is_cached():
     seen = []
     curve = measure_rows(lambda r: seen.append(r), torch.device("cpu"), rows=(1, 2, 4), repeats=2)
-    assert seen == [1, 2, 4] * 3                          # a warm-up each, then two timed rounds, interleaved
+    # a warm-up each, then two rounds interleaved, each timed call after an untimed one of its rows
+    assert seen == [1, 2, 4] + [1, 1, 2, 2, 4, 4] * 2
     assert curve.name == "measured" and curve.rows == (1, 2, 4) and all(s > 0 for s in curve.seconds)
     assert list(curve.seconds) == sorted(curve.seconds)             # never cheaper with more rows
     net, calls = torch.nn.Linear(2, 2), []
@@ -85,3 +90,64 @@ def test_measured_cost_on_the_state_device():
     st = s.sample(2, seed=0).stats
     assert st.cost.startswith("measured") and st.predicted_wall_s > 0
     assert len(st.round_predicted_s) == st.rounds == 8
+
+
+def test_call_gaps_time_each_call_to_the_next():
+    """A method's run timed call by call: the run stops at the start of call ``calls + 1``; each gap holds the call
+    and the work after it (a known pause is its floor) and the call's rows; a lone call has no gap."""
+    made, pause = [], 0.002
+
+    def run(evaluate):
+        for k in range(50):
+            made.append(evaluate(torch.zeros(k + 1), None, None))
+            time.sleep(pause)
+
+    gaps = call_gaps(run, lambda x, i, b: x + 1, torch.device("cpu"), calls=5)
+    assert len(made) == 5 and all(bool((m == 1).all()) for m in made)      # the 6th call ended the run
+    assert [r for _, r in gaps] == [1, 2, 3, 4, 5] and all(t >= pause for t, _ in gaps)
+    assert call_gaps(lambda ev: ev(torch.zeros(1), None, None), lambda x, i, b: x, torch.device("cpu")) == []
+
+
+def test_round_predictions_add_the_work_outside_the_network():
+    """Each round's predicted seconds: its calls' c(rows per device) plus the measured overhead per call (the SCE,
+    network time only, unchanged)."""
+    curve, stats = make_cost({1: 1.0, 2: 3.0}), SampleStats(method="picard", solver="ddim", steps=3,
+                                                    backend="local", workers=1, window=2, tol=0.0)
+    record_rounds(stats, [2, 2, 1], [(1, 0.1), (3, 0.3)], 0.3, curve, 1, overhead=0.5)
+    assert stats.round_predicted_s == pytest.approx([3.0 + 0.5, 3.0 + 1.0 + 2 * 0.5])
+    assert stats.round_sce == pytest.approx([3.0, 4.0]) and stats.predicted_wall_s == pytest.approx(8.5)
+    # a negative overhead (the curve overstating the calls) lowers each call's prediction, never below 0
+    low = SampleStats(method="picard", solver="ddim", steps=3, backend="local", workers=1, window=2, tol=0.0)
+    record_rounds(low, [2, 2, 1], [(1, 0.1), (3, 0.3)], 0.3, curve, 1, overhead=-2.0)
+    assert low.round_predicted_s == pytest.approx([1.0, 1.0 + 0.0]) and low.round_sce == stats.round_sce
+
+
+@pytest.mark.parametrize("solver", ["ddim", "ddpm"])
+def test_measured_plans_price_each_candidates_work_outside_the_network(monkeypatch, solver):
+    """With a measured curve the sampler runs every candidate for a few calls once per batch shape and options
+    (cached), takes each call's time beyond the curve's as its work outside the network and plans with it; the
+    plan says so."""
+    runs, real = [], sampler_module.call_gaps
+    monkeypatch.setattr(sampler_module, "call_gaps", lambda *a, **k: runs.append(1) or real(*a, **k))
+    s = ParallelSampler("gmm", steps=12, solver=solver, method="auto", cost="measure", progress=False)
+    st = s.sample(2, seed=0).stats
+    assert len(runs) == len(st.plan["candidates"]) == len(candidates(12, 1))          # one null run each
+    assert math.isfinite(st.plan["overhead_s"]) and "outside the network" in st.plan["reason"]
+    assert len(s._overhead_cache) == len(runs)                                        # one value per candidate
+    assert len(st.round_predicted_s) == len(st.round_sce) and st.predicted_wall_s > 0
+    s.sample(2, seed=1)
+    assert len(runs) == len(candidates(12, 1))                                        # cached
+    s.sample(3, seed=1)
+    assert len(runs) == 2 * len(candidates(12, 1))                                    # another batch: timed again
+
+
+@pytest.mark.parametrize("method,options", [("picard", dict(window=4)), ("sequential", {}), ("parareal", {}),
+                                            ("parareal_pipelined", {}), ("staggered", dict(window=3))])
+def test_a_given_method_with_a_measured_curve_predicts_its_overhead_too(method, options):
+    """No plan (the method given): the run's own work outside the network is still measured (the timing run works
+    for every method) and counted in the predicted seconds."""
+    s = ParallelSampler("gmm", steps=12, method=method, cost="measure", progress=False, **options)
+    st = s.sample(2, seed=0).stats
+    over = [v for k, v in s._overhead_cache.items() if k[0] == "run"]
+    assert st.plan is None and len(over) == 1 and math.isfinite(over[0])
+    assert st.predicted_wall_s > 0 and len(st.round_predicted_s) == len(st.round_sce)

@@ -95,3 +95,13 @@ def test_the_window_trace_reads_the_rounds_it_reports():
         assert r["stride"] == min(lead + 1, len(r["ratios"])), r
     assert any(r["stride"] == 2 for r in rounds) and any(r["stride"] == 1 for r in rounds)
     assert main(["--window", "2", "--steps", "12"]) == 0
+
+
+def test_the_real_two_rank_run_prints_measured_beside_predicted(keep_threads, capsys):
+    """``--real`` end to end on 2 gloo ranks (a short grid): the planner's plan, measured wall times beside its
+    prediction (network and the work outside it), and a sample within 2e-3 of one rank's sequential one."""
+    assert devices.real(steps=6, repeats=1) == []
+    out = capsys.readouterr().out
+    for what in ("sequential, 1 rank:", "planner, 2 gloo ranks:", "measured speed-up", "planner's prediction:",
+                 "work outside it", "plan: "):
+        assert what in out, (what, out)

@@ -190,10 +190,10 @@ def test_measure_cost_caches_a_network_that_is_not_weak_referenceable():
     net = (1, 2)                                          # a tuple: weakref.ref raises TypeError
     calls = []
     curve = measure_cost(net, calls.append, "cpu", torch.float32, (2,), rows=(1, 2), repeats=1)
-    assert curve.rows == (1, 2) and len(calls) == 4       # one warm-up and one timed call per row count
+    assert curve.rows == (1, 2) and len(calls) == 6       # a warm-up, then an untimed and a timed call per row count
     assert cached_cost(net, "cpu", torch.float32, (2,), (1, 2)) is curve
     again = measure_cost(net, calls.append, "cpu", torch.float32, (2,), rows=(1, 2), repeats=1)
-    assert again is curve and len(calls) == 4             # cached: no new calls
+    assert again is curve and len(calls) == 6             # cached: no new calls
 
 
 # -- schedules.py -------------------------------------------------------------------------------------------------

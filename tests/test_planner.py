@@ -14,8 +14,8 @@ from hypothesis import given, settings, strategies as st
 from benchmarks.devices import Spread
 from paratime import ParallelSampler, SamplerConfig
 from paratime.cost import CostCurve, make_cost
-from paratime.planner import (picard_rows, plan_sampling, predict_picard, predict_sequential, rounds_cap,
-                              window_candidates)
+from paratime.planner import (ALONE, SEQUENTIAL_MARGIN, SLIDE_STALL, STALL_ROUNDS, candidates, picard_rows, plan_sampling, predict_picard,
+                              predict_sequential, rounds_cap, window_candidates)
 
 TOL = 2e-3
 
@@ -58,12 +58,47 @@ curves = st.lists(st.floats(0.05, 10.0), min_size=2, max_size=7).map(
 def test_never_slower_than_sequential_by_its_own_prediction(curve, steps, batch, devices, tol):
     plan = plan_sampling(curve, steps, batch, devices, tol)
     assert plan.predicted_sce <= plan.sequential_sce
-    # The cheapest candidate, up to float rounding (predictions within 1e-9 tie, and a tie goes to sequential).
-    assert plan.predicted_sce == pytest.approx(min(plan.candidates.values()), rel=1e-9)
+    # The cheapest candidate, a parallel one counted SEQUENTIAL_MARGIN times, up to float rounding (predictions
+    # within 1e-9 tie, and a tie goes to sequential).
+    weight = {k: 1.0 if k == "sequential" else SEQUENTIAL_MARGIN for k in plan.candidates}
+    chosen = plan.predicted_sce * (1.0 if plan.method == "sequential" else SEQUENTIAL_MARGIN)
+    assert chosen == pytest.approx(min(v * weight[k] for k, v in plan.candidates.items()), rel=1e-9)
+    if plan.method != "sequential":
+        assert plan.predicted_sce * SEQUENTIAL_MARGIN <= plan.sequential_sce * (1 + 1e-9)
     assert plan.sequential_sce == pytest.approx(predict_sequential(curve, steps, batch, devices) / curve(1))
     if plan.method == "picard":
         assert plan.predicted_sce == pytest.approx(
             predict_picard(curve, steps, plan.window, batch, devices, tol) / curve(1))
+
+
+def test_work_outside_the_network_is_priced_per_call():
+    """A latency-bound curve picks the widest window for free rounds; the same rounds, each call dear outside the
+    network (a window's engine work, a gather), make sequential sampling the plan."""
+    curve = make_cost("latency")
+    free = plan_sampling(curve, 50, 1, 4, TOL)
+    assert free.method == "picard" and free.overhead_s == 0.0
+    over = {label: 5.0 for label, *_ in candidates(50, 4)} | {"sequential": 0.0}
+    dear = plan_sampling(curve, 50, 1, 4, TOL, overhead=over)
+    assert dear.method == "sequential" and dear.overhead_s == 0.0
+    for w in (4, 8, 50):
+        label = f"picard W={w}"
+        assert dear.candidates[label] == pytest.approx(predict_picard(curve, 50, w, 1, 4, TOL, overhead=5.0))
+        assert dear.candidates[label] == pytest.approx(free.candidates[label] + 5.0 * len(picard_rows(50, w, TOL)))
+    with pytest.raises(ValueError, match="overhead"):
+        plan_sampling(curve, 50, 1, 4, TOL, overhead={"sequential": float("nan")})
+
+
+def test_each_device_alone_is_a_candidate_where_it_can_run():
+    """Sequential sampling on each device by itself (an SPMD backend's ranks): c(B) a step and no gather. It ties
+    with spreading one sample (sequential, listed first, wins), and wins when the per-call gather is dear."""
+    curve = make_cost("compute")
+    tie = plan_sampling(curve, 20, 1, 2, 0.0, alone=True)
+    assert ALONE in tie.candidates and tie.method == "sequential" and not tie.alone
+    dear = plan_sampling(curve, 20, 3, 2, 0.0, alone=True, overhead={"sequential": 4.0, ALONE: 0.0})
+    assert dear.alone and dear.method == "sequential" and dear.predicted_sce == pytest.approx(20 * 3)
+    assert dear.sequential_sce == pytest.approx(20 * (2 + 4))
+    assert ALONE not in plan_sampling(curve, 20, 3, 1, 0.0, alone=True).candidates       # one device: nothing to add
+    assert ALONE not in plan_sampling(curve, 20, 3, 2, 0.0).candidates                   # not where it cannot run
 
 
 def test_rounds_model():
@@ -74,6 +109,26 @@ def test_rounds_model():
         assert len(picard_rows(steps, window, 0.0)) == steps + (window < steps)
     assert window_candidates(50, 4) == [4, 8, 16, 32, 50]
     assert window_candidates(1000, 8)[-1] == 500
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.integers(1, 400), window=st.integers(1, 400))
+def test_rounds_model_shape(steps, window):
+    """A sliding window: the guess call, full windows while its start stalls then advances (W + 1) / 2 a round,
+    then a shrinking tail; the whole grid: N, N - 1, ... then a shrinking tail. Never more rounds than exactness
+    needs, and wider windows never take more rounds."""
+    window = min(window, steps)
+    rows = picard_rows(steps, window, TOL)
+    body = rows[1:] if window < steps else rows
+    assert all(1 <= r <= window for r in body) and all(a >= b for a, b in zip(body, body[1:]))
+    assert len(rows) <= len(picard_rows(steps, window, 0.0)) == steps + (window < steps)
+    if window < steps:
+        assert rows[0] == 1 and body[0] == window
+        assert sum(r == window for r in body) >= min(SLIDE_STALL, steps - window)     # the stall's full windows
+        if window > 1:
+            assert len(picard_rows(steps, min(steps, window * 2), TOL)) <= len(rows) + 1
+    else:
+        assert body[:min(steps, STALL_ROUNDS)] == [steps - k for k in range(min(steps, STALL_ROUNDS))]
 
 
 @pytest.mark.parametrize("kw,err", [(dict(devices=0), ValueError), (dict(batch=True), ValueError),
@@ -144,13 +199,23 @@ dist.destroy_process_group()
 """
 
 
-def test_ranks_plan_alike_from_a_measured_curve(tmp_path):
-    """Each of 2 gloo ranks measures its own cost curve (timings differ); they agree on the slowest rank's curve
-    before planning, so both run the same plan and return the same samples."""
+ALONE_SCRIPT = RANK_SCRIPT.replace('dist.init_process_group("gloo")', """dist.init_process_group("gloo")
+from paratime.planner import ALONE
+# The measured work outside the network, replaced: the gather made dear, so that each rank alone is the plan.
+ParallelSampler.overheads = lambda self, shape, cond, curve, plans: {
+    label: 0.0 if label == ALONE else 1.0 for label, *_ in plans}""").replace(
+    '"sce": r.stats.sce}', '"sce": r.stats.sce, "backend_calls": s.backend.calls}')
+
+
+@pytest.mark.parametrize("script", [RANK_SCRIPT, ALONE_SCRIPT], ids=["measured", "alone"])
+def test_ranks_plan_alike_from_a_measured_curve(tmp_path, script):
+    """Each of 2 gloo ranks measures its own cost curve and work outside the network (timings differ); they agree
+    on the slowest rank's before planning, so both run the same plan and return the same samples. Planned alone,
+    each rank samples by itself (no call through the distributed backend) and gets the sequential sample."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
                               env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                                        MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1"))
@@ -166,3 +231,9 @@ def test_ranks_plan_alike_from_a_measured_curve(tmp_path):
     assert a["cost"].startswith("measured") and a["cost"] == b["cost"] and a["plan"] == b["plan"]
     assert a["plan"]["devices"] == 2 and a["sce"] == b["sce"]
     assert torch.equal(a["samples"], b["samples"])
+    if script is ALONE_SCRIPT:
+        ref = ParallelSampler("digits", steps=10, method="sequential", progress=False).sample(
+            1, seed=4, labels=torch.tensor([7]))
+        assert a["plan"]["alone"] and a["plan"]["method"] == "sequential"
+        assert a["backend_calls"] == b["backend_calls"] == 0
+        assert torch.equal(a["samples"], ref.samples)
