@@ -208,7 +208,7 @@ def candidates(steps: int, devices: int, method: str = "auto",
 
 def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: float, *, method: str = "auto",
                   evals: int = 1, methods: tuple[str, ...] = ("sequential", "picard", "parareal"),
-                  overhead: dict[str, float] | None = None, alone: bool = False) -> Plan:
+                  overhead: dict[str, float] | None = None, alone: bool = False, skip=()) -> Plan:
     """Choose the method (``method="auto"``) and Picard's window by predicted wall time.
 
     Args:
@@ -224,6 +224,8 @@ def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: f
         alone: whether every device can sample the whole batch by itself (an SPMD backend, where each rank holds
             the model): then :data:`ALONE` is a candidate, which pays ``c(B)`` a step and no communication; it
             wins where the backend's per-call gather costs more than spreading the batch saves.
+        skip: candidate labels not to consider (the sampler's: those whose memory bound does not fit the device);
+            sequential sampling is never skipped (its prediction is the baseline).
     Returns:
         :class:`Plan`.
     Raises:
@@ -240,6 +242,8 @@ def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: f
     seq = predict_sequential(curve, steps, batch, devices, evals, over.get("sequential", 0.0)) / unit
     cands: dict[str, tuple[float, str, int | None]] = {}
     for label, name, w in candidates(steps, devices, method, methods, alone):
+        if label in skip and label != "sequential":
+            continue
         o = over.get(label, 0.0)
         if label == ALONE:
             sce = predict_sequential(curve, steps, batch, 1, evals, o) / unit

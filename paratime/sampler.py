@@ -17,6 +17,7 @@ import torch
 
 from .backends import Backend, cast_network, make_backend
 from .backends.base import map_cond
+from .backends.memory import DeviceMemoryError
 from .config import SamplerConfig, check_cond, declared_scale
 from .cost import CostCurve, call_gaps, make_cost, measure_cost, round_cost
 from .denoiser import Denoiser
@@ -216,9 +217,13 @@ class ParallelSampler:
                                                    (cfg.tol_units is not None or cfg.data_scale is not None)))
         # Each rank sampling by itself needs the model on every rank: an SPMD backend's.
         alone = self.backend.name == "torch" and self.backend.workers > 1
-        plans = candidates(cfg.steps, self.backend.workers, cfg.method, methods, alone)
+        # Candidates that cannot fit the device are neither timed nor planned (a narrower window may fit); when none
+        # fits, all are planned and the chosen one's memory check names what does not fit.
+        every = candidates(cfg.steps, self.backend.workers, cfg.method, methods, alone)
+        plans = [p for p in every if self._fits(shape, *p[1:])] or every
         plan = plan_sampling(curve, cfg.steps, shape[0], self.backend.workers, cfg.tol_in_force, method=cfg.method,
                              evals=self.solver.evals_per_step, methods=methods, alone=alone,
+                             skip=[p[0] for p in every if p not in plans],
                              overhead=self.overheads(shape, cond, curve, plans) if measured else None)
         log.info("plan: %s", plan.reason)
         # Another method planned: Picard's own options (given for the Picard candidate) do not carry over.
@@ -251,10 +256,7 @@ class ParallelSampler:
         plan's calls do (on a busy CPU, 2 gloo ranks measured c(1) at 2 ms where their steps took 1.2 ms): the
         prediction then follows the plan's own calls."""
         kw = dict(dtype=self.state_dtype, device=self.device)
-        cfg = self.config.for_devices(self.backend.workers)
-        if method != cfg.method or window not in (None, cfg.window_size):
-            cfg = cfg.with_method(method, **({"window": window} if window is not None else {}))
-        cfg = cfg.for_model(declared_scale(self.denoiser))
+        cfg = self._candidate(method, window)
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(**kw)
         z = step_noise(self.solver, cfg.steps, shape, 0, None, 0, **kw)
         g, backend = self.grid, self._backend_for(alone)
@@ -273,6 +275,22 @@ class ParallelSampler:
             backend.release()
         outside = [t - round_cost(curve, rows, backend.workers) for t, rows in gaps[1:]] or [0.0]
         return statistics.median(outside)
+
+    def _candidate(self, method: str, window: int | None) -> SamplerConfig:
+        """The config a planned candidate runs: this sampler's on K devices with ``method`` and ``window`` (the
+        options the method does not read reset), the model's data scale resolved."""
+        cfg = self.config.for_devices(self.backend.workers)
+        if method != cfg.method or window not in (None, cfg.window_size):
+            cfg = cfg.with_method(method, **({"window": window} if window is not None else {}))
+        return cfg.for_model(declared_scale(self.denoiser))
+
+    def _fits(self, shape: tuple[int, ...], method: str, window: int | None) -> bool:
+        """Whether a candidate's memory bound fits the device (:meth:`SamplerConfig.check_memory`, seeded noise)."""
+        try:
+            self._candidate(method, window).check_memory(shape, self.device, self.state_dtype, self.solver)
+        except DeviceMemoryError:
+            return False
+        return True
 
     def _backend_for(self, alone: bool) -> Backend:
         """The backend a run evaluates through: the sampler's, or for a plan that samples on each rank by itself

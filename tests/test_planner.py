@@ -237,3 +237,21 @@ def test_ranks_plan_alike_from_a_measured_curve(tmp_path, script):
         assert a["plan"]["alone"] and a["plan"]["method"] == "sequential"
         assert a["backend_calls"] == b["backend_calls"] == 0
         assert torch.equal(a["samples"], ref.samples)
+
+
+def test_candidates_that_cannot_fit_the_device_are_not_planned(monkeypatch):
+    """Latency-bound, the widest window wins; with memory for windows up to 16 only, the planner picks 16 (the wide
+    ones are neither timed nor planned) instead of failing the chosen plan's memory check."""
+    import paratime.backends.memory as memory
+
+    s = ParallelSampler("gmm", steps=50, cost="latency", progress=False)
+    need = {w: s._candidate("picard", w).check_memory((64, 2), s.device, s.state_dtype, s.solver)
+            for w in (16, 32, 50)}
+    assert need[16] < need[32] < need[50]
+    assert s.sample(64, seed=0).stats.plan["window"] == 50
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need[16])
+    plan = s.sample(64, seed=0).stats.plan
+    assert plan["window"] == 16 and not {"picard W=32", "picard W=50"} & set(plan["candidates"])
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1)           # nothing fits: the error names it
+    with pytest.raises(memory.DeviceMemoryError):
+        s.sample(64, seed=0)
