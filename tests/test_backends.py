@@ -109,6 +109,22 @@ def test_ray_equals_local(workers, ray_session, local_samples):
         torch.testing.assert_close(got[name], local_samples[name], rtol=0, atol=1e-12, msg=name)
 
 
+def test_ray_plans_from_measured_work_outside_the_network(ray_session):
+    """A measured curve on 2 Ray actors: every candidate is timed through the actors (the work outside the network
+    includes their dispatch), no candidate runs each device alone (the driver holds no model to run), and the plan
+    runs to the sequential sample within its tolerance."""
+    from paratime.backends.ray_actors import RayBackend
+
+    ref = ParallelSampler("gmm", steps=20, method="sequential", progress=False).sample(8, seed=1).samples
+    with RayBackend(workers=2, model="gmm", timeout_s=60) as be:
+        s = ParallelSampler("gmm", steps=20, method="auto", cost="measure", progress=False, backend=be)
+        res = s.sample(8, seed=1)
+    plan = res.stats.plan
+    assert plan["devices"] == 2 and "sequential, 1 device" not in plan["candidates"] and not plan["alone"]
+    assert "outside the network" in plan["reason"] and res.stats.predicted_wall_s > 0
+    assert (res.samples - ref).abs().max() <= 2e-3 * ref.abs().max()
+
+
 def test_ray_actor_killed_mid_sample_is_replaced(ray_session):
     from paratime.backends.ray_actors import RayBackend
 
