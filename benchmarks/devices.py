@@ -298,14 +298,19 @@ def checks(res: dict) -> list[str]:
     return fails
 
 
-def calibrate(steps_list=(50, 100), windows=(2, 4, 8, 16, 32)) -> None:
-    """Measured Picard rounds (digits, default tolerance, 4 seeds) against the planner's rounds model."""
-    print("| N | W | measured rounds (min-max over 4 seeds) | predicted |\n|---|---|---|---|")
+def calibrate(steps_list=(50, 100), windows=(2, 4, 8, 16, 32), solver: str = "ddim") -> None:
+    """Measured Picard rounds and rows (digits, batch 1, default tolerance, 4 seeds) against the planner's rounds
+    model (:func:`paratime.planner.picard_rows`)."""
+    print("| solver | N | W | measured rounds (min-max over 4 seeds) | predicted | measured rows (mean) | predicted |\n"
+          "|---|---|---|---|---|---|---|")
     for N in steps_list:
-        for W in (*windows, N):
-            s = _sampler("digits", N, "latency", 1, window=W)
-            r = [s.sample(1, seed=0, first_sample=i, **_cond("digits", i)).stats.rounds for i in range(4)]
-            print(f"| {N} | {W} | {min(r)}-{max(r)} | {len(picard_rows(N, W, 2e-3))} |", flush=True)
+        for W in (*(w for w in windows if w < N), N):
+            s = _sampler("digits", N, "latency", 1, window=W, solver=solver)
+            stats = [s.sample(1, seed=0, first_sample=i, **_cond("digits", i)).stats for i in range(4)]
+            r, rows = [st.rounds for st in stats], [st.nfe_total for st in stats]
+            model = picard_rows(N, W, 2e-3)
+            print(f"| {solver_name(solver)} | {N} | {W} | {min(r)}-{max(r)} | {len(model)} | "
+                  f"{statistics.mean(rows):.0f} | {sum(model)} |", flush=True)
 
 
 # -- diffusers' real ParaDiGMS pipeline ----------------------------------------------------------------------------
@@ -427,7 +432,8 @@ def real(steps: int = 50, repeats: int = 7) -> list[str]:
           f"{fmt(r['comm'])}, max|Δ| {err:.1e})")
     print(f"measured speed-up (medians):   {statistics.median(walls) / statistics.median(par):.2f}x")
     print(f"planner's prediction:          {plan['speedup']:.2f}x "
-          f"({plan['predicted_s']:.3f} s predicted: network and the work outside it, {plan['predicted_s'] / r['rounds'] * 1e3:.1f} ms per "
+          f"({plan['predicted_s']:.3f} s predicted: network and the work outside it, "
+          f"{plan['predicted_s'] / r['rounds'] * 1e3:.1f} ms per "
           f"round; cost {r['cost']})")
     print(f"plan: {plan['reason']}")
     return [] if err <= 2e-3 else [f"real: max|Δ| {err:.1e} above 2e-3"]
@@ -439,12 +445,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="10 steps, K = 1, 2, 4, 1 seed, windows K and N at one tolerance (the tests' run)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--solver", default="ddim", help="paratime's solver for every method (e.g. ddim, dpmpp_2m); the "
-                   "CHORDS port runs for ddim only (one-step solvers), --calibrate, --real and --paradigms are DDIM's")
+                   "CHORDS port runs for ddim only (one-step solvers), --real and --paradigms are DDIM's")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--models", default="digits,policy", help="comma-separated: digits (compute-bound), policy "
                    "(latency-bound)")
     p.add_argument("--out", default="bench_out", help="folder for devices.json and devices.png")
-    p.add_argument("--calibrate", action="store_true", help="print the planner's rounds model against measurement")
+    p.add_argument("--calibrate", action="store_true", help="print the planner's rounds model against measurement "
+                   "(DDIM: 50 and 100 steps; another --solver: --steps)")
     p.add_argument("--real", action="store_true", help="the 2-rank wall-clock figure (gloo, 1 thread per rank)")
     p.add_argument("--paradigms", action="store_true",
                    help="also diffusers' StableDiffusionParadigmsPipeline on the tiny SD pipeline (rows per UNet call)")
@@ -457,12 +464,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.solver not in SOLVERS:
         p.error(f"--solver: unknown {a.solver!r}; allowed: {', '.join(SOLVERS)}")
     if a.solver != "ddim":
-        for flag in ("calibrate", "real", "paradigms"):
+        for flag in ("real", "paradigms"):
             if getattr(a, flag):
                 p.error(f"--solver {a.solver}: --{flag} measures DDIM only")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if a.calibrate:
-        calibrate()
+        calibrate(*(((50, 100),) if a.solver == "ddim" else ((a.steps,),)), solver=a.solver)
         return 0
     if a.real:
         fails = real(a.steps)

@@ -165,10 +165,11 @@ def measure_rows(call: Callable[[int], Any], device: torch.device, rows: tuple[i
     (CUDA synchronised around each timing: this runs before sampling, never in its loop). The untimed call puts the
     caches where a sampler's run of same-size calls has them: timed straight after a call of 64 rows, a 1-row call
     of the digits U-Net on the project's CPU took 1.2 ms against 0.94 ms in a run of 1-row calls, which made
-    sequential sampling look 25% dearer than it is. The median, not the fastest: on a shared machine the fastest is a lucky time
-    slice the sampler will not see (on the 2-core project machine under load, the fastest 1-row call was 5x below
-    the median). The curve is made non-decreasing (a running maximum over the row counts): a call with more rows is never cheaper,
-    and on a shared machine a lucky fast timing at many rows would otherwise make wide windows look free.
+    sequential sampling look 25% dearer than it is. The median, not the fastest: on a shared machine the fastest is
+    a lucky time slice the sampler will not see (on the 2-core project machine under load, the fastest 1-row call
+    was 5x below the median). The curve is made non-decreasing (a running maximum over the row counts): a call with
+    more rows is never cheaper, and on a shared machine a lucky fast timing at many rows would otherwise make wide
+    windows look free.
 
     Returns:
         The measured :class:`CostCurve` (seconds).
@@ -237,16 +238,16 @@ class _Enough(Exception):
     """Raised inside a null network call to end a timing run."""
 
 
-def call_gaps(run: Callable[[Callable], Any], call: Callable, device: torch.device,
+def call_gaps(run: Callable[[Callable[[int], None]], Any], device: torch.device,
               calls: int = OVERHEAD_CALLS) -> list[tuple[float, int]]:
     """Time a method's run call by call: from the start of each network call to the start of the next, i.e. the
     call itself and the method's own work after it (packing its window, the update, acceptance, the stop rule).
 
     Args:
-        run: ``run(evaluate)`` runs the method with ``evaluate(x, i, b)`` as its network. call: what ``evaluate``
-            calls and returns, ``call(x, i, b)`` (the real evaluator). device: where the method runs (CUDA
-            synchronised at every call: this runs before sampling, never in its loop). calls: the run ends at the
-            start of call ``calls + 1`` (or earlier, when the method finishes).
+        run: ``run(stamp)`` runs the method, calling ``stamp(rows)`` at the start of each network call (before
+            making it). device: where the method runs (CUDA synchronised at every stamp: this runs before
+            sampling, never in its loop). calls: the run ends at the start of call ``calls + 1`` (or earlier, when
+            the method finishes).
     Returns:
         ``(seconds, rows)`` per call that has a successor (the last one's end is not known).
     """
@@ -254,16 +255,15 @@ def call_gaps(run: Callable[[Callable], Any], call: Callable, device: torch.devi
     stamps: list[float] = []
     rows: list[int] = []
 
-    def evaluate(x, i, b):
+    def stamp(r: int) -> None:
         sync()
         stamps.append(time.perf_counter())
         if len(stamps) > calls:
             raise _Enough
-        rows.append(x.shape[0])
-        return call(x, i, b)
+        rows.append(int(r))
 
     try:
-        run(evaluate)
+        run(stamp)
     except _Enough:
         pass
     return [(b - a, r) for a, b, r in zip(stamps, stamps[1:], rows)]

@@ -24,29 +24,32 @@ all of it (N, N - 1, ... rows), then shrinks from :data:`FULL_TAIL` ``[0]`` of t
 ``FULL_TAIL[1] N`` points (the quiet final point ends the whole window). At ``tol = 0`` each round advances exactly
 one point (a fixed point needs every point once after its predecessor is exact; exact on the digits U-Net, DDIM-20 /
 DDIM-50: N + 1 rounds for every W < N, N for W = N). The constants were fitted to measured rounds and rows (digits
-U-Net, batch 1, 4 seeds, default tolerance; ``benchmarks/devices.py --calibrate``): DDIM-50 W = 2, 4, 8, 16, 32, 50:
-36, 24.5, 17, 13.5, 11.5, 10 rounds of 70, 89, 112, 148, 205, 292 rows measured, 36, 24, 18, 14, 13, 9 of 70, 88,
-115, 147, 216, 297 modelled; DDIM-100 W = 2, 4, 8, 16, 32, 100: 69, 44, 28, 19, 14.5, 11 of 136, 168, 202, 240, 316,
-617 measured, 69, 44, 29, 20, 16, 10 of 136, 168, 203, 240, 312, 622 modelled; DPM++(2M)-20 W = 2, 4, 8, 16, 20:
-16.5, 12.5, 12, 10.5, 8.5 of 31, 41, 66, 90, 107 measured, 16, 12, 11, 11, 9 of 30, 40, 60, 89, 110 modelled. The
-model before this one (an advance of ``W ** 0.55`` from the first round and four stop rounds at the last width) put
-the whole grid's rows 30-35% low (206 of 292, 499 of 617, 70 of 107) and mid-size windows' rounds 20-40% high
-(DDIM-100 W = 16: 27 of 19), which made the widest window look cheapest wherever rows cost anything.
+U-Net, batch 1, 4 seeds, default tolerance; ``python -m paratime.bench.devices --calibrate [--solver dpmpp_2m
+--steps 20]`` prints the table): DDIM-50 W = 2, 4, 8, 16, 32, 50: 36-38, 24-25, 17-18, 13, 11-12, 10-11 rounds of
+71, 90, 113, 145, 192, 303 rows measured, 36, 24, 18, 14, 13, 9 of 70, 88, 115, 147, 216, 297 modelled; DDIM-100 W =
+2, 4, 8, 16, 32, 100: 68-70, 44-45, 28, 18-19, 14, 11-12 of 136, 169, 202, 242, 309, 637 measured, 69, 44, 29, 20,
+16, 10 of 136, 168, 203, 240, 312, 622 modelled; DPM++(2M)-20 W = 2, 4, 8, 16, 20: 16-17, 12-13, 11-15, 10-11, 8-10
+of 32, 42, 70, 91, 113 measured, 16, 12, 11, 11, 9 of 30, 40, 60, 89, 110 modelled. The model before this one (an
+advance of ``W ** 0.55`` from the first round and four stop rounds at the last width) put the whole grid's rows
+30-35% low (206 of 292, 499 of 617, 70 of 107) and mid-size windows' rounds 20-40% high (DDIM-100 W = 16: 27 of 19),
+which made the widest window look cheapest wherever rows cost anything.
 
 The plan never predicts slower than sequential sampling under ``method="auto"``: sequential is always a candidate
 and wins unless a parallel plan is predicted :data:`SEQUENTIAL_MARGIN` times faster (it is exact by construction,
 and a prediction's error is about that size).
 
 **Work outside the network.** A cost curve holds network time only. With a measured curve the sampler also measures,
-per candidate, each call's work outside the network (``overhead``, :meth:`ParallelSampler.overheads`, a few calls
-of the candidate on the real network and backend, less the curve): the method's own work on its window between two
-calls (on a null network, about 1.2-3 ms a round for Picard on the project's CPU, 0.05 ms a step for sequential),
-the backend's dispatch and gather and the wait for the slowest rank (1-4 ms a call for 2 gloo ranks there). On a GPU with a large
-model both are small beside ``c(1)``; on a CPU or with a small model (a policy) they decide: unpriced, the planner
-predicted 2.25-3x for a window of 50 on 2 gloo ranks that measured 0.6x. Under an SPMD backend sequential sampling
-also runs on every rank by itself (:data:`ALONE`, no communication) when that is predicted faster than spreading
-the batch. Every input is a host number, so every rank of an SPMD backend plans
-the same from the same curve (the sampler makes the curve agree across ranks before planning).
+per candidate, each call's work outside the network (``overhead``, :meth:`ParallelSampler.overheads`, a few calls of
+the candidate on the real network and backend, less the curve): the method's own work on its window between two
+calls (timed on a null network: about 1.2-3 ms a round for Picard on the project's CPU, 0.05 ms a step for
+sequential), the backend's dispatch and gather and the wait for the slowest rank (1-4 ms a call for 2 gloo ranks
+there). On a GPU with a large model both are small beside ``c(1)``; on a CPU or with a small model (a policy) they
+decide: unpriced, the planner predicted 2.25-3x for a window of 50 on 2 gloo ranks that measured 0.6x. Under an SPMD
+backend sequential sampling also runs on every rank by itself (:data:`ALONE`, no communication) when that is
+predicted faster than spreading the batch.
+
+Every input is a host number, so every rank of an SPMD backend plans the same from the same curve and overheads (the
+sampler makes them agree across ranks before planning).
 """
 
 from __future__ import annotations

@@ -262,15 +262,24 @@ class ParallelSampler:
         g, backend = self.grid, self._backend_for(alone)
         evaluator = Evaluator(backend, g, shape[0], self.device)
 
-        def run(evaluate):
+        def run(stamp):
+            def evaluate(x, i, b):
+                stamp(x.shape[0])
+                return evaluator(x, i, b)
+
+            def outputs(x, i, b):
+                stamp(x.shape[0])
+                return evaluator.outputs(x, i, b)
+
+            # As sample() runs it: the fused path where the denoiser allows, in the sampler's kernel mode.
             problem = Problem(g.sigmas.to(**kw), g.ancestral_std().to(**kw), g.frame_scales.to(**kw), self.solver,
-                              evaluate, z)
+                              evaluate, z, None, outputs if evaluator.fusable else None)
             METHODS[cfg.method](x * self.denoiser.schedule.prior_std(g.sigmas[:1]).to(**kw), problem, cfg)
 
         backend.prepare(cond)
         try:
-            with torch.no_grad():
-                gaps = call_gaps(run, evaluator, self.device)
+            with self._kernel_mode(), torch.no_grad():
+                gaps = call_gaps(run, self.device)
         finally:
             backend.release()
         outside = [t - round_cost(curve, rows, backend.workers) for t, rows in gaps[1:]] or [0.0]
@@ -303,6 +312,10 @@ class ParallelSampler:
                                                            buckets=self.backend.buckets)
             local.bind(self.backend.denoiser)
         return local
+
+    def _kernel_mode(self):
+        """The context the sampler's network calls and steps run in: its kernel mode (``kernels=``), if any."""
+        return contextlib.nullcontext() if self.kernels is None else kernel_context(self.kernels)
 
     def _agree(self, values: list[float]) -> list[float]:
         """Under torch.distributed, every rank's maximum of each value (so that every rank plans alike); else the
@@ -346,12 +359,13 @@ class ParallelSampler:
              marks: list[tuple[int, float]] | None = None, backend: Backend | None = None):
         """What every solve shares: ``solve(evaluate, on_round)`` runs with the conditioning placed on ``backend``
         (default the sampler's), the evaluator's counting and NaN check (read once per round), the progress bar, the
-        kernel mode and the wall clock; ``marks`` (when given) gets ``(network calls so far, seconds since the start)`` at every round.
+        kernel mode and the wall clock; ``marks`` (when given) gets ``(network calls so far, seconds since the
+        start)`` at every round.
         Returns ``(solve's result, evaluator, wall seconds)``."""
         backend = self.backend if backend is None else backend
         evaluator = Evaluator(backend, grid, B, self.device, first_sample)
         show = (self.progress if progress is None else progress) and self.backend.is_primary
-        modes = contextlib.nullcontext() if self.kernels is None else kernel_context(self.kernels)
+        modes = self._kernel_mode()
 
         def on_round(info: RoundInfo):
             evaluator.check()

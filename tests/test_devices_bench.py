@@ -51,11 +51,22 @@ def test_quick_run_with_a_multistep_solver(tmp_path, keep_threads, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--solver", "magic"], ["--solver", "dpmpp_2m", "--real"],
-                                  ["--solver", "dpmpp_2m", "--calibrate"], ["--solver", "dpmpp_2m", "--paradigms"]])
+                                  ["--solver", "dpmpp_2m", "--paradigms"]])
 def test_solver_option_is_checked(argv, capsys):
     with pytest.raises(SystemExit):
         devices.main(argv)
     assert "--solver" in capsys.readouterr().err
+
+
+def test_calibrate_prints_the_rounds_model_beside_measured_rounds_and_rows(keep_threads, capsys):
+    """``--calibrate`` (a short grid of another solver): per window, measured rounds and rows beside the model's."""
+    assert devices.main(["--calibrate", "--solver", "dpmpp_2m", "--steps", "6"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| DPM++(2M) | 6 |")]
+    assert [ln.split("|")[3].strip() for ln in rows] == ["2", "4", "6"]
+    for ln in rows:
+        cells = [c.strip() for c in ln.split("|")[4:8]]
+        lo, hi = map(int, cells[0].split("-"))
+        assert 1 <= lo <= hi and int(cells[1]) >= 1 and float(cells[2]) >= 6 and int(cells[3]) >= 6
 
 
 def test_bad_output_folder_is_refused_before_the_work(tmp_path):

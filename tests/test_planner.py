@@ -14,8 +14,8 @@ from hypothesis import given, settings, strategies as st
 from benchmarks.devices import Spread
 from paratime import ParallelSampler, SamplerConfig
 from paratime.cost import CostCurve, make_cost
-from paratime.planner import (ALONE, SEQUENTIAL_MARGIN, SLIDE_STALL, STALL_ROUNDS, candidates, picard_rows, plan_sampling, predict_picard,
-                              predict_sequential, rounds_cap, window_candidates)
+from paratime.planner import (ALONE, SEQUENTIAL_MARGIN, SLIDE_STALL, STALL_ROUNDS, candidates, picard_rows,
+                              plan_sampling, predict_picard, predict_sequential, rounds_cap, window_candidates)
 
 TOL = 2e-3
 
