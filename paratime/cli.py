@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .cost import COST_NAMES
+
 __all__ = ["main", "build_parser"]
 
 
@@ -124,6 +126,10 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="picard", help=f"one of {', '.join(METHODS)}, or auto (the planner "
                    f"chooses by predicted wall time on the backend's devices)")
     p.add_argument("--window", type=_window_arg, default=None, help=_window_help())
+    p.add_argument("--cost", default=None, choices=COST_NAMES,
+                   help="the cost curve the planner (--method auto, --window auto) and the SCE figures use: auto "
+                        "(measure on CUDA, latency elsewhere), measure (time the network and each candidate's work "
+                        "outside it here), compute (c(r) = r) or latency (c(r) = 1) (default: auto)")
     p.add_argument("--tol", type=float, default=None, help=_tol_help())
     p.add_argument("--shared-window", action="store_true",
                    help="one Picard window for the whole batch (diffusers' ParaDiGMS) instead of one per sample")
@@ -389,7 +395,7 @@ def _check_sample_args(args) -> dict:
         raise UsageError("--policy-out: applies only with --policy-demo")
     args.policy_out = "policy_rollouts.png" if args.policy_out is None else args.policy_out
     opts = {k: v for k, v in dict(
-        solver=args.solver, steps=args.steps, method=args.method, window=args.window, tol=args.tol,
+        solver=args.solver, steps=args.steps, method=args.method, window=args.window, tol=args.tol, cost=args.cost,
         shared_window=args.shared_window or None, max_rounds=args.max_rounds, spacing=args.spacing, eta=args.eta,
         slices=args.slices, coarse_steps=args.coarse_steps if args.coarse_steps != 1 else None, device=args.device,
         dtype=_DTYPES.get(args.dtype)).items() if v is not None}
@@ -596,6 +602,10 @@ def run_sample(args, opts: dict | None = None) -> dict:
         print(f"model={args.model} solver={args.solver} steps={args.steps} batch={args.batch} tol={tol}{cond} "
               f"backend={sampler.backend.name} workers={sampler.backend.workers}")
         _print_table(rows)
+        plan_s = result.stats.extra.get("plan_s", 0.0)
+        if plan_s >= 0.05:
+            print(f"planning took {plan_s:.2f} s more (measuring the cost here: once per batch shape, not in the "
+                  f"wall times above)")
         if args.save:
             torch.save(result.samples.cpu(), args.save)
         if args.out:

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from .cost import CostCurve, round_cost
 
 __all__ = ["Plan", "plan_sampling", "candidates", "picard_rows", "predict_picard", "predict_sequential",
-           "predict_parareal", "window_candidates", "rounds_cap", "ALONE", "SEQUENTIAL_MARGIN", "SLIDE_STALL",
+           "predict_parareal", "window_candidates", "rounds_cap", "ALONE", "SEQUENTIAL_MARGIN", "TIMED_SPAN", "SLIDE_STALL",
            "STALL_ROUNDS", "TAIL_SHRINK", "FULL_TAIL", "PARAREAL_ITERATIONS"]
 
 #: rounds a sliding window's start advances one point each before it advances (W + 1) / 2 a round
@@ -77,6 +77,10 @@ PARAREAL_ITERATIONS = 3
 #: and a measured curve are good to about 25% (the window of 50 on 2 gloo ranks, digits DDIM-50: 0.062 s predicted,
 #: 0.076-0.095 s measured), so a predicted gain below 10% is not one to give up exactness for
 SEQUENTIAL_MARGIN = 1.1
+#: with a measured curve, the candidates timed for their work outside the network: sequential sampling and those
+#: whose network time alone is within this factor of the best (a window of 100 on a batch of 16 would time 16,000
+#: rows for a plan 4x behind; the others get the largest work outside the network timed)
+TIMED_SPAN = 2.0
 #: the label of sequential sampling on each device by itself (see :func:`candidates`)
 ALONE = "sequential, 1 device"
 
@@ -263,7 +267,10 @@ def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: f
                                                9), list(cands).index(k)))
     best, runner = order[0], (order[1] if len(order) > 1 else None)
     sce, chosen, window = cands[best]
-    base = predict_sequential(curve, steps, batch, 1, evals, over.get(ALONE, 0.0)) / unit
+    # One device alone: its measured calls where it was a candidate (ALONE; on one device, sequential itself),
+    # else the network's time alone (another backend's dispatch is not one device's).
+    base_over = over.get(ALONE, over.get("sequential", 0.0) if devices == 1 else 0.0)
+    base = predict_sequential(curve, steps, batch, 1, evals, base_over) / unit
     why = (f"{best}: predicted {sce:.1f} SCE against {base:.1f} for sequential sampling on one device, batch {batch} "
            f"({base / sce:.2f}x on {devices} device(s))")
     if runner is not None:

@@ -21,7 +21,9 @@ class SampleStats:
         iterations: method iterations (Picard rounds, Parareal iterations, steps for ``sequential``).
         nfe: time-point evaluations per sample, averaged over the batch.
         nfe_total: time-point evaluations over the whole batch.
-        wall_s: seconds spent sampling, drawing the noise included (``extra["noise_s"]``: that part alone).
+        wall_s: seconds spent sampling, drawing the noise included (``extra["noise_s"]``: that part alone), the
+            planner's measurements not (``extra["plan_s"]``: a cost curve and candidates' timing runs, once per
+            batch shape and options, then cached).
         residuals: worst residual per iteration, in units of the noise level (compare with ``tol``).
         sample_rounds: per sample, the iteration at which it finished.
         converged: per sample, whether it finished inside Picard's tolerance test (False: it reached

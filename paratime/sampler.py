@@ -26,7 +26,7 @@ from .evaluator import Evaluator, NonFiniteOutputError
 from .methods import METHODS, Problem, RoundInfo
 from .models import as_denoiser, model_factory, state_device
 from .noise import draws_step_noise, initial_noise, step_noise
-from .planner import ALONE, Plan, candidates, plan_sampling
+from .planner import ALONE, TIMED_SPAN, Plan, candidates, plan_sampling
 from .progress import RoundProgress
 from .results import SampleResult, SampleStats, record_rounds
 from .schedules import TimeGrid
@@ -155,7 +155,9 @@ class ParallelSampler:
             # Before the noise and trajectory exist: the conditioning, the plan (method and window from the cost
             # model), and the memory bound of the planned method.
             check_cond(self.denoiser, cond, full_shape[0], self.device)   # the model's rules, shapes
+            t_plan = time.perf_counter()
             planned["cfg"], planned["plan"], planned["curve"], planned["overhead"] = self._plan(full_shape, cond)
+            planned["plan_s"] = time.perf_counter() - t_plan
             planned["cfg"].check_memory(full_shape, self.device, self.state_dtype, self.solver,
                                         generator=generator)
 
@@ -168,7 +170,9 @@ class ParallelSampler:
         # small ones: noise.tabulates).
         z = step_noise(self.solver, cfg.steps, x_T.shape, seed, generator, first_sample, **kw)
         x_T = x_T * self.denoiser.schedule.prior_std(self.grid.sigmas[:1]).to(**kw)
-        t_noise = time.perf_counter() - t_noise
+        # The plan's measurements (a cost curve, candidates' timing runs: once per shape, then cached) are not the
+        # sample's time: stats.extra["plan_s"] reports them.
+        t_noise = time.perf_counter() - t_noise - planned["plan_s"]
         grid = self.grid
 
         def solve(evaluate, on_round):
@@ -186,7 +190,7 @@ class ParallelSampler:
                                              self._backend_for(alone))
         samples = outcome.x * grid.frame_scales[-1].to(outcome.x)
         stats = self._stats(outcome, evaluator, wall + t_noise, B, cfg)
-        stats.extra["noise_s"] = t_noise
+        stats.extra["noise_s"], stats.extra["plan_s"] = t_noise, planned["plan_s"]
         record_rounds(stats, evaluator.call_rows, marks, wall, curve, 1 if alone else self.backend.workers, plan,
                       overhead)
         latents = None
@@ -221,10 +225,19 @@ class ParallelSampler:
         # fits, all are planned and the chosen one's memory check names what does not fit.
         every = candidates(cfg.steps, self.backend.workers, cfg.method, methods, alone)
         plans = [p for p in every if self._fits(shape, *p[1:])] or every
-        plan = plan_sampling(curve, cfg.steps, shape[0], self.backend.workers, cfg.tol_in_force, method=cfg.method,
-                             evals=self.solver.evals_per_step, methods=methods, alone=alone,
-                             skip=[p[0] for p in every if p not in plans],
-                             overhead=self.overheads(shape, cond, curve, plans) if measured else None)
+        args = (curve, cfg.steps, shape[0], self.backend.workers, cfg.tol_in_force)
+        kw = dict(method=cfg.method, evals=self.solver.evals_per_step, methods=methods, alone=alone,
+                  skip=[p[0] for p in every if p not in plans])
+        overhead = None
+        if measured:
+            # Timed: sequential sampling (the baseline) and the candidates whose network time alone is within
+            # TIMED_SPAN of the best; the others (already far behind) get the largest work outside the network timed.
+            bare = plan_sampling(*args, **kw).candidates
+            near = [p for p in plans if p[1] == "sequential" or bare[p[0]] <= TIMED_SPAN * min(bare.values())]
+            overhead = self.overheads(shape, cond, curve, near)
+            rest = max(0.0, *overhead.values())
+            overhead.update({p[0]: rest for p in plans if p[0] not in overhead})
+        plan = plan_sampling(*args, overhead=overhead, **kw)
         log.info("plan: %s", plan.reason)
         # Another method planned: Picard's own options (given for the Picard candidate) do not carry over.
         return cfg.with_method(plan.method, window=plan.window or "auto"), plan, curve, plan.overhead_s

@@ -249,3 +249,19 @@ def test_staggered_memory_check_counts_the_cores_the_sampler_runs(argv, cores, m
     assert SamplerConfig(method="staggered", steps=50).for_devices(8).window == 8
     assert SamplerConfig(method="staggered", steps=4).for_devices(8).window == 4
     assert SamplerConfig(method="picard").for_devices(8).window == "auto"
+
+
+def test_cost_option_reaches_the_planner(tmp_path):
+    """--cost measure: the planner prices each candidate with the measured curve and the work outside the network
+    (the JSON's plan says so); --cost compute on 1 device plans sequential sampling; a name outside the list is a
+    one-line error naming --cost."""
+    js = tmp_path / "s.json"
+    base = ["sample", "--model", "gmm", "--steps", "12", "--batch", "4", "--method", "auto", "--out", "",
+            "--no-progress", "--json", str(js)]
+    assert main([*base, "--cost", "measure"]) == 0
+    plan = json.loads(js.read_text())["plan"]
+    assert "cost measured" in plan["reason"] and "outside the network" in plan["reason"]
+    assert main([*base, "--cost", "compute"]) == 0
+    rec = json.loads(js.read_text())
+    assert rec["plan"]["method"] == "sequential" and rec["cost"].startswith("compute")
+    assert main([*base, "--cost", "cheap"]) == 2

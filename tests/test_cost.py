@@ -132,14 +132,17 @@ def test_measured_plans_price_each_candidates_work_outside_the_network(monkeypat
     monkeypatch.setattr(sampler_module, "call_gaps", lambda *a, **k: runs.append(1) or real(*a, **k))
     s = ParallelSampler("gmm", steps=12, solver=solver, method="auto", cost="measure", progress=False)
     st = s.sample(2, seed=0).stats
-    assert len(runs) == len(st.plan["candidates"]) == len(candidates(12, 1))          # one null run each
+    timed = {k[0] for k in s._overhead_cache}
+    assert len(runs) == len(timed) and "sequential" in timed <= set(st.plan["candidates"])     # one run each
+    assert set(st.plan["candidates"]) == {label for label, *_ in candidates(12, 1)}
     assert math.isfinite(st.plan["overhead_s"]) and "outside the network" in st.plan["reason"]
-    assert len(s._overhead_cache) == len(runs)                                        # one value per candidate
     assert len(st.round_predicted_s) == len(st.round_sce) and st.predicted_wall_s > 0
-    s.sample(2, seed=1)
-    assert len(runs) == len(candidates(12, 1))                                        # cached
+    assert st.extra["plan_s"] > 0
+    n = len(runs)
+    again = s.sample(2, seed=1).stats
+    assert len(runs) == n and again.extra["plan_s"] < st.extra["plan_s"]            # cached: nothing timed again
     s.sample(3, seed=1)
-    assert len(runs) == 2 * len(candidates(12, 1))                                    # another batch: timed again
+    assert len(runs) > n                                                              # another batch: timed again
 
 
 @pytest.mark.parametrize("method,options", [("picard", dict(window=4)), ("sequential", {}), ("parareal", {}),
@@ -152,3 +155,28 @@ def test_a_given_method_with_a_measured_curve_predicts_its_overhead_too(method, 
     over = [v for k, v in s._overhead_cache.items() if k[0] == "run"]
     assert st.plan is None and len(over) == 1 and math.isfinite(over[0])
     assert st.predicted_wall_s > 0 and len(st.round_predicted_s) == len(st.round_sce)
+
+
+def test_only_candidates_near_the_best_are_timed(monkeypatch):
+    """Sequential sampling and the candidates whose network time alone is within TIMED_SPAN of the best are timed;
+    the others are priced with the largest work outside the network timed (never timed themselves)."""
+    from paratime.cost import CostCurve
+    from paratime.planner import TIMED_SPAN, picard_rows, plan_sampling
+
+    curve = CostCurve((1, 64), (1e-3, 64e-3), "measured")                        # compute-bound, in seconds
+    s = ParallelSampler("gmm", steps=40, method="auto", cost="measure", progress=False)
+    monkeypatch.setattr(ParallelSampler, "_cost_curve", lambda self, shape, cond: curve)
+    timed = []
+    monkeypatch.setattr(ParallelSampler, "_outside_seconds",
+                        lambda self, shape, cond, curve, method, window, alone: timed.append(window) or 2e-4)
+    plan = s.sample(4, seed=0).stats.plan
+    tol = s.config.tol_in_force
+    bare = plan_sampling(curve, 40, 4, 1, tol).candidates
+    near = {k for k, v in bare.items() if k == "sequential" or v <= TIMED_SPAN * min(bare.values())}
+    assert len(timed) == len(near) < len(bare)
+    for label, sce in plan["candidates"].items():       # every candidate priced with 0.2 c(1) a call outside
+        if label.startswith("picard W="):
+            calls = len(picard_rows(40, int(label.split("=")[1]), tol))
+            assert sce == pytest.approx(bare[label] + 0.2 * calls)
+        assert sce > bare[label]
+    assert plan["candidates"]["sequential"] == pytest.approx(bare["sequential"] + 0.2 * 40)
