@@ -215,7 +215,8 @@ def candidates(steps: int, devices: int, method: str = "auto",
 
 def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: float, *, method: str = "auto",
                   evals: int = 1, methods: tuple[str, ...] = ("sequential", "picard", "parareal"),
-                  overhead: dict[str, float] | None = None, alone: bool = False, skip=()) -> Plan:
+                  overhead: dict[str, float] | None = None, alone: bool = False,
+                  skip: tuple[str, ...] | list[str] = ()) -> Plan:
     """Choose the method (``method="auto"``) and Picard's window by predicted wall time.
 
     Args:
@@ -261,10 +262,13 @@ def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: f
         else:
             sce = predict_parareal(curve, steps, batch, devices, tol, evals, o) / unit
         cands[label] = (sce, name, w)
-    # Fewest SCE, a parallel plan's counted SEQUENTIAL_MARGIN times; ties go to sequential (exact by construction),
-    # then to the narrower window (fewer evaluations).
-    order = sorted(cands, key=lambda k: (round(cands[k][0] * (1 if cands[k][1] == "sequential" else SEQUENTIAL_MARGIN),
-                                               9), list(cands).index(k)))
+    def rank(label: str) -> tuple[float, int]:
+        # Fewest SCE, a parallel plan's counted SEQUENTIAL_MARGIN times; ties go to sequential (exact by
+        # construction), then to the narrower window (fewer evaluations).
+        sce, name, _ = cands[label]
+        return round(sce * (1.0 if name == "sequential" else SEQUENTIAL_MARGIN), 9), list(cands).index(label)
+
+    order = sorted(cands, key=rank)
     best, runner = order[0], (order[1] if len(order) > 1 else None)
     sce, chosen, window = cands[best]
     # One device alone: its measured calls where it was a candidate (ALONE; on one device, sequential itself),

@@ -228,19 +228,23 @@ class ParallelSampler:
         args = (curve, cfg.steps, shape[0], self.backend.workers, cfg.tol_in_force)
         kw = dict(method=cfg.method, evals=self.solver.evals_per_step, methods=methods, alone=alone,
                   skip=[p[0] for p in every if p not in plans])
-        overhead = None
-        if measured:
-            # Timed: sequential sampling (the baseline) and the candidates whose network time alone is within
-            # TIMED_SPAN of the best; the others (already far behind) get the largest work outside the network timed.
-            bare = plan_sampling(*args, **kw).candidates
-            near = [p for p in plans if p[1] == "sequential" or bare[p[0]] <= TIMED_SPAN * min(bare.values())]
-            overhead = self.overheads(shape, cond, curve, near)
-            rest = max(0.0, *overhead.values())
-            overhead.update({p[0]: rest for p in plans if p[0] not in overhead})
+        overhead = self._priced(shape, cond, curve, plans, plan_sampling(*args, **kw)) if measured else None
         plan = plan_sampling(*args, overhead=overhead, **kw)
         log.info("plan: %s", plan.reason)
         # Another method planned: Picard's own options (given for the Picard candidate) do not carry over.
         return cfg.with_method(plan.method, window=plan.window or "auto"), plan, curve, plan.overhead_s
+
+    def _priced(self, shape: tuple[int, ...], cond: dict, curve: CostCurve, plans: list[tuple[str, str, int | None]],
+                bare: Plan) -> dict[str, float]:
+        """Each candidate's work per call outside the network (:meth:`overheads`): timed for sequential sampling
+        (the baseline) and the candidates whose network time alone (``bare``, the plan without it) is within
+        :data:`~paratime.planner.TIMED_SPAN` of the best; the others, already far behind, get the largest value
+        timed."""
+        best = min(bare.candidates.values())
+        near = [p for p in plans if p[1] == "sequential" or bare.candidates[p[0]] <= TIMED_SPAN * best]
+        overhead = self.overheads(shape, cond, curve, near)
+        rest = max(0.0, *overhead.values())
+        return {**{p[0]: rest for p in plans}, **overhead}
 
     def overheads(self, shape: tuple[int, ...], cond: dict, curve: CostCurve,
                   plans: list[tuple[str, str, int | None]]) -> dict[str, float]:
