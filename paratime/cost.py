@@ -171,16 +171,30 @@ def measure_rows(call: Callable[[int], Any], device: torch.device, rows: tuple[i
     more rows is never cheaper, and on a shared machine a lucky fast timing at many rows would otherwise make wide
     windows look free.
 
+    A row count whose call runs out of device memory (``torch.cuda.OutOfMemoryError`` in its warm-up) ends the
+    curve at the row count before it.
+
     Returns:
         The measured :class:`CostCurve` (seconds).
     Raises:
-        ValueError: ``repeats < 1`` or row counts that do not increase from 1.
+        ValueError: ``repeats < 1`` or row counts that do not increase from 1. torch.cuda.OutOfMemoryError: a call of
+            1 row does not fit.
     """
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats: must be an integer >= 1, got {repeats!r}")
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    for r in rows:
-        call(r)                                           # warm-up (allocator, kernels' autotuning)
+    for k, r in enumerate(rows):
+        try:
+            call(r)                                       # warm-up (allocator, kernels' autotuning)
+        except torch.cuda.OutOfMemoryError:
+            # The device holds no call of r rows: the curve ends at the last one that fit (and is extrapolated
+            # along its last slope), the sampler's calls being chunked to fit.
+            if k == 0:
+                raise
+            torch.cuda.empty_cache()
+            log.info("cost: a call of %d rows does not fit %s; measured up to %d", r, device, rows[k - 1])
+            rows = rows[:k]
+            break
     # Row counts interleaved, repeat by repeat: a slow spell of a shared machine hits every row count alike.
     times: dict[int, list[float]] = {r: [] for r in rows}
     for _ in range(repeats):

@@ -19,7 +19,7 @@ from .backends import Backend, cast_network, make_backend
 from .backends.base import map_cond
 from .backends.memory import DeviceMemoryError
 from .config import SamplerConfig, check_cond, declared_scale
-from .cost import CostCurve, call_gaps, make_cost, measure_cost, round_cost
+from .cost import MEASURE_ROWS, CostCurve, call_gaps, make_cost, measure_cost, round_cost
 from .denoiser import Denoiser
 from .kernels import kernels as kernel_context, triton_usable
 from .evaluator import Evaluator, NonFiniteOutputError
@@ -350,8 +350,9 @@ class ParallelSampler:
     def _cost_curve(self, shape: tuple[int, ...], cond: dict) -> CostCurve:
         """The cost curve of ``cost=``: ``auto`` measures on CUDA and takes the ``latency`` curve elsewhere (the
         assumption today's wide default window was sized for; deterministic, so tests and ranks plan alike);
-        ``measure`` times calls of 1, 2, 4, ... rows of sample 0's conditioning on the state device (cached per
-        model, device, dtype and shape; under torch.distributed the ranks agree on the slowest rank's curve)."""
+        ``measure`` times calls of 1, 2, 4, ... rows of sample 0's conditioning on the state device, up to 64 and the
+        backend's rows per call in force (cached per model, device, dtype and shape; under torch.distributed the
+        ranks agree on the slowest rank's curve)."""
         spec = self.config.cost
         if spec == "auto":
             spec = "measure" if self.device.type == "cuda" else "latency"
@@ -367,9 +368,14 @@ class ParallelSampler:
             with torch.no_grad():
                 den(x, self.grid.sigmas[mid].to(x).expand(r), self.grid.model_times[mid].to(x).expand(r), **rows)
 
-        curve = measure_cost(den.network, call, self.device, den.network_dtype, tuple(shape[1:]))
-        # Every rank plans from the same curve: the slowest rank's time at each row count.
-        return CostCurve(curve.rows, tuple(self._agree(list(curve.seconds))), curve.name)
+        # Never a call wider than the backend's limit in force (a call here is not chunked).
+        limit = self.backend.batch_limit()
+        rows = tuple(r for r in MEASURE_ROWS if limit is None or r <= limit)
+        curve = measure_cost(den.network, call, self.device, den.network_dtype, tuple(shape[1:]), rows)
+        # Every rank plans from the same curve: the row counts every rank could time (one stopped short of memory,
+        # measure_rows), the slowest rank's time at each.
+        n = int(-self._agree([-float(len(curve.rows))])[0])
+        return CostCurve(curve.rows[:n], tuple(self._agree(list(curve.seconds[:n]))), curve.name)
 
     def _run(self, solve: Callable, grid: TimeGrid, cond: dict, B: int, first_sample: int, desc: str,
              callback: Callable[[RoundInfo], None] | None, progress: bool | None,

@@ -180,3 +180,19 @@ def test_only_candidates_near_the_best_are_timed(monkeypatch):
             assert sce == pytest.approx(bare[label] + 0.2 * calls)
         assert sce > bare[label]
     assert plan["candidates"]["sequential"] == pytest.approx(bare["sequential"] + 0.2 * 40)
+
+
+def test_measurement_stops_short_of_device_memory_and_the_backends_limit():
+    """A row count whose call runs out of device memory ends the curve before it (1 row must fit); the sampler never
+    times a call wider than the backend's rows per call in force (its measurement is not chunked)."""
+    def call(r):
+        if r > 4:
+            raise torch.cuda.OutOfMemoryError(f"{r} rows")
+
+    assert measure_rows(call, torch.device("cpu"), rows=(1, 2, 4, 8, 16), repeats=1).rows == (1, 2, 4)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        measure_rows(lambda r: call(r * 8), torch.device("cpu"), rows=(1, 2), repeats=1)
+    s = ParallelSampler("gmm", steps=8, method="sequential", cost="measure", progress=False,
+                        backend_options={"max_batch": 8})
+    cost = s.sample(2, seed=0).stats.cost
+    assert cost.startswith("measured [1:1, 2:") and " 8:" in cost and "16:" not in cost
