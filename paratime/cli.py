@@ -424,6 +424,9 @@ def _check_sample_args(args) -> dict:
             _check_writable(flag, path)
         if args.policy_demo:
             _check_writable("--policy-out", args.policy_out)
+    for flag, path in (("--out", args.out), ("--policy-out", args.policy_out if args.policy_demo else None)):
+        if path and Path(path).suffix.lower() != ".png":
+            raise UsageError(f"{flag}: writes a PNG; give a file name ending in .png, got {path!r}")
     return opts
 
 

@@ -186,6 +186,8 @@ CLI_CASES = [
     ("device nonsense", ["--device", "nonsense"], "--device"),
     ("device cuda:99", ["--device", "cuda:99"], "--device"),
     ("out missing dir", ["--out", MISSING + ".png"], "--out"),
+    ("out not a png", ["--model", "gmm", "--out", "samples.txt"], "--out"),
+    ("policy out not a png", ["--policy-demo", "--policy-out", "rollouts.jpg"], "--policy-out"),
     ("json missing dir", ["--json", MISSING + ".json"], "--json"),
     ("save missing dir", ["--save", MISSING + ".pt"], "--save"),
     ("timeout 0", ["--backend", "torch", "--timeout", "0"], "--timeout"),
