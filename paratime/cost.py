@@ -249,7 +249,7 @@ def measure_cost(network: Any, call: Callable[[int], Any], device: torch.device,
 
 
 class _Enough(Exception):
-    """Raised inside a null network call to end a timing run."""
+    """Raised by :func:`call_gaps`' stamp at the start of the call after the last one timed, ending the run."""
 
 
 def call_gaps(run: Callable[[Callable[[int], None]], Any], device: torch.device,

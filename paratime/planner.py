@@ -262,6 +262,7 @@ def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: f
         else:
             sce = predict_parareal(curve, steps, batch, devices, tol, evals, o) / unit
         cands[label] = (sce, name, w)
+
     def rank(label: str) -> tuple[float, int]:
         # Fewest SCE, a parallel plan's counted SEQUENTIAL_MARGIN times; ties go to sequential (exact by
         # construction), then to the narrower window (fewer evaluations).

@@ -176,9 +176,8 @@ class ParallelSampler:
         grid = self.grid
 
         def solve(evaluate, on_round):
-            problem = Problem(grid.sigmas.to(**kw), grid.ancestral_std().to(**kw), grid.frame_scales.to(**kw),
-                              self.solver, evaluate, z, on_round, evaluate.outputs if evaluate.fusable else None)
-            return METHODS[cfg.method](x_T, problem, cfg)
+            outputs = evaluate.outputs if evaluate.fusable else None
+            return METHODS[cfg.method](x_T, self._problem(evaluate, z, on_round, outputs, kw), cfg)
 
         desc = f"{cfg.method}/{self.solver.name}"
         if plan is not None:
@@ -289,8 +288,7 @@ class ParallelSampler:
                 return evaluator.outputs(x, i, b)
 
             # As sample() runs it: the fused path where the denoiser allows, in the sampler's kernel mode.
-            problem = Problem(g.sigmas.to(**kw), g.ancestral_std().to(**kw), g.frame_scales.to(**kw), self.solver,
-                              evaluate, z, None, outputs if evaluator.fusable else None)
+            problem = self._problem(evaluate, z, None, outputs if evaluator.fusable else None, kw)
             METHODS[cfg.method](x * self.denoiser.schedule.prior_std(g.sigmas[:1]).to(**kw), problem, cfg)
 
         backend.prepare(cond)
@@ -301,6 +299,13 @@ class ParallelSampler:
             backend.release()
         outside = [t - round_cost(curve, rows, backend.workers) for t, rows in gaps[1:]] or [0.0]
         return statistics.median(outside)
+
+    def _problem(self, evaluate: Callable, z, on_round: Callable | None, outputs: Callable | None,
+                 kw: dict) -> Problem:
+        """The trajectory a method computes on this sampler's grid (``kw``: the state's dtype and device)."""
+        g = self.grid
+        return Problem(g.sigmas.to(**kw), g.ancestral_std().to(**kw), g.frame_scales.to(**kw), self.solver,
+                       evaluate, z, on_round, outputs)
 
     def _candidate(self, method: str, window: int | None) -> SamplerConfig:
         """The config a planned candidate runs: this sampler's on K devices with ``method`` and ``window`` (the
