@@ -18,14 +18,15 @@ update's history, then rounded up by one buffer:
     =====================  ======  ======  ========
     solver kind             picard  secant  anderson
     =====================  ======  ======  ========
-    one call (DDIM, DDPM)    12      15       23
-    two calls (Heun, ...)    14      17       23
-    history (DPM++, PLMS)    20      23       27
+    one call (DDIM, DDPM)    14      15       23
+    two calls (Heun, ...)    16      17       23
+    history (DPM++, PLMS)    22      23       29
     =====================  ======  ======  ========
 
 (the window rows, their VE-frame copies, D or the raw outputs, the increments, the new and old values, the
 residuals' temporaries, and the update's history: secant one past evaluation and increment per point, Anderson
-three past values and residuals plus its ``(m, W, B, D)`` differences). ``tests/test_memory_bound.py`` holds the
+three past values and residuals plus its ``(m, W, B, D)`` differences; under ``picard`` and ``anderson`` the
+amplification guard keeps each point's past evaluation and increment too, two buffers). ``tests/test_memory_bound.py`` holds the
 table to the measurement at Stable Diffusion size.
 """
 
@@ -52,9 +53,9 @@ MEMORY_FRACTION = 0.5
 #: window buffers :func:`request_bytes` counts when the caller states none (the methods state theirs: config.py)
 WORK_BUFFERS = 4
 #: Picard's window buffers at a round's peak, by solver kind and update (see the module docstring)
-PICARD_BUFFERS = {"one_call": {"picard": 12, "secant": 15, "anderson": 23},
-                  "two_calls": {"picard": 14, "secant": 17, "anderson": 23},
-                  "history": {"picard": 20, "secant": 23, "anderson": 27}}
+PICARD_BUFFERS = {"one_call": {"picard": 14, "secant": 15, "anderson": 23},
+                  "two_calls": {"picard": 16, "secant": 17, "anderson": 23},
+                  "history": {"picard": 22, "secant": 23, "anderson": 29}}
 
 
 def solver_kind(solver) -> str:

@@ -25,14 +25,14 @@ window holds point ``p + k`` and produces the new value of point ``p + k + 1``. 
        values: exact steps from converged points)
     5. stop the sample:
          paradigms   when every point is accepted (``a = tol``: ParaDiGMS's tolerance and rule)
-         final       when its final point y_N moved by <= tol / 2 (max-abs, data units) in each of the last two rounds,
+         final       when its final point y_N moved by <= 2 tol (max-abs, data units) in each of the last two rounds,
                      by no more than in the round before each (a change that grows is not quiet), with the error
                      estimated from their contraction <= tol and no point of its window moved by more than tol / 10
                      in the last round (the whole window quiet), or every point is accepted (``a = accept_tol``,
                      default :func:`default_accept_tol`: an accepted point is frozen, so its error must stay well
                      below the target: tol / 10 in a sliding window, tol / 30 in one of the whole grid, tol / 300
-                     on the last quarter of a deterministic solver's whole grid). With the
-                     secant update on per-sample windows, a sample whose window stretches its iterates' changes by
+                     on the last quarter of a deterministic solver's whole grid). With any
+                     update on per-sample windows, a sample whose window stretches its iterates' changes by
                      more than the acceptance's margin allows in a round (the largest product over 8 consecutive
                      window points of ``|F(y) - F(y')| / |y - y'|`` from their last two evaluations, above
                      tol / (3 a): 3.3 sliding, 10 on the whole grid; a trajectory crossing between modes, where
@@ -113,7 +113,7 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         window: W, time points evaluated per sample per round.
         tol: ``stop="final"``: the bound on the returned sample's distance to the sequential sample (max-abs
             over features) that the stopping rule aims at, in units of ``tol_scale``: a sample is returned once its
-            final point moved by <= tol / 2, and by no more than the round before, in each of two successive rounds
+            final point moved by <= 2 tol, and by no more than the round before, in each of two successive rounds
             and the error estimated from their contraction is <= tol while no point of its window moved by more
             than tol / 10 in the last round, or once every point is accepted and its final
             point moved by <= tol (:mod:`paratime.methods.stops`); ``stop="paradigms"``:
@@ -147,7 +147,6 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
     """
     if stop not in STOPS:
         raise ValueError(f"stop: unknown {stop!r}; allowed: {', '.join(STOPS)}")
-    rule = UpdateRule(update)
     if init not in INITS:
         raise ValueError(f"init: unknown {init!r}; allowed: {', '.join(INITS)}")
     if fill not in FILLS:
@@ -169,6 +168,7 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
     # The amplification guard (step 5): per-sample windows under the final rule (a shared window slides for the
     # whole batch: one sample cannot move it back).
     guard = isinstance(stopper, FinalPointStop) and not shared_window
+    rule = UpdateRule(update, gain=guard)                             # the guard reads every rule's window gain
     if init == "x0":
         # 0. One call at x_T; every point from there with D held at its value (one round, counted).
         den_T = problem.evaluate(problem.scale(y, zeros, inverse=True), zeros, win.ar_b)
@@ -187,7 +187,8 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         new, err, new_rule = rule(rows.start, dy, rows.old, rows.y_win, rows.valid)
         # 4. Accept the leading converged points, store, slide and guess the points that enter.
         stride, residual = win.accept(rows, err, levels, shared_window, stopper.accept_scale(win.traj[N]))
-        moved, window_moved = win.write(rows, new, new_rule, stride)  # (B,) the final point's, the window's change
+        # (B,) the final point's and the window's change; Anderson's own change can stall while its defect does not
+        moved, window_moved = win.write(rows, new, new_rule, stride, stopper.scale_b, residual=update == "anderson")
         win.slide(rows, stride, fill, den_last)
         rule.shift(rows.k, stride)
         if guard and rule.gain is not None:

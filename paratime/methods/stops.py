@@ -20,7 +20,7 @@ A stop rule is one small object made per sample call by :func:`make_stop`:
 Rules are elementwise on device tensors (no host read), so every rank of an SPMD backend decides the same.
 
     paradigms   stop when every point is accepted, accept = tol (ParaDiGMS's tolerance and rule)
-    final       stop when the final point moved by <= tol / 2 (max-abs, data units: tol times the data scale) in
+    final       stop when the final point moved by <= 2 tol (max-abs, data units: tol times the data scale) in
                 each of the last two rounds, by no more than in the round before each (a change that grows is not
                 quiet), the remaining error estimated from their contraction is <= tol, and no point of the window
                 moved by more than tol / 10 in the last round (the whole window is quiet); or when every point is
@@ -43,9 +43,9 @@ DEFAULT_TOL = {"final": 2e-3, "paradigms": 0.1}
 #: ``final`` rule: a sample stops after QUIET_ROUNDS rounds whose final-point change is <= QUIET_SCALE x tol, when
 #: ESTIMATE_SAFETY x its estimated remaining error is <= tol too and no point of its window moved by more than
 #: WINDOW_QUIET_SCALE x tol in the last round (see :class:`FinalPointStop`)
-QUIET_ROUNDS, QUIET_SCALE, ESTIMATE_SAFETY, WINDOW_QUIET_SCALE = 2, 0.5, 1.0, 0.1
+QUIET_ROUNDS, QUIET_SCALE, ESTIMATE_SAFETY, WINDOW_QUIET_SCALE = 2, 2.0, 1.0, 0.1
 ROUNDING = 1e-9                 # final-point changes below ROUNDING x tol count as none
-#: ``final`` rule with the secant update: a sample whose window stretches its iterates' changes by more than its gain
+#: ``final`` rule, any update: a sample whose window stretches its iterates' changes by more than its gain
 #: limit in one round (a trajectory crossing between modes) is rolled back to ROLLBACK x its window start, with
 #: acceptance TIGHTEN x stricter from then on (see :meth:`FinalPointStop.amplified`). The limit is the acceptance's
 #: margin under the target times GAIN_BUDGET (``GAIN_BUDGET * tol / accept``, at least GAIN_MIN; see :func:`gain_limit`)
@@ -111,6 +111,7 @@ class AllAcceptedStop:
         pass
 
     reopen = None
+    scale_b = None          # no data scale: its tolerance is in noise-level units
 
     def accept_scale(self, final: torch.Tensor) -> None:
         return None
@@ -195,7 +196,7 @@ class FinalPointStop:
             # sits in frozen points, so the sample's window re-opens (:attr:`reopen`) instead.
             self.reopen = done & ~self.finished & (moved > self.tol_b)
             done = done & ~self.reopen
-            # Quiet: moved <= tol_b / 2 and no more than the round before, in QUIET_ROUNDS successive rounds.
+            # Quiet: moved <= QUIET_SCALE * tol_b and no more than the round before, in QUIET_ROUNDS successive rounds.
             # Changes below ROUNDING * tol_b count as none (float rounding, not convergence, decides them).
             tiny = moved <= ROUNDING * self.tol_b
             quiet = (moved <= self.tol_b * QUIET_SCALE) & ((moved <= self.last_moved) | tiny)
@@ -210,8 +211,8 @@ class FinalPointStop:
             # And the whole window quiet: the final point can sit still while earlier points still move, their change
             # reaching it rounds later, amplified (a trajectory on a boundary between modes: gmm DDPM-100, sample
             # 2625 at tol 0.1, final point quiet at round 4 with its error 6x tol; it moved again from round 5).
-            # No point may have moved by more than WINDOW_QUIET_SCALE * tol_b this round (data units: the
-            # trajectory lives in the model's frame, where VP points have the data's scale).
+            # No point may have moved by more than WINDOW_QUIET_SCALE * tol_b this round (data units: each point's
+            # change in the VP frame of data at scale_b, see :meth:`paratime.methods.window.SlidingWindow.write`).
             calm = ((self.quiet >= QUIET_ROUNDS) & (ratio < 1) & (self.last_ratio < 1)
                     & (ESTIMATE_SAFETY * estimate <= self.tol_b) & (window_moved <= WINDOW_QUIET_SCALE * self.tol_b))
             self.last_moved, self.last_ratio = moved, torch.nan_to_num(ratio, nan=float("inf"))

@@ -38,16 +38,23 @@ class UpdateRule:
 
     Args:
         name: ``picard``, ``secant`` or ``anderson``.
+        gain: measure the window's gain (:attr:`gain`) under every rule: ``picard`` and ``anderson`` then keep each
+            point's last evaluation too (the secant's history, two more window-sized buffers); the secant always
+            measures it.
     Raises:
         ValueError: an unknown ``name``.
     """
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, gain: bool = False):
         if name not in UPDATES:
             raise ValueError(f"update: unknown {name!r}; allowed: {', '.join(UPDATES)}")
         self.name, self.depth = name, HISTORY[name]
         self.hist: tuple[torch.Tensor, ...] | None = None   # (m, W, B, ...) stacks: (y, dy, ok) or (x, R, ok)
-        #: secant: ``(B,)`` this round's window gain (:func:`_window_gain`), None before a round with history
+        #: picard / anderson with ``gain``: each point's last evaluation ``(y, dy, ok)``, ``(1, W, B, ...)``
+        self.pair: tuple[torch.Tensor, ...] | None = None
+        self.keep_pair = gain and name != "secant"
+        #: ``(B,)`` this round's window gain (:func:`_window_gain`), None before a round with history (and under
+        #: ``picard`` / ``anderson`` without ``gain``)
         self.gain: torch.Tensor | None = None
 
     def __call__(self, start: torch.Tensor, dy: torch.Tensor, old: torch.Tensor, y_win: torch.Tensor,
@@ -66,6 +73,8 @@ class UpdateRule:
         """
         new, err = picard_update(start, dy, old)                      # fused kernel or reference
         new_rule, self.gain = new, None
+        if self.keep_pair:
+            self._measure_gain(dy, y_win, valid)
         if not self.depth:
             return new, err, new_rule
         W = dy.shape[0]
@@ -82,16 +91,29 @@ class UpdateRule:
                      tuple(torch.cat([e[None], h[:self.depth - 1, :W]]) for e, h in zip(entry, hist)))
         return new, err, new_rule
 
+    def _measure_gain(self, dy: torch.Tensor, y_win: torch.Tensor, valid: torch.Tensor) -> None:
+        """:attr:`gain` from each point's evaluation this round and its last (the secant's pairs), then keep this
+        round's as the last."""
+        W, B = dy.shape[:2]
+        if self.pair is not None:
+            hy, hd, ok = (h[0, :W] for h in self.pair)
+            d, yw = dy.reshape(W, B, -1), y_win.reshape(W, B, -1)
+            self.gain = _window_gain(yw - hy.reshape(W, B, -1), d - hd.reshape(W, B, -1), d, ok & valid)
+        self.pair = (y_win[None], dy[None], valid[None])
+
     def shift(self, k: torch.Tensor, stride: torch.Tensor) -> None:
         """Move each slot's history with its point when the window slides by ``stride`` ``(B,)``; ``k`` is the
         ``(W, 1)`` slot index. Slots whose point entered the window start without history."""
-        if self.hist is None:
+        if self.hist is None and self.pair is None:
             return
         src = k + stride                                              # (W, B) slot the point came from
         keep = src < k.shape[0]
         src = src.clamp_max(k.shape[0] - 1)
         b = torch.arange(stride.shape[0], device=stride.device)[None]   # (1, B)
-        self.hist = (self.hist[0][:, src, b], self.hist[1][:, src, b], self.hist[2][:, src, b] & keep)
+        if self.hist is not None:
+            self.hist = (self.hist[0][:, src, b], self.hist[1][:, src, b], self.hist[2][:, src, b] & keep)
+        if self.pair is not None:
+            self.pair = (self.pair[0][:, src, b], self.pair[1][:, src, b], self.pair[2][:, src, b] & keep)
 
 
 def _secant_increment(dy, new_pic, old, y_win, hist_y, hist_dy, hist_ok):

@@ -114,6 +114,7 @@ class SlidingWindow:
         # latents, 1 / sqrt(1 + sigma^2) in VE; its limit 1 where sigma is inf (0 * inf)
         to_vp = 1 / (problem.frame_scales * torch.hypot(torch.ones_like(problem.sigmas), problem.sigmas))
         self._to_vp = torch.where(torch.isfinite(problem.sigmas), to_vp, torch.ones_like(to_vp)).to(y.dtype)
+        self._sigmas = problem.sigmas.to(y.dtype)
         self.begin_h, self.done_h, self.done_round = [0] * B, [False] * B, [0] * B
 
     @property
@@ -167,19 +168,32 @@ class SlidingWindow:
         residual = torch.where(rows.valid & (lvl > 0), err / lvl_div, -self._inf).amax()
         return stride, residual
 
-    def write(self, rows: Rows, new: torch.Tensor, new_rule: torch.Tensor,
-              stride: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(self, rows: Rows, new: torch.Tensor, new_rule: torch.Tensor, stride: torch.Tensor,
+              scale: torch.Tensor | None = None, residual: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the round's values; return ``(moved, window_moved)``, each ``(B,)``: the change of each sample's
         final point (inf while the final point is outside the window) and the largest change of any point of its
-        window (0 for a sample without one; in the VP frame, where a point has the data's scale), both max-abs over
-        features (exact in any reduction order). Accepted points (slots below ``stride``) take Picard's values
-        ``new`` (exact steps from converged points), the rest the rule's."""
+        window (0 for a sample without one), both max-abs over features (exact in any reduction order). A window
+        point's change is taken in the VP frame of data with scale ``scale`` ``(B,)`` (None: 1), where a point at
+        any noise level has the data's scale: ``x s / sqrt(s^2 + sigma^2)`` in the VE frame, so the same problem
+        scaled as a whole (data and sigmas) gives the same change per unit scale. Accepted points (slots below
+        ``stride``) take Picard's values ``new`` (exact steps from converged points), the rest the rule's.
+        ``residual``: a point's change is the larger of the rule's and Picard's (its one-step defect), for a rule
+        whose own change can stall while the defect does not (Anderson's)."""
         N, W, ar_b = self.N, rows.W, self.ar_b
+        dims = tuple(range(2, new.ndim))
+        defect = (new - rows.old).abs_().amax(dims) if residual else None     # (W, B), Picard's change
         if new_rule is not new:
             new = torch.where((rows.k < stride).reshape(W, self.B, *([1] * (new.ndim - 2))), new, new_rule)
         self.traj[torch.where(rows.valid, rows.tgt, self._sink), ar_b[None]] = new
-        change = (new - rows.old).abs_().amax(tuple(range(2, new.ndim)))    # (W, B)
-        window_moved = torch.where(rows.valid, change * self._to_vp[rows.tgt], 0).amax(0)    # (B,), VP frame
+        change = (new - rows.old).abs_().amax(dims)                            # (W, B)
+        if defect is not None:
+            change = torch.maximum(change, defect)
+        to_data = self._to_vp[rows.tgt]                                # (W, B): model frame -> VP frame
+        if scale is not None:   # -> VP frame of data at scale s: sqrt(1 + sigma^2) / sqrt(1 + (sigma / s)^2), s at inf
+            sigma, one = self._sigmas[rows.tgt], torch.ones((), dtype=change.dtype, device=change.device)
+            stretch = torch.hypot(one, sigma) / torch.hypot(one, sigma / scale)
+            to_data = to_data * torch.where(torch.isfinite(sigma), stretch, scale)
+        window_moved = torch.where(rows.valid, change * to_data, 0).amax(0)                 # (B,)
         to_end = N - 1 - self.begin                                   # (B,) slot that updates point N, if < W
         k_end = to_end.clamp(0, W - 1)
         moved = change[k_end, ar_b]
