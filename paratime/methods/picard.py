@@ -187,8 +187,7 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         new, err, new_rule = rule(rows.start, dy, rows.old, rows.y_win, rows.valid)
         # 4. Accept the leading converged points, store, slide and guess the points that enter.
         stride, residual = win.accept(rows, err, levels, shared_window, stopper.accept_scale(win.traj[N]))
-        # (B,) the final point's and the window's change; Anderson's own change can stall while its defect does not
-        moved, window_moved = win.write(rows, new, new_rule, stride, stopper.scale_b, residual=update == "anderson")
+        moved, window_moved = win.write(rows, new, new_rule, stride, stopper.scale_b, residual=rule.stalls)   # (B,)
         win.slide(rows, stride, fill, den_last)
         rule.shift(rows.k, stride)
         if guard and rule.gain is not None:

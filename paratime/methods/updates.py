@@ -53,6 +53,9 @@ class UpdateRule:
         #: picard / anderson with ``gain``: each point's last evaluation ``(y, dy, ok)``, ``(1, W, B, ...)``
         self.pair: tuple[torch.Tensor, ...] | None = None
         self.keep_pair = gain and name != "secant"
+        #: the rule's own change can stall while the one-step defect does not (Anderson's least squares): a stop rule
+        #: must read the larger of the two
+        self.stalls = name == "anderson"
         #: ``(B,)`` this round's window gain (:func:`_window_gain`), None before a round with history (and under
         #: ``picard`` / ``anderson`` without ``gain``)
         self.gain: torch.Tensor | None = None
