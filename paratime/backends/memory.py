@@ -26,8 +26,8 @@ update's history, then rounded up by one buffer:
 (the window rows, their VE-frame copies, D or the raw outputs, the increments, the new and old values, the
 residuals' temporaries, and the update's history: secant one past evaluation and increment per point, Anderson
 three past values and residuals plus its ``(m, W, B, D)`` differences; under ``picard`` and ``anderson`` the
-amplification guard keeps each point's past evaluation and increment too, two buffers). ``tests/test_memory_bound.py`` holds the
-table to the measurement at Stable Diffusion size.
+amplification guard keeps each point's past evaluation and increment too, two buffers). ``tests/test_memory_bound.py``
+holds the table to the measurement at Stable Diffusion size.
 """
 
 from __future__ import annotations

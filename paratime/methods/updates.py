@@ -20,8 +20,8 @@ from paratime.kernels import cumsum0, picard_update
 __all__ = ["UPDATES", "HISTORY", "UpdateRule", "SAFEGUARD", "ANDERSON_REG"]
 
 UPDATES = ("secant", "picard", "anderson")
-#: past rounds each update keeps per window point: secant its last evaluation, anderson its last m values and
-#: residuals (ParaTAA's memory, less the current round)
+#: past rounds each update keeps per window point: secant its last evaluation (:attr:`UpdateRule.last`), anderson
+#: its last m values and residuals (ParaTAA's memory, less the current round; :attr:`UpdateRule.hist`)
 HISTORY = {"picard": 0, "secant": 1, "anderson": 3}
 SAFEGUARD = 10.0   # largest accepted ratio of a secant correction to the Picard one
 #: the window gain counts a point only when its change exceeds GAIN_FLOOR x its step (smaller: converged)
@@ -48,16 +48,19 @@ class UpdateRule:
     def __init__(self, name: str, gain: bool = False):
         if name not in UPDATES:
             raise ValueError(f"update: unknown {name!r}; allowed: {', '.join(UPDATES)}")
-        self.name, self.depth = name, HISTORY[name]
-        self.hist: tuple[torch.Tensor, ...] | None = None   # (m, W, B, ...) stacks: (y, dy, ok) or (x, R, ok)
-        #: picard / anderson with ``gain``: each point's last evaluation ``(y, dy, ok)``, ``(1, W, B, ...)``
-        self.pair: tuple[torch.Tensor, ...] | None = None
-        self.keep_pair = gain and name != "secant"
+        self.name = name
+        #: each window point's last evaluation ``(y, dy, ok)``, ``(W, B, ...)``: the secant's pairs, and what the
+        #: window's gain is measured from (kept by the secant always, by ``picard`` / ``anderson`` with ``gain``)
+        self.last: tuple[torch.Tensor, ...] | None = None
+        self.keep_last = gain or name == "secant"
+        #: anderson: its ``(m, W, B, ...)`` stacks of past values, residuals and ok, newest first
+        self.hist: tuple[torch.Tensor, ...] | None = None
+        self.depth = HISTORY[name] if name == "anderson" else 0
         #: the rule's own change can stall while the one-step defect does not (Anderson's least squares): a stop rule
         #: must read the larger of the two
         self.stalls = name == "anderson"
-        #: ``(B,)`` this round's window gain (:func:`_window_gain`), None before a round with history (and under
-        #: ``picard`` / ``anderson`` without ``gain``)
+        #: ``(B,)`` this round's window gain (:func:`_window_gain`), None before a round with a last evaluation (and
+        #: under ``picard`` / ``anderson`` without ``gain``)
         self.gain: torch.Tensor | None = None
 
     def __call__(self, start: torch.Tensor, dy: torch.Tensor, old: torch.Tensor, y_win: torch.Tensor,
@@ -76,38 +79,31 @@ class UpdateRule:
         """
         new, err = picard_update(start, dy, old)                      # fused kernel or reference
         new_rule, self.gain = new, None
-        if self.keep_pair:
-            self._measure_gain(dy, y_win, valid)
-        if not self.depth:
-            return new, err, new_rule
-        W = dy.shape[0]
-        hist = self.hist
-        if hist is not None:              # no previous evaluation anywhere in the first round: Picard's values
-            h_a, h_b, h_ok = hist[0][:, :W], hist[1][:, :W], hist[2][:, :W] & valid
-            if self.name == "anderson":
-                new_rule = _anderson_values(new, old, h_a, h_b, h_ok)
-            else:
-                dy_sec, self.gain = _secant_increment(dy, new, old, y_win, h_a[0], h_b[0], h_ok[0])
-                new_rule, _ = picard_update(start, dy_sec, old, want_err=False)
-        entry = (old, new - old, valid) if self.name == "anderson" else (y_win, dy, valid)
-        self.hist = (tuple(e[None] for e in entry) if hist is None else
-                     tuple(torch.cat([e[None], h[:self.depth - 1, :W]]) for e, h in zip(entry, hist)))
-        return new, err, new_rule
-
-    def _measure_gain(self, dy: torch.Tensor, y_win: torch.Tensor, valid: torch.Tensor) -> None:
-        """:attr:`gain` from each point's evaluation this round and its last (the secant's pairs), then keep this
-        round's as the last."""
         W, B = dy.shape[:2]
-        if self.pair is not None:
-            hy, hd, ok = (h[0, :W] for h in self.pair)
-            d, yw = dy.reshape(W, B, -1), y_win.reshape(W, B, -1)
-            self.gain = _window_gain(yw - hy.reshape(W, B, -1), d - hd.reshape(W, B, -1), d, ok & valid)
-        self.pair = (y_win[None], dy[None], valid[None])
+        if self.last is not None:         # no previous evaluation anywhere in the first round
+            hy, hd, ok = (h[:W] for h in self.last)
+            ok = ok & valid
+            if self.name == "secant":
+                dy_sec, self.gain = _secant_increment(dy, new, old, y_win, hy, hd, ok)
+                new_rule, _ = picard_update(start, dy_sec, old, want_err=False)
+            else:
+                d = dy.reshape(W, B, -1)
+                self.gain = _window_gain((y_win - hy).reshape(W, B, -1), d - hd.reshape(W, B, -1), d, ok)
+        if self.keep_last:
+            self.last = (y_win, dy, valid)
+        if self.depth:
+            hist = self.hist
+            if hist is not None:          # no previous values anywhere in the first round: Picard's values
+                new_rule = _anderson_values(new, old, hist[0][:, :W], hist[1][:, :W], hist[2][:, :W] & valid)
+            entry = (old, new - old, valid)
+            self.hist = (tuple(e[None] for e in entry) if hist is None else
+                         tuple(torch.cat([e[None], h[:self.depth - 1, :W]]) for e, h in zip(entry, hist)))
+        return new, err, new_rule
 
     def shift(self, k: torch.Tensor, stride: torch.Tensor) -> None:
         """Move each slot's history with its point when the window slides by ``stride`` ``(B,)``; ``k`` is the
         ``(W, 1)`` slot index. Slots whose point entered the window start without history."""
-        if self.hist is None and self.pair is None:
+        if self.hist is None and self.last is None:
             return
         src = k + stride                                              # (W, B) slot the point came from
         keep = src < k.shape[0]
@@ -115,8 +111,8 @@ class UpdateRule:
         b = torch.arange(stride.shape[0], device=stride.device)[None]   # (1, B)
         if self.hist is not None:
             self.hist = (self.hist[0][:, src, b], self.hist[1][:, src, b], self.hist[2][:, src, b] & keep)
-        if self.pair is not None:
-            self.pair = (self.pair[0][:, src, b], self.pair[1][:, src, b], self.pair[2][:, src, b] & keep)
+        if self.last is not None:
+            self.last = (self.last[0][src, b], self.last[1][src, b], self.last[2][src, b] & keep)
 
 
 def _secant_increment(dy, new_pic, old, y_win, hist_y, hist_dy, hist_ok):

@@ -110,11 +110,7 @@ class SlidingWindow:
         self._inf = torch.tensor(float("inf"), dtype=y.dtype, device=dev)
         self._sink = torch.tensor(N + 1, device=dev)                  # row that masked writes go to
         self._aranges: dict[int, torch.Tensor] = {}                   # arange(n) per window shape, made once
-        # (N + 1,) the factor from the model's frame to the VP frame, 1 / (frame_scale sqrt(1 + sigma^2)): 1 for VP
-        # latents, 1 / sqrt(1 + sigma^2) in VE; its limit 1 where sigma is inf (0 * inf)
-        to_vp = 1 / (problem.frame_scales * torch.hypot(torch.ones_like(problem.sigmas), problem.sigmas))
-        self._to_vp = torch.where(torch.isfinite(problem.sigmas), to_vp, torch.ones_like(to_vp)).to(y.dtype)
-        self._sigmas = problem.sigmas.to(y.dtype)
+        self._frame_scales, self._sigmas = problem.frame_scales, problem.sigmas    # (N + 1,): see write()
         self.begin_h, self.done_h, self.done_round = [0] * B, [False] * B, [0] * B
 
     @property
@@ -188,12 +184,12 @@ class SlidingWindow:
         change = (new - rows.old).abs_().amax(dims)                            # (W, B)
         if defect is not None:
             change = torch.maximum(change, defect)
-        to_data = self._to_vp[rows.tgt]                                # (W, B): model frame -> VP frame
-        if scale is not None:   # -> VP frame of data at scale s: sqrt(1 + sigma^2) / sqrt(1 + (sigma / s)^2), s at inf
-            sigma, one = self._sigmas[rows.tgt], torch.ones((), dtype=change.dtype, device=change.device)
-            stretch = torch.hypot(one, sigma) / torch.hypot(one, sigma / scale)
-            to_data = to_data * torch.where(torch.isfinite(sigma), stretch, scale)
-        window_moved = torch.where(rows.valid, change * to_data, 0).amax(0)                 # (B,)
+        # (W, B) the factor from the model's frame to the VP frame of data at scale s, 1 / (frame_scale sqrt(1 +
+        # (sigma / s)^2)): 1 for VP latents at s = 1, s / sqrt(s^2 + sigma^2) in VE; its limit s where sigma is inf
+        sigma, frame = self._sigmas[rows.tgt], self._frame_scales[rows.tgt]
+        s = sigma.new_ones(()) if scale is None else scale.to(sigma.dtype)
+        to_data = torch.where(torch.isfinite(sigma), 1 / (frame * torch.hypot(torch.ones_like(sigma), sigma / s)), s)
+        window_moved = torch.where(rows.valid, change * to_data.to(change.dtype), 0).amax(0)   # (B,)
         to_end = N - 1 - self.begin                                   # (B,) slot that updates point N, if < W
         k_end = to_end.clamp(0, W - 1)
         moved = change[k_end, ar_b]
