@@ -458,7 +458,7 @@ class ParallelSampler:
     # -- likelihood -----------------------------------------------------------------------------------------------
     def log_likelihood(self, x: torch.Tensor, *, solver: str | None = None, steps: int | None = None,
                        method: str | None = None, divergence: str = "exact", probes: int = 1,
-                       probe: str | None = None, seed: int = 0, first_sample: int = 0,
+                       probe: str | None = None, seed: int | None = None, first_sample: int = 0,
                        data_range: tuple[float, float] | None = None, levels: int | None = None,
                        dequantize: bool = False, callback: Callable[[RoundInfo], None] | None = None,
                        progress: bool | None = None, **cond: Any):
@@ -477,7 +477,9 @@ class ParallelSampler:
             probes, probe: Hutchinson's probes per sample and their kind (``rademacher``, the default, or
                 ``gaussian``); they depend on ``(seed, first_sample + i)`` only and are shared by every time point.
                 Refused with ``divergence="exact"``.
-            seed, first_sample: as for :meth:`sample`.
+            seed, first_sample: as for :meth:`sample` (seed None: 0); the draws are Hutchinson's probes and the
+                dequantisation noise, so ``seed`` is refused with neither ``divergence="hutchinson"`` nor
+                ``dequantize``.
             data_range: finite ``(lo, hi)`` the data lie in (values outside raise); with ``levels`` it sets the
                 quantisation bin of bits/dim. Default ``(-clip_x0, clip_x0)`` when the model clips, else none.
             levels: quantisation levels spanning ``data_range`` (default 256, 8-bit images); needs a data range.
@@ -512,7 +514,8 @@ class ParallelSampler:
         if cfg.method == "auto":           # the flow has no planner: "auto" runs Picard with its widest window
             cfg = dataclasses.replace(cfg, method="picard")
         lk.check_request(x, self.denoiser.sample_shape, self.device, data_range, levels, solver, divergence, probe,
-                         probes, dequantize, cond, cfg)
+                         probes, dequantize, cond, cfg, seed)
+        seed = 0 if seed is None else seed
         kw = dict(dtype=self.state_dtype, device=self.device)
         B, n = x.shape[0], x[0].numel()
         grid = lk.likelihood_grid(self.denoiser.schedule, cfg.steps, cfg.spacing)

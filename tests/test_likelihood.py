@@ -320,8 +320,22 @@ def test_a_batch_too_large_is_refused_before_allocation():
     ({"solver": "ddpm"}, "solver: the likelihood ODE takes euler, heun", ValueError),
     ({"solver": "nope"}, "solver: the likelihood ODE takes euler, heun, got 'nope'", ValueError),
     ({"seed": -1, "divergence": "hutchinson"}, r"seed: must be an integer in \[0", ValueError),
+    ({"seed": 0}, "seed: draws Hutchinson's probes and the dequantisation noise only", ValueError),
+    ({"seed": 3, "data_range": (-9.0, 9.0)}, "seed: .* not divergence='exact' without dequantize", ValueError),
 ])
 def test_more_bad_inputs_are_named(gmm, kw, match, exc):
     x = torch.zeros(2, 2, dtype=torch.float64)
     with pytest.raises(exc, match=match):
         ParallelSampler(gmm, steps=4, progress=False).log_likelihood(x, **kw)
+
+
+def test_seed_draws_the_dequantisation_noise(gmm):
+    """With ``dequantize=True`` the seed is used (it was accepted, and ignored, with neither probes nor
+    dequantisation before): two seeds give different likelihoods, the same seed the same one."""
+    x = torch.tensor([[0.5, -1.0], [2.0, 0.25]], dtype=torch.float64)
+    sampler = ParallelSampler(gmm, steps=4, method="sequential", progress=False)
+    kw = dict(data_range=(-9.0, 9.0), dequantize=True)
+    a, b = (sampler.log_likelihood(x, seed=s, **kw).nats for s in (1, 2))
+    assert not torch.equal(a, b)
+    assert torch.equal(a, sampler.log_likelihood(x, seed=1, **kw).nats)
+    assert torch.equal(sampler.log_likelihood(x, seed=0, **kw).nats, sampler.log_likelihood(x, **kw).nats)
