@@ -35,8 +35,9 @@ window holds point ``p + k`` and produces the new value of point ``p + k + 1``. 
                      update on per-sample windows, a sample whose window stretches its iterates' changes by
                      more than the acceptance's margin allows in a round (the largest product over 8 consecutive
                      window points of ``|F(y) - F(y')| / |y - y'|`` from their last two evaluations, above
-                     tol / (3 a): 3.3 sliding, 10 on the whole grid; a trajectory crossing between modes, where
-                     points accepted earlier carry errors the end amplifies hundreds of times) moves its window
+                     tol / (3 a) sliding (3.3), tol / (4 a) on the whole grid (7.5); a trajectory crossing
+                     between modes, where points accepted earlier carry errors the end amplifies hundreds of
+                     times) moves its window
                      start back to half its position and accepts 100x more strictly from then on, once
                      (:meth:`~paratime.methods.stops.FinalPointStop.amplified`,
                      :func:`~paratime.methods.stops.gain_limit`)
