@@ -37,8 +37,8 @@ window holds point ``p + k`` and produces the new value of point ``p + k + 1``. 
                      window points of ``|F(y) - F(y')| / |y - y'|`` from their last two evaluations, above
                      tol / (3 a) sliding (3.3), tol / (4 a) on the whole grid (7.5); a trajectory crossing
                      between modes, where points accepted earlier carry errors the end amplifies hundreds of
-                     times) moves its window
-                     start back to half its position and accepts 100x more strictly from then on, once
+                     times) moves its window start back to half its position and accepts 100x more strictly
+                     from then on, once
                      (:meth:`~paratime.methods.stops.FinalPointStop.amplified`,
                      :func:`~paratime.methods.stops.gain_limit`)
 
