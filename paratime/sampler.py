@@ -181,8 +181,11 @@ class ParallelSampler:
 
         desc = f"{cfg.method}/{self.solver.name}"
         if plan is not None:
+            # cost="auto" off CUDA plans on the latency curve without timing anything: the bar says it is assumed.
+            assumed = " assumed, cost='measure' times it" if self.config.cost == "auto" and curve.name != "measured" \
+                else ""
             desc = f"{plan.method}{'' if plan.window is None else f' W={plan.window}'}/{self.solver.name} " \
-                   f"(plan: {plan.speedup:.2f}x predicted on {plan.devices} device(s), {curve.name} cost)"
+                   f"(plan: {plan.speedup:.2f}x predicted on {plan.devices} device(s), {curve.name} cost{assumed})"
         marks: list[tuple[int, float]] = []
         alone = plan is not None and plan.alone           # every rank samples the whole batch by itself
         outcome, evaluator, wall = self._run(solve, grid, cond, B, first_sample, desc, callback, progress, marks,

@@ -182,7 +182,19 @@ def test_default_window_is_planned_and_shown(capsys):
     st_ = s.sample(1, seed=0).stats
     assert st_.method == "picard" and st_.window == 2 and st_.plan["window"] == 2
     err = capsys.readouterr().err
-    assert "picard W=2" in err and "plan:" in err
+    assert "picard W=2" in err and "plan:" in err and "compute cost)" in err
+
+
+def test_an_assumed_cost_curve_is_shown_as_assumed(capsys):
+    """cost="auto" (default) off CUDA plans on the latency curve without timing it: the bar says the prediction rests
+    on an assumption (``paratime eval-digits`` on 2 CPU cores: 10x predicted, 14 s for Picard against 1 s
+    sequential, the digits U-Net being compute-bound there)."""
+    ParallelSampler("gmm", steps=16, progress=True).sample(1, seed=0)
+    err = capsys.readouterr().err
+    assert "latency cost assumed, cost='measure' times it)" in err, err
+    ParallelSampler("gmm", steps=16, cost="latency", progress=True).sample(1, seed=0)
+    err = capsys.readouterr().err
+    assert "plan:" in err and "latency cost)" in err and "assumed" not in err, err
 
 
 RANK_SCRIPT = """
