@@ -143,13 +143,14 @@ class FinalPointStop:
     sample is never finished by acceptance alone while its final point moves by more than its tolerance (frozen
     points carry their error to the end). A sliding window that has not reached the final point (``moved`` inf)
     keeps the plain tolerance: the slide is not slowed. State per sample: the quiet count and the last change.
-    ``sliding``: the window is shorter than the grid (the amplification guard's limit, :func:`gain_limit`)."""
+    ``sliding``: the window is shorter than the grid (it sets the amplification guard's limit, :func:`gain_limit`)."""
 
     name = "final"
 
     def __init__(self, tol: float, accept: float, scale: float | None = 1.0, tail: float = 1.0,
                  sliding: bool = False):
-        self.tol, self.accept, self.scale, self.tail, self.sliding = tol, accept, scale, tail, sliding
+        self.tol, self.accept, self.scale, self.tail = tol, accept, scale, tail
+        self.gain_limit = gain_limit(tol, accept, sliding)
 
     def start(self, B: int, like: torch.Tensor, noise_scale: torch.Tensor | None = None) -> None:
         # Data units: acceptance per unit data scale is relative to the initial noise's scale in the model frame
@@ -163,7 +164,6 @@ class FinalPointStop:
         self.scale_b = torch.full((B,), self.scale or 1.0, dtype=like.dtype, device=like.device)
         self.tol_b = self.tol * self.scale_b
         self.tight = torch.ones(B, dtype=like.dtype, device=like.device)    # acceptance factor of amplified samples
-        self.gain_limit = gain_limit(self.tol, self.accept, self.sliding)
 
     def _refresh(self, final: torch.Tensor) -> None:
         """``scale_b``, ``tol_b`` ``(B,)`` from the final points ``(B, *shape)`` (model frame: the returned sample's
