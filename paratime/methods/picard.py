@@ -30,12 +30,12 @@ window holds point ``p + k`` and produces the new value of point ``p + k + 1``. 
                      estimated from their contraction <= tol and no point of its window moved by more than tol / 10
                      in the last round (the whole window quiet), or every point is accepted (``a = accept_tol``,
                      default :func:`default_accept_tol`: an accepted point is frozen, so its error must stay well
-                     below the target: tol / 10 in a sliding window, tol / 30 in one of the whole grid, tol / 300
+                     below the target: tol / 20 in a sliding window, tol / 30 in one of the whole grid, tol / 300
                      on the last quarter of a deterministic solver's whole grid). With any
                      update on per-sample windows, a sample whose window stretches its iterates' changes by
                      more than the acceptance's margin allows in a round (the largest product over 8 consecutive
                      window points of ``|F(y) - F(y')| / |y - y'|`` from their last two evaluations, above
-                     tol / (3 a) sliding (3.3), tol / (4 a) on the whole grid (7.5); a trajectory crossing
+                     tol / (6 a) sliding (3.3), tol / (4 a) on the whole grid (7.5); a trajectory crossing
                      between modes, where points accepted earlier carry errors the end amplifies hundreds of
                      times) moves its window start back to half its position and accepts 100x more strictly
                      from then on, once
