@@ -118,8 +118,10 @@ def _measured(model, steps, cost, workers, seeds, seq, **kw) -> dict:
     return {"sce": statistics.mean(sce), "speedup": steps / statistics.mean(sce), "err": err, "plan": plan}
 
 
-def _chords(model, steps, workers, seeds, seq) -> list[dict]:
-    """The CHORDS port on paratime's DDIM step map: per hit index, the mean tick and the max |Δ| over seeds."""
+def chords_runs(model: str, steps: int, workers: int, seeds: int) -> list[list[tuple[int, torch.Tensor]]]:
+    """The CHORDS port on paratime's DDIM step map, sample ``i`` drawn as :func:`_measured` draws it (seed 0,
+    ``first_sample=i``): per sample, its hits in the order the cores finish, each ``(tick, x_T)`` in the sample's
+    units (``(1, *sample_shape)``); the last is core 0, the sequential solution."""
     s = _sampler(model, steps, "compute", 1, method="sequential")
     den, grid = s.denoiser, s.grid
     sig, times = grid.sigmas.to(s.state_dtype), grid.model_times
@@ -127,7 +129,7 @@ def _chords(model, steps, workers, seeds, seq) -> list[dict]:
     def ddim(x, d, t, u):                 # the VE-frame DDIM jump from point t to u with D held: exact for DDIM
         return d + (sig[u] / sig[t]) * (x - d)
 
-    per_hit: dict[int, list] = {}
+    out = []
     for i in range(seeds):
         cond = _cond(model, i)
 
@@ -141,9 +143,16 @@ def _chords(model, steps, workers, seeds, seq) -> list[dict]:
 
         x0 = draw_noise(0, 1, den.sample_shape, None, INITIAL, i)[0] * den.schedule.prior_std(grid.sigmas[:1])
         run = run_chords(steps, x0.to(s.state_dtype), score, stagger(steps, workers), solver=ddim, index=10 ** 6)
-        for j, hit in enumerate(run.hits):
-            x = hit.x * grid.frame_scales[-1]
-            per_hit.setdefault(j, []).append((hit.tick, float((x - seq["x"][i][0]).abs().max()) / seq["range"]))
+        out.append([(hit.tick, (hit.x * grid.frame_scales[-1])[None]) for hit in run.hits])
+    return out
+
+
+def _chords(model, steps, workers, seeds, seq) -> list[dict]:
+    """The CHORDS port: per hit index, the mean tick and the max |Δ| over seeds (data-range units)."""
+    per_hit: dict[int, list] = {}
+    for i, hits in enumerate(chords_runs(model, steps, workers, seeds)):
+        for j, (tick, x) in enumerate(hits):
+            per_hit.setdefault(j, []).append((tick, float((x - seq["x"][i]).abs().max()) / seq["range"]))
     return [{"hit": j, "sce": statistics.mean(t for t, _ in v), "err": max(e for _, e in v)}
             for j, v in sorted(per_hit.items())]
 
