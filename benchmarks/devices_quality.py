@@ -95,7 +95,7 @@ def measure(steps: int, devices: list[int], n: int, boot: int, log=print) -> dic
         f"data range {rng:.2f}")
     out = {"steps": steps, "samples": n, "boot": boot, "range": rng, "seq_fd": q.seq_fd, "seq_se": q.se, "K": {}}
 
-    def record(method: str, setting: str, sce: float, x: torch.Tensor, **extra) -> dict:
+    def record(K: int, method: str, setting: str, sce: float, x: torch.Tensor, **extra) -> dict:
         r = {"method": method, "setting": setting, "sce": sce, "speedup": steps / sce,
              "err": float((x - seq).abs().max()) / rng, **q.score(logits(judge, x)), **extra}
         log(f"  K={K} {method} {setting}: {r['speedup']:.2f}x, max|Δ| {r['err']:.1e}, FD {r['fd']:.2f} "
@@ -106,20 +106,20 @@ def measure(steps: int, devices: list[int], n: int, boot: int, log=print) -> dic
         rows = []
         p = _paratime(steps, K, n, method="auto")
         chosen = p["plan"]["method"] + ("" if p["plan"]["window"] is None else f" W={p['plan']['window']}")
-        rows.append(record("planner", f"defaults ({chosen})", p["sce"], p["x"]))
+        rows.append(record(K, "planner", f"defaults ({chosen})", p["sce"], p["x"]))
         for w in WINDOWS:
             if w * K > steps or w * K < 2:
                 continue
             for tol in TOLS:
                 p = _paratime(steps, K, n, window=w * K, tol=tol)
-                rows.append(record("paratime W=%d" % (w * K), f"tol {tol:g}", p["sce"], p["x"], window=w * K,
+                rows.append(record(K, f"paratime W={w * K}", f"tol {tol:g}", p["sce"], p["x"], window=w * K,
                                    tol=tol))
         runs = chords_runs("digits", steps, K, n)
-        for j in range(len(runs[0])):
+        cores = len(runs[0])              # hit j: the j-th core to finish, on every sample; the last is core 0
+        for j in range(cores):
             x = torch.cat([hits[j][1] for hits in runs]).to(seq.dtype)
-            label = "core 0 (sequential)" if j == len(runs[0]) - 1 else f"hit {j}" + (" (recommended)" if j == 1
-                                                                                       else "")
-            rows.append(record("CHORDS port", label, statistics.mean(hits[j][0] for hits in runs), x, hit=j))
+            label = "core 0 (sequential)" if j == cores - 1 else f"hit {j}" + (" (recommended)" if j == 1 else "")
+            rows.append(record(K, "CHORDS port", label, statistics.mean(hits[j][0] for hits in runs), x, hit=j))
         out["K"][K] = rows
     return out
 
