@@ -14,10 +14,15 @@ against the sequential sample of the same seed, in units of the data range.
 The best matched setting per method is an oracle over its settings on these samples (a tolerance for paratime, a
 core index for CHORDS), the same for both.
 
+The baseline a parallel method must beat at equal cost: sequential DDIM with fewer steps (:data:`FEWER`; SCE = its
+steps at any K), drawn from the same initial noise, passes the same tests when the FD cannot tell it from the
+N-step sampler; and quality at matched SCE: per K, sequential DDIM with as many steps as the SCE of paratime's
+fastest setting that passes the paired test, scored the same way.
+
 Usage::
 
     OMP_NUM_THREADS=1 python -m paratime.bench.devices_quality [--samples 512] [--steps 50] [--devices 2,4,8]
-        [--out DIR]                     # table, devices_quality.json
+        [--out DIR]                     # tables, devices_quality.json
 
 Exits 1 when a check fails: the planner's default never below sequential and matched, CHORDS's core 0 (the
 sequential solution) matched with the same FD.
@@ -43,6 +48,9 @@ WINDOWS = (1, 2)
 TOLS = (1e-2, 3e-2, 0.1, 0.3)
 #: CHORDS's published speed-ups without quality loss (Han et al., ICCV 2025), per K
 PUBLISHED = {4: 2.1, 8: 2.9}
+#: sequential DDIM with fewer steps (fractions of N; 10, 13, 17, 25, 35 of 50): SCE N' at any K, the baseline a
+#: parallel method must beat at equal cost
+FEWER = (0.2, 0.26, 0.34, 0.5, 0.7)
 
 
 def logits(judge, x: torch.Tensor) -> np.ndarray:
@@ -83,8 +91,17 @@ def _paratime(steps: int, K: int, n: int, **options) -> dict:
     return {"x": x, "sce": statistics.mean(sce), "plan": plan}
 
 
+def _fewer(steps: int, n: int) -> torch.Tensor:
+    """Sequential DDIM-``steps``, the ``n`` samples in one batch (noise per seed and sample: the same draws as
+    :func:`_paratime`'s one by one)."""
+    labels = torch.arange(n) % 10                     # _cond's label i % 10 for sample i
+    return _sampler("digits", steps, "compute", 1, method="sequential").sample(n, seed=0, labels=labels).samples
+
+
 def measure(steps: int, devices: list[int], n: int, boot: int, log=print) -> dict:
-    """Every method and setting at every K: records with speed-up, max |Δ|, FD, its difference to sequential."""
+    """Every method and setting at every K: records with speed-up, max |Δ|, FD, its difference to sequential; the
+    sequential sampler with fewer steps (``fewer``, at any K), and per K the one at the SCE of paratime's fastest
+    setting that passes the paired test (``at_sce``)."""
     from paratime.digits_eval import DigitsJudge
 
     judge = DigitsJudge(seed=0)
@@ -93,14 +110,20 @@ def measure(steps: int, devices: list[int], n: int, boot: int, log=print) -> dic
     q = Quality(judge, logits(judge, seq), boot)
     log(f"sequential DDIM-{steps}, {n} samples: FD {q.seq_fd:.2f} ± {q.se:.2f} (bootstrap SE, {boot} resamples); "
         f"data range {rng:.2f}")
-    out = {"steps": steps, "samples": n, "boot": boot, "range": rng, "seq_fd": q.seq_fd, "seq_se": q.se, "K": {}}
+    out = {"steps": steps, "samples": n, "boot": boot, "range": rng, "seq_fd": q.seq_fd, "seq_se": q.se, "K": {},
+           "fewer": [], "at_sce": {}}
 
-    def record(K: int, method: str, setting: str, sce: float, x: torch.Tensor, **extra) -> dict:
+    def record(K: int | None, method: str, setting: str, sce: float, x: torch.Tensor, **extra) -> dict:
         r = {"method": method, "setting": setting, "sce": sce, "speedup": steps / sce,
              "err": float((x - seq).abs().max()) / rng, **q.score(logits(judge, x)), **extra}
-        log(f"  K={K} {method} {setting}: {r['speedup']:.2f}x, max|Δ| {r['err']:.1e}, FD {r['fd']:.2f} "
-            f"(Δ {r['dfd']:+.2f} ± {r['dfd_se']:.2f}){'' if r['matched'] else ', not matched'}")
+        log(f"  {'any K' if K is None else f'K={K}'} {method} {setting}: {r['speedup']:.2f}x, max|Δ| {r['err']:.1e}, "
+            f"FD {r['fd']:.2f} (Δ {r['dfd']:+.2f} ± {r['dfd_se']:.2f}){'' if r['matched'] else ', not matched'}")
         return r
+
+    def fewer(m: int) -> dict:
+        return record(None, "sequential", f"DDIM-{m}", float(m), _fewer(m, n).to(seq.dtype))
+
+    out["fewer"] = [fewer(m) for m in sorted({round(f * steps) for f in FEWER}) if 2 <= m < steps]
 
     for K in devices:
         rows = []
@@ -121,6 +144,9 @@ def measure(steps: int, devices: list[int], n: int, boot: int, log=print) -> dic
             label = "core 0 (sequential)" if j == cores - 1 else f"hit {j}" + (" (recommended)" if j == 1 else "")
             rows.append(record(K, "CHORDS port", label, statistics.mean(hits[j][0] for hits in runs), x, hit=j))
         out["K"][K] = rows
+        fastest = best(rows, "paratime", "paired")
+        if fastest is not None and round(fastest["sce"]) < steps:      # quality at matched SCE
+            out["at_sce"][K] = fewer(max(2, round(fastest["sce"])))
     return out
 
 
@@ -130,33 +156,46 @@ def best(rows: list[dict], prefix: str, test: str = "matched") -> dict | None:
     return max(ok, key=lambda r: r["speedup"]) if ok else None
 
 
+def _cell(r: dict | None, test: str) -> str:
+    if r is None:
+        return "–"
+    return (f"{r['speedup']:.2f}x ({r['setting']}; Δ {r['dfd']:+.2f} ± {r['dfd_se']:.2f}; {r['err']:.1e})"
+            + ("" if r[test] else " **fails**"))
+
+
 def table(res: dict) -> list[str]:
     lines = [f"digits DDIM-{res['steps']}, compute-bound, batch 1, {res['samples']} samples; sequential FD "
              f"{res['seq_fd']:.2f} ± {res['seq_se']:.2f} (SE). Speed-up N / SCE of the fastest setting that passes "
              "each test (its setting; FD - sequential ± paired SE; max |Δ| / data range)", "",
              "| K | test | planner (defaults) | paratime, fastest | CHORDS port, fastest | CHORDS recommended stop "
-             "(hit 1) | CHORDS published |", "|---|---|---|---|---|---|---|"]
-
-    def cell(r: dict | None, test: str) -> str:
-        if r is None:
-            return "–"
-        return (f"{r['speedup']:.2f}x ({r['setting']}; Δ {r['dfd']:+.2f} ± {r['dfd_se']:.2f}; {r['err']:.1e})"
-                + ("" if r[test] else " **fails**"))
-
+             "(hit 1) | sequential, fewer steps, fastest | CHORDS published |", "|---|---|---|---|---|---|---|---|"]
     for K, rows in sorted(res["K"].items()):
         planner = next(r for r in rows if r["method"] == "planner")
         rec = next((r for r in rows if r["method"] == "CHORDS port" and r.get("hit") == 1), None)
         pub = f"{PUBLISHED[K]:.1f}x" if K in PUBLISHED else "–"
         for test, name in (("matched", "FD within sequential's SE"), ("paired", "paired Δ within 2 SE")):
-            lines.append(f"| {K} | {name} | {cell(planner, test)} | {cell(best(rows, 'paratime', test), test)} | "
-                         f"{cell(best(rows, 'CHORDS', test), test)} | {cell(rec, test)} | {pub} |")
+            lines.append(f"| {K} | {name} | {_cell(planner, test)} | {_cell(best(rows, 'paratime', test), test)} | "
+                         f"{_cell(best(rows, 'CHORDS', test), test)} | {_cell(rec, test)} | "
+                         f"{_cell(best(res['fewer'], 'sequential', test), test)} | {pub} |")
+    return lines
+
+
+def at_sce(res: dict) -> list[str]:
+    """Quality at matched SCE: paratime's fastest setting passing the paired test against sequential DDIM with as
+    many steps as its SCE (the same cost on K devices)."""
+    lines = ["| K | paratime, fastest passing the paired test: SCE, FD - sequential (± SE) | sequential DDIM at that "
+             "SCE: FD - sequential (± SE), paired test |", "|---|---|---|"]
+    for K, r in sorted(res["at_sce"].items()):
+        b = best(res["K"][K], "paratime", "paired")
+        lines.append(f"| {K} | {b['sce']:.1f} ({b['method']}, {b['setting']}): {b['dfd']:+.2f} ± {b['dfd_se']:.2f} | "
+                     f"{r['setting']}: {r['dfd']:+.2f} ± {r['dfd_se']:.2f}, {'passes' if r['paired'] else 'fails'} |")
     return lines
 
 
 def detail(res: dict) -> list[str]:
     lines = ["| K | method | setting | SCE | speed-up | max \\|Δ\\| / range | FD | FD - sequential (± SE) | matched "
              "| paired |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for K, rows in sorted(res["K"].items()):
+    for K, rows in [("any", res["fewer"]), *sorted(res["K"].items())]:
         lines += [f"| {K} | {r['method']} | {r['setting']} | {r['sce']:.1f} | {r['speedup']:.2f}x | {r['err']:.1e} | "
                   f"{r['fd']:.2f} | {r['dfd']:+.2f} ± {r['dfd_se']:.2f} | {'yes' if r['matched'] else 'no'} | "
                   f"{'yes' if r['paired'] else 'no'} |"
@@ -174,6 +213,19 @@ def targets(res: dict) -> list[str]:
             got = 0.0 if b is None else b["speedup"]
             out.append(f"K={K}, {test}: paratime {got:.2f}x against CHORDS's published {pub:.1f}x: "
                        f"{'met' if got > pub else 'MISSED'}")
+    return out
+
+
+def against_fewer(res: dict) -> list[str]:
+    """Per K and test: whether paratime's fastest passing setting beats the fewest sequential steps that pass."""
+    out = []
+    for K, rows in sorted(res["K"].items()):
+        for test in ("matched", "paired"):
+            b, f = best(rows, "paratime", test), best(res["fewer"], "sequential", test)
+            got, base = (0.0 if b is None else b["speedup"]), (1.0 if f is None else f["speedup"])
+            out.append(f"K={K}, {test}: paratime {got:.2f}x against sequential with fewer steps "
+                       f"{base:.2f}x ({'DDIM-%d' % res['steps'] if f is None else f['setting']}): "
+                       f"{'ahead' if got > base else 'BEHIND'}")
     return out
 
 
@@ -212,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--devices: each K at least 2, got {a.devices!r}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     res = measure(a.steps, devices, a.samples, a.boot, log=lambda s: print(s, file=sys.stderr, flush=True))
-    print("\n".join(table(res)) + "\n\n" + "\n".join(detail(res)) + "\n")
-    print("\n".join(targets(res)))
+    print("\n".join(table(res)) + "\n\n" + "\n".join(at_sce(res)) + "\n\n" + "\n".join(detail(res)) + "\n")
+    print("\n".join(targets(res) + against_fewer(res)))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "devices_quality.json").write_text(json.dumps(res, indent=1))

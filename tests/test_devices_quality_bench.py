@@ -74,8 +74,17 @@ def test_small_run(tmp_path, capsys):
     assert {r["setting"] for r in rows if r["method"] == "paratime W=2"} == {f"tol {t:g}" for t in dq.TOLS}
     core0 = [r for r in rows if r["method"] == "CHORDS port"][-1]
     assert core0["setting"] == "core 0 (sequential)" and core0["sce"] == 10 and abs(core0["dfd"]) < 1e-3
+    # Sequential DDIM with fewer steps (SCE = its steps at any K), one batch, the same draws as one by one (to the
+    # float32 network's batch-size rounding, ~4e-6 after 3 steps).
+    assert [r["setting"] for r in res["fewer"]] == [f"DDIM-{m}" for m in (2, 3, 5, 7)]
+    assert all(r["sce"] == int(r["setting"][5:]) for r in res["fewer"])
+    one = dq._paratime(3, 1, 2, method="sequential")["x"]
+    assert torch.allclose(dq._fewer(3, 2).to(one.dtype), one, rtol=0, atol=1e-4)
+    fastest = dq.best(rows, "paratime", "paired")
+    assert res["at_sce"]["2"]["setting"] == f"DDIM-{round(fastest['sce'])}"
     out = capsys.readouterr().out
     assert "| 2 | FD within sequential's SE |" in out and "| 2 | paired Δ within 2 SE |" in out
+    assert "sequential DDIM at that SCE" in out and "against sequential with fewer steps" in out
 
 
 @pytest.mark.parametrize("argv, name", [(["--samples", "5"], "--samples"), (["--devices", "1"], "--devices"),
