@@ -98,7 +98,8 @@ def _fewer(steps: int, n: int) -> torch.Tensor:
     return _sampler("digits", steps, "compute", 1, method="sequential").sample(n, seed=0, labels=labels).samples
 
 
-def measure(steps: int, devices: list[int], n: int, boot: int, log=print) -> dict:
+def measure(steps: int, devices: list[int], n: int, boot: int, log=print, windows: tuple[int, ...] = WINDOWS,
+            tols: tuple[float, ...] = TOLS) -> dict:
     """Every method and setting at every K: records with speed-up, max |Δ|, FD, its difference to sequential; the
     sequential sampler with fewer steps (``fewer``, at any K), and per K the one at the SCE of paratime's fastest
     setting that passes the paired test (``at_sce``)."""
@@ -130,10 +131,10 @@ def measure(steps: int, devices: list[int], n: int, boot: int, log=print) -> dic
         p = _paratime(steps, K, n, method="auto")
         chosen = p["plan"]["method"] + ("" if p["plan"]["window"] is None else f" W={p['plan']['window']}")
         rows.append(record(K, "planner", f"defaults ({chosen})", p["sce"], p["x"]))
-        for w in WINDOWS:
+        for w in windows:
             if w * K > steps or w * K < 2:
                 continue
-            for tol in TOLS:
+            for tol in tols:
                 p = _paratime(steps, K, n, window=w * K, tol=tol)
                 rows.append(record(K, f"paratime W={w * K}", f"tol {tol:g}", p["sce"], p["x"], window=w * K,
                                    tol=tol))
@@ -248,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--devices", default="2,4,8", help="comma-separated K")
     p.add_argument("--boot", type=int, default=200, help="bootstrap resamples for the standard errors")
+    p.add_argument("--windows", default=",".join(map(str, WINDOWS)),
+                   help="paratime's fixed windows, comma-separated, in units of K")
+    p.add_argument("--tols", default=",".join(f"{t:g}" for t in TOLS),
+                   help="paratime's tolerances for the fixed windows, comma-separated (data-range units)")
     p.add_argument("--out", default="bench_out", help="folder for devices_quality.json")
     a = p.parse_args(argv)
     if a.samples < 20:
@@ -262,8 +267,18 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--devices: comma-separated integers, got {a.devices!r}")
     if not devices or devices[0] < 2:
         p.error(f"--devices: each K at least 2, got {a.devices!r}")
+    try:
+        windows = tuple(sorted({int(w) for w in a.windows.split(",")}))
+        tols = tuple(sorted({float(t) for t in a.tols.split(",")}))
+    except ValueError:
+        p.error(f"--windows, --tols: comma-separated numbers, got {a.windows!r}, {a.tols!r}")
+    if not windows or windows[0] < 1:
+        p.error(f"--windows: each at least 1 (a window of K points), got {a.windows!r}")
+    if not tols or not all(t > 0 for t in tols):
+        p.error(f"--tols: each above 0, got {a.tols!r}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    res = measure(a.steps, devices, a.samples, a.boot, log=lambda s: print(s, file=sys.stderr, flush=True))
+    res = measure(a.steps, devices, a.samples, a.boot, log=lambda s: print(s, file=sys.stderr, flush=True),
+                  windows=windows, tols=tols)
     print("\n".join(table(res)) + "\n\n" + "\n".join(at_sce(res)) + "\n\n" + "\n".join(detail(res)) + "\n")
     print("\n".join(targets(res) + against_fewer(res)))
     out = Path(a.out)

@@ -89,8 +89,22 @@ def test_small_run(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, name", [(["--samples", "5"], "--samples"), (["--devices", "1"], "--devices"),
                                         (["--devices", "a,b"], "--devices"), (["--boot", "2"], "--boot"),
-                                        (["--steps", "2"], "--steps")])
+                                        (["--steps", "2"], "--steps"), (["--windows", "0"], "--windows"),
+                                        (["--tols", "0.1,-1"], "--tols"), (["--tols", "x"], "--tols")])
 def test_options_are_checked(argv, name, capsys):
     with pytest.raises(SystemExit):
         dq.main(argv)
     assert name in capsys.readouterr().err
+
+
+def test_the_fixed_settings_can_be_chosen(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        rc = dq.main(["--samples", "20", "--steps", "10", "--devices", "2", "--boot", "10", "--windows", "1",
+                      "--tols", "0.3", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    rows = json.loads((tmp_path / "devices_quality.json").read_text())["K"]["2"]
+    assert [(r["method"], r["setting"]) for r in rows if r["method"].startswith("paratime")] == \
+        [("paratime W=2", "tol 0.3")]
