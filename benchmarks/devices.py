@@ -107,19 +107,28 @@ def _runs(model, steps, cost, workers, seeds, seq, **kw) -> dict:
         return {"sce": math.nan, "speedup": math.nan, "err": math.inf, "plan": None, "error": f"{kw}: {e}"}
 
 
-def _measured(model, steps, cost, workers, seeds, seq, **kw) -> dict:
+def draw_alone(model: str, steps: int, cost: str, workers: int, seeds: int, **kw) -> dict:
+    """Samples ``0 .. seeds - 1`` of seed 0, each drawn alone (batch 1, its own conditioning, :func:`_cond`) with
+    one sampler: ``x`` ``(seeds, *sample_shape)``, ``sce`` the mean SCE on ``workers`` devices, ``plan`` the last
+    sample's plan."""
     s = _sampler(model, steps, cost, workers, **kw)
-    sce, err, plan = [], 0.0, None
+    xs, sce, plan = [], [], None
     for i in range(seeds):
         r = s.sample(1, seed=0, first_sample=i, **_cond(model, i))
+        xs.append(r.samples)
         sce.append(r.stats.sce)
-        err = max(err, float((r.samples - seq["x"][i]).abs().max()) / seq["range"])
         plan = r.stats.plan
-    return {"sce": statistics.mean(sce), "speedup": steps / statistics.mean(sce), "err": err, "plan": plan}
+    return {"x": torch.cat(xs), "sce": statistics.mean(sce), "plan": plan}
+
+
+def _measured(model, steps, cost, workers, seeds, seq, **kw) -> dict:
+    d = draw_alone(model, steps, cost, workers, seeds, **kw)
+    err = float((d["x"] - seq["x"]).abs().max()) / seq["range"]
+    return {"sce": d["sce"], "speedup": steps / d["sce"], "err": err, "plan": d["plan"]}
 
 
 def chords_runs(model: str, steps: int, workers: int, seeds: int) -> list[list[tuple[int, torch.Tensor]]]:
-    """The CHORDS port on paratime's DDIM step map, sample ``i`` drawn as :func:`_measured` draws it (seed 0,
+    """The CHORDS port on paratime's DDIM step map, sample ``i`` drawn as :func:`draw_alone` draws it (seed 0,
     ``first_sample=i``): per sample, its hits in the order the cores finish, each ``(tick, x_T)`` in the sample's
     units (``(1, *sample_shape)``); the last is core 0, the sequential solution."""
     s = _sampler(model, steps, "compute", 1, method="sequential")
@@ -167,9 +176,8 @@ def measure(model: str, steps: int, devices: list[int], seeds: int, quick: bool 
     """Every method at every K for one model and solver (``quick``: windows K and N, one tolerance each); returns
     the records (the CHORDS port only for :data:`CHORDS_SOLVERS`)."""
     cost, skip = MODELS[model], not_run(solver)
-    ref = _sampler(model, steps, cost, 1, method="sequential", solver=solver)
-    xs = [ref.sample(1, seed=0, first_sample=i, **_cond(model, i)).samples for i in range(seeds)]
-    seq = {"x": xs, "range": max(float(x.abs().max()) for x in xs)}
+    x = draw_alone(model, steps, cost, 1, seeds, method="sequential", solver=solver)["x"]     # (seeds, *shape)
+    seq = {"x": x, "range": float(x.abs().max())}
     out = {"model": model, "cost": cost, "solver": solver, "steps": steps, "seeds": seeds, "range": seq["range"],
            "K": {}}
     for K in devices:

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from paratime.bench.devices import _cond, _sampler, chords_runs
+from paratime.bench.devices import _sampler, chords_runs, draw_alone
 from paratime.bench.quality_depth import frechet_distance
 
 #: paratime's fixed windows: (width in units of K, tolerances in units of the data range)
@@ -80,21 +80,14 @@ class Quality:
 
 
 def _paratime(steps: int, K: int, n: int, **options) -> dict:
-    s = _sampler("digits", steps, "compute", K, **options)
-    xs, sce, plan = [], [], None
-    for i in range(n):
-        r = s.sample(1, seed=0, first_sample=i, **_cond("digits", i))
-        xs.append(r.samples)
-        sce.append(r.stats.sce)
-        plan = r.stats.plan
-    x = torch.cat(xs)
-    return {"x": x, "sce": statistics.mean(sce), "plan": plan}
+    """Digits DDIM-``steps`` samples ``0 .. n - 1`` each drawn alone on ``K`` compute-bound devices."""
+    return draw_alone("digits", steps, "compute", K, n, **options)
 
 
 def _fewer(steps: int, n: int) -> torch.Tensor:
     """Sequential DDIM-``steps``, the ``n`` samples in one batch (noise per seed and sample: the same draws as
     :func:`_paratime`'s one by one)."""
-    labels = torch.arange(n) % 10                     # _cond's label i % 10 for sample i
+    labels = torch.arange(n) % 10                     # devices._cond's label i % 10 for sample i
     return _sampler("digits", steps, "compute", 1, method="sequential").sample(n, seed=0, labels=labels).samples
 
 

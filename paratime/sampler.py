@@ -182,7 +182,7 @@ class ParallelSampler:
         desc = f"{cfg.method}/{self.solver.name}"
         if plan is not None:
             # cost="auto" off CUDA plans on the latency curve without timing anything: the bar says it is assumed.
-            assumed = " assumed, cost='measure' times it" if self.config.cost == "auto" and curve.name != "measured" \
+            assumed = " assumed, cost='measure' times it" if cfg.cost == "auto" and curve.name != "measured" \
                 else ""
             desc = f"{plan.method}{'' if plan.window is None else f' W={plan.window}'}/{self.solver.name} " \
                    f"(plan: {plan.speedup:.2f}x predicted on {plan.devices} device(s), {curve.name} cost{assumed})"
