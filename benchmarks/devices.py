@@ -77,7 +77,9 @@ def _cond(model: str, i: int) -> dict:
     return {"obs": torch.randn(1, 12, generator=torch.Generator().manual_seed(1000 + i))}
 
 
-def _sampler(model, steps, cost, workers=1, **kw):
+def make_sampler(model, steps, cost, workers=1, **kw):
+    """The benchmarks' sampler: ``model`` with ``steps`` steps, cost curve ``cost`` ("compute" or "latency") on
+    ``workers`` simulated devices, no progress bar; ``kw`` the remaining :class:`ParallelSampler` options."""
     return ParallelSampler(model, steps=steps, cost=cost, backend=Spread(workers), progress=False, **kw)
 
 
@@ -111,7 +113,7 @@ def draw_alone(model: str, steps: int, cost: str, workers: int, seeds: int, **kw
     """Samples ``0 .. seeds - 1`` of seed 0, each drawn alone (batch 1, its own conditioning, :func:`_cond`) with
     one sampler: ``x`` ``(seeds, *sample_shape)``, ``sce`` the mean SCE on ``workers`` devices, ``plan`` the last
     sample's plan."""
-    s = _sampler(model, steps, cost, workers, **kw)
+    s = make_sampler(model, steps, cost, workers, **kw)
     xs, sce, plan = [], [], None
     for i in range(seeds):
         r = s.sample(1, seed=0, first_sample=i, **_cond(model, i))
@@ -131,7 +133,7 @@ def chords_runs(model: str, steps: int, workers: int, seeds: int) -> list[list[t
     """The CHORDS port on paratime's DDIM step map, sample ``i`` drawn as :func:`draw_alone` draws it (seed 0,
     ``first_sample=i``): per sample, its hits in the order the cores finish, each ``(tick, x_T)`` in the sample's
     units (``(1, *sample_shape)``); the last is core 0, the sequential solution."""
-    s = _sampler(model, steps, "compute", 1, method="sequential")
+    s = make_sampler(model, steps, "compute", 1, method="sequential")
     den, grid = s.denoiser, s.grid
     sig, times = grid.sigmas.to(s.state_dtype), grid.model_times
 
@@ -322,7 +324,7 @@ def calibrate(steps_list=(50, 100), windows=(2, 4, 8, 16, 32), solver: str = "dd
           "|---|---|---|---|---|---|---|")
     for N in steps_list:
         for W in (*(w for w in windows if w < N), N):
-            s = _sampler("digits", N, "latency", 1, window=W, solver=solver)
+            s = make_sampler("digits", N, "latency", 1, window=W, solver=solver)
             stats = [s.sample(1, seed=0, first_sample=i, **_cond("digits", i)).stats for i in range(4)]
             r, rows = [st.rounds for st in stats], [st.nfe_total for st in stats]
             model = picard_rows(N, W, 2e-3)

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from paratime.bench.devices import _sampler, chords_runs, draw_alone
+from paratime.bench.devices import chords_runs, draw_alone, make_sampler
 from paratime.bench.quality_depth import frechet_distance
 
 #: paratime's fixed windows: (width in units of K, tolerances in units of the data range)
@@ -88,7 +88,7 @@ def _fewer(steps: int, n: int) -> torch.Tensor:
     """Sequential DDIM-``steps``, the ``n`` samples in one batch (noise per seed and sample: the same draws as
     :func:`_paratime`'s one by one)."""
     labels = torch.arange(n) % 10                     # devices._cond's label i % 10 for sample i
-    return _sampler("digits", steps, "compute", 1, method="sequential").sample(n, seed=0, labels=labels).samples
+    return make_sampler("digits", steps, "compute", 1, method="sequential").sample(n, seed=0, labels=labels).samples
 
 
 def measure(steps: int, devices: list[int], n: int, boot: int, log=print, windows: tuple[int, ...] = WINDOWS,

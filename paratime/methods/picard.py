@@ -30,8 +30,8 @@ window holds point ``p + k`` and produces the new value of point ``p + k + 1``. 
                      estimated from their contraction <= tol and no point of its window moved by more than tol / 10
                      in the last round (the whole window quiet), or every point is accepted (``a = accept_tol``,
                      default :func:`default_accept_tol`: an accepted point is frozen, so its error must stay well
-                     below the target: tol / 20 in a sliding window, tol / 30 in one of the whole grid, tol / 300
-                     on the last quarter of a deterministic solver's whole grid). With any
+                     below the target: tol / 30; tol / 300 on the last quarter of a deterministic solver's
+                     whole grid, tol / 3000 on a stochastic solver's whole grid). With any
                      update on per-sample windows, a sample whose window stretches its iterates' changes by
                      more than the acceptance's margin allows in a round (the largest product over 8 consecutive
                      window points of ``|F(y) - F(y')| / |y - y'|`` from their last two evaluations, above
@@ -127,8 +127,8 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         stop: ``final`` (default) or ``paradigms`` (see the module docstring).
         update: ``secant`` (default), ``picard`` or ``anderson`` (see the module docstring).
         accept_tol: ``stop="final"``: the window-slide tolerance in noise-level units; None:
-            :func:`default_accept_tol` (looser in a sliding window, stricter for a stochastic solver with a window
-            of the whole grid). An error with ``paradigms`` (which slides at ``tol``).
+            :func:`default_accept_tol` (stricter for a stochastic solver with a window of the whole grid, and on
+            the last quarter of a deterministic solver's whole grid). An error with ``paradigms`` (which slides at ``tol``).
         init: the initial guess of every point: ``noise`` (x_T, ParaDiGMS), ``x0`` (one network call at x_T, then
             the constant-D path from there, carrying the pre-drawn noise; the call is a round of its own, counted),
             or ``auto`` (default): ``x0`` when the window is shorter than the grid, else ``noise`` (a full window's

@@ -51,18 +51,17 @@ ROUNDING = 1e-9                 # final-point changes below ROUNDING x tol count
 #: margin under the target times the budget (``GAIN_BUDGET[sliding] * tol / accept``, at least GAIN_MIN; see
 #: :func:`gain_limit`): a quarter in a window of the whole grid, a sixth in a sliding window
 GAIN_BUDGET, GAIN_MIN, ROLLBACK, TIGHTEN = (1 / 4, 1 / 6), 2.0, 0.5, 0.01
-#: ``final`` rule: acceptance relative to the target in a sliding window (shorter than the grid) and in a window of
-#: the whole grid, and how much stricter the latter is for a stochastic solver (see :func:`default_accept_tol`)
-SLIDING_SCALE, ACCEPT_SCALE, STOCHASTIC_FULL_SCALE = 1 / 20, 1 / 30, 1 / 100
+#: ``final`` rule: acceptance relative to the target, and how much stricter it is for a stochastic solver in a window
+#: of the whole grid (see :func:`default_accept_tol`)
+ACCEPT_SCALE, STOCHASTIC_FULL_SCALE = 1 / 30, 1 / 100
 #: ``final`` rule, default acceptance of a deterministic solver in a window of the whole grid: the points of the last
 #: TAIL_FRACTION of the grid accept TAIL_SCALE x more strictly (see :func:`default_accept_tol`)
 TAIL_FRACTION, TAIL_SCALE = 1 / 4, 1 / 10
 
 
 def default_accept_tol(tol: float, stochastic: bool = False, sliding: bool = False) -> float:
-    """The window-slide tolerance (noise-level units) of the ``final`` rule: ``tol / 20`` in a ``sliding`` window
-    (shorter than the grid), ``tol / 30`` in a window of the whole grid, ``tol / 3000`` there for a ``stochastic``
-    solver.
+    """The window-slide tolerance (noise-level units) of the ``final`` rule: ``tol / 30``, and ``tol / 3000`` for a
+    ``stochastic`` solver in a window of the whole grid (not ``sliding``).
 
     An accepted point is frozen, and its error reaches the final point amplified, so acceptance must be stricter than
     the target. How much stricter depends on what acceptance buys:
@@ -81,15 +80,16 @@ def default_accept_tol(tol: float, stochastic: bool = False, sliding: bool = Fal
       tol 0.1 (the first half strict: still 10.5x; the last quarter: 0.22x), for 2-3% more evaluations on digits
       DDIM-100 (rounds unchanged). :class:`FinalPointStop` ``tail`` carries that factor.
     - In a sliding window acceptance drives the slide, so the rounds: ``tol / 10`` takes 4-11% fewer rounds than
-      ``tol / 30`` (digits DDIM-50, window 4: 19.5 -> 17.3 mean rounds at tol 0.1), but one digits sample in 512
-      (105, DDIM-50, window 8: the planner's choice on 8 compute-bound devices) ended 1.48x over the default tol
-      there: its trajectory stretches errors ~1.3x a step over its last 15 steps (~100x from step 32 to 50), a
-      steady growth along the whole path that no 8-point window shows (its gain read 1.6-1.9). ``tol / 20`` holds
-      it (0.45x; window 16 on DDIM-100, whose worst was 0.92x: 0.35x) for 1.5-3% more rounds (digits DDIM-50 on 8
-      devices 2.99x -> 2.93x). The rarer trajectory that amplifies more within a window is caught by the
-      amplification guard (:func:`gain_limit`: 3.3 here, as at ``tol / 10``); ``tol / 3`` fails digits (1.14x at
-      1e-3)."""
-    return tol * (SLIDING_SCALE if sliding else ACCEPT_SCALE * (STOCHASTIC_FULL_SCALE if stochastic else 1.0))
+      ``tol / 30`` (digits DDIM-50, window 4: 19.5 -> 17.3 mean rounds at tol 0.1), but the error it freezes can grow
+      along the whole path at a rate no window sees. Digits DDIM-50 at the default tol, each sample alone, windows
+      sized to K compute-bound devices: sample 105 of 512 stretches errors ~1.3x a step over its last 15 steps (~100x
+      from step 32 to 50; its 8-point window gain read 1.6-1.9) and ended 1.48x over tol at ``tol / 10`` (window 8);
+      ``tol / 20`` held it (0.45x), but on 2,048 samples sample 881 (~1.4x a step over its last 12) ended at 0.77x
+      of tol (window 4), and ``tol / 30`` holds both windows' worst at 0.36x for 1% more cost on K devices (N / SCE
+      2.01x -> 2.00x on 4, 2.92x -> 2.89x on 8). Stochastic sliding windows hold at either (DDPM-50 window 8 0.14x,
+      DDPM-100 window 16 0.20x at ``tol / 20``), so one acceptance serves both. The rarer trajectory that amplifies
+      more within a window is caught by the amplification guard (:func:`gain_limit`: 5 here)."""
+    return tol * ACCEPT_SCALE * (STOCHASTIC_FULL_SCALE if stochastic and not sliding else 1.0)
 
 
 def gain_limit(tol: float, accept: float, sliding: bool = False) -> float:
@@ -104,10 +104,10 @@ def gain_limit(tol: float, accept: float, sliding: bool = False) -> float:
     mixture's sample 942 (held-out seed 3, DDIM-100, tol 0.1; 2,410x per unit change of its initial noise, rank 1 of
     4,000) converge steadily to another mode, 8.6x over tol, its window stretching 8.1x; a quarter rolls it back
     (0.22x) for no change of a sample's mean rounds on seeds 0, 1, 3 and 5 (5 run once, after the change). A sliding
-    window takes a sixth (3.3 with its ``tol / 20``, the limit it had as a third of ``tol / 10``'s margin): no sweep
-    sample needs less there (3.3 rolls back the mixture's sample 1534, whose window stretches 7.5x), and a rollback
-    costs the batch the rounds its window must redo (at 2.5 the policy's batch of 64, window 32, took 28 rounds
-    instead of 23)."""
+    window takes a sixth (5 with its ``tol / 30``; 3.3 with the ``tol / 20`` of before): no sweep sample needs less
+    there (the limit rolls back the mixture's sample 1534, whose window stretches 7.5x), and a rollback costs the
+    batch the rounds its window must redo (at 2.5 the policy's batch of 64, window 32, took 28 rounds instead of
+    23)."""
     return max(GAIN_MIN, GAIN_BUDGET[sliding] * tol / accept) if accept > 0 else float("inf")
 
 
