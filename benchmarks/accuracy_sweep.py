@@ -2,7 +2,7 @@
 ``stop="final"``) against the sequential sampler on the same noise: max |Δ|, the 99th percentile of the per-sample
 max |Δ|, the samples over tol, rounds and NFE; every row with max |Δ| > tol is flagged.
 
-    python benchmarks/accuracy_sweep.py                                    # every case below, ~25 min on 1 thread
+    python benchmarks/accuracy_sweep.py                                    # every case below, ~30 min on 1 thread
     python benchmarks/accuracy_sweep.py --cases gmm-ddim100,mix3-ddpm100 --json sweep.json
     python benchmarks/accuracy_sweep.py --cases digits-ddim100 --tols 1e-2,1e-3
 
@@ -10,7 +10,9 @@ Cases (``SWEEP_CASES``, full window): ``gmm`` DDIM-100, DDPM-100 and the multist
 at 100 steps with 4,000 samples; ``mix3`` (the 3-D anisotropic mixture with weights 0.6 / 0.3 / 0.1 of
 ``tests/test_accuracy.py``) DDIM-100, DDPM-100 and DPM++(2M)-100 with 4,000 samples; ``digits`` DDIM-100 with 64
 samples (data in [-1, 1]). Sliding windows (the ``-w`` cases: the planner's window on K compute-bound devices is
-K): gmm DDPM-100, mix3 DDIM-100 and DPM++(2M)-100 with window 8, digits DDIM-50 with window 4. ``--updates all`` sweeps every update rule. |Δ| is in data units (the returned sample's); a
+K): gmm DDPM-100, mix3 DDIM-100 and DPM++(2M)-100 with window 8, digits DDIM-50 with window 4; on coarse 20-step
+grids, mix3 DDIM and DPM++(2M), gmm DPM++(2M) and digits DPM++(2M) with window 8. ``--updates all`` sweeps every
+update rule. |Δ| is in data units (the returned sample's); a
 sample's error is its max over features, compared with the tolerance in force for it (``SampleStats.tol_abs``:
 ``tol`` times its data scale, issue 25); the margin column gives the worst and the median error / that tolerance.
 
@@ -60,7 +62,12 @@ SWEEP_CASES = {"gmm-ddim100": Case("gmm", "ddim", 100, None, 4000),
                "gmm-ddpm100-w8": Case("gmm", "ddpm", 100, 8, 4000),
                "mix3-ddim100-w8": Case("mix3", "ddim", 100, 8, 4000),
                "mix3-dpmpp2m100-w8": Case("mix3", "dpmpp_2m", 100, 8, 4000),
-               "digits-ddim50-w4": Case("digits", "ddim", 50, 4, 64)}
+               "digits-ddim50-w4": Case("digits", "ddim", 50, 4, 64),
+               # Coarse grids: larger steps stretch a change more per point (the guard's gain span follows the grid).
+               "mix3-ddim20-w8": Case("mix3", "ddim", 20, 8, 4000),
+               "mix3-dpmpp2m20-w8": Case("mix3", "dpmpp_2m", 20, 8, 4000),
+               "gmm-dpmpp2m20-w8": Case("gmm", "dpmpp_2m", 20, 8, 4000),
+               "digits-dpmpp2m20-w8": Case("digits", "dpmpp_2m", 20, 8, 64)}
 
 
 BUILDERS: dict[str, Callable[[], Denoiser]] = {"mix3": mixture_3d}

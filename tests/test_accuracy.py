@@ -443,6 +443,8 @@ def test_the_window_gain_is_the_product_of_the_points_stretch():
     s2 = torch.randn(len(stretch), 1, 4, dtype=torch.float64, generator=g)
     long = _window_gain(s2, (stretch - 1) * s2, (stretch - 1) * y2, torch.ones(len(stretch), 1, dtype=torch.bool))
     assert torch.allclose(long, torch.tensor([3.0 ** GAIN_SPAN], dtype=torch.float64))
+    two = _window_gain(s2, (stretch - 1) * s2, (stretch - 1) * y2, torch.ones(len(stretch), 1, dtype=torch.bool), 2)
+    assert torch.allclose(two, torch.tensor([9.0], dtype=torch.float64))     # a span of 2: the largest pair
     tiny = y - 0.5 * GAIN_FLOOR * (a - 1) * s / s.norm(dim=-1, keepdim=True) * y.norm(dim=-1, keepdim=True)
     gain = _window_gain(y - tiny, dy - (a - 1) * tiny, dy, ok)        # changes below the floor: converged
     assert torch.equal(gain, torch.ones(B, dtype=torch.float64))
@@ -544,6 +546,33 @@ def test_the_sliding_acceptance_keeps_its_margin_on_the_worst_of_2048_samples(mo
     before = _sampler("digits", steps=50, window=4, accept_tol=1e-4).sample(1, seed=0, first_sample=881, **cond)
     assert before.stats.tol_abs == res.stats.tol_abs == [pytest.approx(2e-3)]
     assert float((before.samples - seq).abs().max()) > 0.7 * before.stats.tol_abs[0]
+
+
+def test_the_guard_reads_the_same_share_of_the_trajectory_on_every_grid(monkeypatch):
+    """The window gain is taken over 8% of the grid's points (at least 2, at most 8): over 8 points of a 20-step grid
+    (40% of the trajectory) the digits U-Net's DPM++(2M) windows stretch ordinary samples' changes up to 16x. Digits
+    sample 2 (window 8) was rolled back for nothing there (4 rounds more); over the grid's 2 points it is not, and
+    ends within tol."""
+    import paratime.methods.picard as picard
+    from paratime.methods.updates import UpdateRule, gain_span
+
+    assert [gain_span(n) for n in (10, 20, 40, 50, 100, 1000)] == [2, 2, 3, 4, 8, 8]
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="span"):
+            UpdateRule("secant", span=bad)
+    cond = {"labels": torch.tensor([2])}
+
+    def run():
+        return _sampler("digits", steps=20, solver="dpmpp_2m", window=8).sample(1, seed=0, first_sample=2, **cond)
+
+    seq = _sampler("digits", steps=20, solver="dpmpp_2m", method="sequential").sample(
+        1, seed=0, first_sample=2, **cond).samples
+    res = run()
+    assert res.stats.extra["rolled_back"] == [False]
+    assert_within_tol(res, seq)
+    monkeypatch.setattr(picard, "gain_span", lambda steps: 8)           # 8 points on every grid, as before
+    before = run()
+    assert before.stats.extra["rolled_back"] == [True] and before.stats.rounds > res.stats.rounds
 
 
 def test_a_stochastic_whole_grid_leaves_the_guard_idle(monkeypatch):

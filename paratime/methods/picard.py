@@ -33,12 +33,12 @@ window holds point ``p + k`` and produces the new value of point ``p + k + 1``. 
                      below the target: tol / 30; tol / 300 on the last quarter of a deterministic solver's
                      whole grid, tol / 3000 on a stochastic solver's whole grid). With any
                      update on per-sample windows, a sample whose window stretches its iterates' changes by
-                     more than the acceptance's margin allows in a round (the largest product over 8 consecutive
-                     window points of ``|F(y) - F(y')| / |y - y'|`` from their last two evaluations, above
-                     tol / (6 a) sliding (3.3), tol / (4 a) on the whole grid (7.5); a trajectory crossing
-                     between modes, where points accepted earlier carry errors the end amplifies hundreds of
-                     times) moves its window start back to half its position and accepts 100x more strictly
-                     from then on, once
+                     more than the acceptance's margin allows in a round (the largest product over 8% of the
+                     grid's points, 2 to 8 consecutive, of ``|F(y) - F(y')| / |y - y'|`` from their last two
+                     evaluations, above tol / (6 a) sliding (5), tol / (4 a) on the whole grid (7.5); a
+                     trajectory crossing between modes, where points accepted earlier carry errors the end
+                     amplifies hundreds of times) moves its window start back to half its position and accepts
+                     100x more strictly from then on, once
                      (:meth:`~paratime.methods.stops.FinalPointStop.amplified`,
                      :func:`~paratime.methods.stops.gain_limit`)
 
@@ -80,7 +80,7 @@ import torch
 
 from .common import Outcome, Problem, RoundInfo
 from .stops import DEFAULT_TOL, ROLLBACK, STOPS, TAIL_FRACTION, FinalPointStop, default_accept_tol, make_stop
-from .updates import UPDATES, UpdateRule
+from .updates import UPDATES, UpdateRule, gain_span
 from .window import SlidingWindow, acceptance_levels, model_frame_path, window_increments
 
 __all__ = ["sample_picard", "STOPS", "UPDATES", "INITS", "FILLS", "DEFAULT_TOL", "default_accept_tol", "path_plan"]
@@ -128,7 +128,8 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         update: ``secant`` (default), ``picard`` or ``anderson`` (see the module docstring).
         accept_tol: ``stop="final"``: the window-slide tolerance in noise-level units; None:
             :func:`default_accept_tol` (stricter for a stochastic solver with a window of the whole grid, and on
-            the last quarter of a deterministic solver's whole grid). An error with ``paradigms`` (which slides at ``tol``).
+            the last quarter of a deterministic solver's whole grid). An error with ``paradigms`` (which slides at
+            ``tol``).
         init: the initial guess of every point: ``noise`` (x_T, ParaDiGMS), ``x0`` (one network call at x_T, then
             the constant-D path from there, carrying the pre-drawn noise; the call is a round of its own, counted),
             or ``auto`` (default): ``x0`` when the window is shorter than the grid, else ``noise`` (a full window's
@@ -169,7 +170,7 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
     # The amplification guard (step 5): per-sample windows under the final rule (a shared window slides for the
     # whole batch: one sample cannot move it back).
     guard = isinstance(stopper, FinalPointStop) and not shared_window
-    rule = UpdateRule(update, gain=guard)                             # the guard reads every rule's window gain
+    rule = UpdateRule(update, gain=guard, span=gain_span(N))          # the guard reads every rule's window gain
     if init == "x0":
         # 0. One call at x_T; every point from there with D held at its value (one round, counted).
         den_T = problem.evaluate(problem.scale(y, zeros, inverse=True), zeros, win.ar_b)

@@ -17,7 +17,7 @@ import torch
 
 from paratime.kernels import cumsum0, picard_update
 
-__all__ = ["UPDATES", "HISTORY", "UpdateRule", "SAFEGUARD", "ANDERSON_REG"]
+__all__ = ["UPDATES", "HISTORY", "UpdateRule", "SAFEGUARD", "ANDERSON_REG", "gain_span"]
 
 UPDATES = ("secant", "picard", "anderson")
 #: past rounds each update keeps per window point: secant its last evaluation (:attr:`UpdateRule.last`), anderson
@@ -26,11 +26,24 @@ HISTORY = {"picard": 0, "secant": 1, "anderson": 3}
 SAFEGUARD = 10.0   # largest accepted ratio of a secant correction to the Picard one
 #: the window gain counts a point only when its change exceeds GAIN_FLOOR x its step (smaller: converged)
 GAIN_FLOOR = 1e-3
-#: ... and over at most GAIN_SPAN consecutive points (the windows it was measured on: 4 and 8)
-GAIN_SPAN = 8
+#: ... and over GAIN_SHARE of the grid's points, at least 2 and at most GAIN_SPAN (see :func:`gain_span`)
+GAIN_SPAN, GAIN_SHARE = 8, 0.08
 #: Tikhonov weight of the Anderson least squares, relative to the mean diagonal of its normal matrix (scale-free:
 #: ParaTAA's absolute 1e-3, sized for 4x32x32 latents, is ~all of the normal matrix on a 2-D model)
 ANDERSON_REG = 1e-3
+
+
+def gain_span(steps: int) -> int:
+    """The points the window gain is taken over on a grid of ``steps`` steps: :data:`GAIN_SHARE` of them (the same
+    share of the trajectory on every grid), at least 2, at most :data:`GAIN_SPAN` (8 on the 100-step grids the
+    amplification guard was tuned on; 2 on 20 steps, 4 on 50).
+
+    A coarse grid's larger steps stretch an iterate's change more per point: over 8 points of a 20-step grid (40% of
+    the trajectory) the digits U-Net's DPM++(2M) windows read gains up to 16 on ordinary samples, and 8 of 64 were
+    rolled back for nothing (each within 0.15 of tol without the guard; a batch of 64 on a window of 8 took 17 rounds
+    instead of 12). Over 2 points none is, and the 3-D mixture and ``gmm`` on 20-step grids (DDIM, DPM++(2M), 4,000
+    samples, tol 1e-1 ... 1e-4) still hold every row."""
+    return min(GAIN_SPAN, max(2, round(GAIN_SHARE * steps)))
 
 
 class UpdateRule:
@@ -41,14 +54,17 @@ class UpdateRule:
         gain: measure the window's gain (:attr:`gain`) under every rule: ``picard`` and ``anderson`` then keep each
             point's last evaluation too (the secant's history, two more window-sized buffers); the secant always
             measures it.
+        span: the consecutive points the gain is taken over (:func:`gain_span` of the grid).
     Raises:
         ValueError: an unknown ``name``.
     """
 
-    def __init__(self, name: str, gain: bool = False):
+    def __init__(self, name: str, gain: bool = False, span: int = GAIN_SPAN):
         if name not in UPDATES:
             raise ValueError(f"update: unknown {name!r}; allowed: {', '.join(UPDATES)}")
-        self.name = name
+        if isinstance(span, bool) or not isinstance(span, int) or span < 1:
+            raise ValueError(f"span: must be an int >= 1, got {span!r}")
+        self.name, self.span = name, span
         #: each window point's last evaluation ``(y, dy, ok)``, ``(W, B, ...)``: the secant's pairs, and what the
         #: window's gain is measured from (kept by the secant always, by ``picard`` / ``anderson`` with ``gain``)
         self.last: tuple[torch.Tensor, ...] | None = None
@@ -84,11 +100,12 @@ class UpdateRule:
             hy, hd, ok = (h[:W] for h in self.last)
             ok = ok & valid
             if self.name == "secant":
-                dy_sec, self.gain = _secant_increment(dy, new, old, y_win, hy, hd, ok)
+                dy_sec, self.gain = _secant_increment(dy, new, old, y_win, hy, hd, ok, self.span)
                 new_rule, _ = picard_update(start, dy_sec, old, want_err=False)
             else:
                 d = dy.reshape(W, B, -1)
-                self.gain = _window_gain((y_win - hy).reshape(W, B, -1), d - hd.reshape(W, B, -1), d, ok)
+                self.gain = _window_gain((y_win - hy).reshape(W, B, -1), d - hd.reshape(W, B, -1), d, ok,
+                                         self.span)
         if self.keep_last:
             self.last = (y_win, dy, valid)
         if self.depth:
@@ -115,7 +132,7 @@ class UpdateRule:
             self.last = (self.last[0][src, b], self.last[1][src, b], self.last[2][src, b] & keep)
 
 
-def _secant_increment(dy, new_pic, old, y_win, hist_y, hist_dy, hist_ok):
+def _secant_increment(dy, new_pic, old, y_win, hist_y, hist_dy, hist_ok, span=GAIN_SPAN):
     """The secant update's increments ``dy_j + u_j c_j`` for one round.
 
     Args:
@@ -124,6 +141,7 @@ def _secant_increment(dy, new_pic, old, y_win, hist_y, hist_dy, hist_ok):
         y_win: ``(W, B, *shape)`` the states they were evaluated at.
         hist_y, hist_dy: ``(W, B, *shape)`` each point's previous evaluation state and increment.
         hist_ok: ``(W, B)`` whether that previous evaluation exists (and the slot is valid).
+        span: the points the gain is taken over (:func:`_window_gain`).
     Returns:
         ``(increments, gain)``: ``(W, B, *shape)`` increments to accumulate from the window start, and the
         window's ``(B,)`` gain from the same pairs (:func:`_window_gain`).
@@ -132,7 +150,7 @@ def _secant_increment(dy, new_pic, old, y_win, hist_y, hist_dy, hist_ok):
     d, yw, hy, hd = (t.reshape(W, B, -1) for t in (dy, y_win, hist_y, hist_dy))
     change = (new_pic - old).reshape(W, B, -1)                            # Picard's change of points p+1 .. p+W
     s, u = yw - hy, d - hd                                                # (W, B, D)
-    gain = _window_gain(s, u, d, hist_ok)
+    gain = _window_gain(s, u, d, hist_ok, span)
     ss, uu = (s * s).sum(-1), (u * u).sum(-1)                             # (W, B); x * x: pow(2)'s bits, faster
     use = (hist_ok & (ss > 0) & (uu <= SAFEGUARD**2 * ss))[..., None]     # (W, B, 1)
     zero = d.new_zeros(())
@@ -149,20 +167,20 @@ def _secant_increment(dy, new_pic, old, y_win, hist_y, hist_dy, hist_ok):
     return (d + torch.where(_sane(cumsum0(corr), change), corr, zero)).reshape(dy.shape), gain
 
 
-def _window_gain(s, u, d, hist_ok):
+def _window_gain(s, u, d, hist_ok, span=GAIN_SPAN):
     """``(B,)`` how much the window's steps stretch a change of the trajectory, measured on the points' own two last
     evaluations: per point the one-step map ``F(y) = y + dy(y)`` stretches ``s = y - y'`` (this round's state less
     the previous round's) into ``F(y) - F(y') = s + u`` (``u = dy - dy'``), a gain ``|s + u| / |s|`` (2-norm over
-    the features); the window's gain is the largest product over :data:`GAIN_SPAN` consecutive points (all of a
-    shorter window), a point without both evaluations counting 1. The changes are the iterates' errors, so this is
-    the growth of exactly the errors a frozen point carries, along the window's steps: about 1 on an ordinary
-    trajectory, far above it where the trajectory crosses between modes (the samples whose frozen errors the end
-    amplifies hundreds of times).
+    the features); the window's gain is the largest product over ``span`` consecutive points (all of a shorter
+    window; :func:`gain_span` of the grid), a point without both evaluations counting 1. The changes are the
+    iterates' errors, so this is the growth of exactly the errors a frozen point carries, along the window's steps:
+    about 1 on an ordinary trajectory, far above it where the trajectory crosses between modes (the samples whose
+    frozen errors the end amplifies hundreds of times).
 
     Args:
         s, u: ``(W, B, D)`` each point's change of state ``y - y'`` and of increment ``dy - dy'`` (the secant pairs
             of :func:`_secant_increment`). d: ``(W, B, D)`` this round's increments. hist_ok: ``(W, B)`` whether
-            the previous evaluation exists.
+            the previous evaluation exists. span: consecutive points the product is taken over.
     """
     W, B = s.shape[:2]
     t = s + u                                                             # F(y) - F(y')
@@ -171,9 +189,9 @@ def _window_gain(s, u, d, hist_ok):
     use = hist_ok & (ss > GAIN_FLOOR**2 * dd) & (ss > 0) & torch.isfinite(tt)
     tiny = torch.finfo(ss.dtype).tiny
     log_gain = torch.where(use, 0.5 * (tt.clamp_min(tiny).log() - ss.clamp_min(tiny).log()), 0.0)
-    # The largest stretch over GAIN_SPAN consecutive points (the whole window when shorter): a long window's
-    # product would grow with its length on any trajectory.
-    span = min(GAIN_SPAN, W)
+    # The largest stretch over span consecutive points (the whole window when shorter): a long window's product
+    # would grow with its length on any trajectory.
+    span = min(span, W)
     total = torch.cat([log_gain.new_zeros(1, B), log_gain.cumsum(0)])   # (W + 1, B)
     return (total[span:] - total[:W + 1 - span]).amax(0).exp()
 
