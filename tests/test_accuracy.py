@@ -557,8 +557,8 @@ def test_the_guard_reads_the_same_share_of_the_trajectory_on_every_grid(monkeypa
     from paratime.methods.updates import UpdateRule, gain_span
 
     assert [gain_span(n) for n in (10, 20, 40, 50, 100, 1000)] == [2, 2, 3, 4, 8, 8]
-    for bad in (0, 2.0, True):
-        with pytest.raises(ValueError, match="span"):
+    for bad, error in ((0, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="span"):
             UpdateRule("secant", span=bad)
     cond = {"labels": torch.tensor([2])}
 

@@ -17,6 +17,8 @@ import torch
 
 from paratime.kernels import cumsum0, picard_update
 
+from ..checks import check_int
+
 __all__ = ["UPDATES", "HISTORY", "UpdateRule", "SAFEGUARD", "ANDERSON_REG", "gain_span"]
 
 UPDATES = ("secant", "picard", "anderson")
@@ -56,14 +58,13 @@ class UpdateRule:
             measures it.
         span: the consecutive points the gain is taken over (:func:`gain_span` of the grid).
     Raises:
-        ValueError: an unknown ``name``.
+        ValueError: an unknown ``name``, a ``span`` < 1. TypeError: a ``span`` that is not an integer.
     """
 
     def __init__(self, name: str, gain: bool = False, span: int = GAIN_SPAN):
         if name not in UPDATES:
             raise ValueError(f"update: unknown {name!r}; allowed: {', '.join(UPDATES)}")
-        if isinstance(span, bool) or not isinstance(span, int) or span < 1:
-            raise ValueError(f"span: must be an int >= 1, got {span!r}")
+        check_int("span", span, 1)
         self.name, self.span = name, span
         #: each window point's last evaluation ``(y, dy, ok)``, ``(W, B, ...)``: the secant's pairs, and what the
         #: window's gain is measured from (kept by the secant always, by ``picard`` / ``anderson`` with ``gain``)
