@@ -11,7 +11,8 @@ at 100 steps with 4,000 samples; ``mix3`` (the 3-D anisotropic mixture with weig
 ``tests/test_accuracy.py``) DDIM-100, DDPM-100 and DPM++(2M)-100 with 4,000 samples; ``digits`` DDIM-100 with 64
 samples (data in [-1, 1]). Sliding windows (the ``-w`` cases: the planner's window on K compute-bound devices is
 K): gmm DDPM-100, mix3 DDIM-100 and DPM++(2M)-100 with window 8, digits DDIM-50 with window 4; on coarse 20-step
-grids, mix3 DDIM and DPM++(2M), gmm DPM++(2M) and digits DPM++(2M) with window 8. ``--updates all`` sweeps every
+grids, mix3 DDIM and DPM++(2M), gmm DPM++(2M) and digits DPM++(2M) with window 8; on 50-step grids, mix3 DDIM and
+DPM++(2M) with window 8. ``--updates all`` sweeps every
 update rule. |Δ| is in data units (the returned sample's); a
 sample's error is its max over features, compared with the tolerance in force for it (``SampleStats.tol_abs``:
 ``tol`` times its data scale, issue 25); the margin column gives the worst and the median error / that tolerance.
@@ -67,7 +68,10 @@ SWEEP_CASES = {"gmm-ddim100": Case("gmm", "ddim", 100, None, 4000),
                "mix3-ddim20-w8": Case("mix3", "ddim", 20, 8, 4000),
                "mix3-dpmpp2m20-w8": Case("mix3", "dpmpp_2m", 20, 8, 4000),
                "gmm-dpmpp2m20-w8": Case("gmm", "dpmpp_2m", 20, 8, 4000),
-               "digits-dpmpp2m20-w8": Case("digits", "dpmpp_2m", 20, 8, 64)}
+               "digits-dpmpp2m20-w8": Case("digits", "dpmpp_2m", 20, 8, 64),
+               # 50-step grids: the gain span is 4 points there (8% of the grid).
+               "mix3-ddim50-w8": Case("mix3", "ddim", 50, 8, 4000),
+               "mix3-dpmpp2m50-w8": Case("mix3", "dpmpp_2m", 50, 8, 4000)}
 
 
 BUILDERS: dict[str, Callable[[], Denoiser]] = {"mix3": mixture_3d}
