@@ -43,7 +43,8 @@ def main(argv=None) -> int:
         "sequential compiled": policy_sampler("sequential", compiled),
         "picard eager": policy_sampler("picard", model),
         "picard compiled": policy_sampler("picard", compiled),
-        "picard compiled+buckets": policy_sampler("picard", compiled, backend=LocalBackend(buckets=tuple(args.buckets))),
+        "picard compiled+buckets": policy_sampler("picard", compiled,
+                                                  backend=LocalBackend(buckets=tuple(args.buckets))),
     }
     obs_list = latency_observations(args.chunks)
     rec = {k: [] for k in runs}

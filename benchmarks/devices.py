@@ -355,9 +355,9 @@ def paradigms(steps: int, devices: list[int], quick: bool = False) -> dict:
                                       clip_sample=False, timestep_spacing="trailing", set_alpha_to_one=False,
                                       steps_offset=1)
     pipe = tiny_sd(scheduler)
-    para = StableDiffusionParadigmsPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=None, unet=pipe.unet,
-                                            scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
-                                            requires_safety_checker=False)
+    para = StableDiffusionParadigmsPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=None,
+                                            unet=pipe.unet, scheduler=pipe.scheduler, safety_checker=None,
+                                            feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     para.set_progress_bar_config(disable=True)
     args = dict(num_inference_steps=steps, guidance_scale=5.0, height=64, width=64, output_type="latent",

@@ -25,7 +25,8 @@ def main():
                             clip_x0=1.0 if args.clip else None, progress=False).sample(args.batch, seed=0).samples
         outside = (x.abs() > 1).double()
         print(f"digits {args.solver}-{args.steps} {method}, {args.batch} samples{' clip_x0=1' if args.clip else ''}: "
-              f"min {float(x.min()):.3f}, max {float(x.max()):.3f}, pixels outside [-1, 1] {float(outside.mean()):.1%}, "
+              f"min {float(x.min()):.3f}, max {float(x.max()):.3f}, "
+              f"pixels outside [-1, 1] {float(outside.mean()):.1%}, "
               f"samples with any {float(outside.flatten(1).amax(1).mean()):.1%}")
 
 

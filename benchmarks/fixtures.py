@@ -59,7 +59,8 @@ def unet_model(**kw) -> Denoiser:
 
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"),
                        norm_num_groups=8).eval().requires_grad_(False)
     return from_diffusers(unet, DDIMScheduler(timestep_spacing="leading", steps_offset=1, clip_sample=False),
                           **kw)  # leading: DDIM's t -> t - T//N is the next timestep for every N

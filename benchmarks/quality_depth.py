@@ -25,7 +25,8 @@ import torch
 SEQUENTIAL = ("ddim", "heun", "dpmpp_2m")
 DEPTHS = (5, 10, 20, 50, 100)
 #: (label, solver, update, stop, tol) of the parallel runs, all at N = 100 with the full window
-PARALLEL = [("Picard, ParaDiGMS rule", s, "picard", "paradigms", t) for s in ("ddim", "dpmpp_2m") for t in (0.1, 0.01)] + \
+PARALLEL = [("Picard, ParaDiGMS rule", s, "picard", "paradigms", t) for s in ("ddim", "dpmpp_2m")
+            for t in (0.1, 0.01)] + \
            [("secant + final (default)", s, "secant", "final", t) for s in ("ddim", "dpmpp_2m")
             for t in (0.3, 0.1, 0.03, 0.01, 1e-3)]
 

@@ -22,7 +22,8 @@ swept over ``SWEEPS[stop]``. Runs of the same case from several ``--json`` files
 Rounds are sequential network calls; NFE is time-point evaluations per sample. "today" is the accuracy of the old
 default (Picard, ParaDiGMS rule, tol 0.1, ``init="noise"``, ``fill="copy"``; on a sliding window it is a row of its
 own, as the sampler's ``init="auto"`` / ``fill="path"`` change Picard there); the last column gives each
-combination's rounds at that accuracy (the no-regression check). Threads: ``--threads`` (default 1); rounds, NFE and max |Δ| do not depend on timing.
+combination's rounds at that accuracy (the no-regression check).
+Threads: ``--threads`` (default 1); rounds, NFE and max |Δ| do not depend on timing.
 """
 
 from __future__ import annotations

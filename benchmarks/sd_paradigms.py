@@ -116,7 +116,8 @@ def markdown(rows: list[dict], steps: int = 50, window: int = 16, guidance: floa
     lines = [f"Tiny SD pipeline, DDIMParallelScheduler trailing, {steps} steps, window {window}, guidance {guidance}, "
              f"batch {batch}, torch threads {threads}, {repeats} repeats; max diff from the diffusers sequential "
              f"pipeline (latents)", "",
-             "| sampler | rounds | NFE / image | wall min (s) | wall median (s) | max diff |", "|---|---|---|---|---|---|"]
+             "| sampler | rounds | NFE / image | wall min (s) | wall median (s) | max diff |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {r['sampler']} | {r['rounds']} | {r['nfe']:.1f} | {r['wall_min_s']:.3f} | "
               f"{r['wall_median_s']:.3f} | {r['max_diff']:.2e} |" for r in rows]
     return "\n".join(lines) + "\n"

@@ -400,7 +400,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "--worker":          # one torchrun rank of a torch.distributed case
         worker(*argv[1:4])
         return 0
-    ap = argparse.ArgumentParser(prog="paratime bench", description="The benchmark suite (benchmarks/suite.py): scaling over methods, backends and workers on digits, the mlp and unet fixtures and gmm; diffusers' ParaDiGMS loop and StableDiffusionParadigmsPipeline side by side; the diffusion policy's latency. It prints a line per case; its length depends on the cores, the load and the backends installed.")
+    ap = argparse.ArgumentParser(prog="paratime bench", description=(
+        "The benchmark suite (benchmarks/suite.py): scaling over methods, backends and workers on digits, the mlp and "
+        "unet fixtures and gmm; diffusers' ParaDiGMS loop and StableDiffusionParadigmsPipeline side by side; the "
+        "diffusion policy's latency. It prints a line per case; its length depends on the cores, the load and the "
+        "backends installed."))
     ap.add_argument("--out", default="bench_out", help="folder for bench.json, bench.md and the plots")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and smaller batches")
     args = ap.parse_args(argv)
@@ -442,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print("Trained diffusion policy, DDPM-100, batch 1: paratime sequential / Picard and diffusers' ParaDiGMS loop")
     try:
-        policy_latency(["--threads", "1", "--chunks", "5" if args.quick else "20", "--reps", "1" if args.quick else "3"])
+        policy_latency(["--threads", "1", "--chunks", "5" if args.quick else "20",
+                        "--reps", "1" if args.quick else "3"])
     except ImportError as e:
         print(f"policy latency comparison skipped: {e} (pip install 'paratime[diffusers]')")
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}" + "".join(f", {p}" for p in plots)

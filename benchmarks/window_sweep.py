@@ -3,10 +3,10 @@
     OMP_NUM_THREADS=1 python benchmarks/window_sweep.py [--batch 8] [--threads 1] [--device cuda] [--json out.json]
 
 Cases: digits DDIM-100 and DDPM-1000 (the trained U-Net) and the policy-size ``mlp`` fixture (DDIM-100 and DDPM-100,
-one sample), Picard at the default options (``--tol``: the default 2e-3 unless given). For each window W it prints rounds (sequential network calls), NFE
-per sample, the rounds relative to the full window (W = N) and NFE relative to it, plus wall time and time per round
-(median of ``--reps``; noisy on shared cores, rounds and NFE are exact). The recommended default is the smallest W whose rounds
-stay within 15% of the full window's on every case.
+one sample), Picard at the default options (``--tol``: the default 2e-3 unless given). For each window W it prints
+rounds (sequential network calls), NFE per sample, the rounds relative to the full window (W = N) and NFE relative to
+it, plus wall time and time per round (median of ``--reps``; noisy on shared cores, rounds and NFE are exact). The
+recommended default is the smallest W whose rounds stay within 15% of the full window's on every case.
 """
 
 from __future__ import annotations

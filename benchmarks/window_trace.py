@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.solver not in SOLVERS:
         ap.error(f"--solver: unknown {args.solver!r}; allowed: {', '.join(SOLVERS)}")
     rounds, total, err = trace(args.window, args.steps, args.sample, args.solver)
-    print(f"digits {solver_name(args.solver)}-{args.steps}, window {args.window}, sample {args.sample}: {total} rounds (the x0 call "
-          f"included), max |Δ| {err:.2e}\n")
+    print(f"digits {solver_name(args.solver)}-{args.steps}, window {args.window}, sample {args.sample}: "
+          f"{total} rounds (the x0 call included), max |Δ| {err:.2e}\n")
     print("| start | stride | change / threshold per slot |\n|---|---|---|")
     for r in rounds:
         print(f"| {r['start']} | {r['stride']} | {' '.join(f'{v:.1f}' for v in r['ratios'])} |")

@@ -730,7 +730,8 @@ def _launch_ranks(workers: int, argv: list[str]) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    """``paratime bench``: a thin entry to :func:`paratime.bench.suite.main` (the benchmarks live in ``benchmarks/``)."""
+    """``paratime bench``: a thin entry to :func:`paratime.bench.suite.main` (the benchmarks live in
+    ``benchmarks/``)."""
     from .bench.suite import main as bench_main
 
     return bench_main(argv)

@@ -70,7 +70,8 @@ def check_device(device: Any) -> torch.device | None:
 
 
 _PICARD = ("picard", "auto")               # auto: the options are given for the planner's Picard candidate
-#                                            (not its window: the planner sizes it, so method="auto" takes window="auto")
+#                                            (not its window: the planner sizes it, so method="auto" takes
+#                                            window="auto")
 _PARAREAL = ("parareal", "parareal_pipelined")
 #: the options read by some methods only (``window``: Picard's window, staggered's cores); any other method
 #: refuses them away from their defaults

@@ -62,8 +62,8 @@ from dataclasses import dataclass, field
 from .cost import CostCurve, round_cost
 
 __all__ = ["Plan", "plan_sampling", "candidates", "picard_rows", "predict_picard", "predict_sequential",
-           "predict_parareal", "window_candidates", "rounds_cap", "ALONE", "SEQUENTIAL_MARGIN", "TIMED_SPAN", "SLIDE_STALL",
-           "STALL_ROUNDS", "TAIL_SHRINK", "FULL_TAIL", "PARAREAL_ITERATIONS"]
+           "predict_parareal", "window_candidates", "rounds_cap", "ALONE", "SEQUENTIAL_MARGIN", "TIMED_SPAN",
+           "SLIDE_STALL", "STALL_ROUNDS", "TAIL_SHRINK", "FULL_TAIL", "PARAREAL_ITERATIONS"]
 
 #: rounds a sliding window's start advances one point each before it advances (W + 1) / 2 a round
 SLIDE_STALL = 3

@@ -407,8 +407,9 @@ class ParallelSampler:
         backend.prepare(cond)
         t0 = time.perf_counter()
         try:
+            # the network's autograd graph is never needed (classifier guidance re-enables it)
             with RoundProgress(grid.steps, desc, show, callback) as bar, modes, \
-                    torch.no_grad():   # the network's autograd graph is never needed (classifier guidance re-enables it)
+                    torch.no_grad():
                 result = solve(evaluator, on_round)
             evaluator.check(wait=True)       # the run's one waiting NaN check
         finally:
@@ -434,7 +435,8 @@ class ParallelSampler:
         stats.tol_units = cfg.tol_units if cfg.method in ("picard", "staggered") and cfg.stop == "final" else None
         stats.data_scale, stats.tol_abs = (v.tolist() if isinstance(v, torch.Tensor) else v
                                            for v in (extra.pop("data_scale", None), extra.pop("tol_abs", None)))
-        if isinstance(extra.get("rolled_back"), torch.Tensor):     # Picard's final rule: per sample, whether rolled back
+        # Picard's final rule: per sample, whether rolled back
+        if isinstance(extra.get("rolled_back"), torch.Tensor):
             stats.extra["rolled_back"] = extra["rolled_back"].tolist()
         if "comm_bytes" in timings:
             stats.extra["comm_bytes"] = timings["comm_bytes"]

@@ -12,8 +12,8 @@ from paratime.bench.rounds_at_accuracy import (CASES, PARADIGMS_RULE, Combo, at_
                                               real_class_runs, sample)
 from paratime.methods.picard import STOPS, UPDATES
 
-KEYS = {"tol", "max_abs_diff", "p99_abs_diff", "max_rel", "median_rel", "over", "switched", "switched_over", "rounds", "nfe",
-        "mean_rounds", "rolled_back", "flagged", "worst",
+KEYS = {"tol", "max_abs_diff", "p99_abs_diff", "max_rel", "median_rel", "over", "switched", "switched_over", "rounds",
+        "nfe", "mean_rounds", "rolled_back", "flagged", "worst",
         "strict_accept_max_abs_diff", "sensitivity_median", "sensitivity_p99"}
 
 

@@ -84,8 +84,8 @@ SAMPLER_CASES = [
      "method"),
     ("likelihood on a staggered sampler", lambda: _gmm(method="staggered", window=2).log_likelihood(torch.zeros(2, 2)),
      ValueError, "method"),
-    ("nested cond on another device", lambda: _raw_sampler().sample((2, 2), uncond={"e": torch.zeros(2, device="meta")}),
-     ValueError, "uncond.e"),
+    ("nested cond on another device",
+     lambda: _raw_sampler().sample((2, 2), uncond={"e": torch.zeros(2, device="meta")}), ValueError, "uncond.e"),
 ]
 
 

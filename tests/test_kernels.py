@@ -89,7 +89,8 @@ def test_picard_scan_across_tiles_matches_reference(block, W):
     assert W <= picard_tile(block) or W % picard_tile(block)        # some cases cross a partial last tile
     g = torch.Generator().manual_seed(2)
     B, D = 2, block + 37
-    start, dx, old = torch.randn(B, D, generator=g), torch.randn(W, B, D, generator=g), torch.randn(W, B, D, generator=g)
+    start, dx, old = (torch.randn(B, D, generator=g), torch.randn(W, B, D, generator=g),
+                      torch.randn(W, B, D, generator=g))
     new, err = picard_update(start, dx, old, block=block)
     exact = start.double()[None] + dx.double().cumsum(0)
     torch.testing.assert_close(new.double(), exact, rtol=0, atol=1e-5 * W ** 0.5)

@@ -127,7 +127,8 @@ def test_pipelined_parareal_keeps_what_a_tick_reads():
     assert many <= 5 * few, (many / few)
 
 
-@pytest.mark.parametrize("side, steps, generator, dtype", [(64, 50, True, torch.float32), (8, 100, False, torch.float32),
+@pytest.mark.parametrize("side, steps, generator, dtype", [(64, 50, True, torch.float32),
+                                                           (8, 100, False, torch.float32),
                                                            (16, 100, False, torch.float64)])
 def test_bound_holds_a_whole_noise_table(side, steps, generator, dtype):
     """Sequential DDPM with whole step-noise tables: a caller's generator (the per-step draws were stacked into a

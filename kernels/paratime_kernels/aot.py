@@ -94,7 +94,8 @@ def main(argv=None) -> int:
         return 0
     print(f"{'kernel':<44} {'arch':<6} {'regs':>5} {'spill st/ld':>11} {'shared B':>8} {'warps':>5} {'cubin B':>8}")
     for r in recs:
-        print(f"{r['kernel']:<44} {r['arch']:<6} {r['registers']!s:>5} {r['spill_stores']!s:>5}/{r['spill_loads']!s:<5} "
+        print(f"{r['kernel']:<44} {r['arch']:<6} {r['registers']!s:>5} "
+              f"{r['spill_stores']!s:>5}/{r['spill_loads']!s:<5} "
               f"{r['shared_bytes']:>8} {r['num_warps']:>5} {r['cubin_bytes']:>8}")
     return 0
 

@@ -55,7 +55,8 @@ class Launch:
         dt = lambda d: str(d).removeprefix("torch.")  # noqa: E731
         if self.kernel == "picard_update":
             return f"picard_update[{dt(self.state)},block={self.block}]"
-        flags = [f for f, on in (("guided", self.uncond), ("noise", self.noise), ("x0", self.x0), ("dx", self.dx)) if on]
+        flags = [f for f, on in (("guided", self.uncond), ("noise", self.noise), ("x0", self.x0), ("dx", self.dx))
+                 if on]
         return f"fused_step[{dt(self.state)}<-{dt(self.out)},{','.join(flags)}]"
 
 

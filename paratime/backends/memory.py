@@ -39,7 +39,8 @@ from typing import NamedTuple
 import torch
 
 __all__ = ["DeviceMemoryError", "check_memory", "default_max_batch", "max_batch_for", "measure_rows",
-           "request_bytes", "Footprint", "method_footprint", "jump_bytes", "table_draw_bytes", "available_bytes", "noise_draws", "window_buffers", "solver_kind", "PICARD_BUFFERS",
+           "request_bytes", "Footprint", "method_footprint", "jump_bytes", "table_draw_bytes", "available_bytes",
+           "noise_draws", "window_buffers", "solver_kind", "PICARD_BUFFERS",
            "PROBE_ROWS", "CPU_MAX_BATCH", "CUDA_MAX_BATCH", "MEMORY_FRACTION"]
 
 #: rows of the first (measured) chunk when max_batch is derived

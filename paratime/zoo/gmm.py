@@ -33,7 +33,8 @@ class GaussianMixture(torch.nn.Module):
         means = torch.as_tensor(means, dtype=torch.float64)
         K = means.shape[0]
         stds = torch.as_tensor(stds, dtype=torch.float64).expand(K).clone()
-        weights = torch.ones(K, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        weights = (torch.ones(K, dtype=torch.float64) if weights is None
+                   else torch.as_tensor(weights, dtype=torch.float64))
         if means.ndim != 2 or bool((stds <= 0).any()) or bool((weights < 0).any()) or weights.shape != (K,):
             raise ValueError("means, stds, weights: need (K, dim) means, positive (K,) stds, non-negative (K,) weights")
         self.register_buffer("means", means)

@@ -1,10 +1,10 @@
 """The embedded ``policy`` model: a diffusion policy for the ``reach`` task (:mod:`paratime.tasks.reach`).
 
 Model: eps-prediction over an action chunk ``(H, 2) = (16, 2)`` of normalised velocities, conditioned on the
-observation ``obs`` ``(M, 12)`` (robot, goal, last action, obstacles) and the DDPM timestep through FiLM (Perez et al. 2018, as in
-Diffusion Policy, Chi et al. 2023): a residual MLP whose blocks scale and shift their hidden units by a linear map of
-``[time embedding, obs]``. About 0.3 M parameters: a call costs nearly the same for 1 row as for 100 on a CPU (it is
-dispatch-bound), the regime where Picard's batched window wins on wall-clock time.
+observation ``obs`` ``(M, 12)`` (robot, goal, last action, obstacles) and the DDPM timestep through FiLM (Perez et
+al. 2018, as in Diffusion Policy, Chi et al. 2023): a residual MLP whose blocks scale and shift their hidden units by
+a linear map of ``[time embedding, obs]``. About 0.3 M parameters: a call costs nearly the same for 1 row as for 100
+on a CPU (it is dispatch-bound), the regime where Picard's batched window wins on wall-clock time.
 
 Schedule: DDPM with 100 training steps and the ``squaredcos_cap_v2`` betas (Diffusion Policy's choice), so ``ddpm``
 with ``steps=100`` visits every training timestep (DDPM-100).
