@@ -131,3 +131,31 @@ def test_errors_are_relative_to_the_declared_or_own_scale():
     x = ref + torch.tensor([[0.1, 0.0], [0.0, 0.05]])
     assert errors(x, ref, 2.0) == pytest.approx((0.1, 0.05))
     assert errors(x, ref, None) == pytest.approx((0.1, 0.1))        # 0.05 / max|ref_1| = 0.05 / 0.5
+
+
+def test_sliding_worst_reads_each_sample_as_drawn_alone(capsys):
+    # benchmarks/sliding_worst.py backs the README's worst-of-4,096 rows: its chunks decide as each sample alone
+    # (per-sample windows), its errors are over the tolerance in force, and --before is the flat tol / 30 (a
+    # different run: its second half slides sooner).
+    from benchmarks.sliding_worst import main, worst
+    from paratime import ParallelSampler
+
+    a = worst(10, "ddim", 6, 6, 3)
+    b = worst(10, "ddim", 6, 4, 3)
+    # The same decisions (rounds); errors equal to the batched network's rounding (~1e-6 here, 1e-3 of tol).
+    assert a["rounds"] == b["rounds"] and a["worst"] == pytest.approx(b["worst"], abs=2e-3)
+    assert 0 <= a["worst"] <= 1 and a["over"] == 0 and len(a["top"]) == 3
+    alone = ParallelSampler("digits", steps=10, window=3, method="picard", progress=False)
+    seq = ParallelSampler("digits", steps=10, method="sequential", progress=False)
+    i, err = a["top"][0]
+    cond = {"labels": torch.tensor([i % 10])}
+    res = alone.sample(1, seed=0, first_sample=i, **cond)
+    ref = seq.sample(1, seed=0, first_sample=i, **cond).samples
+    assert float((res.samples - ref).abs().max()) / res.stats.tol_abs[0] == pytest.approx(err, abs=2e-3)
+    before = worst(10, "ddim", 6, 6, 3, before=True)
+    assert before["rounds"] != a["rounds"]
+    assert main(["--steps", "10", "--samples", "4", "--windows", "2,3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n| 2 |") == 1 and out.count("\n| 3 |") == 1
+    with pytest.raises(SystemExit):
+        main(["--steps", "10", "--windows", "10"])

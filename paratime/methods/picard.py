@@ -17,7 +17,8 @@ window holds point ``p + k`` and produces the new value of point ``p + k + 1``. 
          anderson y^new = y + R - (dX + dR) g, triangular              (ParaTAA, :mod:`.updates`)
     4. accept: point j+1 is converged when  rms(y_{j+1}^new - y_{j+1}^old) <= a * n_{j+1}  (``n``: ParaDiGMS's noise
        level, the std of the noise DDPM adds when leaving the point; 0 at the end; ``final``: ``a`` is stricter for
-       a stochastic solver in a window of the whole grid, :func:`default_accept_tol`); if the first c window
+       a stochastic solver in a window of the whole grid and on the late points of a deterministic solver's grid,
+       :func:`default_accept_tol`); if the first c window
        outputs converged, the first c + 1 new values were computed from accepted states: slide the window start
        there and fill the new slots (fill=path: the constant-D path from the old window end, D held at this round's
        value at the last window point; fill=copy: the latest value at the old window end, ParaDiGMS) (accelerated
@@ -79,7 +80,7 @@ import logging
 import torch
 
 from .common import Outcome, Problem, RoundInfo
-from .stops import DEFAULT_TOL, ROLLBACK, STOPS, TAIL_FRACTION, FinalPointStop, default_accept_tol, make_stop
+from .stops import DEFAULT_TOL, ROLLBACK, STOPS, FinalPointStop, default_accept_tol, make_stop
 from .updates import UPDATES, UpdateRule, gain_span
 from .window import SlidingWindow, acceptance_levels, model_frame_path, window_increments
 
@@ -128,8 +129,8 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         update: ``secant`` (default), ``picard`` or ``anderson`` (see the module docstring).
         accept_tol: ``stop="final"``: the window-slide tolerance in noise-level units; None:
             :func:`default_accept_tol` (stricter for a stochastic solver with a window of the whole grid, and on
-            the last quarter of a deterministic solver's whole grid). An error with ``paradigms`` (which slides at
-            ``tol``).
+            the last quarter of a deterministic solver's whole grid or the last half of its sliding window). An
+            error with ``paradigms`` (which slides at ``tol``).
         init: the initial guess of every point: ``noise`` (x_T, ParaDiGMS), ``x0`` (one network call at x_T, then
             the constant-D path from there, carrying the pre-drawn noise; the call is a round of its own, counted),
             or ``auto`` (default): ``x0`` when the window is shorter than the grid, else ``noise`` (a full window's
@@ -155,7 +156,7 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         raise ValueError(f"fill: unknown {fill!r}; allowed: {', '.join(FILLS)}")
     N, B, dev = problem.steps, x.shape[0], x.device
     stopper = make_stop(stop, tol, accept_tol, tol_scale, stochastic=problem.solver.stochastic, sliding=window < N)
-    levels = acceptance_levels(problem.noise_levels, stopper.accept, stopper.tail, TAIL_FRACTION)   # (3, N+1)
+    levels = acceptance_levels(problem.noise_levels, stopper.accept, stopper.tail, stopper.tail_fraction)  # (3, N+1)
     init, need_den = path_plan(init, fill, window, N, max_rounds)
     # The trajectory lives in the model's frame (ParaDiGMS iterates on VP latents): there the state barely moves at
     # high noise, while the VE-frame state shrinks by sigma_{i+1}/sigma_i per step, which Picard would have to undo

@@ -1,0 +1,85 @@
+"""The worst sample of many on each sliding window (issue 25): digits samples drawn by Picard at the default tolerance
+against the sequential sample of the same noise, one table row per window.
+
+    OMP_NUM_THREADS=1 python benchmarks/sliding_worst.py                          # DDIM-50, 4,096 samples, W 2-8
+    OMP_NUM_THREADS=1 python benchmarks/sliding_worst.py --solver dpmpp_2m --steps 20
+    OMP_NUM_THREADS=1 python benchmarks/sliding_worst.py --before                 # the sliding acceptance of before
+
+Sample ``i`` is seed 0, ``first_sample=i``, label ``i % 10`` (as :mod:`paratime.bench.devices` draws them), drawn
+``--chunk`` at a time: each sample has its own window, so a chunk decides as each sample alone would. Per window: the
+worst error over the tolerance in force for it (``SampleStats.tol_abs``), the three worst samples, how many exceed
+tol, and a sample's mean rounds. ``--before`` runs the acceptance a deterministic solver's sliding window had before
+its grid's last half accepted 3x more strictly: the flat ``accept_tol = tol / 30``. About 6 min per window of 4,096
+DDIM-50 samples on one thread. Deterministic; exits 1 when a sample ends over tol (as `--before` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from paratime.bench.devices import make_sampler
+from paratime.methods.stops import DEFAULT_TOL, default_accept_tol
+from paratime.solvers import SOLVERS
+
+
+def worst(steps: int, solver: str, samples: int, chunk: int, window: int, before: bool = False) -> dict:
+    """One window's row: ``worst`` (error / tol), ``top`` the three worst ``(sample, error / tol)``, ``over`` the
+    samples above tol, ``rounds`` a sample's mean rounds."""
+    def labels(first: int, n: int) -> dict:
+        return {"labels": torch.tensor([(first + i) % 10 for i in range(n)])}
+
+    seq = make_sampler("digits", steps, "compute", 1, method="sequential", solver=solver)
+    opts = dict(accept_tol=default_accept_tol(DEFAULT_TOL["final"])) if before else {}
+    par = make_sampler("digits", steps, "compute", window, method="picard", window=window, solver=solver, **opts)
+    errs, rounds = [], []
+    for first in range(0, samples, chunk):
+        n = min(chunk, samples - first)
+        ref = seq.sample(n, seed=0, first_sample=first, **labels(first, n)).samples
+        res = par.sample(n, seed=0, first_sample=first, **labels(first, n))
+        tol = torch.tensor(res.stats.tol_abs, dtype=ref.dtype)
+        errs.append((res.samples - ref).flatten(1).abs().amax(1) / tol)
+        rounds += res.stats.sample_rounds
+    e = torch.cat(errs)
+    top = torch.topk(e, min(3, e.numel()))
+    return {"window": window, "worst": float(top.values[0]), "over": int((e > 1).sum()),
+            "top": [(int(i), float(v)) for i, v in zip(top.indices, top.values)],
+            "rounds": sum(rounds) / len(rounds)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--solver", default="ddim", help="paratime's solver (ddim, dpmpp_2m, ...)")
+    ap.add_argument("--samples", type=int, default=4096)
+    ap.add_argument("--chunk", type=int, default=256, help="samples per call (default 256)")
+    ap.add_argument("--windows", default="2,3,4,5,6,7,8", help="comma-separated sliding windows (default 2-8)")
+    ap.add_argument("--before", action="store_true", help="the flat tol / 30 acceptance of before")
+    args = ap.parse_args(argv)
+    if args.solver not in SOLVERS:
+        ap.error(f"--solver: unknown {args.solver!r}; allowed: {', '.join(SOLVERS)}")
+    if args.steps < 3 or args.samples < 1 or args.chunk < 1:
+        ap.error("--steps: at least 3; --samples, --chunk: at least 1")
+    try:
+        windows = [int(w) for w in args.windows.split(",")]
+    except ValueError:
+        ap.error(f"--windows: expected comma-separated integers, got {args.windows!r}")
+    if any(not 2 <= w < args.steps for w in windows):
+        ap.error(f"--windows: sliding windows, 2 <= W < --steps ({args.steps}), got {windows}")
+    kind = "the acceptance of before (flat tol / 30)" if args.before else "the default acceptance"
+    print(f"digits {args.solver}-{args.steps}, {args.samples} samples, default tol, {kind}\n")
+    print("| window | worst error / tol | three worst: sample (error / tol) | over tol | rounds (a sample's mean) |")
+    print("|---|---|---|---|---|")
+    bad = 0
+    for w in windows:
+        r = worst(args.steps, args.solver, args.samples, args.chunk, w, args.before)
+        top = ", ".join(f"{i} ({v:.3f})" for i, v in r["top"])
+        print(f"| {w} | {r['worst']:.3f} | {top} | {r['over']} | {r['rounds']:.2f} |", flush=True)
+        bad += r["over"]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
