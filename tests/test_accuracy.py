@@ -487,13 +487,15 @@ def test_a_deterministic_whole_grid_accepts_its_last_quarter_more_strictly(mix3)
     assert rule.accept == pytest.approx(default_accept_tol(0.1)) == pytest.approx(0.1 / 30) and rule.tail == 0.1
     assert rule.tail_fraction == 0.25
     assert make_stop("final", 0.1, accept_tol=1e-3).tail == 1.0
+    flat = make_stop("final", 0.1, accept_tol=1e-3, sliding=True)          # a given accept_tol is flat there too
+    assert (flat.tail, flat.tail_fraction, flat.accept) == (1.0, 0.0, 1e-3)
     assert make_stop("final", 0.1, stochastic=True).tail == make_stop("final", 0.1, stochastic=True, sliding=True).tail
     assert make_stop("final", 0.1, stochastic=True).tail == 1.0 and make_stop("final", 0.1).tail != 1.0
     levels = torch.linspace(1.0, 0.0, 101, dtype=torch.float64)
     thresholds = acceptance_levels(levels, 2.0, rule.tail, rule.tail_fraction)[0]
     torch.testing.assert_close(thresholds[:75], 2.0 * levels[:75])
     torch.testing.assert_close(thresholds[75:], 0.2 * levels[75:])
-    sliding = make_stop("final", 0.1, sliding=True)             # a sliding window: its last half at a third
+    sliding = make_stop("final", 0.1, sliding=True)             # a sliding window: its last half at 0.3 x
     assert sliding.accept == rule.accept and (sliding.tail, sliding.tail_fraction) == (0.3, 0.5)
     thresholds = acceptance_levels(levels, 2.0, sliding.tail, sliding.tail_fraction)[0]
     torch.testing.assert_close(thresholds[:50], 2.0 * levels[:50])
@@ -563,7 +565,7 @@ def test_the_sliding_acceptance_keeps_its_margin_on_the_worst_of_2048_samples(mo
 def test_the_worst_sample_holds_on_windows_between_the_planners(window, monkeypatch):
     """Digits sample 881 (DDIM-50) held on windows of 2, 4 and 8 at the flat tol / 30 of before, but ended 0.99x /
     1.77x / 1.06x the default tol on windows of 3 / 5 / 7 (a K of 3, 5 or 7 devices): its steady late stretch carries
-    the errors of points accepted in the grid's second half. That half accepts at a third of tol / 30 now."""
+    the errors of points accepted in the grid's second half. That half accepts at tol / 100 now (0.3 of tol / 30)."""
     import paratime.methods.stops as stops
 
     cond = {"labels": torch.tensor([1])}
@@ -571,9 +573,13 @@ def test_the_worst_sample_holds_on_windows_between_the_planners(window, monkeypa
     res = _sampler("digits", steps=50, window=window).sample(1, seed=0, first_sample=881, **cond)
     assert float((res.samples - seq).abs().max()) < 0.7 * res.stats.tol_abs[0]
     if window == 5:                     # the flat acceptance of before fails here
+        # An explicit accept_tol of tol / 30 is flat: the default of before, not today's.
+        explicit = _sampler("digits", steps=50, window=5, accept_tol=stops.default_accept_tol(2e-3, sliding=True)
+                            ).sample(1, seed=0, first_sample=881, **cond)
         monkeypatch.setattr(stops, "TAIL_SCALE", (stops.TAIL_SCALE[0], 1.0))
         flat = _sampler("digits", steps=50, window=5).sample(1, seed=0, first_sample=881, **cond)
         assert float((flat.samples - seq).abs().max()) > 1.3 * flat.stats.tol_abs[0]
+        assert torch.equal(explicit.samples, flat.samples) and not torch.equal(explicit.samples, res.samples)
 
 
 def test_the_guard_reads_the_same_share_of_the_trajectory_on_every_grid(monkeypatch):

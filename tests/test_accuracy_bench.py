@@ -157,5 +157,20 @@ def test_sliding_worst_reads_each_sample_as_drawn_alone(capsys):
     assert main(["--steps", "10", "--samples", "4", "--windows", "2,3"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n| 2 |") == 1 and out.count("\n| 3 |") == 1
-    with pytest.raises(SystemExit):
-        main(["--steps", "10", "--windows", "10"])
+    for bad in (["--steps", "10", "--windows", "10"], ["--solver", "ddpm", "--before"], ["--windows", "2,x"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(bad)
+        assert exit_.value.code == 2, bad
+    with pytest.raises(ValueError, match="before"):
+        worst(10, "ddpm", 4, 4, 3, before=True)
+
+
+def test_sliding_worst_exits_1_when_a_sample_ends_over_tol(monkeypatch, capsys):
+    import benchmarks.sliding_worst as sw
+
+    rows = {2: 0, 3: 1}
+    monkeypatch.setattr(sw, "worst", lambda steps, solver, samples, chunk, w, before=False: {
+        "window": w, "worst": 0.5 + rows[w], "over": rows[w], "top": [(0, 0.5 + rows[w])], "rounds": 5.0})
+    assert sw.main(["--steps", "10", "--windows", "2,3"]) == 1
+    assert sw.main(["--steps", "10", "--windows", "2"]) == 0
+    assert "| 3 | 1.500 | 0 (1.500) | 1 |" in capsys.readouterr().out

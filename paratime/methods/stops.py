@@ -92,10 +92,10 @@ def default_accept_tol(tol: float, stochastic: bool = False, sliding: bool = Fal
       DDPM-100 window 16 0.20x at ``tol / 20``), so one acceptance serves both. But 881's margin was the luck of
       those windows: on windows of 3 / 5 / 7 it ended 0.99x / 1.77x / 1.06x of tol, from points accepted in the
       grid's second half that its late stretch then amplified, so a deterministic solver's sliding window accepts
-      the last half of its grid at a third of that (:data:`TAIL_FRACTION`, :data:`TAIL_SCALE`: ``tol / 100``; at
+      the last half of its grid at 0.3 of that (:data:`TAIL_FRACTION`, :data:`TAIL_SCALE`: ``tol / 100``; at
       ``tol / 60``, 881 reached 0.67x on a window of 12). Over 4,096 digits DDIM-50 samples
       (``benchmarks/sliding_worst.py``) the worst is now 0.04-0.24 of tol on each window of 2-8 and 16, 0.47 on 12
-      (881), against 0.17-1.77 before, for 0.2-0.8 more rounds a sample (1-3%). The rarer trajectory that amplifies
+      (881), against 0.17-1.77 before, for 0.1-0.8 more rounds a sample (1-3%). The rarer trajectory that amplifies
       more within a window is caught by the amplification guard (:func:`gain_limit`: 5 here)."""
     return tol * ACCEPT_SCALE * (STOCHASTIC_FULL_SCALE if stochastic and not sliding else 1.0)
 
@@ -259,7 +259,9 @@ def make_stop(stop: str, tol: float | None, accept_tol: float | None = None, sca
         scale: ``final`` only: the data scale ``tol`` and ``accept_tol`` are relative to (1: absolute units; None:
             each sample's own max-abs, see :class:`FinalPointStop`).
         stochastic: the solver draws step noise (in a window of the whole grid: stricter default acceptance).
-        sliding: a window shorter than the grid (looser default acceptance: it drives the slide).
+        sliding: a window shorter than the grid (acceptance drives the slide: tol / 30 on the whole grid where a
+            window of the whole grid accepts at tol / 3000 for a stochastic solver; a deterministic solver's last
+            half at tol / 100, where the whole grid's last quarter is at tol / 300).
     Returns:
         the rule (see the module docstring).
     Raises:
