@@ -43,14 +43,19 @@ def _sequential(steps: int, solver: str, samples: int, chunk: int) -> tuple[torc
     return tuple(out)
 
 
+def _check_before(solver: str, before: bool) -> None:
+    """``before`` applies to a deterministic solver only: a stochastic one's sliding acceptance did not change."""
+    if before and make_solver(solver).stochastic:
+        raise ValueError(f"before: applies to a deterministic solver only, not {solver!r} (it draws step noise)")
+
+
 def worst(steps: int, solver: str, samples: int, chunk: int, window: int, before: bool = False) -> dict:
     """One window's row: ``worst`` (error / tol), ``top`` the three worst ``(sample, error / tol)``, ``over`` the
     samples above tol, ``rounds`` a sample's mean rounds.
 
     Raises:
         ValueError: ``before`` with a stochastic ``solver`` (its sliding acceptance did not change)."""
-    if before and make_solver(solver).stochastic:
-        raise ValueError(f"before: applies to a deterministic solver only, not {solver!r} (it draws step noise)")
+    _check_before(solver, before)
     opts = dict(accept_tol=default_accept_tol(DEFAULT_TOL["final"])) if before else {}
     par = make_sampler("digits", steps, "compute", window, method="picard", window=window, solver=solver, **opts)
     errs, rounds = [], []
@@ -77,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.solver not in SOLVERS:
         ap.error(f"--solver: unknown {args.solver!r}; allowed: {', '.join(SOLVERS)}")
-    if args.before and make_solver(args.solver).stochastic:
-        ap.error(f"--before: applies to a deterministic solver only ({args.solver} draws step noise: its sliding "
-                 "acceptance did not change)")
+    try:
+        _check_before(args.solver, args.before)
+    except ValueError as e:
+        ap.error(f"--{e}")
     if args.steps < 3 or args.samples < 1 or args.chunk < 1:
         ap.error("--steps: at least 3; --samples, --chunk: at least 1")
     try:
