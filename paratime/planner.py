@@ -25,14 +25,15 @@ the end) until under one point. A window of the whole grid spends :data:`STALL_R
 every point once after its predecessor is exact; exact on the digits U-Net, DDIM-20 / DDIM-50: N + 1 rounds for every W
 < N, N for W = N). The constants were fitted to measured rounds and rows (digits U-Net, batch 1, 4 seeds, default
 tolerance; ``python -m paratime.bench.devices --calibrate [--solver dpmpp_2m --steps 20]`` prints the table; re-measured
-with sliding windows accepting at ``tol / 30``, a deterministic solver's last half at ``tol / 100``): DDIM-50 W = 2, 4,
-8, 16, 32, 50: 37-38, 25-26, 18, 13-14, 11-12, 9-11 rounds of 74, 95, 121, 162, 214, 302 rows measured, 36, 24, 18, 14,
-13, 9 of 70, 88, 115, 147, 216, 297 modelled; DDIM-100 W = 2, 4, 8, 16, 32, 100: 71-72, 46-48, 29-30, 19-20, 14-15,
-11-12 of 141, 180, 219, 265, 339, 636 measured, 69, 44, 29, 20, 16, 10 of 136, 168, 203, 240, 312, 622 modelled;
-DPM++(2M)-20 W = 2, 4, 8, 16, 20: 17, 13-14, 11-12, 9-10, 8-10 of 32, 46, 66, 86, 112 measured, 16, 12, 11, 11, 9 of 30,
-40, 60, 89, 110 modelled. The model before this one (an advance of ``W ** 0.55`` from the first round and four stop
-rounds at the last width) put the whole grid's rows 30-35% low (206 of 292, 499 of 617, 70 of 107) and mid-size windows'
-rounds 20-40% high (DDIM-100 W = 16: 27 of 19), which made the widest window look cheapest wherever rows cost anything.
+with sliding windows accepting at ``tol / 30``, a deterministic solver's last half at ``tol / 100``, and the stop
+rule's carried test): DDIM-50 W = 2, 4, 8, 16, 32, 50: 37-38, 25-26, 16-17, 12-13, 10-11, 9-10 rounds of 74, 95, 118,
+160, 212, 299 rows measured, 36, 24, 18, 14, 13, 9 of 70, 88, 115, 147, 216, 297 modelled; DDIM-100 W = 2, 4, 8, 16,
+32, 100: 71-72, 46-48, 28-30, 18-19, 14, 10-11 of 141, 180, 217, 263, 337, 630 measured, 69, 44, 29, 20, 16, 10 of 136,
+168, 203, 240, 312, 622 modelled; DPM++(2M)-20 W = 2, 4, 8, 16, 20: 17, 13-14, 10-12, 8-10, 7-9 of 32, 46, 65, 85, 110
+measured, 16, 12, 11, 11, 9 of 30, 40, 60, 89, 110 modelled. The model before this one (an advance of ``W ** 0.55``
+from the first round and four stop rounds at the last width) put the whole grid's rows 30-35% low (206 of 292, 499 of
+617, 70 of 107) and mid-size windows' rounds 20-40% high (DDIM-100 W = 16: 27 of 19), which made the widest window look
+cheapest wherever rows cost anything.
 
 The plan never predicts slower than sequential sampling under ``method="auto"``: sequential is always a candidate
 and wins unless a parallel plan is predicted :data:`SEQUENTIAL_MARGIN` times faster (it is exact by construction,

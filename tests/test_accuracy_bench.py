@@ -136,7 +136,7 @@ def test_errors_are_relative_to_the_declared_or_own_scale():
 def test_sliding_worst_reads_each_sample_as_drawn_alone(capsys):
     # benchmarks/sliding_worst.py backs the README's worst-of-4,096 rows: its chunks decide as each sample alone
     # (per-sample windows), its errors are over the tolerance in force, and --before is the flat tol / 30 (a
-    # different run: its second half slides sooner).
+    # different run: its second half accepts larger errors).
     from benchmarks.sliding_worst import main, worst
     from paratime import ParallelSampler
 
@@ -153,11 +153,16 @@ def test_sliding_worst_reads_each_sample_as_drawn_alone(capsys):
     ref = seq.sample(1, seed=0, first_sample=i, **cond).samples
     assert float((res.samples - ref).abs().max()) / res.stats.tol_abs[0] == pytest.approx(err, abs=2e-3)
     before = worst(10, "ddim", 6, 6, 3, before=True)
-    assert before["rounds"] != a["rounds"]
+    assert before["worst"] > 2 * a["worst"]          # the looser second half freezes larger errors
     assert main(["--steps", "10", "--samples", "4", "--windows", "2,3"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n| 2 |") == 1 and out.count("\n| 3 |") == 1
-    for bad in (["--steps", "10", "--windows", "10"], ["--solver", "ddpm", "--before"], ["--windows", "2,x"]):
+    # --tol: the errors are over that tolerance (digits' data scale is 1), and a looser one stops no later.
+    loose = worst(10, "ddim", 6, 6, 3, tol=0.05)
+    assert loose["worst_abs"] == pytest.approx(loose["worst"] * 0.05, rel=1e-6)
+    assert a["worst_abs"] == pytest.approx(a["worst"] * 2e-3, rel=1e-6) and loose["rounds"] <= a["rounds"]
+    for bad in (["--steps", "10", "--windows", "10"], ["--solver", "ddpm", "--before"], ["--windows", "2,x"],
+                ["--tol", "0"]):
         with pytest.raises(SystemExit) as exit_:
             main(bad)
         assert exit_.value.code == 2, bad
@@ -169,8 +174,9 @@ def test_sliding_worst_exits_1_when_a_sample_ends_over_tol(monkeypatch, capsys):
     import benchmarks.sliding_worst as sw
 
     rows = {2: 0, 3: 1}
-    monkeypatch.setattr(sw, "worst", lambda steps, solver, samples, chunk, w, before=False: {
-        "window": w, "worst": 0.5 + rows[w], "over": rows[w], "top": [(0, 0.5 + rows[w])], "rounds": 5.0})
+    monkeypatch.setattr(sw, "worst", lambda steps, solver, samples, chunk, w, before=False, tol=None: {
+        "window": w, "worst": 0.5 + rows[w], "over": rows[w], "top": [(0, 0.5 + rows[w])], "rounds": 5.0,
+        "worst_abs": 1e-3})
     assert sw.main(["--steps", "10", "--windows", "2,3"]) == 1
     assert sw.main(["--steps", "10", "--windows", "2"]) == 0
-    assert "| 3 | 1.500 | 0 (1.500) | 1 |" in capsys.readouterr().out
+    assert "| 3 | 1.500 | 1.00e-03 | 0 (1.500) | 1 | 5.00 | 2.00x |" in capsys.readouterr().out

@@ -29,7 +29,9 @@ window holds point ``p + k`` and produces the new value of point ``p + k + 1``. 
          final       when its final point y_N moved by <= 2 tol (max-abs, data units) in each of the last two rounds,
                      by no more than in the round before each (a change that grows is not quiet), with the error
                      estimated from their contraction <= tol and no point of its window moved by more than tol / 10
-                     in the last round (the whole window quiet), or every point is accepted (``a = accept_tol``,
+                     in the last round (the whole window quiet; under the secant update with a deterministic
+                     solver, or by no more than y_N did, and one quiet round is enough after a contraction by
+                     <= 0.3 a round), or every point is accepted (``a = accept_tol``,
                      default :func:`default_accept_tol`: an accepted point is frozen, so its error must stay well
                      below the target: tol / 30; tol / 300 on the last quarter of a deterministic solver's
                      whole grid and tol / 100 on the last half of its sliding window, tol / 3000 on a
@@ -118,7 +120,9 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
             over features) that the stopping rule aims at, in units of ``tol_scale``: a sample is returned once its
             final point moved by <= 2 tol, and by no more than the round before, in each of two successive rounds
             and the error estimated from their contraction is <= tol while no point of its window moved by more
-            than tol / 10 in the last round, or once every point is accepted and its final
+            than tol / 10 in the last round (or, under the secant update with a deterministic solver, by more than
+            the final point did; there one such round is enough after a contraction by <= 0.3 a round), or once
+            every point is accepted and its final
             point moved by <= tol (:mod:`paratime.methods.stops`); ``stop="paradigms"``:
             ParaDiGMS's tolerance in units of the noise level. 0 runs to the exact fixed point (the sequential
             sample). None: ``DEFAULT_TOL[stop]``.
@@ -156,7 +160,8 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
     if fill not in FILLS:
         raise ValueError(f"fill: unknown {fill!r}; allowed: {', '.join(FILLS)}")
     N, B, dev = problem.steps, x.shape[0], x.device
-    stopper = make_stop(stop, tol, accept_tol, tol_scale, stochastic=problem.solver.stochastic, sliding=window < N)
+    stopper = make_stop(stop, tol, accept_tol, tol_scale, stochastic=problem.solver.stochastic, sliding=window < N,
+                        update=update)
     levels = acceptance_levels(problem.noise_levels, stopper.accept, stopper.tail, stopper.tail_fraction)  # (3, N+1)
     init, need_den = path_plan(init, fill, window, N, max_rounds)
     # The trajectory lives in the model's frame (ParaDiGMS iterates on VP latents): there the state barely moves at
