@@ -351,21 +351,26 @@ def test_under_the_secant_a_window_no_busier_than_its_final_point_is_calm():
     assert stops_at(make_stop("final", 0.1), lambda moved: moved, slow) == 3
 
 
+def _force_carried(monkeypatch, carried):
+    """Every :class:`FinalPointStop` made from now on has ``carried`` set to ``carried``, nothing else changed."""
+    import paratime.methods.stops as stops
+
+    init = stops.FinalPointStop.__init__
+
+    def forced(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.carried = carried
+
+    monkeypatch.setattr(stops.FinalPointStop, "__init__", forced)
+
+
 def test_the_carried_window_test_returns_samples_sooner_within_tol(monkeypatch):
     # gmm DDIM-100, full window: the secant's final point is its window's busiest in the last rounds, so samples end
     # a round sooner than under the absolute window test alone, each still within tol.
-    import paratime.methods.stops as stops
-
     seq = _sampler("gmm", solver="ddim", steps=100, method="sequential").sample(256, seed=0).samples
     res = _sampler("gmm", solver="ddim", steps=100, window=100, tol=1e-2).sample(256, seed=0)
     assert_within_tol(res, seq)
-    init = stops.FinalPointStop.__init__
-
-    def absolute(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self.carried = False
-
-    monkeypatch.setattr(stops.FinalPointStop, "__init__", absolute)
+    _force_carried(monkeypatch, False)
     before = _sampler("gmm", solver="ddim", steps=100, window=100, tol=1e-2).sample(256, seed=0)
     assert sum(res.stats.sample_rounds) < sum(before.stats.sample_rounds)
 
@@ -377,8 +382,6 @@ PLATEAU = [1104, 3951]
 
 
 def test_a_stochastic_full_window_keeps_the_absolute_window_test(monkeypatch):
-    import paratime.methods.stops as stops
-
     seq_sampler = _sampler("gmm", solver="ddpm", steps=100, method="sequential")
     refs = {i: seq_sampler.sample(1, seed=0, first_sample=i).samples for i in PLATEAU}
 
@@ -388,13 +391,7 @@ def test_a_stochastic_full_window_keeps_the_absolute_window_test(monkeypatch):
     for i in PLATEAU:
         assert_within_tol(run(i), refs[i], i)
     # Carried there too (nothing else changed): the plateau passes for convergence and the sample ends over tol.
-    init = stops.FinalPointStop.__init__
-
-    def carried(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self.carried = True
-
-    monkeypatch.setattr(stops.FinalPointStop, "__init__", carried)
+    _force_carried(monkeypatch, True)
     for i in PLATEAU:
         res = run(i)
         assert float((res.samples - refs[i]).abs().max()) > 2 * res.stats.tol_abs[0], i

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from .updates import UPDATES
+from .updates import CARRIES, UPDATES
 
 __all__ = ["STOPS", "DEFAULT_TOL", "TAIL_FRACTION", "default_accept_tol", "gain_limit", "make_stop", "FinalPointStop",
            "AllAcceptedStop"]
@@ -327,4 +327,4 @@ def make_stop(stop: str, tol: float | None, accept_tol: float | None = None, sca
     accept = default_accept_tol(tol, stochastic, sliding) if accept_tol is None else float(accept_tol)
     # The default's stricter tail (a deterministic solver); a given accept_tol is flat.
     tail = TAIL_SCALE[sliding] if accept_tol is None and not stochastic else 1.0
-    return FinalPointStop(tol, accept, scale, tail, sliding, carried=update == "secant" and not stochastic)
+    return FinalPointStop(tol, accept, scale, tail, sliding, carried=update in CARRIES and not stochastic)

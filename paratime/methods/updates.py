@@ -19,9 +19,13 @@ from paratime.kernels import cumsum0, picard_update
 
 from ..checks import check_int
 
-__all__ = ["UPDATES", "HISTORY", "UpdateRule", "SAFEGUARD", "ANDERSON_REG", "gain_span"]
+__all__ = ["UPDATES", "CARRIES", "HISTORY", "UpdateRule", "SAFEGUARD", "ANDERSON_REG", "gain_span"]
 
 UPDATES = ("secant", "picard", "anderson")
+#: the updates whose values carry each point's change down the window within the round (the secant's Newton
+#: recurrence; Picard moves a change one point a round, Anderson mixes past iterates): the final stop rule reads it
+#: (:class:`~paratime.methods.stops.FinalPointStop` ``carried``)
+CARRIES = frozenset({"secant"})
 #: past rounds each update keeps per window point: secant its last evaluation (:attr:`UpdateRule.last`), anderson
 #: its last m values and residuals (ParaTAA's memory, less the current round; :attr:`UpdateRule.hist`)
 HISTORY = {"picard": 0, "secant": 1, "anderson": 3}
