@@ -142,6 +142,7 @@ def sample(case: Case, batch: int, seed: int = 0, first_sample: int = 0, noise: 
     comes from the seed)."""
     if options.get("method", "picard") in ("picard", "auto"):
         options.setdefault("window", case.window)
+        options = rule_options(options, options["window"], case.steps)
     if case.model == SD:
         if first_sample or noise is not None:
             raise ValueError("first_sample, noise: the tiny SD cases start from their own seeded latents")
@@ -454,6 +455,14 @@ HEADLINE = ("digits-ddim100", "digits-ddpm1000", "gmm-ddpm1000", "policy", "sd-d
 #: the real class on the same network, noise and window (``tests/test_accuracy_bench.py``)
 PARADIGMS_RULE = (("update", "picard"), ("shared_window", True), ("init", "noise"), ("fill", "copy"))
 RATIO = 1.5                     # the issue's target: the real class's rounds / paratime's default rounds
+
+
+def rule_options(options: dict, window: int | None, steps: int) -> dict:
+    """``options`` without a ``fill`` where the window (None: the whole grid) covers the ``steps``-step grid and no
+    ``max_rounds`` is given: nothing enters such a window, and the sampler refuses a fill that does not apply."""
+    if "fill" in options and (window is None or window >= steps) and options.get("max_rounds") is None:
+        return {k: v for k, v in options.items() if k != "fill"}
+    return options
 
 
 def headline(name: str, batch: int | None = None, with_rule: bool = True) -> dict:

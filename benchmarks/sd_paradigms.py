@@ -23,7 +23,7 @@ import torch
 
 from paratime.methods.picard import DEFAULT_TOL
 
-from .rounds_at_accuracy import PARADIGMS_RULE
+from .rounds_at_accuracy import PARADIGMS_RULE, rule_options
 
 __all__ = ["compare", "markdown", "main"]
 
@@ -74,7 +74,8 @@ def compare(steps: int = 50, window: int = 16, repeats: int = 3, batch: int = 1,
         "paratime sequential": _paratime(paratime, pipe, args, method="sequential"),
         # diffusers' rule on paratime's engine: the same rounds and evaluations as the real class (issue 25)
         "paratime picard, stop=paradigms + PARADIGMS_RULE, tol 0.1": _paratime(
-            paratime, pipe, args, window=window, stop="paradigms", tol=0.1, **dict(PARADIGMS_RULE)),
+            paratime, pipe, args, window=window, stop="paradigms", tol=0.1,
+            **rule_options(dict(PARADIGMS_RULE), window, steps)),
         "paratime picard, stop=paradigms, tol 0.1": _paratime(paratime, pipe, args, window=window, stop="paradigms",
                                                               tol=0.1),
         f"paratime picard, default tol ({DEFAULT_TOL['final']:g} of each latent's max-abs, final)": _paratime(

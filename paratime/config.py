@@ -218,6 +218,11 @@ class SamplerConfig:
                 names = [repr(m) for m in readers]
                 allowed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
                 raise ValueError(f"{name}: applies only to method={allowed}, not {self.method!r}")
+        if (self.fill != _default("fill") and self.method == "picard" and isinstance(self.window, int)
+                and self.window >= self.steps and self.max_rounds is None):
+            raise ValueError(f"fill: applies only to a sliding window (window < steps, or max_rounds=, after which "
+                             f"a window of 1 slides); window={self.window} covers the whole {self.steps}-step grid, "
+                             f"so no point enters it")
         if self.coarse is not None and self.coarse_steps != _default("coarse_steps"):
             raise ValueError("coarse_steps: applies only to the built-in coarse propagator; coarse= replaces it")
 
@@ -249,6 +254,9 @@ class SamplerConfig:
         if method.startswith("parareal") or method == "sequential":
             fixed.setdefault("tol_units", None)
             fixed.setdefault("data_scale", None)
+        window = fixed.get("window", self.window)
+        if isinstance(window, int) and window >= self.steps and fixed.get("max_rounds", self.max_rounds) is None:
+            fixed.setdefault("fill", _default("fill"))    # given for the sliding candidates: nothing enters this one
         return dataclasses.replace(self, method=method, **fixed)
 
     def for_devices(self, workers: int) -> "SamplerConfig":

@@ -99,6 +99,17 @@ def test_unsupported_schedulers_and_arguments_fail_at_wrap_or_call_time():
         paratime.parallelize(object())
 
 
+def test_fill_is_refused_at_the_call_whose_steps_the_window_covers():
+    """``fill`` is checked against the call's num_inference_steps (unknown at wrap time): a window of 4 slides over 5
+    steps and samples; over 4 steps it covers the grid, and the call names ``fill``."""
+    pipe = tiny_sd()
+    pipe.scheduler = diffusers.DDIMScheduler(**SD_BETAS, timestep_spacing="trailing")
+    ppipe = paratime.parallelize(pipe, window=4, fill="copy")
+    assert ppipe(**_call(pipe, num_inference_steps=5)).images.shape == (2, 4, 6, 8)
+    with pytest.raises(ValueError, match="^fill: applies only to a sliding window"):
+        ppipe(**_call(pipe, num_inference_steps=4))
+
+
 def test_import_paratime_does_not_import_diffusers():
     code = "import sys, paratime; assert 'diffusers' not in sys.modules; assert callable(paratime.parallelize)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

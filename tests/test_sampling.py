@@ -219,10 +219,26 @@ def test_non_finite_network_output_names_the_step():
     (dict(method="parareal", coarse=lambda x, a, b: x, coarse_steps=3), "^coarse_steps: applies only"),
     (dict(classifier=lambda x, t: x.sum()), "^classifier: applies only"),
     (dict(classifier_scale=0.0), "^classifier_scale: given without"),
+    (dict(steps=10, window=10, fill="copy"), "^fill: applies only to a sliding window"),
+    (dict(steps=10, window=12, fill="copy"), "^fill: applies only to a sliding window"),
 ])
 def test_bad_options_name_the_argument(kw, match):
     with pytest.raises(ValueError, match=match):
         ParallelSampler("gmm", progress=False, **kw)
+
+
+def test_fill_is_taken_wherever_a_window_slides():
+    """``fill`` applies to a window shorter than the grid, to ``max_rounds`` (a window of 1 slides after it) and to
+    the planner's ``auto`` window (its sliding candidates): each is built and samples."""
+    for kw in (dict(window=4), dict(window=10, max_rounds=2), dict(window="auto"), dict(method="auto")):
+        s = ParallelSampler("gmm", steps=10, fill="copy", progress=False, **kw)
+        assert s.sample(4, seed=0).samples.shape == (4, 2), kw
+    # A latency-bound cost makes the planner pick the whole grid: the fill, given for its sliding candidates, is
+    # not this run's (the run is the planner's choice, not the user's: nothing to refuse).
+    for method in ("picard", "auto"):
+        res = ParallelSampler("gmm", steps=50, method=method, fill="copy", cost="latency", progress=False).sample(
+            4, seed=0)
+        assert (res.stats.method, res.stats.window) == ("picard", 50)
 
 
 def test_bad_sample_inputs_name_the_argument():

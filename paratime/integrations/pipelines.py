@@ -699,8 +699,11 @@ def _check_options(solver, options: dict) -> SamplerConfig:
             raise TypeError(f"{name}: set by {_SET_BY_PIPELINE[name]}, not a parallelize() option")
         if name not in allowed:
             raise TypeError(f"{name}: unknown parallelize() option; allowed: {', '.join(allowed)}")
-    # steps: the smallest the options allow (Parareal's slices); the call's num_inference_steps is checked again.
-    cfg = SamplerConfig.from_options(solver=solver, steps=max(1, options.get("slices") or 1), **options)
+    # steps: the smallest the options allow (Parareal's slices; one more than an integer window, which then slides,
+    # so a fill is not refused before the call); the call's num_inference_steps is checked again.
+    window = options.get("window")
+    slid = window + 1 if isinstance(window, int) and not isinstance(window, bool) else 1
+    cfg = SamplerConfig.from_options(solver=solver, steps=max(1, options.get("slices") or 1, slid), **options)
     if cfg.method.startswith("parareal") and solver.history_depth > 1:
         raise ValueError(f"method: {cfg.method!r} carries one previous model output across slices, but "
                          f"{solver.name} uses {solver.history_depth}; use method='picard' or 'sequential'")

@@ -141,7 +141,8 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
             or ``auto`` (default): ``x0`` when the window is shorter than the grid, else ``noise`` (a full window's
             first round already evaluates every point at x_T, so the extra call buys nothing there).
         fill: the guess of the points that enter a sliding window: ``path`` (default; the constant-D path from the
-            old window end) or ``copy`` (the value at the old window end, ParaDiGMS).
+            old window end) or ``copy`` (the value at the old window end, ParaDiGMS). Read only where a window
+            slides (W < N, or after ``max_rounds``); :class:`~paratime.config.SamplerConfig` refuses another.
         tol_scale: ``stop="final"``: the data scale ``tol`` and ``accept_tol`` are relative to: 1 (default) absolute
             units, a number (a model's declared scale), or None: each sample's own, the max-abs of its final point
             (:class:`~paratime.methods.stops.FinalPointStop`).
