@@ -40,6 +40,7 @@ from hypothesis import strategies as st
 from paratime import ParallelSampler
 from paratime.denoiser import Denoiser, from_x0
 from paratime.methods import METHODS
+from paratime.methods.parareal import slice_bounds
 from paratime.methods.picard import FILLS, INITS, STOPS, UPDATES
 from paratime.solvers import SOLVERS, make_solver
 from paratime.zoo import GaussianMixture, ring_gmm
@@ -156,7 +157,9 @@ def cases(draw, methods: tuple[str, ...] | None = None, max_parallel: int | None
         if opts["window"] < steps:          # a window of the whole grid takes no fill: nothing enters it
             opts["fill"] = draw(st.sampled_from(FILLS))
     elif method.startswith("parareal"):
-        opts.update(slices=draw(st.integers(1, cap(steps))), coarse_steps=draw(st.integers(1, 3)))
+        slices = draw(st.integers(1, cap(steps)))
+        bounds = slice_bounds(steps, slices)            # coarse steps: at most the shortest slice's fine steps
+        opts.update(slices=slices, coarse_steps=draw(st.integers(1, min(3, int((bounds[1:] - bounds[:-1]).min())))))
     return Case(model, method, draw(st.integers(1, 5)), draw(st.integers(0, 2**16)), opts)
 
 

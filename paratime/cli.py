@@ -369,8 +369,10 @@ def _check_sample_args(args) -> dict:
     if args.pipeline is not None:
         _refuse({"--model": args.model, "--prediction": args.prediction, "--schedule": args.schedule,
                  "--sample-shape": args.sample_shape, "--label": args.label, "--solver": args.solver,
-                 "--spacing": args.spacing, "--eta": args.eta, "--policy-demo": demo, "--policy-out": args.policy_out},
-                "does not apply with --pipeline (the pipeline's scheduler and components decide)")
+                 "--spacing": args.spacing, "--eta": args.eta, "--policy-demo": demo, "--policy-out": args.policy_out,
+                 "--workers": args.workers},
+                "does not apply with --pipeline (the pipeline's scheduler and components decide; it runs on one "
+                "device)")
         if args.backend != "local":
             raise UsageError("--backend: --pipeline runs with --backend local")
     else:
@@ -434,19 +436,33 @@ def _pipeline_pngs(args) -> list[str]:
     """``--out OUT.png`` with ``--pipeline``: ``OUT-0.png``, ``OUT-1.png``, ... one per image."""
     if not args.out:
         return []
-    p = Path(args.out)
-    stem = p.with_suffix("") if p.suffix.lower() == ".png" else p
+    stem = Path(args.out).with_suffix("")           # (a .png name: checked before the work)
     return [f"{stem}-{i}.png" for i in range(args.batch)]
 
 
+#: the pipelines ``sample --pipeline`` drives: text to image (a prompt in, images out); the others (img2img,
+#: inpainting, ControlNet, video) take inputs the command has no flags for: :func:`paratime.parallelize` runs them
+_CLI_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+
+
 def _check_pipeline_args(args, opts: dict) -> dict:
-    """``sample --pipeline DIR``: the folder, the prompt, the size and the outputs, before the pipeline loads."""
-    from .config import check_int, check_number
+    """``sample --pipeline DIR``: the folder and its pipeline class, the sampler options (as the sampler will check
+    them, with the pipeline's own solver still unknown), the prompt, the size and the outputs, before the pipeline
+    loads."""
+    from .config import SamplerConfig, check_int, check_number
 
     folder = Path(args.pipeline)
     if not (folder / "model_index.json").is_file():
         raise UsageError(f"--pipeline: {args.pipeline} holds no model_index.json; give a folder written by a "
                          f"diffusers pipeline's save_pretrained")
+    try:
+        cls = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as e:
+        raise UsageError(f"--pipeline: cannot read {folder / 'model_index.json'}: {e}") from e
+    if cls not in _CLI_PIPELINES:
+        raise UsageError(f"--pipeline: {args.pipeline} holds a {cls}; this command runs text-to-image pipelines "
+                         f"({', '.join(_CLI_PIPELINES)}); drive others with paratime.parallelize(pipe) from Python")
+    SamplerConfig.from_options(**opts)          # --method, --window, --tol, --steps, --device ... before the load
     if not args.prompt:
         raise UsageError("--prompt: required with --pipeline (a non-empty text prompt)")
     for flag, v in (("height", args.height), ("width", args.width)):
@@ -454,6 +470,9 @@ def _check_pipeline_args(args, opts: dict) -> dict:
         if v is not None and v % 8:
             raise UsageError(f"--{flag}: must be a multiple of 8 (the VAE's scale factor), got {v}")
     check_number("guidance", args.guidance, 0, none=True)
+    if args.out and Path(args.out).suffix.lower() != ".png":
+        raise UsageError(f"--out: writes PNGs (OUT-0.png, OUT-1.png, ... from OUT.png); give a file name ending in "
+                         f".png, got {args.out!r}")
     for path in _pipeline_pngs(args):
         _check_writable("--out", path)
     for flag, path in (("--save", args.save), ("--json", args.json)):
@@ -761,7 +780,7 @@ def _check_train_args(args) -> None:
 
 # Messages name the API argument ("window: ..."); on the command line they name the flag ("--window: ...").
 _FLAG_OF = {"labels": "--label", "shape": "--batch", "shape, steps": "--batch, --steps", "timeout_s": "--timeout",
-            "solver_options": "--eta"}
+            "solver_options": "--eta", "pipe": "--pipeline"}
 
 
 def _as_flag(message: str, args) -> str:
@@ -778,9 +797,17 @@ _OUTPUTS = {"train-digits": ("out",), "eval-digits": ("json",), "train-policy": 
             "eval-policy": ("out", "json"), "likelihood": ("json",)}
 
 
+#: outputs written in one format, whose name must say so (a PNG written to x.jpg would mislead every viewer)
+_SUFFIXES = {("eval-policy", "out"): ".png"}
+
+
 def _check_outputs(args) -> None:
     for dest in _OUTPUTS.get(args.command, ()):
-        _check_writable(f"--{dest}", getattr(args, dest))
+        path, suffix = getattr(args, dest), _SUFFIXES.get((args.command, dest))
+        _check_writable(f"--{dest}", path)
+        if path and suffix and Path(path).suffix.lower() != suffix:
+            raise UsageError(f"--{dest}: writes a {suffix[1:].upper()}; give a file name ending in {suffix}, "
+                             f"got {path!r}")
 
 
 def _write_json(path: str | None, rec: dict) -> None:

@@ -25,6 +25,7 @@ from .denoiser import PREDICTIONS, Denoiser
 from .methods import METHODS
 from .methods import PARAREAL_TOL
 from .cost import check_cost
+from .methods.parareal import check_coarse_steps, slice_bounds
 from .methods.picard import DEFAULT_TOL, FILLS, INITS, STOPS, UPDATES, path_plan
 from .noise import tabulates
 from .planner import rounds_cap
@@ -150,6 +151,8 @@ class SamplerConfig:
             raise ValueError(f"spacing: unknown {self.spacing!r}; allowed: {', '.join(SPACINGS)}")
         check_int("slices", self.slices, 1, self.steps, none=True)
         check_int("coarse_steps", self.coarse_steps, 1)
+        if self.method.startswith("parareal") and self.coarse is None:
+            check_coarse_steps(slice_bounds(self.steps, self.slices), self.coarse_steps)
         if self.coarse is not None and not callable(self.coarse):
             raise TypeError(f"coarse: expected a callable coarse(x, sigma_from, sigma_to), "
                             f"got {type(self.coarse).__name__}")
@@ -208,8 +211,9 @@ class SamplerConfig:
 
     def _refuse_options_that_do_not_apply(self) -> None:
         """An option the chosen method or model part never reads is an error, not silently ignored."""
-        if self.guidance_rescale is not None and self.guidance is None:
-            raise ValueError("guidance_rescale: applies only with classifier-free guidance; give guidance= too")
+        if self.guidance_rescale is not None and (self.guidance is None or self.guidance == 1):
+            raise ValueError("guidance_rescale: applies only with classifier-free guidance; give guidance= too (other "
+                             "than 1, which is the conditional output alone)")
         if self.corrector_steps != 1 and self.corrector_snr is None:
             raise ValueError("corrector_steps: applies only with the Langevin corrector; give corrector_snr= too")
         # Each method's own options, at their defaults unless the method reads them (METHOD_OPTIONS).
@@ -428,6 +432,18 @@ def check_cond(denoiser: Denoiser, cond: dict, batch: int, device: torch.device 
     hook = getattr(denoiser.network, "check_cond", None)
     if callable(hook):
         hook(cond, batch)
+    if "uncond" in cond:
+        if not denoiser.guided:
+            raise ValueError("uncond: applies only with classifier-free guidance; give guidance= too (other than 1)")
+        if not isinstance(cond["uncond"], dict):
+            raise TypeError(f"uncond: expected a dict of the network's keyword arguments, "
+                            f"got {type(cond['uncond']).__name__}")
+    classifier = denoiser.classifier is not None and bool(denoiser.classifier_scale)
+    if "y" in cond and not classifier:
+        raise ValueError("y: applies only with classifier guidance (the classifier's labels); give classifier= and "
+                         "classifier_scale= too")
+    if classifier and cond.get("y") is None:
+        raise ValueError("y: classifier guidance needs the class labels as y=")
     if denoiser.guided and denoiser.uncond_fn is None and "uncond" not in cond:
         raise ValueError(f"guidance: classifier-free guidance (guidance={denoiser.guidance:g}) needs unconditional "
                          f"inputs, and this model has no uncond_fn: pass uncond={{...}} or leave guidance unset")

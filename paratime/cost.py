@@ -46,8 +46,9 @@ class CostCurve:
     """``c(r)`` from points ``(rows[k], seconds[k])``, piecewise linear in ``r``.
 
     Attributes:
-        rows: increasing row counts, the first one 1. seconds: ``c`` at those rows (seconds when measured; any
-            positive unit when given: only ratios to ``c(1)`` matter to the planner). name: where the curve came
+        rows: increasing row counts, the first one 1. seconds: ``c`` at those rows: seconds when measured or given
+            as a dict ``{rows: seconds}`` (``table``: the stats then predict wall seconds too); a callable's or a
+            named curve's own unit (only ratios to ``c(1)`` matter to the planner). name: where the curve came
             from (``compute``, ``latency``, ``measured``, ``table``, ``callable``).
     """
 
@@ -114,7 +115,10 @@ def check_cost(cost: Any) -> None:
             raise ValueError(f"cost: unknown {cost!r}; allowed: {', '.join(COST_NAMES)}, a callable c(rows), "
                              f"a dict {{rows: seconds}} or a CostCurve")
         return
-    if isinstance(cost, (CostCurve,)) or callable(cost):
+    if isinstance(cost, CostCurve):
+        return
+    if callable(cost):
+        make_cost(cost)     # tabulated once here: a callable that cannot take c(rows) fails before any work
         return
     if isinstance(cost, dict):
         make_cost(cost)
@@ -144,12 +148,18 @@ def make_cost(cost: Any, max_rows: int = 64) -> CostCurve:
         if any(isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1 for r in cost):
             raise ValueError(f"cost: table keys must be row counts >= 1, got {sorted(cost, key=str)}")
         rows = tuple(sorted(int(r) for r in cost))
+        bad = [cost[r] for r in rows if isinstance(cost[r], bool) or not isinstance(cost[r], numbers.Real)]
+        if bad:
+            raise TypeError(f"cost: table values must be seconds (numbers), got {bad[0]!r}")
         return CostCurve(rows, tuple(float(cost[r]) for r in rows), "table")
     if callable(cost):
         rows = tuple(sorted({*(2 ** k for k in range(max(1, max_rows).bit_length())), max(1, max_rows)}))
         values = []
         for r in rows:
-            v = cost(r)
+            try:
+                v = cost(r)
+            except TypeError as e:
+                raise TypeError(f"cost: the callable must take one argument, the row count (c(rows)): {e}") from e
             if isinstance(v, bool) or not isinstance(v, numbers.Real):
                 raise TypeError(f"cost: the callable must return a number, got {type(v).__name__} at rows={r}")
             values.append(float(v))

@@ -37,8 +37,8 @@ import torch
 
 from paratime.kernels import kernel_mode, triton_usable
 
-__all__ = ["draw_noise", "noise_rows", "LazyNoise", "normals_reference", "row_keys", "sample_keys", "mix64",
-           "initial_noise", "step_noise", "INITIAL", "STEP", "CORRECTOR", "PROBE", "DEQUANT", "PipelineNoise",
+__all__ = ["check_seed", "draw_noise", "noise_rows", "LazyNoise", "normals_reference", "row_keys", "sample_keys",
+           "mix64", "initial_noise", "step_noise", "INITIAL", "STEP", "CORRECTOR", "PROBE", "DEQUANT", "PipelineNoise",
            "check_generator", "generator_noise", "tabulates", "SMALL_TABLE_ELEMENTS", "draws_step_noise"]
 
 INITIAL, STEP, CORRECTOR, PROBE, DEQUANT = 0, 1, 2, 3, 4
@@ -77,6 +77,18 @@ def _check_index(name: str, value, bound: int = 1 << 64) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < bound:
         raise ValueError(f"{name}: must be an integer in [0, {bound}), got {value!r}")
     return value
+
+
+def check_seed(seed: int | None, first_sample: int = 0) -> None:
+    """A call's ``seed`` (None: the default) and ``first_sample``, each an integer in ``[0, 2^64)``, checked before
+    any work.
+
+    Raises:
+        ValueError: naming the argument.
+    """
+    if seed is not None:
+        _check_index("seed", seed)
+    _check_index("first_sample", first_sample)
 
 
 def sample_keys(seed: int, stream: int, samples: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 from .backends import Backend, cast_network, make_backend
 from .backends.base import map_cond
 from .backends.memory import DeviceMemoryError
+from .checks import check_int
 from .config import SamplerConfig, check_cond, declared_scale
 from .cost import MEASURE_ROWS, CostCurve, call_gaps, make_cost, measure_cost, round_cost
 from .denoiser import Denoiser
@@ -25,7 +26,7 @@ from .kernels import kernels as kernel_context, triton_usable
 from .evaluator import Evaluator, NonFiniteOutputError
 from .methods import METHODS, Problem, RoundInfo
 from .models import as_denoiser, model_factory, state_device
-from .noise import draws_step_noise, initial_noise, step_noise
+from .noise import check_seed, draws_step_noise, initial_noise, step_noise
 from .planner import ALONE, TIMED_SPAN, Plan, candidates, plan_sampling
 from .progress import RoundProgress
 from .results import SampleResult, SampleStats, record_rounds
@@ -39,10 +40,28 @@ log = logging.getLogger("paratime")
 _DENOISER_OPTIONS = ("guidance", "guidance_rescale", "classifier", "classifier_scale")
 
 
-def _check_progress(progress: Any) -> None:
-    """A call's ``progress``: True, False, or None for the sampler's own."""
+def check_kernels(kernels: str | None, state_dtype: torch.dtype, device: torch.device) -> None:
+    """``kernels="triton"`` needs a state the Triton kernels run on: CUDA (or ``TRITON_INTERPRET=1`` on CPU) and
+    float32/16; checked where the state's device and dtype are known, before any work.
+
+    Raises:
+        ValueError: naming ``kernels``.
+    """
+    if kernels == "triton" and not triton_usable(torch.empty(0, dtype=state_dtype, device=device)):
+        raise ValueError(f"kernels: 'triton' cannot run on this sampler's {state_dtype} state on {device}: it needs "
+                         f"CUDA, or TRITON_INTERPRET=1 on CPU, and a float32/16 state (state_dtype=torch.float32); "
+                         f"kernels='auto' falls back to torch")
+
+
+def _check_call(progress: Any, seed: Any, first_sample: Any, callback: Any) -> None:
+    """A call's own arguments, before any work (the plan, a measured cost curve, the noise): ``progress`` True,
+    False, or None for the sampler's own; ``seed`` and ``first_sample`` (:func:`~paratime.noise.check_seed`);
+    ``callback`` a callable or None."""
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"progress: expected True, False or None (the sampler's), got {progress!r}")
+    check_seed(seed, first_sample)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a callable callback(info) or None, got {type(callback).__name__}")
 
 
 class ParallelSampler:
@@ -96,11 +115,11 @@ class ParallelSampler:
         self.solver = cfg.build_solver()
         self.device = state_device(self.denoiser, cfg.device)
         self.state_dtype = cfg.state_dtype_on(self.device)
-        if kernels == "triton" and not triton_usable(torch.empty(0, dtype=self.state_dtype, device=self.device)):
-            raise ValueError(f"kernels: 'triton' cannot run on this sampler's {self.state_dtype} state on "
-                             f"{self.device}: it needs CUDA, or TRITON_INTERPRET=1 on CPU, and a float32/16 state "
-                             f"(state_dtype=torch.float32); kernels='auto' falls back to torch")
+        check_kernels(kernels, self.state_dtype, self.device)
         self.grid: TimeGrid = self.denoiser.schedule.grid(cfg.steps, cfg.spacing)
+        if backend_options is not None and not isinstance(backend_options, dict):
+            raise TypeError(f"backend_options: expected a dict of the backend's options, "
+                            f"got {type(backend_options).__name__}")
         if isinstance(backend, str) and backend == "ray" and isinstance(model, str):
             # Actors build a named model themselves instead of receiving the weights through the object store.
             backend_options = {"model": model_factory(model), **(backend_options or {})}
@@ -133,7 +152,7 @@ class ParallelSampler:
             ValueError, TypeError: bad ``shape``, ``noise``, ``seed`` or conditioning, naming the argument.
             NonFiniteOutputError: the network produced NaN or inf.
         """
-        _check_progress(progress)
+        _check_call(progress, seed, first_sample, callback)
         if generator is not None and seed is not None:
             raise ValueError("seed: applies only without generator= (the generator draws all the noise)")
         if generator is not None and first_sample != 0:
@@ -450,6 +469,7 @@ class ParallelSampler:
         """
         if self.decoder is None:
             raise ValueError("decoder: this sampler has none; pass decoder= to ParallelSampler")
+        check_int("batch", batch, 1)
         z = latents / (self.latent_scale or 1.0)
         dec = self.decoder.decode if hasattr(self.decoder, "decode") else self.decoder
         dtype = next(self.decoder.parameters()).dtype if isinstance(self.decoder, torch.nn.Module) else z.dtype
@@ -501,7 +521,7 @@ class ParallelSampler:
         from .methods import likelihood as lk
         from .noise import draw_noise
 
-        _check_progress(progress)
+        _check_call(progress, seed, first_sample, callback)
         if data_range is None and self.denoiser.clip_x0 is not None:
             data_range = (-self.denoiser.clip_x0, self.denoiser.clip_x0)
         solver = lk.flow_solver_for(self.solver) if solver is None else solver
@@ -550,8 +570,7 @@ class ParallelSampler:
             self.backend.bind(bound)
         prior = lk.gaussian_log_density(x_T, self.denoiser.schedule.prior_std(grid.sigmas[:1]).to(**kw))
         nats = prior + delta
-        stats = dataclasses.replace(self._stats(outcome, evaluator, wall, B), method=cfg.method, solver=solver,
-                                    steps=N, window=cfg.window_size if cfg.method == "picard" else None)
+        stats = dataclasses.replace(self._stats(outcome, evaluator, wall, B, cfg), solver=solver, steps=N)
         return lk.LikelihoodResult(nats, lk.bits_per_dim(nats, n, bin), prior, delta, x_T,
                                    float(grid.sigmas[-1]), float(grid.sigmas[0]), stats)
 

@@ -773,6 +773,8 @@ def make_solver(name: str | Solver, **options) -> Solver:
         if options:
             raise ValueError(f"solver_options: given with a Solver instance ({sorted(options)})")
         return name
+    if not isinstance(name, str):
+        raise TypeError(f"solver: expected a solver name or a Solver, got {type(name).__name__}")
     if name not in SOLVERS:
         raise ValueError(f"solver: unknown {name!r}; allowed: {', '.join(sorted(SOLVERS))}")
     try:
@@ -999,6 +1001,9 @@ class Consistency(DDPM):
     (:class:`paratime.integrations.diffusers.LCMBoundary`)."""
 
     name: ClassVar[str] = "consistency"
+    #: not a field: every step re-noises with fresh noise (LCM's rule), so the solver takes no ``eta`` (DDPM's would
+    #: be ignored by :meth:`coefficients`, and ``eta=0`` would mark the solver deterministic while it draws noise)
+    eta: ClassVar[float] = 1.0
 
     def coefficients(self, s: torch.Tensor, s1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return s1.expand_as(s).clone(), torch.zeros_like(s)

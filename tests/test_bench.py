@@ -37,6 +37,24 @@ def test_suite_check_fails_when_a_bounded_method_exceeds_its_tolerance():
     assert failures([{**rec, "max_abs_diff": 5e-4}]) == []
     assert failures([{**rec, "max_abs_diff": 2e-3}]) != []
     assert failures([{**rec, "method": "parareal", "max_abs_diff": 2e-3}]) == []    # its tol bounds no difference
+    # The tolerance in force is relative to the data scale (a model without one: each sample's max-abs): a diff of
+    # 16 within tol 0.1 of a sample of scale ~490 holds; the ratio to the tolerance in force decides.
+    assert failures([{**rec, "tol": 0.1, "max_abs_diff": 16.0, "diff_over_tol": 0.33}]) == []
+    assert failures([{**rec, "tol": 0.1, "max_abs_diff": 0.05, "diff_over_tol": 1.2}]) != []
+
+
+def test_suite_records_the_diff_against_the_tolerance_in_force():
+    """A model that declares no data scale (the tiny UNet): tol is relative to each sample's max-abs, and the record's
+    ``diff_over_tol`` is the diff over that (``paratime bench --quick`` failed on an absolute comparison)."""
+    from paratime.bench.suite import Case, run_case
+
+    case = Case("unet", "ddim", 10, "picard", 2, window=10, tol=0.1, reps=1)
+    ref = ParallelSampler("unet", solver="ddim", steps=10, method="sequential", progress=False).sample(2, seed=0)
+    rec = run_case(case, ref.samples)
+    res = ParallelSampler("unet", solver="ddim", steps=10, window=10, tol=0.1, progress=False).sample(2, seed=0)
+    per = (res.samples - ref.samples).flatten(1).abs().amax(1) / torch.tensor(res.stats.tol_abs)
+    assert rec["diff_over_tol"] == pytest.approx(float(per.max()))
+    assert rec["diff_over_tol"] <= 1 and failures([rec]) == []
 
 
 def test_mlp_fixture_is_latency_sized():

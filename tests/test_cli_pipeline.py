@@ -61,6 +61,9 @@ def test_pipeline_pngs_equal_the_pipelines_own(saved_pipeline, tmp_path, capsys)
     (["--prompt", "a cat", "--height", "60"], "--height"),
     (["--prompt", "a cat", "--backend", "ray"], "--backend"),
     (["--prompt", "a cat", "--out", "/nonexistent-paratime-dir/x.png"], "--out"),
+    (["--prompt", "a cat", "--out", "x.jpg"], "--out"),                       # it writes PNGs
+    (["--prompt", "a cat", "--workers", "2"], "--workers"),                   # one device: was ignored
+    (["--prompt", "a cat", "--method", "sequential", "--window", "2"], "--window"),     # was dropped silently
 ])
 def test_pipeline_bad_inputs_are_one_line_errors(saved_pipeline, tmp_path, argv, flag, capsys):
     folder = str(tmp_path) if flag == "--pipeline" else str(saved_pipeline)
@@ -83,3 +86,34 @@ def test_an_incomplete_pipeline_folder_is_a_one_line_error(saved_pipeline, tmp_p
     assert main(["sample", "--pipeline", str(folder), "--prompt", "a cat", "--no-progress"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.strip().splitlines()[-1].startswith("paratime: error: --pipeline: cannot load"), err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--steps", "0"], "--steps"), (["--method", "bogus"], "--method"), (["--window", "0"], "--window"),
+    (["--device", "bogus"], "--device"),
+])
+def test_sampler_options_are_checked_before_the_pipeline_loads(saved_pipeline, tmp_path, argv, flag, capsys):
+    """A folder whose weights are gone: an option's error (not the load's) shows the option was checked first (a
+    typo no longer costs a model load, and --steps 0 / --device no longer end in a traceback)."""
+    import shutil
+
+    folder = tmp_path / "no-unet"
+    shutil.copytree(saved_pipeline, folder)
+    shutil.rmtree(folder / "unet")
+    assert main(["sample", "--pipeline", str(folder), "--prompt", "a cat", *argv, "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip().splitlines()[-1].startswith(f"paratime: error: {flag}:"), err
+
+
+def test_a_pipeline_that_is_not_text_to_image_is_named_before_the_load(saved_pipeline, tmp_path, capsys):
+    import json
+    import shutil
+
+    folder = tmp_path / "img2img"
+    shutil.copytree(saved_pipeline, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionImg2ImgPipeline"}))
+    shutil.rmtree(folder / "unet")                            # a load would fail: the class is read first
+    assert main(["sample", "--pipeline", str(folder), "--prompt", "a cat", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("paratime: error: --pipeline:") and "StableDiffusionImg2ImgPipeline" in err, err

@@ -66,3 +66,20 @@ def test_sample_quality_by_an_independent_classifier():
     # 200 samples: the standard error of a share near 0.85 is ~0.025.
     assert abs(scores["picard"]["confident_share"] - scores["sequential"]["confident_share"]) <= 0.05
     assert scores["sequential"]["confident_share"] >= 0.8
+
+
+@pytest.mark.parametrize("uncond, error, match", [
+    ({"labels": torch.tensor([99, 99])}, ValueError, r"^uncond\.labels: classes must lie in 0\.\.10, got 99"),
+    ({"labels": torch.tensor([1.5, 1.5])}, TypeError, r"^uncond\.labels: expected a \(2,\) integer tensor"),
+    ({"labels": torch.tensor([1])}, ValueError, r"^uncond\.labels: expected shape \(2,\)"),
+    ({"foo": torch.tensor([1, 1])}, ValueError, r"^uncond\.foo: the digits model's unconditional inputs"),
+])
+def test_negative_conditioning_is_checked_like_the_labels(uncond, error, match):
+    """``uncond`` (negative conditioning under guidance) is checked before any work: a bad class raised an
+    IndexError deep in the embedding and float labels were truncated. The null class 10 and any class pass."""
+    s = ParallelSampler("digits", steps=4, method="sequential", guidance=3.0, progress=False)
+    labels = torch.tensor([3, 7])
+    with pytest.raises(error, match=match):
+        s.sample(2, seed=0, labels=labels, uncond=uncond)
+    for ok in (torch.tensor([10, 10]), torch.tensor([1, 2])):
+        assert torch.isfinite(s.sample(2, seed=0, labels=labels, uncond={"labels": ok}).samples).all()

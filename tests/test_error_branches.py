@@ -85,7 +85,26 @@ SAMPLER_CASES = [
     ("likelihood on a staggered sampler", lambda: _gmm(method="staggered", window=2).log_likelihood(torch.zeros(2, 2)),
      ValueError, "method"),
     ("nested cond on another device",
-     lambda: _raw_sampler().sample((2, 2), uncond={"e": torch.zeros(2, device="meta")}), ValueError, "uncond.e"),
+     lambda: _raw_sampler(guidance=2.0).sample((2, 2), uncond={"e": torch.zeros(2, device="meta")}), ValueError,
+     "uncond.e"),
+    ("uncond without guidance", lambda: _raw_sampler().sample((2, 2), uncond={"e": torch.zeros(2)}), ValueError,
+     "uncond"),
+    ("uncond not a dict", lambda: _raw_sampler(guidance=2.0).sample((2, 2), uncond=[1]), TypeError, "uncond"),
+    ("y without a classifier", lambda: _raw_sampler().sample((2, 2), y=torch.zeros(2, dtype=torch.long)), ValueError,
+     "y"),
+    ("classifier guidance without y", lambda: _raw_sampler(classifier=lambda x, t: x, classifier_scale=1.0).sample(
+        (2, 2)), ValueError, "y"),
+    ("guidance_rescale with guidance 1", lambda: _raw_sampler(guidance=1.0, guidance_rescale=0.5), ValueError,
+     "guidance_rescale"),
+    ("eta on the consistency solver", lambda: _raw_sampler(solver="consistency", eta=0.5), ValueError, "eta"),
+    ("solver not a name", lambda: _raw_sampler(solver=["ddim"]), TypeError, "solver"),
+    ("backend not a name", lambda: _gmm(backend=["local"]), TypeError, "backend"),
+    ("backend_options not a dict", lambda: _gmm(backend_options=[1]), TypeError, "backend_options"),
+    ("cost table of strings", lambda: _gmm(cost={1: "a"}), TypeError, "cost"),
+    ("cost callable of two arguments", lambda: _gmm(cost=lambda a, b: 1.0), TypeError, "cost"),
+    ("decode batch 0", lambda: _gmm(decoder=lambda x: x).decode(torch.zeros(2, 2), batch=0), ValueError, "batch"),
+    ("callback not callable", lambda: _gmm().sample(2, callback=3), TypeError, "callback"),
+    ("likelihood seed -1", lambda: _gmm().log_likelihood(torch.zeros(2, 2), seed=-1), ValueError, "seed"),
 ]
 
 
@@ -788,3 +807,28 @@ def test_train_digits_restores_the_thread_count():
     after = torch.get_num_threads()
     torch.set_num_threads(before)                          # the later tests keep their count either way
     assert after == before
+
+
+def test_call_arguments_are_checked_before_the_cost_curve_is_measured(monkeypatch):
+    """A bad ``seed`` / ``first_sample`` / ``callback`` was refused only after the plan (and a measured cost curve's
+    timed calls on the network): now before any of it."""
+    import paratime.sampler as sampler_module
+
+    def measured(*a, **k):
+        raise AssertionError("the cost curve was measured before the call's arguments were checked")
+
+    monkeypatch.setattr(sampler_module, "measure_cost", measured)
+    s = ParallelSampler("digits", steps=4, cost="measure", progress=False)
+    for kw, error, name in ((dict(seed=-1), ValueError, "seed"), (dict(first_sample=-2), ValueError, "first_sample"),
+                            (dict(callback=3), TypeError, "callback")):
+        _raises(lambda: s.sample(2, **kw), error, name)
+
+
+def test_likelihood_stats_report_the_flow_method_that_ran():
+    """``log_likelihood(method=...)`` on a sampler of another method: the stats' tolerance is the flow's (Picard's
+    default 2e-3, Parareal's 0.1), not the sampler's method's (0 for sequential)."""
+    s = ParallelSampler("gmm", steps=10, method="sequential", progress=False)
+    x = torch.randn(3, 2, dtype=torch.float64)
+    for method, tol in (("picard", 2e-3), ("parareal", 0.1), ("sequential", 0.0)):
+        st = s.log_likelihood(x, method=method).stats
+        assert (st.method, st.tol) == (method, tol)

@@ -80,6 +80,7 @@ CLI_CASES = [
     ("eval tol without picard/parareal", ["eval-policy", "--methods", "sequential", "--tol", "0.1"], "--tol"),
     ("eval tol nan", ["eval-policy", "--tol", "nan"], "--tol"),
     ("eval out missing dir", ["eval-policy", "--out", MISSING + ".png"], "--out"),
+    ("eval out not a png", ["eval-policy", "--out", "rollouts.jpg"], "--out"),
     ("eval json missing dir", ["eval-policy", "--json", MISSING + ".json"], "--json"),
     # train-policy: before any data is made
     ("train lr inf", ["train-policy", "--lr", "inf"], "--lr"),

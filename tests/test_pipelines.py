@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,6 +109,29 @@ def test_fill_is_refused_at_the_call_whose_steps_the_window_covers():
     assert ppipe(**_call(pipe, num_inference_steps=5)).images.shape == (2, 4, 6, 8)
     with pytest.raises(ValueError, match="^fill: applies only to a sliding window"):
         ppipe(**_call(pipe, num_inference_steps=4))
+
+
+def test_return_dict_false_is_the_pipelines_own_tuple():
+    """SD returns ``(images, nsfw)`` with ``return_dict=False``, nsfw None without a safety checker; the parallel
+    pipeline dropped the None (``images, nsfw = ...`` raised)."""
+    pipe = tiny_sd()
+    pipe.scheduler = diffusers.DDIMScheduler(**SD_BETAS, timestep_spacing="trailing")
+    args = _call(pipe, num_inference_steps=5, output_type="np", return_dict=False)
+    want = pipe(**args)
+    got = paratime.parallelize(pipe, tol=0.0)(**args)
+    assert len(got) == len(want) == 2 and got[1] is None and want[1] is None
+    assert np.abs(got[0] - want[0]).max() <= 1e-4
+
+
+def test_bad_steps_and_triton_on_cpu_are_named():
+    pipe = tiny_sd()
+    pipe.scheduler = diffusers.DDIMScheduler(**SD_BETAS, timestep_spacing="trailing")
+    ppipe = paratime.parallelize(pipe)
+    for steps in (0, -1, 2.5):                  # 0 divided by zero inside the scheduler
+        with pytest.raises(ValueError, match="^num_inference_steps: must be an integer >= 1"):
+            ppipe(**_call(pipe, num_inference_steps=steps))
+    with pytest.raises(ValueError, match="^kernels: 'triton' cannot run"):     # at wrap time, not the first call
+        paratime.parallelize(pipe, kernels="triton")
 
 
 def test_import_paratime_does_not_import_diffusers():

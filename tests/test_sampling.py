@@ -220,6 +220,9 @@ def test_non_finite_network_output_names_the_step():
     (dict(classifier=lambda x, t: x.sum()), "^classifier: applies only"),
     (dict(classifier_scale=0.0), "^classifier_scale: given without"),
     (dict(steps=10, window=10, fill="copy"), "^fill: applies only to a sliding window"),
+    # more coarse steps than a slice has fine ones were capped silently (and the stats counted the request)
+    (dict(method="parareal", steps=9, slices=3, coarse_steps=4), r"^coarse_steps: at most the fine steps .* \(3 of"),
+    (dict(method="parareal_pipelined", steps=9, coarse_steps=1000), "^coarse_steps: at most"),
     (dict(steps=10, window=12, fill="copy"), "^fill: applies only to a sliding window"),
 ])
 def test_bad_options_name_the_argument(kw, match):

@@ -36,6 +36,8 @@ def make_backend(backend: str | Backend, **options) -> Backend:
         if options:
             raise ValueError(f"backend_options: given with a Backend instance ({sorted(options)})")
         return backend
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a backend name or a Backend, got {type(backend).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend: unknown {backend!r}; allowed: {', '.join(BACKENDS)}")
     try:

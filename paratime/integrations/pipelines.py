@@ -32,7 +32,7 @@ import torch
 from ..backends import Backend, make_backend
 from ..config import SamplerConfig
 from ..noise import PipelineNoise
-from ..sampler import ParallelSampler, SampleStats
+from ..sampler import ParallelSampler, SampleStats, check_kernels
 from .diffusers import Keyword, from_diffusers, sample_latents, solver_for, with_timestep_kwargs
 
 __all__ = ["parallelize", "ParallelPipeline"]
@@ -699,11 +699,13 @@ def _check_options(solver, options: dict) -> SamplerConfig:
             raise TypeError(f"{name}: set by {_SET_BY_PIPELINE[name]}, not a parallelize() option")
         if name not in allowed:
             raise TypeError(f"{name}: unknown parallelize() option; allowed: {', '.join(allowed)}")
-    # steps: the smallest the options allow (Parareal's slices; one more than an integer window, which then slides,
-    # so a fill is not refused before the call); the call's num_inference_steps is checked again.
-    window = options.get("window")
+    # steps: the smallest grid the options allow (Parareal's slices of coarse_steps each; one more than an integer
+    # window, which then slides, so a fill is not refused before the call); the call's num_inference_steps is
+    # checked again.
+    window, slices, coarse = options.get("window"), options.get("slices"), options.get("coarse_steps", 1)
     slid = window + 1 if isinstance(window, int) and not isinstance(window, bool) else 1
-    cfg = SamplerConfig.from_options(solver=solver, steps=max(1, options.get("slices") or 1, slid), **options)
+    sliced = (slices or coarse) * coarse if all(isinstance(v, int) for v in (slices or 1, coarse)) else 1
+    cfg = SamplerConfig.from_options(solver=solver, steps=max(1, slices or 1, slid, sliced), **options)
     if cfg.method.startswith("parareal") and solver.history_depth > 1:
         raise ValueError(f"method: {cfg.method!r} carries one previous model output across slices, but "
                          f"{solver.name} uses {solver.history_depth}; use method='picard' or 'sequential'")
@@ -728,7 +730,8 @@ class ParallelPipeline:
             raise ValueError("pipe: a UNet with time_cond_proj_dim (LCM's guidance embedding) is not supported")
         self.network = network if self.family.network == "unet" else Keyword(network)
         # An unsupported scheduler or a bad option fails here, at wrap time, before the backend starts.
-        _check_options(solver_for(pipe.scheduler), sampler_options)
+        cfg = _check_options(solver_for(pipe.scheduler), sampler_options)
+        check_kernels(sampler_options.get("kernels"), cfg.state_dtype_on(pipe.device), pipe.device)
         self.sampler_options = sampler_options
         self.backend = make_backend(backend, **backend_options)
         self.last_stats: SampleStats | None = None
@@ -792,6 +795,8 @@ class ParallelPipeline:
             if name in _COMMON | self.family.extra and param.default not in (inspect.Parameter.empty, None):
                 kwargs.setdefault(name, param.default)
         steps = kwargs["num_inference_steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"num_inference_steps: must be an integer >= 1, got {steps!r}")
         eta = kwargs.get("eta") or 0.0
         generator = kwargs.get("generator")
         prep = self.family.prepare(self.pipe, kwargs)
@@ -809,7 +814,9 @@ class ParallelPipeline:
                                  prep.cond["encoder_hidden_states"].dtype, prep)
         self.pipe.maybe_free_model_hooks()
         if not kwargs.get("return_dict", True):
-            return out.to_tuple()
+            # The pipeline's own tuple: every field in order, None included (SD's (images, nsfw) has None without a
+            # safety checker, which BaseOutput.to_tuple() would drop).
+            return tuple(getattr(out, f.name) for f in fields(out))
         out.paratime_stats = res.stats
         return out
 

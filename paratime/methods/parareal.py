@@ -56,6 +56,19 @@ def slice_bounds(steps: int, slices: int | None) -> torch.Tensor:
     return torch.linspace(0, steps, S + 1, dtype=torch.float64).round().long().unique()
 
 
+def check_coarse_steps(bounds: torch.Tensor, coarse_steps: int) -> None:
+    """``coarse_steps`` is at most the fine steps of the shortest slice of ``bounds`` (host): more would be capped
+    there (:func:`coarse_subgrids` keeps distinct grid points), so the option would not do what it says.
+
+    Raises:
+        ValueError: naming ``coarse_steps``.
+    """
+    shortest = int((bounds[1:] - bounds[:-1]).min())
+    if coarse_steps > shortest:
+        raise ValueError(f"coarse_steps: at most the fine steps of the shortest slice ({shortest} of "
+                         f"{int(bounds[-1])} steps in {bounds.numel() - 1} slices), got {coarse_steps}")
+
+
 def coarse_subgrids(bounds: torch.Tensor, coarse_steps: int) -> list[list[int]]:
     """Per slice, the coarse propagator's distinct grid points from ``n_s`` to ``n_{s+1}`` (host integers)."""
     b = bounds.tolist()
@@ -149,6 +162,8 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
                          f"{problem.solver.history_depth}: use method='picard' or 'sequential', or solver='dpmpp_2m'")
     N, B, dev = problem.steps, x.shape[0], x.device
     bounds_h = slice_bounds(N, slices)                                  # (S+1,) host
+    if coarse is None:
+        check_coarse_steps(bounds_h, coarse_steps)
     bounds = bounds_h.to(dev)
     S = bounds.numel() - 1
     lengths = (bounds_h[1:] - bounds_h[:-1]).tolist()                   # fine steps per slice (host)
@@ -273,6 +288,8 @@ def sample_parareal_pipelined(x: torch.Tensor, problem: Problem, slices: int | N
                          f"reads the previous points' D")
     N, B, dev = problem.steps, x.shape[0], x.device
     bounds_h = slice_bounds(N, slices)                                  # host
+    if coarse is None:
+        check_coarse_steps(bounds_h, coarse_steps)
     S = bounds_h.numel() - 1
     sub = coarse_subgrids(bounds_h, coarse_steps)
     lengths = (bounds_h[1:] - bounds_h[:-1]).tolist()

@@ -96,21 +96,15 @@ class DigitsUNet(nn.Module):
         if unknown:
             raise ValueError(f"{unknown[0]}: the digits model takes only labels= (and uncond=, y= for guidance) "
                              f"as conditioning")
-        labels = cond.get("labels")
-        if labels is None:
-            return
-        if (not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex()
-                or labels.dtype == torch.bool):
-            got = f"a {labels.dtype} tensor" if isinstance(labels, torch.Tensor) else repr(labels)
-            raise TypeError(f"labels: expected a ({batch},) integer tensor of classes 0..{NULL_LABEL - 1}, "
-                            f"e.g. torch.full(({batch},), 3), got {got}")
-        if labels.shape != (batch,):
-            raise ValueError(f"labels: expected shape ({batch},), got {tuple(labels.shape)}")
-        lo, hi = int(labels.min()), int(labels.max())   # one host sync per sample call, before any work
-        if lo < 0 or hi >= NULL_LABEL:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"labels: classes must lie in 0..{NULL_LABEL - 1}, got {bad} "
-                             f"(omit labels for unconditional samples)")
+        if cond.get("labels") is not None:
+            _check_labels(cond["labels"], batch, "labels", NULL_LABEL - 1)
+        uncond = cond.get("uncond")
+        if isinstance(uncond, dict):        # (not a dict: the sampler's check names it)
+            unknown = sorted(set(uncond) - {"labels"})
+            if unknown:
+                raise ValueError(f"uncond.{unknown[0]}: the digits model's unconditional inputs take only labels=")
+            if uncond.get("labels") is not None:    # negative conditioning: any class, or the null class
+                _check_labels(uncond["labels"], batch, "uncond.labels", NULL_LABEL)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if labels is None:
@@ -120,6 +114,23 @@ class DigitsUNet(nn.Module):
         h = self.mid2(self.mid1(self.down(h0), e), e)    # (M, 2c, 4, 4)
         h = self.up1(torch.cat([self.up(h), h0], 1), e)  # (M, c, 8, 8)
         return self.out(h)
+
+
+def _check_labels(labels, batch: int, name: str, top: int) -> None:
+    """``labels`` (named ``name``) is a ``(batch,)`` integer tensor of classes ``0..top``; one host read (before any
+    work)."""
+    if (not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex()
+            or labels.dtype == torch.bool):
+        got = f"a {labels.dtype} tensor" if isinstance(labels, torch.Tensor) else repr(labels)
+        raise TypeError(f"{name}: expected a ({batch},) integer tensor of classes 0..{top}, "
+                        f"e.g. torch.full(({batch},), 3), got {got}")
+    if labels.shape != (batch,):
+        raise ValueError(f"{name}: expected shape ({batch},), got {tuple(labels.shape)}")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi > top:
+        bad = lo if lo < 0 else hi
+        more = " (omit labels for unconditional samples)" if top < NULL_LABEL else f" ({NULL_LABEL}: no label)"
+        raise ValueError(f"{name}: classes must lie in 0..{top}, got {bad}{more}")
 
 
 def digits_schedule() -> DiscreteVPSchedule:
