@@ -57,7 +57,10 @@ def _window_arg(text: str):
     """``--window``: a positive integer or ``auto``."""
     if text == "auto":
         return text
-    return int(text)
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {text!r}") from None
 
 
 def add_progress_arg(p: argparse.ArgumentParser) -> None:
@@ -278,8 +281,15 @@ def _check_workers(args, device: torch.device) -> None:
         return
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers: must be an integer >= 1, got {args.workers}")
-    if (args.backend == "ray" and args.address is not None) or "RANK" in os.environ:
-        # A cluster's resources are Ray's to schedule; under torchrun the world size is already fixed.
+    if "RANK" in os.environ:            # under torchrun the world size is already fixed
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if args.workers is not None and args.workers != world:
+            raise UsageError(f"--workers: {args.workers}, but torchrun started {world} ranks (WORLD_SIZE); omit "
+                             f"--workers under torchrun, or give {world}")
+        args.workers = world
+        return
+    if args.backend == "ray" and args.address is not None:
+        # A cluster's resources are Ray's to schedule.
         args.workers = args.workers or _DEFAULT_WORKERS
         return
     if device.type == "cuda" and args.backend == "torch":
@@ -799,11 +809,15 @@ _OUTPUTS = {"train-digits": ("out",), "eval-digits": ("json",), "train-policy": 
 
 #: outputs written in one format, whose name must say so (a PNG written to x.jpg would mislead every viewer)
 _SUFFIXES = {("eval-policy", "out"): ".png"}
+#: outputs a command exists to write: '' (elsewhere "none") is refused before the work, not after training
+_REQUIRED = {("train-digits", "out"), ("train-policy", "out")}
 
 
 def _check_outputs(args) -> None:
     for dest in _OUTPUTS.get(args.command, ()):
         path, suffix = getattr(args, dest), _SUFFIXES.get((args.command, dest))
+        if not path and (args.command, dest) in _REQUIRED:
+            raise UsageError(f"--{dest}: required: the file the trained weights are written to")
         _check_writable(f"--{dest}", path)
         if path and suffix and Path(path).suffix.lower() != suffix:
             raise UsageError(f"--{dest}: writes a {suffix[1:].upper()}; give a file name ending in {suffix}, "

@@ -52,7 +52,7 @@ class DigitsJudge:
         self._make = lambda: LogisticRegression(max_iter=5000)
         self.clf = self._make().fit(self.real, self.labels)
         self.pca = PCA(pca_dim, random_state=seed).fit(self.real)
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
 
     def real_baseline(self, seed: int = 0) -> float:
         """Confident share of the same classifier on real digits it was not trained on (70/30 split)."""
@@ -63,12 +63,16 @@ class DigitsJudge:
 
     def score(self, samples: torch.Tensor, k: int = 3, labels: torch.Tensor | None = None) -> dict:
         """Confident share (max probability >= 0.9), class histogram, k-NN precision/recall (PCA space), and
-        with ``labels`` the share classified as the requested label."""
+        with ``labels`` the share classified as the requested label. The real reference of the k-NN scores is one
+        subset per sample count (drawn from the judge's seed), so two batches of the same size are scored against
+        the same digits: a fresh draw per call moved precision / recall by a few hundredths between identical
+        batches."""
         x = _to_features(samples)
         proba = self.clf.predict_proba(x)
         pred = proba.argmax(1)
         hist = np.bincount(pred, minlength=10) / len(pred)
-        idx = self.rng.choice(len(self.real), size=min(len(x), len(self.real)), replace=False)
+        idx = np.random.default_rng(self.seed).choice(len(self.real), size=min(len(x), len(self.real)),
+                                                      replace=False)
         p, r = knn_precision_recall(self.pca.transform(self.real[idx]), self.pca.transform(x), k)
         out = {"n": len(x), "confident_share": float((proba.max(1) >= 0.9).mean()),
                "class_hist": [round(float(h), 4) for h in hist], "knn_precision": p, "knn_recall": r}
@@ -81,18 +85,22 @@ def run_eval(args, emit=lambda line: None) -> dict:
     """``paratime eval-digits``: sample sequentially and with Picard, score both; ``emit`` receives table lines."""
     from .sampler import ParallelSampler
 
+    from .methods.picard import DEFAULT_TOL
+
     judge = DigitsJudge(seed=args.seed)
-    rec = {"real_heldout_confident_share": judge.real_baseline()}
+    guidance, window = getattr(args, "guidance", None), getattr(args, "window", None)
+    rec = {"samples": args.samples, "solver": args.solver, "steps": args.steps, "seed": args.seed,
+           "label": args.label, "guidance": guidance, "real_heldout_confident_share": judge.real_baseline()}
     cond = {}
     if args.label is not None:
         cond["labels"] = torch.full((args.samples,), args.label, dtype=torch.long)
-    emit(f"digits: {args.samples} samples, solver={args.solver}, steps={args.steps}, tol={args.tol}; the classifier "
+    tol = f"{args.tol:g}" if args.tol is not None else f"{DEFAULT_TOL['final']:g} (default)"
+    emit(f"digits: {args.samples} samples, solver={args.solver}, steps={args.steps}, tol={tol}; the classifier "
           f"is confident on {rec['real_heldout_confident_share']:.3f} of real held-out digits")
     emit(f"{'method':>10}  {'rounds':>6}  {'confident':>9}  {'precision':>9}  {'recall':>6}  {'min cls':>7}  "
           f"{'max cls':>7}" + ("  label acc" if args.label is not None else ""))
     for method in ("sequential", "picard"):
-        opts = {k: v for k, v in (("tol", args.tol), ("window", getattr(args, "window", None)),
-                                  ("guidance", getattr(args, "guidance", None))) if v is not None}
+        opts = {k: v for k, v in (("tol", args.tol), ("window", window), ("guidance", guidance)) if v is not None}
         if method == "sequential":          # the parallel method's options do not apply to the reference
             opts.pop("tol", None), opts.pop("window", None)
         s = ParallelSampler("digits", solver=args.solver, steps=args.steps, method=method,
@@ -101,7 +109,7 @@ def run_eval(args, emit=lambda line: None) -> dict:
         if method == "sequential":
             ref = res.samples
         sc = judge.score(res.samples, labels=cond.get("labels"))
-        sc["rounds"] = res.stats.rounds
+        sc.update(rounds=res.stats.rounds, tol=res.stats.tol, window=res.stats.window)     # what ran
         rec[method] = sc
         line = (f"{method:>10}  {res.stats.rounds:>6}  {sc['confident_share']:>9.3f}  {sc['knn_precision']:>9.3f}  "
                 f"{sc['knn_recall']:>6.3f}  {min(sc['class_hist']):>7.3f}  {max(sc['class_hist']):>7.3f}")

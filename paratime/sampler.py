@@ -497,7 +497,9 @@ class ParallelSampler:
                 sampling grid with the sampler's ``spacing``, traversed from ``sigma_min`` to ``sigma_max`` (on a
                 discrete schedule of T timesteps, at most T - 1).
             method: ``sequential``, ``picard``, ``parareal`` or ``parareal_pipelined`` (default the sampler's), with
-                the sampler's ``window``, ``tol``, ``max_rounds``, ``slices`` and ``coarse_steps``.
+                the sampler's ``window``, ``tol``, ``max_rounds``, ``slices`` and ``coarse_steps``. Picard's final
+                rule reads ``tol`` as an absolute bound on the flow's end state (x_T and the log-density change, in
+                nats; ``stats.tol_units`` is ``absolute``), not relative to a data scale.
             divergence: ``exact`` (n vector-Jacobian products per evaluation) or ``hutchinson``.
             probes, probe: Hutchinson's probes per sample and their kind (``rademacher``, the default, or
                 ``gaussian``); they depend on ``(seed, first_sample + i)`` only and are shared by every time point.
@@ -538,8 +540,12 @@ class ParallelSampler:
                                       steps=self.config.steps if steps is None else steps)
         if cfg.method == "auto":           # the flow has no planner: "auto" runs Picard with its widest window
             cfg = dataclasses.replace(cfg, method="picard")
+        # The final rule's tol is absolute here: a max |change| of the flow's end state (x_T, and the log-density
+        # change in nats), not relative to a data scale (the sampler's tol_units / data_scale are sample()'s).
+        final = cfg.method == "picard" and cfg.stop == "final"
+        cfg = dataclasses.replace(cfg, tol_units="absolute" if final else None, data_scale=None)
         lk.check_request(x, self.denoiser.sample_shape, self.device, data_range, levels, solver, divergence, probe,
-                         probes, dequantize, cond, cfg, seed)
+                         probes, dequantize, cond, cfg, seed, first_sample)
         seed = 0 if seed is None else seed
         kw = dict(dtype=self.state_dtype, device=self.device)
         B, n = x.shape[0], x[0].numel()

@@ -81,6 +81,10 @@ CLI_CASES = [
     ("eval tol nan", ["eval-policy", "--tol", "nan"], "--tol"),
     ("eval out missing dir", ["eval-policy", "--out", MISSING + ".png"], "--out"),
     ("eval out not a png", ["eval-policy", "--out", "rollouts.jpg"], "--out"),
+    ("train-policy out ''", ["train-policy", "--out", ""], "--out"),          # failed after training before
+    ("train-digits out ''", ["train-digits", "--out", ""], "--out"),
+    ("eval-digits window foo", ["eval-digits", "--window", "foo"], "--window"),
+    ("lik steps over the grid", ["likelihood", "--model", "gmm", "--steps", "1000"], "--steps"),
     ("eval json missing dir", ["eval-policy", "--json", MISSING + ".json"], "--json"),
     # train-policy: before any data is made
     ("train lr inf", ["train-policy", "--lr", "inf"], "--lr"),
@@ -147,6 +151,15 @@ def test_rank_environment_is_checked(env, name, monkeypatch, capsys, tripwires):
     assert line.startswith(f"paratime: error: {name}: the environment variable"), line
 
 
+def test_workers_under_torchrun_must_be_the_world_size(monkeypatch, capsys, tripwires):
+    """Under torchrun the world size is fixed: a different --workers was ignored silently."""
+    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29511"}.items():
+        monkeypatch.setenv(key, value)
+    line = _one_line_error(capsys, ["sample", "--backend", "torch", "--workers", "5", "--model", "gmm", "--out", ""])
+    assert line.startswith("paratime: error: --workers: 5, but torchrun started 2 ranks"), line
+
+
 # -- the API: options that do not apply, the registry, factories, callables ----------------------------------------
 def _gmm(**kw):
     return ParallelSampler("gmm", steps=5, progress=False, **kw)
@@ -185,6 +198,8 @@ API_CASES = [
     ("spec 3", lambda: load_factory(3), ValueError, "model"),
     # callables
     ("callback=3", lambda: _gmm().sample(2, callback=3), TypeError, "callback"),
+    ("likelihood first_sample, nothing drawn", lambda: _gmm().log_likelihood(torch.zeros(2, 2), first_sample=5),
+     ValueError, "first_sample"),
     ("decoder=3", lambda: _gmm(decoder=3), TypeError, "decoder"),
     ("classifier=3", lambda: _gmm(classifier=3), TypeError, "classifier"),
     ("Denoiser(3)", lambda: Denoiser(3, VESchedule(), "eps"), TypeError, "network"),

@@ -339,3 +339,26 @@ def test_seed_draws_the_dequantisation_noise(gmm):
     assert not torch.equal(a, b)
     assert torch.equal(a, sampler.log_likelihood(x, seed=1, **kw).nats)
     assert torch.equal(sampler.log_likelihood(x, seed=0, **kw).nats, sampler.log_likelihood(x, **kw).nats)
+
+
+def test_picard_tol_is_absolute_on_the_flow_whatever_the_samplers_units(gmm):
+    """The likelihood's final rule bounds the flow's end state (and the log-density, nats) in absolute units, and the
+    stats say so; a sampler's ``data_scale`` (sample()'s units) is not applied to it silently."""
+    x = torch.randn(3, 2, dtype=torch.float64)
+    plain = ParallelSampler("gmm", steps=10, tol=0.1, progress=False).log_likelihood(x, solver="euler")
+    scaled = ParallelSampler("gmm", steps=10, tol=0.1, tol_units="data", data_scale=2.0,
+                             progress=False).log_likelihood(x, solver="euler")
+    for st in (plain.stats, scaled.stats):
+        assert st.tol_units == "absolute" and st.tol_abs == [0.1] * 3
+    assert torch.equal(plain.nats, scaled.nats)
+
+
+def test_likelihood_command_reports_units_and_more_rounds_honestly(capsys):
+    from paratime.cli import main
+
+    assert main(["likelihood", "--model", "gmm", "--steps", "20", "--method", "parareal", "--samples", "8",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "tol=0.1 (noise level)" in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("rounds: parareal") and "more" in last, last     # 28 vs 20 read "0.7x fewer" before

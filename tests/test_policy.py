@@ -159,3 +159,20 @@ def test_cli_rejects_an_unknown_method():
     from paratime.cli import main
 
     assert main(["eval-policy", "--methods", "euler"]) == 2
+
+
+def test_latency_observations_gives_the_count_asked_for():
+    """``latency_observations(n)``: n observations for every n (7 gave 6: its episodes re-planned too few times)."""
+    from paratime.policy_eval import latency_observations
+
+    assert [latency_observations(n).shape[0] for n in range(1, 41)] == list(range(1, 41))
+
+
+def test_evaluation_records_the_tolerance_in_force(monkeypatch):
+    """Parareal's and Picard's records carry the tolerance that ran (Parareal's default 0.1 was recorded as None)."""
+    from paratime import policy_eval
+
+    monkeypatch.setattr(policy_eval, "rollout", lambda act, episodes, seed, name=None, progress=None:
+                        type("R", (), {"summary": lambda self: {}})())
+    rec = policy_eval.compare_methods(("parareal", "picard"), episodes=1, latency_chunks=1, baseline=False)["records"]
+    assert rec["parareal"]["tol"] == 0.1 and rec["picard"]["tol"] == POLICY_METHODS["picard"]["tol"]

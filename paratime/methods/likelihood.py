@@ -339,9 +339,10 @@ def check_data(x: Any, sample_shape: tuple[int, ...] | None, data_range: tuple[f
 def check_request(x: Any, sample_shape: tuple[int, ...] | None, device: torch.device,
                   data_range: tuple[float, float] | None, levels: int | None, solver: str, divergence: str,
                   probe: str | None, probes: int, dequantize: bool, cond: dict, cfg: Any,
-                  seed: int | None = None) -> None:
-    """Every check of a ``log_likelihood`` request, before anything is computed. ``levels``, ``probe`` and ``seed``
-    are as the caller gave them (None: not given), so an option that does not apply is refused rather than ignored.
+                  seed: int | None = None, first_sample: int = 0) -> None:
+    """Every check of a ``log_likelihood`` request, before anything is computed. ``levels``, ``probe``, ``seed`` and
+    ``first_sample`` are as the caller gave them (None, 0: not given), so an option that does not apply is refused
+    rather than ignored.
 
     Raises:
         ValueError, TypeError: naming the offending argument.
@@ -367,10 +368,11 @@ def check_request(x: Any, sample_shape: tuple[int, ...] | None, device: torch.de
         raise TypeError(f"dequantize: expected True or False, got {dequantize!r}")
     if dequantize and data_range is None:
         raise ValueError("dequantize: needs data_range (the bin is (hi - lo) / (levels - 1))")
-    if seed is not None and divergence != "hutchinson" and not dequantize:
-        raise ValueError(f"seed: draws Hutchinson's probes and the dequantisation noise only; it applies with "
-                         f"divergence='hutchinson' or dequantize=True, not divergence={divergence!r} without "
-                         f"dequantize")
+    for name, given in (("seed", seed is not None), ("first_sample", first_sample != 0)):
+        if given and divergence != "hutchinson" and not dequantize:
+            raise ValueError(f"{name}: draws Hutchinson's probes and the dequantisation noise only; it applies with "
+                             f"divergence='hutchinson' or dequantize=True, not divergence={divergence!r} without "
+                             f"dequantize")
     if PROBE_KEY in cond:
         raise ValueError(f"{PROBE_KEY}: reserved for Hutchinson's probes")
     if cfg.coarse is not None and cfg.method.startswith("parareal"):
