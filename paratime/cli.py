@@ -248,21 +248,13 @@ def _check_writable(flag: str, path: str | None) -> None:
 
 
 def _check_ray_address(address: str | None) -> None:
-    """An explicit ``HOST:PORT`` (or ``ray://HOST:PORT``) must answer within a few seconds: Ray itself waits for
-    minutes on an address where nothing listens. ``auto`` is Ray's to resolve (it fails fast without a cluster)."""
-    if address is None or address == "auto":
-        return
-    import socket
+    """``--address`` answers (:func:`~paratime.backends.ray_actors.check_ray_address`, which the backend runs too)."""
+    from .backends.ray_actors import check_ray_address
 
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise UsageError(f"--address: expected auto, HOST:PORT or ray://HOST:PORT, got {address!r}")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=_ADDRESS_TIMEOUT_S):
-            pass
-    except OSError as e:
-        raise UsageError(f"--address: nothing answers at {host}:{port} ({e.strerror or e}); start the cluster with "
-                         f"`ray start --head` or give its address") from e
+        check_ray_address(address, _ADDRESS_TIMEOUT_S)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from e
 
 
 def _usable_cpus() -> int:
@@ -335,28 +327,18 @@ def _refuse(flags: dict, why: str) -> None:
 
 
 def _check_rank_env() -> None:
-    """Under torchrun (``RANK`` set) the environment describes the world: integers in range, an address to meet at.
+    """Under torchrun (``RANK`` set) the environment describes the world (:func:`~paratime.backends.torch_dist.
+    check_rank_env`, which the backend runs too).
 
     Raises:
         UsageError: naming the environment variable and the allowed values.
     """
-    env = os.environ
+    from .backends.torch_dist import check_rank_env
 
-    def integer(name: str, low: int, high: int | None = None) -> int:
-        text = env.get(name, "")
-        if not text.strip().isdigit() or int(text) < low or (high is not None and int(text) >= high):
-            rng = f">= {low}" if high is None else f"in [{low}, {high})"
-            raise UsageError(f"{name}: the environment variable must be an integer {rng} (torchrun sets it), "
-                             f"got {text!r}")
-        return int(text)
-
-    world = integer("WORLD_SIZE", 1)
-    integer("RANK", 0, world)
-    if "LOCAL_RANK" in env:
-        integer("LOCAL_RANK", 0, world)
-    if not env.get("MASTER_ADDR"):
-        raise UsageError("MASTER_ADDR: the environment variable must name the rank-0 host (torchrun sets it)")
-    integer("MASTER_PORT", 1, 65536)
+    try:
+        check_rank_env()
+    except ValueError as e:
+        raise UsageError(str(e)) from e
 
 
 def _check_sample_args(args) -> dict:
@@ -744,10 +726,16 @@ def _launch_ranks(workers: int, argv: list[str]) -> int:
                 _deliver(s, handlers[s])
         while True:
             codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
+            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:                      # one rank's error ends the others (they would wait for it forever)
                 _end_ranks(procs)
-                return failed[0]
+                rank, code = failed[0]
+                if code < 0:                # killed by a signal: the rank printed nothing, so say it here
+                    name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else -code
+                    print(f"paratime: error: rank {rank} was ended by {name}; the other ranks were stopped",
+                          file=sys.stderr)
+                    return 128 - code
+                return code
             if all(c == 0 for c in codes):
                 return 0
             time.sleep(0.1)

@@ -124,7 +124,12 @@ class ParallelSampler:
             # Actors build a named model themselves instead of receiving the weights through the object store.
             backend_options = {"model": model_factory(model), **(backend_options or {})}
         self.backend = make_backend(backend, **(backend_options or {}))
-        self.backend.bind(self.denoiser)
+        try:
+            self.backend.bind(self.denoiser)
+        except BaseException:
+            if not isinstance(backend, Backend):    # made here: nobody else holds it to close (workers, Ray)
+                self.backend.close()
+            raise
 
     # -- sampling -------------------------------------------------------------------------------------------------
     def sample(self, shape: tuple[int, ...] | int | None = None, *, noise: torch.Tensor | None = None,

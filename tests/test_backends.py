@@ -90,6 +90,26 @@ def test_torch_backend_without_group_says_how_to_start():
         os.environ.update(env)
 
 
+@pytest.mark.parametrize("env, kw, name", [
+    ({}, dict(timeout_s=float("nan")), "timeout_s"),
+    ({}, dict(timeout_s=float("inf")), "timeout_s"),
+    ({}, dict(rank=3), "rank"),                            # without init_method: the environment gives it
+    ({"RANK": "abc", "WORLD_SIZE": "2"}, {}, "RANK"),      # int()'s message before
+    ({"RANK": "1", "WORLD_SIZE": "1"}, {}, "RANK"),        # a timeout waiting for a peer that cannot exist before
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "abc"}, {}, "MASTER_PORT"),
+])
+def test_torch_backend_options_and_environment_are_named(env, kw, name, monkeypatch):
+    from paratime.backends.torch_dist import TorchDistributedBackend
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError) as info:
+        TorchDistributedBackend(**kw)
+    assert str(info.value).startswith(f"{name}:"), str(info.value)
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     """The ``ray`` module with a local session (skips only the Ray tests when Ray is missing)."""
@@ -152,3 +172,71 @@ def test_ray_bad_options(ray_session):
         RayBackend(timeout_s=-1)
     with pytest.raises(ValueError, match="backend_options"):
         ParallelSampler("gmm", backend="local", backend_options={"nodes": 3})
+    for kw, name in ((dict(timeout_s=float("nan")), "timeout_s"), (dict(start_timeout_s=float("inf")),
+                     "start_timeout_s"), (dict(threads=-1), "threads"), (dict(num_cpus=0), "num_cpus"),
+                     (dict(num_gpus=-1), "num_gpus"), (dict(address=123), "address"),
+                     # a Ray is up in this process: it would be used, not the address
+                     (dict(address="ray://nowhere:1"), "address")):
+        with pytest.raises(ValueError) as info:
+            RayBackend(workers=1, **kw)
+        assert str(info.value).startswith(f"{name}:"), (kw, str(info.value))
+    # A constructor's own TypeError is not reported as an unknown option (all three keys are the backend's).
+    with pytest.raises(ValueError, match="^address:"):
+        ParallelSampler("gmm", backend="ray", backend_options={"workers": 1, "address": 123})
+
+
+def test_ray_actor_dead_between_calls_is_replaced_and_a_closed_backend_says_so(ray_session):
+    from paratime.backends.ray_actors import RayBackend
+
+    ref = ParallelSampler("gmm", steps=10, progress=False).sample(4, seed=1).samples
+    be = RayBackend(workers=1, model="gmm", timeout_s=60)
+    s = ParallelSampler("gmm", steps=10, progress=False, backend=be)
+    s.sample(4, seed=1)
+    dead = be.actors[0]
+    ray_session.kill(dead, no_restart=True)           # between sample() calls: prepare() met it dead before
+    torch.testing.assert_close(s.sample(4, seed=1).samples, ref, rtol=0, atol=1e-12)
+    assert be.actors[0] is not dead
+    be.close()
+    with pytest.raises(RuntimeError, match="^backend: this Ray backend has no actors"):
+        s.sample(4, seed=1)                           # an IndexError before
+
+
+def test_ray_actors_that_cannot_start_are_cleaned_up(ray_session, monkeypatch):
+    """Actors that cannot be scheduled (a GPU on a CPU machine) raise RayWorkerError, and the backend is closed
+    (its pending actors killed, a Ray it started shut down): nothing is left for a caller without a handle."""
+    from paratime.backends.ray_actors import RayBackend, RayWorkerError
+
+    closed = []
+    monkeypatch.setattr(RayBackend, "close", lambda self: closed.append(list(self.actors)))
+    with pytest.raises(RayWorkerError, match="could not be scheduled"):
+        ParallelSampler("gmm", progress=False, backend="ray",
+                        backend_options={"workers": 1, "num_gpus": 1, "start_timeout_s": 2})
+    assert closed and len(closed[0]) == 1
+
+
+def test_ray_agrees_with_local_on_a_float32_network_to_its_rounding(ray_session):
+    """The digits U-Net's float32 output depends on a call's row count (the GEMM's blocking), so 2 actors, each
+    evaluating half the rows, agree with one local call to float32 rounding, not bit for bit (the mixtures, in
+    float64 and analytic, agree exactly: test_ray_equals_local)."""
+    from paratime.backends.ray_actors import RayBackend
+
+    labels = torch.arange(6) % 10
+    local = ParallelSampler("digits", steps=12, tol=0.0, progress=False).sample(6, seed=1, labels=labels).samples
+    with RayBackend(workers=2, model="digits", timeout_s=60) as be:
+        got = ParallelSampler("digits", steps=12, tol=0.0, progress=False, backend=be).sample(
+            6, seed=1, labels=labels).samples
+    assert (got - local).abs().max() <= 1e-5
+
+
+def test_a_ray_address_that_does_not_answer_is_named_within_its_bound():
+    """The backend checks an explicit address itself (the CLI did, the API waited in ray.init for minutes)."""
+    from paratime.backends.ray_actors import check_ray_address
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="^address: nothing answers at 127.0.0.1:1"):
+        check_ray_address("127.0.0.1:1", 2.0)
+    assert time.perf_counter() - t0 < 5
+    with pytest.raises(ValueError, match="^address: expected auto, HOST:PORT"):
+        check_ray_address("nowhere", 2.0)
+    check_ray_address(None, 2.0)
+    check_ray_address("auto", 2.0)

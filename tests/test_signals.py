@@ -91,6 +91,26 @@ def test_interrupt_ends_every_rank_with_one_line(group, delay, sig):
     _wait_for(lambda: not any(_alive(p) for p in ranks), 15, f"ranks {ranks} to end")
 
 
+def test_a_rank_killed_by_a_signal_is_named_and_ends_the_others():
+    """kill -9 of one rank: the launcher said nothing and exited 247; now one line naming the rank and the signal,
+    exit 128 + 9, and the other rank ended."""
+    proc = subprocess.Popen([sys.executable, "-m", "paratime", *LONG, "--backend", "torch", "--workers", "2"],
+                            cwd=ROOT, env=_env(), start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        ranks = _wait_for(lambda: len(_children(proc.pid)) >= 2 and sorted(_children(proc.pid)), 60, "two ranks")
+        time.sleep(2.0)
+        os.kill(ranks[1], signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    assert proc.returncode == 128 + signal.SIGKILL, err
+    assert "was ended by SIGKILL; the other ranks were stopped" in err.strip().splitlines()[-1], err
+    _wait_for(lambda: not any(_alive(p) for p in ranks), 15, f"ranks {ranks} to end")
+
+
 def test_ctrl_c_on_a_local_run_is_one_line():
     """Ctrl-C inside the command (past Python's imports, which the child reports on stdout): one line, exit 130."""
     import select

@@ -3,6 +3,8 @@ bounds every backend honours (:mod:`.memory`)."""
 
 from __future__ import annotations
 
+import inspect
+
 from .base import Backend, cast_network
 from .local import LocalBackend
 from .memory import DeviceMemoryError, check_memory, noise_draws, window_buffers
@@ -11,19 +13,20 @@ __all__ = ["Backend", "LocalBackend", "BACKENDS", "make_backend", "cast_network"
            "DeviceMemoryError", "window_buffers"]
 
 
-def _torch_backend(**kw):
+def _torch_backend():
     from .torch_dist import TorchDistributedBackend
 
-    return TorchDistributedBackend(**kw)
+    return TorchDistributedBackend
 
 
-def _ray_backend(**kw):
+def _ray_backend():
     from .ray_actors import RayBackend
 
-    return RayBackend(**kw)
+    return RayBackend
 
 
-BACKENDS = {"local": LocalBackend, "torch": _torch_backend, "ray": _ray_backend}
+#: name -> a zero-argument function returning the backend's class (imported only when used)
+BACKENDS = {"local": lambda: LocalBackend, "torch": _torch_backend, "ray": _ray_backend}
 
 
 def make_backend(backend: str | Backend, **options) -> Backend:
@@ -40,7 +43,9 @@ def make_backend(backend: str | Backend, **options) -> Backend:
         raise TypeError(f"backend: expected a backend name or a Backend, got {type(backend).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend: unknown {backend!r}; allowed: {', '.join(BACKENDS)}")
-    try:
-        return BACKENDS[backend](**options)
-    except TypeError as e:
-        raise ValueError(f"backend_options: {backend!r} does not take {sorted(options)}: {e}") from e
+    cls = BACKENDS[backend]()
+    takes = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(options) - set(takes))
+    if unknown:         # named here: a TypeError raised inside a constructor is not an unknown option
+        raise ValueError(f"backend_options: {backend!r} does not take {unknown}; it takes {', '.join(takes)}")
+    return cls(**options)

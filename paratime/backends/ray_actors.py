@@ -18,6 +18,7 @@ so within ``start_timeout_s``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import replace
@@ -28,9 +29,32 @@ import torch
 from ..denoiser import Denoiser
 from .base import Backend, cast_network, cat_outputs, map_cond, split_cond
 
-__all__ = ["RayBackend", "RayWorkerError"]
+__all__ = ["RayBackend", "RayWorkerError", "check_ray_address"]
 
 log = logging.getLogger("paratime")
+
+
+def check_ray_address(address: str | None, timeout_s: float) -> None:
+    """An explicit ``HOST:PORT`` (or ``ray://HOST:PORT``) must accept a connection within ``timeout_s``: Ray itself
+    waits for minutes on an address where nothing listens (one where something other than Ray listens can still
+    hold ``ray.init`` up to Ray's own limits). ``auto`` and None are Ray's to resolve.
+
+    Raises:
+        ValueError: naming ``address``.
+    """
+    if address is None or address == "auto":
+        return
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"address: expected auto, HOST:PORT or ray://HOST:PORT, got {address!r}")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ValueError(f"address: nothing answers at {host}:{port} ({e.strerror or e}); start the cluster with "
+                         f"`ray start --head` or give its address") from e
 
 
 class RayWorkerError(RuntimeError):
@@ -123,7 +147,9 @@ class RayBackend(Backend):
         workers: number of actors (model replicas).
         model: how actors build the network: a model name, a zero-argument factory returning a Denoiser, or None to
             ship the sampler's Denoiser through the object store (re-shipped when another one is bound).
-        address: ``None`` starts (or reuses) a local Ray on loopback; ``"auto"`` or ``"ray://..."`` joins a cluster.
+        address: ``None`` starts (or reuses) a local Ray, its node address 127.0.0.1 (Ray's own services may still
+            listen on every interface: a firewall decides what reaches them); ``"auto"`` or ``"ray://..."`` joins a
+            cluster (an error when Ray is already initialised in this process: that Ray would be used instead).
         num_gpus: GPUs per actor (default 1 if CUDA is available, else 0); num_cpus: CPUs per actor (default 1).
         timeout_s: limit on each ``ray.get``. max_retries: replacements per call before giving up.
         start_timeout_s: how long actors may take to be scheduled and start before :class:`RayWorkerError`.
@@ -143,9 +169,17 @@ class RayBackend(Backend):
         super().__init__(max_batch)
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers: must be an integer >= 1, got {workers!r}")
-        for arg, v in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s)):
-            if not isinstance(v, (int, float)) or v <= 0:
-                raise ValueError(f"{arg}: must be > 0, got {v!r}")
+        for arg, v in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s), ("num_cpus", num_cpus)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ValueError(f"{arg}: must be a finite number > 0, got {v!r}")
+        if num_gpus is not None and (isinstance(num_gpus, bool) or not isinstance(num_gpus, (int, float))
+                                     or not 0 <= num_gpus < math.inf):
+            raise ValueError(f"num_gpus: must be a finite number >= 0 or None, got {num_gpus!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads: must be an integer >= 1 or None, got {threads!r}")
+        if address is not None and not isinstance(address, str):
+            raise ValueError(f"address: expected 'auto', 'ray://host:port', 'host:port' or None, "
+                             f"got {type(address).__name__}")
         if not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries: must be an integer >= 0, got {max_retries!r}")
         if model is not None and not (isinstance(model, str) or callable(model)):
@@ -161,11 +195,15 @@ class RayBackend(Backend):
         self.num_cpus = num_cpus
         self.threads = threads or max(1, (os.cpu_count() or 1) // workers)
         self.started_ray = False
+        if address is not None and ray.is_initialized():
+            raise ValueError(f"address: Ray is already initialised in this process, and that Ray would be used, not "
+                             f"{address!r}; omit address, or ray.shutdown() first")
         if not ray.is_initialized():
             if address is None:
                 ray.init(num_cpus=max(os.cpu_count() or 1, int(workers * num_cpus + 0.999)), include_dashboard=False,
                          _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
             else:
+                check_ray_address(address, min(self.start_timeout_s, 10.0))
                 ray.init(address=address, log_to_driver=False)
             self.started_ray = True
         self.actors: list = []
@@ -182,7 +220,11 @@ class RayBackend(Backend):
         self._den_ref = self.ray.put(payload)
         if not self.actors:
             self.actors = [self._new_actor() for _ in range(self.workers)]
-            self._await_start(self.actors)
+            try:
+                self._await_start(self.actors)
+            except BaseException:
+                self.close()    # actors pending or dead, and the Ray this backend started: nothing left behind
+                raise
         self._call_all("set_denoiser", self._den_ref)
 
     def _new_actor(self):
@@ -201,15 +243,39 @@ class RayBackend(Backend):
                 f"{ray.cluster_resources()} in all and {ray.available_resources()} free. Lower workers, num_cpus "
                 f"or num_gpus, or add nodes") from e
 
-    def _call_all(self, method: str, *args):
-        ray = self.ray
-        try:
-            ray.get([getattr(a, method).remote(*args) for a in self.actors], timeout=self.timeout_s)
-        except ray.exceptions.RayTaskError as e:
-            cause = e.as_instanceof_cause() if hasattr(e, "as_instanceof_cause") else e
-            if isinstance(cause, ValueError):
-                raise ValueError(f"model: the actors cannot evaluate this denoiser: {cause}") from e
-            raise
+    def _call_all(self, method: str, *args, replace: bool = True):
+        """``method(*args)`` on every actor; an actor that died (between sample() calls too) or timed out is
+        replaced, as in :meth:`_get`, up to ``max_retries`` times (``replace=False``, a clean-up: Ray's error as it
+        comes)."""
+        ray = self._live()
+        refs = [getattr(a, method).remote(*args) for a in self.actors]
+        for i, ref in enumerate(refs):
+            for attempt in range(self.max_retries + 1 if replace else 1):
+                try:
+                    ray.get(ref, timeout=self.timeout_s)
+                    break
+                except ray.exceptions.RayTaskError as e:
+                    cause = e.as_instanceof_cause() if hasattr(e, "as_instanceof_cause") else e
+                    if isinstance(cause, ValueError):
+                        raise ValueError(f"model: the actors cannot evaluate this denoiser: {cause}") from e
+                    raise
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
+                        ray.exceptions.ActorUnavailableError) as e:
+                    if not replace:
+                        raise
+                    if attempt == self.max_retries:
+                        raise RayWorkerError(f"actor {i} failed {attempt + 1} times in {method} (timeout "
+                                             f"{self.timeout_s:g} s): {type(e).__name__}") from e
+                    log.warning("ray actor %d failed in %s (%s); replacing it", i, method, type(e).__name__)
+                    self._replace(i)
+                    ref = getattr(self.actors[i], method).remote(*args)
+
+    def _live(self):
+        """``ray``, once the backend has actors (bound and not closed)."""
+        if not self.actors:
+            raise RuntimeError("backend: this Ray backend has no actors (closed, or never bound); make a new "
+                               "sampler")
+        return self.ray
 
     # -- per sample() ---------------------------------------------------------------------------------------------
     def prepare(self, cond):
@@ -223,7 +289,7 @@ class RayBackend(Backend):
         super().release()
         if self._cond_ref is not None and self.actors:
             try:
-                self._call_all("set_cond", None)
+                self._call_all("set_cond", None, replace=False)
             except (self.ray.exceptions.GetTimeoutError, self.ray.exceptions.RayActorError) as e:
                 # Clean-up after a failure must not hide it (the RayWorkerError naming the actor): close() kills them.
                 log.warning("ray: actors did not release their conditioning (%s); close() ends them", type(e).__name__)
@@ -231,6 +297,7 @@ class RayBackend(Backend):
 
     # -- evaluation -----------------------------------------------------------------------------------------------
     def evaluate(self, x, sigma, model_time, cond=None, samples=None, raw=False):
+        self._live()
         self.calls += 1
         M = x.shape[0]
         n = min(self.workers, M)

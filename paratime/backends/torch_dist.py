@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 import time
 
@@ -38,7 +39,7 @@ import torch.distributed as dist
 
 from .base import Backend, map_cond, split_cond
 
-__all__ = ["TorchDistributedBackend", "DistributedTimeoutError", "rank_device", "nccl_environment"]
+__all__ = ["TorchDistributedBackend", "check_rank_env", "DistributedTimeoutError", "rank_device", "nccl_environment"]
 
 log = logging.getLogger("paratime")
 
@@ -93,6 +94,34 @@ def rank_device(weights: torch.device | None, requested: torch.device | None, lo
     return torch.device("cpu")
 
 
+def check_rank_env() -> None:
+    """Under torchrun the environment describes the world: ``WORLD_SIZE`` >= 1, ``RANK`` (and ``LOCAL_RANK``, when
+    set) in ``[0, WORLD_SIZE)``, a ``MASTER_ADDR`` and a ``MASTER_PORT`` in ``[1, 65536)``; checked before the group is
+    joined (a bad value otherwise ends in int()'s message, or in a rank waiting out the timeout for peers that
+    cannot exist).
+
+    Raises:
+        ValueError: naming the environment variable and the allowed values.
+    """
+    env = os.environ
+
+    def integer(name: str, low: int, high: int | None = None) -> int:
+        text = env.get(name, "")
+        if not text.strip().isdigit() or int(text) < low or (high is not None and int(text) >= high):
+            rng = f">= {low}" if high is None else f"in [{low}, {high})"
+            raise ValueError(f"{name}: the environment variable must be an integer {rng} (torchrun sets it), "
+                             f"got {text!r}")
+        return int(text)
+
+    world = integer("WORLD_SIZE", 1)
+    integer("RANK", 0, world)
+    if "LOCAL_RANK" in env:
+        integer("LOCAL_RANK", 0, world)
+    if not env.get("MASTER_ADDR"):
+        raise ValueError("MASTER_ADDR: the environment variable must name the rank-0 host (torchrun sets it)")
+    integer("MASTER_PORT", 1, 65536)
+
+
 class TorchDistributedBackend(Backend):
     """Shard rows over the ranks of a process group.
 
@@ -116,8 +145,8 @@ class TorchDistributedBackend(Backend):
                  init_method: str | None = None, rank: int | None = None, world_size: int | None = None,
                  device: str | torch.device | None = None, max_batch: int | None = None):
         super().__init__(max_batch)
-        if not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
-            raise ValueError(f"timeout_s: must be > 0, got {timeout_s!r}")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < math.inf:
+            raise ValueError(f"timeout_s: must be a finite number > 0, got {timeout_s!r}")
         if dist_backend not in (None, "nccl", "gloo"):
             raise ValueError(f"dist_backend: unknown {dist_backend!r}; allowed: nccl, gloo")
         try:
@@ -126,10 +155,24 @@ class TorchDistributedBackend(Backend):
             raise ValueError(f"device: not a device: {device!r}") from e
         self.timeout = datetime.timedelta(seconds=float(timeout_s))
         self.owns_group = False
-        if group is None and not dist.is_initialized():
+        joining = group is None and not dist.is_initialized()
+        if not joining:         # the group exists: the options that would create one do not apply
+            for name, value in (("dist_backend", dist_backend), ("init_method", init_method), ("rank", rank),
+                                ("world_size", world_size)):
+                if value is not None:
+                    why = "group= is given" if group is not None else "a process group already exists"
+                    raise ValueError(f"{name}: applies only when the backend creates the process group; {why}")
+        elif init_method is None:
+            for name, value in (("rank", rank), ("world_size", world_size)):
+                if value is not None:
+                    raise ValueError(f"{name}: applies only with init_method= (under torchrun the environment "
+                                     f"gives it)")
+        if joining:
             if init_method is None and ("RANK" not in os.environ or "WORLD_SIZE" not in os.environ):
                 raise ValueError("backend: 'torch' needs a process group: run under torchrun, pass group=, or "
                                  "init_method= with rank= and world_size=")
+            if init_method is None:
+                check_rank_env()
             dist_backend = dist_backend or ("nccl" if torch.cuda.is_available() else "gloo")
             if dist_backend == "gloo" and os.environ.get("MASTER_ADDR", "127.0.0.1") in ("127.0.0.1", "localhost") \
                     and "GLOO_SOCKET_IFNAME" not in os.environ:
