@@ -202,18 +202,16 @@ class SamplerConfig:
         if self.classifier is not None and not callable(self.classifier):
             raise TypeError(f"classifier: expected a callable, got {type(self.classifier).__name__}")
         check_number("classifier_scale", self.classifier_scale, 0, none=True)
-        if self.classifier_scale is not None and self.classifier is None:
+        # Which guidance options apply (a classifier without a scale, guidance_rescale without guidance) is the
+        # Denoiser's to say: a Denoiser given as the model may carry the other half (its classifier, its guidance).
+        # A scale of 0 with no classifier here is nothing on any model (0 is the Denoiser's "off").
+        if self.classifier_scale == 0 and self.classifier is None:
             raise ValueError("classifier_scale: given without classifier=")
-        if self.classifier is not None and not self.classifier_scale:
-            raise ValueError("classifier: applies only with classifier_scale > 0; give classifier_scale= too")
         check_number("latent_scale", self.latent_scale, 0, low_open=True, none=True)
         self._refuse_options_that_do_not_apply()
 
     def _refuse_options_that_do_not_apply(self) -> None:
         """An option the chosen method or model part never reads is an error, not silently ignored."""
-        if self.guidance_rescale is not None and (self.guidance is None or self.guidance == 1):
-            raise ValueError("guidance_rescale: applies only with classifier-free guidance; give guidance= too (other "
-                             "than 1, which is the conditional output alone)")
         if self.corrector_steps != 1 and self.corrector_snr is None:
             raise ValueError("corrector_steps: applies only with the Langevin corrector; give corrector_snr= too")
         # Each method's own options, at their defaults unless the method reads them (METHOD_OPTIONS).

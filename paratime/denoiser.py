@@ -26,6 +26,8 @@ import torch
 
 from paratime.kernels import fused_step
 
+from .checks import check_number
+
 from .schedules import EDMSchedule, NoiseSchedule, VESchedule
 
 __all__ = ["Denoiser", "NetworkOutputs", "PREDICTIONS", "append_dims", "to_x0", "from_x0"]
@@ -163,17 +165,32 @@ class Denoiser:
             raise ValueError(f"prediction: unknown {self.prediction!r}; allowed: {', '.join(PREDICTIONS)}")
         if self.prediction == "edm" and not isinstance(self.schedule, EDMSchedule):
             raise ValueError("prediction: 'edm' needs schedule=EDMSchedule(...)")
-        if self.clip_x0 is not None and not self.clip_x0 > 0:
-            raise ValueError(f"clip_x0: must be > 0 or None, got {self.clip_x0}")
+        check_number("clip_x0", self.clip_x0, 0, low_open=True, none=True)
         if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
             raise TypeError(f"dtype: expected a torch.dtype, got {self.dtype!r}")
         if self.guidance is not None and (not isinstance(self.guidance, (int, float)) or isinstance(self.guidance, bool)
                                           or not 0 <= self.guidance < float("inf")):     # NaN fails the range too
             raise ValueError(f"guidance: must be a finite number >= 0 or None, got {self.guidance!r}")
-        if not 0 <= self.guidance_rescale <= 1:
-            raise ValueError(f"guidance_rescale: must lie in [0, 1], got {self.guidance_rescale!r}")
+        check_number("guidance_rescale", self.guidance_rescale, 0, 1)
+        if self.guidance_rescale and not self.guided:
+            raise ValueError("guidance_rescale: applies only with classifier-free guidance; give guidance= too (other "
+                             "than 1, which is the conditional output alone)")
+        if self.uncond_fn is not None and not callable(self.uncond_fn):
+            raise TypeError(f"uncond_fn: expected a callable uncond_fn(cond) -> dict, got "
+                            f"{type(self.uncond_fn).__name__}")
         if self.classifier is not None and not callable(self.classifier):
             raise TypeError(f"classifier: expected a callable, got {type(self.classifier).__name__}")
+        check_number("classifier_scale", self.classifier_scale, 0)
+        if self.classifier_scale and self.classifier is None:
+            raise ValueError("classifier_scale: given without classifier=")
+        if self.classifier is not None and not self.classifier_scale:
+            raise ValueError("classifier: applies only with classifier_scale > 0; give classifier_scale= too")
+        if isinstance(self.sample_shape, list):
+            object.__setattr__(self, "sample_shape", tuple(self.sample_shape))
+        if self.sample_shape is not None and (not isinstance(self.sample_shape, tuple) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in self.sample_shape)):
+            raise ValueError(f"sample_shape: expected a tuple of positive integers (one sample's shape) or None, "
+                             f"got {self.sample_shape!r}")
 
     @classmethod
     def from_callable(cls, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], **kw) -> "Denoiser":

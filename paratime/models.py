@@ -9,12 +9,12 @@ name) can turn a name into a model without importing the zoo, which registers it
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Callable
 
 import torch
 
-from .denoiser import Denoiser
+from .denoiser import PREDICTIONS, Denoiser
 from .schedules import (ContinuousVPSchedule, DiscreteVPSchedule, EDMSchedule, FlowSchedule, NoiseSchedule,
                         VESchedule)
 
@@ -45,15 +45,28 @@ def load_model(name: str, **options) -> Denoiser:
     Raises:
         ValueError: unknown ``name``.
     """
-    if not isinstance(name, str) or name not in MODELS:
-        raise ValueError(f"model: unknown {name!r}; allowed: {', '.join(sorted(MODELS))}")
+    _check_model_options(name, options)
     return MODELS[name](**options)
 
 
-def model_factory(name: str, **options) -> Callable[[], Denoiser]:
-    """A picklable zero-argument factory for a named model (what backends ship to their workers)."""
-    if name not in MODELS:
+def _check_model_options(name, options: dict) -> None:
+    """``name`` is registered and its loader takes every key of ``options`` (named here, not a TypeError)."""
+    import inspect
+
+    if not isinstance(name, str) or name not in MODELS:
         raise ValueError(f"model: unknown {name!r}; allowed: {', '.join(sorted(MODELS))}")
+    params = inspect.signature(MODELS[name]).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(options) - set(params))
+        if unknown:
+            raise TypeError(f"{unknown[0]}: not an option of the {name!r} model; it takes "
+                            f"{', '.join(params) or 'none'}")
+
+
+def model_factory(name: str, **options) -> Callable[[], Denoiser]:
+    """A picklable zero-argument factory for a named model (what backends ship to their workers); the name and
+    options are checked here, not where a worker first calls it."""
+    _check_model_options(name, options)
     return functools.partial(load_model, name, **options)
 
 
@@ -120,6 +133,14 @@ def user_model(spec: str, prediction: str | None = None, schedule: NoiseSchedule
     factory = load_factory(spec)
     if isinstance(schedule, str):
         schedule = make_schedule(schedule)
+    if prediction is not None and prediction not in PREDICTIONS:       # before the user's factory runs
+        raise ValueError(f"prediction: unknown {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+    if sample_shape is not None:
+        if isinstance(sample_shape, int) and not isinstance(sample_shape, bool):
+            sample_shape = (sample_shape,)
+        if not isinstance(sample_shape, (tuple, list)) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in sample_shape):
+            raise ValueError(f"sample_shape: expected positive integers (one sample's shape), got {sample_shape!r}")
     try:
         made = factory()
     except Exception as e:  # noqa: BLE001 - the user's code: report it as the model's fault, with its message
@@ -155,6 +176,9 @@ def as_denoiser(model, schedule: NoiseSchedule | None = None, prediction: str | 
         if schedule is not None or prediction is not None:
             raise ValueError("schedule, prediction: already set by the Denoiser given as model")
         kw = {k: v for k, v in (("clip_x0", clip_x0), ("dtype", dtype)) if v is not None}
+        unknown = sorted(set(options) - {f.name for f in fields(Denoiser)})
+        if unknown:
+            raise TypeError(f"{unknown[0]}: not a Denoiser option")
         return replace(model, **kw, **options) if kw or options else model
     if not callable(model):
         raise TypeError(f"model: expected a Denoiser, a model name or a callable network, got {type(model).__name__}")

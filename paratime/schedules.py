@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .checks import check_int, check_number
+
 __all__ = [
     "TimeGrid",
     "NoiseSchedule",
@@ -88,6 +90,9 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
     """EDM's grid: ``(sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``, then 0."""
     if steps < 1:
         raise ValueError(f"steps: must be >= 1, got {steps}")
+    check_number("sigma_min", sigma_min, 0)
+    check_number("sigma_max", sigma_max, sigma_min, low_open=True)
+    check_number("rho", rho, 0, low_open=True)
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sig = (hi + ramp * (lo - hi)) ** rho
@@ -182,8 +187,8 @@ class DiscreteVPSchedule(NoiseSchedule):
         ac = torch.as_tensor(self.alphas_cumprod, dtype=torch.float64).flatten()
         if ac.numel() < 2 or not bool(((ac > 0) & (ac <= 1)).all()) or not bool((ac[1:] <= ac[:-1]).all()):
             raise ValueError("alphas_cumprod: must be a decreasing 1-D sequence in (0, 1]")
-        if not 0 < self.final_alpha_cumprod <= 1:
-            raise ValueError(f"final_alpha_cumprod: must lie in (0, 1], got {self.final_alpha_cumprod}")
+        check_number("final_alpha_cumprod", self.final_alpha_cumprod, 0, 1, low_open=True)
+        check_int("steps_offset", self.steps_offset, 0)
         object.__setattr__(self, "alphas_cumprod", ac)
 
     @classmethod
@@ -281,8 +286,14 @@ class ContinuousVPSchedule(NoiseSchedule):
     def __post_init__(self):
         if self.schedule not in ("linear", "cosine"):
             raise ValueError(f"schedule: unknown {self.schedule!r}; allowed: linear, cosine")
-        if not 0 < self.eps < 1:
+        check_number("eps", self.eps, 0, 1, low_open=True)
+        if not self.eps < 1:
             raise ValueError(f"eps: must lie in (0, 1), got {self.eps}")
+        check_number("beta_min", self.beta_min, 0)
+        check_number("beta_max", self.beta_max, self.beta_min)
+        if self.beta_max == 0:
+            raise ValueError("beta_max: must be > 0 (beta_min = beta_max = 0 adds no noise)")
+        check_number("time_scale", self.time_scale, 0, low_open=True)
 
     def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
         if self.schedule == "linear":
@@ -293,8 +304,10 @@ class ContinuousVPSchedule(NoiseSchedule):
     def t_of_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
         ab = 1 / (1 + sigma.to(torch.float64) ** 2)
         if self.schedule == "linear":
-            # Solve 0.5 (bmax - bmin) t^2 + bmin t + log(ab) = 0 for t >= 0.
+            # Solve 0.5 (bmax - bmin) t^2 + bmin t + log(ab) = 0 for t >= 0; constant beta (a = 0): linear.
             a, b, c = 0.5 * (self.beta_max - self.beta_min), self.beta_min, ab.log()
+            if a == 0:
+                return -c / b
             return (-b + torch.sqrt(b * b - 4 * a * c)) / (2 * a)
         u = torch.acos(torch.sqrt(ab * math.cos(0.008 / 1.008 * math.pi / 2) ** 2)) * 2 / math.pi
         return u * 1.008 - 0.008
@@ -340,6 +353,8 @@ class VESchedule(NoiseSchedule):
     default_spacing: str = "linspace"
 
     def __post_init__(self):
+        check_number("sigma_min", self.sigma_min, 0, low_open=True)
+        check_number("sigma_max", self.sigma_max, 0, low_open=True)
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError(f"sigma_min, sigma_max: need 0 < sigma_min < sigma_max, got {self.sigma_min}, "
                              f"{self.sigma_max}")
@@ -372,8 +387,8 @@ class EDMSchedule(NoiseSchedule):
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError(f"sigma_min, sigma_max: need 0 < sigma_min < sigma_max, got {self.sigma_min}, "
                              f"{self.sigma_max}")
-        if self.sigma_data <= 0:
-            raise ValueError(f"sigma_data: must be > 0, got {self.sigma_data}")
+        check_number("sigma_data", self.sigma_data, 0, low_open=True)
+        check_number("rho", self.rho, 0, low_open=True)
 
     @property
     def sigma_range(self):
@@ -428,6 +443,7 @@ class FlowSchedule(NoiseSchedule):
     def __post_init__(self):
         if not self.shift > 0:
             raise ValueError(f"shift: must be > 0, got {self.shift!r}")
+        check_number("time_scale", self.time_scale, 0, low_open=True)
         if not 0 < self.t_min < self.t_max < 1:
             raise ValueError(f"t_min, t_max: need 0 < t_min < t_max < 1, got {self.t_min}, {self.t_max}")
 

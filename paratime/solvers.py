@@ -36,7 +36,7 @@ every method has: it builds its rows from host integers); the DDPM coarse jump i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, ClassVar, Sequence
 
 import torch
@@ -433,11 +433,21 @@ class DPMSolverPP(Solver):
     lower_order_final: bool = True
     euler_at_final: bool = False
 
+    #: the fields a named variant fixes (its name says them): ``dpmpp_2m`` with ``order=3`` would not be DPM++(2M)
+    FIXED: ClassVar[tuple[str, ...]] = ()
+
     def __post_init__(self):
-        if self.order not in (1, 2, 3):
+        if not isinstance(self.order, int) or isinstance(self.order, bool) or self.order not in (1, 2, 3):
             raise ValueError(f"order: must be 1, 2 or 3, got {self.order!r}")
+        if not isinstance(self.sde, bool):
+            raise TypeError(f"sde: expected True or False, got {self.sde!r}")
         if self.solver_type not in ("midpoint", "heun"):
             raise ValueError(f"solver_type: unknown {self.solver_type!r}; allowed: midpoint, heun")
+        for name in self.FIXED:
+            default = type(self).__dataclass_fields__[name].default
+            if getattr(self, name) != default:
+                raise ValueError(f"{name}: fixed at {default!r} by the {self.name!r} solver; use solver='dpmpp' "
+                                 f"to choose it")
 
     @property
     def stochastic(self):  # type: ignore[override]
@@ -508,6 +518,7 @@ class DPMPP2M(DPMSolverPP):
     """DPM-Solver++(2M), k-diffusion's form: second order except on the first step and on a step to sigma = 0."""
 
     name: ClassVar[str] = "dpmpp_2m"
+    FIXED: ClassVar[tuple[str, ...]] = ("order", "sde")
     order: int = 2
     lower_order_final: bool = False
 
@@ -515,12 +526,14 @@ class DPMPP2M(DPMSolverPP):
 @dataclass(frozen=True)
 class DPMPP3M(DPMSolverPP):
     name: ClassVar[str] = "dpmpp_3m"
+    FIXED: ClassVar[tuple[str, ...]] = ("order", "sde")
     order: int = 3
 
 
 @dataclass(frozen=True)
 class DPMPP2MSDE(DPMSolverPP):
     name: ClassVar[str] = "dpmpp_2m_sde"
+    FIXED: ClassVar[tuple[str, ...]] = ("order", "sde")
     sde: bool = True
 
 
@@ -777,10 +790,11 @@ def make_solver(name: str | Solver, **options) -> Solver:
         raise TypeError(f"solver: expected a solver name or a Solver, got {type(name).__name__}")
     if name not in SOLVERS:
         raise ValueError(f"solver: unknown {name!r}; allowed: {', '.join(sorted(SOLVERS))}")
-    try:
-        return SOLVERS[name](**options)
-    except TypeError as e:
-        raise ValueError(f"solver_options: {name!r} does not take {sorted(options)}") from e
+    cls = SOLVERS[name]
+    unknown = sorted(set(options) - {f.name for f in fields(cls)})
+    if unknown:         # named here: a TypeError raised inside the constructor is not an unknown option
+        raise ValueError(f"solver_options: {name!r} does not take {unknown}")
+    return cls(**options)
 
 
 @dataclass(frozen=True)
@@ -923,7 +937,11 @@ class UniPC(Solver):
     def __post_init__(self):
         if not isinstance(self.order, int) or isinstance(self.order, bool) or self.order not in (1, 2, 3):
             raise ValueError(f"order: must be 1, 2 or 3, got {self.order!r}")
-        object.__setattr__(self, "disable_corrector", tuple(int(k) for k in self.disable_corrector))
+        ks = self.disable_corrector
+        if not isinstance(ks, (tuple, list)) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0
+                                                       for k in ks):
+            raise ValueError(f"disable_corrector: expected step indices (integers >= 0), got {ks!r}")
+        object.__setattr__(self, "disable_corrector", tuple(ks))
 
     @property
     def history_depth(self):  # type: ignore[override]

@@ -12,6 +12,7 @@ import torch
 
 from paratime import (ContinuousVPSchedule, Denoiser, DiscreteVPSchedule, EDMSchedule, NoiseSchedule,
                       ParallelSampler, TimeGrid, VESchedule, make_solver)
+import paratime.models
 from paratime.schedules import FlowSchedule, karras_sigmas
 from paratime.solvers import TCD, LangevinCorrected
 
@@ -832,3 +833,95 @@ def test_likelihood_stats_report_the_flow_method_that_ran():
     for method, tol in (("picard", 2e-3), ("parareal", 0.1), ("sequential", 0.0)):
         st = s.log_likelihood(x, method=method).stats
         assert (st.method, st.tol) == (method, tol)
+
+
+# -- the model side: Denoiser, schedules, solvers, adapters (a review's reproduced cases) ---------------------------
+def _flow_on_ddim():
+    diffusers = pytest.importorskip("diffusers")
+    from paratime.integrations.diffusers import from_diffusers
+
+    return from_diffusers(_raw, diffusers.DDIMScheduler(prediction_type="flow_prediction"))
+
+
+def _clip_via_from_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    from paratime.integrations.diffusers import from_diffusers
+
+    return from_diffusers(_raw, diffusers.DDPMScheduler(), clip_x0=1.0)
+
+
+def _euler_zero_snr():
+    diffusers = pytest.importorskip("diffusers")
+    from paratime.integrations.diffusers import from_diffusers
+
+    return from_diffusers(_raw, diffusers.EulerDiscreteScheduler(rescale_betas_zero_snr=True))
+
+
+MODEL_SIDE_CASES = [
+    # garbage out, no error before
+    ("karras sigma_max < sigma_min", lambda: karras_sigmas(4, 80.0, 0.002), ValueError, "sigma_max"),
+    ("karras sigma_min < 0 (complex grid)", lambda: karras_sigmas(4, -1.0, 80.0), ValueError, "sigma_min"),
+    ("karras rho 0", lambda: karras_sigmas(4, 0.1, 80.0, rho=0), ValueError, "rho"),
+    ("flow time_scale 0", lambda: FlowSchedule(time_scale=0), ValueError, "time_scale"),
+    ("VP time_scale -1", lambda: ContinuousVPSchedule(time_scale=-1), ValueError, "time_scale"),
+    ("EDM sigma_data nan", lambda: EDMSchedule(sigma_data=float("nan")), ValueError, "sigma_data"),
+    ("EDM rho 0", lambda: EDMSchedule(rho=0), ValueError, "rho"),
+    ("classifier_scale -5", lambda: Denoiser(_raw, classifier=_Classifier(), classifier_scale=-5.0), ValueError,
+     "classifier_scale"),
+    ("classifier_scale nan", lambda: Denoiser(_raw, classifier=_Classifier(), classifier_scale=float("nan")),
+     ValueError, "classifier_scale"),
+    # ignored before
+    ("Denoiser classifier without scale", lambda: Denoiser(_raw, classifier=_Classifier()), ValueError, "classifier"),
+    ("Denoiser scale without classifier", lambda: Denoiser(_raw, classifier_scale=2.0), ValueError,
+     "classifier_scale"),
+    ("Denoiser guidance_rescale without guidance", lambda: Denoiser(_raw, guidance_rescale=0.5), ValueError,
+     "guidance_rescale"),
+    ("flow_prediction on DDIM", _flow_on_ddim, ValueError, "prediction_type"),
+    ("dpmpp_2m order 3", lambda: make_solver("dpmpp_2m", order=3), ValueError, "order"),
+    ("dpmpp_2m_sde sde False", lambda: make_solver("dpmpp_2m_sde", sde=False), ValueError, "sde"),
+    ("dpmpp_3m order 1", lambda: make_solver("dpmpp_3m", order=1), ValueError, "order"),
+    # misleading or cryptic before
+    ("unipc disable_corrector 5", lambda: make_solver("unipc", disable_corrector=5), ValueError,
+     "disable_corrector"),
+    ("dpmpp order 2.0", lambda: make_solver("dpmpp", order=2.0), ValueError, "order"),
+    ("dpmpp sde 'no'", lambda: make_solver("dpmpp", sde="no"), TypeError, "sde"),
+    ("from_diffusers clip_x0", _clip_via_from_diffusers, ValueError, "clip_x0"),
+    ("load_model bogus=1", lambda: paratime.models.load_model("gmm", bogus=1), TypeError, "bogus"),
+    ("model_factory bogus=1", lambda: paratime.models.model_factory("gmm", bogus=1), TypeError, "bogus"),
+    ("as_denoiser bogus=1", lambda: paratime.models.as_denoiser("gmm", bogus=1), TypeError, "bogus"),
+    ("Denoiser clip_x0 '1'", lambda: Denoiser(_raw, clip_x0="1"), TypeError, "clip_x0"),
+    ("Denoiser uncond_fn 3", lambda: Denoiser(_raw, guidance=2.0, uncond_fn=3), TypeError, "uncond_fn"),
+    ("Denoiser sample_shape 'abc'", lambda: Denoiser(_raw, sample_shape="abc"), ValueError, "sample_shape"),
+    ("Denoiser sample_shape (0,)", lambda: Denoiser(_raw, sample_shape=(0,)), ValueError, "sample_shape"),
+    ("Euler zero SNR", _euler_zero_snr, ValueError, "scheduler"),       # named alphas_cumprod, never passed
+    ("VE sigma_min 'a'", lambda: VESchedule(sigma_min="a"), TypeError, "sigma_min"),
+    ("final_alpha_cumprod '1'", lambda: DiscreteVPSchedule(torch.linspace(0.99, 0.01, 10),
+                                                           final_alpha_cumprod="1"), TypeError, "final_alpha_cumprod"),
+    ("steps_offset 1.5", lambda: DiscreteVPSchedule(torch.linspace(0.99, 0.01, 10), steps_offset=1.5), TypeError,
+     "steps_offset"),
+]
+
+
+@pytest.mark.parametrize("call, error, name", [c[1:] for c in MODEL_SIDE_CASES], ids=[c[0] for c in MODEL_SIDE_CASES])
+def test_model_side_input_is_a_clear_error(call, error, name):
+    _raises(call, error, name)
+
+
+def test_constant_beta_vp_schedule_has_finite_times():
+    """beta_min = beta_max (a constant beta) divided by zero in t(sigma): every model time was NaN."""
+    g = ContinuousVPSchedule(beta_min=1.0, beta_max=1.0).grid(4)
+    assert torch.isfinite(g.model_times).all()
+    s = ContinuousVPSchedule(beta_min=1.0, beta_max=1.0)
+    t = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
+    torch.testing.assert_close(s.t_of_sigma(s.sigma_of_t(t)), t)
+
+
+def test_guidance_options_on_a_denoiser_that_carries_the_other_half():
+    """A Denoiser with a classifier takes classifier_scale from the sampler, and one with guidance takes
+    guidance_rescale: refused before ("given without classifier=")."""
+    s = ParallelSampler(Denoiser(_raw, VESchedule(), "eps", classifier=_Classifier(), classifier_scale=1.0),
+                        classifier_scale=2.0, steps=2, progress=False)
+    assert s.denoiser.classifier_scale == 2.0
+    s = ParallelSampler(Denoiser(_raw, VESchedule(), "eps", guidance=3.0, uncond_fn=lambda c: c),
+                        guidance_rescale=0.5, steps=2, progress=False)
+    assert s.denoiser.guidance_rescale == 0.5

@@ -116,6 +116,16 @@ def _check_options(scheduler) -> None:
     if cfg.get("prediction_type", "epsilon") not in _PREDICTIONS and not _is_flow(scheduler):
         raise ValueError(f"prediction_type: {cfg.prediction_type!r} is not supported; allowed: "
                          f"{', '.join(_PREDICTIONS)}")
+    ac = getattr(scheduler, "alphas_cumprod", None)
+    if cfg.get("rescale_betas_zero_snr", False) and ac is not None and not bool((ac[1:] < ac[:-1]).all()):
+        # Euler-type schedulers replace the zero terminal alpha_bar by 2**-24 (a finite first sigma), above the
+        # value before it: no decreasing noise level to step along
+        raise _refuse(scheduler, "rescale_betas_zero_snr", True, "DDIMScheduler or DDPMScheduler with "
+                      "rescale_betas_zero_snr=True (its alphas_cumprod here is not decreasing)")
+    if cfg.get("prediction_type") == "flow_prediction" and not _is_flow(scheduler):
+        # diffusers' own step refuses it on the VP schedulers: paratime would run what the scheduler never does
+        raise ValueError(f"prediction_type: 'flow_prediction' on {name} (a VP scheduler); flow matching takes "
+                         f"FlowMatchEulerDiscreteScheduler or use_flow_sigmas=True where a scheduler has it")
     if cfg.get("thresholding", False):
         raise _refuse(scheduler, "thresholding", True, "thresholding=False (clip_sample for a fixed range)")
     if name.startswith("DDPM") and cfg.variance_type not in ("fixed_small", "fixed_small_log", "fixed_large"):
@@ -447,6 +457,9 @@ def from_diffusers(network: torch.nn.Module, scheduler, dtype: torch.dtype | Non
         if size is not None and getattr(ncfg, "in_channels", None) is not None:
             size = (size, size) if isinstance(size, int) else tuple(size)
             sample_shape = (ncfg.in_channels, *size)
+    fixed = sorted(set(denoiser_options) & {"network", "schedule", "prediction", "clip_x0"})
+    if fixed:           # the scheduler sets them (a TypeError about multiple values before)
+        raise ValueError(f"{fixed[0]}: set by the scheduler's config, not an option of from_diffusers")
     return Denoiser(network, schedule, prediction, dtype=dtype, clip_x0=clip, sample_shape=sample_shape,
                     **denoiser_options)
 

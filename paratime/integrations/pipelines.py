@@ -745,7 +745,8 @@ class ParallelPipeline:
         if key not in self._samplers:
             guided = prep.uncond is not None
             den = from_diffusers(network, self.pipe.scheduler, sample_shape=None,
-                                 guidance=prep.guidance if guided else None, guidance_rescale=prep.guidance_rescale)
+                                 guidance=prep.guidance if guided else None,
+                                 guidance_rescale=prep.guidance_rescale if guided else 0.0)   # diffusers: off then
             den = with_timestep_kwargs(den, begin=prep.begin, **prep.timestep_kwargs)
             # One sampler is kept (the last call's): a new steps / guidance / mu rebuilds it on the same backend.
             log.debug("parallelize: sampler for %d steps of %s", steps, type(self.pipe.scheduler).__name__)
