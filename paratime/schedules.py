@@ -45,6 +45,13 @@ __all__ = [
 SPACINGS = ("leading", "trailing", "linspace", "karras")
 
 
+def _check_default_spacing(schedule) -> None:
+    """A schedule's ``default_spacing`` is one of :data:`SPACINGS` (named when built, not blamed on ``spacing``
+    at the first grid)."""
+    if schedule.default_spacing not in SPACINGS:
+        raise ValueError(f"default_spacing: unknown {schedule.default_spacing!r}; allowed: {', '.join(SPACINGS)}")
+
+
 @dataclass(frozen=True)
 class TimeGrid:
     """An N-step time grid.
@@ -184,6 +191,7 @@ class DiscreteVPSchedule(NoiseSchedule):
     kind: str = field(default="vp", init=False)
 
     def __post_init__(self):
+        _check_default_spacing(self)
         ac = torch.as_tensor(self.alphas_cumprod, dtype=torch.float64).flatten()
         if ac.numel() < 2 or not bool(((ac > 0) & (ac <= 1)).all()) or not bool((ac[1:] <= ac[:-1]).all()):
             raise ValueError("alphas_cumprod: must be a decreasing 1-D sequence in (0, 1]")
@@ -284,6 +292,7 @@ class ContinuousVPSchedule(NoiseSchedule):
     kind: str = field(default="vp", init=False)
 
     def __post_init__(self):
+        _check_default_spacing(self)
         if self.schedule not in ("linear", "cosine"):
             raise ValueError(f"schedule: unknown {self.schedule!r}; allowed: linear, cosine")
         check_number("eps", self.eps, 0, 1, low_open=True)
@@ -291,6 +300,8 @@ class ContinuousVPSchedule(NoiseSchedule):
             raise ValueError(f"eps: must lie in (0, 1), got {self.eps}")
         check_number("beta_min", self.beta_min, 0)
         check_number("beta_max", self.beta_max, self.beta_min)
+        if self.schedule == "cosine" and (self.beta_min, self.beta_max) != (0.1, 20.0):
+            raise ValueError("beta_min, beta_max: apply to the linear schedule; the cosine one has no betas")
         if self.beta_max == 0:
             raise ValueError("beta_max: must be > 0 (beta_min = beta_max = 0 adds no noise)")
         check_number("time_scale", self.time_scale, 0, low_open=True)
@@ -353,6 +364,7 @@ class VESchedule(NoiseSchedule):
     default_spacing: str = "linspace"
 
     def __post_init__(self):
+        _check_default_spacing(self)
         check_number("sigma_min", self.sigma_min, 0, low_open=True)
         check_number("sigma_max", self.sigma_max, 0, low_open=True)
         if not 0 < self.sigma_min < self.sigma_max:
@@ -384,6 +396,7 @@ class EDMSchedule(NoiseSchedule):
     rho: float = 7.0
 
     def __post_init__(self):
+        _check_default_spacing(self)
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError(f"sigma_min, sigma_max: need 0 < sigma_min < sigma_max, got {self.sigma_min}, "
                              f"{self.sigma_max}")
@@ -441,6 +454,7 @@ class FlowSchedule(NoiseSchedule):
     kind: str = field(default="flow", init=False)
 
     def __post_init__(self):
+        _check_default_spacing(self)
         if not self.shift > 0:
             raise ValueError(f"shift: must be > 0, got {self.shift!r}")
         check_number("time_scale", self.time_scale, 0, low_open=True)
@@ -473,6 +487,9 @@ class FlowSchedule(NoiseSchedule):
 
     def sigma_grid(self, steps, spacing):
         if spacing == "karras":
+            if self.shift != 1:
+                raise ValueError("shift: applies to the 'linspace' spacing (uniform in t, then shifted); 'karras' "
+                                 "spaces the sigmas itself")
             return super().sigma_grid(steps, spacing)
         if spacing != "linspace":
             raise ValueError(f"spacing: flow supports 'linspace' (uniform in t, then shifted) or 'karras', "

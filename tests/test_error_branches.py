@@ -894,6 +894,9 @@ MODEL_SIDE_CASES = [
     ("Denoiser sample_shape 'abc'", lambda: Denoiser(_raw, sample_shape="abc"), ValueError, "sample_shape"),
     ("Denoiser sample_shape (0,)", lambda: Denoiser(_raw, sample_shape=(0,)), ValueError, "sample_shape"),
     ("Euler zero SNR", _euler_zero_snr, ValueError, "scheduler"),       # named alphas_cumprod, never passed
+    ("flow shift with karras spacing", lambda: FlowSchedule(shift=3).grid(4, "karras"), ValueError, "shift"),
+    ("cosine VP with betas", lambda: ContinuousVPSchedule("cosine", beta_max=5.0), ValueError, "beta_min, beta_max"),
+    ("default_spacing bogus", lambda: VESchedule(default_spacing="bogus"), ValueError, "default_spacing"),
     ("VE sigma_min 'a'", lambda: VESchedule(sigma_min="a"), TypeError, "sigma_min"),
     ("final_alpha_cumprod '1'", lambda: DiscreteVPSchedule(torch.linspace(0.99, 0.01, 10),
                                                            final_alpha_cumprod="1"), TypeError, "final_alpha_cumprod"),
