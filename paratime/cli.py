@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .cost import COST_NAMES
+from .results import json_text
 
 __all__ = ["main", "build_parser"]
 
@@ -424,6 +425,11 @@ def _check_sample_args(args) -> dict:
     return opts
 
 
+def _ran(stats) -> str:
+    """The table's method cell: the method that ran (``auto``'s choice), with Picard's window."""
+    return stats.method + (f" W={stats.window}" if stats.method == "picard" and stats.window else "")
+
+
 def _pipeline_pngs(args) -> list[str]:
     """``--out OUT.png`` with ``--pipeline``: ``OUT-0.png``, ``OUT-1.png``, ... one per image."""
     if not args.out:
@@ -512,10 +518,10 @@ def run_pipeline(args, opts: dict) -> dict:
         diff = float(np.abs(images - ref).max())
         rec.update(sequential_wall_s=ref_stats.wall_s, speedup=ref_stats.wall_s / stats.wall_s, max_abs_diff=diff)
         rows.append(("sequential", ref_stats.rounds, f"{ref_stats.nfe:.0f}", f"{ref_stats.wall_s:.3f}", "1.00", "0"))
-        rows.append((args.method, stats.rounds, f"{stats.nfe:.0f}", f"{stats.wall_s:.3f}", f"{rec['speedup']:.2f}",
+        rows.append((_ran(stats), stats.rounds, f"{stats.nfe:.0f}", f"{stats.wall_s:.3f}", f"{rec['speedup']:.2f}",
                      f"{diff:.3g}"))
     else:
-        rows.append((args.method, stats.rounds, f"{stats.nfe:.0f}", f"{stats.wall_s:.3f}", "", ""))
+        rows.append((_ran(stats), stats.rounds, f"{stats.nfe:.0f}", f"{stats.wall_s:.3f}", "", ""))
     print(f"pipeline={args.pipeline} ({type(pipe).__name__}, {type(pipe.scheduler).__name__}) steps={args.steps} "
           f"images={args.batch} prompt={args.prompt!r}")
     _print_table(rows)
@@ -525,7 +531,7 @@ def run_pipeline(args, opts: dict) -> dict:
     if args.save:
         torch.save(torch.from_numpy(images), args.save)
     if args.json:
-        Path(args.json).write_text(json.dumps(rec, indent=2))
+        Path(args.json).write_text(json_text(rec))
         print(f"wrote {args.json}")
     return rec
 
@@ -604,11 +610,11 @@ def run_sample(args, opts: dict | None = None) -> dict:
                        speedup=speedup, max_abs_diff=diff)
             rows.append(("sequential", ref.stats.rounds, f"{ref.stats.nfe:.0f}", f"{ref.stats.wall_s:.3f}", "1.00",
                          "0"))
-            rows.append((args.method, result.stats.rounds, f"{result.stats.nfe:.0f}", f"{result.stats.wall_s:.3f}",
-                         f"{speedup:.2f}", f"{diff:.3g}"))
+            st = result.stats
+            rows.append((_ran(st), st.rounds, f"{st.nfe:.0f}", f"{st.wall_s:.3f}", f"{speedup:.2f}", f"{diff:.3g}"))
         else:
-            rows.append((args.method, result.stats.rounds, f"{result.stats.nfe:.0f}", f"{result.stats.wall_s:.3f}",
-                         "", ""))
+            st = result.stats
+            rows.append((_ran(st), st.rounds, f"{st.nfe:.0f}", f"{st.wall_s:.3f}", "", ""))
         if not sampler.backend.is_primary:
             return rec
         tol = f"{result.stats.tol:g}" + (" (default)" if args.tol is None else "")
@@ -633,7 +639,7 @@ def run_sample(args, opts: dict | None = None) -> dict:
                 save_samples_png(args.out, result.samples.float())
             print(f"wrote {args.out}")
         if args.json:
-            Path(args.json).write_text(json.dumps(rec, indent=2))
+            Path(args.json).write_text(json_text(rec))
             print(f"wrote {args.json}")
     return rec
 
@@ -814,7 +820,7 @@ def _check_outputs(args) -> None:
 
 def _write_json(path: str | None, rec: dict) -> None:
     if path:
-        Path(path).write_text(json.dumps(rec, indent=2))
+        Path(path).write_text(json_text(rec))
         print(f"wrote {path}")
 
 

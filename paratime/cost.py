@@ -93,6 +93,15 @@ def device_rows(rows: int, devices: int) -> int:
     return -(-rows // devices)
 
 
+def chunked_cost(curve: CostCurve, rows: int, limit: int | None) -> float:
+    """The time of ``rows`` rows on one device whose network calls hold at most ``limit`` rows (``max_batch``; None:
+    no limit): the chunks run back to back, ``floor(rows / limit) c(limit) + c(rows mod limit)``."""
+    if not limit or rows <= limit:
+        return curve(rows)
+    full, rest = divmod(rows, limit)
+    return full * curve(limit) + curve(rest)
+
+
 def round_cost(curve: CostCurve, rows: int, devices: int) -> float:
     """``c(ceil(rows / devices))``: the time of one call of ``rows`` rows spread over ``devices`` devices."""
     return curve(device_rows(rows, devices))

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from paratime.kernels import kernel_mode, triton_usable
+from paratime.kernels import kernel_mode, launch_device, triton_usable
 
 __all__ = ["check_seed", "draw_noise", "noise_rows", "LazyNoise", "normals_reference", "row_keys", "sample_keys",
            "mix64", "initial_noise", "step_noise", "INITIAL", "STEP", "CORRECTOR", "PROBE", "DEQUANT", "PipelineNoise",
@@ -169,7 +169,8 @@ def _normals(keys: torch.Tensor, D: int) -> torch.Tensor:
     out = torch.empty((keys.shape[0], D), dtype=torch.float32, device=keys.device)
     if out.numel():
         grid = (keys.shape[0], -(-D // _KERNEL_BLOCK))
-        kernel.counter_normal_kernel[grid](keys.contiguous(), out, D, BLOCK=_KERNEL_BLOCK)
+        with launch_device(keys):
+            kernel.counter_normal_kernel[grid](keys.contiguous(), out, D, BLOCK=_KERNEL_BLOCK)
     return out
 
 

@@ -11,7 +11,6 @@ The unimodal baseline (mean regression, shipped beside the policy) rolls out the
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time
@@ -23,6 +22,7 @@ import torch
 
 from .checks import check_int
 from .progress import progress_bar
+from .results import json_text
 from .methods import PARAREAL_TOL
 from .sampler import ParallelSampler
 from .tasks.reach import Episodes, ReachConfig, make_episodes, observe, step
@@ -482,6 +482,6 @@ def run_policy_command(args, emit: Callable[[str], None] = print) -> int:
         return 0
     rec = run_eval(args, emit)
     if args.json:
-        Path(args.json).write_text(json.dumps(rec, indent=2))
+        Path(args.json).write_text(json_text(rec))
         emit(f"wrote {args.json}")
     return 0

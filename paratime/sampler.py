@@ -116,6 +116,9 @@ class ParallelSampler:
         self.device = state_device(self.denoiser, cfg.device)
         self.state_dtype = cfg.state_dtype_on(self.device)
         check_kernels(kernels, self.state_dtype, self.device)
+        # The kernels' module (and Triton) load on first use: here, so no sample() call's wall time carries it (the
+        # first call's noise draw took 0.14 s of a 0.15 s gmm run before, and a --compare speed-up read 0.015).
+        triton_usable(torch.empty(0, device=self.device))
         self.grid: TimeGrid = self.denoiser.schedule.grid(cfg.steps, cfg.spacing)
         if backend_options is not None and not isinstance(backend_options, dict):
             raise TypeError(f"backend_options: expected a dict of the backend's options, "
@@ -218,7 +221,7 @@ class ParallelSampler:
         stats = self._stats(outcome, evaluator, wall + t_noise, B, cfg)
         stats.extra["noise_s"], stats.extra["plan_s"] = t_noise, planned["plan_s"]
         record_rounds(stats, evaluator.call_rows, marks, wall, curve, 1 if alone else self.backend.workers, plan,
-                      overhead)
+                      overhead, self.backend.batch_limit())
         latents = None
         if self.decoder is not None:
             latents, samples = samples, self.decode(samples)
@@ -444,7 +447,7 @@ class ParallelSampler:
                 cfg: SamplerConfig | None = None) -> SampleStats:
         cfg = self.config if cfg is None else cfg
         corrected = "+langevin" if isinstance(self.solver, LangevinCorrected) else ""
-        rows = evaluator.rows.float()
+        rows = evaluator.rows.double()
         timings = self.backend.timings
         extra = dict(outcome.extra)
         stats = SampleStats(

@@ -214,15 +214,29 @@ def linear_next_state(x, out, out_uncond, guidance, c_x, c_o, a, k_z, noise):
 _ALL = slice(None)   # "every row" for :func:`_rows`: a view, no gather and no scatter
 
 
+def true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """``(count, mask.ndim)`` the indices of the ``count`` True entries of ``mask`` in row-major order, as
+    ``torch.nonzero`` gives them, sized on the host so nothing is read back: a stable sort puts the True entries
+    first, in order. (``torch.nonzero_static`` does the same but has no CUDA kernel before torch 2.6, and the
+    package takes torch >= 2.4.) ``count`` must be the number of True entries."""
+    flat = mask.reshape(-1)
+    idx = torch.argsort((~flat).to(torch.uint8), stable=True)[:count]          # (count,) flat indices, ascending
+    out = []
+    for size in reversed(mask.shape):
+        out.append(idx % size)
+        idx = idx // size
+    return torch.stack(out[::-1], 1)
+
+
 def _rows(mask: torch.Tensor, count: int | None) -> torch.Tensor | slice | None:
     """The rows where ``mask`` (``(M,)``) holds: None for none, :data:`_ALL` for all of them, else their indices
-    ``(K,)`` in ascending order. ``count`` (K, from the host steps) sizes them with ``nonzero_static``, which reads
+    ``(K,)`` in ascending order. ``count`` (K, from the host steps) sizes them (:func:`true_indices`), which reads
     nothing back; None falls back to one ``nonzero``, a device-to-host read on CUDA."""
     if count is None:
         rows = mask.nonzero().squeeze(1)            # fallback for callers without host steps: one device read
         count = rows.numel()
     elif 0 < count < mask.numel():
-        rows = torch.nonzero_static(mask, size=count).squeeze(1)    # the same indices, sized on the host
+        rows = true_indices(mask, count).squeeze(1)                 # the same indices, sized on the host
     if count == 0:
         return None
     return _ALL if count == mask.numel() else rows

@@ -265,3 +265,21 @@ def test_cost_option_reaches_the_planner(tmp_path):
     rec = json.loads(js.read_text())
     assert rec["plan"]["method"] == "sequential" and rec["cost"].startswith("compute")
     assert main([*base, "--cost", "cheap"]) == 2
+
+
+def test_json_is_standard_and_the_table_names_the_method_that_ran(tmp_path, capsys):
+    """--json wrote bare NaN (a round without a residual), which strict parsers refuse; --method auto's row read
+    'auto' while the plan ran another method."""
+    import json
+
+    out = tmp_path / "r.json"
+    assert main(["sample", "--model", "gmm", "--steps", "10", "--batch", "4", "--method", "staggered", "--window", "2",
+                 "--no-progress", "--no-compare", "--out", "", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert rec["residuals"] and None in rec["residuals"]          # staggered's residuals: NaN, written as null
+    capsys.readouterr()
+    assert main(["sample", "--model", "gmm", "--steps", "10", "--batch", "4", "--method", "auto", "--cost", "compute",
+                 "--no-progress", "--no-compare", "--out", "", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    ran = json.loads(out.read_text())["method"]
+    assert ran != "auto" and any(line.split()[0] == ran for line in table.splitlines()[2:] if line.strip())

@@ -159,3 +159,34 @@ def test_cumsum0_is_torch_cumsum(shape):
     before = x.clone()
     assert torch.equal(cumsum0(x), x.cumsum(0)) and torch.equal(x, before)
     torch.testing.assert_close(cumsum0(x.float()), x.float().cumsum(0), rtol=1e-5, atol=1e-4)
+
+
+def test_every_launch_makes_its_tensors_device_current(monkeypatch):
+    """Triton launches on the current CUDA device, not the tensors': each launch (fused step, Picard update, noise)
+    runs inside ``launch_device`` of its input, so a state on cuda:1 while cuda:0 is current launches on cuda:1.
+    On the CPU (the interpreter) the guard is a no-op; here it is recorded."""
+    import paratime.kernels.dispatch as dispatch
+    import paratime.noise as noise
+    from paratime import ParallelSampler
+
+    seen = []
+    real = dispatch.launch_device
+
+    def recording(t):
+        seen.append(t.device)
+        return real(t)
+
+    monkeypatch.setattr(dispatch, "launch_device", recording)
+    s = ParallelSampler("gmm", solver="ddpm", steps=6, window=3, dtype=torch.float32, state_dtype=torch.float32,
+                        progress=False, kernels="triton")
+    launches = []                                    # every launch, in order (record_launches keeps a set)
+    monkeypatch.setattr(dispatch, "_RECORD", type("Every", (), {"add": lambda self, x: launches.append(x)})())
+    s.sample(2, seed=0)
+    kinds = {x.kernel for x in launches}
+    assert {"fused_step", "picard_update"} <= kinds, kinds
+    assert len(seen) == len(launches) and all(d.type == "cpu" for d in seen)      # one guard per launch
+    seen.clear()
+    monkeypatch.setattr(noise, "launch_device", recording)
+    with dispatch.kernels("triton"):
+        noise.noise_rows(0, noise.STEP, torch.arange(3), 2, (4,))
+    assert len(seen) == 1

@@ -128,3 +128,46 @@ def test_whole_stack_reads_at_most_once_a_round(method, solver, options):
         assert any(x.kernel == "fused_step" for x in launched), launched    # the fused Triton step ran
     if method == "picard":
         assert any(x.kernel == "picard_update" for x in launched), launched
+
+
+@pytest.mark.parametrize("method", ["parareal", "parareal_pipelined", "picard", "staggered"])
+def test_the_reported_window_starts_are_host_data(method):
+    """The progress bar reads ``int(info.begin.min())`` each round: Parareal reported device tensors there, so a bar
+    (on by default) added one device read an iteration (pipelined: a tick) on a GPU. Every method now reports the
+    starts as host data, from the round's own read: tensors made from host lists (what the counter tracks as host
+    memory), and no more reads a round than before."""
+    counter = StackCounter()
+    host, per_round, last = [], [], [0]
+
+    def callback(info):
+        ref = counter._host.get(id(info.begin))
+        host.append(ref is not None and ref() is info.begin)
+        per_round.append(counter.count - last[0])
+        last[0] = counter.count
+
+    options = dict(window=2) if method in ("picard", "staggered") else {}
+    sampler = ParallelSampler("gmm", solver="ddim", method=method, steps=12, dtype=torch.float32,
+                              state_dtype=torch.float32, backend=LocalBackend(), progress=False, **options)
+    with counter:
+        sampler.sample(3, seed=0, callback=callback)
+    assert host and all(host), host
+
+
+def test_true_indices_are_nonzeros_order_without_a_read():
+    """``true_indices`` (the sized nonzero of Parareal, staggered and two-call steps) equals ``nonzero`` on random
+    masks of 1-3 dimensions, and ``torch.nonzero_static`` (no CUDA kernel before torch 2.6, which the package does
+    not require) is used nowhere."""
+    from pathlib import Path
+
+    from paratime.solvers import true_indices
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1,), (9,), (4, 7), (3, 2, 5)]:
+        for p in (0.1, 0.5, 0.9):
+            m = torch.rand(shape, generator=g) < p
+            count = int(m.sum())
+            with StackCounter() as c:
+                got = true_indices(m, count)
+            assert torch.equal(got, m.nonzero()) and c.count == 0, (shape, p, c.names)
+    src = Path(__file__).parents[1] / "paratime"
+    assert not [f for f in src.rglob("*.py") if "torch.nonzero_static(" in f.read_text()]

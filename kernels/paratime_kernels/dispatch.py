@@ -21,7 +21,7 @@ import torch
 from .reference import fused_step_reference, picard_update_reference
 
 __all__ = ["fused_step", "picard_update", "kernels", "set_kernel_mode", "kernel_mode", "triton_usable", "Launch",
-           "SAMPLER_LAUNCHES", "record_launches", "picard_block", "picard_tile"]
+           "SAMPLER_LAUNCHES", "record_launches", "picard_block", "picard_tile", "launch_device"]
 
 _MODE: contextvars.ContextVar[str] = contextvars.ContextVar("paratime_kernel_mode", default="auto")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -130,6 +130,13 @@ def _triton():
     return step, picard
 
 
+def launch_device(t: torch.Tensor):
+    """The context a Triton launch on ``t`` runs in: ``t``'s CUDA device made current (Triton launches on the
+    current device, not the tensors': a state on ``cuda:1`` while ``cuda:0`` is current fails there), nothing on
+    the CPU (the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def triton_usable(t: torch.Tensor) -> bool:
     """Whether a Triton kernel can run on ``t``: CUDA tensor, or CPU tensor under the interpreter."""
     if t.dtype not in _TRITON_DTYPES or _triton() is None:
@@ -195,9 +202,10 @@ def fused_step(x, out, out_uncond=None, guidance=1.0, c_x=None, c_o=None, k_d=No
         if _RECORD is not None:
             _RECORD.add(Launch("fused_step", xs.dtype, os_.dtype, us is not None, zs is not None, want_x0, want_dx))
         grid = (M, triton_cdiv(D, BLOCK))
-        step.fused_step_kernel[grid](xs, os_, us if us is not None else xs, zs if zs is not None else xs, x0, dx,
-                                     *coef, float(guidance), D, HAS_UNCOND=us is not None, HAS_NOISE=zs is not None,
-                                     WRITE_X0=want_x0, WRITE_DX=want_dx, BLOCK=BLOCK)
+        with launch_device(xs):
+            step.fused_step_kernel[grid](xs, os_, us if us is not None else xs, zs if zs is not None else xs, x0,
+                                         dx, *coef, float(guidance), D, HAS_UNCOND=us is not None,
+                                         HAS_NOISE=zs is not None, WRITE_X0=want_x0, WRITE_DX=want_dx, BLOCK=BLOCK)
         x0, dx = (x0 if want_x0 else None), (dx if want_dx else None)
     return _unflat(x0, shape), _unflat(dx, shape)
 
@@ -234,7 +242,9 @@ def picard_update(start, dx, old, block: int | None = None, want_err: bool = Tru
         part = torch.empty((W, B, nblk), dtype=torch.float32, device=s.device)   # one slot per (point, block)
         if _RECORD is not None:
             _RECORD.add(Launch("picard_update", s.dtype, block=blk))
-        picard.picard_update_kernel[(B, nblk)](s, d, o, new, part, W, B, D, nblk, BLOCK=blk, WT=picard_tile(blk))
+        with launch_device(s):
+            picard.picard_update_kernel[(B, nblk)](s, d, o, new, part, W, B, D, nblk, BLOCK=blk,
+                                                   WT=picard_tile(blk))
         err = (part.sum(-1) / D).sqrt()        # fixed-order reduction over the blocks
     return _unflat(new, dx.shape), err
 

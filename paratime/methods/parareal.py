@@ -43,6 +43,7 @@ from typing import Callable
 
 import torch
 
+from ..solvers import true_indices
 from .common import Outcome, Problem, RoundInfo, rms
 
 __all__ = ["sample_parareal", "sample_parareal_pipelined", "slice_bounds", "coarse_subgrids"]
@@ -164,6 +165,7 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
     bounds_h = slice_bounds(N, slices)                                  # (S+1,) host
     if coarse is None:
         check_coarse_steps(bounds_h, coarse_steps)
+    bounds_list = bounds_h.tolist()                                     # host integers (the reported starts)
     bounds = bounds_h.to(dev)
     S = bounds.numel() - 1
     lengths = (bounds_h[1:] - bounds_h[:-1]).tolist()                   # fine steps per slice (host)
@@ -211,7 +213,7 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
         run = (sl >= begin[None]) & active[None]                        # (S, B)
         # 1. Fine solves of every unfinished slice, in lockstep. Rows: slice by slice in `order`, so the rows still
         #    running at fine step m are a prefix, and each slice's rows a contiguous block.
-        ro, bb = torch.nonzero_static(run[order_dev], size=M).unbind(1)   # (M,) each, no host sync
+        ro, bb = true_indices(run[order_dev], M).unbind(1)               # (M,) each, no host sync
         ss = order_dev[ro]
         # Rows still running at fine step m, up to the longest slice that still has rows: an accepted longer
         # slice must not leave a zero-row step (its rows are gone, the shorter slices' solves are done).
@@ -262,10 +264,12 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
         moved = torch.where(run & (level > 0), err / level, -math.inf).max()
         # The iteration's one host read: the next iteration's rows per slice, and this one's residual.
         nxt = ((sl >= begin[None]) & (begin < S)[None]).sum(1)
-        host = torch.cat([nxt.double(), moved.double().reshape(1)]).tolist()
+        host = torch.cat([nxt.double(), moved.double().reshape(1), begin.clamp_max(S).double()]).tolist()
         counts = [int(c) for c in host[:S]]
         residuals.append(host[S] if host[S] > -math.inf else float("nan"))
-        problem.report(RoundInfo(it, bounds[begin.clamp_max(S)].clone(), M, residuals[-1]))
+        # The samples' window starts on the host, from the same read (a device tensor made the progress bar read
+        # again each iteration).
+        problem.report(RoundInfo(it, torch.tensor([bounds_list[int(b)] for b in host[S + 1:]]), M, residuals[-1]))
     extra = {"slices": S, "nfe_fine": calls["fine"] / B, "nfe_coarse": calls["coarse"] / B,
              "pipelined_rounds": ready[-1], "coarse_calls": coarse_prop.coarse_calls}
     return Outcome(U[S], it, residuals, done_round, extra)
@@ -398,7 +402,7 @@ def sample_parareal_pipelined(x: torch.Tensor, problem: Problem, slices: int | N
         tasks[:] = [t for t in tasks if all(t is not f for f in finished)]
         for t in finished:     # a copy: a view would keep this tick's whole x_next alive while the result is kept
             done(t["kind"], t["s"], t["k"], t["x"].clone())
-        problem.report(RoundInfo(ticks, bounds[max(final)].expand(B).clone(), int(X.shape[0]),
+        problem.report(RoundInfo(ticks, torch.tensor([start[max(final)]] * B), int(X.shape[0]),
                                  residuals[-1] if residuals else float("nan")))
     extra = {"slices": S, "nfe_fine": count["fine"] / B, "nfe_coarse": count["coarse"] / B,
              "pipelined_rounds": float(ticks * problem.solver.evals_per_step), "coarse_calls": count["coarse_calls"]}

@@ -40,6 +40,7 @@ from typing import Sequence
 
 import torch
 
+from ..solvers import true_indices
 from .common import Outcome, Problem, RoundInfo
 from .stops import DEFAULT_TOL
 
@@ -152,7 +153,7 @@ def sample_staggered(x: torch.Tensor, problem: Problem, cores: int, tol: float |
     while not all(done_h):
         tick += 1
         A = B - sum(done_h)                           # open samples; their indices from the device flags, no read
-        b_act = torch.nonzero_static(~stop.done, size=A).squeeze(1) if A < B else hierarchy.ar_b
+        b_act = true_indices(~stop.done, A).squeeze(1) if A < B else hierarchy.ar_b
         # 1-4. One batched call at every live core's point; fine steps, spawn, Parareal corrections, advance.
         hits = hierarchy.tick(b_act, A)
         tick_rows.append(hierarchy.last_rows)
