@@ -486,7 +486,8 @@ def headline(name: str, batch: int | None = None, with_rule: bool = True) -> dic
     units = getattr(st, "tol_units", "absolute")
     default = {"tol": st.tol, "rounds": st.rounds, "nfe": st.nfe, **dict(zip(("max_abs_diff", "max_rel_diff"),
                                                                                errors(res.samples, ref, scale))),
-               "tol_units": units, "tol_abs": getattr(st, "tol_abs", st.tol), "scale": scale}
+               "tol_units": units, "tol_abs": getattr(st, "tol_abs", st.tol), "scale": scale,
+               "window": st.window}     # what ran: a case without a window leaves it to the planner
     peer_runs = real_class_runs(case, batch, SWEEPS["paradigms"], TARGET)
     peer = at_accuracy(peer_runs, TARGET, "max_rel_diff")
     rule = None
@@ -517,7 +518,9 @@ def headline_markdown(results: list[dict]) -> str:
         ratio = f"{p['rounds'] / d['rounds']:.2f}x" if p else "–"
         rule = f"{q['rounds']} / {q['nfe']:.0f}" if q else "–"
         checks = ", ".join(f"{k}: {'ok' if v else '**MISSED**'}" for k, v in r["checks"].items())
-        lines.append(f"| {r['case']} b{r['batch']} W{r['window']} | {d['rounds']} / {d['nfe']:.0f} / "
+        own = d.get("window")            # the planner's window when the case left it open (the peer runs r's)
+        ran = "" if own in (None, r["window"]) else f" (paratime W{own})"
+        lines.append(f"| {r['case']} b{r['batch']} W{r['window']}{ran} | {d['rounds']} / {d['nfe']:.0f} / "
                      f"{d['max_rel_diff']:.2g} ({tol}) | {peer} | {ratio} | {rule} | {checks} |")
     return "\n".join(lines) + "\n"
 

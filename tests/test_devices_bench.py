@@ -116,3 +116,13 @@ def test_the_real_two_rank_run_prints_measured_beside_predicted(keep_threads, ca
     for what in ("sequential, 1 rank:", "planner, 2 gloo ranks:", "measured speed-up", "planner's prediction:",
                  "work outside it", "plan: "):
         assert what in out, (what, out)
+
+
+def test_the_baseline_is_sequentials_measured_cost_not_n(keep_threads):
+    """Heun takes two calls a step (the last one, to sigma 0, one): sequential costs 2N - 1, and every speed-up is
+    taken against that, not against N (the sequential row was hard-coded at N before)."""
+    res = devices.measure("digits", 6, [1], 1, quick=True, solver="heun")
+    rec = res["K"][1]
+    assert rec["sequential"]["sce"] == 11.0 and rec["sequential"]["speedup"] == 1.0
+    planner = rec["planner"]
+    assert planner["speedup"] == pytest.approx(11.0 / planner["sce"])
