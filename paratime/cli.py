@@ -420,9 +420,14 @@ def _check_sample_args(args) -> dict:
         if args.policy_demo:
             _check_writable("--policy-out", args.policy_out)
     for flag, path in (("--out", args.out), ("--policy-out", args.policy_out if args.policy_demo else None)):
-        if path and Path(path).suffix.lower() != ".png":
-            raise UsageError(f"{flag}: writes a PNG; give a file name ending in .png, got {path!r}")
+        _check_png(flag, path)
     return opts
+
+
+def _check_png(flag: str, path: str | None, what: str = "a PNG") -> None:
+    """An output written as ``what`` (PNG) must be named so: a PNG in x.jpg would mislead every viewer."""
+    if path and Path(path).suffix.lower() != ".png":
+        raise UsageError(f"{flag}: writes {what}; give a file name ending in .png, got {path!r}")
 
 
 def _ran(stats) -> str:
@@ -468,9 +473,7 @@ def _check_pipeline_args(args, opts: dict) -> dict:
         if v is not None and v % 8:
             raise UsageError(f"--{flag}: must be a multiple of 8 (the VAE's scale factor), got {v}")
     check_number("guidance", args.guidance, 0, none=True)
-    if args.out and Path(args.out).suffix.lower() != ".png":
-        raise UsageError(f"--out: writes PNGs (OUT-0.png, OUT-1.png, ... from OUT.png); give a file name ending in "
-                         f".png, got {args.out!r}")
+    _check_png("--out", args.out, "PNGs (OUT-0.png, OUT-1.png, ... from OUT.png)")
     for path in _pipeline_pngs(args):
         _check_writable("--out", path)
     for flag, path in (("--save", args.save), ("--json", args.json)):
@@ -801,21 +804,20 @@ _OUTPUTS = {"train-digits": ("out",), "eval-digits": ("json",), "train-policy": 
             "eval-policy": ("out", "json"), "likelihood": ("json",)}
 
 
-#: outputs written in one format, whose name must say so (a PNG written to x.jpg would mislead every viewer)
-_SUFFIXES = {("eval-policy", "out"): ".png"}
+#: outputs written as a PNG, whose name must say so (:func:`_check_png`)
+_PNGS = {("eval-policy", "out")}
 #: outputs a command exists to write: '' (elsewhere "none") is refused before the work, not after training
 _REQUIRED = {("train-digits", "out"), ("train-policy", "out")}
 
 
 def _check_outputs(args) -> None:
     for dest in _OUTPUTS.get(args.command, ()):
-        path, suffix = getattr(args, dest), _SUFFIXES.get((args.command, dest))
+        path = getattr(args, dest)
         if not path and (args.command, dest) in _REQUIRED:
             raise UsageError(f"--{dest}: required: the file the trained weights are written to")
         _check_writable(f"--{dest}", path)
-        if path and suffix and Path(path).suffix.lower() != suffix:
-            raise UsageError(f"--{dest}: writes a {suffix[1:].upper()}; give a file name ending in {suffix}, "
-                             f"got {path!r}")
+        if (args.command, dest) in _PNGS:
+            _check_png(f"--{dest}", path)
 
 
 def _write_json(path: str | None, rec: dict) -> None:

@@ -30,7 +30,7 @@ from .checks import check_number
 
 from .schedules import EDMSchedule, NoiseSchedule, VESchedule
 
-__all__ = ["Denoiser", "NetworkOutputs", "PREDICTIONS", "append_dims", "to_x0", "from_x0"]
+__all__ = ["Denoiser", "NetworkOutputs", "PREDICTIONS", "append_dims", "to_x0", "from_x0", "check_sample_shape"]
 
 
 def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -96,6 +96,20 @@ def _stack_halves(cond: dict, uncond: dict) -> dict:
         else:
             both[k] = torch.cat([c, u]) if isinstance(c, torch.Tensor) and c.ndim > 0 else c
     return both
+
+
+def check_sample_shape(shape) -> tuple[int, ...] | None:
+    """One sample's shape as a tuple of positive integers (a list accepted), or None.
+
+    Raises:
+        ValueError: naming ``sample_shape``.
+    """
+    if shape is None:
+        return None
+    if not isinstance(shape, (tuple, list)) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
+        raise ValueError(f"sample_shape: expected positive integers (one sample's shape) or None, got {shape!r}")
+    return tuple(shape)
 
 
 @dataclass(frozen=True)
@@ -185,12 +199,7 @@ class Denoiser:
             raise ValueError("classifier_scale: given without classifier=")
         if self.classifier is not None and not self.classifier_scale:
             raise ValueError("classifier: applies only with classifier_scale > 0; give classifier_scale= too")
-        if isinstance(self.sample_shape, list):
-            object.__setattr__(self, "sample_shape", tuple(self.sample_shape))
-        if self.sample_shape is not None and (not isinstance(self.sample_shape, tuple) or not all(
-                isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in self.sample_shape)):
-            raise ValueError(f"sample_shape: expected a tuple of positive integers (one sample's shape) or None, "
-                             f"got {self.sample_shape!r}")
+        object.__setattr__(self, "sample_shape", check_sample_shape(self.sample_shape))
 
     @classmethod
     def from_callable(cls, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], **kw) -> "Denoiser":

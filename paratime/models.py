@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .denoiser import PREDICTIONS, Denoiser
+from .denoiser import PREDICTIONS, Denoiser, check_sample_shape
 from .schedules import (ContinuousVPSchedule, DiscreteVPSchedule, EDMSchedule, FlowSchedule, NoiseSchedule,
                         VESchedule)
 
@@ -135,12 +135,8 @@ def user_model(spec: str, prediction: str | None = None, schedule: NoiseSchedule
         schedule = make_schedule(schedule)
     if prediction is not None and prediction not in PREDICTIONS:       # before the user's factory runs
         raise ValueError(f"prediction: unknown {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
-    if sample_shape is not None:
-        if isinstance(sample_shape, int) and not isinstance(sample_shape, bool):
-            sample_shape = (sample_shape,)
-        if not isinstance(sample_shape, (tuple, list)) or not all(
-                isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in sample_shape):
-            raise ValueError(f"sample_shape: expected positive integers (one sample's shape), got {sample_shape!r}")
+    one_dim = isinstance(sample_shape, int) and not isinstance(sample_shape, bool)      # --sample-shape 2
+    sample_shape = check_sample_shape((sample_shape,) if one_dim else sample_shape)
     try:
         made = factory()
     except Exception as e:  # noqa: BLE001 - the user's code: report it as the model's fault, with its message
@@ -149,7 +145,7 @@ def user_model(spec: str, prediction: str | None = None, schedule: NoiseSchedule
         given = [n for n, v in (("prediction", prediction), ("schedule", schedule)) if v is not None]
         if given:
             raise ValueError(f"{', '.join(given)}: {spec}() returns a Denoiser, which sets its own; drop the option")
-        return made if sample_shape is None else replace(made, sample_shape=tuple(sample_shape))
+        return made if sample_shape is None else replace(made, sample_shape=sample_shape)
     if not callable(made):
         raise TypeError(f"model: {spec}() returned a {type(made).__name__}; expected a Denoiser or a network "
                         f"net(x_in, t, **cond)")
@@ -157,7 +153,7 @@ def user_model(spec: str, prediction: str | None = None, schedule: NoiseSchedule
     if missing:
         raise ValueError(f"{', '.join(missing)}: required because {spec}() returns a network, not a Denoiser")
     return as_denoiser(made, schedule, prediction, **({} if sample_shape is None else
-                                                      {"sample_shape": tuple(sample_shape)}))
+                                                      {"sample_shape": sample_shape}))
 
 
 def as_denoiser(model, schedule: NoiseSchedule | None = None, prediction: str | None = None,

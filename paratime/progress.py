@@ -13,7 +13,7 @@ from typing import Callable, TextIO
 
 from .methods import RoundInfo
 
-__all__ = ["RoundProgress", "LineProgress", "progress_bar", "training_step", "LINE_INTERVAL_S"]
+__all__ = ["RoundProgress", "check_callback", "LineProgress", "progress_bar", "training_step", "LINE_INTERVAL_S"]
 
 LINE_INTERVAL_S = 5.0     # off a terminal (a log, a pipe): one progress line this often, not a frame per step
 
@@ -89,6 +89,16 @@ class LineProgress:
         self.stream.flush()
 
 
+def check_callback(callback) -> None:
+    """A ``callback``: a callable ``callback(info)`` or None.
+
+    Raises:
+        TypeError: naming ``callback``.
+    """
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a callable callback(info) or None, got {type(callback).__name__}")
+
+
 class RoundProgress:
     """A context manager whose instances are ``on_round`` callbacks: they advance a bar (when ``show``) to the
     slowest sample's first unconverged point and then call ``callback``.
@@ -98,8 +108,7 @@ class RoundProgress:
     """
 
     def __init__(self, total: int, desc: str, show: bool, callback: Callable[[RoundInfo], None] | None = None):
-        if callback is not None and not callable(callback):
-            raise TypeError(f"callback: expected a callable callback(info) or None, got {type(callback).__name__}")
+        check_callback(callback)
         self.callback = callback
         self.bar = None
         if show:

@@ -28,7 +28,7 @@ from .methods import METHODS, Problem, RoundInfo
 from .models import as_denoiser, model_factory, state_device
 from .noise import check_seed, draws_step_noise, initial_noise, step_noise
 from .planner import ALONE, TIMED_SPAN, Plan, candidates, plan_sampling
-from .progress import RoundProgress
+from .progress import RoundProgress, check_callback
 from .results import SampleResult, SampleStats, record_rounds
 from .schedules import TimeGrid
 from .solvers import LangevinCorrected, Solver
@@ -60,8 +60,7 @@ def _check_call(progress: Any, seed: Any, first_sample: Any, callback: Any) -> N
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"progress: expected True, False or None (the sampler's), got {progress!r}")
     check_seed(seed, first_sample)
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback: expected a callable callback(info) or None, got {type(callback).__name__}")
+    check_callback(callback)
 
 
 class ParallelSampler:

@@ -165,7 +165,6 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
     bounds_h = slice_bounds(N, slices)                                  # (S+1,) host
     if coarse is None:
         check_coarse_steps(bounds_h, coarse_steps)
-    bounds_list = bounds_h.tolist()                                     # host integers (the reported starts)
     bounds = bounds_h.to(dev)
     S = bounds.numel() - 1
     lengths = (bounds_h[1:] - bounds_h[:-1]).tolist()                   # fine steps per slice (host)
@@ -269,7 +268,7 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
         residuals.append(host[S] if host[S] > -math.inf else float("nan"))
         # The samples' window starts on the host, from the same read (a device tensor made the progress bar read
         # again each iteration).
-        problem.report(RoundInfo(it, torch.tensor([bounds_list[int(b)] for b in host[S + 1:]]), M, residuals[-1]))
+        problem.report(RoundInfo(it, torch.tensor([fine.bounds_h[int(b)] for b in host[S + 1:]]), M, residuals[-1]))
     extra = {"slices": S, "nfe_fine": calls["fine"] / B, "nfe_coarse": calls["coarse"] / B,
              "pipelined_rounds": ready[-1], "coarse_calls": coarse_prop.coarse_calls}
     return Outcome(U[S], it, residuals, done_round, extra)
