@@ -102,9 +102,10 @@ def chunked_cost(curve: CostCurve, rows: int, limit: int | None) -> float:
     return full * curve(limit) + curve(rest)
 
 
-def round_cost(curve: CostCurve, rows: int, devices: int) -> float:
-    """``c(ceil(rows / devices))``: the time of one call of ``rows`` rows spread over ``devices`` devices."""
-    return curve(device_rows(rows, devices))
+def round_cost(curve: CostCurve, rows: int, devices: int, limit: int | None = None) -> float:
+    """``c(ceil(rows / devices))``: the time of one call of ``rows`` rows spread over ``devices`` devices, each
+    device's share run as chunks of at most ``limit`` rows (``max_batch``; None: one call, see :func:`chunked_cost`)."""
+    return chunked_cost(curve, device_rows(rows, devices), limit)
 
 
 def _named(name: str) -> CostCurve:

@@ -3,7 +3,8 @@
 Given N steps, a batch of B samples, K devices (the backend's workers), a cost curve ``c(r)``
 (:mod:`paratime.cost`), the solver's network calls per step ``e`` and the tolerance, each candidate's wall time is
 predicted as the sum over its rounds of ``e * c(ceil(rows / K))`` (the round's rows spread over the devices), in
-units of ``c(1)``, i.e. in sequential call equivalents (SCE):
+units of ``c(1)``, i.e. in sequential call equivalents (SCE); a device's share above the backend's ``max_batch``
+runs as chunks back to back, each costed (:func:`~paratime.cost.chunked_cost`):
 
 - ``sequential`` (data-parallel over the batch): ``N`` rounds of ``B`` rows: ``N e c(ceil(B / K))``. The right
   answer when the batch fills the devices (``B >= K``) and the cost is compute-bound.
@@ -171,30 +172,33 @@ def picard_rows(steps: int, window: int, tol: float) -> list[int]:
 
 
 def _sum_cost(curve: CostCurve, rows_per_sample: list[int], batch: int, devices: int, evals: int,
-              overhead: float) -> float:
-    return evals * sum(max(0.0, round_cost(curve, r * batch, devices) + overhead) for r in rows_per_sample)
+              overhead: float, limit: int | None) -> float:
+    return evals * sum(max(0.0, round_cost(curve, r * batch, devices, limit) + overhead) for r in rows_per_sample)
 
 
 def predict_sequential(curve: CostCurve, steps: int, batch: int, devices: int, evals: int = 1,
-                       overhead: float = 0.0) -> float:
+                       overhead: float = 0.0, limit: int | None = None) -> float:
     """Sequential sampling's predicted time (curve units): ``N e (c(ceil(B / K)) + o)``, ``o`` the work of a call
-    outside the network (:func:`plan_sampling`'s ``overhead``)."""
-    return _sum_cost(curve, [1] * steps, batch, devices, evals, overhead)
+    outside the network (:func:`plan_sampling`'s ``overhead``); a device's share above ``limit`` rows runs as
+    chunks (:func:`~paratime.cost.chunked_cost`)."""
+    return _sum_cost(curve, [1] * steps, batch, devices, evals, overhead, limit)
 
 
 def predict_picard(curve: CostCurve, steps: int, window: int, batch: int, devices: int, tol: float,
-                   evals: int = 1, overhead: float = 0.0) -> float:
-    """Picard's predicted time (curve units) with window ``window`` (:func:`picard_rows`), ``overhead`` per call."""
-    return _sum_cost(curve, picard_rows(steps, window, tol), batch, devices, evals, overhead)
+                   evals: int = 1, overhead: float = 0.0, limit: int | None = None) -> float:
+    """Picard's predicted time (curve units) with window ``window`` (:func:`picard_rows`), ``overhead`` per call,
+    chunks of at most ``limit`` rows a device."""
+    return _sum_cost(curve, picard_rows(steps, window, tol), batch, devices, evals, overhead, limit)
 
 
 def predict_parareal(curve: CostCurve, steps: int, batch: int, devices: int, tol: float, evals: int = 1,
-                     overhead: float = 0.0) -> float:
-    """Parareal's predicted time (curve units) with the default slices (module docstring), ``overhead`` per call."""
+                     overhead: float = 0.0, limit: int | None = None) -> float:
+    """Parareal's predicted time (curve units) with the default slices (module docstring), ``overhead`` per call,
+    chunks of at most ``limit`` rows a device."""
     S = max(1, round(math.sqrt(steps)))
     iters = S if tol == 0 else min(S, PARAREAL_ITERATIONS)
-    sweep = S * max(0.0, round_cost(curve, batch, devices) + overhead)
-    fine = math.ceil(steps / S) * evals * max(0.0, round_cost(curve, batch * S, devices) + overhead)
+    sweep = S * max(0.0, round_cost(curve, batch, devices, limit) + overhead)
+    fine = math.ceil(steps / S) * evals * max(0.0, round_cost(curve, batch * S, devices, limit) + overhead)
     return sweep + iters * (fine + sweep)
 
 
@@ -217,7 +221,7 @@ def candidates(steps: int, devices: int, method: str = "auto",
 def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: float, *, method: str = "auto",
                   evals: int = 1, methods: tuple[str, ...] = ("sequential", "picard", "parareal"),
                   overhead: dict[str, float] | None = None, alone: bool = False,
-                  skip: tuple[str, ...] | list[str] = ()) -> Plan:
+                  skip: tuple[str, ...] | list[str] = (), limit: int | None = None) -> Plan:
     """Choose the method (``method="auto"``) and Picard's window by predicted wall time.
 
     Args:
@@ -235,12 +239,16 @@ def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: f
             wins where the backend's per-call gather costs more than spreading the batch saves.
         skip: candidate labels not to consider (the sampler's: those whose memory bound does not fit the device);
             sequential sampling is never skipped (its prediction is the baseline).
+        limit: the most rows of one network call on a device (the backend's ``max_batch`` in force; None: no
+            limit): a device's share above it runs as chunks back to back, each at its own cost
+            (:func:`~paratime.cost.chunked_cost`), so a wide window is priced at the calls it really makes.
     Returns:
         :class:`Plan`.
     Raises:
         ValueError: non-positive steps, batch or devices; a method other than ``auto`` or ``picard``.
     """
-    for name, v in (("steps", steps), ("batch", batch), ("devices", devices), ("evals", evals)):
+    for name, v in (("steps", steps), ("batch", batch), ("devices", devices), ("evals", evals),
+                    ("limit", 1 if limit is None else limit)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: must be an integer >= 1, got {v!r}")
     if method not in ("auto", "picard"):
@@ -248,20 +256,20 @@ def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: f
     unit, over = curve(1), dict(overhead or {})
     if any(not math.isfinite(v) for v in over.values()):
         raise ValueError(f"overhead: every value must be a finite number, got {over}")
-    seq = predict_sequential(curve, steps, batch, devices, evals, over.get("sequential", 0.0)) / unit
+    seq = predict_sequential(curve, steps, batch, devices, evals, over.get("sequential", 0.0), limit) / unit
     cands: dict[str, tuple[float, str, int | None]] = {}
     for label, name, w in candidates(steps, devices, method, methods, alone):
         if label in skip and label != "sequential":
             continue
         o = over.get(label, 0.0)
         if label == ALONE:
-            sce = predict_sequential(curve, steps, batch, 1, evals, o) / unit
+            sce = predict_sequential(curve, steps, batch, 1, evals, o, limit) / unit
         elif name == "sequential":
             sce = seq
         elif name == "picard":
-            sce = predict_picard(curve, steps, w, batch, devices, tol, evals, o) / unit
+            sce = predict_picard(curve, steps, w, batch, devices, tol, evals, o, limit) / unit
         else:
-            sce = predict_parareal(curve, steps, batch, devices, tol, evals, o) / unit
+            sce = predict_parareal(curve, steps, batch, devices, tol, evals, o, limit) / unit
         cands[label] = (sce, name, w)
 
     def rank(label: str) -> tuple[float, int]:
@@ -276,7 +284,7 @@ def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: f
     # One device alone: its measured calls where it was a candidate (ALONE; on one device, sequential itself),
     # else the network's time alone (another backend's dispatch is not one device's).
     base_over = over.get(ALONE, over.get("sequential", 0.0) if devices == 1 else 0.0)
-    base = predict_sequential(curve, steps, batch, 1, evals, base_over) / unit
+    base = predict_sequential(curve, steps, batch, 1, evals, base_over, limit) / unit
     why = (f"{best}: predicted {sce:.1f} SCE against {base:.1f} for sequential sampling on one device, batch {batch} "
            f"({base / sce:.2f}x on {devices} device(s))")
     if runner is not None:

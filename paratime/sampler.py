@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import statistics
 import time
 from typing import Any, Callable
@@ -255,7 +256,7 @@ class ParallelSampler:
         plans = [p for p in every if self._fits(shape, *p[1:])] or every
         args = (curve, cfg.steps, shape[0], self.backend.workers, cfg.tol_in_force)
         kw = dict(method=cfg.method, evals=self.solver.evals_per_step, methods=methods, alone=alone,
-                  skip=[p[0] for p in every if p not in plans])
+                  skip=[p[0] for p in every if p not in plans], limit=self._batch_limit())
         overhead = self._priced(shape, cond, curve, plans, plan_sampling(*args, **kw)) if measured else None
         plan = plan_sampling(*args, overhead=overhead, **kw)
         log.info("plan: %s", plan.reason)
@@ -326,7 +327,8 @@ class ParallelSampler:
                 gaps = call_gaps(run, self.device)
         finally:
             backend.release()
-        outside = [t - round_cost(curve, rows, backend.workers) for t, rows in gaps[1:]] or [0.0]
+        limit = backend.batch_limit()
+        outside = [t - round_cost(curve, rows, backend.workers, limit) for t, rows in gaps[1:]] or [0.0]
         return statistics.median(outside)
 
     def _problem(self, evaluate: Callable, z, on_round: Callable | None, outputs: Callable | None,
@@ -368,18 +370,20 @@ class ParallelSampler:
         """The context the sampler's network calls and steps run in: its kernel mode (``kernels=``), if any."""
         return contextlib.nullcontext() if self.kernels is None else kernel_context(self.kernels)
 
+    def _batch_limit(self) -> int | None:
+        """The backend's rows per network call in force (None: no limit yet), the smallest over the ranks under
+        torch.distributed (a limit derived from each device's free memory can differ, and the ranks must plan
+        alike)."""
+        limit = self.backend.batch_limit()
+        least = -self._agree([-float(limit or math.inf)])[0]
+        return None if math.isinf(least) else int(least)
+
     def _agree(self, values: list[float]) -> list[float]:
         """Under torch.distributed, every rank's maximum of each value (so that every rank plans alike); else the
         values as they are."""
         if self.backend.workers <= 1 or self.backend.name != "torch":
             return values
-        import torch.distributed as dist
-
-        group = getattr(self.backend, "group", None)
-        t = torch.tensor(values, dtype=torch.float64,
-                         device=self.device if dist.get_backend(group) == "nccl" else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-        return t.tolist()
+        return self.backend.agree_max(values)
 
     def _cost_curve(self, shape: tuple[int, ...], cond: dict) -> CostCurve:
         """The cost curve of ``cost=``: ``auto`` measures on CUDA and takes the ``latency`` curve elsewhere (the

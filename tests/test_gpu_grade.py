@@ -97,9 +97,10 @@ def test_parareal_ticks_make_no_host_syncs(method, solver):
 
 # -- bounded memory ---------------------------------------------------------------------------------------------------
 def test_local_backend_honours_max_batch_and_gives_the_same_samples():
-    ref = ParallelSampler("gmm", steps=16, progress=False).sample(6, seed=0).samples
-    got = ParallelSampler(capped_gmm(5), steps=16, progress=False, backend=LocalBackend(max_batch=5)).sample(
-        6, seed=0).samples
+    # The window given: the planner prices max_batch's chunks, so a capped backend may plan another window.
+    ref = ParallelSampler("gmm", steps=16, progress=False, window=16).sample(6, seed=0).samples
+    got = ParallelSampler(capped_gmm(5), steps=16, progress=False, backend=LocalBackend(max_batch=5),
+                          window=16).sample(6, seed=0).samples
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
     with pytest.raises(RuntimeError, match="max_batch violated"):
         ParallelSampler(capped_gmm(5), steps=16, progress=False, backend=LocalBackend(max_batch=6)).sample(6, seed=0)
@@ -246,7 +247,8 @@ def test_two_gloo_ranks_agree_on_the_kernel_path(tmp_path):
     assert torch.equal(got["decisions"][0], got["decisions"][1])
     # A Picard sample with max_batch=3 rows per network call (the capped network raises otherwise).
     assert torch.equal(got["samples"][0], got["samples"][1]) and torch.equal(got["rounds"][0], got["rounds"][1])
-    ref = ParallelSampler("gmm", steps=10, state_dtype=torch.float32, tol=0.1, progress=False).sample(6, seed=0)
+    ref = ParallelSampler("gmm", steps=10, state_dtype=torch.float32, tol=0.1, progress=False, window=4).sample(
+        6, seed=0)
     torch.testing.assert_close(got["samples"][0], ref.samples, rtol=1e-5, atol=1e-5)
     # Raw outputs gathered in the network's dtype (the mixture's network is float64, the state float32): each rank
     # receives the peer's half of every call's rows (padded to equal shares), 2 values of 8 bytes per row.
@@ -278,12 +280,12 @@ def test_ray_sends_rows_not_conditioning_and_honours_max_batch(ray_session):
     labels = torch.arange(6) % 3
     den = replace(capped_gmm(3), network=dist_helper.CappedNetwork(dist_helper.LabelledNet(), 3))
     with RayBackend(workers=2, timeout_s=60, max_batch=3) as be:
-        res = ParallelSampler(den, steps=12, progress=False, backend=be).sample(6, seed=0, labels=labels)
+        res = ParallelSampler(den, steps=12, progress=False, backend=be, window=12).sample(6, seed=0, labels=labels)
         per_row = 2 * 8 + 8 + 8 + 8 + 2 * 8          # x (2 x fp64), sigma, model time, sample index (8 each), output
         assert be.timings["comm_bytes"] == res.stats.nfe_total * per_row
         assert be.prepare_bytes == labels.numel() * 8
-    ref = ParallelSampler(replace(den, network=dist_helper.LabelledNet()), steps=12, progress=False).sample(
-        6, seed=0, labels=labels)
+    ref = ParallelSampler(replace(den, network=dist_helper.LabelledNet()), steps=12, progress=False,
+                          window=12).sample(6, seed=0, labels=labels)
     torch.testing.assert_close(res.samples, ref.samples, rtol=0, atol=1e-12)
 
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from benchmarks.devices import Spread
 from paratime import ParallelSampler, SamplerConfig
-from paratime.cost import CostCurve, make_cost
+from paratime.cost import CostCurve, chunked_cost, make_cost, round_cost
 from paratime.planner import (ALONE, SEQUENTIAL_MARGIN, SLIDE_STALL, STALL_ROUNDS, candidates, picard_rows,
                               plan_sampling, predict_picard, predict_sequential, rounds_cap, window_candidates)
 
@@ -227,7 +227,15 @@ if dist.get_rank() == 1:      # rank 1's device holds calls of at most 8 rows (i
     cost.measure_rows = lambda call, device, rows, repeats=5: measure(call, device, rows[:4], repeats)""")
 
 
-@pytest.mark.parametrize("script", [RANK_SCRIPT, ALONE_SCRIPT, SHORT_SCRIPT], ids=["measured", "alone", "short"])
+# Rank 1's calls hold at most 2 rows, rank 0's 8 (a limit derived from each device's free memory can differ): the
+# ranks plan with the smaller, so they run the same plan (assumed latency curve: no measurement to agree on).
+LIMIT_SCRIPT = RANK_SCRIPT.replace('steps=10, method="auto", cost="measure", backend="torch"',
+                                  '''steps=16, method="auto", cost="latency", backend="torch",
+                      backend_options={"max_batch": 2 if int(os.environ["RANK"]) == 1 else 8}''')
+
+
+@pytest.mark.parametrize("script", [RANK_SCRIPT, ALONE_SCRIPT, SHORT_SCRIPT, LIMIT_SCRIPT],
+                         ids=["measured", "alone", "short", "limit"])
 def test_ranks_plan_alike_from_a_measured_curve(tmp_path, script):
     """Each of 2 gloo ranks measures its own cost curve and work outside the network (timings differ); they agree
     on the slowest rank's before planning, so both run the same plan and return the same samples. Planned alone,
@@ -248,9 +256,15 @@ def test_ranks_plan_alike_from_a_measured_curve(tmp_path, script):
                 p.kill()
     assert all(p.returncode == 0 for p in procs), outs
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
-    assert a["cost"].startswith("measured") and a["cost"] == b["cost"] and a["plan"] == b["plan"]
+    assert a["cost"] == b["cost"] and a["plan"] == b["plan"]
+    assert a["cost"].startswith("latency" if script is LIMIT_SCRIPT else "measured")
     assert a["plan"]["devices"] == 2 and a["sce"] == b["sce"]
     assert torch.equal(a["samples"], b["samples"])
+    if script is LIMIT_SCRIPT:         # planned with rank 1's limit, which plans otherwise than rank 0's would
+        latency = CostCurve((1, 2), (1.0, 1.0), "latency")
+        plans = [plan_sampling(latency, 16, 1, 2, 2e-3, alone=True, limit=lim) for lim in (2, 8)]
+        assert plans[0].window != plans[1].window or plans[0].method != plans[1].method
+        assert (a["plan"]["method"], a["plan"]["window"]) == (plans[0].method, plans[0].window)
     if script is SHORT_SCRIPT:         # the ranks agree on the row counts both could time
         assert a["cost"].startswith("measured [1:1,") and " 8:" in a["cost"] and "16:" not in a["cost"]
     if script is ALONE_SCRIPT:
@@ -275,5 +289,35 @@ def test_candidates_that_cannot_fit_the_device_are_not_planned(monkeypatch):
     plan = s.sample(64, seed=0).stats.plan
     assert plan["window"] == 16 and not {"picard W=32", "picard W=50"} & set(plan["candidates"])
     monkeypatch.setattr(memory, "available_bytes", lambda device: 1)           # nothing fits: the error names it
-    with pytest.raises(memory.DeviceMemoryError):
+    with pytest.raises(memory.DeviceMemoryError, match=r"^shape, steps: \(64, 2\) over 50 steps needs .* but only"):
         s.sample(64, seed=0)
+
+
+def test_a_limit_on_rows_per_call_is_priced():
+    # Latency-bound: a call of any width costs c(1), so the whole grid wins; with at most 4 rows a call, a window of
+    # W rows costs ceil(W / 4) calls a round and the wide window loses its advantage.
+    latency = CostCurve((1, 2), (1.0, 1.0), "latency")
+    free = plan_sampling(latency, 50, 1, 1, 2e-3)
+    capped = plan_sampling(latency, 50, 1, 1, 2e-3, limit=4)
+    assert free.window == 50 and capped.window is not None and capped.window < free.window
+    rows = picard_rows(50, capped.window, 2e-3)
+    assert capped.candidates[f"picard W={capped.window}"] == pytest.approx(
+        sum(chunked_cost(latency, r, 4) for r in rows))
+    assert predict_picard(latency, 50, 50, 1, 1, 2e-3, limit=4) == pytest.approx(
+        sum(-(-r // 4) for r in picard_rows(50, 50, 2e-3)))
+    # Spread over K devices first, then chunked on each.
+    assert round_cost(latency, 20, 2, limit=4) == 3.0 and round_cost(latency, 20, 2) == 1.0
+    with pytest.raises(ValueError, match="limit"):
+        plan_sampling(latency, 50, 1, 1, 2e-3, limit=0)
+
+
+def test_the_sampler_plans_with_its_backends_max_batch():
+    """A latency-bound curve with at most 4 rows a call: the sampler plans a narrower window than without the limit,
+    and the plan's prediction counts the chunks."""
+    kw = dict(steps=20, progress=False, cost="latency")
+    free = ParallelSampler("digits", **kw).sample(1, seed=0).stats
+    capped = ParallelSampler("digits", backend_options={"max_batch": 4}, **kw).sample(1, seed=0).stats
+    assert free.window == 20 and capped.window < 20, (free.window, capped.window)
+    latency = CostCurve((1, 2), (1.0, 1.0), "latency")
+    assert capped.plan["predicted_sce"] == pytest.approx(predict_picard(latency, 20, capped.window, 1, 1, 2e-3,
+                                                                        limit=4))

@@ -288,6 +288,13 @@ class TorchDistributedBackend(Backend):
                 f"rank {self.rank}/{self.workers}: {name} failed (timeout {self.timeout.total_seconds():g} s): a peer "
                 f"rank died, hangs or is unreachable. Cause: {str(e).splitlines()[0][:300]}") from e
 
+    def agree_max(self, values: list[float]) -> list[float]:
+        """Every rank's maximum of each value (float64), through the timed collective: a rank that hangs or dies
+        raises :class:`DistributedTimeoutError` here as in a call. One host read (planning, not the hot loop)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.nccl else "cpu")
+        self._collective("all_reduce", t, dist.ReduceOp.MAX)
+        return t.tolist()
+
     def barrier(self):
         self._collective("all_reduce", torch.zeros(1, device=self.device if self.nccl else "cpu"))
 
