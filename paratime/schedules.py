@@ -248,7 +248,9 @@ class DiscreteVPSchedule(NoiseSchedule):
         if spacing == "leading":
             ts = (np.arange(0, steps) * (T // steps)).round()[::-1].astype(np.int64) + self.steps_offset
         elif spacing == "trailing":
-            ts = np.round(T - np.arange(steps) * (T / steps)).astype(np.int64) - 1  # arange: steps + 1 at 61, 201
+            # diffusers' float arange, whose values round .5 its way (48 steps: 936, where T - k T / N gives 937);
+            # it holds steps + 1 values at 61, 103, ... steps: the first steps are diffusers' grid
+            ts = np.round(np.arange(T, 0, -T / steps)[:steps]).astype(np.int64) - 1
         elif spacing == "linspace":
             ts = np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
         else:

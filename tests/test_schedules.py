@@ -15,6 +15,24 @@ def test_discrete_spacings_match_diffusers_definitions():
     assert s1.timesteps(4, "leading").tolist() == [751, 501, 251, 1]
 
 
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+def test_discrete_spacings_equal_diffusers_set_timesteps(spacing):
+    """Every step count 1..1000, with and without steps_offset, against diffusers' own ``set_timesteps``. Known
+    departures left out: diffusers' float arange gives N + 1 trailing timesteps at N = 61, 103, ... (paratime keeps
+    N), and leading with steps_offset=1 at N = 1000 starts at t = 1000, past the table (paratime clips to 999)."""
+    diffusers = pytest.importorskip("diffusers")
+    for offset in (0, 1):
+        ours = DiscreteVPSchedule.from_betas("linear", steps_offset=offset)
+        sch = diffusers.DDIMScheduler(timestep_spacing=spacing, steps_offset=offset)
+        bad = []
+        for n in range(1, 1001):
+            sch.set_timesteps(n)
+            want = np.clip(sch.timesteps.numpy()[:n], 0, 999)
+            if not np.array_equal(ours.timesteps(n, spacing), want):
+                bad.append(n)
+        assert bad == [], (offset, len(bad), bad[:10])
+
+
 def test_discrete_grid_uses_alphas_cumprod_and_final_alpha():
     s = DiscreteVPSchedule.from_betas("linear")
     g = s.grid(10, "trailing")
