@@ -49,14 +49,36 @@ def test_every_hit_at_its_closed_form_tick(init_t):
     assert run.evaluations == sum(T - t for t in init_t)
 
 
+def test_the_correction_and_the_zeroth_hit_by_hand():
+    """The outputs of the cores after core 0 (the closed-form test checks only their ticks), traced by hand from the
+    module's formulas on T = 4, init_t = [0, 2]: core 1 starts by G(x_0, 0 -> 2) at tick 1; the zeroth hit is its
+    jump G(2 -> 4) at tick 2; at tick 3 core 0 reaches core 1's begin (t = 2), so core 1's last step is
+    F(x_3) - G(begin -> 4) + G(core 0's x_2 -> 4), a hit at tick 3."""
+    def G(x, t, s):
+        return euler(x, _score(x, t), t, s)
+
+    x0 = _x0()
+    seq = [x0]
+    for t in range(4):
+        seq.append(G(seq[-1], t, t + 1))
+    start = G(x0, 0, 2)                                     # core 1 at t = 2
+    x3 = G(start, 2, 3)
+    run = run_chords(4, x0, _batched, [0, 2], index=10)
+    assert [(h.k, h.tick) for h in run.hits] == [(0, 2), (2, 3), (4, 4)]
+    torch.testing.assert_close(run.hits[0].x, G(start, 2, 4), rtol=0, atol=1e-12)
+    torch.testing.assert_close(run.hits[1].x, G(x3, 3, 4) - G(start, 2, 4) + G(seq[2], 2, 4), rtol=0, atol=1e-12)
+    assert not torch.allclose(run.hits[1].x, G(x3, 3, 4))                  # the correction moves it
+    torch.testing.assert_close(run.hits[2].x, seq[4], rtol=0, atol=0)
+
+
 def test_default_stop_is_the_first_real_hit():
     run = run_chords(T, _x0(), _batched, stagger(T, 8))          # core_index, index 1
     assert len(run.hits) == 2 and run.ticks == run.hits[1].tick == 7 + T - 40
 
 
 def _original():
-    path = os.environ.get("CHORDS_ORIGINAL", "/tmp/h2/chords_original.py")
-    if not os.path.exists(path):
+    path = os.environ.get("CHORDS_ORIGINAL", "")
+    if not path or not os.path.exists(path):
         pytest.skip("the original algorithms/chords.py is not at $CHORDS_ORIGINAL (copy it there to compare)")
     spec = importlib.util.spec_from_file_location("chords_original", path)
     mod = importlib.util.module_from_spec(spec)

@@ -27,14 +27,19 @@ def no_demo(monkeypatch):
 
 
 def test_cli_sample_gmm_writes_json_and_png(tmp_path, capsys):
-    js, png = tmp_path / "s.json", tmp_path / "s.png"
+    js, png, pt = tmp_path / "s.json", tmp_path / "s.png", tmp_path / "s.pt"
     rc = main(["sample", "--model", "gmm", "--steps", "20", "--batch", "32", "--json", str(js), "--out", str(png),
-               "--no-progress"])
+               "--save", str(pt), "--no-progress"])
     assert rc == 0
     rec = json.loads(js.read_text())
     for key in ("method", "solver", "steps", "rounds", "nfe", "wall_s", "sequential_wall_s", "speedup", "max_abs_diff"):
         assert key in rec
     assert rec["method"] == "picard" and rec["steps"] == 20 and rec["rounds"] <= 20
+    # The reported comparison is the one against the API's sequential samples (seed 0), and the speed-up its ratio.
+    seq = ParallelSampler("gmm", steps=20, method="sequential", progress=False).sample(32, seed=0)
+    assert rec["max_abs_diff"] == float((torch.load(pt) - seq.samples).abs().max()) > 0
+    assert rec["sequential_rounds"] == seq.stats.rounds == 20
+    assert rec["speedup"] == pytest.approx(rec["sequential_wall_s"] / rec["wall_s"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "speed-up" in capsys.readouterr().out
 

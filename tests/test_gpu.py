@@ -134,25 +134,38 @@ def test_host_syncs_per_round_on_cuda(method):
         torch.cuda.set_sync_debug_mode("warn")
         try:
             res = s.sample(8, seed=0)
+            n_run = len(caught)
+            float(torch.ones(1, device="cuda").sum())     # a known sync: the counter must see it
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    syncs = sum("synchroniz" in str(w.message) for w in caught[:n_run])
+    assert any("synchroniz" in str(w.message) for w in caught[n_run:]), "the sync counter saw no known sync"
     print(f"{method}: {syncs} host syncs over {res.stats.iterations} rounds/iterations, {res.stats.rounds} calls")
     assert syncs <= (0 if method == "sequential" else res.stats.iterations) + 16
 
 
 @cuda
-def test_max_batch_is_derived_from_measured_memory_and_a_huge_request_is_refused():
+def test_max_batch_is_derived_from_measured_memory_and_a_huge_request_is_refused(monkeypatch):
+    import paratime.backends.base as base
     from paratime import ParallelSampler
     from paratime.backends import DeviceMemoryError, LocalBackend, check_memory
     from paratime.models import load_model
 
+    derived, real = [], base.default_max_batch
+
+    def record(device, per_row):
+        derived.append((device, per_row, real(device, per_row)))
+        return derived[-1][2]
+
+    monkeypatch.setattr(base, "default_max_batch", record)
     model = load_model("digits")
     model.network.cuda()
     be = LocalBackend()
     ParallelSampler(model, steps=20, progress=False, backend=be).sample(8, seed=0)
     print(f"derived max_batch on {torch.cuda.get_device_name(0)}: {be.batch_limit()}")
-    assert 1 <= be.batch_limit()
+    # Derived once, on the CUDA device, from a measured per-row peak (not the CPU constant).
+    assert len(derived) == 1 and torch.device(derived[0][0]).type == "cuda" and derived[0][1] > 0
+    assert be.batch_limit() == derived[0][2] >= 1
     free = torch.cuda.mem_get_info()[0]
     B = int(free // (4 * 4 * 128 * 128 * 2000)) + 1        # trajectory + noise alone exceed the free memory
     with pytest.raises(DeviceMemoryError, match="GiB"):

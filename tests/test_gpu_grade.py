@@ -76,12 +76,12 @@ def test_parareal_ticks_make_no_host_syncs(method, solver):
     noise = draw_noise(0, 16, (2,), 60, STEP) if s.solver.stochastic else None
     problem = Problem(g.sigmas, g.ancestral_std(), g.frame_scales, s.solver, evaluate, noise)
     x = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * float(g.sigmas[0])
-    counter = SyncCounter()
+    counter, tol = SyncCounter(), 0.1
     with counter:
         if method == "parareal":
-            out = sample_parareal(x, problem, slices=6, tol=0.1)
+            out = sample_parareal(x, problem, slices=6, tol=tol)
         else:
-            out = sample_parareal_pipelined(x, problem, slices=6, tol=0.1)
+            out = sample_parareal_pipelined(x, problem, slices=6, tol=tol)
     syncs = len(counter.calls)
     setup = ticks[0]                                     # host reads of the set-up (slice bounds, levels)
     if method == "parareal":
@@ -92,7 +92,8 @@ def test_parareal_ticks_make_no_host_syncs(method, solver):
     assert len(ticks) > 4 * (syncs - setup + 1)          # far more ticks than host reads
     seq = ParallelSampler("gmm", solver=solver, steps=60, method="sequential", progress=False).sample(
         noise=x / float(g.sigmas[0]) / float(den.schedule.prior_std(g.sigmas[:1]) / g.sigmas[0]))
-    assert torch.isfinite(out.x).all() and seq.samples.shape == out.x.shape
+    # The run counted is a Parareal sample: within its tolerance of the sequential one (as in test_parareal).
+    assert seq.samples.shape == out.x.shape and float((out.x - seq.samples).abs().max()) <= tol
 
 
 # -- bounded memory ---------------------------------------------------------------------------------------------------
@@ -259,11 +260,9 @@ def test_two_gloo_ranks_agree_on_the_kernel_path(tmp_path):
 
 
 # -- Ray: per-round traffic, re-binding, unschedulable actors ----------------------------------------------------------
-ray = pytest.importorskip("ray")
-
-
 @pytest.fixture(scope="module")
 def ray_session():
+    ray = pytest.importorskip("ray")       # here, not at module level: without Ray only the Ray tests are skipped
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     ray.cloudpickle.register_pickle_by_value(dist_helper)
     yield

@@ -320,19 +320,17 @@ def test_cli_guidance_reaches_the_sampler(tmp_path):
 
 
 def test_eval_digits_forwards_guidance(monkeypatch):
-    """eval-digits hands --guidance to both of its samplers (recorded at construction, before any work)."""
+    """eval-digits hands --guidance to both of its samplers, the sequential reference and Picard (recorded at
+    construction; the classifier that scores them is a stand-in)."""
     import paratime.digits_eval as de
     import paratime.sampler as ps
 
     seen = []
 
-    class Stop(Exception):
-        pass
-
-    class Recorder:
+    class Recorder(ps.ParallelSampler):
         def __init__(self, model, **kw):
             seen.append(kw)
-            raise Stop
+            super().__init__(model, **kw)
 
     class Judge:
         def __init__(self, seed=0):
@@ -341,12 +339,15 @@ def test_eval_digits_forwards_guidance(monkeypatch):
         def real_baseline(self):
             return 0.9
 
+        def score(self, samples, labels=None):
+            return {"confident_share": 1.0, "knn_precision": 1.0, "knn_recall": 1.0, "class_hist": [0.1] * 10}
+
     monkeypatch.setattr(ps, "ParallelSampler", Recorder)
     monkeypatch.setattr(de, "DigitsJudge", Judge)
-    args = build_parser().parse_args(["eval-digits", "--label", "2", "--guidance", "2.5", "--samples", "4"])
-    with pytest.raises(Stop):
-        de.run_eval(args)
-    assert seen[0]["guidance"] == 2.5
+    args = build_parser().parse_args(["eval-digits", "--label", "2", "--guidance", "2.5", "--samples", "4",
+                                      "--steps", "2"])
+    de.run_eval(args)
+    assert [(kw["method"], kw.get("guidance")) for kw in seen] == [("sequential", 2.5), ("picard", 2.5)]
 
 
 def test_sequential_progress_bar_shows_no_nan_residual(capsys):

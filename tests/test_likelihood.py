@@ -134,7 +134,15 @@ def test_bits_per_dim_uses_the_declared_quantisation_bin():
     torch.testing.assert_close(quantised.bits_per_dim, plain.bits_per_dim + math.log(127.5) / math.log(2))
     torch.testing.assert_close(bits_per_dim(plain.nats, 2, 2 / 255), quantised.bits_per_dim)
     deq = sampler.log_likelihood(x, method="sequential", data_range=(-1.0, 1.0), levels=256, dequantize=True)
-    assert 0 < float((deq.latents - plain.latents).abs().max())                 # the data moved by < half a bin
+    # Dequantised: the likelihood of x plus U(-bin/2, bin/2), that noise made from the (seed 0, sample) normal draws
+    # of its stream through the normal CDF; the data moved, by less than half a bin.
+    from paratime.noise import DEQUANT, draw_noise
+
+    u = (2 / 255) * (torch.special.ndtr(draw_noise(0, 2, (2,), None, DEQUANT)) - 0.5)
+    assert 0 < float(u.abs().min()) and float(u.abs().max()) <= 1 / 255
+    moved = sampler.log_likelihood(x + u, method="sequential")
+    torch.testing.assert_close(deq.nats, moved.nats, rtol=0, atol=1e-12)
+    torch.testing.assert_close(deq.latents, moved.latents, rtol=0, atol=1e-12)
 
 
 def test_digits_real_images_are_likelier_than_noise():
@@ -197,6 +205,21 @@ def test_cli_likelihood_reports_rounds_and_the_analytic_density(capsys, tmp_path
     assert main(["likelihood", "--model", "gmm", "--samples", "4", "--steps", "10", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "picard" in text and "analytic log p" in text and out.exists()
+    # The record against the API (the command's defaults: euler, karras, one Rademacher probe, seed 0) and the
+    # closed-form density of the same draws (the gmm's, seed 0) at the grid's sigma_min.
+    import json
+
+    rec = json.loads(out.read_text())
+    mix = ParallelSampler("gmm", progress=False).denoiser.network.gmm
+    x = mix.sample(4, torch.Generator().manual_seed(0))[0]
+    seq = ParallelSampler("gmm", spacing="karras", progress=False).log_likelihood(
+        x, solver="euler", steps=10, method="sequential", divergence="hutchinson", seed=0)
+    exact = mixture_log_density(mix, x, seq.sigma_min)
+    rows = rec["sets"]["gmm"]
+    assert [r["method"] for r in rows] == ["sequential", "picard"] and rows[0]["rounds"] == seq.stats.rounds == 10
+    assert rows[0]["nats"] == pytest.approx(float(seq.nats.mean()), rel=1e-12)
+    assert rec["analytic_nats"] == pytest.approx(float(exact.mean()), rel=1e-12)
+    assert rec["max_abs_nats_error"] == pytest.approx(float((seq.nats - exact).abs().max()), rel=1e-9)
     assert main(["likelihood", "--sets", "real,blurred", "--samples", "2"]) == 2
     assert "--sets: unknown 'blurred'" in capsys.readouterr().err
 

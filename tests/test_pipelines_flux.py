@@ -43,7 +43,7 @@ def test_flux_matches_the_pipeline():
     assert float((fast - want).abs().max()) <= DEFAULT_TOL["final"]
     images = paratime.parallelize(pipe, tol=0.0)(generator=_gen(), **args).images          # default: PIL
     want_images = pipe(generator=_gen(), **args).images
-    assert type(images[0]) is type(want_images[0])
+    assert type(images[0]) is type(want_images[0]) and len(images) == len(want_images) == 2
     diff = np.abs(np.stack([np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
                             for a, b in zip(images, want_images)])).max()
     assert diff <= 1.0

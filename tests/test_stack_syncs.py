@@ -111,6 +111,9 @@ CASES = [("sequential", s, {}) for s in ("ddim", "ddpm", "heun", "plms")] + [
     ("picard", "dpmpp_2m", dict(window=12)), ("picard", "ddim", dict(window=12, update="picard")),
     ("picard", "ddpm", dict(window=6, update="anderson")),
     ("parareal", "ddim", {}), ("parareal", "heun", {}), ("parareal_pipelined", "ddpm", {}),
+    # Staggered through the stack: a read a tick at most (its ticks pass host steps, so Heun's and PLMS's second
+    # calls read nothing back).
+    *(("staggered", s, dict(window=4)) for s in ("ddim", "heun", "plms")),
 ]
 
 
@@ -151,6 +154,7 @@ def test_the_reported_window_starts_are_host_data(method):
     with counter:
         sampler.sample(3, seed=0, callback=callback)
     assert host and all(host), host
+    assert len(per_round) > 1 and max(per_round[1:]) <= 1, (per_round, counter.names)     # set-up aside
 
 
 def test_true_indices_are_nonzeros_order_without_a_read():
