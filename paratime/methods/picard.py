@@ -34,7 +34,7 @@ window holds point ``p + k`` and produces the new value of point ``p + k + 1``. 
                      <= 0.3 a round), or every point is accepted (``a = accept_tol``,
                      default :func:`default_accept_tol`: an accepted point is frozen, so its error must stay well
                      below the target: tol / 30; tol / 300 on the last quarter of a deterministic solver's
-                     whole grid and tol / 100 on the last half of its sliding window, tol / 3000 on a
+                     whole grid and tol / 100 on the last half of its sliding window, tol / 300 on a
                      stochastic solver's whole grid). With any
                      update on per-sample windows, a sample whose window stretches its iterates' changes by
                      more than the acceptance's margin allows in a round (the largest product over 8% of the
