@@ -93,19 +93,32 @@ def device_rows(rows: int, devices: int) -> int:
     return -(-rows // devices)
 
 
-def chunked_cost(curve: CostCurve, rows: int, limit: int | None) -> float:
+def chunked_cost(curve: CostCurve, rows: int, limit: int | None, buckets: tuple[int, ...] | None = None) -> float:
     """The time of ``rows`` rows on one device whose network calls hold at most ``limit`` rows (``max_batch``; None:
-    no limit): the chunks run back to back, ``floor(rows / limit) c(limit) + c(rows mod limit)``."""
-    if not limit or rows <= limit:
-        return curve(rows)
-    full, rest = divmod(rows, limit)
-    return full * curve(limit) + curve(rest)
+    no limit): the chunks run back to back, ``floor(rows / limit) c(limit) + c(rows mod limit)``. With fixed shapes
+    (the backend's ``buckets``) no chunk exceeds the largest bucket and each is padded to the smallest bucket that
+    holds it, and costs that bucket's rows."""
+    if rows <= 0:
+        return 0.0
+    step = limit
+    if buckets:
+        step = min(step or buckets[-1], buckets[-1])
+
+    def cost(m: int) -> float:
+        return curve(next(b for b in buckets if b >= m) if buckets else m)
+
+    if not step or rows <= step:
+        return cost(rows)
+    full, rest = divmod(rows, step)
+    return full * cost(step) + (cost(rest) if rest else 0.0)
 
 
-def round_cost(curve: CostCurve, rows: int, devices: int, limit: int | None = None) -> float:
+def round_cost(curve: CostCurve, rows: int, devices: int, limit: int | None = None,
+               buckets: tuple[int, ...] | None = None) -> float:
     """``c(ceil(rows / devices))``: the time of one call of ``rows`` rows spread over ``devices`` devices, each
-    device's share run as chunks of at most ``limit`` rows (``max_batch``; None: one call, see :func:`chunked_cost`)."""
-    return chunked_cost(curve, device_rows(rows, devices), limit)
+    device's share run as chunks of at most ``limit`` rows (``max_batch``; None: one call) padded to ``buckets``
+    (see :func:`chunked_cost`)."""
+    return chunked_cost(curve, device_rows(rows, devices), limit, buckets)
 
 
 def _named(name: str) -> CostCurve:

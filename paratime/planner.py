@@ -59,6 +59,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .backends.base import check_buckets
 from .cost import CostCurve, round_cost
 
 __all__ = ["Plan", "plan_sampling", "candidates", "picard_rows", "predict_picard", "predict_sequential",
@@ -172,33 +173,37 @@ def picard_rows(steps: int, window: int, tol: float) -> list[int]:
 
 
 def _sum_cost(curve: CostCurve, rows_per_sample: list[int], batch: int, devices: int, evals: int,
-              overhead: float, limit: int | None) -> float:
-    return evals * sum(max(0.0, round_cost(curve, r * batch, devices, limit) + overhead) for r in rows_per_sample)
+              overhead: float, limit: int | None, buckets: tuple[int, ...] | None) -> float:
+    return evals * sum(max(0.0, round_cost(curve, r * batch, devices, limit, buckets) + overhead)
+                       for r in rows_per_sample)
 
 
 def predict_sequential(curve: CostCurve, steps: int, batch: int, devices: int, evals: int = 1,
-                       overhead: float = 0.0, limit: int | None = None) -> float:
+                       overhead: float = 0.0, limit: int | None = None,
+                       buckets: tuple[int, ...] | None = None) -> float:
     """Sequential sampling's predicted time (curve units): ``N e (c(ceil(B / K)) + o)``, ``o`` the work of a call
     outside the network (:func:`plan_sampling`'s ``overhead``); a device's share above ``limit`` rows runs as
-    chunks (:func:`~paratime.cost.chunked_cost`)."""
-    return _sum_cost(curve, [1] * steps, batch, devices, evals, overhead, limit)
+    chunks, padded to ``buckets`` (:func:`~paratime.cost.chunked_cost`)."""
+    return _sum_cost(curve, [1] * steps, batch, devices, evals, overhead, limit, buckets)
 
 
 def predict_picard(curve: CostCurve, steps: int, window: int, batch: int, devices: int, tol: float,
-                   evals: int = 1, overhead: float = 0.0, limit: int | None = None) -> float:
+                   evals: int = 1, overhead: float = 0.0, limit: int | None = None,
+                   buckets: tuple[int, ...] | None = None) -> float:
     """Picard's predicted time (curve units) with window ``window`` (:func:`picard_rows`), ``overhead`` per call,
-    chunks of at most ``limit`` rows a device."""
-    return _sum_cost(curve, picard_rows(steps, window, tol), batch, devices, evals, overhead, limit)
+    chunks of at most ``limit`` rows a device padded to ``buckets``."""
+    return _sum_cost(curve, picard_rows(steps, window, tol), batch, devices, evals, overhead, limit, buckets)
 
 
 def predict_parareal(curve: CostCurve, steps: int, batch: int, devices: int, tol: float, evals: int = 1,
-                     overhead: float = 0.0, limit: int | None = None) -> float:
+                     overhead: float = 0.0, limit: int | None = None,
+                     buckets: tuple[int, ...] | None = None) -> float:
     """Parareal's predicted time (curve units) with the default slices (module docstring), ``overhead`` per call,
-    chunks of at most ``limit`` rows a device."""
+    chunks of at most ``limit`` rows a device padded to ``buckets``."""
     S = max(1, round(math.sqrt(steps)))
     iters = S if tol == 0 else min(S, PARAREAL_ITERATIONS)
-    sweep = S * max(0.0, round_cost(curve, batch, devices, limit) + overhead)
-    fine = math.ceil(steps / S) * evals * max(0.0, round_cost(curve, batch * S, devices, limit) + overhead)
+    sweep = S * max(0.0, round_cost(curve, batch, devices, limit, buckets) + overhead)
+    fine = math.ceil(steps / S) * evals * max(0.0, round_cost(curve, batch * S, devices, limit, buckets) + overhead)
     return sweep + iters * (fine + sweep)
 
 
@@ -221,7 +226,8 @@ def candidates(steps: int, devices: int, method: str = "auto",
 def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: float, *, method: str = "auto",
                   evals: int = 1, methods: tuple[str, ...] = ("sequential", "picard", "parareal"),
                   overhead: dict[str, float] | None = None, alone: bool = False,
-                  skip: tuple[str, ...] | list[str] = (), limit: int | None = None) -> Plan:
+                  skip: tuple[str, ...] | list[str] = (), limit: int | None = None,
+                  buckets: tuple[int, ...] | None = None) -> Plan:
     """Choose the method (``method="auto"``) and Picard's window by predicted wall time.
 
     Args:
@@ -242,6 +248,8 @@ def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: f
         limit: the most rows of one network call on a device (the backend's ``max_batch`` in force; None: no
             limit): a device's share above it runs as chunks back to back, each at its own cost
             (:func:`~paratime.cost.chunked_cost`), so a wide window is priced at the calls it really makes.
+        buckets: the backend's fixed shapes (``buckets=``), or None: no chunk exceeds the largest and each costs
+            the smallest bucket that holds it.
     Returns:
         :class:`Plan`.
     Raises:
@@ -256,20 +264,21 @@ def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: f
     unit, over = curve(1), dict(overhead or {})
     if any(not math.isfinite(v) for v in over.values()):
         raise ValueError(f"overhead: every value must be a finite number, got {over}")
-    seq = predict_sequential(curve, steps, batch, devices, evals, over.get("sequential", 0.0), limit) / unit
+    chunks = dict(limit=limit, buckets=None if buckets is None else check_buckets(buckets))
+    seq = predict_sequential(curve, steps, batch, devices, evals, over.get("sequential", 0.0), **chunks) / unit
     cands: dict[str, tuple[float, str, int | None]] = {}
     for label, name, w in candidates(steps, devices, method, methods, alone):
         if label in skip and label != "sequential":
             continue
         o = over.get(label, 0.0)
         if label == ALONE:
-            sce = predict_sequential(curve, steps, batch, 1, evals, o, limit) / unit
+            sce = predict_sequential(curve, steps, batch, 1, evals, o, **chunks) / unit
         elif name == "sequential":
             sce = seq
         elif name == "picard":
-            sce = predict_picard(curve, steps, w, batch, devices, tol, evals, o, limit) / unit
+            sce = predict_picard(curve, steps, w, batch, devices, tol, evals, o, **chunks) / unit
         else:
-            sce = predict_parareal(curve, steps, batch, devices, tol, evals, o, limit) / unit
+            sce = predict_parareal(curve, steps, batch, devices, tol, evals, o, **chunks) / unit
         cands[label] = (sce, name, w)
 
     def rank(label: str) -> tuple[float, int]:
@@ -284,7 +293,7 @@ def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: f
     # One device alone: its measured calls where it was a candidate (ALONE; on one device, sequential itself),
     # else the network's time alone (another backend's dispatch is not one device's).
     base_over = over.get(ALONE, over.get("sequential", 0.0) if devices == 1 else 0.0)
-    base = predict_sequential(curve, steps, batch, 1, evals, base_over, limit) / unit
+    base = predict_sequential(curve, steps, batch, 1, evals, base_over, **chunks) / unit
     why = (f"{best}: predicted {sce:.1f} SCE against {base:.1f} for sequential sampling on one device, batch {batch} "
            f"({base / sce:.2f}x on {devices} device(s))")
     if runner is not None:

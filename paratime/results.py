@@ -91,7 +91,7 @@ class SampleStats:
 
 def record_rounds(stats: SampleStats, call_rows: list[int], marks: list[tuple[int, float]], wall: float,
                   curve: CostCurve, devices: int, plan: Plan | None = None, overhead: float = 0.0,
-                  limit: int | None = None) -> None:
+                  limit: int | None = None, buckets: tuple[int, ...] | None = None) -> None:
     """Fill ``stats``' per-round cost figures from the rows of each network call, the round marks and the curve.
 
     Args:
@@ -101,8 +101,8 @@ def record_rounds(stats: SampleStats, call_rows: list[int], marks: list[tuple[in
             each call's work outside the network (measured with a measured curve, else 0; negative where the
             curve overstates the calls), added to each call's predicted seconds (a call never below 0; not to the
             SCE, which counts network time only). limit: the rows per network call on a device (``max_batch`` in
-            force), or None: a call's share above it runs as chunks back to back (:func:`~paratime.cost.
-            chunked_cost`).
+            force), or None: a call's share above it runs as chunks back to back, each padded to the smallest of
+            ``buckets`` that holds it (the backend's fixed shapes, or None; :func:`~paratime.cost.chunked_cost`).
     """
     marks = list(marks)
     if not marks or marks[-1][0] < len(call_rows):
@@ -113,7 +113,7 @@ def record_rounds(stats: SampleStats, call_rows: list[int], marks: list[tuple[in
         if end == start:                    # a report without a call (a method's bookkeeping round)
             continue
         per_device = [device_rows(m, devices) for m in call_rows[start:end]]
-        costs = [chunked_cost(curve, r, limit) for r in per_device]
+        costs = [chunked_cost(curve, r, limit, buckets) for r in per_device]
         cost = sum(costs)
         stats.round_device_rows.append(sum(per_device))
         stats.round_sce.append(cost / unit)

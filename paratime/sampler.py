@@ -221,7 +221,7 @@ class ParallelSampler:
         stats = self._stats(outcome, evaluator, wall + t_noise, B, cfg)
         stats.extra["noise_s"], stats.extra["plan_s"] = t_noise, planned["plan_s"]
         record_rounds(stats, evaluator.call_rows, marks, wall, curve, 1 if alone else self.backend.workers, plan,
-                      overhead, self.backend.batch_limit())
+                      overhead, self.backend.batch_limit(), self.backend.buckets)
         latents = None
         if self.decoder is not None:
             latents, samples = samples, self.decode(samples)
@@ -253,34 +253,40 @@ class ParallelSampler:
         # Candidates that cannot fit the device are neither timed nor planned (a narrower window may fit); when none
         # fits, all are planned and the chosen one's memory check names what does not fit.
         every = candidates(cfg.steps, self.backend.workers, cfg.method, methods, alone)
-        plans = [p for p in every if self._fits(shape, *p[1:])] or every
+        # A candidate fits when it fits every rank's device (free memory can differ: the ranks must plan alike).
+        unfit = self._agree([0.0 if self._fits(shape, *p[1:]) else 1.0 for p in every])
+        plans = [p for p, u in zip(every, unfit) if not u] or every
         args = (curve, cfg.steps, shape[0], self.backend.workers, cfg.tol_in_force)
         kw = dict(method=cfg.method, evals=self.solver.evals_per_step, methods=methods, alone=alone,
-                  skip=[p[0] for p in every if p not in plans], limit=self._batch_limit())
-        overhead = self._priced(shape, cond, curve, plans, plan_sampling(*args, **kw)) if measured else None
+                  skip=[p[0] for p in every if p not in plans], **self._chunking())
+        overhead = None
+        if measured:
+            overhead = self._priced(shape, cond, curve, plans, plan_sampling(*args, **kw), kw["limit"])
+            kw.update(self._chunking())           # a limit the timed calls derived (CUDA, no max_batch given)
         plan = plan_sampling(*args, overhead=overhead, **kw)
         log.info("plan: %s", plan.reason)
         # Another method planned: Picard's own options (given for the Picard candidate) do not carry over.
         return cfg.with_method(plan.method, window=plan.window or "auto"), plan, curve, plan.overhead_s
 
     def _priced(self, shape: tuple[int, ...], cond: dict, curve: CostCurve, plans: list[tuple[str, str, int | None]],
-                bare: Plan) -> dict[str, float]:
+                bare: Plan, limit: int | None) -> dict[str, float]:
         """Each candidate's work per call outside the network (:meth:`overheads`): timed for sequential sampling
         (the baseline) and the candidates whose network time alone (``bare``, the plan without it) is within
         :data:`~paratime.planner.TIMED_SPAN` of the best; the others, already far behind, get the largest value
         timed."""
         best = min(bare.candidates.values())
         near = [p for p in plans if p[1] == "sequential" or bare.candidates[p[0]] <= TIMED_SPAN * best]
-        overhead = self.overheads(shape, cond, curve, near)
+        overhead = self.overheads(shape, cond, curve, near, limit=limit)
         rest = max(0.0, *overhead.values())
         return {**{p[0]: rest for p in plans}, **overhead}
 
     def overheads(self, shape: tuple[int, ...], cond: dict, curve: CostCurve,
-                  plans: list[tuple[str, str, int | None]]) -> dict[str, float]:
+                  plans: list[tuple[str, str, int | None]], limit: int | None = None) -> dict[str, float]:
         """Per plan ``(label, method, window)``, the seconds of each network call's work outside the network, which
         a cost curve does not hold: the method's own work between two calls, the backend's dispatch, transfers and
         gather, and the wait for the slowest worker. Measured by running the plan for a few calls on the real
-        network and backend, with this sampler's options, batch and shape (:meth:`_outside_seconds`); once per
+        network and backend, with this sampler's options, batch and shape (:meth:`_outside_seconds`; each call's
+        network time priced at ``limit`` rows a call, the ranks' agreed one, or None: this backend's); once per
         plan, shape and options (cached on the sampler); under torch.distributed the ranks agree on the slowest
         rank's. On a GPU with a large model these are small beside ``c(1)``; on a CPU, or with a small model (a
         policy), they decide between a window and sequential sampling."""
@@ -288,13 +294,13 @@ class ParallelSampler:
         keys = [(label, method, window, tuple(shape), repr(self.config)) for label, method, window in plans]
         todo = [k for k in keys if k not in cache]
         if todo:
-            values = [self._outside_seconds(shape, cond, curve, method, window, label == ALONE)
+            values = [self._outside_seconds(shape, cond, curve, method, window, label == ALONE, limit)
                       for label, method, window, *_ in todo]
             cache.update(zip(todo, self._agree(values)))
         return {k[0]: cache[k] for k in keys}
 
     def _outside_seconds(self, shape: tuple[int, ...], cond: dict, curve: CostCurve, method: str,
-                         window: int | None, alone: bool) -> float:
+                         window: int | None, alone: bool, limit: int | None = None) -> float:
         """One plan's work per call outside the network: the plan run from seeded noise on the real network through
         its backend for :data:`~paratime.cost.OVERHEAD_CALLS` calls (:func:`~paratime.cost.call_gaps`), each call's
         time to the next less the curve's time for its rows on one device's share; the median over the calls after
@@ -327,8 +333,11 @@ class ParallelSampler:
                 gaps = call_gaps(run, self.device)
         finally:
             backend.release()
-        limit = backend.batch_limit()
-        outside = [t - round_cost(curve, rows, backend.workers, limit) for t, rows in gaps[1:]] or [0.0]
+        # The ranks' agreed limit: a rank with a larger one waits for the chunks of the rank with the smallest,
+        # which is network time, not this rank's work outside it.
+        limit = limit or backend.batch_limit()
+        outside = [t - round_cost(curve, rows, backend.workers, limit, backend.buckets)
+                   for t, rows in gaps[1:]] or [0.0]
         return statistics.median(outside)
 
     def _problem(self, evaluate: Callable, z, on_round: Callable | None, outputs: Callable | None,
@@ -370,13 +379,14 @@ class ParallelSampler:
         """The context the sampler's network calls and steps run in: its kernel mode (``kernels=``), if any."""
         return contextlib.nullcontext() if self.kernels is None else kernel_context(self.kernels)
 
-    def _batch_limit(self) -> int | None:
-        """The backend's rows per network call in force (None: no limit yet), the smallest over the ranks under
-        torch.distributed (a limit derived from each device's free memory can differ, and the ranks must plan
-        alike)."""
-        limit = self.backend.batch_limit()
+    def _chunking(self) -> dict:
+        """How the backend splits a call, for the planner: ``limit``, its rows per network call in force (known
+        ahead off CUDA; on CUDA derived at the first call when no ``max_batch`` was given, None before), the
+        smallest over the ranks under torch.distributed (a limit derived from each device's free memory can differ,
+        and the ranks must plan alike); ``buckets``, its fixed shapes or None."""
+        limit = self.backend.batch_limit(self.device)
         least = -self._agree([-float(limit or math.inf)])[0]
-        return None if math.isinf(least) else int(least)
+        return {"limit": None if math.isinf(least) else int(least), "buckets": self.backend.buckets}
 
     def _agree(self, values: list[float]) -> list[float]:
         """Under torch.distributed, every rank's maximum of each value (so that every rank plans alike); else the

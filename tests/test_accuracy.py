@@ -694,7 +694,7 @@ def test_the_guard_reads_the_same_share_of_the_trajectory_on_every_grid(monkeypa
     assert before.stats.extra["rolled_back"] == [True] and before.stats.rounds > res.stats.rounds
 
 
-def test_a_stochastic_whole_grid_leaves_the_guard_idle(monkeypatch):
+def test_a_stochastic_whole_grid_rolls_no_ordinary_sample_back(monkeypatch):
     """gmm DDPM-100, window of the whole grid: tol / 300 acceptance covers the SDE's amplification but for rare
     samples (0-6 of 4,000), so its guard limit (75) rolls none of these 32 back; at a limit of 10 some would have
     been moved back for nothing. Every sample stays within tol."""

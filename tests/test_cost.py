@@ -168,7 +168,7 @@ def test_only_candidates_near_the_best_are_timed(monkeypatch):
     monkeypatch.setattr(ParallelSampler, "_cost_curve", lambda self, shape, cond: curve)
     timed = []
     monkeypatch.setattr(ParallelSampler, "_outside_seconds",
-                        lambda self, shape, cond, curve, method, window, alone: timed.append(window) or 2e-4)
+                        lambda self, shape, cond, curve, method, window, alone, limit: timed.append(window) or 2e-4)
     plan = s.sample(4, seed=0).stats.plan
     tol = s.config.tol_in_force
     bare = plan_sampling(curve, 40, 4, 1, tol).candidates

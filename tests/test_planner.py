@@ -215,7 +215,7 @@ dist.destroy_process_group()
 ALONE_SCRIPT = RANK_SCRIPT.replace('dist.init_process_group("gloo")', """dist.init_process_group("gloo")
 from paratime.planner import ALONE
 # The measured work outside the network, replaced: the gather made dear, so that each rank alone is the plan.
-ParallelSampler.overheads = lambda self, shape, cond, curve, plans: {
+ParallelSampler.overheads = lambda self, shape, cond, curve, plans, limit=None: {
     label: 0.0 if label == ALONE else 1.0 for label, *_ in plans}""").replace(
     '"sce": r.stats.sce}', '"sce": r.stats.sce, "backend_calls": s.backend.calls}')
 
@@ -234,8 +234,17 @@ LIMIT_SCRIPT = RANK_SCRIPT.replace('steps=10, method="auto", cost="measure", bac
                       backend_options={"max_batch": 2 if int(os.environ["RANK"]) == 1 else 8}''')
 
 
-@pytest.mark.parametrize("script", [RANK_SCRIPT, ALONE_SCRIPT, SHORT_SCRIPT, LIMIT_SCRIPT],
-                         ids=["measured", "alone", "short", "limit"])
+# Rank 1's device cannot hold the window the ranks would plan (its free memory is less): neither rank plans it.
+FITS_SCRIPT = LIMIT_SCRIPT.replace('backend_options={"max_batch": 2 if int(os.environ["RANK"]) == 1 else 8}',
+                                   "backend_options={}").replace('dist.init_process_group("gloo")', """
+dist.init_process_group("gloo")
+if dist.get_rank() == 1:
+    fits = ParallelSampler._fits
+    ParallelSampler._fits = lambda self, shape, method, window: window != 16 and fits(self, shape, method, window)""")
+
+
+@pytest.mark.parametrize("script", [RANK_SCRIPT, ALONE_SCRIPT, SHORT_SCRIPT, LIMIT_SCRIPT, FITS_SCRIPT],
+                         ids=["measured", "alone", "short", "limit", "fits"])
 def test_ranks_plan_alike_from_a_measured_curve(tmp_path, script):
     """Each of 2 gloo ranks measures its own cost curve and work outside the network (timings differ); they agree
     on the slowest rank's before planning, so both run the same plan and return the same samples. Planned alone,
@@ -257,7 +266,7 @@ def test_ranks_plan_alike_from_a_measured_curve(tmp_path, script):
     assert all(p.returncode == 0 for p in procs), outs
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert a["cost"] == b["cost"] and a["plan"] == b["plan"]
-    assert a["cost"].startswith("latency" if script is LIMIT_SCRIPT else "measured")
+    assert a["cost"].startswith("latency" if script in (LIMIT_SCRIPT, FITS_SCRIPT) else "measured")
     assert a["plan"]["devices"] == 2 and a["sce"] == b["sce"]
     assert torch.equal(a["samples"], b["samples"])
     if script is LIMIT_SCRIPT:         # planned with rank 1's limit, which plans otherwise than rank 0's would
@@ -265,6 +274,9 @@ def test_ranks_plan_alike_from_a_measured_curve(tmp_path, script):
         plans = [plan_sampling(latency, 16, 1, 2, 2e-3, alone=True, limit=lim) for lim in (2, 8)]
         assert plans[0].window != plans[1].window or plans[0].method != plans[1].method
         assert (a["plan"]["method"], a["plan"]["window"]) == (plans[0].method, plans[0].window)
+    if script is FITS_SCRIPT:          # rank 0 alone would plan the whole grid (latency-bound, no limit)
+        latency = CostCurve((1, 2), (1.0, 1.0), "latency")
+        assert plan_sampling(latency, 16, 1, 2, 2e-3, alone=True).window == 16 != a["plan"]["window"]
     if script is SHORT_SCRIPT:         # the ranks agree on the row counts both could time
         assert a["cost"].startswith("measured [1:1,") and " 8:" in a["cost"] and "16:" not in a["cost"]
     if script is ALONE_SCRIPT:
@@ -321,3 +333,21 @@ def test_the_sampler_plans_with_its_backends_max_batch():
     latency = CostCurve((1, 2), (1.0, 1.0), "latency")
     assert capped.plan["predicted_sce"] == pytest.approx(predict_picard(latency, 20, capped.window, 1, 1, 2e-3,
                                                                         limit=4))
+
+
+def test_fixed_shapes_are_priced_and_a_first_call_plans_with_the_limit_it_will_derive(monkeypatch):
+    """buckets=: no chunk above the largest bucket, each padded to the smallest that holds it (10 rows, buckets
+    (4, 8): a chunk of 8 and one of 2 padded to 4). Without max_batch the backend derives its limit at its first
+    call; off CUDA that is a known constant, so the first sample() plans with it as the second does."""
+    import paratime.backends.memory as memory
+
+    compute = CostCurve((1, 2), (1.0, 2.0), "compute")
+    assert chunked_cost(compute, 10, None, (4, 8)) == 12.0 and chunked_cost(compute, 10, 3, (4, 8)) == 16.0
+    assert chunked_cost(compute, 0, None, (4, 8)) == 0.0
+    kw = dict(steps=20, progress=False, cost="latency")
+    bucketed = ParallelSampler("digits", backend_options={"buckets": (4,)}, **kw).sample(1, seed=0).stats
+    assert bucketed.window < 20 and bucketed.sce == pytest.approx(sum(bucketed.round_sce))
+    monkeypatch.setattr(memory, "CPU_MAX_BATCH", 4)
+    s = ParallelSampler("digits", **kw)
+    first, second = s.sample(1, seed=0).stats, s.sample(1, seed=0).stats
+    assert first.window == second.window == bucketed.window < 20

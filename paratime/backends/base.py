@@ -196,10 +196,14 @@ class Backend:
         """
         raise NotImplementedError
 
-    def batch_limit(self) -> int | None:
-        """Denoiser rows per call in force: ``max_batch`` (or the derived one; None before the first call), halved
-        under classifier-free guidance, whose network call holds each row twice."""
+    def batch_limit(self, device: torch.device | str | None = None) -> int | None:
+        """Denoiser rows per call in force: ``max_batch`` (or the derived one; None before the first call, except
+        for a ``device`` other than CUDA, where the first call will derive the constant
+        :func:`~paratime.backends.memory.default_max_batch`), halved under classifier-free guidance, whose network
+        call holds each row twice."""
         limit = self.max_batch or self._auto_batch
+        if limit is None and device is not None and torch.device(device).type != "cuda":
+            limit = default_max_batch(device)
         if limit is None or self.denoiser is None or not self.denoiser.guided:
             return limit
         return max(1, limit // 2)

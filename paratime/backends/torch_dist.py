@@ -289,11 +289,17 @@ class TorchDistributedBackend(Backend):
                 f"rank died, hangs or is unreachable. Cause: {str(e).splitlines()[0][:300]}") from e
 
     def agree_max(self, values: list[float]) -> list[float]:
-        """Every rank's maximum of each value (float64), through the timed collective: a rank that hangs or dies
-        raises :class:`DistributedTimeoutError` here as in a call. One host read (planning, not the hot loop)."""
+        """Every rank's maximum of each value (float64), through the timed collective, as a call's gather: a rank
+        that hangs or dies raises :class:`DistributedTimeoutError` (gloo: here; NCCL, whose wait does not block the
+        host: at the read below once the watchdog aborts, or at the next collective). One host read (planning, not
+        the hot loop)."""
         t = torch.tensor(values, dtype=torch.float64, device=self.device if self.nccl else "cpu")
         self._collective("all_reduce", t, dist.ReduceOp.MAX)
-        return t.tolist()
+        try:
+            return t.tolist()
+        except RuntimeError as e:          # NCCL: the aborted collective surfaces at the read
+            raise DistributedTimeoutError(f"rank {self.rank}/{self.workers}: all_reduce failed (timeout "
+                                          f"{self.timeout.total_seconds():g} s): {str(e).splitlines()[0][:300]}") from e
 
     def barrier(self):
         self._collective("all_reduce", torch.zeros(1, device=self.device if self.nccl else "cpu"))

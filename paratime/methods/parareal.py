@@ -252,12 +252,12 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
             # A multistep solver's slice start s + 1 is the pair (U[s+1], D at n_{s+1} - 1 = hist[s]): the fine
             # solve from it is exact only when the history it read has settled too (else a start that did not move
             # is accepted with a stale history; at tol 0 Parareal then ends off the sequential sample).
-            # Iteration 1 read no history (zeros: none computed yet), so its change is not a settling: a small
-            # history (DEIS's eps, ~0.1 on the ring at high noise) passed the test from zero and left the start it
-            # made 5-10x tol off (5 steps in 5 slices). Iteration 1 accepts by exactness only.
-            moved_h = rms(hist - hist_used, 2) if it > 1 else torch.full_like(err, math.inf)
-            err = torch.maximum(err, moved_h)                           # (S, B); D (data units) or eps
-        ok = ((err <= thresholds[sl + 1]) & run) | (sl < begin[None])   # slices before begin stay accepted
+            err = torch.maximum(err, rms(hist - hist_used, 2))          # (S, B); D (data units) or eps
+        # Iteration 1 read no history (zeros: none computed yet), so its change is not a settling: a small history
+        # (DEIS's eps, ~0.1 on the ring at high noise) passed the test from zero and left the start it made 5-10x
+        # tol off (5 steps in 5 slices). There iteration 1 accepts by exactness only; err, its residual, is real.
+        settled = err if hist is None or it > 1 else torch.full_like(err, math.inf)
+        ok = ((settled <= thresholds[sl + 1]) & run) | (sl < begin[None])   # slices before begin stay accepted
         fail = torch.cat([~ok, torch.ones_like(ok[:1])])
         first = fail.int().argmax(0)                                    # first unconverged slice >= begin
         # Accept the converged prefix plus one: slice `first`'s end came from its accepted start. Exact when that

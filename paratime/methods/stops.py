@@ -85,8 +85,8 @@ def default_accept_tol(tol: float, stochastic: bool = False, sliding: bool = Fal
       0 and 12.6x at 0.03 on seed 1, rolling back 339-384 of 4,000 samples), so ``tol / 300`` there, its guard at 75
       for the rarer sample that stretches more: on ``gmm`` and the 3-D mixture DDPM-100, seeds 0-3, the worst of
       4,000 samples at 0.05-0.48 of tol, 0-6 rolled back, for 4-6% fewer evaluations than the ``tol / 3000`` of
-      before (``gmm`` 876 -> 834, the mixture 1140 -> 1074 at tol 0.1, seed 0; the batch's rounds unchanged) and the
-      tiny SD pipeline's DDPM-100 922 -> 899 per sample (diffusers' ParaDiGMS class: 902).
+      before (``gmm`` 876 -> 834, the mixture 1140 -> 1074 at tol 0.1, seed 0; a batch's rounds equal or one
+      fewer) and the tiny SD pipeline's DDPM-100 922 -> 899 per sample (diffusers' ParaDiGMS class: 902).
       ``tol / 10`` here fails the 3-D mixture's DPM++(2M) at tol 0.1 (8.6x) and ``tol / 300`` costs the digits
       U-Net 31% more evaluations (DDIM-100, batch 16), so the whole grid keeps ``tol / 30``, except on the last
       quarter of a deterministic solver's grid (:data:`TAIL_FRACTION`), which accepts at ``tol / 300``: the 3-D
