@@ -29,7 +29,8 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["CostCurve", "COST_NAMES", "make_cost", "check_cost", "measure_cost", "measure_rows", "cached_cost",
-           "round_cost", "device_rows", "call_gaps", "OVERHEAD_CALLS"]
+           "round_cost", "chunked_cost", "chunk_rows", "bucket_rows", "device_rows", "call_gaps",
+           "OVERHEAD_CALLS"]
 
 log = logging.getLogger("paratime")
 
@@ -93,6 +94,18 @@ def device_rows(rows: int, devices: int) -> int:
     return -(-rows // devices)
 
 
+def chunk_rows(limit: int | None, buckets: tuple[int, ...] | None) -> int | None:
+    """The most rows of one network call: ``limit`` (``max_batch`` in force; None: no limit), and never above the
+    largest bucket (the backend's ``run_chunked`` splits a call so; :func:`chunked_cost` prices the chunks alike)."""
+    return min(limit or buckets[-1], buckets[-1]) if buckets else limit
+
+
+def bucket_rows(buckets: tuple[int, ...] | None, rows: int) -> int:
+    """The rows a call of ``rows`` rows runs as: the smallest bucket that holds them (the backend's ``pad_rows``),
+    or ``rows`` itself without buckets."""
+    return next(b for b in buckets if b >= rows) if buckets else rows
+
+
 def chunked_cost(curve: CostCurve, rows: int, limit: int | None, buckets: tuple[int, ...] | None = None) -> float:
     """The time of ``rows`` rows on one device whose network calls hold at most ``limit`` rows (``max_batch``; None:
     no limit): the chunks run back to back, ``floor(rows / limit) c(limit) + c(rows mod limit)``. With fixed shapes
@@ -100,17 +113,11 @@ def chunked_cost(curve: CostCurve, rows: int, limit: int | None, buckets: tuple[
     holds it, and costs that bucket's rows."""
     if rows <= 0:
         return 0.0
-    step = limit
-    if buckets:
-        step = min(step or buckets[-1], buckets[-1])
-
-    def cost(m: int) -> float:
-        return curve(next(b for b in buckets if b >= m) if buckets else m)
-
+    step = chunk_rows(limit, buckets)
     if not step or rows <= step:
-        return cost(rows)
+        return curve(bucket_rows(buckets, rows))
     full, rest = divmod(rows, step)
-    return full * cost(step) + (cost(rest) if rest else 0.0)
+    return full * curve(bucket_rows(buckets, step)) + (curve(bucket_rows(buckets, rest)) if rest else 0.0)
 
 
 def round_cost(curve: CostCurve, rows: int, devices: int, limit: int | None = None,

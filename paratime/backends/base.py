@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ..cost import bucket_rows, chunk_rows
 from ..denoiser import Denoiser
 from .memory import PROBE_ROWS, default_max_batch, measure_rows
 
@@ -95,7 +96,7 @@ def pad_rows(fn, buckets: tuple[int, ...], x, sigma, model_time, cond: dict):
     """``fn(x, sigma, model_time, **cond)`` on rows padded to the smallest bucket >= M (rows <= ``buckets[-1]``);
     the padding repeats row 0 (a gather: no host sync), and its outputs are dropped."""
     M = x.shape[0]
-    P = next(b for b in buckets if b >= M)
+    P = bucket_rows(buckets, M)
     if P == M:
         return fn(x, sigma, model_time, **cond)
     idx = torch.cat([torch.arange(M, device=x.device), x.new_zeros(P - M, dtype=torch.long)])    # (P,)
@@ -233,9 +234,7 @@ class Backend:
             self._auto_batch = default_max_batch(x.device, per_row)
             log.info("%s backend: max_batch %d network rows per call (derived for %s)", self.name, self._auto_batch,
                      x.device)
-        step = self.batch_limit()
-        if self.buckets is not None:
-            step = min(step, self.buckets[-1])      # no chunk beyond the largest bucket
+        step = chunk_rows(self.batch_limit(), self.buckets)      # no chunk beyond the largest bucket
         if start == 0 and M <= step:
             return den(x, sigma, model_time, **cond)     # one chunk: no slicing
         for s in range(start, M, step):
