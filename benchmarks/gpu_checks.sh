@@ -8,11 +8,15 @@
 #      (torch.cuda.set_sync_debug_mode), derived max_batch and the memory refusal, NCCL with one rank
 #   2. ahead-of-time compilation of exactly those variants (registers, spills)
 #   3. kernel-only time and GB/s against the device's HBM peak on HBM-sized inputs (benchmarks/kernels_bench.py)
-#   4. an SD-1.5-config UNet in fp16 at batch 1: sequential vs Picard at several windows vs the planner's choice,
-#      peak memory against the pre-flight bound, syncs per round and per call, Parareal, NCCL with one rank
-#      (benchmarks/gpu_sd.py)
-# Logs go to ${OUT:-gpu_out}; each step has its own time limit so that one hang cannot eat the budget; the script
-# exits non-zero if any step failed, and at once, with a message, where there is no GPU.
+#   4. the cost curve c(r) of an SD-1.5-config UNet (fp16, bf16), the digits U-Net and the policy (float32, fp16)
+#      at 1..128 rows (benchmarks/gpu_curves.py; curves.json is the table ParallelSampler(cost=) takes)
+#   5. an SD-1.5-config UNet in fp16 at batch 1: sequential vs Picard at several windows vs the planner's choice,
+#      peak memory against the pre-flight bound, syncs per round and per call and where they are, Parareal, NCCL
+#      with one rank (benchmarks/gpu_sd.py), without guidance and with SD's 7.5 (two rows a point)
+# GPU_CHECKS="tests gpu_sd" runs only the steps named (tests curves gpu_sd gpu_sd_cfg kernels_bench aot).
+# The log goes to ${OUT:-gpu_out}/log.txt (one file: the device tool brings back at most 8), the curves to
+# curves.json; each step has its own time limit so that one hang cannot eat the budget (about 9 minutes in all at
+# most); the script exits non-zero if any step failed, and at once, with a message, where there is no GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_out}; mkdir -p "$out"
@@ -24,7 +28,9 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1 \
     echo "gpu_checks: no CUDA GPU here (nvidia-smi or torch.cuda.is_available() says none); these checks need one" >&2
     exit 2
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+log="$out/log.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$log"
+"$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__)' | tee -a "$log"
 # 0. Offline install: the carried wheels, then paratime from this tree (no registry, no build isolation).
 site=/tmp/paratime_site
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -38,18 +44,23 @@ fi
     || { echo "gpu_checks: installing paratime from the tree failed" >&2; exit 3; }
 export PYTHONPATH="$site/pt:$PYTHONPATH"
 fail=0
-step() {   # step NAME SECONDS CMD...: run with a time limit, log to $out/NAME.txt, remember a failure
-    local name=$1 limit=$2; shift 2
-    echo "== $name (limit ${limit}s)"
-    timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
+step() {   # step NAME SECONDS CMD...: run with a time limit, append to the log, remember a failure
+    local name=$1 limit=$2 t=$(date +%s); shift 2
+    echo "== $name (limit ${limit}s)" | tee -a "$log"
+    timeout "$limit" "$@" 2>&1 | tee -a "$log"
     local rc=${PIPESTATUS[0]}
-    [ "$rc" -eq 0 ] || { echo "gpu_checks: $name failed (exit $rc)" | tee -a "$out/failed.txt"; fail=1; }
+    echo "== $name: exit $rc after $(( $(date +%s) - t )) s" | tee -a "$log"
+    [ "$rc" -eq 0 ] || { echo "gpu_checks: $name failed (exit $rc)" | tee -a "$log"; fail=1; }
 }
 # python -P: the current folder is not put first on sys.path, so the installed paratime (with paratime.kernels
 # mapped from kernels/) is imported, not the tree's paratime/ folder.
-step tests 200 "$PY" -P -m pytest -q -rA -s -p no:cacheprovider tests/test_gpu.py
-step aot 60 "$PY" -P -m paratime.kernels.aot
-step kernels_bench 60 "$PY" -P benchmarks/kernels_bench.py
-step gpu_sd 180 "$PY" -P benchmarks/gpu_sd.py --steps 50 --windows 8 16 50 --repeats 2
-echo "gpu_checks: $(( $(date +%s) - t0 )) s" | tee "$out/elapsed.txt"
+want() { [ -z "${GPU_CHECKS:-}" ] || [[ " $GPU_CHECKS " == *" $1 "* ]]; }   # GPU_CHECKS="tests gpu_sd": a subset
+want tests && step tests 150 "$PY" -P -m pytest -q -rA -s -p no:cacheprovider tests/test_gpu.py
+want curves && step curves 90 "$PY" -P benchmarks/gpu_curves.py --json "$out/curves.json"
+want gpu_sd && step gpu_sd 120 "$PY" -P benchmarks/gpu_sd.py --steps 50 --windows 8 16 32 50 --repeats 2
+want gpu_sd_cfg && step gpu_sd_cfg 120 "$PY" -P benchmarks/gpu_sd.py --steps 50 --windows 8 16 32 --repeats 2 \
+    --guidance 7.5
+want kernels_bench && step kernels_bench 40 "$PY" -P benchmarks/kernels_bench.py
+want aot && step aot 40 "$PY" -P -m paratime.kernels.aot
+echo "gpu_checks: $(( $(date +%s) - t0 )) s" | tee -a "$log"
 exit $fail

@@ -10,60 +10,80 @@ download) in fp16 at batch 1, DDIM-50 with the SD scheduler config, float32 stat
 
     python benchmarks/gpu_sd.py [--steps 50] [--windows 8 16 50] [--repeats 2]
 
-Exits 1 without a CUDA device or without diffusers (benchmarks/prepare_gpu_wheels.sh carries it).
+Exits 1 without a CUDA device or without diffusers (benchmarks/prepare_gpu_wheels.sh carries it). ``--device cpu
+--tiny`` runs the same path on a CPU with a small UNet config (the suite's smoke test: no memory, sync or NCCL
+figures there).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 import time
 import warnings
+from collections import Counter
+from contextlib import contextmanager
 
 import torch
 
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+def _model(device: torch.device, tiny: bool):
+    """(denoiser, solver, per-sample shape, embedding width): the SD-1.5-config UNet made on ``device`` in fp16 (float32
+    on a CPU), with diffusers' DDIM scheduler config and the solver that matches it."""
+    from diffusers import DDIMScheduler
+
+    from paratime.bench.gpu_curves import SD15_SCHEDULER, sd_unet
+    from paratime.integrations.diffusers import solver_for
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    den, shape, width = sd_unet(device, dtype, tiny)
+    return den, solver_for(DDIMScheduler(**SD15_SCHEDULER)), shape, width
 
 
-def _model():
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+@contextmanager
+def _sync_warnings(on: bool):
+    """Every host sync inside as a warning (``torch.cuda.set_sync_debug_mode``); yields the list they land in."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if on:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield caught
+        finally:
+            if on:
+                torch.cuda.set_sync_debug_mode("default")
 
-    from paratime.integrations.diffusers import from_diffusers, solver_for
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET).to("cuda", torch.float16).eval()
-    sched = DDIMScheduler(**SD15_SCHEDULER)
-    return from_diffusers(unet, sched, dtype=torch.float16), solver_for(sched)
-
-
-def _run(sampler, emb, repeats):
-    """(result, min wall s, peak bytes over the start, syncs per round, syncs per network call)."""
-    walls, syncs = [], []
+def _run(sampler, cond, repeats, device):
+    """(result, min wall s, peak bytes over the start or None, syncs per round, syncs per network call, where the
+    syncs were: {file:line: count}; None off CUDA)."""
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    walls = []
     for _ in range(repeats):
         rounds = []
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        sync()
+        if cuda:
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                out = sampler.sample(1, seed=0, encoder_hidden_states=emb, callback=lambda info: rounds.append(1))
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        torch.cuda.synchronize()
+        with _sync_warnings(cuda) as caught:
+            out = sampler.sample(1, seed=0, callback=lambda info: rounds.append(1), **cond)
+        sync()
         walls.append(time.perf_counter() - t0)
-        syncs = [w for w in caught if "synchroniz" in str(w.message)]
-        peak = torch.cuda.max_memory_allocated() - base
+        sites = Counter(f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+        syncs = sum(sites.values())
+        peak = torch.cuda.max_memory_allocated() - base if cuda else None
     # stats.rounds: network calls in sequence; the callbacks: rounds (sequential: steps, Parareal: iterations)
-    return out, min(walls), peak, len(syncs) / max(len(rounds), 1), len(syncs) / max(out.stats.rounds, 1)
+    if not cuda:
+        return out, min(walls), None, None, None, None
+    return out, min(walls), peak, syncs / max(len(rounds), 1), syncs / max(out.stats.rounds, 1), dict(sites)
+
+
+def _fmt(v, spec):
+    return format(v, spec) if v is not None else format("-", ">" + spec.lstrip(">").split(".")[0].rstrip("f"))
 
 
 def main(argv=None) -> int:
@@ -71,9 +91,16 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--windows", type=int, nargs="+", default=[8, 16, 50])
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="a small UNet config (a CPU smoke run)")
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="classifier-free guidance scale (SD's 7.5: two rows a point, a zero negative embedding)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu_sd: no CUDA device here; this benchmark runs only on a GPU", file=sys.stderr)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        print("gpu_sd: no CUDA device here; this benchmark runs only on a GPU (--device cpu --tiny: a smoke run)",
+              file=sys.stderr)
         return 1
     try:
         import diffusers  # noqa: F401
@@ -83,26 +110,44 @@ def main(argv=None) -> int:
         return 1
     from paratime import ParallelSampler
 
-    den, solver = _model()
-    emb = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1)).to("cuda", torch.float16)
-    common = dict(solver=solver, steps=args.steps, state_dtype=torch.float32, progress=False, device="cuda")
-    print(f"device: {torch.cuda.get_device_name(0)}; SD-1.5 UNet fp16 (random weights), batch 1, DDIM-{args.steps}, "
-          "float32 state")
+    den, solver, shape, width = _model(device, args.tiny)
+    emb = torch.randn(1, 77, width, generator=torch.Generator().manual_seed(1)).to(device, den.network_dtype)
+    common = dict(solver=solver, steps=args.steps, state_dtype=torch.float32, progress=False, device=device,
+                  guidance=args.guidance)
+    cond = {"encoder_hidden_states": emb}
+    if args.guidance is not None:
+        cond["uncond"] = {"encoder_hidden_states": torch.zeros_like(emb)}
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    print(f"device: {name}; {'tiny' if args.tiny else 'SD-1.5'} UNet {str(den.network_dtype).split('.')[-1]} "
+          f"(random weights), batch 1, DDIM-{args.steps}, float32 state, guidance {args.guidance}")
     print(f"{'run':<22} {'wall s':>8} {'speed-up':>8} {'rounds':>6} {'NFE':>6} {'max|Δ|':>9} {'peak MiB':>9} "
           f"{'bound MiB':>9} {'syncs/round':>11} {'syncs/call':>10}")
     ref = t_seq = None
     runs = [("sequential", dict(method="sequential"))]
     runs += [(f"picard W={w}", dict(method="picard", window=w)) for w in args.windows]
     runs += [("planner (auto)", dict(method="auto")), ("parareal", dict(method="parareal"))]
-    for name, opts in runs:
+    for label, opts in runs:
         sampler = ParallelSampler(den, **common, **opts)
-        out, wall, peak, per_round, per_call = _run(sampler, emb, args.repeats)
+        out, wall, peak, per_round, per_call, sites = _run(sampler, cond, args.repeats, device)
         if ref is None:
             ref, t_seq = out.samples, wall
-        bound = sampler.config.check_memory((1, 4, 64, 64), torch.device("cuda"), torch.float32, sampler.solver)
+        bound = sampler.config.check_memory((1, *shape), device, torch.float32, sampler.solver)
         delta = (out.samples - ref).abs().max().item()
-        print(f"{name:<22} {wall:>8.3f} {t_seq / wall:>8.2f} {out.stats.rounds:>6} {out.stats.nfe:>6.0f} "
-              f"{delta:>9.2e} {peak / 2**20:>9.0f} {bound / 2**20:>9.0f} {per_round:>11.2f} {per_call:>10.2f}")
+        mib = None if peak is None else peak / 2**20
+        print(f"{label:<22} {wall:>8.3f} {t_seq / wall:>8.2f} {out.stats.rounds:>6} {out.stats.nfe:>6.0f} "
+              f"{delta:>9.2e} {_fmt(mib, '>9.0f')} {bound / 2**20:>9.0f} {_fmt(per_round, '>11.2f')} "
+              f"{_fmt(per_call, '>10.2f')}")
+        st = out.stats
+        predicted = "" if st.predicted_wall_s is None else f", predicted {st.predicted_wall_s:.3f} s"
+        print(f"{'':<22} W={st.window}, SCE {st.sce:.1f}, sampling {st.wall_s:.3f} s{predicted}; cost {st.cost}")
+        if sites:
+            print(f"{'':<22} host syncs at: {sites}")
+        if st.plan is not None:
+            print(f"{'':<22} plan: {st.plan['method']} W={st.plan['window']}: {st.plan['reason']}")
+            print(f"{'':<22} candidates (predicted SCE): " + ", ".join(
+                f"{k} {v:.2f}" for k, v in st.plan["candidates"].items()))
+    if not cuda:
+        return 0
     # The torch backend over NCCL, one rank, against the local backend's Picard.
     from paratime.backends.torch_dist import TorchDistributedBackend
 
@@ -113,8 +158,8 @@ def main(argv=None) -> int:
                                  dist_backend="nccl", timeout_s=60) as backend:
         local = ParallelSampler(den, **common, method="picard", window=args.windows[0])
         dist_ = ParallelSampler(den, **common, method="picard", window=args.windows[0], backend=backend)
-        a = local.sample(1, seed=0, encoder_hidden_states=emb).samples
-        b = dist_.sample(1, seed=0, encoder_hidden_states=emb).samples
+        a = local.sample(1, seed=0, **cond).samples
+        b = dist_.sample(1, seed=0, **cond).samples
         print(f"nccl one rank vs local (picard W={args.windows[0]}): max|Δ| {(a - b).abs().max().item():.2e}")
     return 0
 

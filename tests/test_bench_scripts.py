@@ -72,3 +72,33 @@ def test_backends_round_reports_the_engine_overhead(keep_threads):
     rec = measure("local", argparse.Namespace(steps=10, window=10, batch=2, reps=1))
     assert rec["rounds"] >= 2 and rec["per_round_s"] > 0 and rec["bytes_per_round"] == 0
     assert 0 < rec["overhead_per_round_s"] < rec["per_round_s"] and 0 < rec["overhead_share"] < 1
+
+
+def test_gpu_scripts_run_their_path_on_a_cpu(keep_threads, tmp_path, capsys):
+    """The GPU benchmarks' smoke runs (``--device cpu --tiny``): the same models, samplers and printing as on a GPU;
+    the curves are measured, increasing from one row, and written as the table ``cost=`` takes; each sampler's
+    sample is within 1e-2 of sequential's, and the planner says what it chose."""
+    import json
+
+    from paratime.bench import gpu_curves, gpu_sd
+    from paratime.cost import make_cost
+
+    path = tmp_path / "curves.json"
+    assert gpu_curves.main(["--device", "cpu", "--tiny", "--rows", "1", "2", "4", "--repeats", "1",
+                            "--json", str(path)]) == 0
+    curves = json.loads(path.read_text())["curves"]
+    assert set(curves) == {"sd15-unet float32", "digits float32", "policy float32"}
+    for c in curves.values():
+        assert c["rows"] == [1, 2, 4] and all(s > 0 for s in c["seconds"])
+        make_cost(dict(zip(c["rows"], c["seconds"])))          # the table ParallelSampler(cost=) takes
+    assert gpu_curves.main(["--device", "cpu", "--rows", "2", "4"]) == 2
+    capsys.readouterr()
+    assert gpu_sd.main(["--device", "cpu", "--tiny", "--steps", "8", "--windows", "4", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {ln[:22].strip(): ln.split() for ln in lines if ln[:22].strip() in
+            ("sequential", "picard W=4", "planner (auto)", "parareal")}
+    assert set(rows) == {"sequential", "picard W=4", "planner (auto)", "parareal"}
+    for label, cols in rows.items():
+        delta = float(cols[-5])                                  # max|Δ| against sequential
+        assert delta <= 1e-2, (label, delta)
+    assert any(ln.strip().startswith("plan: ") for ln in lines)

@@ -9,6 +9,7 @@ derived from the measured memory; the torch backend works over NCCL with one ran
 import os
 import socket
 import warnings
+from collections import Counter
 
 import pytest
 import torch
@@ -81,15 +82,24 @@ def _unet():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("method", ["picard", "parareal"])
 def test_parallel_methods_on_cuda_with_a_diffusers_unet_in_half_precision(dtype, method):
+    """At tol 0 the fixed point is the sequential sample, up to the half-precision network's batch-size effects: a
+    call of 120 rows runs other kernels than one of 4 (on an H100, fp16 0.05 and bf16 0.2 apart after 30 steps of this
+    untrained UNet). Their size here is measured, not guessed: sequential sampling with every call padded to 128 rows
+    (the backend's buckets) against the same sampling unpadded; the parallel sample must be within a few times that."""
     from paratime import ParallelSampler
+    from paratime.backends import LocalBackend
 
     den = _unet()
     kw = dict(steps=30, progress=False, dtype=dtype)
     seq = ParallelSampler(den, method="sequential", **kw).sample(4, seed=0)
+    padded = ParallelSampler(den, method="sequential", backend=LocalBackend(buckets=(128,)), **kw).sample(4, seed=0)
     par = ParallelSampler(den, method=method, tol=0.0, **kw).sample(4, seed=0)
     assert par.samples.is_cuda and par.samples.dtype == torch.float32
-    # tol 0: the fixed point is the sequential sample, up to the half-precision network's batch-size effects.
-    torch.testing.assert_close(par.samples, seq.samples, rtol=0, atol=5e-2)
+    floor = (padded.samples - seq.samples).abs().max().item()
+    err = (par.samples - seq.samples).abs().max().item()
+    print(f"{method} {dtype}: max|par - seq| {err:.3g}, batch-size effect (128-row calls vs 4) {floor:.3g}, "
+          f"max|seq| {seq.samples.abs().max().item():.3g}")
+    assert err <= 4 * floor + 1e-3
 
 
 @cuda
@@ -109,7 +119,7 @@ def test_fused_step_inside_the_samplers_on_cuda(dtype, monkeypatch):
     labels = torch.tensor([1, 4, 7, 9], device="cuda")
     with record_launches() as seen:
         fused = ParallelSampler(model, **kw).sample(4, seed=0, labels=labels)
-    assert Launch("fused_step", torch.float32, dtype, uncond=True, noise=True, dx=True) in seen
+    assert Launch("fused_step", torch.float32, dtype, uncond=True, noise=True, x0=True, dx=True) in seen
     monkeypatch.setattr(Evaluator, "fusable", property(lambda self: False))
     two = ParallelSampler(model, **kw).sample(4, seed=0, labels=labels)
     torch.testing.assert_close(fused.samples, two.samples, rtol=1e-4, atol=1e-4)
@@ -138,9 +148,12 @@ def test_host_syncs_per_round_on_cuda(method):
             float(torch.ones(1, device="cuda").sum())     # a known sync: the counter must see it
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = sum("synchroniz" in str(w.message) for w in caught[:n_run])
+    sites = Counter(f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught[:n_run]
+                    if "synchroniz" in str(w.message))
+    syncs = sum(sites.values())
     assert any("synchroniz" in str(w.message) for w in caught[n_run:]), "the sync counter saw no known sync"
-    print(f"{method}: {syncs} host syncs over {res.stats.iterations} rounds/iterations, {res.stats.rounds} calls")
+    print(f"{method}: {syncs} host syncs over {res.stats.iterations} rounds/iterations, {res.stats.rounds} calls; "
+          f"where: {dict(sites.most_common())}")
     assert syncs <= (0 if method == "sequential" else res.stats.iterations) + 16
 
 
@@ -173,10 +186,14 @@ def test_max_batch_is_derived_from_measured_memory_and_a_huge_request_is_refused
 
 
 @cuda
-def test_picard_on_cuda_equals_sequential():
+def test_picard_on_cuda_equals_sequential(monkeypatch):
     from paratime import ParallelSampler
     from paratime.models import load_model
 
+    # float32 without TF32 (on by default for cuDNN's convolutions: 1e-3 relative per call, 2.9e-4 apart after 50
+    # steps on an H100): the batch-size effects that remain are float32's.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     model = load_model("digits")
     model.network.cuda()
     seq = ParallelSampler(model, steps=50, method="sequential", progress=False).sample(16, seed=0)
@@ -202,8 +219,11 @@ def test_torch_backend_over_nccl_with_one_rank():
         assert dist.get_backend() == "nccl"
         model = load_model("digits")
         model.network.cuda()
-        local = ParallelSampler(model, steps=30, progress=False).sample(8, seed=0)
-        dist_res = ParallelSampler(model, steps=30, progress=False, backend=be).sample(8, seed=0)
+        # A given window: with cost="auto" on CUDA the planner times calls, and two runs may size the window apart
+        # (each sample then within tol of sequential's, not of each other's).
+        kw = dict(steps=30, progress=False, method="picard", window=8)
+        local = ParallelSampler(model, **kw).sample(8, seed=0)
+        dist_res = ParallelSampler(model, **kw, backend=be).sample(8, seed=0)
         assert be.device.type == "cuda"
         torch.testing.assert_close(dist_res.samples, local.samples, rtol=0, atol=1e-6)
         assert be.timings["comm_s"] >= 0

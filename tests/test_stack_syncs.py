@@ -175,3 +175,16 @@ def test_true_indices_are_nonzeros_order_without_a_read():
             assert torch.equal(got, m.nonzero()) and c.count == 0, (shape, p, c.names)
     src = Path(__file__).parents[1] / "paratime"
     assert not [f for f in src.rglob("*.py") if "torch.nonzero_static(" in f.read_text()]
+
+
+@pytest.mark.parametrize("method, solver, options", [("sequential", "ddim", {}), ("picard", "ddim", dict(window=6)),
+                                                     ("parareal", "ddim", {}), ("parareal_pipelined", "ddpm", {}),
+                                                     ("staggered", "ddim", dict(window=4))])
+def test_the_ends_reads_do_not_grow_with_the_batch(method, solver, options):
+    """After the last round, the records are read in a fixed number of reads, not one per sample: on an H100 the
+    Parareal stats read ``sample_rounds`` sample by sample (8 syncs for a batch of 8, over the GPU test's budget)."""
+    ends = []
+    for batch in (2, 8):
+        out, per_round, _, _, counter = _run(method, solver, batch=batch, **options)
+        ends.append(counter.count - sum(per_round))
+    assert ends[0] == ends[1], ends
