@@ -139,7 +139,9 @@ def main(argv=None) -> int:
               f"{_fmt(per_call, '>10.2f')}")
         st = out.stats
         predicted = "" if st.predicted_wall_s is None else f", predicted {st.predicted_wall_s:.3f} s"
-        print(f"{'':<22} W={st.window}, SCE {st.sce:.1f}, sampling {st.wall_s:.3f} s{predicted}; cost {st.cost}")
+        scale = f", tol in sample units {st.tol_abs[0]:.3g}" if st.tol_abs else ""
+        print(f"{'':<22} W={st.window}, SCE {st.sce:.1f}, sampling {st.wall_s:.3f} s{predicted}; max|sequential| "
+              f"{ref.abs().max().item():.3g}{scale}; cost {st.cost}")
         if sites:
             print(f"{'':<22} host syncs at: {sites}")
         if st.plan is not None:

@@ -323,9 +323,9 @@ class ParallelSampler:
         """One plan's work per call outside the network: the plan run from seeded noise on the real network through
         its backend for :data:`~paratime.cost.OVERHEAD_CALLS` calls (:func:`~paratime.cost.call_gaps`; once to warm
         up every call shape the plan makes, then timed), each call's time to the next less the curve's time for its
-        rows on one device's share; the median over the calls after the first. Negative where the curve, timed call by call on its own, ran slower than the
-        plan's calls do (on a busy CPU, 2 gloo ranks measured c(1) at 2 ms where their steps took 1.2 ms): the
-        prediction then follows the plan's own calls."""
+        rows on one device's share; the median over the calls after the first. Negative where the curve, timed call
+        by call on its own, ran slower than the plan's calls do (on a busy CPU, 2 gloo ranks measured c(1) at 2 ms
+        where their steps took 1.2 ms): the prediction then follows the plan's own calls."""
         kw = dict(dtype=self.state_dtype, device=self.device)
         cfg = self._candidate(method, window)
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(**kw)
