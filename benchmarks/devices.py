@@ -24,6 +24,8 @@ Usage::
 
     OMP_NUM_THREADS=1 python -m paratime.bench.devices [--quick] [--out DIR]    # table, devices.json, devices.png
     OMP_NUM_THREADS=1 python -m paratime.bench.devices --models digits --solver dpmpp_2m --steps 20   # another solver
+    OMP_NUM_THREADS=1 python -m paratime.bench.devices --models digits --curve \
+        benchmarks/h100_curves.json:'sd15-unet float16'      # the rows priced with a GPU-measured curve
     OMP_NUM_THREADS=1 python -m paratime.bench.devices --calibrate               # the planner's rounds model
     python -m paratime.bench.devices --real                                      # 2 gloo ranks, measured wall clock
 
@@ -177,16 +179,17 @@ def _best(rows: list[dict], level: float) -> dict | None:
 
 
 def measure(model: str, steps: int, devices: list[int], seeds: int, quick: bool = False,
-            solver: str = "ddim") -> dict:
+            solver: str = "ddim", curve: tuple[str, dict[int, float]] | None = None) -> dict:
     """Every method at every K for one model and solver (``quick``: windows K and N, one tolerance each); returns
-    the records (the CHORDS port only for :data:`CHORDS_SOLVERS`)."""
-    cost, skip = MODELS[model], not_run(solver)
+    the records (the CHORDS port only for :data:`CHORDS_SOLVERS`). ``curve``: ``(label, {rows: seconds})``, a
+    measured table that prices every model's calls in place of its named curve (``--curve``)."""
+    cost, skip = (MODELS[model] if curve is None else curve[1]), not_run(solver)
     d = draw_alone(model, steps, cost, 1, seeds, method="sequential", solver=solver)
     # The baseline's cost is measured, not N: a two-call solver (Heun: 2N - 1) or PLMS's first step costs more.
     # One sample's sequential calls hold one row each, so this is its cost on any K.
     seq = {"x": d["x"], "range": float(d["x"].abs().max()), "sce": d["sce"]}          # x: (seeds, *shape)
-    out = {"model": model, "cost": cost, "solver": solver, "steps": steps, "seeds": seeds, "range": seq["range"],
-           "K": {}}
+    out = {"model": model, "cost": cost if curve is None else curve[0], "solver": solver, "steps": steps,
+           "seeds": seeds, "range": seq["range"], "K": {}}
     for K in devices:
         rec = {"sequential": {"sce": seq["sce"], "speedup": 1.0, "err": 0.0},
                "planner": _runs(model, steps, cost, K, seeds, seq, method="auto", solver=solver)}
@@ -249,6 +252,11 @@ def title(res: dict) -> str:
     return f"{res['model']} {solver_name(res.get('solver', 'ddim'))}-{res['steps']}"
 
 
+def bound(res: dict) -> str:
+    """The cost the figures use: ``compute-bound``, ``latency-bound``, or a measured curve's label."""
+    return f"{res['cost']}-bound" if res["cost"] in ("compute", "latency") else f"cost {res['cost']}"
+
+
 def describe(res: dict) -> list[str]:
     out = []
     for K, rec in sorted(res["K"].items()):
@@ -292,7 +300,7 @@ def plot(results: list[dict], level: float, path: Path) -> list[str]:
         ax.set_ylim(0, max(ymax, max(Ks)) * 1.08)
         ax.set_xlabel("devices K")
         ax.set_ylabel("speed-up N / SCE")
-        ax.set_title(f"{title(res)}, {res['cost']}-bound, max|Δ| ≤ {level:g} of range")
+        ax.set_title(f"{title(res)}, {bound(res)}, max|Δ| ≤ {level:g} of range")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # beside the axes: no point hidden
         lo, hi = ax.get_ylim()
         if not all(lo <= s <= hi for v in series.values() for s in v if s is not None):
@@ -477,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate", action="store_true", help="print the planner's rounds model against measurement "
                    "(DDIM: 50 and 100 steps; another --solver: --steps)")
     p.add_argument("--real", action="store_true", help="the 2-rank wall-clock figure (gloo, 1 thread per rank)")
+    p.add_argument("--curve", default=None, metavar="FILE:NAME",
+                   help="price every model's calls with a measured curve from gpu_curves.py's JSON, e.g. "
+                   "benchmarks/h100_curves.json:'sd15-unet float16' (the planner sees it too)")
     p.add_argument("--paradigms", action="store_true",
                    help="also diffusers' StableDiffusionParadigmsPipeline on the tiny SD pipeline (rows per UNet call)")
     a = p.parse_args(argv)
@@ -491,6 +502,17 @@ def main(argv: list[str] | None = None) -> int:
         for flag in ("real", "paradigms"):
             if getattr(a, flag):
                 p.error(f"--solver {a.solver}: --{flag} measures DDIM only")
+    curve = None
+    if a.curve is not None:
+        path, _, name = a.curve.partition(":")
+        try:
+            table_ = json.loads(Path(path).read_text())["curves"][name]
+            curve = (f"{name} (measured)", dict(zip(table_["rows"], table_["seconds"])))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            p.error(f"--curve: cannot read curve {name!r} from {path!r}: {e!r}")
+        for flag in ("real", "paradigms", "calibrate"):
+            if getattr(a, flag):
+                p.error(f"--curve: --{flag} does not use a curve")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if a.calibrate:
         calibrate(*(((50, 100),) if a.solver == "ddim" else ((a.steps,),)), solver=a.solver)
@@ -511,11 +533,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--out: {out} is not writable")
     steps, seeds, Ks = (10, 1, [1, 2, 4]) if a.quick else (a.steps, a.seeds, [1, 2, 4, 8])
     t0 = time.perf_counter()
-    results = [measure(m, steps, Ks, seeds, a.quick, a.solver) for m in models]
+    results = [measure(m, steps, Ks, seeds, a.quick, a.solver, curve) for m in models]
     fails = [f for r in results for f in checks(r)]
     for level in LEVELS:
         for r in results:
-            print(f"\n{title(r)}, {r['cost']}-bound, batch 1, {seeds} seeds: speed-up N / SCE at "
+            print(f"\n{title(r)}, {bound(r)}, batch 1, {seeds} seeds: speed-up N / SCE at "
                   f"max|Δ| ≤ {level:g} of the data range ({r['range']:.3g})\n")
             print("\n".join(table(r, level)[0]))
     skipped = not_run(a.solver)

@@ -126,3 +126,32 @@ def test_the_baseline_is_sequentials_measured_cost_not_n(keep_threads):
     assert rec["sequential"]["sce"] == 11.0 and rec["sequential"]["speedup"] == 1.0
     planner = rec["planner"]
     assert planner["speedup"] == pytest.approx(11.0 / planner["sce"])
+
+
+def test_a_measured_curve_prices_the_calls(tmp_path, keep_threads, capsys):
+    """``--curve FILE:NAME`` prices every call with a table from gpu_curves.py's JSON: the table ``c(r) = r`` gives
+    the compute-bound run's figures exactly, a flat table the latency-bound ones; the label says which curve."""
+    rows = [1, 2, 4, 8, 16, 32, 64]
+    path = tmp_path / "curves.json"
+    path.write_text(json.dumps({"device": "test", "curves": {
+        "linear": {"rows": rows, "seconds": [r * 1e-3 for r in rows]},
+        "flat": {"rows": rows, "seconds": [1e-3] * len(rows)}}}))
+    base = devices.measure("digits", 8, [2], 1, quick=True)
+    assert base["cost"] == "compute"
+    linear = devices.measure("digits", 8, [2], 1, quick=True, curve=("linear (measured)", dict(zip(
+        rows, [r * 1e-3 for r in rows]))))
+    assert linear["cost"] == "linear (measured)"
+    for key in ("sequential", "planner"):
+        assert linear["K"][2][key]["sce"] == pytest.approx(base["K"][2][key]["sce"])
+    assert [w["sce"] for w in linear["K"][2]["windows"]] == pytest.approx([w["sce"] for w in base["K"][2]["windows"]])
+    flat = devices.measure("policy", 8, [2], 1, quick=True, curve=("flat", dict(zip(rows, [1e-3] * len(rows)))))
+    latency = devices.measure("policy", 8, [2], 1, quick=True)
+    assert latency["cost"] == "latency"
+    assert [w["sce"] for w in flat["K"][2]["windows"]] == pytest.approx([w["sce"] for w in latency["K"][2]["windows"]])
+    out = tmp_path / "out"
+    assert devices.main(["--quick", "--models", "digits", "--curve", f"{path}:flat", "--out", str(out)]) == 0
+    assert "cost flat (measured)" in capsys.readouterr().out
+    assert json.loads((out / "devices.json").read_text())["results"][0]["cost"] == "flat (measured)"
+    with pytest.raises(SystemExit):
+        devices.main(["--quick", "--curve", f"{path}:missing", "--out", str(out)])
+    assert "--curve" in capsys.readouterr().err
