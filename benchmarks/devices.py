@@ -50,6 +50,7 @@ import torch
 from paratime.bench.chords_ref import run_chords, stagger
 from paratime import ParallelSampler
 from paratime.backends import LocalBackend
+from paratime.cost import make_cost
 from paratime.methods import METHODS
 from paratime.noise import INITIAL, draw_noise
 from paratime.planner import picard_rows
@@ -504,12 +505,18 @@ def main(argv: list[str] | None = None) -> int:
                 p.error(f"--solver {a.solver}: --{flag} measures DDIM only")
     curve = None
     if a.curve is not None:
-        path, _, name = a.curve.partition(":")
+        path, sep, name = a.curve.rpartition(":")
+        if not sep:
+            p.error(f"--curve: expected FILE:NAME, got {a.curve!r}")
         try:
             table_ = json.loads(Path(path).read_text())["curves"][name]
-            curve = (f"{name} (measured)", dict(zip(table_["rows"], table_["seconds"])))
+            rows, secs = table_["rows"], table_["seconds"]
+            if len(rows) != len(secs):
+                raise ValueError(f"{len(rows)} rows and {len(secs)} seconds")
+            curve = (f"{name} (measured)", dict(zip(rows, secs)))
+            make_cost(curve[1])                              # the checks ParallelSampler(cost=) makes, up front
         except (OSError, ValueError, KeyError, TypeError) as e:
-            p.error(f"--curve: cannot read curve {name!r} from {path!r}: {e!r}")
+            p.error(f"--curve: cannot use curve {name!r} from {path!r}: {e}")
         for flag in ("real", "paradigms", "calibrate"):
             if getattr(a, flag):
                 p.error(f"--curve: --{flag} does not use a curve")

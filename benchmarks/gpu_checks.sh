@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU check in one run, under 9 minutes on one H100/H200, on a bare GPU machine that reaches no package
-# registry. Prepare here first (needs the registry):  bash benchmarks/prepare_gpu_wheels.sh   (wheels -> .whl/)
+# Every GPU check in one run (on one H100, 2026-12-06, about 5 minutes: tests 61 s, curves 53 s, the two SD runs
+# 80 s each, kernels 6 s, AOT 12 s), on a bare GPU machine that reaches no package registry.
+# Prepare here first (needs the registry):  bash benchmarks/prepare_gpu_wheels.sh   (wheels -> .whl/)
 # Then on the GPU machine, with .whl/ carried along:  bash benchmarks/gpu_checks.sh
 #   0. installs the carried wheels (diffusers) into /tmp/site and paratime itself without build isolation, no index
 #   1. tests/test_gpu.py: every compiled kernel variant vs its torch reference, bitwise-repeatable Picard residuals,
@@ -19,6 +20,10 @@
 # most); the script exits non-zero if any step failed, and at once, with a message, where there is no GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+STEPS="tests curves gpu_sd gpu_sd_cfg kernels_bench aot"
+for name in ${GPU_CHECKS:-}; do
+    [[ " $STEPS " == *" $name "* ]] || { echo "GPU_CHECKS: unknown step '$name'; the steps: $STEPS" >&2; exit 2; }
+done
 out=${OUT:-gpu_out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 TRITON_DEFAULT_FP_FUSION=1
 PY=${PYTHON:-python3}

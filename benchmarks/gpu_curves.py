@@ -7,8 +7,9 @@ Models: an SD-1.5-config ``UNet2DConditionModel`` (random weights from the confi
 row count is timed as the sampler's planner times it (:func:`paratime.cost.measure_rows`: a warm-up, then the median
 of ``--repeats`` calls each right after an untimed one, CUDA-synchronised around each timing). Printed per model:
 ``c(r)`` in ms, ``c(r) / c(1)`` and the rows a call evaluates per one-row call's time (``r c(1) / c(r)``: 1 when
-compute-bound, ``r`` when latency-bound). ``--json`` writes ``{model: {"rows": [...], "seconds": [...]}}``, which
-``ParallelSampler(cost={rows: seconds})`` takes as a table.
+compute-bound, ``r`` when latency-bound). ``--json`` writes ``{"device": name, "curves": {model: {"rows": [...],
+"seconds": [...]}}}``; ``dict(zip(rows, seconds))`` is the table ``ParallelSampler(cost=)`` takes
+(``benchmarks/devices.py --curve FILE:MODEL`` reads it).
 
     python benchmarks/gpu_curves.py [--rows 1 2 4 ... 128] [--repeats 5] [--json curves.json] [--device cuda]
 
@@ -110,6 +111,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="a small UNet config (a CPU smoke run)")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats: at least 1, got {args.repeats}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("gpu_curves: no CUDA device here (--device cpu --tiny runs the path on a CPU)", file=sys.stderr)

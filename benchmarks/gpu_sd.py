@@ -2,7 +2,8 @@
 download) in fp16 at batch 1, DDIM-50 with the SD scheduler config, float32 state, local backend:
 
 - sequential vs Picard at several windows vs the planner's choice (``method="auto"``): wall time (min of
-  ``--repeats``, CUDA-synchronised), rounds, NFE, max |sample - sequential|;
+  ``--repeats``, CUDA-synchronised, the planner's one-time measurements taken out), rounds, NFE, max |sample -
+  sequential|;
 - peak memory of each run (``torch.cuda.max_memory_allocated`` over the run's start) against the sampler's
   pre-flight bound (``SamplerConfig.check_memory``);
 - host syncs per round and per network call (``torch.cuda.set_sync_debug_mode("warn")``: one warning per sync);
@@ -18,6 +19,7 @@ figures there).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import socket
 import sys
@@ -72,7 +74,7 @@ def _run(sampler, cond, repeats, device):
         with _sync_warnings(cuda) as caught:
             out = sampler.sample(1, seed=0, callback=lambda info: rounds.append(1), **cond)
         sync()
-        walls.append(time.perf_counter() - t0)
+        walls.append(time.perf_counter() - t0 - out.stats.extra.get("plan_s", 0.0))   # planning: once, not sampling
         sites = Counter(f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
         syncs = sum(sites.values())
         peak = torch.cuda.max_memory_allocated() - base if cuda else None
@@ -96,6 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--guidance", type=float, default=None,
                     help="classifier-free guidance scale (SD's 7.5: two rows a point, a zero negative embedding)")
     args = ap.parse_args(argv)
+    if args.repeats < 1 or args.steps < 2 or any(w < 2 for w in args.windows):
+        ap.error("--repeats: at least 1; --steps and --windows: at least 2")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -131,7 +135,10 @@ def main(argv=None) -> int:
         out, wall, peak, per_round, per_call, sites = _run(sampler, cond, args.repeats, device)
         if ref is None:
             ref, t_seq = out.samples, wall
-        bound = sampler.config.check_memory((1, *shape), device, torch.float32, sampler.solver)
+        cfg = sampler.config                      # the plan's own bound (auto's config is its widest window)
+        if out.stats.plan is not None:
+            cfg = dataclasses.replace(cfg, method=out.stats.plan["method"], window=out.stats.plan["window"])
+        bound = cfg.check_memory((1, *shape), device, torch.float32, sampler.solver)
         delta = (out.samples - ref).abs().max().item()
         mib = None if peak is None else peak / 2**20
         print(f"{label:<22} {wall:>8.3f} {t_seq / wall:>8.2f} {out.stats.rounds:>6} {out.stats.nfe:>6.0f} "

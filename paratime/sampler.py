@@ -64,21 +64,23 @@ def _check_call(progress: Any, seed: Any, first_sample: Any, callback: Any) -> N
     check_callback(callback)
 
 
-def read_together(values: dict[str, Any]) -> dict[str, Any]:
-    """Each tensor of ``values`` as a list (bools, ints or floats as its dtype), read in one device-to-host copy per
-    device; anything else as it is."""
+def _read_together(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with each tensor as ``tolist()`` gives it (exactly, in its own dtype and shape), read in one
+    device-to-host copy per device (their bytes side by side); anything else as it is."""
     out = dict(values)
     groups: dict[torch.device, list[str]] = {}
     for k, v in values.items():
         if isinstance(v, torch.Tensor):
             groups.setdefault(v.device, []).append(k)
     for keys in groups.values():
-        flat = torch.cat([values[k].detach().reshape(-1).double() for k in keys]).tolist()
+        parts = [values[k].detach().contiguous().reshape(-1) for k in keys]
+        parts = [p.to(torch.uint8) if p.dtype == torch.bool else p for p in parts]
+        host = torch.cat([p.view(torch.uint8) for p in parts]).cpu()            # the one read
         at = 0
-        for k in keys:
-            v, n = values[k], values[k].numel()
-            cast = bool if v.dtype == torch.bool else float if v.is_floating_point() else int
-            out[k] = [cast(x) for x in flat[at:at + n]]
+        for k, p in zip(keys, parts):
+            n = p.numel() * p.element_size()
+            v = host[at:at + n].clone().view(p.dtype).reshape(values[k].shape)   # clone: aligned for the view
+            out[k] = (v.bool() if values[k].dtype == torch.bool else v).tolist()
             at += n
     return out
 
@@ -322,7 +324,7 @@ class ParallelSampler:
                          window: int | None, alone: bool, limit: int | None = None) -> float:
         """One plan's work per call outside the network: the plan run from seeded noise on the real network through
         its backend for :data:`~paratime.cost.OVERHEAD_CALLS` calls (:func:`~paratime.cost.call_gaps`; once to warm
-        up every call shape the plan makes, then timed), each call's time to the next less the curve's time for its
+        up the call shapes of those calls, then timed), each call's time to the next less the curve's time for its
         rows on one device's share; the median over the calls after the first. Negative where the curve, timed call
         by call on its own, ran slower than the plan's calls do (on a busy CPU, 2 gloo ranks measured c(1) at 2 ms
         where their steps took 1.2 ms): the prediction then follows the plan's own calls."""
@@ -331,9 +333,10 @@ class ParallelSampler:
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(**kw)
         z = step_noise(self.solver, cfg.steps, shape, 0, None, 0, **kw)
         g, backend = self.grid, self._backend_for(alone)
-        evaluator = Evaluator(backend, g, shape[0], self.device)
 
         def run(stamp):
+            evaluator = Evaluator(backend, g, shape[0], self.device)       # a fresh one a run: nothing carried over
+
             def evaluate(x, i, b):
                 stamp(x.shape[0])
                 return evaluator(x, i, b)
@@ -347,7 +350,8 @@ class ParallelSampler:
             METHODS[cfg.method](x * self.denoiser.schedule.prior_std(g.sigmas[:1]).to(**kw), problem, cfg)
 
         # Run twice, the second timed: each new call shape's first call pays once for what a sampler's run of such
-        # calls does not (memory the allocator grows, kernels picked for the shape). Timed cold, an SD-1.5 UNet's
+        # calls does not (memory the allocator grows, kernels picked for the shape); the first run makes the same
+        # calls as the second, so every shape the second times has been seen. Timed cold, an SD-1.5 UNet's
         # Picard W=50 on an H100 (7 rounds of shrinking windows, each round a new shape) was predicted at 3.6 s
         # where it ran in 1.0 s.
         backend.prepare(cond)
@@ -488,7 +492,7 @@ class ParallelSampler:
         extra = dict(outcome.extra)
         # The per-sample records in one device read per device (on CUDA a read is a host sync: read sample by
         # sample, a batch of 8 made 8).
-        host = read_together({"rows": evaluator.rows, "sample_rounds": outcome.sample_rounds,
+        host = _read_together({"rows": evaluator.rows, "sample_rounds": outcome.sample_rounds,
                               "data_scale": extra.pop("data_scale", None), "tol_abs": extra.pop("tol_abs", None),
                               "rolled_back": extra.get("rolled_back")})
         rows = host["rows"]

@@ -102,3 +102,21 @@ def test_gpu_scripts_run_their_path_on_a_cpu(keep_threads, tmp_path, capsys):
         delta = float(cols[-5])                                  # max|Δ| against sequential
         assert delta <= 1e-2, (label, delta)
     assert any(ln.strip().startswith("plan: ") for ln in lines)
+
+
+def test_gpu_scripts_refuse_bad_options_before_the_work(capsys):
+    """``--repeats 0`` (gpu_sd.py failed later on an unbound result) and a mistyped ``GPU_CHECKS`` step (skipped
+    every step and exited 0) are refused up front, naming the option."""
+    import subprocess
+    from pathlib import Path
+
+    from paratime.bench import gpu_curves, gpu_sd
+
+    for main in (gpu_sd.main, gpu_curves.main):
+        with pytest.raises(SystemExit):
+            main(["--device", "cpu", "--tiny", "--repeats", "0"])
+        assert "--repeats" in capsys.readouterr().err
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_checks.sh"
+    run = subprocess.run(["bash", str(script)], env={**os.environ, "GPU_CHECKS": "tests bogus"},
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "GPU_CHECKS: unknown step 'bogus'" in run.stderr, run.stderr

@@ -130,28 +130,40 @@ def test_the_baseline_is_sequentials_measured_cost_not_n(keep_threads):
 
 def test_a_measured_curve_prices_the_calls(tmp_path, keep_threads, capsys):
     """``--curve FILE:NAME`` prices every call with a table from gpu_curves.py's JSON: the table ``c(r) = r`` gives
-    the compute-bound run's figures exactly, a flat table the latency-bound ones; the label says which curve."""
+    the compute-bound run's figures exactly, a flat table the latency-bound ones, and a GPU-like table (flat to 2
+    rows, then linear; the H100's SD-1.5 curve is flat to 8) neither: each configuration's SCE is what the sampler
+    reports under that table; the label says which curve; a bad table or name is refused naming --curve."""
     rows = [1, 2, 4, 8, 16, 32, 64]
-    path = tmp_path / "curves.json"
-    path.write_text(json.dumps({"device": "test", "curves": {
-        "linear": {"rows": rows, "seconds": [r * 1e-3 for r in rows]},
-        "flat": {"rows": rows, "seconds": [1e-3] * len(rows)}}}))
+    linear_t, flat_t = dict(zip(rows, [r * 1e-3 for r in rows])), dict(zip(rows, [1e-3] * len(rows)))
+    gpu_t = dict(zip(rows, [max(1.0, r / 2) * 1e-3 for r in rows]))
     base = devices.measure("digits", 8, [2], 1, quick=True)
-    assert base["cost"] == "compute"
-    linear = devices.measure("digits", 8, [2], 1, quick=True, curve=("linear (measured)", dict(zip(
-        rows, [r * 1e-3 for r in rows]))))
-    assert linear["cost"] == "linear (measured)"
+    linear = devices.measure("digits", 8, [2], 1, quick=True, curve=("linear (measured)", linear_t))
+    assert base["cost"] == "compute" and linear["cost"] == "linear (measured)"
     for key in ("sequential", "planner"):
         assert linear["K"][2][key]["sce"] == pytest.approx(base["K"][2][key]["sce"])
     assert [w["sce"] for w in linear["K"][2]["windows"]] == pytest.approx([w["sce"] for w in base["K"][2]["windows"]])
-    flat = devices.measure("policy", 8, [2], 1, quick=True, curve=("flat", dict(zip(rows, [1e-3] * len(rows)))))
+    flat = devices.measure("policy", 8, [2], 1, quick=True, curve=("flat", flat_t))
     latency = devices.measure("policy", 8, [2], 1, quick=True)
     assert latency["cost"] == "latency"
     assert [w["sce"] for w in flat["K"][2]["windows"]] == pytest.approx([w["sce"] for w in latency["K"][2]["windows"]])
+    # A table like neither named curve: the whole-grid window's SCE is what the sampler reports under that table,
+    # and differs from both named curves' (a --curve that only relabelled the named curve fails here).
+    gpu = devices.measure("digits", 8, [2], 1, quick=True, curve=("gpu", gpu_t))
+    wide = next(w for w in gpu["K"][2]["windows"] if w["window"] == 8)
+    s = devices.make_sampler("digits", 8, gpu_t, 2, window=8, tol=wide["tol"])
+    assert wide["sce"] == pytest.approx(s.sample(1, seed=0, first_sample=0, **devices._cond("digits", 0)).stats.sce)
+    named = {c: next(w for w in devices.measure("digits", 8, [2], 1, quick=True, curve=(c, t))["K"][2]["windows"]
+                     if w["window"] == 8)["sce"] for c, t in (("linear", linear_t), ("flat", flat_t))}
+    assert all(wide["sce"] != pytest.approx(v) for v in named.values()), (wide["sce"], named)
+    path = tmp_path / "curves.json"
+    path.write_text(json.dumps({"device": "test", "curves": {
+        "flat": {"rows": rows, "seconds": [1e-3] * len(rows)},
+        "short": {"rows": rows, "seconds": [1e-3] * 3}, "negative": {"rows": [1, 2], "seconds": [1e-3, -1.0]}}}))
     out = tmp_path / "out"
     assert devices.main(["--quick", "--models", "digits", "--curve", f"{path}:flat", "--out", str(out)]) == 0
     assert "cost flat (measured)" in capsys.readouterr().out
     assert json.loads((out / "devices.json").read_text())["results"][0]["cost"] == "flat (measured)"
-    with pytest.raises(SystemExit):
-        devices.main(["--quick", "--curve", f"{path}:missing", "--out", str(out)])
-    assert "--curve" in capsys.readouterr().err
+    for name in ("missing", "short", "negative"):
+        with pytest.raises(SystemExit):
+            devices.main(["--quick", "--curve", f"{path}:{name}", "--out", str(out)])
+        assert "--curve" in capsys.readouterr().err, name

@@ -188,3 +188,18 @@ def test_the_ends_reads_do_not_grow_with_the_batch(method, solver, options):
         out, per_round, _, _, counter = _run(method, solver, batch=batch, **options)
         ends.append(counter.count - sum(per_round))
     assert ends[0] == ends[1], ends
+
+
+def test_the_records_read_together_come_back_exact_in_their_own_dtype_and_shape():
+    """The end's one read per device returns what ``tolist()`` would: int64 past 2**53 exactly (a float64 pass
+    would round 2**53 + 1 down), bools, float32's own value, shapes; anything not a tensor as it is."""
+    from paratime.sampler import _read_together
+
+    values = {"big": torch.tensor([2 ** 53 + 1, -3]), "flags": torch.tensor([True, False, True]),
+              "scale": torch.tensor([0.1, 2.5], dtype=torch.float32), "grid": torch.arange(6, dtype=torch.int16)
+              .reshape(2, 3), "one": torch.tensor(7.25, dtype=torch.float64), "none": None, "list": [1, 2]}
+    got = _read_together(values)
+    for k, v in values.items():
+        want = v.tolist() if isinstance(v, torch.Tensor) else v
+        assert got[k] == want and type(got[k]) is type(want), (k, got[k], want)
+    assert got["big"][0] == 2 ** 53 + 1 and got["flags"] == [True, False, True]
