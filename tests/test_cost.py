@@ -254,3 +254,22 @@ def test_the_kernels_load_when_the_sampler_is_built_not_in_a_timed_call():
             "print(importlib.util.find_spec('triton') is None or 'paratime.kernels.picard' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip().splitlines()[-1] == "True", r.stderr[-2000:]
+
+
+def test_a_table_cost_is_not_timed_so_every_process_plans_alike(monkeypatch):
+    """The README's advice for samples that repeat across processes: ``cost=`` a measured table (here the H100's
+    SD-1.5 fp16 curve, in seconds) plans with no timing run at all, so two samplers choose the same window and give
+    the same sample bit for bit."""
+    import json
+    from pathlib import Path
+
+    runs, real = [], sampler_module.call_gaps
+    monkeypatch.setattr(sampler_module, "call_gaps", lambda *a, **k: runs.append(1) or real(*a, **k))
+    data = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "h100_curves.json").read_text())
+    c = data["curves"]["sd15-unet float16"]
+    table = dict(zip(c["rows"], c["seconds"]))
+    a, b = (ParallelSampler("digits", steps=50, method="auto", cost=table, progress=False).sample(1, seed=0)
+            for _ in range(2))
+    assert runs == [] and a.stats.plan == b.stats.plan and a.stats.plan["method"] == "picard"
+    assert torch.equal(a.samples, b.samples)
+    assert a.stats.predicted_wall_s > 0 and a.stats.cost.startswith("table")

@@ -107,8 +107,10 @@ class SlidingWindow:
         self.done = torch.zeros(B, dtype=torch.bool, device=dev)
         self._active = ~self.done
         self.ar_b = torch.arange(B, device=dev)
-        self._inf = torch.tensor(float("inf"), dtype=y.dtype, device=dev)
-        self._sink = torch.tensor(N + 1, device=dev)                  # row that masked writes go to
+        # Filled on the device, not copied from the host (a copy from pageable memory is a host sync on CUDA: two of
+        # a Picard call's set-up syncs on an H100).
+        self._inf = torch.full((), float("inf"), dtype=y.dtype, device=dev)
+        self._sink = torch.full((), N + 1, dtype=torch.long, device=dev)     # row that masked writes go to
         self._aranges: dict[int, torch.Tensor] = {}                   # arange(n) per window shape, made once
         self._frame_scales, self._sigmas = problem.frame_scales, problem.sigmas    # (N + 1,): see write()
         self.begin_h, self.done_h, self.done_round = [0] * B, [False] * B, [0] * B
