@@ -93,14 +93,16 @@ def test_gpu_scripts_run_their_path_on_a_cpu(keep_threads, tmp_path, capsys):
         make_cost(dict(zip(c["rows"], c["seconds"])))          # the table ParallelSampler(cost=) takes
     assert gpu_curves.main(["--device", "cpu", "--rows", "2", "4"]) == 2
     capsys.readouterr()
-    assert gpu_sd.main(["--device", "cpu", "--tiny", "--steps", "8", "--windows", "4", "--repeats", "1"]) == 0
+    assert gpu_sd.main(["--device", "cpu", "--tiny", "--steps", "8", "--windows", "4", "--repeats", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = {ln[:22].strip(): ln.split() for ln in lines if ln[:22].strip() in
             ("sequential", "picard W=4", "planner (auto)", "parareal")}
     assert set(rows) == {"sequential", "picard W=4", "planner (auto)", "parareal"}
-    for label, cols in rows.items():
-        delta = float(cols[-5])                                  # max|Δ| against sequential
-        assert delta <= 1e-2, (label, delta)
+    delta = {label: float(cols[-5]) for label, cols in rows.items()}      # max|Δ| against sequential
+    # Against the sequential run's own sample: 0 there, and a parallel run's small but not 0 (a tol-bounded run
+    # compared with itself, or with another parallel run, would not give both).
+    assert delta["sequential"] == 0 and 0 < delta["picard W=4"] <= 1e-2 and 0 < delta["parareal"] <= 1e-2, delta
+    assert delta["planner (auto)"] <= 1e-2
     assert any(ln.strip().startswith("plan: ") for ln in lines)
 
 

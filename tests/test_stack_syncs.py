@@ -203,3 +203,12 @@ def test_the_records_read_together_come_back_exact_in_their_own_dtype_and_shape(
         want = v.tolist() if isinstance(v, torch.Tensor) else v
         assert got[k] == want and type(got[k]) is type(want), (k, got[k], want)
     assert got["big"][0] == 2 ** 53 + 1 and got["flags"] == [True, False, True]
+
+
+@pytest.mark.parametrize("solver", ["ddim", "ddpm", "dpmpp_2m"])
+def test_picard_copies_nothing_from_the_host_to_the_device(solver):
+    """A Picard call's constants are made on the device: no ``torch.tensor(v, device=...)`` from host data anywhere in
+    the call (each such copy from pageable memory is a host sync on CUDA; the window's two 0-d constants were two of
+    an H100 run's set-up syncs)."""
+    out, per_round, _, _, counter = _run("picard", solver, window=6)
+    assert not [n for n in counter.names if "device=" in n], counter.names
