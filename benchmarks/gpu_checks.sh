@@ -9,18 +9,22 @@
 #      (torch.cuda.set_sync_debug_mode), derived max_batch and the memory refusal, NCCL with one rank
 #   2. ahead-of-time compilation of exactly those variants (registers, spills)
 #   3. kernel-only time and GB/s against the device's HBM peak on HBM-sized inputs (benchmarks/kernels_bench.py)
-#   4. the cost curve c(r) of an SD-1.5-config UNet (fp16, bf16), the digits U-Net and the policy (float32, fp16)
-#      at 1..128 rows (benchmarks/gpu_curves.py; curves.json is the table ParallelSampler(cost=) takes)
+#   4. the cost curve c(r) of an SD-1.5-config UNet (fp16, bf16; 64x64 and 128x128 latents), the digits U-Net and
+#      the policy (float32, fp16) at 1..128 rows (128x128: to 32) (benchmarks/gpu_curves.py; curves.json holds the
+#      tables ParallelSampler(cost=) takes)
 #   5. an SD-1.5-config UNet in fp16 at batch 1: sequential vs Picard at several windows vs the planner's choice,
 #      peak memory against the pre-flight bound, syncs per round and per call and where they are, Parareal, NCCL
 #      with one rank (benchmarks/gpu_sd.py), without guidance and with SD's 7.5 (two rows a point)
-# GPU_CHECKS="tests gpu_sd" runs only the steps named (tests curves gpu_sd gpu_sd_cfg kernels_bench aot).
+#      and at 1024x1024 (128x128 latents), where a call is compute-bound sooner (the 128x128 curve and run were
+#      added after the H100 lease and have not run on a GPU yet)
+# GPU_CHECKS="tests gpu_sd" runs only the steps named (tests curves gpu_sd gpu_sd_cfg gpu_sd_1024 kernels_bench aot).
 # The log goes to ${OUT:-gpu_out}/log.txt (one file: the device tool brings back at most 8), the curves to
-# curves.json; each step has its own time limit so that one hang cannot eat the budget (about 9 minutes in all at
-# most); the script exits non-zero if any step failed, and at once, with a message, where there is no GPU.
+# curves.json; each step has its own time limit so that one hang cannot eat the budget (12 minutes in all at most,
+# over the device tool's 10 a command: with the 1024x1024 run, expect about 8, or run a GPU_CHECKS subset); the
+# script exits non-zero if any step failed, and at once, with a message, where there is no GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STEPS="tests curves gpu_sd gpu_sd_cfg kernels_bench aot"
+STEPS="tests curves gpu_sd gpu_sd_cfg gpu_sd_1024 kernels_bench aot"
 for name in ${GPU_CHECKS:-}; do
     [[ " $STEPS " == *" $name "* ]] || { echo "GPU_CHECKS: unknown step '$name'; the steps: $STEPS" >&2; exit 2; }
 done
@@ -61,10 +65,12 @@ step() {   # step NAME SECONDS CMD...: run with a time limit, append to the log,
 # mapped from kernels/) is imported, not the tree's paratime/ folder.
 want() { [ -z "${GPU_CHECKS:-}" ] || [[ " $GPU_CHECKS " == *" $1 "* ]]; }   # GPU_CHECKS="tests gpu_sd": a subset
 want tests && step tests 150 "$PY" -P -m pytest -q -rA -s -p no:cacheprovider tests/test_gpu.py
-want curves && step curves 90 "$PY" -P benchmarks/gpu_curves.py --json "$out/curves.json"
+want curves && step curves 120 "$PY" -P benchmarks/gpu_curves.py --sizes 64 128 --json "$out/curves.json"
 want gpu_sd && step gpu_sd 120 "$PY" -P benchmarks/gpu_sd.py --steps 50 --windows 8 16 32 50 --repeats 2
 want gpu_sd_cfg && step gpu_sd_cfg 120 "$PY" -P benchmarks/gpu_sd.py --steps 50 --windows 8 16 32 --repeats 2 \
     --guidance 7.5
+want gpu_sd_1024 && step gpu_sd_1024 150 "$PY" -P benchmarks/gpu_sd.py --size 128 --steps 50 --windows 4 8 16 \
+    --repeats 2
 want kernels_bench && step kernels_bench 40 "$PY" -P benchmarks/kernels_bench.py
 want aot && step aot 40 "$PY" -P -m paratime.kernels.aot
 echo "gpu_checks: $(( $(date +%s) - t0 )) s" | tee -a "$log"

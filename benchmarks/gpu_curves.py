@@ -12,6 +12,7 @@ compute-bound, ``r`` when latency-bound). ``--json`` writes ``{"device": name, "
 (``benchmarks/devices.py --curve FILE:MODEL`` reads it).
 
     python benchmarks/gpu_curves.py [--rows 1 2 4 ... 128] [--repeats 5] [--json curves.json] [--device cuda]
+                                    [--sizes 64 128]
 
 ``--device cpu --tiny`` runs the same path on a CPU with a small UNet config (the suite's smoke test).
 """
@@ -39,14 +40,17 @@ SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.0
                       clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
 
 
-def sd_unet(device: torch.device, dtype: torch.dtype, tiny: bool = False):
+def sd_unet(device: torch.device, dtype: torch.dtype, tiny: bool = False, size: int | None = None):
     """(denoiser, per-sample shape, text-embedding width): the SD-1.5-config UNet (random weights, seed 0), made on
-    ``device`` directly (no slow CPU initialisation of 860M parameters), with diffusers' DDIM scheduler config."""
+    ``device`` directly (no slow CPU initialisation of 860M parameters), with diffusers' DDIM scheduler config;
+    ``size``: the latents' side (None: the config's, 64 for SD-1.5's 512x512 images; 128 is 1024x1024)."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
     from paratime.integrations.diffusers import from_diffusers
 
     config = TINY_UNET if tiny else SD15_UNET
+    if size is not None:
+        config = {**config, "sample_size": size}
     torch.manual_seed(0)
     with torch.device(device):
         unet = UNet2DConditionModel(**config)
@@ -69,7 +73,10 @@ def _call(den, shape, device, cond_for):
     return call
 
 
-def curves(device: torch.device, rows: tuple[int, ...], repeats: int, tiny: bool) -> dict:
+def curves(device: torch.device, rows: tuple[int, ...], repeats: int, tiny: bool,
+           sizes: tuple[int, ...] | None = None) -> dict:
+    """Every model's measured curve by name; the SD UNet at each latent side of ``sizes`` (None: the config's), up to
+    as many pixels a call as ``rows`` at 64x64 (a 128x128 call of r rows holds 4r rows' pixels)."""
     from paratime.models import load_model
 
     out = {}
@@ -81,14 +88,17 @@ def curves(device: torch.device, rows: tuple[int, ...], repeats: int, tiny: bool
         print("gpu_curves: diffusers is not installed: the SD UNet rows are left out", file=sys.stderr)
     half = [torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32]
     if have_diffusers:
-        for dtype in half:
-            den, shape, width = sd_unet(device, dtype, tiny)
-            emb = torch.randn(1, 77, width, generator=torch.Generator().manual_seed(1)).to(device, dtype)
-            call = _call(den, shape, device, lambda r: {"encoder_hidden_states": emb.expand(r, -1, -1)})
-            out[f"sd15-unet {str(dtype).split('.')[-1]}"] = measure_rows(call, device, rows, repeats)
-            del den
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        for size in sizes or (None,):
+            for dtype in half:
+                den, shape, width = sd_unet(device, dtype, tiny, size)
+                emb = torch.randn(1, 77, width, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+                call = _call(den, shape, device, lambda r: {"encoder_hidden_states": emb.expand(r, -1, -1)})
+                scale = 1 if size is None else max(1, (size // 64) ** 2)
+                name = f"sd15-unet {str(dtype).split('.')[-1]}" + ("" if size in (None, 64) else f" {size}x{size}")
+                out[name] = measure_rows(call, device, tuple(r for r in rows if r * scale <= rows[-1]), repeats)
+                del den
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     for name in ("digits", "policy"):
         for dtype in [torch.float32, *([torch.float16] if device.type == "cuda" else [])]:
             den = load_model(name)
@@ -110,9 +120,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the curves here")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="a small UNet config (a CPU smoke run)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=None,
+                    help="the SD UNet's latent sides (default: the config's 64; 128 is 1024x1024 images)")
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error(f"--repeats: at least 1, got {args.repeats}")
+    if args.sizes is not None and any(v < 8 or v % 8 for v in args.sizes):
+        ap.error(f"--sizes: multiples of 8 from 8 on (the UNet downsamples 8x), got {args.sizes}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("gpu_curves: no CUDA device here (--device cpu --tiny runs the path on a CPU)", file=sys.stderr)
@@ -123,12 +137,12 @@ def main(argv=None) -> int:
         return 2
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}; c(r) = the median of {args.repeats} calls of r rows (paratime.cost.measure_rows)")
-    res = curves(device, rows, args.repeats, args.tiny)
-    print(f"{'model':<20} " + " ".join(f"{'r=' + str(r):>9}" for r in rows))
+    res = curves(device, rows, args.repeats, args.tiny, None if args.sizes is None else tuple(args.sizes))
+    print(f"{'model':<30} " + " ".join(f"{'r=' + str(r):>9}" for r in rows))
     for model, c in res.items():
-        print(f"{model + ' ms':<20} " + " ".join(f"{s * 1e3:>9.3f}" for s in c.seconds))
-        print(f"{'  c(r)/c(1)':<20} " + " ".join(f"{s / c.seconds[0]:>9.2f}" for s in c.seconds))
-        print(f"{'  r c(1)/c(r)':<20} " + " ".join(f"{r * c.seconds[0] / s:>9.2f}" for r, s in zip(c.rows, c.seconds)))
+        print(f"{model + ' ms':<30} " + " ".join(f"{s * 1e3:>9.3f}" for s in c.seconds))
+        print(f"{'  c(r)/c(1)':<30} " + " ".join(f"{s / c.seconds[0]:>9.2f}" for s in c.seconds))
+        print(f"{'  r c(1)/c(r)':<30} " + " ".join(f"{r * c.seconds[0] / s:>9.2f}" for r, s in zip(c.rows, c.seconds)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "curves": {m: {"rows": list(c.rows), "seconds": list(c.seconds)}

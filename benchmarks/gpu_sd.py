@@ -31,7 +31,7 @@ from contextlib import contextmanager
 import torch
 
 
-def _model(device: torch.device, tiny: bool):
+def _model(device: torch.device, tiny: bool, size: int | None = None):
     """(denoiser, solver, per-sample shape, embedding width): the SD-1.5-config UNet made on ``device`` in fp16 (float32
     on a CPU), with diffusers' DDIM scheduler config and the solver that matches it."""
     from diffusers import DDIMScheduler
@@ -40,7 +40,7 @@ def _model(device: torch.device, tiny: bool):
     from paratime.integrations.diffusers import solver_for
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    den, shape, width = sd_unet(device, dtype, tiny)
+    den, shape, width = sd_unet(device, dtype, tiny, size)
     return den, solver_for(DDIMScheduler(**SD15_SCHEDULER)), shape, width
 
 
@@ -93,11 +93,15 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="a small UNet config (a CPU smoke run)")
+    ap.add_argument("--size", type=int, default=None,
+                    help="the latents' side (default: the config's, 64 for 512x512 images; 128: 1024x1024)")
     ap.add_argument("--guidance", type=float, default=None,
                     help="classifier-free guidance scale (SD's 7.5: two rows a point, a zero negative embedding)")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.steps < 2 or any(w < 2 for w in args.windows):
         ap.error("--repeats: at least 1; --steps and --windows: at least 2")
+    if args.size is not None and (args.size < 8 or args.size % 8):
+        ap.error(f"--size: a multiple of 8 from 8 on (the UNet downsamples 8x), got {args.size}")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -112,7 +116,7 @@ def main(argv=None) -> int:
         return 1
     from paratime import ParallelSampler
 
-    den, solver, shape, width = _model(device, args.tiny)
+    den, solver, shape, width = _model(device, args.tiny, args.size)
     emb = torch.randn(1, 77, width, generator=torch.Generator().manual_seed(1)).to(device, den.network_dtype)
     common = dict(solver=solver, steps=args.steps, state_dtype=torch.float32, progress=False, device=device,
                   guidance=args.guidance)
@@ -121,7 +125,8 @@ def main(argv=None) -> int:
         cond["uncond"] = {"encoder_hidden_states": torch.zeros_like(emb)}
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     print(f"device: {name}; {'tiny' if args.tiny else 'SD-1.5'} UNet {str(den.network_dtype).split('.')[-1]} "
-          f"(random weights), batch 1, DDIM-{args.steps}, float32 state, guidance {args.guidance}")
+          f"(random weights), latents {'x'.join(map(str, shape))}, batch 1, DDIM-{args.steps}, float32 state, "
+          f"guidance {args.guidance}")
     print(f"{'run':<22} {'wall s':>8} {'speed-up':>8} {'rounds':>6} {'NFE':>6} {'max|Δ|':>9} {'peak MiB':>9} "
           f"{'bound MiB':>9} {'syncs/round':>11} {'syncs/call':>10}")
     runs = [("sequential", dict(method="sequential"))]

@@ -92,7 +92,12 @@ def test_gpu_scripts_run_their_path_on_a_cpu(keep_threads, tmp_path, capsys):
         assert c["rows"] == [1, 2, 4] and all(s > 0 for s in c["seconds"])
         make_cost(dict(zip(c["rows"], c["seconds"])))          # the table ParallelSampler(cost=) takes
     assert gpu_curves.main(["--device", "cpu", "--rows", "2", "4"]) == 2
-    capsys.readouterr()
+    assert gpu_curves.main(["--device", "cpu", "--tiny", "--rows", "1", "2", "--repeats", "1", "--sizes", "8", "16",
+                            "--json", str(path)]) == 0
+    assert {"sd15-unet float32 8x8", "sd15-unet float32 16x16"} <= set(json.loads(path.read_text())["curves"])
+    assert gpu_sd.main(["--device", "cpu", "--tiny", "--size", "16", "--steps", "4", "--windows", "2",
+                        "--repeats", "1"]) == 0
+    assert "latents 4x16x16" in capsys.readouterr().out
     assert gpu_sd.main(["--device", "cpu", "--tiny", "--steps", "8", "--windows", "4", "--repeats", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = {ln[:22].strip(): ln.split() for ln in lines if ln[:22].strip() in
@@ -114,10 +119,11 @@ def test_gpu_scripts_refuse_bad_options_before_the_work(capsys):
 
     from paratime.bench import gpu_curves, gpu_sd
 
-    for main in (gpu_sd.main, gpu_curves.main):
+    for main, bad in ((gpu_sd.main, ["--repeats", "0"]), (gpu_curves.main, ["--repeats", "0"]),
+                      (gpu_sd.main, ["--size", "12"]), (gpu_curves.main, ["--sizes", "64", "12"])):
         with pytest.raises(SystemExit):
-            main(["--device", "cpu", "--tiny", "--repeats", "0"])
-        assert "--repeats" in capsys.readouterr().err
+            main(["--device", "cpu", "--tiny", *bad])
+        assert bad[0] in capsys.readouterr().err, bad
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_checks.sh"
     run = subprocess.run(["bash", str(script)], env={**os.environ, "GPU_CHECKS": "tests bogus"},
                          capture_output=True, text=True, timeout=60)
