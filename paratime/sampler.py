@@ -64,6 +64,17 @@ def _check_call(progress: Any, seed: Any, first_sample: Any, callback: Any) -> N
     check_callback(callback)
 
 
+def _new_shapes(gaps: list[tuple[float, int]]) -> bool:
+    """Whether a timing run's timed calls (all but the first of :func:`~paratime.cost.call_gaps`' ``(seconds,
+    rows)``) bring a row count the run had not made before."""
+    seen = {rows for _, rows in gaps[:1]}
+    for _, rows in gaps[1:]:
+        if rows not in seen:
+            return True
+        seen.add(rows)
+    return False
+
+
 def _read_together(values: dict[str, Any]) -> dict[str, Any]:
     """``values`` with each tensor as ``tolist()`` gives it (exactly, in its own dtype and shape), read in one
     device-to-host copy per device (their bytes side by side); anything else as it is."""
@@ -323,9 +334,9 @@ class ParallelSampler:
     def _outside_seconds(self, shape: tuple[int, ...], cond: dict, curve: CostCurve, method: str,
                          window: int | None, alone: bool, limit: int | None = None) -> float:
         """One plan's work per call outside the network: the plan run from seeded noise on the real network through
-        its backend for :data:`~paratime.cost.OVERHEAD_CALLS` calls (:func:`~paratime.cost.call_gaps`; once to warm
-        up the call shapes of those calls, then timed), each call's time to the next less the curve's time for its
-        rows on one device's share; the median over the calls after the first. Negative where the curve, timed call
+        its backend for :data:`~paratime.cost.OVERHEAD_CALLS` calls (:func:`~paratime.cost.call_gaps`; again where
+        those calls brought new shapes), each call's time to the next less the curve's time for
+        its rows on one device's share; the median over the calls after the first. Negative where the curve, timed call
         by call on its own, ran slower than the plan's calls do (on a busy CPU, 2 gloo ranks measured c(1) at 2 ms
         where their steps took 1.2 ms): the prediction then follows the plan's own calls."""
         kw = dict(dtype=self.state_dtype, device=self.device)
@@ -349,16 +360,18 @@ class ParallelSampler:
             problem = self._problem(evaluate, z, None, outputs if evaluator.fusable else None, kw)
             METHODS[cfg.method](x * self.denoiser.schedule.prior_std(g.sigmas[:1]).to(**kw), problem, cfg)
 
-        # Run twice, the second timed: each new call shape's first call pays once for what a sampler's run of such
-        # calls does not (memory the allocator grows, kernels picked for the shape); the first run makes the same
-        # calls as the second, so every shape the second times has been seen. Timed cold, an SD-1.5 UNet's
-        # Picard W=50 on an H100 (7 rounds of shrinking windows, each round a new shape) was predicted at 3.6 s
-        # where it ran in 1.0 s.
+        # A new call shape's first call pays once for what a sampler's run of such calls does not (memory the
+        # allocator grows, kernels picked for the shape): timed cold, an SD-1.5 UNet's Picard W=50 on an H100 (7
+        # rounds of shrinking windows, each round a new shape) was predicted at 3.6 s where it ran in 1.0 s. So a run
+        # whose timed calls (all but the first) bring a shape it had not made before runs again, and the second run,
+        # whose every shape the first made, is timed. The rows a call holds follow the method's decisions, the same on
+        # every rank, so every rank runs again or none.
         backend.prepare(cond)
         try:
             with self._kernel_mode(), torch.no_grad():
-                call_gaps(run, self.device)
                 gaps = call_gaps(run, self.device)
+                if _new_shapes(gaps):
+                    gaps = call_gaps(run, self.device)
         finally:
             backend.release()
         # The ranks' agreed limit: a rank with a larger one waits for the chunks of the rank with the smallest,
