@@ -73,6 +73,13 @@ def _call(den, shape, device, cond_for):
     return call
 
 
+def rows_for(rows: tuple[int, ...], size: int | None) -> tuple[int, ...]:
+    """The row counts measured at latent side ``size``: a call holds no more pixels than ``rows[-1]`` rows at 64x64
+    (a 128x128 row holds 4), one row at least; all of ``rows`` at 64x64 and below (None: the config's side)."""
+    scale = 1.0 if size is None else max(1.0, (size / 64) ** 2)
+    return tuple(r for r in rows if r == 1 or r * scale <= rows[-1])
+
+
 def curves(device: torch.device, rows: tuple[int, ...], repeats: int, tiny: bool,
            sizes: tuple[int, ...] | None = None) -> dict:
     """Every model's measured curve by name; the SD UNet at each latent side of ``sizes`` (None: the config's), up to
@@ -93,9 +100,8 @@ def curves(device: torch.device, rows: tuple[int, ...], repeats: int, tiny: bool
                 den, shape, width = sd_unet(device, dtype, tiny, size)
                 emb = torch.randn(1, 77, width, generator=torch.Generator().manual_seed(1)).to(device, dtype)
                 call = _call(den, shape, device, lambda r: {"encoder_hidden_states": emb.expand(r, -1, -1)})
-                scale = 1 if size is None else max(1, (size // 64) ** 2)
                 name = f"sd15-unet {str(dtype).split('.')[-1]}" + ("" if size in (None, 64) else f" {size}x{size}")
-                out[name] = measure_rows(call, device, tuple(r for r in rows if r * scale <= rows[-1]), repeats)
+                out[name] = measure_rows(call, device, rows_for(rows, size), repeats)
                 del den
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -95,6 +95,10 @@ def test_gpu_scripts_run_their_path_on_a_cpu(keep_threads, tmp_path, capsys):
     assert gpu_curves.main(["--device", "cpu", "--tiny", "--rows", "1", "2", "--repeats", "1", "--sizes", "8", "16",
                             "--json", str(path)]) == 0
     assert {"sd15-unet float32 8x8", "sd15-unet float32 16x16"} <= set(json.loads(path.read_text())["curves"])
+    # 128x128 latents hold 4x a 64x64 row's pixels: rows up to a quarter of the largest, one row at least.
+    rows = (1, 2, 4, 8, 16, 32, 64, 128)
+    assert gpu_curves.rows_for(rows, 128) == (1, 2, 4, 8, 16, 32) and gpu_curves.rows_for(rows, 64) == rows
+    assert gpu_curves.rows_for(rows, None) == rows and gpu_curves.rows_for((1, 2), 1024) == (1,)
     assert gpu_sd.main(["--device", "cpu", "--tiny", "--size", "16", "--steps", "4", "--windows", "2",
                         "--repeats", "1"]) == 0
     assert "latents 4x16x16" in capsys.readouterr().out
