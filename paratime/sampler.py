@@ -247,13 +247,17 @@ class ParallelSampler:
                    f"(plan: {plan.speedup:.2f}x predicted on {plan.devices} device(s), {curve.name} cost{assumed})"
         marks: list[tuple[int, float]] = []
         alone = plan is not None and plan.alone           # every rank samples the whole batch by itself
+        backend = self._backend_for(alone)
         outcome, evaluator, wall = self._run(solve, grid, cond, B, first_sample, desc, callback, progress, marks,
-                                             self._backend_for(alone))
+                                             backend)
         samples = outcome.x * grid.frame_scales[-1].to(outcome.x)
         stats = self._stats(outcome, evaluator, wall + t_noise, B, cfg)
         stats.extra["noise_s"], stats.extra["plan_s"] = t_noise, planned["plan_s"]
+        # Rounds priced as the plan priced them: with the ranks' agreed rows per call (the rank with the smallest
+        # waits longest); a rank sampling alone with its own.
+        limit = backend.batch_limit() if alone else self._chunking()["limit"]
         record_rounds(stats, evaluator.call_rows, marks, wall, curve, 1 if alone else self.backend.workers, plan,
-                      overhead, self.backend.batch_limit(), self.backend.buckets)
+                      overhead, limit, backend.buckets)
         latents = None
         if self.decoder is not None:
             latents, samples = samples, self.decode(samples)

@@ -289,3 +289,18 @@ def test_a_table_cost_is_not_timed_so_every_process_plans_alike(monkeypatch):
     assert runs == [] and a.stats.plan == b.stats.plan and a.stats.plan["method"] == "picard"
     assert torch.equal(a.samples, b.samples)
     assert a.stats.predicted_wall_s > 0 and a.stats.cost.startswith("table")
+
+
+@pytest.mark.parametrize("window", [5, "auto"])
+def test_rounds_are_priced_with_the_ranks_agreed_rows_per_call(monkeypatch, window):
+    """Under torch.distributed a call runs as chunks of the smallest rows per call over the ranks (the rank with the
+    smallest waits longest), and the plan prices it so; the stats price the rounds alike, not with this rank's own
+    limit. Another rank whose device holds 2 rows a call is simulated through the ranks' agreement (a maximum of
+    each value: -2 for the negated limit)."""
+    monkeypatch.setattr(ParallelSampler, "_agree", lambda self, values: [max(v, -2.0) for v in values])
+    s = ParallelSampler("gmm", steps=12, window=window, tol=1e-3, cost="latency", progress=False)
+    rounds = []
+    st = s.sample(3, seed=0, callback=rounds.append).stats
+    assert s.backend.batch_limit() > 2                    # this rank's own limit would price each round at 1
+    assert st.round_sce == pytest.approx([math.ceil(info.rows / 2) for info in rounds])
+    assert max(st.round_sce) > 1
