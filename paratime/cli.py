@@ -435,6 +435,20 @@ def _ran(stats) -> str:
     return stats.method + (f" W={stats.window}" if stats.method == "picard" and stats.window else "")
 
 
+def _predicted(stats, cost: str | None) -> tuple[str, str | None]:
+    """The table's ``predicted`` cell: the plan's predicted speed-up over sequential sampling on the same devices
+    (the measured column's baseline), or empty where nothing was planned; and a footnote where the prediction rests
+    on a curve assumed, not timed (``--cost auto`` off CUDA: the latency-bound ``c(r) = 1``), or None."""
+    plan = stats.plan
+    if not plan or not plan.get("predicted_sce"):
+        return "", None
+    cell = f"{plan['sequential_sce'] / plan['predicted_sce']:.2f}"
+    if cost not in (None, "auto") or str(stats.cost).startswith("measured"):
+        return cell, None
+    return cell + "*", ("* assumed latency-bound (c(r) = 1) and not timed: --cost auto off CUDA; --cost measure "
+                        "times the network here")
+
+
 def _pipeline_pngs(args) -> list[str]:
     """``--out OUT.png`` with ``--pipeline``: ``OUT-0.png``, ``OUT-1.png``, ... one per image."""
     if not args.out:
@@ -515,19 +529,23 @@ def run_pipeline(args, opts: dict) -> dict:
         out[method] = (res.images, res.paratime_stats)
     images, stats = out[args.method]
     rec = {"pipeline": args.pipeline, "prompt": args.prompt, **stats.to_dict()}
-    rows = [("method", "rounds", "NFE/sample", "wall s", "speed-up", "max |diff|")]
+    rows = [("method", "rounds", "NFE/sample", "wall s", "speed-up", "predicted", "max |diff|")]
+    predicted, footnote = _predicted(stats, args.cost)
     if len(runs) == 2:
         ref, ref_stats = out["sequential"]
         diff = float(np.abs(images - ref).max())
         rec.update(sequential_wall_s=ref_stats.wall_s, speedup=ref_stats.wall_s / stats.wall_s, max_abs_diff=diff)
-        rows.append(("sequential", ref_stats.rounds, f"{ref_stats.nfe:.0f}", f"{ref_stats.wall_s:.3f}", "1.00", "0"))
+        rows.append(("sequential", ref_stats.rounds, f"{ref_stats.nfe:.0f}", f"{ref_stats.wall_s:.3f}", "1.00", "",
+                     "0"))
         rows.append((_ran(stats), stats.rounds, f"{stats.nfe:.0f}", f"{stats.wall_s:.3f}", f"{rec['speedup']:.2f}",
-                     f"{diff:.3g}"))
+                     predicted, f"{diff:.3g}"))
     else:
-        rows.append((_ran(stats), stats.rounds, f"{stats.nfe:.0f}", f"{stats.wall_s:.3f}", "", ""))
+        rows.append((_ran(stats), stats.rounds, f"{stats.nfe:.0f}", f"{stats.wall_s:.3f}", "", predicted, ""))
     print(f"pipeline={args.pipeline} ({type(pipe).__name__}, {type(pipe.scheduler).__name__}) steps={args.steps} "
           f"images={args.batch} prompt={args.prompt!r}")
     _print_table(rows)
+    if footnote:
+        print(footnote)
     for path, img in zip(_pipeline_pngs(args), pipe.numpy_to_pil(images)):
         img.save(path)
         print(f"wrote {path}")
@@ -602,8 +620,10 @@ def run_sample(args, opts: dict | None = None) -> dict:
     sampler = _sampler(args, opts, args.method)
     with sampler:
         result = sampler.sample(args.batch, seed=args.seed, **_cond(args, args.batch))
-        rows = [("method", "rounds", "NFE/sample", "wall s", "speed-up", "max |diff|")]
+        rows = [("method", "rounds", "NFE/sample", "wall s", "speed-up", "predicted", "max |diff|")]
         rec = {"model": args.model, **{k: v for k, v in result.stats.to_dict().items()}}
+        st = result.stats
+        predicted, footnote = _predicted(st, args.cost)
         if args.compare and args.method != "sequential":
             seq = _sampler(args, opts, "sequential", backend=sampler.backend)
             ref = seq.sample(args.batch, seed=args.seed, **_cond(args, args.batch))
@@ -612,12 +632,11 @@ def run_sample(args, opts: dict | None = None) -> dict:
             rec.update(sequential_wall_s=ref.stats.wall_s, sequential_rounds=ref.stats.rounds,
                        speedup=speedup, max_abs_diff=diff)
             rows.append(("sequential", ref.stats.rounds, f"{ref.stats.nfe:.0f}", f"{ref.stats.wall_s:.3f}", "1.00",
-                         "0"))
-            st = result.stats
-            rows.append((_ran(st), st.rounds, f"{st.nfe:.0f}", f"{st.wall_s:.3f}", f"{speedup:.2f}", f"{diff:.3g}"))
+                         "", "0"))
+            rows.append((_ran(st), st.rounds, f"{st.nfe:.0f}", f"{st.wall_s:.3f}", f"{speedup:.2f}", predicted,
+                         f"{diff:.3g}"))
         else:
-            st = result.stats
-            rows.append((_ran(st), st.rounds, f"{st.nfe:.0f}", f"{st.wall_s:.3f}", "", ""))
+            rows.append((_ran(st), st.rounds, f"{st.nfe:.0f}", f"{st.wall_s:.3f}", "", predicted, ""))
         if not sampler.backend.is_primary:
             return rec
         tol = f"{result.stats.tol:g}" + (" (default)" if args.tol is None else "")
@@ -625,6 +644,8 @@ def run_sample(args, opts: dict | None = None) -> dict:
         print(f"model={args.model} solver={args.solver} steps={args.steps} batch={args.batch} tol={tol}{cond} "
               f"backend={sampler.backend.name} workers={sampler.backend.workers}")
         _print_table(rows)
+        if footnote:
+            print(footnote)
         plan_s = result.stats.extra.get("plan_s", 0.0)
         if plan_s >= 0.05:
             print(f"planning took {plan_s:.2f} s more (measuring the cost here: once per batch shape, not in the "

@@ -288,3 +288,26 @@ def test_json_is_standard_and_the_table_names_the_method_that_ran(tmp_path, caps
     table = capsys.readouterr().out
     ran = json.loads(out.read_text())["method"]
     assert ran != "auto" and any(line.split()[0] == ran for line in table.splitlines()[2:] if line.strip())
+
+
+@pytest.mark.parametrize("extra, assumed", [([], True), (["--cost", "compute"], False), (["--window", "3"], None)])
+def test_the_table_shows_the_plans_prediction_beside_the_measured_speed_up(extra, assumed, tmp_path, capsys):
+    """The predicted column: the plan's SCE for sequential sampling over its own (the measured column's baseline),
+    starred with a footnote when the curve was assumed, not timed (--cost auto off CUDA); empty for a given
+    window (nothing planned)."""
+    js = tmp_path / "s.json"
+    assert main(["sample", "--model", "gmm", "--steps", "12", "--batch", "2", "--no-progress", "--json", str(js),
+                 *extra]) == 0
+    out = capsys.readouterr().out
+    rec = json.loads(js.read_text())
+    header, seq_row, row = [line for line in out.splitlines() if re.match(r"\s*(method|sequential|picard)", line)]
+    assert header.split()[:7] == ["method", "rounds", "NFE/sample", "wall", "s", "speed-up", "predicted"]
+    assert len(seq_row.split()) == 6                          # sequential: nothing predicted
+    footnote = [line for line in out.splitlines() if line.startswith("* assumed latency-bound")]
+    if assumed is None:
+        assert rec["plan"] is None and len(row.split()) == 7 and not footnote
+        return
+    cell = row.split()[-2]
+    want = rec["plan"]["sequential_sce"] / rec["plan"]["predicted_sce"]
+    assert cell == f"{want:.2f}" + ("*" if assumed else "")
+    assert bool(footnote) == assumed

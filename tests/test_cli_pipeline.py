@@ -3,6 +3,7 @@ configs, with an in-memory CLIP tokenizer so that a string prompt works), sample
 PNGs equal the pipeline's own output."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -40,6 +41,8 @@ def test_pipeline_pngs_equal_the_pipelines_own(saved_pipeline, tmp_path, capsys)
                  "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "StableDiffusionPipeline" in printed and "sequential" in printed
+    # The planned window's predicted speed-up beside the measured one, starred: the curve was assumed (CPU).
+    assert re.search(r"picard W=\d+ .* \d+\.\d\d\* ", printed) and "\n* assumed latency-bound" in printed
     own = _own_images(saved_pipeline, prompt="a cat", num_inference_steps=5, num_images_per_prompt=2, height=64,
                       width=64, guidance_scale=5.0)
     for i, ref in enumerate(own):
