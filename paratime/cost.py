@@ -38,6 +38,8 @@ log = logging.getLogger("paratime")
 COST_NAMES = ("auto", "measure", "compute", "latency")
 #: row counts a measurement times by default: 1, 2, 4, ..., 64
 MEASURE_ROWS = tuple(2 ** k for k in range(7))
+#: a callable cost ``c(rows)`` is tabulated at the powers of 2 up to this many rows (it is the caller's, and cheap)
+CALLABLE_ROWS = 2 ** 20
 #: network calls of a plan's timing run (:func:`call_gaps`; the first gap warms up, the median of the rest counts)
 OVERHEAD_CALLS = 10
 
@@ -95,9 +97,15 @@ def device_rows(rows: int, devices: int) -> int:
 
 
 def chunk_rows(limit: int | None, buckets: tuple[int, ...] | None) -> int | None:
-    """The most rows of one network call: ``limit`` (``max_batch`` in force; None: no limit), and never above the
-    largest bucket (the backend's ``run_chunked`` splits a call so; :func:`chunked_cost` prices the chunks alike)."""
-    return min(limit or buckets[-1], buckets[-1]) if buckets else limit
+    """The most rows of one network call: ``limit`` (``max_batch`` in force; None: no limit); with fixed shapes
+    (``buckets``) the largest bucket at or under it, since a chunk is padded up to a bucket (the smallest bucket
+    where none is: fixed shapes have no smaller call; the backend refuses a given ``max_batch`` under it). The
+    backend's ``run_chunked`` splits a call so; :func:`chunked_cost` prices the chunks alike."""
+    if not buckets:
+        return limit
+    if limit is None:
+        return buckets[-1]
+    return max((b for b in buckets if b <= limit), default=buckets[0])
 
 
 def bucket_rows(buckets: tuple[int, ...] | None, rows: int) -> int:
@@ -157,10 +165,12 @@ def check_cost(cost: Any) -> None:
                     f"or a CostCurve, got {type(cost).__name__}")
 
 
-def make_cost(cost: Any, max_rows: int = 64) -> CostCurve:
+def make_cost(cost: Any, max_rows: int = CALLABLE_ROWS) -> CostCurve:
     """A :class:`CostCurve` from a specification: ``"compute"`` (``c(r) = r``), ``"latency"`` (``c(r) = 1``), a
     :class:`CostCurve`, a dict ``{rows: seconds}`` (must contain rows 1), or a callable ``c(rows)`` tabulated at
-    ``1, 2, 4, ..., max_rows`` (and ``max_rows``). ``"auto"`` and ``"measure"`` are resolved by the sampler
+    ``1, 2, 4, ..., max_rows`` (and ``max_rows``; :data:`CALLABLE_ROWS` by default, beyond any call the planner
+    prices: at 64, ``max(1, r / 128)`` read flat past 64 rows and priced rounds of 800 rows at 1). ``"auto"`` and
+    ``"measure"`` are resolved by the sampler
     (:func:`measure_cost`), not here.
 
     Raises:

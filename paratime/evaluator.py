@@ -6,7 +6,11 @@ its rows' steps and sample indices and the largest ``|D|`` of each row (NaN and 
 flag on the device and copies it to host memory without waiting (pinned memory on CUDA, with an event); the flag is
 read from host memory once the copy has landed (on CUDA at the latest after the method's own read of the next
 round; on the CPU at once), so a non-finite output stops the run one round late at most and costs no sync.
-``check(wait=True)`` (once, at the end) waits. Only on a non-finite flag are the first offending step and sample
+``check(wait=True)`` (once, at the end) waits. Under torch.distributed with more than one rank every rank must stop
+at the same round (a rank that stops early leaves the others waiting in the next round's collective until
+``timeout_s``), so there a check waits for the flag of the round before (recorded one round earlier, so it has
+normally landed: the host is never more than a round ahead) instead of reading it only when it happens to have
+landed, which differs from rank to rank. Only on a non-finite flag are the first offending step and sample
 looked up (reads on the error path). Rows per sample are counted with one ``index_add_`` when :attr:`Evaluator.rows`
 is read or a round is checked. Timing is the sampler's wall clock; communication figures come from the backend.
 """
@@ -51,6 +55,8 @@ class Evaluator:
         self._pending: list[tuple] = []                 # (max |D| per row, i, b) of the calls not yet checked
         self._inflight: list[tuple] = []                # the calls whose flag is on its way to the host
         self._event = None                              # CUDA event after the flag's copy (None: landed)
+        # Every rank runs the method (SPMD, several ranks): stop at the same round on every rank (module docstring).
+        self.lockstep = backend.name == "torch" and backend.workers > 1
         # The flag's host copy, read through numpy (a host-memory read, never a device sync): pinned on CUDA.
         if torch.device(device).type == "cuda":
             self._flag = torch.zeros(1, dtype=torch.bool, pin_memory=True)
@@ -125,7 +131,7 @@ class Evaluator:
             if calls and not bool(torch.isfinite(self._cat(calls)[0]).all()):   # the one read, at the end
                 self._raise(calls)
             return
-        if not self._settle(block=False) or not self._pending:
+        if not self._settle(block=self.lockstep) or not self._pending:
             return                                      # the last flag is still on its way: check these next time
         self._inflight, self._pending = self._pending, []
         peaks = self._cat(self._inflight)[0]

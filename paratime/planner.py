@@ -57,6 +57,7 @@ sampler makes them agree across ranks before planning).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 from .backends.base import check_buckets
@@ -149,50 +150,75 @@ def window_candidates(steps: int, devices: int) -> list[int]:
     return out + [cap]
 
 
+def _picard_rounds(steps: int, window: int, tol: float) -> list[tuple[int, bool | None]]:
+    """Per sample, each Picard round's rows (the rounds model of the module docstring) and whether its window holds
+    the grid's last point; the initial-guess call (1 row, one evaluation whatever the solver) first as ``(1, None)``
+    when ``window < steps``."""
+    rounds: list[tuple[int, bool | None]] = [(1, None)] if window < steps else []
+    if tol == 0:                                  # one point a round
+        return rounds + [(min(window, steps - k), k + window >= steps) for k in range(steps)]
+    start = 0.0
+    while start + window < steps:                 # sliding: the window does not hold the last point yet
+        start += 1.0 if len(rounds) <= SLIDE_STALL else (window + 1) / 2
+        rounds.append((window, False))
+    width, end = float(steps - math.floor(start)), 1.0
+    if window >= steps:                           # the whole grid: the front forms first
+        rounds += [(steps - k, True) for k in range(min(STALL_ROUNDS, steps))]
+        width, end = (steps - STALL_ROUNDS) * FULL_TAIL[0], max(1.0, steps * FULL_TAIL[1])
+    while width >= end:
+        rounds.append((max(1, round(width)), True))
+        width *= TAIL_SHRINK
+    return rounds
+
+
 def picard_rows(steps: int, window: int, tol: float) -> list[int]:
     """Per sample, the predicted rows of each Picard round (the rounds model of the module docstring).
 
     Returns:
         One row count per round, the initial-guess call (1 row) first when ``window < steps``.
     """
-    rows = [1] if window < steps else []
-    if tol == 0:                                  # one point a round
-        return rows + [min(window, steps - k) for k in range(steps)]
-    start = 0.0
-    while start + window < steps:                 # sliding: the window does not hold the last point yet
-        start += 1.0 if len(rows) <= SLIDE_STALL else (window + 1) / 2
-        rows.append(window)
-    width, end = float(steps - math.floor(start)), 1.0
-    if window >= steps:                           # the whole grid: the front forms first
-        rows += [steps - k for k in range(min(STALL_ROUNDS, steps))]
-        width, end = (steps - STALL_ROUNDS) * FULL_TAIL[0], max(1.0, steps * FULL_TAIL[1])
-    while width >= end:
-        rows.append(max(1, round(width)))
-        width *= TAIL_SHRINK
-    return rows
+    return [rows for rows, _ in _picard_rounds(steps, window, tol)]
 
 
-def _sum_cost(curve: CostCurve, rows_per_sample: list[int], batch: int, devices: int, evals: int,
-              overhead: float, limit: int | None, buckets: tuple[int, ...] | None) -> float:
-    return evals * sum(max(0.0, round_cost(curve, r * batch, devices, limit, buckets) + overhead)
-                       for r in rows_per_sample)
+def _calls(rounds: list[tuple[int, bool | None]], evals: int, last_evals: int) -> list[int]:
+    """Per sample, the rows of each network call of ``rounds`` (``(rows, holds the last point)``; None: a call of
+    its own): a solver of ``evals`` evaluations a step makes ``evals`` calls a round, the ``j``-th without the last
+    point's row when ``j >= last_evals`` (the step to sigma = 0 evaluates ``last_evals`` times: Heun's second call
+    and a Langevin corrector's skip it, as the samplers do)."""
+    out = []
+    for rows, last in rounds:
+        if last is None:
+            out.append(rows)
+            continue
+        out += [rows - (1 if last and j >= last_evals else 0) for j in range(evals)]
+    return [r for r in out if r > 0]
+
+
+def _sum_cost(curve: CostCurve, calls: list[int], batch: int, devices: int, overhead: float, limit: int | None,
+              buckets: tuple[int, ...] | None) -> float:
+    return sum(max(0.0, round_cost(curve, r * batch, devices, limit, buckets) + overhead) for r in calls)
 
 
 def predict_sequential(curve: CostCurve, steps: int, batch: int, devices: int, evals: int = 1,
                        overhead: float = 0.0, limit: int | None = None,
-                       buckets: tuple[int, ...] | None = None) -> float:
+                       buckets: tuple[int, ...] | None = None, last_evals: int | None = None) -> float:
     """Sequential sampling's predicted time (curve units): ``N e (c(ceil(B / K)) + o)``, ``o`` the work of a call
-    outside the network (:func:`plan_sampling`'s ``overhead``); a device's share above ``limit`` rows runs as
-    chunks, padded to ``buckets`` (:func:`~paratime.cost.chunked_cost`)."""
-    return _sum_cost(curve, [1] * steps, batch, devices, evals, overhead, limit, buckets)
+    outside the network (:func:`plan_sampling`'s ``overhead``), the last step evaluated ``last_evals`` times (None:
+    ``e``); a device's share above ``limit`` rows runs as chunks, padded to ``buckets``
+    (:func:`~paratime.cost.chunked_cost`)."""
+    rounds = [(1, k == steps - 1) for k in range(steps)]
+    return _sum_cost(curve, _calls(rounds, evals, evals if last_evals is None else last_evals), batch, devices,
+                     overhead, limit, buckets)
 
 
 def predict_picard(curve: CostCurve, steps: int, window: int, batch: int, devices: int, tol: float,
                    evals: int = 1, overhead: float = 0.0, limit: int | None = None,
-                   buckets: tuple[int, ...] | None = None) -> float:
-    """Picard's predicted time (curve units) with window ``window`` (:func:`picard_rows`), ``overhead`` per call,
-    chunks of at most ``limit`` rows a device padded to ``buckets``."""
-    return _sum_cost(curve, picard_rows(steps, window, tol), batch, devices, evals, overhead, limit, buckets)
+                   buckets: tuple[int, ...] | None = None, last_evals: int | None = None) -> float:
+    """Picard's predicted time (curve units) with window ``window`` (:func:`picard_rows`; ``evals`` calls a round,
+    the last point's row in ``last_evals`` of them, the initial guess one call), ``overhead`` per call, chunks of
+    at most ``limit`` rows a device padded to ``buckets``."""
+    calls = _calls(_picard_rounds(steps, window, tol), evals, evals if last_evals is None else last_evals)
+    return _sum_cost(curve, calls, batch, devices, overhead, limit, buckets)
 
 
 def predict_parareal(curve: CostCurve, steps: int, batch: int, devices: int, tol: float, evals: int = 1,
@@ -217,7 +243,8 @@ def candidates(steps: int, devices: int, method: str = "auto",
     out = [("sequential", "sequential", None)] if method == "auto" and "sequential" in methods else []
     if out and alone and devices > 1:
         out.append((ALONE, "sequential", None))
-    out += [(f"picard W={w}", "picard", w) for w in window_candidates(steps, devices)]
+    if method == "picard" or "picard" in methods:
+        out += [(f"picard W={w}", "picard", w) for w in window_candidates(steps, devices)]
     if method == "auto" and "parareal" in methods and steps >= 4:
         out.append(("parareal", "parareal", None))
     return out
@@ -227,13 +254,15 @@ def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: f
                   evals: int = 1, methods: tuple[str, ...] = ("sequential", "picard", "parareal"),
                   overhead: dict[str, float] | None = None, alone: bool = False,
                   skip: tuple[str, ...] | list[str] = (), limit: int | None = None,
-                  buckets: tuple[int, ...] | None = None) -> Plan:
+                  buckets: tuple[int, ...] | None = None, last_evals: int | None = None) -> Plan:
     """Choose the method (``method="auto"``) and Picard's window by predicted wall time.
 
     Args:
         curve: the cost curve. steps: N. batch: B. devices: K. tol: the tolerance in force (0: exact).
         method: ``auto`` (compare every candidate), or ``picard`` (choose its window only).
         evals: the solver's network calls per step. methods: the registered methods that may be candidates.
+        last_evals: the calls of the grid's last step (1 for a step to sigma = 0, which a second Heun call or a
+            Langevin corrector skips; None: ``evals``).
         overhead: per candidate label (:func:`candidates`), the time of each network call's work outside the
             network in the curve's units: the method's own work on its window between two calls and the backend's
             dispatch and gather (the sampler measures it with a measured curve, :meth:`ParallelSampler.overheads`,
@@ -253,30 +282,46 @@ def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: f
     Returns:
         :class:`Plan`.
     Raises:
-        ValueError: non-positive steps, batch or devices; a method other than ``auto`` or ``picard``.
+        ValueError: non-positive steps, batch or devices; a tol that is not a finite number >= 0; a method other
+            than ``auto`` or ``picard``; ``methods`` without one the planner compares; a ``skip`` label that is not
+            a candidate, or skips that leave none.
     """
     for name, v in (("steps", steps), ("batch", batch), ("devices", devices), ("evals", evals),
-                    ("limit", 1 if limit is None else limit)):
+                    ("limit", 1 if limit is None else limit), ("last_evals", 1 if last_evals is None else last_evals)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: must be an integer >= 1, got {v!r}")
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < math.inf:
+        raise ValueError(f"tol: must be a finite number >= 0, got {tol!r}")
     if method not in ("auto", "picard"):
         raise ValueError(f"method: the planner chooses for 'auto' or 'picard' (its window), got {method!r}")
+    labels = [c[0] for c in candidates(steps, devices, method, methods, alone)]
+    if not labels:
+        raise ValueError(f"methods: none of {tuple(methods)} is one the planner compares (sequential, picard, "
+                         f"parareal)")
+    unknown = [x for x in skip if x not in labels]
+    if unknown:
+        raise ValueError(f"skip: {unknown} are not candidates here; the candidates: {labels}")
+    if all(x in skip for x in labels if x != "sequential") and "sequential" not in labels:
+        raise ValueError(f"skip: leaves no candidate of {labels}")
     unit, over = curve(1), dict(overhead or {})
     if any(not math.isfinite(v) for v in over.values()):
         raise ValueError(f"overhead: every value must be a finite number, got {over}")
     chunks = dict(limit=limit, buckets=None if buckets is None else check_buckets(buckets))
-    seq = predict_sequential(curve, steps, batch, devices, evals, over.get("sequential", 0.0), **chunks) / unit
+    if last_evals is not None and last_evals > evals:
+        raise ValueError(f"last_evals: at most evals ({evals}), got {last_evals}")
+    chunks_last = dict(chunks, last_evals=last_evals)
+    seq = predict_sequential(curve, steps, batch, devices, evals, over.get("sequential", 0.0), **chunks_last) / unit
     cands: dict[str, tuple[float, str, int | None]] = {}
     for label, name, w in candidates(steps, devices, method, methods, alone):
         if label in skip and label != "sequential":
             continue
         o = over.get(label, 0.0)
         if label == ALONE:
-            sce = predict_sequential(curve, steps, batch, 1, evals, o, **chunks) / unit
+            sce = predict_sequential(curve, steps, batch, 1, evals, o, **chunks_last) / unit
         elif name == "sequential":
             sce = seq
         elif name == "picard":
-            sce = predict_picard(curve, steps, w, batch, devices, tol, evals, o, **chunks) / unit
+            sce = predict_picard(curve, steps, w, batch, devices, tol, evals, o, **chunks_last) / unit
         else:
             sce = predict_parareal(curve, steps, batch, devices, tol, evals, o, **chunks) / unit
         cands[label] = (sce, name, w)
@@ -293,7 +338,7 @@ def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: f
     # One device alone: its measured calls where it was a candidate (ALONE; on one device, sequential itself),
     # else the network's time alone (another backend's dispatch is not one device's).
     base_over = over.get(ALONE, over.get("sequential", 0.0) if devices == 1 else 0.0)
-    base = predict_sequential(curve, steps, batch, 1, evals, base_over, **chunks) / unit
+    base = predict_sequential(curve, steps, batch, 1, evals, base_over, **chunks_last) / unit
     why = (f"{best}: predicted {sce:.1f} SCE against {base:.1f} for sequential sampling on one device, batch {batch} "
            f"({base / sce:.2f}x on {devices} device(s))")
     if runner is not None:

@@ -18,7 +18,7 @@ import torch
 
 from .backends import Backend, cast_network, make_backend
 from .backends.base import map_cond
-from .backends.memory import DeviceMemoryError
+from .backends.memory import PROBE_ROWS, DeviceMemoryError
 from .checks import check_int
 from .config import SamplerConfig, check_cond, declared_scale
 from .cost import MEASURE_ROWS, CostCurve, call_gaps, make_cost, measure_cost, round_cost
@@ -217,8 +217,7 @@ class ParallelSampler:
             t_plan = time.perf_counter()
             planned["cfg"], planned["plan"], planned["curve"], planned["overhead"] = self._plan(full_shape, cond)
             planned["plan_s"] = time.perf_counter() - t_plan
-            planned["cfg"].check_memory(full_shape, self.device, self.state_dtype, self.solver,
-                                        generator=generator)
+            self._check_memory_agreed(planned["cfg"], full_shape, generator)
 
         x_T = initial_noise(shape, noise, seed, generator, first_sample, self.denoiser.sample_shape, **kw,
                             check=fits)
@@ -276,11 +275,17 @@ class ParallelSampler:
         call outside the network (:meth:`overheads`). Returns ``(config, plan or None, cost curve, the run's
         overhead per call in seconds or 0)``."""
         cfg = self.config.for_devices(self.backend.workers)        # staggered's cores
+        planning = cfg.method in ("auto", "picard") and cfg.window == "auto"
+        if planning or self._measures():
+            self._derive_limit(shape, cond)
         curve = self._cost_curve(shape, cond)
         measured = curve.name == "measured"
-        if cfg.method not in ("auto", "picard") or cfg.window != "auto":
+        # The ranks' agreed rows per call, read once: the plan, its timed runs and their pricing all use it.
+        chunking = self._chunking() if planning or measured else None
+        if not planning:
             own = [("run", cfg.method, cfg.window_size if cfg.method == "picard" else None)]
-            return cfg, None, curve, (self.overheads(shape, cond, curve, own)["run"] if measured else 0.0)
+            return cfg, None, curve, (self.overheads(shape, cond, curve, own, chunking["limit"])["run"] if measured
+                                      else 0.0)
         # Parareal takes tol in noise-level units: not a candidate when the tolerance was given in data units.
         methods = tuple(m for m in METHODS if not (m.startswith("parareal") and
                                                    (cfg.tol_units is not None or cfg.data_scale is not None)))
@@ -293,12 +298,14 @@ class ParallelSampler:
         unfit = self._agree([0.0 if self._fits(shape, *p[1:]) else 1.0 for p in every])
         plans = [p for p, u in zip(every, unfit) if not u] or every
         args = (curve, cfg.steps, shape[0], self.backend.workers, cfg.tol_in_force)
-        kw = dict(method=cfg.method, evals=self.solver.evals_per_step, methods=methods, alone=alone,
-                  skip=[p[0] for p in every if p not in plans], **self._chunking())
+        # The step to sigma = 0 makes one call (Heun's second and a corrector's skip it); the grid is on the host.
+        evals = self.solver.evals_per_step
+        kw = dict(method=cfg.method, evals=evals, last_evals=1 if float(self.grid.sigmas[-1]) == 0 else evals,
+                  methods=methods, alone=alone,
+                  skip=[p[0] for p in every if p not in plans], **chunking)
         overhead = None
         if measured:
             overhead = self._priced(shape, cond, curve, plans, plan_sampling(*args, **kw), kw["limit"])
-            kw.update(self._chunking())           # a limit the timed calls derived (CUDA, no max_batch given)
         plan = plan_sampling(*args, overhead=overhead, **kw)
         log.info("plan: %s", plan.reason)
         # Another method planned: Picard's own options (given for the Picard candidate) do not carry over.
@@ -378,8 +385,9 @@ class ParallelSampler:
                     gaps = call_gaps(run, self.device)
         finally:
             backend.release()
-        # The ranks' agreed limit: a rank with a larger one waits for the chunks of the rank with the smallest,
-        # which is network time, not this rank's work outside it.
+        # The ranks' agreed limit (given): a rank with a larger one waits for the chunks of the rank with the
+        # smallest, which is network time, not this rank's work outside it. Without one (a direct call), this
+        # backend's own.
         limit = limit or backend.batch_limit()
         outside = [t - round_cost(curve, rows, backend.workers, limit, backend.buckets)
                    for t, rows in gaps[1:]] or [0.0]
@@ -424,6 +432,22 @@ class ParallelSampler:
         """The context the sampler's network calls and steps run in: its kernel mode (``kernels=``), if any."""
         return contextlib.nullcontext() if self.kernels is None else kernel_context(self.kernels)
 
+    def _derive_limit(self, shape: tuple[int, ...], cond: dict) -> None:
+        """Where this process's backend derives its rows per call at its first call (CUDA, no ``max_batch``) and has
+        not yet: derive them now, with one call of :data:`~paratime.backends.memory.PROBE_ROWS` rows of sample 0's
+        conditioning through :meth:`Backend.run_chunked`. The first ``sample()`` then plans and prices with the
+        limit its calls will use, as later ones do (it planned without one: on a cost table, a window of 20 was
+        predicted at 9 s and priced at 147 s by its own stats, and the next call of the same sampler planned
+        sequential sampling, another sample)."""
+        if self.backend.name not in ("local", "torch") or self.backend.batch_limit(self.device) is not None:
+            return
+        r, mid, first = PROBE_ROWS, self.grid.steps // 2, torch.zeros(1, dtype=torch.long)
+        x = torch.randn((r, *shape[1:]), generator=torch.Generator().manual_seed(0)).to(self.device, self.state_dtype)
+        rows = map_cond(cond, lambda v: v[first.to(v.device)].expand(r, *v.shape[1:]))
+        with self._kernel_mode(), torch.no_grad():
+            self.backend.run_chunked(x, self.grid.sigmas[mid].to(x).expand(r),
+                                     self.grid.model_times[mid].to(x).expand(r), rows)
+
     def _chunking(self) -> dict:
         """How the backend splits a call, for the planner: ``limit``, its rows per network call in force (known
         ahead off CUDA; on CUDA derived at the first call when no ``max_batch`` was given, None before), the
@@ -433,6 +457,25 @@ class ParallelSampler:
         least = -self._agree([-float(limit or math.inf)])[0]
         return {"limit": None if math.isinf(least) else int(least), "buckets": self.backend.buckets}
 
+    def _check_memory_agreed(self, cfg: SamplerConfig, shape: tuple[int, ...], generator) -> None:
+        """``cfg``'s memory bound on this rank's device (:meth:`SamplerConfig.check_memory`), and under
+        torch.distributed on every rank's: a rank whose device cannot fit raises its own error, and the others
+        raise too (alone, the others would start the first round and wait in its collective until ``timeout_s``).
+
+        Raises:
+            DeviceMemoryError: this rank's device, or another rank's, cannot fit the call."""
+        try:
+            cfg.check_memory(shape, self.device, self.state_dtype, self.solver, generator=generator)
+            mine = None
+        except DeviceMemoryError as e:
+            mine = e
+        if self._agree([0.0 if mine is None else 1.0])[0] and mine is None:
+            raise DeviceMemoryError(f"another rank's device cannot fit this call of {tuple(shape)} with method "
+                                    f"{cfg.method} (that rank's error names what to reduce); this rank's "
+                                    f"{self.device} can")
+        if mine is not None:
+            raise mine
+
     def _agree(self, values: list[float]) -> list[float]:
         """Under torch.distributed, every rank's maximum of each value (so that every rank plans alike); else the
         values as they are."""
@@ -440,17 +483,18 @@ class ParallelSampler:
             return values
         return self.backend.agree_max(values)
 
+    def _measures(self) -> bool:
+        """Whether ``cost=`` times the network here: ``measure``, or ``auto`` on CUDA."""
+        return self.config.cost == "measure" or (self.config.cost == "auto" and self.device.type == "cuda")
+
     def _cost_curve(self, shape: tuple[int, ...], cond: dict) -> CostCurve:
         """The cost curve of ``cost=``: ``auto`` measures on CUDA and takes the ``latency`` curve elsewhere (the
         assumption today's wide default window was sized for; deterministic, so tests and ranks plan alike);
         ``measure`` times calls of 1, 2, 4, ... rows of sample 0's conditioning on the state device, up to 64 and the
         backend's rows per call in force (cached per model, device, dtype and shape; under torch.distributed the
         ranks agree on the slowest rank's curve)."""
-        spec = self.config.cost
-        if spec == "auto":
-            spec = "measure" if self.device.type == "cuda" else "latency"
-        if spec != "measure":
-            return make_cost(spec)
+        if not self._measures():
+            return make_cost("latency" if self.config.cost == "auto" else self.config.cost)
         den, mid = self.denoiser, self.grid.steps // 2
         first = torch.zeros(1, dtype=torch.long)
 

@@ -4,6 +4,7 @@ MASTER_ADDR=127.0.0.1, MASTER_PORT).
 Modes:
   samples OUT   sample every configuration of CONFIGS with the torch backend; rank 0 saves them to OUT
   hang          rank 1 joins the group and then hangs; rank 0 must fail with DistributedTimeoutError
+  memory        rank 1's device is all but full: every rank must raise DeviceMemoryError before the first round
   agree OUT     the kernel path (Triton interpreter) on every rank: Picard residuals placed at the threshold and a
                 Picard sample through a max_batch-capped network; rank 0 saves every rank's results to OUT
 """
@@ -113,6 +114,22 @@ def main():
             os._exit(0)
         print("NO-ERROR", flush=True)
         os._exit(1)
+    elif mode == "memory":
+        import paratime.backends.memory as memory
+        from paratime.backends.memory import DeviceMemoryError
+
+        be = TorchDistributedBackend(timeout_s=30)
+        if be.rank == 1:
+            memory.available_bytes = lambda device: 1000
+        t0 = time.perf_counter()
+        try:
+            ParallelSampler("gmm", steps=12, method="picard", window=4, progress=False, backend=be).sample(2, seed=0)
+        except DeviceMemoryError as e:
+            print(f"MEMORY-ERROR {time.perf_counter() - t0:.1f} {e}", flush=True)
+            be.close()
+            return
+        print("NO-ERROR", flush=True)
+        sys.exit(1)
     elif mode == "agree":
         from paratime.kernels import set_kernel_mode
 

@@ -77,6 +77,19 @@ def test_torch_distributed_hung_rank_times_out_with_a_clear_error():
     assert time.perf_counter() - t0 < 90
 
 
+def test_a_rank_that_cannot_fit_the_call_stops_every_rank_before_the_first_round():
+    """The memory check agrees across ranks: rank 1's device all but full, both ranks raise DeviceMemoryError at
+    once (rank 0 naming the other rank); before, rank 0 went on into the first round's collective and failed
+    there with a timeout ("a peer rank died")."""
+    procs = _spawn(2, ["memory"])
+    outs = _finish(procs, timeout=90)
+    assert all(p.returncode == 0 for p in procs), outs
+    for rank, out in enumerate(outs):
+        line = next(x for x in out.splitlines() if x.startswith("MEMORY-ERROR"))
+        assert float(line.split()[1]) < 10, line                  # no wait for the backend's 30 s timeout
+        assert ("another rank's device cannot fit" in line) == (rank == 0), line
+
+
 def test_torch_backend_without_group_says_how_to_start():
     from paratime.backends.torch_dist import TorchDistributedBackend
 

@@ -36,3 +36,28 @@ def test_padded_rounds_give_the_same_samples_and_only_bucket_shapes(method):
 def test_bad_buckets_are_refused(bad):
     with pytest.raises(ValueError, match="buckets"):
         LocalBackend(buckets=bad)
+
+
+def test_max_batch_between_buckets_runs_chunks_of_the_largest_bucket_under_it():
+    """A chunk is padded up to a bucket, so with max_batch 3 and buckets (2, 8) a call runs as chunks of 2 rows (it
+    ran chunks of 3 padded to 8: calls over max_batch), and the plan prices those chunks."""
+    sizes = []
+    ref = _run(LocalBackend(), "picard", [])
+    got = _run(LocalBackend(max_batch=3, buckets=(2, 8)), "picard", sizes)
+    assert set(sizes) == {2} and torch.equal(got.samples, ref.samples)
+    st = got.stats
+    assert st.round_sce == pytest.approx([-(-rows // 2) for rows in st.round_device_rows])   # latency: per chunk
+
+
+@pytest.mark.parametrize("max_batch, buckets, guided", [(1, (2, 8), False), (3, (4,), False), (6, (4, 8), True)])
+def test_max_batch_under_the_smallest_bucket_is_refused(max_batch, buckets, guided):
+    """Every call is padded to a bucket: a max_batch under the smallest (halved under classifier-free guidance)
+    could never hold, and is refused naming both options, at construction or where the guidance is bound."""
+    if not guided:
+        with pytest.raises(ValueError, match="max_batch, buckets: .* under the smallest bucket"):
+            LocalBackend(max_batch=max_batch, buckets=buckets)
+        return
+    den = Denoiser(lambda x, t: x * 0.1, DiscreteVPSchedule.from_betas("linear", 1000, 1e-4, 0.02), "eps",
+                   sample_shape=(3,), guidance=2.0)
+    with pytest.raises(ValueError, match="max_batch, buckets: 3 rows a call under classifier-free guidance"):
+        ParallelSampler(den, backend=LocalBackend(max_batch=max_batch, buckets=buckets), progress=False)

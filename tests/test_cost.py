@@ -304,3 +304,16 @@ def test_rounds_are_priced_with_the_ranks_agreed_rows_per_call(monkeypatch, wind
     assert s.backend.batch_limit() > 2                    # this rank's own limit would price each round at 1
     assert st.round_sce == pytest.approx([math.ceil(info.rows / 2) for info in rounds])
     assert max(st.round_sce) > 1
+
+
+def test_a_callable_is_priced_at_the_rows_the_planner_prices():
+    """A callable is tabulated far past the 64 rows a measurement times: c(r) = max(1, r / 128) was read flat past
+    64 rows, so a window of 100 on a batch of 8 (800 rows a round) was priced at 1 a round and planned."""
+    f = lambda r: max(1.0, r / 128)
+    c = make_cost(f)
+    for r in (512, 800, 4096):
+        assert c(r) == pytest.approx(f(r), rel=0.01)
+    s = ParallelSampler("gmm", steps=100, cost=f, progress=False)
+    st = s.sample(8, seed=0).stats
+    assert st.window < 100                                    # the whole grid is not the cheapest under f
+    assert st.round_sce == pytest.approx([f(r) for r in st.round_device_rows], rel=0.01)

@@ -131,12 +131,26 @@ def test_rounds_model_shape(steps, window):
         assert body[:min(steps, STALL_ROUNDS)] == [steps - k for k in range(min(steps, STALL_ROUNDS))]
 
 
-@pytest.mark.parametrize("kw,err", [(dict(devices=0), ValueError), (dict(batch=True), ValueError),
-                                    (dict(method="parareal"), ValueError)])
+@pytest.mark.parametrize("kw,err", [
+    (dict(devices=0), ValueError), (dict(batch=True), ValueError), (dict(method="parareal"), ValueError),
+    # a bad tol planned silently; a label not among the candidates was ignored; skips that left no candidate
+    # raised a bare IndexError; methods without any the planner compares too
+    (dict(tol=-1.0), ValueError), (dict(tol=float("nan")), ValueError), (dict(tol="0.1"), ValueError),
+    (dict(skip=["picard W=3"]), ValueError),
+    (dict(skip=["picard W=2", "picard W=4", "picard W=8", "picard W=10"], method="picard"), ValueError),
+    (dict(methods=("staggered",)), ValueError)])
 def test_planner_refuses_bad_input(kw, err):
     args = dict(curve=make_cost("compute"), steps=10, batch=1, devices=2, tol=TOL) | kw
-    with pytest.raises(err, match=next(iter(kw))):
+    with pytest.raises(err, match=f"^{next(iter(kw))}: "):
         plan_sampling(**args)
+
+
+def test_the_planner_compares_only_the_methods_it_is_given():
+    """methods=("sequential",) planned Picard windows all the same."""
+    assert list(plan_sampling(make_cost("compute"), 10, 1, 2, TOL, methods=("sequential",)).candidates) == \
+        ["sequential"]
+    assert "parareal" not in plan_sampling(make_cost("compute"), 10, 1, 2, TOL, methods=("sequential", "picard")
+                                           ).candidates
 
 
 @pytest.mark.parametrize("window,err", [("wide", ValueError), (0, ValueError), (True, TypeError), (2.0, TypeError)])
@@ -342,7 +356,12 @@ def test_fixed_shapes_are_priced_and_a_first_call_plans_with_the_limit_it_will_d
     import paratime.backends.memory as memory
 
     compute = CostCurve((1, 2), (1.0, 2.0), "compute")
-    assert chunked_cost(compute, 10, None, (4, 8)) == 12.0 and chunked_cost(compute, 10, 3, (4, 8)) == 16.0
+    assert chunked_cost(compute, 10, None, (4, 8)) == 12.0
+    # A chunk is padded up to a bucket, so it is the largest bucket at or under the limit (limit 5: chunks of 4,
+    # not of 5 padded to 8), the smallest bucket under it (a derived limit of 3: chunks of 4, padding 2 to 4).
+    latency = CostCurve((1, 2), (1.0, 1.0), "latency")
+    assert chunked_cost(latency, 10, 5, (4, 8)) == 3.0 and chunked_cost(latency, 10, None, (4, 8)) == 2.0
+    assert chunked_cost(compute, 10, 3, (4, 8)) == 12.0
     assert chunked_cost(compute, 0, None, (4, 8)) == 0.0
     kw = dict(steps=20, progress=False, cost="latency")
     bucketed = ParallelSampler("digits", backend_options={"buckets": (4,)}, **kw).sample(1, seed=0).stats
@@ -351,3 +370,43 @@ def test_fixed_shapes_are_priced_and_a_first_call_plans_with_the_limit_it_will_d
     s = ParallelSampler("digits", **kw)
     first, second = s.sample(1, seed=0).stats, s.sample(1, seed=0).stats
     assert first.window == second.window == bucketed.window < 20
+
+
+def test_a_limit_derived_at_the_first_call_is_derived_before_the_first_plan(monkeypatch):
+    """On CUDA without max_batch the backend derives its rows per call at its first call. The first sample() planned
+    before that, with no limit (a cost table: a window of 20 predicted at 9 s, priced at 147 s by its own stats), and
+    the next call of the same sampler planned with it, another method. The limit is now derived before the plan.
+    Simulated on the CPU: the limit unknown until a call derives it (as on CUDA), derived at 2 rows."""
+    import paratime.backends.base as base
+
+    own = base.Backend.batch_limit
+    monkeypatch.setattr(base.Backend, "batch_limit", lambda self, device=None: own(self, None))
+    monkeypatch.setattr(base, "default_max_batch", lambda device, per_row=None: 2)
+    s = ParallelSampler("gmm", steps=20, method="auto", cost={1: 1.0, 64: 1.01}, progress=False)
+    assert s.backend.batch_limit() is None
+    first, second = s.sample(4, seed=0).stats, s.sample(4, seed=0).stats
+    assert s.backend.batch_limit() == 2
+    assert first.plan == second.plan
+    assert first.plan["predicted_s"] == pytest.approx(first.predicted_wall_s)   # sequential: exact
+
+
+@pytest.mark.parametrize("solver, options", [("heun", {}), ("ddpm", dict(corrector_snr=0.2))])
+def test_a_step_to_sigma_zero_is_priced_at_the_calls_it_makes(solver, options):
+    """Heun's second call and a Langevin corrector skip the step to sigma = 0, and Picard's initial guess is one
+    call whatever the solver: the plan priced every call of a round twice (sequential Heun-10: 80 SCE predicted, 76
+    in its stats). Sequential sampling is predicted exactly; Picard at tol 0 on the stochastic solver too (one point
+    a round: the rounds model is exact there)."""
+    from paratime.planner import predict_picard, predict_sequential
+
+    compute = make_cost("compute")
+    kw = dict(solver=solver, steps=10, cost="compute", progress=False, **options)
+    seq = ParallelSampler("gmm", method="sequential", **kw)
+    evals = seq.solver.evals_per_step
+    assert evals >= 2 and float(seq.grid.sigmas[-1]) == 0
+    assert seq.sample(3, seed=0).stats.sce == predict_sequential(compute, 10, 3, 1, evals, last_evals=1) == 57
+    planned = ParallelSampler("gmm", method="auto", **kw).sample(3, seed=0).stats
+    assert planned.plan["sequential_sce"] == 57 * 1.0                    # the sampler passes last_evals
+    if solver == "ddpm":
+        for window in (4, 10):
+            st = ParallelSampler("gmm", window=window, tol=0.0, **kw).sample(3, seed=0).stats
+            assert st.sce == predict_picard(compute, 10, window, 3, 1, 0.0, evals, last_evals=1)

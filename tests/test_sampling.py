@@ -274,3 +274,40 @@ def test_initial_noise_argument_is_used():
     s = ParallelSampler("gmm", steps=20, method="sequential", progress=False)
     z = draw_noise(4, 6, (2,), None, INITIAL)
     torch.testing.assert_close(s.sample(noise=z).samples, s.sample(6, seed=4).samples)
+
+
+
+class _SlowEvent:
+    """A CUDA event whose copy has not landed when queried (as on a rank that runs ahead of its GPU)."""
+
+    def __init__(self):
+        self.waited = False
+
+    def query(self):
+        return False
+
+    def synchronize(self):
+        self.waited = True
+
+
+@pytest.mark.parametrize("name, workers, lockstep", [("local", 1, False), ("torch", 1, False), ("torch", 2, True)])
+def test_ranks_in_lockstep_read_the_rounds_flag_at_the_same_round(name, workers, lockstep):
+    """A non-finite output must stop every rank of torch.distributed at the same round. The flag of a round lands
+    on the host asynchronously; read only once landed, a rank whose GPU is behind stops a round later than the
+    others, which by then wait in that round's collective until timeout_s. With more than one rank the check
+    waits for the flag of the round before (one round late, on every rank alike); a single process still never
+    waits. Simulated on the CPU: an event that has not landed, and a landed flag that says "not finite"."""
+    from paratime.evaluator import Evaluator
+
+    backend = type("Backend", (), {"name": name, "workers": workers})()
+    ev = Evaluator(backend, ParallelSampler("gmm", steps=4, progress=False).grid, 1, torch.device("cpu"))
+    assert ev.lockstep == lockstep
+    ev._inflight = [(torch.tensor([float("nan")]), torch.tensor([2]), torch.tensor([0]))]
+    ev._flag_np[0] = True
+    ev._event = event = _SlowEvent()
+    if lockstep:
+        with pytest.raises(NonFiniteOutputError, match="step 2"):
+            ev.check()
+    else:
+        ev.check()                                               # not landed: no wait, read at a later check
+    assert event.waited == lockstep

@@ -92,6 +92,15 @@ def check_buckets(buckets) -> tuple[int, ...] | None:
     return tuple(buckets)
 
 
+def _check_floor(limit: int | None, buckets: tuple[int, ...] | None, why: str = "") -> None:
+    """Raise unless a given rows-per-call ``limit`` holds the smallest bucket (a call is padded up to a bucket, so
+    under it every call would exceed the limit)."""
+    if limit is not None and buckets and limit < buckets[0]:
+        raise ValueError(f"max_batch, buckets: {limit} rows a call{why} is under the smallest bucket "
+                         f"{buckets[0]}, to which every call is padded; give a max_batch of at least that or a "
+                         f"smaller bucket")
+
+
 def pad_rows(fn, buckets: tuple[int, ...], x, sigma, model_time, cond: dict):
     """``fn(x, sigma, model_time, **cond)`` on rows padded to the smallest bucket >= M (rows <= ``buckets[-1]``);
     the padding repeats row 0 (a gather: no host sync), and its outputs are dropped."""
@@ -144,6 +153,7 @@ class Backend:
     def __init__(self, max_batch: int | None = None, buckets: tuple[int, ...] | None = None):
         self.max_batch = check_max_batch(max_batch)
         self.buckets = check_buckets(buckets)
+        _check_floor(self.max_batch, self.buckets)
         self.denoiser: Denoiser | None = None
         self._cond: dict = {}
         self._auto_batch: int | None = None
@@ -160,6 +170,9 @@ class Backend:
         if self.denoiser is not None and denoiser is not self.denoiser:
             log.info("%s backend: re-bound to another denoiser", self.name or type(self).__name__)
             self._auto_batch = None
+        if self.max_batch is not None and denoiser.guided:    # each row runs twice: max_batch // 2 rows a call
+            _check_floor(max(1, self.max_batch // 2), self.buckets, " under classifier-free guidance (each row "
+                         "runs twice: max_batch // 2 rows a call)")
         self.denoiser = denoiser
 
     def prepare(self, cond: dict[str, Any]) -> None:
