@@ -143,7 +143,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, default=None,
                    help="noise scale of ddim/ddpm/euler_maruyama, in [0, 1] (default: the solver's)")
     p.add_argument("--slices", type=int, default=None, help="Parareal slices (default: round(sqrt(steps)))")
-    p.add_argument("--coarse-steps", type=int, default=1, help="Parareal coarse DDIM steps per slice")
+    p.add_argument("--coarse-steps", type=int, default=None, help="Parareal coarse DDIM steps per slice (default: 1)")
     p.add_argument("--batch", type=int, default=16, help="number of samples (images with --pipeline)")
     p.add_argument("--seed", type=int, default=0, help="noise seed, >= 0")
     p.add_argument("--label", type=int, default=None, help="digits: class label 0..9 to condition on (default: none)")
@@ -156,8 +156,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help=f"torch ranks or Ray actors, at most one per CPU (or GPU) here (default: {_DEFAULT_WORKERS})")
     p.add_argument("--address", default=None,
                    help="Ray cluster address, e.g. auto or ray://HOST:10001 (default: none, a local Ray)")
-    p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run the sequential sampler and report speed-up and difference")
+    p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the sequential sampler and report speed-up and difference (default: on, except "
+                        "with --method sequential, where it does not apply)")
     p.add_argument("--timeout", type=float, default=None, help=f"seconds before a stuck worker is an error (--backend "
                    f"torch or ray; default {_DEFAULT_TIMEOUT_S:g})")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
@@ -228,6 +229,19 @@ def _signature_defaults(fn) -> dict:
 
 
 # -- checks before anything starts ---------------------------------------------------------------------------------
+
+def _check_distinct(outputs: list[tuple[str, str | None]]) -> None:
+    """Refuse two output flags naming one file (the later write replaced the earlier: ``--save x --json x`` left
+    the JSON and no samples)."""
+    seen: dict[Path, str] = {}
+    for flag, path in outputs:
+        if not path:
+            continue
+        key = Path(path).resolve()
+        if key in seen:
+            raise UsageError(f"{flag}: {path} is the file {seen[key]} writes too; give each output its own file")
+        seen[key] = flag
+
 
 def _check_writable(flag: str, path: str | None) -> None:
     """Refuse an output path that cannot be written, before any work (the file is not left behind)."""
@@ -389,10 +403,17 @@ def _check_sample_args(args) -> dict:
     if args.policy_out is not None and not args.policy_demo:
         raise UsageError("--policy-out: applies only with --policy-demo")
     args.policy_out = "policy_rollouts.png" if args.policy_out is None else args.policy_out
+    # Flags given where they do not apply (their value equal to the default passed unnoticed).
+    if args.compare and args.method == "sequential":
+        raise UsageError("--compare: applies only to a parallel --method (sequential sampling is the comparison)")
+    args.compare = args.method != "sequential" if args.compare is None else args.compare
+    if args.coarse_steps is not None and args.method not in ("parareal", "parareal_pipelined"):
+        raise UsageError(f"--coarse-steps: applies only to --method parareal or parareal_pipelined, not "
+                         f"{args.method!r}")
     opts = {k: v for k, v in dict(
         solver=args.solver, steps=args.steps, method=args.method, window=args.window, tol=args.tol, cost=args.cost,
         shared_window=args.shared_window or None, max_rounds=args.max_rounds, spacing=args.spacing, eta=args.eta,
-        slices=args.slices, coarse_steps=args.coarse_steps if args.coarse_steps != 1 else None, device=args.device,
+        slices=args.slices, coarse_steps=args.coarse_steps, device=args.device,
         dtype=_DTYPES.get(args.dtype)).items() if v is not None}
     if args.pipeline is not None:
         return _check_pipeline_args(args, opts)
@@ -402,7 +423,9 @@ def _check_sample_args(args) -> dict:
     device = _device(args, cfg.device)
     opts["device"] = device
     _check_workers(args, device)
-    model = _model_factory(args)()
+    # Built once: the checks, the run and the sequential comparison share it (a --model factory was called three
+    # times: an untrained network's comparison was against another network, max |diff| 240).
+    model = args.built_model = _model_factory(args)()
     check_cond(model, _cond(args, args.batch), args.batch)
     if model.sample_shape is None:
         raise UsageError(f"--sample-shape: {args.model} does not declare its sample shape; give it, e.g. 2 or 3,32,32")
@@ -415,6 +438,8 @@ def _check_sample_args(args) -> dict:
         raise UsageError(f"--out: a PNG shows (B, 2) points or (B, C, H, W) images, not samples of shape "
                          f"{shape}; give --out '' (and --save FILE for the tensor)")
     if os.environ.get("RANK", "0") == "0":       # rank 0 writes the outputs (and the launcher checked them)
+        _check_distinct([("--out", args.out), ("--save", args.save), ("--json", args.json),
+                         ("--policy-out", args.policy_out if args.policy_demo else None)])
         for flag, path in (("--out", args.out), ("--save", args.save), ("--json", args.json)):
             _check_writable(flag, path)
         if args.policy_demo:
@@ -488,6 +513,8 @@ def _check_pipeline_args(args, opts: dict) -> dict:
             raise UsageError(f"--{flag}: must be a multiple of 8 (the VAE's scale factor), got {v}")
     check_number("guidance", args.guidance, 0, none=True)
     _check_png("--out", args.out, "PNGs (OUT-0.png, OUT-1.png, ... from OUT.png)")
+    _check_distinct([*(("--out", path) for path in _pipeline_pngs(args)), ("--save", args.save),
+                     ("--json", args.json)])
     for path in _pipeline_pngs(args):
         _check_writable("--out", path)
     for flag, path in (("--save", args.save), ("--json", args.json)):
@@ -590,7 +617,7 @@ def _sampler(args, opts: dict, method: str, backend=None):
         elif backend == "torch":
             bopts = {"timeout_s": args.timeout}
         kw["backend_options"] = bopts
-    model = _model_factory(args)()
+    model = getattr(args, "built_model", None) or _model_factory(args)()
     if isinstance(model.network, torch.nn.Module):
         model.network.to(opts["device"])
     return ParallelSampler(model, **_method_options(opts, method), backend=backend, progress=args.progress, **kw)
@@ -832,6 +859,7 @@ _REQUIRED = {("train-digits", "out"), ("train-policy", "out")}
 
 
 def _check_outputs(args) -> None:
+    _check_distinct([(f"--{dest}", getattr(args, dest)) for dest in _OUTPUTS.get(args.command, ())])
     for dest in _OUTPUTS.get(args.command, ()):
         path = getattr(args, dest)
         if not path and (args.command, dest) in _REQUIRED:

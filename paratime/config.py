@@ -65,7 +65,7 @@ def check_device(device: Any) -> torch.device | None:
             raise ValueError(f"device: {device!r} requested but only cuda:0..cuda:{n - 1} exist")
     elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ValueError(f"device: {device!r} requested but MPS is not available; allowed: cpu")
-    elif dev.type not in ("cpu", "cuda", "mps", "meta"):
+    elif dev.type not in ("cpu", "cuda", "mps"):         # meta holds no data: nothing to sample on
         raise ValueError(f"device: unsupported device type {dev.type!r}; allowed: cpu, cuda, cuda:N")
     return dev
 

@@ -74,8 +74,9 @@ def add_likelihood_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--dequantize", action=argparse.BooleanOptionalAction, default=None,
                    help="digits: uniform dequantisation, so bits/dim bound the discrete NLL (default: on; digits "
                         "only)")
-    p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run the sequential solve and report rounds and the bits/dim difference")
+    p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the sequential solve and report rounds and the bits/dim difference (default: on, "
+                        "except with --method sequential, where it does not apply)")
     p.add_argument("--repeats", type=int, default=1, help="runs per method, for wall-clock min / median")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="split, probe and dequantisation seed")
@@ -101,6 +102,9 @@ def check_likelihood_args(args) -> ParallelSampler:
     check_int("--repeats", args.repeats, 1)
     check_int("--threads", args.threads, 1, none=True)
     check_int("--seed", args.seed, 0)
+    if args.compare and args.method == "sequential":
+        raise ValueError("--compare: applies only to a parallel --method (the sequential solve is the comparison)")
+    args.compare = args.method != "sequential" if args.compare is None else args.compare
     if args.solver not in FLOW_SOLVERS:
         raise ValueError(f"--solver: the likelihood ODE takes {', '.join(FLOW_SOLVERS)}, got {args.solver!r}")
     if args.divergence not in DIVERGENCES:

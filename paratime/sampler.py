@@ -237,12 +237,12 @@ class ParallelSampler:
             outputs = evaluate.outputs if evaluate.fusable else None
             return METHODS[cfg.method](x_T, self._problem(evaluate, z, on_round, outputs, kw), cfg)
 
-        desc = f"{cfg.method}/{self.solver.name}"
+        desc = f"{cfg.method}/{self.solver_label}"
         if plan is not None:
             # cost="auto" off CUDA plans on the latency curve without timing anything: the bar says it is assumed.
             assumed = " assumed, cost='measure' times it" if cfg.cost == "auto" and curve.name != "measured" \
                 else ""
-            desc = f"{plan.method}{'' if plan.window is None else f' W={plan.window}'}/{self.solver.name} " \
+            desc = f"{plan.method}{'' if plan.window is None else f' W={plan.window}'}/{self.solver_label} " \
                    f"(plan: {plan.speedup:.2f}x predicted on {plan.devices} device(s), {curve.name} cost{assumed})"
         marks: list[tuple[int, float]] = []
         alone = plan is not None and plan.alone           # every rank samples the whole batch by itself
@@ -261,6 +261,14 @@ class ParallelSampler:
         if self.decoder is not None:
             latents, samples = samples, self.decode(samples)
         return SampleResult(samples, stats, latents)
+
+    @property
+    def solver_label(self) -> str:
+        """The solver's name as the stats and the progress bar give it: ``ddim+langevin`` for a base solver with the
+        Langevin corrector (``corrector_snr=``)."""
+        if isinstance(self.solver, LangevinCorrected):
+            return f"{self.solver.base.name}+langevin"
+        return self.solver.name
 
     @property
     def draws_step_noise(self) -> bool:
@@ -548,7 +556,6 @@ class ParallelSampler:
     def _stats(self, outcome, evaluator: Evaluator, wall: float, B: int,
                 cfg: SamplerConfig | None = None) -> SampleStats:
         cfg = self.config if cfg is None else cfg
-        corrected = "+langevin" if isinstance(self.solver, LangevinCorrected) else ""
         timings = self.backend.timings
         extra = dict(outcome.extra)
         # The per-sample records in one device read per device (on CUDA a read is a host sync: read sample by
@@ -558,7 +565,7 @@ class ParallelSampler:
                               "rolled_back": extra.get("rolled_back")})
         rows = host["rows"]
         stats = SampleStats(
-            method=cfg.method, solver=self.solver.name + corrected, steps=cfg.steps, backend=self.backend.name,
+            method=cfg.method, solver=self.solver_label, steps=cfg.steps, backend=self.backend.name,
             workers=self.backend.workers, window=cfg.window_size if cfg.method in ("picard", "staggered") else None,
             tol=cfg.tol_in_force,
             rounds=evaluator.calls + extra.pop("coarse_calls", 0), iterations=outcome.rounds,

@@ -96,6 +96,14 @@ def broken():
     raise RuntimeError("no weights here")
 
 not_callable = 3
+
+CALLS = []
+
+def untrained():
+    import torch
+    CALLS.append(1)
+    lin = torch.nn.Linear(2, 2)           # another random network at each call
+    return lambda x, t: torch.tanh(lin.to(x.dtype)(x))
 '''
 
 
@@ -311,3 +319,28 @@ def test_the_table_shows_the_plans_prediction_beside_the_measured_speed_up(extra
     want = rec["plan"]["sequential_sce"] / rec["plan"]["predicted_sce"]
     assert cell == f"{want:.2f}" + ("*" if assumed else "")
     assert bool(footnote) == assumed
+
+
+@pytest.mark.parametrize("argv", [["--save", "same.out", "--json", "same.out"],
+                                  ["--out", "x.png", "--policy-demo", "--policy-out", "x.png"]])
+def test_two_outputs_naming_one_file_are_refused_before_the_work(argv, tmp_path, monkeypatch, capsys, no_demo):
+    """The later write replaced the earlier one (--save x --json x: the samples were lost), with exit 0."""
+    monkeypatch.chdir(tmp_path)
+    base = ["sample", "--model", "gmm", "--steps", "4", "--batch", "2", "--no-progress", "--no-compare"]
+    assert main([*base, *(["--out", ""] if "--out" not in argv else []), *argv]) == 2
+    assert "is the file" in capsys.readouterr().err and not list(tmp_path.iterdir()) and not no_demo
+
+
+def test_a_model_factory_is_called_once_and_the_comparison_is_against_its_model(user_module, tmp_path):
+    """The factory was called for the checks, the run and the sequential comparison: an untrained network's
+    comparison was against another network (max |diff| 240)."""
+    import importlib
+
+    js = tmp_path / "u.json"
+    argv = ["sample", "--model", user_module + ":untrained", "--prediction", "eps", "--schedule",
+            "ddpm-linear", "--sample-shape", "2", "--steps", "6", "--batch", "3", "--no-progress", "--out", "",
+            "--json", str(js)]
+    assert main(argv) == 0
+    assert len(importlib.import_module(user_module).CALLS) == 1
+    rec = json.loads(js.read_text())
+    assert rec["max_abs_diff"] <= 2e-3 * 10                  # within tol of the same network's sequential sample

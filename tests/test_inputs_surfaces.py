@@ -103,6 +103,11 @@ CLI_CASES = [
     ("max-rounds with parareal", ["sample", "--method", "parareal", "--max-rounds", "3"], "--max-rounds"),
     ("slices with picard", ["sample", "--slices", "4"], "--slices"),
     ("coarse-steps with picard", ["sample", "--coarse-steps", "2"], "--coarse-steps"),
+    # ... also when the value given is the default (it passed unnoticed)
+    ("coarse-steps 1 with picard", ["sample", "--coarse-steps", "1"], "--coarse-steps"),
+    ("compare with sequential", ["sample", "--method", "sequential", "--compare"], "--compare"),
+    ("likelihood compare with sequential", ["likelihood", "--model", "gmm", "--method", "sequential", "--compare"],
+     "--compare"),
     ("max-rounds with sequential", ["sample", "--method", "sequential", "--max-rounds", "3"], "--max-rounds"),
     ("sample-shape on a named model", ["sample", "--model", "gmm", "--sample-shape", "2"], "--sample-shape"),
     ("schedule on a named model", ["sample", "--model", "gmm", "--schedule", "ve"], "--schedule"),

@@ -137,3 +137,11 @@ def test_bad_steps_and_triton_on_cpu_are_named():
 def test_import_paratime_does_not_import_diffusers():
     code = "import sys, paratime; assert 'diffusers' not in sys.modules; assert callable(paratime.parallelize)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_sd3_mu_without_dynamic_shifting_is_refused_naming_it():
+    """The scheduler would not read mu (dynamic shifting off): accepted, it changed nothing."""
+    pipe = tiny_sd3()
+    assert not pipe.scheduler.config.get("use_dynamic_shifting")
+    with pytest.raises(ValueError, match="^mu: applies only to a scheduler with use_dynamic_shifting"):
+        paratime.parallelize(pipe)(**_call(pipe), mu=5.0)

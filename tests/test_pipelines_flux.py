@@ -55,3 +55,31 @@ def test_flux_true_cfg_is_refused_naming_it():
     with pytest.raises(ValueError, match="true_cfg_scale"):
         paratime.parallelize(pipe)(num_inference_steps=2, height=32, width=32, max_sequence_length=16,
                                    true_cfg_scale=2.0, **emb)
+
+
+def test_flux_sigmas_set_the_steps_as_the_pipeline_does():
+    """Given sigmas, FluxPipeline runs len(sigmas) steps whatever num_inference_steps says; paratime passed both to
+    the scheduler, which refused them unless they agreed."""
+    pipe = tiny_flux()
+    sigmas = [1.0, 0.7, 0.4, 0.2]
+    args = {k: v for k, v in _args(pipe).items() if k != "num_inference_steps"}
+    want = pipe(generator=_gen(), output_type="latent", sigmas=sigmas, **args).images
+    scale = float(want.abs().max())
+    for steps in ({}, {"num_inference_steps": 3}):
+        got = paratime.parallelize(pipe, method="sequential")(generator=_gen(), output_type="latent", sigmas=sigmas,
+                                                              **args, **steps)
+        assert float((got.images - want).abs().max()) <= BOUND * scale, steps
+        assert got.paratime_stats.steps == 4
+
+
+def test_one_prompts_embeddings_serve_several_images_as_in_the_pipeline():
+    """FluxPipeline broadcasts prompt_embeds of batch 1 over num_images_per_prompt; paratime refused them, naming
+    an internal tensor (encoder_hidden_states)."""
+    pipe = tiny_flux()
+    emb = {k: v for k, v in prompt_embeddings(pipe, batch=1).items() if not k.startswith("negative")}
+    args = dict(num_inference_steps=3, height=32, width=32, max_sequence_length=16, output_type="latent",
+                num_images_per_prompt=2, **emb)
+    want = pipe(generator=_gen(), **args).images
+    got = paratime.parallelize(pipe, method="sequential")(generator=_gen(), **args).images
+    assert got.shape == want.shape and want.shape[0] == 2
+    assert float((got - want).abs().max()) <= BOUND * float(want.abs().max())

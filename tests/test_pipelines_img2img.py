@@ -111,6 +111,27 @@ def test_controlnet_matches_the_pipeline(name, scheduler):
     assert np.abs(_array(call(paratime.parallelize(pipe, tol=0.0)).images) - _array(call(pipe).images)).max() <= 1.0
     with pytest.raises(ValueError, match="control_guidance_start, control_guidance_end"):
         call(paratime.parallelize(pipe), control_guidance_end=0.5)
+    # As diffusers: a list of one beside a number is the ControlNet on every step (it was refused).
+    got = call(paratime.parallelize(pipe, method="sequential"), output_type="latent", control_guidance_start=[0.0],
+               control_guidance_end=1.0).images
+    assert float((got - want).abs().max()) <= BOUND * scale
+    # A list of scales is for several ControlNets: diffusers refuses it for one; its first entry was run.
+    with pytest.raises(TypeError, match="^controlnet_conditioning_scale: one ControlNet takes a float"):
+        call(paratime.parallelize(pipe), [0.7, 0.9])
+
+
+def test_an_argument_the_pipeline_does_not_have_is_refused_naming_it():
+    """Names in paratime's supported set reached the loop through the pipeline's **kwargs though the pipeline has no
+    such parameter, and were dropped: img2img's height / width / latents, ControlNet's guidance_rescale."""
+    pipe = _sd_img2img()
+    image = torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(0))
+    for extra in (dict(height=64), dict(latents=torch.zeros(1, 4, 6, 8))):
+        with pytest.raises(TypeError, match=f"^{next(iter(extra))}: not an argument of "
+                                            f"StableDiffusionImg2ImgPipeline.__call__"):
+            paratime.parallelize(pipe)("a cat", image=image, num_inference_steps=2, **extra)
+    control = tiny_sd_controlnet(text=True)
+    with pytest.raises(TypeError, match="^guidance_rescale: not an argument of StableDiffusionControlNetPipeline"):
+        paratime.parallelize(control)("a cat", image=image, num_inference_steps=2, guidance_rescale=0.7)
 
 
 @pytest.mark.parametrize("name, scheduler, strength", [("sd", "pndm", 1.0), ("sd", "euler_ancestral", 0.7),

@@ -311,3 +311,26 @@ def test_ranks_in_lockstep_read_the_rounds_flag_at_the_same_round(name, workers,
     else:
         ev.check()                                               # not landed: no wait, read at a later check
     assert event.waited == lockstep
+
+
+def test_the_corrected_solver_is_named_with_its_base():
+    """With the Langevin corrector the stats said langevin+langevin whatever the base solver."""
+    for solver in ("ddim", "ddpm"):
+        st = ParallelSampler("gmm", solver=solver, steps=5, corrector_snr=0.1, method="sequential",
+                             progress=False).sample(2, seed=0).stats
+        assert st.solver == f"{solver}+langevin"
+    assert ParallelSampler("gmm", steps=5, progress=False).sample(2, seed=0).stats.solver == "ddim"
+
+
+def test_a_meta_device_is_refused_naming_the_option():
+    """meta tensors hold no data: accepted, it crashed in the first round's read."""
+    with pytest.raises(ValueError, match="^device: unsupported device type 'meta'"):
+        ParallelSampler("gmm", steps=5, device="meta", progress=False)
+
+
+def test_a_non_finite_policy_observation_is_named():
+    """A NaN observation was reported as the network's non-finite output at step 0."""
+    obs = torch.zeros(1, 12)
+    obs[0, 3] = float("nan")
+    with pytest.raises(ValueError, match="^obs: contains NaN or inf"):
+        ParallelSampler("policy", steps=5, progress=False).sample(1, obs=obs)

@@ -165,6 +165,15 @@ class ControlledUNet(torch.nn.Module):
                          mid_block_additional_residual=mid, return_dict=False, **cond)[0]
 
 
+def _shared(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """Prompt embeddings of one row for ``rows`` samples, repeated: the pipeline broadcasts ``prompt_embeds`` of
+    batch 1 over ``num_images_per_prompt`` (Flux, Wan; its encode_prompt does not repeat given embeddings), where the
+    parallel loop needs a row per sample. Anything else as it is."""
+    if t is None or t.shape[0] != 1 or rows == 1:
+        return t
+    return t.expand(rows, *t.shape[1:])
+
+
 def _control_scale(pipe, kw: dict) -> float:
     """The call's ControlNet scale, refusing what the parallel pipeline does not run (several ControlNets, the
     ControlNet on part of the steps)."""
@@ -173,9 +182,13 @@ def _control_scale(pipe, kw: dict) -> float:
     if not isinstance(pipe.controlnet, ControlNetModel):
         raise TypeError("pipe: a MultiControlNetModel is not supported by the parallel pipeline; use one ControlNet")
     scale = kw.get("controlnet_conditioning_scale", 1.0)
-    scale = scale[0] if isinstance(scale, (list, tuple)) else scale
+    if isinstance(scale, (list, tuple)):    # one per ControlNet: diffusers refuses a list for one (its first was run)
+        raise TypeError(f"controlnet_conditioning_scale: one ControlNet takes a float, got {scale!r}")
     start, end = kw.get("control_guidance_start", 0.0), kw.get("control_guidance_end", 1.0)
-    if (start, end) not in ((0.0, 1.0), ([0.0], [1.0])):
+    # As diffusers: a number or a list of one (a number beside a list is broadcast to it).
+    starts = list(start) if isinstance(start, (list, tuple)) else [start]
+    ends = list(end) if isinstance(end, (list, tuple)) else [end]
+    if starts != [0.0] or ends != [1.0]:
         raise ValueError(f"control_guidance_start, control_guidance_end: only 0 and 1 (the ControlNet on every step) "
                          f"are supported, got {start!r}, {end!r}")
     return scale
@@ -437,6 +450,9 @@ def _prepare_sd3(pipe, kw: dict) -> _Prepared:
     latents = pipe.prepare_latents(_batch(prompt, kw.get("prompt_embeds")) * n, tr.in_channels, height, width,
                                    emb.dtype, device, kw.get("generator"), kw.get("latents"))
     mu, sc = kw.get("mu"), pipe.scheduler.config
+    if mu is not None and not sc.get("use_dynamic_shifting", None):
+        raise ValueError(f"mu: applies only to a scheduler with use_dynamic_shifting ({type(pipe.scheduler).__name__} "
+                         f"has it off, and would ignore mu={mu!r})")
     if sc.get("use_dynamic_shifting", None) and mu is None:     # the pipeline's resolution-dependent shift
         h, w = latents.shape[-2:]
         mu = calculate_shift((h // tr.patch_size) * (w // tr.patch_size), sc.get("base_image_seq_len", 256),
@@ -502,12 +518,15 @@ def _prepare_flux(pipe, kw: dict) -> _Prepared:
     mu = calculate_shift(latents.shape[1], sc.get("base_image_seq_len", 256), sc.get("max_image_seq_len", 4096),
                          sc.get("base_shift", 0.5), sc.get("max_shift", 1.15))
     timestep_kwargs = {"mu": mu} if sigmas is None else {"mu": mu, "sigmas": tuple(float(v) for v in sigmas)}
-    cond = {"encoder_hidden_states": emb, "pooled_projections": pooled}
+    # Given sigmas set the steps, as diffusers' retrieve_timesteps does (num_inference_steps is then not read).
+    run_steps = None if kw.get("sigmas") is None else len(timestep_kwargs["sigmas"])
+    cond = {"encoder_hidden_states": _shared(emb, latents.shape[0]),
+            "pooled_projections": _shared(pooled, latents.shape[0])}
     if tr.config.guidance_embeds:                  # guidance distilled into the model: one value per sample
         cond["guidance"] = torch.full((latents.shape[0],), float(kw.get("guidance_scale", 3.5)), device=device,
                                       dtype=torch.float32)
     key = (tuple(img_ids.shape), int(height), int(width), tuple(txt_ids.shape))
-    return _Prepared(latents, cond, None, 1.0, timestep_kwargs=timestep_kwargs,
+    return _Prepared(latents, cond, None, 1.0, timestep_kwargs=timestep_kwargs, steps=run_steps,
                      network=FluxNet(tr, txt_ids, img_ids, key), size=(int(height), int(width)))
 
 
@@ -549,6 +568,7 @@ def _prepare_wan(pipe, kw: dict) -> _Prepared:
     latents = pipe.prepare_latents(_batch(prompt, kw.get("prompt_embeds")) * n, pipe.transformer.config.in_channels,
                                    height, width, frames, torch.float32, device, kw.get("generator"),
                                    kw.get("latents"))
+    emb, neg = _shared(emb, latents.shape[0]), _shared(neg, latents.shape[0])
     return _Prepared(latents, {"encoder_hidden_states": emb.to(dtype)},
                      {"encoder_hidden_states": neg.to(dtype)} if g > 1 else None, g)
 
@@ -630,7 +650,7 @@ _FAMILIES = {
     "StableDiffusionInpaintPipeline": _Family(_prepare_sd_inpaint, _decode_sd, "unet", frozenset({
         "image", "mask_image", "masked_image_latents", "strength"}), _check_inpaint),
     "StableDiffusionControlNetPipeline": _Family(_prepare_sd_controlnet, _decode_sd, "unet", frozenset({
-        "image", "guidance_rescale", "controlnet_conditioning_scale", "control_guidance_start",
+        "image", "controlnet_conditioning_scale", "control_guidance_start",
         "control_guidance_end"})),
     "StableDiffusionXLControlNetPipeline": _Family(_prepare_sdxl_controlnet, _decode_sdxl, "unet", frozenset({
         "image", "prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
@@ -768,13 +788,20 @@ class ParallelPipeline:
         except TypeError as e:
             raise TypeError(f"{type(self.pipe).__name__}.__call__: {e}") from None
         arguments = dict(bound.arguments)
+        named = {n for n, p in sig.parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+        supported = ", ".join(sorted((_COMMON | self.family.extra) & named))
         for name, param in sig.parameters.items():       # the pipeline's **kwargs (deprecated callbacks)
-            if param.kind is inspect.Parameter.VAR_KEYWORD:
-                arguments.update(arguments.pop(name, {}))
+            if param.kind is not inspect.Parameter.VAR_KEYWORD:
+                continue
+            extra = sorted(arguments.pop(name, {}))
+            if extra:
+                # Not a parameter of this pipeline (img2img's height, ControlNet's guidance_rescale): the pipeline
+                # does not read it, and the parallel loop must not either (it was accepted and dropped).
+                raise TypeError(f"{extra[0]}: not an argument of {type(self.pipe).__name__}.__call__ (not supported "
+                                f"by the parallel pipeline); supported arguments: {supported}")
         unknown = sorted(set(arguments) - _COMMON - self.family.extra)
         if unknown:
-            raise TypeError(f"{unknown[0]}: not supported by the parallel pipeline; supported arguments: "
-                            f"{', '.join(sorted(_COMMON | self.family.extra))}")
+            raise TypeError(f"{unknown[0]}: not supported by the parallel pipeline; supported arguments: {supported}")
         return arguments
 
     def __call__(self, *args: Any, **kwargs: Any):

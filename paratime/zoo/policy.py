@@ -87,8 +87,8 @@ class PolicyNet(nn.Module):
         the policy needs ``obs``, a ``(batch, obs_dim)`` floating tensor.
 
         Raises:
-            ValueError: ``obs`` missing, of the wrong shape, or another conditioning key. TypeError: not a
-                floating-point tensor.
+            ValueError: ``obs`` missing, of the wrong shape, not finite, or another conditioning key. TypeError:
+                not a floating-point tensor.
         """
         obs_dim = self.config["obs_dim"]
         unknown = sorted(set(cond) - {"obs"})
@@ -103,6 +103,8 @@ class PolicyNet(nn.Module):
                             f"{obs.dtype if isinstance(obs, torch.Tensor) else type(obs).__name__}")
         if tuple(obs.shape) != (batch, obs_dim):
             raise ValueError(f"obs: expected shape ({batch}, {obs_dim}), got {tuple(obs.shape)}")
+        if not bool(torch.isfinite(obs).all()):         # once a call, before the work (else blamed on the network)
+            raise ValueError("obs: contains NaN or inf")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
         c = self.cond(torch.cat([_timestep_embedding(t, self.emb_dim).to(x.dtype), obs.to(x.dtype)], 1))  # (M, cond)
