@@ -111,7 +111,12 @@ def chunk_rows(limit: int | None, buckets: tuple[int, ...] | None) -> int | None
 def bucket_rows(buckets: tuple[int, ...] | None, rows: int) -> int:
     """The rows a call of ``rows`` rows runs as: the smallest bucket that holds them (the backend's ``pad_rows``),
     or ``rows`` itself without buckets."""
-    return next(b for b in buckets if b >= rows) if buckets else rows
+    if not buckets:
+        return rows
+    fit = next((b for b in buckets if b >= rows), None)
+    if fit is None:
+        raise ValueError(f"buckets: no bucket holds a call of {rows} rows (the largest is {buckets[-1]})")
+    return fit
 
 
 def chunked_cost(curve: CostCurve, rows: int, limit: int | None, buckets: tuple[int, ...] | None = None) -> float:

@@ -61,3 +61,32 @@ def test_max_batch_under_the_smallest_bucket_is_refused(max_batch, buckets, guid
                    sample_shape=(3,), guidance=2.0)
     with pytest.raises(ValueError, match="max_batch, buckets: 3 rows a call under classifier-free guidance"):
         ParallelSampler(den, backend=LocalBackend(max_batch=max_batch, buckets=buckets), progress=False)
+
+
+@pytest.mark.parametrize("window, batch", [("auto", 1), (4, 16)])
+def test_the_first_calls_memory_probe_fits_the_buckets(monkeypatch, window, batch):
+    """On CUDA without max_batch the first call probes 8 rows to measure memory; under buckets (1, 2, 4) no bucket
+    held them (a bare StopIteration: on a plan's probe even for one sample, and on any call of 8 rows or more).
+    The probe is now at most the largest bucket. Simulated on the CPU: the probe path taken, its measurement
+    stubbed."""
+    import paratime.backends.base as base
+
+    own = base.Backend.batch_limit
+    monkeypatch.setattr(base.Backend, "batch_limit", lambda self, device=None: own(self, None))
+    monkeypatch.setattr(base.Backend, "_measures_memory", staticmethod(lambda x: True))
+    monkeypatch.setattr(base, "measure_rows", lambda call, rows, device: (call(), 1e3))
+    sizes = []
+    got = _run(LocalBackend(buckets=(1, 2, 4)), "picard", sizes) if window == 4 else None
+    if got is None:
+        den = Denoiser(lambda x, t: sizes.append(x.shape[0]) or torch.tanh(x) * 0.01,
+                       DiscreteVPSchedule.from_betas("linear", 1000, 1e-4, 0.02), "eps", sample_shape=(3, 5))
+        got = ParallelSampler(den, solver="ddim", steps=10, window="auto", cost="latency", progress=False,
+                              backend=LocalBackend(buckets=(1, 2, 4))).sample(batch, seed=0)
+    assert set(sizes) <= {1, 2, 4} and torch.isfinite(got.samples).all()
+
+
+def test_a_call_no_bucket_holds_is_named():
+    from paratime.cost import bucket_rows
+
+    with pytest.raises(ValueError, match="^buckets: no bucket holds a call of 8 rows"):
+        bucket_rows((1, 2, 4), 8)

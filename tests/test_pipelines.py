@@ -96,6 +96,8 @@ def test_unsupported_schedulers_and_arguments_fail_at_wrap_or_call_time():
     pipe.scheduler = diffusers.DDIMScheduler(**SD_BETAS, timestep_spacing="trailing")
     with pytest.raises(TypeError, match="callback_on_step_end"):
         paratime.parallelize(pipe)(**_call(pipe), callback_on_step_end=lambda *a: {})
+    with pytest.raises(TypeError, match="^callback_steps: deprecated; not run"):     # the pipeline's **kwargs
+        paratime.parallelize(pipe)(**_call(pipe), callback_steps=1)
     with pytest.raises(ValueError, match="pipe"):
         paratime.parallelize(object())
 

@@ -222,6 +222,12 @@ class Backend:
             return limit
         return max(1, limit // 2)
 
+    @staticmethod
+    def _measures_memory(x: torch.Tensor) -> bool:
+        """Whether a first call without ``max_batch`` derives it from a probe chunk's measured peak memory (CUDA;
+        elsewhere the constant :func:`~paratime.backends.memory.default_max_batch`)."""
+        return x.device.type == "cuda"
+
     def run_chunked(self, x: torch.Tensor, sigma: torch.Tensor, model_time: torch.Tensor, cond: dict,
                     fn=None) -> torch.Tensor:
         """Evaluate rows on this process, at most ``max_batch`` network rows per call (derived at the first call
@@ -236,9 +242,10 @@ class Backend:
         outs, start = [], 0
         if self.batch_limit() is None:
             per_row = None
-            if x.device.type == "cuda":
-                # Evaluate a first small chunk while measuring its peak memory; derive max_batch from it.
-                start = min(M, PROBE_ROWS)
+            if self._measures_memory(x):
+                # Evaluate a first small chunk while measuring its peak memory; derive max_batch from it. Never a
+                # chunk above the largest bucket (a probe of 8 rows under buckets (1, 2, 4) had no bucket to fit).
+                start = min(M, PROBE_ROWS, chunk_rows(None, self.buckets) or PROBE_ROWS)
                 out, per_row = measure_rows(lambda: den(x[:start], sigma[:start], model_time[:start],
                                                         **split_cond(cond, 0, start)), start, x.device)
                 outs.append(out)

@@ -56,6 +56,8 @@ class _Prepared:
     size: tuple | None = None            # (height, width) in pixels, where decoding needs it (Flux's unpacking)
 
 
+#: what diffusers' pipelines read from their ``**kwargs`` (deprecated step callbacks)
+_DEPRECATED_KWARGS = frozenset({"callback", "callback_steps"})
 _COMMON = {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width", "generator",
            "latents", "output_type", "return_dict", "num_images_per_prompt", "prompt_embeds",
            "negative_prompt_embeds", "eta", "clip_skip"}
@@ -794,11 +796,14 @@ class ParallelPipeline:
             if param.kind is not inspect.Parameter.VAR_KEYWORD:
                 continue
             extra = sorted(arguments.pop(name, {}))
-            if extra:
-                # Not a parameter of this pipeline (img2img's height, ControlNet's guidance_rescale): the pipeline
-                # does not read it, and the parallel loop must not either (it was accepted and dropped).
-                raise TypeError(f"{extra[0]}: not an argument of {type(self.pipe).__name__}.__call__ (not supported "
-                                f"by the parallel pipeline); supported arguments: {supported}")
+            # Not a parameter of this pipeline (img2img's height, ControlNet's guidance_rescale: the pipeline does not
+            # read it, and the loop must not either; it was accepted and dropped), or a deprecated callback the
+            # pipeline reads from its **kwargs and the loop does not run.
+            for arg in extra:
+                what = "deprecated; not run" if arg in _DEPRECATED_KWARGS else \
+                    f"not an argument of {type(self.pipe).__name__}.__call__"
+                raise TypeError(f"{arg}: {what} (not supported by the parallel pipeline); supported arguments: "
+                                f"{supported}")
         unknown = sorted(set(arguments) - _COMMON - self.family.extra)
         if unknown:
             raise TypeError(f"{unknown[0]}: not supported by the parallel pipeline; supported arguments: {supported}")
