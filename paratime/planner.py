@@ -294,14 +294,15 @@ def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: f
         raise ValueError(f"tol: must be a finite number >= 0, got {tol!r}")
     if method not in ("auto", "picard"):
         raise ValueError(f"method: the planner chooses for 'auto' or 'picard' (its window), got {method!r}")
-    labels = [c[0] for c in candidates(steps, devices, method, methods, alone)]
+    every = candidates(steps, devices, method, methods, alone)
+    labels = [c[0] for c in every]
     if not labels:
         raise ValueError(f"methods: none of {tuple(methods)} is one the planner compares (sequential, picard, "
                          f"parareal)")
     unknown = [x for x in skip if x not in labels]
     if unknown:
         raise ValueError(f"skip: {unknown} are not candidates here; the candidates: {labels}")
-    if all(x in skip for x in labels if x != "sequential") and "sequential" not in labels:
+    if "sequential" not in labels and set(labels) <= set(skip):        # sequential is never skipped
         raise ValueError(f"skip: leaves no candidate of {labels}")
     unit, over = curve(1), dict(overhead or {})
     if any(not math.isfinite(v) for v in over.values()):
@@ -312,7 +313,7 @@ def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: f
     chunks_last = dict(chunks, last_evals=last_evals)
     seq = predict_sequential(curve, steps, batch, devices, evals, over.get("sequential", 0.0), **chunks_last) / unit
     cands: dict[str, tuple[float, str, int | None]] = {}
-    for label, name, w in candidates(steps, devices, method, methods, alone):
+    for label, name, w in every:
         if label in skip and label != "sequential":
             continue
         o = over.get(label, 0.0)

@@ -215,7 +215,8 @@ class ParallelSampler:
             # model), and the memory bound of the planned method.
             check_cond(self.denoiser, cond, full_shape[0], self.device)   # the model's rules, shapes
             t_plan = time.perf_counter()
-            planned["cfg"], planned["plan"], planned["curve"], planned["overhead"] = self._plan(full_shape, cond)
+            (planned["cfg"], planned["plan"], planned["curve"], planned["overhead"],
+             planned["limit"]) = self._plan(full_shape, cond)
             planned["plan_s"] = time.perf_counter() - t_plan
             self._check_memory_agreed(planned["cfg"], full_shape, generator)
 
@@ -253,8 +254,9 @@ class ParallelSampler:
         stats = self._stats(outcome, evaluator, wall + t_noise, B, cfg)
         stats.extra["noise_s"], stats.extra["plan_s"] = t_noise, planned["plan_s"]
         # Rounds priced as the plan priced them: with the ranks' agreed rows per call (the rank with the smallest
-        # waits longest); a rank sampling alone with its own.
-        limit = backend.batch_limit() if alone else self._chunking()["limit"]
+        # waits longest; the plan's, else agreed now, once the run's first call derived it); a rank sampling alone
+        # with its own.
+        limit = backend.batch_limit() if alone else planned["limit"] or self._chunking()["limit"]
         record_rounds(stats, evaluator.call_rows, marks, wall, curve, 1 if alone else self.backend.workers, plan,
                       overhead, limit, backend.buckets)
         latents = None
@@ -276,12 +278,14 @@ class ParallelSampler:
         ``noise=`` given and no step noise, those are errors)."""
         return draws_step_noise(self.solver)
 
-    def _plan(self, shape: tuple[int, ...], cond: dict) -> tuple[SamplerConfig, Plan | None, CostCurve, float]:
+    def _plan(self, shape: tuple[int, ...], cond: dict) -> tuple[SamplerConfig, Plan | None, CostCurve, float,
+                                                                 int | None]:
         """The config this call runs: for ``method="auto"`` or Picard with ``window="auto"``, the planner's method
         and window (:mod:`paratime.planner`) for ``K = backend.workers`` devices and the batch of ``shape``; else
         the sampler's config as is. With a measured cost curve the planner also prices each candidate's work per
         call outside the network (:meth:`overheads`). Returns ``(config, plan or None, cost curve, the run's
-        overhead per call in seconds or 0)``."""
+        overhead per call in seconds or 0, the ranks' agreed rows per call where planning or measuring read it,
+        else None)``."""
         cfg = self.config.for_devices(self.backend.workers)        # staggered's cores
         planning = cfg.method in ("auto", "picard") and cfg.window == "auto"
         if planning or self._measures():
@@ -292,8 +296,10 @@ class ParallelSampler:
         chunking = self._chunking() if planning or measured else None
         if not planning:
             own = [("run", cfg.method, cfg.window_size if cfg.method == "picard" else None)]
-            return cfg, None, curve, (self.overheads(shape, cond, curve, own, chunking["limit"])["run"] if measured
-                                      else 0.0)
+            if not measured:
+                return cfg, None, curve, 0.0, None
+            return cfg, None, curve, self.overheads(shape, cond, curve, own, chunking["limit"])["run"], \
+                chunking["limit"]
         # Parareal takes tol in noise-level units: not a candidate when the tolerance was given in data units.
         methods = tuple(m for m in METHODS if not (m.startswith("parareal") and
                                                    (cfg.tol_units is not None or cfg.data_scale is not None)))
@@ -317,7 +323,8 @@ class ParallelSampler:
         plan = plan_sampling(*args, overhead=overhead, **kw)
         log.info("plan: %s", plan.reason)
         # Another method planned: Picard's own options (given for the Picard candidate) do not carry over.
-        return cfg.with_method(plan.method, window=plan.window or "auto"), plan, curve, plan.overhead_s
+        return cfg.with_method(plan.method, window=plan.window or "auto"), plan, curve, plan.overhead_s, \
+            chunking["limit"]
 
     def _priced(self, shape: tuple[int, ...], cond: dict, curve: CostCurve, plans: list[tuple[str, str, int | None]],
                 bare: Plan, limit: int | None) -> dict[str, float]:
@@ -449,12 +456,17 @@ class ParallelSampler:
         sequential sampling, another sample)."""
         if self.backend.name not in ("local", "torch") or self.backend.batch_limit(self.device) is not None:
             return
-        r, mid, first = PROBE_ROWS, self.grid.steps // 2, torch.zeros(1, dtype=torch.long)
+        with self._kernel_mode(), torch.no_grad():
+            self.backend.run_chunked(*self._probe_rows(shape, cond, PROBE_ROWS))
+
+    def _probe_rows(self, shape: tuple[int, ...], cond: dict, r: int) -> tuple:
+        """``(x, sigma, model_time, cond)`` of ``r`` rows for a call that measures (the cost curve's timed calls,
+        the backend's memory probe): seeded noise of ``shape``'s sample shape on the state device, at the grid's
+        middle step, with sample 0's conditioning."""
+        mid, first = self.grid.steps // 2, torch.zeros(1, dtype=torch.long)
         x = torch.randn((r, *shape[1:]), generator=torch.Generator().manual_seed(0)).to(self.device, self.state_dtype)
         rows = map_cond(cond, lambda v: v[first.to(v.device)].expand(r, *v.shape[1:]))
-        with self._kernel_mode(), torch.no_grad():
-            self.backend.run_chunked(x, self.grid.sigmas[mid].to(x).expand(r),
-                                     self.grid.model_times[mid].to(x).expand(r), rows)
+        return x, self.grid.sigmas[mid].to(x).expand(r), self.grid.model_times[mid].to(x).expand(r), rows
 
     def _chunking(self) -> dict:
         """How the backend splits a call, for the planner: ``limit``, its rows per network call in force (known
@@ -503,15 +515,12 @@ class ParallelSampler:
         ranks agree on the slowest rank's curve)."""
         if not self._measures():
             return make_cost("latency" if self.config.cost == "auto" else self.config.cost)
-        den, mid = self.denoiser, self.grid.steps // 2
-        first = torch.zeros(1, dtype=torch.long)
+        den = self.denoiser
 
         def call(r: int):
-            x = torch.randn((r, *shape[1:]), generator=torch.Generator().manual_seed(0)).to(self.device,
-                                                                                          self.state_dtype)
-            rows = map_cond(cond, lambda v: v[first.to(v.device)].expand(r, *v.shape[1:]))
+            x, sigma, t, rows = self._probe_rows(shape, cond, r)
             with torch.no_grad():
-                den(x, self.grid.sigmas[mid].to(x).expand(r), self.grid.model_times[mid].to(x).expand(r), **rows)
+                den(x, sigma, t, **rows)
 
         # Never a call wider than the backend's limit in force (a call here is not chunked).
         limit = self.backend.batch_limit()

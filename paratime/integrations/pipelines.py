@@ -799,10 +799,10 @@ class ParallelPipeline:
             # Not a parameter of this pipeline (img2img's height, ControlNet's guidance_rescale: the pipeline does not
             # read it, and the loop must not either; it was accepted and dropped), or a deprecated callback the
             # pipeline reads from its **kwargs and the loop does not run.
-            for arg in extra:
-                what = "deprecated; not run" if arg in _DEPRECATED_KWARGS else \
+            if extra:
+                what = "deprecated; not run" if extra[0] in _DEPRECATED_KWARGS else \
                     f"not an argument of {type(self.pipe).__name__}.__call__"
-                raise TypeError(f"{arg}: {what} (not supported by the parallel pipeline); supported arguments: "
+                raise TypeError(f"{extra[0]}: {what} (not supported by the parallel pipeline); supported arguments: "
                                 f"{supported}")
         unknown = sorted(set(arguments) - _COMMON - self.family.extra)
         if unknown:
