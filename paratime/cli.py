@@ -368,6 +368,9 @@ def _check_sample_args(args) -> dict:
     if args.timeout is not None and args.backend == "local":
         raise UsageError("--timeout: only used with --backend torch or ray (local has no workers to wait for)")
     args.timeout = _DEFAULT_TIMEOUT_S if args.timeout is None else args.timeout
+    if args.backend == "torch":            # gloo holds it in milliseconds in a C int
+        from .backends.torch_dist import MAX_TIMEOUT_S
+        check_number("timeout", args.timeout, 0, MAX_TIMEOUT_S, low_open=True)
     check_number("timeout", args.timeout, 0, low_open=True)
     if args.address is not None and args.backend != "ray":
         raise UsageError("--address: only used with --backend ray")
@@ -612,8 +615,13 @@ def _sampler(args, opts: dict, method: str, backend=None):
     if backend is None:
         backend, bopts = args.backend, {}
         if backend == "ray":
-            bopts = {"workers": args.workers, "address": args.address, "model": _model_factory(args),
-                     "timeout_s": args.timeout}
+            # The actors build a registered model themselves (its shipped weights); a user's factory may not be
+            # seeded, so its network, built once here, travels through the object store (each actor calling the
+            # factory built a different network: max |diff| 197 on 2 actors).
+            from .models import MODELS
+
+            bopts = {"workers": args.workers, "address": args.address, "timeout_s": args.timeout,
+                     "model": _model_factory(args) if args.model in MODELS else None}
         elif backend == "torch":
             bopts = {"timeout_s": args.timeout}
         kw["backend_options"] = bopts

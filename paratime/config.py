@@ -25,7 +25,7 @@ from .denoiser import PREDICTIONS, Denoiser
 from .methods import METHODS
 from .methods import PARAREAL_TOL
 from .cost import check_cost
-from .methods.parareal import check_coarse_steps, slice_bounds
+from .methods.parareal import check_coarse_steps, check_solver, slice_bounds
 from .methods.picard import DEFAULT_TOL, FILLS, INITS, STOPS, UPDATES, path_plan
 from .noise import tabulates
 from .planner import rounds_cap
@@ -181,6 +181,8 @@ class SamplerConfig:
             raise ValueError(f"eta: applies only to solvers with an eta ({', '.join(with_eta)}); {what}") from e
         check_number("corrector_snr", self.corrector_snr, 0, low_open=True, none=True)
         check_int("corrector_steps", self.corrector_steps, 1)
+        if self.method == "parareal":
+            check_solver(self.build_solver())
         if self.method == "parareal_pipelined" and self.build_solver().uses_history:
             raise ValueError(f"solver: method='parareal_pipelined' needs a one-step solver; {self.solver!r} reads the "
                              f"previous points' D (use method='parareal' or 'picard')")
@@ -428,15 +430,15 @@ def check_cond(denoiser: Denoiser, cond: dict, batch: int, device: torch.device 
             for nested ones).
     """
     hook = getattr(denoiser.network, "check_cond", None)
-    if callable(hook):
-        hook(cond, batch)
+    classifier = denoiser.classifier is not None and bool(denoiser.classifier_scale)
+    if callable(hook):          # a classifier's labels y= are not the network's conditioning
+        hook({k: v for k, v in cond.items() if not (classifier and k == "y")}, batch)
     if "uncond" in cond:
         if not denoiser.guided:
             raise ValueError("uncond: applies only with classifier-free guidance; give guidance= too (other than 1)")
         if not isinstance(cond["uncond"], dict):
             raise TypeError(f"uncond: expected a dict of the network's keyword arguments, "
                             f"got {type(cond['uncond']).__name__}")
-    classifier = denoiser.classifier is not None and bool(denoiser.classifier_scale)
     if "y" in cond and not classifier:
         raise ValueError("y: applies only with classifier guidance (the classifier's labels); give classifier= and "
                          "classifier_scale= too")

@@ -222,8 +222,11 @@ class Denoiser:
         a = append_dims(self.schedule.input_scale(sigma), x.ndim)
         net_dtype = self.network_dtype or x.dtype
         out = self.network((a * x).to(net_dtype), model_time.to(torch.float32), **cond)
-        if not isinstance(out, torch.Tensor):  # diffusers returns an output dataclass
-            out = out.sample if hasattr(out, "sample") else out[0]
+        if not isinstance(out, torch.Tensor):  # diffusers returns an output dataclass (or a tuple)
+            out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, (tuple, list)) and out else out
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"network: expected a tensor (or diffusers' output with .sample, or a tuple whose first "
+                            f"entry is one), got {type(out).__name__}")
         if out.shape != x.shape:
             raise ValueError(f"network: output shape {tuple(out.shape)} differs from input shape {tuple(x.shape)}")
         return out
@@ -302,11 +305,14 @@ class Denoiser:
         return self.to_x0(x, sigma, self.guidance_rescale * rescaled + (1 - self.guidance_rescale) * guided)
 
     def _log_prob_grad(self, x, sigma, model_time, y):
-        """grad_x log p(y | x) of the classifier, in the VE frame (autograd inside the batched call)."""
+        """grad_x log p(y | x) of the classifier, in the VE frame (autograd inside the batched call). Where ``x``
+        itself requires grad (the likelihood's divergence differentiates ``D``), the gradient keeps its graph, so
+        ``dD/dx`` holds the classifier term's Hessian too."""
         a = append_dims(self.schedule.input_scale(sigma), x.ndim)
+        track = x.requires_grad
         with torch.enable_grad(), torch.inference_mode(False):
-            xg = x.detach().clone().requires_grad_(True)
+            xg = x if track else x.detach().clone().requires_grad_(True)
             logits = self.classifier((a * xg).to(self.network_dtype or x.dtype), model_time.to(torch.float32))
             logp = torch.log_softmax(logits.float(), dim=-1).gather(1, y.long().reshape(-1, 1)).sum()
-            (grad,) = torch.autograd.grad(logp, xg)
+            (grad,) = torch.autograd.grad(logp, xg, create_graph=track)
         return grad.to(x.dtype)

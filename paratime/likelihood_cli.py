@@ -64,9 +64,10 @@ def add_likelihood_parser(sub) -> argparse.ArgumentParser:
                                                        f"reaches t = 0)")
     p.add_argument("--method", default="picard", help=f"one of {', '.join(FLOW_METHODS)}")
     p.add_argument("--tol", type=float, default=None,
-                   help=f"picard: bound on the max |change| of the flow's end state and log-density (absolute; nats "
-                        f"for the density); parareal: each slice's change in units of the noise level (default "
-                        f"{DEFAULT_FLOW_TOL}; not with --method sequential)")
+                   help=f"picard: bound on the max |change| of the flow's end state (absolute: x_T and the "
+                        f"log-density change over sqrt(n), i.e. up to tol sqrt(n) nats); parareal: each slice's "
+                        f"change in units of the noise level (default {DEFAULT_FLOW_TOL}; not with --method "
+                        f"sequential)")
     p.add_argument("--window", type=int, default=None, help="Picard window (default: steps)")
     p.add_argument("--divergence", default="hutchinson", help=f"one of {', '.join(DIVERGENCES)}")
     p.add_argument("--probes", type=int, default=None, help="Hutchinson probes per sample (default: 1; "
@@ -202,7 +203,7 @@ def run_likelihood(args, emit: Callable[[str], None] = lambda line: None) -> dic
         torch.set_num_threads(args.threads)
     sets, opts = _data(args)
     methods = ["sequential", args.method] if args.compare and args.method != "sequential" else [args.method]
-    units = {"picard": "absolute (flow end state, nats)", "sequential": None}.get(args.method, "noise level")
+    units = {"picard": "absolute (flow end state; nats / sqrt(n))", "sequential": None}.get(args.method, "noise level")
     rec = {"model": args.model, "solver": args.solver, "steps": args.steps, "tol": args.tol, "tol_units": units,
            "divergence": args.divergence, "probes": _probes(args),
            "samples": args.samples, "spacing": args.spacing, "threads": torch.get_num_threads(),

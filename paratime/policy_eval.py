@@ -171,6 +171,7 @@ def chunk_latency(samplers: dict[str, ParallelSampler], observations: torch.Tens
     """
     if observations.ndim != 2 or observations.shape[0] < 1:
         raise ValueError(f"observations: expected (n >= 1, obs_dim), got {tuple(observations.shape)}")
+    check_int("warmup", warmup, 0)
     for sampler in samplers.values():
         for i in range(warmup):
             sampler.sample(1, seed=seed, obs=observations[i % len(observations)][None])
@@ -192,6 +193,7 @@ def latency_observations(n: int, seed: int = EVAL_SEED, config: ReachConfig | No
     episodes, one every ``n_exec`` steps (where a policy re-plans)."""
     from .tasks.reach import rollout_expert
 
+    check_int("n", n, 1)
     config = config or ReachConfig()
     episodes = max(1, n // 4)
     for _ in range(8):              # an episode re-plans a few times: more episodes until n are met (bounded)
@@ -303,8 +305,10 @@ def compare_methods(methods: tuple[str, ...] = ("sequential", "picard", "pararea
         ``{"results": {name: EvalResult}, "records": {name: summary + latency}}``; ``speedup`` (median
         sequential latency / median latency) when ``sequential`` is among the methods.
     Raises:
-        ValueError: an unknown method.
+        ValueError: an unknown method; ``episodes`` or ``latency_chunks`` not an integer >= 1 (before any work).
     """
+    check_int("episodes", episodes, 1)
+    check_int("latency_chunks", latency_chunks, 1)
     options = options or {}
     samplers = {m: policy_sampler(m, **options.get(m, {})) for m in methods}
     results = {m: rollout(sampler_act(s, seed), episodes, seed, name=m, progress=progress)

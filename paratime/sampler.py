@@ -131,8 +131,9 @@ class ParallelSampler:
                  decoder: Callable | None = None, progress: bool = True, kernels: str | None = None,
                  **options: Any):
         self.config = cfg = SamplerConfig.from_options(solver=solver, **options)   # the one entry check
-        if decoder is not None and not callable(decoder):
-            raise TypeError(f"decoder: expected a callable, got {type(decoder).__name__}")
+        if decoder is not None and not (callable(decoder) or callable(getattr(decoder, "decode", None))):
+            raise TypeError(f"decoder: expected a callable or an object with a callable .decode, "
+                            f"got {type(decoder).__name__}")
         if cfg.latent_scale is not None and decoder is None:
             raise ValueError("latent_scale: applies only with a decoder (latents are divided by it before decoding)")
         if not isinstance(progress, bool):
@@ -152,6 +153,7 @@ class ParallelSampler:
         # first call's noise draw took 0.14 s of a 0.15 s gmm run before, and a --compare speed-up read 0.015).
         triton_usable(torch.empty(0, device=self.device))
         self.grid: TimeGrid = self.denoiser.schedule.grid(cfg.steps, cfg.spacing)
+        self.solver.check_grid(self.grid.sigmas.numel() - 1, self.denoiser.schedule.kind)
         if backend_options is not None and not isinstance(backend_options, dict):
             raise TypeError(f"backend_options: expected a dict of the backend's options, "
                             f"got {type(backend_options).__name__}")
@@ -601,8 +603,9 @@ class ParallelSampler:
             raise ValueError("decoder: this sampler has none; pass decoder= to ParallelSampler")
         check_int("batch", batch, 1)
         z = latents / (self.latent_scale or 1.0)
-        dec = self.decoder.decode if hasattr(self.decoder, "decode") else self.decoder
-        dtype = next(self.decoder.parameters()).dtype if isinstance(self.decoder, torch.nn.Module) else z.dtype
+        dec = self.decoder.decode if callable(getattr(self.decoder, "decode", None)) else self.decoder
+        weights = next(self.decoder.parameters(), None) if isinstance(self.decoder, torch.nn.Module) else None
+        dtype = z.dtype if weights is None else weights.dtype
         outs = []
         with torch.inference_mode():
             for s in range(0, z.shape[0], batch):
@@ -628,8 +631,11 @@ class ParallelSampler:
                 discrete schedule of T timesteps, at most T - 1).
             method: ``sequential``, ``picard``, ``parareal`` or ``parareal_pipelined`` (default the sampler's), with
                 the sampler's ``window``, ``tol``, ``max_rounds``, ``slices`` and ``coarse_steps``. Picard's final
-                rule reads ``tol`` as an absolute bound on the flow's end state (x_T and the log-density change, in
-                nats; ``stats.tol_units`` is ``absolute``), not relative to a data scale.
+                rule reads ``tol`` as an absolute bound on the max |change| of the flow's end state in the model frame
+                (``stats.tol_units`` is ``absolute``), not relative to a data scale: x_T's coordinates and the
+                log-density change over ``sqrt(n)`` (the augmented coordinate, module notes of
+                :mod:`paratime.methods.likelihood`), so the log-density's own change up to ``tol * sqrt(n)`` nats,
+                ``tol / (sqrt(n) log 2)`` bits/dim.
             divergence: ``exact`` (n vector-Jacobian products per evaluation) or ``hutchinson``.
             probes, probe: Hutchinson's probes per sample and their kind (``rademacher``, the default, or
                 ``gaussian``); they depend on ``(seed, first_sample + i)`` only and are shared by every time point.
@@ -671,7 +677,7 @@ class ParallelSampler:
         if cfg.method == "auto":           # the flow has no planner: "auto" runs Picard with its widest window
             cfg = dataclasses.replace(cfg, method="picard")
         # The final rule's tol is absolute here: a max |change| of the flow's end state (x_T, and the log-density
-        # change in nats), not relative to a data scale (the sampler's tol_units / data_scale are sample()'s).
+        # change over sqrt(n)), not relative to a data scale (the sampler's tol_units / data_scale are sample()'s).
         final = cfg.method == "picard" and cfg.stop == "final"
         cfg = dataclasses.replace(cfg, tol_units="absolute" if final else None, data_scale=None)
         lk.check_request(x, self.denoiser.sample_shape, self.device, data_range, levels, solver, divergence, probe,

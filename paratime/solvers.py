@@ -64,10 +64,26 @@ class Solver:
     uses_history: ClassVar[bool] = False    # needs D (or history_value) at previous points
     evals_per_step: ClassVar[int] = 1
 
+    #: the step is linear in the VE sigma (Heun's trapezoid, PLMS's eps multistep, Euler–Maruyama), so it cannot take
+    #: a rectified-flow grid's first step, from sigma ~1e7 (``FlowSchedule.t_max``): refused there (:meth:`check_grid`)
+    sigma_linear: ClassVar[bool] = False
+
     @property
     def history_depth(self) -> int:
         """How many previous points the step reads (``prev_denoised`` is a tensor for 1, a tuple for more)."""
         return 1 if self.uses_history else 0
+
+    def check_grid(self, steps: int, kind: str) -> None:
+        """Raise unless this solver can run ``steps`` steps of a grid of schedule kind ``kind`` (checked when a
+        sampler is built, before any work).
+
+        Raises:
+            ValueError: naming ``solver`` (a step linear in sigma on a rectified-flow grid) or ``steps``.
+        """
+        if self.sigma_linear and kind == "flow":
+            raise ValueError(f"solver: {self.name!r} steps linearly in the VE sigma, and a rectified-flow grid "
+                             f"starts at sigma ~1e7 (t_max), a step it cannot take (its samples blow up); use "
+                             f"'euler', 'flow_heun', 'dpmpp_2m', 'ddpm' or another exponential-in-sigma solver")
 
     def history_value(self, x: torch.Tensor, denoised: torch.Tensor, i: torch.Tensor,
                       sigmas: torch.Tensor) -> torch.Tensor:
@@ -338,6 +354,7 @@ class EulerMaruyama(Solver):
     """Euler–Maruyama for the reverse SDE family with the same marginals (eta 1: the reverse SDE)."""
 
     name: ClassVar[str] = "euler_maruyama"
+    sigma_linear: ClassVar[bool] = True
     stochastic: ClassVar[bool] = True
     eta: float = 1.0
 
@@ -382,6 +399,7 @@ class Heun(Solver):
     """EDM's deterministic 2nd-order Heun step (two network calls per step)."""
 
     name: ClassVar[str] = "heun"
+    sigma_linear: ClassVar[bool] = True
     evals_per_step: ClassVar[int] = 2
 
     def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
@@ -562,6 +580,7 @@ class PLMS(Solver):
     """
 
     name: ClassVar[str] = "plms"
+    sigma_linear: ClassVar[bool] = True
     uses_history: ClassVar[bool] = True
     AB: ClassVar[tuple] = ((1.0, 0.0, 0.0, 0.0), (3 / 2, -1 / 2, 0.0, 0.0), (23 / 12, -16 / 12, 5 / 12, 0.0),
                            (55 / 24, -59 / 24, 37 / 24, -9 / 24))
@@ -636,6 +655,9 @@ class LangevinCorrected(Solver):
 
     def history_value(self, x, denoised, i, sigmas):
         return self.base.history_value(x, denoised, i, sigmas)
+
+    def check_grid(self, steps, kind):
+        self.base.check_grid(steps, kind)
 
     def _takes_last_step(self, sigmas):
         return self.base._takes_last_step(sigmas)      # one read per grid for the corrector and its base together
@@ -824,6 +846,7 @@ class FlowHeun(Heun):
     """
 
     name: ClassVar[str] = "flow_heun"
+    sigma_linear: ClassVar[bool] = False     # Heun in flow time t
 
     def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
         return self.next_state(x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, host_steps=host_steps) - x
@@ -1140,6 +1163,10 @@ class DPMSolverSinglestep(Solver):
     def history_depth(self):  # type: ignore[override]
         return max(1, self.order - 1)
 
+    def check_grid(self, steps, kind):
+        super().check_grid(steps, kind)
+        self.orders(steps)
+
     def orders(self, steps: int) -> list[int]:
         """diffusers' ``get_order_list``: the order of every step."""
         k, n = self.order, steps
@@ -1164,9 +1191,6 @@ class DPMSolverSinglestep(Solver):
             sig = sigmas.detach().to("cpu", torch.float64)
             N, K = sig.numel() - 1, self.order
             orders = self.orders(N)
-            if len(orders) != N:
-                raise ValueError(f"steps: diffusers' single-step order list for {N} steps has {len(orders)} entries "
-                                 f"(solver_order={K} needs a multiple of it); use lower_order_final=True")
             lam = -torch.log(sig)
             T = torch.zeros(N, 3, dtype=torch.float64)
             W = torch.zeros(N, K, dtype=torch.float64)

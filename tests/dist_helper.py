@@ -5,6 +5,9 @@ Modes:
   samples OUT   sample every configuration of CONFIGS with the torch backend; rank 0 saves them to OUT
   hang          rank 1 joins the group and then hangs; rank 0 must fail with DistributedTimeoutError
   memory        rank 1's device is all but full: every rank must raise DeviceMemoryError before the first round
+  twice         six samplers with backend="torch" one after another in one process (each closes its backend):
+                every one samples; prints TWICE-OK
+  weights       every rank builds a network with its own random weights: every rank must refuse it naming model
   agree OUT     the kernel path (Triton interpreter) on every rank: Picard residuals placed at the threshold and a
                 Picard sample through a max_batch-capped network; rank 0 saves every rank's results to OUT
 """
@@ -127,6 +130,35 @@ def main():
         except DeviceMemoryError as e:
             print(f"MEMORY-ERROR {time.perf_counter() - t0:.1f} {e}", flush=True)
             be.close()
+            return
+        print("NO-ERROR", flush=True)
+        sys.exit(1)
+    elif mode == "twice":
+        outs = []
+        for _ in range(6):
+            with ParallelSampler("gmm", steps=6, progress=False, backend="torch",
+                                 backend_options={"timeout_s": 30}) as s:
+                outs.append(s.sample(4, seed=1).samples)
+        assert all(torch.equal(o, outs[0]) for o in outs)
+        print("TWICE-OK", flush=True)
+    elif mode == "weights":
+        from paratime import Denoiser
+        from paratime.schedules import VESchedule
+
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = torch.nn.Linear(2, 2).double()
+
+            def forward(self, x, t):
+                return self.lin(x)
+
+        torch.manual_seed(int(os.environ["RANK"]))          # an unseeded factory: each rank its own weights
+        be = TorchDistributedBackend(timeout_s=30)
+        try:
+            ParallelSampler(Denoiser(Net(), VESchedule(), "eps"), steps=4, progress=False, backend=be)
+        except ValueError as e:
+            print(f"WEIGHTS-ERROR {e}", flush=True)
             return
         print("NO-ERROR", flush=True)
         sys.exit(1)

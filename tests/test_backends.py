@@ -90,6 +90,48 @@ def test_a_rank_that_cannot_fit_the_call_stops_every_rank_before_the_first_round
         assert ("another rank's device cannot fit" in line) == (rank == 0), line
 
 
+def test_samplers_one_after_another_on_the_torch_backend_share_the_group_they_made():
+    """Closing a backend destroyed the default group it made, and the next backend's init_process_group met the old
+    rendezvous on the same store and port: a second sampler under torchrun hung or failed in 8 of 16 runs. The group
+    now lives until the process exits, and each later backend joins it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    # Under torchrun (its agent's store outlives a destroyed group: what made the old rendezvous meet the new one).
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(HERE / "dist_helper.py"), "twice"], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.count("TWICE-OK") == 2, run.stdout + run.stderr[-3000:]
+
+
+def test_ranks_with_different_network_weights_are_refused_naming_model():
+    """An unseeded factory builds another network on each rank: both ranks refuse it when the sampler is built
+    (Picard differed from sequential by 28 before)."""
+    procs = _spawn(2, ["weights"])
+    outs = _finish(procs, timeout=90)
+    assert all(p.returncode == 0 for p in procs), outs
+    for out in outs:
+        line = next(x for x in out.splitlines() if x.startswith("WEIGHTS-ERROR"))
+        assert "model: the network's weights differ across the ranks" in line, line
+
+
+def test_init_method_rank_and_world_size_are_checked_before_the_rendezvous():
+    """An out-of-range rank waited out the rendezvous (49.6 s) and ended in a message not naming it."""
+    from paratime.backends.torch_dist import MAX_TIMEOUT_S, TorchDistributedBackend
+
+    env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
+    try:
+        url = f"tcp://127.0.0.1:{_free_port()}"
+        for kw, name in ((dict(rank=2, world_size=2), "rank"), (dict(rank=-1, world_size=1), "rank"),
+                         (dict(rank=0, world_size=0), "world_size"), (dict(rank=0), "world_size"),
+                         (dict(rank=True, world_size=2), "rank")):
+            with pytest.raises(ValueError, match=f"^{name}: with init_method="):
+                TorchDistributedBackend(init_method=url, timeout_s=5, **kw)
+        with pytest.raises(ValueError, match="^timeout_s: at most"):
+            TorchDistributedBackend(timeout_s=MAX_TIMEOUT_S * 2)
+    finally:
+        os.environ.update(env)
+
+
 def test_torch_backend_without_group_says_how_to_start():
     from paratime.backends.torch_dist import TorchDistributedBackend
 
@@ -188,10 +230,11 @@ def test_ray_bad_options(ray_session):
     for kw, name in ((dict(timeout_s=float("nan")), "timeout_s"), (dict(start_timeout_s=float("inf")),
                      "start_timeout_s"), (dict(threads=-1), "threads"), (dict(num_cpus=0), "num_cpus"),
                      (dict(num_gpus=-1), "num_gpus"), (dict(address=123), "address"),
+                     (dict(workers=True), "workers"), (dict(max_retries=True), "max_retries"),
                      # a Ray is up in this process: it would be used, not the address
                      (dict(address="ray://nowhere:1"), "address")):
         with pytest.raises(ValueError) as info:
-            RayBackend(workers=1, **kw)
+            RayBackend(**{"workers": 1, **kw})
         assert str(info.value).startswith(f"{name}:"), (kw, str(info.value))
     # A constructor's own TypeError is not reported as an unknown option (all three keys are the backend's).
     with pytest.raises(ValueError, match="^address:"):

@@ -344,3 +344,26 @@ def test_a_model_factory_is_called_once_and_the_comparison_is_against_its_model(
     assert len(importlib.import_module(user_module).CALLS) == 1
     rec = json.loads(js.read_text())
     assert rec["max_abs_diff"] <= 2e-3 * 10                  # within tol of the same network's sequential sample
+
+
+def test_ray_actors_get_a_user_factorys_network_from_the_driver(user_module, monkeypatch):
+    """Each Ray actor called a user's factory itself: an unseeded one built another network on each (max |diff| 197
+    on 2 actors). A user factory's network, built once, now travels through the object store; a registered model is
+    still built by the actors from its shipped weights."""
+    import paratime.cli as cli
+    import paratime.sampler
+
+    seen = {}
+
+    class Capture:
+        def __init__(self, model, backend=None, backend_options=None, **kw):
+            seen[backend] = (model, backend_options)
+
+    monkeypatch.setattr(paratime.sampler, "ParallelSampler", Capture)
+    for spec, registered in ((user_module + ":untrained", False), ("gmm", True)):
+        extra = [] if registered else ["--prediction", "eps", "--schedule", "ddpm-linear", "--sample-shape", "2"]
+        args = build_parser().parse_args(["sample", "--model", spec, *extra, "--backend", "ray", "--workers", "2"])
+        cli._sampler(args, {"device": torch.device("cpu")}, "picard")
+        model, options = seen["ray"]
+        assert (options["model"] is not None) == registered, spec
+        assert options["workers"] == 2 and model is not None

@@ -71,6 +71,30 @@ def test_point_mass_flow_is_exact_in_one_euler_step():
     torch.testing.assert_close(out, target.expand(2, 4), rtol=0, atol=1e-6)
 
 
+def test_every_solver_a_flow_sampler_accepts_lands_on_the_data_and_the_others_are_refused():
+    """A rectified-flow grid starts at sigma ~1e7 (t_max): a step linear in sigma there blew samples up to a std of
+    50-7,000 (heun, plms, euler_maruyama were accepted silently); those are refused when the sampler is built, and
+    every other solver lands on the data Gaussian."""
+    from paratime.solvers import SOLVERS
+    z = torch.randn(256, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    refused = []
+    for name in SOLVERS:
+        try:
+            sampler = ParallelSampler(_flow_model(), solver=name, steps=20, method="sequential", progress=False)
+        except ValueError as e:
+            assert str(e).startswith("solver:") and "rectified-flow" in str(e), e
+            refused.append(name)
+            continue
+        out = sampler.sample(noise=z, seed=0 if sampler.draws_step_noise else None).samples
+        # Consistency (a distilled sampler run on a non-distilled model) and the ancestral samplers at 20 steps are
+        # coarse; a blown-up step is off by orders of magnitude.
+        assert abs(float(out.mean()) - MU) < 0.1 and 0.25 < float(out.std()) < 0.75, (name, out.mean(), out.std())
+    assert sorted(refused) == ["euler_maruyama", "heun", "plms"]
+    # The corrector wraps its base solver: refused with it.
+    with pytest.raises(ValueError, match="solver: 'heun'"):
+        ParallelSampler(_flow_model(), solver="heun", corrector_snr=0.1, steps=8, progress=False)
+
+
 @pytest.mark.parametrize("method", ["picard", "parareal"])
 def test_parallel_methods_reach_the_sequential_flow_sample(method):
     den = _flow_model()

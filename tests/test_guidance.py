@@ -1,6 +1,8 @@
 """Classifier-free and classifier guidance, latent decoding: exact answers on the Gaussian mixture, label accuracy
 on digits, Picard == sequential with guidance on."""
 
+import types
+
 import pytest
 import torch
 
@@ -117,3 +119,31 @@ def test_latent_decoding_divides_by_the_scale_and_batches():
     assert calls == [8, 2]
     with pytest.raises(ValueError, match="latent_scale"):
         ParallelSampler("digits", latent_scale=0.0)
+
+
+def test_decoders_without_weights_and_vaes_with_decode():
+    """A decoder module with no parameters decodes in the latents' dtype (it raised a bare StopIteration after all
+    the sampling), and an object with ``.decode`` (a VAE) that is not itself callable is taken, as documented."""
+    class Vae:
+        def decode(self, z):
+            return types.SimpleNamespace(sample=z * 3)
+
+    for decoder, scale in ((torch.nn.Identity(), 1), (torch.nn.Sequential(torch.nn.Identity()), 1), (Vae(), 3)):
+        s = ParallelSampler("digits", steps=3, method="sequential", decoder=decoder, progress=False)
+        res = s.sample(2, seed=0)
+        torch.testing.assert_close(res.samples, res.latents * scale)
+
+
+def test_a_zoo_network_that_takes_no_conditioning_samples_with_a_classifiers_labels():
+    """``y=`` belongs to the classifier: the mixture's conditioning hook refused it ("y: the mixture model takes no
+    conditioning"), so classifier guidance could not run on it. Guided samples of each label land nearer that
+    label's direction."""
+    base = ring_gmm()
+    W = torch.tensor([[4.0, 0.0], [-4.0, 0.0]], dtype=torch.float64)        # class 0: x > 0, class 1: x < 0
+    den = Denoiser(base.network, base.schedule, "eps", dtype=torch.float64, sample_shape=(2,),
+                   classifier=lambda x_in, t: x_in.double() @ W.T, classifier_scale=3.0)
+    y = torch.tensor([0] * 64 + [1] * 64)
+    out = ParallelSampler(den, steps=20, method="sequential", progress=False).sample(128, seed=0, y=y).samples
+    assert float(out[:64, 0].mean()) > 0.5 > -0.5 > float(out[64:, 0].mean())
+    with pytest.raises(ValueError, match="^z: the mixture model takes no conditioning"):
+        ParallelSampler(den, steps=4, progress=False).sample(2, y=y[:2], z=torch.zeros(2))

@@ -192,6 +192,7 @@ CLI_CASES = [
     ("save missing dir", ["--save", MISSING + ".pt"], "--save"),
     ("timeout 0", ["--backend", "torch", "--timeout", "0"], "--timeout"),
     ("timeout nan", ["--backend", "ray", "--timeout", "nan"], "--timeout"),
+    ("timeout past gloo's 2^31 ms", ["--backend", "torch", "--timeout", "1e10"], "--timeout"),
     ("timeout with local", ["--timeout", "5"], "--timeout"),
     ("tol with sequential", ["--method", "sequential", "--tol", "0.1"], "--tol"),
     ("likelihood tol with sequential", ["likelihood", "--method", "sequential", "--tol", "0.2"], "--tol"),

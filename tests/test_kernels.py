@@ -78,6 +78,34 @@ def test_picard_update_matches_reference(dtype, W, B, feat):
     torch.testing.assert_close(err, re_, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["triton", "torch"])
+def test_both_paths_take_and_refuse_the_same_inputs(mode):
+    """Inputs whose shapes disagree with x's (start's) are refused naming them on both paths: the kernel indexed
+    them by x's rows and features and read past their end (uninitialised memory: an error of 7e16); numbers and None
+    as coefficients work on both (the reference raised AttributeError); picard_update with dtypes other than
+    start's returns start's dtype on both (the kernel returned dx's)."""
+    from paratime.kernels import kernels
+
+    g = torch.Generator().manual_seed(0)
+    x, o, z = (torch.randn(4, 8, generator=g) for _ in range(3))
+    c = torch.randn(4, generator=g)
+    start, d = torch.randn(2, 8, generator=g), torch.randn(3, 2, 8, generator=g)
+    with kernels(mode):
+        for kw, name in ((dict(out=o[:, :4]), "out"), (dict(out_uncond=o[:, :2], guidance=2.0), "out_uncond"),
+                         (dict(noise=z[:2]), "noise"), (dict(c_x=c[:3]), "c_x")):
+            with pytest.raises(ValueError, match=f"^{name}: "):
+                fused_step(x, **{"out": o, "c_x": c, "c_o": c, "k_d": c, **kw})
+        for args, name in (((start, d, d[:2]), "old"), ((start[:, :4], d, d), "dx")):
+            with pytest.raises(ValueError, match=f"^{name}: expected shape"):
+                picard_update(*args)
+        x0, dx = fused_step(x, o, c_x=1.0, c_o=0.5, k_d=0.25, noise=z)        # k_z None: no noise term
+        torch.testing.assert_close(x0, x + 0.5 * o)
+        torch.testing.assert_close(dx, 0.25 * (x - x0))
+        for dtype in (torch.float16, torch.float64):
+            new, _ = picard_update(start, d.to(dtype), d.to(dtype))
+            assert new.dtype == torch.float32
+
+
 @pytest.mark.parametrize("block", [128, 1024])
 @pytest.mark.parametrize("W", [1, 5, 37])
 def test_picard_scan_across_tiles_matches_reference(block, W):

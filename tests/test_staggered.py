@@ -136,3 +136,14 @@ def test_same_hits_as_the_chords_port():
     ref = run_chords(20, x_T, score, (0, 5, 10), jump, criterion="core_index", index=3)
     assert loose.extra["sample_core"] == [1] * 3 and [h.k for h in ref.hits] == [0, 10, 15, 20]
     torch.testing.assert_close(loose.x, ref.hits[2].x, rtol=0, atol=1e-12)
+
+
+def test_stats_at_tol_zero_give_each_samples_data_scale_as_picard_does():
+    """``tol_units="data"`` at tol 0: the stats gave ``data_scale`` None per sample (Picard gives each sample's)."""
+    kw = dict(steps=10, tol=0, progress=False)
+    pic = ParallelSampler("gmm", window=4, **kw).sample(3, seed=0).stats
+    stg = ParallelSampler("gmm", method="staggered", window=3, **kw).sample(3, seed=0).stats
+    assert stg.tol_units == pic.tol_units == "data"
+    assert stg.data_scale == pytest.approx(pic.data_scale, rel=1e-12) and all(v > 0 for v in stg.data_scale)
+    absolute = ParallelSampler("gmm", method="staggered", window=3, tol_units="absolute", **kw).sample(3, seed=0)
+    assert absolute.stats.data_scale == [1.0] * 3

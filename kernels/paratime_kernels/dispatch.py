@@ -186,6 +186,12 @@ def fused_step(x, out, out_uncond=None, guidance=1.0, c_x=None, c_o=None, k_d=No
         ``(x0, dx)`` shaped like ``x`` (None where not wanted).
     """
     shape, M = x.shape, x.shape[0]
+    for name, t in (("out", out), ("out_uncond", out_uncond), ("noise", noise)):
+        if t is not None and t.shape != shape:       # the kernel indexes every input by x's rows and features
+            raise ValueError(f"{name}: shape {tuple(t.shape)} differs from x's {tuple(shape)}")
+    for name, c in (("c_x", c_x), ("c_o", c_o), ("k_d", k_d), ("k_z", k_z)):
+        if isinstance(c, torch.Tensor) and c.numel() not in (1, M):
+            raise ValueError(f"{name}: expected one coefficient or one per row ({M}), got shape {tuple(c.shape)}")
     flat = lambda t: None if t is None else _flat(t, M)  # noqa: E731
     xs, os_, us, zs = flat(x), flat(out), flat(out_uncond), flat(noise)
     # The kernel has no backward: rows that autograd differentiates (the likelihood's divergence) take the reference.
@@ -230,8 +236,13 @@ def picard_update(start, dx, old, block: int | None = None, want_err: bool = Tru
     skips it; the kernel computes it in the same pass anyway).
     """
     W, B = dx.shape[:2]
+    for name, t in (("dx", dx), ("old", old)):
+        want = (W, *start.shape)
+        if tuple(t.shape) != want:          # the kernel indexes every input by start's rows and features
+            raise ValueError(f"{name}: expected shape {tuple(want)} (W, *start.shape), got {tuple(t.shape)}")
     s, d, o = _flat(start, B), _flat(dx, W, B), _flat(old, W, B)
-    if not _use_triton(s):
+    # Mixed dtypes take the reference, which returns start's dtype (the kernel writes new in dx's).
+    if not _use_triton(s) or d.dtype != s.dtype or o.dtype != s.dtype:
         new, err = picard_update_reference(s, d, o if want_err else None)
     else:
         _, picard = _triton()

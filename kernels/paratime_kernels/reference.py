@@ -35,7 +35,10 @@ def fused_step_reference(x, out, out_uncond=None, guidance=1.0, c_x=None, c_o=No
     if out_uncond is not None:
         u = _as(out_uncond, acc)
         o = u + guidance * (o - u)
-    col = lambda c: _as(c, acc)[:, None]  # noqa: E731
+
+    def col(c):     # per-row coefficients (M,) or one (a 1-element tensor or a number); None is 0, as dispatched
+        return 0.0 if c is None else _as(c, acc).reshape(-1, 1) if isinstance(c, torch.Tensor) else float(c)
+
     x0 = col(c_x) * xf + col(c_o) * o
     dx = None
     if want_dx:

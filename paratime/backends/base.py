@@ -101,6 +101,12 @@ def _check_floor(limit: int | None, buckets: tuple[int, ...] | None, why: str = 
                          f"smaller bucket")
 
 
+def _guided_rows(limit: int | None, guided: bool) -> int | None:
+    """Denoiser rows per call under a network-row ``limit``: half of it under classifier-free guidance (each row
+    runs twice), at least 1; None stays None."""
+    return max(1, limit // 2) if limit is not None and guided else limit
+
+
 def pad_rows(fn, buckets: tuple[int, ...], x, sigma, model_time, cond: dict):
     """``fn(x, sigma, model_time, **cond)`` on rows padded to the smallest bucket >= M (rows <= ``buckets[-1]``);
     the padding repeats row 0 (a gather: no host sync), and its outputs are dropped."""
@@ -170,9 +176,9 @@ class Backend:
         if self.denoiser is not None and denoiser is not self.denoiser:
             log.info("%s backend: re-bound to another denoiser", self.name or type(self).__name__)
             self._auto_batch = None
-        if self.max_batch is not None and denoiser.guided:    # each row runs twice: max_batch // 2 rows a call
-            _check_floor(max(1, self.max_batch // 2), self.buckets, " under classifier-free guidance (each row "
-                         "runs twice: max_batch // 2 rows a call)")
+        if self.max_batch is not None and denoiser.guided:
+            _check_floor(_guided_rows(self.max_batch, True), self.buckets, " under classifier-free guidance (each "
+                         "row runs twice: max_batch // 2 rows a call)")
         self.denoiser = denoiser
 
     def prepare(self, cond: dict[str, Any]) -> None:
@@ -218,9 +224,7 @@ class Backend:
         limit = self.max_batch or self._auto_batch
         if limit is None and device is not None and torch.device(device).type != "cuda":
             limit = default_max_batch(device)
-        if limit is None or self.denoiser is None or not self.denoiser.guided:
-            return limit
-        return max(1, limit // 2)
+        return _guided_rows(limit, self.denoiser is not None and self.denoiser.guided)
 
     @staticmethod
     def _measures_memory(x: torch.Tensor) -> bool:

@@ -147,8 +147,9 @@ class RayBackend(Backend):
         workers: number of actors (model replicas).
         model: how actors build the network: a model name, a zero-argument factory returning a Denoiser, or None to
             ship the sampler's Denoiser through the object store (re-shipped when another one is bound).
-        address: ``None`` starts (or reuses) a local Ray, its node address 127.0.0.1 (Ray's own services may still
-            listen on every interface: a firewall decides what reaches them); ``"auto"`` or ``"ray://..."`` joins a
+        address: ``None`` starts (or reuses) a local Ray, asking for node address 127.0.0.1 (Ray 2.60 rewrites it
+            to the machine's own address, and its services listen on every interface: a firewall decides what
+            reaches them); ``"auto"`` or ``"ray://..."`` joins a
             cluster (an error when Ray is already initialised in this process: that Ray would be used instead).
         num_gpus: GPUs per actor (default 1 if CUDA is available, else 0); num_cpus: CPUs per actor (default 1).
         timeout_s: limit on each ``ray.get``. max_retries: replacements per call before giving up.
@@ -167,7 +168,7 @@ class RayBackend(Backend):
                  max_retries: int = 2, threads: int | None = None, max_batch: int | None = None,
                  start_timeout_s: float = 60.0):
         super().__init__(max_batch)
-        if not isinstance(workers, int) or workers < 1:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers: must be an integer >= 1, got {workers!r}")
         for arg, v in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s), ("num_cpus", num_cpus)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
@@ -180,7 +181,7 @@ class RayBackend(Backend):
         if address is not None and not isinstance(address, str):
             raise ValueError(f"address: expected 'auto', 'ray://host:port', 'host:port' or None, "
                              f"got {type(address).__name__}")
-        if not isinstance(max_retries, int) or max_retries < 0:
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries: must be an integer >= 0, got {max_retries!r}")
         if model is not None and not (isinstance(model, str) or callable(model)):
             raise ValueError(f"model: expected a model name, a factory or None, got {type(model).__name__}")

@@ -28,6 +28,7 @@ so the stuck kernels return and the next collective raises, which becomes :class
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import math
@@ -46,6 +47,21 @@ log = logging.getLogger("paratime")
 
 #: the flat all-gather: ``all_gather_single`` where torch has it (it deprecates ``all_gather_into_tensor``)
 _ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+
+
+#: the longest ``timeout_s``: gloo holds a timeout in milliseconds in a C int (2^31 ms, about 24.8 days)
+MAX_TIMEOUT_S = (2**31 - 1) / 1000
+
+#: the options with which a backend of this process created the default group (None: none did), and how many open
+#: backends use that group: it is kept until the process exits and a later backend with the same options joins it;
+#: one with other options replaces it once no open backend uses it (see :meth:`TorchDistributedBackend.close`)
+_created: tuple | None = None
+_users = 0
+
+
+def _destroy_default_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class DistributedTimeoutError(RuntimeError):
@@ -127,9 +143,11 @@ class TorchDistributedBackend(Backend):
 
     Args:
         group: a process group to use (passed in; not destroyed on close). None: the default group, created from
-            the ``torchrun`` environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) if needed,
-            and destroyed on close if this backend created it.
-        timeout_s: seconds a collective may take before every waiting rank raises.
+            the ``torchrun`` environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) if needed;
+            one this backend created lives until the process exits, and a later backend of the process joins it
+            (:meth:`close`).
+        timeout_s: seconds a collective may take before every waiting rank raises (at most
+            :data:`MAX_TIMEOUT_S`).
         dist_backend: ``nccl`` or ``gloo``; default nccl when CUDA is available, else gloo.
         init_method: e.g. ``tcp://127.0.0.1:29500`` with ``rank`` and ``world_size``, instead of the environment.
         device: this rank's compute device (default: see the module docstring).
@@ -147,6 +165,8 @@ class TorchDistributedBackend(Backend):
         super().__init__(max_batch)
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < math.inf:
             raise ValueError(f"timeout_s: must be a finite number > 0, got {timeout_s!r}")
+        if timeout_s > MAX_TIMEOUT_S:
+            raise ValueError(f"timeout_s: at most {MAX_TIMEOUT_S:.0f} s (gloo's 2^31 ms), got {timeout_s!r}")
         if dist_backend not in (None, "nccl", "gloo"):
             raise ValueError(f"dist_backend: unknown {dist_backend!r}; allowed: nccl, gloo")
         try:
@@ -155,8 +175,15 @@ class TorchDistributedBackend(Backend):
             raise ValueError(f"device: not a device: {device!r}") from e
         self.timeout = datetime.timedelta(seconds=float(timeout_s))
         self.owns_group = False
+        global _created, _users
+        options = (dist_backend or ("nccl" if torch.cuda.is_available() else "gloo"), init_method, rank, world_size)
+        if group is None and _created not in (None, options) and _users == 0 and dist.is_initialized():
+            dist.destroy_process_group()        # made here for another rendezvous, and no open backend uses it
+            _created = None
         joining = group is None and not dist.is_initialized()
-        if not joining:         # the group exists: the options that would create one do not apply
+        if not joining and group is None and _created == options:
+            pass                # this process's earlier backend created the group with these options: join it
+        elif not joining:       # the group exists: the options that would create one do not apply
             for name, value in (("dist_backend", dist_backend), ("init_method", init_method), ("rank", rank),
                                 ("world_size", world_size)):
                 if value is not None:
@@ -173,6 +200,13 @@ class TorchDistributedBackend(Backend):
                                  "init_method= with rank= and world_size=")
             if init_method is None:
                 check_rank_env()
+            else:
+                for name, value, low, high in (("world_size", world_size, 1, None),
+                                               ("rank", rank, 0, None if world_size is None else world_size - 1)):
+                    if isinstance(value, bool) or not isinstance(value, int) or value < low or \
+                            (high is not None and value > high):
+                        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
+                        raise ValueError(f"{name}: with init_method=, an integer {rng}, got {value!r}")
             dist_backend = dist_backend or ("nccl" if torch.cuda.is_available() else "gloo")
             if dist_backend == "gloo" and os.environ.get("MASTER_ADDR", "127.0.0.1") in ("127.0.0.1", "localhost") \
                     and "GLOO_SOCKET_IFNAME" not in os.environ:
@@ -182,7 +216,11 @@ class TorchDistributedBackend(Backend):
                 nccl_environment()
                 torch.cuda.set_device(self._device or int(os.environ.get("LOCAL_RANK", 0)))
             dist.init_process_group(dist_backend, timeout=self.timeout, **kw)
-            self.owns_group = True
+            if _created is None:
+                atexit.register(_destroy_default_group)
+            _created, self.owns_group = options, True
+        self._counted = group is None and _created is not None     # a user of the group made here
+        _users += self._counted
         self.group = group
         self.rank = dist.get_rank(group)
         self.workers = dist.get_world_size(group)
@@ -301,11 +339,43 @@ class TorchDistributedBackend(Backend):
             raise DistributedTimeoutError(f"rank {self.rank}/{self.workers}: all_reduce failed (timeout "
                                           f"{self.timeout.total_seconds():g} s): {str(e).splitlines()[0][:300]}") from e
 
+    def bind(self, denoiser):
+        """Attach the denoiser, and check that every rank holds the same network weights: each rank builds its own
+        model, and an unseeded factory built a different network on each (Picard then differed from sequential by
+        28 on a 2-rank run). One collective of a few numbers; raises on every rank alike.
+
+        Raises:
+            ValueError: naming ``model``, when the ranks' weights differ.
+        """
+        super().bind(denoiser)
+        if self.workers == 1:
+            return
+        net = getattr(denoiser, "network", None)
+        tensors = [t for t in (list(net.parameters()) + list(net.buffers()) if isinstance(net, torch.nn.Module)
+                               else []) if t.is_floating_point()]
+        # Sum of the k-weighted sums, of the squares and of |.|, on the weights' device: one host read.
+        acc = torch.zeros(3, dtype=torch.float64, device=tensors[0].device if tensors else "cpu")
+        with torch.no_grad():
+            for k, t in enumerate(tensors):
+                v = t.detach().double()
+                acc += torch.stack([(k + 1) * v.sum(), (v * v).sum(), v.abs().sum()]).to(acc.device)
+        moments = acc.tolist()
+        # Every rank decides from the same agreed numbers: max and -min of each moment, the largest scale.
+        top = self.agree_max(moments + [float(len(tensors)), -moments[0], -moments[1], -float(len(tensors))])
+        spread = max(top[0] + top[4], top[1] + top[5], top[3] + top[6])      # max - min of each
+        if not spread <= 1e-9 * (top[2] * top[3] + top[1] + 1e-30):
+            raise ValueError("model: the network's weights differ across the ranks; every rank must build the same "
+                             "network (seed its initialisation, or load the same weights)")
+
     def barrier(self):
         self._collective("all_reduce", torch.zeros(1, device=self.device if self.nccl else "cpu"))
 
     def close(self):
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-            self.owns_group = False
+        """Forget the group. The default group this backend created is kept until the process exits: destroyed here,
+        the next backend's ``init_process_group`` met the old rendezvous on the same store and port (a second
+        sampler under torchrun hung or failed in 8 of 16 runs), so a later backend with the same options joins it
+        instead (one with another ``init_method`` replaces it once no open backend uses it)."""
+        global _users
+        _users -= self._counted
+        self._counted = self.owns_group = False
 

@@ -727,11 +727,11 @@ def _check_options(solver, options: dict) -> SamplerConfig:
     window, slices, coarse = options.get("window"), options.get("slices"), options.get("coarse_steps", 1)
     slid = window + 1 if isinstance(window, int) and not isinstance(window, bool) else 1
     sliced = (slices or coarse) * coarse if all(isinstance(v, int) for v in (slices or 1, coarse)) else 1
-    cfg = SamplerConfig.from_options(solver=solver, steps=max(1, slices or 1, slid, sliced), **options)
-    if cfg.method.startswith("parareal") and solver.history_depth > 1:
-        raise ValueError(f"method: {cfg.method!r} carries one previous model output across slices, but "
+    method = options.get("method")          # named here, before the config names the scheduler's solver
+    if isinstance(method, str) and method.startswith("parareal") and solver.history_depth > 1:
+        raise ValueError(f"method: {method!r} carries one previous model output across slices, but "
                          f"{solver.name} uses {solver.history_depth}; use method='picard' or 'sequential'")
-    return cfg
+    return SamplerConfig.from_options(solver=solver, steps=max(1, slices or 1, slid, sliced), **options)
 
 
 class ParallelPipeline:

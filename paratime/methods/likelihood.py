@@ -203,10 +203,15 @@ def likelihood_grid(schedule: NoiseSchedule, steps: int, spacing: str | None = N
     grids end at 0, at most ``T - 1`` steps (the ``T`` trained levels; the sampler's ``T``-th step is the one to 0).
 
     Raises:
-        ValueError: bad ``steps`` (naming the most this schedule takes) or ``spacing``.
+        ValueError: bad ``steps`` (naming the most this schedule takes) or ``spacing``; a rectified-flow
+            ``schedule``.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps: must be an integer >= 1, got {steps!r}")
+    if schedule.kind == "flow":
+        raise ValueError("schedule: the likelihood ODE does not take a rectified-flow schedule: its grid's last "
+                         "interval reaches sigma ~1e7 (t_max), and a step in sigma there (euler, heun) leaves the "
+                         "log-density 12-16 bits/dim off at 25-400 steps")
     if float(schedule.grid(1, spacing).sigmas[-1]) > 0:        # the grids end above 0: their own points
         return schedule.grid(steps, spacing)
     T = getattr(schedule, "num_train_timesteps", None)
@@ -228,7 +233,9 @@ def flow_solver_for(solver: Solver) -> str:
         return "heun"
     if solver.name == "ddim" and not solver.stochastic:
         return "euler"
-    raise ValueError(f"solver: the sampler's solver {solver.name!r} is not one the likelihood ODE takes; pass "
+    base = getattr(solver, "base", None)
+    name = solver.name if base is None else f"{base.name}+{solver.name}"          # ddim+langevin
+    raise ValueError(f"solver: the sampler's solver {name!r} is not one the likelihood ODE takes; pass "
                      f"solver= one of {', '.join(FLOW_SOLVERS)}")
 
 

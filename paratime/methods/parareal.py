@@ -71,6 +71,17 @@ def check_coarse_steps(bounds: torch.Tensor, coarse_steps: int) -> None:
                          f"{int(bounds[-1])} steps in {bounds.numel() - 1} slices), got {coarse_steps}")
 
 
+def check_solver(solver) -> None:
+    """Parareal carries at most one previous D across a slice boundary: a solver reading more is refused.
+
+    Raises:
+        ValueError: naming ``solver``.
+    """
+    if solver.history_depth > 1:
+        raise ValueError(f"solver: Parareal carries one previous D across slices; {solver.name!r} reads "
+                         f"{solver.history_depth}: use method='picard' or 'sequential', or solver='dpmpp_2m'")
+
+
 def coarse_subgrids(bounds: torch.Tensor, coarse_steps: int) -> list[list[int]]:
     """Per slice, the coarse propagator's distinct grid points from ``n_s`` to ``n_{s+1}`` (host integers)."""
     b = bounds.tolist()
@@ -159,9 +170,7 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
         :class:`Outcome`; ``extra`` holds ``slices``, ``nfe_fine``, ``nfe_coarse`` (per sample) and
         ``pipelined_rounds`` (the depth of the pipelined schedule).
     """
-    if problem.solver.history_depth > 1:
-        raise ValueError(f"solver: Parareal carries one previous D across slices; {problem.solver.name!r} reads "
-                         f"{problem.solver.history_depth}: use method='picard' or 'sequential', or solver='dpmpp_2m'")
+    check_solver(problem.solver)
     N, B, dev = problem.steps, x.shape[0], x.device
     bounds_h = slice_bounds(N, slices)                                  # (S+1,) host
     if coarse is None:

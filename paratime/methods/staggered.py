@@ -170,10 +170,11 @@ def sample_staggered(x: torch.Tensor, problem: Problem, cores: int, tol: float |
         problem.report(RoundInfo(tick, begin, tick_rows[-1], float("nan"), final_change))
     log.debug("staggered (%d cores, starts %s, tol %g): %d ticks", cores, "-".join(map(str, starts)), tol, tick)
     tol_abs = stop.tol_b.tolist()
+    own = stop.out.abs().flatten(1).amax(1).tolist() if tol == 0 and tol_scale is None else None   # one read
     return Outcome(stop.out, tick, [float("nan")] * tick, torch.tensor(done_tick),
                    {"cores": cores, "starts": starts, "sample_core": sample_core, "tick_rows": tick_rows,
-                    "hit_ticks": hit_ticks,
-                    "tol_abs": tol_abs, "data_scale": [t / tol if tol > 0 else tol_scale for t in tol_abs]})
+                    "hit_ticks": hit_ticks, "tol_abs": tol_abs,
+                    "data_scale": [t / tol for t in tol_abs] if tol > 0 else own or [tol_scale] * B})
 
 
 class _Hierarchy:
