@@ -114,7 +114,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="the noise schedule of a --model module:factory network, with its default parameters "
                         "(default: none; required for a network)")
     p.add_argument("--pipeline", default=None, metavar="DIR",
-                   help="a diffusers pipeline saved with save_pretrained (Stable Diffusion, SDXL, SD3) instead of "
+                   help="a diffusers pipeline saved with save_pretrained (Stable Diffusion, SDXL, SD3, Flux) instead of "
                         "--model; writes one PNG per image (default: none)")
     p.add_argument("--prompt", default=None, help="--pipeline: the text prompt (default: none; required there)")
     p.add_argument("--height", type=int, default=None, help="--pipeline: image height in pixels (default: the "
@@ -169,7 +169,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy-demo", action=argparse.BooleanOptionalAction, default=None,
                    help="after the samples, the main job's second half: the diffusion policy's per-chunk latency "
                         "(sequential vs Picard), success rates and a PNG of rollouts (default: on with --model "
-                        "digits, off otherwise)")
+                        "digits and --backend local, off otherwise)")
     p.add_argument("--policy-out", default=None,
                    help="--policy-demo: PNG of the rollouts (default: policy_rollouts.png)")
     add_progress_arg(p)
@@ -674,7 +674,8 @@ def run_sample(args, opts: dict | None = None) -> dict:
             rows.append((_ran(st), st.rounds, f"{st.nfe:.0f}", f"{st.wall_s:.3f}", "", predicted, ""))
         if not sampler.backend.is_primary:
             return rec
-        tol = f"{result.stats.tol:g}" + (" (default)" if args.tol is None else "")
+        # The tolerance asked for (a plan that chose sequential sampling ran exact: its stats say tol 0).
+        tol = f"{sampler.config.tol_in_force:g}" + (" (default)" if args.tol is None else "")
         cond = "" if args.label is None else f" label={args.label} guidance={args.guidance}"
         print(f"model={args.model} solver={args.solver} steps={args.steps} batch={args.batch} tol={tol}{cond} "
               f"backend={sampler.backend.name} workers={sampler.backend.workers}")

@@ -203,7 +203,7 @@ def run_likelihood(args, emit: Callable[[str], None] = lambda line: None) -> dic
         torch.set_num_threads(args.threads)
     sets, opts = _data(args)
     methods = ["sequential", args.method] if args.compare and args.method != "sequential" else [args.method]
-    units = {"picard": "absolute (flow end state; nats / sqrt(n))", "sequential": None}.get(args.method, "noise level")
+    units = {"picard": "absolute: flow end state, nats / sqrt(n)", "sequential": None}.get(args.method, "noise level")
     rec = {"model": args.model, "solver": args.solver, "steps": args.steps, "tol": args.tol, "tol_units": units,
            "divergence": args.divergence, "probes": _probes(args),
            "samples": args.samples, "spacing": args.spacing, "threads": torch.get_num_threads(),

@@ -43,15 +43,15 @@ _DENOISER_OPTIONS = ("guidance", "guidance_rescale", "classifier", "classifier_s
 
 def check_kernels(kernels: str | None, state_dtype: torch.dtype, device: torch.device) -> None:
     """``kernels="triton"`` needs a state the Triton kernels run on: CUDA (or ``TRITON_INTERPRET=1`` on CPU) and
-    float32/16; checked where the state's device and dtype are known, before any work.
+    float32, float16 or bfloat16; checked where the state's device and dtype are known, before any work.
 
     Raises:
         ValueError: naming ``kernels``.
     """
     if kernels == "triton" and not triton_usable(torch.empty(0, dtype=state_dtype, device=device)):
         raise ValueError(f"kernels: 'triton' cannot run on this sampler's {state_dtype} state on {device}: it needs "
-                         f"CUDA, or TRITON_INTERPRET=1 on CPU, and a float32/16 state (state_dtype=torch.float32); "
-                         f"kernels='auto' falls back to torch")
+                         f"CUDA, or TRITON_INTERPRET=1 on CPU, and a float32, float16 or bfloat16 state (e.g. "
+                         f"state_dtype=torch.float32); kernels='auto' falls back to torch")
 
 
 def _check_call(progress: Any, seed: Any, first_sample: Any, callback: Any) -> None:

@@ -205,6 +205,8 @@ API_CASES = [
     ("register non-callable", lambda: register_model("h5-x", 3), TypeError, "factory"),
     ("load unknown", lambda: load_model("nope"), ValueError, "model"),
     ("load 3", lambda: load_model(3), ValueError, "model"),
+    ("load digits, an option it lacks", lambda: load_model("digits", foo=1), TypeError, "foo"),
+    ("load policy, an option it lacks", lambda: load_model("policy", steps=3), TypeError, "steps"),
     ("factory unknown", lambda: model_factory("nope"), ValueError, "model"),
     ("schedule unknown", lambda: make_schedule("cosine"), ValueError, "schedule"),
     # module:factory
