@@ -114,8 +114,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="the noise schedule of a --model module:factory network, with its default parameters "
                         "(default: none; required for a network)")
     p.add_argument("--pipeline", default=None, metavar="DIR",
-                   help="a diffusers pipeline saved with save_pretrained (Stable Diffusion, SDXL, SD3, Flux) instead of "
-                        "--model; writes one PNG per image (default: none)")
+                   help="a diffusers pipeline saved with save_pretrained (Stable Diffusion, SDXL, SD3, Flux) "
+                        "instead of --model; writes one PNG per image (default: none)")
     p.add_argument("--prompt", default=None, help="--pipeline: the text prompt (default: none; required there)")
     p.add_argument("--height", type=int, default=None, help="--pipeline: image height in pixels (default: the "
                                                             "pipeline's)")
