@@ -27,7 +27,10 @@ paratime's denoiser output D).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -184,3 +187,97 @@ def run_chords(T: int, x0, score: Callable[[list[tuple[int, Any]]], list[Any]], 
     while not algo.advance(score(algo.pending())):
         pass
     return ChordsRun(algo.hits, algo.tick, algo.evaluations)
+
+
+# -- the original's outputs, recorded: what tests/test_chords_ref.py checks the port against on every run --------
+#: the reference's linear test problem (its test()): score 0.1 x + 0.01 t on 50 steps from 128 normal draws (seed 10)
+LINEAR_T = 50
+#: the schedules, stop rules and dtypes the port is compared on. The original indexes a list of cores that its own
+#: clean-up emptied when every core hits T at the same tick without stopping (consecutive starts such as
+#: [0, 1, 2, 3]), so no such schedule is among them.
+ORIGINAL_SCHEDULES = (stagger(LINEAR_T, 8), stagger(LINEAR_T, 4), stagger(LINEAR_T, 2), [0, 5, 6, 30])
+ORIGINAL_STOPS = (dict(criterion="core_index", index=1, threshold=None),
+                  dict(criterion="core_index", index=100, threshold=None),
+                  dict(criterion="residual", index=1, threshold=5.0),
+                  dict(criterion="residual", index=1, threshold=4e-4))
+ORIGINAL_DTYPES = ("float64", "float32")
+#: where :func:`record_original` writes and the test reads the original's hits
+TRANSCRIPT = Path(__file__).resolve().parent.parent / "tests" / "chords_original_hits.json"
+
+
+def linear_score(x, t):
+    return 0.1 * x + 0.01 * t
+
+
+def linear_x0(dtype: str = "float64") -> torch.Tensor:
+    return torch.randn(128, generator=torch.Generator().manual_seed(10), dtype=getattr(torch, dtype))
+
+
+def digest(x: torch.Tensor) -> str:
+    """The exact bits of a hit's output (dtype and values), as a short hex string."""
+    t = x.detach().cpu().contiguous()
+    return hashlib.sha256(str(t.dtype).encode() + t.numpy().tobytes()).hexdigest()[:32]
+
+
+def case_key(init_t, stop: dict, dtype: str) -> str:
+    return f"{'-'.join(map(str, init_t))}|{stop['criterion']}|{stop['index']}|{stop['threshold']}|{dtype}"
+
+
+def run_original(CHORDS, init_t, stop: dict, dtype: str) -> dict:
+    """The original class driven by its own loop (its test()): ``{"hits": [[k, tick, digest], ...], "ticks",
+    "evaluations"}``."""
+    algo = CHORDS(LINEAR_T, linear_x0(dtype), len(init_t), init_t="-".join(map(str, init_t)), stopping_kwargs=stop)
+    while True:
+        allocation = algo.get_allocation()
+        if allocation == []:
+            break
+        algo.update_scores([(t, k, linear_score(x, t)) for t, k, x in allocation])
+        algo.update_states(len(allocation))
+        delete_ids, earlystop = algo.schedule_cores()
+        if earlystop:
+            break
+        algo.cur_core_to_compute = algo.cur_core_to_compute[len(allocation):]
+        if len(delete_ids):
+            algo.cur_core_to_compute = [c for c in algo.cur_core_to_compute if c not in delete_ids]
+    return {"hits": [[k, tick, digest(x)] for k, tick, x in algo.hits], "ticks": algo.counter,
+            "evaluations": algo.flops_count}
+
+
+def run_port(init_t, stop: dict, dtype: str) -> dict:
+    """:func:`run_chords` on the same problem, in the transcript's form."""
+    run = run_chords(LINEAR_T, linear_x0(dtype), lambda pts: [linear_score(x, t) for t, x in pts], init_t,
+                     criterion=stop["criterion"], index=stop["index"], threshold=stop["threshold"])
+    return {"hits": [[h.k, h.tick, digest(h.x)] for h in run.hits], "ticks": run.ticks,
+            "evaluations": run.evaluations}
+
+
+def record_original(path: str | Path, out: str | Path = TRANSCRIPT) -> dict:
+    """Run the original ``algorithms/chords.py`` at ``path`` (not part of this repository) on every case and write
+    its hits to ``out`` (JSON), with the torch version that made them."""
+    import contextlib
+    import importlib.util
+    import io
+
+    spec = importlib.util.spec_from_file_location("chords_original", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cases = {}
+    with contextlib.redirect_stdout(io.StringIO()):          # the original prints as it runs
+        for init_t in ORIGINAL_SCHEDULES:
+            for stop in ORIGINAL_STOPS:
+                for dtype in ORIGINAL_DTYPES:
+                    cases[case_key(init_t, stop, dtype)] = run_original(mod.CHORDS, init_t, stop, dtype)
+    data = {"source": "github.com/hanjq17/CHORDS algorithms/chords.py", "torch": torch.__version__, "cases": cases}
+    Path(out).write_text(json.dumps(data, indent=1) + "\n")
+    return data
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="Record the original CHORDS scheduler's hits on the reference's linear "
+                                            "problem (what tests/test_chords_ref.py compares the port with).")
+    p.add_argument("--record-original", required=True, metavar="PATH", help="the original algorithms/chords.py")
+    p.add_argument("--out", default=str(TRANSCRIPT), help=f"JSON to write (default: {TRANSCRIPT})")
+    a = p.parse_args()
+    print(f"{len(record_original(a.record_original, a.out)['cases'])} cases written to {a.out}")
