@@ -229,7 +229,7 @@ def test_torch_distributed_backend_gives_the_local_answer(gmm):
     is D~ itself (one gloo rank in this process); the backend is bound to the model again afterwards."""
     import socket
 
-    from paratime.backends.torch_dist import TorchDistributedBackend
+    from paratime.backends.torch_dist import TorchDistributedBackend, release_default_group
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -245,6 +245,7 @@ def test_torch_distributed_backend_gives_the_local_answer(gmm):
         torch.testing.assert_close(dist_sampler.sample(4).samples, local.sample(4).samples, rtol=0, atol=1e-12)
     torch.testing.assert_close(got.nats, ref.nats, rtol=0, atol=1e-9)
     assert got.stats.backend == "torch"
+    assert release_default_group()          # closed: the group it made goes, and this process is as it was
 
 
 # -- issue 23: the sampler's solver, any valid steps, the memory bound, convergence on every spacing --------------

@@ -55,7 +55,7 @@ def test_gloo_backend_takes_the_weights_device_and_refuses_a_disagreement(monkey
     ``device=`` that disagrees with the weights is refused at the first use, naming both."""
     import socket
 
-    from paratime.backends.torch_dist import TorchDistributedBackend
+    from paratime.backends.torch_dist import TorchDistributedBackend, release_default_group
     from paratime.denoiser import Denoiser
     from paratime.schedules import VESchedule
 
@@ -68,8 +68,11 @@ def test_gloo_backend_takes_the_weights_device_and_refuses_a_disagreement(monkey
         with TorchDistributedBackend(init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
                                      dist_backend="gloo", timeout_s=30, device=device) as backend:
             backend.bind(den)
+            assert not release_default_group()          # an open backend uses it
             if device is None:
                 assert backend.device == CPU
             else:
                 with pytest.raises(ValueError, match=r"device: cuda:1 was given but the model's weights are on cpu"):
                     backend.device
+    # Both backends closed: the group they made goes (a second one with another init_method replaced the first).
+    assert release_default_group() and not torch.distributed.is_initialized()

@@ -40,7 +40,8 @@ import torch.distributed as dist
 
 from .base import Backend, map_cond, split_cond
 
-__all__ = ["TorchDistributedBackend", "check_rank_env", "DistributedTimeoutError", "rank_device", "nccl_environment"]
+__all__ = ["TorchDistributedBackend", "check_rank_env", "DistributedTimeoutError", "rank_device", "nccl_environment",
+           "release_default_group", "MAX_TIMEOUT_S"]
 
 log = logging.getLogger("paratime")
 
@@ -62,6 +63,18 @@ _users = 0
 def _destroy_default_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def release_default_group() -> bool:
+    """Destroy the default process group a backend of this process created, once no open backend uses it (it is
+    otherwise kept until the process exits, see :meth:`TorchDistributedBackend.close`): for a process that goes on
+    with a group of its own. Returns whether it did."""
+    global _created
+    if _created is None or _users > 0 or not dist.is_initialized():
+        return False
+    dist.destroy_process_group()
+    _created = None
+    return True
 
 
 class DistributedTimeoutError(RuntimeError):
