@@ -222,8 +222,11 @@ class Denoiser:
         a = append_dims(self.schedule.input_scale(sigma), x.ndim)
         net_dtype = self.network_dtype or x.dtype
         out = self.network((a * x).to(net_dtype), model_time.to(torch.float32), **cond)
-        if not isinstance(out, torch.Tensor):  # diffusers returns an output dataclass (or a tuple)
-            out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, (tuple, list)) and out else out
+        if not isinstance(out, torch.Tensor):  # diffusers returns an output dataclass, or a tuple (return_dict=False)
+            try:
+                out = out.sample if hasattr(out, "sample") else out[0]
+            except (TypeError, KeyError, IndexError):
+                pass
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"network: expected a tensor (or diffusers' output with .sample, or a tuple whose first "
                             f"entry is one), got {type(out).__name__}")

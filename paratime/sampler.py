@@ -153,7 +153,7 @@ class ParallelSampler:
         # first call's noise draw took 0.14 s of a 0.15 s gmm run before, and a --compare speed-up read 0.015).
         triton_usable(torch.empty(0, device=self.device))
         self.grid: TimeGrid = self.denoiser.schedule.grid(cfg.steps, cfg.spacing)
-        self.solver.check_grid(self.grid.sigmas.numel() - 1, self.denoiser.schedule.kind)
+        self.solver.check_grid(self.grid.sigmas)
         if backend_options is not None and not isinstance(backend_options, dict):
             raise TypeError(f"backend_options: expected a dict of the backend's options, "
                             f"got {type(backend_options).__name__}")
@@ -302,9 +302,10 @@ class ParallelSampler:
                 return cfg, None, curve, 0.0, None
             return cfg, None, curve, self.overheads(shape, cond, curve, own, chunking["limit"])["run"], \
                 chunking["limit"]
-        # Parareal takes tol in noise-level units: not a candidate when the tolerance was given in data units.
-        methods = tuple(m for m in METHODS if not (m.startswith("parareal") and
-                                                   (cfg.tol_units is not None or cfg.data_scale is not None)))
+        # Parareal takes tol in noise-level units: not a candidate when the tolerance was given in data units, nor
+        # for a solver reading more than one previous D (Parareal carries one across a slice boundary).
+        methods = tuple(m for m in METHODS if not (m.startswith("parareal") and (
+            cfg.tol_units is not None or cfg.data_scale is not None or self.solver.history_depth > 1)))
         # Each rank sampling by itself needs the model on every rank: an SPMD backend's.
         alone = self.backend.name == "torch" and self.backend.workers > 1
         # Candidates that cannot fit the device are neither timed nor planned (a narrower window may fit); when none

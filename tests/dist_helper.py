@@ -7,7 +7,8 @@ Modes:
   memory        rank 1's device is all but full: every rank must raise DeviceMemoryError before the first round
   twice         six samplers with backend="torch" one after another in one process (each closes its backend):
                 every one samples; prints TWICE-OK
-  weights       every rank builds a network with its own random weights: every rank must refuse it naming model
+  weights       the same network with a -inf buffer on every rank is accepted (SAME-OK); then every rank builds a
+                network with its own random weights: every rank must refuse it naming model
   agree OUT     the kernel path (Triton interpreter) on every rank: Picard residuals placed at the threshold and a
                 Picard sample through a max_batch-capped network; rank 0 saves every rank's results to OUT
 """
@@ -153,8 +154,14 @@ def main():
             def forward(self, x, t):
                 return self.lin(x)
 
-        torch.manual_seed(int(os.environ["RANK"]))          # an unseeded factory: each rank its own weights
         be = TorchDistributedBackend(timeout_s=30)
+        # The same network on every rank, with a -inf mask buffer (its sums are not finite): accepted.
+        torch.manual_seed(0)
+        same = Net()
+        same.register_buffer("mask", torch.full((4, 4), float("-inf")).triu(1))
+        ParallelSampler(Denoiser(same, VESchedule(), "eps"), steps=4, progress=False, backend=be)
+        print("SAME-OK", flush=True)
+        torch.manual_seed(int(os.environ["RANK"]))          # an unseeded factory: each rank its own weights
         try:
             ParallelSampler(Denoiser(Net(), VESchedule(), "eps"), steps=4, progress=False, backend=be)
         except ValueError as e:

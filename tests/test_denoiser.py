@@ -193,3 +193,21 @@ def test_gmm_denoiser_is_tweedies_formula():
     (score,) = torch.autograd.grad(log_p.sum(), x)
     tweedie = (x + sig[:, None] ** 2 * score).detach()
     torch.testing.assert_close(gmm.denoise(x.detach(), sig), tweedie, rtol=1e-9, atol=1e-9)
+
+
+def test_a_network_returning_a_model_output_without_sample():
+    """diffusers' BaseOutput is an ordered dict, not a tuple: one whose field is not ``sample`` is read by its first
+    entry, as before the non-tensor check (which refused it)."""
+    from dataclasses import dataclass
+
+    from diffusers.utils import BaseOutput
+
+    from paratime import ParallelSampler
+
+    @dataclass
+    class Out(BaseOutput):
+        pred: torch.Tensor
+
+    res = ParallelSampler(lambda x, t: Out(pred=0 * x), schedule=VESchedule(), prediction="eps", steps=3,
+                          method="sequential", progress=False).sample((2, 3), seed=0)
+    assert res.samples.shape == (2, 3) and torch.isfinite(res.samples).all()

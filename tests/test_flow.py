@@ -73,8 +73,8 @@ def test_point_mass_flow_is_exact_in_one_euler_step():
 
 def test_every_solver_a_flow_sampler_accepts_lands_on_the_data_and_the_others_are_refused():
     """A rectified-flow grid starts at sigma ~1e7 (t_max): a step linear in sigma there blew samples up to a std of
-    50-7,000 (heun, plms, euler_maruyama were accepted silently); those are refused when the sampler is built, and
-    every other solver lands on the data Gaussian."""
+    50-7,000 (heun, plms, euler_maruyama were accepted silently); a step shrinking the noise level more than 100x
+    is refused for them when the sampler is built, and every other solver lands on the data Gaussian."""
     from paratime.solvers import SOLVERS
     z = torch.randn(256, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     refused = []
@@ -93,6 +93,12 @@ def test_every_solver_a_flow_sampler_accepts_lands_on_the_data_and_the_others_ar
     # The corrector wraps its base solver: refused with it.
     with pytest.raises(ValueError, match="solver: 'heun'"):
         ParallelSampler(_flow_model(), solver="heun", corrector_snr=0.1, steps=8, progress=False)
+    # The rule is the step's noise-level ratio, not the schedule: a flow grid from t_max = 0.99 (sigma 99, a first
+    # step of 6x on 20 steps) runs them, and lands on the data.
+    den = Denoiser(gaussian_velocity, FlowSchedule(shift=3.0, time_scale=1000.0, t_max=0.99), "flow")
+    for name in ("heun", "plms"):
+        out = ParallelSampler(den, solver=name, steps=20, method="sequential", progress=False).sample(noise=z).samples
+        assert abs(float(out.mean()) - MU) < 0.1 and abs(float(out.std()) - STD) < 0.05, (name, out.std())
 
 
 @pytest.mark.parametrize("method", ["picard", "parareal"])

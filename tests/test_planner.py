@@ -410,3 +410,12 @@ def test_a_step_to_sigma_zero_is_priced_at_the_calls_it_makes(solver, options):
         for window in (4, 10):
             st = ParallelSampler("gmm", window=window, tol=0.0, **kw).sample(3, seed=0).stats
             assert st.sce == predict_picard(compute, 10, window, 3, 1, 0.0, evals, last_evals=1)
+
+
+@pytest.mark.parametrize("solver", ["plms", "dpmpp_3m"])
+def test_auto_with_a_multistep_solver_leaves_parareal_out(solver):
+    """Parareal carries one previous D across a slice: with a solver reading more, method="auto" planned it as a
+    candidate, and building that candidate's config raised (the refusal moved into the config); it is no candidate."""
+    res = ParallelSampler("gmm", solver=solver, steps=12, method="auto", progress=False).sample(2, seed=0)
+    assert res.stats.method in ("sequential", "picard")
+    assert res.stats.plan["candidates"] and not any(k.startswith("parareal") for k in res.stats.plan["candidates"])

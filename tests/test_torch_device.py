@@ -74,5 +74,13 @@ def test_gloo_backend_takes_the_weights_device_and_refuses_a_disagreement(monkey
             else:
                 with pytest.raises(ValueError, match=r"device: cuda:1 was given but the model's weights are on cpu"):
                     backend.device
-    # Both backends closed: the group they made goes (a second one with another init_method replaced the first).
+    # A backend with the same options joins the group kept alive, at its timeout: another timeout is refused (it
+    # would have been ignored, the group's own timing out first).
+    with TorchDistributedBackend(init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, dist_backend="gloo",
+                                 timeout_s=30) as joined:
+        assert joined.workers == 1 and not joined.owns_group
+    with pytest.raises(ValueError, match="^timeout_s: the process group this process's earlier backend created"):
+        TorchDistributedBackend(init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, dist_backend="gloo",
+                                timeout_s=60)
+    # Every backend closed: the group they made goes (a second one with another init_method replaced the first).
     assert release_default_group() and not torch.distributed.is_initialized()

@@ -57,7 +57,10 @@ MAX_TIMEOUT_S = (2**31 - 1) / 1000
 #: backends use that group: it is kept until the process exits and a later backend with the same options joins it;
 #: one with other options replaces it once no open backend uses it (see :meth:`TorchDistributedBackend.close`)
 _created: tuple | None = None
+_created_timeout: float | None = None       # the group's own timeout (gloo and NCCL's watchdog read it)
 _users = 0
+#: per network (id), the key of its weights (each tensor's storage and version) and their moments (see ``bind``)
+_moments: dict[int, tuple[tuple, list[float]]] = {}
 
 
 def _destroy_default_group() -> None:
@@ -188,14 +191,18 @@ class TorchDistributedBackend(Backend):
             raise ValueError(f"device: not a device: {device!r}") from e
         self.timeout = datetime.timedelta(seconds=float(timeout_s))
         self.owns_group = False
-        global _created, _users
+        global _created, _created_timeout, _users
         options = (dist_backend or ("nccl" if torch.cuda.is_available() else "gloo"), init_method, rank, world_size)
         if group is None and _created not in (None, options) and _users == 0 and dist.is_initialized():
             dist.destroy_process_group()        # made here for another rendezvous, and no open backend uses it
             _created = None
         joining = group is None and not dist.is_initialized()
         if not joining and group is None and _created == options:
-            pass                # this process's earlier backend created the group with these options: join it
+            # This process's earlier backend created the group with these options: join it, at its timeout.
+            if float(timeout_s) != _created_timeout:
+                raise ValueError(f"timeout_s: the process group this process's earlier backend created times out "
+                                 f"after {_created_timeout:g} s, which a backend joining it cannot change (got "
+                                 f"{timeout_s!r}); give the same, or release_default_group() first")
         elif not joining:       # the group exists: the options that would create one do not apply
             for name, value in (("dist_backend", dist_backend), ("init_method", init_method), ("rank", rank),
                                 ("world_size", world_size)):
@@ -231,7 +238,7 @@ class TorchDistributedBackend(Backend):
             dist.init_process_group(dist_backend, timeout=self.timeout, **kw)
             if _created is None:
                 atexit.register(_destroy_default_group)
-            _created, self.owns_group = options, True
+            _created, _created_timeout, self.owns_group = options, float(timeout_s), True
         self._counted = group is None and _created is not None     # a user of the group made here
         _users += self._counted
         self.group = group
@@ -366,13 +373,21 @@ class TorchDistributedBackend(Backend):
         net = getattr(denoiser, "network", None)
         tensors = [t for t in (list(net.parameters()) + list(net.buffers()) if isinstance(net, torch.nn.Module)
                                else []) if t.is_floating_point()]
-        # Sum of the k-weighted sums, of the squares and of |.|, on the weights' device: one host read.
-        acc = torch.zeros(3, dtype=torch.float64, device=tensors[0].device if tensors else "cpu")
-        with torch.no_grad():
-            for k, t in enumerate(tensors):
-                v = t.detach().double()
-                acc += torch.stack([(k + 1) * v.sum(), (v * v).sum(), v.abs().sum()]).to(acc.device)
-        moments = acc.tolist()
+        # Sum of the k-weighted sums, of the squares and of |.|, on the weights' device: one host read, once per
+        # state of the weights (a re-bind of the same network, e.g. the likelihood's, reuses it). Non-finite values
+        # (a -inf mask) count as fixed finite ones, so equal networks give equal sums.
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        seen = _moments.get(id(net))
+        if seen is not None and seen[0] == key:
+            moments = seen[1]
+        else:
+            acc = torch.zeros(3, dtype=torch.float64, device=tensors[0].device if tensors else "cpu")
+            with torch.no_grad():
+                for k, t in enumerate(tensors):
+                    v = t.detach().double().nan_to_num(nan=0.5, posinf=2.0, neginf=-3.0)
+                    acc += torch.stack([(k + 1) * v.sum(), (v * v).sum(), v.abs().sum()]).to(acc.device)
+            moments = acc.tolist()
+            _moments[id(net)] = (key, moments)
         # Every rank decides from the same agreed numbers: max and -min of each moment, the largest scale.
         top = self.agree_max(moments + [float(len(tensors)), -moments[0], -moments[1], -float(len(tensors))])
         spread = max(top[0] + top[4], top[1] + top[5], top[3] + top[6])      # max - min of each
