@@ -258,6 +258,27 @@ def test_ray_actor_dead_between_calls_is_replaced_and_a_closed_backend_says_so(r
         s.sample(4, seed=1)                           # an IndexError before
 
 
+def test_ray_actors_that_build_another_network_from_model_are_refused(ray_session):
+    """``model=`` a factory: each actor builds its own network. An unseeded factory built another network on each
+    (max |diff| 197 from sequential on 2 actors through the CLI): the driver compares every actor's weights with the
+    sampler's and refuses them naming model; a seeded factory runs."""
+    from paratime import Denoiser, DiscreteVPSchedule
+    from paratime.backends.ray_actors import RayBackend
+    from paratime.zoo.digits import DigitsUNet
+
+    def make(seed=None):                  # local: pickled by value for the actors; an untrained U-Net
+        if seed is not None:
+            torch.manual_seed(seed)
+        return Denoiser(DigitsUNet(channels=8, emb=16), DiscreteVPSchedule.from_betas("linear"), "eps",
+                        sample_shape=(1, 8, 8))
+
+    with pytest.raises(ValueError, match="^model: actor 0 built another network than this sampler's"):
+        ParallelSampler(make(), steps=4, progress=False, backend=RayBackend(workers=2, model=make, timeout_s=60))
+    with ParallelSampler(make(0), steps=4, progress=False,
+                         backend=RayBackend(workers=2, model=lambda: make(0), timeout_s=60)) as s:
+        assert s.sample(2, seed=0).samples.shape == (2, 1, 8, 8)
+
+
 def test_ray_actors_that_cannot_start_are_cleaned_up(ray_session, monkeypatch):
     """Actors that cannot be scheduled (a GPU on a CPU machine) raise RayWorkerError, and the backend is closed
     (its pending actors killed, a Ray it started shut down): nothing is left for a caller without a handle."""

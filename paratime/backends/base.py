@@ -107,6 +107,40 @@ def _guided_rows(limit: int | None, guided: bool) -> int | None:
     return max(1, limit // 2) if limit is not None and guided else limit
 
 
+#: per network (id): the key of its weights (each tensor's storage and version) and their moments
+_MOMENTS: dict[int, tuple[tuple, list[float]]] = {}
+
+
+def weight_moments(net) -> tuple[list[float], int]:
+    """A fingerprint of a network's weights, to check that replicas built apart (each rank's or actor's own model)
+    hold the same network: ``([sum of k-weighted sums, sum of squares, sum of |.|], tensors)`` over its floating
+    parameters and buffers, in float64 on their device (one host read), cached per state of the weights (a re-bind
+    reuses it). Non-finite values (a -inf mask) count as fixed finite ones, so equal networks give equal sums. A
+    network that is not an ``nn.Module`` gives zeros (nothing to compare)."""
+    tensors = [t for t in (list(net.parameters()) + list(net.buffers()) if isinstance(net, torch.nn.Module) else [])
+               if t.is_floating_point()]
+    key = tuple((t.data_ptr(), t._version) for t in tensors)
+    seen = _MOMENTS.get(id(net))
+    if seen is not None and seen[0] == key:
+        return seen[1], len(tensors)
+    acc = torch.zeros(3, dtype=torch.float64, device=tensors[0].device if tensors else "cpu")
+    with torch.no_grad():
+        for k, t in enumerate(tensors):
+            v = t.detach().double().nan_to_num(nan=0.5, posinf=2.0, neginf=-3.0)
+            acc += torch.stack([(k + 1) * v.sum(), (v * v).sum(), v.abs().sum()]).to(acc.device)
+    moments = acc.tolist()
+    if tensors:
+        _MOMENTS[id(net)] = (key, moments)
+    return moments, len(tensors)
+
+
+def moments_agree(high: list[float], low: list[float]) -> bool:
+    """Whether replicas' :func:`weight_moments` agree: ``high`` / ``low`` the largest / smallest of each of
+    ``[weighted sum, squares, |.|, tensors]`` over the replicas (rounding aside: 1e-9 of the weights' scale)."""
+    spread = max(high[0] - low[0], high[1] - low[1], high[3] - low[3])
+    return spread <= 1e-9 * (high[2] * high[3] + high[1] + 1e-30)
+
+
 def pad_rows(fn, buckets: tuple[int, ...], x, sigma, model_time, cond: dict):
     """``fn(x, sigma, model_time, **cond)`` on rows padded to the smallest bucket >= M (rows <= ``buckets[-1]``);
     the padding repeats row 0 (a gather: no host sync), and its outputs are dropped."""

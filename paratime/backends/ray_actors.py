@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from ..denoiser import Denoiser
-from .base import Backend, cast_network, cat_outputs, map_cond, split_cond
+from .base import Backend, cast_network, cat_outputs, map_cond, moments_agree, split_cond, weight_moments
 
 __all__ = ["RayBackend", "RayWorkerError", "check_ray_address"]
 
@@ -117,7 +117,7 @@ class _Replica:
         if self.device != "cpu" and isinstance(den.network, torch.nn.Module):
             den.network.to(self.device)
         self.local.bind(den)
-        return True
+        return weight_moments(den.network)      # the driver checks an own network against its own
 
     def set_cond(self, cond: dict | None):
         self.local.prepare({} if cond is None else map_cond(cond, lambda v: v.to(self.device)))
@@ -226,7 +226,17 @@ class RayBackend(Backend):
             except BaseException:
                 self.close()    # actors pending or dead, and the Ray this backend started: nothing left behind
                 raise
-        self._call_all("set_denoiser", self._den_ref)
+        bound = self._call_all("set_denoiser", self._den_ref)
+        if self.model is not None:      # each actor built its own network: it must be the sampler's
+            mine = weight_moments(denoiser.network)
+            for i, theirs in enumerate(bound):
+                pair = [mine, theirs]
+                high = [max(m[0][j] for m in pair) for j in range(3)] + [max(m[1] for m in pair)]
+                low = [min(m[0][j] for m in pair) for j in range(3)] + [min(m[1] for m in pair)]
+                if not moments_agree(high, low):
+                    raise ValueError(f"model: actor {i} built another network than this sampler's from model= "
+                                     f"(an unseeded factory?); build the same network (seed it, or load the same "
+                                     f"weights), or give model=None to ship the sampler's")
 
     def _new_actor(self):
         cls = self.ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=0)(_Replica)
@@ -250,10 +260,11 @@ class RayBackend(Backend):
         comes)."""
         ray = self._live()
         refs = [getattr(a, method).remote(*args) for a in self.actors]
+        results = [None] * len(refs)
         for i, ref in enumerate(refs):
             for attempt in range(self.max_retries + 1 if replace else 1):
                 try:
-                    ray.get(ref, timeout=self.timeout_s)
+                    results[i] = ray.get(ref, timeout=self.timeout_s)
                     break
                 except ray.exceptions.RayTaskError as e:
                     cause = e.as_instanceof_cause() if hasattr(e, "as_instanceof_cause") else e
@@ -270,6 +281,7 @@ class RayBackend(Backend):
                     log.warning("ray actor %d failed in %s (%s); replacing it", i, method, type(e).__name__)
                     self._replace(i)
                     ref = getattr(self.actors[i], method).remote(*args)
+        return results
 
     def _live(self):
         """``ray``, once the backend has actors (bound and not closed)."""

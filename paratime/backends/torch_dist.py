@@ -38,7 +38,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .base import Backend, map_cond, split_cond
+from .base import Backend, map_cond, moments_agree, split_cond, weight_moments
 
 __all__ = ["TorchDistributedBackend", "check_rank_env", "DistributedTimeoutError", "rank_device", "nccl_environment",
            "release_default_group", "MAX_TIMEOUT_S"]
@@ -59,8 +59,6 @@ MAX_TIMEOUT_S = (2**31 - 1) / 1000
 _created: tuple | None = None
 _created_timeout: float | None = None       # the group's own timeout (gloo and NCCL's watchdog read it)
 _users = 0
-#: per network (id), the key of its weights (each tensor's storage and version) and their moments (see ``bind``)
-_moments: dict[int, tuple[tuple, list[float]]] = {}
 
 
 def _destroy_default_group() -> None:
@@ -370,28 +368,10 @@ class TorchDistributedBackend(Backend):
         super().bind(denoiser)
         if self.workers == 1:
             return
-        net = getattr(denoiser, "network", None)
-        tensors = [t for t in (list(net.parameters()) + list(net.buffers()) if isinstance(net, torch.nn.Module)
-                               else []) if t.is_floating_point()]
-        # Sum of the k-weighted sums, of the squares and of |.|, on the weights' device: one host read, once per
-        # state of the weights (a re-bind of the same network, e.g. the likelihood's, reuses it). Non-finite values
-        # (a -inf mask) count as fixed finite ones, so equal networks give equal sums.
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
-        seen = _moments.get(id(net))
-        if seen is not None and seen[0] == key:
-            moments = seen[1]
-        else:
-            acc = torch.zeros(3, dtype=torch.float64, device=tensors[0].device if tensors else "cpu")
-            with torch.no_grad():
-                for k, t in enumerate(tensors):
-                    v = t.detach().double().nan_to_num(nan=0.5, posinf=2.0, neginf=-3.0)
-                    acc += torch.stack([(k + 1) * v.sum(), (v * v).sum(), v.abs().sum()]).to(acc.device)
-            moments = acc.tolist()
-            _moments[id(net)] = (key, moments)
+        moments, count = weight_moments(getattr(denoiser, "network", None))
         # Every rank decides from the same agreed numbers: max and -min of each moment, the largest scale.
-        top = self.agree_max(moments + [float(len(tensors)), -moments[0], -moments[1], -float(len(tensors))])
-        spread = max(top[0] + top[4], top[1] + top[5], top[3] + top[6])      # max - min of each
-        if not spread <= 1e-9 * (top[2] * top[3] + top[1] + 1e-30):
+        top = self.agree_max(moments + [float(count), -moments[0], -moments[1], -float(count)])
+        if not moments_agree(top[:4], [-top[4], -top[5], top[2], -top[6]]):
             raise ValueError("model: the network's weights differ across the ranks; every rank must build the same "
                              "network (seed its initialisation, or load the same weights)")
 
