@@ -82,5 +82,9 @@ def test_gloo_backend_takes_the_weights_device_and_refuses_a_disagreement(monkey
     with pytest.raises(ValueError, match="^timeout_s: the process group this process's earlier backend created"):
         TorchDistributedBackend(init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, dist_backend="gloo",
                                 timeout_s=60)
+    # Other options on the same rendezvous are not a new group there (its old state met the new one): refused.
+    with pytest.raises(ValueError, match="^world_size: the process group this process's earlier backend created"):
+        TorchDistributedBackend(init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2, dist_backend="gloo",
+                                timeout_s=30)
     # Every backend closed: the group they made goes (a second one with another init_method replaced the first).
     assert release_default_group() and not torch.distributed.is_initialized()

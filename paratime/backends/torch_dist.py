@@ -55,7 +55,7 @@ MAX_TIMEOUT_S = (2**31 - 1) / 1000
 
 #: the options with which a backend of this process created the default group (None: none did), and how many open
 #: backends use that group: it is kept until the process exits and a later backend with the same options joins it;
-#: one with other options replaces it once no open backend uses it (see :meth:`TorchDistributedBackend.close`)
+#: one with another init_method replaces it once no open backend uses it (see :meth:`TorchDistributedBackend.close`)
 _created: tuple | None = None
 _created_timeout: float | None = None       # the group's own timeout (gloo and NCCL's watchdog read it)
 _users = 0
@@ -191,8 +191,11 @@ class TorchDistributedBackend(Backend):
         self.owns_group = False
         global _created, _created_timeout, _users
         options = (dist_backend or ("nccl" if torch.cuda.is_available() else "gloo"), init_method, rank, world_size)
-        if group is None and _created not in (None, options) and _users == 0 and dist.is_initialized():
-            dist.destroy_process_group()        # made here for another rendezvous, and no open backend uses it
+        if group is None and _created is not None and init_method not in (None, _created[1]) and _users == 0 \
+                and dist.is_initialized():
+            # Made here for another rendezvous, and no open backend uses it: replace it. Never a re-creation on the
+            # same rendezvous (the torchrun environment's), whose old state the new one met.
+            dist.destroy_process_group()
             _created = None
         joining = group is None and not dist.is_initialized()
         if not joining and group is None and _created == options:
@@ -201,6 +204,12 @@ class TorchDistributedBackend(Backend):
                 raise ValueError(f"timeout_s: the process group this process's earlier backend created times out "
                                  f"after {_created_timeout:g} s, which a backend joining it cannot change (got "
                                  f"{timeout_s!r}); give the same, or release_default_group() first")
+        elif not joining and group is None and _created is not None and any(v is not None for v in options[1:]):
+            names = ("dist_backend", "init_method", "rank", "world_size")
+            name, made, value = next((n, m, v) for n, m, v in zip(names, _created, options) if m != v)
+            raise ValueError(f"{name}: the process group this process's earlier backend created has {name}="
+                             f"{made!r}, which a backend joining it cannot change (got {value!r}); give the same, or "
+                             f"release_default_group() first")
         elif not joining:       # the group exists: the options that would create one do not apply
             for name, value in (("dist_backend", dist_backend), ("init_method", init_method), ("rank", rank),
                                 ("world_size", world_size)):
@@ -382,7 +391,8 @@ class TorchDistributedBackend(Backend):
         """Forget the group. The default group this backend created is kept until the process exits: destroyed here,
         the next backend's ``init_process_group`` met the old rendezvous on the same store and port (a second
         sampler under torchrun hung or failed in 8 of 16 runs), so a later backend with the same options joins it
-        instead (one with another ``init_method`` replaces it once no open backend uses it)."""
+        instead (one with another ``init_method`` replaces it once no open backend uses it; other options on the same
+        rendezvous are refused, naming them)."""
         global _users
         _users -= self._counted
         self._counted = self.owns_group = False
