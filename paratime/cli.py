@@ -368,10 +368,9 @@ def _check_sample_args(args) -> dict:
     if args.timeout is not None and args.backend == "local":
         raise UsageError("--timeout: only used with --backend torch or ray (local has no workers to wait for)")
     args.timeout = _DEFAULT_TIMEOUT_S if args.timeout is None else args.timeout
-    if args.backend == "torch":            # gloo holds it in milliseconds in a C int
-        from .backends.torch_dist import MAX_TIMEOUT_S
-        check_number("timeout", args.timeout, 0, MAX_TIMEOUT_S, low_open=True)
-    check_number("timeout", args.timeout, 0, low_open=True)
+    from .backends.torch_dist import MAX_TIMEOUT_S          # gloo holds it in milliseconds in a C int
+
+    check_number("timeout", args.timeout, 0, MAX_TIMEOUT_S if args.backend == "torch" else None, low_open=True)
     if args.address is not None and args.backend != "ray":
         raise UsageError("--address: only used with --backend ray")
     _check_ray_address(args.address)

@@ -32,7 +32,7 @@ from .planner import ALONE, TIMED_SPAN, Plan, candidates, plan_sampling
 from .progress import RoundProgress, check_callback
 from .results import SampleResult, SampleStats, record_rounds
 from .schedules import TimeGrid
-from .solvers import LangevinCorrected, Solver
+from .solvers import Solver
 
 __all__ = ["ParallelSampler", "SamplerConfig", "SampleResult", "SampleStats", "NonFiniteOutputError"]
 
@@ -268,11 +268,9 @@ class ParallelSampler:
 
     @property
     def solver_label(self) -> str:
-        """The solver's name as the stats and the progress bar give it: ``ddim+langevin`` for a base solver with the
-        Langevin corrector (``corrector_snr=``)."""
-        if isinstance(self.solver, LangevinCorrected):
-            return f"{self.solver.base.name}+langevin"
-        return self.solver.name
+        """The solver's name as the stats and the progress bar give it (:attr:`Solver.label`): ``ddim+langevin``
+        for a base solver with the Langevin corrector (``corrector_snr=``)."""
+        return self.solver.label
 
     @property
     def draws_step_noise(self) -> bool:

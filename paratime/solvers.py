@@ -81,6 +81,11 @@ class Solver:
         """How many previous points the step reads (``prev_denoised`` is a tensor for 1, a tuple for more)."""
         return 1 if self.uses_history else 0
 
+    @property
+    def label(self) -> str:
+        """The name stats, progress bars and errors give: :attr:`name` (``ddim+langevin`` with the corrector)."""
+        return self.name
+
     def check_grid(self, sigmas: torch.Tensor) -> None:
         """Raise unless this solver can run the grid of noise levels ``sigmas`` (host, ``(N + 1,)``; checked when a
         sampler is built, before any work).
@@ -670,6 +675,10 @@ class LangevinCorrected(Solver):
     @property
     def history_depth(self):  # type: ignore[override]
         return self.base.history_depth
+
+    @property
+    def label(self) -> str:
+        return f"{self.base.name}+langevin"
 
     def history_value(self, x, denoised, i, sigmas):
         return self.base.history_value(x, denoised, i, sigmas)

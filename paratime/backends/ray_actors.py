@@ -230,10 +230,8 @@ class RayBackend(Backend):
         if self.model is not None:      # each actor built its own network: it must be the sampler's
             mine = weight_moments(denoiser.network)
             for i, theirs in enumerate(bound):
-                pair = [mine, theirs]
-                high = [max(m[0][j] for m in pair) for j in range(3)] + [max(m[1] for m in pair)]
-                low = [min(m[0][j] for m in pair) for j in range(3)] + [min(m[1] for m in pair)]
-                if not moments_agree(high, low):
+                pair = [[*moments, count] for moments, count in (mine, theirs)]
+                if not moments_agree([max(v) for v in zip(*pair)], [min(v) for v in zip(*pair)]):
                     raise ValueError(f"model: actor {i} built another network than this sampler's from model= "
                                      f"(an unseeded factory?); build the same network (seed it, or load the same "
                                      f"weights), or give model=None to ship the sampler's")

@@ -378,9 +378,10 @@ class TorchDistributedBackend(Backend):
         if self.workers == 1:
             return
         moments, count = weight_moments(getattr(denoiser, "network", None))
-        # Every rank decides from the same agreed numbers: max and -min of each moment, the largest scale.
-        top = self.agree_max(moments + [float(count), -moments[0], -moments[1], -float(count)])
-        if not moments_agree(top[:4], [-top[4], -top[5], top[2], -top[6]]):
+        # Every rank decides from the same agreed numbers: the largest and the smallest of each.
+        mine = [*moments, float(count)]
+        top = self.agree_max(mine + [-v for v in mine])
+        if not moments_agree(top[:4], [-v for v in top[4:]]):
             raise ValueError("model: the network's weights differ across the ranks; every rank must build the same "
                              "network (seed its initialisation, or load the same weights)")
 

@@ -233,9 +233,7 @@ def flow_solver_for(solver: Solver) -> str:
         return "heun"
     if solver.name == "ddim" and not solver.stochastic:
         return "euler"
-    base = getattr(solver, "base", None)
-    name = solver.name if base is None else f"{base.name}+{solver.name}"          # ddim+langevin
-    raise ValueError(f"solver: the sampler's solver {name!r} is not one the likelihood ODE takes; pass "
+    raise ValueError(f"solver: the sampler's solver {solver.label!r} is not one the likelihood ODE takes; pass "
                      f"solver= one of {', '.join(FLOW_SOLVERS)}")
 
 
