@@ -279,6 +279,34 @@ def test_ray_actors_that_build_another_network_from_model_are_refused(ray_sessio
         assert s.sample(2, seed=0).samples.shape == (2, 1, 8, 8)
 
 
+def test_a_replaced_ray_actor_that_builds_another_network_is_refused(ray_session, tmp_path):
+    """An actor that replaces a dead one runs the ``model=`` factory anew; the weights it built are checked as the
+    first actors' were (it was re-bound unchecked: a factory that gave another network then sampled with it)."""
+    from paratime import Denoiser, DiscreteVPSchedule
+    from paratime.backends.ray_actors import RayBackend
+    from paratime.zoo.digits import DigitsUNet
+
+    flag = str(tmp_path / "other-seed")
+
+    def make():                           # seed 0, or seed 1 once the flag file exists (read in the actor)
+        import os
+
+        torch.manual_seed(1 if os.path.exists(flag) else 0)
+        return Denoiser(DigitsUNet(channels=8, emb=16), DiscreteVPSchedule.from_betas("linear"), "eps",
+                        sample_shape=(1, 8, 8))
+
+    with ParallelSampler(make(), steps=4, progress=False,
+                         backend=RayBackend(workers=2, model=make, timeout_s=60)) as s:
+        first = s.sample(2, seed=0).samples
+        open(flag, "w").close()
+        ray_session.kill(s.backend.actors[1], no_restart=True)
+        for _ in range(2):                # the refused actor is not kept: the next call meets it again
+            with pytest.raises(ValueError, match="^model: actor 1 built another network than this sampler's"):
+                s.sample(2, seed=0)
+        os.remove(flag)
+        torch.testing.assert_close(s.sample(2, seed=0).samples, first, rtol=0, atol=0)
+
+
 def test_ray_actors_that_cannot_start_are_cleaned_up(ray_session, monkeypatch):
     """Actors that cannot be scheduled (a GPU on a CPU machine) raise RayWorkerError, and the backend is closed
     (its pending actors killed, a Ray it started shut down): nothing is left for a caller without a handle."""

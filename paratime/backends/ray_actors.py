@@ -209,6 +209,7 @@ class RayBackend(Backend):
             self.started_ray = True
         self.actors: list = []
         self._den_ref = None                  # what the actors were last bound to (object store)
+        self._mine = None                     # the sampler's weight fingerprint, where actors build their own
         self._cond_ref = None
         self.prepare_bytes = 0                # bytes placed once per sample() call (conditioning)
 
@@ -226,15 +227,20 @@ class RayBackend(Backend):
             except BaseException:
                 self.close()    # actors pending or dead, and the Ray this backend started: nothing left behind
                 raise
-        bound = self._call_all("set_denoiser", self._den_ref)
-        if self.model is not None:      # each actor built its own network: it must be the sampler's
-            mine = weight_moments(denoiser.network)
-            for i, theirs in enumerate(bound):
-                pair = [[*moments, count] for moments, count in (mine, theirs)]
-                if not moments_agree([max(v) for v in zip(*pair)], [min(v) for v in zip(*pair)]):
-                    raise ValueError(f"model: actor {i} built another network than this sampler's from model= "
-                                     f"(an unseeded factory?); build the same network (seed it, or load the same "
-                                     f"weights), or give model=None to ship the sampler's")
+        self._mine = None if self.model is None else weight_moments(denoiser.network)
+        for i, theirs in enumerate(self._call_all("set_denoiser", self._den_ref)):
+            self._check_weights(i, theirs)
+
+    def _check_weights(self, i, theirs):
+        """An actor that built its own network from ``model=`` must have built the sampler's (checked when bound,
+        and again for an actor that replaced a failed one: it ran the factory anew)."""
+        if self._mine is None:
+            return
+        pair = [[*moments, count] for moments, count in (self._mine, theirs)]
+        if not moments_agree([max(v) for v in zip(*pair)], [min(v) for v in zip(*pair)]):
+            raise ValueError(f"model: actor {i} built another network than this sampler's from model= "
+                             f"(an unseeded factory?); build the same network (seed it, or load the same "
+                             f"weights), or give model=None to ship the sampler's")
 
     def _new_actor(self):
         cls = self.ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=0)(_Replica)
@@ -360,7 +366,11 @@ class RayBackend(Backend):
         pending = [a.set_denoiser.remote(self._den_ref)]
         if self._cond_ref is not None:
             pending.append(a.set_cond.remote(self._cond_ref))
-        self.ray.get(pending, timeout=self.timeout_s)
+        try:
+            self._check_weights(i, self.ray.get(pending, timeout=self.timeout_s)[0])
+        except ValueError:
+            self.ray.kill(a, no_restart=True)     # never left in its slot: the next call replaces it again
+            raise
 
     def close(self):
         for a in self.actors:
