@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -53,12 +54,18 @@ _ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "al
 #: the longest ``timeout_s``: gloo holds a timeout in milliseconds in a C int (2^31 ms, about 24.8 days)
 MAX_TIMEOUT_S = (2**31 - 1) / 1000
 
-#: the options with which a backend of this process created the default group (None: none did), and how many open
-#: backends use that group: it is kept until the process exits and a later backend with the same options joins it;
-#: one with another init_method replaces it once no open backend uses it (see :meth:`TorchDistributedBackend.close`)
-_created: tuple | None = None
-_created_timeout: float | None = None       # the group's own timeout (gloo and NCCL's watchdog read it)
-_users = 0
+@dataclass
+class _MadeGroup:
+    """The default group a backend of this process created: it is kept until the process exits and a later backend
+    with the same options joins it; one with another init_method replaces it once no open backend uses it (see
+    :meth:`TorchDistributedBackend.close`)."""
+
+    options: tuple              # (dist_backend, init_method, rank, world_size) it was made with
+    timeout_s: float            # the group's own timeout (gloo and NCCL's watchdog read it)
+    users: int = 0              # open backends using it
+
+
+_made: _MadeGroup | None = None     # None: no backend of this process created the default group
 
 
 def _destroy_default_group() -> None:
@@ -70,11 +77,11 @@ def release_default_group() -> bool:
     """Destroy the default process group a backend of this process created, once no open backend uses it (it is
     otherwise kept until the process exits, see :meth:`TorchDistributedBackend.close`): for a process that goes on
     with a group of its own. Returns whether it did."""
-    global _created
-    if _created is None or _users > 0 or not dist.is_initialized():
+    global _made
+    if _made is None or _made.users > 0 or not dist.is_initialized():
         return False
     dist.destroy_process_group()
-    _created = None
+    _made = None
     return True
 
 
@@ -189,24 +196,24 @@ class TorchDistributedBackend(Backend):
             raise ValueError(f"device: not a device: {device!r}") from e
         self.timeout = datetime.timedelta(seconds=float(timeout_s))
         self.owns_group = False
-        global _created, _created_timeout, _users
+        global _made
         options = (dist_backend or ("nccl" if torch.cuda.is_available() else "gloo"), init_method, rank, world_size)
-        if group is None and _created is not None and init_method not in (None, _created[1]) and _users == 0 \
+        if group is None and _made is not None and init_method not in (None, _made.options[1]) and _made.users == 0 \
                 and dist.is_initialized():
             # Made here for another rendezvous, and no open backend uses it: replace it. Never a re-creation on the
             # same rendezvous (the torchrun environment's), whose old state the new one met.
             dist.destroy_process_group()
-            _created = None
+            _made = None
         joining = group is None and not dist.is_initialized()
-        if not joining and group is None and _created == options:
+        if not joining and group is None and _made is not None and _made.options == options:
             # This process's earlier backend created the group with these options: join it, at its timeout.
-            if float(timeout_s) != _created_timeout:
+            if float(timeout_s) != _made.timeout_s:
                 raise ValueError(f"timeout_s: the process group this process's earlier backend created times out "
-                                 f"after {_created_timeout:g} s, which a backend joining it cannot change (got "
+                                 f"after {_made.timeout_s:g} s, which a backend joining it cannot change (got "
                                  f"{timeout_s!r}); give the same, or release_default_group() first")
-        elif not joining and group is None and _created is not None and any(v is not None for v in options[1:]):
+        elif not joining and group is None and _made is not None and any(v is not None for v in options[1:]):
             names = ("dist_backend", "init_method", "rank", "world_size")
-            name, made, value = next((n, m, v) for n, m, v in zip(names, _created, options) if m != v)
+            name, made, value = next((n, m, v) for n, m, v in zip(names, _made.options, options) if m != v)
             raise ValueError(f"{name}: the process group this process's earlier backend created has {name}="
                              f"{made!r}, which a backend joining it cannot change (got {value!r}); give the same, or "
                              f"release_default_group() first")
@@ -243,11 +250,12 @@ class TorchDistributedBackend(Backend):
                 nccl_environment()
                 torch.cuda.set_device(self._device or int(os.environ.get("LOCAL_RANK", 0)))
             dist.init_process_group(dist_backend, timeout=self.timeout, **kw)
-            if _created is None:
+            if _made is None:
                 atexit.register(_destroy_default_group)
-            _created, _created_timeout, self.owns_group = options, float(timeout_s), True
-        self._counted = group is None and _created is not None     # a user of the group made here
-        _users += self._counted
+            _made, self.owns_group = _MadeGroup(options, float(timeout_s)), True
+        self._counted = group is None and _made is not None     # a user of the group made here
+        if self._counted:
+            _made.users += 1
         self.group = group
         self.rank = dist.get_rank(group)
         self.workers = dist.get_world_size(group)
@@ -394,7 +402,7 @@ class TorchDistributedBackend(Backend):
         sampler under torchrun hung or failed in 8 of 16 runs), so a later backend with the same options joins it
         instead (one with another ``init_method`` replaces it once no open backend uses it; other options on the same
         rendezvous are refused, naming them)."""
-        global _users
-        _users -= self._counted
+        if self._counted and _made is not None:
+            _made.users -= 1
         self._counted = self.owns_group = False
 
