@@ -266,39 +266,42 @@ def measure_rows(call: Callable[[int], Any], device: torch.device, rows: tuple[i
     return CostCurve(tuple(rows), tuple(secs), "measured")
 
 
-# Measured curves per (network, device, dtype, sample shape, rows). The network is held weakly: a new model that
-# reuses a freed one's id() is not served the old curve.
+# Measured curves per (network, device, dtype, sample shape, rows, call variant). The network is held weakly: a new
+# model that reuses a freed one's id() is not served the old curve.
 _CACHE: dict[tuple, tuple[weakref.ref, CostCurve]] = {}
 
 
 def cached_cost(network: Any, device: torch.device, dtype: torch.dtype | None, shape: tuple[int, ...],
-                rows: tuple[int, ...] = MEASURE_ROWS) -> CostCurve | None:
-    """The cached measured curve of this model, device, dtype and sample shape, or None."""
-    hit = _CACHE.get((id(network), str(device), dtype, tuple(shape), rows))
+                rows: tuple[int, ...] = MEASURE_ROWS, variant: tuple = ()) -> CostCurve | None:
+    """The cached measured curve of this model, device, dtype, sample shape and call variant, or None."""
+    hit = _CACHE.get((id(network), str(device), dtype, tuple(shape), rows, variant))
     if hit is None or hit[0]() is not network:
         return None
     return hit[1]
 
 
 def measure_cost(network: Any, call: Callable[[int], Any], device: torch.device, dtype: torch.dtype | None,
-                 shape: tuple[int, ...], rows: tuple[int, ...] = MEASURE_ROWS, repeats: int = 5) -> CostCurve:
-    """The measured cost curve of ``network`` (cached per model, device, dtype and sample shape).
+                 shape: tuple[int, ...], rows: tuple[int, ...] = MEASURE_ROWS, repeats: int = 5,
+                 variant: tuple = ()) -> CostCurve:
+    """The measured cost curve of ``network`` (cached per model, device, dtype, sample shape and call variant).
 
     Args:
         network: the model (the cache key; held weakly). call: ``call(r)`` makes one network call of ``r`` rows.
         device, dtype, shape: where and how the network runs, and the sample shape (the rest of the cache key).
         rows, repeats: see :func:`measure_rows`.
+        variant: what else sets a call's cost on the same network (hashable; the sampler's: classifier-free guidance,
+            which doubles the rows, a classifier's gradient, the conditioning's shapes).
     Returns:
         :class:`CostCurve` in seconds.
     """
-    curve = cached_cost(network, device, dtype, shape, rows)
+    curve = cached_cost(network, device, dtype, shape, rows, variant)
     if curve is None:
         curve = measure_rows(call, device, rows, repeats)
         try:
             ref = weakref.ref(network)
         except TypeError:                  # not weak-referenceable: keep a strong reference
             ref = (lambda n: (lambda: n))(network)
-        _CACHE[(id(network), str(device), dtype, tuple(shape), rows)] = (ref, curve)
+        _CACHE[(id(network), str(device), dtype, tuple(shape), rows, variant)] = (ref, curve)
         log.info("cost: measured on %s: %s", device, curve.describe())
     return curve
 

@@ -12,8 +12,9 @@ runs as chunks back to back, each costed (:func:`~paratime.cost.chunked_cost`):
   rounds-sized cap ``min(N, max(100, N // 2))`` (wider windows buy under 9% of the rounds for 1.5x the evaluations,
   ``benchmarks/window_sweep.py``), never a window above the cap.
 - ``parareal`` (``S = round(sqrt(N))`` slices, one coarse jump each): an initial coarse sweep of ``S`` calls of ``B``
-  rows, then per iteration ``ceil(N / S)`` fine calls of ``B S`` rows and a sweep of ``S`` calls of ``B`` rows, for
-  :data:`PARAREAL_ITERATIONS` iterations (``S`` at ``tol = 0``: exactness needs every slice).
+  rows, then per iteration the fine steps of the slices not yet accepted, in lockstep (``B`` rows per such slice),
+  and a sweep of one call of ``B`` rows per such slice. ``S`` iterations at ``tol = 0``, each accepting one slice
+  (exact: the sampler's calls); above it :data:`PARAREAL_ITERATIONS`, over which the accepted slices grow evenly.
 
 **Rounds model of Picard** (per sample, stated once here and used by the planner and the benchmarks): a window narrower
 than N first spends one call of B rows on the constant-D initial guess (``init="x0"``); while the window does not hold
@@ -62,6 +63,7 @@ from dataclasses import dataclass, field
 
 from .backends.base import check_buckets
 from .cost import CostCurve, round_cost
+from .methods.parareal import slice_bounds
 
 __all__ = ["Plan", "plan_sampling", "candidates", "picard_rows", "predict_picard", "predict_sequential",
            "predict_parareal", "window_candidates", "rounds_cap", "ALONE", "SEQUENTIAL_MARGIN", "TIMED_SPAN",
@@ -75,8 +77,9 @@ STALL_ROUNDS = 4
 TAIL_SHRINK = 0.65
 #: a window of the whole grid after its stall: the tail's first width (of the points left) and its last (of N)
 FULL_TAIL = (0.9, 0.1)
-#: Parareal iterations assumed at a tolerance > 0 (capped at the number of slices)
-PARAREAL_ITERATIONS = 3
+#: Parareal iterations assumed at a tolerance > 0 (capped at the number of slices; gmm and digits, DDIM-16 to -100 at
+#: tol 2e-3: 3-4, 1e-2: 3-4, 0.1: 2-3; DDPM-50 and -100: 4-6)
+PARAREAL_ITERATIONS = 4
 #: a parallel plan is chosen over sequential sampling only when predicted this many times faster: the rounds model
 #: and a measured curve are good to about 25% (the window of 50 on 2 gloo ranks, digits DDIM-50: 0.062 s predicted,
 #: 0.076-0.095 s measured), so a predicted gain below 10% is not one to give up exactness for
@@ -223,14 +226,31 @@ def predict_picard(curve: CostCurve, steps: int, window: int, batch: int, device
 
 def predict_parareal(curve: CostCurve, steps: int, batch: int, devices: int, tol: float, evals: int = 1,
                      overhead: float = 0.0, limit: int | None = None,
-                     buckets: tuple[int, ...] | None = None) -> float:
+                     buckets: tuple[int, ...] | None = None, last_evals: int | None = None) -> float:
     """Parareal's predicted time (curve units) with the default slices (module docstring), ``overhead`` per call,
-    chunks of at most ``limit`` rows a device padded to ``buckets``."""
-    S = max(1, round(math.sqrt(steps)))
+    the grid's last step evaluated ``last_evals`` times (None: ``evals``), chunks of at most ``limit`` rows a device
+    padded to ``buckets``."""
+    last_evals = evals if last_evals is None else min(last_evals, evals)
+    lengths = slice_bounds(steps, None).diff().tolist()                # fine steps per slice (host)
+    S = len(lengths)
     iters = S if tol == 0 else min(S, PARAREAL_ITERATIONS)
-    sweep = S * max(0.0, round_cost(curve, batch, devices, limit, buckets) + overhead)
-    fine = math.ceil(steps / S) * evals * max(0.0, round_cost(curve, batch * S, devices, limit, buckets) + overhead)
-    return sweep + iters * (fine + sweep)
+
+    def call(rows: int) -> float:
+        return max(0.0, round_cost(curve, rows, devices, limit, buckets) + overhead)
+
+    total = S * call(batch)                                             # the initial coarse sweep
+    for k in range(iters):
+        # Iteration k solves the slices from the first unaccepted one on (the last `active`), in lockstep: fine step
+        # m has the rows of those longer than m; then a coarse sweep over them. At tol 0 one slice is accepted an
+        # iteration (exact); above it the accepted prefix grows about evenly over the iterations.
+        active = lengths[S - math.ceil(S * (iters - k) / iters):]
+        for m in range(max(active)):
+            rows = batch * sum(n > m for n in active)
+            # The grid's last step (the last slice's) makes last_evals calls; the other slices' rows make evals.
+            short = batch if m == active[-1] - 1 else 0
+            total += last_evals * call(rows) + (evals - last_evals) * (call(rows - short) if rows > short else 0.0)
+        total += len(active) * call(batch)
+    return total
 
 
 def candidates(steps: int, devices: int, method: str = "auto",
@@ -324,7 +344,7 @@ def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: f
         elif name == "picard":
             sce = predict_picard(curve, steps, w, batch, devices, tol, evals, o, **chunks_last) / unit
         else:
-            sce = predict_parareal(curve, steps, batch, devices, tol, evals, o, **chunks) / unit
+            sce = predict_parareal(curve, steps, batch, devices, tol, evals, o, **chunks_last) / unit
         cands[label] = (sce, name, w)
 
     def rank(label: str) -> tuple[float, int]:
@@ -341,7 +361,7 @@ def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: f
     base_over = over.get(ALONE, over.get("sequential", 0.0) if devices == 1 else 0.0)
     base = predict_sequential(curve, steps, batch, 1, evals, base_over, **chunks_last) / unit
     why = (f"{best}: predicted {sce:.1f} SCE against {base:.1f} for sequential sampling on one device, batch {batch} "
-           f"({base / sce:.2f}x on {devices} device(s))")
+           f"({f'{base / sce:.2f}x' if sce > 0 else 'no time'} on {devices} device(s))")
     if runner is not None:
         why += f"; next {runner} at {cands[runner][0]:.1f}"
     why += f"; cost {curve.name}"

@@ -526,7 +526,12 @@ class ParallelSampler:
         # Never a call wider than the backend's limit in force (a call here is not chunked).
         limit = self.backend.batch_limit()
         rows = tuple(r for r in MEASURE_ROWS if limit is None or r <= limit)
-        curve = measure_cost(den.network, call, self.device, den.network_dtype, tuple(shape[1:]), rows)
+        # A call's cost on the same network also depends on the guidance (twice the rows), a classifier's gradient
+        # and the conditioning's shapes: each its own curve.
+        variant = (den.guided, den.classifier is not None,
+                   tuple(sorted((k, tuple(v.shape[1:])) for k, v in cond.items() if torch.is_tensor(v))))
+        curve = measure_cost(den.network, call, self.device, den.network_dtype, tuple(shape[1:]), rows,
+                             variant=variant)
         # Every rank plans from the same curve: the row counts every rank could time (one stopped short of memory,
         # measure_rows), the slowest rank's time at each.
         n = int(-self._agree([-float(len(curve.rows))])[0])

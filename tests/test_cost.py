@@ -43,13 +43,16 @@ def test_a_callable_is_tabulated_at_its_own_values():
 
 
 @pytest.mark.parametrize("bad,err", [("magic", ValueError), ({0: 1.0}, ValueError), ({2: 1.0}, ValueError),
-                                     ({1: -1.0}, ValueError), ({1: float("nan")}, ValueError), (3.0, TypeError)])
+                                     ({1: -1.0}, ValueError), ({1: float("nan")}, ValueError), (3.0, TypeError),
+                                     ({True: 1.0, 2: 2.0}, ValueError), ({1: True}, TypeError)])
 def test_bad_cost_is_refused_naming_the_option(bad, err):
     with pytest.raises(err, match="cost"):
         SamplerConfig(cost=bad)
 
 
 def test_measurement_times_each_row_count_and_is_cached():
+    import paratime.cost as cost_module
+
     seen = []
     curve = measure_rows(lambda r: seen.append(r), torch.device("cpu"), rows=(1, 2, 4), repeats=2)
     # a warm-up each, then two rounds interleaved, each timed call after an untimed one of its rows
@@ -61,8 +64,35 @@ def test_measurement_times_each_row_count_and_is_cached():
     n = len(calls)
     assert measure_cost(net, calls.append, torch.device("cpu"), torch.float32, (2,), rows=(1, 2), repeats=1) is a
     assert len(calls) == n                                # served from the cache
-    measure_cost(net, calls.append, torch.device("cpu"), torch.float32, (3,), rows=(1, 2), repeats=1)
-    assert len(calls) > n                                 # another sample shape: measured again
+    for other in (dict(shape=(3,)), dict(dtype=torch.float64), dict(device=torch.device("meta")),
+                  dict(variant=(True,))):             # another sample shape, dtype, device or call: measured again
+        kw = dict(device=torch.device("cpu"), dtype=torch.float32, shape=(2,)) | other
+        n = len(calls)
+        measure_cost(net, calls.append, kw.pop("device"), kw.pop("dtype"), kw.pop("shape"), rows=(1, 2), repeats=1,
+                     **kw)
+        assert len(calls) > n, other
+    # A network that was freed is never served its curve (a new one may reuse its id()).
+    gone = torch.nn.Linear(2, 2)
+    measure_cost(gone, calls.append, torch.device("cpu"), torch.float32, (2,), rows=(1, 2), repeats=1)
+    ident = id(gone)
+    del gone
+    key = next(k for k in cost_module._CACHE if k[0] == ident)
+    assert cost_module._CACHE[key][0]() is None                   # the weak reference died with the network
+    assert cost_module.cached_cost(type("Reused", (), {})(), *key[1:]) is None
+
+
+def test_a_guided_sampler_is_not_served_the_unguided_curve(monkeypatch):
+    """Classifier-free guidance runs two rows per sample on the same network: a guided and an unguided sampler of
+    one network each measure their own curve (the cache served the first's to both)."""
+    import paratime.cost as cost_module
+    from benchmarks.equivalence_sweep import guided_ring
+
+    den, y, timed, real = guided_ring(), torch.tensor([0, 3]), [], cost_module.measure_rows
+    monkeypatch.setattr(cost_module, "measure_rows", lambda *a, **k: timed.append(1) or real(*a, **k))
+    for guidance in (3.0, None, 3.0):
+        ParallelSampler(den, steps=4, method="sequential", cost="measure", guidance=guidance,
+                        progress=False).sample(2, seed=0, labels=y)
+    assert len(timed) == 2                    # guided, unguided; the second guided sampler is served the first's
 
 
 @pytest.mark.parametrize("workers", [1, 3])
@@ -83,6 +113,17 @@ def test_stats_count_rows_per_device_and_sce(workers, cost):
     else:
         assert st.predicted_wall_s is None and st.round_predicted_s == []
     assert st.plan is None and st.window == 5              # a given window is not planned
+
+
+def test_stats_add_up_every_call_of_a_round():
+    """Heun makes two calls a step: a sequential round's rows per device are both calls' (ceil(B / K) each), the
+    step to sigma = 0 one call."""
+    workers, batch = 3, 4
+    st = ParallelSampler("gmm", steps=6, solver="heun", method="sequential", cost="compute", progress=False,
+                         backend=Spread(workers)).sample(batch, seed=0).stats
+    per_call = math.ceil(batch / workers)
+    assert st.round_device_rows == [2 * per_call] * 5 + [per_call]
+    assert st.sce == pytest.approx(sum(st.round_device_rows))
 
 
 def test_measured_cost_on_the_state_device():

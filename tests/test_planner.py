@@ -15,7 +15,8 @@ from benchmarks.devices import Spread
 from paratime import ParallelSampler, SamplerConfig
 from paratime.cost import CostCurve, chunked_cost, make_cost, round_cost
 from paratime.planner import (ALONE, SEQUENTIAL_MARGIN, SLIDE_STALL, STALL_ROUNDS, candidates, picard_rows,
-                              plan_sampling, predict_picard, predict_sequential, rounds_cap, window_candidates)
+                              plan_sampling, predict_parareal, predict_picard, predict_sequential, rounds_cap,
+                              window_candidates)
 
 TOL = 2e-3
 
@@ -39,6 +40,23 @@ def test_a_batch_that_fills_the_devices_runs_sequential(batch, devices):
     plan = plan_sampling(make_cost("compute"), 50, batch, devices, TOL)
     assert plan.method == "sequential" and plan.window is None
     assert plan.predicted_sce == plan.sequential_sce
+    # The speed-up's baseline is one device sampling the whole batch: N calls of B rows.
+    assert plan.baseline_sce == pytest.approx(50 * batch)
+    assert plan.speedup == pytest.approx(50 * batch / plan.predicted_sce)
+
+
+@pytest.mark.parametrize("solver,evals", [("ddim", 1), ("heun", 2)])
+@pytest.mark.parametrize("workers,batch", [(1, 1), (1, 2), (4, 1), (3, 2)])
+def test_parareal_at_tol_zero_is_predicted_at_the_calls_it_makes(solver, evals, workers, batch):
+    """At tol 0 Parareal accepts one slice an iteration, so its calls are known: the prediction equals the
+    sampler's own SCE (the model priced every slice in every iteration, 1.5-2x the calls made). Heun's step to
+    sigma = 0 makes one call."""
+    curve = make_cost("compute")
+    for steps in (16, 23):
+        s = ParallelSampler("gmm", steps=steps, solver=solver, method="parareal", tol=0.0, cost="compute",
+                            progress=False, backend=Spread(workers))
+        measured = s.sample(batch, seed=0).stats.sce
+        assert predict_parareal(curve, steps, batch, workers, 0.0, evals, last_evals=1) == pytest.approx(measured)
 
 
 def test_tol_zero_is_exact_only_sequentially():
@@ -86,6 +104,9 @@ def test_work_outside_the_network_is_priced_per_call():
         assert dear.candidates[label] == pytest.approx(free.candidates[label] + 5.0 * len(picard_rows(50, w, TOL)))
     with pytest.raises(ValueError, match="overhead"):
         plan_sampling(curve, 50, 1, 4, TOL, overhead={"sequential": float("nan")})
+    # A measured overhead below -c(1) prices a call at 0, never below: the plan says so (a ZeroDivisionError before).
+    free_calls = plan_sampling(curve, 10, 1, 1, TOL, overhead={"sequential": -1.0})
+    assert free_calls.predicted_sce == 0 and "no time" in free_calls.reason
 
 
 def test_each_device_alone_is_a_candidate_where_it_can_run():
