@@ -507,6 +507,13 @@ def _check_pipeline_args(args, opts: dict) -> dict:
         raise UsageError(f"--pipeline: {args.pipeline} holds a {cls}; this command runs text-to-image pipelines "
                          f"({', '.join(_CLI_PIPELINES)}); drive others with paratime.parallelize(pipe) from Python")
     SamplerConfig.from_options(**opts)          # --method, --window, --tol, --steps, --device ... before the load
+    try:
+        sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError):
+        sched = {}                              # no readable scheduler config: the pipeline's load will say
+    T = sched.get("num_train_timesteps") if isinstance(sched, dict) else None
+    if isinstance(T, int) and args.steps is not None and args.steps > T:
+        raise UsageError(f"--steps: at most the scheduler's num_train_timesteps={T}, got {args.steps}")
     if not args.prompt:
         raise UsageError("--prompt: required with --pipeline (a non-empty text prompt)")
     for flag, v in (("height", args.height), ("width", args.width)):
@@ -850,8 +857,9 @@ def _as_flag(message: str, args) -> str:
     name, _, rest = message.partition(":")
     if name in _FLAG_OF:
         return f"{_FLAG_OF[name]}:{rest}"
-    if args is not None and " " not in name and name in vars(args):
-        return f"--{name.replace('_', '-')}:{rest}"
+    names = name.split(", ")                   # "prediction, schedule: ..." names two
+    if args is not None and all(" " not in n and n in vars(args) for n in names):
+        return ", ".join(f"--{n.replace('_', '-')}" for n in names) + f":{rest}"
     return message
 
 

@@ -122,7 +122,7 @@ def user_model(spec: str, prediction: str | None = None, schedule: NoiseSchedule
                sample_shape: tuple[int, ...] | None = None) -> Denoiser:
     """Call the factory ``spec`` (``package.module:factory``, no arguments) and adapt what it returns: a
     :class:`Denoiser` as it is, or a network ``net(x_in, t, **cond)`` with ``prediction`` and ``schedule``;
-    ``sample_shape`` sets (or replaces) the per-sample shape.
+    ``sample_shape`` sets the per-sample shape (a Denoiser that declares another is refused).
 
     Picklable as ``functools.partial(user_model, spec, ...)``, so workers build the model themselves.
 
@@ -145,6 +145,11 @@ def user_model(spec: str, prediction: str | None = None, schedule: NoiseSchedule
         given = [n for n, v in (("prediction", prediction), ("schedule", schedule)) if v is not None]
         if given:
             raise ValueError(f"{', '.join(given)}: {spec}() returns a Denoiser, which sets its own; drop the option")
+        if sample_shape is not None and made.sample_shape is not None and \
+                tuple(made.sample_shape) != tuple(sample_shape):
+            raise ValueError(f"sample_shape: {spec}() returns a Denoiser that declares sample_shape="
+                             f"{tuple(made.sample_shape)}; drop the option, or build the Denoiser with "
+                             f"{tuple(sample_shape)}")
         return made if sample_shape is None else replace(made, sample_shape=sample_shape)
     if not callable(made):
         raise TypeError(f"model: {spec}() returned a {type(made).__name__}; expected a Denoiser or a network "

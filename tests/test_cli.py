@@ -128,9 +128,11 @@ def test_model_module_factory_equals_the_named_model(user_module, extra, tmp_pat
 
 
 @pytest.mark.parametrize("spec, extra, flag", [
-    (":network", [], "prediction"),                                      # a network needs both
-    (":network", ["--prediction", "eps"], "schedule"),
-    (":denoiser", ["--prediction", "eps"], "--prediction"),              # a Denoiser sets its own
+    (":network", [], "--prediction, --schedule:"),                       # a network needs both
+    (":network", ["--prediction", "eps"], "--schedule:"),
+    (":denoiser", ["--prediction", "eps"], "--prediction:"),             # a Denoiser sets its own
+    (":denoiser", ["--prediction", "eps", "--schedule", "vp"], "--prediction, --schedule:"),
+    (":denoiser", ["--sample-shape", "5"], "--sample-shape:"),           # it declares (2,): ran, then crashed
     (":broken", [], "--model"),
     (":not_callable", [], "--model"),
     (":missing", [], "--model"),
@@ -140,6 +142,10 @@ def test_model_module_factory_errors_are_one_line(user_module, spec, extra, flag
     assert main(["sample", "--model", user_module + spec, *extra, *FAST]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("paratime: error: ") and flag in err, err
+
+
+def test_a_factorys_own_sample_shape_may_be_repeated(user_module, tmp_path):
+    assert main(["sample", "--model", user_module + ":denoiser", "--sample-shape", "2", *FAST]) == 0
 
 
 def test_named_model_refuses_factory_options(capsys):

@@ -75,6 +75,15 @@ def test_pipeline_bad_inputs_are_one_line_errors(saved_pipeline, tmp_path, argv,
     assert out == "" and len(err.strip().splitlines()) == 1 and flag in err, err
 
 
+def test_steps_that_reach_past_the_last_training_timestep_are_named(saved_pipeline, capsys):
+    """1000 steps of a 1000-timestep scheduler with steps_offset=1 reach t = 1000: an IndexError after the load,
+    now an error naming --steps."""
+    assert main(["sample", "--pipeline", str(saved_pipeline), "--prompt", "a cat", "--steps", "1000",
+                 "--method", "sequential", "--no-progress", "--out", ""]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("paratime: error: --steps: PNDMScheduler with 1000 steps reaches timestep 1000"), err
+
+
 def test_prompt_without_pipeline_is_an_error(capsys):
     assert main(["sample", "--model", "gmm", "--prompt", "a cat"]) == 2
     assert "--prompt: applies only with --pipeline" in capsys.readouterr().err
@@ -94,6 +103,7 @@ def test_an_incomplete_pipeline_folder_is_a_one_line_error(saved_pipeline, tmp_p
 @pytest.mark.parametrize("argv, flag", [
     (["--steps", "0"], "--steps"), (["--method", "bogus"], "--method"), (["--window", "0"], "--window"),
     (["--device", "bogus"], "--device"),
+    (["--steps", "1001"], "--steps"),          # over num_train_timesteps: named scheduler options it never set
 ])
 def test_sampler_options_are_checked_before_the_pipeline_loads(saved_pipeline, tmp_path, argv, flag, capsys):
     """A folder whose weights are gone: an option's error (not the load's) shows the option was checked first (a

@@ -355,6 +355,10 @@ class DiffusersSchedule(NoiseSchedule):
 
     def _timestep_grid(self, sch, ts: torch.Tensor, steps: int) -> TimeGrid:
         name, T = type(sch).__name__, sch.config.num_train_timesteps
+        if int(ts.max()) >= T or int(ts.min()) < 0:
+            raise ValueError(f"steps: {name} with {steps} steps reaches timestep {int(ts.max())}, outside its "
+                             f"num_train_timesteps={T} (steps_offset={sch.config.get('steps_offset', 0)}); use "
+                             f"fewer steps")
         if name == "PNDMScheduler":             # skip_prk_steps: [t0, t1, t1, t2, ...]: one grid point each
             ts = torch.unique_consecutive(ts)
         ac_all = self.base.alphas_cumprod
