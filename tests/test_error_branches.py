@@ -584,6 +584,9 @@ REFUSED_SCHEDULERS = [
     ("edm v", "EDMEulerScheduler", {"prediction_type": "v_prediction"}, "prediction_type"),
     ("dpm learned variance", "DPMSolverMultistepScheduler", {"variance_type": "learned_range"}, "variance_type"),
     ("dpm flow sigmas", "DPMSolverMultistepScheduler", {"use_flow_sigmas": True}, "use_flow_sigmas"),
+    # SANA's set-up: named by its flow sigmas (the message asked for use_flow_sigmas=True, which it has)
+    ("dpm flow sigmas, flow", "DPMSolverMultistepScheduler",
+     {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0}, "use_flow_sigmas"),
     ("dpm order 4", "DPMSolverMultistepScheduler", {"solver_order": 4}, "solver_order"),
     ("unipc predict_x0=False", "UniPCMultistepScheduler", {"predict_x0": False}, "predict_x0"),
     ("unipc order 4", "UniPCMultistepScheduler", {"solver_order": 4}, "solver_order"),
@@ -706,17 +709,43 @@ def test_parallel_pipeline_refuses_what_it_does_not_run():
                                                    output_type="latent"), ValueError, "strength")
 
 
-def test_parallel_pipeline_refuses_several_controlnets():
+def test_parallel_pipeline_refuses_several_controlnets_and_guess_mode():
+    """Refused when wrapping (a MultiControlNetModel was a TypeError at the first call), and at a call after the
+    pipeline's ControlNet was replaced; a ControlNet with global_pool_conditions=True makes diffusers run guess mode,
+    which the parallel loop does not (samples 0.49 relative off, silently)."""
     from diffusers import MultiControlNetModel
 
     import paratime
 
     pipe = _tiny("tiny_sd_controlnet", text=True)
     pipe.set_progress_bar_config(disable=True)
-    pipe.controlnet = MultiControlNetModel([pipe.controlnet, pipe.controlnet])
+    single = pipe.controlnet
+    wrapped = paratime.parallelize(pipe, method="sequential")
+    pipe.controlnet = MultiControlNetModel([single, single])
+    _raises(lambda: paratime.parallelize(pipe), ValueError, "pipe")
     control = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(0))
-    _raises(lambda: paratime.parallelize(pipe)("a cat", image=[control, control], num_inference_steps=2,
-                                               output_type="latent"), TypeError, "pipe")
+    _raises(lambda: wrapped("a cat", image=[control, control], num_inference_steps=2, output_type="latent"),
+            ValueError, "pipe")
+    pipe.controlnet = single
+    single.register_to_config(global_pool_conditions=True)
+    with pytest.raises(ValueError, match="^pipe: a ControlNet with global_pool_conditions=True"):
+        paratime.parallelize(pipe)
+
+
+def test_parallel_inpainting_refuses_an_asymmetric_vae():
+    """diffusers decodes an AsymmetricAutoencoderKL with the init image and mask; the parallel pipeline's decoder
+    does not (images up to 0.79 apart): refused when wrapping."""
+    from diffusers import AsymmetricAutoencoderKL
+
+    import paratime
+
+    pipe = _tiny("tiny_sd_inpaint")
+    blocks = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  down_block_out_channels=(4,) * 4, up_block_out_channels=(4,) * 4)
+    pipe.register_modules(vae=AsymmetricAutoencoderKL(latent_channels=4, norm_num_groups=2, sample_size=32,
+                                                      layers_per_down_block=1, layers_per_up_block=1, **blocks))
+    with pytest.raises(ValueError, match="^pipe: StableDiffusionInpaintPipeline with an AsymmetricAutoencoderKL"):
+        paratime.parallelize(pipe)
 
 
 def test_parallel_pipeline_refuses_wan_2_2_experts():

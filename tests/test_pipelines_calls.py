@@ -67,6 +67,40 @@ def test_positional_arguments_bind_as_the_pipeline_binds_them():
         ppipe(*(["a dog"] + [None] * 40))
     with pytest.raises(TypeError, match="callback_on_step_end: not supported"):
         ppipe("a dog", callback_on_step_end=lambda *a: {})
+    # An unsupported argument at its signature's default changes nothing: run, as the pipeline runs it.
+    for noop in (dict(callback_on_step_end=None), dict(cross_attention_kwargs=None), dict(timesteps=None),
+                 dict(ip_adapter_image=None), dict(callback_on_step_end_tensor_inputs=["latents"])):
+        got = ppipe("a dog", 48, 48, 3, output_type="np", generator=_gen(1), **noop).images
+        assert np.abs(got - want).max() <= BOUND, noop
+    with pytest.raises(TypeError, match="callback_on_step_end_tensor_inputs: not supported"):
+        ppipe("a dog", callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+
+
+def test_a_network_replaced_after_wrapping_is_the_one_run():
+    """``pipe.unet = ...`` (a fine-tune, torch.compile) after parallelize(): the call runs the pipeline's network at
+    that call, as it runs its scheduler and VAE (the first call's sampler kept the old one: 0.37 relative off)."""
+    pipe = tiny_sd()
+    args = dict(num_inference_steps=3, height=48, width=48, output_type="latent", guidance_scale=4.0,
+                **prompt_embeddings(pipe))
+    ppipe = paratime.parallelize(pipe, method="sequential")
+    ppipe(generator=_gen(), **args)
+    pipe.unet = tiny_sd(seed=7).unet
+    want = pipe(generator=_gen(), **args).images
+    got = ppipe(generator=_gen(), **args).images
+    assert float((got - want).abs().max()) <= BOUND * float(want.abs().max())
+    # A ControlNet replaced likewise (its wrapper's sampler was cached by the conditioning scale alone: 0.19 off).
+    from paratime.bench.tiny_pipelines import tiny_sd_controlnet
+
+    cn = tiny_sd_controlnet()
+    control = torch.rand(1, 3, 48, 48, generator=_gen(1))
+    args = dict(image=control, num_inference_steps=3, output_type="latent", guidance_scale=4.0,
+                **prompt_embeddings(cn))
+    ppipe = paratime.parallelize(cn, method="sequential")
+    ppipe(generator=_gen(), **args)
+    cn.controlnet = tiny_sd_controlnet(seed=7).controlnet
+    want = cn(generator=_gen(), **args).images
+    got = ppipe(generator=_gen(), **args).images
+    assert float((got - want).abs().max()) <= BOUND * float(want.abs().max())
 
 
 STOCHASTIC = {

@@ -57,6 +57,24 @@ def test_flux_true_cfg_is_refused_naming_it():
                                    true_cfg_scale=2.0, **emb)
 
 
+def test_flux_refuses_the_negative_inputs_the_pipeline_refuses():
+    """The pipeline's check_inputs sees the negative prompt arguments too (they were left out: inputs diffusers
+    refuses ran)."""
+    pipe = tiny_flux()
+    emb = prompt_embeddings(pipe, batch=1)
+    base = dict(prompt_embeds=emb["prompt_embeds"], pooled_prompt_embeds=emb["pooled_prompt_embeds"],
+                num_inference_steps=2, height=32, width=32, max_sequence_length=16, output_type="latent")
+    neg, neg_pooled = emb["negative_prompt_embeds"], emb["negative_pooled_prompt_embeds"]
+    wrapped = paratime.parallelize(pipe, method="sequential")
+    for extra, match in ((dict(negative_prompt="x", negative_prompt_embeds=neg), "Cannot forward both"),
+                         (dict(negative_prompt_embeds=neg), "negative_pooled_prompt_embeds"),
+                         (dict(negative_prompt_2="x", negative_prompt_embeds=neg,
+                               negative_pooled_prompt_embeds=neg_pooled), "Cannot forward both")):
+        for call in (pipe, wrapped):
+            with pytest.raises(ValueError, match=match):
+                call(generator=_gen(), **base, **extra)
+
+
 def test_flux_sigmas_set_the_steps_as_the_pipeline_does():
     """Given sigmas, FluxPipeline runs len(sigmas) steps whatever num_inference_steps says; paratime passed both to
     the scheduler, which refused them unless they agreed."""

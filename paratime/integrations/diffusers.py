@@ -122,7 +122,8 @@ def _check_options(scheduler) -> None:
         # value before it: no decreasing noise level to step along
         raise _refuse(scheduler, "rescale_betas_zero_snr", True, "DDIMScheduler or DDPMScheduler with "
                       "rescale_betas_zero_snr=True (its alphas_cumprod here is not decreasing)")
-    if cfg.get("prediction_type") == "flow_prediction" and not _is_flow(scheduler):
+    if cfg.get("prediction_type") == "flow_prediction" and not _is_flow(scheduler) and \
+            not cfg.get("use_flow_sigmas", False):          # with flow sigmas, the scheduler's own refusal names them
         # diffusers' own step refuses it on the VP schedulers: paratime would run what the scheduler never does
         raise ValueError(f"prediction_type: 'flow_prediction' on {name} (a VP scheduler); flow matching takes "
                          f"FlowMatchEulerDiscreteScheduler or use_flow_sigmas=True where a scheduler has it")

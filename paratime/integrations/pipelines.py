@@ -176,13 +176,25 @@ def _shared(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:
     return t.expand(rows, *t.shape[1:])
 
 
-def _control_scale(pipe, kw: dict) -> float:
-    """The call's ControlNet scale, refusing what the parallel pipeline does not run (several ControlNets, the
-    ControlNet on part of the steps)."""
+def _check_controlnet(pipe) -> None:
+    """The ControlNet the parallel pipeline runs: one, without guess mode (at wrap time and at every call, since
+    ``pipe.controlnet`` may be replaced between them)."""
     from diffusers import ControlNetModel
 
     if not isinstance(pipe.controlnet, ControlNetModel):
-        raise TypeError("pipe: a MultiControlNetModel is not supported by the parallel pipeline; use one ControlNet")
+        raise ValueError(f"pipe: a {type(pipe.controlnet).__name__} is not supported by the parallel pipeline; use one "
+                         f"ControlNetModel")
+    if pipe.controlnet.config.get("global_pool_conditions", False):
+        # diffusers then runs guess mode (the ControlNet on the conditional half only, its residuals scaled per
+        # block), which ControlledUNet does not: the samples differed by 0.49 relative.
+        raise ValueError("pipe: a ControlNet with global_pool_conditions=True (guess mode, e.g. ControlNet 1.1 "
+                         "shuffle) is not supported by the parallel pipeline")
+
+
+def _control_scale(pipe, kw: dict) -> float:
+    """The call's ControlNet scale, refusing what the parallel pipeline does not run (several ControlNets, guess
+    mode, the ControlNet on part of the steps)."""
+    _check_controlnet(pipe)
     scale = kw.get("controlnet_conditioning_scale", 1.0)
     if isinstance(scale, (list, tuple)):    # one per ControlNet: diffusers refuses a list for one (its first was run)
         raise TypeError(f"controlnet_conditioning_scale: one ControlNet takes a float, got {scale!r}")
@@ -275,6 +287,11 @@ class InpaintUNet(torch.nn.Module):
 
 
 def _check_inpaint(pipe) -> None:
+    if type(pipe.vae).__name__ == "AsymmetricAutoencoderKL":
+        # diffusers decodes it with the init image and the mask (decode(..., image=, mask=)); _decode_sd does not:
+        # the images differed by up to 0.79.
+        raise ValueError(f"pipe: {type(pipe).__name__} with an AsymmetricAutoencoderKL (decoded with the image and "
+                         f"mask) is not supported by the parallel pipeline; use an AutoencoderKL")
     if pipe.unet.config.in_channels != 9:
         raise ValueError(f"pipe: {type(pipe).__name__} with a {pipe.unet.config.in_channels}-channel UNet "
                          f"overwrites the unmasked latents after every step (a projection paratime's step maps do not "
@@ -502,8 +519,11 @@ def _prepare_flux(pipe, kw: dict) -> _Prepared:
     height = kw.get("height") or pipe.default_sample_size * pipe.vae_scale_factor
     width = kw.get("width") or pipe.default_sample_size * pipe.vae_scale_factor
     prompt, n, seq = kw.get("prompt"), kw.get("num_images_per_prompt", 1), kw.get("max_sequence_length", 512)
-    pipe.check_inputs(prompt, kw.get("prompt_2"), height, width, prompt_embeds=kw.get("prompt_embeds"),
-                      pooled_prompt_embeds=kw.get("pooled_prompt_embeds"), max_sequence_length=seq)
+    pipe.check_inputs(prompt, kw.get("prompt_2"), height, width, negative_prompt=kw.get("negative_prompt"),
+                      negative_prompt_2=kw.get("negative_prompt_2"), prompt_embeds=kw.get("prompt_embeds"),
+                      negative_prompt_embeds=kw.get("negative_prompt_embeds"),
+                      pooled_prompt_embeds=kw.get("pooled_prompt_embeds"),
+                      negative_pooled_prompt_embeds=kw.get("negative_pooled_prompt_embeds"), max_sequence_length=seq)
     device = pipe._execution_device
     emb, pooled, txt_ids = pipe.encode_prompt(prompt=prompt, prompt_2=kw.get("prompt_2"),
                                               prompt_embeds=kw.get("prompt_embeds"),
@@ -653,12 +673,12 @@ _FAMILIES = {
         "image", "mask_image", "masked_image_latents", "strength"}), _check_inpaint),
     "StableDiffusionControlNetPipeline": _Family(_prepare_sd_controlnet, _decode_sd, "unet", frozenset({
         "image", "controlnet_conditioning_scale", "control_guidance_start",
-        "control_guidance_end"})),
+        "control_guidance_end"}), _check_controlnet),
     "StableDiffusionXLControlNetPipeline": _Family(_prepare_sdxl_controlnet, _decode_sdxl, "unet", frozenset({
         "image", "prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
         "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end",
         "original_size", "target_size", "crops_coords_top_left", "negative_original_size", "negative_target_size",
-        "negative_crops_coords_top_left"})),
+        "negative_crops_coords_top_left"}), _check_controlnet),
     "StableDiffusionXLPipeline": _Family(_prepare_sdxl, _decode_sdxl, "unet", frozenset({
         "prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds", "guidance_rescale",
         "original_size", "target_size", "crops_coords_top_left", "negative_original_size", "negative_target_size",
@@ -734,6 +754,16 @@ def _check_options(solver, options: dict) -> SamplerConfig:
     return SamplerConfig.from_options(solver=solver, steps=max(1, slices or 1, slid, sliced), **options)
 
 
+def _is_default(value: Any, default: Any) -> bool:
+    """Whether a call argument is its signature's default: the same object, or an equal plain value (None, a number,
+    a string, or a list / tuple of them; never a tensor or an image, whose equality is not one bool)."""
+    if value is default:
+        return True
+    plain = (type(None), bool, int, float, str)
+    flat = lambda v: isinstance(v, plain) or isinstance(v, (list, tuple)) and all(isinstance(e, plain) for e in v)
+    return default is not inspect.Parameter.empty and flat(value) and flat(default) and value == default
+
+
 class ParallelPipeline:
     """A diffusers pipeline whose denoising loop runs through paratime; call it exactly like the pipeline.
 
@@ -745,12 +775,7 @@ class ParallelPipeline:
     def __init__(self, pipe, backend: str | Backend, backend_options: dict, sampler_options: dict):
         self.pipe = pipe
         self.family = _family_of(pipe)
-        if self.family.check is not None:
-            self.family.check(pipe)
-        network = getattr(pipe, self.family.network)
-        if network.config.get("time_cond_proj_dim") is not None:
-            raise ValueError("pipe: a UNet with time_cond_proj_dim (LCM's guidance embedding) is not supported")
-        self.network = network if self.family.network == "unet" else Keyword(network)
+        self._check_pipe()
         # An unsupported scheduler or a bad option fails here, at wrap time, before the backend starts.
         cfg = _check_options(solver_for(pipe.scheduler), sampler_options)
         check_kernels(sampler_options.get("kernels"), cfg.state_dtype_on(pipe.device), pipe.device)
@@ -759,11 +784,23 @@ class ParallelPipeline:
         self.last_stats: SampleStats | None = None
         self._samplers: dict = {}
 
+    def _check_pipe(self) -> None:
+        """What the family runs, on the networks the pipeline holds now (at wrap time and at every call: a UNet,
+        transformer or ControlNet may be replaced between them)."""
+        if self.family.check is not None:
+            self.family.check(self.pipe)
+        if getattr(self.pipe, self.family.network).config.get("time_cond_proj_dim") is not None:
+            raise ValueError("pipe: a UNet with time_cond_proj_dim (LCM's guidance embedding) is not supported")
+
     def _sampler(self, steps: int, eta: float, prep: _Prepared) -> ParallelSampler:
-        network = self.network if prep.network is None else prep.network
+        held = getattr(self.pipe, self.family.network)              # the pipeline's network at this call
+        network = prep.network if prep.network is not None else held if self.family.network == "unet" else \
+            Keyword(held)
+        # The networks by identity: one replaced on the pipeline after wrapping (a fine-tune, torch.compile) gets a
+        # sampler of its own (the first call's was kept). The cached sampler holds the old ones, so no id is reused.
         key = (steps, eta, prep.uncond is not None and prep.guidance, prep.guidance_rescale,
-               tuple(sorted(prep.timestep_kwargs.items())), prep.begin, id(self.pipe.scheduler),
-               getattr(network, "cache_key", None))
+               tuple(sorted(prep.timestep_kwargs.items())), prep.begin, id(self.pipe.scheduler), id(held),
+               id(getattr(self.pipe, "controlnet", None)), getattr(network, "cache_key", None))
         if key not in self._samplers:
             guided = prep.uncond is not None
             den = from_diffusers(network, self.pipe.scheduler, sample_shape=None,
@@ -795,7 +832,7 @@ class ParallelPipeline:
         for name, param in sig.parameters.items():       # the pipeline's **kwargs (deprecated callbacks)
             if param.kind is not inspect.Parameter.VAR_KEYWORD:
                 continue
-            extra = sorted(arguments.pop(name, {}))
+            extra = sorted(k for k, v in arguments.pop(name, {}).items() if not (k in _DEPRECATED_KWARGS and v is None))
             # Not a parameter of this pipeline (img2img's height, ControlNet's guidance_rescale: the pipeline does not
             # read it, and the loop must not either; it was accepted and dropped), or a deprecated callback the
             # pipeline reads from its **kwargs and the loop does not run.
@@ -804,7 +841,13 @@ class ParallelPipeline:
                     f"not an argument of {type(self.pipe).__name__}.__call__"
                 raise TypeError(f"{extra[0]}: {what} (not supported by the parallel pipeline); supported arguments: "
                                 f"{supported}")
-        unknown = sorted(set(arguments) - _COMMON - self.family.extra)
+        # An argument given at its signature's default changes nothing the pipeline does: accepted (callback=None,
+        # cross_attention_kwargs=None, callback_on_step_end_tensor_inputs=["latents"]).
+        unknown = sorted(n for n in set(arguments) - _COMMON - self.family.extra
+                         if not _is_default(arguments[n], sig.parameters[n].default))
+        for name in set(arguments) - _COMMON - self.family.extra:
+            if name not in unknown:
+                del arguments[name]
         if unknown:
             raise TypeError(f"{unknown[0]}: not supported by the parallel pipeline; supported arguments: {supported}")
         return arguments
@@ -832,6 +875,7 @@ class ParallelPipeline:
             raise ValueError(f"num_inference_steps: must be an integer >= 1, got {steps!r}")
         eta = kwargs.get("eta") or 0.0
         generator = kwargs.get("generator")
+        self._check_pipe()
         prep = self.family.prepare(self.pipe, kwargs)
         sampler = self._sampler(steps if prep.steps is None else prep.steps, eta, prep)
         # Step noise drawn from the call's generator(s) as the scheduler draws it: per step, in the network's dtype.
