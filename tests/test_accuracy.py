@@ -35,9 +35,11 @@ def _sampler(model, **options):
 
 
 def assert_within_tol(res, seq, what=()):
-    """Each sample within the tolerance in force for it (``stats.tol_abs``: ``tol`` times its data scale)."""
+    """Each sample within the tolerance in force for it (``stats.tol_abs``: ``tol`` times its data scale); ``what``
+    (a value or a tuple of them) labels a failure."""
     diff = (res.samples - seq).flatten(1).abs().amax(1)                       # (B,) per-sample max |Δ|
     tol_abs = torch.tensor(res.stats.tol_abs, dtype=diff.dtype)
+    what = what if isinstance(what, tuple) else (what,)
     assert bool((diff <= tol_abs).all()), (*what, res.stats.tol, float((diff / tol_abs).max()))
 
 
