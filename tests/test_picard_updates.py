@@ -82,3 +82,24 @@ def test_sampler_passes_init_and_fill_and_counts_the_path_rows():
     assert extra == 10 * 8 * 2 * 8                    # the path's noise rows: one more (W, B, 2) float64 buffer
     ode = SamplerConfig(solver="ddim", steps=40, window=10)
     assert with_path.uses_noise_path(with_path.build_solver()) and not ode.uses_noise_path(ode.build_solver())
+
+
+def test_a_secant_correction_far_larger_than_picards_change_falls_back_to_picard():
+    """The secant's triangular solve compounds each pair's gain down the window: gains of 9.9 per point (each under
+    SAFEGUARD, so each pair is used) give sample 0 a correction about 100x Picard's change, which the per-sample
+    safeguard replaces by Picard's increments; sample 1 (gains 0.5) keeps its secant correction."""
+    from paratime.methods.updates import SAFEGUARD, _secant_increment
+
+    W, B = 4, 2
+    gain = torch.tensor([9.9, 0.5], dtype=torch.float64)
+    assert float(gain.max()) < SAFEGUARD
+    dy = torch.full((W, B, 1), 0.1, dtype=torch.float64)
+    old = torch.zeros(W, B, 1, dtype=torch.float64)
+    new_pic = torch.cumsum(dy, 0)                                      # Picard's values from a start at 0
+    hist_y = torch.zeros(W, B, 1, dtype=torch.float64)
+    y_win = hist_y + 1.0                                               # s = 1 at every point
+    hist_dy = dy - gain[None, :, None]                                 # u = gain: |u| / |s| under SAFEGUARD
+    ok = torch.ones(W, B, dtype=torch.bool)
+    inc, _ = _secant_increment(dy, new_pic, old, y_win, hist_y, hist_dy, ok)
+    assert torch.equal(inc[:, 0], dy[:, 0])                            # sample 0: Picard's increments
+    assert not torch.allclose(inc[:, 1], dy[:, 1])                     # sample 1: its secant correction
