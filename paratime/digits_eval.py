@@ -24,7 +24,20 @@ def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def knn_precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
     """Precision: share of ``fake`` inside the union of real k-NN balls; recall: share of ``real`` inside the
-    union of fake k-NN balls. ``real`` and ``fake`` are ``(n, d)`` feature arrays."""
+    union of fake k-NN balls. ``real`` and ``fake`` are ``(n, d)`` feature arrays.
+
+    Raises:
+        ValueError: ``k`` not an integer in ``[1, n)`` for the smaller set (``k=-1`` read the largest distance and
+            scored 1.0 / 1.0).
+    """
+    from .checks import check_int
+
+    n = min(len(real), len(fake))
+    if n < 2:
+        raise ValueError(f"real, fake: need at least 2 samples each for a k-NN ball, got {len(real)} and "
+                         f"{len(fake)}")
+    check_int("k", k, 1, n - 1)
+
     def radii(x):
         d = _pairwise(x, x)
         return np.sort(d, axis=1)[:, k]        # column 0 is the point itself
@@ -66,7 +79,20 @@ class DigitsJudge:
         with ``labels`` the share classified as the requested label. The real reference of the k-NN scores is one
         subset per sample count (drawn from the judge's seed), so two batches of the same size are scored against
         the same digits: a fresh draw per call moved precision / recall by a few hundredths between identical
-        batches."""
+        batches.
+
+        Raises:
+            ValueError: ``samples`` not ``(B, 1, 8, 8)`` with more than ``k`` of them (a k-NN ball needs k others);
+                ``labels`` not one per sample; ``k`` < 1.
+        """
+        from .checks import check_int
+
+        check_int("k", k, 1)
+        if samples.ndim != 4 or tuple(samples.shape[1:]) != (1, 8, 8) or samples.shape[0] <= k:
+            raise ValueError(f"samples: expected (B, 1, 8, 8) with B > k = {k}, got {tuple(samples.shape)}")
+        if labels is not None and tuple(labels.shape) != (samples.shape[0],):
+            raise ValueError(f"labels: expected one per sample, shape ({samples.shape[0]},), got "
+                             f"{tuple(labels.shape)}")
         x = _to_features(samples)
         proba = self.clf.predict_proba(x)
         pred = proba.argmax(1)

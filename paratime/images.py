@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checks import check_int
+
 __all__ = ["write_png", "image_grid", "scatter_image", "save_samples_png"]
 
 
@@ -36,8 +38,11 @@ def image_grid(images: torch.Tensor, upscale: int = 8, pad: int = 2, nrow: int |
                value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
     """``(B, C, H, W)`` images in ``value_range`` to one uint8 grid (grey for C=1, RGB for C=3)."""
     x = images.detach().float().cpu()
-    if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"images: expected (B, 1 or 3, H, W), got {tuple(x.shape)}")
+    if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] < 1:
+        raise ValueError(f"images: expected (B, 1 or 3, H, W) with B >= 1, got {tuple(x.shape)}")
+    check_int("upscale", upscale, 1)
+    check_int("pad", pad, 0)
+    check_int("nrow", nrow, 1, none=True)
     lo, hi = value_range
     x = ((x - lo) / (hi - lo)).clamp(0, 1)
     x = x.repeat_interleave(upscale, 2).repeat_interleave(upscale, 3)
@@ -57,9 +62,10 @@ def scatter_image(points: torch.Tensor, size: int = 512, extent: float | None = 
                   reference: torch.Tensor | None = None) -> np.ndarray:
     """A 2-D scatter of ``(B, 2)`` points as RGB pixels (samples blue, optional reference points grey)."""
     p = points.detach().double().cpu()
-    if p.ndim != 2 or p.shape[1] != 2:
-        raise ValueError(f"points: expected (B, 2), got {tuple(p.shape)}")
-    ext = extent or float(p.abs().max()) * 1.1 + 1e-9
+    if p.ndim != 2 or p.shape[1] != 2 or p.shape[0] < 1:
+        raise ValueError(f"points: expected (B, 2) with B >= 1, got {tuple(p.shape)}")
+    p = p[torch.isfinite(p).all(1)]           # a non-finite point is not drawn (one NaN blanked the whole plot)
+    ext = extent or (float(p.abs().max()) if p.numel() else 1.0) * 1.1 + 1e-9
     img = np.full((size, size, 3), 255, dtype=np.uint8)
 
     def draw(q, colour):
@@ -69,7 +75,8 @@ def scatter_image(points: torch.Tensor, size: int = 512, extent: float | None = 
                 img[max(size - 1 - y - 1, 0):size - y + 1, max(x - 1, 0):x + 2] = colour
 
     if reference is not None:
-        draw(reference.detach().double().cpu(), (190, 190, 190))
+        ref = reference.detach().double().cpu()
+        draw(ref[torch.isfinite(ref).all(1)], (190, 190, 190))
     draw(p, (31, 119, 180))
     return img
 

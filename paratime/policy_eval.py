@@ -36,10 +36,9 @@ log = logging.getLogger("paratime")
 
 EVAL_SEED = 1000          # the fixed evaluation set (training data uses seed 0: disjoint layouts)
 # Sampler options per method, DDPM-100 everywhere. Picard: a 32-point window, ParaDiGMS's stopping rule at tol 0.3
-# (noise-level units: each point within 0.3 of the std of the noise DDPM adds there) with the secant update. Measured
-# on the 100 evaluation episodes: success 98% (sequential 97%; tol 0.1: 96%, tol 1.0: 96%), chunks within 0.03
-# (max-abs, actions in [-1, 1]) of the sequential ones, ~2.4x faster per chunk than sequential (tol 0.1: ~2.0x,
-# tol 1.0: ~2.9x with chunks up to 0.15 apart). See benchmarks/policy_latency.py and ``paratime eval-policy``.
+# (noise-level units: each point within 0.3 of the std of the noise DDPM adds there) with the secant update. The
+# success rates and per-chunk latencies on the 100 evaluation episodes are the README's (*The diffusion policy*):
+# ``paratime eval-policy`` and benchmarks/policy_latency.py measure them.
 POLICY_METHODS: dict[str, dict] = {
     "sequential": dict(method="sequential"),
     "picard": dict(method="picard", window=32, tol=0.3, stop="paradigms", update="secant"),
@@ -245,8 +244,9 @@ def rollouts_png(path: str | Path, results: list[EvalResult], episodes: int = 4,
 
     from .images import write_png
 
-    if not results or episodes < 1:
-        raise ValueError(f"results, episodes: need at least one result and episode, got {len(results)}, {episodes}")
+    if not results:
+        raise ValueError("results: need at least one result")
+    check_int("episodes", episodes, 1)
     n = min(episodes, min(len(r.success) for r in results))
     ep = make_episodes(n, seed=seed)
     rows = [np.concatenate([_panel(ep, e, [(r.name, r.paths[e])]) for e in range(n)], 1) for r in results]
@@ -273,6 +273,7 @@ def chunks_png(path: str | Path, chunks: torch.Tensor, seed: int = EVAL_SEED, ep
 
     if chunks.ndim != 3 or chunks.shape[0] < 1 or chunks.shape[2] != 2:
         raise ValueError(f"chunks: expected (B >= 1, H, 2) action chunks, got {tuple(chunks.shape)}")
+    check_int("episodes", episodes, 1)
     n = min(episodes, chunks.shape[0])
     ep = make_episodes(n, seed=seed)
     layout = make_episodes(n, seed=seed)           # the untouched layouts to draw on

@@ -76,13 +76,15 @@ class LineProgress:
         if not self.closed:
             self.closed = True
             if write and self._written != self.n:
-                self._write(self.clock())
+                self._write(self.clock(), final=True)
 
-    def _write(self, now: float) -> None:
+    def _write(self, now: float, final: bool = False) -> None:
         self._last, self._written = now, self.n
         elapsed = now - self._t0
-        # ETA from the mean rate so far: (total - n) / (n / elapsed).
-        eta = f", ETA {(self.total - self.n) * elapsed / self.n:.0f}s" if 0 < self.n < self.total else ""
+        # ETA from the mean rate so far: (total - n) / (n / elapsed); none on the closing line (work that ends short
+        # of its total, a rollout whose episodes all finished early, is done).
+        eta = f", ETA {(self.total - self.n) * elapsed / self.n:.0f}s" if 0 < self.n < self.total and not final \
+            else ""
         pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         post = "".join(f", {k}={v}" for k, v in self.postfix.items())
         self.stream.write(f"{self.desc}: {self.n}/{self.total} {self.unit}{pct}{post}, elapsed {elapsed:.0f}s{eta}\n")

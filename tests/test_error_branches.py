@@ -958,3 +958,65 @@ def test_guidance_options_on_a_denoiser_that_carries_the_other_half():
     s = ParallelSampler(Denoiser(_raw, VESchedule(), "eps", guidance=3.0, uncond_fn=lambda c: c),
                         guidance_rescale=0.5, steps=2, progress=False)
     assert s.denoiser.guidance_rescale == 0.5
+
+
+def test_zoo_and_evaluation_inputs_are_named():
+    """Inputs that gave wrong scores, a blank plot, a NaN model or an episode stuck at NaN (helper review of the zoo
+    and evaluation code) are refused naming the argument."""
+    import numpy as np
+
+    from paratime.digits_eval import knn_precision_recall
+    from paratime.images import image_grid, scatter_image
+    from paratime.models import load_model
+    from paratime.policy_eval import chunks_png
+    from paratime.tasks.reach import make_dataset, make_episodes, step
+    from paratime.zoo.gmm import AnisotropicMixture, GaussianMixture
+
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(size=(20, 3)), rng.normal(size=(20, 3)) + 1.5
+    assert knn_precision_recall(real, fake, 3) != (1.0, 1.0)
+    for k in (-1, 0, 20):                       # k = -1 read the largest distance: (1.0, 1.0)
+        _raises(lambda: knn_precision_recall(real, fake, k), ValueError, "k")
+    _raises(lambda: image_grid(torch.zeros(0, 1, 8, 8)), ValueError, "images")
+    _raises(lambda: image_grid(torch.ones(2, 1, 8, 8), upscale=0), ValueError, "upscale")
+    _raises(lambda: image_grid(torch.ones(2, 1, 8, 8), pad=-1), ValueError, "pad")
+    _raises(lambda: scatter_image(torch.zeros(0, 2)), ValueError, "points")
+    points = torch.randn(50, 2, generator=torch.Generator().manual_seed(0))
+    blotted = points.clone()
+    blotted[0] = float("nan")                  # one NaN point blanked the whole plot
+    drawn = lambda image: int((image != 255).any(-1).sum())
+    assert drawn(scatter_image(blotted)) >= drawn(scatter_image(points[1:])) > 0
+    two = [[0.0, 0.0], [1.0, 1.0]]
+    _raises(lambda: GaussianMixture(two, 1.0, [0.0, 0.0]), ValueError, "means, stds, weights")
+    _raises(lambda: GaussianMixture(two, float("nan")), ValueError, "means, stds, weights")
+    _raises(lambda: GaussianMixture(two, [1.0, 1.0, 1.0]), ValueError, "means, stds, weights")
+    _raises(lambda: AnisotropicMixture([[0.0, 0.0]], [[[1.0, 0.0], [0.0, -1.0]]], [1.0]), ValueError, "covs")
+    _raises(lambda: step(make_episodes(2), torch.full((2, 2), float("nan"))), ValueError, "actions")
+    _raises(lambda: step(make_episodes(2), np.zeros((2, 2))), TypeError, "actions")
+    _raises(lambda: make_dataset(0), ValueError, "episodes")
+    _raises(lambda: chunks_png("unused.png", torch.zeros(3, 16, 2), episodes=0), ValueError, "episodes")
+    _raises(lambda: load_model("digits", dtype="float16"), TypeError, "dtype")
+    _raises(lambda: load_model("policy", device="gpu0"), ValueError, "device")
+
+
+def test_a_judge_needs_more_samples_than_k_and_one_label_each():
+    pytest.importorskip("sklearn")
+    from paratime.digits_eval import DigitsJudge
+
+    judge = DigitsJudge()
+    _raises(lambda: judge.score(torch.zeros(3, 1, 8, 8)), ValueError, "samples")      # an IndexError before
+    _raises(lambda: judge.score(torch.zeros(8, 1, 8, 8), labels=torch.zeros(5, dtype=torch.long)), ValueError,
+            "labels")
+
+
+def test_a_progress_line_that_closes_short_of_its_total_shows_no_eta():
+    import io
+
+    from paratime.progress import LineProgress
+
+    out, clock = io.StringIO(), iter(range(100)).__next__
+    bar = LineProgress(10, "rollout", "chunk", out, clock=clock)
+    for _ in range(6):
+        bar.update(1)
+    bar.close()
+    assert "ETA" not in out.getvalue().strip().splitlines()[-1]

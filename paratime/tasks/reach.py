@@ -180,14 +180,20 @@ def step(ep: Episodes, actions: torch.Tensor, config: ReachConfig | None = None)
     Actions are clipped to norm 1 (speed ``max_speed``). Success is checked after the move, then collisions.
 
     Raises:
-        ValueError: ``actions`` is not ``(B, 2)``.
+        TypeError: ``actions`` is not a tensor. ValueError: ``actions`` is not ``(B, 2)``, or not finite where an
+            episode is still running (a NaN action moved the robot to NaN, an episode that then ran to its time
+            limit uncounted as a failure of the policy).
     """
     config = _check_config(config)
+    if not isinstance(actions, torch.Tensor):
+        raise TypeError(f"actions: expected a tensor, got {type(actions).__name__}")
     if actions.shape != (len(ep), 2):
         raise ValueError(f"actions: expected shape ({len(ep)}, 2), got {tuple(actions.shape)}")
     a = actions.to(torch.float64)
-    a = a / a.norm(dim=1, keepdim=True).clamp_min(1.0)
     live = ~ep.done & (ep.steps < config.max_steps)
+    if not bool(torch.isfinite(a[live]).all()):
+        raise ValueError("actions: not finite for a running episode (the policy's output)")
+    a = a / a.norm(dim=1, keepdim=True).clamp_min(1.0)
     ep.pos = torch.where(live[:, None], ep.pos + config.max_speed * a, ep.pos)
     ep.last_action = torch.where(live[:, None], a, ep.last_action)
     ep.steps = ep.steps + live.long()
@@ -279,6 +285,7 @@ def make_dataset(episodes: int, seed: int = 0, config: ReachConfig | None = None
         TypeError, ValueError: ``episodes`` not an integer >= 1, ``noise`` not a finite number >= 0.
     """
     config = _check_config(config)
+    check_int("episodes", episodes, 1)
     check_number("noise", noise, 0)
     ep = make_episodes(episodes, seed=seed, config=config)
     gen = torch.Generator().manual_seed(seed)

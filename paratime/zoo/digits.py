@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import check_int, check_number
+from ..config import check_device, check_int, check_number
 from ..denoiser import Denoiser
 from ..models import load_weights, read_weights
 from ..progress import progress_bar, training_step
@@ -137,6 +137,13 @@ def digits_schedule() -> DiscreteVPSchedule:
     return DiscreteVPSchedule.from_betas("linear", 1000, 1e-4, 0.02)
 
 
+def _check_placement(device, dtype) -> None:
+    """A shipped model's ``device`` (one this machine has) and ``dtype`` (a floating torch.dtype or None), named."""
+    check_device(device)
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+
+
 def load_digits_model(path: str | Path | None = None, device: str | torch.device = "cpu",
                       dtype: torch.dtype | None = None) -> Denoiser:
     """The shipped digits model as a :class:`Denoiser` (eps prediction, DDPM linear schedule).
@@ -150,6 +157,7 @@ def load_digits_model(path: str | Path | None = None, device: str | torch.device
         raise FileNotFoundError(f"path: no digits weights at {path}; run paratime train-digits to make them")
     state, meta = read_weights(path)
     net = load_weights(DigitsUNet, state, meta.get("config", {}), path, what="digits")
+    _check_placement(device, dtype)
     net = net.to(device=device, dtype=dtype or torch.float32).eval().requires_grad_(False)
     return Denoiser(net, digits_schedule(), "eps", sample_shape=(1, 8, 8), uncond_fn=_null_labels)
 

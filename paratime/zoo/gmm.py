@@ -31,12 +31,19 @@ class GaussianMixture(torch.nn.Module):
     def __init__(self, means, stds, weights=None):
         super().__init__()
         means = torch.as_tensor(means, dtype=torch.float64)
-        K = means.shape[0]
-        stds = torch.as_tensor(stds, dtype=torch.float64).expand(K).clone()
+        stds = torch.as_tensor(stds, dtype=torch.float64)
+        K = means.shape[0] if means.ndim == 2 else 0
         weights = (torch.ones(K, dtype=torch.float64) if weights is None
                    else torch.as_tensor(weights, dtype=torch.float64))
-        if means.ndim != 2 or bool((stds <= 0).any()) or bool((weights < 0).any()) or weights.shape != (K,):
-            raise ValueError("means, stds, weights: need (K, dim) means, positive (K,) stds, non-negative (K,) weights")
+        if means.ndim != 2 or K < 1 or stds.ndim > 1 or (stds.ndim == 1 and stds.shape != (K,)) or \
+                weights.shape != (K,):
+            raise ValueError(f"means, stds, weights: need (K, dim) means, a number or (K,) stds, (K,) weights; got "
+                             f"shapes {tuple(means.shape)}, {tuple(stds.shape)}, {tuple(weights.shape)}")
+        stds = stds.expand(K).clone()
+        if not (bool(torch.isfinite(means).all()) and bool((stds > 0).all()) and bool(torch.isfinite(stds).all())
+                and bool((weights >= 0).all()) and bool(torch.isfinite(weights).all()) and float(weights.sum()) > 0):
+            raise ValueError("means, stds, weights: need finite means, finite positive stds, and finite non-negative "
+                             "weights with a positive sum")
         self.register_buffer("means", means)
         self.register_buffer("stds", stds)
         self.register_buffer("weights", weights / weights.sum())
@@ -113,7 +120,15 @@ class AnisotropicMixture(GaussianMixture):
 
     def __init__(self, means, covs, weights):
         super().__init__(means, 1.0, weights)
-        lam, q = torch.linalg.eigh(torch.as_tensor(covs, dtype=torch.float64))
+        covs = torch.as_tensor(covs, dtype=torch.float64)
+        K, d = self.means.shape
+        if covs.shape != (K, d, d) or not bool(torch.isfinite(covs).all()) or \
+                not torch.allclose(covs, covs.transpose(1, 2)):
+            raise ValueError(f"covs: need finite symmetric (K, dim, dim) = ({K}, {d}, {d}) covariances, got shape "
+                             f"{tuple(covs.shape)}")
+        lam, q = torch.linalg.eigh(covs)
+        if not bool((lam > 0).all()):
+            raise ValueError(f"covs: need positive definite covariances, smallest eigenvalue {float(lam.min()):.3g}")
         self.register_buffer("lam", lam)                  # (K, d)
         self.register_buffer("q", q)                      # (K, d, d), columns the eigenvectors
 

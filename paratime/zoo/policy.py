@@ -34,7 +34,8 @@ from ..models import load_weights, read_weights
 from ..progress import progress_bar, training_step
 from ..schedules import DiscreteVPSchedule
 from ..tasks.reach import ReachConfig, make_dataset
-from .digits import _read_meta, _timestep_embedding  # noqa: F401 - _read_meta: the record's reader
+# _read_meta: the record's reader, re-exported
+from .digits import _check_placement, _read_meta, _timestep_embedding  # noqa: F401
 
 __all__ = ["PolicyNet", "MeanPolicy", "policy_schedule", "load_policy_model", "load_baseline", "train_policy",
            "check_train_options", "WEIGHTS"]
@@ -147,6 +148,7 @@ def load_policy_model(path: str | Path | None = None, device: str | torch.device
     """
     path, meta, state = _load_state(path, "net.")
     net = load_weights(PolicyNet, state, meta.get("config", {}), path, what="policy")
+    _check_placement(device, dtype)
     net = net.to(device=device, dtype=dtype or torch.float32).eval().requires_grad_(False)
     cfg = net.config
     # x0 clipped to the action range [-1, 1] (Diffusion Policy's clip_sample): at the first DDPM-100 steps
