@@ -261,7 +261,8 @@ def initial_noise(shape, noise, seed: int, generator, first_sample: int, sample_
             raise ValueError("noise: contains NaN or inf")
         shape = tuple(noise.shape)
     if sample_shape is not None and tuple(shape[1:]) != tuple(sample_shape):
-        raise ValueError(f"shape: the model expects samples of shape {tuple(sample_shape)}, got {shape[1:]}")
+        raise ValueError(f"{'shape' if noise is None else 'noise'}: the model expects samples of shape "
+                         f"{tuple(sample_shape)}, got {tuple(shape[1:])}")
     if generator is not None:
         check_generator(generator, shape[0])
     if check is not None:

@@ -156,8 +156,8 @@ def window_candidates(steps: int, devices: int) -> list[int]:
 def _picard_rounds(steps: int, window: int, tol: float) -> list[tuple[int, bool | None]]:
     """Per sample, each Picard round's rows (the rounds model of the module docstring) and whether its window holds
     the grid's last point; the initial-guess call (1 row, one evaluation whatever the solver) first as ``(1, None)``
-    when ``window < steps``."""
-    rounds: list[tuple[int, bool | None]] = [(1, None)] if window < steps else []
+    when ``1 < window < steps``."""
+    rounds: list[tuple[int, bool | None]] = [(1, None)] if 1 < window < steps else []
     if tol == 0:                                  # one point a round
         return rounds + [(min(window, steps - k), k + window >= steps) for k in range(steps)]
     start = 0.0

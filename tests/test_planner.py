@@ -142,7 +142,7 @@ def test_rounds_model_shape(steps, window):
     rows = picard_rows(steps, window, TOL)
     body = rows[1:] if window < steps else rows
     assert all(1 <= r <= window for r in body) and all(a >= b for a, b in zip(body, body[1:]))
-    assert len(rows) <= len(picard_rows(steps, window, 0.0)) == steps + (window < steps)
+    assert len(rows) <= len(picard_rows(steps, window, 0.0)) == steps + (1 < window < steps)
     if window < steps:
         assert rows[0] == 1 and body[0] == window
         assert sum(r == window for r in body) >= min(SLIDE_STALL, steps - window)     # the stall's full windows

@@ -334,3 +334,50 @@ def test_a_non_finite_policy_observation_is_named():
     obs[0, 3] = float("nan")
     with pytest.raises(ValueError, match="^obs: contains NaN or inf"):
         ParallelSampler("policy", steps=5, progress=False).sample(1, obs=obs)
+
+
+def test_a_window_of_one_point_costs_what_sequential_sampling_costs():
+    """W = 1 (or what is left after max_rounds) evaluates one exact point a round: no initial-guess round (it never
+    reads a guess) and no re-opened last window (its final point comes from the accepted point before it alone):
+    12 rounds and 12 evaluations a sample for 10 steps before."""
+    seq = ParallelSampler("gmm", steps=10, method="sequential", progress=False).sample(2, seed=0)
+    for options in (dict(window=1, tol=1e-3), dict(window=1, tol=0.0), dict(window=1, tol=0.1, stop="paradigms")):
+        res = ParallelSampler("gmm", steps=10, progress=False, **options).sample(2, seed=0)
+        assert (res.stats.rounds, res.stats.nfe) == (10, 10.0), options
+        torch.testing.assert_close(res.samples, seq.samples, rtol=0, atol=1e-12)
+    after = ParallelSampler("gmm", steps=10, window=10, tol=1e-3, max_rounds=1, progress=False).sample(2, seed=0)
+    assert after.stats.rounds == 10 and after.stats.converged == [False, False]
+
+
+def test_data_units_decide_alike_at_every_scale_on_a_ve_model():
+    """In data units acceptance is relative to the initial noise's scale (sigma_max on a VE model) at every data
+    scale: a declared scale of exactly 1 was read as absolute units (acceptance 80x looser, 27 rounds against 30 at
+    1 + 1e-9), and the same problem scaled by 2 as a whole did not decide alike."""
+    from paratime import Denoiser
+    from paratime.schedules import VESchedule
+
+    means = torch.tensor([[0.9, 0.5], [-0.7, -0.8], [0.2, -0.9]], dtype=torch.float64)
+
+    def mixture(scale):
+        def network(x, sigma, **cond):            # the posterior mean of 3 equal modes, std 0.05 (data x scale)
+            x, sig = x / scale, sigma.reshape(-1, 1).to(x) / scale
+            var = 0.05 ** 2 + sig ** 2
+            w = torch.softmax(-((x[:, None] - means) ** 2).sum(-1) / (2 * var), 1)
+            post = (means[None] * sig[:, None] ** 2 + x[:, None] * 0.05 ** 2) / var[:, None]
+            return scale * (w[..., None] * post).sum(1)
+
+        network.data_range = (-scale, scale)
+        return Denoiser.from_callable(network, schedule=VESchedule(1e-3 * scale, 80.0 * scale), sample_shape=(2,))
+
+    def run(den, **options):
+        return ParallelSampler(den, steps=50, window=8, tol=1e-3, progress=False, **options).sample(64, seed=0)
+
+    one = run(mixture(1.0))
+    for other in (run(mixture(1.0), data_scale=1.0 + 1e-9), run(mixture(2.0))):
+        assert (other.stats.rounds, other.stats.nfe) == (one.stats.rounds, one.stats.nfe)
+    assert one.stats.tol_units == "data" and one.stats.data_scale[0] == 1.0
+
+
+def test_noise_of_another_sample_shape_is_named():
+    with pytest.raises(ValueError, match=r"^noise: the model expects samples of shape \(2,\), got \(3,\)"):
+        ParallelSampler("gmm", steps=4, progress=False).sample(noise=torch.randn(2, 3, dtype=torch.float64))

@@ -19,7 +19,8 @@ def _sequential(x, problem, cfg):
 def _picard(x, problem, cfg):
     return sample_picard(x, problem, cfg.window_size, cfg.tol, cfg.max_rounds, cfg.shared_window,
                          stop=cfg.stop, update=cfg.update, accept_tol=cfg.accept_tol, init=cfg.init, fill=cfg.fill,
-                         tol_scale=cfg.tol_scale if cfg.stop == "final" else 1.0)
+                         tol_scale=cfg.tol_scale if cfg.stop == "final" else 1.0,
+                         tol_units=cfg.tol_units if cfg.stop == "final" else None)
 
 
 #: Parareal's default tolerance (noise-level units), used when ``tol`` is None

@@ -97,19 +97,19 @@ FILLS = ("path", "copy")
 
 def path_plan(init: str, fill: str, window: int, steps: int, max_rounds: int | None) -> tuple[str, bool]:
     """``(init, fill_reads_D)``: the initial guess in force (``auto``: ``x0`` when the window is shorter than the
-    grid, else ``noise``) and whether the path fill runs (it reads D at the window end; only a window shorter than
+    grid and wider than one point, whose rounds never read a guess, else ``noise``) and whether the path fill runs (it reads D at the window end; only a window shorter than
     the grid, or ``max_rounds``' window of 1, slides). Either one draws the constant-D path's noise rows
     (:func:`paratime.solvers.constant_d_path`; shared with the memory bound of
     :class:`paratime.config.SamplerConfig`)."""
     if init == "auto":
-        init = "x0" if window < steps else "noise"
+        init = "x0" if 1 < window < steps else "noise"
     return init, fill == "path" and (window < steps or max_rounds is not None)
 
 
 def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | None = None,
                   max_rounds: int | None = None, shared_window: bool = False, *, stop: str = "final",
                   update: str = "secant", accept_tol: float | None = None, init: str = "auto",
-                  fill: str = "path", tol_scale: float | None = 1.0) -> Outcome:
+                  fill: str = "path", tol_scale: float | None = 1.0, tol_units: str | None = None) -> Outcome:
     """Sample with sliding-window Picard iteration.
 
     Args:
@@ -138,14 +138,17 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
             error with ``paradigms`` (which slides at ``tol``).
         init: the initial guess of every point: ``noise`` (x_T, ParaDiGMS), ``x0`` (one network call at x_T, then
             the constant-D path from there, carrying the pre-drawn noise; the call is a round of its own, counted),
-            or ``auto`` (default): ``x0`` when the window is shorter than the grid, else ``noise`` (a full window's
-            first round already evaluates every point at x_T, so the extra call buys nothing there).
+            or ``auto`` (default): ``x0`` when the window is shorter than the grid and wider than one point, else
+            ``noise`` (a full window's first round already evaluates every point at x_T, and a window of one point
+            never evaluates a guess, so the extra call buys nothing there).
         fill: the guess of the points that enter a sliding window: ``path`` (default; the constant-D path from the
             old window end) or ``copy`` (the value at the old window end, ParaDiGMS). Read only where a window
             slides (W < N, or after ``max_rounds``); :class:`~paratime.config.SamplerConfig` refuses another.
         tol_scale: ``stop="final"``: the data scale ``tol`` and ``accept_tol`` are relative to: 1 (default) absolute
             units, a number (a model's declared scale), or None: each sample's own, the max-abs of its final point
-            (:class:`~paratime.methods.stops.FinalPointStop`).
+            (:class:`~paratime.methods.stops.FinalPointStop`). tol_units: ``data`` (acceptance relative to
+            ``tol_scale`` and the initial noise's scale, a scale of 1 too) or ``absolute``; None: ``data`` unless
+            ``tol_scale`` is 1.
     Returns:
         :class:`Outcome`; ``rounds`` counts rounds, ``residuals`` the worst ParaDiGMS residual per round,
         ``sample_rounds`` the round each sample finished (CPU), ``extra["converged"]`` per sample whether it
@@ -160,9 +163,11 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         raise ValueError(f"init: unknown {init!r}; allowed: {', '.join(INITS)}")
     if fill not in FILLS:
         raise ValueError(f"fill: unknown {fill!r}; allowed: {', '.join(FILLS)}")
+    if tol_units not in (None, "data", "absolute"):
+        raise ValueError(f"tol_units: unknown {tol_units!r}; allowed: data, absolute (or None)")
     N, B, dev = problem.steps, x.shape[0], x.device
     stopper = make_stop(stop, tol, accept_tol, tol_scale, stochastic=problem.solver.stochastic, sliding=window < N,
-                        update=update)
+                        update=update, relative=None if tol_units is None else tol_units == "data")
     levels = acceptance_levels(problem.noise_levels, stopper.accept, stopper.tail, stopper.tail_fraction)  # (3, N+1)
     init, need_den = path_plan(init, fill, window, N, max_rounds)
     # The trajectory lives in the model's frame (ParaDiGMS iterates on VP latents): there the state barely moves at
@@ -189,6 +194,10 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         problem.report(RoundInfo(rounds, torch.tensor(win.begin_h), B, float("nan")))
     while not win.all_done:
         W = window if max_rounds is None or rounds < max_rounds else 1
+        # A window of one point reaches the final point from the accepted point before it alone: re-opening that
+        # window (at N - 1 again) would compute the same value (a round of waste). A wider one re-opens at N - W, on
+        # points whose values have moved since.
+        from_last = win.begin >= N - 1 if W == 1 else None
         # 1-2. Evaluate D at the window points y_p .. y_{p+W-1} of every active sample (one batched call) and take
         #      the step increments dy_j = F_j(y_j) - y_j.
         rows = win.pack(W, need_den)
@@ -208,7 +217,7 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
             rule.shift(rows.k, torch.where(back, W, 0))                # their slots' history no longer applies
             moved = torch.where(back, torch.inf, moved)
         # 5. Stop: every point accepted, or the stop rule.
-        win.done = stopper(win.done | (win.begin >= N), moved, win.traj[N], window_moved)
+        win.done = stopper(win.done | (win.begin >= N), moved, win.traj[N], window_moved, from_last)
         if stopper.reopen is not None:    # accepted to the end while the final point moved: the last window again
             win.begin = torch.where(stopper.reopen, max(N - W, 0), win.begin)
             rule.shift(rows.k, torch.where(stopper.reopen, W, 0))     # their slots' history no longer applies

@@ -152,7 +152,7 @@ class AllAcceptedStop:
         return None
 
     def __call__(self, done: torch.Tensor, moved: torch.Tensor, final: torch.Tensor,
-                 window_moved: torch.Tensor) -> torch.Tensor:
+                 window_moved: torch.Tensor, from_last: torch.Tensor | None = None) -> torch.Tensor:
         return done
 
 
@@ -182,15 +182,18 @@ class FinalPointStop:
     name = "final"
 
     def __init__(self, tol: float, accept: float, scale: float | None = 1.0, tail: float = 1.0,
-                 sliding: bool = False, carried: bool = False):
+                 sliding: bool = False, carried: bool = False, relative: bool | None = None):
         self.tol, self.accept, self.scale, self.tail, self.carried = tol, accept, scale, tail, carried
+        # Data units (relative to a scale, even one of exactly 1) or absolute; None: data units unless scale is 1
+        self.relative = scale != 1.0 if relative is None else relative
         self.tail_fraction = TAIL_FRACTION[sliding] if tail != 1.0 else 0.0
         self.gain_limit = gain_limit(tol, accept, sliding)
 
     def start(self, B: int, like: torch.Tensor, noise_scale: torch.Tensor | None = None) -> None:
         # Data units: acceptance per unit data scale is relative to the initial noise's scale in the model frame
-        # (``noise_scale``: 1 for VP latents, sigma_max in VE), so a problem scaled as a whole decides alike.
-        self.noise_scale = 1.0 if self.scale == 1.0 or noise_scale is None else noise_scale
+        # (``noise_scale``: 1 for VP latents, sigma_max in VE), so a problem scaled as a whole decides alike; a data
+        # scale of exactly 1 too (it was read as absolute units: acceptance sigma_max times looser on a VE model).
+        self.noise_scale = noise_scale if self.relative and noise_scale is not None else 1.0
         self.quiet = torch.zeros(B, dtype=torch.long, device=like.device)
         self.last_ratio = torch.full((B,), float("inf"), dtype=like.dtype, device=like.device)   # previous ratio
         self.last_chain = self.last_ratio.clone()       # previous ratio of two finite changes (inf: none)
@@ -235,12 +238,16 @@ class FinalPointStop:
         return back
 
     def __call__(self, done: torch.Tensor, moved: torch.Tensor, final: torch.Tensor,
-                 window_moved: torch.Tensor) -> torch.Tensor:
+                 window_moved: torch.Tensor, from_last: torch.Tensor | None = None) -> torch.Tensor:
         self._refresh(final)
         if self.tol > 0:
             # Every point accepted is not enough while the final point still moves by more than tol_b: its error then
-            # sits in frozen points, so the sample's window re-opens (:attr:`reopen`) instead.
+            # sits in frozen points, so the sample's window re-opens (:attr:`reopen`) instead; not where a window of
+            # one point started at the last step's point (``from_last``): the final point came from that accepted
+            # point alone, and the re-opened window (the same one) would compute the same value.
             self.reopen = done & ~self.finished & (moved > self.tol_b)
+            if from_last is not None:
+                self.reopen = self.reopen & ~from_last
             done = done & ~self.reopen
             # Quiet: moved <= QUIET_SCALE * tol_b and no more than the round before, in QUIET_ROUNDS successive rounds.
             # Changes below ROUNDING * tol_b count as none (float rounding, not convergence, decides them).
@@ -291,7 +298,7 @@ class FinalPointStop:
 
 def make_stop(stop: str, tol: float | None, accept_tol: float | None = None, scale: float | None = 1.0,
               stochastic: bool = False, sliding: bool = False,
-              update: str = "secant") -> AllAcceptedStop | FinalPointStop:
+              update: str = "secant", relative: bool | None = None) -> AllAcceptedStop | FinalPointStop:
     """The stop rule ``stop`` at ``tol`` (None: :data:`DEFAULT_TOL`).
 
     Args:
@@ -299,8 +306,9 @@ def make_stop(stop: str, tol: float | None, accept_tol: float | None = None, sca
         tol: ``final``: the bound on max |returned - sequential sample| aimed at; ``paradigms``: ParaDiGMS's
             tolerance (noise-level units). 0 runs to the exact fixed point.
         accept_tol: ``final`` only: the acceptance tolerance (noise-level units); None: :func:`default_accept_tol`.
-        scale: ``final`` only: the data scale ``tol`` and ``accept_tol`` are relative to (1: absolute units; None:
-            each sample's own max-abs, see :class:`FinalPointStop`).
+        scale: ``final`` only: the data scale ``tol`` and ``accept_tol`` are relative to (None: each sample's own
+            max-abs, see :class:`FinalPointStop`). relative: ``final`` only: data units (True) or absolute (False,
+            with ``scale`` 1); None: data units unless ``scale`` is 1.
         stochastic: the solver draws step noise (in a window of the whole grid: stricter default acceptance).
         sliding: a window shorter than the grid (acceptance drives the slide: tol / 30 on the whole grid where a
             window of the whole grid accepts at tol / 300 for a stochastic solver; a deterministic solver's last
@@ -324,8 +332,10 @@ def make_stop(stop: str, tol: float | None, accept_tol: float | None = None, sca
         raise ValueError(f"tol, accept_tol: must be >= 0, got {tol!r}, {accept_tol!r}")
     if scale is not None and not scale > 0:
         raise ValueError(f"scale: must be > 0 or None (the sample's own), got {scale!r}")
+    if relative is False and scale != 1.0:
+        raise ValueError(f"scale: absolute units (relative=False) take scale 1, got {scale!r}")
     if stop == "paradigms":
-        if scale != 1.0:
+        if scale != 1.0 or relative:
             raise ValueError("scale: applies only to stop='final'; 'paradigms' takes tol in noise-level units")
         if accept_tol is not None:
             raise ValueError("accept_tol: applies only to stop='final'; 'paradigms' accepts a point at tol")
@@ -333,4 +343,5 @@ def make_stop(stop: str, tol: float | None, accept_tol: float | None = None, sca
     accept = default_accept_tol(tol, stochastic, sliding) if accept_tol is None else float(accept_tol)
     # The default's stricter tail (a deterministic solver); a given accept_tol is flat.
     tail = TAIL_SCALE[sliding] if accept_tol is None and not stochastic else 1.0
-    return FinalPointStop(tol, accept, scale, tail, sliding, carried=update in CARRIES and not stochastic)
+    return FinalPointStop(tol, accept, scale, tail, sliding, carried=update in CARRIES and not stochastic,
+                          relative=relative)
