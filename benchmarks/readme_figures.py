@@ -61,7 +61,9 @@ def _printed(module: str, *args: str) -> list[str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
                          cwd=README.parent, timeout=3600)
-    if out.returncode not in (0, 1):          # 1: a benchmark whose own checks missed (the README says so)
+    # 1: a benchmark whose own checks missed (the README says so); an uncaught exception exits 1 too, with a
+    # traceback: that is a failure to run, not a figure.
+    if out.returncode not in (0, 1) or "Traceback (most recent call last)" in out.stderr:
         raise RuntimeError(f"{module} {' '.join(args)} exited {out.returncode}:\n{out.stderr[-2000:]}")
     return out.stdout.splitlines()
 
@@ -158,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     for c in checks:
         lines = c.run()
         lacks = missing(lines, text)
-        failed += bool(lacks)
+        failed += bool(lacks) or not lines           # nothing rendered: nothing was checked
+        if not lines:
+            print(f"  {c.name}: rendered no lines (no figure to compare)")
         print(f"{c.name} ({c.command}): {len(lines) - len(lacks)}/{len(lines)} lines in the README")
         for ln in (lines if args.print else lacks):
             print(f"  {'MISSING ' if ln in lacks else ''}{ln}")

@@ -502,6 +502,8 @@ def headline(name: str, batch: int | None = None, with_rule: bool = True) -> dic
     if peer is not None:
         checks[f"rounds >= {RATIO}x fewer"] = peer["rounds"] >= RATIO * default["rounds"]
         checks["rounds, NFE <= peer's"] = default["rounds"] <= peer["rounds"] and default["nfe"] <= peer["nfe"]
+    else:       # no comparison is not a passed one: the class missing (no diffusers) or short of the target
+        checks["real class ran (diffusers)" if not peer_runs else "real class reached the target"] = False
     return {"case": name, "batch": batch, "window": case.window or case.steps, "default": default, "peer": peer,
             "peer_runs": peer_runs, "rule": rule, "checks": checks}
 

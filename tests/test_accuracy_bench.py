@@ -13,7 +13,7 @@ from paratime.bench.rounds_at_accuracy import (CASES, PARADIGMS_RULE, Combo, at_
 from paratime.methods.picard import STOPS, UPDATES
 
 KEYS = {"tol", "max_abs_diff", "p99_abs_diff", "max_rel", "median_rel", "over", "switched", "switched_over", "rounds",
-        "nfe", "mean_rounds", "rolled_back", "flagged", "worst",
+        "nfe", "mean_rounds", "rolled_back", "flagged", "worst", "window",
         "strict_accept_max_abs_diff", "sensitivity_median", "sensitivity_p99"}
 
 
@@ -28,7 +28,7 @@ def test_sweep_rows_hold_the_errors_and_flag_exactly_the_rows_over_tol(small):
     assert [r["tol"] for r in rows] == list(tols) and all(set(r) == KEYS for r in rows)
     ref = sample(small, 32, method="sequential").samples
     for r in rows:
-        res = sample(small, 32, tol=r["tol"])
+        res = sample(small, 32, tol=r["tol"], window=small.steps)                # a case without a window: the grid
         err = (res.samples - ref).abs().amax(1)                                  # (B,) per-sample max |Δ|
         tol_abs = torch.tensor(res.stats.tol_abs, dtype=err.dtype)              # tol times each sample's scale
         assert r["max_abs_diff"] == pytest.approx(float(err.max()), abs=0)
@@ -40,6 +40,7 @@ def test_sweep_rows_hold_the_errors_and_flag_exactly_the_rows_over_tol(small):
         assert r["rolled_back"] == sum(res.stats.extra["rolled_back"])
     # The guarantee holds here (tests/test_accuracy.py checks it at every tolerance): no flag.
     assert not any(r["flagged"] for r in rows)
+    assert all(r["window"] == small.steps for r in rows)        # a case without a window runs the whole grid
 
 
 def test_sweep_runs_a_sliding_window_case():
@@ -124,6 +125,16 @@ def test_headline_reports_paratime_default_against_the_real_class():
     assert d["tol_units"] == "data" and d["scale"] == 1.0 and d["rounds"] > 0
     assert p is not None and p["max_rel_diff"] <= ra.TARGET and res["checks"]["max rel Δ <= target"]
     assert "policy b2 W32" in headline_markdown([res])
+
+
+def test_headline_without_the_real_class_fails_its_peer_check(monkeypatch):
+    """No diffusers (the class's runs empty) is a failed comparison, not an absent one: the peer checks dropped out
+    and the run could exit 0 with no peer compared."""
+    from paratime.bench import rounds_at_accuracy as ra
+
+    monkeypatch.setattr(ra, "real_class_runs", lambda *a, **k: [])
+    res = headline("policy", batch=2, with_rule=False)
+    assert res["peer"] is None and res["checks"]["real class ran (diffusers)"] is False
 
 
 def test_errors_are_relative_to_the_declared_or_own_scale():

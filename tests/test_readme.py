@@ -159,3 +159,15 @@ def test_readme_figures_detect_a_stale_figure():
 
     assert missing(["Picard 12 rounds / 479 NFE"], "… Picard 12 rounds /\n479 NFE per sample") == []
     assert missing(["Picard 12 rounds / 479 NFE"], "Picard 12 rounds / 480 NFE") == ["Picard 12 rounds / 479 NFE"]
+
+
+def test_readme_figures_fail_a_check_that_ran_nothing(monkeypatch, capsys):
+    """A check that renders no line compared nothing, and a command that crashed (a traceback, exit 1 like a
+    benchmark whose own checks missed) is an error: both passed as agreeing before."""
+    from paratime.bench import readme_figures
+
+    monkeypatch.setattr(readme_figures, "CHECKS", [readme_figures.Check("empty", "nothing", True, lambda: [])])
+    assert readme_figures.main(["--quick"]) == 1
+    assert "rendered no lines" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="exited 1"):
+        readme_figures._printed("paratime.bench.sd_paradigms", "--window", "0")
