@@ -223,6 +223,7 @@ def table(res: dict, level: float) -> tuple[list[str], dict]:
     Ks = sorted(res["K"])
     series = {m: [] for m in ("sequential", "planner", "best fixed window", "pipelined Parareal",
                               "staggered (K cores)", "CHORDS port", "CHORDS recommended stop")}
+    errs = {m: [] for m in series}          # each cell's max |Δ| (data-range units), printed beside its speed-up
     for K in Ks:
         rec = res["K"][K]
         planner = rec["planner"] if rec["planner"]["err"] <= level else None
@@ -234,11 +235,13 @@ def table(res: dict, level: float) -> tuple[list[str], dict]:
                  "CHORDS recommended stop": rec_stop if rec_stop and rec_stop["err"] <= level else None}
         for m, r in picks.items():
             series[m].append(None if r is None else r["speedup"])
+            errs[m].append(None if r is None else r["err"])
     for m in not_run(res.get("solver", "ddim")):    # not run for the solver: a row of dashes would read as "missed"
         del series[m]
     lines = [f"| method | " + " | ".join(f"K={K}" for K in Ks) + " |", "|---|" + "---|" * len(Ks)]
     for m, v in series.items():
-        lines.append(f"| {m} | " + " | ".join("–" if s is None else f"{s:.2f}x" for s in v) + " |")
+        lines.append(f"| {m} | " + " | ".join("–" if s is None else f"{s:.2f}x ({e:.1e})"
+                                                for s, e in zip(v, errs[m])) + " |")
     return lines, series
 
 
@@ -545,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     for level in LEVELS:
         for r in results:
             print(f"\n{title(r)}, {bound(r)}, batch 1, {seeds} seeds: speed-up N / SCE at "
-                  f"max|Δ| ≤ {level:g} of the data range ({r['range']:.3g})\n")
+                  f"max|Δ| ≤ {level:g} of the data range ({r['range']:.3g}; each cell's max|Δ| beside it)\n")
             print("\n".join(table(r, level)[0]))
     skipped = not_run(a.solver)
     if skipped:
