@@ -1,6 +1,10 @@
 """Per-chunk latency of the embedded diffusion policy (DDPM-100, batch 1, one process): paratime's sequential
 sampler, paratime's Picard, and diffusers' ParaDiGMS loop (:func:`paratime.bench.suite.paradigms_loop` with
-``DDPMParallelScheduler``) on the same policy network, the same window and the same tolerance.
+``DDPMParallelScheduler``) on the same policy network, the same window and the same tolerance. The loop is timed
+without the pipeline around it; on the first chunk it is checked against diffusers' real
+``StableDiffusionParadigmsPipeline`` class (the same rounds and the same chunk, or the script exits 1). Each
+implementation's max |Δ| is printed beside its speed-up: Picard against paratime's sequential chunk of the same seed,
+the loop against its own sequential run (window 1: it draws its step noise from its own generator).
 
     python benchmarks/policy_latency.py [--threads 1] [--chunks 20] [--reps 3] [--window 100] [--tol 0.1]
 
@@ -51,50 +55,76 @@ def main(argv: list[str] | None = None) -> int:
                                       clip_sample=True, clip_sample_range=model.clip_x0)
     observations = latency_observations(args.chunks)
 
-    def paradigms(obs, seed):
+    def paradigms(obs, seed, parallel=window):
         net = lambda x, t: model.network(x, t, obs=obs.expand(x.shape[0], -1))  # noqa: E731
         x_T = draw_noise(seed, 1, model.sample_shape, None, INITIAL, dtype=torch.float32)
         with torch.no_grad():
-            _, rounds, nfe = paradigms_loop(net, scheduler, x_T, 100, window, tol, torch.Generator().manual_seed(seed))
-        return rounds, nfe
+            return paradigms_loop(net, scheduler, x_T, 100, parallel, tol, torch.Generator().manual_seed(seed))
 
     def run(name, obs, seed):
         t0 = time.perf_counter()
         if name == "diffusers ParaDiGMS":
-            rounds, nfe = paradigms(obs, seed)
+            x, rounds, nfe = paradigms(obs, seed)
         else:
-            st = samplers[name].sample(1, seed=seed, obs=obs[None]).stats
-            rounds, nfe = st.rounds, st.nfe
-        return time.perf_counter() - t0, rounds, nfe
+            res = samplers[name].sample(1, seed=seed, obs=obs[None])
+            x, rounds, nfe = res.samples, res.stats.rounds, res.stats.nfe
+        return time.perf_counter() - t0, rounds, nfe, x
+
+    def anchor(obs, seed) -> bool:
+        """The loop against diffusers' real class on one chunk: the same rounds and the same chunk."""
+        from dataclasses import replace
+
+        from paratime.bench.rounds_at_accuracy import CASES, real_class
+
+        pipe, unet, call = real_class(replace(CASES["policy"], window=window), 1)
+        calls = []
+        unet.register_forward_pre_hook(lambda module, inputs: calls.append(1))
+        call.update(latents=draw_noise(seed, 1, model.sample_shape, None, INITIAL, dtype=torch.float32),
+                    prompt_embeds=obs.reshape(1, 1, -1).to(torch.float32))
+        with torch.no_grad():
+            real = pipe(**call, parallel=window, tolerance=tol, generator=torch.Generator().manual_seed(seed)).images
+        x, rounds, _ = paradigms(obs, seed)
+        same = len(calls) == rounds and torch.equal(real.reshape(x.shape).to(x.dtype), x)
+        print(f"anchor: the loop {rounds} rounds, diffusers' StableDiffusionParadigmsPipeline {len(calls)} calls; "
+              f"max |chunk difference| {float((real.reshape(x.shape).to(x.dtype) - x).abs().max()):.1e}: "
+              f"{'the same' if same else 'DIFFERENT'}")
+        return same
 
     names = [*samplers, "diffusers ParaDiGMS"]
+    anchored = anchor(observations[0], 0)
     for name in names:                                   # warm-up
         run(name, observations[0], 0)
-    rec = {n: {"wall": [], "rounds": [], "nfe": []} for n in names}
+    rec = {n: {"wall": [], "rounds": [], "nfe": [], "err": [0.0]} for n in names}
     for i, obs in enumerate(observations):
+        # Each chunk's references: paratime's sequential chunk (Picard's), the loop's own sequential run.
+        ref = {"paratime Picard": run("paratime sequential", obs, i)[3], "diffusers ParaDiGMS": paradigms(obs, i, 1)[0]}
         for _ in range(args.reps):
             for name in names:                          # interleaved: load hits every implementation alike
-                w, r, n = run(name, obs, i)
+                w, r, n, x = run(name, obs, i)
                 rec[name]["wall"].append(w)
                 rec[name]["rounds"].append(r)
                 rec[name]["nfe"].append(n)
+                if name in ref:
+                    rec[name]["err"].append(float((x.reshape(ref[name].shape).double()
+                                                   - ref[name].double()).abs().max()))
     print(f"policy DDPM-100, batch 1, 1 process, torch threads {torch.get_num_threads()} "
           f"(OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}), window {window}, tol {tol}, "
           f"{args.chunks} chunks x {args.reps} repeats; wall per chunk in ms")
     seq_med = statistics.median(rec["paratime sequential"]["wall"])
     pdg_med = statistics.median(rec["diffusers ParaDiGMS"]["wall"])
-    rows = [("implementation", "min", "median", "max", "rounds", "NFE", "vs sequential", "vs ParaDiGMS")]
+    rows = [("implementation", "min", "median", "max", "rounds", "NFE", "max |Δ|", "vs sequential", "vs ParaDiGMS")]
     for name in names:
         w = rec[name]["wall"]
         med = statistics.median(w)
         rows.append((name, f"{1000 * min(w):.1f}", f"{1000 * med:.1f}", f"{1000 * max(w):.1f}",
                      f"{statistics.median(rec[name]['rounds']):.0f}", f"{statistics.median(rec[name]['nfe']):.0f}",
-                     f"{seq_med / med:.2f}x", f"{pdg_med / med:.2f}x"))
+                     f"{max(rec[name]['err']):.1e}", f"{seq_med / med:.2f}x", f"{pdg_med / med:.2f}x"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.rjust(wd) for c, wd in zip(r, widths)))
-    print("rounds and NFE: medians over chunks; speed-ups: ratio of median walls")
-    return 0
+    print("rounds and NFE: medians over chunks; max |Δ|: over every chunk (actions in [-1, 1]); speed-ups: ratio of "
+          "median walls")
+    return 0 if anchored else 1
 
 
 if __name__ == "__main__":
