@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from paratime import ParallelSampler
+from paratime.models import as_denoiser
 from paratime.bench import Case, paradigms_loop, run_suite, to_markdown
 from paratime.bench.suite import failures
 
@@ -83,6 +84,29 @@ def test_diffusers_paradigms_loop_at_tol_zero_is_its_sequential_sampler():
     torch.testing.assert_close(par, seq, rtol=0, atol=1e-9)
     ours = ParallelSampler(model, steps=20, method="sequential", progress=False).sample(noise=x).samples
     torch.testing.assert_close(ours, seq, rtol=1e-5, atol=1e-5)   # same DDIM chain; diffusers keeps alphas in fp32
+
+
+@pytest.mark.parametrize("solver", ["ddim", "ddpm"])
+def test_the_paradigms_loop_is_diffusers_real_class(solver):
+    """The loop the benchmarks time (``paradigms_loop``, no pipeline around it) against diffusers' real
+    ``StableDiffusionParadigmsPipeline`` on the same network, noise, window and tolerance: the same network calls
+    and the same samples, bit for bit."""
+    pytest.importorskip("diffusers")
+    from dataclasses import replace
+
+    from paratime.bench.rounds_at_accuracy import CASES, real_class, sd_scheduler
+
+    case = replace(CASES[f"gmm-{solver}{'100' if solver == 'ddim' else '1000'}"], steps=20, window=8)
+    pipe, unet, call = real_class(case, 4)
+    calls = []
+    unet.register_forward_pre_hook(lambda module, inputs: calls.append(1))
+    with torch.no_grad():
+        real = pipe(**call, parallel=8, tolerance=0.1, generator=torch.Generator().manual_seed(0)).images
+        model = as_denoiser("gmm")
+        x, rounds, _ = paradigms_loop(lambda y, t: model.network(y.to(torch.float64), t.to(torch.float32)).to(y.dtype),
+                                      sd_scheduler(case), call["latents"], 20, 8, 0.1, torch.Generator().manual_seed(0))
+    assert rounds == len(calls)
+    assert torch.equal(real.reshape(x.shape).to(x.dtype), x)
 
 
 def test_shared_window_reproduces_diffusers_paradigms_rounds_and_nfe():
