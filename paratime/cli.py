@@ -435,7 +435,7 @@ def _check_sample_args(args) -> dict:
     # The sampler's own bound, before any start (staggered's cores as the sampler will size them: one per worker;
     # under torchrun the world size, not --workers, is the backend's).
     workers = int(os.environ.get("WORLD_SIZE", args.workers or 1)) if "RANK" in os.environ else args.workers or 1
-    cfg.for_devices(workers).check_memory(shape, device, cfg.state_dtype_on(device))
+    cfg.for_devices(workers).check_memory(shape, device, cfg.state_dtype_on(device), guided=model.guided)
     if args.out and args.model != "policy" and not (len(shape) == 2 and shape[1] == 2 or len(shape) == 4):
         raise UsageError(f"--out: a PNG shows (B, 2) points or (B, C, H, W) images, not samples of shape "
                          f"{shape}; give --out '' (and --save FILE for the tensor)")

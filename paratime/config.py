@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .backends import check_memory, noise_draws, window_buffers
+from .backends import check_memory, guidance_buffers, noise_draws, window_buffers
 from .backends.memory import jump_bytes, method_footprint, table_draw_bytes
 from .checks import check_int, check_number
 from .denoiser import PREDICTIONS, Denoiser
@@ -336,9 +336,10 @@ class SamplerConfig:
         return state
 
     def check_memory(self, shape: tuple[int, ...], device: torch.device, state_dtype: torch.dtype,
-                     solver: Solver | None = None, generator=None) -> int:
+                     solver: Solver | None = None, generator=None, guided: bool | None = None) -> int:
         """The memory bound of sampling ``shape`` with these options (:func:`paratime.backends.check_memory`), before
-        anything is allocated; ``solver`` defaults to :meth:`build_solver`.
+        anything is allocated; ``solver`` defaults to :meth:`build_solver`; ``guided``: classifier-free guidance
+        (each call's rows doubled, :func:`~paratime.backends.guidance_buffers`; None: this config's ``guidance``).
 
         Step noise: a round draws the rows it uses (a :class:`~paratime.noise.LazyNoise`) or gathers them from a
         table, one window-sized buffer per noise stream (``noise_draws``); the ``(N, B, *shape)`` tables of a
@@ -350,6 +351,9 @@ class SamplerConfig:
             DeviceMemoryError: the trajectory, noise and window buffers cannot fit ``device``.
         """
         solver = self.build_solver() if solver is None else solver
+        if guided is None:
+            guided = self.guidance is not None and self.guidance != 1
+        doubled = guidance_buffers(solver) if guided else 0     # the doubled calls of classifier-free guidance
         draws = noise_draws(solver)                             # noise streams: rows drawn per round
         tables = draws if tabulates(self.steps, tuple(shape), generator) else 0   # (N, B, *shape), whole run
         # A seeded table is drawn whole, its largest stream at once (the corrector's has corrector_steps per step).
@@ -363,11 +367,12 @@ class SamplerConfig:
             if foot.jump_rows and _noisy_jump(solver):
                 extra += jump_bytes(foot.jump_rows * math.prod(shape), foot.jump_span)
             return check_memory(tuple(shape), self.steps, state_dtype, device, tables, foot.rows,
-                                buffers=window_buffers("picard", solver) + draws, held=foot.held, extra_bytes=extra)
+                                buffers=window_buffers("picard", solver) + draws + doubled, held=foot.held,
+                                extra_bytes=extra)
         # Picard (and "auto" before the planner chose: its widest Picard window): the window buffers a round holds
         # at its peak depend on the update and the solver's kind; a history solver's D buffer is one more
         # (N + 1, B, ...) tensor.
-        buffers = window_buffers(self.update, solver) + draws + int(self.uses_noise_path(solver))
+        buffers = window_buffers(self.update, solver) + draws + int(self.uses_noise_path(solver)) + doubled
         return check_memory(tuple(shape), self.steps, state_dtype, device, tables, self.window_size,
                             buffers=buffers, point_buffers=int(solver.uses_history), extra_bytes=drawing)
 

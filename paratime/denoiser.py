@@ -304,8 +304,22 @@ class Denoiser:
             return self.to_x0(x, sigma, c, u, self.guidance)
         guided = u + self.guidance * (c - u)
         dims = tuple(range(1, x.ndim))
-        rescaled = guided * (c.std(dims, keepdim=True) / guided.std(dims, keepdim=True))
-        return self.to_x0(x, sigma, self.guidance_rescale * rescaled + (1 - self.guidance_rescale) * guided)
+        ratio = c.std(dims, keepdim=True) / guided.std(dims, keepdim=True)
+        del c, u                                # the doubled output: freed before the rescale
+        # phi (guided * ratio) + (1 - phi) guided (Lin et al.; diffusers' rescale_noise_cfg) as one per-row factor,
+        # in place: no window-sized temporaries beyond `guided` (three more took the round above its memory bound);
+        # out of place where autograd records it (the likelihood's divergence: std's backward reads `guided`).
+        factor = self.guidance_rescale * ratio + (1 - self.guidance_rescale)
+        return self.to_x0(x, sigma, guided * factor if guided.requires_grad else guided.mul_(factor))
+
+    def _classifier_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The classifier's input dtype: its own parameters' (a module), else the state's (an fp16 network with an
+        fp32 classifier, or the reverse, failed on the network's dtype)."""
+        if isinstance(self.classifier, torch.nn.Module):
+            p = next(self.classifier.parameters(), None)
+            if p is not None and p.is_floating_point():
+                return p.dtype
+        return x.dtype
 
     def _log_prob_grad(self, x, sigma, model_time, y):
         """grad_x log p(y | x) of the classifier, in the VE frame (autograd inside the batched call). Where ``x``
@@ -315,7 +329,9 @@ class Denoiser:
         track = x.requires_grad
         with torch.enable_grad(), torch.inference_mode(False):
             xg = x if track else x.detach().clone().requires_grad_(True)
-            logits = self.classifier((a * xg).to(self.network_dtype or x.dtype), model_time.to(torch.float32))
-            logp = torch.log_softmax(logits.float(), dim=-1).gather(1, y.long().reshape(-1, 1)).sum()
+            logits = self.classifier((a * xg).to(self._classifier_dtype(x)), model_time.to(torch.float32))
+            # At least float32 (a half-precision classifier's log-softmax), a float64 one kept at its precision.
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            logp = torch.log_softmax(logits, dim=-1).gather(1, y.long().reshape(-1, 1)).sum()
             (grad,) = torch.autograd.grad(logp, xg, create_graph=track)
         return grad.to(x.dtype)

@@ -427,7 +427,8 @@ class ParallelSampler:
     def _fits(self, shape: tuple[int, ...], method: str, window: int | None) -> bool:
         """Whether a candidate's memory bound fits the device (:meth:`SamplerConfig.check_memory`, seeded noise)."""
         try:
-            self._candidate(method, window).check_memory(shape, self.device, self.state_dtype, self.solver)
+            self._candidate(method, window).check_memory(shape, self.device, self.state_dtype, self.solver,
+                                                         guided=self.denoiser.guided)
         except DeviceMemoryError:
             return False
         return True
@@ -486,7 +487,8 @@ class ParallelSampler:
         Raises:
             DeviceMemoryError: this rank's device, or another rank's, cannot fit the call."""
         try:
-            cfg.check_memory(shape, self.device, self.state_dtype, self.solver, generator=generator)
+            cfg.check_memory(shape, self.device, self.state_dtype, self.solver, generator=generator,
+                             guided=self.denoiser.guided)
             mine = None
         except DeviceMemoryError as e:
             mine = e

@@ -97,7 +97,7 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
     """EDM's grid: ``(sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``, then 0."""
     if steps < 1:
         raise ValueError(f"steps: must be >= 1, got {steps}")
-    check_number("sigma_min", sigma_min, 0)
+    check_number("sigma_min", sigma_min, 0, low_open=True)      # 0 ended the grid on two zeros
     check_number("sigma_max", sigma_max, sigma_min, low_open=True)
     check_number("rho", rho, 0, low_open=True)
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
@@ -109,6 +109,11 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
 def betas_for(name: str, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
     """DDPM beta schedules as diffusers defines them: ``linear``, ``scaled_linear`` (Stable Diffusion) and
     ``squaredcos_cap_v2`` / ``cosine`` (Nichol & Dhariwal)."""
+    check_int("num_train_timesteps", num_train_timesteps, 1)
+    for name_, beta in (("beta_start", beta_start), ("beta_end", beta_end)):
+        check_number(name_, beta, 0, 1, low_open=True)
+        if beta >= 1:
+            raise ValueError(f"{name_}: must be below 1 (a beta of 1 leaves no signal), got {beta!r}")
     T = num_train_timesteps
     if name == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
@@ -169,8 +174,13 @@ class NoiseSchedule:
 
     def _grid_from_sigmas(self, sig: torch.Tensor, times: torch.Tensor | None = None) -> TimeGrid:
         if times is None:
-            times = self.model_time(sig.clamp_min(self.sigma_range[0]))
+            times = self.model_time(sig.clamp_min(self._time_floor()))
         return TimeGrid(sig, times.to(torch.float64), self.frame_scale(sig))
+
+    def _time_floor(self) -> float:
+        """The smallest sigma a grid point's model time is read at (the final sigma = 0 is never evaluated; a
+        schedule whose time map stops at its range clamps to it)."""
+        return self.sigma_range[0]
 
 
 @dataclass(frozen=True)
@@ -247,6 +257,9 @@ class DiscreteVPSchedule(NoiseSchedule):
             raise ValueError(f"steps: at most num_train_timesteps={T} for a discrete schedule, got {steps}")
         if spacing == "leading":
             ts = (np.arange(0, steps) * (T // steps)).round()[::-1].astype(np.int64) + self.steps_offset
+            if int(ts[0]) > T - 1:          # clipped below, it would repeat T - 1
+                raise ValueError(f"steps, steps_offset: leading spacing with {steps} steps and steps_offset="
+                                 f"{self.steps_offset} reaches timestep {int(ts[0])} of {T}; use fewer steps")
         elif spacing == "trailing":
             # diffusers' float arange, whose values round .5 its way (48 steps: 936, where T - k T / N gives 937);
             # it holds steps + 1 values at 61, 103, ... steps: the first steps are diffusers' grid
@@ -399,6 +412,8 @@ class EDMSchedule(NoiseSchedule):
 
     def __post_init__(self):
         _check_default_spacing(self)
+        check_number("sigma_min", self.sigma_min, 0, low_open=True)
+        check_number("sigma_max", self.sigma_max, 0, low_open=True)
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError(f"sigma_min, sigma_max: need 0 < sigma_min < sigma_max, got {self.sigma_min}, "
                              f"{self.sigma_max}")
@@ -457,8 +472,7 @@ class FlowSchedule(NoiseSchedule):
 
     def __post_init__(self):
         _check_default_spacing(self)
-        if not self.shift > 0:
-            raise ValueError(f"shift: must be > 0, got {self.shift!r}")
+        check_number("shift", self.shift, 0, low_open=True)
         check_number("time_scale", self.time_scale, 0, low_open=True)
         if not 0 < self.t_min < self.t_max < 1:
             raise ValueError(f"t_min, t_max: need 0 < t_min < t_max < 1, got {self.t_min}, {self.t_max}")
@@ -470,8 +484,13 @@ class FlowSchedule(NoiseSchedule):
 
     @property
     def sigma_range(self):
-        s = self.sigma_of_t(torch.tensor([self.t_min, self.t_max]))
+        s = self.sigma_of_t(torch.tensor([self.t_min, self.t_max], dtype=torch.float64))   # float32 read 1-1e-7 short
         return float(s[0]), float(s[1])
+
+    def _time_floor(self) -> float:
+        # t = sigma / (1 + sigma) holds down to 0: a grid of more than 1 / t_min steps has points below t_min,
+        # whose times a clamp to t_min misreported (t = 5e-4 read 1e-3 at 2,000 steps)
+        return 0.0
 
     def frame_scale(self, sigma):
         return 1 / (1 + sigma)

@@ -75,7 +75,30 @@ def test_classifier_guidance_with_the_exact_classifier_gives_the_conditional_den
     den = Denoiser(model.network, sched, "eps", classifier=classifier, classifier_scale=1.0)
     single = [GaussianMixture(gmm.means[k:k + 1], gmm.stds[k:k + 1]) for k in range(8)]
     want = torch.stack([single[int(k)].denoise(x[r:r + 1], sig[r:r + 1])[0] for r, k in enumerate(y)])
-    torch.testing.assert_close(den(x, sig, t, y=y), want, rtol=1e-6, atol=1e-6)
+    # To float64 rounding: a float64 classifier's log-softmax is kept at its precision (it was cast to float32:
+    # 2.6e-6 relative off the single-mode mean).
+    torch.testing.assert_close(den(x, sig, t, y=y), want, rtol=1e-10, atol=1e-10)
+
+
+class _Timed(torch.nn.Module):
+    """A linear layer called as ``module(x, time)``."""
+
+    def __init__(self, out: int, dtype: torch.dtype):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, out).to(dtype)
+
+    def forward(self, x, time):
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("net_dtype, clf_dtype", [(torch.float32, torch.bfloat16), (torch.float16, torch.float32)])
+def test_a_classifier_runs_in_its_own_dtype(net_dtype, clf_dtype):
+    """The classifier's input takes its own parameters' dtype, not the network's (an fp16 network with an fp32
+    classifier, or the reverse, failed: mat1 and mat2 must have the same dtype)."""
+    model, x, sig, t = _rows(4)
+    den = Denoiser(_Timed(2, net_dtype), model.schedule, "eps", classifier=_Timed(3, clf_dtype), classifier_scale=1.0)
+    out = den(x, sig, t, y=torch.zeros(4, dtype=torch.long))
+    assert out.dtype == x.dtype and torch.isfinite(out).all()
 
 
 def test_guidance_needs_unconditional_inputs():

@@ -19,13 +19,18 @@ def test_discrete_spacings_match_diffusers_definitions():
 def test_discrete_spacings_equal_diffusers_set_timesteps(spacing):
     """Every step count 1..1000, with and without steps_offset, against diffusers' own ``set_timesteps``. Known
     departures left out: diffusers' float arange gives N + 1 trailing timesteps at N = 61, 103, ... (paratime keeps
-    N), and leading with steps_offset=1 at N = 1000 starts at t = 1000, past the table (paratime clips to 999)."""
+    N), and leading with steps_offset=1 at N = 1000 starts at t = 1000, past the table (paratime refuses it, naming
+    steps and steps_offset: clipped to 999 it repeated a timestep)."""
     diffusers = pytest.importorskip("diffusers")
     for offset in (0, 1):
         ours = DiscreteVPSchedule.from_betas("linear", steps_offset=offset)
         sch = diffusers.DDIMScheduler(timestep_spacing=spacing, steps_offset=offset)
         bad = []
         for n in range(1, 1001):
+            if offset and spacing == "leading" and n == 1000:
+                with pytest.raises(ValueError, match="^steps, steps_offset:"):
+                    ours.timesteps(n, spacing)
+                continue
             sch.set_timesteps(n)
             want = np.clip(sch.timesteps.numpy()[:n], 0, 999)
             if not np.array_equal(ours.timesteps(n, spacing), want):
@@ -90,3 +95,34 @@ def test_bad_schedule_arguments():
         EDMSchedule(sigma_min=5, sigma_max=1)
     with pytest.raises(ValueError, match="spacing"):
         EDMSchedule().grid(10, "trailing")
+    # Named, not torch's or numpy's own errors (or an error about the grid's sigmas, later).
+    from paratime.schedules import FlowSchedule
+
+    for call, error, name in ((lambda: EDMSchedule(sigma_min="a"), TypeError, "sigma_min"),
+                              (lambda: FlowSchedule(shift="2"), TypeError, "shift"),
+                              (lambda: FlowSchedule(shift=float("inf")), ValueError, "shift"),
+                              (lambda: DiscreteVPSchedule.from_betas(num_train_timesteps=1.5), TypeError,
+                               "num_train_timesteps"),
+                              (lambda: DiscreteVPSchedule.from_betas(beta_end=2.0), ValueError, "beta_end"),
+                              (lambda: DiscreteVPSchedule.from_betas(beta_end=1.0), ValueError, "beta_end"),
+                              (lambda: karras_sigmas(10, 0.0, 80.0), ValueError, "sigma_min"),
+                              (lambda: DiscreteVPSchedule.from_betas(steps_offset=1).grid(1000, "leading"),
+                               ValueError, "steps, steps_offset")):
+        with pytest.raises(error) as info:
+            call()
+        assert str(info.value).startswith(f"{name}:"), str(info.value)
+
+
+def test_flow_grid_times_are_exact_below_t_min():
+    """A flow grid of more than 1 / t_min steps has points below t_min: their model time is t itself (it was
+    clamped to t_min: 5e-4 read 1e-3 at 2,000 steps), and the range's upper end is t_max / (1 - t_max) in float64
+    (float32 read 8,388,607 for 9,999,999)."""
+    from paratime.schedules import FlowSchedule
+
+    flow = FlowSchedule(time_scale=1000.0)
+    grid = flow.grid(2000)
+    sig = grid.sigmas[:-1]
+    torch.testing.assert_close(grid.model_times[:-1], 1000.0 * torch.where(sig >= flow.sigma_range[1], 1.0,
+                                                                           sig / (1 + sig)), rtol=1e-12, atol=0)
+    assert float(grid.model_times[-2]) == pytest.approx(1000.0 / 2000, rel=1e-9)
+    assert flow.sigma_range[1] == pytest.approx(flow.t_max / (1 - flow.t_max), rel=1e-12)

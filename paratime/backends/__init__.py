@@ -7,10 +7,10 @@ import inspect
 
 from .base import Backend, cast_network
 from .local import LocalBackend
-from .memory import DeviceMemoryError, check_memory, noise_draws, window_buffers
+from .memory import DeviceMemoryError, check_memory, guidance_buffers, noise_draws, window_buffers
 
 __all__ = ["Backend", "LocalBackend", "BACKENDS", "make_backend", "cast_network", "check_memory", "noise_draws",
-           "DeviceMemoryError", "window_buffers"]
+           "DeviceMemoryError", "window_buffers", "guidance_buffers"]
 
 
 def _torch_backend():

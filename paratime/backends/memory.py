@@ -39,8 +39,8 @@ from typing import NamedTuple
 import torch
 
 __all__ = ["DeviceMemoryError", "check_memory", "default_max_batch", "max_batch_for", "measure_rows",
-           "request_bytes", "Footprint", "method_footprint", "jump_bytes", "table_draw_bytes", "available_bytes",
-           "noise_draws", "window_buffers", "solver_kind", "PICARD_BUFFERS",
+           "guidance_buffers", "request_bytes", "Footprint", "method_footprint", "jump_bytes", "table_draw_bytes",
+           "available_bytes", "noise_draws", "window_buffers", "solver_kind", "PICARD_BUFFERS",
            "PROBE_ROWS", "CPU_MAX_BATCH", "CUDA_MAX_BATCH", "MEMORY_FRACTION"]
 
 #: rows of the first (measured) chunk when max_batch is derived
@@ -57,6 +57,13 @@ WORK_BUFFERS = 4
 PICARD_BUFFERS = {"one_call": {"picard": 14, "secant": 15, "anderson": 23},
                   "two_calls": {"picard": 16, "secant": 17, "anderson": 23},
                   "history": {"picard": 22, "secant": 23, "anderson": 29}}
+
+
+def guidance_buffers(solver) -> int:
+    """Window buffers classifier-free guidance adds at a round's peak: each network call of a step runs twice the
+    rows (the doubled input and output), so two per call (measured: DDIM 1.97, Heun 3.85 beyond the unguided
+    peak; tests/test_memory_bound.py)."""
+    return 2 * solver.evals_per_step
 
 
 def solver_kind(solver) -> str:
