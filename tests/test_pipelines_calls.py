@@ -76,31 +76,30 @@ def test_positional_arguments_bind_as_the_pipeline_binds_them():
         ppipe("a dog", callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
 
 
-def test_a_network_replaced_after_wrapping_is_the_one_run():
-    """``pipe.unet = ...`` (a fine-tune, torch.compile) after parallelize(): the call runs the pipeline's network at
-    that call, as it runs its scheduler and VAE (the first call's sampler kept the old one: 0.37 relative off)."""
-    pipe = tiny_sd()
-    args = dict(num_inference_steps=3, height=48, width=48, output_type="latent", guidance_scale=4.0,
-                **prompt_embeddings(pipe))
+def _runs_the_replacement(pipe, attribute, replacement, **args):
+    """Wrap ``pipe``, call it once, replace ``pipe.<attribute>``, and check the next call runs the replacement (as
+    ``pipe`` itself now does)."""
     ppipe = paratime.parallelize(pipe, method="sequential")
     ppipe(generator=_gen(), **args)
-    pipe.unet = tiny_sd(seed=7).unet
+    setattr(pipe, attribute, replacement)
     want = pipe(generator=_gen(), **args).images
     got = ppipe(generator=_gen(), **args).images
-    assert float((got - want).abs().max()) <= BOUND * float(want.abs().max())
-    # A ControlNet replaced likewise (its wrapper's sampler was cached by the conditioning scale alone: 0.19 off).
+    assert float((got - want).abs().max()) <= BOUND * float(want.abs().max()), attribute
+
+
+def test_a_network_replaced_after_wrapping_is_the_one_run():
+    """``pipe.unet = ...`` (a fine-tune, torch.compile) after parallelize(): the call runs the pipeline's network at
+    that call, as it runs its scheduler and VAE (the first call's sampler kept the old one: 0.37 relative off); a
+    ControlNet likewise (its wrapper's sampler was cached by the conditioning scale alone: 0.19 off)."""
     from paratime.bench.tiny_pipelines import tiny_sd_controlnet
 
+    pipe = tiny_sd()
+    _runs_the_replacement(pipe, "unet", tiny_sd(seed=7).unet, num_inference_steps=3, height=48, width=48,
+                          output_type="latent", guidance_scale=4.0, **prompt_embeddings(pipe))
     cn = tiny_sd_controlnet()
-    control = torch.rand(1, 3, 48, 48, generator=_gen(1))
-    args = dict(image=control, num_inference_steps=3, output_type="latent", guidance_scale=4.0,
-                **prompt_embeddings(cn))
-    ppipe = paratime.parallelize(cn, method="sequential")
-    ppipe(generator=_gen(), **args)
-    cn.controlnet = tiny_sd_controlnet(seed=7).controlnet
-    want = cn(generator=_gen(), **args).images
-    got = ppipe(generator=_gen(), **args).images
-    assert float((got - want).abs().max()) <= BOUND * float(want.abs().max())
+    _runs_the_replacement(cn, "controlnet", tiny_sd_controlnet(seed=7).controlnet,
+                          image=torch.rand(1, 3, 48, 48, generator=_gen(1)), num_inference_steps=3,
+                          output_type="latent", guidance_scale=4.0, **prompt_embeddings(cn))
 
 
 STOCHASTIC = {
