@@ -1,5 +1,7 @@
 """Side by side with diffusers' ParaDiGMS (DDIMParallelScheduler / DDPMParallelScheduler driven by the Picard loop
 of StableDiffusionParadigmsPipeline) on the same model, schedule, window and tolerance. Also part of `paratime bench`.
+The loop is checked against diffusers' real class on the first case (the same calls and samples, bit for bit); the
+script exits 1 when they differ.
 
     python benchmarks/paradigms_compare.py [--model digits] [--batch 16] [--window 100] [--tol 0.1]
 """
@@ -24,7 +26,8 @@ def main():
         return 0
     print(f"model={args.model} batch={args.batch} window={args.window} tol={args.tol}")
     print(paradigms_markdown(rows))
-    return 0
+    print(rows[0]["anchor_line"])
+    return 0 if rows[0]["anchor"] else 1
 
 
 if __name__ == "__main__":

@@ -72,22 +72,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def anchor(obs, seed) -> bool:
         """The loop against diffusers' real class on one chunk: the same rounds and the same chunk."""
-        from dataclasses import replace
+        from paratime.bench.rounds_at_accuracy import loop_is_the_class
 
-        from paratime.bench.rounds_at_accuracy import CASES, real_class
-
-        pipe, unet, call = real_class(replace(CASES["policy"], window=window), 1)
-        calls = []
-        unet.register_forward_pre_hook(lambda module, inputs: calls.append(1))
-        call.update(latents=draw_noise(seed, 1, model.sample_shape, None, INITIAL, dtype=torch.float32),
-                    prompt_embeds=obs.reshape(1, 1, -1).to(torch.float32))
-        with torch.no_grad():
-            real = pipe(**call, parallel=window, tolerance=tol, generator=torch.Generator().manual_seed(seed)).images
-        x, rounds, _ = paradigms(obs, seed)
-        same = len(calls) == rounds and torch.equal(real.reshape(x.shape).to(x.dtype), x)
-        print(f"anchor: the loop {rounds} rounds, diffusers' StableDiffusionParadigmsPipeline {len(calls)} calls; "
-              f"max |chunk difference| {float((real.reshape(x.shape).to(x.dtype) - x).abs().max()):.1e}: "
-              f"{'the same' if same else 'DIFFERENT'}")
+        x_T = draw_noise(seed, 1, model.sample_shape, None, INITIAL, dtype=torch.float32)
+        same, line = loop_is_the_class(model, scheduler, x_T, 100, window, tol, cond={"obs": obs[None]}, seed=seed)
+        print(line)
         return same
 
     names = [*samplers, "diffusers ParaDiGMS"]

@@ -312,6 +312,45 @@ def _zoo_unet(model: Denoiser, cond_shapes: dict):
     return ZooUNet()
 
 
+def loop_is_the_class(model: Denoiser, scheduler, latents: torch.Tensor, steps: int, window: int, tol: float,
+                      cond: dict | None = None, seed: int = 0) -> tuple[bool, str]:
+    """The loop the benchmarks time (:func:`paratime.bench.suite.paradigms_loop`, no pipeline around it) against
+    diffusers' real ``StableDiffusionParadigmsPipeline`` on one call of ``model`` (through :func:`_zoo_unet`), the
+    same scheduler, initial ``latents``, window, tolerance and generator seed: ``(same, line)``, same when the network
+    calls and the samples agree bit for bit."""
+    import copy
+
+    from diffusers import StableDiffusionParadigmsPipeline
+
+    from paratime.bench.suite import paradigms_loop
+
+    cond, B = cond or {}, latents.shape[0]
+    dtype = model.dtype or torch.float32
+    unet = _zoo_unet(model, {k: tuple(v.shape[1:]) for k, v in cond.items()})
+    emb = torch.cat([v.reshape(B, -1).to(dtype) for v in cond.values()], 1) if cond else torch.zeros(B, 1, dtype=dtype)
+    pipe = StableDiffusionParadigmsPipeline(vae=None, text_encoder=None, unet=unet, tokenizer=None,
+                                            scheduler=copy.deepcopy(scheduler), safety_checker=None,
+                                            feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    unet.register_forward_pre_hook(lambda module, inputs: calls.append(1))
+
+    def net(x, t):                                   # x: (P * B, *shape), point-major: each sample's rows repeat
+        rows = {k: v.repeat(x.shape[0] // B, *[1] * (v.ndim - 1)) for k, v in cond.items()}
+        return model.network(x.to(dtype), t.to(torch.float32), **rows).to(x.dtype)
+
+    with torch.no_grad():
+        real = pipe(num_inference_steps=steps, guidance_scale=1.0, height=8, width=8, output_type="latent",
+                    latents=latents, prompt_embeds=emb[:, None], parallel=window, tolerance=tol,
+                    generator=torch.Generator().manual_seed(seed)).images
+        x, rounds, _ = paradigms_loop(net, copy.deepcopy(scheduler), latents, steps, window, tol,
+                                      torch.Generator().manual_seed(seed))
+    real = real.reshape(x.shape).to(x.dtype)
+    same = len(calls) == rounds and torch.equal(real, x)
+    return same, (f"anchor: the loop {rounds} rounds, diffusers' StableDiffusionParadigmsPipeline {len(calls)} calls; "
+                  f"max |sample difference| {float((real - x).abs().max()):.1e}: {'the same' if same else 'DIFFERENT'}")
+
+
 def real_class(case: Case, batch: int):
     """``(pipeline, unet, call arguments)``: diffusers' own ``StableDiffusionParadigmsPipeline`` on ``case``'s
     network (the tiny SD pipeline's UNet, or a zoo network through :func:`_zoo_unet`), the same initial noise as

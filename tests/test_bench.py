@@ -109,6 +109,15 @@ def test_the_paradigms_loop_is_diffusers_real_class(solver):
     assert torch.equal(real.reshape(x.shape).to(x.dtype), x)
 
 
+def test_the_paradigms_comparison_checks_its_loop_against_the_class():
+    pytest.importorskip("diffusers")
+    from paratime.bench.suite import compare_paradigms
+
+    rows = compare_paradigms("digits", (("ddim", 20),), batch=2, window=8, tol=0.1)
+    assert rows[0]["anchor"] is True and rows[0]["anchor_line"].endswith(": the same")
+    assert [r["impl"] for r in rows] == ["diffusers ParaDiGMS", "paratime"]
+
+
 def test_shared_window_reproduces_diffusers_paradigms_rounds_and_nfe():
     diffusers = pytest.importorskip("diffusers")
     from paratime.noise import INITIAL, draw_noise
