@@ -312,26 +312,41 @@ def _zoo_unet(model: Denoiser, cond_shapes: dict):
     return ZooUNet()
 
 
+def _paradigms_pipeline(parts: dict, scheduler):
+    """diffusers' own ``StableDiffusionParadigmsPipeline`` of ``parts`` (vae, text encoder, unet) and
+    ``scheduler``, its progress bar off."""
+    from diffusers import StableDiffusionParadigmsPipeline
+
+    pipe = StableDiffusionParadigmsPipeline(**parts, tokenizer=None, scheduler=scheduler, safety_checker=None,
+                                            feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _zoo_class(model: Denoiser, scheduler, cond: dict, latents: torch.Tensor, steps: int):
+    """``(pipeline, unet, call arguments)``: :func:`_paradigms_pipeline` on a zoo network (through
+    :func:`_zoo_unet`, its conditioning as the prompt embeddings) from the initial ``latents``."""
+    B, dtype = latents.shape[0], model.dtype or torch.float32
+    unet = _zoo_unet(model, {k: tuple(v.shape[1:]) for k, v in cond.items()})
+    emb = torch.cat([v.reshape(B, -1).to(dtype) for v in cond.values()], 1) if cond else torch.zeros(B, 1, dtype=dtype)
+    args = dict(num_inference_steps=steps, guidance_scale=1.0, height=8, width=8, output_type="latent",
+                latents=latents, prompt_embeds=emb[:, None])
+    return _paradigms_pipeline(dict(vae=None, text_encoder=None, unet=unet), scheduler), unet, args
+
+
 def loop_is_the_class(model: Denoiser, scheduler, latents: torch.Tensor, steps: int, window: int, tol: float,
                       cond: dict | None = None, seed: int = 0) -> tuple[bool, str]:
     """The loop the benchmarks time (:func:`paratime.bench.suite.paradigms_loop`, no pipeline around it) against
-    diffusers' real ``StableDiffusionParadigmsPipeline`` on one call of ``model`` (through :func:`_zoo_unet`), the
-    same scheduler, initial ``latents``, window, tolerance and generator seed: ``(same, line)``, same when the network
+    diffusers' real ``StableDiffusionParadigmsPipeline`` on one call of ``model`` (:func:`_zoo_class`), the same
+    scheduler, initial ``latents``, window, tolerance and generator seed: ``(same, line)``, same when the network
     calls and the samples agree bit for bit."""
     import copy
-
-    from diffusers import StableDiffusionParadigmsPipeline
 
     from paratime.bench.suite import paradigms_loop
 
     cond, B = cond or {}, latents.shape[0]
     dtype = model.dtype or torch.float32
-    unet = _zoo_unet(model, {k: tuple(v.shape[1:]) for k, v in cond.items()})
-    emb = torch.cat([v.reshape(B, -1).to(dtype) for v in cond.values()], 1) if cond else torch.zeros(B, 1, dtype=dtype)
-    pipe = StableDiffusionParadigmsPipeline(vae=None, text_encoder=None, unet=unet, tokenizer=None,
-                                            scheduler=copy.deepcopy(scheduler), safety_checker=None,
-                                            feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe, unet, args = _zoo_class(model, copy.deepcopy(scheduler), cond, latents, steps)
     calls = []
     unet.register_forward_pre_hook(lambda module, inputs: calls.append(1))
 
@@ -340,9 +355,7 @@ def loop_is_the_class(model: Denoiser, scheduler, latents: torch.Tensor, steps: 
         return model.network(x.to(dtype), t.to(torch.float32), **rows).to(x.dtype)
 
     with torch.no_grad():
-        real = pipe(num_inference_steps=steps, guidance_scale=1.0, height=8, width=8, output_type="latent",
-                    latents=latents, prompt_embeds=emb[:, None], parallel=window, tolerance=tol,
-                    generator=torch.Generator().manual_seed(seed)).images
+        real = pipe(**args, parallel=window, tolerance=tol, generator=torch.Generator().manual_seed(seed)).images
         x, rounds, _ = paradigms_loop(net, copy.deepcopy(scheduler), latents, steps, window, tol,
                                       torch.Generator().manual_seed(seed))
     real = real.reshape(x.shape).to(x.dtype)
@@ -353,34 +366,18 @@ def loop_is_the_class(model: Denoiser, scheduler, latents: torch.Tensor, steps: 
 
 def real_class(case: Case, batch: int):
     """``(pipeline, unet, call arguments)``: diffusers' own ``StableDiffusionParadigmsPipeline`` on ``case``'s
-    network (the tiny SD pipeline's UNet, or a zoo network through :func:`_zoo_unet`), the same initial noise as
+    network (the tiny SD pipeline's UNet, or a zoo network through :func:`_zoo_class`), the same initial noise as
     paratime's (``(seed 0, sample)`` for the zoo, the SD cases' seeded latents) and the case's scheduler."""
-    from diffusers import StableDiffusionParadigmsPipeline
-
     if case.model == SD:
-        pipe = sd_pipe(case)
-        unet, args = pipe.unet, sd_arguments(case, batch)
-        parts = dict(vae=pipe.vae, text_encoder=pipe.text_encoder, unet=unet)
-        sched = sd_scheduler(case)
-    else:
-        from paratime.models import as_denoiser
-        from paratime.noise import INITIAL, draw_noise
+        sd = sd_pipe(case)
+        pipe = _paradigms_pipeline(dict(vae=sd.vae, text_encoder=sd.text_encoder, unet=sd.unet), sd_scheduler(case))
+        return pipe, sd.unet, sd_arguments(case, batch)
+    from paratime.models import as_denoiser
+    from paratime.noise import INITIAL, draw_noise
 
-        model = as_denoiser(case.model)
-        dtype = model.dtype or torch.float32
-        cond = case.conditioning(batch)
-        unet = _zoo_unet(model, {k: tuple(v.shape[1:]) for k, v in cond.items()})
-        emb = torch.cat([v.reshape(batch, -1).to(dtype) for v in cond.values()], 1) if cond else \
-            torch.zeros(batch, 1, dtype=dtype)
-        args = dict(num_inference_steps=case.steps, guidance_scale=1.0, height=8, width=8, output_type="latent",
-                    latents=draw_noise(0, batch, model.sample_shape, None, INITIAL, dtype=dtype),
-                    prompt_embeds=emb[:, None])
-        parts = dict(vae=None, text_encoder=None, unet=unet)
-        sched = sd_scheduler(case)
-    pipe = StableDiffusionParadigmsPipeline(**parts, tokenizer=None, scheduler=sched, safety_checker=None,
-                                            feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, unet, args
+    model = as_denoiser(case.model)
+    latents = draw_noise(0, batch, model.sample_shape, None, INITIAL, dtype=model.dtype or torch.float32)
+    return _zoo_class(model, sd_scheduler(case), case.conditioning(batch), latents, case.steps)
 
 
 def real_class_runs(case: Case, batch: int, tols, floor: float) -> list[dict]:

@@ -21,7 +21,7 @@ import torch
 from .backends import check_memory, guidance_buffers, noise_draws, window_buffers
 from .backends.memory import jump_bytes, method_footprint, table_draw_bytes
 from .checks import check_int, check_number
-from .denoiser import PREDICTIONS, Denoiser
+from .denoiser import PREDICTIONS, Denoiser, cfg_active
 from .methods import METHODS
 from .methods import PARAREAL_TOL
 from .cost import check_cost
@@ -352,7 +352,7 @@ class SamplerConfig:
         """
         solver = self.build_solver() if solver is None else solver
         if guided is None:
-            guided = self.guidance is not None and self.guidance != 1
+            guided = cfg_active(self.guidance)
         doubled = guidance_buffers(solver) if guided else 0     # the doubled calls of classifier-free guidance
         draws = noise_draws(solver)                             # noise streams: rows drawn per round
         tables = draws if tabulates(self.steps, tuple(shape), generator) else 0   # (N, B, *shape), whole run

@@ -30,7 +30,8 @@ from .checks import check_number
 
 from .schedules import EDMSchedule, NoiseSchedule, VESchedule
 
-__all__ = ["Denoiser", "NetworkOutputs", "PREDICTIONS", "append_dims", "to_x0", "from_x0", "check_sample_shape"]
+__all__ = ["Denoiser", "NetworkOutputs", "PREDICTIONS", "append_dims", "to_x0", "from_x0", "check_sample_shape",
+           "cfg_active"]
 
 
 def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -96,6 +97,12 @@ def _stack_halves(cond: dict, uncond: dict) -> dict:
         else:
             both[k] = torch.cat([c, u]) if isinstance(c, torch.Tensor) and c.ndim > 0 else c
     return both
+
+
+def cfg_active(guidance: float | None) -> bool:
+    """Whether a classifier-free guidance scale runs the doubled (conditional and unconditional) call: set and not 1
+    (scale 1 is the conditional output alone)."""
+    return guidance is not None and guidance != 1
 
 
 def check_sample_shape(shape) -> tuple[int, ...] | None:
@@ -251,7 +258,7 @@ class Denoiser:
 
     @property
     def guided(self) -> bool:
-        return self.guidance is not None and self.guidance != 1
+        return cfg_active(self.guidance)
 
     @property
     def fusable(self) -> bool:

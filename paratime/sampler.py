@@ -26,6 +26,7 @@ from .denoiser import Denoiser
 from .kernels import kernels as kernel_context, triton_usable
 from .evaluator import Evaluator, NonFiniteOutputError
 from .methods import METHODS, Problem, RoundInfo
+from .methods.parareal import takes_solver
 from .models import as_denoiser, model_factory, state_device
 from .noise import check_seed, draws_step_noise, initial_noise, step_noise
 from .planner import ALONE, TIMED_SPAN, Plan, candidates, plan_sampling
@@ -303,7 +304,7 @@ class ParallelSampler:
         # Parareal takes tol in noise-level units: not a candidate when the tolerance was given in data units, nor
         # for a solver reading more than one previous D (Parareal carries one across a slice boundary).
         methods = tuple(m for m in METHODS if not (m.startswith("parareal") and (
-            cfg.tol_units is not None or cfg.data_scale is not None or self.solver.history_depth > 1)))
+            cfg.tol_units is not None or cfg.data_scale is not None or not takes_solver(self.solver))))
         # Each rank sampling by itself needs the model on every rank: an SPMD backend's.
         alone = self.backend.name == "torch" and self.backend.workers > 1
         # Candidates that cannot fit the device are neither timed nor planned (a narrower window may fit); when none

@@ -54,6 +54,7 @@ _ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "al
 #: the longest ``timeout_s``: gloo holds a timeout in milliseconds in a C int (2^31 ms, about 24.8 days)
 MAX_TIMEOUT_S = (2**31 - 1) / 1000
 
+
 @dataclass
 class _MadeGroup:
     """The default group a backend of this process created: it is kept until the process exits and a later backend
@@ -195,7 +196,7 @@ class TorchDistributedBackend(Backend):
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"device: not a device: {device!r}") from e
         self.timeout = datetime.timedelta(seconds=float(timeout_s))
-        self.owns_group = False
+        self.owns_group = False           # whether this backend created the default group (one joining it: False)
         global _made
         options = (dist_backend or ("nccl" if torch.cuda.is_available() else "gloo"), init_method, rank, world_size)
         if group is None and _made is not None and init_method not in (None, _made.options[1]) and _made.users == 0 \
@@ -241,7 +242,7 @@ class TorchDistributedBackend(Backend):
                             (high is not None and value > high):
                         rng = f">= {low}" if high is None else f"in [{low}, {high}]"
                         raise ValueError(f"{name}: with init_method=, an integer {rng}, got {value!r}")
-            dist_backend = dist_backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            dist_backend = options[0]
             if dist_backend == "gloo" and os.environ.get("MASTER_ADDR", "127.0.0.1") in ("127.0.0.1", "localhost") \
                     and "GLOO_SOCKET_IFNAME" not in os.environ:
                 os.environ["GLOO_SOCKET_IFNAME"] = "lo"   # keep a single-machine run on loopback

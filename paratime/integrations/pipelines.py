@@ -31,6 +31,7 @@ import torch
 
 from ..backends import Backend, make_backend
 from ..config import SamplerConfig
+from ..methods.parareal import takes_solver
 from ..noise import PipelineNoise
 from ..sampler import ParallelSampler, SampleStats, check_kernels
 from .diffusers import Keyword, from_diffusers, sample_latents, solver_for, with_timestep_kwargs
@@ -748,7 +749,7 @@ def _check_options(solver, options: dict) -> SamplerConfig:
     slid = window + 1 if isinstance(window, int) and not isinstance(window, bool) else 1
     sliced = (slices or coarse) * coarse if all(isinstance(v, int) for v in (slices or 1, coarse)) else 1
     method = options.get("method")          # named here, before the config names the scheduler's solver
-    if isinstance(method, str) and method.startswith("parareal") and solver.history_depth > 1:
+    if isinstance(method, str) and method.startswith("parareal") and not takes_solver(solver):
         raise ValueError(f"method: {method!r} carries one previous model output across slices, but "
                          f"{solver.name} uses {solver.history_depth}; use method='picard' or 'sequential'")
     return SamplerConfig.from_options(solver=solver, steps=max(1, slices or 1, slid, sliced), **options)

@@ -47,7 +47,7 @@ import torch
 from ..solvers import true_indices
 from .common import Outcome, Problem, RoundInfo, rms
 
-__all__ = ["sample_parareal", "sample_parareal_pipelined", "slice_bounds", "coarse_subgrids"]
+__all__ = ["sample_parareal", "sample_parareal_pipelined", "slice_bounds", "coarse_subgrids", "takes_solver"]
 
 Coarse = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -71,13 +71,18 @@ def check_coarse_steps(bounds: torch.Tensor, coarse_steps: int) -> None:
                          f"{int(bounds[-1])} steps in {bounds.numel() - 1} slices), got {coarse_steps}")
 
 
+def takes_solver(solver) -> bool:
+    """Whether Parareal can run ``solver``: it carries at most one previous D across a slice boundary."""
+    return solver.history_depth <= 1
+
+
 def check_solver(solver) -> None:
-    """Parareal carries at most one previous D across a slice boundary: a solver reading more is refused.
+    """Refuse a solver Parareal cannot run (:func:`takes_solver`).
 
     Raises:
         ValueError: naming ``solver``.
     """
-    if solver.history_depth > 1:
+    if not takes_solver(solver):
         raise ValueError(f"solver: Parareal carries one previous D across slices; {solver.name!r} reads "
                          f"{solver.history_depth}: use method='picard' or 'sequential', or solver='dpmpp_2m'")
 
