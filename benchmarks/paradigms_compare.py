@@ -11,14 +11,14 @@ import argparse
 from paratime.bench import compare_paradigms, paradigms_markdown
 
 
-def main():
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="digits")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--window", type=int, default=100)
     ap.add_argument("--tol", type=float, default=0.1)
     ap.add_argument("--cases", default="ddim:100,ddpm:1000")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",")]
     rows = compare_paradigms(args.model, cases, args.batch, args.window, args.tol)
     if not rows:

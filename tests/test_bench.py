@@ -118,6 +118,15 @@ def test_the_paradigms_comparison_checks_its_loop_against_the_class():
     assert [r["impl"] for r in rows] == ["diffusers ParaDiGMS", "paratime"]
 
 
+def test_the_paradigms_compare_script_runs_and_prints_its_anchor(capsys):
+    pytest.importorskip("diffusers")
+    from paratime.bench.paradigms_compare import main
+
+    assert main(["--model", "gmm", "--batch", "2", "--window", "8", "--cases", "ddim:20,ddpm:20"]) == 0
+    out = capsys.readouterr().out
+    assert "gmm/ddim-20/b2" in out and "gmm/ddpm-20/b2" in out and out.rstrip().endswith(": the same")
+
+
 def test_shared_window_reproduces_diffusers_paradigms_rounds_and_nfe():
     diffusers = pytest.importorskip("diffusers")
     from paratime.noise import INITIAL, draw_noise
