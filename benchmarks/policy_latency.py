@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from paratime.policy_eval import POLICY_METHODS, latency_observations, policy_sampler
     from paratime.zoo.policy import TRAIN_TIMESTEPS, load_policy_model
 
-    window = args.window or POLICY_METHODS["picard"]["window"]
+    window = POLICY_METHODS["picard"]["window"] if args.window is None else args.window
     tol = POLICY_METHODS["picard"]["tol"] if args.tol is None else args.tol
     model = load_policy_model()
     samplers = {"paratime sequential": policy_sampler("sequential", model),

@@ -32,11 +32,19 @@ PARALLEL = [("Picard, ParaDiGMS rule", s, "picard", "paradigms", t) for s in ("d
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))`` for ``(n, d)`` feature arrays."""
+    """``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))`` for ``(n, d)`` feature arrays.
+
+    Raises:
+        ValueError: ``a`` or ``b`` not a finite ``(n >= 2, d)`` array (a covariance needs two rows), or their ``d``
+            differ.
+    """
     from scipy import linalg
 
+    from paratime.digits_eval import check_features
+
+    check_features(2, a=a, b=b)
     mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))    # (d, d), d = 1 too
     root = linalg.sqrtm(s_a @ s_b).real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * root))
 

@@ -38,7 +38,11 @@ def check_number(name: str, value: Any, low: float | None = None, high: float | 
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a number{' or None' if none else ''}, got {value!r}")
-    if not math.isfinite(value):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:                       # an int beyond float's range (10**400)
+        finite = False
+    if not finite:
         raise ValueError(f"{name}: must be a finite number, got {value!r}")
     if low is not None and (value <= low if low_open else value < low):
         raise ValueError(f"{name}: must be {'>' if low_open else '>='} {low}, got {value!r}")

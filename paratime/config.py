@@ -134,6 +134,14 @@ class SamplerConfig:
     corrector_steps: int = 1
 
     def __post_init__(self):
+        # A numpy scalar passes the checks below (numbers.Integral, numbers.Real) but not the isinstance(int) and
+        # (int, float) tests of the methods, solvers and schedules, nor json: kept as the Python number it equals.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, int):
+                object.__setattr__(self, f.name, int(value))
+            elif isinstance(value, numbers.Real) and not isinstance(value, (int, float)):
+                object.__setattr__(self, f.name, float(value))
         # Method and its options.
         check_int("steps", self.steps, 1)
         if not isinstance(self.method, str) or self.method not in (*METHODS, "auto"):
@@ -227,6 +235,9 @@ class SamplerConfig:
             raise ValueError(f"fill: applies only to a sliding window (window < steps, or max_rounds=, after which "
                              f"a window of 1 slides); window={self.window} covers the whole {self.steps}-step grid, "
                              f"so no point enters it")
+        if self.init == "x0" and self.method == "picard" and self.window == 1:
+            raise ValueError("init: applies only to a window wider than one point; window=1 steps each point from the "
+                             "accepted one before it and never reads a guess (init='x0' would add a network call)")
         if self.coarse is not None and self.coarse_steps != _default("coarse_steps"):
             raise ValueError("coarse_steps: applies only to the built-in coarse propagator; coarse= replaces it")
 
@@ -261,6 +272,8 @@ class SamplerConfig:
         window = fixed.get("window", self.window)
         if isinstance(window, int) and window >= self.steps and fixed.get("max_rounds", self.max_rounds) is None:
             fixed.setdefault("fill", _default("fill"))    # given for the sliding candidates: nothing enters this one
+        if window == 1:
+            fixed.setdefault("init", _default("init"))    # given for the wider candidates: a window of 1 reads no guess
         return dataclasses.replace(self, method=method, **fixed)
 
     def for_devices(self, workers: int) -> "SamplerConfig":

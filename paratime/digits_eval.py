@@ -10,12 +10,29 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["DigitsJudge", "knn_precision_recall", "run_eval"]
+__all__ = ["DigitsJudge", "check_features", "knn_precision_recall", "run_eval"]
 
 
 def _to_features(x: torch.Tensor) -> np.ndarray:
     """``(B, 1, 8, 8)`` in [-1, 1] to scikit-learn's digits scale: ``(B, 64)`` in [0, 16]."""
     return ((x.detach().double().cpu().reshape(x.shape[0], -1) + 1) * 8).clamp(0, 16).numpy()
+
+
+def check_features(min_rows: int = 1, **arrays: np.ndarray) -> None:
+    """Raise unless each of ``arrays`` (named by its keyword) is a finite ``(n, d)`` array with ``n >= min_rows``,
+    all of one ``d`` (a NaN row read as outside every k-NN ball, scoring 0.0 / 0.0; one feature crashed the FD).
+
+    Raises:
+        ValueError: naming the array.
+    """
+    for name, x in arrays.items():
+        if np.ndim(x) != 2 or len(x) < min_rows:
+            raise ValueError(f"{name}: expected an (n >= {min_rows}, d) feature array, got shape {np.shape(x)}")
+        if not np.isfinite(x).all():
+            raise ValueError(f"{name}: contains NaN or inf")
+    dims = {name: x.shape[1] for name, x in arrays.items()}
+    if len(set(dims.values())) > 1:
+        raise ValueError(f"{', '.join(dims)}: feature dimensions differ, {', '.join(map(str, dims.values()))}")
 
 
 def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -27,11 +44,12 @@ def knn_precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tupl
     union of fake k-NN balls. ``real`` and ``fake`` are ``(n, d)`` feature arrays.
 
     Raises:
-        ValueError: ``k`` not an integer in ``[1, n)`` for the smaller set (``k=-1`` read the largest distance and
-            scored 1.0 / 1.0).
+        ValueError: ``real`` or ``fake`` not a finite ``(n, d)`` array, or their ``d`` differ; ``k`` not an integer in
+            ``[1, n)`` for the smaller set (``k=-1`` read the largest distance and scored 1.0 / 1.0).
     """
     from .checks import check_int
 
+    check_features(real=real, fake=fake)
     n = min(len(real), len(fake))
     if n < 2:
         raise ValueError(f"real, fake: need at least 2 samples each for a k-NN ball, got {len(real)} and "

@@ -9,20 +9,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checks import check_int
+from .checks import check_int, check_number
 
 __all__ = ["write_png", "image_grid", "scatter_image", "save_samples_png"]
 
 
 def write_png(path: str | Path, pixels: np.ndarray) -> None:
-    """Write ``(H, W)`` grey or ``(H, W, 3)`` RGB uint8 pixels as a PNG."""
-    px = np.ascontiguousarray(pixels, dtype=np.uint8)
+    """Write ``(H, W)`` grey or ``(H, W, 3)`` RGB uint8 pixels as a PNG.
+
+    Raises:
+        ValueError: ``pixels`` not uint8 (a cast wrapped 300 to 44 and floats in [0, 1] to black), not ``(H, W)`` or
+            ``(H, W, 3)``, or empty.
+    """
+    px = np.asarray(pixels)
+    if px.dtype != np.uint8:
+        raise ValueError(f"pixels: expected uint8 values, got {px.dtype}")
+    px = np.ascontiguousarray(px)
     if px.ndim == 2:
         colour = 0
     elif px.ndim == 3 and px.shape[2] == 3:
         colour = 2
     else:
         raise ValueError(f"pixels: expected (H, W) or (H, W, 3), got {px.shape}")
+    if px.size == 0:
+        raise ValueError(f"pixels: expected at least one pixel, got {px.shape}")
     h, w = px.shape[:2]
     raw = b"".join(b"\x00" + px[r].tobytes() for r in range(h))
 
@@ -36,13 +46,22 @@ def write_png(path: str | Path, pixels: np.ndarray) -> None:
 
 def image_grid(images: torch.Tensor, upscale: int = 8, pad: int = 2, nrow: int | None = None,
                value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
-    """``(B, C, H, W)`` images in ``value_range`` to one uint8 grid (grey for C=1, RGB for C=3)."""
+    """``(B, C, H, W)`` images in ``value_range`` to one uint8 grid (grey for C=1, RGB for C=3).
+
+    Raises:
+        ValueError: ``images`` not ``(B >= 1, 1 or 3, H, W)`` or not finite (NaN was cast to black);
+            ``value_range`` not finite ``(lo, hi)`` with ``lo < hi``; ``upscale``, ``pad``, ``nrow`` out of range.
+    """
     x = images.detach().float().cpu()
     if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] < 1:
         raise ValueError(f"images: expected (B, 1 or 3, H, W) with B >= 1, got {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("images: contains NaN or inf")
     check_int("upscale", upscale, 1)
     check_int("pad", pad, 0)
     check_int("nrow", nrow, 1, none=True)
+    if len(value_range) != 2 or not all(np.isfinite(value_range)) or not value_range[0] < value_range[1]:
+        raise ValueError(f"value_range: expected finite (lo, hi) with lo < hi, got {value_range!r}")
     lo, hi = value_range
     x = ((x - lo) / (hi - lo)).clamp(0, 1)
     x = x.repeat_interleave(upscale, 2).repeat_interleave(upscale, 3)
@@ -60,12 +79,19 @@ def image_grid(images: torch.Tensor, upscale: int = 8, pad: int = 2, nrow: int |
 
 def scatter_image(points: torch.Tensor, size: int = 512, extent: float | None = None,
                   reference: torch.Tensor | None = None) -> np.ndarray:
-    """A 2-D scatter of ``(B, 2)`` points as RGB pixels (samples blue, optional reference points grey)."""
+    """A 2-D scatter of ``(B, 2)`` points as RGB pixels (samples blue, optional reference points grey).
+
+    Raises:
+        ValueError: ``points`` not ``(B >= 1, 2)``; ``size`` < 1; ``extent`` not None or a finite number > 0 (0 was
+            read as None, a negative one mirrored the plot).
+    """
     p = points.detach().double().cpu()
     if p.ndim != 2 or p.shape[1] != 2 or p.shape[0] < 1:
         raise ValueError(f"points: expected (B, 2) with B >= 1, got {tuple(p.shape)}")
+    check_int("size", size, 1)
+    check_number("extent", extent, 0, low_open=True, none=True)
     p = p[torch.isfinite(p).all(1)]           # a non-finite point is not drawn (one NaN blanked the whole plot)
-    ext = extent or (float(p.abs().max()) if p.numel() else 1.0) * 1.1 + 1e-9
+    ext = extent if extent is not None else (float(p.abs().max()) if p.numel() else 1.0) * 1.1 + 1e-9
     img = np.full((size, size, 3), 255, dtype=np.uint8)
 
     def draw(q, colour):

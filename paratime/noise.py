@@ -30,6 +30,7 @@ dequantisation noise.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,7 +75,7 @@ def mix64(z: torch.Tensor) -> torch.Tensor:
 
 
 def _check_index(name: str, value, bound: int = 1 << 64) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < bound:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 0 <= value < bound:
         raise ValueError(f"{name}: must be an integer in [0, {bound}), got {value!r}")
     return value
 

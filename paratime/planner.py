@@ -67,7 +67,8 @@ from .methods.parareal import slice_bounds
 
 __all__ = ["Plan", "plan_sampling", "candidates", "picard_rows", "predict_picard", "predict_sequential",
            "predict_parareal", "window_candidates", "rounds_cap", "ALONE", "SEQUENTIAL_MARGIN", "TIMED_SPAN",
-           "SLIDE_STALL", "STALL_ROUNDS", "TAIL_SHRINK", "FULL_TAIL", "PARAREAL_ITERATIONS"]
+           "SLIDE_STALL", "STALL_ROUNDS", "TAIL_SHRINK", "FULL_TAIL", "PARAREAL_ITERATIONS",
+           "PARAREAL_ITERATIONS_SDE"]
 
 #: rounds a sliding window's start advances one point each before it advances (W + 1) / 2 a round
 SLIDE_STALL = 3
@@ -78,8 +79,11 @@ TAIL_SHRINK = 0.65
 #: a window of the whole grid after its stall: the tail's first width (of the points left) and its last (of N)
 FULL_TAIL = (0.9, 0.1)
 #: Parareal iterations assumed at a tolerance > 0 (capped at the number of slices; gmm and digits, DDIM-16 to -100 at
-#: tol 2e-3: 3-4, 1e-2: 3-4, 0.1: 2-3; DDPM-50 and -100: 4-6)
+#: tol 2e-3: 3-4, 1e-2: 3-4, 0.1: 2-3)
 PARAREAL_ITERATIONS = 4
+#: the same for a stochastic solver, whose start after the converged prefix is accepted only when exact (gmm DDPM-50
+#: and -100 at the default tol, batch 1 and 8: 5 and 6; digits: 4-5)
+PARAREAL_ITERATIONS_SDE = 6
 #: a parallel plan is chosen over sequential sampling only when predicted this many times faster: the rounds model
 #: and a measured curve are good to about 25% (the window of 50 on 2 gloo ranks, digits DDIM-50: 0.062 s predicted,
 #: 0.076-0.095 s measured), so a predicted gain below 10% is not one to give up exactness for
@@ -226,14 +230,16 @@ def predict_picard(curve: CostCurve, steps: int, window: int, batch: int, device
 
 def predict_parareal(curve: CostCurve, steps: int, batch: int, devices: int, tol: float, evals: int = 1,
                      overhead: float = 0.0, limit: int | None = None,
-                     buckets: tuple[int, ...] | None = None, last_evals: int | None = None) -> float:
+                     buckets: tuple[int, ...] | None = None, last_evals: int | None = None,
+                     stochastic: bool = False) -> float:
     """Parareal's predicted time (curve units) with the default slices (module docstring), ``overhead`` per call,
     the grid's last step evaluated ``last_evals`` times (None: ``evals``), chunks of at most ``limit`` rows a device
-    padded to ``buckets``."""
+    padded to ``buckets``, and :data:`PARAREAL_ITERATIONS_SDE` iterations above tol 0 for a ``stochastic``
+    solver."""
     last_evals = evals if last_evals is None else min(last_evals, evals)
     lengths = slice_bounds(steps, None).diff().tolist()                # fine steps per slice (host)
     S = len(lengths)
-    iters = S if tol == 0 else min(S, PARAREAL_ITERATIONS)
+    iters = S if tol == 0 else min(S, PARAREAL_ITERATIONS_SDE if stochastic else PARAREAL_ITERATIONS)
 
     def call(rows: int) -> float:
         return max(0.0, round_cost(curve, rows, devices, limit, buckets) + overhead)
@@ -274,7 +280,8 @@ def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: f
                   evals: int = 1, methods: tuple[str, ...] = ("sequential", "picard", "parareal"),
                   overhead: dict[str, float] | None = None, alone: bool = False,
                   skip: tuple[str, ...] | list[str] = (), limit: int | None = None,
-                  buckets: tuple[int, ...] | None = None, last_evals: int | None = None) -> Plan:
+                  buckets: tuple[int, ...] | None = None, last_evals: int | None = None,
+                  stochastic: bool = False) -> Plan:
     """Choose the method (``method="auto"``) and Picard's window by predicted wall time.
 
     Args:
@@ -299,6 +306,8 @@ def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: f
             (:func:`~paratime.cost.chunked_cost`), so a wide window is priced at the calls it really makes.
         buckets: the backend's fixed shapes (``buckets=``), or None: no chunk exceeds the largest and each costs
             the smallest bucket that holds it.
+        stochastic: whether the solver draws noise each step (Parareal then takes more iterations,
+            :func:`predict_parareal`).
     Returns:
         :class:`Plan`.
     Raises:
@@ -312,6 +321,8 @@ def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: f
             raise ValueError(f"{name}: must be an integer >= 1, got {v!r}")
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < math.inf:
         raise ValueError(f"tol: must be a finite number >= 0, got {tol!r}")
+    if not isinstance(stochastic, bool):
+        raise TypeError(f"stochastic: expected True or False, got {stochastic!r}")
     if method not in ("auto", "picard"):
         raise ValueError(f"method: the planner chooses for 'auto' or 'picard' (its window), got {method!r}")
     every = candidates(steps, devices, method, methods, alone)
@@ -344,7 +355,8 @@ def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: f
         elif name == "picard":
             sce = predict_picard(curve, steps, w, batch, devices, tol, evals, o, **chunks_last) / unit
         else:
-            sce = predict_parareal(curve, steps, batch, devices, tol, evals, o, **chunks_last) / unit
+            sce = predict_parareal(curve, steps, batch, devices, tol, evals, o, stochastic=stochastic,
+                                   **chunks_last) / unit
         cands[label] = (sce, name, w)
 
     def rank(label: str) -> tuple[float, int]:

@@ -306,11 +306,16 @@ def compare_methods(methods: tuple[str, ...] = ("sequential", "picard", "pararea
         ``{"results": {name: EvalResult}, "records": {name: summary + latency}}``; ``speedup`` (median
         sequential latency / median latency) when ``sequential`` is among the methods.
     Raises:
-        ValueError: an unknown method; ``episodes`` or ``latency_chunks`` not an integer >= 1 (before any work).
+        ValueError: an unknown method; ``options`` overriding a method not in ``methods`` (they were dropped);
+            ``episodes`` or ``latency_chunks`` not an integer >= 1 (before any work).
     """
     check_int("episodes", episodes, 1)
     check_int("latency_chunks", latency_chunks, 1)
     options = options or {}
+    unused = [m for m, over in options.items() if over and m not in methods]
+    if unused:
+        raise ValueError(f"options: overrides for {', '.join(map(repr, unused))}, not among methods "
+                         f"{', '.join(methods)}")
     samplers = {m: policy_sampler(m, **options.get(m, {})) for m in methods}
     results = {m: rollout(sampler_act(s, seed), episodes, seed, name=m, progress=progress)
                for m, s in samplers.items()}

@@ -208,7 +208,7 @@ class ParallelSampler:
                     raise ValueError(f"{name}: applies only when noise is drawn here; with noise= and the "
                                      f"deterministic solver {self.solver.name or type(self.solver).__name__} "
                                      f"nothing is")
-        seed = 0 if seed is None else seed
+        seed, first_sample = 0 if seed is None else int(seed), int(first_sample)   # a numpy integer as a Python one
         kw = dict(dtype=self.state_dtype, device=self.device)
         t_noise = time.perf_counter()           # drawing the noise is part of the wall time
         planned = {}
@@ -317,7 +317,7 @@ class ParallelSampler:
         # The step to sigma = 0 makes one call (Heun's second and a corrector's skip it); the grid is on the host.
         evals = self.solver.evals_per_step
         kw = dict(method=cfg.method, evals=evals, last_evals=1 if float(self.grid.sigmas[-1]) == 0 else evals,
-                  methods=methods, alone=alone,
+                  methods=methods, alone=alone, stochastic=self.solver.stochastic,
                   skip=[p[0] for p in every if p not in plans], **chunking)
         overhead = None
         if measured:
@@ -689,7 +689,7 @@ class ParallelSampler:
         cfg = dataclasses.replace(cfg, tol_units="absolute" if final else None, data_scale=None)
         lk.check_request(x, self.denoiser.sample_shape, self.device, data_range, levels, solver, divergence, probe,
                          probes, dequantize, cond, cfg, seed, first_sample)
-        seed = 0 if seed is None else seed
+        seed, first_sample = 0 if seed is None else int(seed), int(first_sample)   # a numpy integer as a Python one
         kw = dict(dtype=self.state_dtype, device=self.device)
         B, n = x.shape[0], x[0].numel()
         grid = lk.likelihood_grid(self.denoiser.schedule, cfg.steps, cfg.spacing)

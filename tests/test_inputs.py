@@ -2,12 +2,14 @@
 the right type whose message names the argument; on the command line exit code 2, one line ``paratime: error: ...``
 on stderr, no traceback and nothing sampled. Then the valid inputs that used to go wrong give the right answer."""
 
+import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -365,3 +367,87 @@ def test_labels_in_range_are_used():
     b = s.sample(10).samples
     assert a.shape == (10, 1, 8, 8) and math.isfinite(float(a.abs().max()))
     assert float((a - b).abs().max()) > 1e-3
+
+
+# -- numpy scalars, an init that a window of one never reads, ints beyond float (review, stop 47) -----------------
+
+NUMPY_CASES = [
+    dict(steps=np.int64(20), method="picard", window=np.int64(5)),
+    dict(steps=20, method="staggered", window=np.int64(4), tol=np.float32(1e-3)),
+    dict(steps=20, method="staggered", window=4, data_scale=np.float32(2.0)),
+    dict(steps=20, method="picard", max_rounds=np.int64(3)),
+    dict(steps=20, solver="ddim", eta=np.float32(0.5)),
+    dict(steps=20, solver="ddpm", corrector_snr=np.float32(0.1), corrector_steps=np.int64(2)),
+]
+
+
+@pytest.mark.parametrize("kw", NUMPY_CASES)
+def test_numpy_scalar_options_sample_as_python_numbers(kw):
+    """numpy scalars passed the config's checks (numbers.Integral / Real), then crashed or were refused under
+    internal names further in (steps: 'must be an integer >= 1, got np.int64(20)'; cores; tol_scale), or made
+    stats.converged np.bool_ that JSON refused."""
+    from paratime.results import json_text
+
+    plain = {k: v.item() if isinstance(v, np.generic) else v for k, v in kw.items()}
+    with ParallelSampler("gmm", progress=False, **kw) as s, ParallelSampler("gmm", progress=False, **plain) as ref:
+        r, want = s.sample(2, seed=1), ref.sample(2, seed=1)
+    assert (r.samples == want.samples).all()
+    assert r.stats.converged == want.stats.converged
+    json.loads(json_text(r.stats.to_dict()))
+
+
+def test_numpy_window_covering_the_grid_refuses_fill_like_an_int():
+    with pytest.raises(ValueError, match="fill: applies only to a sliding window"):
+        ParallelSampler("gmm", steps=20, method="picard", window=np.int64(20), fill="copy", progress=False)
+
+
+def test_numpy_integer_seed_and_first_sample():
+    with ParallelSampler("gmm", steps=10, solver="ddpm", method="sequential", progress=False) as s:
+        want = s.sample(2, seed=3, first_sample=4).samples
+        got = s.sample(2, seed=np.int64(3), first_sample=np.int32(4)).samples
+        x = s.sample(2, seed=3).samples
+        nats = s.log_likelihood(x, steps=5, solver="euler", divergence="hutchinson", seed=np.uint64(3)).nats
+        ref = s.log_likelihood(x, steps=5, solver="euler", divergence="hutchinson", seed=3).nats
+    assert torch.equal(got, want)
+    assert torch.equal(nats, ref)
+
+
+def test_init_x0_on_a_window_of_one_point_is_refused():
+    from paratime.config import SamplerConfig
+
+    with pytest.raises(ValueError, match="init: applies only to a window wider than one point"):
+        SamplerConfig(steps=20, method="picard", window=1, init="x0")
+
+
+def test_a_planned_window_of_one_point_makes_no_guess_call():
+    """steps=1: the planner's window of one read no guess, yet init='x0' made one (2 calls, 2 rounds, not 1)."""
+    from dataclasses import replace
+
+    from paratime.zoo import ring_gmm
+
+    den = ring_gmm()
+    counts = {}
+    for init in ("noise", "x0"):
+        calls = []
+        net = den.network
+
+        def counted(x, t, **cond):
+            calls.append(1)
+            return net(x, t, **cond)
+
+        with ParallelSampler(replace(den, network=counted), steps=1, method="picard", init=init,
+                             progress=False) as s:
+            r = s.sample(3, seed=1)
+        counts[init] = (len(calls), r.stats.rounds)
+    assert counts["x0"] == counts["noise"] == (1, 1)
+
+
+@pytest.mark.parametrize("value", [10**400, -10**400])
+def test_an_int_beyond_float_range_is_not_finite(value):
+    from paratime.checks import check_number
+    from paratime.config import SamplerConfig
+
+    with pytest.raises(ValueError, match="tol: must be a finite number"):
+        check_number("tol", value, 0, none=True)
+    with pytest.raises(ValueError, match="guidance: must be a finite number"):
+        SamplerConfig(guidance=value)
