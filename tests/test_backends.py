@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -346,3 +347,62 @@ def test_a_ray_address_that_does_not_answer_is_named_within_its_bound():
         check_ray_address("nowhere", 2.0)
     check_ray_address(None, 2.0)
     check_ray_address("auto", 2.0)
+
+
+# -- a network error on one torch rank only (review, stop 47) ------------------------------------------------------
+
+ONE_RANK_RAISES = textwrap.dedent('''
+    import os, time, torch
+    from dataclasses import replace
+    from paratime import ParallelSampler
+    from paratime.backends.torch_dist import TorchDistributedBackend
+    from paratime.zoo import ring_gmm
+
+    torch.set_num_threads(1)
+    rank, calls, base = int(os.environ["RANK"]), [0], ring_gmm()
+
+    def net(x, t, **cond):
+        calls[0] += 1
+        if rank == 1 and calls[0] == 3:
+            raise RuntimeError("network failed on rank 1 only")
+        return base.network(x, t, **cond)
+
+    be = TorchDistributedBackend(timeout_s=30)
+    s = ParallelSampler(replace(base, network=net), steps=12, method="picard", window=6, tol=0.0, progress=False,
+                        backend=be)
+    t0 = time.perf_counter()
+    try:
+        s.sample(4, seed=0)
+        print("NO-ERROR", flush=True)
+    except Exception as e:
+        print(f"ERROR {time.perf_counter() - t0:.1f} {type(e).__name__}: {e}", flush=True)
+    again = s.sample(4, seed=0).samples          # the group still works: both ranks sample again
+    ref = ParallelSampler("gmm", steps=12, method="picard", window=6, tol=0.0, progress=False).sample(4, seed=0)
+    print("AGAIN-OK" if torch.equal(again, ref.samples) else "AGAIN-DIFFERS", flush=True)
+''')
+
+
+def test_a_network_error_on_one_rank_is_raised_on_every_rank_at_once(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(ONE_RANK_RAISES)
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True,
+                              env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
+                                       OMP_NUM_THREADS="1"))
+             for r in range(2)]
+    try:
+        logs = [p.communicate(timeout=150)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    errors = [next((line.split(" ", 3) for line in log.splitlines() if line.startswith("ERROR")), None)
+              for log in logs]
+    assert all(errors), logs
+    assert "network failed on rank 1 only" in errors[1][3], logs
+    assert "rank(s) [1]" in errors[0][3], logs          # rank 0 names the failed rank, not a timeout
+    assert all(float(e[1]) < 10 for e in errors), logs  # at once, not after timeout_s=30
+    assert all("AGAIN-OK" in log for log in logs), logs

@@ -12,7 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers")
 
 from paratime import ParallelSampler  # noqa: E402
-from paratime.integrations.diffusers import from_diffusers, sample_latents, solver_for  # noqa: E402
+from paratime.integrations.diffusers import (from_diffusers, sample_latents, solver_for,  # noqa: E402
+                                            with_timestep_kwargs)
 
 BOUND = 1e-4    # max |paratime - diffusers| relative to the sample scale
 SHAPE = (2, 2, 8, 8)
@@ -247,3 +248,74 @@ def test_parareal_takes_one_step_history_and_refuses_deeper():
     pndm = diffusers.PNDMScheduler(**SD_BETAS, skip_prk_steps=True, steps_offset=1)
     with pytest.raises(ValueError, match="Parareal.*picard"):
         compare(pndm, methods=(("parareal", 0.0),))
+
+
+# -- scheduler defaults, refusals and custom grids (review, stop 47) ---------------------------------------------
+
+@pytest.mark.parametrize("order, steps", [(2, 7), (3, 7), (3, 8), (3, 9)])
+def test_singlestep_default_config_runs_every_step_count(order, steps):
+    """DPMSolverSinglestepScheduler's defaults (lower_order_final=False, final_sigmas_type='zero'): its set_timesteps
+    turns lower_order_final on, so diffusers runs any step count; paratime refused those k does not divide."""
+    sch = diffusers.DPMSolverSinglestepScheduler(**SD_BETAS, solver_order=order)
+    assert max(compare(sch, steps=steps).values()) <= BOUND
+
+
+def test_singlestep_uneven_steps_with_sigma_min_follow_the_pipelines_total_steps():
+    """final_sigmas_type='sigma_min', lower_order_final=False: diffusers' set_timesteps turns lower_order_final on
+    for 7 steps of order 2 too; with the pipeline's total_steps paratime does the same, without it refuses naming it."""
+    make = lambda: diffusers.DPMSolverSinglestepScheduler(**SD_BETAS, final_sigmas_type="sigma_min")  # noqa: E731
+    assert solver_for(make(), total_steps=7).lower_order_final
+    assert not solver_for(make(), total_steps=8).lower_order_final
+
+
+def test_euler_ancestral_x0_prediction_is_refused_as_diffusers_refuses_it():
+    """EulerAncestralDiscreteScheduler.step raises NotImplementedError for prediction_type='sample': paratime must not
+    run a loop the scheduler never runs."""
+    make = lambda: diffusers.EulerAncestralDiscreteScheduler(prediction_type="sample")     # noqa: E731
+    sch, x = make(), torch.zeros(1, 2, 8, 8)
+    sch.set_timesteps(2)
+    with pytest.raises(NotImplementedError):
+        sch.step(x, sch.timesteps[0], x)
+    with pytest.raises(ValueError, match="prediction_type='sample'.*EulerDiscreteScheduler"):
+        solver_for(make())
+    with pytest.raises(ValueError, match="prediction_type='sample'"):
+        from_diffusers(_unet(), make())
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: solver_for(None), ValueError, "scheduler: NoneType is not supported"),
+    (lambda: from_diffusers(_unet(), None), ValueError, "scheduler: NoneType is not supported"),
+    (lambda: solver_for(diffusers.DPMSolverMultistepScheduler(), total_steps="20"), TypeError, "total_steps"),
+    (lambda: solver_for(diffusers.DPMSolverMultistepScheduler(), total_steps=12.5), TypeError, "total_steps"),
+    (lambda: solver_for(diffusers.DPMSolverMultistepScheduler(), total_steps=0), ValueError, "total_steps"),
+    (lambda: solver_for(diffusers.DEISMultistepScheduler(), total_steps=-5), ValueError, "total_steps"),
+], ids=["solver_for-None", "from_diffusers-None", "total_steps-str", "total_steps-float", "total_steps-0",
+        "total_steps-negative"])
+def test_bad_scheduler_and_total_steps_are_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("make, kw", [
+    (lambda: diffusers.EulerDiscreteScheduler(**SD_BETAS), {"sigmas": [10.0, 5.0, 2.0, 1.0, 0.5, 0.0]}),
+    (lambda: diffusers.DDPMScheduler(**SD_BETAS), {"timesteps": [900, 700, 500, 300, 100, 0]}),
+    (lambda: diffusers.FlowMatchEulerDiscreteScheduler(), {"sigmas": [1.0, 0.8, 0.5, 0.3, 0.1]}),
+], ids=["euler-sigmas", "ddpm-timesteps", "flow-sigmas"])
+def test_custom_sigmas_and_timesteps_reproduce_the_loop(make, kw):
+    """Custom sigmas / timesteps go to set_timesteps without num_inference_steps (as retrieve_timesteps passes them)."""
+    unet, sch, ref = _unet(), make(), make()
+    ref.set_timesteps(**kw)
+    steps = len(ref.timesteps)
+    latents = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(3)) * getattr(ref, "init_noise_sigma", 1)
+    x, gen = latents, torch.Generator().manual_seed(4)
+    step_kwargs = {"generator": gen} if "generator" in inspect.signature(ref.step).parameters else {}
+    with torch.no_grad():
+        for t in ref.timesteps:
+            inp = ref.scale_model_input(x, t) if hasattr(ref, "scale_model_input") else x
+            x = ref.step(unet(inp, t).sample, t, x, **step_kwargs).prev_sample
+    den = with_timestep_kwargs(from_diffusers(unet, sch), **kw)
+    s = ParallelSampler(den, solver=solver_for(sch), steps=steps, method="sequential", progress=False)
+    got = sample_latents(s, latents, generator=torch.Generator().manual_seed(4)).samples
+    assert float((got - x).abs().max()) <= BOUND * max(1.0, float(x.abs().max()))
+    with pytest.raises(ValueError, match=f"steps: {steps + 1}, but the custom"):
+        den.schedule.grid(steps + 1)

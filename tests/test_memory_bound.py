@@ -3,6 +3,8 @@
 it, for every solver kind and update, at Stable Diffusion's latent size too (4x64x64, N = 1000, W = 500, B = 1,
 float32), where the old bound (the trajectory, the noise and 4 window buffers) was 2.5x short."""
 
+import re
+
 import pytest
 import torch
 
@@ -188,3 +190,21 @@ def test_the_sampler_bounds_a_guided_call_as_guided(monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device: plain)
     with pytest.raises(DeviceMemoryError):
         sampler.sample(2, seed=0, c=torch.ones(2))
+
+
+@pytest.mark.parametrize("args, kw, name", [
+    (((2, 4), -10), {}, "steps"),
+    (((2, 4), 0), {}, "steps"),
+    (((-2, 4), 10), {}, "shape[0]"),
+    (((2, 4), 10), {"window": -3}, "window"),
+    (((2, 4), 10), {"buffers": -10}, "buffers"),
+    (((2, 4), 10), {"noise_draws": -5}, "noise_draws"),
+    (((2, 4), 10), {"available": -1}, "available"),
+])
+def test_check_memory_refuses_negative_counts_naming_them(args, kw, name):
+    with pytest.raises(ValueError, match="^" + re.escape(name) + ": must be an integer"):
+        check_memory(*args, torch.float64, "cpu", **kw)
+
+
+def test_check_memory_still_measures_a_valid_request():
+    assert check_memory((2, 4), 10, torch.float64, "cpu", available=10**6) == 8 * 8 * (11 + 4 * 10)

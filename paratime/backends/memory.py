@@ -256,9 +256,16 @@ def check_memory(shape: tuple[int, ...], steps: int, state_dtype: torch.dtype, d
         The bytes the request needs.
     Raises:
         DeviceMemoryError: it needs more than is available (the message names the sizes and what to reduce).
+        ValueError: a negative count or size (or zero steps, window or shape entry), naming it.
     """
+    counts = {"steps": (steps, 1), "window": (window, 1), "available": (available, 0), "noise_draws": (noise_draws, 0),
+              "buffers": (buffers, 0), "point_buffers": (point_buffers, 0), "held": (held, 0),
+              "extra_bytes": (extra_bytes, 0), **{f"shape[{k}]": (n, 1) for k, n in enumerate(shape)}}
+    for name, (value, low) in counts.items():     # a negative count made a negative need, which always fit
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
     need = request_bytes(shape, steps, state_dtype, noise_draws, window, buffers, point_buffers, held, extra_bytes)
-    free = available_bytes(device) if available is None else int(available)
+    free = available_bytes(device) if available is None else available
     if need > free:
         kept = (f"trajectory (N+1)xB and {point_buffers} more" if held is None else
                 f"{held} states of B samples kept")

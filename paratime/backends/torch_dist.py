@@ -309,22 +309,42 @@ class TorchDistributedBackend(Backend):
         xs, ss, ts = x[lo:hi].to(dev), sigma[lo:hi].to(dev), model_time[lo:hi].to(dev)
         gather_dtype = (den.network_dtype or x.dtype) if net_out else x.dtype   # the same on every rank
         shape = x.shape[1:]
+        failure, done = None, hi - lo       # done: rows evaluated here
         if hi > lo:
-            out = self.run_chunked(xs, ss, ts, share_cond, fn=fn)
-            out = [o for o in out if o is not None] if raw else [out]
-        else:
+            try:
+                out = self.run_chunked(xs, ss, ts, share_cond, fn=fn)
+                out = [o for o in out if o is not None] if raw else [out]
+            except Exception as e:     # noqa: BLE001 - told to every rank through this call's gather, raised below
+                failure, done = e, 0
+        if done == 0:
             out = [torch.empty((0, *shape), dtype=gather_dtype, device=dev)] * halves
-        if hi - lo < per:
-            out = [torch.cat([o.to(gather_dtype), o.new_zeros((per - (hi - lo), *shape), dtype=gather_dtype)])
-                   for o in out]
+        if done < per:
+            out = [torch.cat([o.to(gather_dtype), o.new_zeros((per - done, *shape), dtype=gather_dtype)]) for o in out]
         out = out[0].to(gather_dtype)[None] if halves == 1 else torch.stack(out).to(gather_dtype)   # (halves, per, ...)
-        gathered = self._all_gather(out.reshape(-1), world)
-        self.comm_bytes += (world - 1) * out.numel() * out.element_size()
-        full = gathered.view(world, halves, per, *shape).transpose(0, 1).reshape(halves, world * per, *shape)
+        # One more element per rank: whether its network failed, so that every rank raises at this call together
+        # (a rank that raised alone left its peers waiting out timeout_s in the next collective, the group broken).
+        flag = out.new_full((1,), float(failure is not None))
+        gathered = self._all_gather(torch.cat([out.reshape(-1), flag]), world).view(world, -1)   # (world, L + 1)
+        self.comm_bytes += (world - 1) * out.numel() * out.element_size()     # the outputs (the flag aside)
+        self._raise_failed(gathered[:, -1], failure)
+        full = gathered[:, :-1].reshape(world, halves, per, *shape).transpose(0, 1).reshape(halves, world * per, *shape)
         full = full[:, :M].to(x.device)                                            # (halves, M, *shape)
         if raw:
             return full[0], (full[1] if halves == 2 else None)
         return den.to_x0(x, sigma, full[0]) if net_out else full[0].to(x.dtype)
+
+    def _raise_failed(self, flags: torch.Tensor, failure: Exception | None) -> None:
+        """Raise on every rank where a rank's network failed in this call (``flags``: ``(world,)``, nonzero where
+        it did): the failing rank its own error, the others one naming it. Read where the gather lands in host memory
+        (gloo); under NCCL a read would be a device sync per call, and a peer of a failed rank raises when the
+        watchdog aborts its next collective (``timeout_s``)."""
+        if failure is not None:
+            raise failure
+        if flags.device.type == "cpu":
+            failed = flags.nonzero().flatten().tolist()
+            if failed:
+                raise RuntimeError(f"rank {self.rank}/{self.workers}: the network raised on rank(s) {failed} in this "
+                                   f"call (their own error is raised there); every rank stops here")
 
     def _all_gather(self, local: torch.Tensor, world: int) -> torch.Tensor:
         # gloo wants a flat output tensor (NCCL accepts it too) on the CPU; half-precision outputs travel as their

@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from ..checks import check_int
 from ..denoiser import Denoiser
 from ..sampler import ParallelSampler, SampleResult
 from ..schedules import DiscreteVPSchedule, EDMSchedule, FlowSchedule, NoiseSchedule, TimeGrid
@@ -108,11 +109,12 @@ def _refuse(scheduler, option: str, value, nearest: str) -> ValueError:
 
 def _check_options(scheduler) -> None:
     """Raise for an unsupported scheduler, or an option whose effect paratime does not reproduce."""
-    name, cfg = type(scheduler).__name__, scheduler.config
-    if name not in SCHEDULERS:
+    name = type(scheduler).__name__
+    if name not in SCHEDULERS:          # before reading .config: None or a class is named here too
         near, why = REFUSED.get(name, ("DDIMScheduler or DPMSolverMultistepScheduler", "not ported"))
         raise ValueError(f"scheduler: {name} is not supported ({why}; nearest: {near}); supported: "
                          f"{', '.join(SCHEDULERS)}")
+    cfg = scheduler.config
     if cfg.get("prediction_type", "epsilon") not in _PREDICTIONS and not _is_flow(scheduler):
         raise ValueError(f"prediction_type: {cfg.prediction_type!r} is not supported; allowed: "
                          f"{', '.join(_PREDICTIONS)}")
@@ -137,6 +139,10 @@ def _check_options(scheduler) -> None:
         if cfg.prediction_type != "epsilon":   # PNDM combines raw v outputs before converting them
             raise _refuse(scheduler, "prediction_type", cfg.prediction_type,
                           "prediction_type='epsilon', or DDIMScheduler for v_prediction")
+    if name == "EulerAncestralDiscreteScheduler" and cfg.prediction_type == "sample":
+        # diffusers' step raises NotImplementedError for it: paratime would run what the scheduler never does
+        raise _refuse(scheduler, "prediction_type", "sample", "prediction_type='epsilon' or 'v_prediction' (for an "
+                      "x0 model, EulerDiscreteScheduler)")
     if name == "HeunDiscreteScheduler" and cfg.get("clip_sample", False):
         raise _refuse(scheduler, "clip_sample", True, "clip_sample=False")
     if name in ("LCMScheduler", "TCDScheduler") and (cfg.prediction_type != "epsilon" or cfg.clip_sample):
@@ -199,9 +205,11 @@ def solver_for(scheduler, eta: float = 0.0, total_steps: int | None = None) -> S
     Returns:
         a :class:`~paratime.solvers.Solver` instance.
     Raises:
-        ValueError: an unsupported scheduler or option, naming it and the nearest supported choice.
+        ValueError: an unsupported scheduler or option, naming it and the nearest supported choice; ``total_steps``
+            below 1. TypeError: ``total_steps`` not an integer or None.
     """
     _check_options(scheduler)
+    check_int("total_steps", total_steps, 1, none=True)
     name, cfg = type(scheduler).__name__, scheduler.config
     # diffusers' lower_order_final fires on grids of fewer than 15 steps, counted over the scheduler's whole grid.
     lower_order_final = cfg.get("lower_order_final", True) and (total_steps is None or total_steps < 15)
@@ -228,8 +236,11 @@ def solver_for(scheduler, eta: float = 0.0, total_steps: int | None = None) -> S
     if name == "LCMScheduler":
         return Consistency()
     if name == "DPMSolverSinglestepScheduler":
+        # set_timesteps turns lower_order_final on for a zero final sigma, and for a step count the order does not
+        # divide (known here from total_steps; else the solver refuses such a count, naming lower_order_final)
+        uneven = total_steps is not None and total_steps % cfg.solver_order != 0
         return DPMSolverSinglestep(order=cfg.solver_order, solver_type=cfg.solver_type,
-                                   lower_order_final=cfg.lower_order_final,
+                                   lower_order_final=cfg.lower_order_final or cfg.final_sigmas_type == "zero" or uneven,
                                    final_first_order=cfg.final_sigmas_type == "zero")
     if name == "DEISMultistepScheduler":
         return DEIS(order=cfg.solver_order, lower_order_final=lower_order_final)
@@ -336,7 +347,15 @@ class DiffusersSchedule(NoiseSchedule):
             full = replace(self, begin=0).grid(steps + self.begin)
             return TimeGrid(*(v[self.begin:] for v in (full.sigmas, full.model_times, full.frame_scales)))
         sch = copy.deepcopy(self.scheduler)
-        sch.set_timesteps(steps, device="cpu", **self.timestep_kwargs)
+        custom = sorted({"sigmas", "timesteps"} & set(self.timestep_kwargs))
+        if custom:                              # they replace N, as the pipelines' retrieve_timesteps passes them
+            sch.set_timesteps(device="cpu", **self.timestep_kwargs)
+            given = (len(sch.timesteps) + 1) // 2 if type(sch).__name__ in _HEUN else len(sch.timesteps)
+            if given != steps:
+                raise ValueError(f"steps: {steps}, but the custom {' and '.join(custom)} give {type(sch).__name__} "
+                                 f"{given} steps")
+        else:
+            sch.set_timesteps(steps, device="cpu", **self.timestep_kwargs)
         name = type(sch).__name__
         times = torch.as_tensor(sch.timesteps).detach().cpu().to(torch.float64)
         if name in _TIMESTEP:
