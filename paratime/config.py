@@ -140,8 +140,8 @@ class SamplerConfig:
             value = getattr(self, f.name)
             if isinstance(value, numbers.Integral) and not isinstance(value, int):
                 object.__setattr__(self, f.name, int(value))
-            elif isinstance(value, numbers.Real) and not isinstance(value, (int, float)):
-                object.__setattr__(self, f.name, float(value))
+            elif isinstance(value, numbers.Real) and not isinstance(value, int) and type(value) is not float:
+                object.__setattr__(self, f.name, float(value))      # numpy's float64 is a float subclass too
         # Method and its options.
         check_int("steps", self.steps, 1)
         if not isinstance(self.method, str) or self.method not in (*METHODS, "auto"):

@@ -77,7 +77,7 @@ def mix64(z: torch.Tensor) -> torch.Tensor:
 def _check_index(name: str, value, bound: int = 1 << 64) -> int:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 0 <= value < bound:
         raise ValueError(f"{name}: must be an integer in [0, {bound}), got {value!r}")
-    return value
+    return int(value)                   # a numpy integer as the Python one (_i64's masks overflow int64)
 
 
 def check_seed(seed: int | None, first_sample: int = 0) -> None:
@@ -105,7 +105,7 @@ def sample_keys(seed: int, stream: int, samples: torch.Tensor) -> torch.Tensor:
     Raises:
         ValueError: ``seed`` or ``stream`` out of range.
     """
-    _check_index("seed", seed)
+    seed = _check_index("seed", seed)
     _check_index("stream", stream, 1 << 32)
     base = mix64(mix64(torch.full((), _i64(seed), dtype=torch.int64, device=samples.device)) + stream)   # 0-d
     return mix64(samples.to(torch.int64) + base)
@@ -210,8 +210,8 @@ def draw_noise(seed: int, batch: int, shape: tuple[int, ...], count: int | None,
     Raises:
         ValueError: a ``seed``, ``first_sample`` or ``stream`` out of range.
     """
-    _check_index("seed", seed)
-    _check_index("first_sample", first_sample)
+    seed = _check_index("seed", seed)
+    first_sample = _check_index("first_sample", first_sample)
     n = 1 if count is None else count
     dev = torch.device(device)
     # Rows (step, sample) in the output's order: (n, batch) flattened.
@@ -368,8 +368,7 @@ def step_noise(solver, steps: int, shape: tuple[int, ...], seed: int, generator,
     """
     B, sample = shape[0], tuple(shape[1:])
     if generator is None:
-        _check_index("seed", seed)
-        _check_index("first_sample", first_sample)
+        seed, first_sample = _check_index("seed", seed), _check_index("first_sample", first_sample)
     whole = tabulates(steps, shape, generator)
 
     def draw(stream, per_step=()):

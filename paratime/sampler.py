@@ -317,7 +317,7 @@ class ParallelSampler:
         # The step to sigma = 0 makes one call (Heun's second and a corrector's skip it); the grid is on the host.
         evals = self.solver.evals_per_step
         kw = dict(method=cfg.method, evals=evals, last_evals=1 if float(self.grid.sigmas[-1]) == 0 else evals,
-                  methods=methods, alone=alone, stochastic=self.solver.stochastic,
+                  methods=methods, alone=alone, stochastic=bool(self.solver.stochastic),
                   skip=[p[0] for p in every if p not in plans], **chunking)
         overhead = None
         if measured:

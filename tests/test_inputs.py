@@ -451,3 +451,25 @@ def test_an_int_beyond_float_range_is_not_finite(value):
         check_number("tol", value, 0, none=True)
     with pytest.raises(ValueError, match="guidance: must be a finite number"):
         SamplerConfig(guidance=value)
+
+
+@pytest.mark.parametrize("method", ["picard", "auto"])
+@pytest.mark.parametrize("eta", [np.float64(0.0), np.float64(1.0)])
+def test_numpy_float64_eta_runs_as_the_python_float(method, eta):
+    """np.float64 is a float subclass: kept by SamplerConfig, it made Ancestral.stochastic a numpy bool that
+    plan_sampling(stochastic=) refused (TypeError) on picard / auto."""
+    kw = dict(steps=10, solver="ddim", method=method, progress=False)
+    ref = ParallelSampler("gmm", eta=float(eta), **kw).sample(4, seed=3).samples
+    out = ParallelSampler("gmm", eta=eta, **kw).sample(4, seed=3).samples
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("seed", [np.int64(3), np.uint64(2**63 + 5), np.uint32(7)])
+def test_numpy_integer_seeds_draw_what_the_python_int_draws(seed):
+    """The noise module's own entry points: a numpy integer seed overflowed _i64's masks (OverflowError)."""
+    from paratime.noise import draw_noise, sample_keys
+
+    torch.testing.assert_close(draw_noise(seed, 2, (3,), None, 0, np.int64(1)),
+                               draw_noise(int(seed), 2, (3,), None, 0, 1), rtol=0, atol=0)
+    s = torch.arange(3)
+    assert torch.equal(sample_keys(seed, 0, s), sample_keys(int(seed), 0, s))

@@ -115,18 +115,23 @@ def test_parareal_ddpm_converges_in_few_iterations():
     taken only when exact, below; it was 5 / 85 with one sample of 256 up to 4.2x its tolerance)."""
     seq = _run("ddpm", "sequential", steps=100, batch=64)
     par = _run("ddpm", "parareal", steps=100, batch=64, tol=0.1)
-    assert par.stats.iterations <= 6 and par.stats.rounds <= seq.stats.rounds
+    assert par.stats.iterations <= 7 and par.stats.rounds <= 1.2 * seq.stats.rounds    # two-in-a-row test: 7 / 119
     assert float((par.samples - seq.samples).abs().max()) <= 0.1 * max(1.0, float(seq.samples.abs().max()))
 
 
-@pytest.mark.parametrize("solver, steps, slices, coarse_steps", [("ddpm", 20, 4, 2), ("euler_ancestral", 50, 7, 2)])
-def test_parareal_with_a_stochastic_solver_stays_within_its_default_tolerance(solver, steps, slices, coarse_steps):
-    """A start accepted as the converged prefix plus one after a start that moved carries that move times the fine
-    SDE steps' stretch: 1 sample of 256 ended 3.6x (DDPM-20) and 4.2x (50 steps) the relative tolerance of
-    tests/test_equivalence.py, tol x max(1, max |x|); the plus one is now taken only when exact."""
+@pytest.mark.parametrize("solver, steps, slices, coarse_steps, seed", [
+    ("ddpm", 20, 4, 2, 2), ("euler_ancestral", 50, 7, 2, 2), ("ddpm", 100, 10, 2, 0)])
+def test_parareal_with_a_stochastic_solver_stays_within_its_default_tolerance(solver, steps, slices, coarse_steps,
+                                                                              seed):
+    """The fine SDE steps stretch an accepted start's remaining error: a start accepted as the converged prefix plus
+    one after a start that moved left 1 sample of 256 3.6x (DDPM-20) and 4.2x (50 steps) the relative tolerance of
+    tests/test_equivalence.py, tol x max(1, max |x|); with the plus one taken only when exact, starts that moved 0.57x
+    and 0.67x their thresholds still left one 1.66x (DDPM-100). A start now counts as converged after two iterations
+    in a row within its threshold, and the plus one only when exact."""
     kw = dict(solver=solver, steps=steps, progress=False)
-    ref = ParallelSampler("gmm", method="sequential", **kw).sample(256, seed=2).samples
-    res = ParallelSampler("gmm", method="parareal", slices=slices, coarse_steps=coarse_steps, **kw).sample(256, seed=2)
+    ref = ParallelSampler("gmm", method="sequential", **kw).sample(256, seed=seed).samples
+    res = ParallelSampler("gmm", method="parareal", slices=slices, coarse_steps=coarse_steps, **kw).sample(256,
+                                                                                                  seed=seed)
     assert float((res.samples - ref).abs().max()) <= res.stats.tol * max(1.0, float(ref.abs().max()))
 
 
