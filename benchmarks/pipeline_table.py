@@ -17,7 +17,7 @@ from functools import partial
 
 import torch
 
-from . import tiny_pipelines as tiny
+from paratime.bench import tiny_pipelines as tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

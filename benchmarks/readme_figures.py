@@ -111,9 +111,19 @@ def _policy() -> list[str]:
             if ln.split() and ln.split()[0] in ("sequential", "picard", "parareal", "baseline")]
 
 
+def _likelihood() -> list[str]:
+    """The digits likelihood table's sequential bits/dim (mean ± standard error per set: Hutchinson's probes and the
+    dequantisation noise depend on the seed and the image only), not the wall times or Picard's rows."""
+    lines = _printed("paratime", "likelihood", "--sets", "real,shuffled,uniform", "--samples", "32", "--method",
+                     "sequential", "--threads", "1", "--no-progress")
+    rows = [ln.split() for ln in lines if len(ln.split()) > 2 and ln.split()[1] == "sequential"]
+    return [" ".join(r[r.index("±") - 1:r.index("±") + 2]) for r in rows if "±" in r]
+
+
 CHECKS: list[Check] = [
     Check("main-job", "paratime sample", True, _main_job),
     Check("policy", "paratime eval-policy --episodes 100", True, _policy),
+    Check("likelihood", "paratime likelihood --samples 32 --method sequential", True, _likelihood),
     Check("sd-paradigms", "python -m paratime.bench.sd_paradigms", True, _sd_paradigms),
     Check("pipelines", "python -m paratime.bench.pipeline_table (2 min)", False,
           lambda: _rows(_printed("paratime.bench.pipeline_table"))),

@@ -23,7 +23,7 @@ import torch
 
 from paratime.methods.picard import DEFAULT_TOL
 
-from .rounds_at_accuracy import PARADIGMS_RULE, rule_options
+from paratime.bench.rounds_at_accuracy import PARADIGMS_RULE, rule_options
 
 __all__ = ["compare", "markdown", "main"]
 
@@ -51,7 +51,7 @@ def compare(steps: int = 50, window: int = 16, repeats: int = 3, batch: int = 1,
 
     import paratime
 
-    from .tiny_pipelines import prompt_embeddings, tiny_sd
+    from paratime.bench.tiny_pipelines import prompt_embeddings, tiny_sd
 
     torch.set_num_threads(threads)
     scheduler = DDIMParallelScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

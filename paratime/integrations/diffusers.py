@@ -198,7 +198,8 @@ def solver_for(scheduler, eta: float = 0.0, total_steps: int | None = None) -> S
 
     Args:
         scheduler: a diffusers scheduler (see the module table).
-        eta: DDIM's ``eta`` (a ``step`` argument in diffusers, passed by pipelines as ``eta=``); 0 elsewhere.
+        eta: DDIM's ``eta`` and TCD's gamma (a ``step`` argument in diffusers, passed by pipelines as ``eta=``, 0 by
+            default; ``TCDScheduler.step`` called without it defaults to 0.3); 0 elsewhere.
         total_steps: the scheduler's ``num_inference_steps`` when the loop runs only its last part (img2img's
             ``strength``): DPM-Solver++ and DEIS take their "fewer than 15 steps" ``lower_order_final`` rule from
             the whole grid, not from the steps run. None: the grid run is the whole grid.
