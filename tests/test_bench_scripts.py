@@ -135,3 +135,18 @@ def test_gpu_scripts_refuse_bad_options_before_the_work(capsys):
     run = subprocess.run(["bash", str(script)], env={**os.environ, "GPU_CHECKS": "tests bogus"},
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "GPU_CHECKS: unknown step 'bogus'" in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("name", ["pipeline_table.py", "sd_paradigms.py"])
+def test_script_help_runs_as_a_file(name):
+    """python benchmarks/X.py --help, as the other scripts answer it: these two raised ImportError (relative
+    imports) when run as files."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / name
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-800:]
+    assert "usage:" in r.stdout
