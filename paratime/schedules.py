@@ -365,7 +365,10 @@ class ContinuousVPSchedule(NoiseSchedule):
             return super().sigma_grid(steps, spacing)
         if spacing != "linspace":
             raise ValueError(f"spacing: continuous VP supports 'linspace' (uniform in t) or 'karras', got {spacing!r}")
-        t = torch.linspace(1.0, self.eps, steps, dtype=torch.float64)
+        # The cosine alpha_bar is capped at 1e-8 (sigma 1e4) for t above ~0.99994: start there, or a grid of more
+        # than ~15,600 steps repeats sigma_max (t = 1 and its neighbours all read 1e4)
+        top = 1.0 if self.schedule == "linear" else float(self.t_of_sigma(torch.tensor(self.sigma_range[1])))
+        t = torch.linspace(top, self.eps, steps, dtype=torch.float64)
         return torch.cat([self.sigma_of_t(t), torch.zeros(1, dtype=torch.float64)])
 
 

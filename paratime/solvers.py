@@ -43,6 +43,7 @@ import torch
 
 from paratime.kernels import fused_step
 
+from .checks import check_int, check_number
 from .denoiser import append_dims
 
 __all__ = ["Solver", "SOLVERS", "make_solver", "HostSteps", "Ancestral", "EulerMaruyama", "Heun", "DPMSolverPP",
@@ -287,8 +288,19 @@ def _put(dx: torch.Tensor, rows: torch.Tensor | slice, value: torch.Tensor) -> t
 
 
 def _check_eta(eta, hi=1.0):
-    if not isinstance(eta, (int, float)) or not 0 <= eta <= hi:
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= hi:
         raise ValueError(f"eta: must lie in [0, {hi}], got {eta!r}")
+
+
+def _check_flags(solver, *names: str) -> None:
+    """Each named field is True or False (a truthy ``'False'`` or ``1`` is not taken as True).
+
+    Raises:
+        TypeError: naming the field.
+    """
+    for name in names:
+        if not isinstance(getattr(solver, name), bool):
+            raise TypeError(f"{name}: expected True or False, got {getattr(solver, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -494,8 +506,7 @@ class DPMSolverPP(Solver):
     def __post_init__(self):
         if not isinstance(self.order, int) or isinstance(self.order, bool) or self.order not in (1, 2, 3):
             raise ValueError(f"order: must be 1, 2 or 3, got {self.order!r}")
-        if not isinstance(self.sde, bool):
-            raise TypeError(f"sde: expected True or False, got {self.sde!r}")
+        _check_flags(self, "sde", "lower_order_final", "euler_at_final")
         if self.solver_type not in ("midpoint", "heun"):
             raise ValueError(f"solver_type: unknown {self.solver_type!r}; allowed: midpoint, heun")
         for name in self.FIXED:
@@ -663,10 +674,8 @@ class LangevinCorrected(Solver):
     def __post_init__(self):
         if not isinstance(self.base, Solver) or isinstance(self.base, LangevinCorrected):
             raise ValueError("solver: the corrector needs a base solver")
-        if not self.snr > 0:
-            raise ValueError(f"corrector_snr: must be > 0, got {self.snr!r}")
-        if not isinstance(self.corrector_steps, int) or self.corrector_steps < 1:
-            raise ValueError(f"corrector_steps: must be an integer >= 1, got {self.corrector_steps!r}")
+        check_number("corrector_snr", self.snr, 0, low_open=True)
+        check_int("corrector_steps", self.corrector_steps, 1)
 
     @property
     def uses_history(self):  # type: ignore[override]
@@ -1006,6 +1015,7 @@ class UniPC(Solver):
                                                        for k in ks):
             raise ValueError(f"disable_corrector: expected step indices (integers >= 0), got {ks!r}")
         object.__setattr__(self, "disable_corrector", tuple(ks))
+        _check_flags(self, "lower_order_final")
 
     @property
     def history_depth(self):  # type: ignore[override]
@@ -1039,6 +1049,8 @@ class UniPC(Solver):
             N, K = sig.numel() - 1, self.order
             lam = -torch.log(sig)                                   # lambda_N = -inf at sigma 0: h = inf, B = -1
             orders = [min(K, N - i if self.lower_order_final else K, i + 1) for i in range(N)]
+            if float(sig[N]) == 0:      # h = inf: the higher orders have no limit (diffusers: inf, a singular solve)
+                orders[N - 1] = 1
             rk = {(i, k): (lam[i - k] - lam[i]) / (lam[i + 1] - lam[i]) for i in range(N) for k in range(1, K)
                   if k < orders[i]}
             Wp, Wc = torch.zeros(N, K + 1, dtype=torch.float64), torch.zeros(N, K + 1, dtype=torch.float64)
@@ -1113,6 +1125,7 @@ class DEIS(LMS):
     def __post_init__(self):
         if not isinstance(self.order, int) or isinstance(self.order, bool) or self.order not in (1, 2, 3):
             raise ValueError(f"order: must be 1, 2 or 3, got {self.order!r}")
+        _check_flags(self, "lower_order_final")
 
     @staticmethod
     def _integral(t: float, b: float, others: tuple) -> float:
@@ -1185,6 +1198,7 @@ class DPMSolverSinglestep(Solver):
             raise ValueError(f"order: must be 1, 2 or 3, got {self.order!r}")
         if self.solver_type not in ("midpoint", "heun"):
             raise ValueError(f"solver_type: must be 'midpoint' or 'heun', got {self.solver_type!r}")
+        _check_flags(self, "lower_order_final", "final_first_order")
 
     @property
     def history_depth(self):  # type: ignore[override]
@@ -1218,6 +1232,8 @@ class DPMSolverSinglestep(Solver):
             sig = sigmas.detach().to("cpu", torch.float64)
             N, K = sig.numel() - 1, self.order
             orders = self.orders(N)
+            if float(sig[N]) == 0:      # h = inf: the higher orders have no limit (NaN), as in DPMSolverPP
+                orders[-1] = 1
             lam = -torch.log(sig)
             T = torch.zeros(N, 3, dtype=torch.float64)
             W = torch.zeros(N, K, dtype=torch.float64)
