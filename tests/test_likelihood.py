@@ -442,3 +442,20 @@ def test_a_rectified_flow_converges_to_the_closed_form_at_solver_order(shift):
         out = ParallelSampler(den, method=method, tol=0, progress=False).log_likelihood(x, solver="euler", steps=40)
         torch.testing.assert_close(out.nats, ref.nats, rtol=0, atol=1e-10)
         assert out.stats.method == method and (method != "picard" or out.stats.rounds < 40)
+
+
+def test_the_grid_of_a_schedule_ending_above_zero_has_its_own_points_and_the_tolerance_its_ddpm_scale():
+    """A grid that ends above sigma 0 (diffusers' final_sigmas_type='sigma_min') is the steps-step grid itself (steps
+    intervals between steps + 1 positive levels); the flow problem's tolerance scale at point j is the noise std of
+    the DDPM step between the grid's points N - j and N - j + 1, as documented (mutation testing, stop 47)."""
+    import diffusers
+
+    from paratime.integrations.diffusers import from_diffusers
+    from paratime.methods.likelihood import flow_problem, likelihood_grid
+
+    sch = from_diffusers(lambda x, t: x, diffusers.DPMSolverMultistepScheduler(final_sigmas_type="sigma_min")).schedule
+    grid = likelihood_grid(sch, 5)
+    assert grid.sigmas.numel() == 6 and float(grid.sigmas[-1]) > 0
+    torch.testing.assert_close(grid.sigmas, sch.grid(5).sigmas)
+    problem = flow_problem(grid, "euler", lambda x, j, b: x, torch.float64, "cpu")
+    torch.testing.assert_close(problem.noise_levels, grid.ancestral_std().flip(0).to(torch.float64))

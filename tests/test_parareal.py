@@ -186,3 +186,136 @@ def test_the_first_iteration_accepts_no_history_compared_with_zeros(solver):
     assert math.isfinite(first) and first > 0
     seq = _run(solver, "sequential", steps=16, batch=8)
     assert float((par.samples - seq.samples).abs().max()) <= par.stats.tol * max(1.0, float(seq.samples.abs().max()))
+
+
+# -- the acceptance rule on a problem Parareal solves exactly in one iteration (mutation testing, stop 47) ------------
+# D = 0 and a user coarse propagator with the fine map's own slope plus a constant offset: every G error is then
+# constant, so iteration 1's correction makes every slice start the sequential one, iteration 2 moves nothing, and
+# iteration 1's change at start s is |sequential[s] - coarse sweep[s]|, known before the run. The noise levels are set
+# per start, so each start's threshold tol * level(n_s) passes or fails it by a factor of 10.
+
+def _linear_parareal(solver_name, pass_start, tol=1.0):
+    from paratime.methods.common import Problem
+    from paratime.methods.parareal import sample_parareal, slice_bounds
+    from paratime.solvers import make_solver
+
+    N, S, B = 12, 4, 3
+    g = torch.Generator().manual_seed(0)
+    sig = torch.linspace(20.0, 0.5, N + 1, dtype=torch.float64)
+    noise = torch.randn(N, B, 2, generator=g, dtype=torch.float64)
+    x = torch.randn(B, 2, generator=g, dtype=torch.float64) * 20
+    bounds = slice_bounds(N, S).tolist()
+    assert bounds == [0, 3, 6, 9, 12]
+    solver = make_solver(solver_name)
+    zero_d = lambda xr, i, b: torch.zeros_like(xr)                      # noqa: E731
+    base = Problem(sig, torch.ones_like(sig), torch.ones_like(sig), solver, zero_d, noise)
+    ar = torch.arange(B)
+
+    def fine(u, s):                                                     # F_s: the fine steps of slice s
+        for n in range(bounds[s], bounds[s + 1]):
+            u = base.advance(u, torch.full((B,), n), ar, torch.zeros_like(u))
+        return u
+
+    slope = {round(float(sig[bounds[s]]), 9): fine(torch.ones(B, 2, dtype=torch.float64), s)
+             - fine(torch.zeros(B, 2, dtype=torch.float64), s) for s in range(S)}
+    offset = 0.37
+
+    def coarse(u, s_from, s_to):                                        # the fine slope, a constant error
+        return slope[round(float(s_from[0]), 9)] * u + offset
+
+    seq, sweep = [x], [x]
+    for s in range(S):
+        seq.append(fine(seq[-1], s))
+        sweep.append(coarse(sweep[-1], sig[bounds[s]].repeat(B), None))
+    change = [None] + [float(((seq[s] - sweep[s]) ** 2).mean(1).sqrt().max()) for s in range(1, S + 1)]
+    levels = torch.ones_like(sig)
+    for s in range(1, S + 1):                                           # start s passes iff s in pass_start
+        levels[bounds[s]] = change[s] / tol * (10.0 if s in pass_start else 0.1)
+    levels[0] = change[1] / tol * 0.1       # a threshold read at the wrong start fails or passes differently
+    rounds = []
+    prob = Problem(sig, levels, torch.ones_like(sig), solver, zero_d, noise, rounds.append)
+    out = sample_parareal(x, prob, slices=S, tol=tol, coarse=coarse)
+    torch.testing.assert_close(out.x, seq[-1], rtol=1e-10, atol=1e-10)
+    begins = [[bounds.index(int(v)) for v in r.begin] for r in rounds]   # each sample's first open slice
+    return out, begins, rounds
+
+
+@pytest.mark.parametrize("passing,begin1", [
+    ({1, 3, 4}, 2),         # start 2 fails: slices 0 and 1 accepted (the converged prefix plus one)
+    ({1, 2, 4}, 3),
+    ({2, 3, 4}, 1),         # start 1 fails: only slice 0 (exact from x) accepted
+    ({1, 2, 3, 4}, 4),      # all converged
+])
+def test_parareal_accepts_the_converged_prefix_plus_one_at_each_start_threshold(passing, begin1):
+    """ODE solver: iteration 1 accepts the slices up to the first start whose change exceeds tol x its own noise
+    level, plus that one (its start came from accepted states); iteration 2 moves nothing and ends the run."""
+    out, begins, rounds = _linear_parareal("ddim", passing)
+    assert begins[0] == [begin1] * 3
+    assert out.rounds == (1 if begin1 == 4 else 2)
+    # iteration 2 solved exactly the slices left open after iteration 1 (rows = open slices x samples)
+    if begin1 < 4:
+        assert rounds[1].rows == (4 - begin1) * 3
+
+
+@pytest.mark.parametrize("passing,begins_expected", [
+    ({1, 2, 3, 4}, [1, 4]),          # iteration 2: every start within its threshold twice in a row
+    ({1, 3, 4}, [1, 2, 4]),          # start 2 failed in iteration 1: slice 1 accepted (exact: its start is final)
+    ({1, 2, 4}, [1, 2, 4]),          # start 3 failed: start 2 accepted, slice 2 not with it (its start moved)
+])
+def test_stochastic_parareal_accepts_after_two_iterations_in_a_row_and_no_inexact_plus_one(passing, begins_expected):
+    """DDPM: iteration 1 accepts only the exact slice 0 (no start has two tests yet); iteration 2 accepts the starts
+    within their threshold in iterations 1 and 2, and the slice after them only when it is exact (first == begin)."""
+    out, begins, _ = _linear_parareal("ddpm", passing)
+    assert [b[0] for b in begins] == begins_expected
+    assert out.rounds == len(begins_expected)
+
+
+def test_parareal_sample_rounds_are_the_iteration_each_sample_finished():
+    """done_round: each sample's own last iteration, not overwritten by later ones (a batch finishing unevenly)."""
+    from paratime.methods.common import Problem
+    from paratime.methods.parareal import sample_parareal
+    from paratime.solvers import make_solver
+
+    rounds = []
+    g = torch.Generator().manual_seed(1)
+    N, B = 12, 2
+    sig = torch.linspace(20.0, 0.5, N + 1, dtype=torch.float64)
+    D = torch.randn(B, 2, generator=g, dtype=torch.float64)
+    # sample 1's D depends on x (needs iterations), sample 0's does not (the coarse DDIM jump is then exact)
+    ev = lambda xr, i, b: torch.where((b == 0)[:, None], D[b], torch.tanh(xr))   # noqa: E731
+    prob = Problem(sig, sig, torch.ones_like(sig), make_solver("ddim"), ev, None, rounds.append)
+    x = torch.randn(B, 2, generator=g, dtype=torch.float64) * 20
+    out = sample_parareal(x, prob, slices=4, tol=0.0)
+    finished = [next(r.round for r in rounds if int(r.begin[b]) == N) for b in range(B)]
+    assert finished[0] < finished[1], finished          # the test needs an uneven batch
+    assert out.sample_rounds.tolist() == finished
+
+
+def _pipelined_ticks(offsets):
+    """D = 0 and a user coarse propagator with the fine map's slope plus a per-sample offset (0: exact coarse)."""
+    from paratime.methods.common import Problem
+    from paratime.methods.parareal import sample_parareal_pipelined, slice_bounds
+    from paratime.solvers import make_solver
+
+    N, S, B = 12, 4, len(offsets)
+    g = torch.Generator().manual_seed(0)
+    sig = torch.linspace(20.0, 0.5, N + 1, dtype=torch.float64)
+    x = torch.randn(B, 2, generator=g, dtype=torch.float64) * 20
+    off = torch.tensor(offsets, dtype=torch.float64)[:, None]
+    prob = Problem(sig, torch.ones_like(sig), torch.ones_like(sig), make_solver("ddim"),
+                   lambda xr, i, b: torch.zeros_like(xr))
+    bounds = slice_bounds(N, S)
+    assert bounds.tolist() == [0, 3, 6, 9, 12]
+
+    def coarse(u, s_from, s_to):                    # DDIM with D = 0 is x * s_to / s_from, exactly
+        return u * (s_to / s_from)[:, None] + off
+
+    out = sample_parareal_pipelined(x, prob, slices=S, tol=1e-3, coarse=coarse)
+    torch.testing.assert_close(out.x, x * sig[-1] / sig[0], rtol=1e-10, atol=1e-10)   # the sequential sample
+    return out.rounds
+
+
+def test_pipelined_parareal_accepts_a_start_only_when_every_sample_converged():
+    exact, off = _pipelined_ticks([0.0, 0.0]), _pipelined_ticks([0.5, 0.5])
+    assert exact < off                              # the test needs a coarse error that costs ticks
+    assert _pipelined_ticks([0.0, 0.5]) == off == _pipelined_ticks([0.5, 0.0])

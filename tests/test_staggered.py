@@ -147,3 +147,13 @@ def test_stats_at_tol_zero_give_each_samples_data_scale_as_picard_does():
     assert stg.data_scale == pytest.approx(pic.data_scale, rel=1e-12) and all(v > 0 for v in stg.data_scale)
     absolute = ParallelSampler("gmm", method="staggered", window=3, tol_units="absolute", **kw).sample(3, seed=0)
     assert absolute.stats.data_scale == [1.0] * 3
+
+
+def test_default_starts_are_valid_for_every_core_count():
+    """Every cores in 1..steps gets starts the method accepts (strictly increasing from 0, below steps): the last
+    start rounding up to steps must move down (mutation testing, stop 47)."""
+    from paratime.methods.staggered import _check_starts, default_starts
+
+    for steps in range(1, 60):
+        for cores in range(1, steps + 1):
+            assert _check_starts(default_starts(cores, steps), cores, steps)
