@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import paratime
-from paratime import Denoiser, ParallelSampler, VESchedule
+from paratime import Denoiser, ParallelSampler, SamplerConfig, VESchedule
 from paratime.cli import build_parser, main
 
 NAN, INF = float("nan"), float("inf")
@@ -473,3 +473,49 @@ def test_numpy_integer_seeds_draw_what_the_python_int_draws(seed):
                                draw_noise(int(seed), 2, (3,), None, 0, 1), rtol=0, atol=0)
     s = torch.arange(3)
     assert torch.equal(sample_keys(seed, 0, s), sample_keys(int(seed), 0, s))
+
+
+# -- option refusals the tests did not hold (mutation testing, stop 47) ------------------------------------------
+
+def test_numpy_float64_options_are_kept_as_python_floats():
+    """np.float64 is a float subclass (it passes isinstance(float)) but is still converted: the config holds the
+    Python number it equals, as for np.float32 and np.int64 (repr, type checks and json see a plain float)."""
+    cfg = SamplerConfig(steps=np.int64(20), method="staggered", window=np.int64(4), tol=np.float64(1e-3),
+                        data_scale=np.float64(2.0), eta=np.float64(0.0))
+    for name, want in (("steps", 20), ("window", 4), ("tol", 1e-3), ("data_scale", 2.0), ("eta", 0.0)):
+        value = getattr(cfg, name)
+        assert type(value) is type(want) and value == want, (name, value)
+    assert "np." not in repr(cfg)
+
+
+def test_coarse_steps_with_a_user_coarse_propagator_is_refused():
+    with pytest.raises(ValueError, match="^coarse_steps: applies only to the built-in coarse propagator"):
+        SamplerConfig(method="parareal", coarse=lambda x, s_from, s_to: x, coarse_steps=2)
+    SamplerConfig(method="parareal", coarse=lambda x, s_from, s_to: x)            # its default: accepted
+    SamplerConfig(method="parareal", coarse_steps=2)                              # the built-in one reads it
+
+
+def test_classifier_scale_zero_without_a_classifier_is_refused():
+    with pytest.raises(ValueError, match="^classifier_scale: given without classifier="):
+        SamplerConfig(classifier_scale=0)
+    SamplerConfig(classifier_scale=0, classifier=lambda x, sigma: x.sum())
+
+
+def test_a_data_scale_with_absolute_tolerance_units_is_refused():
+    with pytest.raises(ValueError, match="^data_scale: applies only with tol_units='data'"):
+        SamplerConfig(method="picard", tol_units="absolute", data_scale=2.0)
+    SamplerConfig(method="picard", tol_units="data", data_scale=2.0)
+    SamplerConfig(method="picard", tol_units="absolute")
+
+
+def test_accept_tol_with_the_paradigms_rule_is_refused():
+    with pytest.raises(ValueError, match="^accept_tol: applies only to the final-point rule"):
+        SamplerConfig(method="picard", stop="paradigms", accept_tol=0.01)
+    SamplerConfig(method="picard", stop="final", accept_tol=0.01)
+
+
+@pytest.mark.parametrize("method", ["parareal", "parareal_pipelined"])
+@pytest.mark.parametrize("kw", [dict(tol_units="data"), dict(tol_units="absolute"), dict(data_scale=2.0)])
+def test_parareal_takes_tol_in_noise_level_units_and_refuses_tol_units(method, kw):
+    with pytest.raises(ValueError, match=f"^{next(iter(kw))}: applies only to the final-point rule"):
+        SamplerConfig(method=method, **kw)

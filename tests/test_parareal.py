@@ -319,3 +319,77 @@ def test_pipelined_parareal_accepts_a_start_only_when_every_sample_converged():
     exact, off = _pipelined_ticks([0.0, 0.0]), _pipelined_ticks([0.5, 0.5])
     assert exact < off                              # the test needs a coarse error that costs ticks
     assert _pipelined_ticks([0.0, 0.5]) == off == _pipelined_ticks([0.5, 0.0])
+
+
+# -- a multistep start whose state settled waits for its history (mutation testing, stop 47) -------------------
+# Parareal with a multistep solver: a start whose state did not move is not accepted while its history moved.
+# DPM++(2M) with D = c (a constant per sample) at every step but n_2 - 1, where D = alpha x with alpha cancelling the
+# step's coefficient on x: the end of slice 1 (x at n_2) is then the same from any start and any history (constant
+# D makes the DPM++(2M) and the DDIM coarse jump exact), while the history slice 1 hands on, D at n_2 - 1, depends on
+# the history slice 1 read (zeros in iteration 1, c from iteration 2). So in iteration 2 start 2's state moves by
+# rounding only, its history by O(c), and slice 2's solve in iteration 2 read the stale history.
+
+def _history_only_problem():
+    from paratime.methods.common import Problem
+    from paratime.solvers import make_solver
+
+    N, B = 12, 3
+    g = torch.Generator().manual_seed(0)
+    sig = torch.linspace(20.0, 0.5, N + 1, dtype=torch.float64)
+    x = torch.randn(B, 2, generator=g, dtype=torch.float64) * 20
+    c = torch.randn(B, 2, generator=g, dtype=torch.float64) + 2.0
+    m = 5                                                               # n_2 - 1 for 4 slices of 3 steps
+    rho = float(sig[m + 1] / sig[m])
+    r0 = math.log(float(sig[m - 1] / sig[m])) / math.log(float(sig[m] / sig[m + 1]))
+    alpha = -rho / ((1 - rho) * (1 + 1 / (2 * r0)))                    # x' = rho x + (1 - rho)(1 + 1/(2 r0)) D + ...
+
+    def evaluate(xr, i, b):
+        return torch.where((i == m)[:, None], alpha * xr, c[b])
+
+    solver = make_solver("dpmpp_2m")
+    ones = torch.ones_like(sig)
+    return x, sig, Problem, solver, evaluate, ones, B, N
+
+
+def _slice1_end(prob, u, h, B):
+    """x at n_2 and D at n_2 - 1 of slice 1's fine steps from state u with history h (D at n_1 - 1)."""
+    ar = torch.arange(B)
+    for n in range(3, 6):
+        i = torch.full((B,), n)
+        d = prob.evaluate(u, i, ar)
+        u, h = prob.advance(u, i, ar, d, h), d
+    return u, h
+
+
+def test_parareal_multistep_start_with_settled_state_waits_for_its_history():
+    from paratime.methods.parareal import sample_parareal
+
+    x, sig, Problem, solver, evaluate, ones, B, N = _history_only_problem()
+    base = Problem(sig, ones, ones, solver, evaluate)
+    ar = torch.arange(B)
+    seq, h = x, None
+    for n in range(N):                                                  # the sequential DPM++(2M) sample
+        i = torch.full((B,), n)
+        d = evaluate(seq, i, ar)
+        seq, h = base.advance(seq, i, ar, d, h), d
+    # The construction: slice 1's end ignores its start and its history; the history it hands on does not.
+    g = torch.Generator().manual_seed(5)
+    u1, u2 = (torch.randn(B, 2, generator=g, dtype=torch.float64) * 10 for _ in range(2))
+    c = evaluate(u1, torch.zeros(B, dtype=torch.long), ar)
+    end_a, hist_a = _slice1_end(base, u1, torch.zeros_like(u1), B)
+    end_b, hist_b = _slice1_end(base, u2, c, B)
+    torch.testing.assert_close(end_a, end_b, rtol=0, atol=1e-9)
+    assert float((hist_a - hist_b).abs().min()) > 0.1
+
+    rounds = []
+    tol = 1e-6                                          # far above rounding, far below the history's move
+    prob = Problem(sig, ones, ones, solver, evaluate, None, rounds.append)
+    out = sample_parareal(x, prob, slices=4, tol=tol)
+    torch.testing.assert_close(out.x, seq, rtol=0, atol=1e-9)
+    begins = [r.begin.tolist() for r in rounds]
+    # Iteration 1 accepts the exact slice 0 only. Iteration 2: start 2's state moved by rounding but its history
+    # by O(c), so start 2 fails and only slice 1 (exact: its start is final) is added: slice 2, solved from the stale
+    # history, stays open. Iteration 3 then solves slice 2 from settled values; slice 3 needs iteration 4.
+    assert begins[0] == [3] * B
+    assert begins[1] == [6] * B
+    assert out.rounds == 4

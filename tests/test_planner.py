@@ -14,9 +14,10 @@ from hypothesis import given, settings, strategies as st
 from benchmarks.devices import Spread
 from paratime import ParallelSampler, SamplerConfig
 from paratime.cost import CostCurve, chunked_cost, make_cost, round_cost
-from paratime.planner import (ALONE, SEQUENTIAL_MARGIN, SLIDE_STALL, STALL_ROUNDS, candidates, picard_rows,
-                              plan_sampling, predict_parareal, predict_picard, predict_sequential, rounds_cap,
-                              window_candidates)
+from paratime.methods.parareal import slice_bounds
+from paratime.planner import (ALONE, PARAREAL_ITERATIONS_SDE, SEQUENTIAL_MARGIN, SLIDE_STALL, STALL_ROUNDS,
+                              candidates, picard_rows, plan_sampling, predict_parareal, predict_picard,
+                              predict_sequential, rounds_cap, window_candidates)
 
 TOL = 2e-3
 
@@ -455,3 +456,36 @@ def test_auto_with_a_multistep_solver_leaves_parareal_out(solver):
     res = ParallelSampler("gmm", solver=solver, steps=12, method="auto", progress=False).sample(2, seed=0)
     assert res.stats.method in ("sequential", "picard")
     assert res.stats.plan["candidates"] and not any(k.startswith("parareal") for k in res.stats.plan["candidates"])
+
+
+# -- Parareal's prediction: capped at its slices, priced for a stochastic solver (mutation testing, stop 47) ----
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_parareal_is_never_predicted_above_its_slices_iterations(stochastic):
+    """Parareal takes at most S iterations (one exact slice each), so above tol 0 the assumed iterations are capped
+    at S: with fewer slices than the assumed iterations the prediction is tol 0's, the calls it makes."""
+    curve = make_cost("compute")
+    for steps in (9, 16, 30, 100):
+        S = len(slice_bounds(steps, None)) - 1
+        exact = predict_parareal(curve, steps, 2, 4, 0.0, last_evals=1, stochastic=stochastic)
+        above = predict_parareal(curve, steps, 2, 4, 0.1, last_evals=1, stochastic=stochastic)
+        assert above <= exact
+        if S <= (PARAREAL_ITERATIONS_SDE if stochastic else 4):
+            assert above == pytest.approx(exact)
+
+
+def test_the_plan_prices_parareal_with_a_stochastic_solvers_iterations():
+    curve = make_cost("compute")
+    kw = dict(steps=100, batch=1, devices=4, tol=0.1)
+    ode = plan_sampling(curve, **kw).candidates["parareal"]
+    sde = plan_sampling(curve, **kw, stochastic=True).candidates["parareal"]
+    unit = curve(1)
+    assert ode == pytest.approx(predict_parareal(curve, 100, 1, 4, 0.1) / unit)
+    assert sde == pytest.approx(predict_parareal(curve, 100, 1, 4, 0.1, stochastic=True) / unit)
+    assert sde > ode                  # 10 slices: 7 iterations assumed against 4
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_the_planner_refuses_a_stochastic_flag_that_is_not_a_bool(value):
+    with pytest.raises(TypeError, match="^stochastic: "):
+        plan_sampling(make_cost("compute"), 10, 1, 2, 2e-3, stochastic=value)

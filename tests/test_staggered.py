@@ -157,3 +157,55 @@ def test_default_starts_are_valid_for_every_core_count():
     for steps in range(1, 60):
         for cores in range(1, steps + 1):
             assert _check_starts(default_starts(cores, steps), cores, steps)
+
+
+# -- the stop rule's quiet samples in a row, and the most exact core of a tick (mutation testing, stop 47) -------
+
+def test_staggered_stop_needs_quiet_samples_in_a_row_not_in_total():
+    from paratime.methods.staggered import QUIET_HITS, QUIET_SCALE, _SampleStop
+
+    assert QUIET_HITS == 2
+    tol = 1.0
+    quiet, loud = 0.5 * QUIET_SCALE * tol, 4 * QUIET_SCALE * tol
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    stop = _SampleStop(x, tol, 1.0)
+    y = torch.full_like(x, 7.0)
+    # sample 1 of the batch moves quiet, loud, quiet, quiet; sample 0 quiet every time (the batch's own reference)
+    moves = [(quiet, quiet), (loud, quiet), (quiet, quiet), (quiet, quiet)]
+    done = []
+    stop.take([(5, y.clone())])                      # the first sample has nothing to compare with
+    for core, (m1, m0) in zip((4, 3, 2, 1), moves):
+        y = y + torch.tensor([[m0], [m1]], dtype=torch.float64)
+        stop.take([(core, y.clone())])
+        done.append(stop.done.tolist())
+    # sample 0: quiet twice in a row after its second comparison; sample 1: its loud move resets the count, so it
+    # needs two more quiet ones (not one: two quiet in total are not two in a row)
+    assert [d[0] for d in done] == [False, True, True, True]
+    assert [d[1] for d in done] == [False, False, False, True]
+    assert stop.core.tolist() == [3, 1]              # each sample kept the candidate it was done with
+
+
+
+def test_staggered_same_tick_samples_keep_the_most_exact_core():
+    """Starts 0-5-6 on 10 DDIM steps: cores 1 and 2 stand on the same point from tick 3 on and both reach N at tick 6.
+    D depends on the step only, so the fine steps and a one-step coarse jump are exact maps with the same slope:
+    core 1, corrected at tick 6 from core 0's exact point 5, ends on the sequential sample; core 2, corrected from
+    core 1's uncorrected point 9, ends off it by core 1's coarse start error. With a tolerance every sample meets,
+    the stop rule returns the second sample after the coarse shoot (tick 3): the last one of tick 6, core 1."""
+    from paratime.methods import sample_sequential, sample_staggered
+    from paratime.methods.common import Problem
+    from paratime.solvers import make_solver
+
+    N, B = 10, 3
+    g = torch.Generator().manual_seed(0)
+    sig = torch.linspace(20.0, 0.5, N + 1, dtype=torch.float64)
+    x = torch.randn(B, 2, generator=g, dtype=torch.float64) * 20
+    c = torch.randn(N, B, 2, generator=g, dtype=torch.float64) * 3       # D at step i of sample b: c[i, b]
+    ones = torch.ones_like(sig)
+    prob = Problem(sig, ones, ones, make_solver("ddim"), lambda xr, i, b: c[i, b])
+    seq = sample_sequential(x, prob).x
+    out = sample_staggered(x, prob, cores=3, starts=(0, 5, 6), tol=1e6)
+    assert out.extra["hit_ticks"] == [(-1, 3), (2, 6), (1, 6)]           # later core first within a tick
+    assert out.extra["sample_core"] == [1] * B
+    assert out.rounds == 6
+    torch.testing.assert_close(out.x, seq, rtol=0, atol=1e-9)            # core 1's sample: the sequential one
