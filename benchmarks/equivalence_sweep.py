@@ -155,7 +155,7 @@ def cases(draw, methods: tuple[str, ...] | None = None, max_parallel: int | None
         inits = INITS if opts["window"] > 1 else tuple(i for i in INITS if i != "x0")   # W=1 reads no guess
         opts.update(update=draw(st.sampled_from(UPDATES)), stop=draw(st.sampled_from(STOPS)),
                     init=draw(st.sampled_from(inits)), shared_window=draw(st.booleans()))
-        if opts["window"] < steps:          # a window of the whole grid takes no fill: nothing enters it
+        if 1 < opts["window"] < steps:      # only a sliding window wider than one point reads what enters it
             opts["fill"] = draw(st.sampled_from(FILLS))
     elif method.startswith("parareal"):
         slices = draw(st.integers(1, cap(steps)))

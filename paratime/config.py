@@ -231,10 +231,10 @@ class SamplerConfig:
                 allowed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
                 raise ValueError(f"{name}: applies only to method={allowed}, not {self.method!r}")
         if (self.fill != _default("fill") and self.method == "picard" and isinstance(self.window, int)
-                and self.window >= self.steps and self.max_rounds is None):
-            raise ValueError(f"fill: applies only to a sliding window (window < steps, or max_rounds=, after which "
-                             f"a window of 1 slides); window={self.window} covers the whole {self.steps}-step grid, "
-                             f"so no point enters it")
+                and not 1 < self.window < self.steps):
+            raise ValueError(f"fill: applies only to a sliding window wider than one point (1 < window < steps); "
+                             f"window={self.window} on the {self.steps}-step grid never reads a point that enters it "
+                             f"(nor does the window of 1 that max_rounds= leaves)")
         if self.init == "x0" and self.method == "picard" and self.window == 1:
             raise ValueError("init: applies only to a window wider than one point; window=1 steps each point from the "
                              "accepted one before it and never reads a guess (init='x0' would add a network call)")
@@ -270,8 +270,8 @@ class SamplerConfig:
             fixed.setdefault("tol_units", None)
             fixed.setdefault("data_scale", None)
         window = fixed.get("window", self.window)
-        if isinstance(window, int) and window >= self.steps and fixed.get("max_rounds", self.max_rounds) is None:
-            fixed.setdefault("fill", _default("fill"))    # given for the sliding candidates: nothing enters this one
+        if isinstance(window, int) and not 1 < window < self.steps:
+            fixed.setdefault("fill", _default("fill"))    # given for the sliding candidates: this one reads no entry
         if window == 1:
             fixed.setdefault("init", _default("init"))    # given for the wider candidates: a window of 1 reads no guess
         return dataclasses.replace(self, method=method, **fixed)

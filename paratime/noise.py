@@ -154,7 +154,7 @@ def _use_kernel(device: torch.device) -> bool:
     mode = kernel_mode()
     if mode == "torch":
         return False
-    ok = triton_usable(torch.empty(0, device=device))
+    ok = triton_usable(torch.empty(0, dtype=torch.float32, device=device))   # its output's dtype, not the default
     if mode == "triton" and not ok:
         raise RuntimeError(f"kernel mode 'triton': the noise kernel cannot run on {device} "
                            "(needs CUDA, or TRITON_INTERPRET=1 on CPU)")

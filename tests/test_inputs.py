@@ -519,3 +519,14 @@ def test_accept_tol_with_the_paradigms_rule_is_refused():
 def test_parareal_takes_tol_in_noise_level_units_and_refuses_tol_units(method, kw):
     with pytest.raises(ValueError, match=f"^{next(iter(kw))}: applies only to the final-point rule"):
         SamplerConfig(method=method, **kw)
+
+
+@pytest.mark.parametrize("options", [dict(window=1), dict(window=20, max_rounds=3)])
+def test_fill_refused_where_no_point_entering_the_window_is_read(options):
+    """A window of one point computes each point before reading it, and so does the one max_rounds leaves after a
+    window of the whole grid: fill= is refused there, as init='x0' is on window=1 (it ran the path fill every round
+    for nothing)."""
+    with pytest.raises(ValueError, match="^fill: applies only to a sliding window wider than one point"):
+        SamplerConfig(method="picard", steps=20, fill="copy", **options)
+    SamplerConfig(method="picard", steps=20, window=8, fill="copy", max_rounds=3)     # a sliding window takes it
+

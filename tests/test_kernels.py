@@ -12,7 +12,8 @@ import torch
 pytest.importorskip("triton")
 
 from paratime import ParallelSampler  # noqa: E402
-from paratime.kernels import fused_step, picard_update, set_kernel_mode, triton_usable  # noqa: E402
+from paratime import noise  # noqa: E402
+from paratime.kernels import fused_step, kernels, picard_update, set_kernel_mode, triton_usable  # noqa: E402
 from paratime.kernels.reference import fused_step_reference, picard_update_reference  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -218,3 +219,59 @@ def test_every_launch_makes_its_tensors_device_current(monkeypatch):
     with dispatch.kernels("triton"):
         noise.noise_rows(0, noise.STEP, torch.arange(3), 2, (4,))
     assert len(seen) == 1
+
+
+# -- coefficients of any shape, gradients through every input, the noise kernel under a float64 default (review,
+# stop 47) --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(4, 1), (1, 1), (4, 1, 1, 1)])
+def test_coefficients_of_any_shape_take_the_kernel_as_the_reference(shape):
+    g = torch.Generator().manual_seed(0)
+    x, o, z = (torch.randn(4, 3, 5, generator=g) for _ in range(3))
+    c = torch.rand(shape, generator=g)
+    results = []
+    for mode in ("torch", "triton"):
+        with kernels(mode):
+            results.append(fused_step(x, o, c_x=c, c_o=c, k_d=c, k_z=c, noise=z))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-6)
+
+
+def _grads(mode, fn, inputs):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    with kernels(mode):
+        outs = fn(*inputs)
+    loss = sum((o * o).sum() for o in outs if o is not None)
+    return torch.autograd.grad(loss, inputs)
+
+
+@pytest.mark.parametrize("wrt", ["c_x", "c_o", "k_d", "k_z", "noise"])
+def test_fused_step_keeps_the_graph_of_coefficients_and_noise(wrt):
+    g = torch.Generator().manual_seed(0)
+    x, o, z = (torch.randn(4, 6, generator=g) for _ in range(3))
+    c = {k: torch.rand(4, generator=g) for k in ("c_x", "c_o", "k_d", "k_z")}
+    args = {**c, "noise": z}
+
+    def fn(t):
+        return fused_step(x, o, **{**args, wrt: t})
+
+    want = _grads("torch", fn, [args[wrt]])
+    torch.testing.assert_close(_grads("triton", fn, [args[wrt]]), want)
+
+
+def test_picard_update_keeps_the_graph():
+    g = torch.Generator().manual_seed(0)
+    start, dx, old = (torch.randn(shape, generator=g) for shape in ((2, 5), (3, 2, 5), (3, 2, 5)))
+    want = _grads("torch", picard_update, [start, dx, old])
+    torch.testing.assert_close(_grads("triton", picard_update, [start, dx, old]), want)
+
+
+def test_noise_kernel_runs_under_a_float64_default_dtype():
+    want = noise.noise_rows(0, noise.STEP, torch.arange(3), 2, (5,))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with kernels("triton"):
+            got = noise.noise_rows(0, noise.STEP, torch.arange(3), 2, (5,))
+    finally:
+        torch.set_default_dtype(default)
+    assert torch.equal(got, want)

@@ -103,3 +103,14 @@ def test_a_secant_correction_far_larger_than_picards_change_falls_back_to_picard
     inc, _ = _secant_increment(dy, new_pic, old, y_win, hist_y, hist_dy, ok)
     assert torch.equal(inc[:, 0], dy[:, 0])                            # sample 0: Picard's increments
     assert not torch.allclose(inc[:, 1], dy[:, 1])                     # sample 1: its secant correction
+
+
+def test_max_rounds_one_makes_no_x0_call():
+    """max_rounds=1 leaves no round to read init='auto''s x0 guess: its call is not made (the run costs what
+    sequential sampling does at most, N rounds, where it took N + 1)."""
+    from paratime import ParallelSampler
+
+    r = ParallelSampler("gmm", solver="ddim", steps=20, window=8, max_rounds=1, tol=0.01,
+                        progress=False).sample(8, seed=0)
+    assert r.stats.rounds <= 20, r.stats.rounds
+

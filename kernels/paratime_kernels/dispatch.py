@@ -161,13 +161,18 @@ def _rows(v, M, like: torch.Tensor) -> torch.Tensor:
     if v is None:
         return like.new_zeros(M, dtype=torch.float32)
     if isinstance(v, torch.Tensor):
-        return v.to(device=like.device, dtype=torch.float32).expand(M).contiguous()
+        return v.to(device=like.device, dtype=torch.float32).reshape(-1).expand(M).contiguous()   # (M, 1) too
     return like.new_full((M,), float(v), dtype=torch.float32)
 
 
 def _flat(t: torch.Tensor, *lead: int) -> torch.Tensor:
     """``t`` as a contiguous ``(*lead, D)`` tensor (itself when it already is one: the dispatch runs per call)."""
     return t if t.ndim == len(lead) + 1 and t.is_contiguous() else t.reshape(*lead, -1).contiguous()
+
+
+def _needs_grad(*ts) -> bool:
+    """Whether autograd records an op on any of the tensors among ``ts`` (numbers and None never)."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
 
 
 def _unflat(t: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
@@ -194,8 +199,9 @@ def fused_step(x, out, out_uncond=None, guidance=1.0, c_x=None, c_o=None, k_d=No
             raise ValueError(f"{name}: expected one coefficient or one per row ({M}), got shape {tuple(c.shape)}")
     flat = lambda t: None if t is None else _flat(t, M)  # noqa: E731
     xs, os_, us, zs = flat(x), flat(out), flat(out_uncond), flat(noise)
-    # The kernel has no backward: rows that autograd differentiates (the likelihood's divergence) take the reference.
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xs, os_, us))
+    # The kernel has no backward: rows that autograd differentiates (the likelihood's divergence) take the reference,
+    # as do coefficients or noise that require grad (the kernel's outputs would silently drop their graph).
+    grad = _needs_grad(xs, os_, us, zs, c_x, c_o, k_d, k_z)
     # Outputs of a float64 network (rare: analytic models) take the reference too: no kernel variant reads them.
     if grad or not _use_triton(xs) or os_.dtype not in _TRITON_DTYPES:
         x0, dx = fused_step_reference(xs, os_, us, guidance, c_x, c_o, k_d, k_z, zs, want_x0, want_dx)
@@ -241,8 +247,9 @@ def picard_update(start, dx, old, block: int | None = None, want_err: bool = Tru
         if tuple(t.shape) != want:          # the kernel indexes every input by start's rows and features
             raise ValueError(f"{name}: expected shape {tuple(want)} (W, *start.shape), got {tuple(t.shape)}")
     s, d, o = _flat(start, B), _flat(dx, W, B), _flat(old, W, B)
-    # Mixed dtypes take the reference, which returns start's dtype (the kernel writes new in dx's).
-    if not _use_triton(s) or d.dtype != s.dtype or o.dtype != s.dtype:
+    # Mixed dtypes take the reference, which returns start's dtype (the kernel writes new in dx's); so do inputs
+    # that autograd differentiates (the kernel has no backward).
+    if _needs_grad(s, d, o) or not _use_triton(s) or d.dtype != s.dtype or o.dtype != s.dtype:
         new, err = picard_update_reference(s, d, o if want_err else None)
     else:
         _, picard = _triton()

@@ -97,13 +97,15 @@ FILLS = ("path", "copy")
 
 def path_plan(init: str, fill: str, window: int, steps: int, max_rounds: int | None) -> tuple[str, bool]:
     """``(init, fill_reads_D)``: the initial guess in force (``auto``: ``x0`` when the window is shorter than the
-    grid and wider than one point, whose rounds never read a guess, else ``noise``) and whether the path fill runs
-    (it reads D at the window end; only a window shorter than the grid, or ``max_rounds``' window of 1, slides).
-    Either one draws the constant-D path's noise rows (:func:`paratime.solvers.constant_d_path`; shared with the
-    memory bound of :class:`paratime.config.SamplerConfig`)."""
+    grid and wider than one point, whose rounds never read a guess, and ``max_rounds`` leaves it a round after the
+    guess's own, else ``noise``) and whether the path fill runs (it reads D at the window end; only a window shorter
+    than the grid and wider than one point reads what enters it: a window of 1, ``max_rounds``' included, computes
+    its next point before reading it). Either one draws the constant-D path's noise rows
+    (:func:`paratime.solvers.constant_d_path`; shared with the memory bound of
+    :class:`paratime.config.SamplerConfig`)."""
     if init == "auto":
-        init = "x0" if 1 < window < steps else "noise"
-    return init, fill == "path" and (window < steps or max_rounds is not None)
+        init = "x0" if 1 < window < steps and (max_rounds is None or max_rounds > 1) else "noise"
+    return init, fill == "path" and 1 < window < steps
 
 
 def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | None = None,

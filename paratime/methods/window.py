@@ -201,11 +201,11 @@ class SlidingWindow:
         """Move each window start by ``stride``; the points entering the window get their guess (masked writes go
         to the sink row): ``copy`` the latest value at the old window end (ParaDiGMS), ``path`` the constant-D path
         from there with D at this round's value at the last window point. A window of the whole grid always ends at
-        N: nothing enters."""
+        N: nothing enters; a window of one point computes its next point before reading it: nothing to guess."""
         N, W, ar_b = self.N, rows.W, self.ar_b
         old_end = self.begin + rows.counts
         self.begin = self.begin + stride
-        if W >= N:
+        if W >= N or W == 1:
             return
         p = old_end + 1 + rows.k                                      # (W, B)
         entering = (p <= (self.begin + W).clamp_max(N)) & self._active
