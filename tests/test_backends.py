@@ -406,3 +406,43 @@ def test_a_network_error_on_one_rank_is_raised_on_every_rank_at_once(tmp_path):
     assert "rank(s) [1]" in errors[0][3], logs          # rank 0 names the failed rank, not a timeout
     assert all(float(e[1]) < 10 for e in errors), logs  # at once, not after timeout_s=30
     assert all("AGAIN-OK" in log for log in logs), logs
+
+
+# -- group= on a rank outside the group (review, stop 47) ---------------------------------------------------------
+
+OUTSIDE_GROUP = textwrap.dedent('''
+    import datetime, os, torch.distributed as dist
+    from paratime.backends.torch_dist import TorchDistributedBackend
+    r = int(os.environ["RANK"])
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["PORT"], rank=r, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    sub = dist.new_group([0])
+    try:
+        be = TorchDistributedBackend(group=sub, timeout_s=30)
+        print("BUILT", be.rank, be.workers, flush=True)
+    except ValueError as e:
+        print("ERROR", e, flush=True)
+    dist.barrier()
+''')
+
+
+def test_torch_backend_on_a_rank_outside_group_names_group(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(OUTSIDE_GROUP)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, cwd=tmp_path,
+                              env=dict(os.environ, RANK=str(r), PORT=str(port), GLOO_SOCKET_IFNAME="lo",
+                                       OMP_NUM_THREADS="1"))
+             for r in range(2)]
+    try:
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    assert "BUILT 0 1" in logs[0], logs
+    assert "ERROR group:" in logs[1] and "not a member" in logs[1], logs

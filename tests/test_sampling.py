@@ -231,9 +231,10 @@ def test_bad_options_name_the_argument(kw, match):
 
 
 def test_fill_is_taken_wherever_a_window_slides():
-    """``fill`` applies to a window shorter than the grid, to ``max_rounds`` (a window of 1 slides after it) and to
-    the planner's ``auto`` window (its sliding candidates): each is built and samples."""
-    for kw in (dict(window=4), dict(window=10, max_rounds=2), dict(window="auto"), dict(method="auto")):
+    """``fill`` applies to a window shorter than the grid and wider than one point, with or without ``max_rounds``,
+    and to the planner's ``auto`` window (its sliding candidates): each is built and samples. The window of one point
+    that ``max_rounds`` leaves after a whole grid reads no fill (refused, tests/test_inputs.py)."""
+    for kw in (dict(window=4), dict(window=4, max_rounds=2), dict(window="auto"), dict(method="auto")):
         s = ParallelSampler("gmm", steps=10, fill="copy", progress=False, **kw)
         assert s.sample(4, seed=0).samples.shape == (4, 2), kw
     # A latency-bound cost makes the planner pick the whole grid: the fill, given for its sliding candidates, is

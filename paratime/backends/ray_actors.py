@@ -211,11 +211,18 @@ class RayBackend(Backend):
         self._den_ref = None                  # what the actors were last bound to (object store)
         self._mine = None                     # the sampler's weight fingerprint, where actors build their own
         self._cond_ref = None
+        self._shipped = None                  # the bound network's weight fingerprint when it was shipped
+        self._closed = False
         self.prepare_bytes = 0                # bytes placed once per sample() call (conditioning)
 
     # -- binding --------------------------------------------------------------------------------------------------
     def bind(self, denoiser):
-        if denoiser is self.denoiser and self.actors:
+        """Ship the denoiser to the actors; again when its network's weights changed in place since (checked at
+        every :meth:`prepare`: the actors otherwise kept evaluating the weights they were sent)."""
+        if self._closed:
+            self._live()
+        shipped = weight_moments(getattr(denoiser, "network", None))
+        if denoiser is self.denoiser and self.actors and shipped == self._shipped:
             return
         super().bind(denoiser)
         payload = denoiser if self.model is None else replace(denoiser, network=_ActorNetwork(_kind(denoiser.network)))
@@ -227,9 +234,10 @@ class RayBackend(Backend):
             except BaseException:
                 self.close()    # actors pending or dead, and the Ray this backend started: nothing left behind
                 raise
-        self._mine = None if self.model is None else weight_moments(denoiser.network)
+        self._mine = None if self.model is None else shipped
         for i, theirs in enumerate(self._call_all("set_denoiser", self._den_ref)):
             self._check_weights(i, theirs)
+        self._shipped = shipped
 
     def _check_weights(self, i, theirs):
         """An actor that built its own network from ``model=`` must have built the sampler's (checked when bound,
@@ -296,6 +304,7 @@ class RayBackend(Backend):
 
     # -- per sample() ---------------------------------------------------------------------------------------------
     def prepare(self, cond):
+        self.bind(self.denoiser)              # weights changed in place since they were shipped: ship them again
         super().prepare(cond)
         cpu = map_cond(cond, lambda v: v.cpu())
         self._cond_ref = self.ray.put(cpu)
@@ -317,6 +326,9 @@ class RayBackend(Backend):
         self._live()
         self.calls += 1
         M = x.shape[0]
+        if M == 0:          # nothing to scatter: the empty result, of the shape and dtype the actors would return
+            return self.run_chunked(x, sigma, model_time, self.rows_cond(cond, samples),
+                                    fn=self.denoiser.network_outputs if raw else None)
         n = min(self.workers, M)
         bounds = [(M * i // n, M * (i + 1) // n) for i in range(n)]
         xc, sc, tc = x.cpu(), sigma.cpu(), model_time.cpu()
@@ -380,6 +392,7 @@ class RayBackend(Backend):
                 pass
         self.actors = []
         self._den_ref = self._cond_ref = None
+        self._closed = True                   # bind() after close refuses (it made new actors, and a new Ray)
         if self.started_ray and self.ray.is_initialized():
             self.ray.shutdown()
             self.started_ray = False

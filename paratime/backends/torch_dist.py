@@ -259,6 +259,9 @@ class TorchDistributedBackend(Backend):
             _made.users += 1
         self.group = group
         self.rank = dist.get_rank(group)
+        if self.rank < 0:
+            raise ValueError(f"group: this process (global rank {dist.get_rank()}) is not a member of the process "
+                             f"group given; build the backend only on the group's ranks")
         self.workers = dist.get_world_size(group)
         self._events: list = []          # (start, end) CUDA events of collectives not yet read
 

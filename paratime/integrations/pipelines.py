@@ -414,8 +414,7 @@ def _prepare_sdxl_img2img(pipe, kw: dict) -> _Prepared:
 
 
 def _prepare_sdxl_inpaint(pipe, kw: dict) -> _Prepared:
-    height = kw.get("height") or pipe.default_sample_size * pipe.vae_scale_factor
-    width = kw.get("width") or pipe.default_sample_size * pipe.vae_scale_factor
+    height, width = _sd_size(pipe, kw)      # the UNet's sample size, as the pipeline (no default_sample_size)
     strength, prompt, n = kw.get("strength", 0.9999), kw.get("prompt"), kw.get("num_images_per_prompt", 1)
     image, mask_image = kw.get("image"), kw.get("mask_image")
     pipe.check_inputs(prompt, kw.get("prompt_2"), image, mask_image, height, width, strength, None,
