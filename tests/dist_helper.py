@@ -14,6 +14,8 @@ Modes:
 """
 
 import os
+import socket
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -195,3 +197,26 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def run_ranks(script, world: int = 2, timeout: float = 150, cwd=None) -> list[str]:
+    """Run the Python file ``script`` as ``world`` gloo ranks on loopback (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR`` / ``MASTER_PORT``, and the port again as ``PORT``; one thread each) and return
+    each rank's output; a rank still running after ``timeout`` seconds is killed."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, cwd=cwd,
+                              env=dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PORT=port,
+                                       GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1"))
+             for r in range(world)]
+    try:
+        return [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+

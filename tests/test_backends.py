@@ -16,7 +16,7 @@ from paratime import ParallelSampler
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from dist_helper import CONFIGS, sample_all  # noqa: E402
+from dist_helper import CONFIGS, run_ranks, sample_all  # noqa: E402
 
 
 def _free_port():
@@ -385,20 +385,7 @@ ONE_RANK_RAISES = textwrap.dedent('''
 def test_a_network_error_on_one_rank_is_raised_on_every_rank_at_once(tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(ONE_RANK_RAISES)
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True,
-                              env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
-                                       OMP_NUM_THREADS="1"))
-             for r in range(2)]
-    try:
-        logs = [p.communicate(timeout=150)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
+    logs = run_ranks(script)
     errors = [next((line.split(" ", 3) for line in log.splitlines() if line.startswith("ERROR")), None)
               for log in logs]
     assert all(errors), logs
@@ -429,20 +416,6 @@ OUTSIDE_GROUP = textwrap.dedent('''
 def test_torch_backend_on_a_rank_outside_group_names_group(tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(OUTSIDE_GROUP)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, cwd=tmp_path,
-                              env=dict(os.environ, RANK=str(r), PORT=str(port), GLOO_SOCKET_IFNAME="lo",
-                                       OMP_NUM_THREADS="1"))
-             for r in range(2)]
-    try:
-        logs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
+    logs = run_ranks(script, timeout=120, cwd=tmp_path)
     assert "BUILT 0 1" in logs[0], logs
     assert "ERROR group:" in logs[1] and "not a member" in logs[1], logs
