@@ -19,6 +19,7 @@ Solvers and parallel methods only ever see ``D``; they never branch on the param
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -189,7 +190,7 @@ class Denoiser:
         check_number("clip_x0", self.clip_x0, 0, low_open=True, none=True)
         if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
             raise TypeError(f"dtype: expected a torch.dtype, got {self.dtype!r}")
-        if self.guidance is not None and (not isinstance(self.guidance, (int, float)) or isinstance(self.guidance, bool)
+        if self.guidance is not None and (not isinstance(self.guidance, numbers.Real) or isinstance(self.guidance, bool)
                                           or not 0 <= self.guidance < float("inf")):     # NaN fails the range too
             raise ValueError(f"guidance: must be a finite number >= 0 or None, got {self.guidance!r}")
         check_number("guidance_rescale", self.guidance_rescale, 0, 1)
@@ -213,6 +214,10 @@ class Denoiser:
         """Wrap a plain ``fn(x, sigma) -> x0`` in the VE frame (k-diffusion's denoiser form)."""
         kw.setdefault("schedule", VESchedule(1e-3, 80.0))
         kw.setdefault("prediction", "x0")
+        if not isinstance(kw["schedule"], VESchedule):   # only VE feeds the network x itself and sigma as its time
+            raise ValueError(f"schedule: from_callable wraps fn(x, sigma), which needs a VESchedule (the network "
+                             f"sees x and sigma); got {type(kw['schedule']).__name__}, whose network input and time "
+                             f"are not x and sigma: use Denoiser(network, schedule, prediction) instead")
         return cls(fn, **kw)
 
     @property
@@ -247,12 +252,12 @@ class Denoiser:
         return x0_coefficients(self.prediction, sigma, a, self.schedule)
 
     def to_x0(self, x: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor, out_uncond: torch.Tensor | None = None,
-              guidance: float = 1.0) -> torch.Tensor:
+              guidance: float = 1.0, clip: bool = True) -> torch.Tensor:
         """``x0`` from network outputs (guided when ``out_uncond`` is given), one fused pass (kernels.fused_step)."""
         c_x, c_o = self.x0_coefficients(sigma)
         unc = None if out_uncond is None else out_uncond.to(x.dtype)
         x0, _ = fused_step(x, out.to(x.dtype), unc, guidance, c_x, c_o, want_dx=False)
-        if self.clip_x0 is not None:
+        if clip and self.clip_x0 is not None:
             x0 = x0.clamp(-self.clip_x0, self.clip_x0)
         return x0
 
@@ -283,15 +288,20 @@ class Denoiser:
                  uncond: dict | None = None, y: torch.Tensor | None = None, **cond: Any) -> torch.Tensor:
         """Args: ``x`` ``(M, *shape)``, ``sigma`` and ``model_time`` ``(M,)``; ``uncond``: unconditional kwargs
         for guidance; ``y``: class labels for classifier guidance. Returns ``x0``, ``(M, *shape)``."""
-        if not self.guided:
-            x0 = self.to_x0(x, sigma, self.run_network(x, sigma, model_time, **cond))
+        classify = self.classifier is not None and bool(self.classifier_scale)
+        if not self.guided:     # with a classifier, x0 is clipped after its term (clip_x0 bounds the final x0)
+            x0 = self.to_x0(x, sigma, self.run_network(x, sigma, model_time, **cond), clip=not classify)
         else:
-            x0 = self._cfg(x, sigma, model_time, uncond, cond)
-        if self.classifier is not None and self.classifier_scale:
+            x0 = self._cfg(x, sigma, model_time, uncond, cond, clip=not classify)
+        if classify:
             if y is None:
                 raise ValueError("y: classifier guidance needs the class labels as y=")
+            if y.shape != (x.shape[0],):        # gather read the first len(y) rows and guided no other
+                raise ValueError(f"y: expected one label per row, shape ({x.shape[0]},), got {tuple(y.shape)}")
             x0 = x0 + self.classifier_scale * append_dims(sigma, x.ndim) ** 2 * self._log_prob_grad(x, sigma,
                                                                                                      model_time, y)
+            if self.clip_x0 is not None:
+                x0 = x0.clamp(-self.clip_x0, self.clip_x0)
         return x0
 
     def _doubled(self, x, sigma, model_time, uncond, cond):
@@ -305,10 +315,10 @@ class Denoiser:
         return self.run_network(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([model_time, model_time]),
                                 **both)
 
-    def _cfg(self, x, sigma, model_time, uncond, cond):
+    def _cfg(self, x, sigma, model_time, uncond, cond, clip=True):
         c, u = self._doubled(x, sigma, model_time, uncond, cond).to(x.dtype).chunk(2)
         if not self.guidance_rescale:
-            return self.to_x0(x, sigma, c, u, self.guidance)
+            return self.to_x0(x, sigma, c, u, self.guidance, clip=clip)
         guided = u + self.guidance * (c - u)
         dims = tuple(range(1, x.ndim))
         ratio = c.std(dims, keepdim=True) / guided.std(dims, keepdim=True)
@@ -317,7 +327,7 @@ class Denoiser:
         # in place: no window-sized temporaries beyond `guided` (three more took the round above its memory bound);
         # out of place where autograd records it (the likelihood's divergence: std's backward reads `guided`).
         factor = self.guidance_rescale * ratio + (1 - self.guidance_rescale)
-        return self.to_x0(x, sigma, guided * factor if guided.requires_grad else guided.mul_(factor))
+        return self.to_x0(x, sigma, guided * factor if guided.requires_grad else guided.mul_(factor), clip=clip)
 
     def _classifier_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The classifier's input dtype: its own parameters' (a module), else the state's (an fp16 network with an

@@ -3,6 +3,7 @@ conversions match their closed forms."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -211,3 +212,69 @@ def test_a_network_returning_a_model_output_without_sample():
     res = ParallelSampler(lambda x, t: Out(pred=0 * x), schedule=VESchedule(), prediction="eps", steps=3,
                           method="sequential", progress=False).sample((2, 3), seed=0)
     assert res.samples.shape == (2, 3) and torch.isfinite(res.samples).all()
+
+
+# -- clip_x0 after the classifier term, from_callable's schedule, classifier labels, numpy guidance (review, stop 47)
+
+def _classifier_5x(x_in, t):
+    return torch.stack([5 * x_in.sum(1), torch.zeros(len(x_in), dtype=x_in.dtype)], 1)
+
+
+def test_clip_x0_bounds_the_classifier_guided_x0():
+    net = lambda x_in, t, **k: torch.full_like(x_in, 0.9)
+    D = Denoiser(net, VESchedule(), "x0", clip_x0=1.0, classifier=_classifier_5x, classifier_scale=1.0)
+    x, sigma = torch.zeros(2, 3), torch.tensor([1.0, 2.0])
+    x0 = D(x, sigma, sigma, y=torch.tensor([0, 0]))
+    assert float(x0.abs().max()) <= 1.0
+    # clamp(unclipped x0 + s sigma^2 grad): 0.9 + 2.5 sigma^2 above 1 on every element
+    assert torch.allclose(x0, torch.ones(2, 3))
+
+
+def test_clip_x0_with_classifier_and_cfg():
+    net = lambda x_in, t, c: torch.full_like(x_in, 0.9) * c[:, None]
+    D = Denoiser(net, VESchedule(), "x0", clip_x0=1.0, guidance=2.0, classifier=_classifier_5x, classifier_scale=1.0)
+    x, sigma = torch.zeros(2, 3), torch.tensor([0.1, 0.1])
+    # guided x0 = 0 + 2 (0.9 - 0) = 1.8, the classifier adds 0.025: clamp(1.825) = 1, not clamp(1.8) + 0.025
+    x0 = D(x, sigma, sigma, y=torch.tensor([0, 0]), c=torch.ones(2), uncond={"c": torch.zeros(2)})
+    assert torch.allclose(x0, torch.ones(2, 3))
+    # below the bound the classifier term is kept whole
+    D2 = Denoiser(net, VESchedule(), "x0", clip_x0=5.0, guidance=2.0, classifier=_classifier_5x, classifier_scale=1.0)
+    x0 = D2(x, sigma, sigma, y=torch.tensor([0, 0]), c=torch.ones(2), uncond={"c": torch.zeros(2)})
+    assert torch.allclose(x0, torch.full((2, 3), 1.825))
+
+
+@pytest.mark.parametrize("schedule", [EDMSchedule(), DiscreteVPSchedule.from_betas("linear", 1000)])
+def test_from_callable_refuses_a_schedule_that_does_not_feed_x_and_sigma(schedule):
+    seen = {}
+
+    def fn(x, sigma):
+        seen["sigma"] = sigma
+        return torch.zeros_like(x)
+
+    try:
+        D = Denoiser.from_callable(fn, schedule=schedule)
+    except ValueError as e:
+        assert str(e).startswith("schedule:")
+        return
+    sigma = torch.tensor([0.5, 2.0])
+    D(torch.zeros(2, 2), sigma, schedule.model_time(sigma))
+    assert torch.allclose(seen["sigma"].double(), sigma.double()), f"fn(x, sigma) got sigma={seen['sigma']}"
+
+
+def test_from_callable_ve_still_gets_x_and_sigma():
+    D = Denoiser.from_callable(lambda x, s: x * 0 + s[:, None], schedule=VESchedule(0.002, 80.0))
+    sigma = torch.tensor([0.5, 2.0])
+    assert torch.allclose(D(torch.ones(2, 2), sigma, sigma), sigma[:, None].expand(2, 2))
+
+
+def test_classifier_labels_of_the_wrong_length_are_refused_naming_y():
+    net = lambda x_in, t: torch.zeros_like(x_in)
+    clf = lambda x_in, t: torch.stack([5 * x_in.sum(1), torch.zeros(len(x_in), dtype=x_in.dtype)], 1)
+    D = Denoiser(net, VESchedule(), "x0", classifier=clf, classifier_scale=1.0)
+    x, sigma = torch.zeros(4, 3), torch.ones(4)
+    with pytest.raises(ValueError, match="^y:"):
+        D(x, sigma, sigma, y=torch.tensor([0]))       # guided row 0 only, silently
+
+
+def test_guidance_accepts_a_numpy_float32():
+    assert Denoiser(lambda x, t, **k: x, guidance=np.float32(7.5)).guidance == 7.5
