@@ -448,19 +448,18 @@ def check_cond(denoiser: Denoiser, cond: dict, batch: int, device: torch.device 
             for nested ones).
     """
     hook = getattr(denoiser.network, "check_cond", None)
-    classifier = denoiser.classifier is not None and bool(denoiser.classifier_scale)
     if callable(hook):          # a classifier's labels y= are not the network's conditioning
-        hook({k: v for k, v in cond.items() if not (classifier and k == "y")}, batch)
+        hook({k: v for k, v in cond.items() if not (denoiser.classified and k == "y")}, batch)
     if "uncond" in cond:
         if not denoiser.guided:
             raise ValueError("uncond: applies only with classifier-free guidance; give guidance= too (other than 1)")
         if not isinstance(cond["uncond"], dict):
             raise TypeError(f"uncond: expected a dict of the network's keyword arguments, "
                             f"got {type(cond['uncond']).__name__}")
-    if "y" in cond and not classifier:
+    if "y" in cond and not denoiser.classified:
         raise ValueError("y: applies only with classifier guidance (the classifier's labels); give classifier= and "
                          "classifier_scale= too")
-    if classifier and cond.get("y") is None:
+    if denoiser.classified and cond.get("y") is None:
         raise ValueError("y: classifier guidance needs the class labels as y=")
     if denoiser.guided and denoiser.uncond_fn is None and "uncond" not in cond:
         raise ValueError(f"guidance: classifier-free guidance (guidance={denoiser.guidance:g}) needs unconditional "

@@ -266,12 +266,17 @@ class Denoiser:
         return cfg_active(self.guidance)
 
     @property
+    def classified(self) -> bool:
+        """Whether classifier guidance runs (a classifier comes with a scale > 0: the constructor refuses either
+        alone)."""
+        return self.classifier is not None
+
+    @property
     def fusable(self) -> bool:
         """Whether ``D`` is ``c_x x + c_o (u + g (c - u))`` of the raw outputs alone, so a linear step can take
         guidance, conversion and increment in one pass from :meth:`network_outputs` (not with ``clip_x0``,
         ``guidance_rescale`` or a classifier, which act between the outputs and ``D``)."""
-        return (self.clip_x0 is None and not self.guidance_rescale
-                and not (self.classifier is not None and self.classifier_scale))
+        return self.clip_x0 is None and not self.guidance_rescale and not self.classified
 
     def network_outputs(self, x: torch.Tensor, sigma: torch.Tensor, model_time: torch.Tensor,
                         uncond: dict | None = None, y: torch.Tensor | None = None,
@@ -288,20 +293,19 @@ class Denoiser:
                  uncond: dict | None = None, y: torch.Tensor | None = None, **cond: Any) -> torch.Tensor:
         """Args: ``x`` ``(M, *shape)``, ``sigma`` and ``model_time`` ``(M,)``; ``uncond``: unconditional kwargs
         for guidance; ``y``: class labels for classifier guidance. Returns ``x0``, ``(M, *shape)``."""
-        classify = self.classifier is not None and bool(self.classifier_scale)
-        if not self.guided:     # with a classifier, x0 is clipped after its term (clip_x0 bounds the final x0)
-            x0 = self.to_x0(x, sigma, self.run_network(x, sigma, model_time, **cond), clip=not classify)
+        if not self.guided:
+            x0 = self.to_x0(x, sigma, self.run_network(x, sigma, model_time, **cond), clip=False)
         else:
-            x0 = self._cfg(x, sigma, model_time, uncond, cond, clip=not classify)
-        if classify:
+            x0 = self._cfg(x, sigma, model_time, uncond, cond)
+        if self.classified:
             if y is None:
                 raise ValueError("y: classifier guidance needs the class labels as y=")
             if y.shape != (x.shape[0],):        # gather read the first len(y) rows and guided no other
                 raise ValueError(f"y: expected one label per row, shape ({x.shape[0]},), got {tuple(y.shape)}")
             x0 = x0 + self.classifier_scale * append_dims(sigma, x.ndim) ** 2 * self._log_prob_grad(x, sigma,
                                                                                                      model_time, y)
-            if self.clip_x0 is not None:
-                x0 = x0.clamp(-self.clip_x0, self.clip_x0)
+        if self.clip_x0 is not None:            # the final x0, the classifier's term included
+            x0 = x0.clamp(-self.clip_x0, self.clip_x0)
         return x0
 
     def _doubled(self, x, sigma, model_time, uncond, cond):
@@ -315,10 +319,11 @@ class Denoiser:
         return self.run_network(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([model_time, model_time]),
                                 **both)
 
-    def _cfg(self, x, sigma, model_time, uncond, cond, clip=True):
+    def _cfg(self, x, sigma, model_time, uncond, cond):
+        """The guided ``x0``, before ``clip_x0`` (:meth:`__call__` clips)."""
         c, u = self._doubled(x, sigma, model_time, uncond, cond).to(x.dtype).chunk(2)
         if not self.guidance_rescale:
-            return self.to_x0(x, sigma, c, u, self.guidance, clip=clip)
+            return self.to_x0(x, sigma, c, u, self.guidance, clip=False)
         guided = u + self.guidance * (c - u)
         dims = tuple(range(1, x.ndim))
         ratio = c.std(dims, keepdim=True) / guided.std(dims, keepdim=True)
@@ -327,7 +332,7 @@ class Denoiser:
         # in place: no window-sized temporaries beyond `guided` (three more took the round above its memory bound);
         # out of place where autograd records it (the likelihood's divergence: std's backward reads `guided`).
         factor = self.guidance_rescale * ratio + (1 - self.guidance_rescale)
-        return self.to_x0(x, sigma, guided * factor if guided.requires_grad else guided.mul_(factor), clip=clip)
+        return self.to_x0(x, sigma, guided * factor if guided.requires_grad else guided.mul_(factor), clip=False)
 
     def _classifier_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The classifier's input dtype: its own parameters' (a module), else the state's (an fp16 network with an

@@ -531,7 +531,7 @@ class ParallelSampler:
         rows = tuple(r for r in MEASURE_ROWS if limit is None or r <= limit)
         # A call's cost on the same network also depends on the guidance (twice the rows), a classifier's gradient
         # and the conditioning's shapes: each its own curve.
-        variant = (den.guided, den.classifier is not None,
+        variant = (den.guided, den.classified,
                    tuple(sorted((k, tuple(v.shape[1:])) for k, v in cond.items() if torch.is_tensor(v))))
         curve = measure_cost(den.network, call, self.device, den.network_dtype, tuple(shape[1:]), rows,
                              variant=variant)

@@ -304,7 +304,7 @@ class TorchDistributedBackend(Backend):
         # bytes as a state-dtype x0 at half the network's precision), or the unguided raw output converted to x0
         # here, or x0 itself when guidance rescaling or a classifier acts between the outputs and x0.
         halves = 2 if raw and den.guided else 1
-        net_out = raw or not (den.guided or (den.classifier is not None and den.classifier_scale))
+        net_out = raw or not (den.guided or den.classified)
         fn = den.network_outputs if raw else den.run_network if net_out else None
         # This rank's contiguous share, padded to `per` rows (`halves` blocks of them).
         share_cond = split_cond(cond or {}, lo, hi) if samples is None else self.rows_cond(cond, samples[lo:hi])
