@@ -27,6 +27,7 @@ from .methods import PARAREAL_TOL
 from .cost import check_cost
 from .methods.parareal import check_coarse_steps, check_solver, slice_bounds
 from .methods.picard import DEFAULT_TOL, FILLS, INITS, STOPS, UPDATES, path_plan
+from .methods.window import reads_entries
 from .noise import tabulates
 from .planner import rounds_cap
 from .schedules import SPACINGS, NoiseSchedule
@@ -231,7 +232,7 @@ class SamplerConfig:
                 allowed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
                 raise ValueError(f"{name}: applies only to method={allowed}, not {self.method!r}")
         if (self.fill != _default("fill") and self.method == "picard" and isinstance(self.window, int)
-                and not 1 < self.window < self.steps):
+                and not reads_entries(self.window, self.steps)):
             raise ValueError(f"fill: applies only to a sliding window wider than one point (1 < window < steps); "
                              f"window={self.window} on the {self.steps}-step grid never reads a point that enters it "
                              f"(nor does the window of 1 that max_rounds= leaves)")
@@ -270,7 +271,7 @@ class SamplerConfig:
             fixed.setdefault("tol_units", None)
             fixed.setdefault("data_scale", None)
         window = fixed.get("window", self.window)
-        if isinstance(window, int) and not 1 < window < self.steps:
+        if isinstance(window, int) and not reads_entries(window, self.steps):
             fixed.setdefault("fill", _default("fill"))    # given for the sliding candidates: this one reads no entry
         if window == 1:
             fixed.setdefault("init", _default("init"))    # given for the wider candidates: a window of 1 reads no guess

@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 from .backends.base import check_buckets
 from .cost import CostCurve, round_cost
 from .methods.parareal import slice_bounds
+from .methods.window import reads_entries
 
 __all__ = ["Plan", "plan_sampling", "candidates", "picard_rows", "predict_picard", "predict_sequential",
            "predict_parareal", "window_candidates", "rounds_cap", "ALONE", "SEQUENTIAL_MARGIN", "TIMED_SPAN",
@@ -161,8 +162,8 @@ def window_candidates(steps: int, devices: int) -> list[int]:
 def _picard_rounds(steps: int, window: int, tol: float) -> list[tuple[int, bool | None]]:
     """Per sample, each Picard round's rows (the rounds model of the module docstring) and whether its window holds
     the grid's last point; the initial-guess call (1 row, one evaluation whatever the solver) first as ``(1, None)``
-    when ``1 < window < steps``."""
-    rounds: list[tuple[int, bool | None]] = [(1, None)] if 1 < window < steps else []
+    when the window reads it (:func:`~paratime.methods.window.reads_entries`)."""
+    rounds: list[tuple[int, bool | None]] = [(1, None)] if reads_entries(window, steps) else []
     if tol == 0:                                  # one point a round
         return rounds + [(min(window, steps - k), k + window >= steps) for k in range(steps)]
     start = 0.0
@@ -183,7 +184,7 @@ def picard_rows(steps: int, window: int, tol: float) -> list[int]:
     """Per sample, the predicted rows of each Picard round (the rounds model of the module docstring).
 
     Returns:
-        One row count per round, the initial-guess call (1 row) first when ``window < steps``.
+        One row count per round, the initial-guess call (1 row) first when ``1 < window < steps``.
     """
     return [rows for rows, _ in _picard_rounds(steps, window, tol)]
 

@@ -85,7 +85,7 @@ import torch
 from .common import Outcome, Problem, RoundInfo
 from .stops import DEFAULT_TOL, ROLLBACK, STOPS, FinalPointStop, default_accept_tol, make_stop
 from .updates import UPDATES, UpdateRule, gain_span
-from .window import SlidingWindow, acceptance_levels, model_frame_path, window_increments
+from .window import SlidingWindow, acceptance_levels, model_frame_path, reads_entries, window_increments
 
 __all__ = ["sample_picard", "STOPS", "UPDATES", "INITS", "FILLS", "DEFAULT_TOL", "default_accept_tol", "path_plan"]
 
@@ -104,8 +104,8 @@ def path_plan(init: str, fill: str, window: int, steps: int, max_rounds: int | N
     (:func:`paratime.solvers.constant_d_path`; shared with the memory bound of
     :class:`paratime.config.SamplerConfig`)."""
     if init == "auto":
-        init = "x0" if 1 < window < steps and (max_rounds is None or max_rounds > 1) else "noise"
-    return init, fill == "path" and 1 < window < steps
+        init = "x0" if reads_entries(window, steps) and (max_rounds is None or max_rounds > 1) else "noise"
+    return init, fill == "path" and reads_entries(window, steps)
 
 
 def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | None = None,

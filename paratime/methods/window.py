@@ -21,7 +21,7 @@ from ..solvers import constant_d_path, history_rows
 
 from .common import Problem
 
-__all__ = ["Rows", "SlidingWindow", "window_increments", "model_frame_path", "acceptance_levels"]
+__all__ = ["Rows", "SlidingWindow", "window_increments", "model_frame_path", "acceptance_levels", "reads_entries"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,13 @@ def model_frame_path(problem: Problem, y_e: torch.Tensor, den_e: torch.Tensor, e
         pts = (e + k0 + 1 + torch.arange(x.shape[0], device=e.device)[:, None]).clamp_max(N)   # (c, B)
         out[k0:k0 + x.shape[0]] = problem.scale(x, pts)
     return out
+
+
+def reads_entries(window: int, steps: int) -> bool:
+    """Whether points enter the window and its rounds read their guesses (the x0 guess, ``fill``): a window shorter
+    than the grid and wider than one point (one of the whole grid holds every point from the start; one of a single
+    point computes each point before reading it)."""
+    return 1 < window < steps
 
 
 class SlidingWindow:
@@ -205,7 +212,7 @@ class SlidingWindow:
         N, W, ar_b = self.N, rows.W, self.ar_b
         old_end = self.begin + rows.counts
         self.begin = self.begin + stride
-        if W >= N or W == 1:
+        if not reads_entries(W, N):
             return
         p = old_end + 1 + rows.k                                      # (W, B)
         entering = (p <= (self.begin + W).clamp_max(N)) & self._active
