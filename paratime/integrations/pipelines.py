@@ -843,13 +843,12 @@ class ParallelPipeline:
                                 f"{supported}")
         # An argument given at its signature's default changes nothing the pipeline does: accepted (callback=None,
         # cross_attention_kwargs=None, callback_on_step_end_tensor_inputs=["latents"]).
-        unknown = sorted(n for n in set(arguments) - _COMMON - self.family.extra
-                         if not _is_default(arguments[n], sig.parameters[n].default))
-        for name in set(arguments) - _COMMON - self.family.extra:
-            if name not in unknown:
-                del arguments[name]
+        outside = set(arguments) - _COMMON - self.family.extra
+        unknown = sorted(n for n in outside if not _is_default(arguments[n], sig.parameters[n].default))
         if unknown:
             raise TypeError(f"{unknown[0]}: not supported by the parallel pipeline; supported arguments: {supported}")
+        for name in outside:                    # each at its default
+            del arguments[name]
         return arguments
 
     def __call__(self, *args: Any, **kwargs: Any):
