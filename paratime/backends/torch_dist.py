@@ -324,26 +324,29 @@ class TorchDistributedBackend(Backend):
         if done < per:
             out = [torch.cat([o.to(gather_dtype), o.new_zeros((per - done, *shape), dtype=gather_dtype)]) for o in out]
         out = out[0].to(gather_dtype)[None] if halves == 1 else torch.stack(out).to(gather_dtype)   # (halves, per, ...)
-        # One more element per rank: whether its network failed, so that every rank raises at this call together
-        # (a rank that raised alone left its peers waiting out timeout_s in the next collective, the group broken).
-        flag = out.new_full((1,), float(failure is not None))
-        gathered = self._all_gather(torch.cat([out.reshape(-1), flag]), world).view(world, -1)   # (world, L + 1)
+        # Where the gather lands in host memory (gloo), one more element per rank: whether its network failed, so
+        # that every rank raises at this call together (a rank that raised alone left its peers waiting out timeout_s
+        # in the next collective, the group broken). Under NCCL reading it would be a device sync per call: none.
+        local = out.reshape(-1)
+        if not self.nccl:
+            local = torch.cat([local, local.new_full((1,), float(failure is not None))])
+        gathered = self._all_gather(local, world).view(world, -1)                   # (world, L [+ 1])
         self.comm_bytes += (world - 1) * out.numel() * out.element_size()     # the outputs (the flag aside)
-        self._raise_failed(gathered[:, -1], failure)
-        full = gathered[:, :-1].reshape(world, halves, per, *shape).transpose(0, 1).reshape(halves, world * per, *shape)
+        self._raise_failed(None if self.nccl else gathered[:, -1], failure)
+        full = gathered[:, :out.numel()].reshape(world, halves, per, *shape).transpose(0, 1).reshape(
+            halves, world * per, *shape)
         full = full[:, :M].to(x.device)                                            # (halves, M, *shape)
         if raw:
             return full[0], (full[1] if halves == 2 else None)
         return den.to_x0(x, sigma, full[0]) if net_out else full[0].to(x.dtype)
 
-    def _raise_failed(self, flags: torch.Tensor, failure: Exception | None) -> None:
-        """Raise on every rank where a rank's network failed in this call (``flags``: ``(world,)``, nonzero where
-        it did): the failing rank its own error, the others one naming it. Read where the gather lands in host memory
-        (gloo); under NCCL a read would be a device sync per call, and a peer of a failed rank raises when the
-        watchdog aborts its next collective (``timeout_s``)."""
+    def _raise_failed(self, flags: torch.Tensor | None, failure: Exception | None) -> None:
+        """Raise on every rank where a rank's network failed in this call (``flags``: ``(world,)`` on the host,
+        nonzero where it did): the failing rank its own error, the others one naming it. Under NCCL (``flags`` None)
+        a peer of a failed rank raises when the watchdog aborts its next collective (``timeout_s``)."""
         if failure is not None:
             raise failure
-        if flags.device.type == "cpu":
+        if flags is not None:
             failed = flags.nonzero().flatten().tolist()
             if failed:
                 raise RuntimeError(f"rank {self.rank}/{self.workers}: the network raised on rank(s) {failed} in this "
