@@ -150,3 +150,14 @@ def test_script_help_runs_as_a_file(name):
     r = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-800:]
     assert "usage:" in r.stdout
+
+
+def test_parareal_sde_sweep_runs_and_holds_the_tolerance(capsys):
+    """benchmarks/parareal_sde.py, the README's Parareal-on-SDE figure: every case row printed, exit 0 (no case over
+    its tolerance) on a small batch."""
+    from benchmarks.parareal_sde import GRIDS, SOLVERS, main
+
+    assert main(["--seeds", "1", "--batch", "4"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ddpm") or ln.startswith("| euler")]
+    assert len(rows) == len(SOLVERS) * len(GRIDS)
+
