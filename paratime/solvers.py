@@ -651,6 +651,24 @@ class PLMS(Solver):
             dx = _put(dx, rows, (s1[rows] - s[rows]) * (e[rows] + e_pred) / 2)
         return dx
 
+    def next_state(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
+        """:meth:`increment` without ``x + dx``: the DDIM step ``D + (s'/s) (x - D)`` plus ``(s' - s) (e_AB - e_i)``
+        (the weights sum to 1), and step 0's Heun correction as :class:`Heun`'s, ``(s' - s) / (2 s') (D - D(x_p))``
+        at the predictor ``x_p`` (``e_p - e_0 = (D - D(x_p)) / s'``)."""
+        s, s1 = self._sig(sigmas, i, x.ndim)
+        e = (x - denoised) / s
+        hist = torch.stack((e,) + _history(prev_denoised, e, 3), 1)           # (M, 4, *shape), newest first
+        weights = self._weights(sigmas, x)[i.clamp_max(3)]                      # (M, 4)
+        e_ab = (append_dims(weights, hist.ndim) * hist).sum(1)
+        x1 = denoised + (s1 / s) * (x - denoised) + (s1 - s) * (e_ab - e)
+        first = (i == 0) & (sigmas.numel() > 2)
+        rows = _rows(first, self._host_count(host_steps, x.shape[0], sigmas, lambda n, N: n == 0 and N > 1))
+        if rows is not None:
+            x_pred, den = x1[rows], denoised[rows]
+            corr = (s1[rows] - s[rows]) / (2 * s1[rows]) * (den - evaluate(x_pred, i[rows] + 1, b[rows]))
+            x1 = _put(x1, rows, x_pred + corr)
+        return x1
+
 
 @dataclass(frozen=True)
 class LangevinCorrected(Solver):
@@ -939,30 +957,53 @@ class LMS(Solver):
 
     def _coefficients(self, sigmas: torch.Tensor) -> torch.Tensor:
         """``(N, order)`` ``c_{i,j}``, made once per grid on the sigmas' device (no host read)."""
+        return self._cached(f"_lms_{self.order}", sigmas, lambda: self._coefficient_table(sigmas))
+
+    def _next_tables(self, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a, c)`` of the step in its next-state form ``x' = D_i + a_i (x_i - D_i) + sum_{j>=1} c_{i,j} d_{i-j}``:
+        ``(N,)`` ``a_i = 1 + c_{i,0} / sigma_i`` and ``(N, order)`` ``c`` with ``c_{i,0} = 0``, both from the float64
+        coefficients (a float32 ``c_{i,0} ~ -sigma_i`` would leave nothing of ``a_i`` on a flow grid's first step)."""
         def make():
-            N, K = sigmas.numel() - 1, self.order
-            steps, lags = torch.arange(N, device=sigmas.device), torch.arange(K, device=sigmas.device)
-            pts = sigmas[(steps[:, None] - lags).clamp_min(0)]                        # (N, K): s_{i-m}
-            used = lags[None, :] < (steps[:, None] + 1).clamp_max(K)                  # (N, K): m < k_i
-            # 4-point Gauss-Legendre on [s_i, s_{i+1}]: nodes (N, 4), weights (4,) times half the step.
-            u = torch.tensor([-0.8611363115940526, -0.3399810435848563, 0.3399810435848563, 0.8611363115940526],
-                             dtype=sigmas.dtype).to(sigmas.device)
-            w = torch.tensor([0.3478548451374538, 0.6521451548625461, 0.6521451548625461, 0.3478548451374538],
-                             dtype=sigmas.dtype).to(sigmas.device)
-            half = (sigmas[1:] - sigmas[:-1]) / 2                                     # (N,)
-            tau = (sigmas[:-1] + sigmas[1:])[:, None] / 2 + half[:, None] * u         # (N, 4)
-            coef = []
-            for j in range(K):
-                basis = torch.ones_like(tau)
-                for m in range(K):
-                    if m == j:
-                        continue
-                    on = used[:, m:m + 1]                                             # (N, 1)
-                    den = torch.where(on, pts[:, j:j + 1] - pts[:, m:m + 1], torch.ones_like(half[:, None]))
-                    basis = basis * torch.where(on, (tau - pts[:, m:m + 1]) / den, torch.ones_like(tau))
-                coef.append(torch.where(used[:, j], half * (basis * w).sum(1), torch.zeros_like(half)))
-            return torch.stack(coef, 1)                                               # (N, K)
-        return self._cached(f"_lms_{self.order}", sigmas, make)
+            sig = sigmas.detach().to(torch.float64)
+            coef = self._coefficient_table(sig)
+            return 1 + coef[:, 0] / sig[:-1], torch.cat([torch.zeros_like(coef[:, :1]), coef[:, 1:]], 1)
+        return self._cached(f"_next_{self.name}_{self.order}_{getattr(self, 'lower_order_final', None)}", sigmas,
+                            make)
+
+    def next_state(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
+        """The step with ``d_i`` folded into ``D_i + a_i (x_i - D_i)``: ``x + dx`` cancels a state of ~1e7 on a flow
+        grid's first step (float32: 1e-2 off float64 after 28 steps), this form does not."""
+        a, coef = self._next_tables(sigmas)
+        x1 = denoised + append_dims(a[i].to(x.dtype), x.ndim) * (x - denoised)
+        if self.order > 1:
+            hist = torch.stack(_history(prev_denoised, x1, self.order - 1), 1)      # (M, order - 1, *shape)
+            x1 = x1 + (append_dims(coef[i, 1:].to(x.dtype), hist.ndim) * hist).sum(1)
+        return x1
+
+    def _coefficient_table(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """``(N, order)`` ``c_{i,j}`` in the sigmas' dtype, on their device."""
+        N, K = sigmas.numel() - 1, self.order
+        steps, lags = torch.arange(N, device=sigmas.device), torch.arange(K, device=sigmas.device)
+        pts = sigmas[(steps[:, None] - lags).clamp_min(0)]                        # (N, K): s_{i-m}
+        used = lags[None, :] < (steps[:, None] + 1).clamp_max(K)                  # (N, K): m < k_i
+        # 4-point Gauss-Legendre on [s_i, s_{i+1}]: nodes (N, 4), weights (4,) times half the step.
+        u = torch.tensor([-0.8611363115940526, -0.3399810435848563, 0.3399810435848563, 0.8611363115940526],
+                         dtype=sigmas.dtype).to(sigmas.device)
+        w = torch.tensor([0.3478548451374538, 0.6521451548625461, 0.6521451548625461, 0.3478548451374538],
+                         dtype=sigmas.dtype).to(sigmas.device)
+        half = (sigmas[1:] - sigmas[:-1]) / 2                                     # (N,)
+        tau = (sigmas[:-1] + sigmas[1:])[:, None] / 2 + half[:, None] * u         # (N, 4)
+        coef = []
+        for j in range(K):
+            basis = torch.ones_like(tau)
+            for m in range(K):
+                if m == j:
+                    continue
+                on = used[:, m:m + 1]                                             # (N, 1)
+                den = torch.where(on, pts[:, j:j + 1] - pts[:, m:m + 1], torch.ones_like(half[:, None]))
+                basis = basis * torch.where(on, (tau - pts[:, m:m + 1]) / den, torch.ones_like(tau))
+            coef.append(torch.where(used[:, j], half * (basis * w).sum(1), torch.zeros_like(half)))
+        return torch.stack(coef, 1)                                               # (N, K)
 
     def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
         d = (x - denoised) / append_dims(sigmas[i], x.ndim)
@@ -1075,13 +1116,18 @@ class UniPC(Solver):
             return Wp.to(sigmas.device), Wc.to(sigmas.device)
         return self._cached(f"_unipc_{self.order}_{self.disable_corrector}_{self.lower_order_final}", sigmas, make)
 
-    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
+    def next_state(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
+        """UniC then UniP as ``D + r (x^c - D) - (r - 1) P`` (``r = sigma' / sigma``), not ``x + dx``: the big state
+        of a flow grid's first point only enters scaled down by ``r``."""
         hist = torch.stack((denoised,) + _history(prev_denoised, denoised, self.order), 1)   # (M, order+1, ...)
         Wp, Wc = (append_dims(W[i].to(x.dtype), hist.ndim) for W in self._tables(sigmas))
         s, s1 = self._sig(sigmas, i, x.ndim)
+        r = s1 / s
         x_c = x + (Wc * hist).sum(1)                                             # UniC: the revised state
-        x_next = x_c + (s1 / s - 1) * (x_c - denoised) - (s1 / s - 1) * (Wp * hist).sum(1)  # UniP
-        return x_next - x
+        return denoised + r * (x_c - denoised) - (r - 1) * (Wp * hist).sum(1)   # UniP
+
+    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
+        return self.next_state(x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, host_steps=host_steps) - x
 
 
 SOLVERS[UniPC.name] = UniPC
@@ -1143,24 +1189,27 @@ class DEIS(LMS):
 
     def _coefficients(self, sigmas: torch.Tensor) -> torch.Tensor:
         """``(N, order)`` ``c_{i,j}`` (host float64, one read of the grid per grid)."""
-        def make():
-            sig = sigmas.detach().to("cpu", torch.float64).tolist()
-            N, K = len(sig) - 1, self.order
-            coef = torch.zeros(N, K, dtype=torch.float64)
-            for i in range(N):
-                p = min(K, i + 1)
-                if self.lower_order_final and N < 15:
-                    p = min(p, N - i)                  # last step first order, the one before at most second
-                pts = [sig[i - j] for j in range(p)]   # rho_{i}, rho_{i-1}, ...
-                for j in range(p):
-                    others = tuple(pts[:j] + pts[j + 1:])
-                    if p == 1:                         # Euler: x' = x + (s1 - s) d
-                        coef[i, 0] = sig[i + 1] - sig[i]
-                    else:
-                        coef[i, j] = self._integral(sig[i + 1], pts[j], others) - self._integral(sig[i], pts[j],
-                                                                                                  others)
-            return coef.to(sigmas.device)
-        return self._cached(f"_deis_{self.order}_{self.lower_order_final}", sigmas, make)
+        return self._cached(f"_deis_{self.order}_{self.lower_order_final}", sigmas,
+                            lambda: self._coefficient_table(sigmas))
+
+    def _coefficient_table(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """``(N, order)`` ``c_{i,j}`` in float64 on the sigmas' device."""
+        sig = sigmas.detach().to("cpu", torch.float64).tolist()
+        N, K = len(sig) - 1, self.order
+        coef = torch.zeros(N, K, dtype=torch.float64)
+        for i in range(N):
+            p = min(K, i + 1)
+            if self.lower_order_final and N < 15:
+                p = min(p, N - i)                  # last step first order, the one before at most second
+            pts = [sig[i - j] for j in range(p)]   # rho_{i}, rho_{i-1}, ...
+            for j in range(p):
+                others = tuple(pts[:j] + pts[j + 1:])
+                if p == 1:                         # Euler: x' = x + (s1 - s) d
+                    coef[i, 0] = sig[i + 1] - sig[i]
+                else:
+                    coef[i, j] = self._integral(sig[i + 1], pts[j], others) - self._integral(sig[i], pts[j],
+                                                                                              others)
+        return coef.to(sigmas.device)
 
 
 SOLVERS[DEIS.name] = DEIS
@@ -1271,11 +1320,16 @@ class DPMSolverSinglestep(Solver):
         return self._cached(f"_singlestep_{self.order}_{self.solver_type}_{self.lower_order_final}_"
                             f"{self.final_first_order}", sigmas, make)
 
-    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
+    def next_state(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
+        """``(sigma' / sigma) x + sum_j W_{i,j} D_{i-j}``: every operand at the scale of the result (``x + dx``
+        cancels a flow grid's first state of ~1e7)."""
         hist = torch.stack((denoised,) + _history(prev_denoised, denoised, self.order - 1), 1)   # (M, order, ...)
         W = append_dims(self._tables(sigmas)[i].to(x.dtype), hist.ndim)
         s, s1 = self._sig(sigmas, i, x.ndim)
-        return (s1 / s - 1) * x + (W * hist).sum(1)
+        return (s1 / s) * x + (W * hist).sum(1)
+
+    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
+        return self.next_state(x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, host_steps=host_steps) - x
 
 
 SOLVERS[DPMSolverSinglestep.name] = DPMSolverSinglestep

@@ -211,6 +211,10 @@ class Backend:
             log.info("%s backend: re-bound to another denoiser", self.name or type(self).__name__)
             self._auto_batch = None
         if self.max_batch is not None and denoiser.guided:
+            if self.max_batch < 2:
+                raise ValueError("max_batch: 1 network row a call cannot hold a row under classifier-free guidance, "
+                                 "whose call evaluates each row twice (conditional and unconditional): give "
+                                 "max_batch >= 2")
             _check_floor(_guided_rows(self.max_batch, True), self.buckets, " under classifier-free guidance (each "
                          "row runs twice: max_batch // 2 rows a call)")
         self.denoiser = denoiser
