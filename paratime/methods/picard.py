@@ -156,8 +156,9 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         ``sample_rounds`` the round each sample finished (CPU), ``extra["converged"]`` per sample whether it
         finished before ``max_rounds``.
     Raises:
-        ValueError: an unknown ``stop``, ``update``, ``init`` or ``fill``, a negative ``tol`` / ``accept_tol``, or
-            an ``accept_tol`` with ``stop="paradigms"``.
+        ValueError: an unknown ``stop``, ``update``, ``init`` or ``fill``, ``init="x0"`` where no guess is read
+            (``window=1`` or ``max_rounds=1``), a negative ``tol`` / ``accept_tol``, or an ``accept_tol`` with
+            ``stop="paradigms"``.
     """
     if stop not in STOPS:
         raise ValueError(f"stop: unknown {stop!r}; allowed: {', '.join(STOPS)}")
@@ -165,6 +166,10 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         raise ValueError(f"init: unknown {init!r}; allowed: {', '.join(INITS)}")
     if fill not in FILLS:
         raise ValueError(f"fill: unknown {fill!r}; allowed: {', '.join(FILLS)}")
+    if init == "x0" and (window == 1 or max_rounds == 1):
+        given = "window=1" if window == 1 else "max_rounds=1"
+        raise ValueError(f"init: 'x0' reads its call only in a window wider than one point; {given} never reads a "
+                         f"guess (the call would be waste)")
     if tol_units not in (None, "data", "absolute"):
         raise ValueError(f"tol_units: unknown {tol_units!r}; allowed: data, absolute (or None)")
     N, B, dev = problem.steps, x.shape[0], x.device
@@ -177,7 +182,8 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
     # one window point per round.
     zeros = torch.zeros(B, dtype=torch.long, device=dev)
     y = problem.scale(x, zeros)
-    win = SlidingWindow(problem, y)                                   # every point guessed y_T (init=noise)
+    # Every point guessed y_T (init=noise); the window's largest change only where the stop rule reads it.
+    win = SlidingWindow(problem, y, measure_window=isinstance(stopper, FinalPointStop))
     noise0 = problem.sigmas[0] * problem.frame_scales[0]             # 0-d: the initial noise's std, model frame
     stopper.start(B, y, torch.where(torch.isfinite(noise0) & (noise0 > 0), noise0, torch.ones_like(noise0)))
     residuals: list[float] = []

@@ -152,7 +152,7 @@ class AllAcceptedStop:
         return None
 
     def __call__(self, done: torch.Tensor, moved: torch.Tensor, final: torch.Tensor,
-                 window_moved: torch.Tensor, from_last: torch.Tensor | None = None) -> torch.Tensor:
+                 window_moved: torch.Tensor | None, from_last: torch.Tensor | None = None) -> torch.Tensor:
         return done
 
 

@@ -57,9 +57,10 @@ class UpdateRule:
 
     Args:
         name: ``picard``, ``secant`` or ``anderson``.
-        gain: measure the window's gain (:attr:`gain`) under every rule: ``picard`` and ``anderson`` then keep each
-            point's last evaluation too (the secant's history, two more window-sized buffers); the secant always
-            measures it.
+        gain: measure the window's gain (:attr:`gain`, which the amplification guard reads) under every rule:
+            ``picard`` and ``anderson`` then keep each point's last evaluation too (the secant's history, two more
+            window-sized buffers). Without it no rule measures it, the secant included (where no guard runs, as under
+            ``stop="paradigms"``, it took 45 of the secant's 170 us a round on the policy).
         span: the consecutive points the gain is taken over (:func:`gain_span` of the grid).
     Raises:
         ValueError: an unknown ``name``, a ``span`` < 1. TypeError: a ``span`` that is not an integer.
@@ -74,6 +75,7 @@ class UpdateRule:
         #: window's gain is measured from (kept by the secant always, by ``picard`` / ``anderson`` with ``gain``)
         self.last: tuple[torch.Tensor, ...] | None = None
         self.keep_last = gain or name == "secant"
+        self.measures = gain                                          # take the window's gain each round
         #: anderson: its ``(m, W, B, ...)`` stacks of past values, residuals and ok, newest first
         self.hist: tuple[torch.Tensor, ...] | None = None
         self.depth = HISTORY[name] if name == "anderson" else 0
@@ -81,7 +83,7 @@ class UpdateRule:
         #: must read the larger of the two
         self.stalls = name == "anderson"
         #: ``(B,)`` this round's window gain (:func:`_window_gain`), None before a round with a last evaluation (and
-        #: under ``picard`` / ``anderson`` without ``gain``)
+        #: without ``gain``)
         self.gain: torch.Tensor | None = None
 
     def __call__(self, start: torch.Tensor, dy: torch.Tensor, old: torch.Tensor, y_win: torch.Tensor,
@@ -105,9 +107,10 @@ class UpdateRule:
             hy, hd, ok = (h[:W] for h in self.last)
             ok = ok & valid
             if self.name == "secant":
-                dy_sec, self.gain = _secant_increment(dy, new, old, y_win, hy, hd, ok, self.span)
+                dy_sec, self.gain = _secant_increment(dy, new, old, y_win, hy, hd, ok,
+                                                      self.span if self.measures else None)
                 new_rule, _ = picard_update(start, dy_sec, old, want_err=False)
-            else:
+            elif self.measures:
                 d = dy.reshape(W, B, -1)
                 self.gain = _window_gain((y_win - hy).reshape(W, B, -1), d - hd.reshape(W, B, -1), d, ok,
                                          self.span)
@@ -146,16 +149,16 @@ def _secant_increment(dy, new_pic, old, y_win, hist_y, hist_dy, hist_ok, span=GA
         y_win: ``(W, B, *shape)`` the states they were evaluated at.
         hist_y, hist_dy: ``(W, B, *shape)`` each point's previous evaluation state and increment.
         hist_ok: ``(W, B)`` whether that previous evaluation exists (and the slot is valid).
-        span: the points the gain is taken over (:func:`_window_gain`).
+        span: the points the gain is taken over (:func:`_window_gain`), or None: no gain (nobody reads it).
     Returns:
         ``(increments, gain)``: ``(W, B, *shape)`` increments to accumulate from the window start, and the
-        window's ``(B,)`` gain from the same pairs (:func:`_window_gain`).
+        window's ``(B,)`` gain from the same pairs (:func:`_window_gain`; None with ``span`` None).
     """
     W, B = dy.shape[:2]
     d, yw, hy, hd = (t.reshape(W, B, -1) for t in (dy, y_win, hist_y, hist_dy))
     change = (new_pic - old).reshape(W, B, -1)                            # Picard's change of points p+1 .. p+W
     s, u = yw - hy, d - hd                                                # (W, B, D)
-    gain = _window_gain(s, u, d, hist_ok, span)
+    gain = None if span is None else _window_gain(s, u, d, hist_ok, span)
     ss, uu = (s * s).sum(-1), (u * u).sum(-1)                             # (W, B); x * x: pow(2)'s bits, faster
     use = (hist_ok & (ss > 0) & (uu <= SAFEGUARD**2 * ss))[..., None]     # (W, B, 1)
     zero = d.new_zeros(())

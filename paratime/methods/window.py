@@ -99,15 +99,17 @@ class SlidingWindow:
     """Each sample's window over the trajectory, for a batch of ``B`` samples.
 
     Args:
-        problem: the trajectory. y: ``(B, *shape)`` the initial state, model frame.
+        problem: the trajectory. y: ``(B, *shape)`` the initial state, model frame. measure_window: whether
+            :meth:`write` measures the largest change of each window (the final stop rule reads it; the paradigms
+            rule does not).
     State: ``traj`` ``(N + 2, B, *shape)``; ``begin`` ``(B,)`` each window start (the last accepted point); ``done``
     ``(B,)``; ``den_buf`` ``(N, B, *shape)`` the history values of a multistep solver (else None); host copies
     ``begin_h``, ``done_h`` and ``done_round`` (the round each sample finished).
     """
 
-    def __init__(self, problem: Problem, y: torch.Tensor):
+    def __init__(self, problem: Problem, y: torch.Tensor, measure_window: bool = True):
         N, B, dev = problem.steps, y.shape[0], y.device
-        self.problem, self.N, self.B = problem, N, B
+        self.problem, self.N, self.B, self.measure_window = problem, N, B, measure_window
         self.traj = y.unsqueeze(0).repeat(N + 2, *([1] * y.ndim))     # (N+2, B, *shape), initial guess y_T
         self.den_buf = torch.zeros_like(self.traj[:N]) if problem.solver.uses_history else None
         self.begin = torch.zeros(B, dtype=torch.long, device=dev)
@@ -174,16 +176,17 @@ class SlidingWindow:
         return stride, residual
 
     def write(self, rows: Rows, new: torch.Tensor, new_rule: torch.Tensor, stride: torch.Tensor,
-              scale: torch.Tensor | None = None, residual: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+              scale: torch.Tensor | None = None, residual: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Store the round's values; return ``(moved, window_moved)``, each ``(B,)``: the change of each sample's
         final point (inf while the final point is outside the window) and the largest change of any point of its
-        window (0 for a sample without one), both max-abs over features (exact in any reduction order). A window
-        point's change is taken in the VP frame of data with scale ``scale`` ``(B,)`` (None: 1), where a point at
-        any noise level has the data's scale: ``x s / sqrt(s^2 + sigma^2)`` in the VE frame, so the same problem
-        scaled as a whole (data and sigmas) gives the same change per unit scale. Accepted points (slots below
-        ``stride``) take Picard's values ``new`` (exact steps from converged points), the rest the rule's.
-        ``residual``: a point's change is the larger of the rule's and Picard's (its one-step defect), for a rule
-        whose own change can stall while the defect does not (Anderson's)."""
+        window (0 for a sample without one; None unless :attr:`measure_window`), both max-abs over features
+        (exact in any reduction order). A window point's change is taken in the VP frame of data with scale
+        ``scale`` ``(B,)`` (None: 1), where a point at any noise level has the data's scale: ``x s / sqrt(s^2 +
+        sigma^2)`` in the VE frame, so the same problem scaled as a whole (data and sigmas) gives the same change
+        per unit scale. Accepted points (slots below ``stride``) take Picard's values ``new`` (exact steps from
+        converged points), the rest the rule's. ``residual``: a point's change is the larger of the rule's and
+        Picard's (its one-step defect), for a rule whose own change can stall while the defect does not
+        (Anderson's)."""
         N, W, ar_b = self.N, rows.W, self.ar_b
         dims = tuple(range(2, new.ndim))
         defect = (new - rows.old).abs_().amax(dims) if residual else None     # (W, B), Picard's change
@@ -193,12 +196,16 @@ class SlidingWindow:
         change = (new - rows.old).abs_().amax(dims)                            # (W, B)
         if defect is not None:
             change = torch.maximum(change, defect)
-        # (W, B) the factor from the model's frame to the VP frame of data at scale s, 1 / (frame_scale sqrt(1 +
-        # (sigma / s)^2)): 1 for VP latents at s = 1, s / sqrt(s^2 + sigma^2) in VE; its limit s where sigma is inf
-        sigma, frame = self._sigmas[rows.tgt], self._frame_scales[rows.tgt]
-        s = sigma.new_ones(()) if scale is None else scale.to(sigma.dtype)
-        to_data = torch.where(torch.isfinite(sigma), 1 / (frame * torch.hypot(torch.ones_like(sigma), sigma / s)), s)
-        window_moved = torch.where(rows.valid, change * to_data.to(change.dtype), 0).amax(0)   # (B,)
+        window_moved = None
+        if self.measure_window:
+            # (W, B) the factor from the model's frame to the VP frame of data at scale s, 1 / (frame_scale sqrt(1 +
+            # (sigma / s)^2)): 1 for VP latents at s = 1, s / sqrt(s^2 + sigma^2) in VE; its limit s where sigma is
+            # inf
+            sigma, frame = self._sigmas[rows.tgt], self._frame_scales[rows.tgt]
+            s = sigma.new_ones(()) if scale is None else scale.to(sigma.dtype)
+            to_data = torch.where(torch.isfinite(sigma), 1 / (frame * torch.hypot(torch.ones_like(sigma), sigma / s)),
+                                  s)
+            window_moved = torch.where(rows.valid, change * to_data.to(change.dtype), 0).amax(0)   # (B,)
         to_end = N - 1 - self.begin                                   # (B,) slot that updates point N, if < W
         k_end = to_end.clamp(0, W - 1)
         moved = change[k_end, ar_b]
