@@ -236,9 +236,10 @@ class SamplerConfig:
             raise ValueError(f"fill: applies only to a sliding window wider than one point (1 < window < steps); "
                              f"window={self.window} on the {self.steps}-step grid never reads a point that enters it "
                              f"(nor does the window of 1 that max_rounds= leaves)")
-        if self.init == "x0" and self.method == "picard" and self.window == 1:
-            raise ValueError("init: applies only to a window wider than one point; window=1 steps each point from the "
-                             "accepted one before it and never reads a guess (init='x0' would add a network call)")
+        if self.init == "x0" and self.method == "picard" and (self.window == 1 or self.max_rounds == 1):
+            raise ValueError("init: applies only to a window wider than one point; window=1 (or the window of 1 that "
+                             "max_rounds=1 leaves after init's round) steps each point from the accepted one before "
+                             "it and never reads a guess (init='x0' would add a network call)")
         if self.coarse is not None and self.coarse_steps != _default("coarse_steps"):
             raise ValueError("coarse_steps: applies only to the built-in coarse propagator; coarse= replaces it")
 

@@ -292,7 +292,14 @@ class Denoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, model_time: torch.Tensor,
                  uncond: dict | None = None, y: torch.Tensor | None = None, **cond: Any) -> torch.Tensor:
         """Args: ``x`` ``(M, *shape)``, ``sigma`` and ``model_time`` ``(M,)``; ``uncond``: unconditional kwargs
-        for guidance; ``y``: class labels for classifier guidance. Returns ``x0``, ``(M, *shape)``."""
+        for guidance; ``y``: class labels for classifier guidance. Returns ``x0``, ``(M, *shape)``.
+
+        Raises:
+            ValueError: ``sigma`` or ``model_time`` not one entry per row of ``x``."""
+        for name, v in (("sigma", sigma), ("model_time", model_time)):
+            if not isinstance(v, torch.Tensor) or v.shape != x.shape[:1]:
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"{name}: expected one entry per row of x, shape ({x.shape[0]},), got {got}")
         if not self.guided:
             x0 = self.to_x0(x, sigma, self.run_network(x, sigma, model_time, **cond), clip=False)
         else:

@@ -109,7 +109,7 @@ class ParallelSampler:
         backend_options: keyword arguments for the backend's constructor (``workers``, ``max_batch``, ...).
         decoder: latent diffusion: ``decoder(latents) -> images``, or a VAE with ``.decode`` (diffusers
             ``AutoencoderKL``), applied after sampling to ``samples / latent_scale``.
-        progress: show a tqdm bar over rounds.
+        progress: show progress over the time points (a tqdm bar on a terminal, a line every 5 s otherwise).
         kernels: run this sampler's calls in kernel mode ``auto``, ``torch`` or ``triton`` (see
             :func:`paratime.kernels.kernels`); default: the mode in force where ``sample`` is called.
         **options: every other option is a field of :class:`~paratime.config.SamplerConfig`, checked there once:

@@ -192,6 +192,7 @@ class DiscreteVPSchedule(NoiseSchedule):
         steps_offset: added to every grid timestep (diffusers' ``steps_offset``; Stable Diffusion uses 1).
         final_alpha_cumprod: signal level after the last step; 1.0 (diffusers ``set_alpha_to_one=True``) ends at
             sigma = 0, ``alphas_cumprod[0]`` otherwise.
+        default_spacing: the grid spacing when a sampler gives no ``spacing`` (default ``trailing``).
     """
 
     alphas_cumprod: torch.Tensor
@@ -234,9 +235,15 @@ class DiscreteVPSchedule(NoiseSchedule):
     def prior_std(self, sigma):
         return torch.sqrt(1 + sigma**2)
 
+    @property
+    def _log_train_sigmas(self) -> torch.Tensor:
+        # alphas_cumprod[0] = 1 (a first beta of 0) puts sigma 0 at timestep 0: floored, the interpolation below
+        # stays finite (log 0 = -inf made every sigma under the second timestep's a NaN model time).
+        return self.train_sigmas.clamp_min(torch.finfo(torch.float64).tiny).log()
+
     def model_time(self, sigma):
         """Fractional timestep whose sigma is ``sigma``: linear interpolation in log sigma (k-diffusion)."""
-        log_s = self.train_sigmas.log()
+        log_s = self._log_train_sigmas
         ls = sigma.to(torch.float64).log().clamp(log_s[0], log_s[-1])
         idx = torch.searchsorted(log_s, ls.contiguous()).clamp(1, log_s.numel() - 1)
         lo, hi = log_s[idx - 1], log_s[idx]
@@ -244,7 +251,7 @@ class DiscreteVPSchedule(NoiseSchedule):
         return (idx - 1).to(torch.float64) + w
 
     def sigma_of_model_time(self, t):
-        log_s = self.train_sigmas.log()
+        log_s = self._log_train_sigmas
         t = t.to(torch.float64).clamp(0, log_s.numel() - 1)
         lo = t.floor().long().clamp_max(log_s.numel() - 2)
         w = t - lo

@@ -278,3 +278,14 @@ def test_classifier_labels_of_the_wrong_length_are_refused_naming_y():
 
 def test_guidance_accepts_a_numpy_float32():
     assert Denoiser(lambda x, t, **k: x, guidance=np.float32(7.5)).guidance == 7.5
+
+
+@pytest.mark.parametrize("name, sigma, model_time", [
+    ("sigma", torch.ones(2), torch.ones(4)), ("model_time", torch.ones(4), torch.ones(3)),
+    ("sigma", torch.tensor(1.0), torch.ones(4)), ("sigma", 1.0, torch.ones(4))])
+def test_a_direct_call_with_one_noise_level_per_row_or_a_clear_error(name, sigma, model_time):
+    """A direct call D(x, sigma, t) with levels not one per row: broadcasting gave a bare torch error (2 of 4 rows) or
+    one level silently applied to every row (a 0-d sigma)."""
+    D = Denoiser(lambda x_in, t: torch.zeros_like(x_in), VESchedule(), "eps")
+    with pytest.raises(ValueError, match=f"^{name}: expected one entry per row of x, shape \\(4,\\)"):
+        D(torch.zeros(4, 3), sigma, model_time)

@@ -412,11 +412,18 @@ def test_numpy_integer_seed_and_first_sample():
     assert torch.equal(nats, ref)
 
 
-def test_init_x0_on_a_window_of_one_point_is_refused():
+@pytest.mark.parametrize("options", [dict(window=1), dict(window=20, max_rounds=1), dict(window=5, max_rounds=1)])
+def test_init_x0_on_a_window_of_one_point_is_refused(options):
+    """max_rounds=1 spends its one round on init's call, then steps a window of one point: the guess is never read."""
     from paratime.config import SamplerConfig
+    from paratime.methods.picard import sample_picard
 
     with pytest.raises(ValueError, match="init: applies only to a window wider than one point"):
-        SamplerConfig(steps=20, method="picard", window=1, init="x0")
+        SamplerConfig(steps=20, method="picard", init="x0", **options)
+    with pytest.raises(ValueError, match="^init: 'x0' reads its call only in a window wider than one point"):
+        sample_picard(torch.zeros(1, 2), None, init="x0", **options)
+    if "max_rounds" in options:                                       # a second round reads the guess
+        SamplerConfig(steps=20, method="picard", init="x0", window=options["window"], max_rounds=2)
 
 
 def test_a_planned_window_of_one_point_makes_no_guess_call():

@@ -126,3 +126,14 @@ def test_flow_grid_times_are_exact_below_t_min():
                                                                            sig / (1 + sig)), rtol=1e-12, atol=0)
     assert float(grid.model_times[-2]) == pytest.approx(1000.0 / 2000, rel=1e-9)
     assert flow.sigma_range[1] == pytest.approx(flow.t_max / (1 - flow.t_max), rel=1e-12)
+
+
+def test_a_first_timestep_without_noise_keeps_model_times_finite():
+    """alphas_cumprod[0] = 1 (a first beta of 0, which diffusers takes): sigma 0 at timestep 0 made log sigma -inf,
+    and every sigma below the second timestep's a NaN model time."""
+    ac = torch.cumprod(1 - torch.linspace(0, 0.02, 1000, dtype=torch.float64), 0)
+    s = DiscreteVPSchedule(ac)
+    sig = torch.tensor([0.0, 1e-5, float(s.train_sigmas[1]), float(s.train_sigmas[7])], dtype=torch.float64)
+    t = s.model_time(sig)
+    assert torch.isfinite(t).all() and t[0] == 0 and t[2] == 1 and torch.allclose(t[3], torch.tensor(7.0).double())
+    assert 0 < t[1] < 1 and torch.allclose(s.sigma_of_model_time(t[1:]), sig[1:], rtol=1e-9)

@@ -98,6 +98,9 @@ def test_default_window_is_one_core_per_device_and_at_least_two():
     res = ParallelSampler("gmm", steps=10, method="staggered", backend="local", progress=False,
                           window=5).sample(2, seed=0)
     assert res.stats.window == 5 and res.stats.extra["cores"] == 5
+    # More cores than steps: one per step, reported (the README's promise, as Picard's window).
+    res = ParallelSampler("gmm", steps=10, method="staggered", window=30, progress=False).sample(2, seed=0)
+    assert res.stats.window == 10 and res.stats.extra["cores"] == 10
 
 
 @pytest.mark.parametrize("kw, name", [(dict(stop="paradigms"), "stop"), (dict(update="picard"), "update"),

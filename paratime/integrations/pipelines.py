@@ -917,7 +917,8 @@ def parallelize(pipe, method: str = "picard", tol: float | None = None, backend:
         pipe: a pipeline of the module's list (its scheduler one of
             :data:`~paratime.integrations.diffusers.SCHEDULERS`; the others are refused with the reason,
             :data:`~paratime.integrations.diffusers.REFUSED`).
-        method: ``picard`` (default), ``sequential``, ``parareal``, ``parareal_pipelined``.
+        method: ``picard`` (default), ``sequential``, ``parareal``, ``parareal_pipelined``, ``staggered`` or
+            ``auto``.
         tol: the method's tolerance (0: the exact sequential result); None: the sampler's default.
         backend: ``local``, ``torch`` (under torchrun, every rank calls the pipeline alike), ``ray``, or a
             :class:`~paratime.backends.Backend`; created once and reused by every call.
