@@ -537,3 +537,26 @@ def test_fill_refused_where_no_point_entering_the_window_is_read(options):
         SamplerConfig(method="picard", steps=20, fill="copy", **options)
     SamplerConfig(method="picard", steps=20, window=8, fill="copy", max_rounds=3)     # a sliding window takes it
 
+
+
+def test_max_batch_of_one_row_under_classifier_free_guidance_is_refused():
+    """Each guided row runs twice in one call: a limit of 1 row a call was exceeded silently (every call held 2)."""
+    from dataclasses import replace
+
+    from paratime.bench.equivalence_sweep import guided_ring
+
+    with pytest.raises(ValueError, match="^max_batch: 1 network row a call cannot hold a row under classifier-free"):
+        ParallelSampler(guided_ring(), steps=4, method="sequential", guidance=2.5, backend_options={"max_batch": 1},
+                        progress=False)
+    rows = []
+    den = guided_ring()
+    net = den.network
+
+    def counted(x, t, **cond):
+        rows.append(len(x))
+        return net(x, t, **cond)
+
+    with ParallelSampler(replace(den, network=counted), steps=4, method="sequential", guidance=2.5,
+                         backend_options={"max_batch": 2}, progress=False) as s:
+        s.sample(3, labels=torch.tensor([0, 3, 8]))
+    assert rows and max(rows) == 2
