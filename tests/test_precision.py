@@ -100,8 +100,9 @@ def test_increment_form_misses_the_bound_on_the_flow_grid():
     assert err > 100 * BOUND, err
 
 
-#: Solvers with both forms written out. The others define one from the other (``Solver.next_state``'s default
-#: ``x + increment``, or ``increment = next_state - x``: DPM-Solver++, UniPC, LMS, DEIS, PLMS, flow Heun), where the
+#: Solvers with both forms written out here; LMS, DEIS and PLMS write both too, held equal on every grid kind in
+#: tests/test_solver_next_state.py. The others define one from the other (``Solver.next_state``'s default
+#: ``x + increment``, or ``increment = next_state - x``: DPM-Solver++, UniPC, single-step DPM++, flow Heun), where the
 #: comparison below is an identity; their steps are held to diffusers' schedulers in tests/test_diffusers.py.
 TWO_FORMS = ["consistency", "ddim", "ddpm", "euler", "euler_ancestral", "euler_maruyama", "heun"]
 

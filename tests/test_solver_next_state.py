@@ -1,0 +1,56 @@
+"""LMS, DEIS, UniPC, single-step DPM++ and PLMS: the cancellation-free ``next_state`` is the same step as
+``x + increment`` (float64, to rounding) at every step index (short history, lower_order_final, the step to sigma 0,
+PLMS's step-0 Heun correction, UniPC's corrector with and without disable_corrector), on VP, VE, EDM and flow grids,
+rows at mixed steps, with and without host steps. (tests/test_precision.py's TWO_FORMS leaves out lms, deis and
+plms, whose two forms are written separately.)"""
+
+import itertools
+
+import pytest
+import torch
+
+from paratime.schedules import DiscreteVPSchedule, EDMSchedule, FlowSchedule, VESchedule
+from paratime.solvers import DEIS, LMS, PLMS, DPMSolverSinglestep, UniPC
+
+GRIDS = {"vp": lambda n: DiscreteVPSchedule.from_betas("scaled_linear", 1000, 0.00085, 0.012).grid(n).sigmas,
+         "ve": lambda n: VESchedule().grid(n).sigmas, "edm": lambda n: EDMSchedule().grid(n).sigmas,
+         "flow": lambda n: FlowSchedule(shift=3.0).grid(n).sigmas}
+SOLVERS = ([LMS(order=o) for o in (1, 2, 3, 4)]
+           + [DEIS(order=o, lower_order_final=lof) for o in (1, 2, 3) for lof in (True, False)]
+           + [UniPC(order=o, lower_order_final=lof, disable_corrector=dc)
+              for o, lof, dc in itertools.product((1, 2, 3), (True, False), ((), (0, 2, 4)))]
+           + [DPMSolverSinglestep(order=o, solver_type=t, lower_order_final=True) for o in (1, 2, 3)
+              for t in ("midpoint", "heun")]
+           + [PLMS()])
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=str)
+@pytest.mark.parametrize("grid", sorted(GRIDS))
+@pytest.mark.parametrize("steps", [2, 5, 9])
+def test_next_state_is_x_plus_increment(solver, grid, steps):
+    sig = GRIDS[grid](steps).double()
+    if solver.sigma_linear and float((sig[:-1] / sig[1:])[sig[1:] > 0].max()) > 100:
+        pytest.skip("refused by check_grid (x + dx's predictor itself is off by 1e-9 relative there)")
+    g = torch.Generator().manual_seed(steps)
+    B, D = 6, 3
+    A = torch.randn(D, D, generator=g, dtype=torch.float64) / D
+    c = torch.randn(B, D, generator=g, dtype=torch.float64)
+
+    def evaluate(x, i, b):              # D at the predictor: linear in x, so rounding of x_pred is not amplified
+        return c[b] + x @ A / (1 + sig[i, None] ** 2)
+
+    b = torch.arange(B)
+    cases = [([n] * B, n) for n in range(steps)] + [([k % steps for k in range(B)], None)]
+    for steps_h, host in cases:
+        i = torch.tensor(steps_h)
+        x = torch.randn(B, D, generator=g, dtype=torch.float64) * sig[i, None] + 0.5
+        den = torch.randn(B, D, generator=g, dtype=torch.float64)
+        prev = tuple(torch.randn(B, D, generator=g, dtype=torch.float64) for _ in range(solver.history_depth))
+        prev = prev[0] if solver.history_depth == 1 else prev
+        for hs in (host if host is not None else steps_h, None):
+            args = (x, i, b, den, prev, None, sig, evaluate)
+            got = solver.next_state(*args, host_steps=hs)
+            want = x + solver.increment(*args, host_steps=hs)
+            # x + dx itself rounds at ulp(x) (~1e-16 |x|): the bound is relative to the larger of |x| and the result
+            scale = torch.maximum(x.abs(), got.abs()).clamp_min(1)
+            assert float(((got - want).abs() / scale).max()) <= 1e-12, (steps_h, hs)
