@@ -560,3 +560,17 @@ def test_max_batch_of_one_row_under_classifier_free_guidance_is_refused():
                          backend_options={"max_batch": 2}, progress=False) as s:
         s.sample(3, labels=torch.tensor([0, 3, 8]))
     assert rows and max(rows) == 2
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(window=0), ValueError, "^window: must be an integer >= 1"),
+    (dict(window=-2), ValueError, "^window: must be an integer >= 1"),
+    (dict(window=2.0), TypeError, "^window: expected an integer"),
+    (dict(window=4, max_rounds=0), ValueError, "^max_rounds: must be an integer >= 1")])
+def test_sample_picard_checks_its_window_and_round_limit(kw, error, match):
+    """The public function took window=0 to a bare amax() error and window=-2 to 'upper bound and lower bound
+    inconsistent' (SamplerConfig checks them; direct callers got torch's errors)."""
+    from paratime.methods.picard import sample_picard
+
+    with pytest.raises(error, match=match):
+        sample_picard(torch.zeros(1, 2), None, **kw)

@@ -82,6 +82,7 @@ import logging
 
 import torch
 
+from ..checks import check_int
 from .common import Outcome, Problem, RoundInfo
 from .stops import DEFAULT_TOL, ROLLBACK, STOPS, FinalPointStop, default_accept_tol, make_stop
 from .updates import UPDATES, UpdateRule, gain_span
@@ -154,12 +155,15 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
     Returns:
         :class:`Outcome`; ``rounds`` counts rounds, ``residuals`` the worst ParaDiGMS residual per round,
         ``sample_rounds`` the round each sample finished (CPU), ``extra["converged"]`` per sample whether it
-        finished before ``max_rounds``.
+        finished by ``max_rounds``.
     Raises:
-        ValueError: an unknown ``stop``, ``update``, ``init`` or ``fill``, ``init="x0"`` where no guess is read
-            (``window=1`` or ``max_rounds=1``), a negative ``tol`` / ``accept_tol``, or an ``accept_tol`` with
-            ``stop="paradigms"``.
+        ValueError: a ``window`` or ``max_rounds`` < 1, an unknown ``stop``, ``update``, ``init`` or ``fill``,
+            ``init="x0"`` where no guess is read (``window=1`` or ``max_rounds=1``), a negative ``tol`` /
+            ``accept_tol``, or an ``accept_tol`` with ``stop="paradigms"``. TypeError: a ``window`` or
+            ``max_rounds`` that is not an integer.
     """
+    check_int("window", window, 1)
+    check_int("max_rounds", max_rounds, 1, none=True)
     if stop not in STOPS:
         raise ValueError(f"stop: unknown {stop!r}; allowed: {', '.join(STOPS)}")
     if init not in INITS:
