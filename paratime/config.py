@@ -26,7 +26,7 @@ from .methods import METHODS
 from .methods import PARAREAL_TOL
 from .cost import check_cost
 from .methods.parareal import check_coarse_steps, check_solver, slice_bounds
-from .methods.picard import DEFAULT_TOL, FILLS, INITS, STOPS, UPDATES, path_plan
+from .methods.picard import DEFAULT_TOL, FILLS, INITS, STOPS, UPDATES, check_init, path_plan
 from .methods.window import reads_entries
 from .noise import tabulates
 from .planner import rounds_cap
@@ -236,10 +236,8 @@ class SamplerConfig:
             raise ValueError(f"fill: applies only to a sliding window wider than one point (1 < window < steps); "
                              f"window={self.window} on the {self.steps}-step grid never reads a point that enters it "
                              f"(nor does the window of 1 that max_rounds= leaves)")
-        if self.init == "x0" and self.method == "picard" and (self.window == 1 or self.max_rounds == 1):
-            raise ValueError("init: applies only to a window wider than one point; window=1 (or the window of 1 that "
-                             "max_rounds=1 leaves after init's round) steps each point from the accepted one before "
-                             "it and never reads a guess (init='x0' would add a network call)")
+        if self.method == "picard":
+            check_init(self.init, self.window, self.max_rounds)
         if self.coarse is not None and self.coarse_steps != _default("coarse_steps"):
             raise ValueError("coarse_steps: applies only to the built-in coarse propagator; coarse= replaces it")
 

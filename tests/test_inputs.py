@@ -420,7 +420,7 @@ def test_init_x0_on_a_window_of_one_point_is_refused(options):
 
     with pytest.raises(ValueError, match="init: applies only to a window wider than one point"):
         SamplerConfig(steps=20, method="picard", init="x0", **options)
-    with pytest.raises(ValueError, match="^init: 'x0' reads its call only in a window wider than one point"):
+    with pytest.raises(ValueError, match="^init: applies only to a window wider than one point"):
         sample_picard(torch.zeros(1, 2), None, init="x0", **options)
     if "max_rounds" in options:                                       # a second round reads the guess
         SamplerConfig(steps=20, method="picard", init="x0", window=options["window"], max_rounds=2)

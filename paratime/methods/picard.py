@@ -88,7 +88,8 @@ from .stops import DEFAULT_TOL, ROLLBACK, STOPS, FinalPointStop, default_accept_
 from .updates import UPDATES, UpdateRule, gain_span
 from .window import SlidingWindow, acceptance_levels, model_frame_path, reads_entries, window_increments
 
-__all__ = ["sample_picard", "STOPS", "UPDATES", "INITS", "FILLS", "DEFAULT_TOL", "default_accept_tol", "path_plan"]
+__all__ = ["sample_picard", "STOPS", "UPDATES", "INITS", "FILLS", "DEFAULT_TOL", "default_accept_tol", "path_plan",
+           "check_init"]
 
 log = logging.getLogger("paratime")
 
@@ -107,6 +108,19 @@ def path_plan(init: str, fill: str, window: int, steps: int, max_rounds: int | N
     if init == "auto":
         init = "x0" if reads_entries(window, steps) and (max_rounds is None or max_rounds > 1) else "noise"
     return init, fill == "path" and reads_entries(window, steps)
+
+
+def check_init(init: str, window: int | str, max_rounds: int | None) -> None:
+    """Refuse ``init="x0"`` where no guess is read: on a window of one point, or after ``max_rounds=1`` (the guess's
+    own round leaves a window of one point), its network call would be waste.
+
+    Raises:
+        ValueError: that case, naming ``init``.
+    """
+    if init == "x0" and (window == 1 or max_rounds == 1):
+        given = "window=1" if window == 1 else "max_rounds=1 (a window of 1 after init's round)"
+        raise ValueError(f"init: applies only to a window wider than one point; {given} steps each point from the "
+                         f"accepted one before it and never reads a guess (init='x0' would add a network call)")
 
 
 def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | None = None,
@@ -170,10 +184,7 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         raise ValueError(f"init: unknown {init!r}; allowed: {', '.join(INITS)}")
     if fill not in FILLS:
         raise ValueError(f"fill: unknown {fill!r}; allowed: {', '.join(FILLS)}")
-    if init == "x0" and (window == 1 or max_rounds == 1):
-        given = "window=1" if window == 1 else "max_rounds=1"
-        raise ValueError(f"init: 'x0' reads its call only in a window wider than one point; {given} never reads a "
-                         f"guess (the call would be waste)")
+    check_init(init, window, max_rounds)
     if tol_units not in (None, "data", "absolute"):
         raise ValueError(f"tol_units: unknown {tol_units!r}; allowed: data, absolute (or None)")
     N, B, dev = problem.steps, x.shape[0], x.device
