@@ -28,10 +28,35 @@ def test_every_update_and_guess_at_tol_zero_equals_sequential(solver, update):
         assert all(out.extra["converged"]) or max_rounds is not None
 
 
-@pytest.mark.parametrize("solver", ["ddim", "ddpm"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_affine_scan_is_the_recurrence_with_restarts(dtype):
+    """``_affine_scan_``'s closed form equals the recurrence ``y_k = A_k y_{k-1} + Y_k`` stepped one by one, with
+    steps that forget their input (``A = 0``: the step to sigma = 0, every consistency step) anywhere, first and
+    last included, and products down to 1e-17 between them."""
+    from paratime.solvers import _affine_scan_
+
+    gen = torch.Generator().manual_seed(0)
+    for c in (1, 2, 3, 7, 32, 57):
+        for zeros in (0.0, 0.15, 1.0):
+            A = torch.rand(c, 3, generator=gen, dtype=torch.float64)
+            A[torch.rand(c, 3, generator=gen) < zeros] = 0
+            A[0, 1], A[-1, 2] = 0, 0
+            Y = torch.randn(c, 3, 4, generator=gen, dtype=dtype)
+            y, ref = torch.zeros(3, 4, dtype=torch.float64), []
+            for k in range(c):
+                y = A[k, :, None] * y + Y[k].double()
+                ref.append(y)
+            got = _affine_scan_(A.clone(), Y.clone())
+            assert got.dtype == dtype
+            bound = 1e-13 if dtype == torch.float64 else 1e-5
+            torch.testing.assert_close(got.double(), torch.stack(ref), rtol=bound, atol=bound * 4)
+
+
+@pytest.mark.parametrize("solver", ["ddim", "ddpm", "consistency"])
 def test_constant_d_path_is_the_solver_with_d_held(solver):
-    """For DDIM / DDPM the guess is exact when D is constant: it equals the sequential sampler run with a denoiser
-    that returns a fixed x0, pre-drawn noise included, from any start point to any later point."""
+    """For DDIM / DDPM / consistency steps the guess is exact when D is constant: it equals the sequential sampler
+    run with a denoiser that returns a fixed x0, pre-drawn noise included, from any start point to any later point
+    (a consistency step forgets its input: every step restarts the path)."""
     x_T, problem, _ = _problem(solver, 20, batch=3)
     x0 = torch.tensor([[0.3, -0.2], [1.0, 0.5], [-0.7, 0.1]], dtype=torch.float64)
     const = Problem(problem.sigmas, problem.noise_levels, problem.frame_scales, problem.solver,
