@@ -3,6 +3,7 @@ the planner never below it and within 2e-3 of the data range, CHORDS's core 0 on
 every method measured at every K, the outputs written)."""
 
 import json
+import math
 import os
 
 import pytest
@@ -167,3 +168,26 @@ def test_a_measured_curve_prices_the_calls(tmp_path, keep_threads, capsys):
         with pytest.raises(SystemExit):
             devices.main(["--quick", "--curve", f"{path}:{name}", "--out", str(out)])
         assert "--curve" in capsys.readouterr().err, name
+
+
+def test_guess_headroom_moves_only_the_entering_guesses():
+    # benchmarks/guess_headroom.py backs the README's "how much better the guesses must be": F = 1 is the default
+    # sampler itself, exact guesses never cost rounds and end nearer the sequential sample, a halfway guess lies
+    # between, and the instrumentation leaves the sampler as it was.
+    from benchmarks.guess_headroom import headroom, main
+    from paratime import ParallelSampler
+    from paratime.methods.window import SlidingWindow
+
+    init, slide = SlidingWindow.__init__, SlidingWindow.slide
+    kw = dict(windows=(3,), steps=12, seeds=4)
+    today, half, exact = (headroom(f, **kw)[0] for f in (1.0, 2.0, math.inf))
+    assert SlidingWindow.__init__ is init and SlidingWindow.slide is slide
+    plain = ParallelSampler("digits", method="picard", window=3, steps=12, progress=False).sample(
+        4, seed=0, labels=torch.arange(4) % 10)
+    assert today["rounds"] == sum(plain.stats.sample_rounds) / 4
+    assert exact["rounds"] < today["rounds"] and half["rounds"] <= today["rounds"]
+    assert exact["speedup"] == pytest.approx(12 / exact["rounds"])
+    assert main(["--factors", "1,inf", "--windows", "2", "--steps", "8", "--seeds", "2"]) == 0
+    for bad in (["--factors", "0.5"], ["--windows", "8", "--steps", "8"], ["--seeds", "0"]):
+        with pytest.raises(SystemExit):
+            main(bad)
