@@ -219,7 +219,10 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
     residuals: list[float] = []
     # Critical path of the pipelined schedule, in network calls: when each U[s] of the current iteration is known.
     ready = [float(s * coarse_steps) for s in range(S + 1)]             # after the initial coarse sweep
-    fine_calls = [n * problem.solver.evals_per_step for n in lengths]
+    e = problem.solver.evals_per_step
+    fine_calls = [n * e for n in lengths]
+    if e > 1 and float(problem.sigmas[-1]) == 0:      # the step to sigma = 0 makes one call (Heun's, as sequential)
+        fine_calls[-1] -= e - 1
     counts = [B] * S                                                    # rows per slice this iteration (host)
     it = 0
     below_prev = torch.zeros((S, B), dtype=torch.bool, device=dev)   # a stochastic solver's last test
