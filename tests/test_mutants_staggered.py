@@ -117,12 +117,18 @@ def test_a_quiet_sample_moves_by_at_most_a_quarter_of_tol(move, done):
 @pytest.mark.parametrize("cores, starts", [(1, None), (2, (0, 18))])
 def test_the_tolerance_in_force_when_core_zero_returns_before_a_comparison(cores, starts):
     """One core, or two whose samples (the shoot and core 1's) are never two quiet ones: core 0 returns every sample,
-    the tolerance in force is still ``tol * tol_scale`` (``tol_abs``) and the data scale ``tol_scale``."""
+    the tolerance in force is still ``tol * tol_scale`` (``tol_abs``) and the data scale ``tol_scale``; with each
+    sample's own scale (``tol_scale=None``), its returned sample's max-abs (it read 1.0, the absolute unit)."""
     x_T, problem, _ = _problem("ddim", 20, batch=3)
     out = sample_staggered(x_T, problem, cores, 1e-9, starts, tol_scale=2.0)
     assert out.extra["sample_core"] == [0] * 3
     assert out.extra["tol_abs"] == pytest.approx([2e-9] * 3, rel=1e-12)
     assert out.extra["data_scale"] == pytest.approx([2.0] * 3, rel=1e-12)
+    own = sample_staggered(x_T, problem, cores, 1e-9, starts, tol_scale=None)
+    scale = own.x.abs().flatten(1).amax(1).tolist()
+    assert own.extra["sample_core"] == [0] * 3 and min(abs(s - 1) for s in scale) > 0.1
+    assert own.extra["data_scale"] == pytest.approx(scale, rel=1e-12)
+    assert own.extra["tol_abs"] == pytest.approx([1e-9 * s for s in scale], rel=1e-12)
 
 
 def test_a_tick_whose_last_sample_finds_every_sample_done_reports_nan():
