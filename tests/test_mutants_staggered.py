@@ -131,16 +131,28 @@ def test_the_tolerance_in_force_when_core_zero_returns_before_a_comparison(cores
     assert own.extra["tol_abs"] == pytest.approx([1e-9 * s for s in scale], rel=1e-12)
 
 
-def test_a_tick_whose_last_sample_finds_every_sample_done_reports_nan():
+def test_a_ticks_change_is_the_largest_over_the_samples_that_found_one_open(monkeypatch):
     """Starts 0-4-5-6 on 10 steps: the shoot at tick 4, then cores 3, 2 and 1 all reach N at tick 7. A tolerance
     every sample meets returns core 2's sample (two quiet samples after the shoot); core 1's, later in the tick, finds
-    no open sample, and the tick's reported change is nan (no open sample moved), never -inf."""
+    no open sample. The tick's reported change is the largest over the samples that found one open, each against
+    the sample before it (cores 3's and 2's: it was nan, core 1's none), never -inf."""
+    hits_seen = []
+    take = _SampleStop.take
+
+    def record(self, hits):
+        hits_seen.extend(h.clone() for _, h in hits)
+        return take(self, hits)
+
+    monkeypatch.setattr(_SampleStop, "take", record)
     x_T, problem, _ = _problem("ddim", 10, batch=2)
     problem, infos = _with_rounds(problem)
     out = sample_staggered(x_T, problem, 4, 1e9, (0, 4, 5, 6))
     assert out.extra["hit_ticks"] == [(-1, 4), (3, 7), (2, 7), (1, 7)]
     assert out.extra["sample_core"] == [2, 2] and out.rounds == 7
-    assert math.isnan(infos[-1].final_change)
+    shoot, core3, core2, _ = hits_seen
+    want = max(float((core3 - shoot).abs().max()), float((core2 - core3).abs().max()))
+    assert infos[-1].final_change == pytest.approx(want, rel=1e-12) and want > 0
+    assert math.isnan(infos[3].final_change)                           # the shoot: nothing before it to compare
     assert all(math.isnan(i.final_change) or i.final_change >= 0 for i in infos)
 
 

@@ -31,7 +31,9 @@ class RoundInfo:
         residual: worst change this round in units of the noise level (ParaDiGMS's residual); ``nan`` when no
             point with a noise level > 0 moved.
         final_change: Picard: the largest change of a final point this round (max-abs, the returned sample's
-            units; compare with ``tol`` of ``stop="final"``); ``nan`` while no window reaches the end.
+            units; compare with ``tol`` of ``stop="final"``); ``nan`` while no window reaches the end. Staggered:
+            the tick's largest change of a sample from the one before it, over the samples still open when each
+            came; ``nan`` when no sample compared.
     """
 
     round: int

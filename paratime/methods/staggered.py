@@ -271,7 +271,8 @@ class _SampleStop:
                 self.tol_b = torch.where(take, self.tol * scale, self.tol_b)   # kept once a sample is done
                 self.quiet = torch.where(moved <= QUIET_SCALE * self.tol_b, self.quiet + 1, 0)
                 self.done = self.done | (take & (self.quiet >= QUIET_HITS))
-                self.moved_max = torch.where(take, moved, -torch.inf).amax()
+                # the tick's largest change of a sample open when it came (a later hit may find none open)
+                self.moved_max = torch.fmax(self.moved_max, torch.where(take, moved, -torch.inf).amax())
             self.last = h
 
     def read(self) -> tuple[list[bool], list[int], float]:
