@@ -219,3 +219,17 @@ def test_own_scale_at_a_tolerance_reads_once_after_the_last_tick():
         sample_staggered(x_T, Problem(**{**problem.__dict__, "on_round": on_round}), 4, 0.1, tol_scale=None)
         end = counter.count
     assert end == after[-1] + 1, counter.names[after[-1]:]    # tol_abs: the one read after the loop
+
+
+def test_a_done_samples_reported_begin_is_n_and_an_open_ones_core_zeros_point():
+    """RoundInfo.begin: a sample once done reports N (its first unconverged point), an open one the point core 0 (the
+    sequential solver) has reached, the tick itself; the run here ends before core 0 reaches N."""
+    N = 10
+    x_T, problem, _ = _problem("ddim", N, batch=2)
+    problem, infos = _with_rounds(problem)
+    out = sample_staggered(x_T, problem, 4, 1e9, (0, 4, 5, 6))
+    assert out.rounds < N and [i.round for i in infos] == list(range(1, out.rounds + 1))
+    for info in infos:
+        done = [int(r) <= info.round for r in out.sample_rounds]
+        assert info.begin.tolist() == [N if d else info.round for d in done], info
+    assert infos[-1].begin.tolist() == [N, N]
