@@ -262,7 +262,8 @@ class _SampleStop:
             self.out = torch.where(take.reshape(-1, *([1] * (h.ndim - 1))), h, self.out)
             self.core = torch.where(take, idx, self.core)
             if idx == 0:
-                if self.tol > 0 and self.tol_scale is None:         # never compared: the tolerance at its own scale
+                # core 0's exact sample: the tolerance at its own scale (tol x 1 before, for one never compared)
+                if self.tol > 0 and self.tol_scale is None:
                     self.tol_b = torch.where(take, self.tol * h.abs().flatten(1).amax(1), self.tol_b)
                 self.done = torch.ones_like(self.done)
             elif self.tol > 0 and self.last is not None:
