@@ -130,11 +130,13 @@ class Solver:
                 (``heun``, ``plms``, the Langevin corrector) then size it on the host, with no device read; without
                 it they find the rows with one ``nonzero`` (a device-to-host read on CUDA). Others ignore it.
         Returns:
-            ``dx``, ``(M, *shape)``.
+            ``dx``, ``(M, *shape)``: by default (a solver that defines only :meth:`next_state`) ``next_state - x``.
         Raises:
             ValueError: ``host_steps`` does not give one step per row.
         """
-        raise NotImplementedError
+        if type(self).next_state is Solver.next_state:          # the default next_state is x + increment
+            raise NotImplementedError(f"{type(self).__name__}: define increment or next_state")
+        return self.next_state(x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, host_steps=host_steps) - x
 
     def next_state(self, x: torch.Tensor, i: torch.Tensor, b: torch.Tensor, denoised: torch.Tensor,
                    prev_denoised: torch.Tensor | None, noise: torch.Tensor | None, sigmas: torch.Tensor,
@@ -567,9 +569,6 @@ class DPMSolverPP(Solver):
             x_new = x_new + s1 * torch.sqrt((1 - q).clamp_min(0)) * noise
         return x_new
 
-    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
-        return self.next_state(x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, host_steps=host_steps) - x
-
     def jump(self, x, denoised, i, j, b, noise, sigmas, *, span=None):
         """With ``D`` constant the divided differences vanish: the ODE is the DDIM jump, the SDE is DDPM's (its first
         order step), which carries the pre-drawn noise exactly."""
@@ -719,9 +718,6 @@ class LangevinCorrected(Solver):
     @property
     def evals_per_step(self):  # type: ignore[override]
         return self.base.evals_per_step + self.corrector_steps
-
-    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
-        return self.next_state(x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, host_steps=host_steps) - x
 
     def next_state(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
         z_pred, z_corr = noise                                      # z_corr: (M, corrector_steps, *shape)
@@ -1136,9 +1132,6 @@ class UniPC(Solver):
         x_c = x + (Wc * hist).sum(1)                                             # UniC: the revised state
         return denoised + r * (x_c - denoised) - (r - 1) * (Wp * hist).sum(1)   # UniP
 
-    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
-        return self.next_state(x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, host_steps=host_steps) - x
-
 
 SOLVERS[UniPC.name] = UniPC
 
@@ -1343,9 +1336,6 @@ class DPMSolverSinglestep(Solver):
         W = append_dims(self._tables(sigmas)[i].to(x.dtype), hist.ndim)
         s, s1 = self._sig(sigmas, i, x.ndim)
         return (s1 / s) * x + (W * hist).sum(1)
-
-    def increment(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
-        return self.next_state(x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, host_steps=host_steps) - x
 
 
 SOLVERS[DPMSolverSinglestep.name] = DPMSolverSinglestep

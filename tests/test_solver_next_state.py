@@ -54,3 +54,22 @@ def test_next_state_is_x_plus_increment(solver, grid, steps):
             # x + dx itself rounds at ulp(x) (~1e-16 |x|): the bound is relative to the larger of |x| and the result
             scale = torch.maximum(x.abs(), got.abs()).clamp_min(1)
             assert float(((got - want).abs() / scale).max()) <= 1e-12, (steps_h, hs)
+
+
+def test_a_solver_defines_increment_or_next_state_and_gets_the_other():
+    """``Solver``'s defaults: ``next_state = x + increment`` and ``increment = next_state - x``; a solver that defines
+    neither is refused by name (no recursion between the two defaults)."""
+    from paratime.solvers import Solver
+
+    class Halves(Solver):
+        def next_state(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
+            return (x + denoised) / 2
+
+    class Nothing(Solver):
+        pass
+
+    x, d = torch.tensor([[4.0, -2.0]]), torch.tensor([[1.0, 1.0]])
+    args = (torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), d, None, None, None, None)
+    assert torch.equal(Halves().increment(x, *args), torch.tensor([[-1.5, 1.5]]))
+    with pytest.raises(NotImplementedError, match="Nothing: define increment or next_state"):
+        Nothing().next_state(x, *args)
