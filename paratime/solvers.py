@@ -211,6 +211,13 @@ class Solver:
         the host otherwise)."""
         return self._cached("_takes_last_step", sigmas, lambda: bool(sigmas[-1] > 0))
 
+    def last_step_evals(self, sigmas: torch.Tensor) -> int:
+        """Network calls the step into point N makes: :attr:`evals_per_step`, or 1 where it reaches sigma = 0
+        (Heun's second call and a Langevin corrector's skip it); the grid's one read (:meth:`_takes_last_step`),
+        none for a one-call solver."""
+        e = self.evals_per_step
+        return e if e == 1 or self._takes_last_step(sigmas) else 1
+
     def _host_count(self, host_steps: HostSteps, rows: int, sigmas: torch.Tensor, second) -> int | None:
         """How many rows take a second call by their host steps (``second(n, N) -> bool``), or None without them.
 

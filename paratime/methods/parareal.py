@@ -221,8 +221,7 @@ def sample_parareal(x: torch.Tensor, problem: Problem, slices: int | None = None
     ready = [float(s * coarse_steps) for s in range(S + 1)]             # after the initial coarse sweep
     e = problem.solver.evals_per_step
     fine_calls = [n * e for n in lengths]
-    if e > 1 and not problem.solver._takes_last_step(problem.sigmas):   # the grid's one read, cached for the solves
-        fine_calls[-1] -= e - 1                        # the step to sigma = 0 makes one call (Heun's, as sequential)
+    fine_calls[-1] += problem.solver.last_step_evals(problem.sigmas) - e   # the step into N, as the solves make it
     counts = [B] * S                                                    # rows per slice this iteration (host)
     it = 0
     below_prev = torch.zeros((S, B), dtype=torch.bool, device=dev)   # a stochastic solver's last test
