@@ -73,3 +73,12 @@ def test_a_solver_defines_increment_or_next_state_and_gets_the_other():
     assert torch.equal(Halves().increment(x, *args), torch.tensor([[-1.5, 1.5]]))
     with pytest.raises(NotImplementedError, match="Nothing: define increment or next_state"):
         Nothing().next_state(x, *args)
+
+
+def test_last_step_evals_counts_the_calls_into_the_final_point():
+    """Heun's step to sigma 0 makes one call (its second is skipped), to sigma > 0 two; a one-call solver one."""
+    from paratime.solvers import make_solver
+
+    to_zero, to_min = torch.tensor([10.0, 1.0, 0.0]), torch.tensor([10.0, 1.0, 0.1])
+    assert [make_solver("heun").last_step_evals(s) for s in (to_zero, to_min)] == [1, 2]
+    assert [make_solver("ddim").last_step_evals(s) for s in (to_zero, to_min)] == [1, 1]
