@@ -11,8 +11,9 @@ at the same round (a rank that stops early leaves the others waiting in the next
 ``timeout_s``), so there a check waits for the flag of the round before (recorded one round earlier, so it has
 normally landed: the host is never more than a round ahead) instead of reading it only when it happens to have
 landed, which differs from rank to rank. Only on a non-finite flag are the first offending step and sample
-looked up (reads on the error path). Rows per sample are counted with one ``index_add_`` when :attr:`Evaluator.rows`
-is read or a round is checked. Timing is the sampler's wall clock; communication figures come from the backend.
+looked up (reads on the error path). Rows per sample are counted with one accumulating ``index_put_`` when
+:attr:`Evaluator.rows` is read or a round is checked. Timing is the sampler's wall clock; communication figures come
+from the backend.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Evaluator:
         self.calls = 0
         self.call_rows: list[int] = []                  # rows of each network call (host ints, from shapes)
         self._rows = torch.zeros(batch, dtype=torch.long, device=device)
+        self._one = torch.ones((), dtype=torch.long, device=device)    # a row's count, made once
         self._counted: list[torch.Tensor] = []          # sample indices of the calls not yet counted
         self._pending: list[tuple] = []                 # (max |D| per row, i, b) of the calls not yet checked
         self._inflight: list[tuple] = []                # the calls whose flag is on its way to the host
@@ -65,15 +67,17 @@ class Evaluator:
             self._flag_np = np.zeros(1, dtype=bool)
             self._flag = torch.from_numpy(self._flag_np)
 
-    def _grid(self, dtype: torch.dtype) -> torch.Tensor:
-        """``(3, N + 1)`` sigma, c_x, c_o per grid point in ``dtype`` (made once per dtype and bound denoiser)."""
+    def _grid(self, dtype: torch.dtype, sigma_only: bool = False) -> torch.Tensor:
+        """``(3, N + 1)`` sigma, c_x, c_o per grid point in ``dtype`` (made once per dtype and bound denoiser);
+        ``sigma_only``: its sigma row ``(N + 1,)`` (a view made once)."""
         den = self.backend.denoiser
         table = self._tables.get(dtype)
         if table is None or table[0] is not den:
             sigmas = self.sigmas.to(dtype)
             c_x, c_o = den.x0_coefficients(sigmas)
-            table = self._tables[dtype] = (den, torch.stack([sigmas, c_x.to(dtype), c_o.to(dtype)]))
-        return table[1]
+            grid = torch.stack([sigmas, c_x.to(dtype), c_o.to(dtype)])
+            table = self._tables[dtype] = (den, grid, grid[0])
+        return table[2] if sigma_only else table[1]
 
     def _record(self, peak: torch.Tensor, i: torch.Tensor, b: torch.Tensor) -> None:
         self.calls += 1
@@ -82,7 +86,7 @@ class Evaluator:
         self._pending.append((peak, i, b))                  # (M,): not finite iff the row's output is not
 
     def __call__(self, x: torch.Tensor, i: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        den = self.backend.evaluate(x, self._grid(x.dtype)[0, i], self.times[i], samples=b)
+        den = self.backend.evaluate(x, self._grid(x.dtype, sigma_only=True)[i], self.times[i], samples=b)
         self._record(den.flatten(1).abs().amax(1), i, b)
         return den
 
@@ -110,10 +114,10 @@ class Evaluator:
         return self._rows
 
     def _count(self) -> None:
-        """Add the rows of the calls not yet counted (one ``index_add_``, no host read)."""
+        """Add the rows of the calls not yet counted (one accumulating ``index_put_``, no host read)."""
         if self._counted:
             b = self._counted[0] if len(self._counted) == 1 else torch.cat(self._counted)
-            self._rows.index_add_(0, b, torch.ones_like(b))
+            self._rows.index_put_((b,), self._one, accumulate=True)
             self._counted = []
 
     def check(self, wait: bool = False) -> None:
@@ -135,7 +139,8 @@ class Evaluator:
             return                                      # the last flag is still on its way: check these next time
         self._inflight, self._pending = self._pending, []
         peaks = self._cat(self._inflight)[0]
-        self._flag.copy_(~torch.isfinite(peaks).all().view(1), non_blocking=True)
+        # peaks.abs() < inf: isfinite's answer in two calls (it takes four); NaN compares false
+        self._flag.copy_(~(peaks.abs() < torch.inf).all().view(1), non_blocking=True)
         if peaks.is_cuda:
             self._event = torch.cuda.Event()
             self._event.record()

@@ -771,9 +771,19 @@ def constant_d_factors(solver: Solver, sigmas: torch.Tensor) -> tuple[torch.Tens
     linear in ``D`` and the noise (:meth:`Solver.linear_step`: DDIM, DDPM, Euler-Maruyama, consistency), the DDIM
     factor ``sigma_{m+1} / sigma_m`` and no noise for the others.
     """
-    N = sigmas.numel() - 1
-    coef = solver.linear_step(torch.arange(N, device=sigmas.device), sigmas)
-    return (sigmas[1:] / sigmas[:-1], None) if coef is None else (1 + coef[0], coef[1])
+    def make():
+        coef = solver.linear_step(torch.arange(sigmas.numel() - 1, device=sigmas.device), sigmas)
+        return (sigmas[1:] / sigmas[:-1], None) if coef is None else (1 + coef[0], coef[1])
+    return solver._cached("constant_d_factors", sigmas, make)      # once per grid, not once per round
+
+
+def _path_table(solver: Solver, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(a, k_z)`` of :func:`constant_d_factors` with a step past N appended, ``(N + 1,)`` each: ``a = 1``,
+    ``k_z = 0`` (the state stays), so the steps clamped to N read them in one gather each (once per grid)."""
+    def make():
+        a, k_z = constant_d_factors(solver, sigmas)
+        return torch.cat([a, a.new_ones(1)]), None if k_z is None else torch.cat([k_z, k_z.new_zeros(1)])
+    return solver._cached("_path_table", sigmas, make)
 
 
 def _has_noise_term(k_z: torch.Tensor | None, noise) -> bool:
@@ -797,15 +807,15 @@ def _affine_scan_(A: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     ``Y``: ``(c, B, *shape)``; the weights in ``Y``'s dtype, finite while the products between restarts stay above
     its smallest normal (float32: 1e-38; a constant-D path's product is at most ``(sigma_j / sigma_i)^2`` between
     finite sigmas, and an infinite sigma, a zero-SNR or flow grid's first, makes its step a restart)."""
-    c, B = A.shape
+    c = A.shape[0]
     zero = A == 0
-    P = torch.where(zero, torch.ones_like(A), A).cumprod(0)                 # (c, B)
+    P = A.masked_fill(zero, 1).cumprod(0)                                    # (c, B)
     P_y = append_dims(P.to(Y.dtype), Y.ndim)
     S = Y.div_(P_y).cumsum_(0)                                               # (c, B, *shape)
-    k = torch.arange(c, device=A.device)[:, None]
-    r = torch.where(zero, k, -1).cummax(0).values                           # (c, B) the last restart, -1: none
-    before = S[(r - 1).clamp_min(0), torch.arange(B, device=A.device)[None]]   # (c, B, *shape) S_{r - 1}
-    return S.sub_(before.mul_(append_dims(r > 0, Y.ndim))).mul_(P_y)
+    # (c, B) r + 1 at the last restart (0: none): k + 1 where A_k = 0, its running max
+    r1 = (zero * torch.arange(1, c + 1, device=A.device)[:, None]).cummax(0).values
+    before = S.gather(0, append_dims((r1 - 2).clamp_min(0), Y.ndim).expand(S.shape))   # (c, B, *shape) S_{r - 1}
+    return S.sub_(before.mul_(append_dims(r1 > 1, Y.ndim))).mul_(P_y)
 
 
 def constant_d_path(solver: Solver, sigmas: torch.Tensor, noise, x_e: torch.Tensor, den_e: torch.Tensor,
@@ -824,20 +834,22 @@ def constant_d_path(solver: Solver, sigmas: torch.Tensor, noise, x_e: torch.Tens
     Yields:
         ``(k0, x)``: ``x`` ``(c, B, *shape)`` the states at points ``e + k0 + 1 .. e + k0 + c`` (a fresh tensor).
     """
-    a, k_z = constant_d_factors(solver, sigmas)
-    N, noisy, chunk = a.numel(), _has_noise_term(k_z, noise), _chunk(chunk, x_e)
+    a, k_z = _path_table(solver, sigmas)                                    # (N + 1,) each: a step past N appended
+    N, noisy, chunk = a.numel() - 1, _has_noise_term(k_z, noise), _chunk(chunk, x_e)
     y = x_e - den_e                                                         # (B, *shape) y at the chunk's start
     for k0 in range(0, span, chunk):
         c = min(chunk, span - k0)
-        m = e + k0 + torch.arange(c, device=e.device)[:, None]               # (c, B) the steps taken
-        inside, mc = m < N, m.clamp_max(N - 1)
-        A = torch.where(inside, a[mc], 1)                                    # (c, B); past N the state stays
+        m = e + torch.arange(k0, k0 + c, device=e.device)[:, None]          # (c, B) the steps taken
+        past = m.clamp_max(N)                                                # step N: past the grid, the state stays
+        A = a[past]                                                          # (c, B)
         if noisy:
-            Y = noise[mc, b].to(x_e.dtype).mul_(append_dims(torch.where(inside, k_z[mc], 0), x_e.ndim + 1))
+            Y = noise[m.clamp_max(N - 1), b].to(x_e.dtype).mul_(append_dims(k_z[past], x_e.ndim + 1))
         else:
             Y = torch.zeros((c, *x_e.shape), dtype=x_e.dtype, device=x_e.device)
-        Y[0] += append_dims(A[0], x_e.ndim) * y                              # the carry: a_m y_m of the first step
-        y = _affine_scan_(A, Y)[-1].clone()
+        Y[0].add_(append_dims(A[0], x_e.ndim) * y)                           # the carry: a_m y_m of the first step
+        S = _affine_scan_(A, Y)
+        if k0 + c < span:                                                    # another chunk follows
+            y = S[-1].clone()
         yield k0, Y.add_(den_e)
 
 

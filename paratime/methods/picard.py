@@ -231,19 +231,20 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         stride, residual = win.accept(rows, err, levels, shared_window, stopper.accept_scale(win.traj[N]))
         moved, window_moved = win.write(rows, new, new_rule, stride, stopper.scale_b, residual=rule.stalls)   # (B,)
         win.slide(rows, stride, fill, den_last)
-        rule.shift(rows.k, stride)
+        shift = stride                    # each slot's history moves with its point (one rule.shift, below)
         if guard and rule.gain is not None:
             # A window that stretches the iterates' errors (a crossing between modes): the points accepted before
             # it carry errors sized for an ordinary trajectory. Move the window back and accept more strictly.
             back = stopper.amplified(rule.gain, ~win.done)
             win.begin = torch.where(back, (win.begin.to(torch.float64) * ROLLBACK).long(), win.begin)
-            rule.shift(rows.k, torch.where(back, W, 0))                # their slots' history no longer applies
-            moved = torch.where(back, torch.inf, moved)
+            shift = torch.where(back, W, shift)      # their slots' history no longer applies: a shift by W clears it
+            moved = moved.masked_fill(back, torch.inf)
         # 5. Stop: every point accepted, or the stop rule.
         win.done = stopper(win.done | (win.begin >= N), moved, win.traj[N], window_moved, from_last)
         if stopper.reopen is not None:    # accepted to the end while the final point moved: the last window again
-            win.begin = torch.where(stopper.reopen, max(N - W, 0), win.begin)
-            rule.shift(rows.k, torch.where(stopper.reopen, W, 0))     # their slots' history no longer applies
+            win.begin = win.begin.masked_fill(stopper.reopen, max(N - W, 0))
+            shift = torch.where(stopper.reopen, W, shift)            # their slots' history no longer applies
+        rule.shift(rows.k, shift)         # after the stride, a shift by W clears a slot's history whatever the stride
         rounds += 1
         residual, final_change = win.sync(rounds, residual, moved)    # the round's one device read
         residuals.append(residual)

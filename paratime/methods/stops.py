@@ -156,6 +156,12 @@ class AllAcceptedStop:
         return done
 
 
+def _finite(change: torch.Tensor) -> torch.Tensor:
+    """``torch.isfinite(change)`` of a change (a max-abs: >= 0, inf or NaN) in one call (isfinite takes four): inf
+    and NaN compare false."""
+    return change < torch.inf
+
+
 class FinalPointStop:
     """``final``: a sample stops when its final point is quiet, judged in data units ``tol_b = tol * scale_b``.
 
@@ -216,7 +222,7 @@ class FinalPointStop:
         scale (1 in absolute units) times ``min(1, tol_b / moved_b)`` (1 while its final point is outside the
         window)."""
         self._refresh(final)
-        gate = torch.where(torch.isfinite(self.last_moved) & (self.last_moved > self.tol_b),
+        gate = torch.where(_finite(self.last_moved) & (self.last_moved > self.tol_b),
                            self.tol_b / self.last_moved, torch.ones_like(self.tol_b))
         return gate * self.tight * self.scale_b / self.noise_scale
 
@@ -230,11 +236,11 @@ class FinalPointStop:
         if not self.tol > 0:
             return torch.zeros_like(active)
         back = active & (self.tight == 1) & (gain > self.gain_limit)
-        self.tight = torch.where(back, TIGHTEN, self.tight)
-        self.quiet = torch.where(back, 0, self.quiet)
-        self.last_moved = torch.where(back, float("inf"), self.last_moved)
-        self.last_ratio = torch.where(back, float("inf"), self.last_ratio)
-        self.last_chain = torch.where(back, float("inf"), self.last_chain)
+        self.tight = self.tight.masked_fill(back, TIGHTEN)
+        self.quiet = self.quiet.masked_fill(back, 0)
+        self.last_moved = self.last_moved.masked_fill(back, float("inf"))
+        self.last_ratio = self.last_ratio.masked_fill(back, float("inf"))
+        self.last_chain = self.last_chain.masked_fill(back, float("inf"))
         return back
 
     def __call__(self, done: torch.Tensor, moved: torch.Tensor, final: torch.Tensor,
@@ -253,12 +259,12 @@ class FinalPointStop:
             # Changes below ROUNDING * tol_b count as none (float rounding, not convergence, decides them).
             tiny = moved <= ROUNDING * self.tol_b
             quiet = (moved <= self.tol_b * QUIET_SCALE) & ((moved <= self.last_moved) | tiny)
-            self.quiet = torch.where(quiet, self.quiet + 1, 0)
+            self.quiet = (self.quiet + 1) * quiet                          # count on, or restart at 0
             # And the error estimate: with the contraction r of the final point's changes over the last two rounds
             # (the larger ratio; both < 1), the changes still to come sum to ~ moved r / (1 - r), which must be
             # <= tol_b / ESTIMATE_SAFETY. It rejects the plateaus of a stochastic full window (changes 1.14, 0.146,
             # 0.127, then 1.0: r = 0.87 estimates 0.85 to come) that two quiet rounds alone took for convergence.
-            ratio = torch.where(tiny, 0.0, moved / self.last_moved)         # inf / inf = nan: not contracting
+            ratio = (moved / self.last_moved).masked_fill_(tiny, 0.0)       # inf / inf = nan: not contracting
             r = torch.maximum(ratio, self.last_ratio)
             estimate = moved * r / (1 - r).clamp_min(1e-12)
             # And the whole window quiet: the final point can sit still while earlier points still move, their change
@@ -276,14 +282,15 @@ class FinalPointStop:
             # absolute test.
             window_calm = window_moved <= WINDOW_QUIET_SCALE * self.tol_b
             if self.carried:
-                window_calm = window_calm | (torch.isfinite(moved) & (window_moved <= moved))
-            calm = ((self.quiet >= QUIET_ROUNDS) & (ratio < 1) & (self.last_ratio < 1)
-                    & (ESTIMATE_SAFETY * estimate <= self.tol_b) & window_calm)
+                window_calm = window_calm | (_finite(moved) & (window_moved <= moved))
+            # r < 1: both ratios < 1 (a NaN in either makes r NaN, which compares false)
+            calm = ((self.quiet >= QUIET_ROUNDS) & (r < 1) & (ESTIMATE_SAFETY * estimate <= self.tol_b)
+                    & window_calm)
             # Carried, a fast contraction: one quiet round is enough when the last three changes (all finite: the
             # first change after the final point enters its window has no predecessor) contracted by <= QUICK_RATIO
             # each and QUICK_SAFETY x their estimate is <= tol_b. The secant converges superlinearly at the end of a
             # window; a steady contraction near 1 or a first change read as a contraction waits for two rounds.
-            chain = torch.where(torch.isfinite(self.last_moved), ratio, torch.inf)
+            chain = torch.where(_finite(self.last_moved), ratio, torch.inf)
             if self.carried:
                 r_quick = torch.maximum(chain, self.last_chain)
                 quick = ((self.quiet >= 1) & (r_quick <= QUICK_RATIO) & window_calm

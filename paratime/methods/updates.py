@@ -14,6 +14,7 @@ first.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from paratime.kernels import cumsum0, picard_update
 
@@ -85,6 +86,7 @@ class UpdateRule:
         #: ``(B,)`` this round's window gain (:func:`_window_gain`), None before a round with a last evaluation (and
         #: without ``gain``)
         self.gain: torch.Tensor | None = None
+        self._b_row: torch.Tensor | None = None                      # (1, B) sample index of :meth:`shift`
 
     def __call__(self, start: torch.Tensor, dy: torch.Tensor, old: torch.Tensor, y_win: torch.Tensor,
                  valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -104,7 +106,7 @@ class UpdateRule:
         new_rule, self.gain = new, None
         W, B = dy.shape[:2]
         if self.last is not None:         # no previous evaluation anywhere in the first round
-            hy, hd, ok = (h[:W] for h in self.last)
+            hy, hd, ok = (h if h.shape[0] == W else h[:W] for h in self.last)
             ok = ok & valid
             if self.name == "secant":
                 dy_sec, self.gain = _secant_increment(dy, new, old, y_win, hy, hd, ok,
@@ -133,7 +135,9 @@ class UpdateRule:
         src = k + stride                                              # (W, B) slot the point came from
         keep = src < k.shape[0]
         src = src.clamp_max(k.shape[0] - 1)
-        b = torch.arange(stride.shape[0], device=stride.device)[None]   # (1, B)
+        b = self._b_row
+        if b is None or b.shape[1] != stride.shape[0]:
+            b = self._b_row = torch.arange(stride.shape[0], device=stride.device)[None]   # (1, B), made once
         if self.hist is not None:
             self.hist = (self.hist[0][:, src, b], self.hist[1][:, src, b], self.hist[2][:, src, b] & keep)
         if self.last is not None:
@@ -166,7 +170,7 @@ def _secant_increment(dy, new_pic, old, y_win, hist_y, hist_dy, hist_ok, span=GA
     u = torch.where(use, u, zero)
     # (I - L) c = r per sample, L strictly lower triangular; r_j = s_hat_j . delta_j with delta_0 = 0 and
     # delta_j = change_{j-1} (the same change at points p .. p+W-1).
-    r = torch.cat([zero.expand(1, B), (s_hat[1:] * change[:-1]).sum(-1)]).T[..., None]   # (B, W, 1)
+    r = F.pad((s_hat[1:] * change[:-1]).sum(-1), (0, 0, 1, 0)).T[..., None]       # (B, W, 1), a 0 row in front
     # L[b, j, l] = s_hat_j . u_l; the unit lower-triangular solve reads only the strictly lower part of -L.
     neg_L = torch.bmm(s_hat.transpose(0, 1), u.permute(1, 2, 0)).neg_()  # (B, W, W)
     c = torch.linalg.solve_triangular(neg_L, r, upper=False, unitriangular=True)[..., 0].T   # (W, B)
@@ -194,7 +198,7 @@ def _window_gain(s, u, d, hist_ok, span=GAIN_SPAN):
     t = s + u                                                             # F(y) - F(y')
     ss, tt, dd = (s * s).sum(-1), (t * t).sum(-1), (d * d).sum(-1)       # (W, B)
     # A change below GAIN_FLOOR x the step itself is converged: its ratio would be the network's rounding.
-    use = hist_ok & (ss > GAIN_FLOOR**2 * dd) & (ss > 0) & torch.isfinite(tt)
+    use = hist_ok & (ss > GAIN_FLOOR**2 * dd) & (ss > 0) & (tt < torch.inf)    # tt >= 0: finite (NaN: false)
     tiny = torch.finfo(ss.dtype).tiny
     log_gain = torch.where(use, 0.5 * (tt.clamp_min(tiny).log() - ss.clamp_min(tiny).log()), 0.0)
     # The largest stretch over span consecutive points (the whole window when shorter): a long window's product
@@ -208,8 +212,10 @@ def _sane(extra, change):
     """``(B, 1)`` whether a sample's accelerated change is usable this round: its largest correction ``extra`` (the
     accelerated values less Picard's, ``(W, B, D)``) is finite and <= SAFEGUARD x its largest Picard change
     ``change`` ``(W, B, D)``; where not, the sample takes Picard's values."""
-    extra = extra.abs().amax((0, 2))
-    return ((extra <= SAFEGUARD * change.abs().amax((0, 2))) & torch.isfinite(extra))[:, None]
+    # The bound clamped to the largest float: an infinite extra is refused even against an infinite bound (one
+    # comparison instead of a finiteness test; a NaN on either side compares false).
+    bound = (SAFEGUARD * change.abs().amax((0, 2))).clamp_max(torch.finfo(change.dtype).max)
+    return (extra.abs().amax((0, 2)) <= bound)[:, None]
 
 
 def _anderson_values(new_pic, old, hist_x, hist_r, hist_ok):

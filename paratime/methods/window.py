@@ -78,13 +78,16 @@ def model_frame_path(problem: Problem, y_e: torch.Tensor, den_e: torch.Tensor, e
     Returns:
         ``(span, B, *shape)``: ``out``, or the new tensor.
     """
-    if out is None:
-        out = torch.empty((span, *y_e.shape), dtype=y_e.dtype, device=y_e.device)
     x_e = problem.scale(y_e, e, inverse=True)                        # (B, *shape), VE frame
     N = problem.steps
     for k0, x in constant_d_path(problem.solver, problem.sigmas, problem.noise, x_e, den_e, e, b, span, chunk):
-        pts = (e + k0 + 1 + torch.arange(x.shape[0], device=e.device)[:, None]).clamp_max(N)   # (c, B)
-        out[k0:k0 + x.shape[0]] = problem.scale(x, pts)
+        c = x.shape[0]
+        pts = (e + torch.arange(k0 + 1, k0 + 1 + c, device=e.device)[:, None]).clamp_max(N)   # (c, B)
+        if out is None and c == span:
+            return problem.scale(x, pts)                              # one chunk: no copy
+        if out is None:
+            out = torch.empty((span, *y_e.shape), dtype=y_e.dtype, device=y_e.device)
+        out[k0:k0 + c] = problem.scale(x, pts)
     return out
 
 
@@ -119,8 +122,12 @@ class SlidingWindow:
         # Filled on the device, not copied from the host (a copy from pageable memory is a host sync on CUDA: two of
         # a Picard call's set-up syncs on an H100).
         self._inf = torch.full((), float("inf"), dtype=y.dtype, device=dev)
+        self._neg_inf = -self._inf
         self._sink = torch.full((), N + 1, dtype=torch.long, device=dev)     # row that masked writes go to
-        self._aranges: dict[int, torch.Tensor] = {}                   # arange(n) per window shape, made once
+        self._b_row = self.ar_b[None]                                 # (1, B)
+        # arange(n) and its (n, 1) column per window shape, made once (each round's index arithmetic reuses them)
+        self._aranges: dict[int, torch.Tensor] = {}
+        self._columns: dict[int, torch.Tensor] = {}
         self._frame_scales, self._sigmas = problem.frame_scales, problem.sigmas    # (N + 1,): see write()
         self.begin_h, self.done_h, self.done_round = [0] * B, [False] * B, [0] * B
 
@@ -133,6 +140,13 @@ class SlidingWindow:
             self._aranges[n] = torch.arange(n, device=self.ar_b.device)
         return self._aranges[n]
 
+    def _column(self, n: int, first: int = 0) -> torch.Tensor:
+        """``(n, 1)``: ``first .. first + n - 1`` (made once per shape)."""
+        key = (n, first)
+        if key not in self._columns:
+            self._columns[key] = torch.arange(first, first + n, device=self.ar_b.device)[:, None]
+        return self._columns[key]
+
     def pack(self, W: int, want_last: bool) -> Rows:
         """The rows of this round's call: points ``p .. p+W-1`` of every active sample (clamped to the grid).
 
@@ -140,19 +154,22 @@ class SlidingWindow:
         rows size it from them: Heun, PLMS, Langevin). ``want_last``: give each sample's last row (the fill's D).
         """
         N, begin = self.N, self.begin
-        k = self._arange(W)[:, None]                                  # (W, 1)
+        k = self._column(W)                                           # (W, 1)
         host_steps = [p + j for p, d in zip(self.begin_h, self.done_h) if not d for j in range(min(W, N - p))]
         M = len(host_steps)
         self._active = ~self.done                                     # (B,) the samples this round works on
         counts = (N - begin).clamp_max(W) * self._active              # (B,) window points of each sample
         valid = k < counts                                            # (W, B)
-        bb = torch.repeat_interleave(self.ar_b, counts, output_size=M)    # (M,)
-        kk = torch.arange(M, device=begin.device) - (counts.cumsum(0) - counts)[bb]
-        jj = begin[bb] + kk
+        ends = counts.cumsum(0)                                       # (B,) each sample's rows end there
+        # Row r belongs to the first sample whose rows end after r: repeat_interleave(ar_b, counts) in one call.
+        row_ids = self._arange(W * self.B)[:M]                        # (M,) 0 .. M-1: a view of one made per W
+        bb = torch.searchsorted(ends, row_ids, right=True)            # (M,)
+        kk = row_ids - (ends - counts)[bb]
         # The window's points p .. p+W (clamped to N) in one gather: y_win = points p+k, old = the points they update.
-        idx = (begin + self._arange(W + 1)[:, None]).clamp_max(N)     # (W+1, B)
-        win = self.traj[idx, self.ar_b[None]]                         # (W+1, B, *shape)
-        last = (counts.cumsum(0) - 1).clamp_min(0) if want_last else None    # (B,) each sample's last row
+        idx = (begin + self._column(W + 1)).clamp_max(N)              # (W+1, B)
+        jj = idx[kk, bb]                                              # (M,) p + k: a row's point is below N, unclamped
+        win = self.traj[idx, self._b_row]                             # (W+1, B, *shape)
+        last = (ends - 1).clamp_min(0) if want_last else None         # (B,) each sample's last row
         return Rows(k, counts, valid, bb, kk, jj, host_steps, win[0], win[:W], win[1:], idx[1:], last)
 
     def accept(self, rows: Rows, err: torch.Tensor, levels: torch.Tensor, shared: bool,
@@ -168,11 +185,11 @@ class SlidingWindow:
         thr, lvl, lvl_div = levels[:, rows.tgt]                       # (W, B) each
         thr = thr if scale is None else thr * scale
         ok = (err <= thr) & rows.valid
-        stride = torch.minimum(ok.int().cumprod(0).sum(0) + 1, rows.counts)   # 1 + the leading converged points
+        stride = torch.minimum(ok.cumprod(0).sum(0) + 1, rows.counts)   # 1 + the leading converged points
         if shared:
             smallest = torch.where(self._active, stride, self.N + 1).min()
             stride = torch.where(self._active, smallest, 0)
-        residual = torch.where(rows.valid & (lvl > 0), err / lvl_div, -self._inf).amax()
+        residual = torch.where(rows.valid & (lvl > 0), err / lvl_div, self._neg_inf).amax()
         return stride, residual
 
     def write(self, rows: Rows, new: torch.Tensor, new_rule: torch.Tensor, stride: torch.Tensor,
@@ -192,7 +209,7 @@ class SlidingWindow:
         defect = (new - rows.old).abs_().amax(dims) if residual else None     # (W, B), Picard's change
         if new_rule is not new:
             new = torch.where((rows.k < stride).reshape(W, self.B, *([1] * (new.ndim - 2))), new, new_rule)
-        self.traj[torch.where(rows.valid, rows.tgt, self._sink), ar_b[None]] = new
+        self.traj[torch.where(rows.valid, rows.tgt, self._sink), self._b_row] = new
         change = (new - rows.old).abs_().amax(dims)                            # (W, B)
         if defect is not None:
             change = torch.maximum(change, defect)
@@ -203,8 +220,8 @@ class SlidingWindow:
             # inf
             sigma, frame = self._sigmas[rows.tgt], self._frame_scales[rows.tgt]
             s = sigma.new_ones(()) if scale is None else scale.to(sigma.dtype)
-            to_data = torch.where(torch.isfinite(sigma), 1 / (frame * torch.hypot(torch.ones_like(sigma), sigma / s)),
-                                  s)
+            finite = sigma.abs() < torch.inf                          # isfinite in two calls, not four
+            to_data = torch.where(finite, 1 / (frame * torch.hypot(torch.ones_like(sigma), sigma / s)), s)
             window_moved = torch.where(rows.valid, change * to_data.to(change.dtype), 0).amax(0)   # (B,)
         to_end = N - 1 - self.begin                                   # (B,) slot that updates point N, if < W
         k_end = to_end.clamp(0, W - 1)
@@ -221,21 +238,21 @@ class SlidingWindow:
         self.begin = self.begin + stride
         if not reads_entries(W, N):
             return
-        p = old_end + 1 + rows.k                                      # (W, B)
+        p = old_end + self._column(W, 1)                              # (W, B) old_end + 1 + k
         entering = (p <= (self.begin + W).clamp_max(N)) & self._active
         if fill == "copy":
             guess = self.traj[old_end, ar_b][None].expand(W, *self.traj.shape[1:])
         else:
             guess = model_frame_path(self.problem, self.traj[old_end, ar_b], den_last, old_end, ar_b, W)  # at p
-        self.traj[torch.where(entering, p, self._sink), ar_b[None]] = guess
+        self.traj[torch.where(entering, p, self._sink), self._b_row] = guess
 
     def sync(self, rounds: int, residual: torch.Tensor, moved: torch.Tensor) -> tuple[float, float]:
         """The round's one device read: window starts (N once done), the worst residual and the largest final-point
         change of an active sample; refreshes the host copies. Returns ``(residual, final_change)`` (nan for none).
         Call after :attr:`done` is updated; ``moved`` is this round's (inf where outside the window)."""
         dt, B = self.traj.dtype, self.B
-        state = torch.cat([torch.where(self.done, self.N, self.begin).to(dt), residual.view(1).to(dt),
-                           torch.where(self._active, moved, -self._inf).amax().view(1)]).tolist()
+        state = torch.cat([self.begin.masked_fill(self.done, self.N).to(dt), residual.view(1).to(dt),
+                           torch.where(self._active, moved, self._neg_inf).amax().view(1)]).tolist()
         self.begin_h = [int(v) for v in state[:B]]
         for b in range(B):
             if self.begin_h[b] >= self.N and not self.done_h[b]:
