@@ -125,3 +125,25 @@ def test_classifier_labels_without_a_classifier_are_refused():
     s = ParallelSampler("gmm", solver="ddpm", steps=8, progress=False)
     with pytest.raises(ValueError, match="^y: the mixture model takes no conditioning"):
         s.sample(4, seed=0, y=torch.zeros(4, dtype=torch.long))
+
+
+def test_non_finite_unconditional_output_is_reported(monkeypatch):
+    """Under classifier-free guidance the fused path's NaN check reads the unconditional half's peaks too: a network
+    whose unconditional output alone is NaN (at one sample, late steps) is reported with that step and sample, not
+    folded into the guided step unseen."""
+    from paratime.denoiser import Denoiser
+    from paratime.evaluator import NonFiniteOutputError
+    from paratime.schedules import DiscreteVPSchedule
+
+    def net(x, t, c):
+        out = torch.zeros_like(x)
+        bad = (c == 0) & (t < 500) & (torch.arange(x.shape[0]) % 3 == 1)     # unconditional rows of sample 1
+        return out.masked_fill(bad[:, None], float("nan"))
+
+    calls = _count_outputs(monkeypatch)
+    den = Denoiser(net, DiscreteVPSchedule.from_betas("linear", 1000, 1e-4, 0.02), "eps", sample_shape=(2,),
+                   guidance=2.0, uncond_fn=lambda cond: {"c": torch.zeros_like(cond["c"])})
+    with pytest.raises(NonFiniteOutputError, match="sample 1"):
+        ParallelSampler(den, solver="ddim", steps=10, method="sequential", progress=False).sample(
+            3, seed=0, c=torch.ones(3))
+    assert calls, "the fused path was not taken"
