@@ -362,10 +362,15 @@ class Ancestral(Solver):
         a, k_z = self._per_step(sigmas, self._next_table)[:, i]
         return a, k_z
 
+    def _next_rows(self, s: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
+        """``(4, N)``: :meth:`_next_table`'s ``a, k_z`` and the rows of 0 and 1 (``D`` is already x0: ``c_x = 0``,
+        ``c_o = 1``), gathered with them."""
+        table = self._next_table(s, s1)
+        return torch.cat([table, torch.zeros_like(table[:1]), torch.ones_like(table[:1])])
+
     def next_state(self, x, i, b, denoised, prev_denoised, noise, sigmas, evaluate, *, host_steps=None):
-        a, k_z = self._per_step(sigmas, self._next_table)[:, i]    # (M,) each
-        ones = torch.ones_like(a)
-        x1, _ = linear_next_state(x, denoised, None, 1.0, 0 * ones, ones, a, k_z, noise if self.eta > 0 else None)
+        a, k_z, c_x, c_o = self._per_step(sigmas, self._next_rows)[:, i]    # (M,) each
+        x1, _ = linear_next_state(x, denoised, None, 1.0, c_x, c_o, a, k_z, noise if self.eta > 0 else None)
         if self.clip is not None:       # x' = clamp(D) + a (x - D) + up z
             x1 = x1 + (denoised.clamp(-self.clip, self.clip) - denoised)
         return x1
@@ -786,6 +791,13 @@ def _path_table(solver: Solver, sigmas: torch.Tensor) -> tuple[torch.Tensor, tor
     return solver._cached("_path_table", sigmas, make)
 
 
+def step_column(solver: Solver, sigmas: torch.Tensor, first: int, n: int) -> torch.Tensor:
+    """``(n, 1)`` the integers ``first .. first + n - 1`` on the grid's device, made once per grid and range (a
+    path's steps and points: its rounds reuse them)."""
+    return solver._cached(f"_column_{first}_{n}", sigmas,
+                          lambda: torch.arange(first, first + n, device=sigmas.device)[:, None])
+
+
 def _has_noise_term(k_z: torch.Tensor | None, noise) -> bool:
     """Whether the path carries step noise: a linear solver's, and a table or lazy rows (a corrector's tuple: no)."""
     return k_z is not None and noise is not None and not isinstance(noise, tuple)
@@ -796,7 +808,7 @@ def _chunk(chunk: int | None, like: torch.Tensor) -> int:
     return chunk or max(1, PATH_CHUNK_ELEMENTS // max(like.numel(), 1))
 
 
-def _affine_scan_(A: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+def _affine_scan_(A: torch.Tensor, Y: torch.Tensor, ones_to_c: torch.Tensor | None = None) -> torch.Tensor:
     """In place in ``Y``, all prefixes of the recurrence ``y_k = A_k y_{k-1} + Y_k`` (``y_{-1} = 0``) along dim 0,
     in closed form: with ``P_k = prod_{l <= k} A'_l`` (``A'``: ``A`` with its zeros set to 1) and ``S = cumsum(Y /
     P)``, ``y_k = P_k (S_k - S_{r - 1})``, ``r`` the last step ``<= k`` with ``A_r = 0`` (a step that forgets its
@@ -806,14 +818,16 @@ def _affine_scan_(A: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     of a policy window). ``A``: ``(c, B)`` (its products taken in its own dtype, float64 from the grid's tables),
     ``Y``: ``(c, B, *shape)``; the weights in ``Y``'s dtype, finite while the products between restarts stay above
     its smallest normal (float32: 1e-38; a constant-D path's product is at most ``(sigma_j / sigma_i)^2`` between
-    finite sigmas, and an infinite sigma, a zero-SNR or flow grid's first, makes its step a restart)."""
+    finite sigmas, and an infinite sigma, a zero-SNR or flow grid's first, makes its step a restart).
+    ``ones_to_c``: ``(c, 1)`` the integers ``1 .. c`` on ``A``'s device where the caller keeps them (else made here)."""
     c = A.shape[0]
     zero = A == 0
     P = A.masked_fill(zero, 1).cumprod(0)                                    # (c, B)
     P_y = append_dims(P.to(Y.dtype), Y.ndim)
     S = Y.div_(P_y).cumsum_(0)                                               # (c, B, *shape)
     # (c, B) r + 1 at the last restart (0: none): k + 1 where A_k = 0, its running max
-    r1 = (zero * torch.arange(1, c + 1, device=A.device)[:, None]).cummax(0).values
+    ones_to_c = torch.arange(1, c + 1, device=A.device)[:, None] if ones_to_c is None else ones_to_c
+    r1 = (zero * ones_to_c).cummax(0).values
     before = S.gather(0, append_dims((r1 - 2).clamp_min(0), Y.ndim).expand(S.shape))   # (c, B, *shape) S_{r - 1}
     return S.sub_(before.mul_(append_dims(r1 > 1, Y.ndim))).mul_(P_y)
 
@@ -839,7 +853,7 @@ def constant_d_path(solver: Solver, sigmas: torch.Tensor, noise, x_e: torch.Tens
     y = x_e - den_e                                                         # (B, *shape) y at the chunk's start
     for k0 in range(0, span, chunk):
         c = min(chunk, span - k0)
-        m = e + torch.arange(k0, k0 + c, device=e.device)[:, None]          # (c, B) the steps taken
+        m = e + step_column(solver, sigmas, k0, c)                           # (c, B) the steps taken
         past = m.clamp_max(N)                                                # step N: past the grid, the state stays
         A = a[past]                                                          # (c, B)
         if noisy:
@@ -847,7 +861,7 @@ def constant_d_path(solver: Solver, sigmas: torch.Tensor, noise, x_e: torch.Tens
         else:
             Y = torch.zeros((c, *x_e.shape), dtype=x_e.dtype, device=x_e.device)
         Y[0].add_(append_dims(A[0], x_e.ndim) * y)                           # the carry: a_m y_m of the first step
-        S = _affine_scan_(A, Y)
+        S = _affine_scan_(A, Y, step_column(solver, sigmas, 1, c))
         if k0 + c < span:                                                    # another chunk follows
             y = S[-1].clone()
         yield k0, Y.add_(den_e)

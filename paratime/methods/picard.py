@@ -190,7 +190,8 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
     N, B, dev = problem.steps, x.shape[0], x.device
     stopper = make_stop(stop, tol, accept_tol, tol_scale, stochastic=problem.solver.stochastic, sliding=window < N,
                         update=update, relative=None if tol_units is None else tol_units == "data")
-    levels = acceptance_levels(problem.noise_levels, stopper.accept, stopper.tail, stopper.tail_fraction)  # (3, N+1)
+    levels = acceptance_levels(problem.noise_levels, stopper.accept, stopper.tail, stopper.tail_fraction,
+                               sink=True)                                                               # (3, N+2)
     init, need_den = path_plan(init, fill, window, N, max_rounds)
     # The trajectory lives in the model's frame (ParaDiGMS iterates on VP latents): there the state barely moves at
     # high noise, while the VE-frame state shrinks by sigma_{i+1}/sigma_i per step, which Picard would have to undo
@@ -207,6 +208,8 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
     # whole batch: one sample cannot move it back).
     guard = isinstance(stopper, FinalPointStop) and not shared_window
     rule = UpdateRule(update, gain=guard, span=gain_span(N))          # the guard reads every rule's window gain
+    # Each window start's rollback position, int(p * ROLLBACK), made once (one gather a round, not three ops)
+    rolled = (torch.arange(N + 1, dtype=torch.float64, device=dev) * ROLLBACK).long() if guard else None
     if init == "x0":
         # 0. One call at x_T; every point from there with D held at its value (one round, counted).
         den_T = problem.evaluate(problem.scale(y, zeros, inverse=True), zeros, win.ar_b)
@@ -215,6 +218,7 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         rounds = 1
         residuals.append(float("nan"))
         problem.report(RoundInfo(rounds, torch.tensor(win.begin_h), B, float("nan")))
+    final = win.traj[N]               # (B, *shape) the final points: a view, written in place
     while not win.all_done:
         W = window if max_rounds is None or rounds < max_rounds else 1
         # A window of one point reaches the final point from the accepted point before it alone: re-opening that
@@ -228,22 +232,22 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         # 3. Update: Picard's values (W, B, *shape) at points p+1 .. p+W, their rms change err (W, B), the rule's.
         new, err, new_rule = rule(rows.start, dy, rows.old, rows.y_win, rows.valid)
         # 4. Accept the leading converged points, store, slide and guess the points that enter.
-        stride, residual = win.accept(rows, err, levels, shared_window, stopper.accept_scale(win.traj[N]))
+        stride, residual = win.accept(rows, err, levels, shared_window, stopper.accept_scale(final))
         moved, window_moved = win.write(rows, new, new_rule, stride, stopper.scale_b, residual=rule.stalls)   # (B,)
         win.slide(rows, stride, fill, den_last)
         shift = stride                    # each slot's history moves with its point (one rule.shift, below)
         if guard and rule.gain is not None:
             # A window that stretches the iterates' errors (a crossing between modes): the points accepted before
             # it carry errors sized for an ordinary trajectory. Move the window back and accept more strictly.
-            back = stopper.amplified(rule.gain, ~win.done)
-            win.begin = torch.where(back, (win.begin.to(torch.float64) * ROLLBACK).long(), win.begin)
-            shift = torch.where(back, W, shift)      # their slots' history no longer applies: a shift by W clears it
+            back = stopper.amplified(rule.gain, win.active)
+            win.begin = torch.where(back, rolled[win.begin], win.begin)
+            shift = shift.masked_fill(back, W)       # their slots' history no longer applies: a shift by W clears it
             moved = moved.masked_fill(back, torch.inf)
         # 5. Stop: every point accepted, or the stop rule.
-        win.done = stopper(win.done | (win.begin >= N), moved, win.traj[N], window_moved, from_last)
+        win.done = stopper(win.done | (win.begin >= N), moved, final, window_moved, from_last)
         if stopper.reopen is not None:    # accepted to the end while the final point moved: the last window again
             win.begin = win.begin.masked_fill(stopper.reopen, max(N - W, 0))
-            shift = torch.where(stopper.reopen, W, shift)            # their slots' history no longer applies
+            shift = shift.masked_fill(stopper.reopen, W)              # their slots' history no longer applies
         rule.shift(rows.k, shift)         # after the stride, a shift by W clears a slot's history whatever the stride
         rounds += 1
         residual, final_change = win.sync(rounds, residual, moved)    # the round's one device read

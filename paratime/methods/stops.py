@@ -201,20 +201,30 @@ class FinalPointStop:
         # scale of exactly 1 too (it was read as absolute units: acceptance sigma_max times looser on a VE model).
         self.noise_scale = noise_scale if self.relative and noise_scale is not None else 1.0
         self.quiet = torch.zeros(B, dtype=torch.long, device=like.device)
-        self.last_ratio = torch.full((B,), float("inf"), dtype=like.dtype, device=like.device)   # previous ratio
-        self.last_chain = self.last_ratio.clone()       # previous ratio of two finite changes (inf: none)
+        # The previous ratio; carried: stacked on the previous ratio of two finite changes (inf: none), (2, B), so a
+        # rollback resets both in one fill
+        self.last_ratio = torch.full((2, B) if self.carried else (B,), float("inf"), dtype=like.dtype,
+                                     device=like.device)
         self.last_moved = torch.full((B,), float("inf"), dtype=like.dtype, device=like.device)   # previous change
         self.finished = torch.zeros(B, dtype=torch.bool, device=like.device)
         self.reopen = self.finished                                           # samples to re-open this round
         self.scale_b = torch.full((B,), self.scale or 1.0, dtype=like.dtype, device=like.device)
-        self.tol_b = self.tol * self.scale_b
         self.tight = torch.ones(B, dtype=like.dtype, device=like.device)    # acceptance factor of amplified samples
+        self._inf = torch.full((), float("inf"), dtype=like.dtype, device=like.device)
+        self.tol_b = self.tol * self.scale_b
+        self._multiples()
+
+    def _multiples(self) -> None:
+        """The multiples of ``tol_b`` that ``__call__`` compares with: once per call where the scale is fixed, each
+        round where it is the sample's own (:meth:`_refresh`)."""
+        self._tol_tiny, self._tol_quiet = ROUNDING * self.tol_b, self.tol_b * QUIET_SCALE
+        self._tol_window = WINDOW_QUIET_SCALE * self.tol_b
 
     def _refresh(self, final: torch.Tensor) -> None:
         """``scale_b``, ``tol_b`` ``(B,)`` from the final points ``(B, *shape)`` (model frame: the returned sample's
         units) when the scale is each sample's own."""
         if self.scale is None:
-            self.scale_b = final.abs().flatten(1).amax(1)
+            self.scale_b = final.abs().amax(tuple(range(1, final.ndim)))     # per sample, no flattened view
             self.tol_b = self.tol * self.scale_b
 
     def accept_scale(self, final: torch.Tensor) -> torch.Tensor:
@@ -222,9 +232,13 @@ class FinalPointStop:
         scale (1 in absolute units) times ``min(1, tol_b / moved_b)`` (1 while its final point is outside the
         window)."""
         self._refresh(final)
+        # min(1, tol_b / moved_b) x tight as where(.., q x tight, tight): 1 x tight is tight (the same bits); x
+        # scale_b only where it is not exactly 1 (a fixed scale of 1), / noise_scale where not the number 1
         gate = torch.where(_finite(self.last_moved) & (self.last_moved > self.tol_b),
-                           self.tol_b / self.last_moved, torch.ones_like(self.tol_b))
-        return gate * self.tight * self.scale_b / self.noise_scale
+                           self.tol_b / self.last_moved * self.tight, self.tight)
+        if self.scale != 1.0:
+            gate = gate * self.scale_b
+        return gate if isinstance(self.noise_scale, float) and self.noise_scale == 1.0 else gate / self.noise_scale
 
     def amplified(self, gain: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """``(B,)`` the samples to roll back this round: active, not yet tightened, and whose window stretched the
@@ -239,14 +253,15 @@ class FinalPointStop:
         self.tight = self.tight.masked_fill(back, TIGHTEN)
         self.quiet = self.quiet.masked_fill(back, 0)
         self.last_moved = self.last_moved.masked_fill(back, float("inf"))
-        self.last_ratio = self.last_ratio.masked_fill(back, float("inf"))
-        self.last_chain = self.last_chain.masked_fill(back, float("inf"))
+        self.last_ratio = self.last_ratio.masked_fill(back, float("inf"))      # (and the chain's, carried)
         return back
 
     def __call__(self, done: torch.Tensor, moved: torch.Tensor, final: torch.Tensor,
                  window_moved: torch.Tensor, from_last: torch.Tensor | None = None) -> torch.Tensor:
         self._refresh(final)
         if self.tol > 0:
+            if self.scale is None:
+                self._multiples()
             # Every point accepted is not enough while the final point still moves by more than tol_b: its error then
             # sits in frozen points, so the sample's window re-opens (:attr:`reopen`) instead; not where a window of
             # one point started at the last step's point (``from_last``): the final point came from that accepted
@@ -254,18 +269,23 @@ class FinalPointStop:
             self.reopen = done & ~self.finished & (moved > self.tol_b)
             if from_last is not None:
                 self.reopen = self.reopen & ~from_last
-            done = done & ~self.reopen
+            done = done ^ self.reopen                                      # done & ~reopen: reopen is within done
             # Quiet: moved <= QUIET_SCALE * tol_b and no more than the round before, in QUIET_ROUNDS successive rounds.
             # Changes below ROUNDING * tol_b count as none (float rounding, not convergence, decides them).
-            tiny = moved <= ROUNDING * self.tol_b
-            quiet = (moved <= self.tol_b * QUIET_SCALE) & ((moved <= self.last_moved) | tiny)
+            tiny = moved <= self._tol_tiny
+            quiet = (moved <= self._tol_quiet) & ((moved <= self.last_moved) | tiny)
             self.quiet = (self.quiet + 1) * quiet                          # count on, or restart at 0
             # And the error estimate: with the contraction r of the final point's changes over the last two rounds
             # (the larger ratio; both < 1), the changes still to come sum to ~ moved r / (1 - r), which must be
             # <= tol_b / ESTIMATE_SAFETY. It rejects the plateaus of a stochastic full window (changes 1.14, 0.146,
             # 0.127, then 1.0: r = 0.87 estimates 0.85 to come) that two quiet rounds alone took for convergence.
             ratio = (moved / self.last_moved).masked_fill_(tiny, 0.0)       # inf / inf = nan: not contracting
-            r = torch.maximum(ratio, self.last_ratio)
+            if self.carried:                                                # the chain's too (see below)
+                ratios = torch.stack([ratio, torch.where(_finite(self.last_moved), ratio, self._inf)])   # (2, B)
+                r, r_quick = torch.maximum(ratios, self.last_ratio).unbind(0)
+            else:
+                ratios = ratio
+                r = torch.maximum(ratio, self.last_ratio)
             estimate = moved * r / (1 - r).clamp_min(1e-12)
             # And the whole window quiet: the final point can sit still while earlier points still move, their change
             # reaching it rounds later, amplified (a trajectory on a boundary between modes: gmm DDPM-100, sample
@@ -280,25 +300,24 @@ class FinalPointStop:
             # under every update (gmm DDPM-100 at tol 0.1 and 0.03); Picard's and Anderson's updates do not carry a
             # change down the window within the round (Picard moves it one point a round), so they keep the
             # absolute test.
-            window_calm = window_moved <= WINDOW_QUIET_SCALE * self.tol_b
+            window_calm = window_moved <= self._tol_window
             if self.carried:
                 window_calm = window_calm | (_finite(moved) & (window_moved <= moved))
             # r < 1: both ratios < 1 (a NaN in either makes r NaN, which compares false)
-            calm = ((self.quiet >= QUIET_ROUNDS) & (r < 1) & (ESTIMATE_SAFETY * estimate <= self.tol_b)
-                    & window_calm)
+            if ESTIMATE_SAFETY != 1:                                       # x 1: the same bits
+                estimate = ESTIMATE_SAFETY * estimate
+            calm = (self.quiet >= QUIET_ROUNDS) & (r < 1) & (estimate <= self.tol_b)      # & window_calm, below
             # Carried, a fast contraction: one quiet round is enough when the last three changes (all finite: the
             # first change after the final point enters its window has no predecessor) contracted by <= QUICK_RATIO
             # each and QUICK_SAFETY x their estimate is <= tol_b. The secant converges superlinearly at the end of a
             # window; a steady contraction near 1 or a first change read as a contraction waits for two rounds.
-            chain = torch.where(_finite(self.last_moved), ratio, torch.inf)
+            # (Only the carried rule reads the chain: ratios[1], r_quick above.) quiet: the count is >= 1. Both tests
+            # need the window calm.
             if self.carried:
-                r_quick = torch.maximum(chain, self.last_chain)
-                quick = ((self.quiet >= 1) & (r_quick <= QUICK_RATIO) & window_calm
-                         & (QUICK_SAFETY * moved * r_quick / (1 - r_quick) <= self.tol_b))
-                calm = calm | quick
-            self.last_moved, self.last_ratio = moved, torch.nan_to_num(ratio, nan=float("inf"))
-            self.last_chain = torch.nan_to_num(chain, nan=float("inf"))
-            done = done | calm
+                calm = calm | (quiet & (r_quick <= QUICK_RATIO)
+                               & (QUICK_SAFETY * moved * r_quick / (1 - r_quick) <= self.tol_b))
+            self.last_moved, self.last_ratio = moved, ratios.nan_to_num_(nan=float("inf"))
+            done = done | (calm & window_calm)
         self.finished = done
         return done
 

@@ -13,6 +13,8 @@ first.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -162,24 +164,35 @@ def _secant_increment(dy, new_pic, old, y_win, hist_y, hist_dy, hist_ok, span=GA
     d, yw, hy, hd = (t.reshape(W, B, -1) for t in (dy, y_win, hist_y, hist_dy))
     change = (new_pic - old).reshape(W, B, -1)                            # Picard's change of points p+1 .. p+W
     s, u = yw - hy, d - hd                                                # (W, B, D)
-    gain = None if span is None else _window_gain(s, u, d, hist_ok, span)
     ss, uu = (s * s).sum(-1), (u * u).sum(-1)                             # (W, B); x * x: pow(2)'s bits, faster
+    gain = None if span is None else _window_gain(s, u, d, hist_ok, span, ss)
     use = (hist_ok & (ss > 0) & (uu <= SAFEGUARD**2 * ss))[..., None]     # (W, B, 1)
-    zero = d.new_zeros(())
+    zero = _zero(d)
     s_hat = torch.where(use, s / ss[..., None], zero)
     u = torch.where(use, u, zero)
     # (I - L) c = r per sample, L strictly lower triangular; r_j = s_hat_j . delta_j with delta_0 = 0 and
     # delta_j = change_{j-1} (the same change at points p .. p+W-1).
-    r = F.pad((s_hat[1:] * change[:-1]).sum(-1), (0, 0, 1, 0)).T[..., None]       # (B, W, 1), a 0 row in front
+    r = F.pad((s_hat[1:] * change[:-1]).sum(-1, keepdim=True), (0, 0, 0, 0, 1, 0)).transpose(0, 1)  # (B, W, 1)
     # L[b, j, l] = s_hat_j . u_l; the unit lower-triangular solve reads only the strictly lower part of -L.
     neg_L = torch.bmm(s_hat.transpose(0, 1), u.permute(1, 2, 0)).neg_()  # (B, W, W)
-    c = torch.linalg.solve_triangular(neg_L, r, upper=False, unitriangular=True)[..., 0].T   # (W, B)
-    corr = u * c[..., None]                                               # (W, B, D)
+    c = torch.linalg.solve_triangular(neg_L, r, upper=False, unitriangular=True).transpose(0, 1)   # (W, B, 1)
+    corr = u * c                                                          # (W, B, D)
     # Per-sample fallback to Picard when the secant change of any point exceeds SAFEGUARD x the largest Picard one.
     return (d + torch.where(_sane(cumsum0(corr), change), corr, zero)).reshape(dy.shape), gain
 
 
-def _window_gain(s, u, d, hist_ok, span=GAIN_SPAN):
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    """A 0-d zero of ``like``'s dtype and device, made once per pair (``torch.where``'s 0 operand: a number would
+    make one each call)."""
+    return _zero_of(like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _zero_of(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.zeros((), dtype=dtype, device=device)
+
+
+def _window_gain(s, u, d, hist_ok, span=GAIN_SPAN, ss=None):
     """``(B,)`` how much the window's steps stretch a change of the trajectory, measured on the points' own two last
     evaluations: per point the one-step map ``F(y) = y + dy(y)`` stretches ``s = y - y'`` (this round's state less
     the previous round's) into ``F(y) - F(y') = s + u`` (``u = dy - dy'``), a gain ``|s + u| / |s|`` (2-norm over
@@ -192,30 +205,33 @@ def _window_gain(s, u, d, hist_ok, span=GAIN_SPAN):
     Args:
         s, u: ``(W, B, D)`` each point's change of state ``y - y'`` and of increment ``dy - dy'`` (the secant pairs
             of :func:`_secant_increment`). d: ``(W, B, D)`` this round's increments. hist_ok: ``(W, B)`` whether
-            the previous evaluation exists. span: consecutive points the product is taken over.
+            the previous evaluation exists. span: consecutive points the product is taken over. ss: ``(W, B)``
+            ``(s * s).sum(-1)`` where the caller has it (the secant's), else None.
     """
     W, B = s.shape[:2]
     t = s + u                                                             # F(y) - F(y')
-    ss, tt, dd = (s * s).sum(-1), (t * t).sum(-1), (d * d).sum(-1)       # (W, B)
-    # A change below GAIN_FLOOR x the step itself is converged: its ratio would be the network's rounding.
-    use = hist_ok & (ss > GAIN_FLOOR**2 * dd) & (ss > 0) & (tt < torch.inf)    # tt >= 0: finite (NaN: false)
+    ss = (s * s).sum(-1) if ss is None else ss
+    tt, dd = (t * t).sum(-1), (d * d).sum(-1)                             # (W, B)
+    # A change below GAIN_FLOOR x the step itself is converged: its ratio would be the network's rounding. (ss >
+    # GAIN_FLOOR^2 dd >= 0 implies ss > 0: dd, a sum of squares, is >= 0, or NaN and the test false.)
+    use = hist_ok & (ss > GAIN_FLOOR**2 * dd) & (tt < torch.inf)          # tt >= 0: finite (NaN: false)
     tiny = torch.finfo(ss.dtype).tiny
-    log_gain = torch.where(use, 0.5 * (tt.clamp_min(tiny).log() - ss.clamp_min(tiny).log()), 0.0)
+    log_gain = torch.where(use, 0.5 * (tt.clamp_min(tiny).log() - ss.clamp_min(tiny).log()), _zero(ss))
     # The largest stretch over span consecutive points (the whole window when shorter): a long window's product
     # would grow with its length on any trajectory.
     span = min(span, W)
-    total = torch.cat([log_gain.new_zeros(1, B), log_gain.cumsum(0)])   # (W + 1, B)
+    total = F.pad(log_gain.cumsum(0), (0, 0, 1, 0))                       # (W + 1, B), a 0 row in front
     return (total[span:] - total[:W + 1 - span]).amax(0).exp()
 
 
 def _sane(extra, change):
-    """``(B, 1)`` whether a sample's accelerated change is usable this round: its largest correction ``extra`` (the
+    """``(1, B, 1)`` whether a sample's accelerated change is usable this round: its largest correction ``extra`` (the
     accelerated values less Picard's, ``(W, B, D)``) is finite and <= SAFEGUARD x its largest Picard change
     ``change`` ``(W, B, D)``; where not, the sample takes Picard's values."""
     # The bound clamped to the largest float: an infinite extra is refused even against an infinite bound (one
     # comparison instead of a finiteness test; a NaN on either side compares false).
-    bound = (SAFEGUARD * change.abs().amax((0, 2))).clamp_max(torch.finfo(change.dtype).max)
-    return (extra.abs().amax((0, 2)) <= bound)[:, None]
+    bound = (SAFEGUARD * change.abs().amax((0, 2), keepdim=True)).clamp_max(torch.finfo(change.dtype).max)
+    return extra.abs().amax((0, 2), keepdim=True) <= bound
 
 
 def _anderson_values(new_pic, old, hist_x, hist_r, hist_ok):

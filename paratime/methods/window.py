@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..solvers import constant_d_path, history_rows
+from ..solvers import constant_d_path, history_rows, step_column
 
 from .common import Problem
 
@@ -31,9 +31,14 @@ class Rows:
     Attributes:
         k: ``(W, 1)`` slot index. counts: ``(B,)`` window points per sample (0 once done). valid: ``(W, B)``.
         bb, kk, jj: ``(M,)`` each row's sample, slot and step. host_steps: the rows' steps on the host.
+        frames: ``(2, M, 1, ..)`` the frame scales of each row's point and the next (:meth:`Problem.scale`'s
+            factors at ``jj`` and ``jj + 1``), shaped to broadcast over a row's features.
         start: ``(B, *shape)`` ``y_p``. y_win: ``(W, B, *shape)`` points ``p .. p+W-1``. old: ``(W, B, *shape)``
-            points ``p+1 .. p+W`` (clamped to N). tgt: ``(W, B)`` the point each slot updates.
-        last: ``(B,)`` each sample's last row (for the fill's ``D``), or None.
+            points ``p+1 .. p+W`` (clamped to N). tgt: ``(W, B)`` the point each slot updates. dest: ``(W, B)``
+            ``tgt`` at valid slots, the sink row N + 1 elsewhere (where a slot's value is written, and the column of
+            the acceptance levels it reads).
+        last: ``(B,)`` each sample's last row (for the fill's ``D``; a sample without rows reads another's, -1
+            before any: its guess goes to the sink row), or None.
     """
 
     k: torch.Tensor
@@ -43,10 +48,12 @@ class Rows:
     kk: torch.Tensor
     jj: torch.Tensor
     host_steps: list[int]
+    frames: torch.Tensor
     start: torch.Tensor
     y_win: torch.Tensor
     old: torch.Tensor
     tgt: torch.Tensor
+    dest: torch.Tensor
     last: torch.Tensor | None
 
     @property
@@ -55,13 +62,19 @@ class Rows:
 
 
 def acceptance_levels(noise_levels: torch.Tensor, accept: float, tail: float = 1.0,
-                      tail_fraction: float = 0.0) -> torch.Tensor:
+                      tail_fraction: float = 0.0, sink: bool = False) -> torch.Tensor:
     """``(3, N + 1)`` per point: the acceptance threshold ``accept * n`` (times ``tail`` on the points ``j >= (1 -
-    tail_fraction) N``), the noise level ``n`` and the level to divide the residual by (1 where ``n`` is 0)."""
+    tail_fraction) N``), the noise level ``n`` and the level to divide the residual by (1 where ``n`` is 0).
+    ``sink``: ``(3, N + 2)``, a column for the sink row N + 1 appended that accepts nothing and moves no residual
+    (threshold NaN, level 0, divisor 1: what :meth:`SlidingWindow.accept` reads at the slots it does not use)."""
     lvl = noise_levels
     u = torch.arange(lvl.numel(), device=lvl.device, dtype=lvl.dtype) / max(lvl.numel() - 1, 1)     # j / N
     threshold = accept * lvl * torch.where(u >= 1 - tail_fraction, tail, 1.0)     # x 1.0 elsewhere: exact
-    return torch.stack([threshold, lvl, torch.where(lvl > 0, lvl, torch.ones_like(lvl))])
+    levels = torch.stack([threshold, lvl, torch.where(lvl > 0, lvl, torch.ones_like(lvl))])
+    if sink:
+        column = torch.stack([lvl.new_full((1,), float("nan")), lvl.new_zeros(1), lvl.new_ones(1)])    # (3, 1)
+        levels = torch.cat([levels, column], 1)
+    return levels
 
 
 def model_frame_path(problem: Problem, y_e: torch.Tensor, den_e: torch.Tensor, e: torch.Tensor, b: torch.Tensor,
@@ -82,7 +95,7 @@ def model_frame_path(problem: Problem, y_e: torch.Tensor, den_e: torch.Tensor, e
     N = problem.steps
     for k0, x in constant_d_path(problem.solver, problem.sigmas, problem.noise, x_e, den_e, e, b, span, chunk):
         c = x.shape[0]
-        pts = (e + torch.arange(k0 + 1, k0 + 1 + c, device=e.device)[:, None]).clamp_max(N)   # (c, B)
+        pts = (e + step_column(problem.solver, problem.sigmas, k0 + 1, c)).clamp_max(N)   # (c, B)
         if out is None and c == span:
             return problem.scale(x, pts)                              # one chunk: no copy
         if out is None:
@@ -129,11 +142,22 @@ class SlidingWindow:
         self._aranges: dict[int, torch.Tensor] = {}
         self._columns: dict[int, torch.Tensor] = {}
         self._frame_scales, self._sigmas = problem.frame_scales, problem.sigmas    # (N + 1,): see write()
+        # (2, N, 1, ..): the frame scales of each step's point and the next, shaped to broadcast over a row's
+        # features (a row's pair in one gather, see pack())
+        self._frame_pairs = torch.stack([problem.frame_scales[:-1], problem.frame_scales[1:]]).reshape(
+            2, N, *([1] * (y.ndim - 1)))
+        self._sigma_finite = self._sigmas.abs() < torch.inf                           # isfinite per point, once
+        self._one, self._zero = self._sigmas.new_ones(()), self._inf.new_zeros(())     # 0-d, made once
         self.begin_h, self.done_h, self.done_round = [0] * B, [False] * B, [0] * B
 
     @property
     def all_done(self) -> bool:
         return all(self.done_h)
+
+    @property
+    def active(self) -> torch.Tensor:
+        """``(B,)`` the samples this round works on (``~done`` as :meth:`pack` found it)."""
+        return self._active
 
     def _arange(self, n: int) -> torch.Tensor:
         if n not in self._aranges:
@@ -168,9 +192,12 @@ class SlidingWindow:
         # The window's points p .. p+W (clamped to N) in one gather: y_win = points p+k, old = the points they update.
         idx = (begin + self._column(W + 1)).clamp_max(N)              # (W+1, B)
         jj = idx[kk, bb]                                              # (M,) p + k: a row's point is below N, unclamped
+        frames = self._frame_pairs[:, jj]                             # (2, M, 1, ..)
         win = self.traj[idx, self._b_row]                             # (W+1, B, *shape)
-        last = (ends - 1).clamp_min(0) if want_last else None         # (B,) each sample's last row
-        return Rows(k, counts, valid, bb, kk, jj, host_steps, win[0], win[:W], win[1:], idx[1:], last)
+        last = ends - 1 if want_last else None                        # (B,) each sample's last row
+        tgt = idx[1:]
+        dest = torch.where(valid, tgt, self._sink)                    # (W, B) the sink row at unused slots
+        return Rows(k, counts, valid, bb, kk, jj, host_steps, frames, win[0], win[:W], win[1:], tgt, dest, last)
 
     def accept(self, rows: Rows, err: torch.Tensor, levels: torch.Tensor, shared: bool,
                scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,16 +207,18 @@ class SlidingWindow:
         If the old values of the first c points converged (``err <= levels[0]``), the new values of the first c + 1
         points were all computed from accepted states (ParaDiGMS's ``1 + ind``). ``shared``: one stride for the whole
         batch, the smallest of any active sample (diffusers' ParaDiGMS pipeline). ``scale``: ``(B,)`` factor on each
-        sample's thresholds (the stop rule's :meth:`accept_scale`), or None.
+        sample's thresholds (the stop rule's :meth:`accept_scale`), or None. ``levels``: ``(3, N + 2)``, with the
+        sink column (:func:`acceptance_levels` ``sink``): an unused slot reads it, accepts nothing (its NaN
+        threshold) and adds no residual (its level 0).
         """
-        thr, lvl, lvl_div = levels[:, rows.tgt]                       # (W, B) each
+        thr, lvl, lvl_div = levels[:, rows.dest]                      # (W, B) each
         thr = thr if scale is None else thr * scale
-        ok = (err <= thr) & rows.valid
+        ok = err <= thr                                               # false at the unused slots (NaN)
         stride = torch.minimum(ok.cumprod(0).sum(0) + 1, rows.counts)   # 1 + the leading converged points
         if shared:
             smallest = torch.where(self._active, stride, self.N + 1).min()
             stride = torch.where(self._active, smallest, 0)
-        residual = torch.where(rows.valid & (lvl > 0), err / lvl_div, self._neg_inf).amax()
+        residual = torch.where(lvl > 0, err / lvl_div, self._neg_inf).amax()     # level 0 at the unused slots
         return stride, residual
 
     def write(self, rows: Rows, new: torch.Tensor, new_rule: torch.Tensor, stride: torch.Tensor,
@@ -204,12 +233,12 @@ class SlidingWindow:
         converged points), the rest the rule's. ``residual``: a point's change is the larger of the rule's and
         Picard's (its one-step defect), for a rule whose own change can stall while the defect does not
         (Anderson's)."""
-        N, W, ar_b = self.N, rows.W, self.ar_b
+        N, W = self.N, rows.W
         dims = tuple(range(2, new.ndim))
         defect = (new - rows.old).abs_().amax(dims) if residual else None     # (W, B), Picard's change
         if new_rule is not new:
             new = torch.where((rows.k < stride).reshape(W, self.B, *([1] * (new.ndim - 2))), new, new_rule)
-        self.traj[torch.where(rows.valid, rows.tgt, self._sink), self._b_row] = new
+        self.traj[rows.dest, self._b_row] = new
         change = (new - rows.old).abs_().amax(dims)                            # (W, B)
         if defect is not None:
             change = torch.maximum(change, defect)
@@ -218,15 +247,17 @@ class SlidingWindow:
             # (W, B) the factor from the model's frame to the VP frame of data at scale s, 1 / (frame_scale sqrt(1 +
             # (sigma / s)^2)): 1 for VP latents at s = 1, s / sqrt(s^2 + sigma^2) in VE; its limit s where sigma is
             # inf
-            sigma, frame = self._sigmas[rows.tgt], self._frame_scales[rows.tgt]
-            s = sigma.new_ones(()) if scale is None else scale.to(sigma.dtype)
-            finite = sigma.abs() < torch.inf                          # isfinite in two calls, not four
-            to_data = torch.where(finite, 1 / (frame * torch.hypot(torch.ones_like(sigma), sigma / s)), s)
-            window_moved = torch.where(rows.valid, change * to_data.to(change.dtype), 0).amax(0)   # (B,)
-        to_end = N - 1 - self.begin                                   # (B,) slot that updates point N, if < W
-        k_end = to_end.clamp(0, W - 1)
-        moved = change[k_end, ar_b]
-        return torch.where(self._active & (to_end < W), moved, self._inf), window_moved
+            # (1 / x as reciprocal: 1 / x is reciprocal(x) x 1; hypot's 1 a 0-d one, broadcast: the same bits.
+            # Not a per-point table: hypot's vectorized and scalar CPU paths differ in the last bit, so a table would
+            # not reproduce the per-round values.)
+            tgt = rows.tgt
+            sigma, frame, finite = self._sigmas[tgt], self._frame_scales[tgt], self._sigma_finite[tgt]
+            s = self._one if scale is None else scale.to(sigma.dtype)
+            to_data = torch.where(finite, (frame * torch.hypot(self._one, sigma / s)).reciprocal(), s)
+            window_moved = torch.where(rows.valid, change * to_data.to(change.dtype), self._zero).amax(0)   # (B,)
+        # The change of the slot that updates point N (at most one valid slot does; none outside the window or for a
+        # sample without one: inf), as a min over the slots: min(x, inf, ..) is x, NaN included.
+        return torch.where(rows.dest == N, change, self._inf).amin(0), window_moved
 
     def slide(self, rows: Rows, stride: torch.Tensor, fill: str, den_last: torch.Tensor | None) -> None:
         """Move each window start by ``stride``; the points entering the window get their guess (masked writes go
@@ -251,8 +282,9 @@ class SlidingWindow:
         change of an active sample; refreshes the host copies. Returns ``(residual, final_change)`` (nan for none).
         Call after :attr:`done` is updated; ``moved`` is this round's (inf where outside the window)."""
         dt, B = self.traj.dtype, self.B
-        state = torch.cat([self.begin.masked_fill(self.done, self.N).to(dt), residual.view(1).to(dt),
-                           torch.where(self._active, moved, self._neg_inf).amax().view(1)]).tolist()
+        state = torch.cat([self.begin.masked_fill(self.done, self.N).to(dt),
+                           torch.stack([residual.to(dt), torch.where(self._active, moved, self._neg_inf).amax()])])
+        state = state.tolist()
         self.begin_h = [int(v) for v in state[:B]]
         for b in range(B):
             if self.begin_h[b] >= self.N and not self.done_h[b]:
@@ -277,8 +309,9 @@ def window_increments(problem: Problem, rows: Rows, den_buf: torch.Tensor | None
         ``(dy, den_last)``: ``(W, B, *shape)`` increments (0 at invalid slots) and ``(B, *shape)`` or None.
     """
     kk, bb, jj = rows.kk, rows.bb, rows.jj
+    f_j, f_next = rows.frames                                         # (M, 1, ..) each: Problem.scale's factors
     y_rows = rows.y_win[kk, bb]                                       # (M, *shape), model frame
-    x_rows = problem.scale(y_rows, jj, inverse=True)                  # VE frame
+    x_rows = y_rows / f_j                                             # VE frame: problem.scale(y_rows, jj, inverse)
     if den_buf is not None:
         solver = problem.solver
         den_rows = problem.evaluate(x_rows, jj, bb)
@@ -293,5 +326,5 @@ def window_increments(problem: Problem, rows: Rows, den_buf: torch.Tensor | None
         den_last, x_next = problem.step_to(x_rows, jj, bb, rows.last, host_steps=rows.host_steps)
     dy = torch.zeros_like(rows.y_win)                                 # (W, B, *shape)
     # The next states in the next-state form (Problem.advance), differenced in the model's frame (O(1) operands).
-    dy[kk, bb] = problem.scale(x_next, jj + 1) - y_rows
+    dy[kk, bb] = x_next * f_next - y_rows                             # problem.scale(x_next, jj + 1) - y_rows
     return dy, den_last
