@@ -335,9 +335,11 @@ def _sample_shape(args) -> tuple[int, ...] | None:
 
 
 def _refuse(flags: dict, why: str) -> None:
-    """UsageError for the first of ``flags`` (flag -> value) that was given: it does not apply (``why``)."""
+    """UsageError for the first of ``flags`` (flag -> value) that was given: it does not apply (``why``). Not given
+    is None (False: a ``--no-...`` switch, its default in effect); 0 is a value given (``0 in (None, False)`` is true:
+    ``--label 0`` and ``--eta 0`` passed unnoticed)."""
     for flag, value in flags.items():
-        if value not in (None, False):
+        if value is not None and value is not False:
             raise UsageError(f"{flag}: {why}")
 
 
