@@ -3,6 +3,7 @@ display (``progress.py``) and the evaluator (``evaluator.py``) found: each test 
 rest of the suite let through, and is anchored on an exact answer (a count, an identity, a message naming the
 argument)."""
 
+import dataclasses
 import io
 import time
 
@@ -431,3 +432,27 @@ def test_cost_auto_off_cuda_plans_on_the_latency_curve():
     of 12 steps is 12 sequential call equivalents at any batch."""
     st = ParallelSampler("gmm", steps=12, method="auto", progress=False).sample(8, seed=0).stats
     assert st.cost.startswith("latency") and st.plan["candidates"]["sequential"] == 12.0
+
+
+@pytest.mark.parametrize("method", ["parareal", "parareal_pipelined"])
+def test_a_users_coarse_propagators_calls_count_in_the_rounds(method):
+    """``stats.rounds`` is the sequential depth in network calls: with ``coarse=`` (a user's propagator, e.g. a
+    distilled model) it is the fine calls the network saw plus the coarse calls the propagator saw, both counted here
+    where they are made."""
+    from paratime.zoo import ring_gmm
+
+    model, fine, coarse_seen = ring_gmm(), [], []
+
+    def network(x, *args, _net=model.network, **kw):
+        fine.append(1)
+        return _net(x, *args, **kw)
+
+    def coarse(x, sigma_from, sigma_to):             # a plain DDIM jump with D = 0 (its quality does not matter)
+        coarse_seen.append(1)
+        return x * (sigma_to / sigma_from).reshape(-1, *([1] * (x.ndim - 1)))
+
+    s = ParallelSampler(dataclasses.replace(model, network=network), solver="ddim", steps=16, method=method,
+                        coarse=coarse, tol=1e-3, progress=False)
+    res = s.sample(3, seed=0)
+    assert coarse_seen and fine
+    assert res.stats.rounds == len(fine) + len(coarse_seen)
