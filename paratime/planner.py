@@ -273,6 +273,8 @@ def candidates(steps: int, devices: int, method: str = "auto",
         out.append((ALONE, "sequential", None))
     if method == "picard" or "picard" in methods:
         out += [(f"picard W={w}", "picard", w) for w in window_candidates(steps, devices)]
+    # From 4 steps the default slices (round(sqrt(N)) = 2) hold two steps each; below, a slice of one step is its
+    # own coarse jump (N = 3: slices of 2 and 1), and Parareal only adds the coarse sweep's calls to the fine ones.
     if method == "auto" and "parareal" in methods and steps >= 4:
         out.append(("parareal", "parareal", None))
     return out

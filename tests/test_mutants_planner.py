@@ -288,3 +288,13 @@ def test_footprints_of_the_methods_without_a_trajectory():
             for n in table} == table
     assert [memory.solver_kind(make_solver(n)) for n in ("ddim", "heun", "dpmpp_2m")] == \
         ["one_call", "two_calls", "history"]
+
+
+def test_parareal_is_a_candidate_from_four_steps():
+    """``method="auto"`` prices Parareal from N = 4, where the default two slices hold two steps each; at N = 3 the
+    slices are 2 and 1 (a one-step slice is its own coarse jump), and it is no candidate."""
+    from paratime.methods.parareal import slice_bounds
+
+    assert slice_bounds(3, None).diff().tolist() == [2, 1] and slice_bounds(4, None).diff().tolist() == [2, 2]
+    assert "parareal" not in [label for label, _, _ in candidates(3, 2)]
+    assert "parareal" in [label for label, _, _ in candidates(4, 2)]
