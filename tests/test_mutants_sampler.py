@@ -5,13 +5,18 @@ argument)."""
 
 import dataclasses
 import io
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from paratime import Denoiser, ParallelSampler, VESchedule
 from paratime.backends import make_backend
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dist_helper import capped_gmm, run_ranks  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one intra-op thread (conftest)
 
@@ -456,3 +461,62 @@ def test_a_users_coarse_propagators_calls_count_in_the_rounds(method):
     res = s.sample(3, seed=0)
     assert coarse_seen and fine
     assert res.stats.rounds == len(fine) + len(coarse_seen)
+
+
+# -- each rank alone (the planner's "sequential, 1 device") under torch.distributed: 2 gloo ranks ---------------------
+
+ALONE_RANKS = '''
+import dataclasses, os, sys, torch
+sys.path.insert(0, {here!r})
+from dist_helper import capped_gmm
+from paratime import ParallelSampler
+from paratime.backends.torch_dist import TorchDistributedBackend
+
+torch.set_num_threads(1)
+real, seen = ParallelSampler._outside_seconds, []
+
+
+def timed(self, shape, cond, curve, method, window, alone, limit=None):
+    # The real timing run, on the backend it names (counted), then the gather made dear: each rank alone is the plan.
+    before = self.backend.calls
+    real(self, shape, cond, curve, method, window, alone, limit)
+    seen.append((alone, self.backend.calls - before))
+    return 0.0 if alone else 1.0
+
+
+ParallelSampler._outside_seconds = timed
+with TorchDistributedBackend(timeout_s=60, max_batch=2) as be:
+    s = ParallelSampler(capped_gmm(2), steps=8, method="auto", cost="measure", progress=False, backend=be)
+    first = s.sample(4, seed=1)
+    other = dataclasses.replace(s.denoiser, network=lambda x, t, _net=s.denoiser.network: 0.5 * _net(x, t))
+    be.bind(other)                              # the backend re-bound: its next call evaluates the new denoiser
+    again = s.sample(4, seed=1)
+    if be.rank == 0:
+        torch.save(dict(seen=seen, plan=first.stats.plan, rows=first.stats.round_device_rows, first=first.samples,
+                        again=again.samples, again_plan=again.stats.plan, calls=be.calls), "rank0.pt")
+'''
+
+
+def test_each_rank_alone_samples_the_whole_batch_on_its_own_backend(tmp_path):
+    """Planned alone (2 gloo ranks, ``max_batch=2`` behind a network that refuses wider calls), each rank samples
+    the batch of 4 by itself: its timing run and its sample make no call through the distributed backend, the run
+    equals one process's sequential run with ``max_batch=2`` (samples, and 4 rows per device each round: one device,
+    not 2), and after the backend is re-bound to another denoiser the next sample evaluates that one."""
+    script, out = tmp_path / "rank.py", tmp_path / "rank0.pt"
+    script.write_text(ALONE_RANKS.format(here=str(Path(__file__).parent)))
+    logs = run_ranks(script, timeout=120, cwd=tmp_path)
+    assert out.exists(), logs
+    got = torch.load(out)
+    assert got["plan"]["alone"] and got["plan"]["method"] == "sequential" and got["again_plan"]["alone"], got["plan"]
+    alone = [calls for is_alone, calls in got["seen"] if is_alone]
+    assert alone == [0] and all(calls > 0 for is_alone, calls in got["seen"] if not is_alone), got["seen"]
+    assert got["calls"] == sum(calls for _, calls in got["seen"])        # the samples: none through the backend
+    den = capped_gmm(2)
+    ref = ParallelSampler(den, steps=8, method="sequential", progress=False, backend_options={"max_batch": 2})
+    r = ref.sample(4, seed=1)
+    assert torch.equal(got["first"], r.samples)
+    assert got["rows"] == r.stats.round_device_rows == [4] * 8
+    other = dataclasses.replace(den, network=lambda x, t, _net=den.network: 0.5 * _net(x, t))
+    ref2 = ParallelSampler(other, steps=8, method="sequential", progress=False, backend_options={"max_batch": 2})
+    want = ref2.sample(4, seed=1).samples
+    assert not torch.equal(want, r.samples) and torch.equal(got["again"], want)
