@@ -138,9 +138,7 @@ class SlidingWindow:
         self._neg_inf = -self._inf
         self._sink = torch.full((), N + 1, dtype=torch.long, device=dev)     # row that masked writes go to
         self._b_row = self.ar_b[None]                                 # (1, B)
-        # arange(n) and its (n, 1) column per window shape, made once (each round's index arithmetic reuses them)
-        self._aranges: dict[int, torch.Tensor] = {}
-        self._columns: dict[int, torch.Tensor] = {}
+        self._aranges: dict[int, torch.Tensor] = {}                   # arange(n) per window shape, made once
         self._frame_scales, self._sigmas = problem.frame_scales, problem.sigmas    # (N + 1,): see write()
         # (2, N, 1, ..): the frame scales of each step's point and the next, shaped to broadcast over a row's
         # features (a row's pair in one gather, see pack())
@@ -165,11 +163,9 @@ class SlidingWindow:
         return self._aranges[n]
 
     def _column(self, n: int, first: int = 0) -> torch.Tensor:
-        """``(n, 1)``: ``first .. first + n - 1`` (made once per shape)."""
-        key = (n, first)
-        if key not in self._columns:
-            self._columns[key] = torch.arange(first, first + n, device=self.ar_b.device)[:, None]
-        return self._columns[key]
+        """``(n, 1)``: ``first .. first + n - 1``, made once per grid and shape (the path fill's
+        :func:`~paratime.solvers.step_column`, shared with it)."""
+        return step_column(self.problem.solver, self.problem.sigmas, first, n)
 
     def pack(self, W: int, want_last: bool) -> Rows:
         """The rows of this round's call: points ``p .. p+W-1`` of every active sample (clamped to the grid).
