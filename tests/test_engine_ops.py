@@ -16,15 +16,16 @@ from benchmarks.engine_ops import count_ops
 #: the torch release the bounds were measured on: another one may decompose ops differently (CI pins this one)
 MEASURED_ON = "2.13."
 
-pytestmark = [pytest.mark.usefixtures("one_thread"),
-              pytest.mark.skipif(not torch.__version__.startswith(MEASURED_ON),
-                                 reason=f"op counts measured on torch {MEASURED_ON}x; re-measure for this release")]
+pytestmark = pytest.mark.usefixtures("one_thread")
+measured_torch = pytest.mark.skipif(not torch.__version__.startswith(MEASURED_ON),
+                                    reason=f"op counts measured on torch {MEASURED_ON}x; re-measure for this release")
 
 #: ops per round, just above the figures measured (before the cuts: 285.2 and 440.8; after the first, 238.9 and 351.0)
 POLICY_BOUND = 218.0
 FINAL_RULE_BOUND = 310.0
 
 
+@measured_torch
 def test_the_policy_round_stays_under_its_op_count():
     """The eval's Picard setting on the shipped policy (DDPM-100, window 32, ParaDiGMS's rule, secant update, the x0
     guess and the path fill), batch 1: every phase of the round (rows, update, acceptance, write, fill, sync)."""
@@ -36,6 +37,7 @@ def test_the_policy_round_stays_under_its_op_count():
     assert r["ops_per_round"] <= POLICY_BOUND, r["phases"]
 
 
+@measured_torch
 def test_the_final_rule_round_stays_under_its_op_count():
     """The default final stop rule with its amplification guard (window gain, rollback, re-open, history shift) on
     the mixture, DDIM-50, window 4, batch 1: the phases the policy's ParaDiGMS rule skips."""
@@ -67,3 +69,27 @@ def test_the_counter_leaves_the_network_out():
         return count_ops(sampler, [dict(shape=1, seed=0)])["ops_per_round"]
 
     assert counted(0) == counted(50) > 0
+
+
+def test_the_script_runs_as_the_readme_gives_it(tmp_path):
+    """``python benchmarks/engine_ops.py`` with its defaults (5 timing repeats) prints each configuration's ops and
+    CPU wall per round, and ``--json`` writes the same counts (deterministic: the printed figure is the file's)."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "engine_ops.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ops.json"
+    runs = [subprocess.run([sys.executable, str(script), *extra], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=300) for extra in ([], ["--reps", "0", "--json", str(out)])]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr[-800:] + runs[1].stderr[-800:]
+    lines = re.findall(r"^(.+?): ([0-9.]+) ops/round .*?; ([0-9.]+) ms/round", runs[0].stdout, re.M)
+    assert [name for name, *_ in lines] == ["policy DDPM-100 W32 B1", "digits DDIM-50 W4 B1", "digits DDIM-50 W50 B1"]
+    assert all(float(ms) > 0 for *_, ms in lines)                   # the default run times every configuration
+    assert "ms/round" not in runs[1].stdout                         # --reps 0: no timing
+    record = json.loads(out.read_text())
+    assert {name: f"{record[name]['ops_per_round']:.1f}" for name in record} == {name: ops for name, ops, _ in lines}
