@@ -922,7 +922,7 @@ def _run(args, argv: list[str]) -> int:
     elif args.command == "likelihood":
         from .likelihood_cli import check_likelihood_args
 
-        check_likelihood_args(args)
+        lik_sampler = check_likelihood_args(args)     # built once: run_likelihood solves with it
     else:
         build_parser().print_help()
         return 2
@@ -941,7 +941,7 @@ def _run(args, argv: list[str]) -> int:
     elif args.command == "likelihood":
         from .likelihood_cli import run_likelihood
 
-        _write_json(args.json, run_likelihood(args, emit=print))
+        _write_json(args.json, run_likelihood(args, emit=print, sampler=lik_sampler))
     elif args.command == "eval-digits":
         from .digits_eval import run_eval
 

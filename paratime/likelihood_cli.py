@@ -192,13 +192,16 @@ def _run(sampler: ParallelSampler, x: torch.Tensor, method: str, repeats: int, a
             if bpd.numel() > 1 else 0.0, "sigma_min": r.sigma_min, "_bpd": bpd, "_nats": r.nats}
 
 
-def run_likelihood(args, emit: Callable[[str], None] = lambda line: None) -> dict:
-    """Run ``paratime likelihood``; ``emit`` receives the table's lines. Returns the JSON record.
+def run_likelihood(args, emit: Callable[[str], None] = lambda line: None,
+                   sampler: ParallelSampler | None = None) -> dict:
+    """Run ``paratime likelihood``; ``emit`` receives the table's lines. Returns the JSON record. ``sampler``: the one
+    :func:`check_likelihood_args` returned for these ``args`` (the command line checks them first); None checks them
+    here.
 
     Raises:
         ValueError, TypeError: a bad option, naming it.
     """
-    sampler = check_likelihood_args(args)
+    sampler = check_likelihood_args(args) if sampler is None else sampler
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     sets, opts = _data(args)

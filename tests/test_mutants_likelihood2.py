@@ -171,3 +171,17 @@ def test_digits_with_the_exact_divergence_dequantise_with_the_seed(monkeypatch, 
         rc, rec, _ = _command(monkeypatch, tmp_path, argv, rec_)
         assert rc == 0 and [kw["seed"] for kw in rec_.calls] == [seed, seed]
         assert (rec["levels"], rec["dequantize"]) == (17, seed is not None) and "data_range" not in rec
+
+
+def test_the_likelihood_command_builds_its_sampler_once(monkeypatch, tmp_path):
+    """The command line checks the options (which builds the sampler) and solves with that sampler: one build per
+    run, not one for the check and one for the solve."""
+    built, init = [], ParallelSampler.__init__
+
+    def counted(self, *a, **k):
+        built.append(a[:1])
+        init(self, *a, **k)
+
+    monkeypatch.setattr(ParallelSampler, "__init__", counted)
+    rc, _, _ = _command(monkeypatch, tmp_path, ["--model", "gmm", "--samples", "2"], _Recorded([1.0] * 4, [3] * 4))
+    assert rc == 0 and len(built) == 1
