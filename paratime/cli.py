@@ -141,7 +141,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="Picard rounds before the rest is finished sequentially (default: unlimited)")
     p.add_argument("--spacing", default=None, help=f"time grid: {', '.join(SPACINGS)} (default: the schedule's)")
     p.add_argument("--eta", type=float, default=None,
-                   help="noise scale of ddim/ddpm/euler_maruyama, in [0, 1] (default: the solver's)")
+                   help="noise scale of ddim, ddpm, euler, euler_ancestral and euler_maruyama, in [0, 1] "
+                        "(default: the solver's)")
     p.add_argument("--slices", type=int, default=None, help="Parareal slices (default: round(sqrt(steps)))")
     p.add_argument("--coarse-steps", type=int, default=None, help="Parareal coarse DDIM steps per slice (default: 1)")
     p.add_argument("--batch", type=int, default=16, help="number of samples (images with --pipeline)")

@@ -10,6 +10,7 @@ option's name.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import math
 import numbers
@@ -312,7 +313,11 @@ class SamplerConfig:
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(options) - set(known))
         if unknown:
-            raise TypeError(f"{unknown[0]}: unknown sampling option; allowed: {', '.join(known)}")
+            solver = options.get("solver", "ddim")
+            own = isinstance(solver, str) and unknown[0] in {f.name for f in fields(SOLVERS.get(solver, cls))}
+            hint = f" ({unknown[0]} is the solver's own option: solver=make_solver({solver!r}, {unknown[0]}=...))" \
+                if own else ""
+            raise TypeError(f"{unknown[0]}: unknown sampling option{hint}; allowed: {', '.join(known)}")
         return cls(**options)
 
     @property
@@ -437,6 +442,9 @@ def declared_scale(denoiser: Denoiser) -> float | None:
 
 
 # -- sample-time checks -------------------------------------------------------------------------------------------
+_OPTIONS = frozenset(f.name for f in fields(SamplerConfig))     # the sampler's options, for hints
+
+
 def check_cond(denoiser: Denoiser, cond: dict, batch: int, device: torch.device | None = None) -> None:
     """The conditioning of a ``sample`` call, checked once before any work so the hot loop never validates: first
     the model's own rules (a network may define ``check_cond(cond, batch)`` that raises naming the bad key; the
@@ -449,7 +457,13 @@ def check_cond(denoiser: Denoiser, cond: dict, batch: int, device: torch.device 
     """
     hook = getattr(denoiser.network, "check_cond", None)
     if callable(hook):          # a classifier's labels y= are not the network's conditioning
-        hook({k: v for k, v in cond.items() if not (denoiser.classified and k == "y")}, batch)
+        try:
+            hook({k: v for k, v in cond.items() if not (denoiser.classified and k == "y")}, batch)
+        except ValueError as e:     # the hook names the key first: "tol: the digits model takes only labels= ..."
+            key = next((k for k in cond if str(e).startswith(f"{k}:")), None)
+            if key is None or not _option_hint(key):
+                raise
+            raise ValueError(f"{e}{_option_hint(key)}") from e
     if "uncond" in cond:
         if not denoiser.guided:
             raise ValueError("uncond: applies only with classifier-free guidance; give guidance= too (other than 1)")
@@ -464,7 +478,41 @@ def check_cond(denoiser: Denoiser, cond: dict, batch: int, device: torch.device 
     if denoiser.guided and denoiser.uncond_fn is None and "uncond" not in cond:
         raise ValueError(f"guidance: classifier-free guidance (guidance={denoiser.guidance:g}) needs unconditional "
                          f"inputs, and this model has no uncond_fn: pass uncond={{...}} or leave guidance unset")
+    if not callable(hook):      # the classifier's y= again left out
+        _check_network_keys(denoiser.network, {k: v for k, v in cond.items()
+                                               if not (denoiser.classified and k == "y")})
     _check_tensors(cond, batch, device)
+
+
+def _check_network_keys(network: Any, cond: dict) -> None:
+    """A network without a ``check_cond`` hook takes as conditioning the keyword arguments its ``forward`` (or, for a
+    plain callable, its signature) names: any other key (a typo, a sampler option such as ``tol=`` given to
+    ``sample()``) is refused here, before any work, instead of by the network's first call after the plan and the
+    noise. A signature with ``**kwargs``, or one that cannot be read, takes anything.
+
+    Raises:
+        ValueError: naming the key (``uncond.KEY`` for the unconditional inputs) and the arguments the network takes.
+    """
+    fn = network.forward if isinstance(network, torch.nn.Module) else network
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    named = [p.name for p in params[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]   # after (x, t)
+    uncond = cond.get("uncond") if isinstance(cond.get("uncond"), dict) else {}
+    keys = [k for k in cond if k != "uncond"] + [f"uncond.{k}" for k in uncond]
+    for key in keys:
+        if key.split(".")[-1] not in named:
+            raise ValueError(f"{key}: not an argument of the network, which takes "
+                             f"{', '.join(n + '=' for n in named) or 'no conditioning'}{_option_hint(key)}")
+
+
+def _option_hint(key: str) -> str:
+    """For a conditioning key that is a sampler option (``tol=`` given to ``sample()``): where it goes; else ''."""
+    name = key.split(".")[-1]
+    return f"; {name} is a sampler option: ParallelSampler(..., {name}=...)" if name in _OPTIONS else ""
 
 
 def _check_tensors(cond: dict, batch: int, device: torch.device | None, prefix: str = "") -> None:

@@ -174,15 +174,17 @@ def _probes(args) -> int | None:
     return (args.probes or 1) if args.divergence == "hutchinson" else None
 
 
-def _run(sampler: ParallelSampler, x: torch.Tensor, method: str, repeats: int, args, opts: dict) -> dict:
-    """One method on one set, ``repeats`` times: figures of the last run, wall clock min / median over all."""
+def _run(sampler: ParallelSampler, x: torch.Tensor, method: str, repeats: int, args, opts: dict,
+         progress: bool | None = None) -> dict:
+    """One method on one set, ``repeats`` times: figures of the last run, wall clock min / median over all
+    (``progress``: default ``--progress``)."""
     walls = []
     # --seed also splits the digits; the likelihood draws with it only where it draws (probes, dequantisation)
     draws = args.divergence == "hutchinson" or bool(opts.get("dequantize"))
     for _ in range(repeats):
         r = sampler.log_likelihood(x, solver=args.solver, steps=args.steps, method=method,
                                    divergence=args.divergence, seed=args.seed if draws else None,
-                                   progress=args.progress,
+                                   progress=args.progress if progress is None else progress,
                                    **({"probes": _probes(args)} if _probes(args) else {}), **opts)
         walls.append(r.stats.wall_s)
     bpd = r.bits_per_dim
@@ -217,8 +219,8 @@ def run_likelihood(args, emit: Callable[[str], None] = lambda line: None,
          + (f" levels={opts['levels']} dequantize={opts['dequantize']}" if opts else ""))
     emit(f"{'set':>9}  {'method':>18}  {'rounds':>6}  {'NFE/sample':>10}  {'wall min s':>10}  {'median s':>8}  "
          f"{'bits/dim':>16}  {'max |d bpd|':>11}")
-    for m in methods:       # untimed: the first solve carries one-time costs (allocator, dispatch caches)
-        _run(sampler, next(iter(sets.values()))[:2], m, 1, args, opts)
+    for m in methods:       # untimed and unreported: the first solve carries one-time costs (allocator, caches)
+        _run(sampler, next(iter(sets.values()))[:2], m, 1, args, opts, progress=False)
     t0 = time.perf_counter()
     for name, x in sets.items():
         rows = [_run(sampler, x, m, args.repeats, args, opts) for m in methods]

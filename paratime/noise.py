@@ -221,6 +221,11 @@ def draw_noise(seed: int, batch: int, shape: tuple[int, ...], count: int | None,
     return out[0] if count is None else out
 
 
+def _is_count(value) -> bool:
+    """An integer, Python's or numpy's (``numbers.Integral``), and not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def initial_noise(shape, noise, seed: int, generator, first_sample: int, sample_shape, dtype, device,
                   check=None) -> torch.Tensor:
     """The standard-normal initial noise ``(B, *sample_shape)`` of a ``sample()`` call, checked.
@@ -235,6 +240,8 @@ def initial_noise(shape, noise, seed: int, generator, first_sample: int, sample_
     Raises:
         ValueError, TypeError: a bad ``shape``, ``noise`` or ``generator``, naming it.
     """
+    if _is_count(shape):                    # a numpy integer as a Python one, as seed= and the config's counts
+        shape = int(shape)
     if noise is None:
         if shape is None:
             raise ValueError("shape: give a shape or noise")
@@ -245,8 +252,9 @@ def initial_noise(shape, noise, seed: int, generator, first_sample: int, sample_
         if not isinstance(shape, (tuple, list, torch.Size)):
             raise TypeError(f"shape: expected an int or a tuple (B, *sample_shape), got {type(shape).__name__}")
         shape = tuple(shape)
-        if len(shape) < 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
+        if len(shape) < 2 or not all(_is_count(s) and s >= 1 for s in shape):
             raise ValueError(f"shape: expected (B, *sample_shape) of positive integers, got {shape}")
+        shape = tuple(int(s) for s in shape)
     else:
         if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
             raise TypeError("noise: expected a floating-point tensor")

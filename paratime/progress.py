@@ -37,10 +37,11 @@ def progress_bar(total: int, desc: str, unit: str = "it", stream: TextIO | None 
 
 def training_step(bar, losses: list[float], step: int, every: int) -> None:
     """Advance a training run's ``bar`` (or None: no display) by one step, showing the mean of the last ``every``
-    losses every ``every`` steps."""
+    losses every ``every`` steps and at the last step (the closing line showed the figure of the last multiple of
+    ``every``: on a run of 20 steps, step 0's loss at 20/20)."""
     if bar is None:
         return
-    if step % every == 0:
+    if step % every == 0 or step + 1 == getattr(bar, "total", None):
         bar.set_postfix(loss=f"{sum(losses[-every:]) / len(losses[-every:]):.4f}")
     bar.update(1)
 

@@ -244,7 +244,8 @@ def test_long_commands_report_progress_as_lines_off_a_terminal(argv, line, tmp_p
         from paratime.zoo.policy import load_policy_model
 
         assert load_policy_model(tmp_path / "w.safetensors").network.config["width"] == 16
-    if argv[0] == "likelihood":
+    if argv[0] == "likelihood":         # one report per solve: the untimed warm-up solve (2 samples) reports none
+        assert [len(re.findall(rf"likelihood {m}/euler.*: 5/5 pt", err)) for m in ("sequential", "picard")] == [1, 1]
         assert main([*argv, *out, "--no-progress"]) == 0
         assert capsys.readouterr().err == ""
 
@@ -373,3 +374,31 @@ def test_ray_actors_get_a_user_factorys_network_from_the_driver(user_module, mon
         model, options = seen["ray"]
         assert (options["model"] is not None) == registered, spec
         assert options["workers"] == 2 and model is not None
+
+
+def test_eta_help_names_every_solver_that_takes_eta(capsys):
+    """--eta's help named ddim/ddpm/euler_maruyama while euler and euler_ancestral take it too (the refusal of
+    --eta with another solver lists all five)."""
+    import dataclasses
+
+    from paratime.solvers import SOLVERS
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["sample", "--help"])
+    entry = " ".join(capsys.readouterr().out.split()).split("--eta ETA")[-1].split("--slices", 1)[0]
+    with_eta = [n for n, c in SOLVERS.items() if "eta" in {f.name for f in dataclasses.fields(c)}]
+    assert len(with_eta) >= 5 and all(re.search(rf"\b{n}\b", entry) for n in with_eta), (with_eta, entry)
+
+
+def test_a_training_runs_closing_progress_line_shows_its_last_losses():
+    """The bar's loss (the mean of the last `every` losses) was set at multiples of `every` only: train-digits --steps
+    20 closed on 'train-digits: 20/20 step (100%), loss=1.0422' (step 0's) beside 'final loss 0.3788'."""
+    from paratime.progress import LineProgress, training_step
+
+    stream = io.StringIO()
+    bar, losses = LineProgress(3, "train", unit="step", stream=stream, interval=1e9), []
+    for step, loss in enumerate([4.0, 2.0, 3.0]):
+        losses.append(loss)
+        training_step(bar, losses, step, 50)
+    bar.close()
+    assert stream.getvalue().startswith("train: 3/3 step (100%), loss=3.0000,"), stream.getvalue()

@@ -412,6 +412,48 @@ def test_numpy_integer_seed_and_first_sample():
     assert torch.equal(nats, ref)
 
 
+@pytest.mark.parametrize("shape", [np.int64(3), (np.int64(3), 2), (3, np.int32(2))])
+def test_numpy_integer_shape_samples_as_the_python_int(shape):
+    """sample(np.int64(3)) was refused ('expected an int or a tuple ..., got int64') and (np.int64(3), 2) was
+    'not of positive integers', while steps=, window= and seed= take numpy integers."""
+    with ParallelSampler("gmm", steps=5, method="sequential", progress=False) as s:
+        got, want = s.sample(shape, seed=1).samples, s.sample((3, 2), seed=1).samples
+    assert torch.equal(got, want)
+
+
+class _CountingNet(torch.nn.Module):
+    """eps-network ``net(x, t, emb=None)`` that counts its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.calls = torch.nn.Linear(2, 2), 0
+
+    def forward(self, x, t, emb=None):
+        self.calls += 1
+        return self.lin(x) * 0.1
+
+
+@pytest.mark.parametrize("cond, message", [
+    (dict(tol=0.1), r"tol: not an argument of the network, which takes emb=; tol is a sampler option"),
+    (dict(embb=torch.zeros(2, 3)), r"embb: not an argument of the network, which takes emb=$"),
+    (dict(emb=torch.zeros(2, 3), uncond={"embb": torch.zeros(2, 3)}), r"uncond\.embb: not an argument"),
+])
+def test_conditioning_a_network_does_not_take_is_refused_before_any_call(cond, message):
+    """A key that the network's forward does not name (a sampler option given to sample(), a typo) reached the
+    network's first call, after the plan and the noise: 'Net.forward() got an unexpected keyword argument'."""
+    from paratime import DiscreteVPSchedule
+
+    net = _CountingNet()
+    guided = {"guidance": 2.0} if "uncond" in cond else {}
+    with ParallelSampler(net, schedule=DiscreteVPSchedule.from_betas("linear"), prediction="eps", steps=5,
+                         method="picard", progress=False, **guided) as s:
+        with pytest.raises(ValueError, match=message):
+            s.sample((2, 2), seed=0, **cond)
+        assert net.calls == 0
+        s.sample((2, 2), seed=0, emb=torch.zeros(2, 3), **({"uncond": {"emb": torch.zeros(2, 3)}} if guided else {}))
+    assert net.calls > 0
+
+
 @pytest.mark.parametrize("options", [dict(window=1), dict(window=20, max_rounds=1), dict(window=5, max_rounds=1)])
 def test_init_x0_on_a_window_of_one_point_is_refused(options):
     """max_rounds=1 spends its one round on init's call, then steps a window of one point: the guess is never read."""
@@ -574,3 +616,27 @@ def test_sample_picard_checks_its_window_and_round_limit(kw, error, match):
 
     with pytest.raises(error, match=match):
         sample_picard(torch.zeros(1, 2), None, **kw)
+
+
+def test_a_solvers_own_option_given_to_the_sampler_points_to_make_solver():
+    """order= beside solver="dpmpp" was 'unknown sampling option' with the list of the sampler's, none of which sets
+    it; the option lives on the solver (README: pass make_solver("dpmpp", order=3))."""
+    with pytest.raises(TypeError, match=r"order: unknown sampling option \(order is the solver's own option: "
+                                        r"solver=make_solver\('dpmpp', order=\.\.\.\)\)"):
+        ParallelSampler("gmm", solver="dpmpp", order=3)
+    with pytest.raises(TypeError, match=r"order: unknown sampling option; allowed"):     # ddim has no order
+        ParallelSampler("gmm", order=3)
+
+
+@pytest.mark.parametrize("model, cond, message", [
+    ("digits", dict(tol=0.1), r"^tol: the digits model takes only labels= .*; tol is a sampler option: "
+                              r"ParallelSampler\(\.\.\., tol=\.\.\.\)$"),
+    ("gmm", dict(steps=3), r"^steps: the mixture model takes no conditioning; steps is a sampler option"),
+    ("digits", dict(sed=0), r"^sed: the digits model takes only labels= \(and uncond=, y= for guidance\) as "
+                            r"conditioning$"),             # not an option: the model's own message alone
+])
+def test_a_sampler_option_given_to_sample_says_where_it_goes(model, cond, message):
+    """sample(16, tol=1e-3) on a named model was refused as conditioning the model does not take, without saying
+    that tol is the sampler's option."""
+    with ParallelSampler(model, steps=5, progress=False) as s, pytest.raises(ValueError, match=message):
+        s.sample(2, **cond)

@@ -145,6 +145,26 @@ def test_command_line_is_accepted(line, words):
         pytest.fail(f"README.md:{line}: a command the README test does not know: {' '.join(words)}")
 
 
+# Command lines that finish in seconds run as the README gives them (the others are parsed above): each with the
+# files its --json / --out name, which it must write.
+RUN = ["paratime sample --model gmm --solver ddpm --steps 100 --batch 256 --json stats.json --out gmm.png"]
+
+
+def test_the_commands_to_run_are_the_readmes():
+    assert all(any(words == shlex.split(cmd) for _, words in COMMANDS) for cmd in RUN)
+
+
+@pytest.mark.parametrize("cmd", RUN)
+def test_fast_command_line_runs(cmd, monkeypatch, tmp_path, capsys):
+    from paratime.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    words = shlex.split(cmd)
+    assert main(words[1:]) == 0, capsys.readouterr().err
+    written = [words[k + 1] for k, w in enumerate(words) if w in ("--json", "--out")]
+    assert written and all((tmp_path / name).is_file() for name in written)
+
+
 def test_readme_figures_agree_with_a_fresh_run(capsys):
     """The quick form of benchmarks/readme_figures.py: the deterministic figures the README quotes are re-measured
     and must appear in it as printed."""
