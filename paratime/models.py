@@ -265,6 +265,8 @@ def state_device(denoiser: Denoiser, device=None) -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device: not a device: {device!r}") from e
-    if p is not None and p.device.type != device.type:
+    if p is None:
+        return device
+    if p.device.type != device.type or device.index not in (None, p.device.index or 0):   # cuda:1 against cuda:0
         raise ValueError(f"device: the network is on {p.device} but device={device}; move one of them")
-    return device
+    return p.device if device.index is None else device      # device="cuda": the network's own cuda:N

@@ -178,6 +178,24 @@ def test_state_device_names_the_device():
     assert state_device(den) == torch.device("meta")
 
 
+def test_state_device_compares_the_device_index(monkeypatch):
+    """A network on ``cuda:0`` (a stand-in parameter: no GPU needed) with ``device="cuda:1"`` is refused (only the
+    type was compared), ``device="cuda"`` is the network's own ``cuda:0`` (not the current device), and ``cpu:0``
+    is a CPU network's device."""
+    from types import SimpleNamespace
+
+    from paratime.models import state_device
+
+    net = torch.nn.Linear(2, 2)
+    den = Denoiser(net, VESchedule(), "eps")
+    assert state_device(den, "cpu:0") == torch.device("cpu:0")
+    monkeypatch.setattr(net, "parameters", lambda: iter([SimpleNamespace(device=torch.device("cuda", 0))]))
+    with pytest.raises(ValueError, match="device: the network is on cuda:0 but device=cuda:1; move one of them"):
+        state_device(den, "cuda:1")
+    assert state_device(den, "cuda") == torch.device("cuda", 0)
+    assert state_device(den, "cuda:0") == torch.device("cuda", 0)
+
+
 # -- cost.py ------------------------------------------------------------------------------------------------------
 def test_cost_curve_and_make_cost_errors():
     from paratime.cost import CostCurve, make_cost, measure_rows
