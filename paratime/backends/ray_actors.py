@@ -279,9 +279,9 @@ class RayBackend(Backend):
                     results[i] = ray.get(ref, timeout=self.timeout_s)
                     break
                 except ray.exceptions.RayTaskError as e:
-                    cause = e.as_instanceof_cause() if hasattr(e, "as_instanceof_cause") else e
+                    cause = getattr(e, "cause", None)   # the actor's own exception, without Ray's remote traceback
                     if isinstance(cause, ValueError):
-                        raise ValueError(f"model: the actors cannot evaluate this denoiser: {cause}") from e
+                        raise ValueError(f"model: the actors cannot evaluate this denoiser ({cause})") from e
                     raise
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
                         ray.exceptions.ActorUnavailableError) as e:
