@@ -407,8 +407,9 @@ def paradigms_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``paratime bench``: run the scaling suite, write JSON, Markdown and plots, print the table."""
+def main(argv: list[str] | None = None, parser_class=None) -> int:
+    """``paratime bench``: run the scaling suite, write JSON, Markdown and plots, print the table. ``parser_class``:
+    the command line's (one-line errors, as every other subcommand's), else argparse's."""
     import argparse
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -416,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "--worker":          # one torchrun rank of a torch.distributed case
         worker(*argv[1:4])
         return 0
-    ap = argparse.ArgumentParser(prog="paratime bench", description=(
+    ap = (parser_class or argparse.ArgumentParser)(prog="paratime bench", description=(
         "The benchmark suite (benchmarks/suite.py): scaling over methods, backends and workers on digits, the mlp and "
         "unet fixtures and gmm; diffusers' ParaDiGMS loop and StableDiffusionParadigmsPipeline side by side; the "
         "diffusion policy's latency. It prints a line per case; its length depends on the cores, the load and the "

@@ -826,7 +826,11 @@ def _bench(argv: list[str]) -> int:
     ``benchmarks/``)."""
     from .bench.suite import main as bench_main
 
-    return bench_main(argv)
+    try:
+        return bench_main(argv, parser_class=_Parser)
+    except UsageError as e:         # one line, as every other subcommand's user errors
+        print(f"paratime: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
 
 
 def _check_eval_args(args) -> None:

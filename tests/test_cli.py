@@ -144,6 +144,18 @@ def test_model_module_factory_errors_are_one_line(user_module, spec, extra, flag
     assert len(err.splitlines()) == 1 and err.startswith("paratime: error: ") and flag in err, err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--nope"], "unrecognized arguments: --nope"),
+    (["--out", "/proc/paratime-no-such-folder"], "--out: cannot make the folder /proc/paratime-no-such-folder"),
+])
+def test_bench_errors_are_one_line_like_every_subcommands(argv, message, capsys):
+    """``paratime bench`` hands its flags to the suite's parser, whose errors printed its usage and ``paratime
+    bench: error:`` (argparse's two lines), not the one line the other subcommands print."""
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"paratime: error: {message}"), err
+
+
 def test_a_factorys_own_sample_shape_may_be_repeated(user_module, tmp_path):
     assert main(["sample", "--model", user_module + ":denoiser", "--sample-shape", "2", *FAST]) == 0
 
