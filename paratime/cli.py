@@ -460,9 +460,11 @@ def _check_png(flag: str, path: str | None, what: str = "a PNG") -> None:
         raise UsageError(f"{flag}: writes {what}; give a file name ending in .png, got {path!r}")
 
 
-def _ran(stats) -> str:
-    """The table's method cell: the method that ran (``auto``'s choice), with Picard's window."""
-    return stats.method + (f" W={stats.window}" if stats.method == "picard" and stats.window else "")
+def _ran(stats, asked: str) -> str:
+    """The table's method cell: the method that ran, with Picard's window; ``auto: ...`` where ``--method auto``
+    chose it (its choice of sequential sampling is otherwise a second row named like the comparison's)."""
+    ran = stats.method + (f" W={stats.window}" if stats.method == "picard" and stats.window else "")
+    return f"auto: {ran}" if asked == "auto" else ran
 
 
 def _predicted(stats, cost: str | None) -> tuple[str, str | None]:
@@ -576,10 +578,11 @@ def run_pipeline(args, opts: dict) -> dict:
         rec.update(sequential_wall_s=ref_stats.wall_s, speedup=ref_stats.wall_s / stats.wall_s, max_abs_diff=diff)
         rows.append(("sequential", ref_stats.rounds, f"{ref_stats.nfe:.0f}", f"{ref_stats.wall_s:.3f}", "1.00", "",
                      "0"))
-        rows.append((_ran(stats), stats.rounds, f"{stats.nfe:.0f}", f"{stats.wall_s:.3f}", f"{rec['speedup']:.2f}",
-                     predicted, f"{diff:.3g}"))
+        rows.append((_ran(stats, args.method), stats.rounds, f"{stats.nfe:.0f}", f"{stats.wall_s:.3f}",
+                     f"{rec['speedup']:.2f}", predicted, f"{diff:.3g}"))
     else:
-        rows.append((_ran(stats), stats.rounds, f"{stats.nfe:.0f}", f"{stats.wall_s:.3f}", "", predicted, ""))
+        rows.append((_ran(stats, args.method), stats.rounds, f"{stats.nfe:.0f}", f"{stats.wall_s:.3f}", "",
+                     predicted, ""))
     print(f"pipeline={args.pipeline} ({type(pipe).__name__}, {type(pipe.scheduler).__name__}) steps={args.steps} "
           f"images={args.batch} prompt={args.prompt!r}")
     _print_table(rows)
@@ -677,10 +680,10 @@ def run_sample(args, opts: dict | None = None) -> dict:
                        speedup=speedup, max_abs_diff=diff)
             rows.append(("sequential", ref.stats.rounds, f"{ref.stats.nfe:.0f}", f"{ref.stats.wall_s:.3f}", "1.00",
                          "", "0"))
-            rows.append((_ran(st), st.rounds, f"{st.nfe:.0f}", f"{st.wall_s:.3f}", f"{speedup:.2f}", predicted,
-                         f"{diff:.3g}"))
+            rows.append((_ran(st, args.method), st.rounds, f"{st.nfe:.0f}", f"{st.wall_s:.3f}", f"{speedup:.2f}",
+                         predicted, f"{diff:.3g}"))
         else:
-            rows.append((_ran(st), st.rounds, f"{st.nfe:.0f}", f"{st.wall_s:.3f}", "", predicted, ""))
+            rows.append((_ran(st, args.method), st.rounds, f"{st.nfe:.0f}", f"{st.wall_s:.3f}", "", predicted, ""))
         if not sampler.backend.is_primary:
             return rec
         # The tolerance asked for (a plan that chose sequential sampling ran exact: its stats say tol 0).

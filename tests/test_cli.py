@@ -301,7 +301,8 @@ def test_cost_option_reaches_the_planner(tmp_path):
 
 def test_json_is_standard_and_the_table_names_the_method_that_ran(tmp_path, capsys):
     """--json wrote bare NaN (a round without a residual), which strict parsers refuse; --method auto's row read
-    'auto' while the plan ran another method."""
+    'auto' while the plan ran another method, then only the method that ran: a plan of sequential sampling printed
+    two rows named 'sequential' beside the comparison's. It reads 'auto: sequential'."""
     import json
 
     out = tmp_path / "r.json"
@@ -311,10 +312,11 @@ def test_json_is_standard_and_the_table_names_the_method_that_ran(tmp_path, caps
     assert rec["residuals"] and None in rec["residuals"]          # staggered's residuals: NaN, written as null
     capsys.readouterr()
     assert main(["sample", "--model", "gmm", "--steps", "10", "--batch", "4", "--method", "auto", "--cost", "compute",
-                 "--no-progress", "--no-compare", "--out", "", "--json", str(out)]) == 0
+                 "--no-progress", "--out", "", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     ran = json.loads(out.read_text())["method"]
-    assert ran != "auto" and any(line.split()[0] == ran for line in table.splitlines()[2:] if line.strip())
+    names = [line.strip().split("  ")[0] for line in table.splitlines()[2:4]]
+    assert ran == "sequential" and names == ["sequential", "auto: sequential"], table
 
 
 @pytest.mark.parametrize("extra, assumed", [([], True), (["--cost", "compute"], False), (["--window", "3"], None)])
