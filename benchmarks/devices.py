@@ -363,7 +363,8 @@ def paradigms(steps: int, devices: list[int], quick: bool = False) -> dict:
     ``benchmarks/tiny_pipelines.py`` (untrained, from configs; guidance 5, so a call holds 2 rows per point), batch 1:
     SCE from the rows of each UNet call under the compute-bound curve, ``sum ceil(rows / K)``, against the sequential
     pipeline's, and max |Δ| of the latents against the sequential pipeline's, as a fraction of their range; swept over
-    ``parallel = K, 2K, 4K, N`` and tolerances 0.1, 0.01, 1e-3."""
+    ``parallel`` in K, 2K, 4K, N over every K given (so each K is also offered the smaller K's windows, all at most
+    4K or N) and tolerances 0.1, 0.01, 1e-3."""
     from diffusers import DDIMParallelScheduler, StableDiffusionParadigmsPipeline
 
     from paratime.bench.tiny_pipelines import prompt_embeddings, tiny_sd
