@@ -209,7 +209,13 @@ def test_check_cond_refuses_a_non_dict_uncond_and_a_tensor_on_another_device_typ
     den = Denoiser(torch.nn.Identity(), guidance=3.0)
     with pytest.raises(TypeError, match="uncond: expected a dict"):
         check_cond(den, {"uncond": torch.zeros(2)}, 2)
+    class TakesY0(torch.nn.Module):     # a network whose forward names y0 (Identity takes no conditioning)
+        def forward(self, x, t, y0=None):
+            return x
+
     with pytest.raises(ValueError, match="^y0: on cpu but the sampler runs on cuda"):     # parsing needs no GPU
+        check_cond(Denoiser(TakesY0()), {"y0": torch.zeros(2)}, 2, torch.device("cuda"))
+    with pytest.raises(ValueError, match="^y0: not an argument of the network, which takes no conditioning"):
         check_cond(Denoiser(torch.nn.Identity()), {"y0": torch.zeros(2)}, 2, torch.device("cuda"))
 
 
