@@ -957,6 +957,19 @@ def _run(args, argv: list[str]) -> int:
     return 0
 
 
+#: The extra of pyproject.toml that installs each optional module a command may import.
+_EXTRA_OF = {"sklearn": "digits", "PIL": "digits", "ray": "ray", "triton": "triton", "diffusers": "diffusers",
+             "transformers": "diffusers", "matplotlib": "bench"}
+
+
+def _missing_extra(e: ImportError) -> str:
+    """``e``'s message, naming the extra to install where ``e`` is a missing optional module and does not say so."""
+    extra = _EXTRA_OF.get((e.name or "").partition(".")[0])
+    if extra is None or "paratime[" in str(e):
+        return str(e)
+    return f"{e} (an optional extra): pip install 'paratime[{extra}]'"
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``paratime`` command. Returns the exit code: 0; 2 for a user error (one line on stderr, no traceback);
     130 after Ctrl-C (one line; the ranks and actors it started are ended).
@@ -985,7 +998,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionError as e:      # ray.init(address=...) without a cluster there
         message = f"--address: cannot reach a Ray cluster at {args.address!r}: {e}"
     except ImportError as e:          # an optional dependency (ray, scikit-learn) is missing
-        message = str(e)
+        message = _missing_extra(e)
     print(f"paratime: error: {' '.join(message.split())}", file=sys.stderr)
     return 2
 

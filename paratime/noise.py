@@ -29,6 +29,7 @@ dequantisation noise.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -155,6 +156,8 @@ def _use_kernel(device: torch.device) -> bool:
     if mode == "torch":
         return False
     ok = triton_usable(torch.empty(0, dtype=torch.float32, device=device))   # its output's dtype, not the default
+    if mode == "triton" and not ok and importlib.util.find_spec("triton") is None:     # an optional extra
+        raise RuntimeError("kernel mode 'triton': needs Triton, which is not installed: pip install 'paratime[triton]'")
     if mode == "triton" and not ok:
         raise RuntimeError(f"kernel mode 'triton': the noise kernel cannot run on {device} "
                            "(needs CUDA, or TRITON_INTERPRET=1 on CPU)")

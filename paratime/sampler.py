@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import logging
 import math
 import statistics
@@ -49,6 +50,8 @@ def check_kernels(kernels: str | None, state_dtype: torch.dtype, device: torch.d
     Raises:
         ValueError: naming ``kernels``.
     """
+    if kernels == "triton" and importlib.util.find_spec("triton") is None:      # an optional extra
+        raise ValueError("kernels: 'triton' needs Triton, which is not installed: pip install 'paratime[triton]'")
     if kernels == "triton" and not triton_usable(torch.empty(0, dtype=state_dtype, device=device)):
         raise ValueError(f"kernels: 'triton' cannot run on this sampler's {state_dtype} state on {device}: it needs "
                          f"CUDA, or TRITON_INTERPRET=1 on CPU, and a float32, float16 or bfloat16 state (e.g. "

@@ -47,6 +47,7 @@ def test_suite_check_fails_when_a_bounded_method_exceeds_its_tolerance():
 def test_suite_records_the_diff_against_the_tolerance_in_force():
     """A model that declares no data scale (the tiny UNet): tol is relative to each sample's max-abs, and the record's
     ``diff_over_tol`` is the diff over that (``paratime bench --quick`` failed on an absolute comparison)."""
+    pytest.importorskip("diffusers")          # the tiny UNet is diffusers'
     from paratime.bench.suite import Case, run_case
 
     case = Case("unet", "ddim", 10, "picard", 2, window=10, tol=0.1, reps=1)

@@ -201,6 +201,7 @@ def test_a_network_returning_a_model_output_without_sample():
     entry, as before the non-tensor check (which refused it)."""
     from dataclasses import dataclass
 
+    pytest.importorskip("diffusers")
     from diffusers.utils import BaseOutput
 
     from paratime import ParallelSampler

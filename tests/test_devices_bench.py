@@ -20,6 +20,7 @@ def keep_threads():
 
 
 def test_quick_run(tmp_path, keep_threads, capsys):
+    pytest.importorskip("matplotlib")            # devices.main plots (and checks) what it measured
     assert devices.main(["--quick", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "devices.json").read_text())
     assert (tmp_path / "devices.png").stat().st_size > 0
@@ -38,6 +39,7 @@ def test_quick_run(tmp_path, keep_threads, capsys):
 
 
 def test_quick_run_with_a_multistep_solver(tmp_path, keep_threads, capsys):
+    pytest.importorskip("matplotlib")            # devices.main plots (and checks) what it measured
     # Every method with DPM++(2M); the CHORDS port and pipelined Parareal take one-step solvers: left out of the
     # tables (a row of dashes would read as "missed") and the run says so, not recorded as failures.
     assert devices.main(["--quick", "--models", "digits", "--solver", "dpmpp_2m", "--out", str(tmp_path)]) == 0
@@ -134,6 +136,7 @@ def test_a_measured_curve_prices_the_calls(tmp_path, keep_threads, capsys):
     the compute-bound run's figures exactly, a flat table the latency-bound ones, and a GPU-like table (flat to 2
     rows, then linear; the H100's SD-1.5 curve is flat to 8) neither: each configuration's SCE is what the sampler
     reports under that table; the label says which curve; a bad table or name is refused naming --curve."""
+    pytest.importorskip("matplotlib")            # devices.main plots (and checks) what it measured
     rows = [1, 2, 4, 8, 16, 32, 64]
     linear_t, flat_t = dict(zip(rows, [r * 1e-3 for r in rows])), dict(zip(rows, [1e-3] * len(rows)))
     gpu_t = dict(zip(rows, [max(1.0, r / 2) * 1e-3 for r in rows]))

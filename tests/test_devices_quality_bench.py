@@ -22,6 +22,7 @@ class _Judge:
 
 
 def _quality(n=400, d=4, seed=0):
+    pytest.importorskip("scipy")                 # the Frechet distance's sqrtm
     # The samples' features N(0, I), the real ones N(1, I): an FD of about d, as a model's FD sits away from 0.
     rng = np.random.default_rng(seed)
     seq = rng.standard_normal((n, d))
@@ -61,6 +62,7 @@ def test_best_takes_the_fastest_setting_that_passes():
 
 
 def test_small_run(tmp_path, capsys):
+    pytest.importorskip("sklearn")               # the digits judge (scipy comes with it)
     threads = torch.get_num_threads()
     try:
         rc = dq.main(["--samples", "24", "--steps", "10", "--devices", "2", "--boot", "10", "--out", str(tmp_path)])
@@ -98,6 +100,7 @@ def test_options_are_checked(argv, name, capsys):
 
 
 def test_the_fixed_settings_can_be_chosen(tmp_path, capsys):
+    pytest.importorskip("sklearn")               # the digits judge (scipy comes with it)
     threads = torch.get_num_threads()
     try:
         rc = dq.main(["--samples", "20", "--steps", "10", "--devices", "2", "--boot", "10", "--windows", "1",

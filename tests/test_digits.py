@@ -29,6 +29,7 @@ def test_picard_equals_sequential_on_digits():
 
 
 def test_training_loop_reduces_the_loss():
+    pytest.importorskip("sklearn")
     r = train_digits(None, steps=60, batch=32, channels=8, lr=3e-3, progress=False)
     first, last = sum(r["losses"][:10]) / 10, sum(r["losses"][-10:]) / 10
     assert last < 0.7 * first, (first, last)

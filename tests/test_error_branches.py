@@ -589,7 +589,7 @@ def test_zoo_input_is_a_clear_error(call, error, name):
 
 # -- integrations/diffusers.py ------------------------------------------------------------------------------------
 def _scheduler(name, **config):
-    import diffusers
+    diffusers = pytest.importorskip("diffusers")
 
     return getattr(diffusers, name)(**config)
 
@@ -708,7 +708,7 @@ def _tiny(name, **kw):
 
 
 def test_parallel_pipeline_refuses_what_it_does_not_run():
-    import diffusers
+    diffusers = pytest.importorskip("diffusers")
 
     import paratime
 
@@ -731,6 +731,7 @@ def test_parallel_pipeline_refuses_several_controlnets_and_guess_mode():
     """Refused when wrapping (a MultiControlNetModel was a TypeError at the first call), and at a call after the
     pipeline's ControlNet was replaced; a ControlNet with global_pool_conditions=True makes diffusers run guess mode,
     which the parallel loop does not (samples 0.49 relative off, silently)."""
+    pytest.importorskip("diffusers")
     from diffusers import MultiControlNetModel
 
     import paratime
@@ -753,6 +754,7 @@ def test_parallel_pipeline_refuses_several_controlnets_and_guess_mode():
 def test_parallel_inpainting_refuses_an_asymmetric_vae():
     """diffusers decodes an AsymmetricAutoencoderKL with the init image and mask; the parallel pipeline's decoder
     does not (images up to 0.79 apart): refused when wrapping."""
+    pytest.importorskip("diffusers")
     from diffusers import AsymmetricAutoencoderKL
 
     import paratime
@@ -849,6 +851,7 @@ def test_discrete_final_alpha_below_the_trained_ones_names_final_alpha_cumprod()
 
 
 def test_train_digits_restores_the_thread_count():
+    pytest.importorskip("sklearn")
     from paratime.zoo.digits import train_digits
 
     before = torch.get_num_threads()

@@ -10,6 +10,7 @@ from paratime.images import image_grid, scatter_image, write_png
 
 
 def _frechet():
+    pytest.importorskip("scipy")          # quality_depth's sqrtm (scipy comes with scikit-learn)
     from benchmarks.quality_depth import frechet_distance
 
     return frechet_distance
@@ -78,6 +79,7 @@ def _script():
 
 
 def test_window_zero_is_refused_before_any_work(monkeypatch):
+    pytest.importorskip("diffusers")          # policy_latency compares with diffusers' scheduler
     def no_work(*args, **kwargs):
         raise RuntimeError("the benchmark started: --window 0 was taken as the default window")
 

@@ -147,6 +147,7 @@ def test_bits_per_dim_uses_the_declared_quantisation_bin():
 
 def test_digits_real_images_are_likelier_than_noise():
     """The trained digits model: real digits cost fewer bits/dim than uniform noise on the same 17 levels."""
+    pytest.importorskip("sklearn")
     from paratime.zoo.digits import load_digits_data
 
     real = load_digits_data()[0][:2].double()
@@ -448,7 +449,7 @@ def test_the_grid_of_a_schedule_ending_above_zero_has_its_own_points_and_the_tol
     """A grid that ends above sigma 0 (diffusers' final_sigmas_type='sigma_min') is the steps-step grid itself (steps
     intervals between steps + 1 positive levels); the flow problem's tolerance scale at point j is the noise std of
     the DDPM step between the grid's points N - j and N - j + 1, as documented (mutation testing, stop 47)."""
-    import diffusers
+    diffusers = pytest.importorskip("diffusers")
 
     from paratime.integrations.diffusers import from_diffusers
     from paratime.methods.likelihood import flow_problem, likelihood_grid

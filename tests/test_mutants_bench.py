@@ -167,6 +167,7 @@ def test_checks_fail_the_planner_below_sequential_or_level_a_failed_row_and_chor
 
 
 def test_a_failed_check_makes_the_run_exit_1(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("matplotlib")             # devices.main plots (and checks) what it measured
     rec = _rec(planner={"sce": 12.0, "speedup": 10 / 12, "err": 0.0,
                         "plan": {"method": "picard", "window": 4, "speedup": 2.0}})
     res = {"model": "digits", "cost": "compute", "solver": "ddim", "steps": N, "seeds": 1, "range": 1.0,

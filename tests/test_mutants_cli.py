@@ -448,7 +448,7 @@ def test_latency_observations_start_at_the_episodes_first_observation():
 def test_rollouts_png_draws_the_seeded_layout(tmp_path):
     """The discs drawn are episode 0's of the seed given: its first disc's centre pixel is grey."""
     import numpy as np
-    from PIL import Image
+    Image = pytest.importorskip("PIL.Image")
 
     r = pe.rollout(lambda obs, c: torch.zeros(obs.shape[0], 8, 2), episodes=1, seed=3, name="x")
     png = pe.rollouts_png(tmp_path / "r.png", [r], episodes=1, seed=3)

@@ -58,6 +58,7 @@ def test_tol_in_force_is_each_methods_default(options, tol):
 def test_non_contiguous_inputs_give_the_kernel_the_references_answer():
     """A transposed (non-contiguous) state, output or Picard increment is made contiguous before the launch: the
     kernels index rows by D, so a strided view would be read in the wrong order."""
+    pytest.importorskip("triton")
     from paratime.kernels import fused_step, picard_update, record_launches
     from paratime.kernels.reference import fused_step_reference, picard_update_reference
 
@@ -77,6 +78,7 @@ def test_non_contiguous_inputs_give_the_kernel_the_references_answer():
 
 
 def test_record_launches_names_the_variant_that_ran():
+    pytest.importorskip("triton")
     from paratime.kernels import Launch, fused_step, picard_update, record_launches
 
     x = torch.ones(2, 8)
@@ -93,6 +95,8 @@ def test_record_launches_names_the_variant_that_ran():
 
 @pytest.mark.parametrize("mode", ["torch", "triton"])
 def test_both_paths_return_x0_dx_and_new_in_the_states_dtype(mode):
+    if mode == "triton":
+        pytest.importorskip("triton")
     from paratime.kernels import fused_step, kernels, picard_update
 
     x = torch.linspace(-1, 1, 16).reshape(2, 8).half()
@@ -119,6 +123,7 @@ def test_a_launch_on_a_cuda_tensor_makes_its_device_current():
 
 def test_tensors_that_require_grad_take_the_kernel_under_no_grad():
     """Autograd records nothing under no_grad: the kernel runs (the reference is kept for recorded graphs)."""
+    pytest.importorskip("triton")
     from paratime.kernels import fused_step, record_launches
 
     x = torch.ones(2, 8, requires_grad=True)
@@ -275,6 +280,8 @@ def test_the_device_is_parsed():
 @pytest.mark.parametrize("mode", ["torch", "triton"])
 def test_half_outputs_with_number_coefficients_are_converted_in_float32(mode):
     """o = 1 (bf16) times 1/3: float32 arithmetic on both paths, not a bf16 product (0.333984375)."""
+    if mode == "triton":
+        pytest.importorskip("triton")
     from paratime.kernels import fused_step, kernels
 
     x, o = torch.zeros(2, 8), torch.ones(2, 8, dtype=torch.bfloat16)

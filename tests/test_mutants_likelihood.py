@@ -173,6 +173,7 @@ def test_the_probe_key_is_reserved_for_a_model_that_takes_conditioning():
 def test_digits_sets_are_the_held_out_images_their_shuffles_and_all_17_levels():
     """``real``: scikit-learn's held-out digits (0..16) mapped to [-1, 1] by ``v / 8 - 1``; ``shuffled``: each real
     image's own pixels permuted (a different image, the same multiset); ``uniform``: all 17 levels occur."""
+    pytest.importorskip("sklearn")
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

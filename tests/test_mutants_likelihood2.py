@@ -80,6 +80,7 @@ def test_digits_shuffles_each_image_by_its_own_permutation_and_refuse_no_images(
     """Digits whose 64 pixels are all distinct (0..63 in every image) show each shuffle's permutation: every image's is
     a permutation of its pixels, and they differ between images (one permutation per image, not one for all). A
     count of 0 is refused like one past the held-out split."""
+    pytest.importorskip("sklearn")
     import sklearn.datasets
 
     from paratime.likelihood_cli import digits_sets

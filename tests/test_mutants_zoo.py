@@ -138,7 +138,7 @@ def test_check_number_boundaries_and_messages():
 def test_png_decodes_to_the_pixels_written(tmp_path):
     """PIL reads back exactly what was written: a 2 x 3 grey and a 3 x 2 RGB picture (not square, so width and height
     cannot trade places), and every chunk's CRC is zlib's over its type and data."""
-    from PIL import Image
+    Image = pytest.importorskip("PIL.Image")
 
     grey = np.array([[0, 10, 255], [7, 128, 1]], dtype=np.uint8)
     rgb = np.arange(18, dtype=np.uint8).reshape(3, 2, 3) * 13
@@ -247,6 +247,7 @@ def test_judge_counts_max_probability_0_9_as_confident_and_refuses_k_samples():
 
 
 def test_real_baseline_fits_on_70_percent_and_scores_the_other_30():
+    pytest.importorskip("sklearn")          # real_baseline's train_test_split
     judge, sizes = _judge(np.zeros((20, 64))), []
 
     class Fit:
@@ -263,6 +264,7 @@ def test_real_baseline_fits_on_70_percent_and_scores_the_other_30():
 
 
 def _frechet():
+    pytest.importorskip("scipy")          # quality_depth's sqrtm (scipy comes with scikit-learn)
     from benchmarks.quality_depth import frechet_distance
 
     return frechet_distance
@@ -433,6 +435,7 @@ def test_digits_declares_its_datas_range_and_embeds_time_by_the_formula():
     from paratime.zoo.digits import DigitsUNet, _timestep_embedding, load_digits_data
     from paratime.zoo.digits import check_train_options as check_digits_training
 
+    pytest.importorskip("sklearn")
     x, _ = load_digits_data()
     assert DigitsUNet.data_range == (float(x.min()), float(x.max())) == (-1.0, 1.0)
     t = torch.tensor([0.0, 1.0, 37.5, 999.0])

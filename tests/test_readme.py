@@ -168,6 +168,7 @@ def test_fast_command_line_runs(cmd, monkeypatch, tmp_path, capsys):
 def test_readme_figures_agree_with_a_fresh_run(capsys):
     """The quick form of benchmarks/readme_figures.py: the deterministic figures the README quotes are re-measured
     and must appear in it as printed."""
+    pytest.importorskip("sklearn")            # the likelihood figures score scikit-learn's digits
     from paratime.bench import readme_figures
 
     code = readme_figures.main(["--quick"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -149,6 +150,8 @@ def _use_triton(t: torch.Tensor) -> bool:
     if mode == "torch":
         return False
     ok = triton_usable(t)
+    if mode == "triton" and not ok and importlib.util.find_spec("triton") is None:     # an optional extra
+        raise RuntimeError("kernel mode 'triton': needs Triton, which is not installed: pip install 'paratime[triton]'")
     if mode == "triton" and not ok:
         raise RuntimeError(f"kernel mode 'triton': cannot run on a {t.dtype} tensor on {t.device} "
                            "(needs CUDA, or TRITON_INTERPRET=1 on CPU, and fp32/fp16/bf16)")
