@@ -36,6 +36,7 @@ CHORDS's core 0 equal to paratime's sequential sample, the plot's axes holding e
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -534,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
             print("FAILED:", f)
         return 1 if fails else 0
     out = Path(a.out)                                    # the outputs are checked before the work
+    if importlib.util.find_spec("matplotlib") is None:   # the run measured for minutes, then failed to plot
+        p.error("--out: devices.png needs matplotlib, an optional extra: pip install 'paratime[bench]'")
     if out.exists() and not out.is_dir():
         p.error(f"--out: {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)

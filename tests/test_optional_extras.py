@@ -87,3 +87,17 @@ def test_the_noise_kernel_in_triton_mode_names_the_triton_extra(no_triton):
 
     with kernels("triton"), pytest.raises(RuntimeError, match=r"pip install 'paratime\[triton\]'$"):
         draw_noise(0, 2, (3,), None, INITIAL, dtype=torch.float32)
+
+
+def test_the_devices_benchmark_without_matplotlib_stops_before_measuring(monkeypatch, tmp_path, capsys):
+    """devices.png is an output: without matplotlib (the bench extra) the run measured for minutes, then failed in
+    its plot with a bare ModuleNotFoundError, before writing devices.json. Now refused with the outputs' checks."""
+    from benchmarks import devices
+
+    monkeypatch.setattr(devices, "measure", lambda *a, **k: pytest.fail("measured before the outputs were checked"))
+    _block_imports(monkeypatch, "matplotlib")
+    with pytest.raises(SystemExit) as info:
+        devices.main(["--quick", "--models", "digits", "--out", str(tmp_path)])
+    assert info.value.code == 2
+    assert "--out: devices.png needs matplotlib, an optional extra: pip install 'paratime[bench]'" in \
+        capsys.readouterr().err
