@@ -239,7 +239,7 @@ def table(res: dict, level: float) -> tuple[list[str], dict]:
             errs[m].append(None if r is None else r["err"])
     for m in not_run(res.get("solver", "ddim")):    # not run for the solver: a row of dashes would read as "missed"
         del series[m]
-    lines = [f"| method | " + " | ".join(f"K={K}" for K in Ks) + " |", "|---|" + "---|" * len(Ks)]
+    lines = ["| method | " + " | ".join(f"K={K}" for K in Ks) + " |", "|---|" + "---|" * len(Ks)]
     for m, v in series.items():
         lines.append(f"| {m} | " + " | ".join("–" if s is None else f"{s:.2f}x ({e:.1e})"
                                                 for s, e in zip(v, errs[m])) + " |")

@@ -43,8 +43,6 @@ def _sig(x: float, digits: int = 2) -> str:
 
 def _main_job() -> list[str]:
     """The quick start's digits figures: ``paratime sample --no-policy-demo`` (rounds, NFE, max difference)."""
-    import torch
-
     from paratime import ParallelSampler
 
     seq = ParallelSampler("digits", solver="ddim", steps=100, method="sequential", progress=False).sample(16, seed=0)

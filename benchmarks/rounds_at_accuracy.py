@@ -280,9 +280,6 @@ def diffusers_runs(case: Case, batch: int, tols, floor: float) -> list[dict]:
         return sweep(run, tols, floor)
 
 
-PEER = "diffusers StableDiffusionParadigmsPipeline (real class)"
-
-
 def _zoo_unet(model: Denoiser, cond_shapes: dict):
     """A zoo network in the call form of ``UNet2DConditionModel`` (``unet(sample, timestep, encoder_hidden_states=,
     return_dict=False)[0]``), so that the real ``StableDiffusionParadigmsPipeline`` drives it. The case's

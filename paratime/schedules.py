@@ -172,9 +172,8 @@ class NoiseSchedule:
         sig = self.sigma_grid(steps, spacing)
         return self._grid_from_sigmas(sig)
 
-    def _grid_from_sigmas(self, sig: torch.Tensor, times: torch.Tensor | None = None) -> TimeGrid:
-        if times is None:
-            times = self.model_time(sig.clamp_min(self._time_floor()))
+    def _grid_from_sigmas(self, sig: torch.Tensor) -> TimeGrid:
+        times = self.model_time(sig.clamp_min(self._time_floor()))
         return TimeGrid(sig, times.to(torch.float64), self.frame_scale(sig))
 
     def _time_floor(self) -> float:

@@ -138,7 +138,7 @@ def sample_staggered(x: torch.Tensor, problem: Problem, cores: int, tol: float |
         ValueError: ``cores`` not an integer in ``[1, N]``, bad ``starts``, a negative ``tol``, a ``tol_scale``
             <= 0.
     """
-    N, B, dev = problem.steps, x.shape[0], x.device
+    N, B = problem.steps, x.shape[0]
     starts = default_starts(cores, N) if starts is None else _check_starts(starts, cores, N)
     tol = DEFAULT_TOL["final"] if tol is None else tol
     if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
