@@ -29,7 +29,6 @@ dequantisation noise.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from typing import Any
 
 import torch
 
-from paratime.kernels import kernel_mode, launch_device, triton_usable
+from paratime.kernels import kernel_mode, launch_device, triton_missing, triton_usable
 
 __all__ = ["check_seed", "draw_noise", "noise_rows", "LazyNoise", "normals_reference", "row_keys", "sample_keys",
            "mix64", "initial_noise", "step_noise", "INITIAL", "STEP", "CORRECTOR", "PROBE", "DEQUANT", "PipelineNoise",
@@ -156,11 +155,9 @@ def _use_kernel(device: torch.device) -> bool:
     if mode == "torch":
         return False
     ok = triton_usable(torch.empty(0, dtype=torch.float32, device=device))   # its output's dtype, not the default
-    if mode == "triton" and not ok and importlib.util.find_spec("triton") is None:     # an optional extra
-        raise RuntimeError("kernel mode 'triton': needs Triton, which is not installed: pip install 'paratime[triton]'")
     if mode == "triton" and not ok:
-        raise RuntimeError(f"kernel mode 'triton': the noise kernel cannot run on {device} "
-                           "(needs CUDA, or TRITON_INTERPRET=1 on CPU)")
+        raise RuntimeError("kernel mode 'triton': " + (triton_missing() or f"the noise kernel cannot run on {device} "
+                           "(needs CUDA, or TRITON_INTERPRET=1 on CPU)"))
     return ok and (mode == "triton" or torch.device(device).type == "cuda")
 
 

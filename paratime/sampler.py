@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import logging
 import math
 import statistics
@@ -24,7 +23,7 @@ from .checks import check_int
 from .config import SamplerConfig, check_cond, declared_scale
 from .cost import MEASURE_ROWS, CostCurve, call_gaps, make_cost, measure_cost, round_cost
 from .denoiser import Denoiser
-from .kernels import kernels as kernel_context, triton_usable
+from .kernels import kernels as kernel_context, triton_missing, triton_usable
 from .evaluator import Evaluator, NonFiniteOutputError
 from .methods import METHODS, Problem, RoundInfo
 from .methods.parareal import takes_solver
@@ -50,12 +49,11 @@ def check_kernels(kernels: str | None, state_dtype: torch.dtype, device: torch.d
     Raises:
         ValueError: naming ``kernels``.
     """
-    if kernels == "triton" and importlib.util.find_spec("triton") is None:      # an optional extra
-        raise ValueError("kernels: 'triton' needs Triton, which is not installed: pip install 'paratime[triton]'")
-    if kernels == "triton" and not triton_usable(torch.empty(0, dtype=state_dtype, device=device)):
-        raise ValueError(f"kernels: 'triton' cannot run on this sampler's {state_dtype} state on {device}: it needs "
-                         f"CUDA, or TRITON_INTERPRET=1 on CPU, and a float32, float16 or bfloat16 state (e.g. "
-                         f"state_dtype=torch.float32); kernels='auto' falls back to torch")
+    if kernels != "triton" or triton_usable(torch.empty(0, dtype=state_dtype, device=device)):
+        return
+    raise ValueError("kernels: 'triton' " + (triton_missing() or f"cannot run on this sampler's {state_dtype} state "
+                     f"on {device}: it needs CUDA, or TRITON_INTERPRET=1 on CPU, and a float32, float16 or bfloat16 "
+                     f"state (e.g. state_dtype=torch.float32); kernels='auto' falls back to torch"))
 
 
 def _check_call(progress: Any, seed: Any, first_sample: Any, callback: Any) -> None:

@@ -6,8 +6,8 @@ from the window start + per-point residuals), :mod:`.dispatch` (which implementa
 """
 
 from .dispatch import (SAMPLER_LAUNCHES, Launch, fused_step, kernel_mode, kernels, launch_device, picard_update,
-                       record_launches, set_kernel_mode, triton_usable)
+                       record_launches, set_kernel_mode, triton_missing, triton_usable)
 from .reference import cumsum0
 
-__all__ = ["fused_step", "picard_update", "kernels", "set_kernel_mode", "kernel_mode", "triton_usable", "Launch",
-           "SAMPLER_LAUNCHES", "record_launches", "cumsum0", "launch_device"]
+__all__ = ["fused_step", "picard_update", "kernels", "set_kernel_mode", "kernel_mode", "triton_usable",
+           "triton_missing", "Launch", "SAMPLER_LAUNCHES", "record_launches", "cumsum0", "launch_device"]

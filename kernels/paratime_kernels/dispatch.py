@@ -21,7 +21,8 @@ import torch
 
 from .reference import fused_step_reference, picard_update_reference
 
-__all__ = ["fused_step", "picard_update", "kernels", "set_kernel_mode", "kernel_mode", "triton_usable", "Launch",
+__all__ = ["fused_step", "picard_update", "kernels", "set_kernel_mode", "kernel_mode", "triton_usable",
+           "triton_missing", "Launch",
            "SAMPLER_LAUNCHES", "record_launches", "picard_block", "picard_tile", "launch_device"]
 
 _MODE: contextvars.ContextVar[str] = contextvars.ContextVar("paratime_kernel_mode", default="auto")
@@ -145,16 +146,23 @@ def triton_usable(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def triton_missing() -> str | None:
+    """Why Triton cannot run anywhere, where the reason is that it is not installed (an optional extra): the words
+    every refusal of kernel mode ``triton`` then gives; else None. Asked on the refusal's path only (a file-system
+    lookup)."""
+    if importlib.util.find_spec("triton") is None:
+        return "needs Triton, which is not installed: pip install 'paratime[triton]'"
+    return None
+
+
 def _use_triton(t: torch.Tensor) -> bool:
     mode = _MODE.get()
     if mode == "torch":
         return False
     ok = triton_usable(t)
-    if mode == "triton" and not ok and importlib.util.find_spec("triton") is None:     # an optional extra
-        raise RuntimeError("kernel mode 'triton': needs Triton, which is not installed: pip install 'paratime[triton]'")
     if mode == "triton" and not ok:
-        raise RuntimeError(f"kernel mode 'triton': cannot run on a {t.dtype} tensor on {t.device} "
-                           "(needs CUDA, or TRITON_INTERPRET=1 on CPU, and fp32/fp16/bf16)")
+        raise RuntimeError("kernel mode 'triton': " + (triton_missing() or f"cannot run on a {t.dtype} tensor on "
+                           f"{t.device} (needs CUDA, or TRITON_INTERPRET=1 on CPU, and fp32/fp16/bf16)"))
     return ok
 
 
