@@ -9,7 +9,12 @@ import math
 import numbers
 from typing import Any
 
-__all__ = ["check_int", "check_number"]
+__all__ = ["check_int", "check_number", "is_integer"]
+
+
+def is_integer(value: Any) -> bool:
+    """An integer, Python's or numpy's (``numbers.Integral``), and not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_int(name: str, value: Any, low: int | None = None, high: int | None = None, none: bool = False) -> None:
@@ -20,7 +25,7 @@ def check_int(name: str, value: Any, low: int | None = None, high: int | None = 
     """
     if value is None and none:
         return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_integer(value):
         raise TypeError(f"{name}: expected an integer{' or None' if none else ''}, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
         rng = f">= {low}" if high is None else f"in [{low}, {high}]"

@@ -28,6 +28,8 @@ from typing import Any, Callable
 
 import torch
 
+from .checks import is_integer
+
 __all__ = ["CostCurve", "COST_NAMES", "make_cost", "check_cost", "measure_cost", "measure_rows", "cached_cost",
            "round_cost", "chunked_cost", "chunk_rows", "bucket_rows", "device_rows", "call_gaps",
            "OVERHEAD_CALLS"]
@@ -190,7 +192,7 @@ def make_cost(cost: Any, max_rows: int = CALLABLE_ROWS) -> CostCurve:
         raise ValueError(f"cost: {cost!r} needs a model to measure; allowed here: compute, latency, a callable, a "
                          f"dict {{rows: seconds}} or a CostCurve")
     if isinstance(cost, dict):
-        if any(isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1 for r in cost):
+        if any(not is_integer(r) or r < 1 for r in cost):
             raise ValueError(f"cost: table keys must be row counts >= 1, got {sorted(cost, key=str)}")
         rows = tuple(sorted(int(r) for r in cost))
         bad = [cost[r] for r in rows if isinstance(cost[r], bool) or not isinstance(cost[r], numbers.Real)]

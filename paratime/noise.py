@@ -30,13 +30,14 @@ dequantisation noise.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from paratime.kernels import kernel_mode, launch_device, triton_missing, triton_usable
+
+from .checks import is_integer
 
 __all__ = ["check_seed", "draw_noise", "noise_rows", "LazyNoise", "normals_reference", "row_keys", "sample_keys",
            "mix64", "initial_noise", "step_noise", "INITIAL", "STEP", "CORRECTOR", "PROBE", "DEQUANT", "PipelineNoise",
@@ -75,7 +76,7 @@ def mix64(z: torch.Tensor) -> torch.Tensor:
 
 
 def _check_index(name: str, value, bound: int = 1 << 64) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 0 <= value < bound:
+    if not is_integer(value) or not 0 <= value < bound:
         raise ValueError(f"{name}: must be an integer in [0, {bound}), got {value!r}")
     return int(value)                   # a numpy integer as the Python one (_i64's masks overflow int64)
 
@@ -221,11 +222,6 @@ def draw_noise(seed: int, batch: int, shape: tuple[int, ...], count: int | None,
     return out[0] if count is None else out
 
 
-def _is_count(value) -> bool:
-    """An integer, Python's or numpy's (``numbers.Integral``), and not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def initial_noise(shape, noise, seed: int, generator, first_sample: int, sample_shape, dtype, device,
                   check=None) -> torch.Tensor:
     """The standard-normal initial noise ``(B, *sample_shape)`` of a ``sample()`` call, checked.
@@ -240,7 +236,7 @@ def initial_noise(shape, noise, seed: int, generator, first_sample: int, sample_
     Raises:
         ValueError, TypeError: a bad ``shape``, ``noise`` or ``generator``, naming it.
     """
-    if _is_count(shape):                    # a numpy integer as a Python one, as seed= and the config's counts
+    if is_integer(shape):                    # a numpy integer as a Python one, as seed= and the config's counts
         shape = int(shape)
     if noise is None:
         if shape is None:
@@ -252,7 +248,7 @@ def initial_noise(shape, noise, seed: int, generator, first_sample: int, sample_
         if not isinstance(shape, (tuple, list, torch.Size)):
             raise TypeError(f"shape: expected an int or a tuple (B, *sample_shape), got {type(shape).__name__}")
         shape = tuple(shape)
-        if len(shape) < 2 or not all(_is_count(s) and s >= 1 for s in shape):
+        if len(shape) < 2 or not all(is_integer(s) and s >= 1 for s in shape):
             raise ValueError(f"shape: expected (B, *sample_shape) of positive integers, got {shape}")
         shape = tuple(int(s) for s in shape)
     else:
