@@ -313,8 +313,9 @@ class SamplerConfig:
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(options) - set(known))
         if unknown:
-            solver = options.get("solver", "ddim")
-            own = isinstance(solver, str) and unknown[0] in {f.name for f in fields(SOLVERS.get(solver, cls))}
+            solver = options.get("solver", cls.solver)          # the hint for a solver given by name
+            own = isinstance(solver, str) and solver in SOLVERS and unknown[0] in {f.name for f in
+                                                                                   fields(SOLVERS[solver])}
             hint = f" ({unknown[0]} is the solver's own option: solver=make_solver({solver!r}, {unknown[0]}=...))" \
                 if own else ""
             raise TypeError(f"{unknown[0]}: unknown sampling option{hint}; allowed: {', '.join(known)}")
