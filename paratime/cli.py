@@ -832,8 +832,13 @@ def _bench(argv: list[str]) -> int:
     try:
         return bench_main(argv, parser_class=_Parser)
     except UsageError as e:         # one line, as every other subcommand's user errors
-        print(f"paratime: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return _user_error(str(e))
+
+
+def _user_error(message: str) -> int:
+    """Print a user error as its one line, ``paratime: error: ...``; the exit code, 2."""
+    print(f"paratime: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 def _check_eval_args(args) -> None:
@@ -999,8 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
         message = f"--address: cannot reach a Ray cluster at {args.address!r}: {e}"
     except ImportError as e:          # an optional dependency (ray, scikit-learn) is missing
         message = _missing_extra(e)
-    print(f"paratime: error: {' '.join(message.split())}", file=sys.stderr)
-    return 2
+    return _user_error(message)
 
 
 if __name__ == "__main__":
