@@ -135,24 +135,42 @@ def combos(updates=UPDATES, stops=STOPS, options: tuple[tuple[str, object], ...]
 
 # -- runs ----------------------------------------------------------------------------------------------------------
 def sample(case: Case, batch: int, seed: int = 0, first_sample: int = 0, noise: torch.Tensor | None = None,
-           **options):
+           generator=None, **options):
     """``case``'s samples ``first_sample .. first_sample + batch - 1`` of ``seed``
     (:class:`~paratime.results.SampleResult`) with sampler ``options`` (``method``, ``tol``, ``update``, ...);
     ``window`` defaults to the case's; ``noise``: the initial noise instead of the seed's (the steps' noise still
-    comes from the seed)."""
+    comes from the seed); ``generator``: the steps' noise drawn from it instead (the SD cases: the pipeline call's
+    ``generator``), as :func:`class_noise` gives it."""
     if options.get("method", "picard") in ("picard", "auto"):
         options.setdefault("window", case.window)
         options = rule_options(options, options["window"], case.steps)
     if case.model == SD:
         if first_sample or noise is not None:
             raise ValueError("first_sample, noise: the tiny SD cases start from their own seeded latents")
-        return _sd_sample(case, batch, seed, **options)
+        return _sd_sample(case, batch, seed, generator, **options)
     s = ParallelSampler(case.model, solver=case.solver, steps=case.steps, progress=False, **options)
     cond = {k: v[first_sample:] for k, v in case.conditioning(first_sample + batch).items()}
-    if noise is None or s.draws_step_noise:         # else the seed draws nothing: an error to pass
-        return s.sample(None if noise is not None else batch, noise=noise, seed=seed, first_sample=first_sample,
-                        **cond)
-    return s.sample(noise=noise, **cond)
+    if noise is not None and not s.draws_step_noise:    # the seed (or generator) draws nothing: an error to pass
+        return s.sample(noise=noise, **cond)
+    drawn = dict(seed=seed, first_sample=first_sample) if generator is None else dict(generator=generator)
+    return s.sample(None if noise is not None else batch, noise=noise, **drawn, **cond)
+
+
+def class_noise(case: Case, batch: int) -> dict:
+    """The noise of the real class's runs (:func:`real_class_runs`) as :func:`sample`'s ``noise`` and ``generator``:
+    the class's initial latents (the zoo's ``(seed 0, sample)`` noise, the SD cases' own seeded latents) and its
+    step noise, ``torch.Generator().manual_seed(0)`` drawn as the class draws it: one ``(B, *shape)`` draw per step,
+    in step order, in its prompt embeddings' dtype (the zoo network's; :class:`~paratime.noise.PipelineNoise`).
+    Paratime's seeded step noise is another draw: on a stochastic solver the trajectories and rounds then differ."""
+    if case.model == SD:
+        return {"generator": torch.Generator().manual_seed(0)}     # the pipeline draws it in its own dtype
+    from paratime.models import as_denoiser
+    from paratime.noise import INITIAL, PipelineNoise, draw_noise
+
+    model = as_denoiser(case.model)
+    dtype = model.dtype or torch.float32
+    return {"noise": draw_noise(0, batch, model.sample_shape, None, INITIAL, dtype=dtype),
+            "generator": PipelineNoise(torch.Generator().manual_seed(0), dtype)}
 
 
 # -- the tiny Stable Diffusion cases -------------------------------------------------------------------------------
@@ -192,10 +210,11 @@ def sd_arguments(case: Case, batch: int, seed: int = 0) -> dict:
                 **prompt_embeddings(pipe, batch=batch, seed=seed))
 
 
-def _sd_sample(case: Case, batch: int, seed: int, **options):
+def _sd_sample(case: Case, batch: int, seed: int, generator=None, **options):
     import paratime
 
-    out = paratime.parallelize(sd_pipe(case), **options)(**sd_arguments(case, batch, seed))
+    drawn = {} if generator is None else {"generator": generator}
+    out = paratime.parallelize(sd_pipe(case), **options)(**sd_arguments(case, batch, seed), **drawn)
     return SimpleNamespace(samples=out.images, stats=out.paratime_stats)
 
 
@@ -237,10 +256,12 @@ def at_accuracy(runs: list[dict], target: float, key: str = "max_abs_diff") -> d
 
 
 def paratime_runs(case: Case, batch: int, combo: Combo, ref: torch.Tensor, floor: float,
-                  tols: tuple[float, ...] | None = None) -> list[dict]:
-    """Picard with ``combo`` over its tolerances, each against the sequential samples ``ref``."""
+                  tols: tuple[float, ...] | None = None, as_class: bool = False) -> list[dict]:
+    """Picard with ``combo`` over its tolerances, each against the sequential samples ``ref`` (of the same noise);
+    ``as_class``: the real class's noise (:func:`class_noise`) instead of the seed's."""
     def run(tol):
-        res = sample(case, batch, tol=tol, update=combo.update, stop=combo.stop, **dict(combo.options))
+        drawn = class_noise(case, batch) if as_class else {}                 # a fresh generator each run
+        res = sample(case, batch, tol=tol, update=combo.update, stop=combo.stop, **dict(combo.options), **drawn)
         return res.stats.rounds, res.stats.nfe, float((res.samples - ref).abs().max())
 
     return sweep(run, combo.tols if tols is None else tols, floor)
@@ -370,11 +391,9 @@ def real_class(case: Case, batch: int):
         pipe = _paradigms_pipeline(dict(vae=sd.vae, text_encoder=sd.text_encoder, unet=sd.unet), sd_scheduler(case))
         return pipe, sd.unet, sd_arguments(case, batch)
     from paratime.models import as_denoiser
-    from paratime.noise import INITIAL, draw_noise
 
-    model = as_denoiser(case.model)
-    latents = draw_noise(0, batch, model.sample_shape, None, INITIAL, dtype=model.dtype or torch.float32)
-    return _zoo_class(model, sd_scheduler(case), case.conditioning(batch), latents, case.steps)
+    latents = class_noise(case, batch)["noise"]
+    return _zoo_class(as_denoiser(case.model), sd_scheduler(case), case.conditioning(batch), latents, case.steps)
 
 
 def real_class_runs(case: Case, batch: int, tols, floor: float) -> list[dict]:
@@ -502,7 +521,7 @@ def headline(name: str, batch: int | None = None, with_rule: bool = True) -> dic
     """Case ``name``: paratime at its DEFAULT options (no tolerance sweep) against the real
     ``StableDiffusionParadigmsPipeline`` at its best tolerance for max |Δ| <= :data:`TARGET` of the data scale
     (each against its own sequential run), and paratime's ``stop="paradigms"`` under :data:`PARADIGMS_RULE` at that
-    tolerance (the same rule on paratime's engine).
+    tolerance (the same rule on paratime's engine, from the class's noise: :func:`class_noise`).
 
     Returns:
         ``{"case", "batch", "window", "default": run, "peer": run or None, "peer_runs", "rule": run or None,
@@ -524,9 +543,11 @@ def headline(name: str, batch: int | None = None, with_rule: bool = True) -> dic
     peer_runs = real_class_runs(case, batch, SWEEPS["paradigms"], TARGET)
     peer = at_accuracy(peer_runs, TARGET, "max_rel_diff")
     rule = None
-    if with_rule and peer is not None:
+    if with_rule and peer is not None:      # the class's noise: the same step noise on a stochastic solver
         combo = Combo("picard", "paradigms", tuple(o for o in PARADIGMS_RULE if o[0] != "update"))
-        (rule,) = paratime_runs(case, batch, combo, ref, 0.0, tols=(peer["tol"],))
+        with torch.no_grad():
+            seq = sample(case, batch, method="sequential", **class_noise(case, batch)).samples
+        (rule,) = paratime_runs(case, batch, combo, seq, 0.0, tols=(peer["tol"],), as_class=True)
     # The error relative to the tolerance in force: tol itself in data units; with tol in other units the margin
     # check is left out (every README row runs in data units).
     rel_tol = st.tol if units == "data" else None

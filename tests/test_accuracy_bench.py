@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from paratime.bench.accuracy_sweep import SWEEP_CASES, accuracy_sweep, to_markdown
-from paratime.bench.rounds_at_accuracy import (CASES, PARADIGMS_RULE, Combo, at_accuracy, combos, diffusers_runs,
-                                              errors, headline, headline_markdown, merge, paratime_runs,
-                                              real_class_runs, sample)
+from paratime.bench.rounds_at_accuracy import (CASES, PARADIGMS_RULE, Combo, at_accuracy, class_noise, combos,
+                                              diffusers_runs, errors, headline, headline_markdown, merge,
+                                              paratime_runs, real_class, real_class_runs, sample)
 from paratime.methods.picard import STOPS, UPDATES
 
 KEYS = {"tol", "max_abs_diff", "p99_abs_diff", "max_rel", "median_rel", "over", "switched", "switched_over", "rounds",
@@ -114,6 +114,50 @@ def test_paradigms_rule_has_the_real_class_rounds_and_evaluations(case, window):
         assert 1 < peer["rounds"] < c.steps
         # The same iterate: the differences from each side's own sequential run agree to the network's float32.
         assert ours["max_abs_diff"] == pytest.approx(peer["max_abs_diff"], rel=0.05, abs=1e-4)
+
+
+@pytest.mark.parametrize("case, steps, window, batch", [("gmm-ddpm1000", 100, 20, 8), ("digits-ddpm1000", 50, 20, 2),
+                                                         ("sd-ddpm100", 20, 8, 2)])
+def test_paradigms_rule_on_ddpm_is_the_real_class_from_its_noise(case, steps, window, batch):
+    """DDPM, fed the real class's noise (:func:`class_noise`: its initial latents, its generator's step noise drawn
+    per step in its order and dtype): paratime's sequential sample is the class's ``parallel=1`` one, and
+    ``stop="paradigms"`` with :data:`PARADIGMS_RULE` takes the class's rounds and evaluations and ends at its
+    samples, within 1e-5 of each sample's max-abs (~2e-6 here: the class's float32 ``alphas_cumprod``, and its last
+    step's ``1e-10 z``, the variance clamped at 1e-20). Paratime's own seeded step noise is another draw (O(1)
+    apart; gmm: 24 rounds / 408 NFE against the class's 22 / 383 at tol 0.1). Steps divide 1000: else the class's
+    ``batch_step_no_noise`` steps to ``t - 1000 // steps``, off its own trailing grid."""
+    pytest.importorskip("diffusers")
+    c = replace(CASES[case], steps=steps, window=window)
+    pipe, _, args = real_class(c, batch)
+
+    def real(parallel, tol):
+        with torch.no_grad():
+            x = pipe(**args, parallel=parallel, tolerance=tol, generator=torch.Generator().manual_seed(0)).images
+        return x.reshape(ref.shape)
+
+    ref = sample(c, batch, method="sequential", **class_noise(c, batch)).samples
+    assert errors(real(1, 0.0), ref, None)[1] <= 1e-5
+    options = tuple(o for o in PARADIGMS_RULE if o[0] != "update")
+    for tol in (0.1, 0.01, 1e-3):
+        (peer,) = real_class_runs(c, batch, (tol,), floor=float("inf"))
+        (ours,) = paratime_runs(c, batch, Combo("picard", "paradigms", options), ref, 0.0, tols=(tol,),
+                                as_class=True)
+        assert (ours["rounds"], ours["nfe"]) == (peer["rounds"], peer["nfe"]), (tol, ours, peer)
+        assert 1 < peer["rounds"] < c.steps
+    x = sample(c, batch, tol=0.01, update="picard", stop="paradigms", **dict(options), **class_noise(c, batch))
+    assert errors(x.samples, real(window, 0.01), None)[1] <= 1e-5
+
+
+def test_headline_rule_column_on_ddpm_is_the_real_class(monkeypatch):
+    """The headline's rule column runs from the class's noise: on gmm DDPM-100 (window 20, 8 samples) its rounds
+    and evaluations at the class's chosen tolerance are the class's."""
+    pytest.importorskip("diffusers")
+    from paratime.bench import rounds_at_accuracy as ra
+
+    monkeypatch.setitem(ra.CASES, "gmm-ddpm1000", replace(CASES["gmm-ddpm1000"], steps=100, window=20))
+    res = headline("gmm-ddpm1000", batch=8)
+    p, q = res["peer"], res["rule"]
+    assert p is not None and (q["tol"], q["rounds"], q["nfe"]) == (p["tol"], p["rounds"], p["nfe"]), (p, q)
 
 
 def test_headline_reports_paratime_default_against_the_real_class():
