@@ -337,7 +337,8 @@ def checks(res: dict) -> list[str]:
 
 def calibrate(steps_list=(50, 100), windows=(2, 4, 8, 16, 32), solver: str = "ddim") -> None:
     """Measured Picard rounds and rows (digits, batch 1, default tolerance, 4 seeds) against the planner's rounds
-    model (:func:`paratime.planner.picard_rows`)."""
+    model (:func:`paratime.planner.picard_rows`; its stochastic variant for a stochastic solver)."""
+    stochastic = bool(make_solver(solver).stochastic)
     print("| solver | N | W | measured rounds (min-max over 4 seeds) | predicted | measured rows (mean) | predicted |\n"
           "|---|---|---|---|---|---|---|")
     for N in steps_list:
@@ -345,7 +346,7 @@ def calibrate(steps_list=(50, 100), windows=(2, 4, 8, 16, 32), solver: str = "dd
             s = make_sampler("digits", N, "latency", 1, window=W, solver=solver)
             stats = [s.sample(1, seed=0, first_sample=i, **_cond("digits", i)).stats for i in range(4)]
             r, rows = [st.rounds for st in stats], [st.nfe_total for st in stats]
-            model = picard_rows(N, W, 2e-3)
+            model = picard_rows(N, W, 2e-3, stochastic)
             print(f"| {solver_name(solver)} | {N} | {W} | {min(r)}-{max(r)} | {len(model)} | "
                   f"{statistics.mean(rows):.0f} | {sum(model)} |", flush=True)
 

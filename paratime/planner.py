@@ -37,6 +37,22 @@ from the first round and four stop rounds at the last width) put the whole grid'
 617, 70 of 107) and mid-size windows' rounds 20-40% high (DDIM-100 W = 16: 27 of 19), which made the widest window look
 cheapest wherever rows cost anything.
 
+**Its stochastic variant** (a ``stochastic`` solver: DDPM, Euler ancestral, Euler-Maruyama, ...; the step noise slows
+the converged front): the same rounds with a stall of :data:`SDE_SLIDE_STALL` rounds, an advance of
+``a(W) = 1 + (W - 1) / SDE_ADVANCE = (W + 2) / 3`` after it, a tail shrinking by :data:`SDE_TAIL_SHRINK` a round (the
+whole grid's too) and a whole grid's stall of :data:`SDE_STALL_ROUNDS` rounds. Fitted the same way on digits DDPM
+(``--calibrate --solver ddpm --steps 20``), pessimistic where it errs: DDPM-20 W = 2, 4, 8, 16, 20: 19, 16, 14, 13, 15
+rounds of 36, 55, 83, 141, 191 rows measured, 20, 19, 19, 18, 19 of 37, 61, 100, 140, 208 modelled; DDPM-50 W = 2, 4, 8,
+16, 32, 50: 42-43, 32, 23-24, 19, 17, 19-20 of 82, 119, 162, 233, 357, 715 measured, 43, 34, 28, 24, 23, 24 of 83, 121,
+172, 243, 363, 781 modelled; DDPM-100 W = 2, 4, 8, 16, 32, 64, 100: 78-79, 55-56, 37-38, 27, 21-22, 19-20, 21-22 of 154,
+214, 276, 362, 509, 790, 1696 measured, 80, 59, 43, 33, 28, 27, 25 of 157, 221, 292, 380, 510, 756, 1735 modelled. Euler
+ancestral measures the same rounds; on gmm (16 seeds; DDPM, Euler ancestral, Euler-Maruyama) the model is 0.98-2.2x the
+mean rounds, 0.95-1.6x the rows, and a seed can run long (DDPM-20 W = 4: 15-16 rounds, one seed 23). The deterministic
+model put stochastic runs' rounds 0.46-0.90x low (DDPM-100 W = 100: 10 rounds of 622 rows against 21-22 of 1696), and
+``method="auto"`` then chose windows that measured slower than sequential (gmm DDPM-10, batch 16, W = 4: 12 rounds
+against 10; gmm DDPM-20, W = 4 on K = 4 at ``c(r) = r``: 23 against 20). On a short grid the variant prices a narrow
+window at about sequential's rounds, so sequential wins there by the margin below.
+
 The plan never predicts slower than sequential sampling under ``method="auto"``: sequential is always a candidate
 and wins unless a parallel plan is predicted :data:`SEQUENTIAL_MARGIN` times faster (it is exact by construction,
 and a prediction's error is about that size).
@@ -60,6 +76,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from .backends.base import check_buckets
 from .cost import CostCurve, round_cost
@@ -68,8 +85,8 @@ from .methods.window import reads_entries
 
 __all__ = ["Plan", "plan_sampling", "candidates", "picard_rows", "predict_picard", "predict_sequential",
            "predict_parareal", "window_candidates", "rounds_cap", "ALONE", "SEQUENTIAL_MARGIN", "TIMED_SPAN",
-           "SLIDE_STALL", "STALL_ROUNDS", "TAIL_SHRINK", "FULL_TAIL", "PARAREAL_ITERATIONS",
-           "PARAREAL_ITERATIONS_SDE"]
+           "SLIDE_STALL", "STALL_ROUNDS", "TAIL_SHRINK", "FULL_TAIL", "SDE_SLIDE_STALL", "SDE_ADVANCE",
+           "SDE_TAIL_SHRINK", "SDE_STALL_ROUNDS", "PARAREAL_ITERATIONS", "PARAREAL_ITERATIONS_SDE"]
 
 #: rounds a sliding window's start advances one point each before it advances (W + 1) / 2 a round
 SLIDE_STALL = 3
@@ -79,6 +96,15 @@ STALL_ROUNDS = 4
 TAIL_SHRINK = 0.65
 #: a window of the whole grid after its stall: the tail's first width (of the points left) and its last (of N)
 FULL_TAIL = (0.9, 0.1)
+#: a stochastic solver's rounds model (module docstring): rounds its sliding window's start advances one point each,
+SDE_SLIDE_STALL = 6
+#: after which it advances a(W) = 1 + (W - 1) / SDE_ADVANCE = (W + 2) / 3 points a round (a deterministic solver's
+#: (W + 1) / 2: its divisor is 2),
+SDE_ADVANCE = 3
+#: its tail's width shrink a round (the sliding window's and the whole grid's),
+SDE_TAIL_SHRINK = 0.8
+#: and the rounds a window of the whole grid spends on nearly all of it
+SDE_STALL_ROUNDS = 15
 #: Parareal iterations assumed at a tolerance > 0 (capped at the number of slices; gmm and digits, DDIM-16 to -100 at
 #: tol 2e-3: 3-4, 1e-2: 3-4, 0.1: 2-3)
 PARAREAL_ITERATIONS = 4
@@ -159,34 +185,41 @@ def window_candidates(steps: int, devices: int) -> list[int]:
     return out + [cap]
 
 
-def _picard_rounds(steps: int, window: int, tol: float) -> list[tuple[int, bool | None]]:
-    """Per sample, each Picard round's rows (the rounds model of the module docstring) and whether its window holds
-    the grid's last point; the initial-guess call (1 row, one evaluation whatever the solver) first as ``(1, None)``
-    when the window reads it (:func:`~paratime.methods.window.reads_entries`)."""
+def _picard_rounds(steps: int, window: int, tol: float, stochastic: bool = False) -> list[tuple[int, bool | None]]:
+    """Per sample, each Picard round's rows (the rounds model of the module docstring, its stochastic variant for a
+    ``stochastic`` solver) and whether its window holds the grid's last point; the initial-guess call (1 row, one
+    evaluation whatever the solver) first as ``(1, None)`` when the window reads it
+    (:func:`~paratime.methods.window.reads_entries`)."""
     rounds: list[tuple[int, bool | None]] = [(1, None)] if reads_entries(window, steps) else []
     if tol == 0:                                  # one point a round
         return rounds + [(min(window, steps - k), k + window >= steps) for k in range(steps)]
-    start = 0.0
+    stall, stall_full, shrink = (SDE_SLIDE_STALL, SDE_STALL_ROUNDS, SDE_TAIL_SHRINK) if stochastic else (
+        SLIDE_STALL, STALL_ROUNDS, TAIL_SHRINK)
+    # The stochastic advance (W + 2) / 3 is kept exact: float thirds sum to just under a whole point (the window
+    # would then hold the last point with its start a point short, and its tail would start wider than the window).
+    advance = Fraction(window - 1, SDE_ADVANCE) + 1 if stochastic else (window + 1) / 2
+    start = Fraction(0) if stochastic else 0.0
     while start + window < steps:                 # sliding: the window does not hold the last point yet
-        start += 1.0 if len(rounds) <= SLIDE_STALL else (window + 1) / 2
+        start += 1 if len(rounds) <= stall else advance
         rounds.append((window, False))
     width, end = float(steps - math.floor(start)), 1.0
     if window >= steps:                           # the whole grid: the front forms first
-        rounds += [(steps - k, True) for k in range(min(STALL_ROUNDS, steps))]
-        width, end = (steps - STALL_ROUNDS) * FULL_TAIL[0], max(1.0, steps * FULL_TAIL[1])
+        rounds += [(steps - k, True) for k in range(min(stall_full, steps))]
+        width, end = (steps - stall_full) * FULL_TAIL[0], max(1.0, steps * FULL_TAIL[1])
     while width >= end:
         rounds.append((max(1, round(width)), True))
-        width *= TAIL_SHRINK
+        width *= shrink
     return rounds
 
 
-def picard_rows(steps: int, window: int, tol: float) -> list[int]:
-    """Per sample, the predicted rows of each Picard round (the rounds model of the module docstring).
+def picard_rows(steps: int, window: int, tol: float, stochastic: bool = False) -> list[int]:
+    """Per sample, the predicted rows of each Picard round (the rounds model of the module docstring; its stochastic
+    variant for a ``stochastic`` solver).
 
     Returns:
         One row count per round, the initial-guess call (1 row) first when ``1 < window < steps``.
     """
-    return [rows for rows, _ in _picard_rounds(steps, window, tol)]
+    return [rows for rows, _ in _picard_rounds(steps, window, tol, stochastic)]
 
 
 def _calls(rounds: list[tuple[int, bool | None]], evals: int, last_evals: int) -> list[int]:
@@ -222,11 +255,12 @@ def predict_sequential(curve: CostCurve, steps: int, batch: int, devices: int, e
 
 def predict_picard(curve: CostCurve, steps: int, window: int, batch: int, devices: int, tol: float,
                    evals: int = 1, overhead: float = 0.0, limit: int | None = None,
-                   buckets: tuple[int, ...] | None = None, last_evals: int | None = None) -> float:
-    """Picard's predicted time (curve units) with window ``window`` (:func:`picard_rows`; ``evals`` calls a round,
-    the last point's row in ``last_evals`` of them, the initial guess one call), ``overhead`` per call, chunks of
-    at most ``limit`` rows a device padded to ``buckets``."""
-    calls = _calls(_picard_rounds(steps, window, tol), evals, evals if last_evals is None else last_evals)
+                   buckets: tuple[int, ...] | None = None, last_evals: int | None = None,
+                   stochastic: bool = False) -> float:
+    """Picard's predicted time (curve units) with window ``window`` (:func:`picard_rows`, the stochastic variant for a
+    ``stochastic`` solver; ``evals`` calls a round, the last point's row in ``last_evals`` of them, the initial guess
+    one call), ``overhead`` per call, chunks of at most ``limit`` rows a device padded to ``buckets``."""
+    calls = _calls(_picard_rounds(steps, window, tol, stochastic), evals, evals if last_evals is None else last_evals)
     return _sum_cost(curve, calls, batch, devices, overhead, limit, buckets)
 
 
@@ -310,8 +344,8 @@ def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: f
             (:func:`~paratime.cost.chunked_cost`), so a wide window is priced at the calls it really makes.
         buckets: the backend's fixed shapes (``buckets=``), or None: no chunk exceeds the largest and each costs
             the smallest bucket that holds it.
-        stochastic: whether the solver draws noise each step (Parareal then takes more iterations,
-            :func:`predict_parareal`).
+        stochastic: whether the solver draws noise each step (Picard's windows then converge more slowly, the
+            rounds model's stochastic variant; Parareal takes more iterations, :func:`predict_parareal`).
     Returns:
         :class:`Plan`.
     Raises:
@@ -357,7 +391,8 @@ def plan_sampling(curve: CostCurve, steps: int, batch: int, devices: int, tol: f
         elif name == "sequential":
             sce = seq
         elif name == "picard":
-            sce = predict_picard(curve, steps, w, batch, devices, tol, evals, o, **chunks_last) / unit
+            sce = predict_picard(curve, steps, w, batch, devices, tol, evals, o, stochastic=stochastic,
+                                 **chunks_last) / unit
         else:
             sce = predict_parareal(curve, steps, batch, devices, tol, evals, o, stochastic=stochastic,
                                    **chunks_last) / unit

@@ -15,9 +15,9 @@ from benchmarks.devices import Spread
 from paratime import ParallelSampler, SamplerConfig
 from paratime.cost import CostCurve, chunked_cost, make_cost, round_cost
 from paratime.methods.parareal import slice_bounds
-from paratime.planner import (ALONE, PARAREAL_ITERATIONS_SDE, SEQUENTIAL_MARGIN, SLIDE_STALL, STALL_ROUNDS,
-                              candidates, picard_rows, plan_sampling, predict_parareal, predict_picard,
-                              predict_sequential, rounds_cap, window_candidates)
+from paratime.planner import (ALONE, PARAREAL_ITERATIONS_SDE, SDE_SLIDE_STALL, SDE_STALL_ROUNDS,
+                              SEQUENTIAL_MARGIN, SLIDE_STALL, STALL_ROUNDS, candidates, picard_rows, plan_sampling,
+                              predict_parareal, predict_picard, predict_sequential, rounds_cap, window_candidates)
 
 TOL = 2e-3
 
@@ -489,3 +489,78 @@ def test_the_plan_prices_parareal_with_a_stochastic_solvers_iterations():
 def test_the_planner_refuses_a_stochastic_flag_that_is_not_a_bool(value):
     with pytest.raises(TypeError, match="^stochastic: "):
         plan_sampling(make_cost("compute"), 10, 1, 2, 2e-3, stochastic=value)
+
+
+# -- Picard's rounds model for a stochastic solver (issue 21: the default is never slower than sequential) ----------
+
+@pytest.mark.parametrize("steps,batch,cost,devices", [(20, 1, "compute", 4), (10, 16, "latency", 1),
+                                                      (10, 16, "latency", 4), (50, 1, "latency", 1)])
+def test_a_stochastic_solvers_plan_never_measures_slower_than_sequential(steps, batch, cost, devices):
+    """gmm DDPM, seed 0: the deterministic rounds model chose Picard W = 4 in the first three cells (predicted 12 and
+    8 rounds), which measured 23 SCE against sequential's 20 and 12 rounds against 10. The stochastic variant must
+    choose a plan that measures at most sequential's SCE, and still a window where one wins clearly (the last cell:
+    W = 32, about 4x)."""
+    def run(method):
+        s = ParallelSampler("gmm", steps=steps, solver="ddpm", method=method, cost=cost, progress=False,
+                            backend=Spread(devices))
+        return s.sample(batch, seed=0).stats
+
+    seq, auto = run("sequential"), run("auto")
+    assert auto.sce <= seq.sce
+    if steps == 50:
+        assert auto.method == "picard" and 2 * auto.sce < seq.sce
+
+
+def test_small_stochastic_rounds_by_hand():
+    # N = 12, W = 4: the guess call; the start advances 1 for SDE_SLIDE_STALL = 6 rounds (starts 1 .. 6), then
+    # (W + 2) / 3 = 2: start 8, and 8 + 4 >= 12 holds the last point: seven full windows. The tail starts at
+    # 12 - 8 = 4 points and shrinks by 0.8 while >= 1: 4, 3.2, 2.56, 2.048, 1.638, 1.311, 1.049.
+    assert picard_rows(12, 4, TOL, stochastic=True) == [1, 4, 4, 4, 4, 4, 4, 4, 4, 3, 3, 2, 2, 1, 1]
+    # N = 18, W = 18: no guess; SDE_STALL_ROUNDS = 15 rounds of 18 .. 4; then (18 - 15) * 0.9 = 2.7 shrinking by 0.8
+    # while >= max(1, 0.1 * 18) = 1.8: 2.7, 2.16.
+    assert picard_rows(18, 18, TOL, stochastic=True) == [*range(18, 3, -1), 3, 2]
+    # N = 19, W = 3: starts 1 .. 6, then 5 / 3 a round to 16 exactly, where 16 + 3 holds the last point: twelve full
+    # windows, then 3, 2.4, 1.92, 1.536, 1.229. Float thirds miss 16: just under it the tail starts at 4 points,
+    # wider than the window; just over a step, a thirteenth window.
+    assert picard_rows(19, 3, TOL, stochastic=True) == [1, *[3] * 12, 3, 2, 2, 2, 1]
+    # tol 0 is exact whatever the solver: one point a round.
+    assert picard_rows(7, 3, 0.0, stochastic=True) == picard_rows(7, 3, 0.0)
+
+
+@pytest.mark.parametrize("steps, windows, rounds, rows", [
+    (20, (2, 4, 8, 16, 20), (20, 19, 19, 18, 19), (37, 61, 100, 140, 208)),
+    (50, (2, 4, 8, 16, 32, 50), (43, 34, 28, 24, 23, 24), (83, 121, 172, 243, 363, 781)),
+    (100, (2, 4, 8, 16, 32, 64, 100), (80, 59, 43, 33, 28, 27, 25), (157, 221, 292, 380, 510, 756, 1735))])
+def test_stochastic_rounds_model_is_the_documented_table(steps, windows, rounds, rows):
+    """The planner module's docstring states the stochastic variant's modelled rounds and rows beside the measured
+    ones (digits DDPM-20, -50, -100: 19, 16, 14, 13, 15 rounds measured at N = 20, ...)."""
+    got = [picard_rows(steps, w, TOL, stochastic=True) for w in windows]
+    assert [len(r) for r in got] == list(rounds) and [sum(r) for r in got] == list(rows)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.integers(1, 400), window=st.integers(1, 400))
+def test_stochastic_rounds_model_shape(steps, window):
+    """The stochastic variant keeps the model's shape (full windows, then a shrinking tail never wider than the
+    window) and never predicts fewer rounds or rows than the deterministic model (it errs pessimistic)."""
+    window = min(window, steps)
+    rows, ode = picard_rows(steps, window, TOL, stochastic=True), picard_rows(steps, window, TOL)
+    body = rows[1:] if 1 < window < steps else rows
+    assert all(1 <= r <= window for r in body) and all(a >= b for a, b in zip(body, body[1:]))
+    assert len(rows) >= len(ode) and sum(rows) >= sum(ode)
+    if window < steps:
+        assert sum(r == window for r in body) >= min(SDE_SLIDE_STALL, steps - window)
+    else:
+        assert body[:min(steps, SDE_STALL_ROUNDS)] == [steps - k for k in range(min(steps, SDE_STALL_ROUNDS))]
+
+
+def test_the_plan_prices_picard_with_a_stochastic_solvers_rounds():
+    """c(r) = 1: each candidate costs its rounds, the stochastic variant's for a stochastic solver."""
+    curve = make_cost("latency")
+    for stochastic in (False, True):
+        plan = plan_sampling(curve, 50, 1, 4, TOL, stochastic=stochastic)
+        for w in window_candidates(50, 4):
+            rounds = len(picard_rows(50, w, TOL, stochastic))
+            assert plan.candidates[f"picard W={w}"] == predict_picard(curve, 50, w, 1, 4, TOL,
+                                                                      stochastic=stochastic) == rounds
+    assert plan.window == 32 and plan.predicted_sce == 23        # the whole grid's 24 rounds lose by one
