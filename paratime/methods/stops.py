@@ -167,12 +167,15 @@ class FinalPointStop:
 
     ``scale``: the data scale ``tol`` is relative to, a number (1: absolute units; a model's declared scale), or
     None for each sample's own: the max-abs of its final point's current value (read from the trajectory each
-    round, so it follows the sample as it converges). It stops when its final point was quiet (moved by <=
-    ``tol_b * QUIET_SCALE`` and by no more than the round before) for :data:`QUIET_ROUNDS` rounds and the error
-    estimate from the contraction of those changes is <= ``tol_b / ESTIMATE_SAFETY`` (see ``__call__``); ``tol = 0``
-    waits for every point to be accepted (the exact fixed point). ``carried``: one quiet round suffices when the
-    last three changes contracted fast (:data:`QUICK_RATIO`, :data:`QUICK_SAFETY`), and the window counts as quiet
-    when no point of it moved by more than the final point.
+    round, so it follows the sample as it converges; while a sliding window ends before N that value is the final
+    point's first guess, on the mixtures far smaller than the sample, and the sliding acceptance is that much
+    stricter: a stochastic solver's holds its bound only so, README *Each sample's own scale on a sliding
+    window*). It stops when its final point was quiet (moved by <= ``tol_b * QUIET_SCALE`` and by no more than the
+    round before) for :data:`QUIET_ROUNDS` rounds and the error estimate from the contraction of those changes is
+    <= ``tol_b / ESTIMATE_SAFETY`` (see ``__call__``); ``tol = 0`` waits for every point to be accepted (the exact
+    fixed point). ``carried``: one quiet round suffices when the last three changes contracted fast
+    (:data:`QUICK_RATIO`, :data:`QUICK_SAFETY`), and the window counts as quiet when no point of it moved by more
+    than the final point.
 
     Acceptance (:meth:`accept_scale`) is in the same units, ``accept * scale_b`` per unit noise level, and tightens
     while the final point still moves: by ``tol_b / moved_b`` (the last round's change) when that is below 1, so a
