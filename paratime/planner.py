@@ -41,7 +41,8 @@ cheapest wherever rows cost anything.
 the converged front): the same rounds with a stall of :data:`SDE_SLIDE_STALL` rounds, an advance of
 ``a(W) = 1 + (W - 1) / SDE_ADVANCE = (W + 2) / 3`` after it, a tail shrinking by :data:`SDE_TAIL_SHRINK` a round (the
 whole grid's too) and a whole grid's stall of :data:`SDE_STALL_ROUNDS` rounds. Fitted the same way on digits DDPM
-(``--calibrate --solver ddpm --steps 20``), pessimistic where it errs: DDPM-20 W = 2, 4, 8, 16, 20: 19, 16, 14, 13, 15
+(``--calibrate --solver ddpm --steps 20``, and ``--steps 50``, ``--steps 100``; W = 64 from a run of its own),
+pessimistic in rounds where it errs (in rows within 0.96-1.2x): DDPM-20 W = 2, 4, 8, 16, 20: 19, 16, 14, 13, 15
 rounds of 36, 55, 83, 141, 191 rows measured, 20, 19, 19, 18, 19 of 37, 61, 100, 140, 208 modelled; DDPM-50 W = 2, 4, 8,
 16, 32, 50: 42-43, 32, 23-24, 19, 17, 19-20 of 82, 119, 162, 233, 357, 715 measured, 43, 34, 28, 24, 23, 24 of 83, 121,
 172, 243, 363, 781 modelled; DDPM-100 W = 2, 4, 8, 16, 32, 64, 100: 78-79, 55-56, 37-38, 27, 21-22, 19-20, 21-22 of 154,
@@ -96,14 +97,14 @@ STALL_ROUNDS = 4
 TAIL_SHRINK = 0.65
 #: a window of the whole grid after its stall: the tail's first width (of the points left) and its last (of N)
 FULL_TAIL = (0.9, 0.1)
-#: a stochastic solver's rounds model (module docstring): rounds its sliding window's start advances one point each,
+#: a stochastic solver's rounds model (module docstring): rounds its sliding window's start advances one point each
 SDE_SLIDE_STALL = 6
-#: after which it advances a(W) = 1 + (W - 1) / SDE_ADVANCE = (W + 2) / 3 points a round (a deterministic solver's
-#: (W + 1) / 2: its divisor is 2),
+#: a stochastic solver's sliding window then advances a(W) = 1 + (W - 1) / SDE_ADVANCE = (W + 2) / 3 points a round
+#: (a deterministic solver's (W + 1) / 2: its divisor is 2)
 SDE_ADVANCE = 3
-#: its tail's width shrink a round (the sliding window's and the whole grid's),
+#: a stochastic solver's tail: its width's shrink a round (the sliding window's and the whole grid's)
 SDE_TAIL_SHRINK = 0.8
-#: and the rounds a window of the whole grid spends on nearly all of it
+#: a stochastic solver's window of the whole grid: the rounds it spends on nearly all of it
 SDE_STALL_ROUNDS = 15
 #: Parareal iterations assumed at a tolerance > 0 (capped at the number of slices; gmm and digits, DDIM-16 to -100 at
 #: tol 2e-3: 3-4, 1e-2: 3-4, 0.1: 2-3)

@@ -157,7 +157,7 @@ class _Propagators:
 
     def __init__(self, problem: Problem, layout: _SliceLayout, coarse: Coarse | None):
         self.p, self.coarse = problem, coarse
-        self.bounds_h = layout.start                             # host integers
+        self.start = layout.start                                # host integers: slice s from start[s]
         self.bounds = layout.bounds_h.to(problem.sigmas.device)
         self.coarse_calls = 0
         self.sub = layout.sub
@@ -192,7 +192,7 @@ class _Propagators:
         p, R = self.p, U.shape[0]
         if self.coarse is not None:
             self.coarse_calls += 1
-            s_from, s_to = p.sigmas[self.bounds_h[s]].repeat(R), p.sigmas[self.bounds_h[s + 1]].repeat(R)
+            s_from, s_to = p.sigmas[self.start[s]].repeat(R), p.sigmas[self.start[s + 1]].repeat(R)
             return self.coarse(U.clone(), s_from, s_to)
         x, pts = U, self.sub[s]
         for c in range(len(pts) - 1):
