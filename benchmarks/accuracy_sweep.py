@@ -10,7 +10,8 @@ Cases (``SWEEP_CASES``, full window): ``gmm`` DDIM-100, DDPM-100 and the multist
 at 100 steps with 4,000 samples; ``mix3`` (the 3-D anisotropic mixture with weights 0.6 / 0.3 / 0.1 of
 ``tests/test_accuracy.py``) DDIM-100, DDPM-100 and DPM++(2M)-100 with 4,000 samples; ``digits`` DDIM-100 with 64
 samples (data in [-1, 1]). Sliding windows (the ``-w`` cases: the planner's window on K compute-bound devices is
-K): gmm DDPM-100, mix3 DDIM-100 and DPM++(2M)-100 with window 8, digits DDIM-50 with window 4; on coarse 20-step
+K): gmm and mix3 DDPM-100, mix3 DDIM-100 and DPM++(2M)-100 with window 8, digits DDIM-50 with window 4 and DDPM-50
+(64 samples) with windows 4 and 8; on coarse 20-step
 grids, mix3 DDIM and DPM++(2M), gmm DPM++(2M) and digits DPM++(2M) with window 8; on 50-step grids, mix3 DDIM and
 DPM++(2M) with window 8. ``--updates all`` sweeps every
 update rule. |Δ| is in data units (the returned sample's); a
@@ -64,6 +65,9 @@ SWEEP_CASES = {"gmm-ddim100": Case("gmm", "ddim", 100, None, 4000),
                # Sliding windows of a few points, the planner's choice on K compute-bound devices (window = K):
                # there acceptance drives the slide, and its frozen errors reach the final point.
                "gmm-ddpm100-w8": Case("gmm", "ddpm", 100, 8, 4000),
+               "mix3-ddpm100-w8": Case("mix3", "ddpm", 100, 8, 4000),
+               "digits-ddpm50-w4": Case("digits", "ddpm", 50, 4, 64),
+               "digits-ddpm50-w8": Case("digits", "ddpm", 50, 8, 64),
                "mix3-ddim100-w8": Case("mix3", "ddim", 100, 8, 4000),
                "mix3-dpmpp2m100-w8": Case("mix3", "dpmpp_2m", 100, 8, 4000),
                "digits-ddim50-w4": Case("digits", "ddim", 50, 4, 64),

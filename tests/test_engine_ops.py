@@ -3,8 +3,9 @@
 kernel launch of ~5-10 us), and those ops, not the network, decide a round's time (the shipped policy's).
 
 The bounds sit just above the figures measured when they were set (torch 2.13, CPU: the policy 213.6 ops a round,
-the mixture's final-rule round 305.8), so a change that adds ops to the round fails here; lower them when a change
-removes ops. They are not exact answers: a torch release that decomposes an op differently can move the counts
+the mixture's final-rule round 309.5; 305.8 before its per-sample scale read D at the sliding window's end, 4 ops),
+so a change that adds ops to the round fails here; lower them when a change removes ops. They are not exact answers:
+a torch release that decomposes an op differently can move the counts
 (re-measure with ``OMP_NUM_THREADS=1 python benchmarks/engine_ops.py``). The samples themselves are pinned elsewhere
 (tests/test_policy.py, test_picard_updates.py, test_equivalence.py)."""
 
@@ -45,7 +46,7 @@ def test_the_final_rule_round_stays_under_its_op_count():
 
     sampler = ParallelSampler("gmm", solver="ddim", steps=50, method="picard", window=4, progress=False)
     r = count_ops(sampler, [dict(shape=1, seed=0)])
-    assert r["rounds"] == 27
+    assert r["rounds"] == 25
     assert {"gain", "stop", "shift"} <= set(r["phases"])
     assert r["ops_per_round"] <= FINAL_RULE_BOUND, r["phases"]
 

@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 
 from paratime import ParallelSampler
-from paratime.bench.equivalence_sweep import KNOWN_DIVERGENT, ROUNDING, WINDOWED, Case, cases, check, guided_ring
+from paratime.bench.equivalence_sweep import ROUNDING, WINDOWED, Case, cases, check, guided_ring
 from paratime.methods import METHODS
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -92,10 +92,10 @@ def test_picard_with_the_consistency_step_at_its_default_tolerance():
     assert float((res.samples - ref).abs().max()) <= max(res.stats.tol_abs)
 
 
-@pytest.mark.xfail(("picard", "consistency") in KNOWN_DIVERGENT, strict=True,
-                   reason="KNOWN_DIVERGENT[('picard', 'consistency')]: remove the entry when Picard bounds the "
-                          "consistency step's error, and this test then holds it")
 def test_picard_with_the_consistency_step_on_the_guided_ring():
+    """Found by the matrix: the consistency step (stochastic: x' = D(x) + sigma' z) in a sliding window, plain Picard
+    update, ended 3.6e10 off the sequential sample while that window accepted at tol / 30 (its entry in
+    KNOWN_DIVERGENT); at tol / 3000, 4.5e-7 (the tolerance in force 8.7e-3)."""
     case = Case("guided", "picard", 5, 127, {"solver": "consistency", "steps": 127, "spacing": "linspace",
                                              "guidance": 2.0, "window": 118, "update": "picard"})
     ref, res = case.sample("sequential").samples, case.sample("picard")

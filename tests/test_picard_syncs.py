@@ -75,6 +75,8 @@ def _problem(solver: str, steps: int, batch: int, seed: int = 0):
 
 
 _INITS = [dict(init="x0", fill="path"), dict(init="noise", fill="path")]
+#: each sample's own data scale on a sliding window: acceptance reads D at the window end (no read of its own)
+_OWN_SCALE = [dict(init="x0", fill="path", tol_scale=None), dict(init="x0", fill="copy", tol_scale=None)]
 
 
 @pytest.mark.parametrize("solver, stop, update, window, shared, options", [
@@ -83,7 +85,8 @@ _INITS = [dict(init="x0", fill="path"), dict(init="noise", fill="path")]
     ("dpmpp_2m", "paradigms", "picard", 30, False, {}), ("ddim", "paradigms", "secant", 7, True, {}),
     *[(solver, "final", update, window, shared, opt) for update in UPDATES
       for solver, window, shared, opt in (("ddpm", 7, False, _INITS[0]), ("dpmpp_2m", 7, True, _INITS[0]),
-                                          ("ddim", 30, False, _INITS[1]))]])
+                                          ("ddim", 30, False, _INITS[1]))],
+    ("ddpm", "final", "secant", 7, False, _OWN_SCALE[0]), ("dpmpp_2m", "final", "secant", 7, False, _OWN_SCALE[1])])
 def test_one_device_read_per_picard_round(solver, stop, update, window, shared, options):
     steps = 30
     x_T, problem, calls = _problem(solver, steps, batch=6)

@@ -17,7 +17,7 @@ window holds point ``p + k`` and produces the new value of point ``p + k + 1``. 
          anderson y^new = y + R - (dX + dR) g, triangular              (ParaTAA, :mod:`.updates`)
     4. accept: point j+1 is converged when  rms(y_{j+1}^new - y_{j+1}^old) <= a * n_{j+1}  (``n``: ParaDiGMS's noise
        level, the std of the noise DDPM adds when leaving the point; 0 at the end; ``final``: ``a`` is stricter for
-       a stochastic solver in a window of the whole grid and on the late points of a deterministic solver's grid,
+       a stochastic solver (more so in a sliding window) and on the late points of a deterministic solver's grid,
        :func:`default_accept_tol`); if the first c window
        outputs converged, the first c + 1 new values were computed from accepted states: slide the window start
        there and fill the new slots (fill=path: the constant-D path from the old window end, D held at this round's
@@ -35,7 +35,7 @@ window holds point ``p + k`` and produces the new value of point ``p + k + 1``. 
                      default :func:`default_accept_tol`: an accepted point is frozen, so its error must stay well
                      below the target: tol / 30; tol / 300 on the last quarter of a deterministic solver's
                      whole grid and tol / 100 on the last half of its sliding window, tol / 300 on a
-                     stochastic solver's whole grid). With any
+                     stochastic solver's whole grid and tol / 3000 on its sliding window). With any
                      update on per-sample windows, a sample whose window stretches its iterates' changes by
                      more than the acceptance's margin allows in a round (the largest product over 8% of the
                      grid's points, 2 to 8 consecutive, of ``|F(y) - F(y')| / |y - y'|`` from their last two
@@ -150,7 +150,7 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         stop: ``final`` (default) or ``paradigms`` (see the module docstring).
         update: ``secant`` (default), ``picard`` or ``anderson`` (see the module docstring).
         accept_tol: ``stop="final"``: the window-slide tolerance in noise-level units; None:
-            :func:`default_accept_tol` (stricter for a stochastic solver with a window of the whole grid, and on
+            :func:`default_accept_tol` (stricter for a stochastic solver, more so in a sliding window, and on
             the last quarter of a deterministic solver's whole grid or the last half of its sliding window). An
             error with ``paradigms`` (which slides at ``tol``).
         init: the initial guess of every point: ``noise`` (x_T, ParaDiGMS), ``x0`` (one network call at x_T, then
@@ -163,9 +163,10 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
             slides (W < N, or after ``max_rounds``); :class:`~paratime.config.SamplerConfig` refuses another.
         tol_scale: ``stop="final"``: the data scale ``tol`` and ``accept_tol`` are relative to: 1 (default) absolute
             units, a number (a model's declared scale), or None: each sample's own, the max-abs of its final point
-            (:class:`~paratime.methods.stops.FinalPointStop`). tol_units: ``data`` (acceptance relative to
-            ``tol_scale`` and the initial noise's scale, a scale of 1 too) or ``absolute``; None: ``data`` unless
-            ``tol_scale`` is 1.
+            (:class:`~paratime.methods.stops.FinalPointStop`; acceptance, while a sliding window ends before N, that
+            of D at the window end: the final point there holds its first guess). tol_units: ``data`` (acceptance
+            relative to ``tol_scale`` and the initial noise's scale, a scale of 1 too) or ``absolute``; None:
+            ``data`` unless ``tol_scale`` is 1.
     Returns:
         :class:`Outcome`; ``rounds`` counts rounds, ``residuals`` the worst ParaDiGMS residual per round,
         ``sample_rounds`` the round each sample finished (CPU), ``extra["converged"]`` per sample whether it
@@ -219,6 +220,12 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         residuals.append(float("nan"))
         problem.report(RoundInfo(rounds, torch.tensor(win.begin_h), B, float("nan")))
     final = win.traj[N]               # (B, *shape) the final points: a view, written in place
+    # Each sample's own data scale (tol_scale None) on a sliding window: while a window ends before N its final point
+    # holds its first guess (the x0 path's end, D(x_T): near the data's mean, a median 0.015x the sample's max-abs on
+    # gmm DDPM-1000), so the scale reads D at the window end instead (in the final point's frame: the constant-D
+    # path's end from there where sigma_N is 0), computed at the last window point each round.
+    follow = isinstance(stopper, FinalPointStop) and stopper.scale is None
+    frame_N = problem.frame_scales[N] if follow else None
     while not win.all_done:
         W = window if max_rounds is None or rounds < max_rounds else 1
         # A window of one point reaches the final point from the accepted point before it alone: re-opening that
@@ -227,12 +234,17 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         from_last = win.begin >= N - 1 if W == 1 else None
         # 1-2. Evaluate D at the window points y_p .. y_{p+W-1} of every active sample (one batched call) and take
         #      the step increments dy_j = F_j(y_j) - y_j.
-        rows = win.pack(W, need_den)
-        dy, den_last = window_increments(problem, rows, win.den_buf, need_den)
+        estimate = follow and W < N       # windows that may end before N this round (host)
+        rows = win.pack(W, need_den or estimate)
+        dy, den_last = window_increments(problem, rows, win.den_buf, need_den or estimate)
         # 3. Update: Picard's values (W, B, *shape) at points p+1 .. p+W, their rms change err (W, B), the rule's.
         new, err, new_rule = rule(rows.start, dy, rows.old, rows.y_win, rows.valid)
         # 4. Accept the leading converged points, store, slide and guess the points that enter.
-        stride, residual = win.accept(rows, err, levels, shared_window, stopper.accept_scale(final))
+        scale_of = final
+        if estimate:                      # D at the window end where the window ends before N
+            outside = (win.begin < N - W).reshape(B, *([1] * (final.ndim - 1)))
+            scale_of = torch.where(outside, den_last * frame_N, final)
+        stride, residual = win.accept(rows, err, levels, shared_window, stopper.accept_scale(scale_of))
         moved, window_moved = win.write(rows, new, new_rule, stride, stopper.scale_b, residual=rule.stalls)   # (B,)
         win.slide(rows, stride, fill, den_last)
         shift = stride                    # each slot's history moves with its point (one rule.shift, below)

@@ -8,7 +8,8 @@ A stop rule is one small object made per sample call by :func:`make_stop`:
     rule.start(B, like, noise)  fresh per-sample state (``like``: a tensor giving device and dtype; ``noise``: the
                                 initial noise's std in the model frame, 0-d)
     rule.accept_scale(final)    ``(B,)`` factor on each sample's acceptance threshold this round, or None (1); ``final``
-                                ``(B, *shape)`` the final points' current values (model frame)
+                                ``(B, *shape)`` the final points' current values (model frame; a sliding window
+                                that ends before N passes its estimate there, D at the window end)
     rule(done, moved, final, window_moved)
                                 -> done, after each round: ``done`` ``(B,)`` the samples whose every point is accepted,
                                 ``moved`` ``(B,)`` the max-abs change of each sample's final point this round (inf
@@ -60,8 +61,8 @@ ROUNDING = 1e-9                 # final-point changes below ROUNDING x tol count
 #: :func:`gain_limit`): a quarter in a window of the whole grid, a sixth in a sliding window
 GAIN_BUDGET, GAIN_MIN, ROLLBACK, TIGHTEN = (1 / 4, 1 / 6), 2.0, 0.5, 0.01
 #: ``final`` rule: acceptance relative to the target, and how much stricter it is for a stochastic solver in a window
-#: of the whole grid (see :func:`default_accept_tol`)
-ACCEPT_SCALE, STOCHASTIC_FULL_SCALE = 1 / 30, 1 / 10
+#: of the whole grid (False) or a sliding one (True; see :func:`default_accept_tol`)
+ACCEPT_SCALE, STOCHASTIC_SCALE = 1 / 30, (1 / 10, 1 / 100)
 #: ``final`` rule, default acceptance of a deterministic solver: the points of the last TAIL_FRACTION[sliding] of the
 #: grid accept TAIL_SCALE[sliding] x more strictly, in a window of the whole grid (False) or a sliding one (True; see
 #: :func:`default_accept_tol`)
@@ -69,9 +70,10 @@ TAIL_FRACTION, TAIL_SCALE = (1 / 4, 1 / 2), (1 / 10, 3 / 10)
 
 
 def default_accept_tol(tol: float, stochastic: bool = False, sliding: bool = False) -> float:
-    """The window-slide tolerance (noise-level units) of the ``final`` rule: ``tol / 30``, and ``tol / 300`` for a
-    ``stochastic`` solver in a window of the whole grid (not ``sliding``); a deterministic solver's late points
-    accept more strictly still (:data:`TAIL_FRACTION`, :data:`TAIL_SCALE`; :class:`FinalPointStop` ``tail``).
+    """The window-slide tolerance (noise-level units) of the ``final`` rule: ``tol / 30``, and for a ``stochastic``
+    solver ``tol / 300`` in a window of the whole grid, ``tol / 3000`` in a ``sliding`` one; a deterministic solver's
+    late points accept more strictly still (:data:`TAIL_FRACTION`, :data:`TAIL_SCALE`; :class:`FinalPointStop`
+    ``tail``).
 
     An accepted point is frozen, and its error reaches the final point amplified, so acceptance must be stricter than
     the target. How much stricter depends on what acceptance buys:
@@ -101,16 +103,32 @@ def default_accept_tol(tol: float, stochastic: bool = False, sliding: bool = Fal
       from step 32 to 50; its 8-point window gain read 1.6-1.9) and ended 1.48x over tol at ``tol / 10`` (window 8);
       ``tol / 20`` held it (0.45x), but on 2,048 samples sample 881 (~1.4x a step over its last 12) ended at 0.77x
       of tol (window 4), and ``tol / 30`` holds both windows' worst at 0.36x for 1% more cost on K devices (N / SCE
-      2.01x -> 2.00x on 4, 2.92x -> 2.89x on 8). Stochastic sliding windows hold at either (DDPM-50 window 8 0.14x,
-      DDPM-100 window 16 0.20x at ``tol / 20``), so one acceptance serves both. But 881's margin was the luck of
-      those windows: on windows of 3 / 5 / 7 it ended 0.99x / 1.77x / 1.06x of tol, from points accepted in the
+      2.01x -> 2.00x on 4, 2.92x -> 2.89x on 8). But 881's margin was the luck of those windows: on windows of 3 / 5 / 7
+      it ended 0.99x / 1.77x / 1.06x of tol, from points accepted in the
       grid's second half that its late stretch then amplified, so a deterministic solver's sliding window accepts
       the last half of its grid at 0.3 of that (:data:`TAIL_FRACTION`, :data:`TAIL_SCALE`: ``tol / 100``; at
       ``tol / 60``, 881 reached 0.67x on a window of 12). Over 4,096 digits DDIM-50 samples
       (``benchmarks/sliding_worst.py``) the worst is now 0.04-0.24 of tol on each window of 2-8 and 16, 0.47 on 12
       (881), against 0.17-1.77 before, for 0.1-0.8 more rounds a sample (1-3%). The rarer trajectory that amplifies
-      more within a window is caught by the amplification guard (:func:`gain_limit`: 5 here)."""
-    return tol * ACCEPT_SCALE * (STOCHASTIC_FULL_SCALE if stochastic and not sliding else 1.0)
+      more within a window is caught by the amplification guard (:func:`gain_limit`: 5 here).
+    - A stochastic solver's sliding window accepts at ``tol / 3000`` (:data:`STOCHASTIC_SCALE`). Digits DDPM-50
+      window 8 (0.14x) and DDPM-100 window 16 (0.20x) held at ``tol / 20``, but ``gmm`` DDPM-100 window 8 at fixed
+      data scales (the batch's median or max sample max-abs, or 1; 4,000 samples, seeds 0-3, tol 0.1-0.01, every
+      update: 108 runs) did not at ``tol / 30``: sample 1566 (seed 1) ended 1.59x over tol 0.1 (scale 1, secant)
+      and 7.7x over 0.03 (scale 4.87, picard), 2691 (seed 2) 1.7x, each rolled back by the guard too late: errors
+      frozen before it stretch along the path after the window has passed (each sample's own scale hid this while
+      it read the final point's stale first guess, ~65x stricter). Nor at ``tol / 300`` (208, seed 0, 1.28x; 1566
+      7.0x), at ``tol / 300`` with its guard held at 5 (2691, picard, rolled back: 1.78x) or at ``tol / 1000``
+      (1566, picard, scale 4.87, tol 0.1: 2.10x; ``tol / 500`` 2.55x: a sample this sensitive, ~3e4x per unit
+      change of a mid-trajectory point, is not monotone in acceptance below ~``tol / 2000``). At ``tol / 3000`` (its
+      guard at 500, idle: no sample rolled back in any of the runs below) the worst of the 108 is 0.09 of tol (``tol /
+      2000``: 0.14); with each sample's own scale (D at the window end)
+      gmm DDPM-100 window 8 (seeds 0-3, tol 0.1-1e-4) 0.046, the 3-D mixture's (seeds 0-1, tol 0.1-1e-3) 0.057 and
+      digits DDPM-50 windows 4 and 8 (64 samples, tol 0.1-2e-3) 0.039 of tol, every update. Its cost on the
+      headline cases, rounds / evaluations against ``tol / 30``: gmm DDPM-1000 (window 100) 45 / 4,086 against 45
+      / 3,774 (diffusers' class 48 / 4,470), the policy's DDPM-100 (window 32) 26 / 710 against 24 / 567 (class
+      26 / 597), digits DDPM-1000 (window 100) 53 / 4,764 against 44 / 3,646 (class 53 / 4,195)."""
+    return tol * ACCEPT_SCALE * (STOCHASTIC_SCALE[sliding] if stochastic else 1.0)
 
 
 def gain_limit(tol: float, accept: float, sliding: bool = False) -> float:
@@ -127,9 +145,10 @@ def gain_limit(tol: float, accept: float, sliding: bool = False) -> float:
     4,000) converge steadily to another mode, 8.6x over tol, its window stretching 8.1x; a quarter rolls it back
     (0.22x) for no change of a sample's mean rounds on seeds 0, 1, 3 and 5 (5 run once, after the change). A sliding
     window takes a sixth (5 with its ``tol / 30``; 3.3 with the ``tol / 20`` of before): no sweep sample needs less
-    there (the limit rolls back the mixture's sample 1534, whose window stretches 7.5x), and a rollback costs the
-    batch the rounds its window must redo (at 2.5 the policy's batch of 64, window 32, took 28 rounds instead of
-    23)."""
+    there (the limit rolls back the mixture's sample 1534, whose window stretches 7.5x; a stochastic solver's
+    ``tol / 3000`` gives 500, idle: its frozen errors grow past the window, see :func:`default_accept_tol`), and a
+    rollback costs the batch the rounds its window must redo (at 2.5 the policy's batch of 64, window 32, took 28
+    rounds instead of 23)."""
     return max(GAIN_MIN, GAIN_BUDGET[sliding] * tol / accept) if accept > 0 else float("inf")
 
 
@@ -167,11 +186,12 @@ class FinalPointStop:
 
     ``scale``: the data scale ``tol`` is relative to, a number (1: absolute units; a model's declared scale), or
     None for each sample's own: the max-abs of its final point's current value (read from the trajectory each
-    round, so it follows the sample as it converges; while a sliding window ends before N that value is the final
-    point's first guess, on the mixtures far smaller than the sample, and the sliding acceptance is that much
-    stricter: a stochastic solver's holds its bound only so, README *Each sample's own scale on a sliding
-    window*). It stops when its final point was quiet (moved by <= ``tol_b * QUIET_SCALE`` and by no more than the
-    round before) for :data:`QUIET_ROUNDS` rounds and the error estimate from the contraction of those changes is
+    round, so it follows the sample as it converges; :meth:`accept_scale` reads what the caller passes, which for a
+    sliding window that ends before N is D at the window end, :func:`paratime.methods.picard.sample_picard`: the
+    final point there still holds its first guess, on ``gmm`` a median 0.015x the sample's max-abs, which made
+    acceptance ~65x stricter than meant). It stops when its final point was quiet (moved by <=
+    ``tol_b * QUIET_SCALE`` and by no more than the round before) for :data:`QUIET_ROUNDS` rounds and the error
+    estimate from the contraction of those changes is
     <= ``tol_b / ESTIMATE_SAFETY`` (see ``__call__``); ``tol = 0`` waits for every point to be accepted (the exact
     fixed point). ``carried``: one quiet round suffices when the last three changes contracted fast
     (:data:`QUICK_RATIO`, :data:`QUICK_SAFETY`), and the window counts as quiet when no point of it moved by more
@@ -338,10 +358,11 @@ def make_stop(stop: str, tol: float | None, accept_tol: float | None = None, sca
         scale: ``final`` only: the data scale ``tol`` and ``accept_tol`` are relative to (None: each sample's own
             max-abs, see :class:`FinalPointStop`). relative: ``final`` only: data units (True) or absolute (False,
             with ``scale`` 1); None: data units unless ``scale`` is 1.
-        stochastic: the solver draws step noise (in a window of the whole grid: stricter default acceptance).
-        sliding: a window shorter than the grid (acceptance drives the slide: tol / 30 on the whole grid where a
-            window of the whole grid accepts at tol / 300 for a stochastic solver; a deterministic solver's last
-            half at tol / 100, where the whole grid's last quarter is at tol / 300).
+        stochastic: the solver draws step noise (stricter default acceptance: tol / 300 in a window of the whole
+            grid, tol / 3000 in a sliding one).
+        sliding: a window shorter than the grid (acceptance drives the slide: a deterministic solver's tol / 30,
+            its last half at tol / 100, where the whole grid's last quarter is at tol / 300; a stochastic solver's
+            tol / 3000).
         update: the window update in use (:data:`paratime.methods.updates.UPDATES`): ``final``'s window-quiet test
             is relative to the final point's change under ``secant`` with a deterministic solver
             (:class:`FinalPointStop` ``carried``).
