@@ -102,6 +102,20 @@ def test_picard_with_the_consistency_step_on_the_guided_ring():
     assert float((res.samples - ref).abs().max()) <= max(res.stats.tol_abs)
 
 
+@pytest.mark.xfail(strict=True, reason="KNOWN: the plain Picard update diverges on the guided ring's consistency "
+                   "step at windows of 32 (and 16): its samples reach ~1e5, and each sample's own scale (no declared "
+                   "range) grows with them, so the final rule's tolerance, relative to that scale, is met; the default "
+                   "secant update and anderson hold (0.007, 0.004 of tol). Remove the mark when it is fixed.")
+def test_picard_update_on_the_guided_rings_consistency_step_with_a_window_of_32():
+    """Found while tuning the stochastic sliding acceptance (stop 52): the same case as above with a window of 32
+    returns samples ~1e5 off (the sequential samples' max-abs is 4.3) at 145 rounds, stopped by a tolerance relative
+    to the diverged samples' own scale; before this stop's acceptance change it was ~1e12."""
+    case = Case("guided", "picard", 5, 127, {"solver": "consistency", "steps": 127, "spacing": "linspace",
+                                             "guidance": 2.0, "window": 32, "update": "picard"})
+    ref, res = case.sample("sequential").samples, case.sample("picard")
+    assert float((res.samples - ref).abs().max()) <= 2e-3 * float(ref.abs().max())
+
+
 def test_staggered_stays_within_its_default_tolerance_with_many_cores():
     """Found by the matrix: 69 cores on 97 PLMS steps; two successive cores' samples agreed within tol while both were
     2.7x tol off the sequential sample (each quiet sample must now move by <= tol / 4)."""
