@@ -196,6 +196,20 @@ def test_dead_and_hung_actors_are_replaced_with_the_conditioning_within_max_retr
     assert time.perf_counter() - t0 < 40 and not be.actors      # closed: its pending actor killed
 
 
+def _wait_dead(actor, timeout_s: float = 30.0) -> None:
+    """Return once a killed actor is dead (its readiness call raises RayActorError), within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"the killed actor was still alive after {timeout_s} s")
+
+
 def test_actors_that_build_another_network_type_are_refused_naming_it(ray_session):
     """model="gmm": a sampler's network of another type is refused by the actors (the weights alone cannot tell
     networks without tensors apart), as a ValueError naming model. max_retries=0: a dead actor is not replaced."""
@@ -215,5 +229,6 @@ def test_actors_that_build_another_network_type_are_refused_naming_it(ray_sessio
         sigma = torch.ones(3, dtype=torch.float64)
         assert torch.equal(be.evaluate(x, sigma, sigma), den(x, sigma, sigma))
         ray.kill(be.actors[0], no_restart=True)
+        _wait_dead(be.actors[0])      # ray.kill is asynchronous: a call made at once could still run (seen once in CI)
         with pytest.raises(RayWorkerError, match=r"^actor 0 failed 1 times"):
             be.evaluate(x, sigma, sigma)
