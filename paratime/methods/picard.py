@@ -220,12 +220,9 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         residuals.append(float("nan"))
         problem.report(RoundInfo(rounds, torch.tensor(win.begin_h), B, float("nan")))
     final = win.traj[N]               # (B, *shape) the final points: a view, written in place
-    # Each sample's own data scale (tol_scale None) on a sliding window: while a window ends before N its final point
-    # holds its first guess (the x0 path's end, D(x_T): near the data's mean, a median 0.015x the sample's max-abs on
-    # gmm DDPM-1000), so the scale reads D at the window end instead (in the final point's frame: the constant-D
-    # path's end from there where sigma_N is 0), computed at the last window point each round.
+    # Each sample's own data scale (tol_scale None) on a sliding window reads D at the window end while the window
+    # ends before N (SlidingWindow.final_estimate: the final point there still holds its first guess).
     follow = isinstance(stopper, FinalPointStop) and stopper.scale is None
-    frame_N = problem.frame_scales[N] if follow else None
     while not win.all_done:
         W = window if max_rounds is None or rounds < max_rounds else 1
         # A window of one point reaches the final point from the accepted point before it alone: re-opening that
@@ -240,10 +237,7 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         # 3. Update: Picard's values (W, B, *shape) at points p+1 .. p+W, their rms change err (W, B), the rule's.
         new, err, new_rule = rule(rows.start, dy, rows.old, rows.y_win, rows.valid)
         # 4. Accept the leading converged points, store, slide and guess the points that enter.
-        scale_of = final
-        if estimate:                      # D at the window end where the window ends before N
-            outside = (win.begin < N - W).reshape(B, *([1] * (final.ndim - 1)))
-            scale_of = torch.where(outside, den_last * frame_N, final)
+        scale_of = win.final_estimate(W, den_last) if estimate else final
         stride, residual = win.accept(rows, err, levels, shared_window, stopper.accept_scale(scale_of))
         moved, window_moved = win.write(rows, new, new_rule, stride, stopper.scale_b, residual=rule.stalls)   # (B,)
         win.slide(rows, stride, fill, den_last)
