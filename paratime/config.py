@@ -462,9 +462,10 @@ def check_cond(denoiser: Denoiser, cond: dict, batch: int, device: torch.device 
             hook({k: v for k, v in cond.items() if not (denoiser.classified and k == "y")}, batch)
         except ValueError as e:     # the hook names the key first: "tol: the digits model takes only labels= ..."
             key = next((k for k in cond if str(e).startswith(f"{k}:")), None)
-            if key is None or not _option_hint(key):
+            hint = "" if key is None else _option_hint(key)
+            if not hint:
                 raise
-            raise ValueError(f"{e}{_option_hint(key)}") from e
+            raise ValueError(f"{e}{hint}") from e
     if "uncond" in cond:
         if not denoiser.guided:
             raise ValueError("uncond: applies only with classifier-free guidance; give guidance= too (other than 1)")

@@ -22,8 +22,8 @@ import torch
 from .reference import fused_step_reference, picard_update_reference
 
 __all__ = ["fused_step", "picard_update", "kernels", "set_kernel_mode", "kernel_mode", "triton_usable",
-           "triton_missing", "Launch",
-           "SAMPLER_LAUNCHES", "record_launches", "picard_block", "picard_tile", "launch_device"]
+           "triton_missing", "Launch", "SAMPLER_LAUNCHES", "record_launches", "picard_block", "picard_tile",
+           "launch_device"]
 
 _MODE: contextvars.ContextVar[str] = contextvars.ContextVar("paratime_kernel_mode", default="auto")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

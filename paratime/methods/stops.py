@@ -111,23 +111,22 @@ def default_accept_tol(tol: float, stochastic: bool = False, sliding: bool = Fal
       (``benchmarks/sliding_worst.py``) the worst is now 0.04-0.24 of tol on each window of 2-8 and 16, 0.47 on 12
       (881), against 0.17-1.77 before, for 0.1-0.8 more rounds a sample (1-3%). The rarer trajectory that amplifies
       more within a window is caught by the amplification guard (:func:`gain_limit`: 5 here).
-    - A stochastic solver's sliding window accepts at ``tol / 3000`` (:data:`STOCHASTIC_SCALE`). Digits DDPM-50
-      window 8 (0.14x) and DDPM-100 window 16 (0.20x) held at ``tol / 20``, but ``gmm`` DDPM-100 window 8 at fixed
-      data scales (the batch's median or max sample max-abs, or 1; 4,000 samples, seeds 0-3, tol 0.1-0.01, every
-      update: 108 runs) did not at ``tol / 30``: sample 1566 (seed 1) ended 1.59x over tol 0.1 (scale 1, secant)
-      and 7.7x over 0.03 (scale 4.87, picard), 2691 (seed 2) 1.7x, each rolled back by the guard too late: errors
-      frozen before it stretch along the path after the window has passed (each sample's own scale hid this while
-      it read the final point's stale first guess, ~65x stricter). Nor at ``tol / 300`` (208, seed 0, 1.28x; 1566
-      7.0x), at ``tol / 300`` with its guard held at 5 (2691, picard, rolled back: 1.78x) or at ``tol / 1000``
-      (1566, picard, scale 4.87, tol 0.1: 2.10x; ``tol / 500`` 2.55x: a sample this sensitive, ~3e4x per unit
-      change of a mid-trajectory point, is not monotone in acceptance below ~``tol / 2000``). At ``tol / 3000`` (its
-      guard at 500, idle: no sample rolled back in any of the runs below) the worst of the 108 is 0.09 of tol (``tol /
-      2000``: 0.14); with each sample's own scale (D at the window end)
-      gmm DDPM-100 window 8 (seeds 0-3, tol 0.1-1e-4) 0.046, the 3-D mixture's (seeds 0-1, tol 0.1-1e-3) 0.057 and
-      digits DDPM-50 windows 4 and 8 (64 samples, tol 0.1-2e-3) 0.039 of tol, every update. Its cost on the
-      headline cases, rounds / evaluations against ``tol / 30``: gmm DDPM-1000 (window 100) 45 / 4,086 against 45
-      / 3,774 (diffusers' class 48 / 4,470), the policy's DDPM-100 (window 32) 26 / 710 against 24 / 567 (class
-      26 / 597), digits DDPM-1000 (window 100) 53 / 4,764 against 44 / 3,646 (class 53 / 4,195)."""
+    - A stochastic solver's sliding window accepts at ``tol / 3000`` (:data:`STOCHASTIC_SCALE`). Digits DDPM-50 window 8
+      (0.14x) and DDPM-100 window 16 (0.20x) held at ``tol / 20``, but ``gmm`` DDPM-100 window 8 at fixed data scales
+      (the batch's median or max sample max-abs, or 1; 4,000 samples, seeds 0-3, tol 0.1-0.01, every update: 108 runs)
+      did not at ``tol / 30``: sample 1566 (seed 1) ended 1.59x over tol 0.1 (scale 1, secant) and 7.7x over 0.03 (scale
+      4.87, picard), 2691 (seed 2) 1.7x, each rolled back by the guard too late: errors frozen before it stretch along
+      the path after the window has passed (each sample's own scale hid this while it read the final point's stale first
+      guess, ~65x stricter). Nor at ``tol / 300`` (208, seed 0, 1.28x; 1566 7.0x), at ``tol / 300`` with its guard held
+      at 5 (2691, picard, rolled back: 1.78x) or at ``tol / 1000`` (1566, picard, scale 4.87, tol 0.1: 2.10x;
+      ``tol / 500`` 2.55x: a sample this sensitive, ~3e4x per unit change of a mid-trajectory point, is not monotone in
+      acceptance below ~``tol / 2000``). At ``tol / 3000`` (its guard at 500, idle: no sample rolled back in any of the
+      runs below) the worst of the 108 is 0.09 of tol (``tol / 2000``: 0.14); with each sample's own scale (D at the
+      window end) gmm DDPM-100 window 8 (seeds 0-3, tol 0.1-1e-4) 0.046, the 3-D mixture's (seeds 0-1, tol 0.1-1e-3)
+      0.057 and digits DDPM-50 windows 4 and 8 (64 samples, tol 0.1-2e-3) 0.039 of tol, every update. Its cost on the
+      headline cases, rounds / evaluations against ``tol / 30``: gmm DDPM-1000 (window 100) 45 / 4,086 against 45 /
+      3,774 (diffusers' class 48 / 4,470), the policy's DDPM-100 (window 32) 26 / 710 against 24 / 567 (class 26 / 597),
+      digits DDPM-1000 (window 100) 53 / 4,764 against 44 / 3,646 (class 53 / 4,195)."""
     return tol * ACCEPT_SCALE * (STOCHASTIC_SCALE[sliding] if stochastic else 1.0)
 
 
