@@ -115,10 +115,12 @@ def default_accept_tol(tol: float, stochastic: bool = False, sliding: bool = Fal
       (0.14x) and DDPM-100 window 16 (0.20x) held at ``tol / 20``, but ``gmm`` DDPM-100 window 8 at fixed data scales
       (the batch's median or max sample max-abs, or 1; 4,000 samples, seeds 0-3, tol 0.1-0.01, every update: 108 runs)
       did not at ``tol / 30``: sample 1566 (seed 1) ended 1.59x over tol 0.1 (scale 1, secant) and 7.7x over 0.03 (scale
-      4.87, picard), 2691 (seed 2) 1.7x, each rolled back by the guard too late: errors frozen before it stretch along
-      the path after the window has passed (each sample's own scale hid this while it read the final point's stale first
-      guess, ~65x stricter). Nor at ``tol / 300`` (208, seed 0, 1.28x; 1566 7.0x), at ``tol / 300`` with its guard held
-      at 5 (2691, picard, rolled back: 1.78x) or at ``tol / 1000`` (1566, picard, scale 4.87, tol 0.1: 2.10x;
+      4.87, secant; 8.8x picard), 2691 (seed 2) up to 17.8x (picard, tol 0.01; ``python -m
+      paratime.bench.fixed_scale_worst --accept 30``), each rolled back by the guard too late: errors frozen before it
+      stretch along the path after the window has passed (each sample's own scale hid this while it read the final
+      point's stale first guess, ~65x stricter). Nor at ``tol / 300`` (208, seed 0, 1.28x; 1566 7.0x), at ``tol / 300``
+      with its guard held at 5 (2691, picard, rolled back: 1.78x) or at ``tol / 1000`` (1566, picard, scale 4.87, tol
+      0.1: 2.10x;
       ``tol / 500`` 2.55x: a sample this sensitive, ~3e4x per unit change of a mid-trajectory point, is not monotone in
       acceptance below ~``tol / 2000``). At ``tol / 3000`` (its guard at 500, idle: no sample rolled back in any of the
       runs below) the worst of the 108 is 0.09 of tol (``tol / 2000``: 0.14); with each sample's own scale (D at the
