@@ -122,8 +122,9 @@ KNOWN_UNBOUNDED: dict[str, str] = {}   # (staggered stopped 0.5 off at 3 steps, 
 #: None listed: ("picard", "consistency") was (the consistency step x' = D(x) + sigma' z chains denoiser maps that are
 #: not contractive, dD/dx ~ 1/sigma^2 near a mode: the guided ring, 127 linspace steps, window 118, plain Picard
 #: update ended 3.6e10 off the sequential sample); since a stochastic solver's sliding window accepts at tol / 3000
-#: window 118 holds, but the plain update still diverges there on windows of 16 and 32 (a strict xfail in
-#: tests/test_equivalence.py). An entry would skip the pair under every update, and secant and anderson hold.
+#: window 118 holds; windows of 16 and 32 held once each sample's own scale was capped by its accepted points'
+#: (:data:`paratime.methods.stops.TRUST_SCALE`; tests/test_equivalence.py). An entry would skip the pair under every
+#: update, and secant and anderson hold.
 KNOWN_DIVERGENT: dict[tuple[str, str], str] = {}
 
 #: methods that take a window (Picard's, or the staggered method's number of cores) and Picard's own options

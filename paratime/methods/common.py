@@ -17,7 +17,7 @@ from ..denoiser import NetworkOutputs
 from ..noise import LazyNoise
 from ..solvers import Evaluate, Solver, linear_next_state
 
-__all__ = ["Problem", "Outcome", "RoundInfo", "rms"]
+__all__ = ["Problem", "Outcome", "RoundInfo", "rms", "max_abs"]
 
 
 @dataclass(frozen=True)
@@ -134,3 +134,9 @@ class Outcome:
 def rms(delta: torch.Tensor, start_dim: int) -> torch.Tensor:
     """Root mean square over the feature dimensions from ``start_dim`` on."""
     return delta.flatten(start_dim).pow(2).mean(-1).sqrt()
+
+
+def max_abs(x: torch.Tensor, start_dim: int = 1) -> torch.Tensor:
+    """The max-abs over the feature dimensions from ``start_dim`` on, in one op (``abs().amax`` takes two: a dispatch
+    each round on the Picard loop's path; exact in any reduction order, NaN and inf as there)."""
+    return torch.linalg.vector_norm(x, float("inf"), tuple(range(start_dim, x.ndim)))

@@ -164,9 +164,11 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         tol_scale: ``stop="final"``: the data scale ``tol`` and ``accept_tol`` are relative to: 1 (default) absolute
             units, a number (a model's declared scale), or None: each sample's own, the max-abs of its final point
             (:class:`~paratime.methods.stops.FinalPointStop`; acceptance, while a sliding window ends before N, that
-            of D at the window end: the final point there holds its first guess). tol_units: ``data`` (acceptance
-            relative to ``tol_scale`` and the initial noise's scale, a scale of 1 too) or ``absolute``; None:
-            ``data`` unless ``tol_scale`` is 1.
+            of D at the window end: the final point there holds its first guess), at most
+            :data:`~paratime.methods.stops.TRUST_SCALE` x the largest max-abs of a point accepted so far (or the
+            initial noise's std), so a window that diverges cannot loosen its own tolerance. tol_units: ``data``
+            (acceptance relative to ``tol_scale`` and the initial noise's scale, a scale of 1 too) or ``absolute``;
+            None: ``data`` unless ``tol_scale`` is 1.
     Returns:
         :class:`Outcome`; ``rounds`` counts rounds, ``residuals`` the worst ParaDiGMS residual per round,
         ``sample_rounds`` the round each sample finished (CPU), ``extra["converged"]`` per sample whether it
@@ -221,7 +223,8 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         problem.report(RoundInfo(rounds, torch.tensor(win.begin_h), B, float("nan")))
     final = win.traj[N]               # (B, *shape) the final points: a view, written in place
     # Each sample's own data scale (tol_scale None) on a sliding window reads D at the window end while the window
-    # ends before N (SlidingWindow.final_estimate: the final point there still holds its first guess).
+    # ends before N (SlidingWindow.final_estimate: the final point there still holds its first guess), capped by the
+    # accepted points' (each round's window starts, stopper.trust).
     follow = isinstance(stopper, FinalPointStop) and stopper.scale is None
     while not win.all_done:
         W = window if max_rounds is None or rounds < max_rounds else 1
@@ -238,6 +241,7 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         new, err, new_rule = rule(rows.start, dy, rows.old, rows.y_win, rows.valid)
         # 4. Accept the leading converged points, store, slide and guess the points that enter.
         scale_of = win.final_estimate(W, den_last) if estimate else final
+        stopper.trust(rows.start)         # the window starts: accepted points, the own scale's cap
         stride, residual = win.accept(rows, err, levels, shared_window, stopper.accept_scale(scale_of))
         moved, window_moved = win.write(rows, new, new_rule, stride, stopper.scale_b, residual=rule.stalls)   # (B,)
         win.slide(rows, stride, fill, den_last)

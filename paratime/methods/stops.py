@@ -5,8 +5,11 @@ A stop rule is one small object made per sample call by :func:`make_stop`:
 
     rule.accept                 the acceptance tolerance, noise-level units: point j+1 is accepted (and the window
                                 slides past it) when rms(y_{j+1}^new - y_{j+1}^old) <= accept * n_{j+1}
-    rule.start(B, like, noise)  fresh per-sample state (``like``: a tensor giving device and dtype; ``noise``: the
-                                initial noise's std in the model frame, 0-d)
+    rule.start(B, x0, noise)    fresh per-sample state (``x0``: the initial state ``(B, *shape)``, model frame,
+                                which gives device and dtype and, under the ``final`` rule, the first bound on each
+                                sample's own scale; ``noise``: the initial noise's std in the model frame, 0-d)
+    rule.trust(start)           records the window starts ``start`` ``(B, *shape)`` (accepted points) each round: the
+                                ``final`` rule caps each sample's own scale by them (:data:`TRUST_SCALE`)
     rule.accept_scale(final)    ``(B,)`` factor on each sample's acceptance threshold this round, or None (1); ``final``
                                 ``(B, *shape)`` the final points' current values (model frame; a sliding window
                                 that ends before N passes its estimate there, D at the window end)
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import torch
 
+from .common import max_abs
 from .updates import CARRIES, UPDATES
 
 __all__ = ["STOPS", "DEFAULT_TOL", "TAIL_FRACTION", "default_accept_tol", "gain_limit", "make_stop", "FinalPointStop",
@@ -60,6 +64,18 @@ ROUNDING = 1e-9                 # final-point changes below ROUNDING x tol count
 #: margin under the target times the budget (``GAIN_BUDGET[sliding] * tol / accept``, at least GAIN_MIN; see
 #: :func:`gain_limit`): a quarter in a window of the whole grid, a sixth in a sliding window
 GAIN_BUDGET, GAIN_MIN, ROLLBACK, TIGHTEN = (1 / 4, 1 / 6), 2.0, 0.5, 0.01
+#: ``final`` rule, each sample's own scale (``scale`` None): at most TRUST_SCALE x the largest max-abs of a point it
+#: has accepted (the initial state, then each window start) or the initial noise's std (:meth:`FinalPointStop.trust`).
+#: A window whose iterates diverge (the plain update on the guided ring's consistency step, window 32: they grow ~5x a
+#: round) read its own scale from them (D at the window end, the final point) and met a tolerance relative to it with
+#: samples ~1e5 off; the default secant update on ``gmm``'s consistency step (100 steps, windows 32 and 100) froze
+#: points accepted relative to such a transient (a scale of 1e7 for a sample of max-abs 2.9), ending 350-1,000x over
+#: tol in another mode (9 of 64 samples of seed 1 at window 32; all within 0.05 of tol with the cap). The final
+#: points and window ends of converging runs read up to 51x the cap's base (gmm DDPM-100, a whole window's early
+#: rounds; 19x the guided ring at guidance 3) in tests/test_accuracy.py, test_equivalence.py and test_picard_*.py, so
+#: 100 leaves them as they were; the divergence passes it within a few rounds. The cap only tightens acceptance and
+#: the stop.
+TRUST_SCALE = 100.0
 #: ``final`` rule: acceptance relative to the target, and how much stricter it is for a stochastic solver in a window
 #: of the whole grid (False) or a sliding one (True; see :func:`default_accept_tol`)
 ACCEPT_SCALE, STOCHASTIC_SCALE = 1 / 30, (1 / 10, 1 / 100)
@@ -162,11 +178,14 @@ class AllAcceptedStop:
         self.tol = self.accept = tol
         self.tail, self.tail_fraction = 1.0, 0.0
 
-    def start(self, B: int, like: torch.Tensor, noise_scale: torch.Tensor | None = None) -> None:
+    def start(self, B: int, x0: torch.Tensor, noise_scale: torch.Tensor | None = None) -> None:
         pass
 
     reopen = None
     scale_b = None          # no data scale: its tolerance is in noise-level units
+
+    def trust(self, start: torch.Tensor) -> None:
+        """No data scale to cap."""
 
     def accept_scale(self, final: torch.Tensor) -> None:
         return None
@@ -190,7 +209,8 @@ class FinalPointStop:
     round, so it follows the sample as it converges; :meth:`accept_scale` reads what the caller passes, which for a
     sliding window that ends before N is D at the window end, :func:`paratime.methods.picard.sample_picard`: the
     final point there still holds its first guess, on ``gmm`` a median 0.015x the sample's max-abs, which made
-    acceptance ~65x stricter than meant). It stops when its final point was quiet (moved by <=
+    acceptance ~65x stricter than meant), at most :data:`TRUST_SCALE` x the largest max-abs of a point the sample
+    has accepted (:meth:`trust`) or of the initial noise's std. It stops when its final point was quiet (moved by <=
     ``tol_b * QUIET_SCALE`` and by no more than the round before) for :data:`QUIET_ROUNDS` rounds and the error
     estimate from the contraction of those changes is
     <= ``tol_b / ESTIMATE_SAFETY`` (see ``__call__``); ``tol = 0`` waits for every point to be accepted (the exact
@@ -219,23 +239,30 @@ class FinalPointStop:
         self.tail_fraction = TAIL_FRACTION[sliding] if tail != 1.0 else 0.0
         self.gain_limit = gain_limit(tol, accept, sliding)
 
-    def start(self, B: int, like: torch.Tensor, noise_scale: torch.Tensor | None = None) -> None:
+    def start(self, B: int, x0: torch.Tensor, noise_scale: torch.Tensor | None = None) -> None:
         # Data units: acceptance per unit data scale is relative to the initial noise's scale in the model frame
         # (``noise_scale``: 1 for VP latents, sigma_max in VE), so a problem scaled as a whole decides alike; a data
         # scale of exactly 1 too (it was read as absolute units: acceptance sigma_max times looser on a VE model).
         self.noise_scale = noise_scale if self.relative and noise_scale is not None else 1.0
-        self.quiet = torch.zeros(B, dtype=torch.long, device=like.device)
+        self.quiet = torch.zeros(B, dtype=torch.long, device=x0.device)
         # The previous ratio; carried: stacked on the previous ratio of two finite changes (inf: none), (2, B), so a
         # rollback resets both in one fill
-        self.last_ratio = torch.full((2, B) if self.carried else (B,), float("inf"), dtype=like.dtype,
-                                     device=like.device)
-        self.last_moved = torch.full((B,), float("inf"), dtype=like.dtype, device=like.device)   # previous change
-        self.finished = torch.zeros(B, dtype=torch.bool, device=like.device)
+        self.last_ratio = torch.full((2, B) if self.carried else (B,), float("inf"), dtype=x0.dtype,
+                                     device=x0.device)
+        self.last_moved = torch.full((B,), float("inf"), dtype=x0.dtype, device=x0.device)   # previous change
+        self.finished = torch.zeros(B, dtype=torch.bool, device=x0.device)
         self.reopen = self.finished                                           # samples to re-open this round
-        self.scale_b = torch.full((B,), self.scale or 1.0, dtype=like.dtype, device=like.device)
-        self.tight = torch.ones(B, dtype=like.dtype, device=like.device)    # acceptance factor of amplified samples
-        self._inf = torch.full((), float("inf"), dtype=like.dtype, device=like.device)
+        self.scale_b = torch.full((B,), self.scale or 1.0, dtype=x0.dtype, device=x0.device)
+        self.tight = torch.ones(B, dtype=x0.dtype, device=x0.device)    # acceptance factor of amplified samples
+        self._inf = torch.full((), float("inf"), dtype=x0.dtype, device=x0.device)
         self.tol_b = self.tol * self.scale_b
+        # Own scale: its cap (B,), TRUST_SCALE x the largest max-abs of an accepted point (the initial state here,
+        # then each window start, :meth:`trust`) or the initial noise's std (1 when not given), whichever is larger
+        self.cap = None
+        if self.scale is None:
+            held = max_abs(x0)
+            held = held.clamp_min(1.0) if noise_scale is None else torch.maximum(held, noise_scale)
+            self.cap = TRUST_SCALE * held
         self._multiples()
 
     def _multiples(self) -> None:
@@ -244,11 +271,17 @@ class FinalPointStop:
         self._tol_tiny, self._tol_quiet = ROUNDING * self.tol_b, self.tol_b * QUIET_SCALE
         self._tol_window = WINDOW_QUIET_SCALE * self.tol_b
 
+    def trust(self, start: torch.Tensor) -> None:
+        """Record the window starts ``start`` ``(B, *shape)`` (model frame; accepted points) in the cap on each
+        sample's own scale (a no-op at a fixed scale)."""
+        if self.scale is None:
+            self.cap = torch.maximum(self.cap, TRUST_SCALE * max_abs(start))
+
     def _refresh(self, final: torch.Tensor) -> None:
         """``scale_b``, ``tol_b`` ``(B,)`` from the final points ``(B, *shape)`` (model frame: the returned sample's
-        units) when the scale is each sample's own."""
+        units) when the scale is each sample's own: their max-abs, at most :attr:`cap`."""
         if self.scale is None:
-            self.scale_b = final.abs().amax(tuple(range(1, final.ndim)))     # per sample, no flattened view
+            self.scale_b = torch.minimum(max_abs(final), self.cap)
             self.tol_b = self.tol * self.scale_b
 
     def accept_scale(self, final: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 
 from ..solvers import constant_d_path, history_rows, step_column
 
-from .common import Problem
+from .common import Problem, max_abs
 
 __all__ = ["Rows", "SlidingWindow", "window_increments", "model_frame_path", "acceptance_levels", "reads_entries"]
 
@@ -231,12 +231,11 @@ class SlidingWindow:
         Picard's (its one-step defect), for a rule whose own change can stall while the defect does not
         (Anderson's)."""
         N, W = self.N, rows.W
-        dims = tuple(range(2, new.ndim))
-        defect = (new - rows.old).abs_().amax(dims) if residual else None     # (W, B), Picard's change
+        defect = max_abs(new - rows.old, 2) if residual else None             # (W, B), Picard's change
         if new_rule is not new:
             new = torch.where((rows.k < stride).reshape(W, self.B, *([1] * (new.ndim - 2))), new, new_rule)
         self.traj[rows.dest, self._b_row] = new
-        change = (new - rows.old).abs_().amax(dims)                            # (W, B)
+        change = max_abs(new - rows.old, 2)                                    # (W, B)
         if defect is not None:
             change = torch.maximum(change, defect)
         window_moved = None
