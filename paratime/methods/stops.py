@@ -59,11 +59,14 @@ QUIET_ROUNDS, QUIET_SCALE, ESTIMATE_SAFETY, WINDOW_QUIET_SCALE = 2, 2.0, 1.0, 0.
 QUICK_RATIO, QUICK_SAFETY = 0.3, 8.0
 ROUNDING = 1e-9                 # final-point changes below ROUNDING x tol count as none
 #: ``final`` rule, any update: a sample whose window stretches its iterates' changes by more than its gain
-#: limit in one round (a trajectory crossing between modes) is rolled back to ROLLBACK x its window start, with
-#: acceptance TIGHTEN x stricter from then on (see :meth:`FinalPointStop.amplified`). The limit is the acceptance's
-#: margin under the target times the budget (``GAIN_BUDGET[sliding] * tol / accept``, at least GAIN_MIN; see
-#: :func:`gain_limit`): a quarter in a window of the whole grid, a sixth in a sliding window
-GAIN_BUDGET, GAIN_MIN, ROLLBACK, TIGHTEN = (1 / 4, 1 / 6), 2.0, 0.5, 0.01
+#: limit in one round (a trajectory crossing between modes) is rolled back to ROLLBACK[sliding] x its window start
+#: (a window of the whole grid to the grid's start, a sliding one to half its start), with acceptance TIGHTEN x
+#: stricter from then on (see :meth:`FinalPointStop.amplified`). The limit is the acceptance's margin under the
+#: target times the budget (``GAIN_BUDGET[sliding] * tol / accept``, at least GAIN_MIN; see :func:`gain_limit`): a
+#: quarter in a window of the whole grid, a sixth in a sliding window. A sliding window's sample rolled back once is
+#: rolled back again, to the grid's start, when its window stretches by more than the whole margin ``tol / accept``
+#: (AGAIN_BUDGET[sliding]; the points it kept were accepted at the loose acceptance); never a third time
+GAIN_BUDGET, GAIN_MIN, ROLLBACK, TIGHTEN, AGAIN_BUDGET = (1 / 4, 1 / 6), 2.0, (0.0, 0.5), 0.01, (0.0, 1.0)
 #: ``final`` rule, each sample's own scale (``scale`` None): at most TRUST_SCALE x the largest max-abs of a point it
 #: has accepted (the initial state, then each window start) or the initial noise's std (:meth:`FinalPointStop.trust`).
 #: A window whose iterates diverge (the plain update on the guided ring's consistency step, window 32: they grow ~5x a
@@ -165,7 +168,14 @@ def gain_limit(tol: float, accept: float, sliding: bool = False) -> float:
     there (the limit rolls back the mixture's sample 1534, whose window stretches 7.5x; a stochastic solver's
     ``tol / 3000`` gives 500, idle: its frozen errors grow past the window, see :func:`default_accept_tol`), and a
     rollback costs the batch the rounds its window must redo (at 2.5 the policy's batch of 64, window 32, took 28
-    rounds instead of 23)."""
+    rounds instead of 23).
+
+    A sliding window's sample rolled back once is rolled back a second time at the whole margin ``tol / accept``
+    (:data:`AGAIN_BUDGET`; :attr:`FinalPointStop.again_limit`, 30 with ``tol / 30``): its first rollback kept the
+    points before half its start, accepted at the plain acceptance, and a stretch past the whole margin can carry
+    one of their errors past tol by itself. At this limit instead, nearly every rolled-back sample stretches past
+    it again (the crossing is still ahead) and the second rollback costs +22-24% of a batch's rounds
+    (:meth:`FinalPointStop.amplified`)."""
     return max(GAIN_MIN, GAIN_BUDGET[sliding] * tol / accept) if accept > 0 else float("inf")
 
 
@@ -238,6 +248,9 @@ class FinalPointStop:
         self.relative = scale != 1.0 if relative is None else relative
         self.tail_fraction = TAIL_FRACTION[sliding] if tail != 1.0 else 0.0
         self.gain_limit = gain_limit(tol, accept, sliding)
+        # A second rollback's limit: the whole margin in a sliding window (AGAIN_BUDGET), none on the whole grid
+        budget = AGAIN_BUDGET[sliding]
+        self.again_limit = max(GAIN_MIN, budget * tol / accept) if accept > 0 and budget > 0 else float("inf")
 
     def start(self, B: int, x0: torch.Tensor, noise_scale: torch.Tensor | None = None) -> None:
         # Data units: acceptance per unit data scale is relative to the initial noise's scale in the model frame
@@ -254,6 +267,10 @@ class FinalPointStop:
         self.reopen = self.finished                                           # samples to re-open this round
         self.scale_b = torch.full((B,), self.scale or 1.0, dtype=x0.dtype, device=x0.device)
         self.tight = torch.ones(B, dtype=x0.dtype, device=x0.device)    # acceptance factor of amplified samples
+        self.rolls = torch.zeros(B, dtype=torch.long, device=x0.device)  # rollbacks so far (0, 1 or 2)
+        # the gain limit of each sample's next rollback, by its rollbacks so far (one gather a round)
+        self.limits = torch.full((3,), float("inf"), dtype=x0.dtype, device=x0.device)   # filled, not copied
+        self.limits[0], self.limits[1] = self.gain_limit, self.again_limit
         self._inf = torch.full((), float("inf"), dtype=x0.dtype, device=x0.device)
         self.tol_b = self.tol * self.scale_b
         # Own scale: its cap (B,), TRUST_SCALE x the largest max-abs of an accepted point (the initial state here,
@@ -298,19 +315,33 @@ class FinalPointStop:
         return gate if isinstance(self.noise_scale, float) and self.noise_scale == 1.0 else gate / self.noise_scale
 
     def amplified(self, gain: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` the samples to roll back this round: active, not yet tightened, and whose window stretched the
-        iterates' changes by more than the limit :func:`gain_limit` (:func:`paratime.methods.updates._window_gain`). A
-        point accepted before such a stretch carries its error (up to ``accept * n_j``, which is sized for
-        ordinary trajectories) into it: mixture samples crossing between modes end 10-35x over tol from points
-        accepted in the low-noise half. Each such sample's acceptance tightens by :data:`TIGHTEN` for the rest of
-        the run and its quiet count restarts; the caller moves its window back (:data:`ROLLBACK`)."""
+        """``(B,)`` the samples to roll back this round: active and whose window stretched the iterates' changes by
+        more than the limit of their next rollback (:func:`paratime.methods.updates._window_gain`): the first at
+        :func:`gain_limit`; in a sliding window a second at the whole margin ``tol / accept``
+        (:data:`AGAIN_BUDGET`: :attr:`again_limit`); never a third (nor a second on the whole grid). A point
+        accepted before such a stretch carries its error (up to ``accept * n_j``, which is sized for ordinary
+        trajectories) into it: mixture samples crossing between modes end 10-35x over tol from points accepted in
+        the low-noise half. Each such sample's acceptance tightens by :data:`TIGHTEN` for the rest of the run; the
+        caller moves its window back (:data:`ROLLBACK`: a window of the whole grid to the grid's start, a sliding
+        one to half its start, and on the second rollback to the grid's start) and reads its final point's change
+        this round as inf, which restarts its quiet count and its contraction chain (``__call__``).
+
+        The second rollback: a sliding window's first keeps the points before half its start, accepted at the
+        plain acceptance, and a later stretch can carry their errors past tol. The 3-D mixture's sample 4 (seed 0,
+        LMS-20, window 4, tol 2e-3; 7,330x per unit change of its initial noise) was rolled back at a gain of 10.1
+        (limit 5), then met gains up to 72 and ended 4.6x over tol; rolled back again at the whole margin (30) it
+        ends at 0.004x. At the plain limit (5) a second rollback takes nearly every rolled-back sample back to the
+        start: +22-24% of a batch's rounds on gmm and the mixture (windows 4, 8, 32; DDIM, LMS, DPM++(2M)), against
+        +3.6-4.7% at the whole margin. The whole grid's first rollback goes to the start instead (the window
+        covers every point, so only acceptance is undone: no slide to redo); half its start left the mixture's
+        sample 4 at tol 0.1 4.5x over and gmm's sample 212 (DPM++(2M) SDE-100, seed 1, Anderson) 3.4x, meeting
+        gains up to 962 after it (0.21x and 0.82x from the start), for +0 / +6% of a batch's rounds summed over the
+        whole grids at tol 2e-3 / 0.1 (+2 to +3 on 20-step grids)."""
         if not self.tol > 0:
             return torch.zeros_like(active)
-        back = active & (self.tight == 1) & (gain > self.gain_limit)
+        back = active & (gain > self.limits[self.rolls])
+        self.rolls = self.rolls + back
         self.tight = self.tight.masked_fill(back, TIGHTEN)
-        self.quiet = self.quiet.masked_fill(back, 0)
-        self.last_moved = self.last_moved.masked_fill(back, float("inf"))
-        self.last_ratio = self.last_ratio.masked_fill(back, float("inf"))      # (and the chain's, carried)
         return back
 
     def __call__(self, done: torch.Tensor, moved: torch.Tensor, final: torch.Tensor,
