@@ -139,8 +139,8 @@ def default_accept_tol(tol: float, stochastic: bool = False, sliding: bool = Fal
       stretch along the path after the window has passed (each sample's own scale hid this while it read the final
       point's stale first guess, ~65x stricter). Nor at ``tol / 300`` (208, seed 0, 1.28x; 1566 7.0x), at ``tol / 300``
       with its guard held at 5 (2691, picard, rolled back: 1.78x) or at ``tol / 1000`` (1566, picard, scale 4.87, tol
-      0.1: 2.10x;
-      ``tol / 500`` 2.55x: a sample this sensitive, ~3e4x per unit change of a mid-trajectory point, is not monotone in
+      0.1: 2.10x; ``tol / 500`` 2.55x: a sample this sensitive, ~3e4x per unit change of a mid-trajectory point, is not
+      monotone in
       acceptance below ~``tol / 2000``). At ``tol / 3000`` (its guard at 500, idle: no sample rolled back in any of the
       runs below) the worst of the 108 is 0.09 of tol (``tol / 2000``: 0.14); with each sample's own scale (D at the
       window end) gmm DDPM-100 window 8 (seeds 0-3, tol 0.1-1e-4) 0.046, the 3-D mixture's (seeds 0-1, tol 0.1-1e-3)
@@ -173,8 +173,8 @@ def gain_limit(tol: float, accept: float, sliding: bool = False) -> float:
     A sliding window's sample rolled back once is rolled back a second time at the whole margin ``tol / accept``
     (:data:`AGAIN_BUDGET`; :attr:`FinalPointStop.again_limit`, 30 with ``tol / 30``): its first rollback kept the
     points before half its start, accepted at the plain acceptance, and a stretch past the whole margin can carry
-    one of their errors past tol by itself. At this limit instead, nearly every rolled-back sample stretches past
-    it again (the crossing is still ahead) and the second rollback costs +22-24% of a batch's rounds
+    one of their errors past tol by itself. At the first rollback's limit instead, nearly every rolled-back sample
+    stretches past it again (the crossing is still ahead) and the second rollback costs +22-24% of a batch's rounds
     (:meth:`FinalPointStop.amplified`)."""
     return max(GAIN_MIN, GAIN_BUDGET[sliding] * tol / accept) if accept > 0 else float("inf")
 
