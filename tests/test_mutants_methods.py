@@ -232,6 +232,22 @@ def test_a_window_points_change_is_taken_in_the_data_frame(s):
     torch.testing.assert_close(moved, torch.tensor([0.25], dtype=F64))
 
 
+def test_a_point_held_past_the_cap_is_no_convergence():
+    """A window point held at its previous value (past the stop rule's cap, ``reset``) has not converged: its change
+    reads inf, in the final point's change (the stop's ``moved``) and in the window's, while the same unchanged
+    points without ``reset`` read 0."""
+    win = SlidingWindow(_ve_problem(), torch.zeros(1, 1, dtype=F64), measure_window=True)
+    rows = win.pack(3, False)
+    held = rows.old.clone()                                                          # nothing moved
+    scale = torch.tensor([1.0], dtype=F64)
+    moved, window_moved = win.write(rows, held, held, torch.zeros(1, dtype=torch.long), scale)
+    assert moved.tolist() == [0.0] and window_moved.tolist() == [0.0]
+    rows = win.pack(3, False)
+    reset = torch.tensor([[False], [False], [True]])                                 # (W, B): the final point held
+    moved, window_moved = win.write(rows, held, held, torch.zeros(1, dtype=torch.long), scale, reset=reset)
+    assert moved.tolist() == [math.inf] and window_moved.tolist() == [math.inf]
+
+
 def test_the_copy_fill_guesses_every_point_that_enters_the_window():
     """fill="copy": after a slide by 2 of a 4-point window at 0 (old end 4), the window reads points 2 .. 6; the
     entering points 5 and 6 take point 4's value, and point 7 (outside) keeps its own."""

@@ -45,7 +45,10 @@ window holds point ``p + k`` and produces the new value of point ``p + k + 1``. 
                      start back: on the whole grid to the grid's start, in a sliding window to half its position,
                      and there once more, to the grid's start, above the whole margin tol / a (30)
                      (:meth:`~paratime.methods.stops.FinalPointStop.amplified`,
-                     :func:`~paratime.methods.stops.gain_limit`)
+                     :func:`~paratime.methods.stops.gain_limit`). A window point whose max-abs passes 100x the
+                     largest of the sample's accepted points (an update whose model of the step is wrong, growing
+                     geometrically) keeps its previous value and counts as moved by inf
+                     (:meth:`~paratime.methods.stops.FinalPointStop.bound`)
 
 Secant update (a Broyden rank-1 model of each step's Jacobian from that point's last two evaluations): with the
 previous evaluation of point j at ``h_j`` with increment ``dh_j``, ``s_j = y_j - h_j`` and ``u_j = dy_j - dh_j``,
@@ -230,6 +233,7 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
     # ends before N (SlidingWindow.final_estimate: the final point there still holds its first guess), capped by the
     # accepted points' (each round's window starts, stopper.trust).
     follow = isinstance(stopper, FinalPointStop) and stopper.scale is None
+    bounded = isinstance(stopper, FinalPointStop)     # the final rule caps the iterates (FinalPointStop.bound)
     while not win.all_done:
         W = window if max_rounds is None or rounds < max_rounds else 1
         # A window of one point reaches the final point from the accepted point before it alone: re-opening that
@@ -245,9 +249,12 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
         new, err, new_rule = rule(rows.start, dy, rows.old, rows.y_win, rows.valid)
         # 4. Accept the leading converged points, store, slide and guess the points that enter.
         scale_of = win.final_estimate(W, den_last) if estimate else final
-        stopper.trust(rows.start)         # the window starts: accepted points, the own scale's cap
+        stopper.trust(rows.start)         # the window starts: accepted points, the cap on the own scale and iterates
+        # Points past the cap (FinalPointStop.bound) keep their previous values; their change reads as inf
+        new_rule, wild = stopper.bound(new_rule, rows.old) if bounded else (new_rule, None)
         stride, residual = win.accept(rows, err, levels, shared_window, stopper.accept_scale(scale_of))
-        moved, window_moved = win.write(rows, new, new_rule, stride, stopper.scale_b, residual=rule.stalls)   # (B,)
+        moved, window_moved = win.write(rows, new, new_rule, stride, stopper.scale_b, residual=rule.stalls,
+                                        reset=wild)                                                       # (B,)
         win.slide(rows, stride, fill, den_last)
         shift = stride                    # each slot's history moves with its point (one rule.shift, below)
         if guard and rule.gain is not None:

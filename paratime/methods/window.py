@@ -219,7 +219,8 @@ class SlidingWindow:
         return stride, residual
 
     def write(self, rows: Rows, new: torch.Tensor, new_rule: torch.Tensor, stride: torch.Tensor,
-              scale: torch.Tensor | None = None, residual: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+              scale: torch.Tensor | None = None, residual: bool = False,
+              reset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Store the round's values; return ``(moved, window_moved)``, each ``(B,)``: the change of each sample's
         final point (inf while the final point is outside the window) and the largest change of any point of its
         window (0 for a sample without one; None unless :attr:`measure_window`), both max-abs over features
@@ -229,7 +230,8 @@ class SlidingWindow:
         per unit scale. Accepted points (slots below ``stride``) take Picard's values ``new`` (exact steps from
         converged points), the rest the rule's. ``residual``: a point's change is the larger of the rule's and
         Picard's (its one-step defect), for a rule whose own change can stall while the defect does not
-        (Anderson's)."""
+        (Anderson's). ``reset`` ``(W, B)``: points held at their previous values (past the stop rule's cap,
+        :meth:`~paratime.methods.stops.FinalPointStop.bound`), whose change reads as inf; None: none."""
         N, W = self.N, rows.W
         defect = max_abs(new - rows.old, 2) if residual else None             # (W, B), Picard's change
         if new_rule is not new:
@@ -238,6 +240,8 @@ class SlidingWindow:
         change = max_abs(new - rows.old, 2)                                    # (W, B)
         if defect is not None:
             change = torch.maximum(change, defect)
+        if reset is not None:
+            change = change.masked_fill(reset, torch.inf)
         window_moved = None
         if self.measure_window:
             # (W, B) the factor from the model's frame to the VP frame of data at scale s, 1 / (frame_scale sqrt(1 +
