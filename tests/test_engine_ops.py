@@ -3,8 +3,9 @@
 kernel launch of ~5-10 us), and those ops, not the network, decide a round's time (the shipped policy's).
 
 The bounds sit just above the figures measured when they were set (torch 2.13, CPU: the policy 213.6 ops a round,
-the mixture's final-rule round 311.4; 309.5 before its own scale's cap by the accepted points, 3 ops for the window
-start's max-abs less 1 for a max-abs in one op; 305.8 before its per-sample scale read D at the sliding window's end),
+the mixture's final-rule round 314.7; 309.6 before the cap held the window's iterates (FinalPointStop.bound, 5 ops),
+309.5 before its own scale's cap by the accepted points, 3 ops for the window start's max-abs less 1 for a max-abs in
+one op; 305.8 before its per-sample scale read D at the sliding window's end),
 so a change that adds ops to the round fails here; lower them when a change removes ops. They are not exact answers:
 a torch release that decomposes an op differently can move the counts
 (re-measure with ``OMP_NUM_THREADS=1 python benchmarks/engine_ops.py``). The samples themselves are pinned elsewhere

@@ -216,10 +216,10 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
     guard = isinstance(stopper, FinalPointStop) and not shared_window
     rule = UpdateRule(update, gain=guard, span=gain_span(N))          # the guard reads every rule's window gain
     # Each window start's position after a sample's first rollback, int(p * ROLLBACK[sliding]), and its second (the
-    # grid's start), (2, 3, N + 1): [sliding][rollbacks so far][p], made once (one gather a round, not three ops; after
-    # max_rounds the window of one point slides)
-    at = torch.arange(N + 1, dtype=torch.float64, device=dev)      # made on the device: no copy from the host
-    rolled = torch.stack([torch.stack([at, at * back, at * 0.0]) for back in ROLLBACK]).long() if guard else None
+    # grid's start), (2, 3, N + 1): [sliding][rollbacks so far][p], made once (one gather a round, not three ops);
+    # sliding is the requested window's, as for the stop rule's limits (past max_rounds a whole grid keeps its own)
+    at = torch.arange(N + 1, device=dev)          # on the device (no copy from the host), in integers (MPS: no float64)
+    rolled = torch.stack([torch.stack([at, (at * back).long(), at * 0]) for back in ROLLBACK]) if guard else None
     if init == "x0":
         # 0. One call at x_T; every point from there with D held at its value (one round, counted).
         den_T = problem.evaluate(problem.scale(y, zeros, inverse=True), zeros, win.ar_b)
@@ -261,7 +261,7 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
             # A window that stretches the iterates' errors (a crossing between modes): the points accepted before
             # it carry errors sized for an ordinary trajectory. Move the window back and accept more strictly.
             back = stopper.amplified(rule.gain, win.active)
-            win.begin = torch.where(back, rolled[int(W < N)][stopper.rolls, win.begin], win.begin)
+            win.begin = torch.where(back, rolled[int(window < N)][stopper.rolls, win.begin], win.begin)
             shift = shift.masked_fill(back, W)       # their slots' history no longer applies: a shift by W clears it
             moved = moved.masked_fill(back, torch.inf)
         # 5. Stop: every point accepted, or the stop rule.

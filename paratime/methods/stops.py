@@ -74,7 +74,7 @@ GAIN_BUDGET, GAIN_MIN, ROLLBACK, TIGHTEN, AGAIN_BUDGET = (1 / 4, 1 / 6), 2.0, (0
 #: A window whose iterates diverge (the plain update on the guided ring's consistency step, window 32: they grow ~5x a
 #: round) read its own scale from them (D at the window end, the final point) and met a tolerance relative to it with
 #: samples ~1e5 off; the default secant update on ``gmm``'s consistency step (100 steps, windows 32 and 100) froze
-#: points accepted relative to such a transient (a scale of 1e7 for a sample of max-abs 2.9), ending 350-1,000x over
+#: points accepted relative to such a transient (a scale of 1e7 for a sample of max-abs 2.9), ending 350-1,070x over
 #: tol in another mode (9 of 64 samples of seed 1 at window 32; all within 0.05 of tol with the cap). The final
 #: points and window ends of converging runs read up to 51x the cap's base (gmm DDPM-100, a whole window's early
 #: rounds; 19x the guided ring at guidance 3) in tests/test_accuracy.py, test_equivalence.py and test_picard_*.py, so
@@ -144,14 +144,13 @@ def default_accept_tol(tol: float, stochastic: bool = False, sliding: bool = Fal
       point's stale first guess, ~65x stricter). Nor at ``tol / 300`` (208, seed 0, 1.28x; 1566 7.0x), at ``tol / 300``
       with its guard held at 5 (2691, picard, rolled back: 1.78x) or at ``tol / 1000`` (1566, picard, scale 4.87, tol
       0.1: 2.10x; ``tol / 500`` 2.55x: a sample this sensitive, ~3e4x per unit change of a mid-trajectory point, is not
-      monotone in
-      acceptance below ~``tol / 2000``). At ``tol / 3000`` (its guard at 500, idle: no sample rolled back in any of the
-      runs below) the worst of the 108 is 0.09 of tol (``tol / 2000``: 0.14); with each sample's own scale (D at the
-      window end) gmm DDPM-100 window 8 (seeds 0-3, tol 0.1-1e-4) 0.046, the 3-D mixture's (seeds 0-1, tol 0.1-1e-3)
-      0.057 and digits DDPM-50 windows 4 and 8 (64 samples, tol 0.1-2e-3) 0.039 of tol, every update. Its cost on the
-      headline cases, rounds / evaluations against ``tol / 30``: gmm DDPM-1000 (window 100) 45 / 4,086 against 45 /
-      3,774 (diffusers' class 48 / 4,470), the policy's DDPM-100 (window 32) 26 / 710 against 24 / 567 (class 26 / 597),
-      digits DDPM-1000 (window 100) 53 / 4,764 against 44 / 3,646 (class 53 / 4,195)."""
+      monotone in acceptance below ~``tol / 2000``). At ``tol / 3000`` (its guard at 500, idle: no sample rolled back in
+      any of the runs below) the worst of the 108 is 0.09 of tol (``tol / 2000``: 0.14); with each sample's own scale (D
+      at the window end) gmm DDPM-100 window 8 (seeds 0-3, tol 0.1-1e-4) 0.046, the 3-D mixture's (seeds 0-1, tol
+      0.1-1e-3) 0.057 and digits DDPM-50 windows 4 and 8 (64 samples, tol 0.1-2e-3) 0.039 of tol, every update. Its cost
+      on the headline cases, rounds / evaluations against ``tol / 30``: gmm DDPM-1000 (window 100) 45 / 4,086 against 45
+      / 3,774 (diffusers' class 48 / 4,470), the policy's DDPM-100 (window 32) 26 / 710 against 24 / 567 (class 26 /
+      597), digits DDPM-1000 (window 100) 53 / 4,764 against 44 / 3,646 (class 53 / 4,195)."""
     return tol * ACCEPT_SCALE * (STOCHASTIC_SCALE[sliding] if stochastic else 1.0)
 
 
@@ -279,9 +278,12 @@ class FinalPointStop:
         self.tol_b = self.tol * self.scale_b
         # The cap (B,): TRUST_SCALE x the largest max-abs of an accepted point (the initial state here, then each
         # window start, :meth:`trust`) or the initial noise's std (1 when not given), whichever is larger. It bounds
-        # each sample's own scale and, at any scale, the window's iterates (:meth:`bound`)
+        # each sample's own scale and, at any scale, the window's iterates (:meth:`bound`); a declared scale is a
+        # point's largest max-abs too (data of that scale must never be held)
         held = max_abs(x0)
         held = held.clamp_min(1.0) if noise_scale is None else torch.maximum(held, noise_scale)
+        if self.scale is not None:
+            held = held.clamp_min(self.scale)
         self.cap = TRUST_SCALE * held
         self._multiples()
 

@@ -240,7 +240,7 @@ class SlidingWindow:
         change = max_abs(new - rows.old, 2)                                    # (W, B)
         if defect is not None:
             change = torch.maximum(change, defect)
-        if reset is not None:
+        if reset is not None:         # (an accepted slot stores Picard's value, not the held one: its inf only delays)
             change = change.masked_fill(reset, torch.inf)
         window_moved = None
         if self.measure_window:
