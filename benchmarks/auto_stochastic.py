@@ -20,6 +20,7 @@ otherwise.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -85,21 +86,15 @@ def sweep(models=MODELS, solvers=SOLVERS_RUN, steps=STEPS, batches=BATCHES, devi
     """Every run of the grid, one record each: the configuration, :func:`run`'s figures (``plan``: its predicted
     SCE only) and ``seq``, sequential's SCE on the same devices and curve; ``report(record)`` after each."""
     out = []
-    for model in models:
-        for solver in solvers:
-            for n in steps:
-                for b in batches:
-                    for cost in costs:
-                        for k in devices:
-                            seq = run(model, solver, n, b, k, cost, 0, method="sequential")["sce"]
-                            for seed in range(seeds):
-                                r = run(model, solver, n, b, k, cost, seed)
-                                r["predicted"] = r.pop("plan")["predicted_sce"]
-                                rec = dict(model=model, solver=solver, steps=n, batch=b, cost=cost, K=k, seed=seed,
-                                           seq=seq, **r)
-                                out.append(rec)
-                                if report:
-                                    report(rec)
+    for model, solver, n, b, cost, k in itertools.product(models, solvers, steps, batches, costs, devices):
+        seq = run(model, solver, n, b, k, cost, 0, method="sequential")["sce"]
+        for seed in range(seeds):
+            r = run(model, solver, n, b, k, cost, seed)
+            r["predicted"] = r.pop("plan")["predicted_sce"]
+            rec = dict(model=model, solver=solver, steps=n, batch=b, cost=cost, K=k, seed=seed, seq=seq, **r)
+            out.append(rec)
+            if report:
+                report(rec)
     return out
 
 

@@ -179,7 +179,13 @@ def gain_limit(tol: float, accept: float, sliding: bool = False) -> float:
     one of their errors past tol by itself. At the first rollback's limit instead, nearly every rolled-back sample
     stretches past it again (the crossing is still ahead) and the second rollback costs +22-24% of a batch's rounds
     (:meth:`FinalPointStop.amplified`)."""
-    return max(GAIN_MIN, GAIN_BUDGET[sliding] * tol / accept) if accept > 0 else float("inf")
+    return _margin_limit(GAIN_BUDGET[sliding], tol, accept)
+
+
+def _margin_limit(budget: float, tol: float, accept: float) -> float:
+    """``budget`` of the acceptance's margin ``tol / accept`` as a gain limit, at least :data:`GAIN_MIN`; inf when
+    nothing is frozen early (``accept`` 0) or the budget is 0 (no such rollback)."""
+    return max(GAIN_MIN, budget * tol / accept) if accept > 0 and budget > 0 else float("inf")
 
 
 class AllAcceptedStop:
@@ -252,8 +258,7 @@ class FinalPointStop:
         self.tail_fraction = TAIL_FRACTION[sliding] if tail != 1.0 else 0.0
         self.gain_limit = gain_limit(tol, accept, sliding)
         # A second rollback's limit: the whole margin in a sliding window (AGAIN_BUDGET), none on the whole grid
-        budget = AGAIN_BUDGET[sliding]
-        self.again_limit = max(GAIN_MIN, budget * tol / accept) if accept > 0 and budget > 0 else float("inf")
+        self.again_limit = _margin_limit(AGAIN_BUDGET[sliding], tol, accept)
 
     def start(self, B: int, x0: torch.Tensor, noise_scale: torch.Tensor | None = None) -> None:
         # Data units: acceptance per unit data scale is relative to the initial noise's scale in the model frame
