@@ -34,3 +34,15 @@ def test_a_diffusers_pipeline_imports_from_the_repository_root():
     assert run.returncode == 0, run.stderr[-2000:]
     origin = run.stdout.strip().splitlines()[-1]
     assert not origin.startswith(str(ROOT)), f"`kernels` resolved to the repository: {origin}"
+
+
+def test_the_license_is_an_spdx_string_and_the_build_backend_reads_one():
+    # setuptools deprecates `license = {text = ...}` and refuses it from 2027-02-18 (a fresh machine's pip builds
+    # with the newest setuptools): the SPDX string needs setuptools >= 77 in the build requirements.
+    import re
+    tomllib = pytest.importorskip("tomllib")          # Python 3.11+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert isinstance(meta["project"]["license"], str), "project.license: an SPDX expression, not a table"
+    (req,) = [r for r in meta["build-system"]["requires"] if r.startswith("setuptools")]
+    floor = re.fullmatch(r"setuptools>=(\d+)(\.\d+)*", req)
+    assert floor and int(floor.group(1)) >= 77, req
