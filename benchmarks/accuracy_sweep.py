@@ -44,6 +44,7 @@ from typing import Callable
 import torch
 
 from paratime.bench.rounds_at_accuracy import Case, sample
+from paratime.bench.scoring import sample_errors
 from paratime.denoiser import Denoiser
 from paratime.methods.picard import UPDATES, default_accept_tol
 from paratime.solvers import make_solver
@@ -154,15 +155,14 @@ def accuracy_sweep(case: Case, tols=TOLS, seed: int = 0, **options) -> list[dict
             res = sample(case, case.batch, seed, tol=tol, **options)
             if res.stats.window != case.window:
                 raise RuntimeError(f"the sweep ran window {res.stats.window}, not the case's {case.window}")
-            err = (res.samples - ref).abs().reshape(case.batch, -1).amax(1).double()     # (B,) per-sample max |Δ|
-            # The tolerance in force per sample, in the sample's units (tol times its data scale; tol itself where
-            # the rule does not scale it); the margin is the worst err / that.
-            tol_abs = torch.tensor(res.stats.tol_abs or [tol] * case.batch, dtype=torch.float64)
-            over = err > tol_abs
+            # Per sample: max |Δ| and that over the tolerance in force, in the sample's units (tol times its data
+            # scale; tol itself where the rule does not scale it); the margin is the worst ratio.
+            err, ratio = sample_errors(res.samples, ref, res.stats.tol_abs or tol)          # (B,), (B,)
+            over = ratio > 1
             switched = label(res.samples) != ref_labels if label else None              # (B,) bool
             worst = err.argsort(descending=True)[:int(over.sum())][:DIAGNOSED].tolist()
             rows.append({"tol": tol, "max_abs_diff": float(err.max()), "p99_abs_diff": float(err.quantile(0.99)),
-                         "max_rel": float((err / tol_abs).max()), "median_rel": float((err / tol_abs).median()),
+                         "max_rel": float(ratio.max()), "median_rel": float(ratio.median()),
                          "over": int(over.sum()), "switched": None if switched is None else int(switched.sum()),
                          "switched_over": None if switched is None else int((switched & over).sum()),
                          "rounds": res.stats.rounds, "nfe": res.stats.nfe, "flagged": bool(over.any()),

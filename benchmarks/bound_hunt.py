@@ -29,6 +29,7 @@ import torch
 
 from paratime import ParallelSampler
 from paratime.bench.equivalence_sweep import guided_ring
+from paratime.bench.scoring import sample_errors
 from paratime.evaluator import NonFiniteOutputError
 from paratime.methods.picard import UPDATES
 from paratime.models import load_model
@@ -73,8 +74,7 @@ def score(name: str, solver: str, steps: int, window: int | str, update: str, to
     res = ParallelSampler(model(name), solver=solver, steps=steps, window=steps if window == "all" else window,
                           update=update, tol=tol, progress=False, **options).sample(
         batch, seed=seed, **conditioning(name, batch, seed))
-    err = (res.samples - reference).flatten(1).abs().amax(1).double()                          # (B,)
-    ratio = err / torch.tensor(res.stats.tol_abs, dtype=torch.float64)                       # (B,)
+    err, ratio = sample_errors(res.samples, reference, res.stats.tol_abs)                    # (B,), (B,)
     i = int(ratio.argmax())
     return {"worst": float(ratio[i]), "sample": i, "rolled_back": bool(res.stats.extra["rolled_back"][i]),
             "over": int((ratio > 1).sum()), "max_abs": float(err[i]), "rounds": res.stats.rounds}

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from paratime import ParallelSampler
+from paratime.bench.scoring import sample_errors
 from paratime.methods.picard import UPDATES
 
 MODEL, SOLVER, STEPS, WINDOW = "gmm", "ddpm", 100, 8
@@ -52,7 +53,7 @@ def worst(ref: torch.Tensor, seed: int, tol: float, update: str, scale: float, a
     ``rounds`` the run's rounds. ``accept``: ``accept_tol = tol / accept`` (None: the sampler's default)."""
     opts = {} if accept is None else {"accept_tol": tol / accept}
     res = sampler(window=WINDOW, tol=tol, update=update, data_scale=scale, **opts).sample(len(ref), seed=seed)
-    ratio = (res.samples - ref).abs().flatten(1).amax(1) / (tol * scale)                # (B,)
+    _, ratio = sample_errors(res.samples, ref, tol * scale)                              # (B,)
     return {"worst": float(ratio.max()), "sample": int(ratio.argmax()), "over": int((ratio > 1).sum()),
             "rolled_back": sum(res.stats.extra.get("rolled_back", [])), "rounds": res.stats.rounds}
 

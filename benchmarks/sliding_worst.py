@@ -27,6 +27,7 @@ import sys
 import torch
 
 from paratime.bench.devices import make_sampler
+from paratime.bench.scoring import sample_errors
 from paratime.methods.stops import DEFAULT_TOL, default_accept_tol
 from paratime.solvers import SOLVERS, make_solver
 
@@ -68,9 +69,9 @@ def worst(steps: int, solver: str, samples: int, chunk: int, window: int, before
     errs, abs_errs, rounds = [], [], []
     for first, ref in zip(range(0, samples, chunk), _sequential(steps, solver, samples, chunk)):
         res = par.sample(ref.shape[0], seed=0, first_sample=first, **_labels(first, ref.shape[0]))
-        tol_abs = torch.tensor(res.stats.tol_abs, dtype=ref.dtype)
-        abs_errs.append((res.samples - ref).flatten(1).abs().amax(1))
-        errs.append(abs_errs[-1] / tol_abs)
+        err, ratio = sample_errors(res.samples, ref, res.stats.tol_abs)                       # (n,), (n,)
+        abs_errs.append(err)
+        errs.append(ratio)
         rounds += res.stats.sample_rounds
     e = torch.cat(errs)
     top = torch.topk(e, min(3, e.numel()))

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from paratime.bench.scoring import sample_errors
+
 __all__ = ["Case", "run_case", "run_suite", "default_suite", "to_markdown", "plot", "machine", "worker",
            "compare_paradigms", "paradigms_markdown", "paradigms_loop", "failures"]
 
@@ -103,8 +105,7 @@ def _measure(case: Case, backend, reference: torch.Tensor | None) -> dict:
         rec["max_abs_diff"] = float(d.abs().max())
         rec["rms_diff"] = float(d.pow(2).mean().sqrt())
         if st.tol_abs is not None:          # the final rule's tolerance in force, per sample, in the samples' units
-            per = d.flatten(1).abs().amax(1) / torch.as_tensor(st.tol_abs, dtype=d.dtype)
-            rec["diff_over_tol"] = float(per.max())
+            rec["diff_over_tol"] = float(sample_errors(res.samples, reference, st.tol_abs)[1].max())
     return rec
 
 
