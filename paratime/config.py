@@ -319,7 +319,24 @@ class SamplerConfig:
             hint = f" ({unknown[0]} is the solver's own option: solver=make_solver({solver!r}, {unknown[0]}=...))" \
                 if own else ""
             raise TypeError(f"{unknown[0]}: unknown sampling option{hint}; allowed: {', '.join(known)}")
-        return cls(**options)
+        config = cls(**options)
+        config._refuse_given_options_that_do_not_apply(options)
+        return config
+
+    def _refuse_given_options_that_do_not_apply(self, options: dict[str, Any]) -> None:
+        """A method's own option given by name to a method that does not read it is an error at its default value
+        too (``method="sequential", update="secant"``): the constructor sees values only, and refuses them away
+        from their defaults. None is "not given" (the CLI and ``parallelize`` pass it for an option left out), and
+        ``window="auto"`` is the planner's under ``method="auto"``."""
+        for name, readers in METHOD_OPTIONS.items():
+            value = options.get(name)
+            if value is None or self.method in readers or (name == "window" and value == "auto"
+                                                           and self.method == "auto"):
+                continue
+            names = [repr(m) for m in readers]
+            allowed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+            raise ValueError(f"{name}: applies only to method={allowed}, not {self.method!r} (given as {value!r}, "
+                             f"the default: an option the method never reads is refused at any value)")
 
     @property
     def solver_options(self) -> dict:

@@ -7,6 +7,7 @@ import contextvars
 import pytest
 import torch
 
+from paratime import ParallelSampler
 from paratime.config import SamplerConfig
 from paratime.kernels import kernel_mode, set_kernel_mode
 
@@ -244,6 +245,30 @@ def test_check_cond_refuses_a_non_dict_uncond_and_a_tensor_on_another_device_typ
 def test_an_option_that_does_not_apply_is_refused_naming_it(options, message):
     with pytest.raises(ValueError, match=f"^{message}"):
         SamplerConfig(**options)
+
+
+@pytest.mark.parametrize("options, name", [
+    (dict(method="sequential", update="secant"), "update"), (dict(method="sequential", window="auto"), "window"),
+    (dict(method="parareal", stop="final"), "stop"), (dict(method="staggered", init="auto"), "init"),
+    (dict(method="picard", coarse_steps=1), "coarse_steps"), (dict(method="sequential", shared_window=False),
+                                                                 "shared_window"),
+    (dict(method="staggered", fill="path"), "fill"),
+])
+def test_an_option_given_at_its_default_to_a_method_that_does_not_read_it_is_refused(options, name):
+    # The constructor sees values only: the default passed unnoticed (method="sequential", update="secant" sampled
+    # sequentially). from_options (ParallelSampler's entry check) knows what was given.
+    assert SamplerConfig(**options).method == options["method"]
+    with pytest.raises(ValueError, match=f"^{name}: applies only to method=.*given as"):
+        SamplerConfig.from_options(**options)
+    with pytest.raises(ValueError, match=f"^{name}: applies only to method="):
+        ParallelSampler("gmm", **options)
+
+
+@pytest.mark.parametrize("options", [dict(method="sequential", tol=None, window=None, max_rounds=None),
+                                     dict(method="auto", window="auto"), dict(update="secant", window="auto"),
+                                     dict(method="parareal", coarse_steps=1, slices=None)])
+def test_an_option_left_as_none_or_read_by_the_method_is_taken(options):
+    assert SamplerConfig.from_options(**options).method == options.get("method", "picard")
 
 
 @pytest.mark.parametrize("options", [dict(method="staggered", tol=0.1), dict(method="auto", tol=0.1, stop="paradigms",

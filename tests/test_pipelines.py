@@ -122,7 +122,9 @@ def test_return_dict_false_is_the_pipelines_own_tuple():
     want = pipe(**args)
     got = paratime.parallelize(pipe, tol=0.0)(**args)
     assert len(got) == len(want) == 2 and got[1] is None and want[1] is None
-    assert np.abs(got[0] - want[0]).max() <= 1e-4
+    # Float32 rounding of batched against one-row UNet calls: 2.4e-5 of the [0, 1] image range on this machine's
+    # threads, 1.1e-4 on one thread (OMP_NUM_THREADS=1; the latents 7.6e-5 of their max-abs 1)
+    assert np.abs(got[0] - want[0]).max() <= 5e-4
 
 
 def test_bad_steps_and_triton_on_cpu_are_named():
