@@ -43,7 +43,8 @@ def test_each_case_is_its_worst_samples_error_over_tol_abs():
         assert r["over"] == sum(v > 1 for v in ratios) and r["rounds"] == res.stats.rounds
         assert r["rolled_back"] == res.stats.extra["rolled_back"][i]
     # The 3-D mixture's sample 4 under LMS-20 at window 4 (README *Where it fails*; tests/test_accuracy.py) ended 4.6x
-    # over tol under a guard that rolled back once; rolled back a second time it holds, and no sample is over tol.
+    # over tol under a guard that rolled back to half its start; rolled back to the grid's start it holds, and no
+    # sample is over tol.
     (w4,) = [r for r in rows if (r["model"], r["window"], r["tol"]) == ("mix3", 4, 2e-3)]
     assert w4["over"] == 0 and w4["worst"] <= 1
 

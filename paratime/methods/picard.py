@@ -42,8 +42,7 @@ window holds point ``p + k`` and produces the new value of point ``p + k + 1``. 
                      evaluations, above tol / (6 a) sliding (5), tol / (4 a) on the whole grid (7.5); a
                      trajectory crossing between modes, where points accepted earlier carry errors the end
                      amplifies hundreds of times) accepts 100x more strictly from then on and moves its window
-                     start back: on the whole grid to the grid's start, in a sliding window to half its position,
-                     and there once more, to the grid's start, above the whole margin tol / a (30)
+                     start back to the grid's start, once
                      (:meth:`~paratime.methods.stops.FinalPointStop.amplified`,
                      :func:`~paratime.methods.stops.gain_limit`). A window point whose max-abs passes 100x the
                      largest of the sample's accepted points (an update whose model of the step is wrong, growing
@@ -215,11 +214,10 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
     # whole batch: one sample cannot move it back).
     guard = isinstance(stopper, FinalPointStop) and not shared_window
     rule = UpdateRule(update, gain=guard, span=gain_span(N))          # the guard reads every rule's window gain
-    # Each window start's position after a sample's first rollback, int(p * ROLLBACK[sliding]), and its second (the
-    # grid's start), (2, 3, N + 1): [sliding][rollbacks so far][p], made once (one gather a round, not three ops);
-    # sliding is the requested window's, as for the stop rule's limits (past max_rounds a whole grid keeps its own)
+    # Each window start's position after a rollback, int(p * ROLLBACK) (N + 1,), made once (one gather a round): the
+    # grid's start (a table, so a test can move it: at * 0.5, half the start, was the sliding window's of before)
     at = torch.arange(N + 1, device=dev)          # on the device (no copy from the host), in integers (MPS: no float64)
-    rolled = torch.stack([torch.stack([at, (at * back).long(), at * 0]) for back in ROLLBACK]) if guard else None
+    rolled = (at * ROLLBACK).long() if guard else None
     if init == "x0":
         # 0. One call at x_T; every point from there with D held at its value (one round, counted).
         den_T = problem.evaluate(problem.scale(y, zeros, inverse=True), zeros, win.ar_b)
@@ -261,7 +259,7 @@ def sample_picard(x: torch.Tensor, problem: Problem, window: int, tol: float | N
             # A window that stretches the iterates' errors (a crossing between modes): the points accepted before
             # it carry errors sized for an ordinary trajectory. Move the window back and accept more strictly.
             back = stopper.amplified(rule.gain, win.active)
-            win.begin = torch.where(back, rolled[int(window < N)][stopper.rolls, win.begin], win.begin)
+            win.begin = torch.where(back, rolled[win.begin], win.begin)
             shift = shift.masked_fill(back, W)       # their slots' history no longer applies: a shift by W clears it
             moved = moved.masked_fill(back, torch.inf)
         # 5. Stop: every point accepted, or the stop rule.

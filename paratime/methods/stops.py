@@ -61,14 +61,12 @@ QUIET_ROUNDS, QUIET_SCALE, ESTIMATE_SAFETY, WINDOW_QUIET_SCALE = 2, 2.0, 1.0, 0.
 QUICK_RATIO, QUICK_SAFETY = 0.3, 8.0
 ROUNDING = 1e-9                 # final-point changes below ROUNDING x tol count as none
 #: ``final`` rule, any update: a sample whose window stretches its iterates' changes by more than its gain
-#: limit in one round (a trajectory crossing between modes) is rolled back to ROLLBACK[sliding] x its window start
-#: (a window of the whole grid to the grid's start, a sliding one to half its start), with acceptance TIGHTEN x
-#: stricter from then on (see :meth:`FinalPointStop.amplified`). The limit is the acceptance's margin under the
-#: target times the budget (``GAIN_BUDGET[sliding] * tol / accept``, at least GAIN_MIN; see :func:`gain_limit`): a
-#: quarter in a window of the whole grid, a sixth in a sliding window. A sliding window's sample rolled back once is
-#: rolled back again, to the grid's start, when its window stretches by more than the whole margin ``tol / accept``
-#: (AGAIN_BUDGET[sliding]; the points it kept were accepted at the loose acceptance); never a third time
-GAIN_BUDGET, GAIN_MIN, ROLLBACK, TIGHTEN, AGAIN_BUDGET = (1 / 4, 1 / 6), 2.0, (0.0, 0.5), 0.01, (0.0, 1.0)
+#: limit in one round (a trajectory crossing between modes) is rolled back to ROLLBACK x its window start (the grid's
+#: start: every point it kept was accepted at the plain acceptance), once, with acceptance TIGHTEN x stricter from
+#: then on (see :meth:`FinalPointStop.amplified`). The limit is the acceptance's margin under the target times the
+#: budget (``GAIN_BUDGET[sliding] * tol / accept``, at least GAIN_MIN; see :func:`gain_limit`): a quarter in a window
+#: of the whole grid, a sixth in a sliding window
+GAIN_BUDGET, GAIN_MIN, ROLLBACK, TIGHTEN = (1 / 4, 1 / 6), 2.0, 0.0, 0.01
 #: ``final`` rule, each sample's own scale (``scale`` None): at most TRUST_SCALE x the largest max-abs of a point it
 #: has accepted (the initial state, then each window start) or the initial noise's std (:meth:`FinalPointStop.trust`).
 #: A window whose iterates diverge (the plain update on the guided ring's consistency step, window 32: they grow ~5x a
@@ -171,21 +169,8 @@ def gain_limit(tol: float, accept: float, sliding: bool = False) -> float:
     there (the limit rolls back the mixture's sample 1534, whose window stretches 7.5x; a stochastic solver's
     ``tol / 3000`` gives 500, idle: its frozen errors grow past the window, see :func:`default_accept_tol`), and a
     rollback costs the batch the rounds its window must redo (at 2.5 the policy's batch of 64, window 32, took 28
-    rounds instead of 23).
-
-    A sliding window's sample rolled back once is rolled back a second time at the whole margin ``tol / accept``
-    (:data:`AGAIN_BUDGET`; :attr:`FinalPointStop.again_limit`, 30 with ``tol / 30``): its first rollback kept the
-    points before half its start, accepted at the plain acceptance, and a stretch past the whole margin can carry
-    one of their errors past tol by itself. At the first rollback's limit instead, nearly every rolled-back sample
-    stretches past it again (the crossing is still ahead) and the second rollback costs +22-24% of a batch's rounds
-    (:meth:`FinalPointStop.amplified`)."""
-    return _margin_limit(GAIN_BUDGET[sliding], tol, accept)
-
-
-def _margin_limit(budget: float, tol: float, accept: float) -> float:
-    """``budget`` of the acceptance's margin ``tol / accept`` as a gain limit, at least :data:`GAIN_MIN`; inf when
-    nothing is frozen early (``accept`` 0) or the budget is 0 (no such rollback)."""
-    return max(GAIN_MIN, budget * tol / accept) if accept > 0 and budget > 0 else float("inf")
+    rounds instead of 23)."""
+    return max(GAIN_MIN, GAIN_BUDGET[sliding] * tol / accept) if accept > 0 else float("inf")
 
 
 class AllAcceptedStop:
@@ -257,8 +242,6 @@ class FinalPointStop:
         self.relative = scale != 1.0 if relative is None else relative
         self.tail_fraction = TAIL_FRACTION[sliding] if tail != 1.0 else 0.0
         self.gain_limit = gain_limit(tol, accept, sliding)
-        # A second rollback's limit: the whole margin in a sliding window (AGAIN_BUDGET), none on the whole grid
-        self.again_limit = _margin_limit(AGAIN_BUDGET[sliding], tol, accept)
 
     def start(self, B: int, x0: torch.Tensor, noise_scale: torch.Tensor | None = None) -> None:
         # Data units: acceptance per unit data scale is relative to the initial noise's scale in the model frame
@@ -275,10 +258,8 @@ class FinalPointStop:
         self.reopen = self.finished                                           # samples to re-open this round
         self.scale_b = torch.full((B,), self.scale or 1.0, dtype=x0.dtype, device=x0.device)
         self.tight = torch.ones(B, dtype=x0.dtype, device=x0.device)    # acceptance factor of amplified samples
-        self.rolls = torch.zeros(B, dtype=torch.long, device=x0.device)  # rollbacks so far (0, 1 or 2)
-        # the gain limit of each sample's next rollback, by its rollbacks so far (one gather a round)
-        self.limits = torch.full((3,), float("inf"), dtype=x0.dtype, device=x0.device)   # filled, not copied
-        self.limits[0], self.limits[1] = self.gain_limit, self.again_limit
+        # each sample's gain limit: inf once rolled back (at most once)
+        self.limit = torch.full((B,), self.gain_limit, dtype=x0.dtype, device=x0.device)
         self._inf = torch.full((), float("inf"), dtype=x0.dtype, device=x0.device)
         self.tol_b = self.tol * self.scale_b
         # The cap (B,): TRUST_SCALE x the largest max-abs of an accepted point (the initial state here, then each
@@ -338,32 +319,38 @@ class FinalPointStop:
         return gate if isinstance(self.noise_scale, float) and self.noise_scale == 1.0 else gate / self.noise_scale
 
     def amplified(self, gain: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` the samples to roll back this round: active and whose window stretched the iterates' changes by
-        more than the limit of their next rollback (:func:`paratime.methods.updates._window_gain`): the first at
-        :func:`gain_limit`; in a sliding window a second at the whole margin ``tol / accept``
-        (:data:`AGAIN_BUDGET`: :attr:`again_limit`); never a third (nor a second on the whole grid). A point
+        """``(B,)`` the samples to roll back this round: active, not rolled back before, and whose window stretched
+        the iterates' changes by more than :func:`gain_limit` (:func:`paratime.methods.updates._window_gain`). A point
         accepted before such a stretch carries its error (up to ``accept * n_j``, which is sized for ordinary
         trajectories) into it: mixture samples crossing between modes end 10-35x over tol from points accepted in
         the low-noise half. Each such sample's acceptance tightens by :data:`TIGHTEN` for the rest of the run; the
-        caller moves its window back (:data:`ROLLBACK`: a window of the whole grid to the grid's start, a sliding
-        one to half its start, and on the second rollback to the grid's start) and reads its final point's change
-        this round as inf, which restarts its quiet count and its contraction chain (``__call__``).
+        caller moves its window back to the grid's start (:data:`ROLLBACK`) and reads its final point's change this
+        round as inf, which restarts its quiet count and its contraction chain (``__call__``). Never a second time
+        (no endless rollbacks).
 
-        The second rollback: a sliding window's first keeps the points before half its start, accepted at the
-        plain acceptance, and a later stretch can carry their errors past tol. The 3-D mixture's sample 4 (seed 0,
-        LMS-20, window 4, tol 2e-3; 7,330x per unit change of its initial noise) was rolled back at a gain of 10.1
-        (limit 5), then met gains up to 72 and ended 4.6x over tol; rolled back again at the whole margin (30) it
-        ends at 0.004x. At the plain limit (5) a second rollback takes nearly every rolled-back sample back to the
-        start: +22-24% of a batch's rounds on gmm and the mixture (windows 4, 8, 32; DDIM, LMS, DPM++(2M)), against
-        +3.6-4.7% at the whole margin. The whole grid's first rollback goes to the start instead (the window
-        covers every point, so only acceptance is undone: no slide to redo); half its start left the mixture's
-        sample 4 at tol 0.1 4.5x over and gmm's sample 212 (DPM++(2M) SDE-100, seed 1, Anderson) 3.4x, meeting
-        gains up to 962 after it (0.21x and 0.82x from the start), for +0 / +6% of a batch's rounds summed over the
-        whole grids at tol 2e-3 / 0.1 (+2 to +3 on 20-step grids)."""
+        To the grid's start, in a sliding window too: every point before its window was accepted at the plain
+        acceptance, and a window whose iterates have converged reads no stretch (their changes fall under the gain's
+        floor), so a stretch it has passed is not seen again. The 3-D mixture's sample 4 (seed 0, LMS-20, tol 2e-3;
+        7,330x per unit change of its initial noise) on a window of 8 was rolled back at a gain of 5.65 (limit 5) from
+        point 15 to half that, 7: the points it kept (errors up to 6e-3 of tol, accepted in its first three window
+        rounds, while its gain read at most 1) reach its last steps, which stretch errors ~30x a step (4e-3 of tol at
+        point 17, 3.8x at point 20); its window's gain then read 1 in every round and it ended 4.85x over tol
+        (``picard``: 4.84x; tests/test_accuracy.py). A stricter acceptance after the rollback (TIGHTEN 1e-3 or 1e-4)
+        leaves it there (4.89x); from the start it ends at 0.09x (``picard``: 0.004x). Half the start, with a second
+        rollback to the start at a gain over the whole margin ``tol / accept`` (30), was the sliding window's rule
+        before: a window of 8 at tol 0.1 under ``anderson`` ended 1.14x over tol (0.008x from the start), and where the
+        second came it cost more rounds than one to the start (window 4: 33 against 26; windows of 32: 12% more of a
+        batch's rounds). One to the start costs a batch whose one sample it rolls back late the rounds to redo the grid:
+        +6.6-10.9% of a batch's rounds summed over sliding windows of 4, 8 and 32 on gmm and the mixture, up to +26 on
+        a 100-step grid; a sample's mean rounds +0.1-1% (README, *Amplification guard*). A window of the whole grid
+        went to the start already (it covers every point, so only acceptance is undone: no slide to redo); half its
+        start left the mixture's sample 4 at tol 0.1 4.5x over and gmm's sample 212 (DPM++(2M) SDE-100, seed 1,
+        Anderson) 3.4x, meeting gains up to 962 after it (0.21x and 0.82x from the start), for +0 / +6% of a batch's
+        rounds summed over the whole grids at tol 2e-3 / 0.1 (+2 to +3 on 20-step grids)."""
         if not self.tol > 0:
             return torch.zeros_like(active)
-        back = active & (gain > self.limits[self.rolls])
-        self.rolls = self.rolls + back
+        back = active & (gain > self.limit)
+        self.limit = self.limit.masked_fill(back, torch.inf)
         self.tight = self.tight.masked_fill(back, TIGHTEN)
         return back
 
