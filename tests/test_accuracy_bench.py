@@ -197,8 +197,9 @@ def test_sliding_worst_reads_each_sample_as_drawn_alone(capsys):
 
     a = worst(10, "ddim", 6, 6, 3)
     b = worst(10, "ddim", 6, 4, 3)
-    # The same decisions (rounds); errors equal to the batched network's rounding (~1e-6 here, 1e-3 of tol).
-    assert a["rounds"] == b["rounds"] and a["worst"] == pytest.approx(b["worst"], abs=2e-3)
+    # The same decisions (rounds); errors equal to the batched network's rounding (~1e-6: up to 2.5e-3 of tol on
+    # MKL / AVX-512, whose rows round differently with the call's batch size).
+    assert a["rounds"] == b["rounds"] and a["worst"] == pytest.approx(b["worst"], abs=6e-3)
     assert 0 <= a["worst"] <= 1 and a["over"] == 0 and len(a["top"]) == 3
     alone = ParallelSampler("digits", steps=10, window=3, method="picard", progress=False)
     seq = ParallelSampler("digits", steps=10, method="sequential", progress=False)
@@ -206,7 +207,7 @@ def test_sliding_worst_reads_each_sample_as_drawn_alone(capsys):
     cond = {"labels": torch.tensor([i % 10])}
     res = alone.sample(1, seed=0, first_sample=i, **cond)
     ref = seq.sample(1, seed=0, first_sample=i, **cond).samples
-    assert float((res.samples - ref).abs().max()) / res.stats.tol_abs[0] == pytest.approx(err, abs=2e-3)
+    assert float((res.samples - ref).abs().max()) / res.stats.tol_abs[0] == pytest.approx(err, abs=6e-3)
     before = worst(10, "ddim", 6, 6, 3, before=True)
     assert before["worst"] > 2 * a["worst"]          # the looser second half freezes larger errors
     assert main(["--steps", "10", "--samples", "4", "--windows", "2,3"]) == 0

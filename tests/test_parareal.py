@@ -159,8 +159,10 @@ def test_parareal_after_a_longer_slice_is_accepted(solver, steps, kw):
     seq = _run(solver, "sequential", model="digits", steps=steps, batch=4)
     par = _run(solver, "parareal", model="digits", steps=steps, batch=4, **kw)
     tol = kw.get("tol", 0.1)
-    # tol 0: the fine sequential sample to float rounding; else within the tolerance (noise-level units, <= 1)
-    assert float((par.samples - seq.samples).abs().max()) <= max(tol, 1e-12)
+    # tol 0: the fine sequential sample to the float32 network's rounding (its rows round differently with the
+    # call's batch size on MKL / AVX-512: 2.8e-6 to 5e-6 here, 0 where it does not); else within the tolerance
+    # (noise-level units, <= 1)
+    assert float((par.samples - seq.samples).abs().max()) <= max(tol, 2e-5)
     assert par.stats.iterations <= par.stats.extra["slices"]
 
 
