@@ -405,6 +405,12 @@ def test_the_final_rule_reads_a_rising_contraction_by_its_trend():
     assert stops_at(make_stop("final", tol), steady) == 3
     for update in ("secant", "picard", "anderson"):
         assert stops_at(make_stop("final", tol, update=update), quiet) == 3
+    # Carried, a first change has no predecessor (its ratio, moved / inf, reads 0): no trend. The second change's
+    # ratio 0.2 estimates 0.0075 to come and stops the sample there (its window no busier than its final point); read
+    # as a rise from 0 (TREND_CAP) it waited for a change within tol / 10 and never stopped here (the review of this
+    # change found it costing windows of 8 +2.7% evaluations). After a change of inf (a rollback, an entry) alike.
+    assert stops_at(make_stop("final", 0.1), (0.15, 0.03, 0.0299)) == 1
+    assert stops_at(make_stop("final", 0.1), (math.inf, 0.15, 0.03, 0.0299)) == 2
 
 
 def _force_carried(monkeypatch, carried):
