@@ -140,9 +140,11 @@ def default_accept_tol(tol: float, stochastic: bool = False, sliding: bool = Fal
       grid's second half that its late stretch then amplified, so a deterministic solver's sliding window accepts
       the last half of its grid at 0.3 of that (:data:`TAIL_FRACTION`, :data:`TAIL_SCALE`: ``tol / 100``; at
       ``tol / 60``, 881 reached 0.67x on a window of 12). Over 4,096 digits DDIM-50 samples
-      (``benchmarks/sliding_worst.py``) the worst is now 0.04-0.24 of tol on each window of 2-8 and 16, 0.47 on 12
-      (881), against 0.17-1.77 before, for 0.1-0.8 more rounds a sample (1-3%). The rarer trajectory that amplifies
-      more within a window is caught by the amplification guard (:func:`gain_limit`: 5 here).
+      (``benchmarks/sliding_worst.py``) the worst was then 0.04-0.24 of tol on each window of 2-8 and 16, 0.47 on 12
+      (881), against 0.17-1.77 before, for 0.1-0.8 more rounds a sample (1-3%); with the carried stop (and the
+      trend, :data:`TREND_CAP`) 0.05-0.30 on 2-8, 0.46 on 12, 0.23 on 16 (README, *Windows between the planner's*).
+      The rarer trajectory that amplifies more within a window is caught by the amplification guard
+      (:func:`gain_limit`: 5 here).
     - A stochastic solver's sliding window accepts at ``tol / 3000`` (:data:`STOCHASTIC_SCALE`). Digits DDPM-50 window 8
       (0.14x) and DDPM-100 window 16 (0.20x) held at ``tol / 20``, but ``gmm`` DDPM-100 window 8 at fixed data scales
       (the batch's median or max sample max-abs, or 1; 4,000 samples, seeds 0-3, tol 0.1-0.01, every update: 108 runs)
