@@ -33,8 +33,8 @@ Rules are elementwise on device tensors (no host read), so every rank of an SPMD
                 with a deterministic solver (``carried``) the window is quiet too when no point of it moved by more
                 than the final point (and where the contraction slowed, the estimate reads its trend, up to 10x the
                 last change), and one quiet round is enough when the final point's last three changes contracted by
-                <= 0.3 each and 8x the estimate is <= tol. Or when every point is accepted and the final point moved
-                by <= tol (else the last window re-opens).
+                <= 0.3 each and 8x the estimate (its trend read too) is <= tol. Or when every point is accepted and
+                the final point moved by <= tol (else the last window re-opens).
                 Acceptance: accept = accept_tol (default :func:`default_accept_tol`: an accepted point is frozen, so
                 its error must stay well below the target) times the data scale, tightened by tol / (final point's
                 last change) while that change exceeds tol
