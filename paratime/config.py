@@ -85,6 +85,13 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _not_read(name: str, method: str, why: str = "") -> ValueError:
+    """The error for :data:`METHOD_OPTIONS` option ``name`` given to ``method``, which does not read it."""
+    names = [repr(m) for m in METHOD_OPTIONS[name]]
+    allowed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+    return ValueError(f"{name}: applies only to method={allowed}, not {method!r}{why}")
+
+
 def _default(name: str) -> Any:
     """A :class:`SamplerConfig` field's default."""
     return SamplerConfig.__dataclass_fields__[name].default
@@ -229,9 +236,7 @@ class SamplerConfig:
         # Each method's own options, at their defaults unless the method reads them (METHOD_OPTIONS).
         for name, readers in METHOD_OPTIONS.items():
             if self.method not in readers and getattr(self, name) != _default(name):
-                names = [repr(m) for m in readers]
-                allowed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
-                raise ValueError(f"{name}: applies only to method={allowed}, not {self.method!r}")
+                raise _not_read(name, self.method)
         if (self.fill != _default("fill") and self.method == "picard" and isinstance(self.window, int)
                 and not reads_entries(self.window, self.steps)):
             raise ValueError(f"fill: applies only to a sliding window wider than one point (1 < window < steps); "
@@ -333,10 +338,8 @@ class SamplerConfig:
             if value is None or self.method in readers or (name == "window" and value == "auto"
                                                            and self.method == "auto"):
                 continue
-            names = [repr(m) for m in readers]
-            allowed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
-            raise ValueError(f"{name}: applies only to method={allowed}, not {self.method!r} (given as {value!r}, "
-                             f"the default: an option the method never reads is refused at any value)")
+            raise _not_read(name, self.method, f" (given as {value!r}, the default: an option the method never reads "
+                                               f"is refused at any value)")
 
     @property
     def solver_options(self) -> dict:
