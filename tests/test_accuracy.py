@@ -336,23 +336,29 @@ def test_the_final_rule_waits_for_the_whole_window():
     assert decided == [True, False]
 
 
+def _stops_at(rule, changes, window_moved=lambda moved: moved):
+    """The 0-based round at which the stop ``rule`` stops one sample whose final point changed by ``changes`` and
+    whose window's largest change was ``max(moved, window_moved(moved))`` each round, or None."""
+    like = torch.zeros(2, dtype=torch.float64)
+    rule.start(1, like)
+    no = torch.zeros(1, dtype=torch.bool)
+    for k, moved in enumerate(changes):
+        wm = torch.tensor([max(moved, window_moved(moved))], dtype=torch.float64)
+        if bool(rule(no, torch.tensor([moved], dtype=torch.float64), like[:1, None], wm)):
+            return k
+    return None
+
+
 def test_under_the_secant_a_window_no_busier_than_its_final_point_is_calm():
     """The rule alone, ``carried`` (secant update, deterministic solver): a window whose largest change is the final
     point's own counts as calm above WINDOW_QUIET_SCALE * tol; one where an earlier point moved more still waits, and
     so does every window when not carried."""
     from paratime.methods.stops import WINDOW_QUIET_SCALE, make_stop
 
-    like = torch.zeros(2, dtype=torch.float64)
     changes = (0.5, 0.1, 0.02, 0.004, 0.0008)            # quiet and contracting (ratio 0.2) from the second round on
 
     def stops_at(rule, window_moved, changes=changes):
-        rule.start(1, like)
-        no = torch.zeros(1, dtype=torch.bool)
-        for k, moved in enumerate(changes):
-            wm = torch.tensor([max(moved, window_moved(moved))], dtype=torch.float64)
-            if bool(rule(no, torch.tensor([moved], dtype=torch.float64), like[:1, None], wm)):
-                return k
-        return None
+        return _stops_at(rule, changes, window_moved)
 
     busy = 0.1                                           # an earlier point's change, above the final point's
     assert changes[2] > WINDOW_QUIET_SCALE * 0.1 >= changes[3]
@@ -385,17 +391,7 @@ def test_the_final_rule_reads_a_rising_contraction_by_its_trend():
     ratio once the change is within WINDOW_QUIET_SCALE x tol_b (there the rules not carried stop too)."""
     from paratime.methods.stops import TREND_CAP, WINDOW_QUIET_SCALE, make_stop
 
-    like = torch.zeros(2, dtype=torch.float64)
-
-    def stops_at(rule, changes):
-        rule.start(1, like)
-        no = torch.zeros(1, dtype=torch.bool)
-        for k, moved in enumerate(changes):
-            m = torch.tensor([moved], dtype=torch.float64)
-            if bool(rule(no, m, like[:1, None], m)):
-                return k
-        return None
-
+    stops_at = _stops_at                                 # the final point the window's busiest
     tol = 0.2116
     rising, steady = (3.79, 2.03, 0.188, 0.117), (3.79, 0.3, 0.188, 0.117)
     assert 0.117 * 0.62 / (1 - 0.62) <= tol < 0.117 * TREND_CAP / (1 - TREND_CAP)
