@@ -134,6 +134,10 @@ def test_bad_steps_and_triton_on_cpu_are_named():
     for steps in (0, -1, 2.5):                  # 0 divided by zero inside the scheduler
         with pytest.raises(ValueError, match="^num_inference_steps: must be an integer >= 1"):
             ppipe(**_call(pipe, num_inference_steps=steps))
+    # A numpy integer (np.arange of a sweep) runs, as the pipeline runs it (it was refused as not an integer).
+    want = pipe(**_call(pipe, num_inference_steps=np.int64(4))).images
+    got = paratime.parallelize(pipe, tol=0.0)(**_call(pipe, num_inference_steps=np.int64(4))).images
+    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
     with pytest.raises(ValueError, match="^kernels: 'triton' cannot run"):     # at wrap time, not the first call
         paratime.parallelize(pipe, kernels="triton")
 

@@ -132,6 +132,29 @@ def test_stochastic_schedulers_draw_the_pipelines_own_noise_at_72x72(scheduler, 
         assert float((got - want).abs().max()) <= BOUND * scale, method
 
 
+@pytest.mark.parametrize("scheduler", ["euler_ancestral", "ddpm"])
+def test_without_a_generator_step_noise_comes_from_torchs_global_generator(scheduler):
+    """No ``generator=``: the pipeline draws its latents and step noise from torch's global generator, so
+    ``torch.manual_seed(s)`` repeats its sample and two calls differ. The step noise was the sampler's fixed seed 0:
+    every call drew the same (two calls from the same latents were equal), whatever the global seed."""
+    pipe = tiny_sd()
+    make, step_kwargs = STOCHASTIC[scheduler]
+    pipe.scheduler = make(pipe.scheduler.config)
+    args = dict(num_inference_steps=5, height=48, width=48, output_type="latent", **prompt_embeddings(pipe, batch=2),
+                **step_kwargs)
+    torch.manual_seed(11)
+    want = pipe(**args).images
+    scale = float(want.abs().max())
+    for method, tol in (("sequential", None), ("picard", 0.0)):
+        ppipe = paratime.parallelize(pipe, method=method, tol=tol)
+        torch.manual_seed(11)
+        got = ppipe(**args).images
+        assert float((got - want).abs().max()) <= BOUND * scale, method
+        latents = torch.randn(2, 4, 6, 6, generator=_gen(5))
+        first, second = ppipe(latents=latents, **args).images, ppipe(latents=latents, **args).images
+        assert float((first - second).abs().max()) > 100 * BOUND * scale, method
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_generators_draw_the_pipelines_own_noise():
     pipe = tiny_sd().to("cuda")

@@ -6,8 +6,9 @@ The pipeline's own pieces run as in its ``__call__``: ``check_inputs``, ``encode
 img2img's ``get_timesteps``), ``prepare_latents`` and the VAE decoding / post-processing; only the denoising loop is
 replaced by a :class:`~paratime.ParallelSampler` over :func:`~paratime.integrations.diffusers.from_diffusers` (the
 scheduler's own grid and step map). Stochastic schedulers draw their step noise from the call's ``generator`` (one,
-or a list with one per image) as the scheduler does: one draw of ``(B, *latent)`` per step, in the network's dtype,
-up front (:class:`~paratime.noise.PipelineNoise`), so sequential and Picard at tol 0 give the pipeline's own sample.
+or a list with one per image; without one, torch's global generator) as the scheduler does: one draw of
+``(B, *latent)`` per step, in the network's dtype, up front (:class:`~paratime.noise.PipelineNoise`), so sequential
+and Picard at tol 0 give the pipeline's own sample.
 
 Supported (``_FAMILIES``): ``StableDiffusionPipeline``, ``StableDiffusionImg2ImgPipeline``,
 ``StableDiffusionInpaintPipeline`` (an inpainting UNet with 9 input channels), ``StableDiffusionControlNetPipeline``
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -754,6 +756,15 @@ def _check_options(solver, options: dict) -> SamplerConfig:
     return SamplerConfig.from_options(solver=solver, steps=max(1, slices or 1, slid, sliced), **options)
 
 
+def _global_generator(device: torch.device) -> torch.Generator:
+    """The generator ``torch.randn(..., device=device)`` draws from when given none: a pipeline called without
+    ``generator=`` draws its step noise from it (CUDA's default generator of that device, else the CPU's)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.default_generators[torch.cuda.current_device() if device.index is None else device.index]
+    return torch.default_generator
+
+
 def _is_default(value: Any, default: Any) -> bool:
     """Whether a call argument is its signature's default: the same object, or an equal plain value (None, a number,
     a string, or a list / tuple of them; never a tensor or an image, whose equality is not one bool)."""
@@ -870,17 +881,21 @@ class ParallelPipeline:
             if name in _COMMON | self.family.extra and param.default not in (inspect.Parameter.empty, None):
                 kwargs.setdefault(name, param.default)
         steps = kwargs["num_inference_steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
             raise ValueError(f"num_inference_steps: must be an integer >= 1, got {steps!r}")
+        steps = kwargs["num_inference_steps"] = int(steps)      # a numpy integer as a Python one, as the pipeline
         eta = kwargs.get("eta") or 0.0
         generator = kwargs.get("generator")
         self._check_pipe()
         prep = self.family.prepare(self.pipe, kwargs)
         sampler = self._sampler(steps if prep.steps is None else prep.steps, eta, prep)
         # Step noise drawn from the call's generator(s) as the scheduler draws it: per step, in the network's dtype.
+        # Without one, from torch's global generator, as diffusers' randn_tensor draws it (not the sampler's fixed
+        # seed 0, which gave every call the same step noise and ignored torch.manual_seed).
         noise = None
-        if sampler.solver.stochastic and generator is not None:
-            noise = PipelineNoise(generator, prep.latents.dtype)
+        if sampler.solver.stochastic:
+            noise = PipelineNoise(_global_generator(prep.latents.device) if generator is None else generator,
+                                  prep.latents.dtype)
         cond = dict(prep.cond)
         if prep.uncond is not None:
             cond["uncond"] = prep.uncond
