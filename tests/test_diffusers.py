@@ -235,6 +235,15 @@ def test_ddim_steps_that_land_off_the_grid_are_refused():
         den.schedule.grid(8)
     with pytest.raises(ValueError, match="spacing"):
         den.schedule.grid(5, "trailing")
+    # README: trailing lands on its next timestep where N divides T (1000), linspace only at N = T
+    T = den.schedule.base.alphas_cumprod.numel()
+    trailing = from_diffusers(_unet(), _ddim(timestep_spacing="trailing"))
+    for steps in (25, 40, 50):
+        assert trailing.schedule.grid(steps).sigmas.numel() == steps + 1
+    for steps in (9, 30):
+        with pytest.raises(ValueError, match=f"timestep_spacing.*'trailing' spacing and {steps} steps"):
+            trailing.schedule.grid(steps)
+    assert T == 1000 and den.schedule.grid(T).sigmas.numel() == T + 1
     empty_last = from_diffusers(_unet(), _ddim(timestep_spacing="leading", set_alpha_to_one=False))
     with pytest.raises(ValueError, match="steps_offset=1 or set_alpha_to_one=True"):
         empty_last.schedule.grid(8)
