@@ -535,7 +535,29 @@ def _check_pipeline_args(args, opts: dict) -> dict:
         _check_writable(flag, path)
     for k in ("solver", "steps", "dtype", "device"):     # set by the pipeline, the call, or run_pipeline
         opts.pop(k, None)
+    scheduler = _saved_scheduler(sched)
+    if scheduler is not None:
+        # What parallelize() checks against the scheduler at wrap time (Parareal with a multistep scheduler such as
+        # PNDM's), from the scheduler's config alone: before the weights load, not after.
+        from .integrations.diffusers import solver_for
+        from .integrations.pipelines import _check_options
+
+        _check_options(solver_for(scheduler), {**opts, "progress": args.progress})
     return opts
+
+
+def _saved_scheduler(config: dict | None):
+    """The scheduler a saved pipeline's ``scheduler_config.json`` (``config``, read) describes, built from the config
+    alone (no weights), or None where it names no diffusers scheduler class that builds (the load will say)."""
+    import diffusers
+
+    cls = getattr(diffusers, str(config.get("_class_name")), None) if isinstance(config, dict) else None
+    if cls is None or not callable(getattr(cls, "from_config", None)):
+        return None
+    try:
+        return cls.from_config(config)
+    except Exception:  # noqa: BLE001 - a foreign or damaged config: left to the pipeline's load to report
+        return None
 
 
 def run_pipeline(args, opts: dict) -> dict:
@@ -850,9 +872,13 @@ def _check_eval_args(args) -> None:
     check_int("seed", args.seed, 0)
     if args.guidance is not None and args.label is None:
         raise UsageError("--guidance: classifier-free guidance needs --label (the class to guide towards)")
-    SamplerConfig.from_options(solver=args.solver, steps=args.steps, tol=args.tol, window=args.window,
-                               guidance=args.guidance)
-    check_cond(load_model("digits"), _cond(args, args.samples), args.samples)
+    cfg = SamplerConfig.from_options(solver=args.solver, steps=args.steps, tol=args.tol, window=args.window,
+                                     guidance=args.guidance)
+    model = load_model("digits")
+    # --steps on the model's grid and the solver's (a discrete schedule's timesteps, dpmpp_singlestep's order
+    # list), as the samplers check it when built: after the classifier's fit and the table's header, otherwise
+    cfg.build_solver().check_grid(model.schedule.grid(cfg.steps, cfg.spacing).sigmas)
+    check_cond(model, _cond(args, args.samples), args.samples)
     _check_writable("--json", args.json)
 
 

@@ -104,6 +104,8 @@ def test_an_incomplete_pipeline_folder_is_a_one_line_error(saved_pipeline, tmp_p
     (["--steps", "0"], "--steps"), (["--method", "bogus"], "--method"), (["--window", "0"], "--window"),
     (["--device", "bogus"], "--device"),
     (["--steps", "1001"], "--steps"),          # over num_train_timesteps: named scheduler options it never set
+    (["--method", "parareal"], "--method"),    # PNDM's multistep scheduler: refused from its config, not the load
+    (["--method", "parareal_pipelined"], "--method"),
 ])
 def test_sampler_options_are_checked_before_the_pipeline_loads(saved_pipeline, tmp_path, argv, flag, capsys):
     """A folder whose weights are gone: an option's error (not the load's) shows the option was checked first (a

@@ -207,6 +207,8 @@ CLI_CASES = [
     ("eval label 11", ["eval-digits", "--label", "11"], "--label"),
     ("eval steps 0", ["eval-digits", "--steps", "0"], "--steps"),
     ("eval tol nan", ["eval-digits", "--tol", "nan"], "--tol"),
+    ("eval steps past the schedule", ["eval-digits", "--steps", "2000"], "--steps"),
+    ("eval steps off the solver's grid", ["eval-digits", "--solver", "dpmpp_singlestep", "--steps", "3"], "--steps"),
     ("eval json missing dir", ["eval-digits", "--json", MISSING + ".json"], "--json"),
     ("train steps 0", ["train-digits", "--steps", "0"], "--steps"),
     ("train lr nan", ["train-digits", "--lr", "nan"], "--lr"),
