@@ -324,6 +324,11 @@ class SamplerConfig:
             hint = f" ({unknown[0]} is the solver's own option: solver=make_solver({solver!r}, {unknown[0]}=...))" \
                 if own else ""
             raise TypeError(f"{unknown[0]}: unknown sampling option{hint}; allowed: {', '.join(known)}")
+        # A method's own option given as None is "not given" (the CLI and parallelize pass None for an option left
+        # out): it takes its default (update=None: "secant") and is not refused where the method does not read it
+        defaults = {f.name: f.default for f in fields(cls)}
+        options = {k: v for k, v in options.items()
+                   if not (v is None and k in METHOD_OPTIONS and defaults[k] is not None)}
         config = cls(**options)
         config._refuse_given_options_that_do_not_apply(options)
         return config

@@ -271,6 +271,19 @@ def test_an_option_left_as_none_or_read_by_the_method_is_taken(options):
     assert SamplerConfig.from_options(**options).method == options.get("method", "picard")
 
 
+def test_a_method_option_given_as_none_takes_its_default():
+    # None is "not given" (README) for every method option, not only those whose default is None: update=None was
+    # refused as an unknown update rule, shared_window=None as not a bool
+    left = dict(update=None, stop=None, init=None, fill=None, shared_window=None, accept_tol=None, coarse_steps=None)
+    assert SamplerConfig.from_options(method="sequential", **left).method == "sequential"
+    cfg = SamplerConfig.from_options(method="picard", **left)
+    assert (cfg.update, cfg.stop, cfg.init, cfg.fill, cfg.shared_window) == ("secant", "final", "auto", "path", False)
+    with pytest.raises(ValueError, match="^update: unknown None"):      # the constructor sees values only
+        SamplerConfig(update=None)
+    with pytest.raises(ValueError, match="^method: unknown None"):      # not a method option: None is no method
+        SamplerConfig.from_options(method=None)
+
+
 @pytest.mark.parametrize("options", [dict(method="staggered", tol=0.1), dict(method="auto", tol=0.1, stop="paradigms",
                                                                              update="anderson", shared_window=True)])
 def test_options_that_apply_are_taken(options):
