@@ -345,6 +345,11 @@ class SamplerConfig:
                 continue
             raise _not_read(name, self.method, f" (given as {value!r}, the default: an option the method never reads "
                                                f"is refused at any value)")
+        if options.get("fill") is not None and self.method == "picard" and isinstance(self.window, int) \
+                and not reads_entries(self.window, self.steps):
+            raise ValueError(f"fill: applies only to a sliding window wider than one point (1 < window < steps); "
+                             f"window={self.window} on the {self.steps}-step grid never reads a point that enters it "
+                             f"(given as {options['fill']!r}: refused at any value)")
 
     @property
     def solver_options(self) -> dict:

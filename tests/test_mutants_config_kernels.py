@@ -271,6 +271,15 @@ def test_an_option_left_as_none_or_read_by_the_method_is_taken(options):
     assert SamplerConfig.from_options(**options).method == options.get("method", "picard")
 
 
+@pytest.mark.parametrize("window", [1, 50])
+def test_fill_given_at_its_default_where_no_point_enters_the_window_is_refused(window):
+    # README: fill= is refused on a window of the whole grid or of one point, at any value (fill="path" passed)
+    with pytest.raises(ValueError, match=f"^fill: applies only to a sliding window .*window={window} .*given as 'path'"):
+        SamplerConfig.from_options(method="picard", window=window, steps=50, fill="path")
+    assert SamplerConfig.from_options(method="picard", window=window, steps=50, fill=None).fill == "path"
+    assert SamplerConfig.from_options(method="picard", window=8, steps=50, fill="path").fill == "path"
+
+
 def test_a_method_option_given_as_none_takes_its_default():
     # None is "not given" (README) for every method option, not only those whose default is None: update=None was
     # refused as an unknown update rule, shared_window=None as not a bool
