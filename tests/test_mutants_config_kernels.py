@@ -274,7 +274,8 @@ def test_an_option_left_as_none_or_read_by_the_method_is_taken(options):
 @pytest.mark.parametrize("window", [1, 50])
 def test_fill_given_at_its_default_where_no_point_enters_the_window_is_refused(window):
     # README: fill= is refused on a window of the whole grid or of one point, at any value (fill="path" passed)
-    with pytest.raises(ValueError, match=f"^fill: applies only to a sliding window .*window={window} .*given as 'path'"):
+    refused = f"^fill: applies only to a sliding window .*window={window} .*given as 'path'"
+    with pytest.raises(ValueError, match=refused):
         SamplerConfig.from_options(method="picard", window=window, steps=50, fill="path")
     assert SamplerConfig.from_options(method="picard", window=window, steps=50, fill=None).fill == "path"
     assert SamplerConfig.from_options(method="picard", window=8, steps=50, fill="path").fill == "path"
