@@ -88,6 +88,19 @@ def test_parareal_bad_options():
         ParallelSampler("gmm", method="parareal", coarse=3)
 
 
+@pytest.mark.parametrize("method", ["parareal", "parareal_pipelined"])
+def test_a_coarse_callable_of_the_wrong_shape_is_named(method):
+    # (B, 1) for (B, 2) states broadcast silently in Parareal's correction, and failed inside the pipelined one with
+    # torch's size error; a numpy array neither named the callable
+    for bad, got in ((lambda x, a, b: x[:, :1], r"shape \(4, 1\)"), (lambda x, a, b: x.numpy(), "ndarray")):
+        sampler = ParallelSampler("gmm", method=method, coarse=bad, steps=20, progress=False)
+        named = rf"^coarse: must return a tensor of the state's shape \(4, 2\); got {got}"
+        with pytest.raises(ValueError, match=named):
+            sampler.sample(4, seed=0)
+    assert ParallelSampler("gmm", method=method, coarse=lambda x, a, b: x, steps=20,
+                           progress=False).sample(4, seed=0).samples.shape == (4, 2)
+
+
 def test_coarse_jump_is_exact_when_the_denoiser_is_constant():
     """With D independent of x and sigma, the DDPM steps over a stretch compose exactly into one jump that carries
     their pre-drawn noise."""

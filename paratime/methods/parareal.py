@@ -110,6 +110,20 @@ def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+
+def _checked_coarse(out, x: torch.Tensor) -> torch.Tensor:
+    """The user's ``coarse(x, sigma_from, sigma_to)`` output ``out``, checked to be a tensor of ``x``'s shape
+    (metadata only: no host read). A ``(B, 1)`` output for ``(B, 2)`` states broadcast silently in Parareal's
+    correction (a wrong sample) and failed deep inside the pipelined one with torch's own size error.
+
+    Raises:
+        ValueError: naming ``coarse``, where it is not.
+    """
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"coarse: must return a tensor of the state's shape {tuple(x.shape)}; got {got}")
+    return out
+
 class _SliceLayout:
     """The slices of the N-step grid, host integers decided once per call: ``bounds_h`` ``(S + 1,)`` (CPU tensor),
     ``start`` (the same as a list: slice s runs from ``start[s]`` to ``start[s + 1]``), ``bounds`` on the state's
@@ -193,7 +207,7 @@ class _Propagators:
         if self.coarse is not None:
             self.coarse_calls += 1
             s_from, s_to = p.sigmas[self.start[s]].repeat(R), p.sigmas[self.start[s + 1]].repeat(R)
-            return self.coarse(U.clone(), s_from, s_to)
+            return _checked_coarse(self.coarse(U.clone(), s_from, s_to), U)
         x, pts = U, self.sub[s]
         for c in range(len(pts) - 1):
             i = torch.full((R,), pts[c], dtype=torch.long, device=U.device)
@@ -454,8 +468,8 @@ class _Schedule:
                 self.tasks.append({"kind": "coarse", "s": s, "k": k, "x": value.clone(), "m": 0})
             else:
                 self.coarse_calls += 1
-                self.done("coarse", s, k, self.coarse(value.clone(), p.sigmas[start[s]].repeat(self.B),
-                                                      p.sigmas[start[s + 1]].repeat(self.B)))
+                self.done("coarse", s, k, _checked_coarse(self.coarse(value.clone(), p.sigmas[start[s]].repeat(self.B),
+                                                                      p.sigmas[start[s + 1]].repeat(self.B)), value))
         if k > 0 and s == max(self.final) + 1 and not exact:     # an exact value is accepted without a test
             # The acceptance test at the frontier: one host read (residual and decision together).
             err = rms(p.scale(value - u[(s, k - 1)], self.L.bounds[s].expand(self.B)), 1)
