@@ -16,9 +16,11 @@ Supported (``_FAMILIES``): ``StableDiffusionPipeline``, ``StableDiffusionImg2Img
 ``StableDiffusionXLImg2ImgPipeline``,
 ``StableDiffusionXLInpaintPipeline`` (9 channels),
 ``StableDiffusion3Pipeline``, ``FluxPipeline`` (guidance embedding, dynamic shift) and ``WanPipeline`` (Wan 2.1, text
-to video). Arguments that change the loop itself (callbacks, IP adapters, custom ``timesteps``, ``denoising_end``,
-skip-layer guidance, LCM's guidance embedding, Flux's true CFG, ControlNet guess mode or partial control) raise
-naming them.
+to video). The call's attention kwargs (``cross_attention_kwargs``; ``joint_attention_kwargs`` for SD3 and Flux,
+``attention_kwargs`` for Wan) run as in the pipeline: their ``scale`` is the text encoders' LoRA scale in
+``encode_prompt``, and the dict goes to every network call (:class:`AttentionKwargs`). Arguments that change the loop
+itself (callbacks, IP adapters, custom ``timesteps``, ``denoising_end``, skip-layer guidance, LCM's guidance
+embedding, Flux's true CFG, ControlNet guess mode or partial control) raise naming them.
 """
 
 from __future__ import annotations
@@ -85,13 +87,19 @@ def _sd_size(pipe, kw: dict) -> tuple[int, int]:
     return kw.get("height") or size[0] * pipe.vae_scale_factor, kw.get("width") or size[1] * pipe.vae_scale_factor
 
 
+def _lora_scale(kw: dict, name: str = "cross_attention_kwargs") -> float | None:
+    """The text encoders' LoRA scale, read as the pipeline reads it: ``scale`` of the call's attention kwargs."""
+    attention = kw.get(name)
+    return None if attention is None else attention.get("scale")
+
+
 def _sd_prompt(pipe, kw: dict):
     """SD's ``encode_prompt`` for the call: ``(guidance, guided?, device, prompt_embeds, negative_prompt_embeds)``."""
     g = kw.get("guidance_scale", 7.5)
     device = pipe._execution_device
     emb, neg = pipe.encode_prompt(kw.get("prompt"), device, kw.get("num_images_per_prompt", 1), g > 1,
                                   kw.get("negative_prompt"), prompt_embeds=kw.get("prompt_embeds"),
-                                  negative_prompt_embeds=kw.get("negative_prompt_embeds"),
+                                  negative_prompt_embeds=kw.get("negative_prompt_embeds"), lora_scale=_lora_scale(kw),
                                   clip_skip=kw.get("clip_skip"))
     return g, g > 1, device, emb, neg
 
@@ -168,6 +176,45 @@ class ControlledUNet(torch.nn.Module):
                                     **added)
         return self.unet(x, t, encoder_hidden_states=encoder_hidden_states, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid, return_dict=False, **cond)[0]
+
+
+def _frozen(value: Any):
+    """A hashable stand-in for attention kwargs: plain values (None, numbers, strings) and the dicts, lists and tuples
+    of them by value; anything else (a tensor, a module) by identity."""
+    if isinstance(value, dict):
+        return "dict", tuple(sorted(((repr(k), _frozen(v)) for k, v in value.items()), key=lambda kv: kv[0]))
+    if isinstance(value, (list, tuple)):
+        return type(value).__name__, tuple(_frozen(v) for v in value)
+    if isinstance(value, (type(None), bool, int, float, str)):
+        return value
+    return "id", id(value)
+
+
+class AttentionKwargs(torch.nn.Module):
+    """A network called with the call's attention kwargs on every evaluation (every window row, both guidance
+    halves), as the pipeline's loop passes ``cross_attention_kwargs`` (``joint_attention_kwargs``,
+    ``attention_kwargs``) to every UNet / transformer call: the network pops ``scale`` (its PEFT LoRA layers'
+    strength) and hands the rest to its attention processors (Wan's transformer reads only ``scale``). They are one
+    dict for all rows, not per-sample conditioning: a processor argument sized to the pipeline's batch does not fit a
+    window's rows.
+
+    Args:
+        network: ``network(x_in, t, **cond)``. name: the keyword the network takes them by. kwargs: the call's dict.
+    """
+
+    def __init__(self, network: torch.nn.Module, name: str, kwargs: dict):
+        super().__init__()
+        self.network, self.name, self.kwargs = network, name, dict(kwargs)
+        # Calls with equal kwargs share a sampler: plain values by value, the rest by identity (held in self.kwargs,
+        # so no id is reused while the sampler is cached).
+        self.cache_key = getattr(network, "cache_key", None), _frozen(self.kwargs)
+
+    @property
+    def config(self):
+        return self.network.config
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        return self.network(x, t, **cond, **{self.name: self.kwargs})
 
 
 def _shared(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:
@@ -345,7 +392,8 @@ def _prepare_sdxl(pipe, kw: dict) -> _Prepared:
         do_classifier_free_guidance=cfg, negative_prompt=kw.get("negative_prompt"),
         negative_prompt_2=kw.get("negative_prompt_2"), prompt_embeds=kw.get("prompt_embeds"),
         negative_prompt_embeds=kw.get("negative_prompt_embeds"), pooled_prompt_embeds=kw.get("pooled_prompt_embeds"),
-        negative_pooled_prompt_embeds=kw.get("negative_pooled_prompt_embeds"), clip_skip=kw.get("clip_skip"))
+        negative_pooled_prompt_embeds=kw.get("negative_pooled_prompt_embeds"), lora_scale=_lora_scale(kw),
+        clip_skip=kw.get("clip_skip"))
     latents = _latents(pipe, kw.get("num_inference_steps", 50), _batch(prompt, kw.get("prompt_embeds")) * n,
                        pipe.unet.config.in_channels, height, width, emb.dtype, device, kw.get("generator"),
                        kw.get("latents"))
@@ -376,7 +424,8 @@ def _sdxl_prompt(pipe, kw: dict):
         negative_prompt=kw.get("negative_prompt"), negative_prompt_2=kw.get("negative_prompt_2"),
         prompt_embeds=kw.get("prompt_embeds"), negative_prompt_embeds=kw.get("negative_prompt_embeds"),
         pooled_prompt_embeds=kw.get("pooled_prompt_embeds"),
-        negative_pooled_prompt_embeds=kw.get("negative_pooled_prompt_embeds"), clip_skip=kw.get("clip_skip"))
+        negative_pooled_prompt_embeds=kw.get("negative_pooled_prompt_embeds"), lora_scale=_lora_scale(kw),
+        clip_skip=kw.get("clip_skip"))
     return g, g > 1, device, emb, neg, pooled, neg_pooled
 
 
@@ -466,7 +515,8 @@ def _prepare_sd3(pipe, kw: dict) -> _Prepared:
         prompt_embeds=kw.get("prompt_embeds"), negative_prompt_embeds=kw.get("negative_prompt_embeds"),
         pooled_prompt_embeds=kw.get("pooled_prompt_embeds"),
         negative_pooled_prompt_embeds=kw.get("negative_pooled_prompt_embeds"), device=device,
-        clip_skip=kw.get("clip_skip"), num_images_per_prompt=n, max_sequence_length=seq)
+        clip_skip=kw.get("clip_skip"), num_images_per_prompt=n, max_sequence_length=seq,
+        lora_scale=_lora_scale(kw, "joint_attention_kwargs"))
     tr = pipe.transformer.config
     latents = pipe.prepare_latents(_batch(prompt, kw.get("prompt_embeds")) * n, tr.in_channels, height, width,
                                    emb.dtype, device, kw.get("generator"), kw.get("latents"))
@@ -530,7 +580,8 @@ def _prepare_flux(pipe, kw: dict) -> _Prepared:
     emb, pooled, txt_ids = pipe.encode_prompt(prompt=prompt, prompt_2=kw.get("prompt_2"),
                                               prompt_embeds=kw.get("prompt_embeds"),
                                               pooled_prompt_embeds=kw.get("pooled_prompt_embeds"), device=device,
-                                              num_images_per_prompt=n, max_sequence_length=seq)
+                                              num_images_per_prompt=n, max_sequence_length=seq,
+                                              lora_scale=_lora_scale(kw, "joint_attention_kwargs"))
     tr = pipe.transformer
     latents, img_ids = pipe.prepare_latents(_batch(prompt, kw.get("prompt_embeds")) * n, tr.config.in_channels // 4,
                                             height, width, emb.dtype, device, kw.get("generator"), kw.get("latents"))
@@ -663,8 +714,14 @@ class _Family:
     prepare: Any
     decode: Any
     network: str                         # the pipeline attribute holding the denoising network
-    extra: frozenset                     # __call__ arguments beyond _COMMON
+    extra: frozenset                     # __call__ arguments beyond _COMMON and `attention`
     check: Any = None                    # check(pipe) at wrap time: raises for a pipeline the family cannot run
+    attention: str = "cross_attention_kwargs"   # the __call__ argument passed to every network call (LoRA scale)
+
+    @property
+    def arguments(self) -> frozenset:
+        """The ``__call__`` arguments the parallel pipeline runs."""
+        return frozenset(_COMMON | self.extra | {self.attention})
 
 
 _FAMILIES = {
@@ -691,9 +748,10 @@ _FAMILIES = {
         "negative_target_size", "negative_crops_coords_top_left", "aesthetic_score", "negative_aesthetic_score"})),
     "FluxPipeline": _Family(_prepare_flux, _decode_flux, "transformer", frozenset({
         "prompt_2", "negative_prompt_2", "true_cfg_scale", "sigmas", "pooled_prompt_embeds",
-        "negative_pooled_prompt_embeds", "max_sequence_length"})),
+        "negative_pooled_prompt_embeds", "max_sequence_length"}), attention="joint_attention_kwargs"),
     "WanPipeline": _Family(_prepare_wan, _decode_wan, "transformer", frozenset({
-        "num_frames", "num_videos_per_prompt", "guidance_scale_2", "max_sequence_length"})),
+        "num_frames", "num_videos_per_prompt", "guidance_scale_2", "max_sequence_length"}),
+        attention="attention_kwargs"),
     "StableDiffusionXLInpaintPipeline": _Family(_prepare_sdxl_inpaint, _decode_sdxl, "unet", frozenset({
         "image", "mask_image", "masked_image_latents", "strength", "prompt_2", "negative_prompt_2",
         "pooled_prompt_embeds", "negative_pooled_prompt_embeds", "guidance_rescale", "original_size", "target_size",
@@ -701,7 +759,7 @@ _FAMILIES = {
         "aesthetic_score", "negative_aesthetic_score"}), _check_inpaint),
     "StableDiffusion3Pipeline": _Family(_prepare_sd3, _decode_sd3, "transformer", frozenset({
         "prompt_2", "prompt_3", "negative_prompt_2", "negative_prompt_3", "pooled_prompt_embeds",
-        "negative_pooled_prompt_embeds", "max_sequence_length", "mu"})),
+        "negative_pooled_prompt_embeds", "max_sequence_length", "mu"}), attention="joint_attention_kwargs"),
 }
 
 
@@ -803,10 +861,12 @@ class ParallelPipeline:
         if getattr(self.pipe, self.family.network).config.get("time_cond_proj_dim") is not None:
             raise ValueError("pipe: a UNet with time_cond_proj_dim (LCM's guidance embedding) is not supported")
 
-    def _sampler(self, steps: int, eta: float, prep: _Prepared) -> ParallelSampler:
+    def _sampler(self, steps: int, eta: float, prep: _Prepared, attention: dict | None) -> ParallelSampler:
         held = getattr(self.pipe, self.family.network)              # the pipeline's network at this call
         network = prep.network if prep.network is not None else held if self.family.network == "unet" else \
             Keyword(held)
+        if attention is not None:               # None: the network as it is, called as before
+            network = AttentionKwargs(network, self.family.attention, attention)
         # The networks by identity: one replaced on the pipeline after wrapping (a fine-tune, torch.compile) gets a
         # sampler of its own (the first call's was kept). The cached sampler holds the old ones, so no id is reused.
         key = (steps, eta, prep.uncond is not None and prep.guidance, prep.guidance_rescale,
@@ -839,7 +899,7 @@ class ParallelPipeline:
             raise TypeError(f"{type(self.pipe).__name__}.__call__: {e}") from None
         arguments = dict(bound.arguments)
         named = {n for n, p in sig.parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
-        supported = ", ".join(sorted((_COMMON | self.family.extra) & named))
+        supported = ", ".join(sorted(self.family.arguments & named))
         for name, param in sig.parameters.items():       # the pipeline's **kwargs (deprecated callbacks)
             if param.kind is not inspect.Parameter.VAR_KEYWORD:
                 continue
@@ -854,7 +914,7 @@ class ParallelPipeline:
                                 f"{supported}")
         # An argument given at its signature's default changes nothing the pipeline does: accepted (callback=None,
         # cross_attention_kwargs=None, callback_on_step_end_tensor_inputs=["latents"]).
-        outside = set(arguments) - _COMMON - self.family.extra
+        outside = set(arguments) - self.family.arguments
         unknown = sorted(n for n in outside if not _is_default(arguments[n], sig.parameters[n].default))
         if unknown:
             raise TypeError(f"{unknown[0]}: not supported by the parallel pipeline; supported arguments: {supported}")
@@ -878,7 +938,7 @@ class ParallelPipeline:
         # The pipeline's own defaults (guidance 7.5 or 5, strength 0.8 or 0.9999, 50 or 28 steps, "pil" or "np"), so
         # no default is restated here: every supported argument the call leaves out takes the signature's value.
         for name, param in inspect.signature(self.pipe.__call__).parameters.items():
-            if name in _COMMON | self.family.extra and param.default not in (inspect.Parameter.empty, None):
+            if name in self.family.arguments and param.default not in (inspect.Parameter.empty, None):
                 kwargs.setdefault(name, param.default)
         steps = kwargs["num_inference_steps"]
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
@@ -886,9 +946,12 @@ class ParallelPipeline:
         steps = kwargs["num_inference_steps"] = int(steps)      # a numpy integer as a Python one, as the pipeline
         eta = kwargs.get("eta") or 0.0
         generator = kwargs.get("generator")
+        attention = kwargs.get(self.family.attention)
+        if attention is not None and not isinstance(attention, dict):   # the pipeline reads it with .get("scale")
+            raise TypeError(f"{self.family.attention}: expected a dict or None, got {type(attention).__name__}")
         self._check_pipe()
         prep = self.family.prepare(self.pipe, kwargs)
-        sampler = self._sampler(steps if prep.steps is None else prep.steps, eta, prep)
+        sampler = self._sampler(steps if prep.steps is None else prep.steps, eta, prep, attention)
         # Step noise drawn from the call's generator(s) as the scheduler draws it: per step, in the network's dtype.
         # Without one, from torch's global generator, as diffusers' randn_tensor draws it (not the sampler's fixed
         # seed 0, which gave every call the same step noise and ignored torch.manual_seed).
