@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import statistics
 import time
 from typing import Any, Callable
@@ -51,9 +52,15 @@ def check_kernels(kernels: str | None, state_dtype: torch.dtype, device: torch.d
     """
     if kernels != "triton" or triton_usable(torch.empty(0, dtype=state_dtype, device=device)):
         return
+    # What is missing, and only that: the device, the dtype, or both (the dtype's advice was given for a float32 state)
+    kind = torch.device(device).type
+    on_device = kind == "cuda" or (kind == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    wants = [] if on_device else ["CUDA, or TRITON_INTERPRET=1 on CPU"]
+    if state_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        wants.append("a float32, float16 or bfloat16 state (e.g. state_dtype=torch.float32)")
     raise ValueError("kernels: 'triton' " + (triton_missing() or f"cannot run on this sampler's {state_dtype} state "
-                     f"on {device}: it needs CUDA, or TRITON_INTERPRET=1 on CPU, and a float32, float16 or bfloat16 "
-                     f"state (e.g. state_dtype=torch.float32); kernels='auto' falls back to torch"))
+                     f"on {device}: it needs {' and '.join(wants) or 'a device Triton supports'}; kernels='auto' "
+                     f"falls back to torch"))
 
 
 def _check_call(progress: Any, seed: Any, first_sample: Any, callback: Any) -> None:

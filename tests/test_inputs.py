@@ -642,3 +642,27 @@ def test_a_sampler_option_given_to_sample_says_where_it_goes(model, cond, messag
     that tol is the sampler's option."""
     with ParallelSampler(model, steps=5, progress=False) as s, pytest.raises(ValueError, match=message):
         s.sample(2, **cond)
+
+
+@pytest.mark.parametrize("interpret", [None, "1"])
+def test_triton_on_a_state_it_cannot_run_names_only_what_is_missing(monkeypatch, interpret):
+    # The advice was the same whatever was missing: "e.g. state_dtype=torch.float32" to a float32 state
+    from paratime.kernels.dispatch import triton_missing
+    from paratime.sampler import check_kernels
+
+    if triton_missing():
+        pytest.skip("Triton not installed: the refusal names the extra instead")
+    if interpret is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    cpu = torch.device("cpu")
+    if interpret is None:
+        with pytest.raises(ValueError, match=r"needs CUDA, or TRITON_INTERPRET=1 on CPU; kernels='auto'"):
+            check_kernels("triton", torch.float32, cpu)
+        with pytest.raises(ValueError, match=r"needs CUDA, or TRITON_INTERPRET=1 on CPU and a float32, float16 or "):
+            check_kernels("triton", torch.float64, cpu)
+    else:
+        check_kernels("triton", torch.float32, cpu)                     # the interpreter runs it: no error
+        with pytest.raises(ValueError, match=r"needs a float32, float16 or bfloat16 state \(e.g. state_dtype"):
+            check_kernels("triton", torch.float64, cpu)
