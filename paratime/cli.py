@@ -615,6 +615,7 @@ def run_pipeline(args, opts: dict) -> dict:
         print(f"wrote {path}")
     if args.save:
         torch.save(torch.from_numpy(images), args.save)
+        print(f"wrote {args.save}")
     if args.json:
         Path(args.json).write_text(json_text(rec))
         print(f"wrote {args.json}")
@@ -722,6 +723,7 @@ def run_sample(args, opts: dict | None = None) -> dict:
                   f"wall times above)")
         if args.save:
             torch.save(result.samples.cpu(), args.save)
+            print(f"wrote {args.save}")
         if args.out:
             if args.model == "policy":
                 from .policy_eval import chunks_png

@@ -41,7 +41,10 @@ def test_cli_sample_gmm_writes_json_and_png(tmp_path, capsys):
     assert rec["sequential_rounds"] == seq.stats.rounds == 20
     assert rec["speedup"] == pytest.approx(rec["sequential_wall_s"] / rec["wall_s"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "speed-up" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "speed-up" in out
+    for path in (pt, png, js):                      # every file written is named (--save was not)
+        assert f"wrote {path}" in out
 
 
 def test_cli_main_job_on_digits(tmp_path, capsys, no_demo):
