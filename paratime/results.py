@@ -28,7 +28,8 @@ class SampleStats:
         wall_s: seconds spent sampling, drawing the noise included (``extra["noise_s"]``: that part alone), the
             planner's measurements not (``extra["plan_s"]``: a cost curve and candidates' timing runs, once per
             batch shape and options, then cached).
-        residuals: worst residual per iteration, in units of the noise level (compare with ``tol``).
+        residuals: worst residual per iteration, in units of the noise level (compare with ``tol``); pipelined
+            Parareal: one per acceptance test at its frontier, which a tick can hold several of or none.
         sample_rounds: per sample, the iteration at which it finished (a Picard round, a Parareal iteration;
             pipelined Parareal: the tick), in the units of ``iterations``, not of ``rounds``.
         converged: per sample, whether it finished inside Picard's tolerance test (False: it reached
@@ -43,7 +44,9 @@ class SampleStats:
         cost: the cost curve the figures below use (:meth:`paratime.cost.CostCurve.describe`).
         sce: sequential call equivalents of the whole call, ``sum over calls of c(ceil(rows / K)) / c(1)``
             (``K = workers``; a call above ``max_batch`` rows a device: its chunks' costs); sequential sampling of
-            one batch that fits one call costs ``N`` at any K.
+            a batch that fits one call costs ``N c(ceil(B / K)) / c(1)``: ``N`` for one sample at any K, or on the
+            compute-bound and latency-bound curves' batch of K or fewer (under ``cost="measure"``, the measured
+            curve's ratio).
         round_device_rows: per round (an iteration of the method, with its calls: a Parareal iteration's fine and
             coarse calls, Heun's two calls a step), the rows each device evaluated (``ceil(rows / K)`` summed over
             the round's network calls). round_sce: per round, its SCE. round_wall_s: per round, the measured
