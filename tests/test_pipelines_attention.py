@@ -130,3 +130,52 @@ def test_a_lora_at_two_scales_matches_the_pipeline():
         for s in scales:
             got = ppipe(generator=_gen(), cross_attention_kwargs={"scale": s}, **args).images
             assert _rel(got, want[s]) <= BOUND, (method, s)
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sd3"])
+def test_the_scale_reaches_encode_prompt_as_lora_scale(name):
+    """``scale`` is the text encoders' LoRA scale: encode_prompt gets it as ``lora_scale`` as in the pipeline (the
+    LoRA test above, the only other check of it, needs peft)."""
+    make, argument, extra = SCALED[name]
+    pipe = make()
+    seen = []
+    encode = pipe.encode_prompt
+
+    def recorded(*a, **k):
+        seen.append(k.get("lora_scale"))
+        return encode(*a, **k)
+
+    pipe.encode_prompt = recorded
+    args = dict(num_inference_steps=2, guidance_scale=4.0, output_type="latent", **tiny.prompt_embeddings(pipe),
+                **extra, **{argument: {"scale": 0.7}})
+    pipe(generator=_gen(), **args)
+    assert seen == [0.7]
+    paratime.parallelize(pipe, method="sequential")(generator=_gen(), **args)
+    assert seen == [0.7, 0.7]
+
+
+def test_numpy_scales_share_a_sampler_and_actor_built_networks_are_refused():
+    """A numpy scale is a value (np.float32(0.5) twice: one sampler, it was one a call, each re-planned); workers that
+    build their own network (Ray's model=) never see the kwargs, so the call is refused before any work (it failed on
+    the actors' network-type check, after Ray had started, advising a new backend)."""
+    import numpy as np
+
+    from paratime.backends.local import LocalBackend
+
+    pipe = tiny.tiny_sd3()
+    args = dict(num_inference_steps=2, guidance_scale=4.0, output_type="latent", **tiny.prompt_embeddings(pipe),
+                height=48, width=64)
+    ppipe = paratime.parallelize(pipe, method="sequential")
+    for _ in range(2):
+        ppipe(generator=_gen(), joint_attention_kwargs={"scale": np.float32(0.5)}, **args)
+    first = list(ppipe._samplers.values())[0]
+    ppipe(generator=_gen(), joint_attention_kwargs={"scale": np.float32(0.5)}, **args)
+    assert list(ppipe._samplers.values())[0] is first
+
+    class OwnNetworks(LocalBackend):            # stands for RayBackend(model=...): the workers' own network
+        model = "their own"
+
+    owned = paratime.parallelize(pipe, method="sequential", backend=OwnNetworks())
+    with pytest.raises(TypeError, match="^joint_attention_kwargs: not supported with a backend whose workers build"):
+        owned(generator=_gen(), joint_attention_kwargs={"scale": 0.5}, **args)
+    assert _out(owned(generator=_gen(), **args)).shape == _out(pipe(generator=_gen(), **args)).shape

@@ -5,6 +5,7 @@ whose per-step noise count is not a multiple of 16, and every option checked whe
 import math
 import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -216,3 +217,51 @@ def test_new_schedulers_through_the_pipeline(name, scheduler):
     for method, tol in (("sequential", None), ("picard", 0.0)):
         got = paratime.parallelize(pipe, method=method, tol=tol)(generator=_gen(), **args).images
         assert float((got - want).abs().max()) <= BOUND * float(want.abs().max()), method
+
+
+_RANKS_SEEDED = """
+import os
+import torch, diffusers
+import paratime
+from paratime.bench.tiny_pipelines import prompt_embeddings, tiny_sd
+
+rank = int(os.environ["RANK"])
+pipe = tiny_sd()
+pipe.scheduler = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
+args = dict(num_inference_steps=6, height=48, width=48, output_type="latent", **prompt_embeddings(pipe, batch=2),
+            latents=torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(5)))
+with paratime.parallelize(pipe, method="picard", tol=0.0, backend="torch") as ppipe:
+    torch.manual_seed(100)
+    if rank == 0:
+        torch.save(ppipe(**args).images, "alike.pt")
+    else:
+        ppipe(**args)
+    torch.manual_seed(100 + rank)
+    try:
+        ppipe(**args)
+        print("APART-RAN")
+    except ValueError as e:
+        print("APART-ERROR", e)
+"""
+
+
+def test_torchrun_ranks_whose_global_generators_differ_are_refused(tmp_path):
+    """backend="torch" without generator=: each rank draws the step noise from its own global generator. Ranks
+    seeded alike give the pipeline's sample; ranks seeded apart are refused naming generator (they sampled a
+    trajectory from two noises: 20.2 where rank 0's pipeline gave 28.8, the sum of the latents)."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from dist_helper import run_ranks
+
+    script = tmp_path / "rank.py"
+    script.write_text(_RANKS_SEEDED)
+    logs = run_ranks(script, timeout=150, cwd=tmp_path)
+    assert (tmp_path / "alike.pt").exists(), logs
+    pipe = tiny_sd()
+    pipe.scheduler = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
+    torch.manual_seed(100)
+    want = pipe(num_inference_steps=6, height=48, width=48, output_type="latent", **prompt_embeddings(pipe, batch=2),
+                latents=torch.randn(2, 4, 6, 6, generator=_gen(5))).images
+    got = torch.load(tmp_path / "alike.pt")
+    assert float((got - want).abs().max()) <= BOUND * float(want.abs().max())
+    for log in logs:
+        assert "APART-ERROR generator: " in log, log

@@ -25,6 +25,7 @@ embedding, Flux's true CFG, ControlNet guess mode or partial control) raise nami
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import numbers
@@ -187,6 +188,8 @@ def _frozen(value: Any):
         return type(value).__name__, tuple(_frozen(v) for v in value)
     if isinstance(value, (type(None), bool, int, float, str)):
         return value
+    if isinstance(value, numbers.Real):         # a numpy scale (np.float32(0.5)) by value: one sampler, not one a call
+        return float(value)
     return "id", id(value)
 
 
@@ -823,6 +826,26 @@ def _global_generator(device: torch.device) -> torch.Generator:
     return torch.default_generator
 
 
+def _check_ranks_draw_alike(backend: Backend, generator: torch.Generator) -> None:
+    """Under torch.distributed, that every rank's ``generator`` (torch's global one: a call without ``generator=``) is
+    in the same state: each rank draws its latents and step noise from its own, and ranks seeded apart
+    (``torch.manual_seed(seed + rank)``) sampled a trajectory from several noises, the pipeline's sample on none of
+    them. One collective of two numbers (a 48-bit digest of the state); raises on every rank alike.
+
+    Raises:
+        ValueError: naming ``generator``, where the ranks' states differ.
+    """
+    if backend.workers <= 1 or backend.name != "torch":
+        return
+    state = generator.get_state().numpy().tobytes()
+    digest = float(int.from_bytes(hashlib.blake2b(state, digest_size=6).digest(), "big"))   # exact in float64
+    top = backend.agree_max([digest, -digest])
+    if top[0] != -top[1]:
+        raise ValueError("generator: without generator=, every rank draws the latents and step noise from torch's "
+                         "global generator, whose state differs across the ranks (seeded per rank?); seed every "
+                         "rank alike (torch.manual_seed(s)) or pass generator=torch.Generator(device).manual_seed(s)")
+
+
 def _is_default(value: Any, default: Any) -> bool:
     """Whether a call argument is its signature's default: the same object, or an equal plain value (None, a number,
     a string, or a list / tuple of them; never a tensor or an image, whose equality is not one bool)."""
@@ -949,6 +972,10 @@ class ParallelPipeline:
         attention = kwargs.get(self.family.attention)
         if attention is not None and not isinstance(attention, dict):   # the pipeline reads it with .get("scale")
             raise TypeError(f"{self.family.attention}: expected a dict or None, got {type(attention).__name__}")
+        if attention is not None and getattr(self.backend, "model", None) is not None:
+            # Actors that build their own network (Ray's model=) never see the call's kwargs: refused before any work
+            raise TypeError(f"{self.family.attention}: not supported with a backend whose workers build their own "
+                            f"network (model=); the kwargs would not reach it")
         self._check_pipe()
         prep = self.family.prepare(self.pipe, kwargs)
         sampler = self._sampler(steps if prep.steps is None else prep.steps, eta, prep, attention)
@@ -959,6 +986,8 @@ class ParallelPipeline:
         if sampler.solver.stochastic:
             noise = PipelineNoise(_global_generator(prep.latents.device) if generator is None else generator,
                                   prep.latents.dtype)
+            if generator is None:       # SPMD ranks must draw alike: the same global state on each
+                _check_ranks_draw_alike(sampler.backend, noise.generator)
         cond = dict(prep.cond)
         if prep.uncond is not None:
             cond["uncond"] = prep.uncond
