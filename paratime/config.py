@@ -345,6 +345,9 @@ class SamplerConfig:
                 continue
             raise _not_read(name, self.method, f" (given as {value!r}, the default: an option the method never reads "
                                                f"is refused at any value)")
+        if options.get("coarse_steps") is not None and self.coarse is not None:
+            raise ValueError(f"coarse_steps: applies only to the built-in coarse propagator; coarse= replaces it "
+                             f"(given as {options['coarse_steps']!r}: refused at any value)")
         if options.get("fill") is not None and self.method == "picard" and isinstance(self.window, int) \
                 and not reads_entries(self.window, self.steps):
             raise ValueError(f"fill: applies only to a sliding window wider than one point (1 < window < steps); "

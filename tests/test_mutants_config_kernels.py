@@ -281,6 +281,14 @@ def test_fill_given_at_its_default_where_no_point_enters_the_window_is_refused(w
     assert SamplerConfig.from_options(method="picard", window=8, steps=50, fill="path").fill == "path"
 
 
+def test_coarse_steps_given_at_its_default_beside_a_coarse_callable_is_refused():
+    # README: coarse_steps= with a coarse= callable is refused at any value (only a non-default one was)
+    coarse = lambda x, a, b: x                                           # noqa: E731
+    with pytest.raises(ValueError, match="^coarse_steps: applies only to the built-in .*given as 1"):
+        SamplerConfig.from_options(method="parareal", coarse=coarse, coarse_steps=1)
+    assert SamplerConfig.from_options(method="parareal", coarse=coarse, coarse_steps=None).coarse is coarse
+
+
 def test_a_method_option_given_as_none_takes_its_default():
     # None is "not given" (README) for every method option, not only those whose default is None: update=None was
     # refused as an unknown update rule, shared_window=None as not a bool
