@@ -685,7 +685,7 @@ def _decode_sdxl(pipe, latents, output_type, generator, dtype, prep):
         return StableDiffusionXLPipelineOutput(images=latents)
     upcast = pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast
     if upcast:
-        pipe.upcast_vae()
+        pipe.vae.to(dtype=torch.float32)        # what the pipeline's upcast_vae() does (deprecated: removed in 1.0)
         latents = latents.to(next(iter(pipe.vae.post_quant_conv.parameters())).dtype)
     vcfg = pipe.vae.config
     if getattr(vcfg, "latents_mean", None) is not None and getattr(vcfg, "latents_std", None) is not None:
