@@ -237,15 +237,26 @@ class SamplerConfig:
         for name, readers in METHOD_OPTIONS.items():
             if self.method not in readers and getattr(self, name) != _default(name):
                 raise _not_read(name, self.method)
-        if (self.fill != _default("fill") and self.method == "picard" and isinstance(self.window, int)
-                and not reads_entries(self.window, self.steps)):
-            raise ValueError(f"fill: applies only to a sliding window wider than one point (1 < window < steps); "
-                             f"window={self.window} on the {self.steps}-step grid never reads a point that enters it "
-                             f"(nor does the window of 1 that max_rounds= leaves)")
+        if self.fill != _default("fill") and self._fill_unread():
+            raise self._fill_error("(nor does the window of 1 that max_rounds= leaves)")
         if self.method == "picard":
             check_init(self.init, self.window, self.max_rounds)
         if self.coarse is not None and self.coarse_steps != _default("coarse_steps"):
-            raise ValueError("coarse_steps: applies only to the built-in coarse propagator; coarse= replaces it")
+            raise self._coarse_steps_error()
+
+    def _fill_unread(self) -> bool:
+        """Whether Picard's window on this grid reads no point that enters it (the whole grid, or one point), so
+        ``fill`` does not apply."""
+        return self.method == "picard" and isinstance(self.window, int) and not reads_entries(self.window, self.steps)
+
+    def _fill_error(self, why: str) -> ValueError:
+        return ValueError(f"fill: applies only to a sliding window wider than one point (1 < window < steps); "
+                          f"window={self.window} on the {self.steps}-step grid never reads a point that enters it "
+                          f"{why}")
+
+    @staticmethod
+    def _coarse_steps_error(why: str = "") -> ValueError:
+        return ValueError(f"coarse_steps: applies only to the built-in coarse propagator; coarse= replaces it{why}")
 
     def _check_tol_units(self) -> None:
         """``tol_units`` names a unit; it and ``data_scale`` apply only where ``tol`` is in the sample's units (the
@@ -346,13 +357,9 @@ class SamplerConfig:
             raise _not_read(name, self.method, f" (given as {value!r}, the default: an option the method never reads "
                                                f"is refused at any value)")
         if options.get("coarse_steps") is not None and self.coarse is not None:
-            raise ValueError(f"coarse_steps: applies only to the built-in coarse propagator; coarse= replaces it "
-                             f"(given as {options['coarse_steps']!r}: refused at any value)")
-        if options.get("fill") is not None and self.method == "picard" and isinstance(self.window, int) \
-                and not reads_entries(self.window, self.steps):
-            raise ValueError(f"fill: applies only to a sliding window wider than one point (1 < window < steps); "
-                             f"window={self.window} on the {self.steps}-step grid never reads a point that enters it "
-                             f"(given as {options['fill']!r}: refused at any value)")
+            raise self._coarse_steps_error(f" (given as {options['coarse_steps']!r}: refused at any value)")
+        if options.get("fill") is not None and self._fill_unread():
+            raise self._fill_error(f"(given as {options['fill']!r}: refused at any value)")
 
     @property
     def solver_options(self) -> dict:

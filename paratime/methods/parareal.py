@@ -110,7 +110,6 @@ def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-
 def _checked_coarse(out, x: torch.Tensor) -> torch.Tensor:
     """The user's ``coarse(x, sigma_from, sigma_to)`` output ``out``, checked to be a tensor of ``x``'s shape
     (metadata only: no host read). A ``(B, 1)`` output for ``(B, 2)`` states broadcast silently in Parareal's
@@ -123,6 +122,7 @@ def _checked_coarse(out, x: torch.Tensor) -> torch.Tensor:
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"coarse: must return a tensor of the state's shape {tuple(x.shape)}; got {got}")
     return out
+
 
 class _SliceLayout:
     """The slices of the N-step grid, host integers decided once per call: ``bounds_h`` ``(S + 1,)`` (CPU tensor),
